@@ -1,0 +1,275 @@
+//! KVM implementation of the hypervisor traits (kvm-ioctls / kvm-bindings).
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_GUEST_MEMFD, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    kvm_create_guest_memfd, kvm_enable_cap, kvm_memory_attributes, kvm_userspace_memory_region,
+    kvm_userspace_memory_region2,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use log::{debug, warn};
+
+use crate::conversion::{KVM_HC_MAP_GPA_RANGE, decode_map_gpa_range, decode_memory_fault};
+use crate::vcpu_exit::{HYPERCALL_EINVAL, HypercallReply};
+use crate::{
+    Capabilities, Hypervisor, HypervisorError, Result, UserMemoryRegion, Vcpu, Vm, VmExit, VmType,
+    arch,
+};
+
+fn io_err(e: kvm_ioctls::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.errno())
+}
+
+pub struct KvmHypervisor {
+    kvm: Kvm,
+    caps: Capabilities,
+    supported_cpuid: CpuId,
+}
+
+impl KvmHypervisor {
+    /// Opens `/dev/kvm` and probes what it can do.
+    pub fn new() -> Result<Self> {
+        let kvm = Kvm::new().map_err(|e| HypervisorError::OpenKvm(io_err(e)))?;
+        let caps = Capabilities::probe(|cap| kvm.check_extension_raw(cap.into()));
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| HypervisorError::OpenKvm(io_err(e)))?;
+        Ok(KvmHypervisor {
+            kvm,
+            caps,
+            supported_cpuid,
+        })
+    }
+
+    /// True when `/dev/kvm` can be opened (used by tests to skip loudly).
+    pub fn is_available() -> bool {
+        Kvm::new().is_ok()
+    }
+}
+
+impl Hypervisor for KvmHypervisor {
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn create_vm(&self, vm_type: VmType) -> Result<Arc<dyn Vm>> {
+        if !self.caps.supports_vm_type(vm_type) {
+            return Err(HypervisorError::VmTypeUnsupported(vm_type));
+        }
+        let fd = match vm_type {
+            VmType::Default => self.kvm.create_vm(),
+            other => self.kvm.create_vm_with_type(other.kvm_value().into()),
+        }
+        .map_err(|e| HypervisorError::CreateVm(vm_type, io_err(e)))?;
+        // The VM fd answers per VM type (guest_memfd flags, memory attributes).
+        let caps = Capabilities::probe(|cap| fd.check_extension_raw(cap.into()));
+        if let Err(e) = fd.set_tss_address(0xfffb_d000) {
+            debug!("KVM_SET_TSS_ADDR not accepted: {e}");
+        }
+        if caps.map_gpa_range_exit() {
+            let cap = kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_EXIT_HYPERCALL,
+                args: [1 << KVM_HC_MAP_GPA_RANGE, 0, 0, 0],
+                ..Default::default()
+            };
+            fd.enable_cap(&cap).map_err(|e| {
+                HypervisorError::EnableCap(kvm_bindings::KVM_CAP_EXIT_HYPERCALL, io_err(e))
+            })?;
+        }
+        Ok(Arc::new(KvmVm {
+            fd,
+            vm_type,
+            caps,
+            supported_cpuid: self.supported_cpuid.clone(),
+        }))
+    }
+}
+
+pub struct KvmVm {
+    fd: VmFd,
+    vm_type: VmType,
+    caps: Capabilities,
+    supported_cpuid: CpuId,
+}
+
+impl Vm for KvmVm {
+    fn vm_type(&self) -> VmType {
+        self.vm_type
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn create_guest_memfd(&self, size: u64, flags: u64) -> Result<OwnedFd> {
+        if !self.caps.guest_memfd {
+            return Err(HypervisorError::GuestMemfdUnsupported);
+        }
+        let gmem = kvm_create_guest_memfd {
+            size,
+            flags,
+            ..Default::default()
+        };
+        let fd =
+            self.fd
+                .create_guest_memfd(gmem)
+                .map_err(|e| HypervisorError::CreateGuestMemfd {
+                    size,
+                    flags,
+                    source: io_err(e),
+                })?;
+        // SAFETY: KVM just returned this fd to us and nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    unsafe fn set_user_memory_region(&self, region: UserMemoryRegion) -> Result<()> {
+        let err = |e: kvm_ioctls::Error| HypervisorError::SetUserMemoryRegion {
+            slot: region.slot,
+            gpa: region.guest_phys_addr,
+            size: region.size,
+            source: io_err(e),
+        };
+        match region.guest_memfd {
+            Some((fd, offset)) => {
+                let r = kvm_userspace_memory_region2 {
+                    slot: region.slot,
+                    flags: KVM_MEM_GUEST_MEMFD,
+                    guest_phys_addr: region.guest_phys_addr,
+                    memory_size: region.size,
+                    userspace_addr: region.userspace_addr,
+                    guest_memfd_offset: offset,
+                    guest_memfd: fd as u32,
+                    ..Default::default()
+                };
+                // SAFETY: the caller guarantees the host mapping outlives the slot.
+                unsafe { self.fd.set_user_memory_region2(r) }.map_err(err)
+            }
+            None => {
+                let r = kvm_userspace_memory_region {
+                    slot: region.slot,
+                    flags: 0,
+                    guest_phys_addr: region.guest_phys_addr,
+                    memory_size: region.size,
+                    userspace_addr: region.userspace_addr,
+                };
+                // SAFETY: the caller guarantees the host mapping outlives the slot.
+                unsafe { self.fd.set_user_memory_region(r) }.map_err(err)
+            }
+        }
+    }
+
+    fn supports_memory_attributes(&self) -> bool {
+        self.caps.private_memory_attribute()
+    }
+
+    fn set_memory_attributes(&self, gpa: u64, size: u64, private: bool) -> Result<()> {
+        if !self.supports_memory_attributes() {
+            return Err(HypervisorError::MemoryAttributesUnsupported);
+        }
+        let attr = kvm_memory_attributes {
+            address: gpa,
+            size,
+            attributes: if private {
+                u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            } else {
+                0
+            },
+            flags: 0,
+        };
+        self.fd
+            .set_memory_attributes(attr)
+            .map_err(|e| HypervisorError::SetMemoryAttributes {
+                gpa,
+                size,
+                source: io_err(e),
+            })
+    }
+
+    fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>> {
+        let fd = self
+            .fd
+            .create_vcpu(id.into())
+            .map_err(|e| HypervisorError::CreateVcpu(id, io_err(e)))?;
+        // Long mode is only accepted in EFER when CPUID advertises it.
+        fd.set_cpuid2(&self.supported_cpuid)
+            .map_err(|e| HypervisorError::CreateVcpu(id, io_err(e)))?;
+        Ok(Box::new(KvmVcpu { fd }))
+    }
+}
+
+pub struct KvmVcpu {
+    fd: VcpuFd,
+}
+
+impl Vcpu for KvmVcpu {
+    fn get_regs(&self) -> Result<arch::StandardRegisters> {
+        self.fd
+            .get_regs()
+            .map_err(|e| HypervisorError::Registers(io_err(e)))
+    }
+
+    fn set_regs(&self, regs: &arch::StandardRegisters) -> Result<()> {
+        self.fd
+            .set_regs(regs)
+            .map_err(|e| HypervisorError::Registers(io_err(e)))
+    }
+
+    fn get_sregs(&self) -> Result<arch::SpecialRegisters> {
+        self.fd
+            .get_sregs()
+            .map_err(|e| HypervisorError::Registers(io_err(e)))
+    }
+
+    fn set_sregs(&self, sregs: &arch::SpecialRegisters) -> Result<()> {
+        self.fd
+            .set_sregs(sregs)
+            .map_err(|e| HypervisorError::Registers(io_err(e)))
+    }
+
+    fn set_immediate_exit(&mut self, exit: bool) {
+        self.fd.set_kvm_immediate_exit(exit.into());
+    }
+
+    fn run(&mut self) -> Result<VmExit<'_>> {
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Ok(VmExit::Interrupted);
+            }
+            Err(e) => return Err(HypervisorError::Run(io_err(e))),
+        };
+        Ok(match exit {
+            VcpuExit::IoOut(port, data) => VmExit::IoOut { port, data },
+            VcpuExit::IoIn(port, data) => VmExit::IoIn { port, data },
+            VcpuExit::MmioRead(addr, data) => VmExit::MmioRead { addr, data },
+            VcpuExit::MmioWrite(addr, data) => VmExit::MmioWrite { addr, data },
+            VcpuExit::Hlt => VmExit::Hlt,
+            VcpuExit::Shutdown => VmExit::Shutdown,
+            VcpuExit::Intr => VmExit::Interrupted,
+            VcpuExit::Hypercall(call) if call.nr == KVM_HC_MAP_GPA_RANGE => {
+                match decode_map_gpa_range(&call.args) {
+                    Ok(conversion) => VmExit::MapGpaRange {
+                        conversion,
+                        reply: HypercallReply::new(call.ret),
+                    },
+                    Err(e) => {
+                        warn!("rejecting MAP_GPA_RANGE: {e}");
+                        *call.ret = HYPERCALL_EINVAL;
+                        VmExit::BadHypercall { nr: call.nr }
+                    }
+                }
+            }
+            VcpuExit::Hypercall(call) => {
+                *call.ret = HYPERCALL_EINVAL;
+                VmExit::BadHypercall { nr: call.nr }
+            }
+            VcpuExit::MemoryFault { flags, gpa, size } => {
+                VmExit::MemoryFault(decode_memory_fault(flags, gpa, size))
+            }
+            VcpuExit::SystemEvent(kind, _) => VmExit::SystemEvent(kind),
+            other => VmExit::Unhandled(format!("{other:?}")),
+        })
+    }
+}

@@ -1,0 +1,117 @@
+// Copyright © 2026 The project authors
+// SPDX-License-Identifier: Apache-2.0
+
+//! The hypervisor boundary: everything the VMM needs from KVM, behind the
+//! `Hypervisor` / `Vm` / `Vcpu` traits. Policy (what to do with an exit) lives
+//! in `vmm`; this crate only translates between KVM and typed Rust values.
+
+mod caps;
+mod conversion;
+pub mod kvm;
+mod vcpu_exit;
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+pub use caps::{Capabilities, VmType};
+pub use conversion::{
+    ConversionDirection, ConversionError, MAP_GPA_RANGE_ENCRYPTED, MemoryConversion,
+    decode_map_gpa_range,
+};
+pub use kvm::KvmHypervisor;
+pub use vcpu_exit::{HypercallReply, VmExit};
+
+/// x86_64 register files, re-exported so the VMM's boot code needs no KVM crate.
+pub mod arch {
+    pub use kvm_bindings::kvm_sregs as SpecialRegisters;
+    pub use kvm_bindings::{kvm_regs as StandardRegisters, kvm_segment as SegmentRegister};
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] std::io::Error),
+    #[error("cannot create a VM of type {0:?}")]
+    CreateVm(VmType, #[source] std::io::Error),
+    #[error("VM type {0:?} is not supported by this host")]
+    VmTypeUnsupported(VmType),
+    #[error("cannot create guest_memfd of {size} bytes with flags {flags:#x}")]
+    CreateGuestMemfd {
+        size: u64,
+        flags: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest_memfd is not supported by this host")]
+    GuestMemfdUnsupported,
+    #[error("cannot bind memory slot {slot} at {gpa:#x}+{size:#x}")]
+    SetUserMemoryRegion {
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("KVM_SET_MEMORY_ATTRIBUTES is not supported for this VM type")]
+    MemoryAttributesUnsupported,
+    #[error("cannot set memory attributes of {gpa:#x}+{size:#x}")]
+    SetMemoryAttributes {
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot enable capability {0}")]
+    EnableCap(u32, #[source] std::io::Error),
+    #[error("cannot create vCPU {0}")]
+    CreateVcpu(u8, #[source] std::io::Error),
+    #[error("vCPU register access failed")]
+    Registers(#[source] std::io::Error),
+    #[error("KVM_RUN failed")]
+    Run(#[source] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, HypervisorError>;
+
+/// One guest physical memory slot handed to the hypervisor.
+#[derive(Debug, Clone, Copy)]
+pub struct UserMemoryRegion {
+    pub slot: u32,
+    pub guest_phys_addr: u64,
+    pub size: u64,
+    /// Host virtual address of the shared (host-accessible) view.
+    pub userspace_addr: u64,
+    /// guest_memfd holding the private view, and the offset inside it.
+    pub guest_memfd: Option<(i32, u64)>,
+}
+
+pub trait Hypervisor: Send + Sync {
+    fn capabilities(&self) -> &Capabilities;
+    fn create_vm(&self, vm_type: VmType) -> Result<Arc<dyn Vm>>;
+}
+
+pub trait Vm: Send + Sync {
+    fn vm_type(&self) -> VmType;
+    /// Capabilities as reported by the VM file descriptor (some depend on the VM type).
+    fn capabilities(&self) -> &Capabilities;
+    fn create_guest_memfd(&self, size: u64, flags: u64) -> Result<OwnedFd>;
+    /// # Safety
+    /// `region.userspace_addr .. +size` must stay mapped for as long as the slot exists.
+    unsafe fn set_user_memory_region(&self, region: UserMemoryRegion) -> Result<()>;
+    /// Marks `gpa..gpa+size` private (`true`) or shared. Returns
+    /// `MemoryAttributesUnsupported` where the VM type cannot track private memory.
+    fn set_memory_attributes(&self, gpa: u64, size: u64, private: bool) -> Result<()>;
+    fn supports_memory_attributes(&self) -> bool;
+    fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>>;
+}
+
+pub trait Vcpu: Send {
+    fn get_regs(&self) -> Result<arch::StandardRegisters>;
+    fn set_regs(&self, regs: &arch::StandardRegisters) -> Result<()>;
+    fn get_sregs(&self) -> Result<arch::SpecialRegisters>;
+    fn set_sregs(&self, sregs: &arch::SpecialRegisters) -> Result<()>;
+    /// Enters the guest until the next exit that needs the VMM.
+    fn run(&mut self) -> Result<VmExit<'_>>;
+    /// Makes the next (or current, after a signal) `run` return `VmExit::Interrupted`.
+    fn set_immediate_exit(&mut self, exit: bool);
+}

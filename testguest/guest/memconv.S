@@ -1,0 +1,320 @@
+/*
+ * memconv: a tiny 64-bit ring-0 test guest. It walks the op table that
+ * ch-testguest appends to this image, asks the conversion doorbell to
+ * convert ranges (or fills memory itself), and prints one line per op.
+ *
+ * Entry state (set up by the VMM, see docs/test-guest.md):
+ *   long mode, identity-mapped page tables, interrupts off,
+ *   rdi = RAM size in bytes, rsi = vCPU index, rdx = vCPU count,
+ *   rsp = top of this vCPU's stack.
+ *
+ * Register use in the main loop (preserved by the print helpers):
+ *   rbx = current op, r12 = ops left, r13 = ok, r14 = failed,
+ *   r15 = RAM size, rbp = vCPU index, r10 = op index, r11 = doorbell bank.
+ */
+    .intel_syntax noprefix
+    .code64
+
+    .set SERIAL_PORT, 0x3f8
+    .set EXIT_PORT, 0xf4
+    .set DOORBELL_BASE, 0x600
+    .set DOORBELL_BANK_SHIFT, 5
+    .set OP_WRITE, 3
+    .set STATUS_OUT_OF_RANGE, 2
+    .set GUEST_FLOOR, 0x1000000
+    .set FLAG_POWEROFF, 1
+    .set STATUS_NAMES, 7
+    .set KIND_NAMES, 4
+
+    .section .text
+    .globl _start
+_start:
+    cli
+    cld
+    mov r15, rdi
+    mov rbp, rsi
+    mov r11, rsi
+    shl r11, DOORBELL_BANK_SHIFT
+    add r11, DOORBELL_BASE
+
+    lea rbx, [rip + optable]
+    mov rax, [rbx]
+    movabs rcx, 0x31564e4f434d454d      /* "MEMCONV1" */
+    cmp rax, rcx
+    jne bad_table
+
+    /* Only min(lists, vCPUs) vCPUs have work; the last one reports. */
+    mov rax, [rbx + 16]
+    cmp rax, rdx
+    cmova rax, rdx
+    mov [rip + expected_cpus], rax
+    cmp rbp, rax
+    jae idle
+
+    mov rcx, rbp
+    shl rcx, 4
+    mov r12, [rbx + rcx + 32]
+    add rbx, [rbx + rcx + 24]
+    xor r13d, r13d
+    xor r14d, r14d
+    xor r10d, r10d
+
+next_op:
+    test r12, r12
+    jz cpu_done
+
+    mov rax, [rbx]
+    cmp rax, OP_WRITE
+    je do_write
+
+    /* Doorbell: GPA and size as 32-bit halves, then the command. */
+    mov rdx, r11
+    mov rax, [rbx + 8]
+    out dx, eax
+    shr rax, 32
+    add edx, 4
+    out dx, eax
+    mov rax, [rbx + 16]
+    add edx, 4
+    out dx, eax
+    shr rax, 32
+    add edx, 4
+    out dx, eax
+    mov rax, [rbx]
+    add edx, 4
+    out dx, eax
+    add edx, 4
+    in eax, dx
+    jmp op_result
+
+do_write:
+    mov rdi, [rbx + 8]
+    mov rcx, [rbx + 16]
+    mov eax, STATUS_OUT_OF_RANGE
+    cmp rdi, GUEST_FLOOR
+    jb op_result
+    mov rsi, rdi
+    add rsi, rcx
+    jc op_result
+    cmp rsi, r15
+    ja op_result
+    movzx eax, byte ptr [rbx + 24]
+    movabs rdx, 0x0101010101010101
+    imul rax, rdx
+    mov rsi, rcx
+    shr rcx, 3
+    rep stosq
+    mov rcx, rsi
+    and rcx, 7
+    rep stosb
+    xor eax, eax
+
+op_result:
+    push rax
+    test eax, eax
+    jnz 1f
+    inc r13
+    jmp 2f
+1:  inc r14
+2:  call console_lock
+    lea rsi, [rip + s_cpu]
+    call puts
+    mov rax, rbp
+    call put_dec
+    lea rsi, [rip + s_op]
+    call puts
+    mov rax, r10
+    call put_dec
+    mov al, ' '
+    call putc
+    mov rax, [rbx]
+    cmp rax, KIND_NAMES
+    jb 3f
+    xor eax, eax
+3:  lea rsi, [rip + kind_names]
+    mov rsi, [rsi + rax * 8]
+    call puts
+    lea rsi, [rip + s_gpa]
+    call puts
+    mov rax, [rbx + 8]
+    call put_hex
+    lea rsi, [rip + s_size]
+    call puts
+    mov rax, [rbx + 16]
+    call put_hex
+    cmp qword ptr [rbx], OP_WRITE
+    jne 4f
+    lea rsi, [rip + s_value]
+    call puts
+    movzx eax, byte ptr [rbx + 24]
+    call put_hex
+4:  lea rsi, [rip + s_status]
+    call puts
+    pop rax
+    cmp rax, STATUS_NAMES
+    jae 5f
+    lea rsi, [rip + status_names]
+    mov rsi, [rsi + rax * 8]
+    call puts
+    jmp 6f
+5:  lea rsi, [rip + s_error]
+    call puts
+    call put_dec
+    mov al, ')'
+    call putc
+6:  mov al, '\n'
+    call putc
+    call console_unlock
+
+    add rbx, 32
+    dec r12
+    inc r10
+    jmp next_op
+
+cpu_done:
+    lock add [rip + total_ok], r13
+    lock add [rip + total_failed], r14
+    mov eax, 1
+    lock xadd [rip + done_cpus], rax
+    inc rax
+    cmp rax, [rip + expected_cpus]
+    jne idle
+    call console_lock
+    lea rsi, [rip + s_done]
+    call puts
+    mov rax, [rip + total_ok]
+    call put_dec
+    lea rsi, [rip + s_ok]
+    call puts
+    mov rax, [rip + total_failed]
+    call put_dec
+    lea rsi, [rip + s_failed]
+    call puts
+    call console_unlock
+    lea rbx, [rip + optable]
+    test qword ptr [rbx + 8], FLAG_POWEROFF
+    jz idle
+    mov dx, EXIT_PORT
+    xor eax, eax
+    out dx, al
+
+idle:
+    hlt
+    jmp idle
+
+bad_table:
+    lea rsi, [rip + s_bad_table]
+    call puts
+    jmp idle
+
+/* --- helpers: clobber rax, rcx, rdx, rsi, rdi, r8, r9 only --- */
+
+putc:
+    mov dx, SERIAL_PORT
+    out dx, al
+    ret
+
+puts:
+    mov dx, SERIAL_PORT
+1:  lodsb
+    test al, al
+    jz 2f
+    out dx, al
+    jmp 1b
+2:  ret
+
+/* rax: printed as 0x-prefixed hex without leading zeros */
+put_hex:
+    mov r8, rax
+    mov dx, SERIAL_PORT
+    mov al, '0'
+    out dx, al
+    mov al, 'x'
+    out dx, al
+    mov ecx, 60
+    xor r9d, r9d
+1:  mov rax, r8
+    shr rax, cl
+    and eax, 0xf
+    test r9d, r9d
+    jnz 2f
+    test eax, eax
+    jnz 2f
+    test ecx, ecx
+    jz 2f
+    jmp 3f
+2:  mov r9d, 1
+    lea rsi, [rip + hex_digits]
+    mov al, [rsi + rax]
+    out dx, al
+3:  sub ecx, 4
+    jns 1b
+    ret
+
+/* rax: printed in decimal */
+put_dec:
+    sub rsp, 32
+    lea rdi, [rsp + 31]
+    mov byte ptr [rdi], 0
+    mov rcx, 10
+1:  xor edx, edx
+    div rcx
+    add dl, '0'
+    dec rdi
+    mov [rdi], dl
+    test rax, rax
+    jnz 1b
+    mov rsi, rdi
+    call puts
+    add rsp, 32
+    ret
+
+/* One console line at a time across vCPUs. */
+console_lock:
+    mov eax, 1
+1:  xchg eax, [rip + console_busy]
+    test eax, eax
+    jz 2f
+    pause
+    mov eax, 1
+    jmp 1b
+2:  ret
+
+console_unlock:
+    mov dword ptr [rip + console_busy], 0
+    ret
+
+hex_digits:   .ascii "0123456789abcdef"
+s_cpu:        .asciz "memconv: cpu"
+s_op:         .asciz " op "
+s_gpa:        .asciz " gpa="
+s_size:       .asciz " size="
+s_value:      .asciz " value="
+s_status:     .asciz " status="
+s_error:      .asciz "error("
+s_done:       .asciz "memconv: done "
+s_ok:         .asciz " ok "
+s_failed:     .asciz " failed\n"
+s_bad_table:  .asciz "memconv: bad op table\n"
+k_unknown:    .asciz "unknown"
+k_shared:     .asciz "shared"
+k_private:    .asciz "private"
+k_write:      .asciz "write"
+st_ok:        .asciz "ok"
+st_invalid:   .asciz "invalid"
+st_range:     .asciz "out-of-range"
+st_listener:  .asciz "listener-failed"
+st_hv:        .asciz "hypervisor-error"
+st_command:   .asciz "bad-command"
+st_busy:      .asciz "busy"
+
+    .balign 8
+kind_names:   .quad k_unknown, k_shared, k_private, k_write
+status_names: .quad st_ok, st_invalid, st_range, st_listener, st_hv, st_command, st_busy
+console_busy: .quad 0
+expected_cpus: .quad 0
+done_cpus:    .quad 0
+total_ok:     .quad 0
+total_failed: .quad 0
+    .balign 8
+optable:
