@@ -5,7 +5,7 @@
 //! `Hypervisor` / `Vm` / `Vcpu` traits. Policy (what to do with an exit) lives
 //! in `vmm`; this crate only translates between KVM and typed Rust values.
 
-mod caps;
+pub mod caps;
 mod conversion;
 pub mod kvm;
 mod vcpu_exit;

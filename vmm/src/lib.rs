@@ -1,1 +1,126 @@
+// Copyright © 2026 The project authors
+// SPDX-License-Identifier: Apache-2.0
 
+//! The VMM: configuration, memory manager (with RamBlockAttribute), vCPU
+//! threads, the conversion path, and the control loop that owns the VM.
+
+pub mod boot;
+pub mod config;
+mod conversion_path;
+mod elf;
+pub mod event_monitor;
+pub mod memory;
+mod vcpu;
+pub mod vm;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+
+use hypervisor::KvmHypervisor;
+use log::{error, info};
+use serde_json::json;
+
+use crate::config::{EventMonitorConfig, VmConfig};
+use crate::event_monitor::EventMonitor;
+use crate::vm::{Vm, VmError};
+
+/// "outer: inner: innermost" for any error with sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Everything that can wake the VMM control loop.
+pub enum VmmEvent {
+    GuestPowerOff(u8),
+    /// Triple fault or a system event: the guest is gone.
+    GuestShutdown(u8),
+    VcpuError(u8, String),
+    Signal(i32),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot use /dev/kvm")]
+    Hypervisor(#[source] hypervisor::HypervisorError),
+    #[error("cannot open the event monitor")]
+    EventMonitor(#[source] std::io::Error),
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot boot the VM")]
+    Vm(#[source] VmError),
+}
+
+pub struct VmmOptions {
+    pub vm: VmConfig,
+    pub api_socket: Option<PathBuf>,
+    pub event_monitor: Option<EventMonitorConfig>,
+}
+
+fn spawn_signal_thread(events: Sender<VmmEvent>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("vmm_signal_handler".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if events.send(VmmEvent::Signal(signal)).is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Boots the VM and runs the control loop until the guest powers off, a
+/// signal or an API request stops it. Returns the process exit code.
+pub fn run(options: VmmOptions) -> Result<i32, VmmError> {
+    let monitor = Arc::new(match &options.event_monitor {
+        Some(config) => EventMonitor::open(config).map_err(VmmError::EventMonitor)?,
+        None => EventMonitor::disabled(),
+    });
+    let hypervisor = KvmHypervisor::new().map_err(VmmError::Hypervisor)?;
+    let (events_tx, events_rx) = channel();
+    spawn_signal_thread(events_tx.clone()).map_err(VmmError::Signals)?;
+    let mut vm = Vm::boot(options.vm, &hypervisor, events_tx.clone(), monitor.clone())
+        .map_err(VmmError::Vm)?;
+    monitor.emit("vm", "booted", vm.info());
+    let code = control_loop(&events_rx);
+    vm.shutdown();
+    monitor.emit("vm", "shutdown", json!({ "exit_code": code }));
+    info!("VMM exiting with code {code}");
+    Ok(code)
+}
+
+fn control_loop(events: &Receiver<VmmEvent>) -> i32 {
+    loop {
+        let Ok(event) = events.recv() else {
+            return 1;
+        };
+        match event {
+            VmmEvent::GuestPowerOff(code) => {
+                info!("guest powered off with code {code}");
+                return i32::from(code);
+            }
+            VmmEvent::GuestShutdown(vcpu) => {
+                error!("vCPU {vcpu}: guest shut down (triple fault or reset)");
+                return 1;
+            }
+            VmmEvent::VcpuError(vcpu, what) => {
+                error!("vCPU {vcpu}: {what}");
+                return 1;
+            }
+            VmmEvent::Signal(signal) => {
+                info!("signal {signal}: shutting down");
+                return 0;
+            }
+        }
+    }
+}

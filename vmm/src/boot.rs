@@ -1,0 +1,162 @@
+//! x86_64 boot: loads the guest ELF and puts every vCPU straight into 64-bit
+//! long mode with identity-mapped page tables. See docs/test-guest.md for the
+//! layout (everything the VMM writes lies below 16 MiB).
+
+use hypervisor::Vcpu;
+use hypervisor::arch::{SegmentRegister, SpecialRegisters, StandardRegisters};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::elf::{self, ElfError};
+
+pub const GDT_ADDR: u64 = 0x500;
+pub const PML4_ADDR: u64 = 0x1000;
+pub const PDPT_ADDR: u64 = 0x2000;
+/// Page directories, one per identity-mapped GiB (up to 512: 2 MiB of tables).
+pub const PD_ADDR: u64 = 0x40_0000;
+pub const MAX_IDENTITY_GIB: u64 = 512;
+/// Guest images must be linked inside this window.
+pub const IMAGE_START: u64 = 0x10_0000;
+pub const IMAGE_END: u64 = 0x40_0000;
+/// vCPU n's stack grows down from STACK_TOP - n * STACK_SIZE.
+pub const STACK_TOP: u64 = 0xf0_0000;
+pub const STACK_SIZE: u64 = 0x1_0000;
+pub const MAX_VCPUS: u8 = 32;
+
+const PTE_PRESENT_RW: u64 = 0x3;
+const PDE_HUGE: u64 = 0x80;
+const CODE_SELECTOR: u16 = 0x8;
+const DATA_SELECTOR: u16 = 0x10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("kernel image")]
+    Elf(#[from] ElfError),
+    #[error("cannot write boot structures to guest memory")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot set up vCPU {0} registers")]
+    Registers(u8, #[source] hypervisor::HypervisorError),
+}
+
+/// Loads `kernel` and writes GDT and page tables; returns the entry point.
+pub fn load(mem: &GuestMemoryMmap, ram_end: u64, kernel: &[u8]) -> Result<u64, BootError> {
+    let entry = elf::load(mem, kernel, IMAGE_START..IMAGE_END)?;
+    write_gdt(mem)?;
+    write_page_tables(mem, ram_end)?;
+    Ok(entry)
+}
+
+fn gdt_entry(flags: u64, base: u64, limit: u64) -> u64 {
+    ((base & 0xff00_0000) << 32)
+        | ((base & 0x00ff_ffff) << 16)
+        | (limit & 0xffff)
+        | ((limit & 0xf_0000) << 32)
+        | ((flags & 0xf0ff) << 40)
+}
+
+fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    let table = [
+        0u64,
+        gdt_entry(0xa09b, 0, 0xfffff), // 64-bit code
+        gdt_entry(0xc093, 0, 0xfffff), // data
+    ];
+    for (i, entry) in table.iter().enumerate() {
+        mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * i as u64))
+            .map_err(BootError::GuestMemory)?;
+    }
+    Ok(())
+}
+
+/// Identity-maps [0, ram_end rounded up to 1 GiB) with 2 MiB pages.
+fn write_page_tables(mem: &GuestMemoryMmap, ram_end: u64) -> Result<(), BootError> {
+    let gib = ram_end.div_ceil(1 << 30).clamp(1, MAX_IDENTITY_GIB);
+    let w = |value: u64, addr: u64| {
+        mem.write_obj(value, GuestAddress(addr))
+            .map_err(BootError::GuestMemory)
+    };
+    w(PDPT_ADDR | PTE_PRESENT_RW, PML4_ADDR)?;
+    for g in 0..gib {
+        let pd = PD_ADDR + g * 0x1000;
+        w(pd | PTE_PRESENT_RW, PDPT_ADDR + g * 8)?;
+        let entries: Vec<u8> = (0..512u64)
+            .flat_map(|i| (((g << 30) + (i << 21)) | PTE_PRESENT_RW | PDE_HUGE).to_le_bytes())
+            .collect();
+        mem.write_slice(&entries, GuestAddress(pd))
+            .map_err(BootError::GuestMemory)?;
+    }
+    Ok(())
+}
+
+fn segment(selector: u16, type_: u8, long: bool) -> SegmentRegister {
+    SegmentRegister {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Entry registers: rdi = low RAM size, rsi = vCPU index, rdx = vCPU count.
+pub fn setup_vcpu(
+    vcpu: &dyn Vcpu,
+    index: u8,
+    count: u8,
+    entry: u64,
+    low_ram: u64,
+) -> Result<(), BootError> {
+    let err = |e| BootError::Registers(index, e);
+    let mut sregs: SpecialRegisters = vcpu.get_sregs().map_err(err)?;
+    sregs.cs = segment(CODE_SELECTOR, 0xb, true);
+    let data = segment(DATA_SELECTOR, 0x3, false);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = 3 * 8 - 1;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cr3 = PML4_ADDR;
+    sregs.cr4 = 0x20; // PAE
+    sregs.cr0 = 0x8000_0033; // PG | NE | ET | MP | PE
+    sregs.efer = 0x500; // LMA | LME
+    vcpu.set_sregs(&sregs).map_err(err)?;
+    let regs = StandardRegisters {
+        rip: entry,
+        rsp: STACK_TOP - u64::from(index) * STACK_SIZE,
+        rflags: 0x2,
+        rdi: low_ram,
+        rsi: u64::from(index),
+        rdx: u64::from(count),
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdt_entries_match_the_architecture() {
+        assert_eq!(gdt_entry(0xa09b, 0, 0xfffff), 0x00af_9b00_0000_ffff);
+        assert_eq!(gdt_entry(0xc093, 0, 0xfffff), 0x00cf_9300_0000_ffff);
+    }
+
+    #[test]
+    fn boot_area_stays_below_16_mib() {
+        assert!(PD_ADDR + MAX_IDENTITY_GIB * 0x1000 <= 16 << 20);
+        assert!(STACK_TOP <= 16 << 20);
+        assert!(STACK_TOP - u64::from(MAX_VCPUS) * STACK_SIZE >= PD_ADDR + MAX_IDENTITY_GIB * 0x1000);
+        assert!(IMAGE_END <= PD_ADDR);
+    }
+}

@@ -1,0 +1,297 @@
+//! VM configuration and the parsers for the CLI's `key=value,...` options.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::memory::MemoryLayout;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{option}: unknown key {key:?} (expected one of: {expected})")]
+    UnknownKey {
+        option: &'static str,
+        key: String,
+        expected: String,
+    },
+    #[error("{option}: {key} given twice")]
+    DuplicateKey { option: &'static str, key: String },
+    #[error("{option}: {item:?} is not key=value")]
+    NotKeyValue { option: &'static str, item: String },
+    #[error("{option}: missing {key}=")]
+    Missing { option: &'static str, key: &'static str },
+    #[error("{option}: invalid {key} {value:?}: {why}")]
+    Invalid {
+        option: &'static str,
+        key: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// `key=value,key=value` with a fixed set of keys.
+struct OptionParser {
+    option: &'static str,
+    values: BTreeMap<String, String>,
+}
+
+impl OptionParser {
+    fn parse(option: &'static str, text: &str, keys: &[&str]) -> Result<Self, ConfigError> {
+        let mut values = BTreeMap::new();
+        for item in text.split(',').filter(|i| !i.is_empty()) {
+            let (key, value) = item.split_once('=').ok_or_else(|| ConfigError::NotKeyValue {
+                option,
+                item: item.to_string(),
+            })?;
+            if !keys.contains(&key) {
+                return Err(ConfigError::UnknownKey {
+                    option,
+                    key: key.to_string(),
+                    expected: keys.join(", "),
+                });
+            }
+            if values.insert(key.to_string(), value.to_string()).is_some() {
+                return Err(ConfigError::DuplicateKey {
+                    option,
+                    key: key.to_string(),
+                });
+            }
+        }
+        Ok(OptionParser { option, values })
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    fn invalid(&self, key: &'static str, why: &'static str) -> ConfigError {
+        ConfigError::Invalid {
+            option: self.option,
+            key,
+            value: self.get(key).unwrap_or_default().to_string(),
+            why,
+        }
+    }
+
+    fn toggle(&self, key: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some("on" | "true") => Ok(true),
+            Some("off" | "false") => Ok(false),
+            Some(_) => Err(self.invalid(key, "expected on or off")),
+        }
+    }
+}
+
+/// `512M`, `2G`, `4096`, `0x1000`: bytes with an optional binary suffix.
+pub fn parse_size(text: &str) -> Option<u64> {
+    const SUFFIXES: [(char, u32); 4] = [('K', 10), ('M', 20), ('G', 30), ('T', 40)];
+    let upper = text.trim().to_ascii_uppercase();
+    let (number, shift) = SUFFIXES
+        .iter()
+        .find_map(|(c, s)| upper.strip_suffix(*c).map(|n| (n.to_string(), *s)))
+        .unwrap_or((upper, 0));
+    let value = match number.strip_prefix("0X") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+        None => number.parse::<u64>().ok()?,
+    };
+    value.checked_mul(1 << shift)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemoryConfig {
+    pub size: u64,
+    pub guest_memfd: bool,
+    #[serde(serialize_with = "layout_name")]
+    pub layout: MemoryLayout,
+}
+
+fn layout_name<S: serde::Serializer>(layout: &MemoryLayout, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match layout {
+        MemoryLayout::Anonymous => "anonymous",
+        MemoryLayout::Auto => "auto",
+        MemoryLayout::InPlace => "in-place",
+        MemoryLayout::Split => "split",
+    })
+}
+
+impl MemoryConfig {
+    pub const SYNTAX: &'static str = "size=SIZE[,guest_memfd=on|off][,layout=auto|in-place|split]";
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse("--memory", text, &["size", "guest_memfd", "layout"])?;
+        let size = match p.get("size") {
+            None => {
+                return Err(ConfigError::Missing {
+                    option: "--memory",
+                    key: "size",
+                });
+            }
+            Some(s) => parse_size(s).ok_or_else(|| p.invalid("size", "not a size"))?,
+        };
+        if size == 0 {
+            return Err(p.invalid("size", "must not be zero"));
+        }
+        if size % 4096 != 0 {
+            return Err(p.invalid("size", "must be a multiple of 4 KiB"));
+        }
+        if size < crate::memory::MIN_RAM {
+            return Err(p.invalid("size", "must be at least 16M (the guest boot area)"));
+        }
+        let guest_memfd = p.toggle("guest_memfd", false)?;
+        let layout = match (guest_memfd, p.get("layout")) {
+            (false, None) => MemoryLayout::Anonymous,
+            (false, Some(_)) => return Err(p.invalid("layout", "needs guest_memfd=on")),
+            (true, None | Some("auto")) => MemoryLayout::Auto,
+            (true, Some("in-place")) => MemoryLayout::InPlace,
+            (true, Some("split")) => MemoryLayout::Split,
+            (true, Some(_)) => return Err(p.invalid("layout", "expected auto, in-place or split")),
+        };
+        Ok(MemoryConfig {
+            size,
+            guest_memfd,
+            layout,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CpusConfig {
+    pub boot: u8,
+}
+
+impl CpusConfig {
+    pub const SYNTAX: &'static str = "boot=N (1..=32)";
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse("--cpus", text, &["boot"])?;
+        let boot = match p.get("boot") {
+            None => 1,
+            Some(v) => v
+                .parse::<u8>()
+                .ok()
+                .filter(|n| (1..=crate::boot::MAX_VCPUS).contains(n))
+                .ok_or_else(|| p.invalid("boot", "expected 1..=32"))?,
+        };
+        Ok(CpusConfig { boot })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleOutput {
+    Tty,
+    File(PathBuf),
+    Off,
+}
+
+impl ConsoleOutput {
+    pub const SYNTAX: &'static str = "tty|off|file=PATH";
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        match text {
+            "tty" => Ok(ConsoleOutput::Tty),
+            "off" => Ok(ConsoleOutput::Off),
+            _ => {
+                let p = OptionParser::parse("--serial", text, &["file"])?;
+                match p.get("file") {
+                    Some("") => Err(p.invalid("file", "empty path")),
+                    Some(path) => Ok(ConsoleOutput::File(PathBuf::from(path))),
+                    None => Err(ConfigError::Missing {
+                        option: "--serial",
+                        key: "file",
+                    }),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventMonitorConfig {
+    Path(PathBuf),
+    Fd(i32),
+}
+
+impl EventMonitorConfig {
+    pub const SYNTAX: &'static str = "path=FILE|fd=N";
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse("--event-monitor", text, &["path", "fd"])?;
+        match (p.get("path"), p.get("fd")) {
+            (Some(path), None) if !path.is_empty() => Ok(EventMonitorConfig::Path(path.into())),
+            (None, Some(fd)) => fd
+                .parse::<i32>()
+                .ok()
+                .filter(|fd| *fd >= 0)
+                .map(EventMonitorConfig::Fd)
+                .ok_or_else(|| p.invalid("fd", "expected a file descriptor number")),
+            _ => Err(ConfigError::Missing {
+                option: "--event-monitor",
+                key: "path or fd",
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub memory: MemoryConfig,
+    pub cpus: CpusConfig,
+    pub serial: ConsoleOutput,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_and_layouts() {
+        let m = MemoryConfig::parse("size=512M,guest_memfd=on").unwrap();
+        assert_eq!(m.size, 512 << 20);
+        assert!(m.guest_memfd);
+        assert_eq!(m.layout, MemoryLayout::Auto);
+        let m = MemoryConfig::parse("size=1G").unwrap();
+        assert_eq!(m.layout, MemoryLayout::Anonymous);
+        let m = MemoryConfig::parse("size=0x2000000,guest_memfd=on,layout=split").unwrap();
+        assert_eq!((m.size, m.layout), (32 << 20, MemoryLayout::Split));
+    }
+
+    #[test]
+    fn memory_errors_name_the_problem() {
+        let err = |t| MemoryConfig::parse(t).unwrap_err().to_string();
+        assert!(err("size=0").contains("must not be zero"));
+        assert!(err("size=16777217").contains("multiple of 4 KiB"));
+        assert!(err("size=8M").contains("at least 16M"));
+        assert!(err("size=12X").contains("not a size"));
+        assert!(err("guest_memfd=on").contains("missing size="));
+        assert!(err("size=1G,colour=red").contains("unknown key \"colour\""));
+        assert!(err("size=1G,size=2G").contains("given twice"));
+        assert!(err("size=1G,guest_memfd=maybe").contains("expected on or off"));
+        assert!(err("size=1G,layout=split").contains("needs guest_memfd=on"));
+        assert!(err("size=1G,guest_memfd=on,layout=diagonal").contains("expected auto"));
+        assert!(err("1G").contains("not key=value"));
+    }
+
+    #[test]
+    fn cpus_serial_and_events() {
+        assert_eq!(CpusConfig::parse("boot=4").unwrap().boot, 4);
+        assert!(CpusConfig::parse("boot=0").is_err());
+        assert!(CpusConfig::parse("boot=33").is_err());
+        assert!(CpusConfig::parse("max=4").unwrap_err().to_string().contains("unknown key"));
+        assert_eq!(ConsoleOutput::parse("tty").unwrap(), ConsoleOutput::Tty);
+        assert_eq!(ConsoleOutput::parse("off").unwrap(), ConsoleOutput::Off);
+        assert_eq!(
+            ConsoleOutput::parse("file=/tmp/c").unwrap(),
+            ConsoleOutput::File("/tmp/c".into())
+        );
+        assert!(ConsoleOutput::parse("file=").is_err());
+        assert!(ConsoleOutput::parse("pty").is_err());
+        assert_eq!(EventMonitorConfig::parse("fd=3").unwrap(), EventMonitorConfig::Fd(3));
+        assert!(EventMonitorConfig::parse("fd=-1").is_err());
+        assert!(EventMonitorConfig::parse("path=/a,fd=3").is_err());
+    }
+}

@@ -1,0 +1,197 @@
+//! The memory manager: guest RAM regions, their backing, and the
+//! RamBlockAttribute of every guest_memfd region.
+
+mod backing;
+mod conversion;
+pub mod ram_block_attribute;
+pub mod shared_bitmap;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hypervisor::{UserMemoryRegion, Vm};
+use log::info;
+use serde::Serialize;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+pub use backing::{Backing, BackingError, MemoryLayout};
+pub use conversion::{ConversionFailure, ConversionOutcome};
+pub use ram_block_attribute::{
+    AttributeError, ConversionCounters, ListenerError, ListenerId, RamBlockAttribute,
+    RamDiscardListener, Section, GRANULARITY,
+};
+
+/// Start of the 32-bit MMIO hole; RAM above it continues at 4 GiB.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Guests need their boot area (page tables, image, stacks) below this.
+pub const MIN_RAM: u64 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("memory size {0:#x} is below the 16 MiB minimum")]
+    TooSmall(u64),
+    #[error("memory size {0:#x} is not a multiple of 4 KiB")]
+    Unaligned(u64),
+    #[error("cannot create the backing of region {index}")]
+    Backing {
+        index: usize,
+        #[source]
+        source: BackingError,
+    },
+    #[error("cannot map region {0} into the VMM")]
+    Mmap(usize, #[source] vm_memory::mmap::MmapRegionError),
+    #[error("cannot build the guest memory map")]
+    GuestMemory(#[source] vm_memory::GuestRegionCollectionError),
+    #[error("cannot register region {0} with the hypervisor")]
+    Register(usize, #[source] hypervisor::HypervisorError),
+}
+
+/// One contiguous RAM region.
+pub struct RamRegion {
+    pub gpa: u64,
+    pub size: u64,
+    pub backing: Backing,
+    /// Present for guest_memfd regions only.
+    pub attributes: Option<RamBlockAttribute>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionInfo {
+    pub gpa: u64,
+    pub size: u64,
+    pub backing: &'static str,
+    pub guest_memfd: bool,
+}
+
+pub struct MemoryManager {
+    vm: Arc<dyn Vm>,
+    regions: Vec<RamRegion>,
+    guest_memory: GuestMemoryMmap,
+    layout: MemoryLayout,
+    /// Requests refused before reaching a region (invalid or outside RAM).
+    rejected: AtomicU64,
+}
+
+/// Splits `size` bytes of RAM around the MMIO hole.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    if size <= MMIO_HOLE_START {
+        vec![(0, size)]
+    } else {
+        vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, size - MMIO_HOLE_START)]
+    }
+}
+
+impl MemoryManager {
+    /// Creates the RAM of `size` bytes and registers it with the hypervisor.
+    pub fn new(vm: Arc<dyn Vm>, size: u64, layout: MemoryLayout) -> Result<Self, MemoryError> {
+        if size % GRANULARITY != 0 {
+            return Err(MemoryError::Unaligned(size));
+        }
+        if size < MIN_RAM {
+            return Err(MemoryError::TooSmall(size));
+        }
+        let mut regions = Vec::new();
+        let mut mmaps = Vec::new();
+        for (index, (gpa, len)) in ram_ranges(size).into_iter().enumerate() {
+            let backing = Backing::create(vm.as_ref(), len, layout)
+                .map_err(|source| MemoryError::Backing { index, source })?;
+            let mapping = backing
+                .map_shared_view(len)
+                .map_err(|e| MemoryError::Mmap(index, e))?;
+            let host = mapping.as_ptr() as u64;
+            let region = UserMemoryRegion {
+                slot: index as u32,
+                guest_phys_addr: gpa,
+                size: len,
+                userspace_addr: host,
+                guest_memfd: backing.guest_memfd().map(|fd| (fd, 0)),
+            };
+            // SAFETY: the mapping lives in `guest_memory`, which this manager
+            // owns for as long as the VM (and so the slot) exists.
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(|e| MemoryError::Register(index, e))?;
+            info!(
+                "RAM region {index}: {gpa:#x}+{len:#x} backed by {}",
+                backing.name()
+            );
+            let attributes = backing
+                .is_guest_memfd()
+                .then(|| RamBlockAttribute::new(gpa, len));
+            mmaps.push(GuestRegionMmap::new(mapping, GuestAddress(gpa)).expect("no overflow"));
+            regions.push(RamRegion {
+                gpa,
+                size: len,
+                backing,
+                attributes,
+            });
+        }
+        let guest_memory = GuestMemoryMmap::from_regions(mmaps).map_err(MemoryError::GuestMemory)?;
+        Ok(MemoryManager {
+            vm,
+            regions,
+            guest_memory,
+            layout,
+            rejected: AtomicU64::new(0),
+        })
+    }
+
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.guest_memory
+    }
+
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    pub fn layout(&self) -> MemoryLayout {
+        self.layout
+    }
+
+    /// Size of the RAM that starts at GPA 0.
+    pub fn low_ram_size(&self) -> u64 {
+        self.regions[0].size
+    }
+
+    /// Guest physical address just past the highest RAM byte.
+    pub fn ram_end(&self) -> u64 {
+        self.regions.last().map_or(0, |r| r.gpa + r.size)
+    }
+
+    pub fn region_info(&self) -> Vec<RegionInfo> {
+        self.regions
+            .iter()
+            .map(|r| RegionInfo {
+                gpa: r.gpa,
+                size: r.size,
+                backing: r.backing.name(),
+                guest_memfd: r.attributes.is_some(),
+            })
+            .collect()
+    }
+
+    fn record_rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Conversion counters of all regions, plus refused requests that
+    /// belonged to no region.
+    pub fn conversion_totals(&self) -> ConversionCounters {
+        let mut total = ConversionCounters {
+            failed: self.rejected.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        for c in self.regions.iter().filter_map(|r| r.attributes.as_ref()).map(|a| a.counters()) {
+            total.to_shared += c.to_shared;
+            total.to_private += c.to_private;
+            total.failed += c.failed;
+            total.pages_to_shared += c.pages_to_shared;
+            total.pages_to_private += c.pages_to_private;
+        }
+        total
+    }
+
+    pub fn is_guest_memfd(&self) -> bool {
+        self.regions.iter().any(|r| r.attributes.is_some())
+    }
+}

@@ -1,0 +1,486 @@
+//! RamBlockAttribute: the shared/private state of one guest_memfd region and
+//! the discard listeners (assigned devices) that must follow it.
+//!
+//! Shared means populated (a device may map it), private means discarded.
+//! Every operation runs under the region's own lock, so a conversion is
+//! atomic with respect to other conversions of the region and to listener
+//! (un)registration, while other regions convert in parallel.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use super::shared_bitmap::SharedBitmap;
+
+pub const GRANULARITY: u64 = 4096;
+const PAGE_SHIFT: u32 = 12;
+
+/// A device-side failure to make a range usable.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ListenerError(pub String);
+
+/// A guest-physical range handed to a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct Section {
+    pub gpa: u64,
+    pub size: u64,
+}
+
+impl Section {
+    pub fn end(&self) -> u64 {
+        self.gpa + self.size
+    }
+
+    fn intersect(&self, other: &Section) -> Option<Section> {
+        let start = self.gpa.max(other.gpa);
+        let end = self.end().min(other.end());
+        (start < end).then(|| Section {
+            gpa: start,
+            size: end - start,
+        })
+    }
+}
+
+/// What an assigned device implements to follow conversions.
+pub trait RamDiscardListener: Send + Sync {
+    /// The range became shared: map it. An error refuses the conversion.
+    fn notify_populate(&self, section: Section) -> Result<(), ListenerError>;
+    /// The range stops being shared: unmap it. Cannot be refused.
+    fn notify_discard(&self, section: Section);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ListenerId(u64);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttributeError {
+    #[error("empty range at offset {0:#x}")]
+    Empty(u64),
+    #[error("range {offset:#x}+{size:#x} is not aligned to {GRANULARITY:#x}")]
+    Unaligned { offset: u64, size: u64 },
+    #[error("range {offset:#x}+{size:#x} overflows")]
+    Overflow { offset: u64, size: u64 },
+    #[error("range {offset:#x}+{size:#x} is outside the region of {region_size:#x} bytes")]
+    OutOfRegion {
+        offset: u64,
+        size: u64,
+        region_size: u64,
+    },
+    #[error("listener refused to map {gpa:#x}+{size:#x}")]
+    ListenerFailed {
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: ListenerError,
+    },
+    #[error("no listener {0:?}")]
+    UnknownListener(ListenerId),
+}
+
+/// Per-region conversion counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ConversionCounters {
+    pub to_shared: u64,
+    pub to_private: u64,
+    pub failed: u64,
+    pub pages_to_shared: u64,
+    pub pages_to_private: u64,
+}
+
+/// Validated page range inside a region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRange {
+    pub first: u64,
+    pub count: u64,
+}
+
+struct Registered {
+    id: ListenerId,
+    listener: Arc<dyn RamDiscardListener>,
+    section: Section,
+}
+
+pub struct AttributeState {
+    gpa: u64,
+    bitmap: SharedBitmap,
+    listeners: Vec<Registered>,
+    counters: ConversionCounters,
+    next_id: u64,
+}
+
+pub struct RamBlockAttribute {
+    gpa: u64,
+    size: u64,
+    state: Mutex<AttributeState>,
+}
+
+impl RamBlockAttribute {
+    /// A region at `gpa` of `size` bytes (a multiple of `GRANULARITY`), all private.
+    pub fn new(gpa: u64, size: u64) -> Self {
+        debug_assert_eq!(size % GRANULARITY, 0);
+        RamBlockAttribute {
+            gpa,
+            size,
+            state: Mutex::new(AttributeState {
+                gpa,
+                bitmap: SharedBitmap::new(size >> PAGE_SHIFT),
+                listeners: Vec::new(),
+                counters: ConversionCounters::default(),
+                next_id: 0,
+            }),
+        }
+    }
+
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn min_granularity(&self) -> u64 {
+        GRANULARITY
+    }
+
+    /// The region's state, locked. Conversions spanning several regions lock
+    /// them in ascending address order through this.
+    pub fn lock(&self) -> MutexGuard<'_, AttributeState> {
+        // A panicking listener must not make the region unusable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_populated(&self, offset: u64, size: u64) -> Result<bool, AttributeError> {
+        let state = self.lock();
+        let range = state.validate(offset, size)?;
+        Ok(state.bitmap.all_in_state(range.first, range.count, true))
+    }
+
+    /// One callback per maximal shared run inside `offset..offset+size`
+    /// (clipped), stopping at the first error.
+    pub fn replay_populated<E>(
+        &self,
+        offset: u64,
+        size: u64,
+        f: impl FnMut(Section) -> Result<(), E>,
+    ) -> Result<(), ReplayError<E>> {
+        self.lock().replay(offset, size, true, f)
+    }
+
+    pub fn replay_discarded<E>(
+        &self,
+        offset: u64,
+        size: u64,
+        f: impl FnMut(Section) -> Result<(), E>,
+    ) -> Result<(), ReplayError<E>> {
+        self.lock().replay(offset, size, false, f)
+    }
+
+    pub fn register_listener(
+        &self,
+        listener: Arc<dyn RamDiscardListener>,
+        section: Section,
+    ) -> Result<ListenerId, AttributeError> {
+        self.lock().register_listener(listener, section)
+    }
+
+    pub fn unregister_listener(&self, id: ListenerId) -> Result<(), AttributeError> {
+        self.lock().unregister_listener(id)
+    }
+
+    pub fn state_change(
+        &self,
+        offset: u64,
+        size: u64,
+        to_shared: bool,
+    ) -> Result<u64, AttributeError> {
+        self.lock().state_change(offset, size, to_shared)
+    }
+
+    pub fn counters(&self) -> ConversionCounters {
+        self.lock().counters
+    }
+
+    pub fn shared_bytes(&self) -> u64 {
+        self.lock().bitmap.shared_pages() << PAGE_SHIFT
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError<E> {
+    #[error(transparent)]
+    Range(#[from] AttributeError),
+    #[error("replay callback failed")]
+    Callback(E),
+}
+
+impl AttributeState {
+    fn section_of(&self, first: u64, count: u64) -> Section {
+        Section {
+            gpa: self.gpa + (first << PAGE_SHIFT),
+            size: count << PAGE_SHIFT,
+        }
+    }
+
+    fn region_size(&self) -> u64 {
+        self.bitmap.pages() << PAGE_SHIFT
+    }
+
+    /// Checks `offset..offset+size` (region-relative) and turns it into pages.
+    pub fn validate(&self, offset: u64, size: u64) -> Result<PageRange, AttributeError> {
+        if size == 0 {
+            return Err(AttributeError::Empty(offset));
+        }
+        if offset % GRANULARITY != 0 || size % GRANULARITY != 0 {
+            return Err(AttributeError::Unaligned { offset, size });
+        }
+        let end = offset
+            .checked_add(size)
+            .ok_or(AttributeError::Overflow { offset, size })?;
+        if end > self.region_size() {
+            return Err(AttributeError::OutOfRegion {
+                offset,
+                size,
+                region_size: self.region_size(),
+            });
+        }
+        Ok(PageRange {
+            first: offset >> PAGE_SHIFT,
+            count: size >> PAGE_SHIFT,
+        })
+    }
+
+    fn replay<E>(
+        &self,
+        offset: u64,
+        size: u64,
+        shared: bool,
+        mut f: impl FnMut(Section) -> Result<(), E>,
+    ) -> Result<(), ReplayError<E>> {
+        let range = self.validate(offset, size)?;
+        self.bitmap
+            .for_each_run(range.first, range.count, shared, |first, count| {
+                f(self.section_of(first, count))
+            })
+            .map_err(ReplayError::Callback)
+    }
+
+    /// The part of `range` that lies in `section`, in pages.
+    fn clip(&self, range: PageRange, section: &Section) -> Option<PageRange> {
+        let whole = self.section_of(range.first, range.count);
+        let part = whole.intersect(section)?;
+        Some(PageRange {
+            first: (part.gpa - self.gpa) >> PAGE_SHIFT,
+            count: part.size >> PAGE_SHIFT,
+        })
+    }
+
+    /// Calls `f` for each run of pages in state `shared` inside `range` that
+    /// `listener` sees, stopping at the first error (with the failing run).
+    fn runs_for<E>(
+        &self,
+        range: PageRange,
+        section: &Section,
+        shared: bool,
+        mut f: impl FnMut(Section) -> Result<(), E>,
+    ) -> Result<(), (Section, E)> {
+        let Some(part) = self.clip(range, section) else {
+            return Ok(());
+        };
+        self.bitmap
+            .for_each_run(part.first, part.count, shared, |first, count| {
+                let s = self.section_of(first, count);
+                f(s).map_err(|e| (s, e))
+            })
+    }
+
+    /// Discards, for listeners `..upto`, every private run of `range`, and for
+    /// listener `upto` the runs before `stop_at` (the run that failed).
+    fn roll_back_populate(&self, range: PageRange, upto: usize, stop_at: Option<u64>) {
+        for (index, reg) in self.listeners.iter().enumerate().take(upto + 1) {
+            let limit = if index == upto { stop_at } else { None };
+            if index == upto && limit.is_none() {
+                break;
+            }
+            let _ = self.runs_for(range, &reg.section, false, |s| {
+                if limit.is_some_and(|l| s.gpa >= l) {
+                    return Err(());
+                }
+                reg.listener.notify_discard(s);
+                Ok(())
+            });
+        }
+    }
+
+    /// Phase 1 of a to-shared change: tells every listener about the private
+    /// runs of `range`. On failure every notification of this call has been
+    /// undone and the bitmap is untouched.
+    pub fn notify_populate(&self, range: PageRange) -> Result<(), AttributeError> {
+        for (index, reg) in self.listeners.iter().enumerate() {
+            if let Err((failed, source)) = self.runs_for(range, &reg.section, false, |s| {
+                reg.listener.notify_populate(s)
+            }) {
+                self.roll_back_populate(range, index, Some(failed.gpa));
+                return Err(AttributeError::ListenerFailed {
+                    gpa: failed.gpa,
+                    size: failed.size,
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes a successful `notify_populate` of `range` (bitmap unchanged since).
+    pub fn undo_populate(&self, range: PageRange) {
+        if let Some(last) = self.listeners.len().checked_sub(1) {
+            self.roll_back_populate(range, last + 1, None);
+        }
+    }
+
+    /// To-private: listeners unmap every shared run of `range`.
+    pub fn notify_discard(&self, range: PageRange) {
+        for reg in &self.listeners {
+            let _ = self.runs_for(range, &reg.section, true, |s| {
+                reg.listener.notify_discard(s);
+                Ok::<(), ()>(())
+            });
+        }
+    }
+
+    /// Phase 2: records the new state. Returns the number of pages that changed.
+    pub fn commit(&mut self, range: PageRange, to_shared: bool) -> u64 {
+        let changed = self.bitmap.set_range(range.first, range.count, to_shared);
+        if to_shared {
+            self.counters.to_shared += 1;
+            self.counters.pages_to_shared += changed;
+        } else {
+            self.counters.to_private += 1;
+            self.counters.pages_to_private += changed;
+        }
+        changed
+    }
+
+    pub fn record_failure(&mut self) {
+        self.counters.failed += 1;
+    }
+
+    /// Calls `f` for each run of `range` that is in the state `shared`.
+    pub fn for_each_run(&self, range: PageRange, shared: bool, mut f: impl FnMut(Section)) {
+        let _ = self
+            .bitmap
+            .for_each_run::<()>(range.first, range.count, shared, |first, count| {
+                f(self.section_of(first, count));
+                Ok(())
+            });
+    }
+
+    /// Validates, notifies listeners and records the change; any failure
+    /// leaves state and listeners as they were. Returns the pages changed.
+    pub fn state_change(
+        &mut self,
+        offset: u64,
+        size: u64,
+        to_shared: bool,
+    ) -> Result<u64, AttributeError> {
+        let range = match self.validate(offset, size) {
+            Ok(range) => range,
+            Err(e) => {
+                self.record_failure();
+                return Err(e);
+            }
+        };
+        if to_shared {
+            if let Err(e) = self.notify_populate(range) {
+                self.record_failure();
+                return Err(e);
+            }
+        } else {
+            self.notify_discard(range);
+        }
+        Ok(self.commit(range, to_shared))
+    }
+
+    pub fn register_listener(
+        &mut self,
+        listener: Arc<dyn RamDiscardListener>,
+        section: Section,
+    ) -> Result<ListenerId, AttributeError> {
+        let offset = section.gpa.wrapping_sub(self.gpa);
+        let range = if section.gpa < self.gpa {
+            return Err(AttributeError::OutOfRegion {
+                offset,
+                size: section.size,
+                region_size: self.region_size(),
+            });
+        } else {
+            self.validate(offset, section.size)?
+        };
+        let mut done: Option<u64> = None;
+        let replay = self.bitmap.for_each_run(range.first, range.count, true, |first, count| {
+            let s = self.section_of(first, count);
+            listener.notify_populate(s).map_err(|e| (s, e))?;
+            done = Some(s.gpa);
+            Ok(())
+        });
+        if let Err((failed, source)) = replay {
+            if done.is_some() {
+                self.for_each_run(range, true, |s| {
+                    if s.gpa < failed.gpa {
+                        listener.notify_discard(s);
+                    }
+                });
+            }
+            return Err(AttributeError::ListenerFailed {
+                gpa: failed.gpa,
+                size: failed.size,
+                source,
+            });
+        }
+        let id = ListenerId(self.next_id);
+        self.next_id += 1;
+        self.listeners.push(Registered {
+            id,
+            listener,
+            section,
+        });
+        Ok(id)
+    }
+
+    pub fn unregister_listener(&mut self, id: ListenerId) -> Result<(), AttributeError> {
+        let index = self
+            .listeners
+            .iter()
+            .position(|r| r.id == id)
+            .ok_or(AttributeError::UnknownListener(id))?;
+        let reg = self.listeners.remove(index);
+        let range = self
+            .clip(
+                PageRange {
+                    first: 0,
+                    count: self.bitmap.pages(),
+                },
+                &reg.section,
+            )
+            .expect("registered sections lie in the region");
+        self.for_each_run(range, true, |s| reg.listener.notify_discard(s));
+        Ok(())
+    }
+
+    pub fn counters(&self) -> ConversionCounters {
+        self.counters
+    }
+
+    pub fn shared_pages(&self) -> u64 {
+        self.bitmap.shared_pages()
+    }
+
+    pub fn listener_count(&self) -> usize {
+        self.listeners.len()
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        self.bitmap.heap_bytes()
+    }
+}

@@ -1,0 +1,231 @@
+//! One VM: hypervisor VM, memory, devices and vCPUs, with a boot and a
+//! shutdown that undoes everything.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use devices::layout::*;
+use devices::{ConversionDoorbell, PowerOffPort, SerialConsole};
+use hypervisor::{Hypervisor, VmType};
+use log::info;
+use serde_json::json;
+use vm_device::Bus;
+
+use crate::boot::{self, BootError};
+use crate::config::{ConsoleOutput, VmConfig};
+use crate::conversion_path::{ConversionPath, DoorbellHandler};
+use crate::event_monitor::EventMonitor;
+use crate::memory::{MemoryError, MemoryManager};
+use crate::vcpu::{self, VcpuContext, VcpuHandle};
+use crate::VmmEvent;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot create the VM")]
+    Create(#[source] hypervisor::HypervisorError),
+    #[error("this host has no guest_memfd support")]
+    NoGuestMemfd,
+    #[error("cannot set up guest memory")]
+    Memory(#[source] MemoryError),
+    #[error("cannot read kernel {path}")]
+    ReadKernel {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load kernel {path}")]
+    LoadKernel {
+        path: String,
+        #[source]
+        source: BootError,
+    },
+    #[error("cannot open serial output {path}")]
+    SerialFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot add a device to the I/O bus")]
+    Bus(#[source] vm_device::BusError),
+    #[error("cannot create vCPU")]
+    Vcpu(#[source] hypervisor::HypervisorError),
+    #[error("cannot set up vCPU")]
+    VcpuSetup(#[source] BootError),
+    #[error("cannot start vCPU thread")]
+    VcpuThread(#[source] std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub enum VmState {
+    Running,
+    Shutdown,
+}
+
+pub struct Vm {
+    config: VmConfig,
+    memory: Arc<MemoryManager>,
+    conversions: Arc<ConversionPath>,
+    stop: Arc<AtomicBool>,
+    vcpus: Vec<VcpuHandle>,
+    state: VmState,
+}
+
+fn serial_output(config: &ConsoleOutput) -> Result<Box<dyn Write + Send>, VmError> {
+    Ok(match config {
+        ConsoleOutput::Tty => Box::new(std::io::stdout()),
+        ConsoleOutput::Off => Box::new(std::io::sink()),
+        ConsoleOutput::File(path) => {
+            Box::new(File::create(path).map_err(|source| VmError::SerialFile {
+                path: path.display().to_string(),
+                source,
+            })?)
+        }
+    })
+}
+
+impl Vm {
+    /// Builds the VM and starts its vCPUs.
+    pub fn boot(
+        config: VmConfig,
+        hypervisor: &dyn Hypervisor,
+        events: Sender<VmmEvent>,
+        monitor: Arc<EventMonitor>,
+    ) -> Result<Vm, VmError> {
+        let kernel_path = config.kernel.display().to_string();
+        let kernel = std::fs::read(&config.kernel).map_err(|source| VmError::ReadKernel {
+            path: kernel_path.clone(),
+            source,
+        })?;
+        if config.memory.guest_memfd && !hypervisor.capabilities().guest_memfd {
+            return Err(VmError::NoGuestMemfd);
+        }
+        let hv_vm = hypervisor.create_vm(VmType::Default).map_err(VmError::Create)?;
+        let memory = Arc::new(
+            MemoryManager::new(hv_vm.clone(), config.memory.size, config.memory.layout)
+                .map_err(VmError::Memory)?,
+        );
+        let entry = boot::load(memory.guest_memory(), memory.ram_end(), &kernel).map_err(
+            |source| VmError::LoadKernel {
+                path: kernel_path,
+                source,
+            },
+        )?;
+
+        let conversions = Arc::new(ConversionPath::new(memory.clone(), monitor));
+        let io_bus = Arc::new(Bus::new());
+        io_bus
+            .insert(
+                Arc::new(SerialConsole::new(serial_output(&config.serial)?)),
+                SERIAL_PORT,
+                SERIAL_LEN,
+            )
+            .map_err(VmError::Bus)?;
+        let power_events = events.clone();
+        io_bus
+            .insert(
+                Arc::new(PowerOffPort::new(Box::new(move |code| {
+                    let _ = power_events.send(VmmEvent::GuestPowerOff(code));
+                }))),
+                POWER_OFF_PORT,
+                1,
+            )
+            .map_err(VmError::Bus)?;
+        io_bus
+            .insert(
+                Arc::new(ConversionDoorbell::new(
+                    DOORBELL_BANKS as usize,
+                    Arc::new(DoorbellHandler(conversions.clone())),
+                )),
+                DOORBELL_BASE,
+                DOORBELL_BANKS * DOORBELL_BANK_SIZE,
+            )
+            .map_err(VmError::Bus)?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = Arc::new(VcpuContext {
+            io_bus,
+            mmio_bus: Arc::new(Bus::new()),
+            conversions: conversions.clone(),
+            events,
+            stop: stop.clone(),
+        });
+        let count = config.cpus.boot;
+        let mut created = Vec::with_capacity(count.into());
+        for index in 0..count {
+            let vcpu = hv_vm.create_vcpu(index).map_err(VmError::Vcpu)?;
+            boot::setup_vcpu(vcpu.as_ref(), index, count, entry, memory.low_ram_size())
+                .map_err(VmError::VcpuSetup)?;
+            created.push(vcpu);
+        }
+        let mut vm = Vm {
+            config,
+            memory,
+            conversions,
+            stop,
+            vcpus: Vec::new(),
+            state: VmState::Running,
+        };
+        for (index, vcpu) in created.into_iter().enumerate() {
+            match vcpu::start(index as u8, vcpu, ctx.clone()) {
+                Ok(handle) => vm.vcpus.push(handle),
+                Err(e) => {
+                    vm.shutdown();
+                    return Err(VmError::VcpuThread(e));
+                }
+            }
+        }
+        info!(
+            "VM running: {} vCPUs, {} bytes of {} RAM, entry {entry:#x}",
+            count,
+            vm.config.memory.size,
+            vm.memory.regions()[0].backing.name()
+        );
+        Ok(vm)
+    }
+
+    /// Stops every vCPU. Idempotent.
+    pub fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for vcpu in &mut self.vcpus {
+            vcpu.stop();
+        }
+        self.state = VmState::Shutdown;
+    }
+
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    pub fn memory(&self) -> &Arc<MemoryManager> {
+        &self.memory
+    }
+
+    pub fn conversions(&self) -> &Arc<ConversionPath> {
+        &self.conversions
+    }
+
+    pub fn info(&self) -> serde_json::Value {
+        json!({
+            "config": self.config,
+            "state": self.state,
+            "memory": {
+                "regions": self.memory.region_info(),
+                "layout": self.memory.regions()[0].backing.name(),
+            },
+        })
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
