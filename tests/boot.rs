@@ -1,0 +1,173 @@
+//! Booting memconv guests on real KVM and the CLI's answers to bad input.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn memconv_guest_reports_every_op_on_guest_memfd() {
+    if !kvm_available("memconv_guest_reports_every_op_on_guest_memfd") {
+        return;
+    }
+    let dir = TempDir::new("boot");
+    let guest = memconv_guest(
+        &dir,
+        &["shared@0x1000000+16K,private@0x1001000+4K,write@0x1000000+64=0x5a"],
+        false,
+    );
+    let vmm = GuestVmm::spawn(&guest, &["--memory", "size=512M,guest_memfd=on", "-v"]);
+    let done = vmm.wait_for_line("memconv: done");
+    assert_eq!(done, "memconv: done 3 ok 0 failed");
+    let console = vmm.console();
+    let ops: Vec<_> = console.iter().filter(|l| l.contains(" op ")).collect();
+    assert_eq!(ops.len(), 3, "one line per op: {console:#?}");
+    assert_eq!(ops[0], "memconv: cpu0 op 0 shared gpa=0x1000000 size=0x4000 status=ok");
+    assert_eq!(ops[1], "memconv: cpu0 op 1 private gpa=0x1001000 size=0x1000 status=ok");
+    assert_eq!(
+        ops[2],
+        "memconv: cpu0 op 2 write gpa=0x1000000 size=0x40 value=0x5a status=ok"
+    );
+    let log = vmm.stderr();
+    assert!(log.contains("backed by guest_memfd"), "guest_memfd in use:\n{log}");
+}
+
+#[test]
+fn bad_conversions_get_an_error_status_and_the_vmm_keeps_running() {
+    if !kvm_available("bad_conversions_get_an_error_status_and_the_vmm_keeps_running") {
+        return;
+    }
+    let dir = TempDir::new("badconv");
+    let ops = [
+        "shared@0x1000001+4K",          // unaligned GPA
+        "shared@0x1000000+0",           // zero size
+        "private@0x1000000+0x1001",     // unaligned size
+        "shared@0x40000000+4K",         // beyond RAM (512 MiB)
+        "shared@0xfffffffffffff000+8K", // overflows
+        "shared@0xd0000000+4K",         // MMIO hole
+        "shared@0x1ff000+8K",           // ok: below 16 MiB is still RAM
+    ];
+    let guest = memconv_guest(&dir, &[&ops.join(",")], false);
+    let mut vmm = GuestVmm::spawn(&guest, &["--memory", "size=512M,guest_memfd=on"]);
+    assert_eq!(vmm.wait_for_line("memconv: done"), "memconv: done 1 ok 6 failed");
+    let statuses: Vec<String> = vmm
+        .console()
+        .iter()
+        .filter(|l| l.contains(" op "))
+        .map(|l| l.rsplit("status=").next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["invalid", "invalid", "invalid", "out-of-range", "invalid", "out-of-range", "ok"]
+    );
+    assert!(vmm.is_running(), "the VMM survives bad guest input");
+}
+
+#[test]
+fn anonymous_memory_refuses_conversions() {
+    if !kvm_available("anonymous_memory_refuses_conversions") {
+        return;
+    }
+    let dir = TempDir::new("anon");
+    let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], true);
+    let mut vmm = GuestVmm::spawn(&guest, &["--memory", "size=64M"]);
+    assert_eq!(vmm.wait_for_line("memconv: done"), "memconv: done 0 ok 1 failed");
+    assert!(vmm.console()[0].ends_with("status=out-of-range"));
+    assert!(vmm.wait_exit(TIMEOUT).success(), "power-off ends the VMM with 0");
+}
+
+#[test]
+fn split_layout_boots_and_converts() {
+    if !kvm_available("split_layout_boots_and_converts") {
+        return;
+    }
+    let dir = TempDir::new("split");
+    let guest = memconv_guest(
+        &dir,
+        &["shared@0x1000000+64K,private@0x1000000+64K"],
+        true,
+    );
+    let mut vmm = GuestVmm::spawn(
+        &guest,
+        &["--memory", "size=64M,guest_memfd=on,layout=split", "-v"],
+    );
+    assert_eq!(vmm.wait_for_line("memconv: done"), "memconv: done 2 ok 0 failed");
+    assert!(vmm.wait_exit(TIMEOUT).success());
+    assert!(vmm.stderr().contains("backed by guest_memfd+memfd"));
+}
+
+#[test]
+fn sigterm_stops_the_vmm_cleanly() {
+    if !kvm_available("sigterm_stops_the_vmm_cleanly") {
+        return;
+    }
+    let dir = TempDir::new("sigterm");
+    let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], false);
+    let mut vmm = GuestVmm::spawn(
+        &guest,
+        &["--memory", "size=64M,guest_memfd=on", "--cpus", "boot=2", "-vv"],
+    );
+    vmm.wait_for_line("memconv: done");
+    vmm.signal(libc::SIGTERM);
+    assert!(vmm.wait_exit(TIMEOUT).success());
+    let log = vmm.stderr();
+    assert!(log.contains("vCPU 0 stopped") && log.contains("vCPU 1 stopped"), "{log}");
+}
+
+#[test]
+fn serial_to_file_and_off() {
+    if !kvm_available("serial_to_file_and_off") {
+        return;
+    }
+    let dir = TempDir::new("serial");
+    let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], true);
+    let console = dir.path("console.txt");
+    let serial = format!("file={}", console.display());
+    let (status, stdout, _) = run_vmm(&[
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--memory",
+        "size=32M,guest_memfd=on",
+        "--serial",
+        &serial,
+    ]);
+    assert!(status.success());
+    assert!(stdout.is_empty());
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(text.contains("memconv: done 1 ok 0 failed"), "{text}");
+    let (status, stdout, _) = run_vmm(&[
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--memory",
+        "size=32M",
+        "--serial",
+        "off",
+    ]);
+    assert!(status.success());
+    assert!(stdout.is_empty());
+}
+
+#[test]
+fn bad_command_lines_fail_with_clear_errors() {
+    let dir = TempDir::new("cli");
+    let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], true);
+    let g = guest.to_str().unwrap();
+    let garbage = dir.path("garbage.bin");
+    std::fs::write(&garbage, b"definitely not an ELF").unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--kernel", g, "--memory", "size=0"], "must not be zero"),
+        (&["--kernel", g, "--memory", "size=16777217"], "multiple of 4 KiB"),
+        (&["--kernel", g, "--memory", "size=1G,fast=yes"], "unknown key \"fast\""),
+        (&["--kernel", g, "--cpus", "boot=0"], "expected 1..=32"),
+        (&["--kernel", g, "--serial", "pty"], "--serial"),
+        (&["--memory", "size=1G"], "--kernel"),
+        (&["--kernel", "/nonexistent/guest.elf"], "cannot read kernel /nonexistent/guest.elf"),
+        (&["--kernel", garbage.to_str().unwrap()], "not an ELF file"),
+    ];
+    for (args, expected) in cases {
+        let (status, _, stderr) = run_vmm(args);
+        assert!(!status.success(), "{args:?} must fail");
+        assert_ne!(status.code(), Some(101), "{args:?} panicked:\n{stderr}");
+        assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in:\n{stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}:\n{stderr}");
+    }
+}

@@ -1,0 +1,200 @@
+//! Helpers shared by the integration tests, in Cloud Hypervisor's style:
+//! build a guest, spawn the real VMM binary, wait for console lines, query
+//! the API with the real `ch-remote`, and kill the child whatever happens.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const CLOUD_HYPERVISOR: &str = env!("CARGO_BIN_EXE_cloud-hypervisor");
+pub const CH_REMOTE: &str = env!("CARGO_BIN_EXE_ch-remote");
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// True when the KVM tests can run. Where /dev/kvm is missing they are
+/// skipped loudly, unless CH_REQUIRE_KVM=1 (CI) makes that a failure.
+pub fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("CH_REQUIRE_KVM").as_deref() != Ok("1"),
+            "{test}: /dev/kvm is required (CH_REQUIRE_KVM=1) but cannot be opened"
+        );
+        eprintln!("\n*** SKIPPED {test}: /dev/kvm is not available on this machine ***\n");
+    }
+    ok
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ch-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a memconv guest: one op list per vCPU.
+pub fn memconv_guest(dir: &TempDir, lists: &[&str], poweroff: bool) -> PathBuf {
+    let lists: Vec<_> = lists
+        .iter()
+        .map(|ops| test_guest::parse_ops(ops).unwrap())
+        .collect();
+    let path = dir.path("guest.elf");
+    std::fs::write(&path, test_guest::memconv_elf(&lists, poweroff)).unwrap();
+    path
+}
+
+/// A running `cloud-hypervisor`, killed on drop. Console (stdout) lines are
+/// collected by a reader thread.
+pub struct GuestVmm {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    line_events: Receiver<()>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl GuestVmm {
+    pub fn spawn(kernel: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(CLOUD_HYPERVISOR)
+            .arg("--kernel")
+            .arg(kernel)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cloud-hypervisor");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, line_events) = channel();
+        let stdout = child.stdout.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+                let _ = tx.send(());
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_pipe = child.stderr.take().unwrap();
+        let err_sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                err_sink
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        GuestVmm {
+            child,
+            lines,
+            line_events,
+            stderr,
+        }
+    }
+
+    pub fn console(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until a console line contains `needle`; panics with the whole
+    /// console and log on timeout.
+    pub fn wait_for_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(line) = self.console().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!(
+                    "no console line with {needle:?} after {TIMEOUT:?}\nconsole:\n{}\nstderr:\n{}",
+                    self.console().join("\n"),
+                    self.stderr()
+                );
+            }
+            let _ = self.line_events.recv_timeout(left.min(Duration::from_millis(100)));
+        }
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "VMM did not exit\nstderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for GuestVmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the VMM binary to completion (for CLI error cases).
+pub fn run_vmm(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(CLOUD_HYPERVISOR)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
