@@ -21,14 +21,23 @@ fn memconv_guest_reports_every_op_on_guest_memfd() {
     let console = vmm.console();
     let ops: Vec<_> = console.iter().filter(|l| l.contains(" op ")).collect();
     assert_eq!(ops.len(), 3, "one line per op: {console:#?}");
-    assert_eq!(ops[0], "memconv: cpu0 op 0 shared gpa=0x1000000 size=0x4000 status=ok");
-    assert_eq!(ops[1], "memconv: cpu0 op 1 private gpa=0x1001000 size=0x1000 status=ok");
+    assert_eq!(
+        ops[0],
+        "memconv: cpu0 op 0 shared gpa=0x1000000 size=0x4000 status=ok"
+    );
+    assert_eq!(
+        ops[1],
+        "memconv: cpu0 op 1 private gpa=0x1001000 size=0x1000 status=ok"
+    );
     assert_eq!(
         ops[2],
         "memconv: cpu0 op 2 write gpa=0x1000000 size=0x40 value=0x5a status=ok"
     );
     let log = vmm.stderr();
-    assert!(log.contains("backed by guest_memfd"), "guest_memfd in use:\n{log}");
+    assert!(
+        log.contains("backed by guest_memfd"),
+        "guest_memfd in use:\n{log}"
+    );
 }
 
 #[test]
@@ -48,7 +57,10 @@ fn bad_conversions_get_an_error_status_and_the_vmm_keeps_running() {
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
     let mut vmm = GuestVmm::spawn(&guest, &["--memory", "size=512M,guest_memfd=on"]);
-    assert_eq!(vmm.wait_for_line("memconv: done"), "memconv: done 1 ok 6 failed");
+    assert_eq!(
+        vmm.wait_for_line("memconv: done"),
+        "memconv: done 1 ok 6 failed"
+    );
     let statuses: Vec<String> = vmm
         .console()
         .iter()
@@ -57,7 +69,15 @@ fn bad_conversions_get_an_error_status_and_the_vmm_keeps_running() {
         .collect();
     assert_eq!(
         statuses,
-        ["invalid", "invalid", "invalid", "out-of-range", "invalid", "out-of-range", "ok"]
+        [
+            "invalid",
+            "invalid",
+            "invalid",
+            "out-of-range",
+            "invalid",
+            "out-of-range",
+            "ok"
+        ]
     );
     assert!(vmm.is_running(), "the VMM survives bad guest input");
 }
@@ -70,9 +90,15 @@ fn anonymous_memory_refuses_conversions() {
     let dir = TempDir::new("anon");
     let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], true);
     let mut vmm = GuestVmm::spawn(&guest, &["--memory", "size=64M"]);
-    assert_eq!(vmm.wait_for_line("memconv: done"), "memconv: done 0 ok 1 failed");
+    assert_eq!(
+        vmm.wait_for_line("memconv: done"),
+        "memconv: done 0 ok 1 failed"
+    );
     assert!(vmm.console()[0].ends_with("status=out-of-range"));
-    assert!(vmm.wait_exit(TIMEOUT).success(), "power-off ends the VMM with 0");
+    assert!(
+        vmm.wait_exit(TIMEOUT).success(),
+        "power-off ends the VMM with 0"
+    );
 }
 
 #[test]
@@ -81,16 +107,15 @@ fn split_layout_boots_and_converts() {
         return;
     }
     let dir = TempDir::new("split");
-    let guest = memconv_guest(
-        &dir,
-        &["shared@0x1000000+64K,private@0x1000000+64K"],
-        true,
-    );
+    let guest = memconv_guest(&dir, &["shared@0x1000000+64K,private@0x1000000+64K"], true);
     let mut vmm = GuestVmm::spawn(
         &guest,
         &["--memory", "size=64M,guest_memfd=on,layout=split", "-v"],
     );
-    assert_eq!(vmm.wait_for_line("memconv: done"), "memconv: done 2 ok 0 failed");
+    assert_eq!(
+        vmm.wait_for_line("memconv: done"),
+        "memconv: done 2 ok 0 failed"
+    );
     assert!(vmm.wait_exit(TIMEOUT).success());
     assert!(vmm.stderr().contains("backed by guest_memfd+memfd"));
 }
@@ -104,13 +129,22 @@ fn sigterm_stops_the_vmm_cleanly() {
     let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], false);
     let mut vmm = GuestVmm::spawn(
         &guest,
-        &["--memory", "size=64M,guest_memfd=on", "--cpus", "boot=2", "-vv"],
+        &[
+            "--memory",
+            "size=64M,guest_memfd=on",
+            "--cpus",
+            "boot=2",
+            "-vv",
+        ],
     );
     vmm.wait_for_line("memconv: done");
     vmm.signal(libc::SIGTERM);
     assert!(vmm.wait_exit(TIMEOUT).success());
     let log = vmm.stderr();
-    assert!(log.contains("vCPU 0 stopped") && log.contains("vCPU 1 stopped"), "{log}");
+    assert!(
+        log.contains("vCPU 0 stopped") && log.contains("vCPU 1 stopped"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -155,19 +189,31 @@ fn bad_command_lines_fail_with_clear_errors() {
     std::fs::write(&garbage, b"definitely not an ELF").unwrap();
     let cases: &[(&[&str], &str)] = &[
         (&["--kernel", g, "--memory", "size=0"], "must not be zero"),
-        (&["--kernel", g, "--memory", "size=16777217"], "multiple of 4 KiB"),
-        (&["--kernel", g, "--memory", "size=1G,fast=yes"], "unknown key \"fast\""),
+        (
+            &["--kernel", g, "--memory", "size=16777217"],
+            "multiple of 4 KiB",
+        ),
+        (
+            &["--kernel", g, "--memory", "size=1G,fast=yes"],
+            "unknown key \"fast\"",
+        ),
         (&["--kernel", g, "--cpus", "boot=0"], "expected 1..=32"),
         (&["--kernel", g, "--serial", "pty"], "--serial"),
         (&["--memory", "size=1G"], "--kernel"),
-        (&["--kernel", "/nonexistent/guest.elf"], "cannot read kernel /nonexistent/guest.elf"),
+        (
+            &["--kernel", "/nonexistent/guest.elf"],
+            "cannot read kernel /nonexistent/guest.elf",
+        ),
         (&["--kernel", garbage.to_str().unwrap()], "not an ELF file"),
     ];
     for (args, expected) in cases {
         let (status, _, stderr) = run_vmm(args);
         assert!(!status.success(), "{args:?} must fail");
         assert_ne!(status.code(), Some(101), "{args:?} panicked:\n{stderr}");
-        assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in:\n{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: expected {expected:?} in:\n{stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{args:?}:\n{stderr}");
     }
 }

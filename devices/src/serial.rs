@@ -54,10 +54,10 @@ impl BusDevice for SerialConsole {
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
-        if let (Ok(offset), Some(value)) = (u8::try_from(offset), data.first()) {
-            if let Err(e) = self.uart.lock().unwrap().write(offset, *value) {
-                log::warn!("serial write failed: {e:?}");
-            }
+        if let (Ok(offset), Some(value)) = (u8::try_from(offset), data.first())
+            && let Err(e) = self.uart.lock().unwrap().write(offset, *value)
+        {
+            log::warn!("serial write failed: {e:?}");
         }
     }
 }

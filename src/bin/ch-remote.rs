@@ -1,1 +1,154 @@
-fn main() { eprintln!("ch-remote: not yet"); std::process::exit(1) }
+// Copyright © 2026 The project authors
+// SPDX-License-Identifier: Apache-2.0
+
+//! `ch-remote`: talks to a running `cloud-hypervisor` over its API socket
+//! and prints the JSON answers.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ch-remote",
+    version,
+    about = "Controls a running cloud-hypervisor"
+)]
+struct Cli {
+    /// The VMM's API socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// VMM version and pid.
+    Ping,
+    /// VM configuration, state and memory regions.
+    Info,
+    /// Conversion counters.
+    Counters,
+    /// Shared ranges of guest_memfd RAM, optionally within a window.
+    MemoryAttributes {
+        #[arg(long, requires = "size")]
+        gpa: Option<String>,
+        #[arg(long, requires = "gpa")]
+        size: Option<String>,
+        /// At most this many ranges (the answer says where to continue).
+        #[arg(long)]
+        limit: Option<String>,
+    },
+    /// Shut the VM (and with it this VMM) down.
+    Shutdown,
+    /// Shut the VMM down.
+    ShutdownVmm,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RemoteError {
+    #[error("cannot connect to {0}")]
+    Connect(String, #[source] std::io::Error),
+    #[error("API socket I/O failed")]
+    Io(#[from] std::io::Error),
+    #[error("malformed HTTP answer")]
+    Malformed,
+    #[error("server answered {status}: {body}")]
+    Server { status: u16, body: String },
+}
+
+/// One request, `Connection: close`, whole answer read to EOF.
+fn request(socket: &PathBuf, method: &str, path: &str) -> Result<String, RemoteError> {
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|e| RemoteError::Connect(socket.display().to_string(), e))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        stream,
+        "{method} /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or(RemoteError::Malformed)?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or(RemoteError::Malformed)?;
+    let body = decode_body(head, body)?;
+    if !(200..300).contains(&status) {
+        return Err(RemoteError::Server { status, body });
+    }
+    Ok(body)
+}
+
+/// Undoes chunked transfer encoding where the server used it.
+fn decode_body(head: &str, body: &str) -> Result<String, RemoteError> {
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    if !chunked {
+        return Ok(body.to_string());
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let (size, after) = rest.split_once("\r\n").ok_or(RemoteError::Malformed)?;
+        let size = usize::from_str_radix(size.trim(), 16).map_err(|_| RemoteError::Malformed)?;
+        if size == 0 {
+            return Ok(out);
+        }
+        out.push_str(after.get(..size).ok_or(RemoteError::Malformed)?);
+        rest = after.get(size + 2..).ok_or(RemoteError::Malformed)?;
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (method, path) = match &cli.command {
+        Command::Ping => ("GET", "vmm.ping".to_string()),
+        Command::Info => ("GET", "vm.info".to_string()),
+        Command::Counters => ("GET", "vm.counters".to_string()),
+        Command::MemoryAttributes { gpa, size, limit } => {
+            let mut query = Vec::new();
+            if let (Some(gpa), Some(size)) = (gpa, size) {
+                query.push(format!("gpa={gpa}&size={size}"));
+            }
+            if let Some(limit) = limit {
+                query.push(format!("limit={limit}"));
+            }
+            let query = if query.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", query.join("&"))
+            };
+            ("GET", format!("vm.memory-attributes{query}"))
+        }
+        Command::Shutdown => ("PUT", "vm.shutdown".to_string()),
+        Command::ShutdownVmm => ("PUT", "vmm.shutdown".to_string()),
+    };
+    match request(&cli.api_socket, method, &path) {
+        Ok(body) => {
+            if !body.is_empty() {
+                println!("{body}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("ch-remote: {text}");
+            ExitCode::FAILURE
+        }
+    }
+}

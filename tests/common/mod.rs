@@ -145,7 +145,9 @@ impl GuestVmm {
                     self.stderr()
                 );
             }
-            let _ = self.line_events.recv_timeout(left.min(Duration::from_millis(100)));
+            let _ = self
+                .line_events
+                .recv_timeout(left.min(Duration::from_millis(100)));
         }
     }
 

@@ -20,7 +20,10 @@ pub enum ConfigError {
     #[error("{option}: {item:?} is not key=value")]
     NotKeyValue { option: &'static str, item: String },
     #[error("{option}: missing {key}=")]
-    Missing { option: &'static str, key: &'static str },
+    Missing {
+        option: &'static str,
+        key: &'static str,
+    },
     #[error("{option}: invalid {key} {value:?}: {why}")]
     Invalid {
         option: &'static str,
@@ -40,10 +43,12 @@ impl OptionParser {
     fn parse(option: &'static str, text: &str, keys: &[&str]) -> Result<Self, ConfigError> {
         let mut values = BTreeMap::new();
         for item in text.split(',').filter(|i| !i.is_empty()) {
-            let (key, value) = item.split_once('=').ok_or_else(|| ConfigError::NotKeyValue {
-                option,
-                item: item.to_string(),
-            })?;
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| ConfigError::NotKeyValue {
+                    option,
+                    item: item.to_string(),
+                })?;
             if !keys.contains(&key) {
                 return Err(ConfigError::UnknownKey {
                     option,
@@ -281,7 +286,12 @@ mod tests {
         assert_eq!(CpusConfig::parse("boot=4").unwrap().boot, 4);
         assert!(CpusConfig::parse("boot=0").is_err());
         assert!(CpusConfig::parse("boot=33").is_err());
-        assert!(CpusConfig::parse("max=4").unwrap_err().to_string().contains("unknown key"));
+        assert!(
+            CpusConfig::parse("max=4")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown key")
+        );
         assert_eq!(ConsoleOutput::parse("tty").unwrap(), ConsoleOutput::Tty);
         assert_eq!(ConsoleOutput::parse("off").unwrap(), ConsoleOutput::Off);
         assert_eq!(
@@ -290,7 +300,10 @@ mod tests {
         );
         assert!(ConsoleOutput::parse("file=").is_err());
         assert!(ConsoleOutput::parse("pty").is_err());
-        assert_eq!(EventMonitorConfig::parse("fd=3").unwrap(), EventMonitorConfig::Fd(3));
+        assert_eq!(
+            EventMonitorConfig::parse("fd=3").unwrap(),
+            EventMonitorConfig::Fd(3)
+        );
         assert!(EventMonitorConfig::parse("fd=-1").is_err());
         assert!(EventMonitorConfig::parse("path=/a,fd=3").is_err());
     }

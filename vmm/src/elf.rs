@@ -131,7 +131,10 @@ mod tests {
     const WINDOW: Range<u64> = 0x10_0000..0x40_0000;
 
     fn guest() -> Vec<u8> {
-        test_guest::memconv_elf(&[test_guest::parse_ops("shared@0x1000000+4K").unwrap()], false)
+        test_guest::memconv_elf(
+            &[test_guest::parse_ops("shared@0x1000000+4K").unwrap()],
+            false,
+        )
     }
 
     #[test]
@@ -146,10 +149,16 @@ mod tests {
     #[test]
     fn rejects_malformed_images() {
         assert!(matches!(parse(b"hello", WINDOW), Err(ElfError::NotElf)));
-        assert!(matches!(parse(b"\x7fELF", WINDOW), Err(ElfError::Truncated(_))));
+        assert!(matches!(
+            parse(b"\x7fELF", WINDOW),
+            Err(ElfError::Truncated(_))
+        ));
         let mut wrong_machine = guest();
         wrong_machine[18] = 40;
-        assert!(matches!(parse(&wrong_machine, WINDOW), Err(ElfError::WrongKind)));
+        assert!(matches!(
+            parse(&wrong_machine, WINDOW),
+            Err(ElfError::WrongKind)
+        ));
         let image = guest();
         assert!(matches!(
             parse(&image[..image.len() - 1], WINDOW),
@@ -161,6 +170,9 @@ mod tests {
         ));
         let mut bad_entry = guest();
         bad_entry[24..32].copy_from_slice(&0x5000u64.to_le_bytes());
-        assert!(matches!(parse(&bad_entry, WINDOW), Err(ElfError::BadEntry(0x5000))));
+        assert!(matches!(
+            parse(&bad_entry, WINDOW),
+            Err(ElfError::BadEntry(0x5000))
+        ));
     }
 }

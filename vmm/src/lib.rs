@@ -4,6 +4,7 @@
 //! The VMM: configuration, memory manager (with RamBlockAttribute), vCPU
 //! threads, the conversion path, and the control loop that owns the VM.
 
+pub mod api;
 pub mod boot;
 pub mod config;
 mod conversion_path;
@@ -44,6 +45,7 @@ pub enum VmmEvent {
     GuestShutdown(u8),
     VcpuError(u8, String),
     Signal(i32),
+    Api(api::ApiMessage),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,8 @@ pub enum VmmError {
     Signals(#[source] std::io::Error),
     #[error("cannot boot the VM")]
     Vm(#[source] VmError),
+    #[error("cannot start the API server")]
+    Api(#[source] api::http::ApiServerError),
 }
 
 pub struct VmmOptions {
@@ -89,17 +93,29 @@ pub fn run(options: VmmOptions) -> Result<i32, VmmError> {
     let hypervisor = KvmHypervisor::new().map_err(VmmError::Hypervisor)?;
     let (events_tx, events_rx) = channel();
     spawn_signal_thread(events_tx.clone()).map_err(VmmError::Signals)?;
+    // The socket comes first so a busy path fails before anything boots.
+    let mut api_server = options
+        .api_socket
+        .as_deref()
+        .map(|path| api::http::ApiServer::start(path, events_tx.clone()))
+        .transpose()
+        .map_err(VmmError::Api)?;
     let mut vm = Vm::boot(options.vm, &hypervisor, events_tx.clone(), monitor.clone())
         .map_err(VmmError::Vm)?;
     monitor.emit("vm", "booted", vm.info());
-    let code = control_loop(&events_rx);
+    let code = control_loop(&events_rx, &mut vm);
     vm.shutdown();
+    // Joining the HTTP thread lets a pending shutdown answer reach its client.
+    if let Some(server) = api_server.as_mut() {
+        server.stop();
+    }
     monitor.emit("vm", "shutdown", json!({ "exit_code": code }));
     info!("VMM exiting with code {code}");
     Ok(code)
 }
 
-fn control_loop(events: &Receiver<VmmEvent>) -> i32 {
+/// Runs until something ends the VMM; returns the exit code.
+fn control_loop(events: &Receiver<VmmEvent>, vm: &mut Vm) -> i32 {
     loop {
         let Ok(event) = events.recv() else {
             return 1;
@@ -121,6 +137,39 @@ fn control_loop(events: &Receiver<VmmEvent>) -> i32 {
                 info!("signal {signal}: shutting down");
                 return 0;
             }
+            VmmEvent::Api(message) => {
+                let ends_vmm = matches!(
+                    message.request,
+                    api::ApiRequest::VmShutdown | api::ApiRequest::VmmShutdown
+                );
+                let answer = handle_api(vm, message.request);
+                let _ = message.respond.send(answer);
+                if ends_vmm {
+                    info!("shutdown requested over the API");
+                    return 0;
+                }
+            }
         }
     }
+}
+
+fn handle_api(vm: &mut Vm, request: api::ApiRequest) -> api::ApiResponse {
+    use api::ApiRequest::*;
+    Ok(match request {
+        VmmPing => Some(json!({
+            "build_version": env!("CARGO_PKG_VERSION"),
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "features": ["guest_memfd", "ram_block_attribute"],
+        })),
+        VmInfo => Some(vm.info()),
+        VmCounters => Some(vm.counters()),
+        VmMemoryAttributes(window) => Some(api::memory_attributes(vm.memory(), window)),
+        // This VMM hosts exactly the VM of its command line (there is no
+        // vm.create), so shutting the VM down ends the VMM as well.
+        VmShutdown | VmmShutdown => {
+            vm.shutdown();
+            None
+        }
+    })
 }

@@ -12,8 +12,8 @@ use log::{debug, error, warn};
 use vm_device::Bus;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
-use crate::conversion_path::ConversionPath;
 use crate::VmmEvent;
+use crate::conversion_path::ConversionPath;
 
 /// Signal used to kick a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {

@@ -3,9 +3,9 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
 
 use devices::layout::*;
 use devices::{ConversionDoorbell, PowerOffPort, SerialConsole};
@@ -14,13 +14,13 @@ use log::info;
 use serde_json::json;
 use vm_device::Bus;
 
+use crate::VmmEvent;
 use crate::boot::{self, BootError};
 use crate::config::{ConsoleOutput, VmConfig};
 use crate::conversion_path::{ConversionPath, DoorbellHandler};
 use crate::event_monitor::EventMonitor;
 use crate::memory::{MemoryError, MemoryManager};
 use crate::vcpu::{self, VcpuContext, VcpuHandle};
-use crate::VmmEvent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -103,17 +103,20 @@ impl Vm {
         if config.memory.guest_memfd && !hypervisor.capabilities().guest_memfd {
             return Err(VmError::NoGuestMemfd);
         }
-        let hv_vm = hypervisor.create_vm(VmType::Default).map_err(VmError::Create)?;
+        let hv_vm = hypervisor
+            .create_vm(VmType::Default)
+            .map_err(VmError::Create)?;
         let memory = Arc::new(
             MemoryManager::new(hv_vm.clone(), config.memory.size, config.memory.layout)
                 .map_err(VmError::Memory)?,
         );
-        let entry = boot::load(memory.guest_memory(), memory.ram_end(), &kernel).map_err(
-            |source| VmError::LoadKernel {
-                path: kernel_path,
-                source,
-            },
-        )?;
+        let entry =
+            boot::load(memory.guest_memory(), memory.ram_end(), &kernel).map_err(|source| {
+                VmError::LoadKernel {
+                    path: kernel_path,
+                    source,
+                }
+            })?;
 
         let conversions = Arc::new(ConversionPath::new(memory.clone(), monitor));
         let io_bus = Arc::new(Bus::new());
@@ -210,6 +213,23 @@ impl Vm {
 
     pub fn conversions(&self) -> &Arc<ConversionPath> {
         &self.conversions
+    }
+
+    pub fn counters(&self) -> serde_json::Value {
+        let regions: Vec<_> = self
+            .memory
+            .regions()
+            .iter()
+            .filter_map(|r| {
+                r.attributes
+                    .as_ref()
+                    .map(|a| json!({ "gpa": r.gpa, "size": r.size, "conversions": a.counters() }))
+            })
+            .collect();
+        json!({
+            "conversions": self.memory.conversion_totals(),
+            "regions": regions,
+        })
     }
 
     pub fn info(&self) -> serde_json::Value {

@@ -50,7 +50,7 @@ impl MemoryManager {
     /// Splits `gpa..gpa+size` over the guest_memfd regions, or says why not.
     fn route(&self, gpa: u64, size: u64) -> Result<Vec<(usize, u64, u64)>, ConversionFailure> {
         let invalid = ConversionFailure::Invalid { gpa, size };
-        if size == 0 || gpa % GRANULARITY != 0 || size % GRANULARITY != 0 {
+        if size == 0 || !gpa.is_multiple_of(GRANULARITY) || !size.is_multiple_of(GRANULARITY) {
             return Err(invalid);
         }
         let end = gpa.checked_add(size).ok_or(invalid)?;
@@ -89,7 +89,9 @@ impl MemoryManager {
             direction,
         } = request;
         let to_shared = direction == ConversionDirection::ToShared;
-        let routes = self.route(gpa, size).inspect_err(|_| self.record_rejected())?;
+        let routes = self
+            .route(gpa, size)
+            .inspect_err(|_| self.record_rejected())?;
 
         let mut pieces: Vec<Piece<'_>> = Vec::with_capacity(routes.len());
         for (region, offset, size) in routes {
@@ -105,11 +107,11 @@ impl MemoryManager {
             });
         }
 
-        if self.vm.supports_memory_attributes() {
-            if let Err(e) = self.vm.set_memory_attributes(gpa, size, !to_shared) {
-                pieces[0].state.record_failure();
-                return Err(ConversionFailure::Hypervisor(e));
-            }
+        if self.vm.supports_memory_attributes()
+            && let Err(e) = self.vm.set_memory_attributes(gpa, size, !to_shared)
+        {
+            pieces[0].state.record_failure();
+            return Err(ConversionFailure::Hypervisor(e));
         }
 
         if to_shared {
@@ -132,11 +134,16 @@ impl MemoryManager {
         let mut changed_pages = 0;
         for piece in &mut pieces {
             changed_pages += piece.state.commit(piece.range, to_shared);
-            self.regions[piece.region]
-                .backing
-                .discard_after_conversion(piece.offset, piece.size, to_shared);
+            self.regions[piece.region].backing.discard_after_conversion(
+                piece.offset,
+                piece.size,
+                to_shared,
+            );
         }
-        debug!("converted {gpa:#x}+{size:#x} to {}: {changed_pages} pages changed", direction.name());
+        debug!(
+            "converted {gpa:#x}+{size:#x} to {}: {changed_pages} pages changed",
+            direction.name()
+        );
         Ok(ConversionOutcome { changed_pages })
     }
 
@@ -149,7 +156,10 @@ impl MemoryManager {
         for piece in pieces {
             piece.state.for_each_run(piece.range, false, |s| {
                 if let Err(e) = self.vm.set_memory_attributes(s.gpa, s.size, true) {
-                    warn!("cannot restore private attribute of {:#x}+{:#x}: {e}", s.gpa, s.size);
+                    warn!(
+                        "cannot restore private attribute of {:#x}+{:#x}: {e}",
+                        s.gpa, s.size
+                    );
                 }
             });
         }

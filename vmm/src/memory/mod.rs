@@ -17,8 +17,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 pub use backing::{Backing, BackingError, MemoryLayout};
 pub use conversion::{ConversionFailure, ConversionOutcome};
 pub use ram_block_attribute::{
-    AttributeError, ConversionCounters, ListenerError, ListenerId, RamBlockAttribute,
-    RamDiscardListener, Section, GRANULARITY,
+    AttributeError, ConversionCounters, GRANULARITY, ListenerError, ListenerId, RamBlockAttribute,
+    RamDiscardListener, Section,
 };
 
 /// Start of the 32-bit MMIO hole; RAM above it continues at 4 GiB.
@@ -78,14 +78,17 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     if size <= MMIO_HOLE_START {
         vec![(0, size)]
     } else {
-        vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, size - MMIO_HOLE_START)]
+        vec![
+            (0, MMIO_HOLE_START),
+            (MMIO_HOLE_END, size - MMIO_HOLE_START),
+        ]
     }
 }
 
 impl MemoryManager {
     /// Creates the RAM of `size` bytes and registers it with the hypervisor.
     pub fn new(vm: Arc<dyn Vm>, size: u64, layout: MemoryLayout) -> Result<Self, MemoryError> {
-        if size % GRANULARITY != 0 {
+        if !size.is_multiple_of(GRANULARITY) {
             return Err(MemoryError::Unaligned(size));
         }
         if size < MIN_RAM {
@@ -126,7 +129,8 @@ impl MemoryManager {
                 attributes,
             });
         }
-        let guest_memory = GuestMemoryMmap::from_regions(mmaps).map_err(MemoryError::GuestMemory)?;
+        let guest_memory =
+            GuestMemoryMmap::from_regions(mmaps).map_err(MemoryError::GuestMemory)?;
         Ok(MemoryManager {
             vm,
             regions,
@@ -181,7 +185,12 @@ impl MemoryManager {
             failed: self.rejected.load(Ordering::Relaxed),
             ..Default::default()
         };
-        for c in self.regions.iter().filter_map(|r| r.attributes.as_ref()).map(|a| a.counters()) {
+        for c in self
+            .regions
+            .iter()
+            .filter_map(|r| r.attributes.as_ref())
+            .map(|a| a.counters())
+        {
             total.to_shared += c.to_shared;
             total.to_private += c.to_private;
             total.failed += c.failed;

@@ -232,7 +232,7 @@ impl AttributeState {
         if size == 0 {
             return Err(AttributeError::Empty(offset));
         }
-        if offset % GRANULARITY != 0 || size % GRANULARITY != 0 {
+        if !offset.is_multiple_of(GRANULARITY) || !size.is_multiple_of(GRANULARITY) {
             return Err(AttributeError::Unaligned { offset, size });
         }
         let end = offset
@@ -418,12 +418,14 @@ impl AttributeState {
             self.validate(offset, section.size)?
         };
         let mut done: Option<u64> = None;
-        let replay = self.bitmap.for_each_run(range.first, range.count, true, |first, count| {
-            let s = self.section_of(first, count);
-            listener.notify_populate(s).map_err(|e| (s, e))?;
-            done = Some(s.gpa);
-            Ok(())
-        });
+        let replay = self
+            .bitmap
+            .for_each_run(range.first, range.count, true, |first, count| {
+                let s = self.section_of(first, count);
+                listener.notify_populate(s).map_err(|e| (s, e))?;
+                done = Some(s.gpa);
+                Ok(())
+            });
         if let Err((failed, source)) = replay {
             if done.is_some() {
                 self.for_each_run(range, true, |s| {

@@ -27,7 +27,11 @@ pub struct SharedBitmap {
 
 /// Bits `from..to` (0..=64) of a word set.
 fn word_mask(from: u64, to: u64) -> u64 {
-    let high = if to >= WORD_BITS { u64::MAX } else { (1u64 << to) - 1 };
+    let high = if to >= WORD_BITS {
+        u64::MAX
+    } else {
+        (1u64 << to) - 1
+    };
     high & !((1u64 << from) - 1)
 }
 
@@ -157,7 +161,11 @@ impl SharedBitmap {
             let old = self.chunk_shared_count(index);
             let chunk = &mut self.chunks[index as usize];
             if from == 0 && to == len {
-                *chunk = if shared { Chunk::Shared } else { Chunk::Private };
+                *chunk = if shared {
+                    Chunk::Shared
+                } else {
+                    Chunk::Private
+                };
             } else {
                 Self::set_bits(chunk, from, to, shared, len);
             }
@@ -237,7 +245,10 @@ mod tests {
             vec![(CHUNK_PAGES - 70, 70), (CHUNK_PAGES + 1, 129)]
         );
         // Clipping.
-        assert_eq!(runs(&b, CHUNK_PAGES + 10, 5, true), vec![(CHUNK_PAGES + 10, 5)]);
+        assert_eq!(
+            runs(&b, CHUNK_PAGES + 10, 5, true),
+            vec![(CHUNK_PAGES + 10, 5)]
+        );
         assert_eq!(b.shared_pages(), 199);
     }
 

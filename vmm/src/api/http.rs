@@ -1,0 +1,358 @@
+//! The HTTP side of the API: tiny_http on a Unix socket, one named thread,
+//! request parsing and error bodies. tiny_http reads each connection on its
+//! own worker, so a client that connects and sends nothing (or hangs up
+//! mid-request) never blocks this thread or the VMM.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Sender, channel};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use serde_json::json;
+use tiny_http::{Header, Response, Server};
+
+use super::{ApiMessage, ApiRequest, ApiResponse, AttributeWindow, MAX_RANGES, Method, ROUTES};
+use crate::VmmEvent;
+
+pub const API_PREFIX: &str = "/api/v1/";
+/// Larger bodies are refused with 413 before being read.
+pub const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    #[error("API socket {0} is in use by another process")]
+    InUse(PathBuf),
+    #[error("cannot remove stale API socket {0}")]
+    RemoveStale(PathBuf, #[source] std::io::Error),
+    #[error("cannot listen on API socket {0}: {1}")]
+    Bind(PathBuf, String),
+    #[error("cannot restrict permissions of {0}")]
+    Permissions(PathBuf, #[source] std::io::Error),
+    #[error("cannot start the HTTP thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Why a request never reached the VMM.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HttpError {
+    NotFound(String),
+    MethodNotAllowed(String),
+    BadRequest(String),
+    PayloadTooLarge(usize),
+}
+
+impl HttpError {
+    fn status(&self) -> u16 {
+        match self {
+            HttpError::NotFound(_) => 404,
+            HttpError::MethodNotAllowed(_) => 405,
+            HttpError::BadRequest(_) => 400,
+            HttpError::PayloadTooLarge(_) => 413,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            HttpError::NotFound(p) => format!("no endpoint {p}"),
+            HttpError::MethodNotAllowed(p) => format!("method not allowed on {p}"),
+            HttpError::BadRequest(why) => format!("bad request: {why}"),
+            HttpError::PayloadTooLarge(n) => {
+                format!("body of {n} bytes exceeds the {MAX_BODY}-byte limit")
+            }
+        }
+    }
+}
+
+fn parse_number(key: &str, value: &str) -> Result<u64, HttpError> {
+    let parsed = match value.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => value.parse(),
+    };
+    parsed.map_err(|_| HttpError::BadRequest(format!("{key}={value:?} is not a number")))
+}
+
+fn parse_window(query: Option<&str>) -> Result<AttributeWindow, HttpError> {
+    let mut window = AttributeWindow::default();
+    let (mut gpa, mut size) = (None, None);
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| HttpError::BadRequest(format!("{pair:?} is not key=value")))?;
+        let n = parse_number(key, value)?;
+        let slot = match key {
+            "gpa" => &mut gpa,
+            "size" => &mut size,
+            "limit" => {
+                window.limit = usize::try_from(n)
+                    .ok()
+                    .filter(|l| (1..=MAX_RANGES).contains(l))
+                    .ok_or_else(|| {
+                        HttpError::BadRequest(format!("limit must be 1..={MAX_RANGES}"))
+                    })?;
+                continue;
+            }
+            _ => return Err(HttpError::BadRequest(format!("unknown parameter {key:?}"))),
+        };
+        if slot.replace(n).is_some() {
+            return Err(HttpError::BadRequest(format!("{key} given twice")));
+        }
+    }
+    match (gpa, size) {
+        (None, None) => {}
+        (Some(gpa), Some(size)) if size > 0 => {
+            gpa.checked_add(size)
+                .ok_or_else(|| HttpError::BadRequest("gpa+size overflows".into()))?;
+            window.gpa = gpa;
+            window.size = size;
+        }
+        (Some(_), Some(_)) => return Err(HttpError::BadRequest("size must not be 0".into())),
+        _ => return Err(HttpError::BadRequest("gpa and size go together".into())),
+    }
+    Ok(window)
+}
+
+/// Maps method + URL to a request. Pure, so the parser can be fuzzed.
+pub fn route(method: Method, url: &str) -> Result<ApiRequest, HttpError> {
+    let (path, query) = match url.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (url, None),
+    };
+    let endpoint = path
+        .strip_prefix(API_PREFIX)
+        .ok_or_else(|| HttpError::NotFound(path.to_string()))?;
+    if !ROUTES.iter().any(|(_, p)| *p == endpoint) {
+        return Err(HttpError::NotFound(path.to_string()));
+    }
+    if !ROUTES.contains(&(method, endpoint)) {
+        return Err(HttpError::MethodNotAllowed(path.to_string()));
+    }
+    if endpoint != "vm.memory-attributes" && query.is_some_and(|q| !q.is_empty()) {
+        return Err(HttpError::BadRequest(format!(
+            "{endpoint} takes no parameters"
+        )));
+    }
+    Ok(match endpoint {
+        "vmm.ping" => ApiRequest::VmmPing,
+        "vmm.shutdown" => ApiRequest::VmmShutdown,
+        "vm.info" => ApiRequest::VmInfo,
+        "vm.counters" => ApiRequest::VmCounters,
+        "vm.memory-attributes" => ApiRequest::VmMemoryAttributes(parse_window(query)?),
+        "vm.shutdown" => ApiRequest::VmShutdown,
+        _ => unreachable!("every route is matched above"),
+    })
+}
+
+pub struct ApiServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn bind(path: &Path) -> Result<Server, ApiServerError> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ApiServerError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| ApiServerError::RemoveStale(path.to_path_buf(), e))?;
+    }
+    // SAFETY: umask only changes this process's file-creation mask; it is
+    // restored right after the socket exists, before any other thread of the
+    // VMM creates files.
+    let old = unsafe { libc::umask(0o177) };
+    let server = Server::http_unix(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let server = server.map_err(|e| ApiServerError::Bind(path.to_path_buf(), e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| ApiServerError::Permissions(path.to_path_buf(), e))?;
+    Ok(server)
+}
+
+impl ApiServer {
+    pub fn start(path: &Path, to_vmm: Sender<VmmEvent>) -> Result<ApiServer, ApiServerError> {
+        let server = bind(path)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("http-server".into())
+            .spawn(move || serve(&server, &to_vmm, &thread_stop))
+            .map_err(ApiServerError::Thread)?;
+        info!("API listening on {}", path.display());
+        Ok(ApiServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Finishes the request in flight, stops listening and removes the socket.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn serve(server: &Server, to_vmm: &Sender<VmmEvent>, stop: &AtomicBool) {
+    while !stop.load(Ordering::Acquire) {
+        match server.recv_timeout(Duration::from_millis(50)) {
+            Ok(Some(request)) => handle(request, to_vmm),
+            Ok(None) => {}
+            Err(e) => warn!("API accept failed: {e}"),
+        }
+    }
+}
+
+fn json_response(status: u16, body: String) -> Response<std::io::Cursor<Vec<u8>>> {
+    let header = Header::from_bytes("Content-Type", "application/json").expect("static header");
+    Response::from_string(body)
+        .with_status_code(status)
+        .with_header(header)
+}
+
+fn error_body(message: &str) -> String {
+    json!({ "error": message }).to_string()
+}
+
+fn read_request(request: &mut tiny_http::Request) -> Result<ApiRequest, HttpError> {
+    let method = match request.method() {
+        tiny_http::Method::Get => Method::Get,
+        tiny_http::Method::Put => Method::Put,
+        _ => {
+            let url = request.url().to_string();
+            // Unknown paths are 404 whatever the method.
+            route(Method::Get, &url)?;
+            return Err(HttpError::MethodNotAllowed(url));
+        }
+    };
+    if let Some(len) = request.body_length()
+        && len > MAX_BODY
+    {
+        return Err(HttpError::PayloadTooLarge(len));
+    }
+    let mut body = Vec::new();
+    request
+        .as_reader()
+        .take(MAX_BODY as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| HttpError::BadRequest(format!("cannot read body: {e}")))?;
+    if body.len() > MAX_BODY {
+        return Err(HttpError::PayloadTooLarge(body.len()));
+    }
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .map_err(|e| HttpError::BadRequest(format!("body is not JSON: {e}")))?;
+    }
+    route(method, request.url())
+}
+
+fn handle(mut request: tiny_http::Request, to_vmm: &Sender<VmmEvent>) {
+    debug!("API {} {}", request.method(), request.url());
+    let response = match read_request(&mut request) {
+        Err(e) => json_response(e.status(), error_body(&e.message())),
+        Ok(api_request) => {
+            let (respond, answer) = channel::<ApiResponse>();
+            let sent = to_vmm.send(VmmEvent::Api(ApiMessage {
+                request: api_request,
+                respond,
+            }));
+            match (sent, answer.recv()) {
+                (Ok(()), Ok(Ok(Some(value)))) => json_response(200, value.to_string()),
+                (Ok(()), Ok(Ok(None))) => json_response(204, String::new()),
+                (Ok(()), Ok(Err(e))) => json_response(500, error_body(&crate::error_chain(&e))),
+                _ => json_response(503, error_body("the VMM is shutting down")),
+            }
+        }
+    };
+    if let Err(e) = request.respond(response) {
+        debug!("API client went away before the answer: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_every_endpoint() {
+        for (method, path) in ROUTES {
+            assert!(
+                route(*method, &format!("{API_PREFIX}{path}")).is_ok(),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_paths_and_wrong_methods() {
+        assert!(matches!(
+            route(Method::Get, "/api/v1/vm.nope"),
+            Err(HttpError::NotFound(_))
+        ));
+        assert!(matches!(
+            route(Method::Get, "/v1/vm.info"),
+            Err(HttpError::NotFound(_))
+        ));
+        assert!(matches!(
+            route(Method::Put, "/api/v1/vm.info"),
+            Err(HttpError::MethodNotAllowed(_))
+        ));
+        assert!(matches!(
+            route(Method::Get, "/api/v1/vm.shutdown"),
+            Err(HttpError::MethodNotAllowed(_))
+        ));
+    }
+
+    #[test]
+    fn window_queries() {
+        let w = |q: &str| route(Method::Get, &format!("/api/v1/vm.memory-attributes?{q}"));
+        assert_eq!(
+            w("gpa=0x1000000&size=4096").unwrap(),
+            ApiRequest::VmMemoryAttributes(AttributeWindow {
+                gpa: 0x100_0000,
+                size: 4096,
+                limit: MAX_RANGES
+            })
+        );
+        assert_eq!(
+            w("limit=2").unwrap(),
+            ApiRequest::VmMemoryAttributes(AttributeWindow {
+                limit: 2,
+                ..Default::default()
+            })
+        );
+        for bad in [
+            "gpa=1",
+            "size=1",
+            "gpa=x&size=1",
+            "gpa=1&size=0",
+            "gpa=1&gpa=2&size=1",
+            "gpa=18446744073709551615&size=2",
+            "colour=red",
+            "limit=0",
+            "limit=99999999",
+            "gpa",
+        ] {
+            assert!(matches!(w(bad), Err(HttpError::BadRequest(_))), "{bad}");
+        }
+        assert!(matches!(
+            route(Method::Get, "/api/v1/vm.info?x=1"),
+            Err(HttpError::BadRequest(_))
+        ));
+    }
+}

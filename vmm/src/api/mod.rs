@@ -1,0 +1,56 @@
+//! The REST API: an HTTP thread (`http.rs`) turns requests into typed
+//! `ApiRequest`s and sends them over a channel to the VMM thread, which
+//! answers on a per-request channel. Routes live in one table (`ROUTES`)
+//! that the OpenAPI test checks against `vmm/openapi/cloud-hypervisor.yaml`.
+
+pub mod http;
+mod memory_attributes;
+
+use std::sync::mpsc::Sender;
+
+use serde_json::Value;
+
+pub use memory_attributes::{AttributeWindow, MAX_RANGES, memory_attributes};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    VmmPing,
+    VmInfo,
+    VmCounters,
+    VmMemoryAttributes(AttributeWindow),
+    VmShutdown,
+    VmmShutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the VM is not running")]
+    VmNotRunning,
+    #[error("the VMM is shutting down")]
+    VmmGone,
+}
+
+/// `Ok(None)` means 204 No Content.
+pub type ApiResponse = Result<Option<Value>, ApiError>;
+
+/// A request and where its answer goes.
+pub struct ApiMessage {
+    pub request: ApiRequest,
+    pub respond: Sender<ApiResponse>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Put,
+}
+
+/// Every endpoint: method, path under /api/v1/.
+pub const ROUTES: &[(Method, &str)] = &[
+    (Method::Get, "vmm.ping"),
+    (Method::Put, "vmm.shutdown"),
+    (Method::Get, "vm.info"),
+    (Method::Get, "vm.counters"),
+    (Method::Get, "vm.memory-attributes"),
+    (Method::Put, "vm.shutdown"),
+];
