@@ -486,3 +486,7 @@ impl AttributeState {
         self.bitmap.heap_bytes()
     }
 }
+
+#[cfg(test)]
+#[path = "ram_block_attribute_tests.rs"]
+mod tests;

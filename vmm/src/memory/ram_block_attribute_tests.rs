@@ -1,0 +1,449 @@
+//! Tests of RamBlockAttribute: error cases, rollback, notification counts,
+//! scale, and a model-based property test against a plain `Vec<bool>`.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use proptest::prelude::*;
+
+use super::*;
+
+const PAGE: u64 = GRANULARITY;
+
+/// A listener that records its mapped pages, enforces that it is never
+/// told to map a mapped page or unmap an unmapped one, and can be told to
+/// refuse maps touching a given page.
+#[derive(Default)]
+struct Recorder {
+    mapped: Mutex<BTreeSet<u64>>,
+    populates: Mutex<Vec<Section>>,
+    discards: Mutex<Vec<Section>>,
+    refuse_page: Mutex<Option<u64>>,
+}
+
+impl Recorder {
+    fn refusing(gpa: u64) -> Arc<Self> {
+        let r = Recorder::default();
+        *r.refuse_page.lock().unwrap() = Some(gpa);
+        Arc::new(r)
+    }
+
+    fn mapped(&self) -> BTreeSet<u64> {
+        self.mapped.lock().unwrap().clone()
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        (
+            self.populates.lock().unwrap().len(),
+            self.discards.lock().unwrap().len(),
+        )
+    }
+}
+
+impl RamDiscardListener for Recorder {
+    fn notify_populate(&self, s: Section) -> Result<(), ListenerError> {
+        if let Some(bad) = *self.refuse_page.lock().unwrap()
+            && (s.gpa..s.end()).contains(&bad)
+        {
+            return Err(ListenerError(format!("refusing {bad:#x}")));
+        }
+        let mut mapped = self.mapped.lock().unwrap();
+        for p in (s.gpa..s.end()).step_by(PAGE as usize) {
+            assert!(mapped.insert(p), "page {p:#x} mapped twice");
+        }
+        self.populates.lock().unwrap().push(s);
+        Ok(())
+    }
+
+    fn notify_discard(&self, s: Section) {
+        let mut mapped = self.mapped.lock().unwrap();
+        for p in (s.gpa..s.end()).step_by(PAGE as usize) {
+            assert!(mapped.remove(&p), "page {p:#x} unmapped but not mapped");
+        }
+        self.discards.lock().unwrap().push(s);
+    }
+}
+
+fn shared_pages(rba: &RamBlockAttribute) -> BTreeSet<u64> {
+    let mut set = BTreeSet::new();
+    rba.replay_populated::<()>(0, rba.size(), |s| {
+        set.extend((s.gpa..s.end()).step_by(PAGE as usize));
+        Ok(())
+    })
+    .unwrap();
+    set
+}
+
+const BASE: u64 = 0x1_0000_0000;
+
+#[test]
+fn all_private_at_start() {
+    let rba = RamBlockAttribute::new(BASE, 64 * PAGE);
+    assert!(!rba.is_populated(0, PAGE).unwrap());
+    assert!(shared_pages(&rba).is_empty());
+    assert_eq!(rba.min_granularity(), 4096);
+}
+
+#[test]
+fn bad_ranges_are_typed_errors_and_change_nothing() {
+    let rba = RamBlockAttribute::new(BASE, 16 * PAGE);
+    rba.state_change(0, PAGE, true).unwrap();
+    let before = shared_pages(&rba);
+    assert!(matches!(
+        rba.state_change(0, 0, true),
+        Err(AttributeError::Empty(0))
+    ));
+    assert!(matches!(
+        rba.state_change(1, PAGE, true),
+        Err(AttributeError::Unaligned { .. })
+    ));
+    assert!(matches!(
+        rba.state_change(0, PAGE + 1, false),
+        Err(AttributeError::Unaligned { .. })
+    ));
+    assert!(matches!(
+        rba.state_change(u64::MAX - PAGE + 1, 2 * PAGE, true),
+        Err(AttributeError::Overflow { .. })
+    ));
+    assert!(matches!(
+        rba.state_change(15 * PAGE, 2 * PAGE, true),
+        Err(AttributeError::OutOfRegion { .. })
+    ));
+    assert_eq!(shared_pages(&rba), before);
+    assert_eq!(rba.counters().failed, 5);
+}
+
+#[test]
+fn mixed_range_notifies_one_run_per_change() {
+    let rba = RamBlockAttribute::new(BASE, 64 * PAGE);
+    let l = Arc::new(Recorder::default());
+    rba.register_listener(
+        l.clone(),
+        Section {
+            gpa: BASE,
+            size: 64 * PAGE,
+        },
+    )
+    .unwrap();
+    // Shared: pages 2..4 and 10..12; then the whole 0..16 to shared.
+    rba.state_change(2 * PAGE, 2 * PAGE, true).unwrap();
+    rba.state_change(10 * PAGE, 2 * PAGE, true).unwrap();
+    assert_eq!(l.counts(), (2, 0));
+    let changed = rba.state_change(0, 16 * PAGE, true).unwrap();
+    assert_eq!(changed, 12);
+    // Only the three private gaps were notified: 0..2, 4..10, 12..16.
+    assert_eq!(l.counts(), (5, 0));
+    assert_eq!(
+        l.populates.lock().unwrap()[2..],
+        [
+            Section {
+                gpa: BASE,
+                size: 2 * PAGE
+            },
+            Section {
+                gpa: BASE + 4 * PAGE,
+                size: 6 * PAGE
+            },
+            Section {
+                gpa: BASE + 12 * PAGE,
+                size: 4 * PAGE
+            },
+        ]
+    );
+    // Already shared: no notification at all.
+    assert_eq!(rba.state_change(0, 16 * PAGE, true).unwrap(), 0);
+    assert_eq!(l.counts(), (5, 0));
+    // To private over 0..32: one discard for the one shared run.
+    rba.state_change(0, 32 * PAGE, false).unwrap();
+    assert_eq!(l.counts(), (5, 1));
+    assert!(l.mapped().is_empty());
+}
+
+#[test]
+fn refused_populate_rolls_back_every_listener() {
+    let rba = RamBlockAttribute::new(BASE, 32 * PAGE);
+    let section = Section {
+        gpa: BASE,
+        size: 32 * PAGE,
+    };
+    let first = Arc::new(Recorder::default());
+    let second = Recorder::refusing(BASE + 9 * PAGE);
+    rba.register_listener(first.clone(), section).unwrap();
+    rba.register_listener(second.clone(), section).unwrap();
+    rba.state_change(4 * PAGE, 2 * PAGE, true).unwrap();
+    let shared_before = shared_pages(&rba);
+    let err = rba.state_change(0, 16 * PAGE, true).unwrap_err();
+    assert!(matches!(err, AttributeError::ListenerFailed { gpa, .. } if gpa == BASE + 6 * PAGE));
+    assert_eq!(shared_pages(&rba), shared_before, "state unchanged");
+    assert_eq!(first.mapped(), shared_before, "first listener rolled back");
+    assert_eq!(
+        second.mapped(),
+        shared_before,
+        "second listener rolled back"
+    );
+    assert_eq!(rba.counters().failed, 1);
+    assert_eq!(rba.counters().to_shared, 1);
+}
+
+#[test]
+fn listener_sections_clip_notifications() {
+    let rba = RamBlockAttribute::new(BASE, 32 * PAGE);
+    let l = Arc::new(Recorder::default());
+    rba.register_listener(
+        l.clone(),
+        Section {
+            gpa: BASE + 8 * PAGE,
+            size: 8 * PAGE,
+        },
+    )
+    .unwrap();
+    rba.state_change(0, 32 * PAGE, true).unwrap();
+    assert_eq!(l.mapped(), (8..16).map(|p| BASE + p * PAGE).collect());
+    assert_eq!(l.counts(), (1, 0));
+}
+
+#[test]
+fn register_replays_and_failed_register_leaves_nothing() {
+    let rba = RamBlockAttribute::new(BASE, 32 * PAGE);
+    rba.state_change(0, 4 * PAGE, true).unwrap();
+    rba.state_change(8 * PAGE, 4 * PAGE, true).unwrap();
+    rba.state_change(20 * PAGE, 4 * PAGE, true).unwrap();
+    let section = Section {
+        gpa: BASE,
+        size: 32 * PAGE,
+    };
+
+    let bad = Recorder::refusing(BASE + 21 * PAGE);
+    assert!(rba.register_listener(bad.clone(), section).is_err());
+    assert!(bad.mapped().is_empty(), "replayed runs were undone");
+    // Not registered: later conversions do not reach it.
+    rba.state_change(30 * PAGE, PAGE, true).unwrap();
+    assert!(bad.mapped().is_empty());
+
+    let good = Arc::new(Recorder::default());
+    let id = rba.register_listener(good.clone(), section).unwrap();
+    assert_eq!(good.mapped(), shared_pages(&rba));
+    assert_eq!(good.counts().0, 4, "one replay per run");
+    rba.unregister_listener(id).unwrap();
+    assert!(good.mapped().is_empty());
+    assert!(matches!(
+        rba.unregister_listener(id),
+        Err(AttributeError::UnknownListener(_))
+    ));
+    assert!(
+        rba.register_listener(
+            good,
+            Section {
+                gpa: BASE - PAGE,
+                size: PAGE
+            }
+        )
+        .is_err()
+    );
+}
+
+#[test]
+fn replay_is_clipped_and_stops_at_first_error() {
+    let rba = RamBlockAttribute::new(BASE, 32 * PAGE);
+    rba.state_change(0, 8 * PAGE, true).unwrap();
+    rba.state_change(16 * PAGE, 8 * PAGE, true).unwrap();
+    let mut seen = Vec::new();
+    rba.replay_populated::<()>(4 * PAGE, 16 * PAGE, |s| {
+        seen.push(s);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        seen,
+        [
+            Section {
+                gpa: BASE + 4 * PAGE,
+                size: 4 * PAGE
+            },
+            Section {
+                gpa: BASE + 16 * PAGE,
+                size: 4 * PAGE
+            },
+        ]
+    );
+    let mut calls = 0;
+    let r = rba.replay_discarded(0, 32 * PAGE, |_| {
+        calls += 1;
+        Err("stop")
+    });
+    assert!(matches!(r, Err(ReplayError::Callback("stop"))));
+    assert_eq!(calls, 1);
+}
+
+#[test]
+fn sixteen_tib_region() {
+    let size = 16u64 << 40;
+    let rba = RamBlockAttribute::new(0x1_0000_0000, size);
+    let l = Arc::new(Recorder::default());
+    rba.register_listener(
+        l.clone(),
+        Section {
+            gpa: 0x1_0000_0000,
+            size,
+        },
+    )
+    .unwrap();
+    rba.state_change(size - 2 * PAGE, 2 * PAGE, true).unwrap();
+    rba.state_change(size / 2, 1 << 30, true).unwrap();
+    assert_eq!(rba.shared_bytes(), (1 << 30) + 2 * PAGE);
+    assert!(rba.is_populated(size - 2 * PAGE, 2 * PAGE).unwrap());
+    assert_eq!(l.counts(), (2, 0));
+    assert!(
+        rba.lock().heap_bytes() < 4 << 20,
+        "sparse state for a sparse pattern"
+    );
+}
+
+#[test]
+fn one_tib_fragmented_state_stays_within_a_bitmap() {
+    let size = 1u64 << 40;
+    let rba = RamBlockAttribute::new(0, size);
+    // One shared page in every 128 MiB chunk: every chunk is mixed.
+    let chunk = 128u64 << 20;
+    for i in 0..size / chunk {
+        rba.state_change(i * chunk, PAGE, true).unwrap();
+    }
+    let bitmap = (size / PAGE / 8) as usize;
+    let used = rba.lock().heap_bytes();
+    assert!(used <= bitmap + bitmap / 200, "{used} vs {bitmap}");
+}
+
+/// Concurrent conversions from several threads keep state and listener in step.
+#[test]
+fn concurrent_conversions_are_atomic() {
+    let rba = Arc::new(RamBlockAttribute::new(0, 1024 * PAGE));
+    let l = Arc::new(Recorder::default());
+    rba.register_listener(
+        l.clone(),
+        Section {
+            gpa: 0,
+            size: 1024 * PAGE,
+        },
+    )
+    .unwrap();
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let rba = rba.clone();
+            std::thread::spawn(move || {
+                for i in 0..500u64 {
+                    let page = (i * 7 + t * 13) % 1000;
+                    rba.state_change(page * PAGE, (1 + i % 24) * PAGE, (i + t) % 3 != 0)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(l.mapped(), shared_pages(&rba));
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Change {
+        first: u64,
+        count: u64,
+        to_shared: bool,
+    },
+    Register {
+        listener: usize,
+        first: u64,
+        count: u64,
+    },
+    Unregister {
+        listener: usize,
+    },
+    Refuse {
+        listener: usize,
+        page: Option<u64>,
+    },
+}
+
+const MODEL_PAGES: u64 = 96;
+const LISTENERS: usize = 3;
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (0..MODEL_PAGES + 4, 0..24u64, any::<bool>())
+            .prop_map(|(first, count, to_shared)| Step::Change { first, count, to_shared }),
+        1 => (0..LISTENERS, 0..MODEL_PAGES, 1..MODEL_PAGES)
+            .prop_map(|(listener, first, count)| Step::Register { listener, first, count }),
+        1 => (0..LISTENERS).prop_map(|listener| Step::Unregister { listener }),
+        1 => (0..LISTENERS, proptest::option::of(0..MODEL_PAGES))
+            .prop_map(|(listener, page)| Step::Refuse { listener, page }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn matches_the_reference_model(steps in proptest::collection::vec(step(), 1..60)) {
+        let rba = RamBlockAttribute::new(BASE, MODEL_PAGES * PAGE);
+        let mut model = vec![false; MODEL_PAGES as usize];
+        let listeners: Vec<Arc<Recorder>> = (0..LISTENERS).map(|_| Arc::new(Recorder::default())).collect();
+        let mut registered: Vec<Option<(ListenerId, u64, u64)>> = vec![None; LISTENERS];
+        for step in steps {
+            match step {
+                Step::Change { first, count, to_shared } => {
+                    let in_range = count > 0 && first + count <= MODEL_PAGES;
+                    let refused = to_shared && in_range && registered.iter().enumerate().any(|(i, r)| {
+                        r.is_some_and(|(_, f, c)| {
+                            listeners[i].refuse_page.lock().unwrap().is_some_and(|bad| {
+                                let page = (bad - BASE) / PAGE;
+                                page >= f.max(first) && page < (f + c).min(first + count)
+                                    && !model[page as usize]
+                            })
+                        })
+                    });
+                    let result = rba.state_change(first * PAGE, count * PAGE, to_shared);
+                    prop_assert_eq!(result.is_ok(), in_range && !refused, "{:?}", result);
+                    if result.is_ok() {
+                        for p in first..first + count {
+                            model[p as usize] = to_shared;
+                        }
+                    }
+                }
+                Step::Register { listener, first, count } => {
+                    if registered[listener].is_none() {
+                        let count = count.min(MODEL_PAGES - first);
+                        let section = Section { gpa: BASE + first * PAGE, size: count * PAGE };
+                        if let Ok(id) = rba.register_listener(listeners[listener].clone(), section) {
+                            registered[listener] = Some((id, first, count));
+                        }
+                    }
+                }
+                Step::Unregister { listener } => {
+                    if let Some((id, _, _)) = registered[listener].take() {
+                        rba.unregister_listener(id).unwrap();
+                    }
+                }
+                Step::Refuse { listener, page } => {
+                    *listeners[listener].refuse_page.lock().unwrap() = page.map(|p| BASE + p * PAGE);
+                }
+            }
+            let expected: BTreeSet<u64> = (0..MODEL_PAGES)
+                .filter(|p| model[*p as usize])
+                .map(|p| BASE + p * PAGE)
+                .collect();
+            prop_assert_eq!(&shared_pages(&rba), &expected);
+            for (i, l) in listeners.iter().enumerate() {
+                let want: BTreeSet<u64> = match registered[i] {
+                    Some((_, f, c)) => expected
+                        .iter()
+                        .copied()
+                        .filter(|g| *g >= BASE + f * PAGE && *g < BASE + (f + c) * PAGE)
+                        .collect(),
+                    None => BTreeSet::new(),
+                };
+                prop_assert_eq!(&l.mapped(), &want, "listener {}", i);
+            }
+        }
+    }
+}
