@@ -200,3 +200,91 @@ pub fn run_vmm(args: &[&str]) -> (ExitStatus, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs `ch-remote --api-socket SOCKET ARGS...`: (success, stdout, stderr).
+pub fn ch_remote(socket: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(CH_REMOTE)
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// One raw HTTP/1.1 exchange over the socket: (status, body).
+pub fn raw_http(socket: &Path, request: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn get(socket: &Path, path: &str) -> (u16, String) {
+    raw_http(
+        socket,
+        &format!("GET /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// Waits until the API socket accepts connections.
+pub fn wait_for_socket(socket: &Path) {
+    let deadline = Instant::now() + TIMEOUT;
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "API socket {socket:?} never came up"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Shared ranges of `vm.memory-attributes` as (gpa, size) pairs over all regions.
+pub fn shared_ranges(answer: &serde_json::Value) -> Vec<(u64, u64)> {
+    answer["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["shared_ranges"].as_array().unwrap().clone())
+        .map(|r| (r["gpa"].as_u64().unwrap(), r["size"].as_u64().unwrap()))
+        .collect()
+}
+
+/// Expected maximal shared runs after applying conversion ops in order.
+pub fn model_shared_ranges(ops: &[(u64, u64, bool)]) -> Vec<(u64, u64)> {
+    let mut pages = std::collections::BTreeSet::new();
+    for (gpa, size, shared) in ops {
+        for p in (*gpa..gpa + size).step_by(4096) {
+            if *shared {
+                pages.insert(p);
+            } else {
+                pages.remove(&p);
+            }
+        }
+    }
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for p in pages {
+        match runs.last_mut() {
+            Some((g, s)) if *g + *s == p => *s += 4096,
+            _ => runs.push((p, 4096)),
+        }
+    }
+    runs
+}

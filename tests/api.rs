@@ -1,0 +1,307 @@
+//! The REST API and ch-remote against a running VMM on real KVM.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+
+use common::*;
+use serde_json::Value;
+
+const OPS: &str = "shared@0x1000000+64K,private@0x1004000+8K,shared@0x2000000+4K,\
+                   shared@0x2001000+4K,private@0x3000000+4K,shared@0x1fff000+4K";
+
+fn expected() -> Vec<(u64, u64)> {
+    model_shared_ranges(&[
+        (0x100_0000, 0x1_0000, true),
+        (0x100_4000, 0x2000, false),
+        (0x200_0000, 0x1000, true),
+        (0x200_1000, 0x1000, true),
+        (0x300_0000, 0x1000, false),
+        (0x1ff_f000, 0x1000, true),
+    ])
+}
+
+fn boot(dir: &TempDir, lists: &[&str], extra: &[&str]) -> (GuestVmm, std::path::PathBuf) {
+    let guest = memconv_guest(dir, lists, false);
+    let socket = dir.path("api.sock");
+    let mut args = vec!["--memory", "size=512M,guest_memfd=on", "--api-socket"];
+    let socket_arg = socket.to_str().unwrap().to_string();
+    args.push(&socket_arg);
+    args.extend_from_slice(extra);
+    let vmm = GuestVmm::spawn(&guest, &args);
+    wait_for_socket(&socket);
+    (vmm, socket)
+}
+
+#[test]
+fn shared_ranges_match_the_guests_ops() {
+    if !kvm_available("shared_ranges_match_the_guests_ops") {
+        return;
+    }
+    let dir = TempDir::new("api-ranges");
+    let (mut vmm, socket) = boot(&dir, &[OPS], &[]);
+    assert_eq!(
+        vmm.wait_for_line("memconv: done"),
+        "memconv: done 6 ok 0 failed"
+    );
+
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "owner-only socket");
+
+    let (ok, out, err) = ch_remote(&socket, &["memory-attributes"]);
+    assert!(ok, "{err}");
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["granularity"], 4096);
+    assert_eq!(shared_ranges(&answer), expected());
+    let region = &answer["regions"][0];
+    assert_eq!(region["guest_memfd"], true);
+    let shared: u64 = expected().iter().map(|r| r.1).sum();
+    assert_eq!(region["shared_bytes"].as_u64().unwrap(), shared);
+    assert_eq!(
+        region["private_bytes"].as_u64().unwrap(),
+        (512 << 20) - shared
+    );
+    assert_eq!(answer["conversions"]["to_shared"], 4);
+    assert_eq!(answer["conversions"]["to_private"], 2);
+    assert_eq!(answer["conversions"]["failed"], 0);
+
+    // The same through a raw HTTP client.
+    let (status, body) = get(&socket, "vm.memory-attributes");
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), answer);
+
+    // A window clips ranges at both ends.
+    let (ok, out, _) = ch_remote(
+        &socket,
+        &[
+            "memory-attributes",
+            "--gpa",
+            "0x1002000",
+            "--size",
+            "0x1000",
+        ],
+    );
+    assert!(ok);
+    let clipped: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shared_ranges(&clipped), [(0x100_2000, 0x1000)]);
+    let (_, body) = get(&socket, "vm.memory-attributes?gpa=0x1003000&size=0x1000000");
+    let clipped: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        shared_ranges(&clipped),
+        [
+            (0x100_3000, 0x1000),
+            (0x100_6000, 0xa000),
+            (0x1ff_f000, 0x3000)
+        ]
+    );
+
+    // A limit truncates with a continuation marker.
+    let (_, body) = get(&socket, "vm.memory-attributes?limit=2");
+    let page: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(shared_ranges(&page).len(), 2);
+    assert_eq!(page["truncated"], true);
+    assert_eq!(page["next_gpa"], 0x1ff_f000);
+
+    for (cmd, key) in [
+        ("ping", "version"),
+        ("info", "config"),
+        ("counters", "conversions"),
+    ] {
+        let (ok, out, err) = ch_remote(&socket, &[cmd]);
+        assert!(ok, "{cmd}: {err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert!(v.get(key).is_some(), "{cmd}: {out}");
+    }
+    let (_, info, _) = ch_remote(&socket, &["info"]);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["memory"]["regions"][0]["backing"], "guest_memfd");
+    assert_eq!(info["state"], "Running");
+
+    let (ok, _, err) = ch_remote(&socket, &["shutdown"]);
+    assert!(ok, "{err}");
+    assert!(vmm.wait_exit(TIMEOUT).success());
+    assert!(!socket.exists(), "socket removed on exit");
+}
+
+#[test]
+fn four_vcpus_convert_concurrently() {
+    if !kvm_available("four_vcpus_convert_concurrently") {
+        return;
+    }
+    let dir = TempDir::new("api-smp");
+    let lists = [
+        "shared@0x1000000+1M,private@0x1010000+64K",
+        "shared@0x2000000+1M,private@0x2000000+4K",
+        "shared@0x3000000+2M",
+        "shared@0x4000000+4K,shared@0x4002000+4K,shared@0x4001000+4K",
+    ];
+    let (vmm, socket) = boot(&dir, &lists, &["--cpus", "boot=4"]);
+    assert_eq!(
+        vmm.wait_for_line("memconv: done"),
+        "memconv: done 8 ok 0 failed"
+    );
+    let (_, body) = get(&socket, "vm.memory-attributes");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        shared_ranges(&answer),
+        model_shared_ranges(&[
+            (0x100_0000, 0x10_0000, true),
+            (0x101_0000, 0x1_0000, false),
+            (0x200_0000, 0x10_0000, true),
+            (0x200_0000, 0x1000, false),
+            (0x300_0000, 0x20_0000, true),
+            (0x400_0000, 0x3000, true),
+        ])
+    );
+    for cpu in 0..4 {
+        assert!(
+            vmm.console()
+                .iter()
+                .any(|l| l.starts_with(&format!("memconv: cpu{cpu} op"))),
+            "vCPU {cpu} ran its ops"
+        );
+    }
+}
+
+#[test]
+fn bad_requests_get_json_errors_and_leave_state_alone() {
+    if !kvm_available("bad_requests_get_json_errors_and_leave_state_alone") {
+        return;
+    }
+    let dir = TempDir::new("api-bad");
+    let (mut vmm, socket) = boot(&dir, &[OPS], &[]);
+    vmm.wait_for_line("memconv: done");
+    let (_, before) = get(&socket, "vm.memory-attributes");
+
+    // A client that connects and says nothing must not block anyone.
+    let _silent = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    // Nor one that hangs up mid-request.
+    {
+        use std::io::Write;
+        let mut half = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        half.write_all(b"GET /api/v1/vm.in").unwrap();
+    }
+
+    let cases = [
+        (
+            "GET /api/v1/vm.nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            404,
+        ),
+        (
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            404,
+        ),
+        (
+            "PUT /api/v1/vm.info HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            405,
+        ),
+        (
+            "DELETE /api/v1/vm.info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            405,
+        ),
+        (
+            "GET /api/v1/vm.memory-attributes?gpa=zz&size=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            400,
+        ),
+        (
+            "GET /api/v1/vm.memory-attributes?gpa=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            400,
+        ),
+        (
+            "PUT /api/v1/vm.shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{oops",
+            400,
+        ),
+        (
+            "PUT /api/v1/vm.shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\nConnection: close\r\n\r\n",
+            413,
+        ),
+    ];
+    for (request, status) in cases {
+        let (got, body) = raw_http(&socket, request);
+        assert_eq!(got, status, "{request:?}: {body}");
+        let v: Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("JSON error body: {body:?}"));
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+    }
+    let (_, after) = get(&socket, "vm.memory-attributes");
+    assert_eq!(before, after);
+    assert!(vmm.is_running(), "bad requests never shut the VMM down");
+
+    // ch-remote reports server errors with a non-zero exit.
+    let (ok, _, err) = ch_remote(&socket, &["memory-attributes", "--gpa", "1", "--size", "0"]);
+    assert!(!ok);
+    assert!(
+        err.contains("400") && err.contains("size must not be 0"),
+        "{err}"
+    );
+
+    // A second VMM refuses the socket in use.
+    let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], true);
+    let (status, _, stderr) = run_vmm(&[
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ]);
+    assert!(!status.success());
+    assert!(stderr.contains("is in use"), "{stderr}");
+    assert!(socket.exists(), "the first VMM keeps its socket");
+
+    let (ok, _, _) = ch_remote(&socket, &["shutdown-vmm"]);
+    assert!(ok);
+    assert!(vmm.wait_exit(TIMEOUT).success());
+    assert!(!socket.exists());
+    let (ok, _, err) = ch_remote(&socket, &["ping"]);
+    assert!(!ok && err.contains("cannot connect"), "{err}");
+}
+
+#[test]
+fn event_monitor_streams_boot_conversions_and_shutdown() {
+    if !kvm_available("event_monitor_streams_boot_conversions_and_shutdown") {
+        return;
+    }
+    let dir = TempDir::new("events");
+    let events = dir.path("events.jsonl");
+    let monitor = format!("path={}", events.display());
+    let guest = memconv_guest(
+        &dir,
+        &["shared@0x1000000+8K,private@0x1000000+4K,shared@0x1001+4K"],
+        true,
+    );
+    let mut vmm = GuestVmm::spawn(
+        &guest,
+        &[
+            "--memory",
+            "size=64M,guest_memfd=on",
+            "--event-monitor",
+            &monitor,
+        ],
+    );
+    assert!(vmm.wait_exit(TIMEOUT).success());
+    let lines: Vec<Value> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = lines.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "booted",
+            "conversion",
+            "conversion",
+            "conversion",
+            "shutdown"
+        ]
+    );
+    let c = &lines[1]["properties"];
+    assert_eq!(
+        (c["gpa"].as_u64(), c["size"].as_u64()),
+        (Some(0x100_0000), Some(0x2000))
+    );
+    assert_eq!(c["direction"], "shared");
+    assert_eq!(c["result"], "ok");
+    assert!(c["duration_us"].as_u64().is_some());
+    assert_eq!(lines[2]["properties"]["direction"], "private");
+    assert_eq!(lines[3]["properties"]["result"], "error");
+}
