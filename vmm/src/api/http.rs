@@ -356,3 +356,49 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod openapi_tests {
+    use super::*;
+
+    const SPEC: &str = include_str!("../../openapi/cloud-hypervisor.yaml");
+
+    /// (method, endpoint) pairs declared under `paths:` of the spec.
+    fn spec_routes() -> Vec<(Method, String)> {
+        let mut routes = Vec::new();
+        let mut path = None;
+        for line in SPEC.lines() {
+            if let Some(p) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
+                path = Some(p.to_string());
+            } else if !line.starts_with("    ") && !line.starts_with("  /") {
+                path = None;
+            }
+            let method = match line.trim_end() {
+                "    get:" => Method::Get,
+                "    put:" => Method::Put,
+                _ => continue,
+            };
+            routes.push((method, path.clone().expect("method under a path")));
+        }
+        routes
+    }
+
+    #[test]
+    fn every_route_is_in_the_spec_and_back() {
+        let spec = spec_routes();
+        assert!(!spec.is_empty());
+        for (method, path) in ROUTES {
+            assert!(
+                spec.contains(&(*method, path.to_string())),
+                "{method:?} {path} missing from the OpenAPI spec"
+            );
+        }
+        for (method, path) in &spec {
+            assert!(
+                ROUTES.contains(&(*method, path.as_str())),
+                "{method:?} {path} not routed"
+            );
+        }
+        assert_eq!(spec.len(), ROUTES.len());
+    }
+}
