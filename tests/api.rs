@@ -305,3 +305,47 @@ fn event_monitor_streams_boot_conversions_and_shutdown() {
     assert_eq!(lines[2]["properties"]["direction"], "private");
     assert_eq!(lines[3]["properties"]["result"], "error");
 }
+
+#[test]
+fn ram_above_the_mmio_hole_and_hole_spanning_requests() {
+    if !kvm_available("ram_above_the_mmio_hole_and_hole_spanning_requests") {
+        return;
+    }
+    let dir = TempDir::new("api-hole");
+    let guest = memconv_guest(
+        &dir,
+        &["shared@0xbfffe000+4K,shared@0xbffff000+8K,shared@0x100000000+8K"],
+        false,
+    );
+    let socket = dir.path("api.sock");
+    let vmm = GuestVmm::spawn(
+        &guest,
+        &[
+            "--memory",
+            "size=4G,guest_memfd=on",
+            "--api-socket",
+            socket.to_str().unwrap(),
+        ],
+    );
+    wait_for_socket(&socket);
+    assert_eq!(
+        vmm.wait_for_line("memconv: done"),
+        "memconv: done 2 ok 1 failed"
+    );
+    assert!(
+        vmm.console()[1].ends_with("status=out-of-range"),
+        "{:?}",
+        vmm.console()
+    );
+    let (_, body) = get(&socket, "vm.memory-attributes");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    let regions = answer["regions"].as_array().unwrap();
+    assert_eq!(regions.len(), 2);
+    assert_eq!(regions[1]["gpa"], 0x1_0000_0000u64);
+    // The refused request that spans the hole changed nothing in region 0.
+    assert_eq!(
+        shared_ranges(&answer),
+        [(0xbfff_e000, 0x1000), (0x1_0000_0000, 0x2000)]
+    );
+    assert_eq!(answer["conversions"]["failed"], 1);
+}

@@ -49,8 +49,9 @@ pub enum DoorbellStatus {
 }
 
 /// The VMM side of the doorbell: runs a conversion and says how it went.
+/// `bank` is the doorbell bank used, which by convention is the vCPU index.
 pub trait ConversionHandler: Send + Sync {
-    fn convert(&self, conversion: MemoryConversion) -> DoorbellStatus;
+    fn convert(&self, conversion: MemoryConversion, bank: u8) -> DoorbellStatus;
 }
 
 #[derive(Clone, Copy)]
@@ -144,7 +145,7 @@ impl BusDevice for ConversionDoorbell {
             REG_SIZE_HI => set_half(&mut b.size, true, value),
             REG_COMMAND => {
                 b.status = match Self::decode_command(b.gpa, b.size, value) {
-                    Some(conversion) => self.handler.convert(conversion),
+                    Some(conversion) => self.handler.convert(conversion, bank as u8),
                     None => DoorbellStatus::BadCommand,
                 };
             }
@@ -161,7 +162,7 @@ mod tests {
     #[derive(Default)]
     struct Recorder(Mutex<Vec<MemoryConversion>>);
     impl ConversionHandler for Recorder {
-        fn convert(&self, conversion: MemoryConversion) -> DoorbellStatus {
+        fn convert(&self, conversion: MemoryConversion, _bank: u8) -> DoorbellStatus {
             self.0.lock().unwrap().push(conversion);
             if conversion.size == 0 {
                 DoorbellStatus::Invalid

@@ -61,12 +61,10 @@ pub fn doorbell_status(result: &Result<ConversionOutcome, ConversionFailure>) ->
     }
 }
 
-/// The doorbell has no vCPU index on its path; it reports the conversions as
-/// coming from the doorbell (index 255 in logs).
 pub struct DoorbellHandler(pub Arc<ConversionPath>);
 
 impl ConversionHandler for DoorbellHandler {
-    fn convert(&self, conversion: MemoryConversion) -> DoorbellStatus {
-        doorbell_status(&self.0.convert(conversion, u8::MAX))
+    fn convert(&self, conversion: MemoryConversion, bank: u8) -> DoorbellStatus {
+        doorbell_status(&self.0.convert(conversion, bank))
     }
 }

@@ -295,22 +295,16 @@ impl AttributeState {
             })
     }
 
-    /// Discards, for listeners `..upto`, every private run of `range`, and for
-    /// listener `upto` the runs before `stop_at` (the run that failed).
-    fn roll_back_populate(&self, range: PageRange, upto: usize, stop_at: Option<u64>) {
-        for (index, reg) in self.listeners.iter().enumerate().take(upto + 1) {
-            let limit = if index == upto { stop_at } else { None };
-            if index == upto && limit.is_none() {
-                break;
+    /// Takes back from `reg` the private runs of `range` it was told to map:
+    /// all of them, or only those before `stop_at` (the run it refused).
+    fn discard_populated(&self, range: PageRange, reg: &Registered, stop_at: Option<u64>) {
+        let _ = self.runs_for(range, &reg.section, false, |s| {
+            if stop_at.is_some_and(|limit| s.gpa >= limit) {
+                return Err(());
             }
-            let _ = self.runs_for(range, &reg.section, false, |s| {
-                if limit.is_some_and(|l| s.gpa >= l) {
-                    return Err(());
-                }
-                reg.listener.notify_discard(s);
-                Ok(())
-            });
-        }
+            reg.listener.notify_discard(s);
+            Ok(())
+        });
     }
 
     /// Phase 1 of a to-shared change: tells every listener about the private
@@ -321,7 +315,10 @@ impl AttributeState {
             if let Err((failed, source)) = self.runs_for(range, &reg.section, false, |s| {
                 reg.listener.notify_populate(s)
             }) {
-                self.roll_back_populate(range, index, Some(failed.gpa));
+                for earlier in &self.listeners[..index] {
+                    self.discard_populated(range, earlier, None);
+                }
+                self.discard_populated(range, reg, Some(failed.gpa));
                 return Err(AttributeError::ListenerFailed {
                     gpa: failed.gpa,
                     size: failed.size,
@@ -334,8 +331,8 @@ impl AttributeState {
 
     /// Undoes a successful `notify_populate` of `range` (bitmap unchanged since).
     pub fn undo_populate(&self, range: PageRange) {
-        if let Some(last) = self.listeners.len().checked_sub(1) {
-            self.roll_back_populate(range, last + 1, None);
+        for reg in &self.listeners {
+            self.discard_populated(range, reg, None);
         }
     }
 
