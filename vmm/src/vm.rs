@@ -68,7 +68,6 @@ pub enum VmState {
 pub struct Vm {
     config: VmConfig,
     memory: Arc<MemoryManager>,
-    conversions: Arc<ConversionPath>,
     stop: Arc<AtomicBool>,
     vcpus: Vec<VcpuHandle>,
     state: VmState,
@@ -167,7 +166,6 @@ impl Vm {
         let mut vm = Vm {
             config,
             memory,
-            conversions,
             stop,
             vcpus: Vec::new(),
             state: VmState::Running,
@@ -209,10 +207,6 @@ impl Vm {
 
     pub fn memory(&self) -> &Arc<MemoryManager> {
         &self.memory
-    }
-
-    pub fn conversions(&self) -> &Arc<ConversionPath> {
-        &self.conversions
     }
 
     pub fn counters(&self) -> serde_json::Value {

@@ -68,7 +68,6 @@ pub struct MemoryManager {
     vm: Arc<dyn Vm>,
     regions: Vec<RamRegion>,
     guest_memory: GuestMemoryMmap,
-    layout: MemoryLayout,
     /// Requests refused before reaching a region (invalid or outside RAM).
     rejected: AtomicU64,
 }
@@ -135,7 +134,6 @@ impl MemoryManager {
             vm,
             regions,
             guest_memory,
-            layout,
             rejected: AtomicU64::new(0),
         })
     }
@@ -146,10 +144,6 @@ impl MemoryManager {
 
     pub fn regions(&self) -> &[RamRegion] {
         &self.regions
-    }
-
-    pub fn layout(&self) -> MemoryLayout {
-        self.layout
     }
 
     /// Size of the RAM that starts at GPA 0.
