@@ -102,7 +102,6 @@ pub fn run(options: VmmOptions) -> Result<i32, VmmError> {
         .map_err(VmmError::Api)?;
     let mut vm = Vm::boot(options.vm, &hypervisor, events_tx.clone(), monitor.clone())
         .map_err(VmmError::Vm)?;
-    monitor.emit("vm", "booted", vm.info());
     let code = control_loop(&events_rx, &mut vm);
     vm.shutdown();
     // Joining the HTTP thread lets a pending shutdown answer reach its client.

@@ -117,7 +117,7 @@ impl Vm {
                 }
             })?;
 
-        let conversions = Arc::new(ConversionPath::new(memory.clone(), monitor));
+        let conversions = Arc::new(ConversionPath::new(memory.clone(), monitor.clone()));
         let io_bus = Arc::new(Bus::new());
         io_bus
             .insert(
@@ -170,6 +170,8 @@ impl Vm {
             vcpus: Vec::new(),
             state: VmState::Running,
         };
+        // Announced before any vCPU runs, so no conversion event precedes it.
+        monitor.emit("vm", "booted", vm.info());
         for (index, vcpu) in created.into_iter().enumerate() {
             match vcpu::start(index as u8, vcpu, ctx.clone()) {
                 Ok(handle) => vm.vcpus.push(handle),
