@@ -12,15 +12,15 @@ fn memconv_guest_reports_every_op_on_guest_memfd() {
     let dir = TempDir::new("boot");
     let guest = memconv_guest(
         &dir,
-        &["shared@0x1000000+16K,private@0x1001000+4K,write@0x1000000+64=0x5a"],
+        &["shared@0x1000000+16K,private@0x1001000+4K,write@0x1000000+64=0x5a,nop@0+0"],
         false,
     );
     let vmm = GuestVmm::spawn(&guest, &["--memory", "size=512M,guest_memfd=on", "-v"]);
     let done = vmm.wait_for_line("memconv: done");
-    assert_eq!(done, "memconv: done 3 ok 0 failed");
+    assert_eq!(done, "memconv: done 4 ok 0 failed");
     let console = vmm.console();
     let ops: Vec<_> = console.iter().filter(|l| l.contains(" op ")).collect();
-    assert_eq!(ops.len(), 3, "one line per op: {console:#?}");
+    assert_eq!(ops.len(), 4, "one line per op: {console:#?}");
     assert_eq!(
         ops[0],
         "memconv: cpu0 op 0 shared gpa=0x1000000 size=0x4000 status=ok"
@@ -33,6 +33,7 @@ fn memconv_guest_reports_every_op_on_guest_memfd() {
         ops[2],
         "memconv: cpu0 op 2 write gpa=0x1000000 size=0x40 value=0x5a status=ok"
     );
+    assert_eq!(ops[3], "memconv: cpu0 op 3 nop gpa=0x0 size=0x0 status=ok");
     let log = vmm.stderr();
     assert!(
         log.contains("backed by guest_memfd"),

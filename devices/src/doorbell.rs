@@ -10,7 +10,7 @@
 //! | 0x04   | GPA_HI  | W/R    | guest physical address, bits 63:32        |
 //! | 0x08   | SIZE_LO | W/R    | size in bytes, bits 31:0                  |
 //! | 0x0c   | SIZE_HI | W/R    | size in bytes, bits 63:32                 |
-//! | 0x10   | COMMAND | W      | 1 = to shared, 2 = to private; runs it    |
+//! | 0x10   | COMMAND | W      | 0 = no-op, 1 = to shared, 2 = to private  |
 //! | 0x14   | STATUS  | R      | `DoorbellStatus` of the last command      |
 
 use std::sync::Mutex;
@@ -27,6 +27,9 @@ pub const REG_SIZE_HI: u64 = 0x0c;
 pub const REG_COMMAND: u64 = 0x10;
 pub const REG_STATUS: u64 = 0x14;
 
+/// Completes with `Ok` without converting anything: lets a guest probe the
+/// doorbell and measure the bare round trip.
+pub const COMMAND_NOP: u32 = 0;
 pub const COMMAND_TO_SHARED: u32 = 1;
 pub const COMMAND_TO_PRIVATE: u32 = 2;
 
@@ -146,6 +149,7 @@ impl BusDevice for ConversionDoorbell {
             REG_COMMAND => {
                 b.status = match Self::decode_command(b.gpa, b.size, value) {
                     Some(conversion) => self.handler.convert(conversion, bank as u8),
+                    None if value == COMMAND_NOP => DoorbellStatus::Ok,
                     None => DoorbellStatus::BadCommand,
                 };
             }
@@ -232,6 +236,14 @@ mod tests {
         );
         write32(&d, DOORBELL_BANK_SIZE + REG_COMMAND, COMMAND_TO_SHARED);
         assert_eq!(read32(&d, DOORBELL_BANK_SIZE + REG_STATUS), u32::MAX);
+        assert!(rec.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn nop_succeeds_without_a_conversion() {
+        let rec = Arc::new(Recorder::default());
+        let d = ConversionDoorbell::new(1, rec.clone());
+        assert_eq!(request(&d, 0, 0, 0, COMMAND_NOP), DoorbellStatus::Ok as u32);
         assert!(rec.0.lock().unwrap().is_empty());
     }
 }

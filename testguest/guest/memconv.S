@@ -1,7 +1,8 @@
 /*
  * memconv: a tiny 64-bit ring-0 test guest. It walks the op table that
  * ch-testguest appends to this image, asks the conversion doorbell to
- * convert ranges (or fills memory itself), and prints one line per op.
+ * convert ranges (or fills memory itself), and prints one line per op
+ * (only the summary line when the table's QUIET flag is set).
  *
  * Entry state (set up by the VMM, see docs/test-guest.md):
  *   long mode, identity-mapped page tables, interrupts off,
@@ -23,8 +24,9 @@
     .set STATUS_OUT_OF_RANGE, 2
     .set GUEST_FLOOR, 0x1000000
     .set FLAG_POWEROFF, 1
+    .set FLAG_QUIET, 2
     .set STATUS_NAMES, 7
-    .set KIND_NAMES, 4
+    .set KIND_NAMES, 5      /* nop, shared, private, write, unknown */
 
     .section .text
     .globl _start
@@ -110,13 +112,15 @@ do_write:
     xor eax, eax
 
 op_result:
-    push rax
     test eax, eax
     jnz 1f
     inc r13
     jmp 2f
 1:  inc r14
-2:  call console_lock
+2:  test qword ptr [rip + optable + 8], FLAG_QUIET
+    jnz op_next
+    push rax
+    call console_lock
     lea rsi, [rip + s_cpu]
     call puts
     mov rax, rbp
@@ -128,9 +132,9 @@ op_result:
     mov al, ' '
     call putc
     mov rax, [rbx]
-    cmp rax, KIND_NAMES
+    cmp rax, KIND_NAMES - 1
     jb 3f
-    xor eax, eax
+    mov eax, KIND_NAMES - 1
 3:  lea rsi, [rip + kind_names]
     mov rsi, [rsi + rax * 8]
     call puts
@@ -166,6 +170,7 @@ op_result:
     call putc
     call console_unlock
 
+op_next:
     add rbx, 32
     dec r12
     inc r10
@@ -296,6 +301,7 @@ s_done:       .asciz "memconv: done "
 s_ok:         .asciz " ok "
 s_failed:     .asciz " failed\n"
 s_bad_table:  .asciz "memconv: bad op table\n"
+k_nop:        .asciz "nop"
 k_unknown:    .asciz "unknown"
 k_shared:     .asciz "shared"
 k_private:    .asciz "private"
@@ -309,7 +315,7 @@ st_command:   .asciz "bad-command"
 st_busy:      .asciz "busy"
 
     .balign 8
-kind_names:   .quad k_unknown, k_shared, k_private, k_write
+kind_names:   .quad k_nop, k_shared, k_private, k_write, k_unknown
 status_names: .quad st_ok, st_invalid, st_range, st_listener, st_hv, st_command, st_busy
 console_busy: .quad 0
 expected_cpus: .quad 0

@@ -15,27 +15,39 @@ pub const MEMCONV_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memco
 
 const TABLE_MAGIC: &[u8; 8] = b"MEMCONV1";
 const FLAG_POWEROFF: u64 = 1;
+const FLAG_QUIET: u64 = 2;
 const OP_BYTES: usize = 32;
 
+/// How a `memconv` guest behaves around its ops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemconvOptions {
+    /// Power the VM off after the summary line instead of idling.
+    pub poweroff: bool,
+    /// Print only the summary line, not one line per op: console output costs
+    /// far more than a doorbell round trip, so benchmarks need it off.
+    pub quiet: bool,
+}
+
+impl MemconvOptions {
+    fn flags(self) -> u64 {
+        (if self.poweroff { FLAG_POWEROFF } else { 0 }) | (if self.quiet { FLAG_QUIET } else { 0 })
+    }
+}
+
 /// Builds a `memconv` guest ELF: the interpreter followed by its op table.
-/// `lists[i]` is run by vCPU i; `poweroff` ends the VM after the summary line
-/// instead of idling.
-pub fn memconv_elf(lists: &[Vec<Op>], poweroff: bool) -> Vec<u8> {
+/// `lists[i]` is run by vCPU i.
+pub fn memconv_elf(lists: &[Vec<Op>], options: MemconvOptions) -> Vec<u8> {
     let mut image = MEMCONV_IMAGE.to_vec();
     debug_assert_eq!(image.len() % 8, 0, "op table must be 8-byte aligned");
-    image.extend_from_slice(&op_table(lists, poweroff));
+    image.extend_from_slice(&op_table(lists, options.flags()));
     wrap_flat_image(&image)
 }
 
 /// Table layout (little-endian u64s): magic, flags, list count, then one
 /// (offset from table start, op count) pair per list, then the ops as
 /// (kind, gpa, size, value).
-fn op_table(lists: &[Vec<Op>], poweroff: bool) -> Vec<u8> {
-    let mut words: Vec<u64> = vec![
-        u64::from_le_bytes(*TABLE_MAGIC),
-        if poweroff { FLAG_POWEROFF } else { 0 },
-        lists.len() as u64,
-    ];
+fn op_table(lists: &[Vec<Op>], flags: u64) -> Vec<u8> {
+    let mut words: Vec<u64> = vec![u64::from_le_bytes(*TABLE_MAGIC), flags, lists.len() as u64];
     let mut offset = (3 + 2 * lists.len()) as u64 * 8;
     for list in lists {
         words.push(offset);
@@ -58,10 +70,14 @@ mod tests {
             parse_ops("shared@0x1000000+4K").unwrap(),
             parse_ops("private@0x2000000+8K,write@0x2000000+16=0xab").unwrap(),
         ];
-        let table = op_table(&lists, true);
+        let options = MemconvOptions {
+            poweroff: true,
+            quiet: true,
+        };
+        let table = op_table(&lists, options.flags());
         let word = |i: usize| u64::from_le_bytes(table[i * 8..i * 8 + 8].try_into().unwrap());
         assert_eq!(&table[..8], TABLE_MAGIC);
-        assert_eq!(word(1), FLAG_POWEROFF);
+        assert_eq!(word(1), FLAG_POWEROFF | FLAG_QUIET);
         assert_eq!(word(2), 2);
         let (first, first_count) = (word(3) as usize, word(4));
         let (second, second_count) = (word(5) as usize, word(6));

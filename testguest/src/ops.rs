@@ -6,6 +6,8 @@ use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
+    /// A doorbell round trip that converts nothing (benchmark baseline).
+    Nop,
     Shared,
     Private,
     /// Fill `gpa..gpa+size` with `value` from inside the guest.
@@ -16,6 +18,7 @@ impl OpKind {
     /// Doorbell command / op table code.
     pub fn code(self) -> u64 {
         match self {
+            OpKind::Nop => 0,
             OpKind::Shared => 1,
             OpKind::Private => 2,
             OpKind::Write => 3,
@@ -37,7 +40,7 @@ pub enum ParseError {
     Empty,
     #[error("op {0:?}: expected KIND@GPA+SIZE")]
     Shape(String),
-    #[error("op {0:?}: unknown kind (shared, private, write)")]
+    #[error("op {0:?}: unknown kind (nop, shared, private, write)")]
     Kind(String),
     #[error("invalid number {0:?}")]
     Number(String),
@@ -52,6 +55,7 @@ pub enum ParseError {
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
+            OpKind::Nop => "nop",
             OpKind::Shared => "shared",
             OpKind::Private => "private",
             OpKind::Write => "write",
@@ -94,6 +98,7 @@ fn parse_op(text: &str) -> Result<Op, ParseError> {
     let shape = || ParseError::Shape(text.to_string());
     let (kind, rest) = text.split_once('@').ok_or_else(shape)?;
     let kind = match kind.trim() {
+        "nop" => OpKind::Nop,
         "shared" => OpKind::Shared,
         "private" => OpKind::Private,
         "write" => OpKind::Write,

@@ -64,7 +64,17 @@ pub fn memconv_guest(dir: &TempDir, lists: &[&str], poweroff: bool) -> PathBuf {
         .map(|ops| test_guest::parse_ops(ops).unwrap())
         .collect();
     let path = dir.path("guest.elf");
-    std::fs::write(&path, test_guest::memconv_elf(&lists, poweroff)).unwrap();
+    std::fs::write(
+        &path,
+        test_guest::memconv_elf(
+            &lists,
+            test_guest::MemconvOptions {
+                poweroff,
+                quiet: false,
+            },
+        ),
+    )
+    .unwrap();
     path
 }
 

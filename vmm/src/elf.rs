@@ -133,7 +133,7 @@ mod tests {
     fn guest() -> Vec<u8> {
         test_guest::memconv_elf(
             &[test_guest::parse_ops("shared@0x1000000+4K").unwrap()],
-            false,
+            Default::default(),
         )
     }
 

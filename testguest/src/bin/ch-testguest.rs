@@ -1,10 +1,10 @@
-//! `ch-testguest memconv --ops OPS [--ops OPS ...] [--poweroff] --out FILE`
+//! `ch-testguest memconv --ops OPS [--ops OPS ...] [--poweroff] [--quiet] --out FILE`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use test_guest::{Op, memconv_elf, parse_ops};
+use test_guest::{MemconvOptions, Op, memconv_elf, parse_ops};
 
 #[derive(Parser)]
 #[command(name = "ch-testguest", about = "Writes the project's own test guests")]
@@ -17,13 +17,16 @@ struct Cli {
 enum Guest {
     /// A guest that converts memory through the doorbell and reports each op.
     Memconv {
-        /// Comma-separated ops: shared@GPA+SIZE, private@GPA+SIZE, write@GPA+SIZE=BYTE.
+        /// Comma-separated ops: nop@GPA+SIZE, shared@GPA+SIZE, private@GPA+SIZE, write@GPA+SIZE=BYTE.
         /// Repeat the flag to give vCPU 1, 2, ... their own list.
         #[arg(long, required = true, value_parser = parse_ops)]
         ops: Vec<Vec<Op>>,
         /// Power the VM off after the summary line instead of idling.
         #[arg(long)]
         poweroff: bool,
+        /// Print only the summary line, not a line per op.
+        #[arg(long)]
+        quiet: bool,
         /// Where to write the guest ELF.
         #[arg(long)]
         out: PathBuf,
@@ -33,8 +36,14 @@ enum Guest {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.guest {
-        Guest::Memconv { ops, poweroff, out } => {
-            if let Err(e) = std::fs::write(&out, memconv_elf(&ops, poweroff)) {
+        Guest::Memconv {
+            ops,
+            poweroff,
+            quiet,
+            out,
+        } => {
+            let image = memconv_elf(&ops, MemconvOptions { poweroff, quiet });
+            if let Err(e) = std::fs::write(&out, image) {
                 eprintln!("ch-testguest: cannot write {}: {e}", out.display());
                 return ExitCode::FAILURE;
             }

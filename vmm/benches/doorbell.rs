@@ -1,0 +1,161 @@
+//! Doorbell round trip on real KVM: a guest rings its conversion doorbell
+//! with a 4 KiB conversion (alternately to shared and to private) against
+//! the same round trip with the no-op command.
+//!
+//! Every sample boots a fresh `memconv` guest running `iters` ops. Criterion
+//! samples linearly (iters = d, 2d, 3d, ...) and reports the slope, so VM
+//! boot, the summary line and teardown, which every sample pays once, drop
+//! out of the per-round-trip figure.
+//!
+//! Run: `cargo bench -p vmm --bench doorbell` (needs /dev/kvm; without it the
+//! bench says so and measures nothing).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
+use hypervisor::KvmHypervisor;
+use test_guest::{MemconvOptions, Op, OpKind, memconv_elf};
+use vmm::VmmEvent;
+use vmm::config::{ConsoleOutput, CpusConfig, MemoryConfig, VmConfig};
+use vmm::event_monitor::EventMonitor;
+use vmm::memory::MemoryLayout;
+use vmm::vm::Vm;
+
+/// The PT_LOAD window (1..4 MiB) bounds one guest's op table.
+const MAX_OPS_PER_GUEST: u64 = 60_000;
+const CONVERTED_GPA: u64 = 16 << 20;
+
+fn ops(kind_of: impl Fn(u64) -> OpKind, count: u64) -> Vec<Op> {
+    (0..count)
+        .map(|i| Op {
+            kind: kind_of(i),
+            gpa: CONVERTED_GPA,
+            size: 4096,
+            value: 0,
+        })
+        .collect()
+}
+
+fn conversion(i: u64) -> OpKind {
+    if i.is_multiple_of(2) {
+        OpKind::Shared
+    } else {
+        OpKind::Private
+    }
+}
+
+fn nop(_: u64) -> OpKind {
+    OpKind::Nop
+}
+
+struct Bench {
+    hypervisor: KvmHypervisor,
+    dir: PathBuf,
+}
+
+impl Bench {
+    /// Boots a guest running `ops` and returns the time until it powers off.
+    fn run(&self, ops: Vec<Op>, serial: ConsoleOutput) -> Duration {
+        let kernel = self.dir.join("guest.elf");
+        let options = MemconvOptions {
+            poweroff: true,
+            quiet: true,
+        };
+        std::fs::write(&kernel, memconv_elf(&[ops], options)).expect("write guest");
+        let config = VmConfig {
+            kernel,
+            memory: MemoryConfig {
+                size: 64 << 20,
+                guest_memfd: true,
+                layout: MemoryLayout::Auto,
+            },
+            cpus: CpusConfig { boot: 1 },
+            serial,
+        };
+        let (events, guest) = channel();
+        let started = Instant::now();
+        let mut vm = Vm::boot(
+            config,
+            &self.hypervisor,
+            events,
+            Arc::new(EventMonitor::disabled()),
+        )
+        .expect("boot");
+        loop {
+            match guest.recv_timeout(Duration::from_secs(120)) {
+                Ok(VmmEvent::GuestPowerOff(_)) => break,
+                Ok(VmmEvent::GuestShutdown(_) | VmmEvent::VcpuError(..)) => panic!("guest died"),
+                Ok(_) => {}
+                Err(e) => panic!("guest did not power off: {e}"),
+            }
+        }
+        let elapsed = started.elapsed();
+        vm.shutdown();
+        elapsed
+    }
+
+    fn run_ops(&self, kind_of: fn(u64) -> OpKind, iters: u64) -> Duration {
+        let mut total = Duration::ZERO;
+        let mut left = iters;
+        while left > 0 {
+            let count = left.min(MAX_OPS_PER_GUEST);
+            total += self.run(ops(kind_of, count), ConsoleOutput::Off);
+            left -= count;
+        }
+        total
+    }
+
+    /// One guest of each kind must report every op ok, or the numbers
+    /// would compare failures.
+    fn check(&self, kind_of: fn(u64) -> OpKind, name: &str) {
+        let log = self.dir.join(format!("{name}.log"));
+        self.run(ops(kind_of, 100), ConsoleOutput::File(log.clone()));
+        let output = std::fs::read_to_string(&log).expect("read serial log");
+        assert!(
+            output.contains("memconv: done 100 ok 0 failed"),
+            "{name} guest failed: {output}"
+        );
+    }
+}
+
+fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ch-doorbell-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+fn remove(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn doorbell_round_trip(c: &mut Criterion) {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("doorbell bench SKIPPED: /dev/kvm is missing, nothing measured");
+        return;
+    }
+    let bench = Bench {
+        hypervisor: KvmHypervisor::new().expect("open /dev/kvm"),
+        dir: temp_dir(),
+    };
+    bench.check(nop, "nop");
+    bench.check(conversion, "conversion");
+
+    let mut group = c.benchmark_group("doorbell_round_trip");
+    group
+        .sampling_mode(SamplingMode::Linear)
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(10));
+    group.bench_function("nop", |b| b.iter_custom(|iters| bench.run_ops(nop, iters)));
+    group.bench_function("convert_4k", |b| {
+        b.iter_custom(|iters| bench.run_ops(conversion, iters))
+    });
+    group.finish();
+    remove(&bench.dir);
+}
+
+criterion_group!(benches, doorbell_round_trip);
+criterion_main!(benches);
