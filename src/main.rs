@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser};
-use vmm::config::{ConsoleOutput, CpusConfig, EventMonitorConfig, MemoryConfig, VmConfig};
+use vmm::config::{
+    ConsoleOutput, CpusConfig, DeviceConfig, EventMonitorConfig, MemoryConfig, UserDeviceConfig,
+    VmConfig,
+};
 use vmm::{VmmOptions, error_chain};
 
 #[derive(Parser, Debug)]
@@ -34,6 +37,13 @@ struct Cli {
     #[arg(long, value_name = ConsoleOutput::SYNTAX, default_value = "tty",
           value_parser = ConsoleOutput::parse)]
     serial: ConsoleOutput,
+    /// A VFIO device to assign (repeatable). Its IOMMU maps only shared pages.
+    #[arg(long, value_name = DeviceConfig::SYNTAX, value_parser = DeviceConfig::parse)]
+    device: Vec<DeviceConfig>,
+    /// A vfio-user device server to connect (repeatable). It is given only
+    /// shared pages to map.
+    #[arg(long, value_name = UserDeviceConfig::SYNTAX, value_parser = UserDeviceConfig::parse)]
+    user_device: Vec<UserDeviceConfig>,
     /// Serve the REST API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -76,6 +86,8 @@ fn main() -> ExitCode {
             memory: cli.memory,
             cpus: cli.cpus,
             serial: cli.serial,
+            devices: cli.device,
+            user_devices: cli.user_device,
         },
         api_socket: cli.api_socket,
         event_monitor: cli.event_monitor,

@@ -2,10 +2,17 @@
 // SPDX-License-Identifier: Apache-2.0
 
 //! Narrow traits between guest-visible devices and the VMM: the I/O bus that
-//! routes port and MMIO accesses, and DMA mapping for assigned devices.
+//! routes port and MMIO accesses, DMA mapping for assigned devices, and the
+//! discard-listener adapter that makes a DMA mapping follow the shared pages.
 
 mod bus;
+mod discard_listener;
+mod dma_listener;
 mod dma_mapping;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fake_iommu;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use discard_listener::{ListenerError, RamDiscardListener, Section};
+pub use dma_listener::{DmaMappingListener, DmaStats};
 pub use dma_mapping::ExternalDmaMapping;

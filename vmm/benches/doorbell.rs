@@ -74,6 +74,8 @@ impl Bench {
             },
             cpus: CpusConfig { boot: 1 },
             serial,
+            devices: Vec::new(),
+            user_devices: Vec::new(),
         };
         let (events, guest) = channel();
         let started = Instant::now();

@@ -241,12 +241,119 @@ impl EventMonitorConfig {
     }
 }
 
+/// Device ids name devices in the API and in events.
+fn check_id(option: &'static str, id: &str) -> Result<(), ConfigError> {
+    let valid = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            option,
+            key: "id",
+            value: id.to_string(),
+            why: "expected 1 to 64 of A-Z a-z 0-9 _ - .",
+        })
+    }
+}
+
+/// `--device path=/sys/bus/pci/devices/BDF/[,id=ID]`: a VFIO device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl DeviceConfig {
+    pub const SYNTAX: &'static str = "path=/sys/bus/pci/devices/BDF/[,id=ID]";
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse("--device", text, &["path", "id"])?;
+        let config = DeviceConfig {
+            path: p
+                .get("path")
+                .map(PathBuf::from)
+                .ok_or(ConfigError::Missing {
+                    option: "--device",
+                    key: "path",
+                })?,
+            id: p.get("id").map(str::to_string),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                option: "--device",
+                key: "path",
+                value: String::new(),
+                why: "empty path",
+            });
+        }
+        self.id
+            .as_deref()
+            .map_or(Ok(()), |id| check_id("--device", id))
+    }
+}
+
+/// `--user-device socket=PATH[,id=ID]`: a vfio-user device server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserDeviceConfig {
+    pub socket: PathBuf,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl UserDeviceConfig {
+    pub const SYNTAX: &'static str = "socket=PATH[,id=ID]";
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse("--user-device", text, &["socket", "id"])?;
+        let config = UserDeviceConfig {
+            socket: p
+                .get("socket")
+                .map(PathBuf::from)
+                .ok_or(ConfigError::Missing {
+                    option: "--user-device",
+                    key: "socket",
+                })?,
+            id: p.get("id").map(str::to_string),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.socket.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                option: "--user-device",
+                key: "socket",
+                value: String::new(),
+                why: "empty path",
+            });
+        }
+        self.id
+            .as_deref()
+            .map_or(Ok(()), |id| check_id("--user-device", id))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub memory: MemoryConfig,
     pub cpus: CpusConfig,
     pub serial: ConsoleOutput,
+    pub devices: Vec<DeviceConfig>,
+    pub user_devices: Vec<UserDeviceConfig>,
 }
 
 #[cfg(test)]
@@ -306,5 +413,30 @@ mod tests {
         );
         assert!(EventMonitorConfig::parse("fd=-1").is_err());
         assert!(EventMonitorConfig::parse("path=/a,fd=3").is_err());
+    }
+
+    #[test]
+    fn device_options() {
+        let d = DeviceConfig::parse("path=/sys/bus/pci/devices/0000:01:00.0/,id=nic0").unwrap();
+        assert_eq!(d.id.as_deref(), Some("nic0"));
+        let u = UserDeviceConfig::parse("socket=/tmp/dev.sock").unwrap();
+        assert_eq!(u.socket, PathBuf::from("/tmp/dev.sock"));
+        assert_eq!(u.id, None);
+        assert!(matches!(
+            UserDeviceConfig::parse("id=x"),
+            Err(ConfigError::Missing { key: "socket", .. })
+        ));
+        assert!(matches!(
+            DeviceConfig::parse("path=/x,id=a b"),
+            Err(ConfigError::Invalid { key: "id", .. })
+        ));
+        assert!(matches!(
+            UserDeviceConfig::parse("socket="),
+            Err(ConfigError::Invalid { key: "socket", .. })
+        ));
+        assert!(matches!(
+            DeviceConfig::parse("path=/x,bdf=1"),
+            Err(ConfigError::UnknownKey { .. })
+        ));
     }
 }

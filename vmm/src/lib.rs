@@ -8,6 +8,7 @@ pub mod api;
 pub mod boot;
 pub mod config;
 mod conversion_path;
+pub mod device_manager;
 mod elf;
 pub mod event_monitor;
 pub mod memory;
@@ -170,5 +171,12 @@ fn handle_api(vm: &mut Vm, request: api::ApiRequest) -> api::ApiResponse {
             vm.shutdown();
             None
         }
+        VmAddDevice(config) => Some(json!(
+            vm.add_device(&config).map_err(api::ApiError::Device)?
+        )),
+        VmAddUserDevice(config) => Some(json!(
+            vm.add_user_device(&config).map_err(api::ApiError::Device)?
+        )),
+        VmRemoveDevice(id) => Some(json!(vm.remove_device(&id).map_err(api::ApiError::Device)?)),
     })
 }

@@ -17,7 +17,9 @@ use vm_device::Bus;
 use crate::VmmEvent;
 use crate::boot::{self, BootError};
 use crate::config::{ConsoleOutput, VmConfig};
+use crate::config::{DeviceConfig, UserDeviceConfig};
 use crate::conversion_path::{ConversionPath, DoorbellHandler};
+use crate::device_manager::{DeviceError, DeviceInfo, DeviceManager};
 use crate::event_monitor::EventMonitor;
 use crate::memory::{MemoryError, MemoryManager};
 use crate::vcpu::{self, VcpuContext, VcpuHandle};
@@ -56,6 +58,8 @@ pub enum VmError {
     VcpuSetup(#[source] BootError),
     #[error("cannot start vCPU thread")]
     VcpuThread(#[source] std::io::Error),
+    #[error("cannot add device")]
+    Device(#[source] DeviceError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -68,6 +72,8 @@ pub enum VmState {
 pub struct Vm {
     config: VmConfig,
     memory: Arc<MemoryManager>,
+    devices: DeviceManager,
+    monitor: Arc<EventMonitor>,
     stop: Arc<AtomicBool>,
     vcpus: Vec<VcpuHandle>,
     state: VmState,
@@ -163,13 +169,24 @@ impl Vm {
                 .map_err(VmError::VcpuSetup)?;
             created.push(vcpu);
         }
+        let devices = DeviceManager::new(memory.clone());
         let mut vm = Vm {
             config,
             memory,
+            devices,
+            monitor: monitor.clone(),
             stop,
             vcpus: Vec::new(),
             state: VmState::Running,
         };
+        // Cold-plugged devices see the boot state (all private) before any
+        // vCPU can convert.
+        for device in vm.config.devices.clone() {
+            vm.add_device(&device).map_err(VmError::Device)?;
+        }
+        for device in vm.config.user_devices.clone() {
+            vm.add_user_device(&device).map_err(VmError::Device)?;
+        }
         // Announced before any vCPU runs, so no conversion event precedes it.
         monitor.emit("vm", "booted", vm.info());
         for (index, vcpu) in created.into_iter().enumerate() {
@@ -190,13 +207,43 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Stops every vCPU. Idempotent.
+    /// Stops every vCPU, then detaches every device so each unmaps what it
+    /// had. Idempotent.
     pub fn shutdown(&mut self) {
         self.stop.store(true, Ordering::Release);
         for vcpu in &mut self.vcpus {
             vcpu.stop();
         }
+        self.devices.remove_all();
         self.state = VmState::Shutdown;
+    }
+
+    fn device_added(&self, info: DeviceInfo) -> DeviceInfo {
+        self.monitor.emit("device", "added", json!(info));
+        info
+    }
+
+    pub fn add_device(&mut self, config: &DeviceConfig) -> Result<DeviceInfo, DeviceError> {
+        let info = self.devices.add_vfio(config)?;
+        Ok(self.device_added(info))
+    }
+
+    pub fn add_user_device(
+        &mut self,
+        config: &UserDeviceConfig,
+    ) -> Result<DeviceInfo, DeviceError> {
+        let info = self.devices.add_vfio_user(config)?;
+        Ok(self.device_added(info))
+    }
+
+    pub fn remove_device(&mut self, id: &str) -> Result<DeviceInfo, DeviceError> {
+        let info = self.devices.remove(id)?;
+        self.monitor.emit("device", "removed", json!(info));
+        Ok(info)
+    }
+
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
     }
 
     pub fn state(&self) -> VmState {
@@ -236,6 +283,7 @@ impl Vm {
                 "regions": self.memory.region_info(),
                 "layout": self.memory.regions()[0].backing.name(),
             },
+            "devices": self.devices.info(),
         })
     }
 }

@@ -19,6 +19,7 @@ use tiny_http::{Header, Response, Server};
 
 use super::{ApiMessage, ApiRequest, ApiResponse, AttributeWindow, MAX_RANGES, Method, ROUTES};
 use crate::VmmEvent;
+use crate::config::{DeviceConfig, UserDeviceConfig};
 
 pub const API_PREFIX: &str = "/api/v1/";
 /// Larger bodies are refused with 413 before being read.
@@ -117,8 +118,22 @@ fn parse_window(query: Option<&str>) -> Result<AttributeWindow, HttpError> {
     Ok(window)
 }
 
-/// Maps method + URL to a request. Pure, so the parser can be fuzzed.
-pub fn route(method: Method, url: &str) -> Result<ApiRequest, HttpError> {
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveDevice {
+    id: String,
+}
+
+fn body_json<T: serde::de::DeserializeOwned>(endpoint: &str, body: &[u8]) -> Result<T, HttpError> {
+    serde_json::from_slice(body).map_err(|e| HttpError::BadRequest(format!("{endpoint} body: {e}")))
+}
+
+fn config_error(e: crate::config::ConfigError) -> HttpError {
+    HttpError::BadRequest(e.to_string())
+}
+
+/// Maps method + URL + body to a request. Pure, so the parser can be fuzzed.
+pub fn route(method: Method, url: &str, body: &[u8]) -> Result<ApiRequest, HttpError> {
     let (path, query) = match url.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (url, None),
@@ -144,6 +159,19 @@ pub fn route(method: Method, url: &str) -> Result<ApiRequest, HttpError> {
         "vm.counters" => ApiRequest::VmCounters,
         "vm.memory-attributes" => ApiRequest::VmMemoryAttributes(parse_window(query)?),
         "vm.shutdown" => ApiRequest::VmShutdown,
+        "vm.add-device" => {
+            let config: DeviceConfig = body_json(endpoint, body)?;
+            config.validate().map_err(config_error)?;
+            ApiRequest::VmAddDevice(config)
+        }
+        "vm.add-user-device" => {
+            let config: UserDeviceConfig = body_json(endpoint, body)?;
+            config.validate().map_err(config_error)?;
+            ApiRequest::VmAddUserDevice(config)
+        }
+        "vm.remove-device" => {
+            ApiRequest::VmRemoveDevice(body_json::<RemoveDevice>(endpoint, body)?.id)
+        }
         _ => unreachable!("every route is matched above"),
     })
 }
@@ -236,7 +264,7 @@ fn read_request(request: &mut tiny_http::Request) -> Result<ApiRequest, HttpErro
         _ => {
             let url = request.url().to_string();
             // Unknown paths are 404 whatever the method.
-            route(Method::Get, &url)?;
+            route(Method::Get, &url, b"")?;
             return Err(HttpError::MethodNotAllowed(url));
         }
     };
@@ -258,7 +286,7 @@ fn read_request(request: &mut tiny_http::Request) -> Result<ApiRequest, HttpErro
         serde_json::from_slice::<serde_json::Value>(&body)
             .map_err(|e| HttpError::BadRequest(format!("body is not JSON: {e}")))?;
     }
-    route(method, request.url())
+    route(method, request.url(), &body)
 }
 
 fn handle(mut request: tiny_http::Request, to_vmm: &Sender<VmmEvent>) {
@@ -274,7 +302,9 @@ fn handle(mut request: tiny_http::Request, to_vmm: &Sender<VmmEvent>) {
             match (sent, answer.recv()) {
                 (Ok(()), Ok(Ok(Some(value)))) => json_response(200, value.to_string()),
                 (Ok(()), Ok(Ok(None))) => json_response(204, String::new()),
-                (Ok(()), Ok(Err(e))) => json_response(500, error_body(&crate::error_chain(&e))),
+                (Ok(()), Ok(Err(e))) => {
+                    json_response(e.http_status(), error_body(&crate::error_chain(&e)))
+                }
                 _ => json_response(503, error_body("the VMM is shutting down")),
             }
         }
@@ -291,8 +321,14 @@ mod tests {
     #[test]
     fn routes_every_endpoint() {
         for (method, path) in ROUTES {
+            let body: &[u8] = match *path {
+                "vm.add-device" => br#"{"path":"/sys/bus/pci/devices/0000:01:00.0/"}"#,
+                "vm.add-user-device" => br#"{"socket":"/tmp/dev.sock","id":"d0"}"#,
+                "vm.remove-device" => br#"{"id":"d0"}"#,
+                _ => b"",
+            };
             assert!(
-                route(*method, &format!("{API_PREFIX}{path}")).is_ok(),
+                route(*method, &format!("{API_PREFIX}{path}"), body).is_ok(),
                 "{path}"
             );
         }
@@ -301,26 +337,32 @@ mod tests {
     #[test]
     fn unknown_paths_and_wrong_methods() {
         assert!(matches!(
-            route(Method::Get, "/api/v1/vm.nope"),
+            route(Method::Get, "/api/v1/vm.nope", b""),
             Err(HttpError::NotFound(_))
         ));
         assert!(matches!(
-            route(Method::Get, "/v1/vm.info"),
+            route(Method::Get, "/v1/vm.info", b""),
             Err(HttpError::NotFound(_))
         ));
         assert!(matches!(
-            route(Method::Put, "/api/v1/vm.info"),
+            route(Method::Put, "/api/v1/vm.info", b""),
             Err(HttpError::MethodNotAllowed(_))
         ));
         assert!(matches!(
-            route(Method::Get, "/api/v1/vm.shutdown"),
+            route(Method::Get, "/api/v1/vm.shutdown", b""),
             Err(HttpError::MethodNotAllowed(_))
         ));
     }
 
     #[test]
     fn window_queries() {
-        let w = |q: &str| route(Method::Get, &format!("/api/v1/vm.memory-attributes?{q}"));
+        let w = |q: &str| {
+            route(
+                Method::Get,
+                &format!("/api/v1/vm.memory-attributes?{q}"),
+                b"",
+            )
+        };
         assert_eq!(
             w("gpa=0x1000000&size=4096").unwrap(),
             ApiRequest::VmMemoryAttributes(AttributeWindow {
@@ -351,7 +393,7 @@ mod tests {
             assert!(matches!(w(bad), Err(HttpError::BadRequest(_))), "{bad}");
         }
         assert!(matches!(
-            route(Method::Get, "/api/v1/vm.info?x=1"),
+            route(Method::Get, "/api/v1/vm.info?x=1", b""),
             Err(HttpError::BadRequest(_))
         ));
     }
@@ -400,5 +442,38 @@ mod openapi_tests {
             );
         }
         assert_eq!(spec.len(), ROUTES.len());
+    }
+
+    #[test]
+    fn device_bodies_are_checked_before_the_vmm_sees_them() {
+        let put = |path: &str, body: &str| {
+            route(Method::Put, &format!("{API_PREFIX}{path}"), body.as_bytes())
+        };
+        assert_eq!(
+            put("vm.add-user-device", r#"{"socket":"/s","id":"nic0"}"#),
+            Ok(ApiRequest::VmAddUserDevice(UserDeviceConfig {
+                socket: "/s".into(),
+                id: Some("nic0".into()),
+            }))
+        );
+        assert_eq!(
+            put("vm.remove-device", r#"{"id":"nic0"}"#),
+            Ok(ApiRequest::VmRemoveDevice("nic0".into()))
+        );
+        for (path, body) in [
+            ("vm.add-user-device", ""),
+            ("vm.add-user-device", r#"{"id":"x"}"#),
+            ("vm.add-user-device", r#"{"socket":"/s","bogus":1}"#),
+            ("vm.add-user-device", r#"{"socket":"/s","id":"has space"}"#),
+            ("vm.add-device", r#"{"path":""}"#),
+            ("vm.add-device", "[1,2]"),
+            ("vm.remove-device", "{}"),
+            ("vm.remove-device", r#"{"id":7}"#),
+        ] {
+            assert!(
+                matches!(put(path, body), Err(HttpError::BadRequest(_))),
+                "{path} {body}"
+            );
+        }
     }
 }

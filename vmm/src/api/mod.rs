@@ -10,6 +10,9 @@ use std::sync::mpsc::Sender;
 
 use serde_json::Value;
 
+use crate::config::{DeviceConfig, UserDeviceConfig};
+use crate::device_manager::DeviceError;
+
 pub use memory_attributes::{AttributeWindow, MAX_RANGES, memory_attributes};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +23,9 @@ pub enum ApiRequest {
     VmMemoryAttributes(AttributeWindow),
     VmShutdown,
     VmmShutdown,
+    VmAddDevice(DeviceConfig),
+    VmAddUserDevice(UserDeviceConfig),
+    VmRemoveDevice(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +34,18 @@ pub enum ApiError {
     VmNotRunning,
     #[error("the VMM is shutting down")]
     VmmGone,
+    #[error("device request failed")]
+    Device(#[source] DeviceError),
+}
+
+impl ApiError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ApiError::Device(DeviceError::NotFound(_)) => 404,
+            ApiError::Device(DeviceError::DuplicateId(_)) => 409,
+            _ => 500,
+        }
+    }
 }
 
 /// `Ok(None)` means 204 No Content.
@@ -53,4 +71,7 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::Get, "vm.counters"),
     (Method::Get, "vm.memory-attributes"),
     (Method::Put, "vm.shutdown"),
+    (Method::Put, "vm.add-device"),
+    (Method::Put, "vm.add-user-device"),
+    (Method::Put, "vm.remove-device"),
 ];

@@ -10,45 +10,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
+pub use vm_device::{ListenerError, RamDiscardListener, Section};
+
 use super::shared_bitmap::SharedBitmap;
 
 pub const GRANULARITY: u64 = 4096;
 const PAGE_SHIFT: u32 = 12;
-
-/// A device-side failure to make a range usable.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ListenerError(pub String);
-
-/// A guest-physical range handed to a listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub struct Section {
-    pub gpa: u64,
-    pub size: u64,
-}
-
-impl Section {
-    pub fn end(&self) -> u64 {
-        self.gpa + self.size
-    }
-
-    fn intersect(&self, other: &Section) -> Option<Section> {
-        let start = self.gpa.max(other.gpa);
-        let end = self.end().min(other.end());
-        (start < end).then(|| Section {
-            gpa: start,
-            size: end - start,
-        })
-    }
-}
-
-/// What an assigned device implements to follow conversions.
-pub trait RamDiscardListener: Send + Sync {
-    /// The range became shared: map it. An error refuses the conversion.
-    fn notify_populate(&self, section: Section) -> Result<(), ListenerError>;
-    /// The range stops being shared: unmap it. Cannot be refused.
-    fn notify_discard(&self, section: Section);
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ListenerId(u64);

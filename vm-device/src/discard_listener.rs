@@ -1,0 +1,69 @@
+//! What an assigned device implements to follow shared/private conversions
+//! of guest RAM (QEMU calls it a RamDiscardListener): populate = the range
+//! became shared, discard = it stops being shared.
+
+use serde::Serialize;
+
+/// A guest-physical range handed to a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct Section {
+    pub gpa: u64,
+    pub size: u64,
+}
+
+impl Section {
+    pub fn end(&self) -> u64 {
+        self.gpa + self.size
+    }
+
+    pub fn intersect(&self, other: &Section) -> Option<Section> {
+        let start = self.gpa.max(other.gpa);
+        let end = self.end().min(other.end());
+        (start < end).then(|| Section {
+            gpa: start,
+            size: end - start,
+        })
+    }
+}
+
+/// A device-side failure to make a range usable.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ListenerError(pub String);
+
+pub trait RamDiscardListener: Send + Sync {
+    /// The range became shared: map it. An error refuses the conversion, and
+    /// the listener must then hold no mapping of the range.
+    fn notify_populate(&self, section: Section) -> Result<(), ListenerError>;
+    /// The range stops being shared: unmap it. Cannot be refused.
+    fn notify_discard(&self, section: Section);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intersection_is_clipped_or_absent() {
+        let a = Section {
+            gpa: 0x1000,
+            size: 0x3000,
+        };
+        let b = Section {
+            gpa: 0x3000,
+            size: 0x2000,
+        };
+        assert_eq!(
+            a.intersect(&b),
+            Some(Section {
+                gpa: 0x3000,
+                size: 0x1000
+            })
+        );
+        let c = Section {
+            gpa: 0x4000,
+            size: 0x1000,
+        };
+        assert_eq!(a.intersect(&c), None);
+    }
+}

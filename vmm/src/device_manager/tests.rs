@@ -1,0 +1,191 @@
+//! The device manager over real guest_memfd RAM (a KVM VM without vCPUs)
+//! with the fake IOMMU standing in for VFIO: attach replays, conversions
+//! follow, the entry limit refuses cleanly, removal unmaps everything.
+
+use std::sync::Arc;
+
+use hypervisor::{ConversionDirection, Hypervisor, KvmHypervisor, MemoryConversion, VmType};
+use vm_device::Section;
+use vm_device::fake_iommu::FakeIommu;
+
+use super::*;
+use crate::memory::{ConversionFailure, MemoryLayout};
+
+const MIB: u64 = 1 << 20;
+
+/// None (with a loud note) where /dev/kvm is missing, unless CI requires it.
+fn memory() -> Option<Arc<MemoryManager>> {
+    let hv = match KvmHypervisor::new() {
+        Ok(hv) => hv,
+        Err(e) => {
+            assert_ne!(
+                std::env::var("CH_REQUIRE_KVM").as_deref(),
+                Ok("1"),
+                "/dev/kvm is required: {e}"
+            );
+            eprintln!("*** SKIPPED: /dev/kvm unavailable: {e} ***");
+            return None;
+        }
+    };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    Some(Arc::new(
+        MemoryManager::new(vm, 64 * MIB, MemoryLayout::Auto).unwrap(),
+    ))
+}
+
+fn convert(
+    memory: &MemoryManager,
+    gpa: u64,
+    size: u64,
+    to_shared: bool,
+) -> Result<u64, ConversionFailure> {
+    let direction = if to_shared {
+        ConversionDirection::ToShared
+    } else {
+        ConversionDirection::ToPrivate
+    };
+    memory
+        .convert(MemoryConversion {
+            gpa,
+            size,
+            direction,
+        })
+        .map(|o| o.changed_pages)
+}
+
+fn shared_runs(memory: &MemoryManager) -> Vec<Section> {
+    let attrs = memory.regions()[0].attributes.as_ref().unwrap();
+    let mut runs = Vec::new();
+    attrs
+        .replay_populated(0, attrs.size(), |s| {
+            runs.push(s);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+    runs
+}
+
+fn attach_fake(
+    dm: &mut DeviceManager,
+    id: &str,
+    iommu: &Arc<FakeIommu>,
+    limit: Option<u64>,
+) -> Result<DeviceInfo, DeviceError> {
+    dm.attach(
+        id.to_string(),
+        DeviceKind::Vfio,
+        PathBuf::from("/fake"),
+        iommu.clone(),
+        limit,
+    )
+}
+
+#[test]
+fn attach_replays_and_conversions_follow() {
+    let Some(memory) = memory() else { return };
+    convert(&memory, 16 * MIB, 64 << 10, true).unwrap();
+    let mut dm = DeviceManager::new(memory.clone());
+    let iommu = Arc::new(FakeIommu::new(None));
+    let info = attach_fake(&mut dm, "dev0", &iommu, None).unwrap();
+    assert_eq!(info.dma.entries, 1, "replayed one run");
+    assert_eq!(iommu.mappings(), shared_runs(&memory));
+
+    convert(&memory, 20 * MIB, 8 << 10, true).unwrap();
+    convert(&memory, 16 * MIB + (16 << 10), 4 << 10, false).unwrap();
+    assert_eq!(iommu.mappings(), shared_runs(&memory));
+    assert_eq!(iommu.violations(), 0);
+
+    let removed = dm.remove("dev0").unwrap();
+    assert_eq!(removed.dma.entries, 0);
+    assert!(iommu.mappings().is_empty());
+    assert_eq!(
+        memory.regions()[0]
+            .attributes
+            .as_ref()
+            .unwrap()
+            .lock()
+            .listener_count(),
+        0
+    );
+    // The guest's state is untouched by the removal.
+    assert_eq!(shared_runs(&memory).len(), 3);
+}
+
+#[test]
+fn a_refusing_device_fails_the_conversion_and_changes_nothing() {
+    let Some(memory) = memory() else { return };
+    let mut dm = DeviceManager::new(memory.clone());
+    let healthy = Arc::new(FakeIommu::new(None));
+    let full = Arc::new(FakeIommu::new(None));
+    attach_fake(&mut dm, "healthy", &healthy, None).unwrap();
+    attach_fake(&mut dm, "full", &full, Some(1)).unwrap();
+    convert(&memory, 16 * MIB, 4096, true).unwrap();
+    let before = shared_runs(&memory);
+
+    let err = convert(&memory, 18 * MIB, 4096, true).unwrap_err();
+    let chain = crate::error_chain(&err);
+    assert!(chain.contains("DMA entry limit of 1"), "{chain}");
+    assert_eq!(shared_runs(&memory), before);
+    assert_eq!(
+        healthy.mappings(),
+        before,
+        "rolled back on the healthy device"
+    );
+    assert_eq!(full.mappings(), before);
+    assert_eq!(dm.info()[1].dma.refused, 1);
+}
+
+#[test]
+fn a_failed_attach_leaves_no_listener_and_no_mapping() {
+    let Some(memory) = memory() else { return };
+    convert(&memory, 16 * MIB, 4096, true).unwrap();
+    convert(&memory, 18 * MIB, 4096, true).unwrap();
+    let mut dm = DeviceManager::new(memory.clone());
+    let iommu = Arc::new(FakeIommu::new(None));
+    let err = attach_fake(&mut dm, "small", &iommu, Some(1)).unwrap_err();
+    assert!(matches!(err, DeviceError::Register { .. }), "{err}");
+    assert!(iommu.mappings().is_empty());
+    assert!(dm.info().is_empty());
+    assert_eq!(
+        memory.regions()[0]
+            .attributes
+            .as_ref()
+            .unwrap()
+            .lock()
+            .listener_count(),
+        0
+    );
+    // A later conversion reaches no leftover listener.
+    convert(&memory, 20 * MIB, 4096, true).unwrap();
+    assert!(iommu.mappings().is_empty());
+}
+
+#[test]
+fn ids_are_unique_and_generated_when_absent() {
+    let Some(memory) = memory() else { return };
+    let mut dm = DeviceManager::new(memory);
+    let iommu = Arc::new(FakeIommu::new(None));
+    let first = dm.claim_id(None, DeviceKind::VfioUser).unwrap();
+    attach_fake(&mut dm, &first, &iommu, None).unwrap();
+    assert_eq!(first, "_vfio_user0");
+    assert!(matches!(
+        dm.claim_id(Some("_vfio_user0"), DeviceKind::Vfio),
+        Err(DeviceError::DuplicateId(_))
+    ));
+    assert!(matches!(dm.remove("nope"), Err(DeviceError::NotFound(_))));
+}
+
+#[test]
+fn vfio_user_refuses_anonymous_ram() {
+    let hv = match KvmHypervisor::new() {
+        Ok(hv) => hv,
+        Err(_) => return,
+    };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let memory = Arc::new(MemoryManager::new(vm, 32 * MIB, MemoryLayout::Anonymous).unwrap());
+    let ram = Arc::new(GuestRam::new(&memory));
+    let err = VfioUserDma::connect(std::path::Path::new("/nonexistent"), ram)
+        .err()
+        .unwrap();
+    assert!(matches!(err, DeviceError::NoFileBacking), "{err}");
+}

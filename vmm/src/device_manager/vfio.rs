@@ -1,0 +1,91 @@
+//! VFIO devices through the legacy type1 container (vfio-ioctls). The
+//! container's DMA mapping is what follows conversions; the device itself is
+//! opened and kept so its group stays attached to the container.
+//!
+//! Not exercised on this project's CI machine (no /dev/vfio): the rules the
+//! kernel applies to these calls are enforced by `vm_device::fake_iommu`
+//! in the tests instead.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use log::info;
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
+use vm_device::ExternalDmaMapping;
+
+use super::guest_ram::GuestRam;
+
+const DMA_ENTRY_LIMIT: &str = "/sys/module/vfio_iommu_type1/parameters/dma_entry_limit";
+const LEGACY_CONTAINER: &str = "/dev/vfio/vfio";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VfioAttachError {
+    #[error(
+        "this host has no VFIO container ({LEGACY_CONTAINER}); iommufd-only hosts are not supported yet"
+    )]
+    NoVfio,
+    #[error("cannot open the VFIO container")]
+    Container(#[source] vfio_ioctls::VfioError),
+    #[error("cannot open VFIO device {0}")]
+    Device(String, #[source] vfio_ioctls::VfioError),
+}
+
+/// The type1 IOMMU's limit on concurrent mappings, if the host says.
+pub fn dma_entry_limit() -> Option<u64> {
+    std::fs::read_to_string(DMA_ENTRY_LIMIT)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+}
+
+pub struct VfioDma {
+    container: Arc<VfioContainer>,
+    ram: Arc<GuestRam>,
+    _device: VfioDevice,
+}
+
+impl VfioDma {
+    pub fn open(sysfs_path: &Path, ram: Arc<GuestRam>) -> Result<Self, VfioAttachError> {
+        if !Path::new(LEGACY_CONTAINER).exists() {
+            return Err(VfioAttachError::NoVfio);
+        }
+        // No KVM-VFIO device is handed over: DMA mapping does not need it;
+        // non-coherent DMA (no-snoop) devices would.
+        let container = Arc::new(VfioContainer::new(None).map_err(VfioAttachError::Container)?);
+        let ops: Arc<dyn VfioOps> = container.clone();
+        let device = VfioDevice::new(sysfs_path, ops, false)
+            .map_err(|e| VfioAttachError::Device(sysfs_path.display().to_string(), e))?;
+        info!(
+            "VFIO device {} attached to a type1 container",
+            sysfs_path.display()
+        );
+        Ok(VfioDma {
+            container,
+            ram,
+            _device: device,
+        })
+    }
+}
+
+impl ExternalDmaMapping for VfioDma {
+    fn map(&self, iova: u64, gpa: u64, size: u64) -> std::io::Result<()> {
+        let host = self
+            .ram
+            .host_address(gpa, size)
+            .map_err(std::io::Error::other)?;
+        // SAFETY: `host..host+size` is guest RAM mapped for the life of the
+        // VM, which outlives this container; the VMM never holds Rust
+        // references into guest RAM (it goes through vm-memory's volatile
+        // accessors), and the range is unmapped before the RAM goes away.
+        unsafe {
+            self.container
+                .vfio_dma_map(iova, size as usize, host as *mut u8)
+        }
+        .map_err(std::io::Error::other)
+    }
+
+    fn unmap(&self, iova: u64, size: u64) -> std::io::Result<()> {
+        self.container
+            .vfio_dma_unmap(iova, size as usize)
+            .map_err(std::io::Error::other)
+    }
+}
