@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use vmm::config::{DeviceConfig, UserDeviceConfig};
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +49,18 @@ enum Command {
     Shutdown,
     /// Shut the VMM down.
     ShutdownVmm,
+    /// Assign a VFIO device: path=/sys/bus/pci/devices/BDF/[,id=ID].
+    AddDevice {
+        #[arg(value_name = DeviceConfig::SYNTAX, value_parser = DeviceConfig::parse)]
+        config: DeviceConfig,
+    },
+    /// Connect a vfio-user device: socket=PATH[,id=ID].
+    AddUserDevice {
+        #[arg(value_name = UserDeviceConfig::SYNTAX, value_parser = UserDeviceConfig::parse)]
+        config: UserDeviceConfig,
+    },
+    /// Detach a device; everything it had mapped is unmapped.
+    RemoveDevice { id: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,13 +76,14 @@ enum RemoteError {
 }
 
 /// One request, `Connection: close`, whole answer read to EOF.
-fn request(socket: &PathBuf, method: &str, path: &str) -> Result<String, RemoteError> {
+fn request(socket: &PathBuf, method: &str, path: &str, body: &str) -> Result<String, RemoteError> {
     let mut stream = UnixStream::connect(socket)
         .map_err(|e| RemoteError::Connect(socket.display().to_string(), e))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     write!(
         stream,
-        "{method} /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
@@ -111,6 +125,7 @@ fn decode_body(head: &str, body: &str) -> Result<String, RemoteError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let mut body = String::new();
     let (method, path) = match &cli.command {
         Command::Ping => ("GET", "vmm.ping".to_string()),
         Command::Info => ("GET", "vm.info".to_string()),
@@ -132,8 +147,20 @@ fn main() -> ExitCode {
         }
         Command::Shutdown => ("PUT", "vm.shutdown".to_string()),
         Command::ShutdownVmm => ("PUT", "vmm.shutdown".to_string()),
+        Command::AddDevice { config } => {
+            body = serde_json::to_string(config).expect("plain config");
+            ("PUT", "vm.add-device".to_string())
+        }
+        Command::AddUserDevice { config } => {
+            body = serde_json::to_string(config).expect("plain config");
+            ("PUT", "vm.add-user-device".to_string())
+        }
+        Command::RemoveDevice { id } => {
+            body = serde_json::json!({ "id": id }).to_string();
+            ("PUT", "vm.remove-device".to_string())
+        }
     };
-    match request(&cli.api_socket, method, &path) {
+    match request(&cli.api_socket, method, &path, &body) {
         Ok(body) => {
             if !body.is_empty() {
                 println!("{body}");

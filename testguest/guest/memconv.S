@@ -21,12 +21,13 @@
     .set DOORBELL_BASE, 0x600
     .set DOORBELL_BANK_SHIFT, 5
     .set OP_WRITE, 3
+    .set OP_WAIT, 4
     .set STATUS_OUT_OF_RANGE, 2
     .set GUEST_FLOOR, 0x1000000
     .set FLAG_POWEROFF, 1
     .set FLAG_QUIET, 2
     .set STATUS_NAMES, 7
-    .set KIND_NAMES, 5      /* nop, shared, private, write, unknown */
+    .set KIND_NAMES, 6      /* nop, shared, private, write, wait, unknown */
 
     .section .text
     .globl _start
@@ -68,6 +69,8 @@ next_op:
     mov rax, [rbx]
     cmp rax, OP_WRITE
     je do_write
+    cmp rax, OP_WAIT
+    je do_wait
 
     /* Doorbell: GPA and size as 32-bit halves, then the command. */
     mov rdx, r11
@@ -111,6 +114,21 @@ do_write:
     rep stosb
     xor eax, eax
 
+/* Spin until a device stores the op's byte at its GPA. */
+do_wait:
+    mov rdi, [rbx + 8]
+    mov eax, STATUS_OUT_OF_RANGE
+    cmp rdi, GUEST_FLOOR
+    jb op_result
+    cmp rdi, r15
+    jae op_result
+    mov cl, [rbx + 24]
+1:  cmp [rdi], cl
+    je 2f
+    pause
+    jmp 1b
+2:  xor eax, eax
+
 op_result:
     test eax, eax
     jnz 1f
@@ -147,7 +165,10 @@ op_result:
     mov rax, [rbx + 16]
     call put_hex
     cmp qword ptr [rbx], OP_WRITE
+    je 7f
+    cmp qword ptr [rbx], OP_WAIT
     jne 4f
+7:
     lea rsi, [rip + s_value]
     call puts
     movzx eax, byte ptr [rbx + 24]
@@ -306,6 +327,7 @@ k_unknown:    .asciz "unknown"
 k_shared:     .asciz "shared"
 k_private:    .asciz "private"
 k_write:      .asciz "write"
+k_wait:       .asciz "wait"
 st_ok:        .asciz "ok"
 st_invalid:   .asciz "invalid"
 st_range:     .asciz "out-of-range"
@@ -315,7 +337,7 @@ st_command:   .asciz "bad-command"
 st_busy:      .asciz "busy"
 
     .balign 8
-kind_names:   .quad k_nop, k_shared, k_private, k_write, k_unknown
+kind_names:   .quad k_nop, k_shared, k_private, k_write, k_wait, k_unknown
 status_names: .quad st_ok, st_invalid, st_range, st_listener, st_hv, st_command, st_busy
 console_busy: .quad 0
 expected_cpus: .quad 0

@@ -12,6 +12,16 @@ pub enum OpKind {
     Private,
     /// Fill `gpa..gpa+size` with `value` from inside the guest.
     Write,
+    /// Spin until the byte at `gpa` equals `value` (a device writes it by
+    /// DMA); lets a test look at the VM between two steps.
+    Wait,
+}
+
+impl OpKind {
+    /// Whether the op carries `=BYTE`.
+    pub fn takes_value(self) -> bool {
+        matches!(self, OpKind::Write | OpKind::Wait)
+    }
 }
 
 impl OpKind {
@@ -22,6 +32,7 @@ impl OpKind {
             OpKind::Shared => 1,
             OpKind::Private => 2,
             OpKind::Write => 3,
+            OpKind::Wait => 4,
         }
     }
 }
@@ -40,15 +51,15 @@ pub enum ParseError {
     Empty,
     #[error("op {0:?}: expected KIND@GPA+SIZE")]
     Shape(String),
-    #[error("op {0:?}: unknown kind (nop, shared, private, write)")]
+    #[error("op {0:?}: unknown kind (nop, shared, private, write, wait)")]
     Kind(String),
     #[error("invalid number {0:?}")]
     Number(String),
     #[error("invalid size {0:?} (a number with an optional K, M, G or T suffix)")]
     Size(String),
-    #[error("op {0:?}: write needs =BYTE (0..=255)")]
+    #[error("op {0:?}: write and wait need =BYTE (0..=255)")]
     WriteValue(String),
-    #[error("op {0:?}: only write takes =BYTE")]
+    #[error("op {0:?}: only write and wait take =BYTE")]
     UnexpectedValue(String),
 }
 
@@ -59,9 +70,10 @@ impl fmt::Display for Op {
             OpKind::Shared => "shared",
             OpKind::Private => "private",
             OpKind::Write => "write",
+            OpKind::Wait => "wait",
         };
         write!(f, "{kind}@{:#x}+{:#x}", self.gpa, self.size)?;
-        if self.kind == OpKind::Write {
+        if self.kind.takes_value() {
             write!(f, "={:#x}", self.value)?;
         }
         Ok(())
@@ -102,6 +114,7 @@ fn parse_op(text: &str) -> Result<Op, ParseError> {
         "shared" => OpKind::Shared,
         "private" => OpKind::Private,
         "write" => OpKind::Write,
+        "wait" => OpKind::Wait,
         _ => return Err(ParseError::Kind(text.to_string())),
     };
     let (range, value) = match rest.split_once('=') {
@@ -109,13 +122,13 @@ fn parse_op(text: &str) -> Result<Op, ParseError> {
         None => (rest, None),
     };
     let (gpa, size) = range.split_once('+').ok_or_else(shape)?;
-    let value = match (kind, value) {
-        (OpKind::Write, Some(v)) => {
+    let value = match (kind.takes_value(), value) {
+        (true, Some(v)) => {
             u8::try_from(parse_u64(v)?).map_err(|_| ParseError::WriteValue(text.to_string()))?
         }
-        (OpKind::Write, None) => return Err(ParseError::WriteValue(text.to_string())),
-        (_, Some(_)) => return Err(ParseError::UnexpectedValue(text.to_string())),
-        (_, None) => 0,
+        (true, None) => return Err(ParseError::WriteValue(text.to_string())),
+        (false, Some(_)) => return Err(ParseError::UnexpectedValue(text.to_string())),
+        (false, None) => 0,
     };
     Ok(Op {
         kind,

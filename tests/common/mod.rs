@@ -298,3 +298,123 @@ pub fn model_shared_ranges(ops: &[(u64, u64, bool)]) -> Vec<(u64, u64)> {
     }
     runs
 }
+
+/// Merges touching ranges, so a device's mappings (which may be split
+/// differently) compare with the VMM's maximal shared runs.
+pub fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (gpa, size) in ranges {
+        match merged.last_mut() {
+            Some((g, s)) if *g + *s == gpa => *s += size,
+            _ => merged.push((gpa, size)),
+        }
+    }
+    merged
+}
+
+/// The VMM's shared ranges, from the real ch-remote.
+pub fn vmm_shared_ranges(api: &Path) -> Vec<(u64, u64)> {
+    let (ok, out, err) = ch_remote(api, &["memory-attributes"]);
+    assert!(ok, "memory-attributes failed: {err}");
+    shared_ranges(&serde_json::from_str(&out).unwrap())
+}
+
+/// Polls until `f` holds or the timeout passes; returns whether it held.
+pub fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A `ch-test-device` process (vfio-user server) killed on drop.
+pub struct TestDevice {
+    child: Child,
+    pub socket: PathBuf,
+    control: PathBuf,
+}
+
+impl TestDevice {
+    pub fn spawn(dir: &TempDir, name: &str) -> Self {
+        // Built by `cargo nextest run --workspace` next to the VMM binary.
+        let binary = Path::new(CLOUD_HYPERVISOR).with_file_name("ch-test-device");
+        assert!(
+            binary.exists(),
+            "{} is missing: build the workspace (cargo build --workspace)",
+            binary.display()
+        );
+        let socket = dir.path(&format!("{name}.sock"));
+        let control = dir.path(&format!("{name}.ctl"));
+        let mut child = Command::new(&binary)
+            .args(["--socket", socket.to_str().unwrap()])
+            .args(["--control", control.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert_eq!(ready.trim(), "ch-test-device: ready");
+        TestDevice {
+            child,
+            socket,
+            control,
+        }
+    }
+
+    pub fn command(&self, line: &str) -> String {
+        use std::io::Write;
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
+        writeln!(stream, "{line}").unwrap();
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer).unwrap();
+        answer.trim().to_string()
+    }
+
+    /// Current mappings, merged into runs.
+    pub fn mapped(&self) -> Vec<(u64, u64)> {
+        let raw: Vec<(u64, u64)> = serde_json::from_str(&self.command("maps")).unwrap();
+        merge_ranges(raw)
+    }
+
+    pub fn mapping_count(&self) -> usize {
+        serde_json::from_str::<Vec<(u64, u64)>>(&self.command("maps"))
+            .unwrap()
+            .len()
+    }
+
+    /// Bytes read through the device's DMA mapping, or its error.
+    pub fn read(&self, iova: u64, len: u64) -> Result<Vec<u8>, String> {
+        let answer = self.command(&format!("read {iova:#x} {len}"));
+        if let Some(e) = answer.strip_prefix("error: ") {
+            return Err(e.to_string());
+        }
+        Ok((0..answer.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&answer[i..i + 2], 16).unwrap())
+            .collect())
+    }
+
+    /// A DMA write of one byte into guest memory.
+    pub fn write(&self, iova: u64, byte: u8) {
+        assert_eq!(self.command(&format!("write {iova:#x} {byte}")), "ok");
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TestDevice {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,243 @@
+// Copyright © 2026 The project authors
+// SPDX-License-Identifier: Apache-2.0
+
+//! A vfio-user device for tests, built on `vfio_user::Server`. It has no
+//! registers; it exists to be a DMA target. Every DMA_MAP is mmapped from
+//! the fd the client sends, so the device really sees guest memory; an
+//! unmap must match a map exactly (as VFIO and libvfio-user demand). A
+//! control socket answers one line per command:
+//!
+//! - `maps`: the current mappings as JSON `[[iova, size], ...]`
+//! - `read IOVA LEN`: LEN bytes at IOVA, in hex, through the mapping
+//! - `write IOVA BYTE`: stores BYTE at IOVA (a DMA write into the guest)
+//! - `refuse N`: refuse the next N DMA_MAPs
+//! - `log`: every DMA_MAP / DMA_UNMAP received, as JSON strings
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vfio_user::{DmaMapFlags, DmaUnmapFlags, Server, ServerBackend};
+
+struct Mapping {
+    size: u64,
+    host: usize,
+}
+
+#[derive(Default)]
+pub struct DeviceState {
+    maps: BTreeMap<u64, Mapping>,
+    log: Vec<String>,
+    refuse_maps: u64,
+}
+
+impl DeviceState {
+    fn unmap_all(&mut self) {
+        for (_, m) in std::mem::take(&mut self.maps) {
+            // SAFETY: `host` came from our own mmap of exactly `size` bytes.
+            unsafe { libc::munmap(m.host as *mut libc::c_void, m.size as usize) };
+        }
+    }
+
+    /// Host address of `iova..iova+len` if one mapping covers it.
+    fn host(&self, iova: u64, len: u64) -> Result<usize, String> {
+        let (start, m) = self
+            .maps
+            .range(..=iova)
+            .next_back()
+            .filter(|(start, m)| iova < *start + m.size)
+            .ok_or_else(|| format!("{iova:#x} is not mapped"))?;
+        if iova + len > start + m.size {
+            return Err(format!("{iova:#x}+{len:#x} is not inside one mapping"));
+        }
+        Ok(m.host + (iova - start) as usize)
+    }
+}
+
+pub type SharedState = Arc<Mutex<DeviceState>>;
+
+fn lock(state: &SharedState) -> MutexGuard<'_, DeviceState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn invalid(why: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, why)
+}
+
+struct Backend(SharedState);
+
+impl ServerBackend for Backend {
+    fn region_read(&mut self, _: u32, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+        Err(invalid("no regions".into()))
+    }
+
+    fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> std::io::Result<()> {
+        Err(invalid("no regions".into()))
+    }
+
+    fn dma_map(
+        &mut self,
+        _flags: DmaMapFlags,
+        offset: u64,
+        iova: u64,
+        size: u64,
+        fd: Option<File>,
+    ) -> std::io::Result<()> {
+        let mut s = lock(&self.0);
+        s.log
+            .push(format!("map {iova:#x}+{size:#x} offset {offset:#x}"));
+        if s.refuse_maps > 0 {
+            s.refuse_maps -= 1;
+            return Err(invalid("refused by request".into()));
+        }
+        let fd = fd.ok_or_else(|| invalid("DMA_MAP without an fd".into()))?;
+        let overlaps = s
+            .maps
+            .range(..iova + size)
+            .next_back()
+            .is_some_and(|(&a, m)| a + m.size > iova);
+        if size == 0 || overlaps {
+            return Err(invalid(format!("{iova:#x}+{size:#x} overlaps or is empty")));
+        }
+        // SAFETY: a fresh shared mapping of the client's fd; nothing else
+        // lives at the address the kernel picks.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if host == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        s.maps.insert(
+            iova,
+            Mapping {
+                size,
+                host: host as usize,
+            },
+        );
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, _flags: DmaUnmapFlags, iova: u64, size: u64) -> std::io::Result<()> {
+        let mut s = lock(&self.0);
+        s.log.push(format!("unmap {iova:#x}+{size:#x}"));
+        match s.maps.get(&iova) {
+            Some(m) if m.size == size => {
+                let m = s.maps.remove(&iova).expect("present");
+                // SAFETY: our own mapping of exactly `size` bytes.
+                unsafe { libc::munmap(m.host as *mut libc::c_void, m.size as usize) };
+                Ok(())
+            }
+            _ => Err(invalid(format!("{iova:#x}+{size:#x} is not one mapping"))),
+        }
+    }
+
+    fn reset(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn set_irqs(&mut self, _: u32, _: u32, _: u32, _: u32, _: Vec<File>) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serves vfio-user clients one after another; a client that goes away
+/// loses its mappings, as with a real device.
+pub fn serve(socket: &Path, state: SharedState) -> Result<std::thread::JoinHandle<()>, String> {
+    let server = Server::new(socket, false, Vec::new(), Vec::new())
+        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    std::thread::Builder::new()
+        .name("vfio-user".into())
+        .spawn(move || {
+            let mut backend = Backend(state.clone());
+            loop {
+                if let Err(e) = server.run(&mut backend) {
+                    eprintln!("ch-test-device: client session ended: {e}");
+                }
+                lock(&state).unmap_all();
+            }
+        })
+        .map_err(|e| e.to_string())
+}
+
+fn answer(state: &SharedState, line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let number = |w: &str| {
+        let parsed = match w.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => w.parse(),
+        };
+        parsed.map_err(|_| format!("bad number {w:?}"))
+    };
+    let result = match words.as_slice() {
+        ["maps"] => {
+            let s = lock(state);
+            let maps: Vec<[u64; 2]> = s.maps.iter().map(|(&a, m)| [a, m.size]).collect();
+            Ok(serde_json::to_string(&maps).expect("plain numbers"))
+        }
+        ["log"] => Ok(serde_json::to_string(&lock(state).log).expect("strings")),
+        ["refuse", n] => number(n).map(|n| {
+            lock(state).refuse_maps = n;
+            "ok".to_string()
+        }),
+        ["read", iova, len] => (|| {
+            let (iova, len) = (number(iova)?, number(len)?);
+            let s = lock(state);
+            let host = s.host(iova, len)?;
+            // SAFETY: inside a live mapping (checked above, kept by the lock);
+            // volatile because the guest may write concurrently.
+            let bytes: Vec<u8> = (0..len as usize)
+                .map(|i| unsafe { std::ptr::read_volatile((host + i) as *const u8) })
+                .collect();
+            Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+        })(),
+        ["write", iova, byte] => (|| {
+            let (iova, byte) = (number(iova)?, number(byte)?);
+            let byte = u8::try_from(byte).map_err(|_| "byte out of range".to_string())?;
+            let s = lock(state);
+            let host = s.host(iova, 1)?;
+            // SAFETY: as for read.
+            unsafe { std::ptr::write_volatile(host as *mut u8, byte) };
+            Ok("ok".to_string())
+        })(),
+        _ => Err(format!("unknown command {line:?}")),
+    };
+    result.unwrap_or_else(|e| format!("error: {e}"))
+}
+
+fn control_session(stream: UnixStream, state: &SharedState) {
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        if writeln!(writer, "{}", answer(state, &line)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers control commands, one connection after another.
+pub fn control(path: &Path, state: SharedState) -> Result<std::thread::JoinHandle<()>, String> {
+    let listener = UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                control_session(stream, &state);
+            }
+        })
+        .map_err(|e| e.to_string())
+}

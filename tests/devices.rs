@@ -1,0 +1,259 @@
+//! vfio-user devices on real KVM guests: a real `vfio_user::Server` process
+//! (ch-test-device) mmaps what the VMM maps for it, so these tests check
+//! that the device sees exactly the shared pages, reads what the guest
+//! wrote, and writes what the guest then reads.
+
+mod common;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+const A: u64 = 16 * MIB;
+const B: u64 = 17 * MIB;
+/// The last page of A+64K: the guest waits on a byte there.
+const FLAG: u64 = A + 0xf000;
+
+fn wait_for_shared(api: &std::path::Path, expected: &[(u64, u64)]) {
+    assert!(
+        wait_until(|| vmm_shared_ranges(api) == expected),
+        "shared ranges never became {expected:x?}: {:x?}",
+        vmm_shared_ranges(api)
+    );
+}
+
+#[test]
+fn vfio_user_device_follows_every_conversion() {
+    if !kvm_available("vfio_user_device_follows_every_conversion") {
+        return;
+    }
+    let dir = TempDir::new("devfollow");
+    let device = TestDevice::spawn(&dir, "dev0");
+    let ops = [
+        format!("shared@{A:#x}+64K"),
+        format!("write@{A:#x}+60K=0xa5"),
+        format!("shared@{B:#x}+8K"),
+        format!("wait@{FLAG:#x}+1=1"),
+        format!("private@{:#x}+16K", A + 0x4000),
+        format!("wait@{FLAG:#x}+1=2"),
+        format!("private@{A:#x}+64K"),
+        format!("private@{B:#x}+8K"),
+    ];
+    let guest = memconv_guest(&dir, &[&ops.join(",")], false);
+    let api = dir.path("api.sock");
+    let user_device = format!("socket={},id=dev0", device.socket.display());
+    let vmm = GuestVmm::spawn(
+        &guest,
+        &[
+            "--memory",
+            "size=256M,guest_memfd=on",
+            "--user-device",
+            &user_device,
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    wait_for_socket(&api);
+
+    // Step 1: two shared runs, the first filled by the guest.
+    let step1 = [(A, 0x10000), (B, 0x2000)];
+    wait_for_shared(&api, &step1);
+    assert_eq!(device.mapped(), step1);
+    assert_eq!(device.read(A, 16).unwrap(), vec![0xa5; 16]);
+    assert_eq!(device.read(A + 0xf000 - 16, 16).unwrap(), vec![0xa5; 16]);
+    device.write(FLAG, 1);
+
+    // Step 2: a hole converted back to private, in the middle of a mapping.
+    let step2 = [(A, 0x4000), (A + 0x8000, 0x8000), (B, 0x2000)];
+    wait_for_shared(&api, &step2);
+    assert_eq!(device.mapped(), step2);
+    let hole = device.read(A + 0x4000, 16).unwrap_err();
+    assert!(hole.contains("not mapped"), "{hole}");
+    assert_eq!(device.read(A + 0x8000, 16).unwrap(), vec![0xa5; 16]);
+    let (_, info, _) = ch_remote(&api, &["info"]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let dev = &info["devices"][0];
+    assert_eq!(dev["id"], "dev0");
+    assert_eq!(dev["kind"], "vfio-user");
+    assert_eq!(dev["dma"]["splits"], 1, "{dev}");
+    assert_eq!(dev["dma"]["entries"], 3, "{dev}");
+    device.write(FLAG, 2);
+
+    // Step 3: everything private again, nothing mapped.
+    assert_eq!(
+        vmm.wait_for_line("memconv: done"),
+        "memconv: done 8 ok 0 failed"
+    );
+    wait_for_shared(&api, &[]);
+    assert!(device.mapped().is_empty());
+}
+
+#[test]
+fn hot_added_device_gets_the_shared_runs_and_removal_unmaps_them() {
+    if !kvm_available("hot_added_device_gets_the_shared_runs_and_removal_unmaps_them") {
+        return;
+    }
+    let dir = TempDir::new("devhotplug");
+    let ops = format!(
+        "shared@{A:#x}+64K,private@{:#x}+4K,shared@{:#x}+2M,write@{:#x}+4K=0x3c",
+        A + 0x2000,
+        32 * MIB,
+        32 * MIB
+    );
+    let guest = memconv_guest(&dir, &[&ops], false);
+    let api = dir.path("api.sock");
+    let events = dir.path("events.json");
+    let vmm = GuestVmm::spawn(
+        &guest,
+        &[
+            "--memory",
+            "size=256M,guest_memfd=on",
+            "--api-socket",
+            api.to_str().unwrap(),
+            "--event-monitor",
+            &format!("path={}", events.display()),
+        ],
+    );
+    assert_eq!(
+        vmm.wait_for_line("memconv: done"),
+        "memconv: done 4 ok 0 failed"
+    );
+    let shared = vmm_shared_ranges(&api);
+    assert_eq!(
+        shared,
+        [(A, 0x2000), (A + 0x3000, 0xd000), (32 * MIB, 2 * MIB)]
+    );
+
+    let device = TestDevice::spawn(&dir, "late");
+    let config = format!("socket={},id=late", device.socket.display());
+    let (ok, out, err) = ch_remote(&api, &["add-user-device", &config]);
+    assert!(ok, "add-user-device failed: {err}");
+    let added: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(added["dma"]["entries"], 3, "one mapping per run: {added}");
+    assert_eq!(device.mapped(), shared, "replayed exactly the shared runs");
+    assert_eq!(device.read(32 * MIB, 8).unwrap(), vec![0x3c; 8]);
+
+    let (ok, _, err) = ch_remote(&api, &["add-user-device", &config]);
+    assert!(!ok && err.contains("409"), "duplicate id refused: {err}");
+    assert_eq!(device.mapping_count(), 3, "the refused add changed nothing");
+
+    let (ok, out, err) = ch_remote(&api, &["remove-device", "late"]);
+    assert!(ok, "remove-device failed: {err}");
+    let removed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(removed["dma"]["entries"], 0);
+    assert!(
+        wait_until(|| device.mapped().is_empty()),
+        "device still has mappings"
+    );
+    let (ok, _, err) = ch_remote(&api, &["remove-device", "late"]);
+    assert!(!ok && err.contains("404"), "{err}");
+    let (_, info, _) = ch_remote(&api, &["info"]);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["devices"].as_array().unwrap().len(), 0);
+    assert_eq!(vmm_shared_ranges(&api), shared, "guest state untouched");
+
+    let log = std::fs::read_to_string(&events).unwrap();
+    let device_events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["source"] == "device")
+        .collect();
+    assert_eq!(device_events.len(), 2, "{log}");
+    assert_eq!(device_events[0]["event"], "added");
+    assert_eq!(device_events[1]["event"], "removed");
+    assert_eq!(device_events[1]["properties"]["id"], "late");
+}
+
+#[test]
+fn a_device_that_refuses_a_map_fails_the_conversion_and_the_vm_runs_on() {
+    if !kvm_available("a_device_that_refuses_a_map_fails_the_conversion_and_the_vm_runs_on") {
+        return;
+    }
+    let dir = TempDir::new("devrefuse");
+    let device = TestDevice::spawn(&dir, "picky");
+    assert_eq!(device.command("refuse 1"), "ok");
+    let ops = format!("shared@{A:#x}+8K,shared@{A:#x}+8K,shared@{B:#x}+4K");
+    let guest = memconv_guest(&dir, &[&ops], false);
+    let api = dir.path("api.sock");
+    let vmm = GuestVmm::spawn(
+        &guest,
+        &[
+            "--memory",
+            "size=256M,guest_memfd=on",
+            "--user-device",
+            &format!("socket={}", device.socket.display()),
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        vmm.wait_for_line("memconv: done"),
+        "memconv: done 2 ok 1 failed"
+    );
+    let statuses: Vec<String> = vmm
+        .console()
+        .iter()
+        .filter(|l| l.contains(" op "))
+        .map(|l| l.rsplit("status=").next().unwrap().to_string())
+        .collect();
+    assert_eq!(statuses, ["listener-failed", "ok", "ok"]);
+    let expected = [(A, 0x2000), (B, 0x1000)];
+    assert_eq!(vmm_shared_ranges(&api), expected);
+    assert_eq!(device.mapped(), expected);
+    let (ok, counters, _) = ch_remote(&api, &["counters"]);
+    assert!(ok);
+    let counters: serde_json::Value = serde_json::from_str(&counters).unwrap();
+    assert_eq!(counters["conversions"]["failed"], 1);
+}
+
+#[test]
+fn a_killed_device_fails_conversions_cleanly_and_can_be_removed() {
+    if !kvm_available("a_killed_device_fails_conversions_cleanly_and_can_be_removed") {
+        return;
+    }
+    let dir = TempDir::new("devkilled");
+    let mut victim = TestDevice::spawn(&dir, "victim");
+    let releaser = TestDevice::spawn(&dir, "releaser");
+    // The releaser's DMA write lets the guest go on after the victim died.
+    let ops = format!("shared@{A:#x}+64K,wait@{FLAG:#x}+1=1,shared@{B:#x}+4K,private@{A:#x}+4K");
+    let guest = memconv_guest(&dir, &[&ops], false);
+    let api = dir.path("api.sock");
+    let vmm = GuestVmm::spawn(
+        &guest,
+        &[
+            "--memory",
+            "size=256M,guest_memfd=on",
+            "--user-device",
+            &format!("socket={},id=victim", victim.socket.display()),
+            "--user-device",
+            &format!("socket={},id=releaser", releaser.socket.display()),
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    wait_for_socket(&api);
+    wait_for_shared(&api, &[(A, 0x10000)]);
+    victim.kill();
+    releaser.write(FLAG, 1);
+    assert_eq!(
+        vmm.wait_for_line("memconv: done"),
+        "memconv: done 3 ok 1 failed"
+    );
+    let statuses: Vec<String> = vmm
+        .console()
+        .iter()
+        .filter(|l| l.contains(" op "))
+        .map(|l| l.rsplit("status=").next().unwrap().to_string())
+        .collect();
+    assert_eq!(statuses, ["ok", "ok", "listener-failed", "ok"]);
+    let expected = [(A + 0x1000, 0xf000)];
+    assert_eq!(vmm_shared_ranges(&api), expected);
+    assert_eq!(
+        releaser.mapped(),
+        expected,
+        "rolled back on the live device"
+    );
+    let (ok, _, err) = ch_remote(&api, &["remove-device", "victim"]);
+    assert!(ok, "removing the dead device failed: {err}");
+    let (ok, _, _) = ch_remote(&api, &["ping"]);
+    assert!(ok, "the VMM still answers");
+}
