@@ -35,6 +35,15 @@ pub trait RamDiscardListener: Send + Sync {
     /// The range became shared: map it. An error refuses the conversion, and
     /// the listener must then hold no mapping of the range.
     fn notify_populate(&self, section: Section) -> Result<(), ListenerError>;
+    /// Asked, with the conversion's lock held, before a `notify_discard` of
+    /// the same section: reserve what unmapping it will need, or refuse the
+    /// conversion now while nothing has changed. Either `notify_discard` or
+    /// `cancel_discard` of the section follows.
+    fn prepare_discard(&self, _section: Section) -> Result<(), ListenerError> {
+        Ok(())
+    }
+    /// Releases what `prepare_discard` reserved; the range stays shared.
+    fn cancel_discard(&self, _section: Section) {}
     /// The range stops being shared: unmap it. Cannot be refused.
     fn notify_discard(&self, section: Section);
 }

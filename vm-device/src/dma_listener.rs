@@ -39,7 +39,29 @@ pub struct DmaStats {
 struct Mappings {
     /// IOVA -> size of every mapping made and not yet unmapped.
     by_iova: BTreeMap<u64, u64>,
+    /// Entries promised to prepared discards (a split needs one more).
+    reserved: u64,
+    pending: Vec<(Section, u64)>,
     stats: DmaStats,
+}
+
+impl Mappings {
+    /// Extra entries a discard of `section` needs: a mapping that extends
+    /// past both ends of it leaves two survivors where it was one.
+    fn extra_entries(&self, section: Section) -> u64 {
+        self.by_iova
+            .range(..section.gpa)
+            .next_back()
+            .is_some_and(|(&iova, &size)| iova < section.gpa && iova + size > section.end())
+            .into()
+    }
+
+    fn release(&mut self, section: Section) {
+        if let Some(i) = self.pending.iter().position(|(s, _)| *s == section) {
+            let (_, extra) = self.pending.swap_remove(i);
+            self.reserved -= extra;
+        }
+    }
 }
 
 pub struct DmaMappingListener {
@@ -56,6 +78,8 @@ impl DmaMappingListener {
             entry_limit,
             mappings: Mutex::new(Mappings {
                 by_iova: BTreeMap::new(),
+                reserved: 0,
+                pending: Vec::new(),
                 stats: DmaStats::default(),
             }),
         }
@@ -91,7 +115,7 @@ impl DmaMappingListener {
 
     fn map(&self, m: &mut Mappings, iova: u64, size: u64) -> std::io::Result<()> {
         if let Some(limit) = self.entry_limit
-            && m.stats.entries >= limit
+            && m.stats.entries + m.reserved >= limit
         {
             return Err(std::io::Error::other(format!(
                 "DMA entry limit of {limit} mappings reached"
@@ -131,8 +155,30 @@ impl RamDiscardListener for DmaMappingListener {
         })
     }
 
+    fn prepare_discard(&self, section: Section) -> Result<(), ListenerError> {
+        let mut m = self.lock();
+        let extra = m.extra_entries(section);
+        if let Some(limit) = self.entry_limit
+            && m.stats.entries + m.reserved + extra > limit
+        {
+            m.stats.refused += 1;
+            return Err(ListenerError(format!(
+                "DMA entry limit of {limit} mappings reached: unmapping {:#x}+{:#x} would split a mapping",
+                section.gpa, section.size
+            )));
+        }
+        m.reserved += extra;
+        m.pending.push((section, extra));
+        Ok(())
+    }
+
+    fn cancel_discard(&self, section: Section) {
+        self.lock().release(section);
+    }
+
     fn notify_discard(&self, section: Section) {
         let mut m = self.lock();
+        m.release(section);
         let overlapping: Vec<(u64, u64)> = m
             .by_iova
             .range(..section.end())
@@ -250,6 +296,34 @@ mod tests {
         assert!(err.0.contains("0x3000+0x1000"), "{err}");
         assert_eq!(l.mappings(), vec![section(0x1000, 0x1000)]);
         assert_eq!(l.mappings(), iommu.mappings());
+    }
+
+    #[test]
+    fn a_split_at_the_entry_limit_is_refused_before_anything_changes() {
+        let iommu = Arc::new(FakeIommu::new(None));
+        let l = DmaMappingListener::new(iommu.clone(), Some(2));
+        l.notify_populate(section(0x10000, 0x4000)).unwrap();
+        l.notify_populate(section(0x20000, 0x1000)).unwrap();
+        let middle = section(0x11000, 0x1000);
+        let err = l.prepare_discard(middle).unwrap_err();
+        assert!(err.0.contains("would split"), "{err}");
+        // An edge cut needs no extra entry.
+        let edge = section(0x10000, 0x1000);
+        l.prepare_discard(edge).unwrap();
+        l.notify_discard(edge);
+        assert_eq!(
+            iommu.mappings(),
+            vec![section(0x11000, 0x3000), section(0x20000, 0x1000)]
+        );
+        // With room, a prepared split holds its entry against populates.
+        let roomy = DmaMappingListener::new(iommu.clone(), Some(3));
+        roomy.notify_populate(section(0x40000, 0x3000)).unwrap();
+        roomy.notify_populate(section(0x50000, 0x1000)).unwrap();
+        roomy.prepare_discard(section(0x41000, 0x1000)).unwrap();
+        assert!(roomy.notify_populate(section(0x60000, 0x1000)).is_err());
+        roomy.notify_discard(section(0x41000, 0x1000));
+        assert_eq!(roomy.stats().entries, 3);
+        assert_eq!(roomy.stats().lost_remaps, 0);
     }
 
     #[test]

@@ -303,4 +303,6 @@ impl DeviceManager {
 }
 
 #[cfg(test)]
+mod exact_unmap_proptest;
+#[cfg(test)]
 mod tests;

@@ -4,7 +4,8 @@
 //! 2. locks the regions involved, in ascending address order,
 //! 3. sets the KVM memory attributes where the VM type supports them,
 //! 4. notifies listeners: to-shared maps (rolled back everywhere on the first
-//!    refusal), to-private unmaps,
+//!    refusal); to-private first lets every listener reserve what its unmaps
+//!    need (refusable, before step 3), then unmaps,
 //! 5. records the new state and discards the backing no longer used.
 //!
 //! To-private unmaps before the shared backing is discarded, so no device
@@ -107,9 +108,28 @@ impl MemoryManager {
             });
         }
 
+        // Devices that cannot unmap without more IOMMU entries than they may
+        // use refuse here, before anything (KVM attributes included) changes.
+        if !to_shared {
+            for i in 0..pieces.len() {
+                if let Err(e) = pieces[i].state.prepare_discard(pieces[i].range) {
+                    for done in &pieces[..i] {
+                        done.state.cancel_discard(done.range);
+                    }
+                    pieces[i].state.record_failure();
+                    return Err(ConversionFailure::ListenerFailed(e));
+                }
+            }
+        }
+
         if self.vm.supports_memory_attributes()
             && let Err(e) = self.vm.set_memory_attributes(gpa, size, !to_shared)
         {
+            if !to_shared {
+                for piece in &pieces {
+                    piece.state.cancel_discard(piece.range);
+                }
+            }
             pieces[0].state.record_failure();
             return Err(ConversionFailure::Hypervisor(e));
         }

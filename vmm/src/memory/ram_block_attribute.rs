@@ -303,7 +303,47 @@ impl AttributeState {
         }
     }
 
-    /// To-private: listeners unmap every shared run of `range`.
+    /// Phase 1 of a to-private change: every listener reserves what
+    /// unmapping the shared runs of `range` needs. On failure nothing is
+    /// reserved any more and the bitmap is untouched.
+    pub fn prepare_discard(&self, range: PageRange) -> Result<(), AttributeError> {
+        for (index, reg) in self.listeners.iter().enumerate() {
+            if let Err((failed, source)) = self.runs_for(range, &reg.section, true, |s| {
+                reg.listener.prepare_discard(s)
+            }) {
+                for earlier in &self.listeners[..index] {
+                    self.cancel_prepared(range, earlier, None);
+                }
+                self.cancel_prepared(range, reg, Some(failed.gpa));
+                return Err(AttributeError::ListenerFailed {
+                    gpa: failed.gpa,
+                    size: failed.size,
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes a successful `prepare_discard` of `range`.
+    pub fn cancel_discard(&self, range: PageRange) {
+        for reg in &self.listeners {
+            self.cancel_prepared(range, reg, None);
+        }
+    }
+
+    fn cancel_prepared(&self, range: PageRange, reg: &Registered, stop_at: Option<u64>) {
+        let _ = self.runs_for(range, &reg.section, true, |s| {
+            if stop_at.is_some_and(|limit| s.gpa >= limit) {
+                return Err(());
+            }
+            reg.listener.cancel_discard(s);
+            Ok(())
+        });
+    }
+
+    /// Phase 2 of a to-private change: listeners unmap every shared run of
+    /// `range`.
     pub fn notify_discard(&self, range: PageRange) {
         for reg in &self.listeners {
             let _ = self.runs_for(range, &reg.section, true, |s| {
@@ -355,13 +395,15 @@ impl AttributeState {
                 return Err(e);
             }
         };
-        if to_shared {
-            if let Err(e) = self.notify_populate(range) {
-                self.record_failure();
-                return Err(e);
-            }
+        let notified = if to_shared {
+            self.notify_populate(range)
         } else {
-            self.notify_discard(range);
+            self.prepare_discard(range)
+                .map(|()| self.notify_discard(range))
+        };
+        if let Err(e) = notified {
+            self.record_failure();
+            return Err(e);
         }
         Ok(self.commit(range, to_shared))
     }
