@@ -1,0 +1,137 @@
+//! The cost a vfio-user device adds to a conversion. Against a real
+//! `vfio_user::Server` (the in-process test device, which mmaps every map):
+//!
+//! - baseline: a bare DMA_MAP + DMA_UNMAP pair of 4 KiB with the crate's
+//!   `vfio_user::Client`;
+//! - the same pair with our client (`VfioUserClient`);
+//! - a 4 KiB conversion pair (to shared, to private) through a
+//!   RamBlockAttribute with the device's `DmaMappingListener` registered,
+//!   which sends exactly that map and unmap.
+//!
+//! Run: `cargo bench -p vmm --bench vfio_user`
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use vm_device::{DmaMappingListener, ExternalDmaMapping, Section};
+use vmm::device_manager::vfio_user_client::VfioUserClient;
+use vmm::memory::RamBlockAttribute;
+
+const RAM: u64 = 64 << 20;
+const BASE: u64 = 1 << 32;
+const PAGE: u64 = 4096;
+
+struct Device {
+    socket: PathBuf,
+    dir: PathBuf,
+    ram: OwnedFd,
+}
+
+fn start_device() -> Device {
+    let dir = std::env::temp_dir().join(format!("ch-vfio-user-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("dev.sock");
+    let state = test_device::SharedState::default();
+    test_device::control(&dir.join("dev.ctl"), state.clone()).unwrap();
+    test_device::serve(&socket, state).unwrap();
+    // SAFETY: memfd_create with a static name; the fd is owned right away.
+    let fd = unsafe { libc::memfd_create(c"bench-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: fd was just returned to us and is owned by nobody else.
+    let ram = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate on our own fd.
+    assert_eq!(unsafe { libc::ftruncate(ram.as_raw_fd(), RAM as i64) }, 0);
+    Device { socket, dir, ram }
+}
+
+/// Guest RAM at BASE backed by the memfd, as the VMM's vfio-user DMA does it.
+struct MemfdDma {
+    client: Mutex<VfioUserClient>,
+    fd: i32,
+}
+
+impl ExternalDmaMapping for MemfdDma {
+    fn map(&self, iova: u64, gpa: u64, size: u64) -> std::io::Result<()> {
+        self.client
+            .lock()
+            .unwrap()
+            .dma_map(iova, size, self.fd, gpa - BASE)
+            .map_err(std::io::Error::other)
+    }
+
+    fn unmap(&self, iova: u64, size: u64) -> std::io::Result<()> {
+        self.client
+            .lock()
+            .unwrap()
+            .dma_unmap(iova, size)
+            .map_err(std::io::Error::other)
+    }
+}
+
+fn connect(device: &Device) -> VfioUserClient {
+    VfioUserClient::connect(&device.socket, Duration::from_secs(5)).unwrap()
+}
+
+/// The test device serves one client at a time; a dropped client frees it.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(50));
+}
+
+fn vfio_user(c: &mut Criterion) {
+    let device = start_device();
+    let fd = device.ram.as_raw_fd();
+    let mut group = c.benchmark_group("vfio_user_4k");
+    group.sample_size(20).measurement_time(Duration::from_secs(5));
+
+    {
+        let mut client = vfio_user::Client::new(&device.socket).unwrap();
+        group.bench_function("crate_client_map_unmap (baseline)", |b| {
+            b.iter(|| {
+                client.dma_map(0, BASE, PAGE, fd).unwrap();
+                client.dma_unmap(BASE, PAGE).unwrap();
+            })
+        });
+    }
+    settle();
+    {
+        let mut client = connect(&device);
+        group.bench_function("our_client_map_unmap", |b| {
+            b.iter(|| {
+                client.dma_map(BASE, PAGE, fd, 0).unwrap();
+                client.dma_unmap(BASE, PAGE).unwrap();
+            })
+        });
+    }
+    settle();
+    {
+        let dma = Arc::new(MemfdDma {
+            client: Mutex::new(connect(&device)),
+            fd,
+        });
+        let rba = RamBlockAttribute::new(BASE, RAM);
+        let listener = Arc::new(DmaMappingListener::new(dma, None));
+        rba.register_listener(
+            listener,
+            Section {
+                gpa: BASE,
+                size: RAM,
+            },
+        )
+        .unwrap();
+        group.bench_function("conversion_pair_with_listener", |b| {
+            b.iter(|| {
+                rba.state_change(0, PAGE, true).unwrap();
+                rba.state_change(0, PAGE, false).unwrap();
+            })
+        });
+    }
+    group.finish();
+    let _ = std::fs::remove_dir_all(&device.dir);
+}
+
+criterion_group!(benches, vfio_user);
+criterion_main!(benches);
