@@ -85,7 +85,9 @@ fn vfio_user(c: &mut Criterion) {
     let device = start_device();
     let fd = device.ram.as_raw_fd();
     let mut group = c.benchmark_group("vfio_user_4k");
-    group.sample_size(20).measurement_time(Duration::from_secs(5));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5));
 
     {
         let mut client = vfio_user::Client::new(&device.socket).unwrap();
