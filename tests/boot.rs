@@ -62,12 +62,7 @@ fn bad_conversions_get_an_error_status_and_the_vmm_keeps_running() {
         vmm.wait_for_line("memconv: done"),
         "memconv: done 1 ok 6 failed"
     );
-    let statuses: Vec<String> = vmm
-        .console()
-        .iter()
-        .filter(|l| l.contains(" op "))
-        .map(|l| l.rsplit("status=").next().unwrap().to_string())
-        .collect();
+    let statuses = vmm.op_statuses();
     assert_eq!(
         statuses,
         [

@@ -189,12 +189,7 @@ fn a_device_that_refuses_a_map_fails_the_conversion_and_the_vm_runs_on() {
         vmm.wait_for_line("memconv: done"),
         "memconv: done 2 ok 1 failed"
     );
-    let statuses: Vec<String> = vmm
-        .console()
-        .iter()
-        .filter(|l| l.contains(" op "))
-        .map(|l| l.rsplit("status=").next().unwrap().to_string())
-        .collect();
+    let statuses = vmm.op_statuses();
     assert_eq!(statuses, ["listener-failed", "ok", "ok"]);
     let expected = [(A, 0x2000), (B, 0x1000)];
     assert_eq!(vmm_shared_ranges(&api), expected);
@@ -238,12 +233,7 @@ fn a_killed_device_fails_conversions_cleanly_and_can_be_removed() {
         vmm.wait_for_line("memconv: done"),
         "memconv: done 3 ok 1 failed"
     );
-    let statuses: Vec<String> = vmm
-        .console()
-        .iter()
-        .filter(|l| l.contains(" op "))
-        .map(|l| l.rsplit("status=").next().unwrap().to_string())
-        .collect();
+    let statuses = vmm.op_statuses();
     assert_eq!(statuses, ["ok", "ok", "listener-failed", "ok"]);
     let expected = [(A + 0x1000, 0xf000)];
     assert_eq!(vmm_shared_ranges(&api), expected);

@@ -131,6 +131,15 @@ impl GuestVmm {
         }
     }
 
+    /// The `status=` of every memconv op line, in order.
+    pub fn op_statuses(&self) -> Vec<String> {
+        self.console()
+            .iter()
+            .filter(|l| l.contains(" op "))
+            .map(|l| l.rsplit("status=").next().unwrap().to_string())
+            .collect()
+    }
+
     pub fn console(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
     }

@@ -260,6 +260,22 @@ fn check_id(option: &'static str, id: &str) -> Result<(), ConfigError> {
     }
 }
 
+fn check_path(
+    option: &'static str,
+    key: &'static str,
+    path: &std::path::Path,
+) -> Result<(), ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(ConfigError::Invalid {
+            option,
+            key,
+            value: String::new(),
+            why: "empty path",
+        });
+    }
+    Ok(())
+}
+
 /// `--device path=/sys/bus/pci/devices/BDF/[,id=ID]`: a VFIO device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -289,14 +305,7 @@ impl DeviceConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.path.as_os_str().is_empty() {
-            return Err(ConfigError::Invalid {
-                option: "--device",
-                key: "path",
-                value: String::new(),
-                why: "empty path",
-            });
-        }
+        check_path("--device", "path", &self.path)?;
         self.id
             .as_deref()
             .map_or(Ok(()), |id| check_id("--device", id))
@@ -332,14 +341,7 @@ impl UserDeviceConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.socket.as_os_str().is_empty() {
-            return Err(ConfigError::Invalid {
-                option: "--user-device",
-                key: "socket",
-                value: String::new(),
-                why: "empty path",
-            });
-        }
+        check_path("--user-device", "socket", &self.socket)?;
         self.id
             .as_deref()
             .map_or(Ok(()), |id| check_id("--user-device", id))

@@ -53,6 +53,15 @@ fn convert(
         .map(|o| o.changed_pages)
 }
 
+fn listener_count(memory: &MemoryManager) -> usize {
+    memory.regions()[0]
+        .attributes
+        .as_ref()
+        .unwrap()
+        .lock()
+        .listener_count()
+}
+
 fn shared_runs(memory: &MemoryManager) -> Vec<Section> {
     let attrs = memory.regions()[0].attributes.as_ref().unwrap();
     let mut runs = Vec::new();
@@ -98,15 +107,7 @@ fn attach_replays_and_conversions_follow() {
     let removed = dm.remove("dev0").unwrap();
     assert_eq!(removed.dma.entries, 0);
     assert!(iommu.mappings().is_empty());
-    assert_eq!(
-        memory.regions()[0]
-            .attributes
-            .as_ref()
-            .unwrap()
-            .lock()
-            .listener_count(),
-        0
-    );
+    assert_eq!(listener_count(&memory), 0);
     // The guest's state is untouched by the removal.
     assert_eq!(shared_runs(&memory).len(), 3);
 }
@@ -146,15 +147,7 @@ fn a_failed_attach_leaves_no_listener_and_no_mapping() {
     assert!(matches!(err, DeviceError::Register { .. }), "{err}");
     assert!(iommu.mappings().is_empty());
     assert!(dm.info().is_empty());
-    assert_eq!(
-        memory.regions()[0]
-            .attributes
-            .as_ref()
-            .unwrap()
-            .lock()
-            .listener_count(),
-        0
-    );
+    assert_eq!(listener_count(&memory), 0);
     // A later conversion reaches no leftover listener.
     convert(&memory, 20 * MIB, 4096, true).unwrap();
     assert!(iommu.mappings().is_empty());

@@ -262,30 +262,26 @@ impl AttributeState {
             })
     }
 
-    /// Takes back from `reg` the private runs of `range` it was told to map:
-    /// all of them, or only those before `stop_at` (the run it refused).
-    fn discard_populated(&self, range: PageRange, reg: &Registered, stop_at: Option<u64>) {
-        let _ = self.runs_for(range, &reg.section, false, |s| {
-            if stop_at.is_some_and(|limit| s.gpa >= limit) {
-                return Err(());
-            }
-            reg.listener.notify_discard(s);
-            Ok(())
-        });
-    }
-
-    /// Phase 1 of a to-shared change: tells every listener about the private
-    /// runs of `range`. On failure every notification of this call has been
-    /// undone and the bitmap is untouched.
-    pub fn notify_populate(&self, range: PageRange) -> Result<(), AttributeError> {
+    /// Phase 1 of a change, shared by both directions: offers every listener
+    /// each run of `range` in state `shared` through `offer`. On the first
+    /// refusal every offer of this call (earlier listeners, and the refusing
+    /// listener's runs before the refused one) is withdrawn through
+    /// `withdraw`, and the refusal is returned. The bitmap is not touched.
+    fn offer_all(
+        &self,
+        range: PageRange,
+        shared: bool,
+        offer: impl Fn(&dyn RamDiscardListener, Section) -> Result<(), ListenerError>,
+        withdraw: impl Fn(&dyn RamDiscardListener, Section),
+    ) -> Result<(), AttributeError> {
         for (index, reg) in self.listeners.iter().enumerate() {
-            if let Err((failed, source)) = self.runs_for(range, &reg.section, false, |s| {
-                reg.listener.notify_populate(s)
+            if let Err((failed, source)) = self.runs_for(range, &reg.section, shared, |s| {
+                offer(reg.listener.as_ref(), s)
             }) {
                 for earlier in &self.listeners[..index] {
-                    self.discard_populated(range, earlier, None);
+                    self.withdraw(range, earlier, shared, None, &withdraw);
                 }
-                self.discard_populated(range, reg, Some(failed.gpa));
+                self.withdraw(range, reg, shared, Some(failed.gpa), &withdraw);
                 return Err(AttributeError::ListenerFailed {
                     gpa: failed.gpa,
                     size: failed.size,
@@ -294,52 +290,69 @@ impl AttributeState {
             }
         }
         Ok(())
+    }
+
+    /// Withdraws from `reg` what `offer_all` gave it: all runs, or only
+    /// those before `stop_at` (the run it refused).
+    fn withdraw(
+        &self,
+        range: PageRange,
+        reg: &Registered,
+        shared: bool,
+        stop_at: Option<u64>,
+        withdraw: &impl Fn(&dyn RamDiscardListener, Section),
+    ) {
+        let _ = self.runs_for(range, &reg.section, shared, |s| {
+            if stop_at.is_some_and(|limit| s.gpa >= limit) {
+                return Err(());
+            }
+            withdraw(reg.listener.as_ref(), s);
+            Ok(())
+        });
+    }
+
+    fn withdraw_all(
+        &self,
+        range: PageRange,
+        shared: bool,
+        withdraw: impl Fn(&dyn RamDiscardListener, Section),
+    ) {
+        for reg in &self.listeners {
+            self.withdraw(range, reg, shared, None, &withdraw);
+        }
+    }
+
+    /// Phase 1 of a to-shared change: every listener maps the private runs
+    /// of `range`. On failure every map of this call has been undone.
+    pub fn notify_populate(&self, range: PageRange) -> Result<(), AttributeError> {
+        self.offer_all(
+            range,
+            false,
+            |l, s| l.notify_populate(s),
+            |l, s| l.notify_discard(s),
+        )
     }
 
     /// Undoes a successful `notify_populate` of `range` (bitmap unchanged since).
     pub fn undo_populate(&self, range: PageRange) {
-        for reg in &self.listeners {
-            self.discard_populated(range, reg, None);
-        }
+        self.withdraw_all(range, false, |l, s| l.notify_discard(s));
     }
 
     /// Phase 1 of a to-private change: every listener reserves what
     /// unmapping the shared runs of `range` needs. On failure nothing is
-    /// reserved any more and the bitmap is untouched.
+    /// reserved any more.
     pub fn prepare_discard(&self, range: PageRange) -> Result<(), AttributeError> {
-        for (index, reg) in self.listeners.iter().enumerate() {
-            if let Err((failed, source)) = self.runs_for(range, &reg.section, true, |s| {
-                reg.listener.prepare_discard(s)
-            }) {
-                for earlier in &self.listeners[..index] {
-                    self.cancel_prepared(range, earlier, None);
-                }
-                self.cancel_prepared(range, reg, Some(failed.gpa));
-                return Err(AttributeError::ListenerFailed {
-                    gpa: failed.gpa,
-                    size: failed.size,
-                    source,
-                });
-            }
-        }
-        Ok(())
+        self.offer_all(
+            range,
+            true,
+            |l, s| l.prepare_discard(s),
+            |l, s| l.cancel_discard(s),
+        )
     }
 
     /// Undoes a successful `prepare_discard` of `range`.
     pub fn cancel_discard(&self, range: PageRange) {
-        for reg in &self.listeners {
-            self.cancel_prepared(range, reg, None);
-        }
-    }
-
-    fn cancel_prepared(&self, range: PageRange, reg: &Registered, stop_at: Option<u64>) {
-        let _ = self.runs_for(range, &reg.section, true, |s| {
-            if stop_at.is_some_and(|limit| s.gpa >= limit) {
-                return Err(());
-            }
-            reg.listener.cancel_discard(s);
-            Ok(())
-        });
+        self.withdraw_all(range, true, |l, s| l.cancel_discard(s));
     }
 
     /// Phase 2 of a to-private change: listeners unmap every shared run of
