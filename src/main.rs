@@ -13,6 +13,7 @@ use vmm::config::{
     ConsoleOutput, CpusConfig, DeviceConfig, EventMonitorConfig, MemoryConfig, UserDeviceConfig,
     VmConfig,
 };
+use vmm::seccomp_filters::SeccompMode;
 use vmm::{VmmOptions, error_chain};
 
 #[derive(Parser, Debug)]
@@ -56,6 +57,12 @@ struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace).
     #[arg(short = 'v', action = ArgAction::Count)]
     verbosity: u8,
+    /// Seccomp filters on every VMM thread: `false` disables them for
+    /// debugging, `log` lets the kernel log violations instead of stopping
+    /// the VMM.
+    #[arg(long, value_name = SeccompMode::SYNTAX, default_value = "true",
+          value_parser = SeccompMode::parse)]
+    seccomp: SeccompMode,
     /// Print what this host's KVM supports as JSON and exit.
     #[arg(long)]
     capabilities: bool,
@@ -91,6 +98,7 @@ fn main() -> ExitCode {
         },
         api_socket: cli.api_socket,
         event_monitor: cli.event_monitor,
+        seccomp: cli.seccomp,
     };
     match vmm::run(options) {
         Ok(0) => ExitCode::SUCCESS,

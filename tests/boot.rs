@@ -117,33 +117,6 @@ fn split_layout_boots_and_converts() {
 }
 
 #[test]
-fn sigterm_stops_the_vmm_cleanly() {
-    if !kvm_available("sigterm_stops_the_vmm_cleanly") {
-        return;
-    }
-    let dir = TempDir::new("sigterm");
-    let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], false);
-    let mut vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=64M,guest_memfd=on",
-            "--cpus",
-            "boot=2",
-            "-vv",
-        ],
-    );
-    vmm.wait_for_line("memconv: done");
-    vmm.signal(libc::SIGTERM);
-    assert!(vmm.wait_exit(TIMEOUT).success());
-    let log = vmm.stderr();
-    assert!(
-        log.contains("vCPU 0 stopped") && log.contains("vCPU 1 stopped"),
-        "{log}"
-    );
-}
-
-#[test]
 fn serial_to_file_and_off() {
     if !kvm_available("serial_to_file_and_off") {
         return;

@@ -84,6 +84,7 @@ impl Bench {
             &self.hypervisor,
             events,
             Arc::new(EventMonitor::disabled()),
+            None,
         )
         .expect("boot");
         loop {

@@ -12,6 +12,7 @@ pub mod device_manager;
 mod elf;
 pub mod event_monitor;
 pub mod memory;
+pub mod seccomp_filters;
 mod vcpu;
 pub mod vm;
 
@@ -25,6 +26,7 @@ use serde_json::json;
 
 use crate::config::{EventMonitorConfig, VmConfig};
 use crate::event_monitor::EventMonitor;
+use crate::seccomp_filters::{SeccompError, SeccompMode, Thread};
 use crate::vm::{Vm, VmError};
 
 /// "outer: inner: innermost" for any error with sources.
@@ -57,6 +59,10 @@ pub enum VmmError {
     EventMonitor(#[source] std::io::Error),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("cannot start the signal handler thread")]
+    SignalThread(#[source] SeccompError),
+    #[error("cannot set up seccomp")]
+    Seccomp(#[source] SeccompError),
     #[error("cannot boot the VM")]
     Vm(#[source] VmError),
     #[error("cannot start the API server")]
@@ -67,21 +73,48 @@ pub struct VmmOptions {
     pub vm: VmConfig,
     pub api_socket: Option<PathBuf>,
     pub event_monitor: Option<EventMonitorConfig>,
+    pub seccomp: SeccompMode,
 }
 
-fn spawn_signal_thread(events: Sender<VmmEvent>) -> std::io::Result<()> {
+fn spawn_signal_thread(
+    events: Sender<VmmEvent>,
+    filter: Option<seccompiler::BpfProgram>,
+) -> Result<(), VmmError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    std::thread::Builder::new()
-        .name("vmm_signal_handler".into())
-        .spawn(move || {
-            for signal in signals.forever() {
-                if events.send(VmmEvent::Signal(signal)).is_err() {
-                    break;
-                }
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(VmmError::Signals)?;
+    seccomp_filters::spawn_filtered("vmm_signal_handler".into(), filter, move || {
+        for signal in signals.forever() {
+            if events.send(VmmEvent::Signal(signal)).is_err() {
+                break;
             }
-        })?;
+        }
+    })
+    .map_err(VmmError::SignalThread)?;
     Ok(())
+}
+
+/// Every thread's filter, built before anything starts so a bad filter
+/// fails the launch rather than a thread.
+struct ThreadFilters {
+    vmm: Option<seccompiler::BpfProgram>,
+    vcpu: Option<seccompiler::BpfProgram>,
+    http: Option<seccompiler::BpfProgram>,
+    signal: Option<seccompiler::BpfProgram>,
+}
+
+impl ThreadFilters {
+    fn build(mode: SeccompMode) -> Result<Self, SeccompError> {
+        if mode != SeccompMode::Off {
+            seccomp_filters::install_violation_reporter()?;
+        }
+        Ok(ThreadFilters {
+            vmm: seccomp_filters::filter(mode, Thread::Vmm)?,
+            vcpu: seccomp_filters::filter(mode, Thread::Vcpu)?,
+            http: seccomp_filters::filter(mode, Thread::HttpServer)?,
+            signal: seccomp_filters::filter(mode, Thread::SignalHandler)?,
+        })
+    }
 }
 
 /// Boots the VM and runs the control loop until the guest powers off, a
@@ -91,18 +124,33 @@ pub fn run(options: VmmOptions) -> Result<i32, VmmError> {
         Some(config) => EventMonitor::open(config).map_err(VmmError::EventMonitor)?,
         None => EventMonitor::disabled(),
     });
+    let filters = ThreadFilters::build(options.seccomp).map_err(VmmError::Seccomp)?;
     let hypervisor = KvmHypervisor::new().map_err(VmmError::Hypervisor)?;
     let (events_tx, events_rx) = channel();
-    spawn_signal_thread(events_tx.clone()).map_err(VmmError::Signals)?;
+    spawn_signal_thread(events_tx.clone(), filters.signal)?;
     // The socket comes first so a busy path fails before anything boots.
     let mut api_server = options
         .api_socket
         .as_deref()
-        .map(|path| api::http::ApiServer::start(path, events_tx.clone()))
+        .map(|path| api::http::ApiServer::start(path, events_tx.clone(), filters.http))
         .transpose()
         .map_err(VmmError::Api)?;
-    let mut vm = Vm::boot(options.vm, &hypervisor, events_tx.clone(), monitor.clone())
-        .map_err(VmmError::Vm)?;
+    let mut vm = Vm::boot(
+        options.vm,
+        &hypervisor,
+        events_tx.clone(),
+        monitor.clone(),
+        filters.vcpu,
+    )
+    .map_err(VmmError::Vm)?;
+    // The control loop locks itself down once the VM is built: its filter
+    // need not allow creating one.
+    if let Some(program) = &filters.vmm
+        && let Err(e) = seccomp_filters::apply(program)
+    {
+        vm.shutdown();
+        return Err(VmmError::Seccomp(e));
+    }
     let code = control_loop(&events_rx, &mut vm);
     vm.shutdown();
     // Joining the HTTP thread lets a pending shutdown answer reach its client.

@@ -12,8 +12,11 @@ use log::{debug, error, warn};
 use vm_device::Bus;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
+use seccompiler::BpfProgram;
+
 use crate::VmmEvent;
 use crate::conversion_path::ConversionPath;
+use crate::seccomp_filters::{SeccompError, spawn_filtered};
 
 /// Signal used to kick a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
@@ -44,11 +47,18 @@ pub struct VcpuHandle {
     thread: Option<JoinHandle<()>>,
 }
 
-pub fn start(index: u8, vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) -> std::io::Result<VcpuHandle> {
+/// Starts vCPU `index` on its own thread, under `filter` from its first
+/// guest instruction on.
+pub fn start(
+    index: u8,
+    vcpu: Box<dyn Vcpu>,
+    ctx: Arc<VcpuContext>,
+    filter: Option<BpfProgram>,
+) -> Result<VcpuHandle, SeccompError> {
     install_kick_handler();
-    let thread = std::thread::Builder::new()
-        .name(format!("vcpu{index}"))
-        .spawn(move || run(index, vcpu, &ctx))?;
+    let thread = spawn_filtered(format!("vcpu{index}"), filter, move || {
+        run(index, vcpu, &ctx)
+    })?;
     Ok(VcpuHandle {
         index,
         thread: Some(thread),

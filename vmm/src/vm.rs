@@ -57,7 +57,7 @@ pub enum VmError {
     #[error("cannot set up vCPU")]
     VcpuSetup(#[source] BootError),
     #[error("cannot start vCPU thread")]
-    VcpuThread(#[source] std::io::Error),
+    VcpuThread(#[source] crate::seccomp_filters::SeccompError),
     #[error("cannot add device")]
     Device(#[source] DeviceError),
 }
@@ -99,6 +99,7 @@ impl Vm {
         hypervisor: &dyn Hypervisor,
         events: Sender<VmmEvent>,
         monitor: Arc<EventMonitor>,
+        vcpu_filter: Option<seccompiler::BpfProgram>,
     ) -> Result<Vm, VmError> {
         let kernel_path = config.kernel.display().to_string();
         let kernel = std::fs::read(&config.kernel).map_err(|source| VmError::ReadKernel {
@@ -190,7 +191,7 @@ impl Vm {
         // Announced before any vCPU runs, so no conversion event precedes it.
         monitor.emit("vm", "booted", vm.info());
         for (index, vcpu) in created.into_iter().enumerate() {
-            match vcpu::start(index as u8, vcpu, ctx.clone()) {
+            match vcpu::start(index as u8, vcpu, ctx.clone(), vcpu_filter.clone()) {
                 Ok(handle) => vm.vcpus.push(handle),
                 Err(e) => {
                     vm.shutdown();
@@ -214,7 +215,9 @@ impl Vm {
         for vcpu in &mut self.vcpus {
             vcpu.stop();
         }
-        self.devices.remove_all();
+        for info in self.devices.remove_all() {
+            self.monitor.emit("device", "removed", json!(info));
+        }
         self.state = VmState::Shutdown;
     }
 

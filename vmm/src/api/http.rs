@@ -36,7 +36,9 @@ pub enum ApiServerError {
     #[error("cannot restrict permissions of {0}")]
     Permissions(PathBuf, #[source] std::io::Error),
     #[error("cannot start the HTTP thread")]
-    Thread(#[source] std::io::Error),
+    Thread(#[source] crate::seccomp_filters::SeccompError),
+    #[error("the HTTP thread died while binding")]
+    Died,
 }
 
 /// Why a request never reached the VMM.
@@ -204,14 +206,36 @@ fn bind(path: &Path) -> Result<Server, ApiServerError> {
 }
 
 impl ApiServer {
-    pub fn start(path: &Path, to_vmm: Sender<VmmEvent>) -> Result<ApiServer, ApiServerError> {
-        let server = bind(path)?;
+    /// Binds `path` and serves it on the "http-server" thread under
+    /// `filter`. The socket is bound on that thread, after its filter is in
+    /// place, because tiny_http starts its acceptor and connection threads
+    /// there and they inherit the filter.
+    pub fn start(
+        path: &Path,
+        to_vmm: Sender<VmmEvent>,
+        filter: Option<seccompiler::BpfProgram>,
+    ) -> Result<ApiServer, ApiServerError> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("http-server".into())
-            .spawn(move || serve(&server, &to_vmm, &thread_stop))
+        let (bound_tx, bound_rx) = std::sync::mpsc::sync_channel(1);
+        let bind_path = path.to_path_buf();
+        let thread =
+            crate::seccomp_filters::spawn_filtered("http-server".into(), filter, move || {
+                let server = match bind(&bind_path) {
+                    Ok(server) => server,
+                    Err(e) => {
+                        let _ = bound_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = bound_tx.send(Ok(()));
+                serve(&server, &to_vmm, &thread_stop);
+            })
             .map_err(ApiServerError::Thread)?;
+        if let Err(e) = bound_rx.recv().unwrap_or(Err(ApiServerError::Died)) {
+            let _ = thread.join();
+            return Err(e);
+        }
         info!("API listening on {}", path.display());
         Ok(ApiServer {
             path: path.to_path_buf(),

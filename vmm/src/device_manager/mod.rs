@@ -282,11 +282,10 @@ impl DeviceManager {
 
     /// Detaches every device (VMM shutdown): devices stop seeing guest RAM
     /// before it goes away.
-    pub fn remove_all(&mut self) {
+    /// Detaches every device; returns what each had when it went.
+    pub fn remove_all(&mut self) -> Vec<DeviceInfo> {
         let ids: Vec<String> = self.devices.iter().map(|d| d.id.clone()).collect();
-        for id in ids {
-            let _ = self.remove(&id);
-        }
+        ids.iter().filter_map(|id| self.remove(id).ok()).collect()
     }
 
     pub fn info(&self) -> Vec<DeviceInfo> {

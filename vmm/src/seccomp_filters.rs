@@ -1,0 +1,608 @@
+// Copyright © 2026 The project authors
+// SPDX-License-Identifier: Apache-2.0
+
+//! Per-thread seccomp filters. Every VMM thread installs the filter for its
+//! job before it touches guest-controlled input; a syscall outside it raises
+//! SIGSYS (or is only logged by the kernel in `log` mode).
+//!
+//! The lists were taken from what each thread really calls (strace over the
+//! integration suite) plus the paths this machine cannot exercise (VFIO), and
+//! are kept honest by the integration tests, which all run with filters on.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::sync_channel;
+use std::thread::JoinHandle;
+
+use libc::c_long;
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
+};
+use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
+
+/// How filters are enforced (`--seccomp true|false|log`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SeccompMode {
+    /// A forbidden syscall raises SIGSYS; the VMM reports it and exits.
+    #[default]
+    Enforce,
+    /// The kernel logs forbidden syscalls and lets them run (debugging).
+    Log,
+    /// No filters.
+    Off,
+}
+
+impl SeccompMode {
+    pub const SYNTAX: &'static str = "true|false|log";
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "true" | "on" => Ok(SeccompMode::Enforce),
+            "false" | "off" => Ok(SeccompMode::Off),
+            "log" => Ok(SeccompMode::Log),
+            other => Err(format!("expected {}, got {other:?}", Self::SYNTAX)),
+        }
+    }
+}
+
+/// The jobs a VMM thread can have; each has its own allow-list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Thread {
+    /// The control loop, once the VM is built: API requests, device
+    /// hot-plug, shutdown.
+    Vmm,
+    Vcpu,
+    /// The API server and the connection threads it starts.
+    HttpServer,
+    SignalHandler,
+}
+
+impl Thread {
+    pub const ALL: [Thread; 4] = [
+        Thread::Vmm,
+        Thread::Vcpu,
+        Thread::HttpServer,
+        Thread::SignalHandler,
+    ];
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("cannot build the {0:?} thread's seccomp filter")]
+    Build(Thread, #[source] seccompiler::BackendError),
+    #[error("cannot compile the {0:?} thread's seccomp filter")]
+    Compile(Thread, #[source] seccompiler::BackendError),
+    #[error("cannot install a seccomp filter")]
+    Apply(#[source] seccompiler::Error),
+    #[error("cannot install the SIGSYS handler")]
+    Handler(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot spawn thread {0}")]
+    Spawn(String, #[source] std::io::Error),
+    #[error("thread {0} died before installing its filter")]
+    Died(String),
+}
+
+const KVMIO: u32 = 0xAE;
+const VFIO_TYPE: u32 = 0x3B;
+const VFIO_BASE: u32 = 100;
+
+// Only the requests a thread issues after its filter is installed; VM
+// creation happens before the VMM thread locks itself down.
+ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+ioctl_iow_nr!(
+    KVM_SET_MEMORY_ATTRIBUTES,
+    KVMIO,
+    0xd2,
+    kvm_bindings::kvm_memory_attributes
+);
+
+/// VFIO requests are `_IO(';', 100 + n)`; these are the type1 container,
+/// group and device requests vfio-ioctls issues for a VFIO device.
+const VFIO_GET_API_VERSION: u32 = 0;
+const VFIO_CHECK_EXTENSION: u32 = 1;
+const VFIO_SET_IOMMU: u32 = 2;
+const VFIO_GROUP_GET_STATUS: u32 = 3;
+const VFIO_GROUP_SET_CONTAINER: u32 = 4;
+const VFIO_GROUP_UNSET_CONTAINER: u32 = 5;
+const VFIO_GROUP_GET_DEVICE_FD: u32 = 6;
+const VFIO_DEVICE_GET_INFO: u32 = 7;
+const VFIO_DEVICE_GET_REGION_INFO: u32 = 8;
+const VFIO_DEVICE_GET_IRQ_INFO: u32 = 9;
+const VFIO_DEVICE_SET_IRQS: u32 = 10;
+const VFIO_DEVICE_RESET: u32 = 11;
+const VFIO_IOMMU_GET_INFO: u32 = 12;
+const VFIO_IOMMU_MAP_DMA: u32 = 13;
+const VFIO_IOMMU_UNMAP_DMA: u32 = 14;
+const VFIO_DEVICE_FEATURE: u32 = 17;
+
+fn vfio_ioctl(request: u32) -> u64 {
+    u64::from((VFIO_TYPE << 8) | (VFIO_BASE + request))
+}
+
+type Rules = Vec<(c_long, Vec<SeccompRule>)>;
+
+fn arg_equals(index: u8, value: u64) -> Result<SeccompCondition, seccompiler::BackendError> {
+    SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+}
+
+/// One rule per allowed value of argument `index`.
+fn any_of(index: u8, values: &[u64]) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    values
+        .iter()
+        .map(|&value| SeccompRule::new(vec![arg_equals(index, value)?]))
+        .collect()
+}
+
+/// Opening files read-only: glibc's allocator reads
+/// /sys/devices/system/cpu/online the first time a thread needs an arena.
+fn open_read_only() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    let write_bits = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64;
+    Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(write_bits),
+        libc::O_RDONLY as u64,
+    )?])?])
+}
+
+fn unix_sockets_only() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    any_of(0, &[libc::AF_UNIX as u64])
+}
+
+/// What every Rust thread needs to run, allocate, log, take signals (the
+/// vCPU kick, signal-hook's self-pipe wake-up) and exit.
+fn common_rules() -> Result<Rules, seccompiler::BackendError> {
+    let thread_names = any_of(0, &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64])?;
+    let mut rules: Rules = [
+        libc::SYS_brk,
+        libc::SYS_clock_gettime,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_close,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+        libc::SYS_fcntl,
+        libc::SYS_futex,
+        libc::SYS_getpid,
+        libc::SYS_getrandom,
+        libc::SYS_gettid,
+        libc::SYS_madvise,
+        libc::SYS_mmap,
+        libc::SYS_mprotect,
+        libc::SYS_mremap,
+        libc::SYS_munmap,
+        libc::SYS_nanosleep,
+        libc::SYS_read,
+        libc::SYS_rseq,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_sched_yield,
+        libc::SYS_sendto,
+        libc::SYS_set_robust_list,
+        libc::SYS_sigaltstack,
+        libc::SYS_write,
+        libc::SYS_writev,
+    ]
+    .into_iter()
+    .map(|nr| (nr, Vec::new()))
+    .collect();
+    rules.push((libc::SYS_openat, open_read_only()?));
+    rules.push((libc::SYS_prctl, thread_names));
+    Ok(rules)
+}
+
+/// A vfio-user client talking over a Unix socket with deadlines.
+fn vfio_user_client_syscalls() -> [c_long; 6] {
+    [
+        libc::SYS_sendmsg,
+        libc::SYS_recvfrom,
+        libc::SYS_recvmsg,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_shutdown,
+    ]
+}
+
+fn vcpu_rules() -> Result<Rules, seccompiler::BackendError> {
+    let ioctls = [
+        u64::from(KVM_RUN() as u32),
+        u64::from(KVM_SET_MEMORY_ATTRIBUTES() as u32),
+        vfio_ioctl(VFIO_IOMMU_MAP_DMA),
+        vfio_ioctl(VFIO_IOMMU_UNMAP_DMA),
+    ];
+    let mut rules = vec![(libc::SYS_ioctl, any_of(1, &ioctls)?)];
+    // Releasing private backing after a to-shared conversion.
+    rules.push((libc::SYS_fallocate, Vec::new()));
+    rules.extend(vfio_user_client_syscalls().map(|nr| (nr, Vec::new())));
+    Ok(rules)
+}
+
+fn vmm_rules() -> Result<Rules, seccompiler::BackendError> {
+    let ioctls: Vec<u64> = [
+        VFIO_GET_API_VERSION,
+        VFIO_CHECK_EXTENSION,
+        VFIO_SET_IOMMU,
+        VFIO_GROUP_GET_STATUS,
+        VFIO_GROUP_SET_CONTAINER,
+        VFIO_GROUP_UNSET_CONTAINER,
+        VFIO_GROUP_GET_DEVICE_FD,
+        VFIO_DEVICE_GET_INFO,
+        VFIO_DEVICE_GET_REGION_INFO,
+        VFIO_DEVICE_GET_IRQ_INFO,
+        VFIO_DEVICE_SET_IRQS,
+        VFIO_DEVICE_RESET,
+        VFIO_IOMMU_GET_INFO,
+        VFIO_IOMMU_MAP_DMA,
+        VFIO_IOMMU_UNMAP_DMA,
+        VFIO_DEVICE_FEATURE,
+    ]
+    .into_iter()
+    .map(vfio_ioctl)
+    .chain([u64::from(KVM_SET_MEMORY_ATTRIBUTES() as u32)])
+    .collect();
+    let mut rules = vec![
+        (libc::SYS_ioctl, any_of(1, &ioctls)?),
+        (libc::SYS_socket, unix_sockets_only()?),
+    ];
+    rules.extend(
+        [
+            // VFIO device nodes and sysfs; hot-plugged devices.
+            libc::SYS_openat,
+            libc::SYS_readlink,
+            libc::SYS_readlinkat,
+            libc::SYS_newfstatat,
+            libc::SYS_statx,
+            libc::SYS_lseek,
+            libc::SYS_pread64,
+            libc::SYS_getdents64,
+            libc::SYS_connect,
+            libc::SYS_setsockopt,
+            libc::SYS_getsockopt,
+            libc::SYS_fallocate,
+            // Kicking vCPUs out of KVM_RUN at shutdown.
+            libc::SYS_tgkill,
+            // Removing the API socket.
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
+        ]
+        .into_iter()
+        .chain(vfio_user_client_syscalls())
+        .map(|nr| (nr, Vec::new())),
+    );
+    Ok(rules)
+}
+
+fn http_server_rules() -> Result<Rules, seccompiler::BackendError> {
+    let mut rules = vec![(libc::SYS_socket, unix_sockets_only()?)];
+    rules.extend(
+        [
+            // Binding the socket: stale-socket check, umask, chmod.
+            libc::SYS_bind,
+            libc::SYS_listen,
+            libc::SYS_connect,
+            libc::SYS_newfstatat,
+            libc::SYS_statx,
+            libc::SYS_umask,
+            libc::SYS_chmod,
+            libc::SYS_fchmodat,
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
+            libc::SYS_getsockname,
+            libc::SYS_setsockopt,
+            // The acceptor and one thread per connection.
+            libc::SYS_accept4,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_recvfrom,
+            libc::SYS_recvmsg,
+            libc::SYS_sendmsg,
+            libc::SYS_shutdown,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+        ]
+        .into_iter()
+        .map(|nr| (nr, Vec::new())),
+    );
+    Ok(rules)
+}
+
+fn signal_handler_rules() -> Result<Rules, seccompiler::BackendError> {
+    Ok([
+        libc::SYS_recvfrom,
+        libc::SYS_recvmsg,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+    ]
+    .into_iter()
+    .map(|nr| (nr, Vec::new()))
+    .collect())
+}
+
+fn rules_for(thread: Thread) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    let specific = match thread {
+        Thread::Vmm => vmm_rules()?,
+        Thread::Vcpu => vcpu_rules()?,
+        Thread::HttpServer => http_server_rules()?,
+        Thread::SignalHandler => signal_handler_rules()?,
+    };
+    // None: allowed whatever the arguments. seccompiler reads an empty rule
+    // list the same way, so a syscall allowed outright in one list must not
+    // pick up another list's conditions.
+    let mut merged: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+    for (nr, conditions) in common_rules()?.into_iter().chain(specific) {
+        let unconditional = conditions.is_empty();
+        match merged.entry(nr).or_insert_with(|| Some(Vec::new())) {
+            slot if unconditional => *slot = None,
+            Some(existing) => existing.extend(conditions),
+            None => {}
+        }
+    }
+    Ok(merged
+        .into_iter()
+        .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
+        .collect())
+}
+
+/// The BPF program for `thread`, or None when filters are off.
+pub fn filter(mode: SeccompMode, thread: Thread) -> Result<Option<BpfProgram>, SeccompError> {
+    let mismatch = match mode {
+        SeccompMode::Off => return Ok(None),
+        SeccompMode::Enforce => SeccompAction::Trap,
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    let rules = rules_for(thread).map_err(|e| SeccompError::Build(thread, e))?;
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e| SeccompError::Build(thread, e))?;
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
+        .map_err(|e| SeccompError::Build(thread, e))?;
+    let program: BpfProgram = filter
+        .try_into()
+        .map_err(|e| SeccompError::Compile(thread, e))?;
+    Ok(Some(program))
+}
+
+/// Installs `program` on the calling thread.
+pub fn apply(program: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(program).map_err(SeccompError::Apply)
+}
+
+/// Spawns a named thread that installs `program` before it runs `body`.
+/// Returns once the filter is in place, so a thread that cannot lock itself
+/// down never runs.
+pub fn spawn_filtered<F>(
+    name: String,
+    program: Option<BpfProgram>,
+    body: F,
+) -> Result<JoinHandle<()>, SeccompError>
+where
+    F: FnOnce() + Send + 'static,
+{
+    let (ready_tx, ready_rx) = sync_channel(1);
+    let handle = std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            let installed = program.as_ref().map_or(Ok(()), apply);
+            let ok = installed.is_ok();
+            let _ = ready_tx.send(installed);
+            if ok {
+                body();
+            }
+        })
+        .map_err(|e| SeccompError::Spawn(name.clone(), e))?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(e)
+        }
+        Err(_) => Err(SeccompError::Died(name)),
+    }
+}
+
+/// The `sigsys` member of `siginfo_t` (x86_64 layout), which libc does not
+/// expose.
+#[repr(C)]
+struct SigsysInfo {
+    signo: libc::c_int,
+    errno: libc::c_int,
+    code: libc::c_int,
+    call_addr: *mut libc::c_void,
+    syscall: libc::c_int,
+    arch: libc::c_uint,
+}
+
+/// Exit status after a forbidden syscall, as if SIGSYS had killed us.
+pub const SECCOMP_VIOLATION_EXIT: i32 = 128 + libc::SIGSYS;
+
+extern "C" fn report_forbidden_syscall(
+    _signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    use std::io::Write;
+    // SAFETY: the kernel hands a SIGSYS handler a siginfo whose union holds
+    // the sigsys member, laid out as SigsysInfo.
+    let syscall = unsafe { (*info.cast::<SigsysInfo>()).syscall };
+    let mut name = [0u8; 17];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes plus a NUL into `name`.
+    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+    let name_len = name.iter().position(|&b| b == 0).unwrap_or(16);
+    // Only stack memory and write(2) here: this runs in a signal handler.
+    const CAPACITY: usize = 160;
+    let mut message = [0u8; CAPACITY];
+    let mut cursor = &mut message[..];
+    let _ = write!(cursor, "cloud-hypervisor: seccomp: thread '");
+    let _ = cursor.write(&name[..name_len]);
+    let _ = writeln!(
+        cursor,
+        "' made forbidden syscall {syscall}; run with --seccomp log to find more"
+    );
+    let len = CAPACITY - cursor.len();
+    // SAFETY: writes `len` initialised bytes of `message` to stderr, then
+    // leaves without running any user-space teardown (the process is in an
+    // unknown state; closing its fds releases devices and mappings).
+    unsafe {
+        libc::write(2, message.as_ptr().cast(), len);
+        libc::_exit(SECCOMP_VIOLATION_EXIT);
+    }
+}
+
+/// Makes a forbidden syscall a clear message and exit instead of a bare
+/// SIGSYS core dump.
+pub fn install_violation_reporter() -> Result<(), SeccompError> {
+    vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, report_forbidden_syscall)
+        .map_err(SeccompError::Handler)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_thread_filter_compiles() {
+        for thread in Thread::ALL {
+            let program = filter(SeccompMode::Enforce, thread).unwrap().unwrap();
+            assert!(
+                program.len() > 10,
+                "{thread:?}: {} instructions",
+                program.len()
+            );
+        }
+        assert!(filter(SeccompMode::Off, Thread::Vcpu).unwrap().is_none());
+    }
+
+    #[test]
+    fn mode_parses_like_cloud_hypervisor() {
+        assert_eq!(SeccompMode::parse("true"), Ok(SeccompMode::Enforce));
+        assert_eq!(SeccompMode::parse("false"), Ok(SeccompMode::Off));
+        assert_eq!(SeccompMode::parse("log"), Ok(SeccompMode::Log));
+        assert!(SeccompMode::parse("yes").is_err());
+    }
+
+    #[test]
+    fn an_unconditional_rule_wins_over_a_conditional_one() {
+        // openat is read-only for every thread but unrestricted for the VMM
+        // thread, which opens VFIO nodes read-write.
+        let vmm = rules_for(Thread::Vmm).unwrap();
+        assert!(vmm[&libc::SYS_openat].is_empty());
+        let vcpu = rules_for(Thread::Vcpu).unwrap();
+        assert_eq!(vcpu[&libc::SYS_openat].len(), 1);
+        assert_eq!(vcpu[&libc::SYS_ioctl].len(), 4);
+    }
+
+    /// Runs `body` in a thread under `thread`'s filter with a SIGSYS-free
+    /// action: a forbidden syscall fails with EPERM instead of killing the
+    /// test process.
+    fn errno_of_syscall_under(thread: Thread, body: fn() -> i32) -> i32 {
+        let rules = rules_for(thread).unwrap();
+        let filter = SeccompFilter::new(
+            rules,
+            SeccompAction::Errno(libc::EPERM as u32),
+            SeccompAction::Allow,
+            std::env::consts::ARCH.try_into().unwrap(),
+        )
+        .unwrap();
+        let program: BpfProgram = filter.try_into().unwrap();
+        std::thread::spawn(move || {
+            apply(&program).unwrap();
+            body()
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn last_errno() -> i32 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+
+    #[test]
+    fn vcpu_threads_cannot_open_files_for_writing_or_make_sockets() {
+        let open_rw = || {
+            // SAFETY: a NUL-terminated path; the fd, if any, is closed.
+            let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+            if fd >= 0 {
+                // SAFETY: fd was just opened here.
+                unsafe { libc::close(fd) };
+                return 0;
+            }
+            last_errno()
+        };
+        assert_eq!(errno_of_syscall_under(Thread::Vcpu, open_rw), libc::EPERM);
+        assert_eq!(errno_of_syscall_under(Thread::Vmm, open_rw), 0);
+        let socket = || {
+            // SAFETY: plain socket creation; the fd, if any, is closed.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            if fd >= 0 {
+                // SAFETY: fd was just created here.
+                unsafe { libc::close(fd) };
+                return 0;
+            }
+            last_errno()
+        };
+        assert_eq!(errno_of_syscall_under(Thread::Vcpu, socket), libc::EPERM);
+        // Unix sockets only, even for the threads that make sockets.
+        assert_eq!(
+            errno_of_syscall_under(Thread::HttpServer, socket),
+            libc::EPERM
+        );
+        assert_eq!(errno_of_syscall_under(Thread::Vmm, socket), libc::EPERM);
+    }
+
+    #[test]
+    fn vcpu_ioctls_are_limited_to_the_allowed_requests() {
+        let ioctl = || {
+            // SAFETY: TIOCGWINSZ on stdin writes a winsize into `size` at most.
+            let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let rc = unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut size) };
+            if rc == 0 { 0 } else { last_errno() }
+        };
+        assert_eq!(errno_of_syscall_under(Thread::Vcpu, ioctl), libc::EPERM);
+        assert_eq!(
+            errno_of_syscall_under(Thread::SignalHandler, ioctl),
+            libc::EPERM
+        );
+    }
+
+    const VIOLATION_CHILD: &str = "CH_SECCOMP_VIOLATION_CHILD";
+
+    /// Runs in a child test process (see below): makes a forbidden syscall
+    /// from a filtered vCPU-like thread.
+    #[test]
+    fn violation_child() {
+        if std::env::var_os(VIOLATION_CHILD).is_none() {
+            return;
+        }
+        install_violation_reporter().unwrap();
+        let program = filter(SeccompMode::Enforce, Thread::Vcpu).unwrap();
+        let thread = spawn_filtered("vcpu7".into(), program, || {
+            // SAFETY: the filter traps this before the kernel runs it.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        })
+        .unwrap();
+        let _ = thread.join();
+        unreachable!("the forbidden syscall returned");
+    }
+
+    #[test]
+    fn a_forbidden_syscall_is_reported_with_its_thread_and_number() {
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "seccomp_filters::tests::violation_child",
+                "--nocapture",
+            ])
+            .env(VIOLATION_CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(SECCOMP_VIOLATION_EXIT),
+            "{stderr}"
+        );
+        let expected = format!("thread 'vcpu7' made forbidden syscall {}", libc::SYS_socket);
+        assert!(stderr.contains(&expected), "{stderr}");
+    }
+}
