@@ -11,6 +11,8 @@ mod conversion_path;
 pub mod device_manager;
 mod elf;
 pub mod event_monitor;
+#[cfg(test)]
+mod fuzz_config;
 pub mod memory;
 pub mod seccomp_filters;
 mod vcpu;

@@ -339,6 +339,10 @@ fn handle(mut request: tiny_http::Request, to_vmm: &Sender<VmmEvent>) {
 }
 
 #[cfg(test)]
+#[path = "route_fuzz.rs"]
+mod route_fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -5,6 +5,8 @@ mod backing;
 mod conversion;
 pub mod ram_block_attribute;
 pub mod shared_bitmap;
+#[cfg(test)]
+mod state_change_fuzz;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
