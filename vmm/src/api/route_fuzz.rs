@@ -124,7 +124,7 @@ fn window_query() -> impl Strategy<Value = (AttributeWindow, String)> {
                     n.to_string()
                 }
             };
-            let mut pairs = vec![
+            let mut pairs = [
                 format!("gpa={}", number(gpa)),
                 format!("size={}", number(size)),
                 format!("limit={limit}"),

@@ -87,7 +87,7 @@ fn guest_number(small_pages: u64) -> impl Strategy<Value = u64> {
         3 => (0..REGION / PAGE).prop_map(|p| p * PAGE),
         1 => (0..64u64).prop_map(|p| REGION - p * PAGE),
         1 => any::<u64>(),
-        1 => (0..REGION),
+        1 => 0..REGION,
         1 => prop_oneof![Just(0), Just(u64::MAX), Just(u64::MAX - PAGE + 1), Just(REGION)],
     ]
 }
