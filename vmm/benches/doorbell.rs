@@ -1,6 +1,7 @@
 //! Doorbell round trip on real KVM: a guest rings its conversion doorbell
 //! with a 4 KiB conversion (alternately to shared and to private) against
-//! the same round trip with the no-op command.
+//! the same round trip with the no-op command, and the conversion with the
+//! vCPU seccomp filter installed against the same without.
 //!
 //! Every sample boots a fresh `memconv` guest running `iters` ops. Criterion
 //! samples linearly (iters = d, 2d, 3d, ...) and reports the slope, so VM
@@ -22,6 +23,7 @@ use vmm::VmmEvent;
 use vmm::config::{ConsoleOutput, CpusConfig, MemoryConfig, VmConfig};
 use vmm::event_monitor::EventMonitor;
 use vmm::memory::MemoryLayout;
+use vmm::seccomp_filters::{SeccompMode, Thread, filter};
 use vmm::vm::Vm;
 
 /// The PT_LOAD window (1..4 MiB) bounds one guest's op table.
@@ -57,8 +59,9 @@ struct Bench {
 }
 
 impl Bench {
-    /// Boots a guest running `ops` and returns the time until it powers off.
-    fn run(&self, ops: Vec<Op>, serial: ConsoleOutput) -> Duration {
+    /// Boots a guest running `ops` (its vCPU under the seccomp filter when
+    /// `seccomp`) and returns the time until it powers off.
+    fn run(&self, ops: Vec<Op>, serial: ConsoleOutput, seccomp: bool) -> Duration {
         let kernel = self.dir.join("guest.elf");
         let options = MemconvOptions {
             poweroff: true,
@@ -84,7 +87,7 @@ impl Bench {
             &self.hypervisor,
             events,
             Arc::new(EventMonitor::disabled()),
-            None,
+            seccomp.then(vcpu_filter),
         )
         .expect("boot");
         loop {
@@ -100,12 +103,12 @@ impl Bench {
         elapsed
     }
 
-    fn run_ops(&self, kind_of: fn(u64) -> OpKind, iters: u64) -> Duration {
+    fn run_ops(&self, kind_of: fn(u64) -> OpKind, iters: u64, seccomp: bool) -> Duration {
         let mut total = Duration::ZERO;
         let mut left = iters;
         while left > 0 {
             let count = left.min(MAX_OPS_PER_GUEST);
-            total += self.run(ops(kind_of, count), ConsoleOutput::Off);
+            total += self.run(ops(kind_of, count), ConsoleOutput::Off, seccomp);
             left -= count;
         }
         total
@@ -113,15 +116,21 @@ impl Bench {
 
     /// One guest of each kind must report every op ok, or the numbers
     /// would compare failures.
-    fn check(&self, kind_of: fn(u64) -> OpKind, name: &str) {
+    fn check(&self, kind_of: fn(u64) -> OpKind, name: &str, seccomp: bool) {
         let log = self.dir.join(format!("{name}.log"));
-        self.run(ops(kind_of, 100), ConsoleOutput::File(log.clone()));
+        self.run(ops(kind_of, 100), ConsoleOutput::File(log.clone()), seccomp);
         let output = std::fs::read_to_string(&log).expect("read serial log");
         assert!(
             output.contains("memconv: done 100 ok 0 failed"),
             "{name} guest failed: {output}"
         );
     }
+}
+
+fn vcpu_filter() -> seccompiler::BpfProgram {
+    filter(SeccompMode::Enforce, Thread::Vcpu)
+        .expect("build the vCPU filter")
+        .expect("enforce mode has a filter")
 }
 
 fn temp_dir() -> PathBuf {
@@ -143,8 +152,9 @@ fn doorbell_round_trip(c: &mut Criterion) {
         hypervisor: KvmHypervisor::new().expect("open /dev/kvm"),
         dir: temp_dir(),
     };
-    bench.check(nop, "nop");
-    bench.check(conversion, "conversion");
+    bench.check(nop, "nop", false);
+    bench.check(conversion, "conversion", false);
+    bench.check(conversion, "conversion-seccomp", true);
 
     let mut group = c.benchmark_group("doorbell_round_trip");
     group
@@ -152,9 +162,14 @@ fn doorbell_round_trip(c: &mut Criterion) {
         .sample_size(20)
         .warm_up_time(Duration::from_secs(2))
         .measurement_time(Duration::from_secs(10));
-    group.bench_function("nop", |b| b.iter_custom(|iters| bench.run_ops(nop, iters)));
+    group.bench_function("nop", |b| {
+        b.iter_custom(|iters| bench.run_ops(nop, iters, false))
+    });
     group.bench_function("convert_4k", |b| {
-        b.iter_custom(|iters| bench.run_ops(conversion, iters))
+        b.iter_custom(|iters| bench.run_ops(conversion, iters, false))
+    });
+    group.bench_function("convert_4k_seccomp", |b| {
+        b.iter_custom(|iters| bench.run_ops(conversion, iters, true))
     });
     group.finish();
     remove(&bench.dir);
