@@ -121,6 +121,11 @@ fn vfio_ioctl(request: u32) -> u64 {
 
 type Rules = Vec<(c_long, Vec<SeccompRule>)>;
 
+/// Syscalls allowed whatever their arguments.
+fn unconditional(syscalls: impl IntoIterator<Item = c_long>) -> Rules {
+    syscalls.into_iter().map(|nr| (nr, Vec::new())).collect()
+}
+
 fn arg_equals(index: u8, value: u64) -> Result<SeccompCondition, seccompiler::BackendError> {
     SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
 }
@@ -153,7 +158,7 @@ fn unix_sockets_only() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
 /// vCPU kick, signal-hook's self-pipe wake-up) and exit.
 fn common_rules() -> Result<Rules, seccompiler::BackendError> {
     let thread_names = any_of(0, &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64])?;
-    let mut rules: Rules = [
+    let mut rules = unconditional([
         libc::SYS_brk,
         libc::SYS_clock_gettime,
         libc::SYS_clock_nanosleep,
@@ -182,10 +187,7 @@ fn common_rules() -> Result<Rules, seccompiler::BackendError> {
         libc::SYS_sigaltstack,
         libc::SYS_write,
         libc::SYS_writev,
-    ]
-    .into_iter()
-    .map(|nr| (nr, Vec::new()))
-    .collect();
+    ]);
     rules.push((libc::SYS_openat, open_read_only()?));
     rules.push((libc::SYS_prctl, thread_names));
     Ok(rules)
@@ -213,7 +215,7 @@ fn vcpu_rules() -> Result<Rules, seccompiler::BackendError> {
     let mut rules = vec![(libc::SYS_ioctl, any_of(1, &ioctls)?)];
     // Releasing private backing after a to-shared conversion.
     rules.push((libc::SYS_fallocate, Vec::new()));
-    rules.extend(vfio_user_client_syscalls().map(|nr| (nr, Vec::new())));
+    rules.extend(unconditional(vfio_user_client_syscalls()));
     Ok(rules)
 }
 
@@ -238,13 +240,12 @@ fn vmm_rules() -> Result<Rules, seccompiler::BackendError> {
     ]
     .into_iter()
     .map(vfio_ioctl)
-    .chain([u64::from(KVM_SET_MEMORY_ATTRIBUTES() as u32)])
     .collect();
     let mut rules = vec![
         (libc::SYS_ioctl, any_of(1, &ioctls)?),
         (libc::SYS_socket, unix_sockets_only()?),
     ];
-    rules.extend(
+    rules.extend(unconditional(
         [
             // VFIO device nodes and sysfs; hot-plugged devices.
             libc::SYS_openat,
@@ -258,7 +259,6 @@ fn vmm_rules() -> Result<Rules, seccompiler::BackendError> {
             libc::SYS_connect,
             libc::SYS_setsockopt,
             libc::SYS_getsockopt,
-            libc::SYS_fallocate,
             // Kicking vCPUs out of KVM_RUN at shutdown.
             libc::SYS_tgkill,
             // Removing the API socket.
@@ -266,56 +266,48 @@ fn vmm_rules() -> Result<Rules, seccompiler::BackendError> {
             libc::SYS_unlinkat,
         ]
         .into_iter()
-        .chain(vfio_user_client_syscalls())
-        .map(|nr| (nr, Vec::new())),
-    );
+        .chain(vfio_user_client_syscalls()),
+    ));
     Ok(rules)
 }
 
 fn http_server_rules() -> Result<Rules, seccompiler::BackendError> {
     let mut rules = vec![(libc::SYS_socket, unix_sockets_only()?)];
-    rules.extend(
-        [
-            // Binding the socket: stale-socket check, umask, chmod.
-            libc::SYS_bind,
-            libc::SYS_listen,
-            libc::SYS_connect,
-            libc::SYS_newfstatat,
-            libc::SYS_statx,
-            libc::SYS_umask,
-            libc::SYS_chmod,
-            libc::SYS_fchmodat,
-            libc::SYS_unlink,
-            libc::SYS_unlinkat,
-            libc::SYS_getsockname,
-            libc::SYS_setsockopt,
-            // The acceptor and one thread per connection.
-            libc::SYS_accept4,
-            libc::SYS_clone,
-            libc::SYS_clone3,
-            libc::SYS_recvfrom,
-            libc::SYS_recvmsg,
-            libc::SYS_sendmsg,
-            libc::SYS_shutdown,
-            libc::SYS_poll,
-            libc::SYS_ppoll,
-        ]
-        .into_iter()
-        .map(|nr| (nr, Vec::new())),
-    );
+    rules.extend(unconditional([
+        // Binding the socket: stale-socket check, umask, chmod.
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_connect,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_umask,
+        libc::SYS_chmod,
+        libc::SYS_fchmodat,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        libc::SYS_getsockname,
+        libc::SYS_setsockopt,
+        // The acceptor and one thread per connection.
+        libc::SYS_accept4,
+        libc::SYS_clone,
+        libc::SYS_clone3,
+        libc::SYS_recvfrom,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_shutdown,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+    ]));
     Ok(rules)
 }
 
 fn signal_handler_rules() -> Result<Rules, seccompiler::BackendError> {
-    Ok([
+    Ok(unconditional([
         libc::SYS_recvfrom,
         libc::SYS_recvmsg,
         libc::SYS_poll,
         libc::SYS_ppoll,
-    ]
-    .into_iter()
-    .map(|nr| (nr, Vec::new()))
-    .collect())
+    ]))
 }
 
 fn rules_for(thread: Thread) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
@@ -552,9 +544,9 @@ mod tests {
     #[test]
     fn vcpu_ioctls_are_limited_to_the_allowed_requests() {
         let ioctl = || {
-            // SAFETY: TIOCGWINSZ on stdin writes a winsize into `size` at most.
+            // SAFETY: winsize is four integers; all zeros is a valid value.
             let mut size: libc::winsize = unsafe { std::mem::zeroed() };
-            // SAFETY: as above.
+            // SAFETY: TIOCGWINSZ writes at most one winsize into `size`.
             let rc = unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut size) };
             if rc == 0 { 0 } else { last_errno() }
         };

@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 
 use hypervisor::{Vcpu, VmExit};
 use log::{debug, error, warn};
+use seccompiler::BpfProgram;
 use vm_device::Bus;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
-
-use seccompiler::BpfProgram;
 
 use crate::VmmEvent;
 use crate::conversion_path::ConversionPath;
