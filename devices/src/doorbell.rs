@@ -108,11 +108,22 @@ impl ConversionDoorbell {
     }
 }
 
+impl ConversionDoorbell {
+    /// A bank's registers. A panic elsewhere while a bank was held leaves
+    /// plain register values behind, so a poisoned lock is still usable
+    /// and must not take the vCPU thread down with it.
+    fn bank(&self, bank: usize) -> std::sync::MutexGuard<'_, Bank> {
+        self.banks[bank]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 impl BusDevice for ConversionDoorbell {
     fn read(&self, offset: u64, data: &mut [u8]) {
         let value = match self.locate(offset) {
             Some((bank, reg)) => {
-                let b = self.banks[bank].lock().unwrap();
+                let b = self.bank(bank);
                 match reg {
                     REG_GPA_LO => b.gpa as u32,
                     REG_GPA_HI => (b.gpa >> 32) as u32,
@@ -140,7 +151,7 @@ impl BusDevice for ConversionDoorbell {
         let value = u32::from_le_bytes(bytes);
         // Each bank belongs to one vCPU, so holding its lock across the
         // conversion blocks nobody else; other banks convert in parallel.
-        let mut b = self.banks[bank].lock().unwrap();
+        let mut b = self.bank(bank);
         match reg {
             REG_GPA_LO => set_half(&mut b.gpa, false, value),
             REG_GPA_HI => set_half(&mut b.gpa, true, value),

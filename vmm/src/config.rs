@@ -242,7 +242,7 @@ impl EventMonitorConfig {
 }
 
 /// Device ids name devices in the API and in events.
-fn check_id(option: &'static str, id: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_id(option: &'static str, id: &str) -> Result<(), ConfigError> {
     let valid = !id.is_empty()
         && id.len() <= 64
         && id

@@ -172,7 +172,9 @@ pub fn route(method: Method, url: &str, body: &[u8]) -> Result<ApiRequest, HttpE
             ApiRequest::VmAddUserDevice(config)
         }
         "vm.remove-device" => {
-            ApiRequest::VmRemoveDevice(body_json::<RemoveDevice>(endpoint, body)?.id)
+            let id = body_json::<RemoveDevice>(endpoint, body)?.id;
+            crate::config::check_id("remove-device", &id).map_err(config_error)?;
+            ApiRequest::VmRemoveDevice(id)
         }
         _ => unreachable!("every route is matched above"),
     })
@@ -497,6 +499,8 @@ mod openapi_tests {
             ("vm.add-device", "[1,2]"),
             ("vm.remove-device", "{}"),
             ("vm.remove-device", r#"{"id":7}"#),
+            ("vm.remove-device", r#"{"id":"../etc"}"#),
+            ("vm.remove-device", r#"{"id":""}"#),
         ] {
             assert!(
                 matches!(put(path, body), Err(HttpError::BadRequest(_))),

@@ -160,6 +160,9 @@ proptest! {
                     }
                     ApiRequest::VmAddDevice(config) => prop_assert!(config.validate().is_ok()),
                     ApiRequest::VmAddUserDevice(config) => prop_assert!(config.validate().is_ok()),
+                    ApiRequest::VmRemoveDevice(id) => {
+                        prop_assert!(crate::config::check_id("remove-device", id).is_ok())
+                    }
                     _ => {}
                 }
             }
