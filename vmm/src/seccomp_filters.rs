@@ -213,8 +213,10 @@ fn vcpu_rules() -> Result<Rules, seccompiler::BackendError> {
         vfio_ioctl(VFIO_IOMMU_UNMAP_DMA),
     ];
     let mut rules = vec![(libc::SYS_ioctl, any_of(1, &ioctls)?)];
-    // Releasing private backing after a to-shared conversion.
-    rules.push((libc::SYS_fallocate, Vec::new()));
+    // Releasing private backing after a to-shared conversion: punching
+    // holes only, so a vCPU thread can never grow or zero-fill a file.
+    let punch_hole = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64;
+    rules.push((libc::SYS_fallocate, any_of(1, &[punch_hole])?));
     rules.extend(unconditional(vfio_user_client_syscalls()));
     Ok(rules)
 }
@@ -449,6 +451,8 @@ pub fn install_violation_reporter() -> Result<(), SeccompError> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::{AsRawFd, FromRawFd};
+
     use super::*;
 
     #[test]
@@ -486,7 +490,7 @@ mod tests {
     /// Runs `body` in a thread under `thread`'s filter with a SIGSYS-free
     /// action: a forbidden syscall fails with EPERM instead of killing the
     /// test process.
-    fn errno_of_syscall_under(thread: Thread, body: fn() -> i32) -> i32 {
+    fn errno_of_syscall_under(thread: Thread, body: impl FnOnce() -> i32 + Send + 'static) -> i32 {
         let rules = rules_for(thread).unwrap();
         let filter = SeccompFilter::new(
             rules,
@@ -539,6 +543,34 @@ mod tests {
             libc::EPERM
         );
         assert_eq!(errno_of_syscall_under(Thread::Vmm, socket), libc::EPERM);
+    }
+
+    #[test]
+    fn vcpu_threads_may_only_punch_holes() {
+        // Created outside the filter: vCPU threads cannot make files.
+        // SAFETY: a NUL-terminated name; the fd is owned by `file` below.
+        let fd = unsafe { libc::memfd_create(c"punch".as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: fd was just created and nothing else owns it.
+        let file = std::sync::Arc::new(unsafe { std::fs::File::from_raw_fd(fd) });
+        file.set_len(8192).unwrap();
+        let fallocate_under = |thread, mode| {
+            let file = file.clone();
+            errno_of_syscall_under(thread, move || {
+                // SAFETY: fallocate on an fd `file` keeps open; no pointers.
+                let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, 0, 4096) };
+                if rc == 0 { 0 } else { last_errno() }
+            })
+        };
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        assert_eq!(fallocate_under(Thread::Vcpu, punch), 0);
+        assert_eq!(fallocate_under(Thread::Vcpu, 0), libc::EPERM);
+        assert_eq!(
+            fallocate_under(Thread::Vcpu, libc::FALLOC_FL_ZERO_RANGE),
+            libc::EPERM
+        );
+        // The VMM thread never touches guest backing after boot.
+        assert_eq!(fallocate_under(Thread::Vmm, punch), libc::EPERM);
     }
 
     #[test]
