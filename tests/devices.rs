@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::process::Command;
+
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -58,6 +60,10 @@ fn vfio_user_device_follows_every_conversion() {
     let step1 = [(A, 0x10000), (B, 0x2000)];
     wait_for_shared(&api, &step1);
     assert_eq!(device.mapped(), step1);
+    // The README's way of looking: the device's own command line.
+    let (ok, maps, err) = device.ask_cli("maps");
+    assert!(ok, "{err}");
+    assert_eq!(maps, format!("[[{A},65536],[{B},8192]]\n"));
     assert_eq!(device.read(A, 16).unwrap(), vec![0xa5; 16]);
     assert_eq!(device.read(A + 0xf000 - 16, 16).unwrap(), vec![0xa5; 16]);
     device.write(FLAG, 1);
@@ -246,4 +252,44 @@ fn a_killed_device_fails_conversions_cleanly_and_can_be_removed() {
     assert!(ok, "removing the dead device failed: {err}");
     let (ok, _, _) = ch_remote(&api, &["ping"]);
     assert!(ok, "the VMM still answers");
+}
+
+#[test]
+fn the_test_device_command_line_reports_errors() {
+    let dir = TempDir::new("devask");
+    let device = TestDevice::spawn(&dir, "dev");
+    let (ok, maps, err) = device.ask_cli("maps");
+    assert!(ok, "{err}");
+    assert_eq!(maps, "[]\n");
+    let (ok, _, err) = device.ask_cli("read 0x1000 4");
+    assert!(!ok, "reading unmapped memory must fail");
+    assert!(err.contains("not mapped"), "{err}");
+    let (ok, _, err) = device.ask_cli("frobnicate");
+    assert!(!ok && err.contains("unknown command"), "{err}");
+    let missing = Command::new(TestDevice::binary())
+        .args([
+            "--control",
+            dir.path("nothing.ctl").to_str().unwrap(),
+            "--ask",
+            "maps",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && stderr.contains("cannot connect"),
+        "{stderr}"
+    );
+    let both = Command::new(TestDevice::binary())
+        .args([
+            "--socket",
+            "/tmp/x.sock",
+            "--control",
+            "/tmp/x.ctl",
+            "--ask",
+            "maps",
+        ])
+        .output()
+        .unwrap();
+    assert!(!both.status.success(), "--ask runs no device");
 }

@@ -228,6 +228,22 @@ fn control_session(stream: UnixStream, state: &SharedState) {
     }
 }
 
+/// Sends one control command to a running device and returns its answer
+/// (the client side of `control`, for `ch-test-device --ask`).
+pub fn ask(path: &Path, command: &str) -> Result<String, String> {
+    let stream = UnixStream::connect(path)
+        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+    writeln!(&stream, "{command}").map_err(|e| format!("cannot send the command: {e}"))?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .map_err(|e| format!("cannot read the answer: {e}"))?;
+    if answer.is_empty() {
+        return Err("the device closed the connection without answering".into());
+    }
+    Ok(answer.trim_end().to_string())
+}
+
 /// Answers control commands, one connection after another.
 pub fn control(path: &Path, state: SharedState) -> Result<std::thread::JoinHandle<()>, String> {
     let listener = UnixListener::bind(path)

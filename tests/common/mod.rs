@@ -349,14 +349,20 @@ pub struct TestDevice {
 }
 
 impl TestDevice {
-    pub fn spawn(dir: &TempDir, name: &str) -> Self {
-        // Built by `cargo nextest run --workspace` next to the VMM binary.
+    /// Built by `cargo build --workspace` next to the VMM binary (nextest
+    /// does not build other packages' binaries).
+    pub fn binary() -> PathBuf {
         let binary = Path::new(CLOUD_HYPERVISOR).with_file_name("ch-test-device");
         assert!(
             binary.exists(),
             "{} is missing: build the workspace (cargo build --workspace)",
             binary.display()
         );
+        binary
+    }
+
+    pub fn spawn(dir: &TempDir, name: &str) -> Self {
+        let binary = Self::binary();
         let socket = dir.path(&format!("{name}.sock"));
         let control = dir.path(&format!("{name}.ctl"));
         let mut child = Command::new(&binary)
@@ -378,13 +384,27 @@ impl TestDevice {
         }
     }
 
+    /// `ch-test-device --control ... --ask COMMAND`, as a user would run it:
+    /// (success, stdout, stderr).
+    pub fn ask_cli(&self, command: &str) -> (bool, String, String) {
+        let output = Command::new(Self::binary())
+            .args([
+                "--control",
+                self.control.to_str().unwrap(),
+                "--ask",
+                command,
+            ])
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
     pub fn command(&self, line: &str) -> String {
-        use std::io::Write;
-        let mut stream = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
-        writeln!(stream, "{line}").unwrap();
-        let mut answer = String::new();
-        BufReader::new(stream).read_line(&mut answer).unwrap();
-        answer.trim().to_string()
+        test_device::ask(&self.control, line).unwrap()
     }
 
     /// Current mappings, merged into runs.
