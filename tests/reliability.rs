@@ -284,6 +284,68 @@ fn sigterm_stops_vcpus_unmaps_devices_and_removes_the_api_socket() {
     );
 }
 
+#[test]
+fn sigterm_in_the_middle_of_a_conversion_storm_leaves_no_mapping_behind() {
+    if !kvm_available("sigterm_in_the_middle_of_a_conversion_storm_leaves_no_mapping_behind") {
+        return;
+    }
+    // Far more ops than can run before the signal: vCPUs are converting
+    // (some inside a DMA_MAP / DMA_UNMAP round trip) when it arrives.
+    let mut rng = Rng(0x51_6e_7e_a1);
+    let lists: Vec<String> = (0..VCPUS)
+        .map(|cpu| stress_ops(cpu, 2000, &mut rng))
+        .collect();
+    let dir = TempDir::new("sigstorm");
+    let device = TestDevice::spawn(&dir, "dev");
+    let list_refs: Vec<&str> = lists.iter().map(String::as_str).collect();
+    let guest = memconv_guest(&dir, &list_refs, false);
+    let api = dir.path("api.sock");
+    let mut vmm = GuestVmm::spawn(
+        &guest,
+        &[
+            "--memory",
+            "size=256M,guest_memfd=on",
+            "--cpus",
+            "boot=8",
+            "--user-device",
+            &format!("socket={},id=dev", device.socket.display()),
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    wait_for_socket(&api);
+    assert!(wait_until(|| device.mapped() == [(GO_PAGE, PAGE)]));
+    device.write(GO_PAGE, 1);
+    let converted = || {
+        let (_, counters, _) = ch_remote(&api, &["counters"]);
+        let counters: serde_json::Value = serde_json::from_str(&counters).unwrap();
+        let totals = &counters["conversions"];
+        totals["to_shared"].as_u64().unwrap() + totals["to_private"].as_u64().unwrap()
+    };
+    assert!(wait_until(|| converted() >= 200), "the storm never started");
+
+    vmm.signal(libc::SIGTERM);
+    let status = vmm.wait_exit(TIMEOUT);
+    assert!(
+        !vmm.console().iter().any(|l| l.starts_with("memconv: done")),
+        "the guest finished before the signal: the test needs more ops"
+    );
+    assert!(status.success(), "{status:?}\n{}", vmm.stderr());
+    assert!(device.mapped().is_empty(), "mappings left behind");
+    // Every map the device accepted was taken back by an exact unmap (the
+    // device refuses any other), none by hanging up.
+    let device_log: Vec<String> = serde_json::from_str(&device.command("log")).unwrap();
+    let maps = device_log.iter().filter(|l| l.starts_with("map ")).count();
+    let unmaps = device_log
+        .iter()
+        .filter(|l| l.starts_with("unmap "))
+        .count();
+    assert!(maps > 10, "too few maps to mean anything: {maps}");
+    assert_eq!(maps, unmaps, "{device_log:?}");
+    assert!(!api.exists(), "API socket left behind");
+    eprintln!("SIGTERM after {maps} DMA maps, all unmapped");
+}
+
 fn vm_rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
