@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -115,6 +115,57 @@ fn api_reader(api: &Path, stop: &AtomicBool) -> usize {
     answers
 }
 
+/// Boots 8 vCPUs running `random` conversions each (see `stress_ops`) with
+/// `devices` cold-plugged, and lets them go once the first device has the GO
+/// page mapped. Returns the VMM, its API socket and the total op count.
+fn start_storm(
+    dir: &TempDir,
+    seed: u64,
+    random: usize,
+    devices: &[&TestDevice],
+) -> (GuestVmm, PathBuf, usize) {
+    let mut rng = Rng(seed);
+    let lists: Vec<String> = (0..VCPUS)
+        .map(|cpu| stress_ops(cpu, random, &mut rng))
+        .collect();
+    let total_ops = lists.iter().map(|l| l.split(',').count()).sum();
+    let list_refs: Vec<&str> = lists.iter().map(String::as_str).collect();
+    let guest = memconv_guest(dir, &list_refs, false);
+    let api = dir.path("api.sock");
+    let mut args: Vec<String> = [
+        "--memory",
+        "size=256M,guest_memfd=on",
+        "--cpus",
+        "boot=8",
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    for (i, device) in devices.iter().enumerate() {
+        args.push("--user-device".into());
+        args.push(format!("socket={},id=dev{i}", device.socket.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let vmm = GuestVmm::spawn(&guest, &args);
+    wait_for_socket(&api);
+    assert!(
+        wait_until(|| devices[0].mapped() == [(GO_PAGE, PAGE)]),
+        "the GO page never reached the device"
+    );
+    devices[0].write(GO_PAGE, 1);
+    (vmm, api, total_ops)
+}
+
+/// Conversions the VMM has counted, refused ones included.
+fn conversions_counted(api: &Path) -> u64 {
+    let (ok, counters, err) = ch_remote(api, &["counters"]);
+    assert!(ok, "{err}");
+    let counters: serde_json::Value = serde_json::from_str(&counters).unwrap();
+    let totals = &counters["conversions"];
+    totals["to_shared"].as_u64().unwrap() + totals["to_private"].as_u64().unwrap()
+}
+
 #[test]
 fn eight_vcpus_convert_overlapping_ranges_while_the_api_is_queried_and_a_device_comes_and_goes() {
     if !kvm_available("eight_vcpus_convert_overlapping_ranges") {
@@ -125,42 +176,13 @@ fn eight_vcpus_convert_overlapping_ranges_while_the_api_is_queried_and_a_device_
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5eed_cafe_u64);
     eprintln!("stress seed {seed:#x} (set CH_STRESS_SEED to replay)");
-    let mut rng = Rng(seed);
     const RANDOM_OPS: usize = 300;
-    let lists: Vec<String> = (0..VCPUS)
-        .map(|cpu| stress_ops(cpu, RANDOM_OPS, &mut rng))
-        .collect();
-    let total_ops = lists.iter().map(|l| l.split(',').count()).sum::<usize>();
-    let conversions = lists
-        .iter()
-        .flat_map(|l| l.split(','))
-        .filter(|op| op.starts_with("shared") || op.starts_with("private"))
-        .count();
-
+    // Every vCPU's random ops, its 2 fixed conversions, and GO.
+    let conversions = VCPUS as usize * (RANDOM_OPS + 2) + 1;
     let dir = TempDir::new("stress");
     let cold = TestDevice::spawn(&dir, "cold");
     let hot = TestDevice::spawn(&dir, "hot");
-    let list_refs: Vec<&str> = lists.iter().map(String::as_str).collect();
-    let guest = memconv_guest(&dir, &list_refs, false);
-    let api = dir.path("api.sock");
-    let vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--cpus",
-            "boot=8",
-            "--user-device",
-            &format!("socket={},id=cold", cold.socket.display()),
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
-    wait_for_socket(&api);
-    assert!(
-        wait_until(|| cold.mapped() == [(GO_PAGE, PAGE)]),
-        "the GO page never reached the device"
-    );
+    let (vmm, api, total_ops) = start_storm(&dir, seed, RANDOM_OPS, &[&cold]);
 
     let stop = Arc::new(AtomicBool::new(false));
     let readers: Vec<_> = (0..2)
@@ -169,7 +191,6 @@ fn eight_vcpus_convert_overlapping_ranges_while_the_api_is_queried_and_a_device_
             std::thread::spawn(move || api_reader(&api, &stop))
         })
         .collect();
-    cold.write(GO_PAGE, 1);
 
     // Hot-plug cycles for as long as the guest converts.
     let hot_config = format!("socket={},id=hot", hot.socket.display());
@@ -291,38 +312,13 @@ fn sigterm_in_the_middle_of_a_conversion_storm_leaves_no_mapping_behind() {
     }
     // Far more ops than can run before the signal: vCPUs are converting
     // (some inside a DMA_MAP / DMA_UNMAP round trip) when it arrives.
-    let mut rng = Rng(0x51_6e_7e_a1);
-    let lists: Vec<String> = (0..VCPUS)
-        .map(|cpu| stress_ops(cpu, 2000, &mut rng))
-        .collect();
     let dir = TempDir::new("sigstorm");
     let device = TestDevice::spawn(&dir, "dev");
-    let list_refs: Vec<&str> = lists.iter().map(String::as_str).collect();
-    let guest = memconv_guest(&dir, &list_refs, false);
-    let api = dir.path("api.sock");
-    let mut vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--cpus",
-            "boot=8",
-            "--user-device",
-            &format!("socket={},id=dev", device.socket.display()),
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
+    let (mut vmm, api, _) = start_storm(&dir, 0x51_6e_7e_a1, 2000, &[&device]);
+    assert!(
+        wait_until(|| conversions_counted(&api) >= 200),
+        "the storm never started"
     );
-    wait_for_socket(&api);
-    assert!(wait_until(|| device.mapped() == [(GO_PAGE, PAGE)]));
-    device.write(GO_PAGE, 1);
-    let converted = || {
-        let (_, counters, _) = ch_remote(&api, &["counters"]);
-        let counters: serde_json::Value = serde_json::from_str(&counters).unwrap();
-        let totals = &counters["conversions"];
-        totals["to_shared"].as_u64().unwrap() + totals["to_private"].as_u64().unwrap()
-    };
-    assert!(wait_until(|| converted() >= 200), "the storm never started");
 
     vmm.signal(libc::SIGTERM);
     let status = vmm.wait_exit(TIMEOUT);
@@ -344,6 +340,51 @@ fn sigterm_in_the_middle_of_a_conversion_storm_leaves_no_mapping_behind() {
     assert_eq!(maps, unmaps, "{device_log:?}");
     assert!(!api.exists(), "API socket left behind");
     eprintln!("SIGTERM after {maps} DMA maps, all unmapped");
+}
+
+#[test]
+fn a_device_killed_in_the_middle_of_a_conversion_storm_fails_conversions_cleanly() {
+    if !kvm_available("a_device_killed_in_the_middle_of_a_conversion_storm") {
+        return;
+    }
+    let dir = TempDir::new("killstorm");
+    let survivor = TestDevice::spawn(&dir, "survivor");
+    let mut victim = TestDevice::spawn(&dir, "victim");
+    let (vmm, api, total_ops) = start_storm(&dir, 0xdead_d0e5, 300, &[&survivor, &victim]);
+    assert!(
+        wait_until(|| conversions_counted(&api) >= 200),
+        "the storm never started"
+    );
+    victim.kill();
+    let before_kill = conversions_counted(&api);
+
+    let done = vmm.wait_for_line("memconv: done");
+    let statuses = vmm.op_statuses();
+    assert_eq!(statuses.len(), total_ops, "{done}");
+    let failed = statuses.iter().filter(|s| *s != "ok").count();
+    // Only conversions that needed the dead device may fail, and only as
+    // a listener failure: never invalid, never a hypervisor error.
+    assert!(
+        statuses.iter().all(|s| s == "ok" || s == "listener-failed"),
+        "{statuses:?}"
+    );
+    assert!(failed > 0, "no conversion needed the dead device");
+    assert_eq!(
+        done,
+        format!("memconv: done {} ok {failed} failed", total_ops - failed)
+    );
+    // Refused conversions changed nothing: the survivor still maps exactly
+    // what the VMM calls shared.
+    let shared = vmm_shared_ranges(&api);
+    assert_eq!(survivor.mapped(), shared, "rolled back on the survivor");
+    let (ok, _, err) = ch_remote(&api, &["remove-device", "dev1"]);
+    assert!(ok, "removing the dead device failed: {err}");
+    let (ok, info, err) = ch_remote(&api, &["info"]);
+    assert!(ok, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["devices"].as_array().unwrap().len(), 1, "{info}");
+    assert_eq!(vmm_shared_ranges(&api), shared);
+    eprintln!("device killed after ~{before_kill} conversions; {failed} of {total_ops} ops failed");
 }
 
 fn vm_rss_kib(pid: i32) -> u64 {
