@@ -522,7 +522,7 @@ fn every_vmm_thread_runs_under_a_seccomp_filter_unless_disabled() {
     let device = TestDevice::spawn(&dir, "dev");
     let ops = format!("shared@{WINDOW:#x}+8K");
     let guest = memconv_guest(&dir, &[&ops, "nop@0+0"], false);
-    for (flag, expected_mode) in [(None, "2"), (Some("false"), "0")] {
+    for (flag, expected_mode) in [(None, "2"), (Some("log"), "2"), (Some("false"), "0")] {
         let api = dir.path("api.sock");
         let mut args = vec![
             "--memory".to_string(),
