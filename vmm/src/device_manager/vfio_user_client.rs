@@ -188,10 +188,14 @@ impl VfioUserClient {
         message.extend_from_slice(payload);
         match fd {
             Some(fd) => {
-                let sent = self
-                    .stream
-                    .send_with_fd(&message[..], fd)
-                    .map_err(VfioUserError::SendFd)?;
+                // The vCPU kick signal has no SA_RESTART; an interrupted
+                // sendmsg sent nothing and is simply retried.
+                let sent = loop {
+                    match self.stream.send_with_fd(&message[..], fd) {
+                        Err(e) if e.errno() == libc::EINTR => continue,
+                        other => break other.map_err(VfioUserError::SendFd)?,
+                    }
+                };
                 // The fd travels with the first byte; finish a short send.
                 self.stream
                     .write_all(&message[sent..])
@@ -230,7 +234,67 @@ impl VfioUserClient {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::thread::JoinHandleExt;
+
     use super::*;
+
+    extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+    /// A vCPU kick (a signal without SA_RESTART) that lands while DMA_MAP's
+    /// fd-passing sendmsg is blocked must not fail the map or break the
+    /// connection.
+    #[test]
+    fn a_signal_during_the_fd_send_is_retried() {
+        let kick = vmm_sys_util::signal::SIGRTMIN() + 1;
+        vmm_sys_util::signal::register_signal_handler(kick, ignore_signal).unwrap();
+        let (client_end, mut server_end) = UnixStream::pair().unwrap();
+        // Fill the socket so the next send blocks.
+        client_end.set_nonblocking(true).unwrap();
+        let filler = [0u8; 4096];
+        let mut queued = 0;
+        loop {
+            match (&client_end).write(&filler) {
+                Ok(n) => queued += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        client_end.set_nonblocking(false).unwrap();
+        let memory = std::fs::File::open("/dev/zero").unwrap();
+        let memory_fd = memory.as_raw_fd();
+        let mut client = VfioUserClient {
+            stream: client_end,
+            next_id: 7,
+            broken: false,
+        };
+        let mapper = std::thread::spawn(move || {
+            let result = client.dma_map(0x1000, 0x1000, memory_fd, 0);
+            (result.map_err(|e| e.to_string()), client.broken)
+        });
+        // Let the mapper block in sendmsg, then interrupt it.
+        std::thread::sleep(Duration::from_millis(100));
+        // SAFETY: signals a live thread of this process; the handler is
+        // installed above.
+        let rc = unsafe { libc::pthread_kill(mapper.as_pthread_t(), kick) };
+        assert_eq!(rc, 0);
+        std::thread::sleep(Duration::from_millis(50));
+
+        let mut skipped = vec![0u8; queued];
+        server_end.read_exact(&mut skipped).unwrap();
+        let mut request = [0u8; HEADER_SIZE + 32];
+        server_end.read_exact(&mut request).unwrap();
+        let header = Header::decode(request[..HEADER_SIZE].try_into().unwrap());
+        assert_eq!((header.id, header.command), (7, CMD_DMA_MAP));
+        let reply = Header {
+            size: HEADER_SIZE as u32,
+            flags: FLAG_REPLY,
+            ..header
+        };
+        server_end.write_all(&reply.encode()).unwrap();
+        assert_eq!(mapper.join().unwrap(), (Ok(()), false));
+        drop(memory);
+    }
 
     #[test]
     fn header_round_trips() {
