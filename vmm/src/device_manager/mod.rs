@@ -281,8 +281,7 @@ impl DeviceManager {
     }
 
     /// Detaches every device (VMM shutdown): devices stop seeing guest RAM
-    /// before it goes away.
-    /// Detaches every device; returns what each had when it went.
+    /// before it goes away. Returns what each had when it went.
     pub fn remove_all(&mut self) -> Vec<DeviceInfo> {
         let ids: Vec<String> = self.devices.iter().map(|d| d.id.clone()).collect();
         ids.iter().filter_map(|id| self.remove(id).ok()).collect()
