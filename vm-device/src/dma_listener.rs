@@ -10,7 +10,7 @@
 //! ranges they shared (bounce buffers, coherent allocations), so splits are
 //! rare; they are counted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::error;
@@ -32,17 +32,26 @@ pub struct DmaStats {
     pub refused: u64,
     /// Unmaps the device failed: the range may still be reachable by DMA.
     pub unmap_failures: u64,
-    /// Surviving parts of a split the device would not map again.
+    /// Surviving parts of a split the device would not map again (each one
+    /// fails the device: see `DmaMappingListener`).
     pub lost_remaps: u64,
 }
+
+/// Called once, with the reason, when the device is failed and cut off.
+pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
 
 struct Mappings {
     /// IOVA -> size of every mapping made and not yet unmapped.
     by_iova: BTreeMap<u64, u64>,
     /// Entries promised to prepared discards (a split needs one more).
     reserved: u64,
-    pending: Vec<(Section, u64)>,
+    /// Extra entries reserved per prepared section. A section is prepared
+    /// at most once at a time: its region's lock serializes conversions and
+    /// sections never span regions.
+    pending: HashMap<Section, u64>,
     stats: DmaStats,
+    /// Set once the device is cut off: from then on it follows nothing.
+    failure: Option<String>,
 }
 
 impl Mappings {
@@ -52,22 +61,47 @@ impl Mappings {
         self.by_iova
             .range(..section.gpa)
             .next_back()
-            .is_some_and(|(&iova, &size)| iova < section.gpa && iova + size > section.end())
+            .is_some_and(|(&iova, &size)| iova + size > section.end())
             .into()
     }
 
     fn release(&mut self, section: Section) {
-        if let Some(i) = self.pending.iter().position(|(s, _)| *s == section) {
-            let (_, extra) = self.pending.swap_remove(i);
+        if let Some(extra) = self.pending.remove(&section) {
             self.reserved -= extra;
         }
     }
 }
 
+/// What a reader may see without waiting for device I/O.
+#[derive(Default, Clone)]
+struct Published {
+    stats: DmaStats,
+    failure: Option<String>,
+}
+
+/// A device's DMA mapping as a discard listener.
+///
+/// Faults: a refused map (a clean error reply) refuses the conversion. A
+/// device whose connection fails, that fails an unmap, or that will not map
+/// back the surviving parts of a split is *failed*: it is cut off from guest
+/// memory at once (`ExternalDmaMapping::sever`, or unmapping everything
+/// held), it stops taking part in conversions, and the guest's conversion
+/// goes on. A failed device never holds a page the guest made private, and
+/// the guest is never told `ok` for a page a live device did not follow.
 pub struct DmaMappingListener {
     dma: Arc<dyn ExternalDmaMapping>,
     entry_limit: Option<u64>,
     mappings: Mutex<Mappings>,
+    /// Updated at the end of every operation; never held across device I/O.
+    published: Mutex<Published>,
+    on_failure: Mutex<Option<FailureHook>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update of these states completes before its lock is released
+    // (no device call can panic half-way through one), so a poisoned lock
+    // still guards consistent data.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl DmaMappingListener {
@@ -79,18 +113,41 @@ impl DmaMappingListener {
             mappings: Mutex::new(Mappings {
                 by_iova: BTreeMap::new(),
                 reserved: 0,
-                pending: Vec::new(),
+                pending: HashMap::new(),
                 stats: DmaStats::default(),
+                failure: None,
             }),
+            published: Mutex::new(Published::default()),
+            on_failure: Mutex::new(None),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Mappings> {
-        self.mappings.lock().unwrap_or_else(|e| e.into_inner())
+    /// `hook` runs once if the device is ever failed. It runs on the thread
+    /// that found the failure (a vCPU, usually), so it must not block.
+    pub fn set_failure_hook(&self, hook: FailureHook) {
+        *lock(&self.on_failure) = Some(hook);
     }
 
+    fn lock(&self) -> MutexGuard<'_, Mappings> {
+        lock(&self.mappings)
+    }
+
+    fn publish(&self, m: &Mappings) {
+        let mut p = lock(&self.published);
+        p.stats = m.stats;
+        if p.failure.is_none() {
+            p.failure.clone_from(&m.failure);
+        }
+    }
+
+    /// Counters as of the last finished operation; never waits for a device.
     pub fn stats(&self) -> DmaStats {
-        self.lock().stats
+        lock(&self.published).stats
+    }
+
+    /// Why the device was failed, if it was; never waits for a device.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.published).failure.clone()
     }
 
     /// Every mapping held, in IOVA order.
@@ -108,9 +165,53 @@ impl DmaMappingListener {
         let mut m = self.lock();
         let held: Vec<(u64, u64)> = m.by_iova.iter().map(|(&a, &s)| (a, s)).collect();
         for &(iova, size) in &held {
+            if m.failure.is_some() {
+                break;
+            }
             self.unmap_exact(&mut m, iova, size);
         }
+        self.publish(&m);
         held.len()
+    }
+
+    /// Fails the device: cuts it off from guest memory and forgets what it
+    /// held. Idempotent.
+    fn fail(&self, m: &mut Mappings, reason: String) {
+        if m.failure.is_some() {
+            return;
+        }
+        error!("device failed and detached from guest memory: {reason}");
+        if !self.dma.sever(&reason) {
+            // Best effort: nothing else can take these mappings away.
+            let held: Vec<(u64, u64)> = m.by_iova.iter().map(|(&a, &s)| (a, s)).collect();
+            for (iova, size) in held {
+                if self.dma.unmap(iova, size).is_err() {
+                    m.stats.unmap_failures += 1;
+                }
+            }
+        }
+        m.by_iova.clear();
+        m.pending.clear();
+        m.reserved = 0;
+        m.stats.entries = 0;
+        m.stats.mapped_bytes = 0;
+        m.failure = Some(reason.clone());
+        self.publish(m);
+        if let Some(hook) = lock(&self.on_failure).as_ref() {
+            hook(&reason);
+        }
+    }
+
+    /// Fails the device if the error left its connection unusable; returns
+    /// whether it did.
+    fn fail_if_broken(&self, m: &mut Mappings) -> bool {
+        match self.dma.failure() {
+            Some(reason) => {
+                self.fail(m, reason);
+                true
+            }
+            None => false,
+        }
     }
 
     fn map(&self, m: &mut Mappings, iova: u64, size: u64) -> std::io::Result<()> {
@@ -131,8 +232,12 @@ impl DmaMappingListener {
 
     fn unmap_exact(&self, m: &mut Mappings, iova: u64, size: u64) -> bool {
         if let Err(e) = self.dma.unmap(iova, size) {
-            error!("DMA unmap of {iova:#x}+{size:#x} failed, the range may stay reachable: {e}");
             m.stats.unmap_failures += 1;
+            if !self.fail_if_broken(m) {
+                error!(
+                    "DMA unmap of {iova:#x}+{size:#x} failed, the range may stay reachable: {e}"
+                );
+            }
             return false;
         }
         m.by_iova.remove(&iova);
@@ -141,43 +246,8 @@ impl DmaMappingListener {
         m.stats.unmaps += 1;
         true
     }
-}
 
-impl RamDiscardListener for DmaMappingListener {
-    fn notify_populate(&self, section: Section) -> Result<(), ListenerError> {
-        let mut m = self.lock();
-        self.map(&mut m, section.gpa, section.size).map_err(|e| {
-            m.stats.refused += 1;
-            ListenerError(format!(
-                "DMA map of {:#x}+{:#x}: {e}",
-                section.gpa, section.size
-            ))
-        })
-    }
-
-    fn prepare_discard(&self, section: Section) -> Result<(), ListenerError> {
-        let mut m = self.lock();
-        let extra = m.extra_entries(section);
-        if let Some(limit) = self.entry_limit
-            && m.stats.entries + m.reserved + extra > limit
-        {
-            m.stats.refused += 1;
-            return Err(ListenerError(format!(
-                "DMA entry limit of {limit} mappings reached: unmapping {:#x}+{:#x} would split a mapping",
-                section.gpa, section.size
-            )));
-        }
-        m.reserved += extra;
-        m.pending.push((section, extra));
-        Ok(())
-    }
-
-    fn cancel_discard(&self, section: Section) {
-        self.lock().release(section);
-    }
-
-    fn notify_discard(&self, section: Section) {
-        let mut m = self.lock();
+    fn discard(&self, m: &mut Mappings, section: Section) {
         m.release(section);
         let overlapping: Vec<(u64, u64)> = m
             .by_iova
@@ -187,7 +257,10 @@ impl RamDiscardListener for DmaMappingListener {
             .map(|(&iova, &size)| (iova, size))
             .collect();
         for (iova, size) in overlapping {
-            if !self.unmap_exact(&mut m, iova, size) {
+            if !self.unmap_exact(m, iova, size) {
+                if m.failure.is_some() {
+                    return;
+                }
                 continue;
             }
             let mapping = Section { gpa: iova, size };
@@ -201,20 +274,83 @@ impl RamDiscardListener for DmaMappingListener {
                     size: mapping.end().saturating_sub(section.end()),
                 },
             ];
-            let survivors: Vec<Section> = survivors.into_iter().filter(|s| s.size > 0).collect();
-            if !survivors.is_empty() {
-                m.stats.splits += 1;
-            }
-            for part in survivors {
-                if let Err(e) = self.map(&mut m, part.gpa, part.size) {
-                    error!(
-                        "cannot map back {:#x}+{:#x} after a split, the device lost it: {e}",
-                        part.gpa, part.size
-                    );
+            let mut split = false;
+            for part in survivors.into_iter().filter(|s| s.size > 0) {
+                split = true;
+                if let Err(e) = self.map(m, part.gpa, part.size) {
                     m.stats.lost_remaps += 1;
+                    // The part is still shared: a live device without it
+                    // would break the guest's view, so the device goes.
+                    self.fail(
+                        m,
+                        format!(
+                            "cannot map back {:#x}+{:#x} after a split: {e}",
+                            part.gpa, part.size
+                        ),
+                    );
+                    return;
                 }
             }
+            if split {
+                m.stats.splits += 1;
+            }
         }
+    }
+}
+
+impl RamDiscardListener for DmaMappingListener {
+    fn notify_populate(&self, section: Section) -> Result<(), ListenerError> {
+        let mut m = self.lock();
+        if m.failure.is_some() {
+            return Ok(());
+        }
+        let result = match self.map(&mut m, section.gpa, section.size) {
+            Ok(()) => Ok(()),
+            // A failed device no longer takes part; the conversion goes on.
+            Err(_) if self.fail_if_broken(&mut m) => Ok(()),
+            Err(e) => {
+                m.stats.refused += 1;
+                Err(ListenerError(format!(
+                    "DMA map of {:#x}+{:#x}: {e}",
+                    section.gpa, section.size
+                )))
+            }
+        };
+        self.publish(&m);
+        result
+    }
+
+    fn prepare_discard(&self, section: Section) -> Result<(), ListenerError> {
+        let mut m = self.lock();
+        if m.failure.is_some() {
+            return Ok(());
+        }
+        let extra = m.extra_entries(section);
+        if let Some(limit) = self.entry_limit
+            && m.stats.entries + m.reserved + extra > limit
+        {
+            m.stats.refused += 1;
+            self.publish(&m);
+            return Err(ListenerError(format!(
+                "DMA entry limit of {limit} mappings reached: unmapping {:#x}+{:#x} would split a mapping",
+                section.gpa, section.size
+            )));
+        }
+        m.reserved += extra;
+        m.pending.insert(section, extra);
+        Ok(())
+    }
+
+    fn cancel_discard(&self, section: Section) {
+        self.lock().release(section);
+    }
+
+    fn notify_discard(&self, section: Section) {
+        let mut m = self.lock();
+        if m.failure.is_none() {
+            self.discard(&mut m, section);
+        }
+        self.publish(&m);
     }
 }
 
@@ -335,5 +471,162 @@ mod tests {
         assert!(iommu.mappings().is_empty());
         assert_eq!(l.stats().entries, 0);
         assert_eq!(l.stats().mapped_bytes, 0);
+    }
+
+    fn failing_listener(iommu: &Arc<FakeIommu>) -> (DmaMappingListener, Arc<Mutex<Vec<String>>>) {
+        let l = DmaMappingListener::new(iommu.clone(), None);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        l.set_failure_hook(Box::new(move |why| {
+            sink.lock().unwrap().push(why.to_string())
+        }));
+        (l, seen)
+    }
+
+    #[test]
+    fn a_connection_lost_during_a_map_fails_the_device_not_the_conversion() {
+        let iommu = Arc::new(FakeIommu::new(None));
+        let (l, seen) = failing_listener(&iommu);
+        l.notify_populate(section(0x1000, 0x1000)).unwrap();
+        iommu.break_on_next_call();
+        l.notify_populate(section(0x3000, 0x1000)).unwrap();
+        assert!(iommu.is_severed());
+        assert!(iommu.mappings().is_empty(), "a severed server drops all");
+        assert!(l.mappings().is_empty());
+        assert_eq!(l.failure().as_deref(), Some("connection lost"));
+        assert_eq!(*seen.lock().unwrap(), vec!["connection lost".to_string()]);
+        let stats = l.stats();
+        assert_eq!(
+            (stats.entries, stats.mapped_bytes, stats.refused),
+            (0, 0, 0)
+        );
+        // Detached: later conversions neither reach the device nor fail.
+        l.notify_populate(section(0x9000, 0x1000)).unwrap();
+        l.prepare_discard(section(0x9000, 0x1000)).unwrap();
+        l.notify_discard(section(0x9000, 0x1000));
+        assert_eq!(seen.lock().unwrap().len(), 1, "the hook runs once");
+        assert_eq!(l.stats().maps, 1);
+    }
+
+    #[test]
+    fn a_connection_lost_during_an_unmap_leaves_nothing_mapped() {
+        let iommu = Arc::new(FakeIommu::new(None));
+        let (l, seen) = failing_listener(&iommu);
+        l.notify_populate(section(0x1000, 0x1000)).unwrap();
+        l.notify_populate(section(0x5000, 0x2000)).unwrap();
+        iommu.break_on_next_call();
+        l.notify_discard(section(0x1000, 0x1000));
+        assert!(iommu.is_severed());
+        assert!(iommu.mappings().is_empty());
+        assert!(l.mappings().is_empty());
+        assert_eq!(l.stats().unmap_failures, 1);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_refused_remap_after_a_split_fails_the_device() {
+        for keeps in [false, true] {
+            let iommu = Arc::new(if keeps {
+                FakeIommu::keeping_mappings_on_sever(None)
+            } else {
+                FakeIommu::new(None)
+            });
+            let (l, seen) = failing_listener(&iommu);
+            l.notify_populate(section(0x10000, 0x4000)).unwrap();
+            l.notify_populate(section(0x20000, 0x1000)).unwrap();
+            l.prepare_discard(section(0x11000, 0x1000)).unwrap();
+            iommu.fail_next_maps(1);
+            l.notify_discard(section(0x11000, 0x1000));
+            // Either way the device is left with nothing: no surviving part
+            // and no unrelated mapping.
+            assert!(iommu.mappings().is_empty(), "keeps={keeps}");
+            assert!(l.mappings().is_empty());
+            assert_eq!(l.stats().lost_remaps, 1);
+            let why = l.failure().unwrap();
+            assert!(why.contains("0x10000+0x1000 after a split"), "{why}");
+            assert_eq!(seen.lock().unwrap().len(), 1);
+            assert_eq!(iommu.violations(), 0);
+        }
+    }
+
+    #[test]
+    fn a_cancelled_discard_gives_its_reserved_entry_back() {
+        let iommu = Arc::new(FakeIommu::new(None));
+        let l = DmaMappingListener::new(iommu.clone(), Some(2));
+        l.notify_populate(section(0x10000, 0x4000)).unwrap();
+        let middle = section(0x11000, 0x1000);
+        l.prepare_discard(middle).unwrap();
+        // The reservation holds the second entry against a populate.
+        assert!(l.notify_populate(section(0x30000, 0x1000)).is_err());
+        l.cancel_discard(middle);
+        l.notify_populate(section(0x30000, 0x1000)).unwrap();
+        assert_eq!(l.stats().entries, 2);
+        // And with both entries in use, the split is refused again.
+        assert!(l.prepare_discard(middle).is_err());
+        assert_eq!(l.stats().refused, 2);
+    }
+
+    #[test]
+    fn extra_entries_follow_the_split_shape() {
+        let iommu = Arc::new(FakeIommu::new(None));
+        let l = DmaMappingListener::new(iommu.clone(), None);
+        l.notify_populate(section(0x10000, 0x4000)).unwrap();
+        l.notify_populate(section(0x20000, 0x1000)).unwrap();
+        let m = l.lock();
+        // Head cut, tail cut, the whole mapping, and a range that starts
+        // where a mapping ends: no extra entry.
+        for edge in [
+            section(0x10000, 0x1000),
+            section(0x13000, 0x1000),
+            section(0x10000, 0x4000),
+            section(0x14000, 0x1000),
+            section(0x21000, 0x1000),
+        ] {
+            assert_eq!(m.extra_entries(edge), 0, "{edge:?}");
+        }
+        // A cut strictly inside one mapping: one more entry.
+        assert_eq!(m.extra_entries(section(0x11000, 0x2000)), 1);
+        assert_eq!(m.extra_entries(section(0x12000, 0x1000)), 1);
+    }
+
+    /// A device whose map blocks until told to go on.
+    struct StalledDevice {
+        go: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl ExternalDmaMapping for StalledDevice {
+        fn map(&self, _: u64, _: u64, _: u64) -> std::io::Result<()> {
+            let _ = self.go.lock().unwrap().recv();
+            Ok(())
+        }
+        fn unmap(&self, _: u64, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn stats_never_wait_for_a_stalled_device() {
+        let (go, wait) = std::sync::mpsc::channel();
+        let l = Arc::new(DmaMappingListener::new(
+            Arc::new(StalledDevice {
+                go: Mutex::new(wait),
+            }),
+            None,
+        ));
+        let mapper = {
+            let l = l.clone();
+            std::thread::spawn(move || l.notify_populate(section(0x1000, 0x1000)))
+        };
+        // The mapper now holds the mappings lock inside the device call.
+        while l.mappings.try_lock().is_ok() {
+            std::thread::yield_now();
+        }
+        let started = std::time::Instant::now();
+        assert_eq!(l.stats().entries, 0);
+        assert_eq!(l.failure(), None);
+        assert!(started.elapsed() < std::time::Duration::from_millis(100));
+        go.send(()).unwrap();
+        mapper.join().unwrap().unwrap();
+        assert_eq!(l.stats().entries, 1);
     }
 }

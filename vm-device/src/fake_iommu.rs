@@ -16,10 +16,18 @@ struct Domain {
     by_iova: BTreeMap<u64, u64>,
     violations: u64,
     fail_next_maps: u64,
+    /// The next device call breaks the connection (a vfio-user server that
+    /// stopped answering): it and every later call fail.
+    break_on_next_call: bool,
+    broken: bool,
+    severed: bool,
 }
 
 pub struct FakeIommu {
     limit: Option<u64>,
+    /// Whether severing drops every mapping (vfio-user: the server must on
+    /// disconnect) or leaves them to be unmapped (VFIO).
+    sever_drops_mappings: bool,
     domain: Mutex<Domain>,
 }
 
@@ -32,6 +40,7 @@ impl FakeIommu {
     pub fn new(limit: Option<u64>) -> Self {
         FakeIommu {
             limit,
+            sever_drops_mappings: true,
             domain: Mutex::new(Domain::default()),
         }
     }
@@ -49,6 +58,25 @@ impl FakeIommu {
         self.domain.lock().unwrap().violations
     }
 
+    /// Like `new`, for a backend whose `sever` leaves the mappings in place
+    /// (VFIO): the caller must unmap them.
+    pub fn keeping_mappings_on_sever(limit: Option<u64>) -> Self {
+        FakeIommu {
+            sever_drops_mappings: false,
+            ..FakeIommu::new(limit)
+        }
+    }
+
+    /// The next map or unmap loses the connection, as a server that stopped
+    /// answering does: that call and every later one fail.
+    pub fn break_on_next_call(&self) {
+        self.domain.lock().unwrap().break_on_next_call = true;
+    }
+
+    pub fn is_severed(&self) -> bool {
+        self.domain.lock().unwrap().severed
+    }
+
     /// The next `count` maps fail like a device that ran out of resources;
     /// these are not violations.
     pub fn fail_next_maps(&self, count: u64) {
@@ -59,6 +87,7 @@ impl FakeIommu {
 impl ExternalDmaMapping for FakeIommu {
     fn map(&self, iova: u64, _gpa: u64, size: u64) -> std::io::Result<()> {
         let mut d = self.domain.lock().unwrap();
+        check_connection(&mut d)?;
         if d.fail_next_maps > 0 {
             d.fail_next_maps -= 1;
             return Err(Error::new(ErrorKind::OutOfMemory, "injected map failure"));
@@ -83,6 +112,7 @@ impl ExternalDmaMapping for FakeIommu {
 
     fn unmap(&self, iova: u64, size: u64) -> std::io::Result<()> {
         let mut d = self.domain.lock().unwrap();
+        check_connection(&mut d)?;
         let Some(end) = iova.checked_add(size).filter(|_| size > 0) else {
             return refuse(&mut d, libc_errno::EINVAL);
         };
@@ -101,6 +131,31 @@ impl ExternalDmaMapping for FakeIommu {
         }
         Ok(())
     }
+
+    fn failure(&self) -> Option<String> {
+        let d = self.domain.lock().unwrap();
+        (d.broken || d.severed).then(|| "connection lost".to_string())
+    }
+
+    fn sever(&self, _reason: &str) -> bool {
+        let mut d = self.domain.lock().unwrap();
+        d.severed = true;
+        if self.sever_drops_mappings {
+            d.by_iova.clear();
+        }
+        self.sever_drops_mappings
+    }
+}
+
+fn check_connection(d: &mut Domain) -> std::io::Result<()> {
+    if d.break_on_next_call {
+        d.break_on_next_call = false;
+        d.broken = true;
+    }
+    if d.broken {
+        return Err(Error::new(ErrorKind::TimedOut, "no reply"));
+    }
+    Ok(())
 }
 
 /// The errnos the kernel answers with, without a libc dependency.

@@ -14,5 +14,5 @@ pub mod fake_iommu;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use discard_listener::{ListenerError, RamDiscardListener, Section};
-pub use dma_listener::{DmaMappingListener, DmaStats};
+pub use dma_listener::{DmaMappingListener, DmaStats, FailureHook};
 pub use dma_mapping::ExternalDmaMapping;

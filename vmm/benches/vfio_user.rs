@@ -73,7 +73,7 @@ impl ExternalDmaMapping for MemfdDma {
 }
 
 fn connect(device: &Device) -> VfioUserClient {
-    VfioUserClient::connect(&device.socket, Duration::from_secs(5)).unwrap()
+    VfioUserClient::connect(&device.socket, Duration::from_secs(5), None).unwrap()
 }
 
 /// The test device serves one client at a time; a dropped client frees it.

@@ -312,20 +312,34 @@ impl DeviceConfig {
     }
 }
 
-/// `--user-device socket=PATH[,id=ID]`: a vfio-user device server.
+/// Longest per-request device timeout accepted: shutdown waits this long
+/// for a stalled device.
+pub const MAX_DEVICE_TIMEOUT_MS: u64 = 60_000;
+
+/// `--user-device socket=PATH[,id=ID][,timeout_ms=MS]`: a vfio-user device server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserDeviceConfig {
     pub socket: PathBuf,
     #[serde(default)]
     pub id: Option<String>,
+    /// How long the server may take to answer one request (default 5000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 impl UserDeviceConfig {
-    pub const SYNTAX: &'static str = "socket=PATH[,id=ID]";
+    pub const SYNTAX: &'static str = "socket=PATH[,id=ID][,timeout_ms=MS]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("--user-device", text, &["socket", "id"])?;
+        let p = OptionParser::parse("--user-device", text, &["socket", "id", "timeout_ms"])?;
+        let timeout_ms = p
+            .get("timeout_ms")
+            .map(|t| {
+                t.parse::<u64>()
+                    .map_err(|_| p.invalid("timeout_ms", "expected milliseconds"))
+            })
+            .transpose()?;
         let config = UserDeviceConfig {
             socket: p
                 .get("socket")
@@ -335,6 +349,7 @@ impl UserDeviceConfig {
                     key: "socket",
                 })?,
             id: p.get("id").map(str::to_string),
+            timeout_ms,
         };
         config.validate()?;
         Ok(config)
@@ -342,6 +357,17 @@ impl UserDeviceConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_path("--user-device", "socket", &self.socket)?;
+        if self
+            .timeout_ms
+            .is_some_and(|ms| !(1..=MAX_DEVICE_TIMEOUT_MS).contains(&ms))
+        {
+            return Err(ConfigError::Invalid {
+                option: "--user-device",
+                key: "timeout_ms",
+                value: format!("{:?}", self.timeout_ms),
+                why: "expected 1 to 60000",
+            });
+        }
         self.id
             .as_deref()
             .map_or(Ok(()), |id| check_id("--user-device", id))

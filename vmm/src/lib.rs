@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 
 use hypervisor::KvmHypervisor;
-use log::{error, info};
+use log::{error, info, warn};
 use serde_json::json;
 
 use crate::config::{EventMonitorConfig, VmConfig};
@@ -78,15 +78,26 @@ pub struct VmmOptions {
     pub seccomp: SeccompMode,
 }
 
+/// Signals that shut the VMM down cleanly (devices unmapped, socket
+/// removed, exit code 0).
+pub const SHUTDOWN_SIGNALS: &[i32] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+/// Signals whose default action would kill the VMM without that cleanup;
+/// they are logged and ignored.
+pub const IGNORED_SIGNALS: &[i32] = &[libc::SIGUSR1, libc::SIGUSR2];
+
 fn spawn_signal_thread(
     events: Sender<VmmEvent>,
     filter: Option<seccompiler::BpfProgram>,
 ) -> Result<(), VmmError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(VmmError::Signals)?;
+        signal_hook::iterator::Signals::new(SHUTDOWN_SIGNALS.iter().chain(IGNORED_SIGNALS))
+            .map_err(VmmError::Signals)?;
     seccomp_filters::spawn_filtered("vmm_signal_handler".into(), filter, move || {
         for signal in signals.forever() {
+            if IGNORED_SIGNALS.contains(&signal) {
+                warn!("signal {signal} ignored");
+                continue;
+            }
             if events.send(VmmEvent::Signal(signal)).is_err() {
                 break;
             }
@@ -154,6 +165,9 @@ pub fn run(options: VmmOptions) -> Result<i32, VmmError> {
         return Err(VmmError::Seccomp(e));
     }
     let code = control_loop(&events_rx, &mut vm);
+    // Requests still queued, or sent from now on, get "shutting down"
+    // instead of waiting for a loop that no longer runs.
+    drop(events_rx);
     vm.shutdown();
     // Joining the HTTP thread lets a pending shutdown answer reach its client.
     if let Some(server) = api_server.as_mut() {
@@ -192,8 +206,7 @@ fn control_loop(events: &Receiver<VmmEvent>, vm: &mut Vm) -> i32 {
                     message.request,
                     api::ApiRequest::VmShutdown | api::ApiRequest::VmmShutdown
                 );
-                let answer = handle_api(vm, message.request);
-                let _ = message.respond.send(answer);
+                handle_api(vm, message);
                 if ends_vmm {
                     info!("shutdown requested over the API");
                     return 0;
@@ -203,9 +216,12 @@ fn control_loop(events: &Receiver<VmmEvent>, vm: &mut Vm) -> i32 {
     }
 }
 
-fn handle_api(vm: &mut Vm, request: api::ApiRequest) -> api::ApiResponse {
+/// Answers `message`, at once or, for hot-plug (which may wait for a
+/// device), from a worker thread so the loop keeps serving meanwhile.
+fn handle_api(vm: &mut Vm, message: api::ApiMessage) {
     use api::ApiRequest::*;
-    Ok(match request {
+    let api::ApiMessage { request, respond } = message;
+    let answer = match request {
         VmmPing => Some(json!({
             "build_version": env!("CARGO_PKG_VERSION"),
             "version": env!("CARGO_PKG_VERSION"),
@@ -221,12 +237,29 @@ fn handle_api(vm: &mut Vm, request: api::ApiRequest) -> api::ApiResponse {
             vm.shutdown();
             None
         }
-        VmAddDevice(config) => Some(json!(
-            vm.add_device(&config).map_err(api::ApiError::Device)?
-        )),
-        VmAddUserDevice(config) => Some(json!(
-            vm.add_user_device(&config).map_err(api::ApiError::Device)?
-        )),
-        VmRemoveDevice(id) => Some(json!(vm.remove_device(&id).map_err(api::ApiError::Device)?)),
-    })
+        VmAddDevice(_) | VmAddUserDevice(_) | VmRemoveDevice(_) => {
+            let answer = respond.clone();
+            let spawned = vm.spawn_hotplug(move |devices, monitor| {
+                use vm::device_ops;
+                let result = match request {
+                    VmAddDevice(config) => device_ops::add_device(devices, monitor, &config),
+                    VmAddUserDevice(config) => {
+                        device_ops::add_user_device(devices, monitor, &config)
+                    }
+                    VmRemoveDevice(id) => device_ops::remove_device(devices, monitor, &id),
+                    _ => unreachable!("only hot-plug requests are spawned"),
+                };
+                let _ = answer.send(
+                    result
+                        .map(|info| Some(json!(info)))
+                        .map_err(api::ApiError::Device),
+                );
+            });
+            if let Err(e) = spawned {
+                let _ = respond.send(Err(api::ApiError::Worker(e)));
+            }
+            return;
+        }
+    };
+    let _ = respond.send(Ok(answer));
 }

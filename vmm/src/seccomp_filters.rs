@@ -263,6 +263,9 @@ fn vmm_rules() -> Result<Rules, seccompiler::BackendError> {
             libc::SYS_getsockopt,
             // Kicking vCPUs out of KVM_RUN at shutdown.
             libc::SYS_tgkill,
+            // Hot-plug workers and parallel device removal at shutdown.
+            libc::SYS_clone,
+            libc::SYS_clone3,
             // Removing the API socket.
             libc::SYS_unlink,
             libc::SYS_unlinkat,

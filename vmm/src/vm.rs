@@ -6,6 +6,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
+use std::thread::JoinHandle;
 
 use devices::layout::*;
 use devices::{ConversionDoorbell, PowerOffPort, SerialConsole};
@@ -72,10 +73,12 @@ pub enum VmState {
 pub struct Vm {
     config: VmConfig,
     memory: Arc<MemoryManager>,
-    devices: DeviceManager,
+    devices: Arc<DeviceManager>,
     monitor: Arc<EventMonitor>,
     stop: Arc<AtomicBool>,
     vcpus: Vec<VcpuHandle>,
+    /// Hot-plug operations in flight, each on its own thread.
+    hotplug: Vec<JoinHandle<()>>,
     state: VmState,
 }
 
@@ -170,7 +173,7 @@ impl Vm {
                 .map_err(VmError::VcpuSetup)?;
             created.push(vcpu);
         }
-        let devices = DeviceManager::new(memory.clone());
+        let devices = Arc::new(DeviceManager::new(memory.clone(), monitor.clone()));
         let mut vm = Vm {
             config,
             memory,
@@ -178,6 +181,7 @@ impl Vm {
             monitor: monitor.clone(),
             stop,
             vcpus: Vec::new(),
+            hotplug: Vec::new(),
             state: VmState::Running,
         };
         // Cold-plugged devices see the boot state (all private) before any
@@ -209,7 +213,8 @@ impl Vm {
     }
 
     /// Stops every vCPU, then detaches every device so each unmaps what it
-    /// had. Idempotent.
+    /// had, then waits for hot-plug operations in flight (which can no
+    /// longer attach anything). Idempotent.
     pub fn shutdown(&mut self) {
         self.stop.store(true, Ordering::Release);
         for vcpu in &mut self.vcpus {
@@ -218,31 +223,38 @@ impl Vm {
         for info in self.devices.remove_all() {
             self.monitor.emit("device", "removed", json!(info));
         }
+        for worker in self.hotplug.drain(..) {
+            let _ = worker.join();
+        }
         self.state = VmState::Shutdown;
     }
 
-    fn device_added(&self, info: DeviceInfo) -> DeviceInfo {
-        self.monitor.emit("device", "added", json!(info));
-        info
+    pub fn add_device(&self, config: &DeviceConfig) -> Result<DeviceInfo, DeviceError> {
+        device_ops::add_device(&self.devices, &self.monitor, config)
     }
 
-    pub fn add_device(&mut self, config: &DeviceConfig) -> Result<DeviceInfo, DeviceError> {
-        let info = self.devices.add_vfio(config)?;
-        Ok(self.device_added(info))
+    pub fn add_user_device(&self, config: &UserDeviceConfig) -> Result<DeviceInfo, DeviceError> {
+        device_ops::add_user_device(&self.devices, &self.monitor, config)
     }
 
-    pub fn add_user_device(
+    pub fn remove_device(&self, id: &str) -> Result<DeviceInfo, DeviceError> {
+        device_ops::remove_device(&self.devices, &self.monitor, id)
+    }
+
+    /// Runs `job` (a hot-plug operation, which may wait for a device) on its
+    /// own thread so the caller keeps serving; the job answers for itself.
+    pub fn spawn_hotplug(
         &mut self,
-        config: &UserDeviceConfig,
-    ) -> Result<DeviceInfo, DeviceError> {
-        let info = self.devices.add_vfio_user(config)?;
-        Ok(self.device_added(info))
-    }
-
-    pub fn remove_device(&mut self, id: &str) -> Result<DeviceInfo, DeviceError> {
-        let info = self.devices.remove(id)?;
-        self.monitor.emit("device", "removed", json!(info));
-        Ok(info)
+        job: impl FnOnce(&DeviceManager, &EventMonitor) + Send + 'static,
+    ) -> std::io::Result<()> {
+        self.hotplug.retain(|worker| !worker.is_finished());
+        let devices = self.devices.clone();
+        let monitor = self.monitor.clone();
+        let worker = std::thread::Builder::new()
+            .name("device-hotplug".into())
+            .spawn(move || job(&devices, &monitor))?;
+        self.hotplug.push(worker);
+        Ok(())
     }
 
     pub fn devices(&self) -> &DeviceManager {
@@ -288,6 +300,41 @@ impl Vm {
             },
             "devices": self.devices.info(),
         })
+    }
+}
+
+/// Device hot-plug with its events, callable from any thread.
+pub mod device_ops {
+    use super::*;
+
+    pub fn add_device(
+        devices: &DeviceManager,
+        monitor: &EventMonitor,
+        config: &DeviceConfig,
+    ) -> Result<DeviceInfo, DeviceError> {
+        let info = devices.add_vfio(config)?;
+        monitor.emit("device", "added", json!(info));
+        Ok(info)
+    }
+
+    pub fn add_user_device(
+        devices: &DeviceManager,
+        monitor: &EventMonitor,
+        config: &UserDeviceConfig,
+    ) -> Result<DeviceInfo, DeviceError> {
+        let info = devices.add_vfio_user(config)?;
+        monitor.emit("device", "added", json!(info));
+        Ok(info)
+    }
+
+    pub fn remove_device(
+        devices: &DeviceManager,
+        monitor: &EventMonitor,
+        id: &str,
+    ) -> Result<DeviceInfo, DeviceError> {
+        let info = devices.remove(id)?;
+        monitor.emit("device", "removed", json!(info));
+        Ok(info)
     }
 }
 

@@ -484,6 +484,7 @@ mod openapi_tests {
             Ok(ApiRequest::VmAddUserDevice(UserDeviceConfig {
                 socket: "/s".into(),
                 id: Some("nic0".into()),
+                timeout_ms: None,
             }))
         );
         assert_eq!(

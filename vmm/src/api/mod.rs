@@ -36,6 +36,8 @@ pub enum ApiError {
     VmmGone,
     #[error("device request failed")]
     Device(#[source] DeviceError),
+    #[error("cannot start a hot-plug thread")]
+    Worker(#[source] std::io::Error),
 }
 
 impl ApiError {
@@ -43,6 +45,7 @@ impl ApiError {
         match self {
             ApiError::Device(DeviceError::NotFound(_)) => 404,
             ApiError::Device(DeviceError::DuplicateId(_)) => 409,
+            ApiError::Device(DeviceError::ShuttingDown) => 503,
             _ => 500,
         }
     }

@@ -194,7 +194,7 @@ proptest! {
     ) {
         let body = serde_json::json!({ "socket": path, "id": id }).to_string();
         let url = format!("{API_PREFIX}vm.add-user-device");
-        let expected = UserDeviceConfig { socket: path.clone().into(), id: id.clone() };
+        let expected = UserDeviceConfig { socket: path.clone().into(), id: id.clone(), timeout_ms: None };
         prop_assert_eq!(
             route(Method::Put, &url, body.as_bytes()),
             Ok(ApiRequest::VmAddUserDevice(expected))

@@ -5,13 +5,19 @@
 //!
 //! Devices are attached for DMA only: this VMM has no PCI bus yet, so their
 //! BARs, config space and interrupts are not exposed to the guest.
+//!
+//! Every method takes `&self` and holds the device list's lock only for
+//! list updates, never across device I/O: hot-plug runs on its own thread
+//! while the API keeps answering, and a device that fails (see
+//! `DmaMappingListener`) is shown as failed until `remove` clears it.
 
 mod guest_ram;
 pub mod vfio;
 pub mod vfio_user_client;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use log::{info, warn};
@@ -22,9 +28,11 @@ pub use guest_ram::{GuestRam, GuestRamError};
 use vfio_user_client::{VfioUserClient, VfioUserError};
 
 use crate::config::{DeviceConfig, UserDeviceConfig};
+use crate::event_monitor::EventMonitor;
 use crate::memory::{AttributeError, ListenerId, MemoryManager};
 
-/// How long a vfio-user server may take to answer one request.
+/// How long a vfio-user server may take to answer one request, unless its
+/// `timeout_ms=` says otherwise.
 pub const VFIO_USER_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +53,8 @@ pub enum DeviceError {
         #[source]
         source: AttributeError,
     },
+    #[error("the VMM is shutting down")]
+    ShuttingDown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -63,12 +73,26 @@ impl DeviceKind {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceState {
+    /// Following every conversion.
+    Attached,
+    /// Cut off from guest memory after a fault; `remove-device` clears it.
+    Failed,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceInfo {
     pub id: String,
     pub kind: DeviceKind,
     /// The sysfs path (VFIO) or the server socket (vfio-user).
     pub path: PathBuf,
+    pub state: DeviceState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// Most mappings the device accepts at once.
+    pub max_dma_maps: Option<u64>,
     pub dma: DmaStats,
 }
 
@@ -77,22 +101,29 @@ pub struct DeviceInfo {
 pub struct VfioUserDma {
     client: Mutex<VfioUserClient>,
     ram: Arc<GuestRam>,
+    max_dma_maps: u64,
 }
 
 impl VfioUserDma {
-    pub fn connect(socket: &std::path::Path, ram: Arc<GuestRam>) -> Result<Self, DeviceError> {
+    pub fn connect(
+        socket: &std::path::Path,
+        ram: Arc<GuestRam>,
+        timeout: Duration,
+    ) -> Result<Self, DeviceError> {
         if !ram.all_file_backed() {
             return Err(DeviceError::NoFileBacking);
         }
-        let client =
-            VfioUserClient::connect(socket, VFIO_USER_TIMEOUT).map_err(DeviceError::VfioUser)?;
+        let client = VfioUserClient::connect(socket, timeout, Some(ram.clone()))
+            .map_err(DeviceError::VfioUser)?;
         Ok(VfioUserDma {
+            max_dma_maps: client.max_dma_maps(),
             client: Mutex::new(client),
             ram,
         })
     }
 
-    fn client(&self) -> std::sync::MutexGuard<'_, VfioUserClient> {
+    fn client(&self) -> MutexGuard<'_, VfioUserClient> {
+        // The client's state is updated before any call that could panic.
         self.client.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -112,6 +143,15 @@ impl ExternalDmaMapping for VfioUserDma {
     fn unmap(&self, iova: u64, size: u64) -> std::io::Result<()> {
         self.client().dma_unmap(iova, size).map_err(io_error)
     }
+
+    fn failure(&self) -> Option<String> {
+        self.client().closed_reason().map(str::to_string)
+    }
+
+    fn sever(&self, reason: &str) -> bool {
+        self.client().close(reason);
+        true
+    }
 }
 
 struct AttachedDevice {
@@ -119,95 +159,181 @@ struct AttachedDevice {
     kind: DeviceKind,
     path: PathBuf,
     listener: Arc<DmaMappingListener>,
+    max_dma_maps: Option<u64>,
     /// (region index, listener id) for every guest_memfd region.
     registrations: Vec<(usize, ListenerId)>,
 }
 
 impl AttachedDevice {
     fn info(&self) -> DeviceInfo {
+        let failure = self.listener.failure();
         DeviceInfo {
             id: self.id.clone(),
             kind: self.kind,
             path: self.path.clone(),
+            state: if failure.is_some() {
+                DeviceState::Failed
+            } else {
+                DeviceState::Attached
+            },
+            failure,
+            max_dma_maps: self.max_dma_maps,
             dma: self.listener.stats(),
         }
     }
 }
 
+#[derive(Default)]
+struct DeviceList {
+    devices: Vec<AttachedDevice>,
+    /// Ids of devices being attached: taken, but not listed yet.
+    attaching: BTreeSet<String>,
+    next_index: u64,
+    /// Set at shutdown: nothing attaches any more.
+    closed: bool,
+}
+
+impl DeviceList {
+    fn taken(&self, id: &str) -> bool {
+        self.attaching.contains(id) || self.devices.iter().any(|d| d.id == id)
+    }
+}
+
+/// What attaching a device needs besides its DMA mapping.
+pub struct Attachment {
+    pub id: String,
+    pub kind: DeviceKind,
+    pub path: PathBuf,
+    pub entry_limit: Option<u64>,
+}
+
 pub struct DeviceManager {
     memory: Arc<MemoryManager>,
     ram: Arc<GuestRam>,
-    devices: Vec<AttachedDevice>,
-    next_index: u64,
+    monitor: Arc<EventMonitor>,
+    list: Mutex<DeviceList>,
 }
 
 impl DeviceManager {
-    pub fn new(memory: Arc<MemoryManager>) -> Self {
+    pub fn new(memory: Arc<MemoryManager>, monitor: Arc<EventMonitor>) -> Self {
         DeviceManager {
             ram: Arc::new(GuestRam::new(&memory)),
             memory,
-            devices: Vec::new(),
-            next_index: 0,
+            monitor,
+            list: Mutex::new(DeviceList::default()),
         }
     }
 
-    pub fn add_vfio(&mut self, config: &DeviceConfig) -> Result<DeviceInfo, DeviceError> {
+    fn list(&self) -> MutexGuard<'_, DeviceList> {
+        // Updates of the list cannot panic half-way.
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn add_vfio(&self, config: &DeviceConfig) -> Result<DeviceInfo, DeviceError> {
         let id = self.claim_id(config.id.as_deref(), DeviceKind::Vfio)?;
-        let dma = vfio::VfioDma::open(&config.path, self.ram.clone()).map_err(DeviceError::Vfio)?;
-        self.attach(
-            id,
-            DeviceKind::Vfio,
-            config.path.clone(),
-            Arc::new(dma),
-            vfio::dma_entry_limit(),
-        )
+        let result = vfio::VfioDma::open(&config.path, self.ram.clone())
+            .map_err(DeviceError::Vfio)
+            .and_then(|dma| {
+                self.attach_claimed(
+                    Attachment {
+                        id: id.clone(),
+                        kind: DeviceKind::Vfio,
+                        path: config.path.clone(),
+                        entry_limit: Some(vfio::dma_entry_limit()),
+                    },
+                    Arc::new(dma),
+                )
+            });
+        self.release_claim(&id);
+        result
     }
 
-    pub fn add_vfio_user(&mut self, config: &UserDeviceConfig) -> Result<DeviceInfo, DeviceError> {
+    pub fn add_vfio_user(&self, config: &UserDeviceConfig) -> Result<DeviceInfo, DeviceError> {
         let id = self.claim_id(config.id.as_deref(), DeviceKind::VfioUser)?;
-        let dma = VfioUserDma::connect(&config.socket, self.ram.clone())?;
-        self.attach(
-            id,
-            DeviceKind::VfioUser,
-            config.socket.clone(),
-            Arc::new(dma),
-            None,
-        )
+        let timeout = config
+            .timeout_ms
+            .map_or(VFIO_USER_TIMEOUT, Duration::from_millis);
+        // Connecting may wait for the server: no lock is held meanwhile.
+        let result =
+            VfioUserDma::connect(&config.socket, self.ram.clone(), timeout).and_then(|dma| {
+                let limit = dma.max_dma_maps;
+                self.attach_claimed(
+                    Attachment {
+                        id: id.clone(),
+                        kind: DeviceKind::VfioUser,
+                        path: config.socket.clone(),
+                        entry_limit: Some(limit),
+                    },
+                    Arc::new(dma),
+                )
+            });
+        self.release_claim(&id);
+        result
     }
 
-    /// The id to use: the requested one if free, else the next generated one.
-    fn claim_id(
-        &mut self,
-        requested: Option<&str>,
-        kind: DeviceKind,
-    ) -> Result<String, DeviceError> {
-        if let Some(id) = requested {
-            if self.devices.iter().any(|d| d.id == id) {
-                return Err(DeviceError::DuplicateId(id.to_string()));
-            }
-            return Ok(id.to_string());
+    /// The id to use: the requested one if free, else the next generated
+    /// one. It stays taken until `release_claim`.
+    fn claim_id(&self, requested: Option<&str>, kind: DeviceKind) -> Result<String, DeviceError> {
+        let mut list = self.list();
+        if list.closed {
+            return Err(DeviceError::ShuttingDown);
         }
-        loop {
-            let id = format!("{}{}", kind.id_prefix(), self.next_index);
-            self.next_index += 1;
-            if !self.devices.iter().any(|d| d.id == id) {
-                return Ok(id);
-            }
-        }
+        let id = match requested {
+            Some(id) if list.taken(id) => return Err(DeviceError::DuplicateId(id.to_string())),
+            Some(id) => id.to_string(),
+            None => loop {
+                let id = format!("{}{}", kind.id_prefix(), list.next_index);
+                list.next_index += 1;
+                if !list.taken(&id) {
+                    break id;
+                }
+            },
+        };
+        list.attaching.insert(id.clone());
+        Ok(id)
+    }
+
+    fn release_claim(&self, id: &str) {
+        self.list().attaching.remove(id);
+    }
+
+    /// Attaches `dma` under an id nobody else can take (tests, and devices
+    /// built outside this manager).
+    pub fn attach(
+        &self,
+        attachment: Attachment,
+        dma: Arc<dyn ExternalDmaMapping>,
+    ) -> Result<DeviceInfo, DeviceError> {
+        let id = self.claim_id(Some(&attachment.id), attachment.kind)?;
+        let result = self.attach_claimed(attachment, dma);
+        self.release_claim(&id);
+        result
     }
 
     /// Makes `dma` follow the shared pages of every guest_memfd region (the
     /// current shared runs are replayed) and map all other RAM. On failure
     /// nothing stays registered or mapped.
-    pub fn attach(
-        &mut self,
-        id: String,
-        kind: DeviceKind,
-        path: PathBuf,
+    fn attach_claimed(
+        &self,
+        attachment: Attachment,
         dma: Arc<dyn ExternalDmaMapping>,
-        entry_limit: Option<u64>,
     ) -> Result<DeviceInfo, DeviceError> {
+        let Attachment {
+            id,
+            kind,
+            path,
+            entry_limit,
+        } = attachment;
         let listener = Arc::new(DmaMappingListener::new(dma, entry_limit));
+        let monitor = self.monitor.clone();
+        let failed_id = id.clone();
+        listener.set_failure_hook(Box::new(move |why| {
+            monitor.emit(
+                "device",
+                "failed",
+                serde_json::json!({ "id": failed_id, "reason": why }),
+            );
+        }));
         let mut registrations = Vec::new();
         for (index, region) in self.memory.regions().iter().enumerate() {
             let whole = Section {
@@ -239,14 +365,21 @@ impl DeviceManager {
             kind,
             path,
             listener,
+            max_dma_maps: entry_limit,
             registrations,
         };
         let info = device.info();
+        let mut list = self.list();
+        if list.closed {
+            drop(list);
+            self.unregister(&device.registrations, &device.listener);
+            return Err(DeviceError::ShuttingDown);
+        }
         info!(
             "device {} ({:?}) attached: {} mappings of {} bytes",
             info.id, kind, info.dma.entries, info.dma.mapped_bytes
         );
-        self.devices.push(device);
+        list.devices.push(device);
         Ok(info)
     }
 
@@ -267,36 +400,66 @@ impl DeviceManager {
 
     /// Detaches a device: its listener is unregistered everywhere and every
     /// mapping it held is unmapped. Returns its final state.
-    pub fn remove(&mut self, id: &str) -> Result<DeviceInfo, DeviceError> {
-        let index = self
-            .devices
-            .iter()
-            .position(|d| d.id == id)
-            .ok_or_else(|| DeviceError::NotFound(id.to_string()))?;
-        let device = self.devices.remove(index);
+    pub fn remove(&self, id: &str) -> Result<DeviceInfo, DeviceError> {
+        let device = {
+            let mut list = self.list();
+            let index = list
+                .devices
+                .iter()
+                .position(|d| d.id == id)
+                .ok_or_else(|| DeviceError::NotFound(id.to_string()))?;
+            list.devices.remove(index)
+        };
         self.unregister(&device.registrations, &device.listener);
         let info = device.info();
         info!("device {id} removed: {} mappings left", info.dma.entries);
         Ok(info)
     }
 
-    /// Detaches every device (VMM shutdown): devices stop seeing guest RAM
-    /// before it goes away. Returns what each had when it went.
-    pub fn remove_all(&mut self) -> Vec<DeviceInfo> {
-        let ids: Vec<String> = self.devices.iter().map(|d| d.id.clone()).collect();
-        ids.iter().filter_map(|id| self.remove(id).ok()).collect()
+    /// Detaches every device (VMM shutdown), all at once so stalled
+    /// devices cost one timeout in all, and refuses later attaches. Devices
+    /// stop seeing guest RAM before it goes away. Returns what each had
+    /// when it went.
+    pub fn remove_all(&self) -> Vec<DeviceInfo> {
+        let devices = {
+            let mut list = self.list();
+            list.closed = true;
+            std::mem::take(&mut list.devices)
+        };
+        std::thread::scope(|scope| {
+            let removals: Vec<_> = devices
+                .iter()
+                .map(|device| {
+                    scope.spawn(move || {
+                        self.unregister(&device.registrations, &device.listener);
+                        device.info()
+                    })
+                })
+                .collect();
+            removals
+                .into_iter()
+                .filter_map(|removal| removal.join().ok())
+                .collect()
+        })
     }
 
     pub fn info(&self) -> Vec<DeviceInfo> {
-        self.devices.iter().map(AttachedDevice::info).collect()
+        self.list()
+            .devices
+            .iter()
+            .map(AttachedDevice::info)
+            .collect()
     }
 
     /// The IOVA ranges a device currently has mapped.
     pub fn mappings(&self, id: &str) -> Option<Vec<Section>> {
-        self.devices
+        let listener = self
+            .list()
+            .devices
             .iter()
             .find(|d| d.id == id)
-            .map(|d| d.listener.mappings())
+            .map(|d| d.listener.clone())?;
+        Some(listener.mappings())
     }
 }
 

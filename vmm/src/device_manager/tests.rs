@@ -59,6 +59,7 @@ fn listener_count(memory: &MemoryManager) -> usize {
         .as_ref()
         .unwrap()
         .lock()
+        .unwrap()
         .listener_count()
 }
 
@@ -75,27 +76,33 @@ fn shared_runs(memory: &MemoryManager) -> Vec<Section> {
 }
 
 fn attach_fake(
-    dm: &mut DeviceManager,
+    dm: &DeviceManager,
     id: &str,
     iommu: &Arc<FakeIommu>,
     limit: Option<u64>,
 ) -> Result<DeviceInfo, DeviceError> {
     dm.attach(
-        id.to_string(),
-        DeviceKind::Vfio,
-        PathBuf::from("/fake"),
+        Attachment {
+            id: id.to_string(),
+            kind: DeviceKind::Vfio,
+            path: PathBuf::from("/fake"),
+            entry_limit: limit,
+        },
         iommu.clone(),
-        limit,
     )
+}
+
+fn manager(memory: &Arc<MemoryManager>) -> DeviceManager {
+    DeviceManager::new(memory.clone(), Arc::new(EventMonitor::disabled()))
 }
 
 #[test]
 fn attach_replays_and_conversions_follow() {
     let Some(memory) = memory() else { return };
     convert(&memory, 16 * MIB, 64 << 10, true).unwrap();
-    let mut dm = DeviceManager::new(memory.clone());
+    let dm = manager(&memory);
     let iommu = Arc::new(FakeIommu::new(None));
-    let info = attach_fake(&mut dm, "dev0", &iommu, None).unwrap();
+    let info = attach_fake(&dm, "dev0", &iommu, None).unwrap();
     assert_eq!(info.dma.entries, 1, "replayed one run");
     assert_eq!(iommu.mappings(), shared_runs(&memory));
 
@@ -115,11 +122,11 @@ fn attach_replays_and_conversions_follow() {
 #[test]
 fn a_refusing_device_fails_the_conversion_and_changes_nothing() {
     let Some(memory) = memory() else { return };
-    let mut dm = DeviceManager::new(memory.clone());
+    let dm = manager(&memory);
     let healthy = Arc::new(FakeIommu::new(None));
     let full = Arc::new(FakeIommu::new(None));
-    attach_fake(&mut dm, "healthy", &healthy, None).unwrap();
-    attach_fake(&mut dm, "full", &full, Some(1)).unwrap();
+    attach_fake(&dm, "healthy", &healthy, None).unwrap();
+    attach_fake(&dm, "full", &full, Some(1)).unwrap();
     convert(&memory, 16 * MIB, 4096, true).unwrap();
     let before = shared_runs(&memory);
 
@@ -141,9 +148,9 @@ fn a_failed_attach_leaves_no_listener_and_no_mapping() {
     let Some(memory) = memory() else { return };
     convert(&memory, 16 * MIB, 4096, true).unwrap();
     convert(&memory, 18 * MIB, 4096, true).unwrap();
-    let mut dm = DeviceManager::new(memory.clone());
+    let dm = manager(&memory);
     let iommu = Arc::new(FakeIommu::new(None));
-    let err = attach_fake(&mut dm, "small", &iommu, Some(1)).unwrap_err();
+    let err = attach_fake(&dm, "small", &iommu, Some(1)).unwrap_err();
     assert!(matches!(err, DeviceError::Register { .. }), "{err}");
     assert!(iommu.mappings().is_empty());
     assert!(dm.info().is_empty());
@@ -156,10 +163,16 @@ fn a_failed_attach_leaves_no_listener_and_no_mapping() {
 #[test]
 fn ids_are_unique_and_generated_when_absent() {
     let Some(memory) = memory() else { return };
-    let mut dm = DeviceManager::new(memory);
+    let dm = manager(&memory);
     let iommu = Arc::new(FakeIommu::new(None));
     let first = dm.claim_id(None, DeviceKind::VfioUser).unwrap();
-    attach_fake(&mut dm, &first, &iommu, None).unwrap();
+    // A claimed id is taken while its device attaches.
+    assert!(matches!(
+        attach_fake(&dm, &first, &iommu, None),
+        Err(DeviceError::DuplicateId(_))
+    ));
+    dm.release_claim(&first);
+    attach_fake(&dm, &first, &iommu, None).unwrap();
     assert_eq!(first, "_vfio_user0");
     assert!(matches!(
         dm.claim_id(Some("_vfio_user0"), DeviceKind::Vfio),
@@ -177,7 +190,7 @@ fn vfio_user_refuses_anonymous_ram() {
     let vm = hv.create_vm(VmType::Default).unwrap();
     let memory = Arc::new(MemoryManager::new(vm, 32 * MIB, MemoryLayout::Anonymous).unwrap());
     let ram = Arc::new(GuestRam::new(&memory));
-    let err = VfioUserDma::connect(std::path::Path::new("/nonexistent"), ram)
+    let err = VfioUserDma::connect(std::path::Path::new("/nonexistent"), ram, VFIO_USER_TIMEOUT)
         .err()
         .unwrap();
     assert!(matches!(err, DeviceError::NoFileBacking), "{err}");

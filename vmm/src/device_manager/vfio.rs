@@ -30,11 +30,19 @@ pub enum VfioAttachError {
     Device(String, #[source] vfio_ioctls::VfioError),
 }
 
-/// The type1 IOMMU's limit on concurrent mappings, if the host says.
-pub fn dma_entry_limit() -> Option<u64> {
-    std::fs::read_to_string(DMA_ENTRY_LIMIT)
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
+/// The type1 driver's default `dma_entry_limit`.
+pub const DEFAULT_DMA_ENTRY_LIMIT: u64 = 65535;
+
+/// The type1 IOMMU's limit on concurrent mappings: what the host says, or
+/// the kernel's default where it cannot be read (never "unlimited").
+pub fn dma_entry_limit() -> u64 {
+    parse_entry_limit(std::fs::read_to_string(DMA_ENTRY_LIMIT).ok().as_deref())
+}
+
+fn parse_entry_limit(text: Option<&str>) -> u64 {
+    text.and_then(|t| t.trim().parse().ok())
+        .filter(|&n: &u64| n > 0)
+        .unwrap_or(DEFAULT_DMA_ENTRY_LIMIT)
 }
 
 pub struct VfioDma {
@@ -87,5 +95,20 @@ impl ExternalDmaMapping for VfioDma {
         self.container
             .vfio_dma_unmap(iova, size as usize)
             .map_err(std::io::Error::other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_entry_limit_is_the_kernel_default() {
+        assert_eq!(parse_entry_limit(None), 65535);
+        assert_eq!(parse_entry_limit(Some("junk")), 65535);
+        assert_eq!(parse_entry_limit(Some("0\n")), 65535);
+        assert_eq!(parse_entry_limit(Some("1024\n")), 1024);
+        // This machine has no VFIO: the default applies.
+        assert_eq!(dma_entry_limit(), 65535);
     }
 }

@@ -1,34 +1,48 @@
 //! The client side of the vfio-user protocol, as far as DMA needs it:
-//! version negotiation, DMA_MAP (with the memory's fd) and DMA_UNMAP.
+//! version negotiation, DMA_MAP (with the memory's fd), DMA_UNMAP, and the
+//! DMA_READ / DMA_WRITE requests a server may send while it owes a reply.
 //!
 //! Ours rather than `vfio_user::Client` (0.1.7) because that client ignores
 //! the error flag of a DMA_MAP reply (a refused map looks like success) and
 //! reads an error reply to DMA_UNMAP as a full DMA_UNMAP reply, blocking
 //! forever; it also has no timeout, and a conversion runs on a vCPU thread.
-//! Here every reply is checked (id, command, error flag), every read has a
-//! deadline, and a client whose stream lost sync refuses further requests
-//! instead of misreading them. Interoperability is tested against
-//! `vfio_user::Server` (tests/devices.rs, the test device).
+//!
+//! Faults: every request has an absolute deadline. A reply that does not
+//! come in time, a malformed or out-of-order reply, EOF, or an error reply
+//! to DMA_UNMAP closes the connection at once: a spec-following server then
+//! drops every mapping, and no late reply can map anything. A closed client
+//! refuses every later request with the reason it was closed.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const CMD_VERSION: u16 = 1;
 const CMD_DMA_MAP: u16 = 2;
 const CMD_DMA_UNMAP: u16 = 3;
+const CMD_DMA_READ: u16 = 11;
+const CMD_DMA_WRITE: u16 = 12;
 const HEADER_SIZE: usize = 16;
 const FLAG_TYPE_MASK: u32 = 0xf;
+const FLAG_COMMAND: u32 = 0;
 const FLAG_REPLY: u32 = 1;
 const FLAG_ERROR: u32 = 1 << 5;
 const DMA_READ_WRITE: u32 = 0b11;
-/// A reply larger than this is a protocol error, not something to allocate.
-const MAX_REPLY: usize = 64 << 10;
+/// Largest DMA_READ / DMA_WRITE transfer we accept; advertised in VERSION.
+const MAX_DATA_XFER: usize = 1 << 20;
+/// A message larger than this is a protocol error, not something to allocate.
+const MAX_MESSAGE: usize = HEADER_SIZE + 16 + MAX_DATA_XFER;
+/// The spec's value when the server's VERSION reply does not say.
+pub const DEFAULT_MAX_DMA_MAPS: u64 = 65535;
 const CAPABILITIES: &str = r#"{"capabilities":{"max_msg_fds":1,"max_data_xfer_size":1048576}}"#;
+const EFAULT: u32 = 14;
+const EINVAL: u32 = 22;
+const ENOSYS: u32 = 38;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VfioUserError {
@@ -38,12 +52,22 @@ pub enum VfioUserError {
     Io(#[source] std::io::Error),
     #[error("cannot pass the memory fd")]
     SendFd(#[source] vmm_sys_util::errno::Error),
+    #[error("no reply to {command} within {ms} ms")]
+    Timeout { command: &'static str, ms: u128 },
+    #[error("the server closed the connection")]
+    Eof,
     #[error("the server refused {command} (errno {errno})")]
     Refused { command: &'static str, errno: u32 },
     #[error("malformed reply to {0}")]
     Protocol(&'static str),
-    #[error("the connection is unusable after an earlier failure")]
-    Broken,
+    #[error("the connection was closed after an earlier failure: {0}")]
+    Closed(String),
+}
+
+/// Guest memory as a server's DMA_READ / DMA_WRITE reaches it.
+pub trait DmaMemory: Send + Sync {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -88,28 +112,54 @@ fn command_name(command: u16) -> &'static str {
     }
 }
 
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// `max_dma_maps` from a VERSION reply's JSON, or the spec's default.
+fn max_dma_maps(reply: &[u8]) -> Result<u64, VfioUserError> {
+    let json = reply.get(4..).unwrap_or_default();
+    let json = json.split(|&b| b == 0).next().unwrap_or_default();
+    if json.iter().all(u8::is_ascii_whitespace) {
+        return Ok(DEFAULT_MAX_DMA_MAPS);
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(json).map_err(|_| VfioUserError::Protocol("VERSION"))?;
+    match value.pointer("/capabilities/max_dma_maps") {
+        None => Ok(DEFAULT_MAX_DMA_MAPS),
+        Some(n) => n
+            .as_u64()
+            .filter(|&n| n > 0)
+            .ok_or(VfioUserError::Protocol("VERSION")),
+    }
+}
+
 pub struct VfioUserClient {
-    stream: UnixStream,
+    /// `None` once closed; `closed` says why.
+    stream: Option<UnixStream>,
+    closed: Option<String>,
     next_id: u16,
-    broken: bool,
+    timeout: Duration,
+    max_dma_maps: u64,
+    /// What the server has been given, so its DMA_READ / DMA_WRITE reach
+    /// exactly that: IOVA -> size.
+    mapped: BTreeMap<u64, u64>,
+    memory: Option<std::sync::Arc<dyn DmaMemory>>,
 }
 
 impl VfioUserClient {
     /// Connects and negotiates the protocol version. `timeout` bounds every
-    /// later request: a hung server fails the conversion, it does not hang
-    /// the vCPU.
-    pub fn connect(socket: &Path, timeout: Duration) -> Result<Self, VfioUserError> {
+    /// request, this one included: a hung server fails the request, it does
+    /// not hang the caller. `memory` serves the server's DMA_READ /
+    /// DMA_WRITE within what it has mapped (refused when `None`).
+    pub fn connect(
+        socket: &Path,
+        timeout: Duration,
+        memory: Option<std::sync::Arc<dyn DmaMemory>>,
+    ) -> Result<Self, VfioUserError> {
         let stream = UnixStream::connect(socket)
             .map_err(|e| VfioUserError::Connect(socket.display().to_string(), e))?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .and_then(|()| stream.set_write_timeout(Some(timeout)))
-            .map_err(VfioUserError::Io)?;
-        let mut client = VfioUserClient {
-            stream,
-            next_id: 0,
-            broken: false,
-        };
+        let mut client = VfioUserClient::over(stream, timeout, memory);
         let mut payload = Vec::with_capacity(4 + CAPABILITIES.len() + 1);
         payload.extend_from_slice(&0u16.to_le_bytes()); // major
         payload.extend_from_slice(&1u16.to_le_bytes()); // minor
@@ -117,9 +167,51 @@ impl VfioUserClient {
         payload.push(0);
         let reply = client.request(CMD_VERSION, &payload, None)?;
         if reply.len() < 4 || reply[0..2] != [0, 0] {
+            client.close("malformed VERSION reply");
             return Err(VfioUserError::Protocol("VERSION"));
         }
+        client.max_dma_maps = max_dma_maps(&reply).inspect_err(|_| {
+            client.close("malformed VERSION capabilities");
+        })?;
         Ok(client)
+    }
+
+    fn over(
+        stream: UnixStream,
+        timeout: Duration,
+        memory: Option<std::sync::Arc<dyn DmaMemory>>,
+    ) -> Self {
+        // Sends are bounded too: a stopped server stops draining its socket.
+        let _ = stream.set_write_timeout(Some(timeout));
+        VfioUserClient {
+            stream: Some(stream),
+            closed: None,
+            next_id: 0,
+            timeout,
+            max_dma_maps: DEFAULT_MAX_DMA_MAPS,
+            mapped: BTreeMap::new(),
+            memory,
+        }
+    }
+
+    /// Most mappings the server accepts at once (from its VERSION reply).
+    pub fn max_dma_maps(&self) -> u64 {
+        self.max_dma_maps
+    }
+
+    /// Why the connection was closed, if it was.
+    pub fn closed_reason(&self) -> Option<&str> {
+        self.closed.as_deref()
+    }
+
+    /// Shuts the socket down and closes it: the server sees EOF at once
+    /// and, following the spec, drops every mapping. Idempotent.
+    pub fn close(&mut self, reason: &str) {
+        if let Some(stream) = self.stream.take() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            self.closed = Some(reason.to_string());
+            self.mapped.clear();
+        }
     }
 
     /// Maps `size` bytes of `fd` at `offset` to `iova`, read-write.
@@ -130,22 +222,34 @@ impl VfioUserClient {
         fd: RawFd,
         offset: u64,
     ) -> Result<(), VfioUserError> {
-        let mut payload = Vec::with_capacity(32);
-        payload.extend_from_slice(&32u32.to_le_bytes()); // argsz
-        payload.extend_from_slice(&DMA_READ_WRITE.to_le_bytes());
-        payload.extend_from_slice(&offset.to_le_bytes());
-        payload.extend_from_slice(&iova.to_le_bytes());
-        payload.extend_from_slice(&size.to_le_bytes());
-        self.request(CMD_DMA_MAP, &payload, Some(fd)).map(drop)
+        let mut payload = [0u8; 32];
+        payload[0..4].copy_from_slice(&32u32.to_le_bytes()); // argsz
+        payload[4..8].copy_from_slice(&DMA_READ_WRITE.to_le_bytes());
+        payload[8..16].copy_from_slice(&offset.to_le_bytes());
+        payload[16..24].copy_from_slice(&iova.to_le_bytes());
+        payload[24..32].copy_from_slice(&size.to_le_bytes());
+        self.request(CMD_DMA_MAP, &payload, Some(fd))?;
+        self.mapped.insert(iova, size);
+        Ok(())
     }
 
+    /// Unmaps exactly an earlier mapping. Any failure, a refusal included,
+    /// closes the connection: the range could otherwise stay reachable.
     pub fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), VfioUserError> {
-        let mut payload = Vec::with_capacity(24);
-        payload.extend_from_slice(&24u32.to_le_bytes()); // argsz
-        payload.extend_from_slice(&0u32.to_le_bytes()); // flags
-        payload.extend_from_slice(&iova.to_le_bytes());
-        payload.extend_from_slice(&size.to_le_bytes());
-        self.request(CMD_DMA_UNMAP, &payload, None).map(drop)
+        let mut payload = [0u8; 24];
+        payload[0..4].copy_from_slice(&24u32.to_le_bytes()); // argsz
+        payload[8..16].copy_from_slice(&iova.to_le_bytes());
+        payload[16..24].copy_from_slice(&size.to_le_bytes());
+        match self.request(CMD_DMA_UNMAP, &payload, None) {
+            Ok(_) => {
+                self.mapped.remove(&iova);
+                Ok(())
+            }
+            Err(e) => {
+                self.close(&format!("DMA_UNMAP of {iova:#x}+{size:#x} failed: {e}"));
+                Err(e)
+            }
+        }
     }
 
     fn request(
@@ -154,19 +258,88 @@ impl VfioUserClient {
         payload: &[u8],
         fd: Option<RawFd>,
     ) -> Result<Vec<u8>, VfioUserError> {
-        if self.broken {
-            return Err(VfioUserError::Broken);
+        if let Some(why) = &self.closed {
+            return Err(VfioUserError::Closed(why.clone()));
         }
-        let result = self.exchange(command, payload, fd);
+        let deadline = Instant::now() + self.timeout;
+        let result = self.exchange(command, payload, fd, deadline);
         // A failure in the middle of a message leaves the stream at an
-        // unknown position; only a clean error reply keeps it usable.
-        if matches!(
-            result,
-            Err(VfioUserError::Io(_) | VfioUserError::SendFd(_) | VfioUserError::Protocol(_))
-        ) {
-            self.broken = true;
+        // unknown position, and a late reply could still take effect; only
+        // a clean error reply keeps the connection.
+        if let Err(e) = &result
+            && !matches!(e, VfioUserError::Refused { .. })
+        {
+            let reason = crate::error_chain(e);
+            self.close(&reason);
         }
         result
+    }
+
+    fn stream(&self) -> &UnixStream {
+        self.stream.as_ref().expect("checked open by request()")
+    }
+
+    fn send(&self, message: &[u8], fd: Option<RawFd>) -> Result<(), VfioUserError> {
+        let mut stream = self.stream();
+        match fd {
+            Some(fd) => {
+                // The vCPU kick signal has no SA_RESTART; an interrupted
+                // sendmsg sent nothing and is simply retried.
+                let sent = loop {
+                    match stream.send_with_fd(message, fd) {
+                        Err(e) if e.errno() == libc::EINTR => continue,
+                        other => break other.map_err(VfioUserError::SendFd)?,
+                    }
+                };
+                // The fd travels with the first byte; finish a short send.
+                stream
+                    .write_all(&message[sent..])
+                    .map_err(VfioUserError::Io)
+            }
+            None => stream.write_all(message).map_err(VfioUserError::Io),
+        }
+    }
+
+    /// Fills `buf` before `deadline`; an interrupted read does not move it.
+    fn read_full(
+        &self,
+        buf: &mut [u8],
+        deadline: Instant,
+        command: &'static str,
+    ) -> Result<(), VfioUserError> {
+        let mut stream = self.stream();
+        let mut filled = 0;
+        while filled < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.timeout_error(command));
+            }
+            stream
+                .set_read_timeout(Some(left))
+                .map_err(VfioUserError::Io)?;
+            match stream.read(&mut buf[filled..]) {
+                Ok(0) => return Err(VfioUserError::Eof),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(self.timeout_error(command));
+                }
+                Err(e) => return Err(VfioUserError::Io(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn timeout_error(&self, command: &'static str) -> VfioUserError {
+        VfioUserError::Timeout {
+            command,
+            ms: self.timeout.as_millis(),
+        }
     }
 
     fn exchange(
@@ -174,6 +347,7 @@ impl VfioUserClient {
         command: u16,
         payload: &[u8],
         fd: Option<RawFd>,
+        deadline: Instant,
     ) -> Result<Vec<u8>, VfioUserError> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
@@ -184,51 +358,107 @@ impl VfioUserClient {
             flags: 0,
             error: 0,
         };
-        let mut message = header.encode().to_vec();
+        let mut message = Vec::with_capacity(HEADER_SIZE + payload.len());
+        message.extend_from_slice(&header.encode());
         message.extend_from_slice(payload);
-        match fd {
-            Some(fd) => {
-                // The vCPU kick signal has no SA_RESTART; an interrupted
-                // sendmsg sent nothing and is simply retried.
-                let sent = loop {
-                    match self.stream.send_with_fd(&message[..], fd) {
-                        Err(e) if e.errno() == libc::EINTR => continue,
-                        other => break other.map_err(VfioUserError::SendFd)?,
-                    }
-                };
-                // The fd travels with the first byte; finish a short send.
-                self.stream
-                    .write_all(&message[sent..])
-                    .map_err(VfioUserError::Io)?;
-            }
-            None => self.stream.write_all(&message).map_err(VfioUserError::Io)?,
-        }
+        self.send(&message, fd)?;
 
-        let mut raw = [0u8; HEADER_SIZE];
-        self.stream
-            .read_exact(&mut raw)
-            .map_err(VfioUserError::Io)?;
-        let reply = Header::decode(&raw);
         let name = command_name(command);
-        let size = reply.size as usize;
-        if reply.id != id
-            || reply.command != command
-            || reply.flags & FLAG_TYPE_MASK != FLAG_REPLY
-            || !(HEADER_SIZE..=MAX_REPLY).contains(&size)
-        {
-            return Err(VfioUserError::Protocol(name));
+        loop {
+            let mut raw = [0u8; HEADER_SIZE];
+            self.read_full(&mut raw, deadline, name)?;
+            let incoming = Header::decode(&raw);
+            let size = incoming.size as usize;
+            if !(HEADER_SIZE..=MAX_MESSAGE).contains(&size) {
+                return Err(VfioUserError::Protocol(name));
+            }
+            let mut body = vec![0u8; size - HEADER_SIZE];
+            self.read_full(&mut body, deadline, name)?;
+            if incoming.flags & FLAG_TYPE_MASK == FLAG_COMMAND {
+                // The server may ask something of us before it answers.
+                self.serve(incoming, &body)?;
+                continue;
+            }
+            if incoming.id != id
+                || incoming.command != command
+                || incoming.flags & FLAG_TYPE_MASK != FLAG_REPLY
+            {
+                return Err(VfioUserError::Protocol(name));
+            }
+            if incoming.flags & FLAG_ERROR != 0 {
+                return Err(VfioUserError::Refused {
+                    command: name,
+                    errno: incoming.error,
+                });
+            }
+            return Ok(body);
         }
-        let mut body = vec![0u8; size - HEADER_SIZE];
-        self.stream
-            .read_exact(&mut body)
-            .map_err(VfioUserError::Io)?;
-        if reply.flags & FLAG_ERROR != 0 {
-            return Err(VfioUserError::Refused {
-                command: name,
-                errno: reply.error,
-            });
+    }
+
+    /// Whether `addr..addr+count` lies inside one current mapping.
+    fn is_mapped(&self, addr: u64, count: u64) -> bool {
+        let Some(end) = addr.checked_add(count) else {
+            return false;
+        };
+        self.mapped
+            .range(..=addr)
+            .next_back()
+            .is_some_and(|(&iova, &size)| end <= iova + size)
+    }
+
+    /// Answers a server's DMA_READ / DMA_WRITE: served inside what it has
+    /// mapped, refused with an error reply otherwise (so a private page is
+    /// never touched and the stream stays in sync).
+    fn serve(&mut self, request: Header, body: &[u8]) -> Result<(), VfioUserError> {
+        let answer = self.dma_access(request.command, body);
+        let (flags, error, payload) = match answer {
+            Ok(payload) => (FLAG_REPLY, 0, payload),
+            Err(errno) => (FLAG_REPLY | FLAG_ERROR, errno, Vec::new()),
+        };
+        let reply = Header {
+            id: request.id,
+            command: request.command,
+            size: (HEADER_SIZE + payload.len()) as u32,
+            flags,
+            error,
+        };
+        let mut message = Vec::with_capacity(HEADER_SIZE + payload.len());
+        message.extend_from_slice(&reply.encode());
+        message.extend_from_slice(&payload);
+        self.send(&message, None)
+    }
+
+    fn dma_access(&self, command: u16, body: &[u8]) -> Result<Vec<u8>, u32> {
+        if !matches!(command, CMD_DMA_READ | CMD_DMA_WRITE) {
+            return Err(ENOSYS);
         }
-        Ok(body)
+        if body.len() < 16 {
+            return Err(EINVAL);
+        }
+        let (addr, count) = (u64_at(body, 0), u64_at(body, 8));
+        let len = usize::try_from(count)
+            .ok()
+            .filter(|&n| n <= MAX_DATA_XFER)
+            .ok_or(EINVAL)?;
+        let memory = self.memory.as_ref().ok_or(EFAULT)?;
+        if !self.is_mapped(addr, count) {
+            return Err(EFAULT);
+        }
+        let mut reply = body[..16].to_vec();
+        if command == CMD_DMA_READ {
+            reply.resize(16 + len, 0);
+            memory.read(addr, &mut reply[16..]).map_err(|_| EFAULT)?;
+        } else {
+            let data = body.get(16..16 + len).ok_or(EINVAL)?;
+            memory.write(addr, data).map_err(|_| EFAULT)?;
+        }
+        Ok(reply)
+    }
+}
+
+impl Drop for VfioUserClient {
+    fn drop(&mut self) {
+        self.close("client dropped");
     }
 }
 
@@ -263,14 +493,14 @@ mod tests {
         client_end.set_nonblocking(false).unwrap();
         let memory = std::fs::File::open("/dev/zero").unwrap();
         let memory_fd = memory.as_raw_fd();
-        let mut client = VfioUserClient {
-            stream: client_end,
-            next_id: 7,
-            broken: false,
-        };
+        let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), None);
+        client.next_id = 7;
         let mapper = std::thread::spawn(move || {
             let result = client.dma_map(0x1000, 0x1000, memory_fd, 0);
-            (result.map_err(|e| e.to_string()), client.broken)
+            (
+                result.map_err(|e| e.to_string()),
+                client.closed_reason().map(str::to_string),
+            )
         });
         // Let the mapper block in sendmsg, then interrupt it.
         std::thread::sleep(Duration::from_millis(100));
@@ -292,7 +522,7 @@ mod tests {
             ..header
         };
         server_end.write_all(&reply.encode()).unwrap();
-        assert_eq!(mapper.join().unwrap(), (Ok(()), false));
+        assert_eq!(mapper.join().unwrap(), (Ok(()), None));
         drop(memory);
     }
 

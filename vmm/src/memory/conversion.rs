@@ -97,7 +97,13 @@ impl MemoryManager {
         let mut pieces: Vec<Piece<'_>> = Vec::with_capacity(routes.len());
         for (region, offset, size) in routes {
             let attrs = self.regions[region].attributes.as_ref().expect("routed");
-            let state = attrs.lock();
+            let state = match attrs.lock() {
+                Ok(state) => state,
+                Err(e) => {
+                    self.record_rejected();
+                    return Err(ConversionFailure::ListenerFailed(e));
+                }
+            };
             let range = state.validate(offset, size).expect("routed inside region");
             pieces.push(Piece {
                 region,

@@ -2,11 +2,13 @@
 //! the discard listeners (assigned devices) that must follow it.
 //!
 //! Shared means populated (a device may map it), private means discarded.
-//! Every operation runs under the region's own lock, so a conversion is
-//! atomic with respect to other conversions of the region and to listener
-//! (un)registration, while other regions convert in parallel.
+//! Conversions and listener (un)registration run under the region's own
+//! lock, so a conversion is atomic with respect to other conversions of the
+//! region, while other regions convert in parallel. That lock is held across
+//! device I/O; readers (the API) never take it: they read the committed
+//! state (`View`), which a conversion only write-locks for its final commit.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::Serialize;
 
@@ -43,6 +45,8 @@ pub enum AttributeError {
     },
     #[error("no listener {0:?}")]
     UnknownListener(ListenerId),
+    #[error("region {0:#x} refuses conversions: a listener panicked in the middle of one")]
+    Poisoned(u64),
 }
 
 /// Per-region conversion counters.
@@ -68,11 +72,27 @@ struct Registered {
     section: Section,
 }
 
+/// The committed state: what readers see.
+struct View {
+    bitmap: SharedBitmap,
+    counters: ConversionCounters,
+}
+
+type SharedView = Arc<RwLock<View>>;
+
+fn read(view: &RwLock<View>) -> RwLockReadGuard<'_, View> {
+    // Only `commit` writes, and a bitmap update cannot stop half-way.
+    view.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write(view: &RwLock<View>) -> RwLockWriteGuard<'_, View> {
+    view.write().unwrap_or_else(|e| e.into_inner())
+}
+
 pub struct AttributeState {
     gpa: u64,
-    bitmap: SharedBitmap,
+    view: SharedView,
     listeners: Vec<Registered>,
-    counters: ConversionCounters,
     next_id: u64,
 }
 
@@ -80,22 +100,27 @@ pub struct RamBlockAttribute {
     gpa: u64,
     size: u64,
     state: Mutex<AttributeState>,
+    view: SharedView,
 }
 
 impl RamBlockAttribute {
     /// A region at `gpa` of `size` bytes (a multiple of `GRANULARITY`), all private.
     pub fn new(gpa: u64, size: u64) -> Self {
         debug_assert_eq!(size % GRANULARITY, 0);
+        let view = Arc::new(RwLock::new(View {
+            bitmap: SharedBitmap::new(size >> PAGE_SHIFT),
+            counters: ConversionCounters::default(),
+        }));
         RamBlockAttribute {
             gpa,
             size,
             state: Mutex::new(AttributeState {
                 gpa,
-                bitmap: SharedBitmap::new(size >> PAGE_SHIFT),
+                view: view.clone(),
                 listeners: Vec::new(),
-                counters: ConversionCounters::default(),
                 next_id: 0,
             }),
+            view,
         }
     }
 
@@ -111,17 +136,28 @@ impl RamBlockAttribute {
         GRANULARITY
     }
 
-    /// The region's state, locked. Conversions spanning several regions lock
-    /// them in ascending address order through this.
-    pub fn lock(&self) -> MutexGuard<'_, AttributeState> {
-        // A panicking listener must not make the region unusable.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// The region's conversion lock. Conversions spanning several regions
+    /// lock them in ascending address order through this. A listener that
+    /// panicked in the middle of a conversion leaves devices and state out
+    /// of step: the region then refuses every conversion, loudly.
+    pub fn lock(&self) -> Result<MutexGuard<'_, AttributeState>, AttributeError> {
+        self.state.lock().map_err(|_| {
+            log::error!(
+                "region {:#x}: conversion refused, a listener panicked during an earlier one",
+                self.gpa
+            );
+            AttributeError::Poisoned(self.gpa)
+        })
+    }
+
+    fn view(&self) -> RwLockReadGuard<'_, View> {
+        read(&self.view)
     }
 
     pub fn is_populated(&self, offset: u64, size: u64) -> Result<bool, AttributeError> {
-        let state = self.lock();
-        let range = state.validate(offset, size)?;
-        Ok(state.bitmap.all_in_state(range.first, range.count, true))
+        let view = self.view();
+        let range = validate(view.bitmap.pages(), offset, size)?;
+        Ok(view.bitmap.all_in_state(range.first, range.count, true))
     }
 
     /// One callback per maximal shared run inside `offset..offset+size`
@@ -132,7 +168,7 @@ impl RamBlockAttribute {
         size: u64,
         f: impl FnMut(Section) -> Result<(), E>,
     ) -> Result<(), ReplayError<E>> {
-        self.lock().replay(offset, size, true, f)
+        replay(self.gpa, &self.view(), offset, size, true, f)
     }
 
     pub fn replay_discarded<E>(
@@ -141,7 +177,7 @@ impl RamBlockAttribute {
         size: u64,
         f: impl FnMut(Section) -> Result<(), E>,
     ) -> Result<(), ReplayError<E>> {
-        self.lock().replay(offset, size, false, f)
+        replay(self.gpa, &self.view(), offset, size, false, f)
     }
 
     pub fn register_listener(
@@ -149,11 +185,11 @@ impl RamBlockAttribute {
         listener: Arc<dyn RamDiscardListener>,
         section: Section,
     ) -> Result<ListenerId, AttributeError> {
-        self.lock().register_listener(listener, section)
+        self.lock()?.register_listener(listener, section)
     }
 
     pub fn unregister_listener(&self, id: ListenerId) -> Result<(), AttributeError> {
-        self.lock().unregister_listener(id)
+        self.lock()?.unregister_listener(id)
     }
 
     pub fn state_change(
@@ -162,16 +198,67 @@ impl RamBlockAttribute {
         size: u64,
         to_shared: bool,
     ) -> Result<u64, AttributeError> {
-        self.lock().state_change(offset, size, to_shared)
+        self.lock()?.state_change(offset, size, to_shared)
     }
 
+    /// Never waits for a conversion in progress.
     pub fn counters(&self) -> ConversionCounters {
-        self.lock().counters
+        self.view().counters
     }
 
+    /// Never waits for a conversion in progress.
     pub fn shared_bytes(&self) -> u64 {
-        self.lock().bitmap.shared_pages() << PAGE_SHIFT
+        self.view().bitmap.shared_pages() << PAGE_SHIFT
     }
+}
+
+/// Checks `offset..offset+size` (region-relative) against a region of
+/// `pages` pages and turns it into pages.
+fn validate(pages: u64, offset: u64, size: u64) -> Result<PageRange, AttributeError> {
+    if size == 0 {
+        return Err(AttributeError::Empty(offset));
+    }
+    if !offset.is_multiple_of(GRANULARITY) || !size.is_multiple_of(GRANULARITY) {
+        return Err(AttributeError::Unaligned { offset, size });
+    }
+    let end = offset
+        .checked_add(size)
+        .ok_or(AttributeError::Overflow { offset, size })?;
+    let region_size = pages << PAGE_SHIFT;
+    if end > region_size {
+        return Err(AttributeError::OutOfRegion {
+            offset,
+            size,
+            region_size,
+        });
+    }
+    Ok(PageRange {
+        first: offset >> PAGE_SHIFT,
+        count: size >> PAGE_SHIFT,
+    })
+}
+
+fn section_of(gpa: u64, first: u64, count: u64) -> Section {
+    Section {
+        gpa: gpa + (first << PAGE_SHIFT),
+        size: count << PAGE_SHIFT,
+    }
+}
+
+fn replay<E>(
+    gpa: u64,
+    view: &View,
+    offset: u64,
+    size: u64,
+    shared: bool,
+    mut f: impl FnMut(Section) -> Result<(), E>,
+) -> Result<(), ReplayError<E>> {
+    let range = validate(view.bitmap.pages(), offset, size)?;
+    view.bitmap
+        .for_each_run(range.first, range.count, shared, |first, count| {
+            f(section_of(gpa, first, count))
+        })
+        .map_err(ReplayError::Callback)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,53 +271,24 @@ pub enum ReplayError<E> {
 
 impl AttributeState {
     fn section_of(&self, first: u64, count: u64) -> Section {
-        Section {
-            gpa: self.gpa + (first << PAGE_SHIFT),
-            size: count << PAGE_SHIFT,
-        }
+        section_of(self.gpa, first, count)
+    }
+
+    fn view(&self) -> RwLockReadGuard<'_, View> {
+        read(&self.view)
+    }
+
+    fn pages(&self) -> u64 {
+        self.view().bitmap.pages()
     }
 
     fn region_size(&self) -> u64 {
-        self.bitmap.pages() << PAGE_SHIFT
+        self.pages() << PAGE_SHIFT
     }
 
     /// Checks `offset..offset+size` (region-relative) and turns it into pages.
     pub fn validate(&self, offset: u64, size: u64) -> Result<PageRange, AttributeError> {
-        if size == 0 {
-            return Err(AttributeError::Empty(offset));
-        }
-        if !offset.is_multiple_of(GRANULARITY) || !size.is_multiple_of(GRANULARITY) {
-            return Err(AttributeError::Unaligned { offset, size });
-        }
-        let end = offset
-            .checked_add(size)
-            .ok_or(AttributeError::Overflow { offset, size })?;
-        if end > self.region_size() {
-            return Err(AttributeError::OutOfRegion {
-                offset,
-                size,
-                region_size: self.region_size(),
-            });
-        }
-        Ok(PageRange {
-            first: offset >> PAGE_SHIFT,
-            count: size >> PAGE_SHIFT,
-        })
-    }
-
-    fn replay<E>(
-        &self,
-        offset: u64,
-        size: u64,
-        shared: bool,
-        mut f: impl FnMut(Section) -> Result<(), E>,
-    ) -> Result<(), ReplayError<E>> {
-        let range = self.validate(offset, size)?;
-        self.bitmap
-            .for_each_run(range.first, range.count, shared, |first, count| {
-                f(self.section_of(first, count))
-            })
-            .map_err(ReplayError::Callback)
+        validate(self.pages(), offset, size)
     }
 
     /// The part of `range` that lies in `section`, in pages.
@@ -255,7 +313,8 @@ impl AttributeState {
         let Some(part) = self.clip(range, section) else {
             return Ok(());
         };
-        self.bitmap
+        self.view()
+            .bitmap
             .for_each_run(part.first, part.count, shared, |first, count| {
                 let s = self.section_of(first, count);
                 f(s).map_err(|e| (s, e))
@@ -368,29 +427,33 @@ impl AttributeState {
 
     /// Phase 2: records the new state. Returns the number of pages that changed.
     pub fn commit(&mut self, range: PageRange, to_shared: bool) -> u64 {
-        let changed = self.bitmap.set_range(range.first, range.count, to_shared);
+        let mut view = write(&self.view);
+        let changed = view.bitmap.set_range(range.first, range.count, to_shared);
         if to_shared {
-            self.counters.to_shared += 1;
-            self.counters.pages_to_shared += changed;
+            view.counters.to_shared += 1;
+            view.counters.pages_to_shared += changed;
         } else {
-            self.counters.to_private += 1;
-            self.counters.pages_to_private += changed;
+            view.counters.to_private += 1;
+            view.counters.pages_to_private += changed;
         }
         changed
     }
 
     pub fn record_failure(&mut self) {
-        self.counters.failed += 1;
+        write(&self.view).counters.failed += 1;
     }
 
     /// Calls `f` for each run of `range` that is in the state `shared`.
     pub fn for_each_run(&self, range: PageRange, shared: bool, mut f: impl FnMut(Section)) {
-        let _ = self
-            .bitmap
-            .for_each_run::<()>(range.first, range.count, shared, |first, count| {
+        let _ = self.view().bitmap.for_each_run::<()>(
+            range.first,
+            range.count,
+            shared,
+            |first, count| {
                 f(self.section_of(first, count));
                 Ok(())
-            });
+            },
+        );
     }
 
     /// Validates, notifies listeners and records the change; any failure
@@ -437,14 +500,15 @@ impl AttributeState {
             self.validate(offset, section.size)?
         };
         let mut done: Option<u64> = None;
-        let replay = self
-            .bitmap
-            .for_each_run(range.first, range.count, true, |first, count| {
-                let s = self.section_of(first, count);
-                listener.notify_populate(s).map_err(|e| (s, e))?;
-                done = Some(s.gpa);
-                Ok(())
-            });
+        let replay =
+            self.view()
+                .bitmap
+                .for_each_run(range.first, range.count, true, |first, count| {
+                    let s = self.section_of(first, count);
+                    listener.notify_populate(s).map_err(|e| (s, e))?;
+                    done = Some(s.gpa);
+                    Ok(())
+                });
         if let Err((failed, source)) = replay {
             if done.is_some() {
                 self.for_each_run(range, true, |s| {
@@ -480,7 +544,7 @@ impl AttributeState {
             .clip(
                 PageRange {
                     first: 0,
-                    count: self.bitmap.pages(),
+                    count: self.pages(),
                 },
                 &reg.section,
             )
@@ -490,11 +554,11 @@ impl AttributeState {
     }
 
     pub fn counters(&self) -> ConversionCounters {
-        self.counters
+        self.view().counters
     }
 
     pub fn shared_pages(&self) -> u64 {
-        self.bitmap.shared_pages()
+        self.view().bitmap.shared_pages()
     }
 
     pub fn listener_count(&self) -> usize {
@@ -502,7 +566,7 @@ impl AttributeState {
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.bitmap.heap_bytes()
+        self.view().bitmap.heap_bytes()
     }
 }
 

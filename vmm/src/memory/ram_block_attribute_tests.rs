@@ -294,7 +294,7 @@ fn sixteen_tib_region() {
     assert!(rba.is_populated(size - 2 * PAGE, 2 * PAGE).unwrap());
     assert_eq!(l.counts(), (2, 0));
     assert!(
-        rba.lock().heap_bytes() < 4 << 20,
+        rba.lock().unwrap().heap_bytes() < 4 << 20,
         "sparse state for a sparse pattern"
     );
 }
@@ -309,7 +309,7 @@ fn one_tib_fragmented_state_stays_within_a_bitmap() {
         rba.state_change(i * chunk, PAGE, true).unwrap();
     }
     let bitmap = (size / PAGE / 8) as usize;
-    let used = rba.lock().heap_bytes();
+    let used = rba.lock().unwrap().heap_bytes();
     assert!(used <= bitmap + bitmap / 200, "{used} vs {bitmap}");
 }
 
