@@ -58,7 +58,7 @@ pub enum VmmError {
     #[error("cannot use /dev/kvm")]
     Hypervisor(#[source] hypervisor::HypervisorError),
     #[error("cannot open the event monitor")]
-    EventMonitor(#[source] std::io::Error),
+    EventMonitor(#[source] event_monitor::EventMonitorError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
     #[error("cannot start the signal handler thread")]
@@ -114,6 +114,7 @@ struct ThreadFilters {
     vcpu: Option<seccompiler::BpfProgram>,
     http: Option<seccompiler::BpfProgram>,
     signal: Option<seccompiler::BpfProgram>,
+    events: Option<seccompiler::BpfProgram>,
 }
 
 impl ThreadFilters {
@@ -126,6 +127,7 @@ impl ThreadFilters {
             vcpu: seccomp_filters::filter(mode, Thread::Vcpu)?,
             http: seccomp_filters::filter(mode, Thread::HttpServer)?,
             signal: seccomp_filters::filter(mode, Thread::SignalHandler)?,
+            events: seccomp_filters::filter(mode, Thread::EventMonitor)?,
         })
     }
 }
@@ -133,11 +135,13 @@ impl ThreadFilters {
 /// Boots the VM and runs the control loop until the guest powers off, a
 /// signal or an API request stops it. Returns the process exit code.
 pub fn run(options: VmmOptions) -> Result<i32, VmmError> {
+    let filters = ThreadFilters::build(options.seccomp).map_err(VmmError::Seccomp)?;
     let monitor = Arc::new(match &options.event_monitor {
-        Some(config) => EventMonitor::open(config).map_err(VmmError::EventMonitor)?,
+        Some(config) => {
+            EventMonitor::open(config, filters.events.clone()).map_err(VmmError::EventMonitor)?
+        }
         None => EventMonitor::disabled(),
     });
-    let filters = ThreadFilters::build(options.seccomp).map_err(VmmError::Seccomp)?;
     let hypervisor = KvmHypervisor::new().map_err(VmmError::Hypervisor)?;
     let (events_tx, events_rx) = channel();
     spawn_signal_thread(events_tx.clone(), filters.signal)?;
@@ -174,6 +178,7 @@ pub fn run(options: VmmOptions) -> Result<i32, VmmError> {
         server.stop();
     }
     monitor.emit("vm", "shutdown", json!({ "exit_code": code }));
+    monitor.flush(std::time::Duration::from_secs(1));
     info!("VMM exiting with code {code}");
     Ok(code)
 }

@@ -55,14 +55,17 @@ pub enum Thread {
     /// The API server and the connection threads it starts.
     HttpServer,
     SignalHandler,
+    /// Writes queued events to the event monitor's file or fd.
+    EventMonitor,
 }
 
 impl Thread {
-    pub const ALL: [Thread; 4] = [
+    pub const ALL: [Thread; 5] = [
         Thread::Vmm,
         Thread::Vcpu,
         Thread::HttpServer,
         Thread::SignalHandler,
+        Thread::EventMonitor,
     ];
 }
 
@@ -321,6 +324,8 @@ fn rules_for(thread: Thread) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompi
         Thread::Vcpu => vcpu_rules()?,
         Thread::HttpServer => http_server_rules()?,
         Thread::SignalHandler => signal_handler_rules()?,
+        // Writing and waiting for the queue are in the common rules.
+        Thread::EventMonitor => Vec::new(),
     };
     // None: allowed whatever the arguments. seccompiler reads an empty rule
     // list the same way, so a syscall allowed outright in one list must not

@@ -95,6 +95,46 @@ fn serial_output(config: &ConsoleOutput) -> Result<Box<dyn Write + Send>, VmErro
     })
 }
 
+/// Largest kernel file accepted: everything the VMM loads lies below
+/// 16 MiB, so a larger file cannot be a kernel for this layout.
+pub const MAX_KERNEL_FILE: u64 = 16 << 20;
+
+/// Reads the kernel image: a regular file no larger than `MAX_KERNEL_FILE`.
+/// Opened without blocking, so a FIFO is refused rather than waited on.
+fn read_kernel(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > MAX_KERNEL_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} bytes, more than the {MAX_KERNEL_FILE}-byte limit",
+                meta.len()
+            ),
+        ));
+    }
+    let mut image = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_KERNEL_FILE + 1).read_to_end(&mut image)?;
+    if image.len() as u64 > MAX_KERNEL_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the file grew past the size limit while being read",
+        ));
+    }
+    Ok(image)
+}
+
 impl Vm {
     /// Builds the VM and starts its vCPUs.
     pub fn boot(
@@ -105,7 +145,7 @@ impl Vm {
         vcpu_filter: Option<seccompiler::BpfProgram>,
     ) -> Result<Vm, VmError> {
         let kernel_path = config.kernel.display().to_string();
-        let kernel = std::fs::read(&config.kernel).map_err(|source| VmError::ReadKernel {
+        let kernel = read_kernel(&config.kernel).map_err(|source| VmError::ReadKernel {
             path: kernel_path.clone(),
             source,
         })?;
@@ -287,6 +327,7 @@ impl Vm {
         json!({
             "conversions": self.memory.conversion_totals(),
             "regions": regions,
+            "events_dropped": self.monitor.dropped(),
         })
     }
 

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -27,6 +27,8 @@ pub const MAX_BODY: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiServerError {
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
     #[error("API socket {0} is in use by another process")]
     InUse(PathBuf),
     #[error("cannot remove stale API socket {0}")]
@@ -82,29 +84,26 @@ fn parse_number(key: &str, value: &str) -> Result<u64, HttpError> {
 
 fn parse_window(query: Option<&str>) -> Result<AttributeWindow, HttpError> {
     let mut window = AttributeWindow::default();
-    let (mut gpa, mut size) = (None, None);
+    let (mut gpa, mut size, mut limit) = (None, None, None);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair
             .split_once('=')
             .ok_or_else(|| HttpError::BadRequest(format!("{pair:?} is not key=value")))?;
-        let n = parse_number(key, value)?;
         let slot = match key {
             "gpa" => &mut gpa,
             "size" => &mut size,
-            "limit" => {
-                window.limit = usize::try_from(n)
-                    .ok()
-                    .filter(|l| (1..=MAX_RANGES).contains(l))
-                    .ok_or_else(|| {
-                        HttpError::BadRequest(format!("limit must be 1..={MAX_RANGES}"))
-                    })?;
-                continue;
-            }
+            "limit" => &mut limit,
             _ => return Err(HttpError::BadRequest(format!("unknown parameter {key:?}"))),
         };
-        if slot.replace(n).is_some() {
+        if slot.replace(parse_number(key, value)?).is_some() {
             return Err(HttpError::BadRequest(format!("{key} given twice")));
         }
+    }
+    if let Some(n) = limit {
+        window.limit = usize::try_from(n)
+            .ok()
+            .filter(|l| (1..=MAX_RANGES).contains(l))
+            .ok_or_else(|| HttpError::BadRequest(format!("limit must be 1..={MAX_RANGES}")))?;
     }
     match (gpa, size) {
         (None, None) => {}
@@ -187,7 +186,12 @@ pub struct ApiServer {
 }
 
 fn bind(path: &Path) -> Result<Server, ApiServerError> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        // Only a stale socket is ever removed: anything else is the user's.
+        if !meta.file_type().is_socket() {
+            return Err(ApiServerError::NotASocket(path.to_path_buf()));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(ApiServerError::InUse(path.to_path_buf()));
         }
@@ -262,13 +266,50 @@ impl Drop for ApiServer {
     }
 }
 
+/// Requests answered at once; past this a request gets 503 at once.
+pub const MAX_IN_FLIGHT: usize = 32;
+
+/// Each request is answered on its own thread, so a slow one (hot-plug of a
+/// device that does not answer) delays nobody else.
 fn serve(server: &Server, to_vmm: &Sender<VmmEvent>, stop: &AtomicBool) {
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let mut answering: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::Acquire) {
-        match server.recv_timeout(Duration::from_millis(50)) {
-            Ok(Some(request)) => handle(request, to_vmm),
-            Ok(None) => {}
-            Err(e) => warn!("API accept failed: {e}"),
+        let request = match server.recv_timeout(Duration::from_millis(50)) {
+            Ok(Some(request)) => request,
+            Ok(None) => continue,
+            Err(e) => {
+                warn!("API accept failed: {e}");
+                continue;
+            }
+        };
+        answering.retain(|t| !t.is_finished());
+        if in_flight.load(Ordering::Acquire) >= MAX_IN_FLIGHT {
+            let _ = request.respond(json_response(
+                503,
+                error_body(&format!("more than {MAX_IN_FLIGHT} requests in flight")),
+            ));
+            continue;
         }
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        let count = in_flight.clone();
+        let to_vmm = to_vmm.clone();
+        match std::thread::Builder::new()
+            .name("http-request".into())
+            .spawn(move || {
+                handle(request, &to_vmm);
+                count.fetch_sub(1, Ordering::AcqRel);
+            }) {
+            Ok(thread) => answering.push(thread),
+            Err(e) => {
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+                warn!("cannot start an API request thread: {e}");
+            }
+        }
+    }
+    // The VMM answers (or drops) every queued request before this returns.
+    for thread in answering {
+        let _ = thread.join();
     }
 }
 
@@ -418,10 +459,19 @@ mod tests {
             "colour=red",
             "limit=0",
             "limit=99999999",
+            "limit=1&limit=2",
             "gpa",
         ] {
             assert!(matches!(w(bad), Err(HttpError::BadRequest(_))), "{bad}");
         }
+        assert_eq!(
+            w("foo=bar"),
+            Err(HttpError::BadRequest("unknown parameter \"foo\"".into()))
+        );
+        assert_eq!(
+            w("limit=1&limit=2"),
+            Err(HttpError::BadRequest("limit given twice".into()))
+        );
         assert!(matches!(
             route(Method::Get, "/api/v1/vm.info?x=1", b""),
             Err(HttpError::BadRequest(_))
