@@ -436,6 +436,10 @@ impl TestDevice {
         assert_eq!(self.command(&format!("write {iova:#x} {byte}")), "ok");
     }
 
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -197,8 +197,10 @@ fn common_rules() -> Result<Rules, seccompiler::BackendError> {
 }
 
 /// A vfio-user client talking over a Unix socket with deadlines.
-fn vfio_user_client_syscalls() -> [c_long; 6] {
+fn vfio_user_client_syscalls() -> [c_long; 7] {
     [
+        // Each read's timeout is what is left of the request's deadline.
+        libc::SYS_setsockopt,
         libc::SYS_sendmsg,
         libc::SYS_recvfrom,
         libc::SYS_recvmsg,

@@ -362,17 +362,20 @@ fn handle(mut request: tiny_http::Request, to_vmm: &Sender<VmmEvent>) {
         Err(e) => json_response(e.status(), error_body(&e.message())),
         Ok(api_request) => {
             let (respond, answer) = channel::<ApiResponse>();
-            let sent = to_vmm.send(VmmEvent::Api(ApiMessage {
-                request: api_request,
-                respond,
-            }));
-            match (sent, answer.recv()) {
-                (Ok(()), Ok(Ok(Some(value)))) => json_response(200, value.to_string()),
-                (Ok(()), Ok(Ok(None))) => json_response(204, String::new()),
-                (Ok(()), Ok(Err(e))) => {
-                    json_response(e.http_status(), error_body(&crate::error_chain(&e)))
-                }
-                _ => json_response(503, error_body("the VMM is shutting down")),
+            // A refused send hands the message back, and with it the
+            // answer's sender: drop it before waiting, or the wait never ends.
+            let sent = to_vmm
+                .send(VmmEvent::Api(ApiMessage {
+                    request: api_request,
+                    respond,
+                }))
+                .is_ok();
+            let answer = if sent { answer.recv().ok() } else { None };
+            match answer {
+                Some(Ok(Some(value))) => json_response(200, value.to_string()),
+                Some(Ok(None)) => json_response(204, String::new()),
+                Some(Err(e)) => json_response(e.http_status(), error_body(&crate::error_chain(&e))),
+                None => json_response(503, error_body("the VMM is shutting down")),
             }
         }
     };

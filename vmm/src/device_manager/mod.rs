@@ -389,12 +389,13 @@ impl DeviceManager {
                 .attributes
                 .as_ref()
                 .expect("registered on a guest_memfd region");
-            if let Err(e) = attrs.unregister_listener(lid) {
-                warn!("cannot unregister listener {lid:?}: {e}");
+            if let Err(e) = attrs.detach_listener(lid) {
+                warn!("cannot detach listener {lid:?}: {e}");
             }
         }
-        // Whatever is left was mapped outside the conversion state
-        // (non-guest_memfd RAM).
+        // No conversion reaches the listener any more: it unmaps what it
+        // holds without any region lock held, so a slow device delays
+        // neither conversions nor the removal of other devices.
         listener.unmap_all();
     }
 

@@ -266,11 +266,21 @@ impl VfioUserClient {
         // A failure in the middle of a message leaves the stream at an
         // unknown position, and a late reply could still take effect; only
         // a clean error reply keeps the connection.
-        if let Err(e) = &result
-            && !matches!(e, VfioUserError::Refused { .. })
-        {
-            let reason = crate::error_chain(e);
-            self.close(&reason);
+        if let Err(e) = &result {
+            let reason = match e {
+                VfioUserError::Refused { .. } => None,
+                VfioUserError::Timeout { .. } | VfioUserError::Protocol(_) => {
+                    Some(crate::error_chain(e))
+                }
+                _ => Some(format!(
+                    "{} failed: {}",
+                    command_name(command),
+                    crate::error_chain(e)
+                )),
+            };
+            if let Some(reason) = reason {
+                self.close(&reason);
+            }
         }
         result
     }

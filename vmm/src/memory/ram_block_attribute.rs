@@ -192,6 +192,22 @@ impl RamBlockAttribute {
         self.lock()?.unregister_listener(id)
     }
 
+    /// Removes a listener without notifying it: from now on no conversion
+    /// reaches it, and undoing what it holds is the caller's job, outside
+    /// this region's lock (so a slow device delays no conversion).
+    pub fn detach_listener(
+        &self,
+        id: ListenerId,
+    ) -> Result<Arc<dyn RamDiscardListener>, AttributeError> {
+        let mut state = self.lock()?;
+        let index = state
+            .listeners
+            .iter()
+            .position(|r| r.id == id)
+            .ok_or(AttributeError::UnknownListener(id))?;
+        Ok(state.listeners.remove(index).listener)
+    }
+
     pub fn state_change(
         &self,
         offset: u64,
