@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Mutation testing of the core files (docs/testing.md): for each FILE, runs
+# cargo-mutants over the owning crate's unit and property tests in a scratch
+# copy of the tree (the working tree is never mutated) and prints
+# "FILE caught/(caught+missed) percent". Slow (minutes per file); not part
+# of .ci/run.
+#
+#   scripts/mutants.sh                      # the default core files
+#   scripts/mutants.sh vmm/src/memory/conversion.rs ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+command -v cargo-mutants >/dev/null 2>&1 || cargo install --locked cargo-mutants
+
+files=("$@")
+if [ ${#files[@]} -eq 0 ]; then
+    files=(
+        vm-device/src/dma_listener.rs
+        vmm/src/memory/ram_block_attribute.rs
+        vmm/src/memory/shared_bitmap.rs
+        vmm/src/memory/conversion.rs
+        vmm/src/device_manager/vfio_user_client.rs
+    )
+fi
+
+scratch=$(mktemp -d /tmp/ch-mutants.XXXXXX)
+trap 'rm -rf "$scratch"' EXIT
+# A copy without build output; cargo-mutants then copies that again.
+tar -C "$root" --exclude=./target --exclude=./.git -cf - . | tar -C "$scratch" -xf -
+export CARGO_TARGET_DIR="$scratch/target"
+
+for file in "${files[@]}"; do
+    crate=${file%%/*}
+    out="$scratch/out-$(echo "$file" | tr / _)"
+    # A mutant whose tests run past the timeout counts as caught only if CI
+    # would have failed: nextest's own slow-test limit is far above this.
+    (cd "$scratch" && cargo mutants -p "$crate" -f "$file" --timeout 120 \
+        --output "$out" -- --lib >/dev/null 2>&1) || true
+    caught=$(grep -c . "$out/mutants.out/caught.txt" 2>/dev/null || echo 0)
+    missed=$(grep -c . "$out/mutants.out/missed.txt" 2>/dev/null || echo 0)
+    timeout=$(grep -c . "$out/mutants.out/timeout.txt" 2>/dev/null || echo 0)
+    total=$((caught + missed))
+    if [ "$total" -gt 0 ]; then
+        pct=$((100 * caught / total))
+    else
+        pct=0
+    fi
+    echo "$file $caught/$total ($pct %), $timeout timed out"
+    if [ "$missed" -gt 0 ]; then
+        sed 's/^/    missed: /' "$out/mutants.out/missed.txt"
+    fi
+done
