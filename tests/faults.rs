@@ -524,3 +524,190 @@ fn bad_targets_on_the_command_line_fail_at_start_and_touch_nothing() {
         assert!(err.contains(why), "{target}: {err}");
     }
 }
+
+fn vmm_threads(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+fn vmm_rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Sends a request head that never ends; returns the status line the VMM
+/// answered with before closing.
+fn flood_header(api: &Path, bytes: usize) -> String {
+    let mut s = UnixStream::connect(api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nX-Pad: ");
+    let chunk = vec![b'a'; 64 << 10];
+    let mut sent = 0;
+    while sent < bytes && s.write_all(&chunk).is_ok() {
+        sent += chunk.len();
+    }
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn header_and_connection_floods_are_bounded() {
+    if !kvm_available("header_and_connection_floods_are_bounded") {
+        return;
+    }
+    let dir = TempDir::new("flood");
+    let guest = memconv_guest(&dir, &[&format!("wait@{FLAG:#x}+1=1")], false);
+    let api = dir.path("api.sock");
+    let vmm = GuestVmm::spawn(
+        &guest,
+        &[
+            "--memory",
+            "size=256M,guest_memfd=on",
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    wait_for_socket(&api);
+    let pid = vmm.pid();
+    assert_eq!(get(&api, "vmm.ping").0, 200);
+    let (rss_before, threads_before) = (vmm_rss_kib(pid), vmm_threads(pid));
+
+    // Four 64 MiB header lines at once: each refused at 16 KiB.
+    let floods: Vec<_> = (0..4)
+        .map(|_| {
+            let api = api.clone();
+            std::thread::spawn(move || flood_header(&api, 64 << 20))
+        })
+        .collect();
+    for flood in floods {
+        assert_eq!(flood.join().unwrap(), "HTTP/1.1 431 ");
+    }
+
+    // 300 idle connections: 64 get a thread, the rest 503 at once.
+    let idle: Vec<UnixStream> = (0..300)
+        .map(|_| UnixStream::connect(&api).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let threads_flooded = vmm_threads(pid);
+    let mut refused = 0;
+    for mut s in idle.iter().skip(64) {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        if answer.starts_with("HTTP/1.1 503 ") {
+            refused += 1;
+        }
+    }
+    let rss_flooded = vmm_rss_kib(pid);
+    eprintln!(
+        "threads {threads_before} -> {threads_flooded} with 300 idle connections ({refused} refused); RSS {rss_before} -> {rss_flooded} KiB after 256 MiB of headers"
+    );
+    assert!(threads_flooded <= threads_before + 64, "{threads_flooded}");
+    assert!(refused >= 236 - 8, "{refused}");
+    assert!(rss_flooded < rss_before + 8 * 1024, "{rss_flooded}");
+    drop(idle);
+    // Once the flood is gone the API answers again, at once.
+    assert!(wait_until(|| get(&api, "vmm.ping").0 == 200));
+    assert!(wait_until(|| vmm_threads(pid) <= threads_before + 1));
+}
+
+/// Reads one answer exactly as Cloud Hypervisor's `api_client` does: to the
+/// end of the headers, then `Content-Length` bytes (a case-sensitive header
+/// lookup), and the status is everything after "HTTP/1.1 " to the line end,
+/// trimmed and parsed as a number.
+fn ch_api_client_answer(s: &mut UnixStream) -> (u16, Option<String>) {
+    let mut res = String::new();
+    let mut body_offset = None;
+    let mut content_length: Option<usize> = None;
+    loop {
+        let mut bytes = [0u8; 256];
+        let n = s.read(&mut bytes).unwrap();
+        if n == 0 {
+            break;
+        }
+        res.push_str(std::str::from_utf8(&bytes[..n]).unwrap());
+        if let Some(o) = res.find("\r\n\r\n") {
+            body_offset = Some(o + 4);
+            content_length = res.find("Content-Length: ").map(|o| {
+                let end = o + res[o..].find('\r').unwrap();
+                res[o + "Content-Length: ".len()..end]
+                    .trim()
+                    .parse()
+                    .unwrap()
+            });
+            if content_length.is_none() {
+                break;
+            }
+        }
+        if let (Some(o), Some(len)) = (body_offset, content_length)
+            && res.len() >= o + len
+        {
+            break;
+        }
+    }
+    let o = res.find("HTTP/1.1").expect("protocol statement");
+    let code: u16 = res[o + "HTTP/1.1 ".len()..o + res[o..].find('\r').unwrap()]
+        .trim()
+        .parse()
+        .expect("CH's client parses the status code");
+    let body = content_length.and(body_offset.map(|o| res[o..].to_string()));
+    (code, body)
+}
+
+#[test]
+fn cloud_hypervisors_api_client_reads_our_answers_on_one_connection() {
+    if !kvm_available("cloud_hypervisors_api_client_reads_our_answers") {
+        return;
+    }
+    let dir = TempDir::new("chclient");
+    let guest = memconv_guest(&dir, &[&format!("wait@{FLAG:#x}+1=1")], false);
+    let api = dir.path("api.sock");
+    let _vmm = GuestVmm::spawn(
+        &guest,
+        &[
+            "--memory",
+            "size=256M,guest_memfd=on",
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    wait_for_socket(&api);
+    let mut s = UnixStream::connect(&api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // CH's request framing: no Connection header, Content-Length only with
+    // a body; several requests on one connection.
+    s.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n")
+        .unwrap();
+    let (code, body) = ch_api_client_answer(&mut s);
+    assert_eq!(code, 200);
+    let ping: serde_json::Value = serde_json::from_str(&body.unwrap()).unwrap();
+    assert!(ping["version"].is_string());
+    let body = r#"{"id":"nothing-here"}"#;
+    s.write_all(
+        format!(
+            "PUT /api/v1/vm.remove-device HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let (code, body) = ch_api_client_answer(&mut s);
+    assert_eq!(code, 404);
+    assert!(body.unwrap().contains("nothing-here"));
+    s.write_all(b"GET /api/v1/vm.info HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n")
+        .unwrap();
+    let (code, body) = ch_api_client_answer(&mut s);
+    assert_eq!(code, 200);
+    let info: serde_json::Value = serde_json::from_str(&body.unwrap()).unwrap();
+    assert_eq!(info["state"], "Running");
+}

@@ -464,7 +464,7 @@ fn ten_thousand_concurrent_api_requests_all_answer_without_growing_the_vmm() {
     wait_for_socket(&api);
     let pid = vmm.pid();
 
-    // Warm-up: allocator arenas, tiny_http's worker pool.
+    // Warm-up: allocator arenas.
     api_load(&api, 16, 1000);
     std::thread::sleep(Duration::from_millis(200));
     let (rss_before, fds_before) = (vm_rss_kib(pid), open_fds(pid));
@@ -535,7 +535,7 @@ fn every_vmm_thread_runs_under_a_seccomp_filter_unless_disabled() {
         vmm.wait_for_line("memconv: done");
         wait_for_socket(&api);
         // Touch every thread's job: API, hot-plug (VMM thread), a request
-        // served by a tiny_http worker.
+        // served by an http-conn thread.
         let config = format!("socket={},id=dev", device.socket.display());
         let (ok, _, err) = ch_remote(&api, &["add-user-device", &config]);
         assert!(ok, "{err}");

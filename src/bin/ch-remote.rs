@@ -75,7 +75,9 @@ enum RemoteError {
     Server { status: u16, body: String },
 }
 
-/// One request, `Connection: close`, whole answer read to EOF.
+/// One request. The answer is read as far as its `Content-Length` (servers
+/// that keep the connection open, as Cloud Hypervisor's does, are not
+/// waited on), or to EOF when it has none.
 fn request(socket: &PathBuf, method: &str, path: &str, body: &str) -> Result<String, RemoteError> {
     let mut stream = UnixStream::connect(socket)
         .map_err(|e| RemoteError::Connect(socket.display().to_string(), e))?;
@@ -85,8 +87,7 @@ fn request(socket: &PathBuf, method: &str, path: &str, body: &str) -> Result<Str
         "{method} /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
+    let raw = read_answer(&mut stream)?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").ok_or(RemoteError::Malformed)?;
     let status: u16 = head
@@ -99,6 +100,44 @@ fn request(socket: &PathBuf, method: &str, path: &str, body: &str) -> Result<Str
         return Err(RemoteError::Server { status, body });
     }
     Ok(body)
+}
+
+/// Head and body of one answer.
+fn read_answer(stream: &mut UnixStream) -> Result<Vec<u8>, RemoteError> {
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| {
+                    v.trim()
+                        .parse::<usize>()
+                        .map_err(|_| RemoteError::Malformed)
+                })
+                .transpose()?;
+            if let Some(length) = length {
+                while raw.len() < end + 4 + length {
+                    let n = stream.read(&mut chunk)?;
+                    if n == 0 {
+                        return Err(RemoteError::Malformed);
+                    }
+                    raw.extend_from_slice(&chunk[..n]);
+                }
+                raw.truncate(end + 4 + length);
+                return Ok(raw);
+            }
+            stream.read_to_end(&mut raw)?;
+            return Ok(raw);
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(raw);
+        }
+        raw.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// Undoes chunked transfer encoding where the server used it.

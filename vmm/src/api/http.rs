@@ -1,29 +1,27 @@
-//! The HTTP side of the API: tiny_http on a Unix socket, one named thread,
-//! request parsing and error bodies. tiny_http reads each connection on its
-//! own worker, so a client that connects and sends nothing (or hangs up
-//! mid-request) never blocks this thread or the VMM.
+//! The HTTP side of the API: the socket's lifecycle, routing and error
+//! bodies. The wire (framing, limits, one thread per connection) is
+//! `http_server.rs`; a client that connects and sends nothing, or hangs up
+//! mid-request, holds only its own connection thread, for a bounded time.
 
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use log::{debug, info, warn};
+use log::{debug, info};
 use serde_json::json;
-use tiny_http::{Header, Response, Server};
+
+pub use super::http_server::MAX_BODY;
+use super::http_server::{self, HttpRequest, HttpResponse};
 
 use super::{ApiMessage, ApiRequest, ApiResponse, AttributeWindow, MAX_RANGES, Method, ROUTES};
 use crate::VmmEvent;
 use crate::config::{DeviceConfig, UserDeviceConfig};
 
 pub const API_PREFIX: &str = "/api/v1/";
-/// Larger bodies are refused with 413 before being read.
-pub const MAX_BODY: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiServerError {
@@ -185,7 +183,7 @@ pub struct ApiServer {
     thread: Option<JoinHandle<()>>,
 }
 
-fn bind(path: &Path) -> Result<Server, ApiServerError> {
+fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         // Only a stale socket is ever removed: anything else is the user's.
@@ -202,7 +200,7 @@ fn bind(path: &Path) -> Result<Server, ApiServerError> {
     // restored right after the socket exists, before any other thread of the
     // VMM creates files.
     let old = unsafe { libc::umask(0o177) };
-    let server = Server::http_unix(path);
+    let server = UnixListener::bind(path);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
     let server = server.map_err(|e| ApiServerError::Bind(path.to_path_buf(), e.to_string()))?;
@@ -214,8 +212,7 @@ fn bind(path: &Path) -> Result<Server, ApiServerError> {
 impl ApiServer {
     /// Binds `path` and serves it on the "http-server" thread under
     /// `filter`. The socket is bound on that thread, after its filter is in
-    /// place, because tiny_http starts its acceptor and connection threads
-    /// there and they inherit the filter.
+    /// place, because the connection threads start there and inherit it.
     pub fn start(
         path: &Path,
         to_vmm: Sender<VmmEvent>,
@@ -235,7 +232,8 @@ impl ApiServer {
                     }
                 };
                 let _ = bound_tx.send(Ok(()));
-                serve(&server, &to_vmm, &thread_stop);
+                let handler = Arc::new(move |request: HttpRequest| answer(request, &to_vmm));
+                http_server::serve(&server, &thread_stop, handler);
             })
             .map_err(ApiServerError::Thread)?;
         if let Err(e) = bound_rx.recv().unwrap_or(Err(ApiServerError::Died)) {
@@ -266,121 +264,51 @@ impl Drop for ApiServer {
     }
 }
 
-/// Requests answered at once; past this a request gets 503 at once.
-pub const MAX_IN_FLIGHT: usize = 32;
-
-/// Each request is answered on its own thread, so a slow one (hot-plug of a
-/// device that does not answer) delays nobody else.
-fn serve(server: &Server, to_vmm: &Sender<VmmEvent>, stop: &AtomicBool) {
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let mut answering: Vec<JoinHandle<()>> = Vec::new();
-    while !stop.load(Ordering::Acquire) {
-        let request = match server.recv_timeout(Duration::from_millis(50)) {
-            Ok(Some(request)) => request,
-            Ok(None) => continue,
-            Err(e) => {
-                warn!("API accept failed: {e}");
-                continue;
-            }
-        };
-        answering.retain(|t| !t.is_finished());
-        if in_flight.load(Ordering::Acquire) >= MAX_IN_FLIGHT {
-            let _ = request.respond(json_response(
-                503,
-                error_body(&format!("more than {MAX_IN_FLIGHT} requests in flight")),
-            ));
-            continue;
-        }
-        in_flight.fetch_add(1, Ordering::AcqRel);
-        let count = in_flight.clone();
-        let to_vmm = to_vmm.clone();
-        match std::thread::Builder::new()
-            .name("http-request".into())
-            .spawn(move || {
-                handle(request, &to_vmm);
-                count.fetch_sub(1, Ordering::AcqRel);
-            }) {
-            Ok(thread) => answering.push(thread),
-            Err(e) => {
-                in_flight.fetch_sub(1, Ordering::AcqRel);
-                warn!("cannot start an API request thread: {e}");
-            }
-        }
-    }
-    // The VMM answers (or drops) every queued request before this returns.
-    for thread in answering {
-        let _ = thread.join();
-    }
-}
-
-fn json_response(status: u16, body: String) -> Response<std::io::Cursor<Vec<u8>>> {
-    let header = Header::from_bytes("Content-Type", "application/json").expect("static header");
-    Response::from_string(body)
-        .with_status_code(status)
-        .with_header(header)
-}
-
-fn error_body(message: &str) -> String {
+pub(super) fn error_body(message: &str) -> String {
     json!({ "error": message }).to_string()
 }
 
-fn read_request(request: &mut tiny_http::Request) -> Result<ApiRequest, HttpError> {
-    let method = match request.method() {
-        tiny_http::Method::Get => Method::Get,
-        tiny_http::Method::Put => Method::Put,
+/// Turns a request read off the wire into a typed request, or says why not.
+fn parse_request(request: &HttpRequest) -> Result<ApiRequest, HttpError> {
+    let method = match request.method.as_str() {
+        "GET" => Method::Get,
+        "PUT" => Method::Put,
         _ => {
-            let url = request.url().to_string();
             // Unknown paths are 404 whatever the method.
-            route(Method::Get, &url, b"")?;
-            return Err(HttpError::MethodNotAllowed(url));
+            route(Method::Get, &request.target, b"")?;
+            return Err(HttpError::MethodNotAllowed(request.target.clone()));
         }
     };
-    if let Some(len) = request.body_length()
-        && len > MAX_BODY
-    {
-        return Err(HttpError::PayloadTooLarge(len));
-    }
-    let mut body = Vec::new();
-    request
-        .as_reader()
-        .take(MAX_BODY as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| HttpError::BadRequest(format!("cannot read body: {e}")))?;
-    if body.len() > MAX_BODY {
-        return Err(HttpError::PayloadTooLarge(body.len()));
-    }
-    if !body.iter().all(u8::is_ascii_whitespace) {
-        serde_json::from_slice::<serde_json::Value>(&body)
+    if !request.body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::from_slice::<serde_json::Value>(&request.body)
             .map_err(|e| HttpError::BadRequest(format!("body is not JSON: {e}")))?;
     }
-    route(method, request.url(), &body)
+    route(method, &request.target, &request.body)
 }
 
-fn handle(mut request: tiny_http::Request, to_vmm: &Sender<VmmEvent>) {
-    debug!("API {} {}", request.method(), request.url());
-    let response = match read_request(&mut request) {
-        Err(e) => json_response(e.status(), error_body(&e.message())),
-        Ok(api_request) => {
-            let (respond, answer) = channel::<ApiResponse>();
-            // A refused send hands the message back, and with it the
-            // answer's sender: drop it before waiting, or the wait never ends.
-            let sent = to_vmm
-                .send(VmmEvent::Api(ApiMessage {
-                    request: api_request,
-                    respond,
-                }))
-                .is_ok();
-            let answer = if sent { answer.recv().ok() } else { None };
-            match answer {
-                Some(Ok(Some(value))) => json_response(200, value.to_string()),
-                Some(Ok(None)) => json_response(204, String::new()),
-                Some(Err(e)) => json_response(e.http_status(), error_body(&crate::error_chain(&e))),
-                None => json_response(503, error_body("the VMM is shutting down")),
-            }
-        }
+/// Answers one request: parsed here, answered by the VMM thread.
+fn answer(request: HttpRequest, to_vmm: &Sender<VmmEvent>) -> HttpResponse {
+    debug!("API {} {}", request.method, request.target);
+    let response = |status: u16, body: String| HttpResponse { status, body };
+    let api_request = match parse_request(&request) {
+        Ok(r) => r,
+        Err(e) => return response(e.status(), error_body(&e.message())),
     };
-    if let Err(e) = request.respond(response) {
-        debug!("API client went away before the answer: {e}");
+    let (respond, answer) = channel::<ApiResponse>();
+    // A refused send hands the message back, and with it the answer's
+    // sender: drop it before waiting, or the wait never ends.
+    let sent = to_vmm
+        .send(VmmEvent::Api(ApiMessage {
+            request: api_request,
+            respond,
+        }))
+        .is_ok();
+    let answer = if sent { answer.recv().ok() } else { None };
+    match answer {
+        Some(Ok(Some(value))) => response(200, value.to_string()),
+        Some(Ok(None)) => response(204, String::new()),
+        Some(Err(e)) => response(e.http_status(), error_body(&crate::error_chain(&e))),
+        None => response(503, error_body("the VMM is shutting down")),
     }
 }
 

@@ -4,6 +4,7 @@
 //! that the OpenAPI test checks against `vmm/openapi/cloud-hypervisor.yaml`.
 
 pub mod http;
+mod http_server;
 mod memory_attributes;
 
 use std::sync::mpsc::Sender;

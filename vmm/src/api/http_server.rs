@@ -1,0 +1,492 @@
+//! HTTP/1.1 over the API's Unix socket: the wire only (framing, limits,
+//! connection threads); routing lives in `http.rs`. Written for this API
+//! rather than taken from a general-purpose server so every resource a
+//! client can make us hold is bounded:
+//!
+//! - at most `MAX_CONNECTIONS` connections, one `http-conn` thread each; the
+//!   next one is answered 503 and closed at once;
+//! - request line and headers together at most `MAX_HEAD_BYTES` (431 past
+//!   it, before anything more is read), the body at most `MAX_BODY` (413);
+//! - a request must arrive whole within `REQUEST_DEADLINE` of its first
+//!   byte, and an idle keep-alive connection is closed after `IDLE_TIMEOUT`.
+//!
+//! Answers are framed the way Cloud Hypervisor's server frames them
+//! (`HTTP/1.1 200 ` with an empty reason, `Server: Cloud Hypervisor API`,
+//! always a `Content-Length`), which is what its `api_client` parses.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+
+pub const MAX_CONNECTIONS: usize = 64;
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Larger bodies are refused with 413 before being read.
+pub const MAX_BODY: usize = 64 * 1024;
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+const SERVER_NAME: &str = "Cloud Hypervisor API";
+
+/// A request as read off the wire.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HttpRequest {
+    pub method: String,
+    pub target: String,
+    pub body: Vec<u8>,
+    /// The client asked to close after the answer (or spoke HTTP/1.0).
+    pub close: bool,
+}
+
+/// An answer: status and JSON body (empty for 204).
+pub struct HttpResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+/// Why no request could be read. `Gone` ends the connection silently;
+/// the others are answered with their status, then the connection closes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadError {
+    Gone,
+    HeadTooLarge,
+    BodyTooLarge(usize),
+    Bad(String),
+    TimedOut,
+}
+
+impl ReadError {
+    pub fn response(&self) -> Option<HttpResponse> {
+        let (status, message) = match self {
+            ReadError::Gone => return None,
+            ReadError::HeadTooLarge => (
+                431,
+                format!("request line and headers exceed {MAX_HEAD_BYTES} bytes"),
+            ),
+            ReadError::BodyTooLarge(n) => (
+                413,
+                format!("body of {n} bytes exceeds the {MAX_BODY}-byte limit"),
+            ),
+            ReadError::Bad(why) => (400, format!("bad request: {why}")),
+            ReadError::TimedOut => (
+                408,
+                format!("request not complete within {REQUEST_DEADLINE:?}"),
+            ),
+        };
+        Some(HttpResponse {
+            status,
+            body: super::http::error_body(&message),
+        })
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    // Cloud Hypervisor's clients parse everything after "HTTP/1.1 " as the
+    // code, so the reason phrase stays empty (HTTP allows that).
+    let _ = status;
+    ""
+}
+
+pub fn encode_response(response: &HttpResponse, close: bool) -> Vec<u8> {
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\nServer: {SERVER_NAME}\r\nConnection: {}\r\n",
+        response.status,
+        reason(response.status),
+        if close { "close" } else { "keep-alive" },
+    );
+    if !response.body.is_empty() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", response.body.len()));
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(response.body.as_bytes());
+    bytes
+}
+
+/// Reads one request from `stream`. `pending` carries bytes read past the
+/// previous request (pipelining) and keeps those past this one.
+pub fn read_request(
+    stream: &mut UnixStream,
+    pending: &mut Vec<u8>,
+) -> Result<HttpRequest, ReadError> {
+    // Wait for the first byte with the idle timeout, then give the whole
+    // request its deadline.
+    let mut deadline: Option<Instant> =
+        (!pending.is_empty()).then(|| Instant::now() + REQUEST_DEADLINE);
+    let head_end = loop {
+        if let Some(end) = find(pending, b"\r\n\r\n") {
+            break end;
+        }
+        if pending.len() >= MAX_HEAD_BYTES {
+            return Err(ReadError::HeadTooLarge);
+        }
+        let limit = deadline.map_or(IDLE_TIMEOUT, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        let room = MAX_HEAD_BYTES + 4 - pending.len();
+        match read_some(stream, pending, room.min(4096), limit) {
+            Ok(0) if pending.is_empty() => return Err(ReadError::Gone),
+            Ok(0) => return Err(ReadError::Bad("connection closed mid-request".into())),
+            Ok(_) => {}
+            Err(ReadError::TimedOut) if deadline.is_none() => return Err(ReadError::Gone),
+            Err(e) => return Err(e),
+        }
+        deadline.get_or_insert_with(|| Instant::now() + REQUEST_DEADLINE);
+    };
+    if head_end > MAX_HEAD_BYTES {
+        return Err(ReadError::HeadTooLarge);
+    }
+    let deadline = deadline.unwrap_or_else(|| Instant::now() + REQUEST_DEADLINE);
+    let head = std::str::from_utf8(&pending[..head_end])
+        .map_err(|_| ReadError::Bad("request head is not UTF-8".into()))?;
+    let parsed = parse_head(head)?;
+    let body_start = head_end + 4;
+    if parsed.content_length > MAX_BODY {
+        return Err(ReadError::BodyTooLarge(parsed.content_length));
+    }
+    if parsed.expect_continue && pending.len() < body_start + parsed.content_length {
+        stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .map_err(|_| ReadError::Gone)?;
+    }
+    while pending.len() < body_start + parsed.content_length {
+        let want = body_start + parsed.content_length - pending.len();
+        let limit = deadline.saturating_duration_since(Instant::now());
+        if read_some(stream, pending, want.min(16384), limit)? == 0 {
+            return Err(ReadError::Bad("connection closed mid-body".into()));
+        }
+    }
+    let body = pending[body_start..body_start + parsed.content_length].to_vec();
+    pending.drain(..body_start + parsed.content_length);
+    Ok(HttpRequest {
+        method: parsed.method,
+        target: parsed.target,
+        body,
+        close: parsed.close,
+    })
+}
+
+struct Head {
+    method: String,
+    target: String,
+    content_length: usize,
+    close: bool,
+    expect_continue: bool,
+}
+
+fn parse_head(head: &str) -> Result<Head, ReadError> {
+    let bad = |why: &str| ReadError::Bad(why.to_string());
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default();
+    let mut parts = request_line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad("malformed request line"));
+    };
+    if method.is_empty() || !target.starts_with('/') {
+        return Err(bad("malformed request line"));
+    }
+    let http10 = match version {
+        "HTTP/1.1" => false,
+        "HTTP/1.0" => true,
+        _ => return Err(bad("only HTTP/1.0 and HTTP/1.1 are spoken here")),
+    };
+    let mut content_length: Option<usize> = None;
+    let mut connection: Option<String> = None;
+    let mut expect_continue = false;
+    for line in lines {
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| bad("header line without a colon"))?;
+        if name.is_empty() || name.contains(' ') {
+            return Err(bad("malformed header name"));
+        }
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            let n: usize = value
+                .parse()
+                .map_err(|_| bad("Content-Length is not a number"))?;
+            if content_length.is_some_and(|old| old != n) {
+                return Err(bad("conflicting Content-Length headers"));
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(bad(
+                "Transfer-Encoding is not supported; send Content-Length",
+            ));
+        } else if name.eq_ignore_ascii_case("connection") {
+            connection = Some(value.to_ascii_lowercase());
+        } else if name.eq_ignore_ascii_case("expect") {
+            expect_continue = value.eq_ignore_ascii_case("100-continue");
+        }
+    }
+    let close = match connection.as_deref() {
+        Some(c) if c.contains("close") => true,
+        Some(c) if c.contains("keep-alive") => false,
+        _ => http10,
+    };
+    Ok(Head {
+        method: method.to_string(),
+        target: target.to_string(),
+        content_length: content_length.unwrap_or(0),
+        close,
+        expect_continue,
+    })
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Appends up to `max` bytes read within `limit`; `Ok(0)` at EOF.
+fn read_some(
+    stream: &mut UnixStream,
+    into: &mut Vec<u8>,
+    max: usize,
+    limit: Duration,
+) -> Result<usize, ReadError> {
+    loop {
+        if limit.is_zero() {
+            return Err(ReadError::TimedOut);
+        }
+        stream
+            .set_read_timeout(Some(limit))
+            .map_err(|_| ReadError::Gone)?;
+        let mut chunk = [0u8; 16384];
+        let max = max.min(chunk.len());
+        match stream.read(&mut chunk[..max]) {
+            Ok(n) => {
+                into.extend_from_slice(&chunk[..n]);
+                return Ok(n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ReadError::TimedOut);
+            }
+            Err(_) => return Err(ReadError::Gone),
+        }
+    }
+}
+
+/// Serves one connection until it closes, `handler` answering each request.
+fn serve_connection(
+    stream: UnixStream,
+    stop: &AtomicBool,
+    handler: &(dyn Fn(HttpRequest) -> HttpResponse + Sync),
+) {
+    let mut stream = stream;
+    exchange(&mut stream, stop, handler);
+    // The acceptor keeps a clone of this socket (to wake it at stop): shut
+    // it down so the client sees the end now, not when the clone goes.
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+fn exchange(
+    stream: &mut UnixStream,
+    stop: &AtomicBool,
+    handler: &(dyn Fn(HttpRequest) -> HttpResponse + Sync),
+) {
+    let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
+    let mut pending = Vec::new();
+    while !stop.load(Ordering::Acquire) {
+        match read_request(stream, &mut pending) {
+            Ok(request) => {
+                let close = request.close;
+                let response = handler(request);
+                if stream
+                    .write_all(&encode_response(&response, close))
+                    .is_err()
+                    || close
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                if let Some(response) = e.response() {
+                    debug!("API request refused: {e:?}");
+                    let _ = stream.write_all(&encode_response(&response, true));
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Whether `listener` has a connection waiting, within `timeout`.
+fn wait_readable(listener: &UnixListener, timeout: Duration) -> bool {
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for an fd that outlives the call.
+    let rc = unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
+    rc > 0 && fd.revents & libc::POLLIN != 0
+}
+
+struct Connection {
+    thread: JoinHandle<()>,
+    /// Shut down at stop so an idle keep-alive read ends at once.
+    wake: Option<UnixStream>,
+}
+
+/// Accepts connections until `stop`, each on its own `http-conn` thread
+/// (which inherits the caller's seccomp filter); then wakes and joins them.
+pub fn serve(
+    listener: &UnixListener,
+    stop: &AtomicBool,
+    handler: Arc<dyn Fn(HttpRequest) -> HttpResponse + Send + Sync>,
+) {
+    let stop_flag: Arc<AtomicBool> = Arc::new(AtomicBool::new(false));
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut connections: Vec<Connection> = Vec::new();
+    while !stop.load(Ordering::Acquire) {
+        if !wait_readable(listener, Duration::from_millis(50)) {
+            continue;
+        }
+        let mut stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!("API accept failed: {e}");
+                continue;
+            }
+        };
+        connections.retain(|c| !c.thread.is_finished());
+        if active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+            let busy = HttpResponse {
+                status: 503,
+                body: super::http::error_body(&format!(
+                    "more than {MAX_CONNECTIONS} API connections are open"
+                )),
+            };
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = stream.write_all(&encode_response(&busy, true));
+            continue;
+        }
+        active.fetch_add(1, Ordering::AcqRel);
+        let wake = stream.try_clone().ok();
+        let (count, conn_stop, handler) = (active.clone(), stop_flag.clone(), handler.clone());
+        let spawned = std::thread::Builder::new()
+            .name("http-conn".into())
+            .spawn(move || {
+                serve_connection(stream, &conn_stop, handler.as_ref());
+                count.fetch_sub(1, Ordering::AcqRel);
+            });
+        match spawned {
+            Ok(thread) => connections.push(Connection { thread, wake }),
+            Err(e) => {
+                active.fetch_sub(1, Ordering::AcqRel);
+                warn!("cannot start an API connection thread: {e}");
+            }
+        }
+    }
+    stop_flag.store(true, Ordering::Release);
+    for connection in &connections {
+        if let Some(wake) = &connection.wake {
+            let _ = wake.shutdown(std::net::Shutdown::Read);
+        }
+    }
+    for connection in connections {
+        let _ = connection.thread.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(raw: &[u8]) -> Result<HttpRequest, ReadError> {
+        let (mut server, mut client) = UnixStream::pair().unwrap();
+        client.write_all(raw).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        read_request(&mut server, &mut Vec::new())
+    }
+
+    #[test]
+    fn reads_what_cloud_hypervisors_client_sends() {
+        let request = read(
+            b"PUT /api/v1/vm.remove-device HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\nContent-Length: 11\r\n\r\n{\"id\":\"d0\"}",
+        )
+        .unwrap();
+        assert_eq!(request.method, "PUT");
+        assert_eq!(request.target, "/api/v1/vm.remove-device");
+        assert_eq!(request.body, b"{\"id\":\"d0\"}");
+        assert!(!request.close, "HTTP/1.1 keeps the connection");
+    }
+
+    #[test]
+    fn pipelined_requests_are_read_one_by_one() {
+        let (mut server, mut client) = UnixStream::pair().unwrap();
+        client
+            .write_all(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.0\r\n\r\n")
+            .unwrap();
+        let mut pending = Vec::new();
+        assert_eq!(
+            read_request(&mut server, &mut pending).unwrap().target,
+            "/a"
+        );
+        let second = read_request(&mut server, &mut pending).unwrap();
+        assert_eq!((second.target.as_str(), second.close), ("/b", true));
+    }
+
+    #[test]
+    fn oversize_and_malformed_requests_are_refused_by_status() {
+        let mut huge = b"GET / HTTP/1.1\r\nX-Pad: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES));
+        huge.extend_from_slice(b"\r\n\r\n");
+        let status = |r: Result<HttpRequest, ReadError>| r.unwrap_err().response().unwrap().status;
+        assert_eq!(status(read(&huge)), 431);
+        assert_eq!(
+            status(read(b"PUT / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n")),
+            413
+        );
+        for bad in [
+            &b"GET / HTTP/2\r\n\r\n"[..],
+            b"GET\r\n\r\n",
+            b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort",
+        ] {
+            assert_eq!(status(read(bad)), 400, "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(read(b"").unwrap_err(), ReadError::Gone);
+    }
+
+    #[test]
+    fn answers_are_framed_as_cloud_hypervisor_frames_them() {
+        let bytes = encode_response(
+            &HttpResponse {
+                status: 200,
+                body: "{}".into(),
+            },
+            false,
+        );
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 \r\n"), "{text}");
+        assert!(text.contains("\r\nServer: Cloud Hypervisor API\r\n"));
+        assert!(text.contains("\r\nContent-Length: 2\r\n"));
+        assert!(text.ends_with("\r\n\r\n{}"));
+        let empty = String::from_utf8(encode_response(
+            &HttpResponse {
+                status: 204,
+                body: String::new(),
+            },
+            true,
+        ))
+        .unwrap();
+        assert!(empty.contains("Content-Length: 0\r\n"), "{empty}");
+        assert!(empty.contains("Connection: close\r\n"));
+    }
+}
