@@ -334,10 +334,18 @@ fn wait_readable(listener: &UnixListener, timeout: Duration) -> bool {
     rc > 0 && fd.revents & libc::POLLIN != 0
 }
 
+/// A clone of a connection's socket, shut down at stop so an idle
+/// keep-alive read ends at once; the connection thread empties it when it
+/// ends, so no fd outlives its connection.
+type Wake = Arc<std::sync::Mutex<Option<UnixStream>>>;
+
 struct Connection {
     thread: JoinHandle<()>,
-    /// Shut down at stop so an idle keep-alive read ends at once.
-    wake: Option<UnixStream>,
+    wake: Wake,
+}
+
+fn lock_wake(wake: &Wake) -> std::sync::MutexGuard<'_, Option<UnixStream>> {
+    wake.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Accepts connections until `stop`, each on its own `http-conn` thread
@@ -374,12 +382,14 @@ pub fn serve(
             continue;
         }
         active.fetch_add(1, Ordering::AcqRel);
-        let wake = stream.try_clone().ok();
+        let wake: Wake = Arc::new(std::sync::Mutex::new(stream.try_clone().ok()));
         let (count, conn_stop, handler) = (active.clone(), stop_flag.clone(), handler.clone());
+        let own_wake = wake.clone();
         let spawned = std::thread::Builder::new()
             .name("http-conn".into())
             .spawn(move || {
                 serve_connection(stream, &conn_stop, handler.as_ref());
+                lock_wake(&own_wake).take();
                 count.fetch_sub(1, Ordering::AcqRel);
             });
         match spawned {
@@ -392,7 +402,7 @@ pub fn serve(
     }
     stop_flag.store(true, Ordering::Release);
     for connection in &connections {
-        if let Some(wake) = &connection.wake {
+        if let Some(wake) = lock_wake(&connection.wake).as_ref() {
             let _ = wake.shutdown(std::net::Shutdown::Read);
         }
     }

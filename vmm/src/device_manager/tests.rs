@@ -195,3 +195,133 @@ fn vfio_user_refuses_anonymous_ram() {
         .unwrap();
     assert!(matches!(err, DeviceError::NoFileBacking), "{err}");
 }
+
+/// RAM above the 32-bit MMIO hole: two guest_memfd regions.
+fn two_region_memory() -> Option<Arc<MemoryManager>> {
+    let hv = KvmHypervisor::new().ok()?;
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    Some(Arc::new(
+        MemoryManager::new(vm, (3 << 30) + 64 * MIB, MemoryLayout::Auto).unwrap(),
+    ))
+}
+
+#[test]
+fn conversions_above_the_mmio_hole_reach_devices_at_the_right_address() {
+    let Some(memory) = two_region_memory() else {
+        assert_ne!(std::env::var("CH_REQUIRE_KVM").as_deref(), Ok("1"));
+        return;
+    };
+    assert_eq!(memory.regions().len(), 2);
+    let high = memory.regions()[1].gpa;
+    assert_eq!(high, 1 << 32);
+    let dm = manager(&memory);
+    let iommu = Arc::new(FakeIommu::new(None));
+    convert(&memory, 16 * MIB, 4096, true).unwrap();
+    attach_fake(&dm, "dev0", &iommu, None).unwrap();
+    convert(&memory, high + 16 * MIB, 8192, true).unwrap();
+    assert_eq!(
+        iommu.mappings(),
+        vec![
+            Section {
+                gpa: 16 * MIB,
+                size: 4096
+            },
+            Section {
+                gpa: high + 16 * MIB,
+                size: 8192
+            }
+        ]
+    );
+    let upper = memory.regions()[1].attributes.as_ref().unwrap();
+    assert!(upper.is_populated(16 * MIB, 8192).unwrap());
+    assert_eq!(upper.counters().pages_to_shared, 2);
+    assert_eq!(
+        memory.regions()[0]
+            .attributes
+            .as_ref()
+            .unwrap()
+            .counters()
+            .pages_to_shared,
+        1
+    );
+
+    // A range across the hole belongs to no single RAM region: refused,
+    // nothing changed on either side or on the device.
+    let before = iommu.mappings();
+    let across = convert(&memory, (3 << 30) - 4096, (1 << 30) + 8192, true).unwrap_err();
+    assert!(
+        matches!(across, ConversionFailure::OutOfRange { .. }),
+        "{across}"
+    );
+    let low_end = memory.regions()[0].attributes.as_ref().unwrap();
+    assert!(!low_end.is_populated((3 << 30) - 4096, 4096).unwrap());
+    assert!(!upper.is_populated(0, 8192).unwrap());
+    assert_eq!(iommu.mappings(), before);
+    assert_eq!(memory.conversion_totals().failed, 1);
+
+    // Back to private in the upper region: unmapped there only.
+    convert(&memory, high + 16 * MIB, 8192, false).unwrap();
+    assert_eq!(
+        iommu.mappings(),
+        vec![Section {
+            gpa: 16 * MIB,
+            size: 4096
+        }]
+    );
+    assert_eq!(iommu.violations(), 0);
+    dm.remove("dev0").unwrap();
+    assert!(iommu.mappings().is_empty());
+}
+
+#[test]
+fn a_device_lost_mid_conversion_is_detached_and_the_conversion_goes_on() {
+    let Some(memory) = memory() else { return };
+    let dm = manager(&memory);
+    let healthy = Arc::new(FakeIommu::new(None));
+    let flaky = Arc::new(FakeIommu::new(None));
+    attach_fake(&dm, "healthy", &healthy, None).unwrap();
+    attach_fake(&dm, "flaky", &flaky, None).unwrap();
+    convert(&memory, 16 * MIB, 16384, true).unwrap();
+    flaky.break_on_next_call();
+    // To-private: the flaky device's unmap fails, so it is cut off; the
+    // conversion is done and the healthy device follows it.
+    convert(&memory, 16 * MIB, 4096, false).unwrap();
+    let expected = vec![Section {
+        gpa: 16 * MIB + 4096,
+        size: 12288,
+    }];
+    assert_eq!(shared_runs(&memory), expected);
+    assert_eq!(healthy.mappings(), expected);
+    assert!(flaky.is_severed());
+    assert!(flaky.mappings().is_empty());
+    let info = dm.info();
+    assert_eq!(info[1].state, DeviceState::Failed);
+    assert_eq!(info[1].failure.as_deref(), Some("connection lost"));
+    assert_eq!(info[1].dma.entries, 0);
+    assert_eq!(info[0].state, DeviceState::Attached);
+    // Later conversions do not involve it and do not fail.
+    convert(&memory, 20 * MIB, 4096, true).unwrap();
+    assert!(flaky.mappings().is_empty());
+    let removed = dm.remove("flaky").unwrap();
+    assert_eq!(removed.state, DeviceState::Failed);
+    assert_eq!(dm.info().len(), 1);
+}
+
+#[test]
+fn attaching_after_shutdown_is_refused_and_leaves_nothing() {
+    let Some(memory) = memory() else { return };
+    convert(&memory, 16 * MIB, 4096, true).unwrap();
+    let dm = manager(&memory);
+    let iommu = Arc::new(FakeIommu::new(None));
+    attach_fake(&dm, "early", &iommu, None).unwrap();
+    let removed = dm.remove_all();
+    assert_eq!(removed.len(), 1);
+    assert!(iommu.mappings().is_empty());
+    let late = Arc::new(FakeIommu::new(None));
+    assert!(matches!(
+        attach_fake(&dm, "late", &late, None),
+        Err(DeviceError::ShuttingDown)
+    ));
+    assert!(late.mappings().is_empty());
+    assert_eq!(listener_count(&memory), 0);
+}

@@ -551,4 +551,265 @@ mod tests {
             (0xbeef, 3, 40, 0x21, 22)
         );
     }
+
+    /// A server on the other end of a socket pair that answers each
+    /// request with what `script` returns for it (raw bytes), then stops.
+    fn scripted(
+        script: impl Fn(Header, &[u8]) -> Vec<u8> + Send + 'static,
+    ) -> (VfioUserClient, std::thread::JoinHandle<()>) {
+        let (client_end, mut server_end) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            loop {
+                let mut raw = [0u8; HEADER_SIZE];
+                if server_end.read_exact(&mut raw).is_err() {
+                    return;
+                }
+                let header = Header::decode(&raw);
+                let mut body = vec![0u8; header.size as usize - HEADER_SIZE];
+                server_end.read_exact(&mut body).unwrap();
+                let answer = script(header, &body);
+                if answer.is_empty() || server_end.write_all(&answer).is_err() {
+                    return;
+                }
+            }
+        });
+        let client = VfioUserClient::over(client_end, Duration::from_millis(300), None);
+        (client, server)
+    }
+
+    fn reply_to(request: Header, flags: u32, error: u32, body: &[u8]) -> Vec<u8> {
+        let mut out = Header {
+            id: request.id,
+            command: request.command,
+            size: (HEADER_SIZE + body.len()) as u32,
+            flags,
+            error,
+        }
+        .encode()
+        .to_vec();
+        out.extend_from_slice(body);
+        out
+    }
+
+    #[test]
+    fn malformed_replies_close_the_connection() {
+        type Mangle = fn(Header) -> Vec<u8>;
+        let cases: [(&str, Mangle); 5] = [
+            ("wrong id", |h| {
+                reply_to(Header { id: h.id ^ 1, ..h }, FLAG_REPLY, 0, &[])
+            }),
+            ("wrong command", |h| {
+                reply_to(
+                    Header {
+                        command: CMD_DMA_UNMAP,
+                        ..h
+                    },
+                    FLAG_REPLY,
+                    0,
+                    &[],
+                )
+            }),
+            ("no reply flag", |h| reply_to(h, 2, 0, &[])),
+            ("oversize", |h| {
+                Header {
+                    size: (MAX_MESSAGE + 1) as u32,
+                    flags: FLAG_REPLY,
+                    ..h
+                }
+                .encode()
+                .to_vec()
+            }),
+            ("undersize", |h| {
+                Header {
+                    size: 8,
+                    flags: FLAG_REPLY,
+                    ..h
+                }
+                .encode()
+                .to_vec()
+            }),
+        ];
+        for (what, mangle) in cases {
+            let (mut client, server) = scripted(move |h, _| mangle(h));
+            let err = client.dma_map(0x1000, 0x1000, 0, 0).unwrap_err();
+            assert!(
+                matches!(err, VfioUserError::Protocol("DMA_MAP")),
+                "{what}: {err}"
+            );
+            assert!(client.closed_reason().is_some(), "{what}");
+            assert!(
+                matches!(
+                    client.dma_map(0x3000, 0x1000, 0, 0),
+                    Err(VfioUserError::Closed(_))
+                ),
+                "{what}: a closed client sends nothing more"
+            );
+            server.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_refused_map_keeps_the_connection_and_a_refused_unmap_closes_it() {
+        let (mut client, server) = scripted(|h, _| match h.command {
+            CMD_DMA_MAP if h.id == 0 => reply_to(h, FLAG_REPLY | FLAG_ERROR, 12, &[]),
+            _ if h.command == CMD_DMA_UNMAP => reply_to(h, FLAG_REPLY | FLAG_ERROR, 22, &[]),
+            _ => reply_to(h, FLAG_REPLY, 0, &[]),
+        });
+        let err = client.dma_map(0x1000, 0x1000, 0, 0).unwrap_err();
+        assert!(matches!(
+            err,
+            VfioUserError::Refused {
+                command: "DMA_MAP",
+                errno: 12
+            }
+        ));
+        assert!(client.closed_reason().is_none());
+        client.dma_map(0x1000, 0x1000, 0, 0).unwrap();
+        let err = client.dma_unmap(0x1000, 0x1000).unwrap_err();
+        assert!(matches!(
+            err,
+            VfioUserError::Refused {
+                command: "DMA_UNMAP",
+                errno: 22
+            }
+        ));
+        let why = client.closed_reason().unwrap();
+        assert!(why.contains("DMA_UNMAP of 0x1000+0x1000"), "{why}");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_silent_server_times_out_within_the_deadline_and_is_closed() {
+        let (mut client, server) = scripted(|_, _| Vec::new());
+        let started = std::time::Instant::now();
+        let err = client.dma_unmap(0x1000, 0x1000).unwrap_err();
+        let took = started.elapsed();
+        // EOF from the scripted server (it stops) or the deadline.
+        assert!(
+            matches!(err, VfioUserError::Eof | VfioUserError::Timeout { .. }),
+            "{err}"
+        );
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert!(client.closed_reason().is_some());
+        server.join().unwrap();
+
+        let (client_end, _held_open) = UnixStream::pair().unwrap();
+        let mut client = VfioUserClient::over(client_end, Duration::from_millis(200), None);
+        let started = std::time::Instant::now();
+        let err = client.dma_map(0x1000, 0x1000, 0, 0).unwrap_err();
+        assert_eq!(err.to_string(), "no reply to DMA_MAP within 200 ms");
+        assert!(started.elapsed() < Duration::from_millis(1000));
+        assert_eq!(
+            client.closed_reason(),
+            Some("no reply to DMA_MAP within 200 ms")
+        );
+    }
+
+    #[test]
+    fn version_limits_are_read_or_defaulted() {
+        let reply = |json: &str| {
+            let mut r = vec![0, 0, 1, 0];
+            r.extend_from_slice(json.as_bytes());
+            r.push(0);
+            r
+        };
+        assert_eq!(max_dma_maps(&reply("")).unwrap(), DEFAULT_MAX_DMA_MAPS);
+        assert_eq!(
+            max_dma_maps(&reply(r#"{"capabilities":{"max_msg_fds":8}}"#)).unwrap(),
+            65535
+        );
+        assert_eq!(
+            max_dma_maps(&reply(r#"{"capabilities":{"max_dma_maps":12}}"#)).unwrap(),
+            12
+        );
+        for bad in [
+            r#"{"capabilities":{"max_dma_maps":0}}"#,
+            r#"{"capabilities":{"max_dma_maps":"many"}}"#,
+            "not json",
+        ] {
+            assert!(max_dma_maps(&reply(bad)).is_err(), "{bad}");
+        }
+        assert_eq!(max_dma_maps(&[0, 0, 1, 0]).unwrap(), DEFAULT_MAX_DMA_MAPS);
+    }
+
+    /// Memory of 64 KiB at GPA 0.
+    struct Ram(std::sync::Mutex<Vec<u8>>);
+
+    impl DmaMemory for Ram {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+            let ram = self.0.lock().unwrap();
+            buf.copy_from_slice(&ram[gpa as usize..gpa as usize + buf.len()]);
+            Ok(())
+        }
+        fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+            let mut ram = self.0.lock().unwrap();
+            ram[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn dma_access_reaches_only_mapped_ranges() {
+        let ram = std::sync::Arc::new(Ram(std::sync::Mutex::new(vec![0xab; 64 << 10])));
+        let (client_end, _server_end) = UnixStream::pair().unwrap();
+        let mut client =
+            VfioUserClient::over(client_end, Duration::from_secs(1), Some(ram.clone()));
+        client.mapped.insert(0x1000, 0x2000);
+        let access = |addr: u64, count: u64, data: &[u8]| {
+            let mut b = addr.to_le_bytes().to_vec();
+            b.extend_from_slice(&count.to_le_bytes());
+            b.extend_from_slice(data);
+            b
+        };
+        let read = client
+            .dma_access(CMD_DMA_READ, &access(0x1000, 4, &[]))
+            .unwrap();
+        assert_eq!(&read[16..], &[0xab; 4]);
+        // The last byte of the mapping, and one past it.
+        assert!(
+            client
+                .dma_access(CMD_DMA_READ, &access(0x2fff, 1, &[]))
+                .is_ok()
+        );
+        assert_eq!(
+            client.dma_access(CMD_DMA_READ, &access(0x2fff, 2, &[])),
+            Err(EFAULT)
+        );
+        assert_eq!(
+            client.dma_access(CMD_DMA_READ, &access(0x0fff, 2, &[])),
+            Err(EFAULT)
+        );
+        assert_eq!(
+            client.dma_access(CMD_DMA_READ, &access(u64::MAX, 2, &[])),
+            Err(EFAULT)
+        );
+        client
+            .dma_access(CMD_DMA_WRITE, &access(0x1008, 2, &[1, 2]))
+            .unwrap();
+        assert_eq!(ram.0.lock().unwrap()[0x1008..0x100a], [1, 2]);
+        assert_eq!(
+            client.dma_access(CMD_DMA_WRITE, &access(0x1008, 4, &[1, 2])),
+            Err(EINVAL),
+            "short data"
+        );
+        assert_eq!(client.dma_access(CMD_DMA_READ, &[0; 8]), Err(EINVAL));
+        assert_eq!(
+            client.dma_access(
+                CMD_DMA_READ,
+                &access(0x1000, (MAX_DATA_XFER + 1) as u64, &[])
+            ),
+            Err(EINVAL)
+        );
+        assert_eq!(
+            client.dma_access(CMD_DMA_MAP, &access(0x1000, 1, &[])),
+            Err(ENOSYS)
+        );
+        let mut no_memory =
+            VfioUserClient::over(UnixStream::pair().unwrap().0, Duration::from_secs(1), None);
+        no_memory.mapped.insert(0x1000, 0x2000);
+        assert_eq!(
+            no_memory.dma_access(CMD_DMA_READ, &access(0x1000, 1, &[])),
+            Err(EFAULT)
+        );
+    }
 }
