@@ -70,8 +70,8 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = logger::init(cli.verbosity, cli.log_file.as_deref()) {
-        eprintln!("cloud-hypervisor: cannot open log file: {e}");
+    if let Err(e) = logger::init(cli.verbosity, cli.log_file.as_deref(), cli.seccomp) {
+        eprintln!("cloud-hypervisor: {}", error_chain(&e));
         return ExitCode::FAILURE;
     }
     if cli.capabilities {
@@ -100,7 +100,10 @@ fn main() -> ExitCode {
         event_monitor: cli.event_monitor,
         seccomp: cli.seccomp,
     };
-    match vmm::run(options) {
+    let result = vmm::run(options);
+    // Queued log lines reach the sink before the process goes.
+    log::logger().flush();
+    match result {
         Ok(0) => ExitCode::SUCCESS,
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {

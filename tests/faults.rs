@@ -711,3 +711,51 @@ fn cloud_hypervisors_api_client_reads_our_answers_on_one_connection() {
     let info: serde_json::Value = serde_json::from_str(&body.unwrap()).unwrap();
     assert_eq!(info["state"], "Running");
 }
+
+#[test]
+fn a_log_sink_that_stops_draining_never_stalls_the_guest() {
+    if !kvm_available("a_log_sink_that_stops_draining_never_stalls_the_guest") {
+        return;
+    }
+    let dir = TempDir::new("logsink");
+    let mut ops = Vec::new();
+    for i in 0..600u64 {
+        let page = A + (i % 16) * 0x1000;
+        ops.push(format!("shared@{page:#x}+4K"));
+        ops.push(format!("private@{page:#x}+4K"));
+    }
+    let guest = memconv_guest(&dir, &[&ops.join(",")], true);
+    // stderr is a pipe nobody reads: it fills after a few hundred lines of
+    // -vv logging (several lines per conversion).
+    let mut child = std::process::Command::new(CLOUD_HYPERVISOR)
+        .args(["--kernel", guest.to_str().unwrap()])
+        .args(["--memory", "size=256M,guest_memfd=on", "-vv"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _unread_stderr = child.stderr.take().unwrap();
+    let started = Instant::now();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("memconv: done"))
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    while !reader.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let finished = reader.is_finished();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(finished, "the guest stalled behind a full log pipe");
+    assert_eq!(
+        reader.join().unwrap().as_deref(),
+        Some("memconv: done 1200 ok 0 failed")
+    );
+    eprintln!("1200 logged conversions with an undrained log pipe: {:?}", started.elapsed());
+}

@@ -57,15 +57,18 @@ pub enum Thread {
     SignalHandler,
     /// Writes queued events to the event monitor's file or fd.
     EventMonitor,
+    /// Writes queued log lines.
+    LogWriter,
 }
 
 impl Thread {
-    pub const ALL: [Thread; 5] = [
+    pub const ALL: [Thread; 6] = [
         Thread::Vmm,
         Thread::Vcpu,
         Thread::HttpServer,
         Thread::SignalHandler,
         Thread::EventMonitor,
+        Thread::LogWriter,
     ];
 }
 
@@ -327,7 +330,7 @@ fn rules_for(thread: Thread) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompi
         Thread::HttpServer => http_server_rules()?,
         Thread::SignalHandler => signal_handler_rules()?,
         // Writing and waiting for the queue are in the common rules.
-        Thread::EventMonitor => Vec::new(),
+        Thread::EventMonitor | Thread::LogWriter => Vec::new(),
     };
     // None: allowed whatever the arguments. seccompiler reads an empty rule
     // list the same way, so a syscall allowed outright in one list must not
