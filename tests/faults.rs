@@ -757,5 +757,8 @@ fn a_log_sink_that_stops_draining_never_stalls_the_guest() {
         reader.join().unwrap().as_deref(),
         Some("memconv: done 1200 ok 0 failed")
     );
-    eprintln!("1200 logged conversions with an undrained log pipe: {:?}", started.elapsed());
+    eprintln!(
+        "1200 logged conversions with an undrained log pipe: {:?}",
+        started.elapsed()
+    );
 }
