@@ -234,8 +234,12 @@ impl DmaMappingListener {
         if let Err(e) = self.dma.unmap(iova, size) {
             m.stats.unmap_failures += 1;
             if !self.fail_if_broken(m) {
-                error!(
-                    "DMA unmap of {iova:#x}+{size:#x} failed, the range may stay reachable: {e}"
+                // The device keeps a page it must not: it cannot stay live.
+                self.fail(
+                    m,
+                    format!(
+                        "DMA unmap of {iova:#x}+{size:#x} failed, the range may stay reachable: {e}"
+                    ),
                 );
             }
             return false;
@@ -258,10 +262,8 @@ impl DmaMappingListener {
             .collect();
         for (iova, size) in overlapping {
             if !self.unmap_exact(m, iova, size) {
-                if m.failure.is_some() {
-                    return;
-                }
-                continue;
+                // The device was failed: it follows nothing any more.
+                return;
             }
             let mapping = Section { gpa: iova, size };
             let survivors = [
@@ -628,5 +630,24 @@ mod tests {
         go.send(()).unwrap();
         mapper.join().unwrap().unwrap();
         assert_eq!(l.stats().entries, 1);
+    }
+
+    #[test]
+    fn an_unmap_the_device_refuses_fails_the_device() {
+        let iommu = Arc::new(FakeIommu::keeping_mappings_on_sever(None));
+        let (l, seen) = failing_listener(&iommu);
+        l.notify_populate(section(0x1000, 0x1000)).unwrap();
+        l.notify_populate(section(0x5000, 0x1000)).unwrap();
+        // Refused twice: at the discard, and again when the failed device
+        // is emptied.
+        iommu.fail_next_unmaps(2);
+        l.notify_discard(section(0x1000, 0x1000));
+        let why = l.failure().unwrap();
+        assert!(why.contains("unmap of 0x1000+0x1000 failed"), "{why}");
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        // Everything else it held was unmapped on the way out.
+        assert_eq!(iommu.mappings(), vec![section(0x1000, 0x1000)]);
+        assert_eq!(l.stats().unmap_failures, 2);
+        assert_eq!(l.stats().entries, 0);
     }
 }

@@ -16,6 +16,7 @@ struct Domain {
     by_iova: BTreeMap<u64, u64>,
     violations: u64,
     fail_next_maps: u64,
+    fail_next_unmaps: u64,
     /// The next device call breaks the connection (a vfio-user server that
     /// stopped answering): it and every later call fail.
     break_on_next_call: bool,
@@ -77,6 +78,12 @@ impl FakeIommu {
         self.domain.lock().unwrap().severed
     }
 
+    /// The next `count` unmaps fail (an IOMMU that refuses); the mappings
+    /// stay in place.
+    pub fn fail_next_unmaps(&self, count: u64) {
+        self.domain.lock().unwrap().fail_next_unmaps = count;
+    }
+
     /// The next `count` maps fail like a device that ran out of resources;
     /// these are not violations.
     pub fn fail_next_maps(&self, count: u64) {
@@ -113,6 +120,13 @@ impl ExternalDmaMapping for FakeIommu {
     fn unmap(&self, iova: u64, size: u64) -> std::io::Result<()> {
         let mut d = self.domain.lock().unwrap();
         check_connection(&mut d)?;
+        if d.fail_next_unmaps > 0 {
+            d.fail_next_unmaps -= 1;
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                "injected unmap failure",
+            ));
+        }
         let Some(end) = iova.checked_add(size).filter(|_| size > 0) else {
             return refuse(&mut d, libc_errno::EINVAL);
         };
