@@ -650,4 +650,47 @@ mod tests {
         assert_eq!(l.stats().unmap_failures, 2);
         assert_eq!(l.stats().entries, 0);
     }
+
+    fn counts(l: &DmaMappingListener) -> (u64, u64, u64, u64, u64) {
+        let s = l.stats();
+        (s.entries, s.mapped_bytes, s.maps, s.unmaps, s.splits)
+    }
+
+    #[test]
+    fn counters_follow_every_map_unmap_and_split() {
+        let (iommu, l) = listener(None);
+        l.notify_populate(section(0x10000, 0x4000)).unwrap();
+        l.notify_populate(section(0x20000, 0x2000)).unwrap();
+        assert_eq!(counts(&l), (2, 0x6000, 2, 0, 0));
+        // Starts exactly where the first mapping ends: touches nothing.
+        l.notify_discard(section(0x14000, 0x1000));
+        assert_eq!(counts(&l), (2, 0x6000, 2, 0, 0));
+        // Cuts the first mapping in two.
+        l.notify_discard(section(0x11000, 0x1000));
+        assert_eq!(counts(&l), (3, 0x5000, 4, 1, 1));
+        // Exactly the second mapping.
+        l.notify_discard(section(0x20000, 0x2000));
+        assert_eq!(counts(&l), (2, 0x3000, 4, 2, 1));
+        assert_eq!(
+            iommu.mappings(),
+            vec![section(0x10000, 0x1000), section(0x12000, 0x2000)]
+        );
+        assert_eq!(l.stats().refused, 0);
+        assert_eq!(l.stats().unmap_failures, 0);
+    }
+
+    #[test]
+    fn two_prepared_splits_share_the_room_left() {
+        let iommu = Arc::new(FakeIommu::new(None));
+        let l = DmaMappingListener::new(iommu.clone(), Some(3));
+        l.notify_populate(section(0x10000, 0x4000)).unwrap();
+        l.notify_populate(section(0x20000, 0x4000)).unwrap();
+        l.prepare_discard(section(0x11000, 0x1000)).unwrap();
+        // One entry is left and the first split holds it.
+        assert!(l.prepare_discard(section(0x21000, 0x1000)).is_err());
+        l.notify_discard(section(0x11000, 0x1000));
+        assert_eq!(l.stats().entries, 3);
+        assert_eq!(l.stats().lost_remaps, 0);
+        assert_eq!(iommu.violations(), 0);
+    }
 }
