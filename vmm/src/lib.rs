@@ -242,29 +242,44 @@ fn handle_api(vm: &mut Vm, message: api::ApiMessage) {
             vm.shutdown();
             None
         }
-        VmAddDevice(_) | VmAddUserDevice(_) | VmRemoveDevice(_) => {
-            let answer = respond.clone();
-            let spawned = vm.spawn_hotplug(move |devices, monitor| {
-                use vm::device_ops;
-                let result = match request {
-                    VmAddDevice(config) => device_ops::add_device(devices, monitor, &config),
-                    VmAddUserDevice(config) => {
-                        device_ops::add_user_device(devices, monitor, &config)
-                    }
-                    VmRemoveDevice(id) => device_ops::remove_device(devices, monitor, &id),
-                    _ => unreachable!("only hot-plug requests are spawned"),
-                };
-                let _ = answer.send(
-                    result
-                        .map(|info| Some(json!(info)))
-                        .map_err(api::ApiError::Device),
-                );
+        VmAddDevice(config) => {
+            return hotplug(vm, respond, move |devices, monitor| {
+                vm::device_ops::add_device(devices, monitor, &config)
             });
-            if let Err(e) = spawned {
-                let _ = respond.send(Err(api::ApiError::Worker(e)));
-            }
-            return;
+        }
+        VmAddUserDevice(config) => {
+            return hotplug(vm, respond, move |devices, monitor| {
+                vm::device_ops::add_user_device(devices, monitor, &config)
+            });
+        }
+        VmRemoveDevice(id) => {
+            return hotplug(vm, respond, move |devices, monitor| {
+                vm::device_ops::remove_device(devices, monitor, &id)
+            });
         }
     };
     let _ = respond.send(Ok(answer));
+}
+
+/// Runs a hot-plug operation on its own thread; it answers `respond`.
+fn hotplug(
+    vm: &mut Vm,
+    respond: std::sync::mpsc::Sender<api::ApiResponse>,
+    job: impl FnOnce(
+        &device_manager::DeviceManager,
+        &EventMonitor,
+    ) -> Result<device_manager::DeviceInfo, device_manager::DeviceError>
+    + Send
+    + 'static,
+) {
+    let answer = respond.clone();
+    let spawned = vm.spawn_hotplug(move |devices, monitor| {
+        let result = job(devices, monitor)
+            .map(|info| Some(json!(info)))
+            .map_err(api::ApiError::Device);
+        let _ = answer.send(result);
+    });
+    if let Err(e) = spawned {
+        let _ = respond.send(Err(api::ApiError::Worker(e)));
+    }
 }
