@@ -275,4 +275,24 @@ mod tests {
         assert_eq!(runs(&b, 0, pages, true), vec![(1, 1), (pages - 3, 3)]);
         assert!(b.heap_bytes() < 3 << 20);
     }
+
+    #[test]
+    fn a_chunk_cleared_back_to_private_gives_its_words_back() {
+        let mut b = SharedBitmap::new(2 * CHUNK_PAGES);
+        let uniform = b.heap_bytes();
+        b.set_range(CHUNK_PAGES + 3, 2, true);
+        assert_eq!(
+            b.heap_bytes(),
+            uniform + CHUNK_PAGES as usize / 8,
+            "one mixed chunk holds its bits"
+        );
+        for page in [CHUNK_PAGES + 2, CHUNK_PAGES + 3, CHUNK_PAGES + 4, CHUNK_PAGES + 5] {
+            let expected = (CHUNK_PAGES + 3..CHUNK_PAGES + 5).contains(&page);
+            assert_eq!(b.is_shared(page), expected, "page {page}");
+        }
+        assert_eq!(b.set_range(CHUNK_PAGES + 3, 2, false), 2);
+        assert_eq!(b.heap_bytes(), uniform, "collapsed back to private");
+        assert!(!b.is_shared(CHUNK_PAGES + 3));
+        assert_eq!(b.shared_pages(), 0);
+    }
 }
