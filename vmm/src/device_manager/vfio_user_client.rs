@@ -558,7 +558,8 @@ mod tests {
         script: impl Fn(Header, &[u8]) -> Vec<u8> + Send + 'static,
     ) -> (VfioUserClient, std::thread::JoinHandle<()>) {
         let (client_end, mut server_end) = UnixStream::pair().unwrap();
-        let server = std::thread::spawn(move || {
+        // Ends when the client goes.
+        std::thread::spawn(move || {
             loop {
                 let mut raw = [0u8; HEADER_SIZE];
                 if server_end.read_exact(&mut raw).is_err() {
@@ -811,5 +812,72 @@ mod tests {
             no_memory.dma_access(CMD_DMA_READ, &access(0x1000, 1, &[])),
             Err(EFAULT)
         );
+    }
+
+    /// Connects to a one-shot server whose VERSION reply body is `reply`.
+    fn connect_to(reply: Vec<u8>) -> Result<VfioUserClient, VfioUserError> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("vfu-version-{}-{n}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // Ends when the client goes.
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut raw = [0u8; HEADER_SIZE];
+            s.read_exact(&mut raw).unwrap();
+            let h = Header::decode(&raw);
+            assert_eq!(h.command, CMD_VERSION);
+            let mut body = vec![0u8; h.size as usize - HEADER_SIZE];
+            s.read_exact(&mut body).unwrap();
+            assert_eq!(&body[..4], &[0, 0, 1, 0], "we speak 0.1");
+            let _ = s.write_all(&reply_to(h, FLAG_REPLY, 0, &reply));
+            // Hold the connection until the client is done with it.
+            let _ = s.read(&mut [0u8; 1]);
+        });
+        let client = VfioUserClient::connect(&path, Duration::from_secs(2), None);
+        let _ = std::fs::remove_file(&path);
+        client
+    }
+
+    #[test]
+    fn version_is_negotiated_and_checked() {
+        let mut good = vec![0, 0, 1, 0];
+        good.extend_from_slice(br#"{"capabilities":{"max_dma_maps":7}}"#);
+        good.push(0);
+        assert_eq!(connect_to(good).unwrap().max_dma_maps(), 7);
+        assert_eq!(
+            connect_to(vec![0, 0, 1, 0]).unwrap().max_dma_maps(),
+            DEFAULT_MAX_DMA_MAPS
+        );
+        for (what, reply) in [
+            ("major 1", vec![1, 0, 0, 0]),
+            ("major 256", vec![0, 1, 0, 0]),
+            ("short", vec![0, 0, 1]),
+            ("bad capabilities", b"\0\0\x01\0{not json}\0".to_vec()),
+        ] {
+            let err = connect_to(reply).err().unwrap();
+            assert_eq!(err.to_string(), "malformed reply to VERSION", "{what}");
+        }
+    }
+
+    #[test]
+    fn a_message_past_the_largest_transfer_is_refused() {
+        // A full-size DMA_WRITE fits; one byte more does not.
+        let largest = HEADER_SIZE + 16 + (1 << 20);
+        assert_eq!(MAX_MESSAGE, largest);
+        let (mut client, server) = scripted(move |h, _| {
+            Header {
+                size: (largest + 1) as u32,
+                flags: FLAG_REPLY,
+                ..h
+            }
+            .encode()
+            .to_vec()
+        });
+        let err = client.dma_unmap(0x1000, 0x1000).unwrap_err();
+        assert!(matches!(err, VfioUserError::Protocol("DMA_UNMAP")), "{err}");
+        server.join().unwrap();
     }
 }

@@ -286,7 +286,12 @@ mod tests {
             uniform + CHUNK_PAGES as usize / 8,
             "one mixed chunk holds its bits"
         );
-        for page in [CHUNK_PAGES + 2, CHUNK_PAGES + 3, CHUNK_PAGES + 4, CHUNK_PAGES + 5] {
+        for page in [
+            CHUNK_PAGES + 2,
+            CHUNK_PAGES + 3,
+            CHUNK_PAGES + 4,
+            CHUNK_PAGES + 5,
+        ] {
             let expected = (CHUNK_PAGES + 3..CHUNK_PAGES + 5).contains(&page);
             assert_eq!(b.is_shared(page), expected, "page {page}");
         }
