@@ -558,8 +558,7 @@ mod tests {
         script: impl Fn(Header, &[u8]) -> Vec<u8> + Send + 'static,
     ) -> (VfioUserClient, std::thread::JoinHandle<()>) {
         let (client_end, mut server_end) = UnixStream::pair().unwrap();
-        // Ends when the client goes.
-        std::thread::spawn(move || {
+        let server = std::thread::spawn(move || {
             loop {
                 let mut raw = [0u8; HEADER_SIZE];
                 if server_end.read_exact(&mut raw).is_err() {
