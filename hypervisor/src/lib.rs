@@ -5,6 +5,8 @@
 //! `Hypervisor` / `Vm` / `Vcpu` traits. Policy (what to do with an exit) lives
 //! in `vmm`; this crate only translates between KVM and typed Rust values.
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod attribute_tracking;
 pub mod caps;
 mod conversion;
 pub mod kvm;

@@ -1,6 +1,8 @@
 //! The memory manager: guest RAM regions, their backing, and the
 //! RamBlockAttribute of every guest_memfd region.
 
+#[cfg(test)]
+mod attribute_tests;
 mod backing;
 mod conversion;
 pub mod ram_block_attribute;
@@ -47,6 +49,8 @@ pub enum MemoryError {
     GuestMemory(#[source] vm_memory::GuestRegionCollectionError),
     #[error("cannot register region {0} with the hypervisor")]
     Register(usize, #[source] hypervisor::HypervisorError),
+    #[error("cannot mark region {0} private")]
+    InitialAttributes(usize, #[source] hypervisor::HypervisorError),
 }
 
 /// One contiguous RAM region.
@@ -119,6 +123,13 @@ impl MemoryManager {
                 "RAM region {index}: {gpa:#x}+{len:#x} backed by {}",
                 backing.name()
             );
+            // The bitmap starts all private; where the VM type tracks
+            // attributes, KVM must agree before any vCPU runs (its default
+            // is shared).
+            if backing.is_guest_memfd() && vm.supports_memory_attributes() {
+                vm.set_memory_attributes(gpa, len, true)
+                    .map_err(|e| MemoryError::InitialAttributes(index, e))?;
+            }
             let attributes = backing
                 .is_guest_memfd()
                 .then(|| RamBlockAttribute::new(gpa, len));
