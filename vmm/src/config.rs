@@ -276,20 +276,96 @@ fn check_path(
     Ok(())
 }
 
-/// `--device path=/sys/bus/pci/devices/BDF/[,id=ID]`: a VFIO device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+/// What Cloud Hypervisor's clients send with every device (its
+/// `PciDeviceCommonConfig`), checked against what this VMM can do: one PCI
+/// segment, no virtual IOMMU, no PCI bus to place a device on yet.
+fn check_pci_common(
+    option: &'static str,
+    iommu: bool,
+    pci_segment: u16,
+    pci_device_id: Option<u8>,
+) -> Result<(), ConfigError> {
+    let invalid = |key: &'static str, value: String, why: &'static str| {
+        Err(ConfigError::Invalid {
+            option,
+            key,
+            value,
+            why,
+        })
+    };
+    if pci_segment != 0 {
+        return invalid(
+            "pci_segment",
+            pci_segment.to_string(),
+            "only PCI segment 0 exists",
+        );
+    }
+    if iommu {
+        return invalid("iommu", "on".into(), "there is no virtual IOMMU");
+    }
+    if let Some(id) = pci_device_id {
+        return invalid(
+            "pci_device_id",
+            id.to_string(),
+            "devices are not on a PCI bus yet",
+        );
+    }
+    Ok(())
+}
+
+fn is_zero(n: &u16) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// `iommu=` and `pci_segment=` as the CLI gives them.
+fn parse_pci_common(p: &OptionParser) -> Result<(bool, u16), ConfigError> {
+    let iommu = p.toggle("iommu", false)?;
+    let pci_segment = p
+        .get("pci_segment")
+        .map(|v| {
+            v.parse::<u16>()
+                .map_err(|_| p.invalid("pci_segment", "expected 0 to 65535"))
+        })
+        .transpose()?
+        .unwrap_or(0);
+    Ok((iommu, pci_segment))
+}
+
+/// `--device path=/sys/bus/pci/devices/BDF/[,id=ID][,iommu=off][,pci_segment=0]`:
+/// a VFIO device. The body of `vm.add-device` takes the same fields and
+/// the rest of what Cloud Hypervisor's clients send.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
     pub path: PathBuf,
     #[serde(default)]
     pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub iommu: bool,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pci_segment: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
+    /// Accepted and without effect: no BAR is mapped into the guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub x_exclude_mmap_bars: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x_nv_gpudirect_clique: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
 }
 
 impl DeviceConfig {
-    pub const SYNTAX: &'static str = "path=/sys/bus/pci/devices/BDF/[,id=ID]";
+    pub const SYNTAX: &'static str =
+        "path=/sys/bus/pci/devices/BDF/[,id=ID][,iommu=off][,pci_segment=0]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("--device", text, &["path", "id"])?;
+        let p = OptionParser::parse("--device", text, &["path", "id", "iommu", "pci_segment"])?;
+        let (iommu, pci_segment) = parse_pci_common(&p)?;
         let config = DeviceConfig {
             path: p
                 .get("path")
@@ -299,6 +375,9 @@ impl DeviceConfig {
                     key: "path",
                 })?,
             id: p.get("id").map(str::to_string),
+            iommu,
+            pci_segment,
+            ..Default::default()
         };
         config.validate()?;
         Ok(config)
@@ -306,6 +385,23 @@ impl DeviceConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_path("--device", "path", &self.path)?;
+        check_pci_common("--device", self.iommu, self.pci_segment, self.pci_device_id)?;
+        if let Some(clique) = self.x_nv_gpudirect_clique {
+            return Err(ConfigError::Invalid {
+                option: "--device",
+                key: "x_nv_gpudirect_clique",
+                value: clique.to_string(),
+                why: "GPUDirect cliques are not supported",
+            });
+        }
+        if let Some(fd) = self.fd {
+            return Err(ConfigError::Invalid {
+                option: "--device",
+                key: "fd",
+                value: fd.to_string(),
+                why: "VFIO devices are opened by path only",
+            });
+        }
         self.id
             .as_deref()
             .map_or(Ok(()), |id| check_id("--device", id))
@@ -317,22 +413,34 @@ impl DeviceConfig {
 pub const MAX_DEVICE_TIMEOUT_MS: u64 = 60_000;
 
 /// `--user-device socket=PATH[,id=ID][,timeout_ms=MS]`: a vfio-user device server.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserDeviceConfig {
     pub socket: PathBuf,
     #[serde(default)]
     pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub iommu: bool,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pci_segment: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
     /// How long the server may take to answer one request (default 5000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
 }
 
 impl UserDeviceConfig {
-    pub const SYNTAX: &'static str = "socket=PATH[,id=ID][,timeout_ms=MS]";
+    pub const SYNTAX: &'static str =
+        "socket=PATH[,id=ID][,timeout_ms=MS][,iommu=off][,pci_segment=0]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("--user-device", text, &["socket", "id", "timeout_ms"])?;
+        let p = OptionParser::parse(
+            "--user-device",
+            text,
+            &["socket", "id", "timeout_ms", "iommu", "pci_segment"],
+        )?;
+        let (iommu, pci_segment) = parse_pci_common(&p)?;
         let timeout_ms = p
             .get("timeout_ms")
             .map(|t| {
@@ -350,6 +458,9 @@ impl UserDeviceConfig {
                 })?,
             id: p.get("id").map(str::to_string),
             timeout_ms,
+            iommu,
+            pci_segment,
+            ..Default::default()
         };
         config.validate()?;
         Ok(config)
@@ -357,6 +468,12 @@ impl UserDeviceConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_path("--user-device", "socket", &self.socket)?;
+        check_pci_common(
+            "--user-device",
+            self.iommu,
+            self.pci_segment,
+            self.pci_device_id,
+        )?;
         if self
             .timeout_ms
             .is_some_and(|ms| !(1..=MAX_DEVICE_TIMEOUT_MS).contains(&ms))
@@ -466,5 +583,44 @@ mod tests {
             DeviceConfig::parse("path=/x,bdf=1"),
             Err(ConfigError::UnknownKey { .. })
         ));
+        // Cloud Hypervisor's keys: accepted where this VMM can honour them.
+        let d = DeviceConfig::parse("path=/x,iommu=off,pci_segment=0").unwrap();
+        assert_eq!((d.iommu, d.pci_segment), (false, 0));
+        assert!(matches!(
+            DeviceConfig::parse("path=/x,iommu=on"),
+            Err(ConfigError::Invalid { key: "iommu", .. })
+        ));
+        assert!(matches!(
+            UserDeviceConfig::parse("socket=/s,pci_segment=2"),
+            Err(ConfigError::Invalid {
+                key: "pci_segment",
+                ..
+            })
+        ));
+        assert!(matches!(
+            UserDeviceConfig::parse("socket=/s,pci_segment=x"),
+            Err(ConfigError::Invalid {
+                key: "pci_segment",
+                ..
+            })
+        ));
+        let u = UserDeviceConfig::parse("socket=/s,timeout_ms=250").unwrap();
+        assert_eq!(u.timeout_ms, Some(250));
+        for bad in [
+            "socket=/s,timeout_ms=0",
+            "socket=/s,timeout_ms=60001",
+            "socket=/s,timeout_ms=x",
+        ] {
+            assert!(
+                matches!(
+                    UserDeviceConfig::parse(bad),
+                    Err(ConfigError::Invalid {
+                        key: "timeout_ms",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
     }
 }

@@ -465,13 +465,56 @@ mod openapi_tests {
             Ok(ApiRequest::VmAddUserDevice(UserDeviceConfig {
                 socket: "/s".into(),
                 id: Some("nic0".into()),
-                timeout_ms: None,
+                ..Default::default()
             }))
         );
         assert_eq!(
             put("vm.remove-device", r#"{"id":"nic0"}"#),
             Ok(ApiRequest::VmRemoveDevice("nic0".into()))
         );
+        // What Cloud Hypervisor's ch-remote sends (its PciDeviceCommonConfig
+        // and DeviceConfig serialized).
+        assert_eq!(
+            put("vm.add-user-device", r#"{"pci_segment":0,"socket":"/s"}"#),
+            Ok(ApiRequest::VmAddUserDevice(UserDeviceConfig {
+                socket: "/s".into(),
+                ..Default::default()
+            }))
+        );
+        assert_eq!(
+            put(
+                "vm.add-device",
+                r#"{"id":"gpu0","pci_segment":0,"path":"/sys/bus/pci/devices/0000:01:00.0/","x_exclude_mmap_bars":[]}"#
+            ),
+            Ok(ApiRequest::VmAddDevice(DeviceConfig {
+                path: "/sys/bus/pci/devices/0000:01:00.0/".into(),
+                id: Some("gpu0".into()),
+                ..Default::default()
+            }))
+        );
+        for (body, why) in [
+            (
+                r#"{"socket":"/s","pci_segment":1}"#,
+                "only PCI segment 0 exists",
+            ),
+            (
+                r#"{"socket":"/s","iommu":true}"#,
+                "there is no virtual IOMMU",
+            ),
+            (
+                r#"{"socket":"/s","pci_device_id":3}"#,
+                "not on a PCI bus yet",
+            ),
+        ] {
+            let err = put("vm.add-user-device", body).unwrap_err();
+            assert!(err.message().contains(why), "{body}: {}", err.message());
+        }
+        let err = put(
+            "vm.add-device",
+            r#"{"path":"/p","x_nv_gpudirect_clique":1}"#,
+        )
+        .unwrap_err();
+        assert!(err.message().contains("GPUDirect"), "{}", err.message());
         for (path, body) in [
             ("vm.add-user-device", ""),
             ("vm.add-user-device", r#"{"id":"x"}"#),

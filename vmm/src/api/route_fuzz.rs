@@ -194,14 +194,14 @@ proptest! {
     ) {
         let body = serde_json::json!({ "socket": path, "id": id }).to_string();
         let url = format!("{API_PREFIX}vm.add-user-device");
-        let expected = UserDeviceConfig { socket: path.clone().into(), id: id.clone(), timeout_ms: None };
+        let expected = UserDeviceConfig { socket: path.clone().into(), id: id.clone(), ..Default::default() };
         prop_assert_eq!(
             route(Method::Put, &url, body.as_bytes()),
             Ok(ApiRequest::VmAddUserDevice(expected))
         );
         let body = serde_json::json!({ "path": path, "id": id }).to_string();
         let url = format!("{API_PREFIX}vm.add-device");
-        let expected = DeviceConfig { path: path.into(), id };
+        let expected = DeviceConfig { path: path.into(), id, ..Default::default() };
         prop_assert_eq!(
             route(Method::Put, &url, body.as_bytes()),
             Ok(ApiRequest::VmAddDevice(expected))
