@@ -39,6 +39,8 @@ pub enum ConversionError {
     UnknownAttributes(u64),
     #[error("page count {0} overflows the guest physical address space")]
     PageCountOverflow(u64),
+    #[error("memory fault with unknown flags {0:#x}")]
+    UnknownFaultFlags(u64),
 }
 
 /// Decodes the arguments of `KVM_HC_MAP_GPA_RANGE` (a0 = gpa, a1 = number of
@@ -65,17 +67,27 @@ pub fn decode_map_gpa_range(args: &[u64; 6]) -> Result<MemoryConversion, Convers
 
 /// Decodes a `KVM_EXIT_MEMORY_FAULT`: the guest touched memory whose
 /// attributes do not match the access, so it asks for the other state.
-pub fn decode_memory_fault(flags: u64, gpa: u64, size: u64) -> MemoryConversion {
-    let direction = if flags & u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0 {
+/// Flags other than PRIVATE mean a kernel this code does not understand:
+/// refused rather than guessed at.
+pub fn decode_memory_fault(
+    flags: u64,
+    gpa: u64,
+    size: u64,
+) -> Result<MemoryConversion, ConversionError> {
+    let private = u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE);
+    if flags & !private != 0 {
+        return Err(ConversionError::UnknownFaultFlags(flags));
+    }
+    let direction = if flags & private != 0 {
         ConversionDirection::ToPrivate
     } else {
         ConversionDirection::ToShared
     };
-    MemoryConversion {
+    Ok(MemoryConversion {
         gpa,
         size,
         direction,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -115,11 +127,16 @@ mod tests {
             u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE),
             0,
             4096,
-        );
+        )
+        .unwrap();
         assert_eq!(p.direction, ConversionDirection::ToPrivate);
         assert_eq!(
-            decode_memory_fault(0, 0, 4096).direction,
+            decode_memory_fault(0, 0, 4096).unwrap().direction,
             ConversionDirection::ToShared
+        );
+        assert_eq!(
+            decode_memory_fault(1 << 4 | 1 << 3, 0, 4096),
+            Err(ConversionError::UnknownFaultFlags(0x18))
         );
     }
 }

@@ -10,6 +10,8 @@ pub mod attribute_tracking;
 pub mod caps;
 mod conversion;
 pub mod kvm;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod scripted_vcpu;
 mod vcpu_exit;
 
 use std::os::fd::OwnedFd;
@@ -21,7 +23,7 @@ pub use conversion::{
     decode_map_gpa_range,
 };
 pub use kvm::KvmHypervisor;
-pub use vcpu_exit::{HypercallReply, VmExit};
+pub use vcpu_exit::{HYPERCALL_EINVAL, HypercallReply, VmExit};
 
 /// x86_64 register files, re-exported so the VMM's boot code needs no KVM crate.
 pub mod arch {

@@ -154,3 +154,196 @@ fn run(index: u8, mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The real vCPU loop driven by a scripted vCPU through the exits this
+    //! machine's KVM cannot produce, on real guest_memfd RAM whose memory
+    //! attributes are tracked with KVM's rules (`AttributeTrackingVm`), with
+    //! a device following. After the script: the guest saw the right value
+    //! in RAX for every hypercall, KVM's attributes are the complement of
+    //! the shared set, and the device maps exactly the shared set.
+
+    use std::sync::mpsc::channel;
+
+    use hypervisor::attribute_tracking::AttributeTrackingVm;
+    use hypervisor::scripted_vcpu::{ScriptedExit, ScriptedVcpu};
+    use hypervisor::{
+        ConversionDirection, HYPERCALL_EINVAL, Hypervisor, KvmHypervisor, MemoryConversion, VmType,
+    };
+    use vm_device::fake_iommu::FakeIommu;
+    use vm_device::{DmaMappingListener, Section};
+
+    use super::*;
+    use crate::event_monitor::EventMonitor;
+    use crate::memory::{MemoryLayout, MemoryManager};
+
+    const MIB: u64 = 1 << 20;
+    const PAGE: u64 = 4096;
+    const RAM: u64 = 64 * MIB;
+
+    struct Rig {
+        vm: Arc<AttributeTrackingVm>,
+        memory: Arc<MemoryManager>,
+        iommu: Arc<FakeIommu>,
+        ctx: VcpuContext,
+        events: std::sync::mpsc::Receiver<VmmEvent>,
+    }
+
+    /// `entry_limit`: most mappings the device accepts.
+    fn rig(entry_limit: Option<u64>) -> Option<Rig> {
+        let hv = match KvmHypervisor::new() {
+            Ok(hv) => hv,
+            Err(e) => {
+                assert_ne!(
+                    std::env::var("CH_REQUIRE_KVM").as_deref(),
+                    Ok("1"),
+                    "/dev/kvm is required: {e}"
+                );
+                eprintln!("*** SKIPPED: /dev/kvm unavailable: {e} ***");
+                return None;
+            }
+        };
+        let vm = Arc::new(AttributeTrackingVm::new(
+            hv.create_vm(VmType::Default).unwrap(),
+        ));
+        let memory = Arc::new(MemoryManager::new(vm.clone(), RAM, MemoryLayout::Auto).unwrap());
+        let iommu = Arc::new(FakeIommu::new(None));
+        let listener = Arc::new(DmaMappingListener::new(iommu.clone(), entry_limit));
+        memory.regions()[0]
+            .attributes
+            .as_ref()
+            .unwrap()
+            .register_listener(listener, Section { gpa: 0, size: RAM })
+            .unwrap();
+        let (tx, events) = channel();
+        let ctx = VcpuContext {
+            io_bus: Arc::new(Bus::new()),
+            mmio_bus: Arc::new(Bus::new()),
+            conversions: Arc::new(ConversionPath::new(
+                memory.clone(),
+                Arc::new(EventMonitor::disabled()),
+            )),
+            events: tx,
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        Some(Rig {
+            vm,
+            memory,
+            iommu,
+            ctx,
+            events,
+        })
+    }
+
+    fn conversion(gpa: u64, size: u64, shared: bool) -> MemoryConversion {
+        MemoryConversion {
+            gpa,
+            size,
+            direction: if shared {
+                ConversionDirection::ToShared
+            } else {
+                ConversionDirection::ToPrivate
+            },
+        }
+    }
+
+    fn shared_runs(memory: &MemoryManager) -> Vec<(u64, u64)> {
+        let attrs = memory.regions()[0].attributes.as_ref().unwrap();
+        let mut runs = Vec::new();
+        attrs
+            .replay_populated(0, RAM, |s| {
+                runs.push((s.gpa, s.size));
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        runs
+    }
+
+    /// KVM's private set must be the complement of the shared set, and the
+    /// device must map exactly the shared set.
+    fn assert_in_step(rig: &Rig) {
+        let shared = shared_runs(&rig.memory);
+        let mut complement = Vec::new();
+        let mut cursor = 0;
+        for &(gpa, size) in &shared {
+            if gpa > cursor {
+                complement.push((cursor, gpa - cursor));
+            }
+            cursor = gpa + size;
+        }
+        if cursor < RAM {
+            complement.push((cursor, RAM - cursor));
+        }
+        assert_eq!(rig.vm.private_ranges(), complement, "KVM attributes");
+        let mapped: Vec<(u64, u64)> = rig
+            .iommu
+            .mappings()
+            .iter()
+            .map(|s| (s.gpa, s.size))
+            .collect();
+        assert_eq!(mapped, shared, "device mappings");
+    }
+
+    #[test]
+    fn hypercalls_and_memory_faults_go_through_the_real_loop() {
+        // Two mappings at most: the fifth exit below needs a third.
+        let Some(rig) = rig(Some(2)) else { return };
+        let base = 16 * MIB;
+        let (vcpu, results) = ScriptedVcpu::new([
+            // Accepted: four pages shared (one mapping).
+            ScriptedExit::MapGpaRange(conversion(base, 4 * PAGE, true)),
+            // An implicit conversion: the guest touched page 1 as private
+            // (the mapping splits in two).
+            ScriptedExit::MemoryFault(conversion(base + PAGE, PAGE, false)),
+            // Refused: unaligned, beyond RAM, and by the device's limit.
+            ScriptedExit::MapGpaRange(conversion(base + 1, PAGE, true)),
+            ScriptedExit::MapGpaRange(conversion(RAM, PAGE, true)),
+            ScriptedExit::MapGpaRange(conversion(base + 8 * PAGE, PAGE, true)),
+            // Accepted again: page 0 back to private.
+            ScriptedExit::MapGpaRange(conversion(base, PAGE, false)),
+        ]);
+        run(0, Box::new(vcpu), &rig.ctx);
+        assert_eq!(
+            *results.lock().unwrap(),
+            [0, HYPERCALL_EINVAL, HYPERCALL_EINVAL, HYPERCALL_EINVAL, 0],
+            "the guest's RAX after each hypercall"
+        );
+        assert!(matches!(
+            rig.events.try_recv(),
+            Ok(VmmEvent::GuestShutdown(0))
+        ));
+        assert_in_step(&rig);
+        assert_eq!(
+            shared_runs(&rig.memory),
+            [(base + 2 * PAGE, 2 * PAGE)],
+            "page 0 back to private, page 1 private by fault"
+        );
+        let totals = rig.memory.conversion_totals();
+        assert_eq!(
+            (totals.to_shared, totals.to_private, totals.failed),
+            (1, 2, 3)
+        );
+    }
+
+    #[test]
+    fn a_refused_memory_fault_stops_the_vcpu_loudly_and_changes_nothing() {
+        let Some(rig) = rig(None) else { return };
+        let base = 16 * MIB;
+        rig.iommu.fail_next_maps(1);
+        let (vcpu, results) = ScriptedVcpu::new([
+            ScriptedExit::MemoryFault(conversion(base, PAGE, true)),
+            ScriptedExit::MapGpaRange(conversion(base, PAGE, true)),
+        ]);
+        run(3, Box::new(vcpu), &rig.ctx);
+        match rig.events.try_recv() {
+            Ok(VmmEvent::VcpuError(3, what)) => {
+                assert!(what.contains("implicit conversion failed"), "{what}")
+            }
+            _ => panic!("no vCPU error"),
+        }
+        assert!(results.lock().unwrap().is_empty(), "the loop stopped");
+        assert!(shared_runs(&rig.memory).is_empty());
+        assert_in_step(&rig);
+    }
+}

@@ -266,7 +266,11 @@ impl Vcpu for KvmVcpu {
                 VmExit::BadHypercall { nr: call.nr }
             }
             VcpuExit::MemoryFault { flags, gpa, size } => {
-                VmExit::MemoryFault(decode_memory_fault(flags, gpa, size))
+                match decode_memory_fault(flags, gpa, size) {
+                    Ok(conversion) => VmExit::MemoryFault(conversion),
+                    // Re-entering would fault again: the vCPU loop stops.
+                    Err(e) => VmExit::Unhandled(e.to_string()),
+                }
             }
             VcpuExit::SystemEvent(kind, _) => VmExit::SystemEvent(kind),
             other => VmExit::Unhandled(format!("{other:?}")),

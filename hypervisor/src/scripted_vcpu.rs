@@ -1,0 +1,87 @@
+//! A vCPU that plays a script of exits, for driving the VMM's real vCPU loop
+//! through exits this machine's KVM cannot produce (`KVM_EXIT_HYPERCALL`
+//! with `KVM_HC_MAP_GPA_RANGE`, `KVM_EXIT_MEMORY_FAULT`). It keeps KVM's
+//! contract for hypercalls: the VMM writes the result into the exit's
+//! return slot, and it lands in the guest's RAX when the vCPU re-enters.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use crate::vcpu_exit::HypercallReply;
+use crate::{MemoryConversion, Result, Vcpu, VmExit, arch};
+
+/// What the return slot holds until the VMM completes a hypercall.
+pub const UNANSWERED: u64 = 0x5c21_7ed0_dead_beef;
+
+#[derive(Debug, Clone, Copy)]
+pub enum ScriptedExit {
+    MapGpaRange(MemoryConversion),
+    MemoryFault(MemoryConversion),
+}
+
+pub struct ScriptedVcpu {
+    script: VecDeque<ScriptedExit>,
+    ret: u64,
+    rax: u64,
+    hypercall_pending: bool,
+    /// The guest's RAX after each MAP_GPA_RANGE, in order.
+    results: Arc<Mutex<Vec<u64>>>,
+}
+
+impl ScriptedVcpu {
+    /// Plays `script`, then exits with `Shutdown`.
+    pub fn new(script: impl IntoIterator<Item = ScriptedExit>) -> (Self, Arc<Mutex<Vec<u64>>>) {
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let vcpu = ScriptedVcpu {
+            script: script.into_iter().collect(),
+            ret: UNANSWERED,
+            rax: 0,
+            hypercall_pending: false,
+            results: results.clone(),
+        };
+        (vcpu, results)
+    }
+}
+
+impl Vcpu for ScriptedVcpu {
+    fn get_regs(&self) -> Result<arch::StandardRegisters> {
+        Ok(arch::StandardRegisters {
+            rax: self.rax,
+            ..Default::default()
+        })
+    }
+
+    fn set_regs(&self, _regs: &arch::StandardRegisters) -> Result<()> {
+        Ok(())
+    }
+
+    fn get_sregs(&self) -> Result<arch::SpecialRegisters> {
+        Ok(arch::SpecialRegisters::default())
+    }
+
+    fn set_sregs(&self, _sregs: &arch::SpecialRegisters) -> Result<()> {
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<VmExit<'_>> {
+        // Re-entry: KVM copies the hypercall's result into RAX.
+        if std::mem::take(&mut self.hypercall_pending) {
+            self.rax = self.ret;
+            self.results.lock().unwrap().push(self.rax);
+        }
+        Ok(match self.script.pop_front() {
+            Some(ScriptedExit::MapGpaRange(conversion)) => {
+                self.ret = UNANSWERED;
+                self.hypercall_pending = true;
+                VmExit::MapGpaRange {
+                    conversion,
+                    reply: HypercallReply::new(&mut self.ret),
+                }
+            }
+            Some(ScriptedExit::MemoryFault(conversion)) => VmExit::MemoryFault(conversion),
+            None => VmExit::Shutdown,
+        })
+    }
+
+    fn set_immediate_exit(&mut self, _exit: bool) {}
+}
