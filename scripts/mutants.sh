@@ -23,23 +23,32 @@ if [ ${#files[@]} -eq 0 ]; then
     )
 fi
 
+# Results stay in target/mutants/ (per file: caught.txt, missed.txt, ...).
+results="$root/target/mutants"
+mkdir -p "$results"
 scratch=$(mktemp -d /tmp/ch-mutants.XXXXXX)
 trap 'rm -rf "$scratch"' EXIT
 # A copy without build output; cargo-mutants then copies that again.
 tar -C "$root" --exclude=./target --exclude=./.git -cf - . | tar -C "$scratch" -xf -
 export CARGO_TARGET_DIR="$scratch/target"
 
+# Lines in a result file (0 when it is absent or empty).
+count() {
+    if [ -s "$1" ]; then grep -c . "$1"; else echo 0; fi
+}
+
 for file in "${files[@]}"; do
     crate=${file%%/*}
-    out="$scratch/out-$(echo "$file" | tr / _)"
+    out="$results/$(echo "$file" | tr / _)"
+    rm -rf "$out"
     # The unit tests take a few seconds; a mutant still running after 20 s
     # hangs. Hangs are listed apart: they count as caught because CI's
     # nextest profile kills a test after 3 minutes (.config/nextest.toml).
     (cd "$scratch" && cargo mutants -p "$crate" -f "$file" --timeout 20 \
         --output "$out" -- --lib >/dev/null 2>&1) || true
-    caught=$(grep -c . "$out/mutants.out/caught.txt" 2>/dev/null || echo 0)
-    missed=$(grep -c . "$out/mutants.out/missed.txt" 2>/dev/null || echo 0)
-    timeout=$(grep -c . "$out/mutants.out/timeout.txt" 2>/dev/null || echo 0)
+    caught=$(count "$out/mutants.out/caught.txt")
+    missed=$(count "$out/mutants.out/missed.txt")
+    timeout=$(count "$out/mutants.out/timeout.txt")
     total=$((caught + missed))
     if [ "$total" -gt 0 ]; then
         pct=$((100 * caught / total))
