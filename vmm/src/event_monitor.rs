@@ -63,12 +63,22 @@ fn is_pseudo_file(file: &File) -> bool {
 fn open_sink(config: &EventMonitorConfig) -> Result<File, EventMonitorError> {
     let (file, name) = match config {
         EventMonitorConfig::Path(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
             let name = path.display().to_string();
+            // Non-blocking, so a FIFO without a reader is an error (ENXIO)
+            // rather than a VMM that never starts; blocking again after,
+            // since only the writer thread writes.
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
+                .custom_flags(libc::O_NONBLOCK)
                 .open(path)
                 .map_err(|e| EventMonitorError::Open(name.clone(), e))?;
+            // SAFETY: F_GETFL / F_SETFL on an fd we own.
+            unsafe {
+                let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
             (file, name)
         }
         EventMonitorConfig::Fd(fd) => {
