@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, Parser};
 use vmm::config::{
-    ConsoleOutput, CpusConfig, DeviceConfig, EventMonitorConfig, MemoryConfig, UserDeviceConfig,
-    VmConfig,
+    ConsoleOutput, CpusConfig, DeviceConfig, EventMonitorConfig, MemoryConfig, PlatformConfig,
+    UserDeviceConfig, VmConfig,
 };
 use vmm::seccomp_filters::SeccompMode;
 use vmm::{VmmOptions, error_chain};
@@ -30,6 +30,11 @@ struct Cli {
     #[arg(long, value_name = MemoryConfig::SYNTAX, default_value = "size=512M",
           value_parser = MemoryConfig::parse)]
     memory: MemoryConfig,
+    /// The VM type: `tdx=on`, `sev_snp=on` or `sw_protected=on` ask for a
+    /// confidential VM (RAM in guest_memfd); the default VM otherwise.
+    #[arg(long, value_name = PlatformConfig::SYNTAX, default_value = "",
+          value_parser = PlatformConfig::parse)]
+    platform: PlatformConfig,
     /// vCPUs.
     #[arg(long, value_name = CpusConfig::SYNTAX, default_value = "boot=1",
           value_parser = CpusConfig::parse)]
@@ -87,10 +92,17 @@ fn main() -> ExitCode {
             }
         };
     }
+    let mut memory = cli.memory;
+    if cli.platform.is_confidential() && !memory.guest_memfd {
+        // A confidential VM's RAM is guest_memfd RAM.
+        memory.guest_memfd = true;
+        memory.layout = vmm::memory::MemoryLayout::Auto;
+    }
     let options = VmmOptions {
         vm: VmConfig {
             kernel: cli.kernel.expect("clap requires --kernel"),
-            memory: cli.memory,
+            memory,
+            platform: cli.platform,
             cpus: cli.cpus,
             serial: cli.serial,
             devices: cli.device,

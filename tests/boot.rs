@@ -174,6 +174,14 @@ fn bad_command_lines_fail_with_clear_errors() {
             "cannot read kernel /nonexistent/guest.elf",
         ),
         (&["--kernel", garbage.to_str().unwrap()], "not an ELF file"),
+        (
+            &["--kernel", g, "--platform", "tdx=on,sev_snp=on"],
+            "choose one of tdx, sev_snp and sw_protected",
+        ),
+        (
+            &["--kernel", g, "--platform", "num_pci_segments=2"],
+            "only 1 PCI segment exists",
+        ),
     ];
     for (args, expected) in cases {
         let (status, _, stderr) = run_vmm(args);
@@ -185,4 +193,62 @@ fn bad_command_lines_fail_with_clear_errors() {
         );
         assert!(!stderr.contains("panicked"), "{args:?}:\n{stderr}");
     }
+}
+
+/// `--platform` picks the VM type; a type the host does not offer is a
+/// clear error naming what it does offer (on this machine: only the
+/// default type, whose VMs track no memory attributes).
+#[test]
+fn platform_selects_the_vm_type_or_says_what_the_host_offers() {
+    if !kvm_available("platform_selects_the_vm_type_or_says_what_the_host_offers") {
+        return;
+    }
+    let dir = TempDir::new("platform");
+    let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], true);
+    let g = guest.to_str().unwrap();
+    let (status, caps, _) = run_vmm(&["--capabilities"]);
+    assert!(status.success());
+    let caps: serde_json::Value = serde_json::from_str(&caps).unwrap();
+    let offered: Vec<String> = caps["vm_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    for (platform, name) in [
+        ("tdx=on", "tdx"),
+        ("sev_snp=on", "sev-snp"),
+        ("sw_protected=on", "sw-protected"),
+    ] {
+        if offered.iter().any(|t| t == name) {
+            continue;
+        }
+        let (status, _, err) = run_vmm(&["--kernel", g, "--platform", platform]);
+        assert!(!status.success(), "{platform}");
+        let expected = format!(
+            "VM type {name} is not available on this host (it offers: {})",
+            offered.join(", ")
+        );
+        assert!(err.contains(&expected), "{platform}: {err}");
+    }
+    let api = dir.path("api.sock");
+    let spin = memconv_guest(&dir, &["wait@0x100f000+1=1"], false);
+    let _vmm = GuestVmm::spawn(
+        &spin,
+        &[
+            "--memory",
+            "size=64M,guest_memfd=on",
+            "--platform",
+            "num_pci_segments=1",
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    wait_for_socket(&api);
+    let (ok, info, err) = ch_remote(&api, &["info"]);
+    assert!(ok, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["vm_type"], "default");
+    assert_eq!(info["memory_attributes"], false);
+    assert_eq!(info["config"]["platform"]["num_pci_segments"], 1);
 }

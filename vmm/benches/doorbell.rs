@@ -75,6 +75,7 @@ impl Bench {
                 guest_memfd: true,
                 layout: MemoryLayout::Auto,
             },
+            platform: Default::default(),
             cpus: CpusConfig { boot: 1 },
             serial,
             devices: Vec::new(),

@@ -491,10 +491,80 @@ impl UserDeviceConfig {
     }
 }
 
+/// `--platform [tdx=on|sev_snp=on|sw_protected=on][,num_pci_segments=1]`:
+/// Cloud Hypervisor's platform option, here choosing the VM type. A
+/// confidential type keeps RAM in guest_memfd.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PlatformConfig {
+    #[serde(skip_serializing_if = "is_false")]
+    pub tdx: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    pub sev_snp: bool,
+    /// KVM's software-protected VM type: private memory without hardware
+    /// (ours, not Cloud Hypervisor's).
+    #[serde(skip_serializing_if = "is_false")]
+    pub sw_protected: bool,
+    pub num_pci_segments: u16,
+}
+
+impl PlatformConfig {
+    pub const SYNTAX: &'static str = "[tdx=on|sev_snp=on|sw_protected=on][,num_pci_segments=1]";
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse(
+            "--platform",
+            text,
+            &["tdx", "sev_snp", "sw_protected", "num_pci_segments"],
+        )?;
+        let config = PlatformConfig {
+            tdx: p.toggle("tdx", false)?,
+            sev_snp: p.toggle("sev_snp", false)?,
+            sw_protected: p.toggle("sw_protected", false)?,
+            num_pci_segments: match p.get("num_pci_segments") {
+                None => 1,
+                Some("1") => 1,
+                Some(_) => return Err(p.invalid("num_pci_segments", "only 1 PCI segment exists")),
+            },
+        };
+        if [config.tdx, config.sev_snp, config.sw_protected]
+            .iter()
+            .filter(|on| **on)
+            .count()
+            > 1
+        {
+            return Err(ConfigError::Invalid {
+                option: "--platform",
+                key: "tdx",
+                value: text.to_string(),
+                why: "choose one of tdx, sev_snp and sw_protected",
+            });
+        }
+        Ok(config)
+    }
+
+    /// The KVM VM type this platform asks for.
+    pub fn vm_type(&self) -> hypervisor::VmType {
+        if self.tdx {
+            hypervisor::VmType::Tdx
+        } else if self.sev_snp {
+            hypervisor::VmType::SevSnp
+        } else if self.sw_protected {
+            hypervisor::VmType::SwProtected
+        } else {
+            hypervisor::VmType::Default
+        }
+    }
+
+    pub fn is_confidential(&self) -> bool {
+        self.vm_type() != hypervisor::VmType::Default
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub memory: MemoryConfig,
+    pub platform: PlatformConfig,
     pub cpus: CpusConfig,
     pub serial: ConsoleOutput,
     pub devices: Vec<DeviceConfig>,
@@ -601,6 +671,29 @@ mod tests {
             UserDeviceConfig::parse("socket=/s,pci_segment=x"),
             Err(ConfigError::Invalid {
                 key: "pci_segment",
+                ..
+            })
+        ));
+        let p = PlatformConfig::parse("tdx=on,num_pci_segments=1").unwrap();
+        assert_eq!(p.vm_type(), hypervisor::VmType::Tdx);
+        assert!(p.is_confidential());
+        assert_eq!(
+            PlatformConfig::parse("sev_snp=on").unwrap().vm_type(),
+            hypervisor::VmType::SevSnp
+        );
+        assert_eq!(
+            PlatformConfig::parse("sw_protected=on").unwrap().vm_type(),
+            hypervisor::VmType::SwProtected
+        );
+        assert!(!PlatformConfig::parse("").unwrap().is_confidential());
+        assert!(matches!(
+            PlatformConfig::parse("tdx=on,sev_snp=on"),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            PlatformConfig::parse("num_pci_segments=2"),
+            Err(ConfigError::Invalid {
+                key: "num_pci_segments",
                 ..
             })
         ));

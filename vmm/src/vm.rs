@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use devices::layout::*;
 use devices::{ConversionDoorbell, PowerOffPort, SerialConsole};
-use hypervisor::{Hypervisor, VmType};
+use hypervisor::Hypervisor;
 use log::info;
 use serde_json::json;
 use vm_device::Bus;
@@ -31,6 +31,11 @@ pub enum VmError {
     Create(#[source] hypervisor::HypervisorError),
     #[error("this host has no guest_memfd support")]
     NoGuestMemfd,
+    #[error("VM type {wanted} is not available on this host (it offers: {offered})")]
+    VmTypeUnavailable {
+        wanted: &'static str,
+        offered: String,
+    },
     #[error("cannot set up guest memory")]
     Memory(#[source] MemoryError),
     #[error("cannot read kernel {path}")]
@@ -152,9 +157,14 @@ impl Vm {
         if config.memory.guest_memfd && !hypervisor.capabilities().guest_memfd {
             return Err(VmError::NoGuestMemfd);
         }
-        let hv_vm = hypervisor
-            .create_vm(VmType::Default)
-            .map_err(VmError::Create)?;
+        let vm_type = config.platform.vm_type();
+        if !hypervisor.capabilities().supports_vm_type(vm_type) {
+            return Err(VmError::VmTypeUnavailable {
+                wanted: vm_type.name(),
+                offered: hypervisor.capabilities().supported_vm_types().join(", "),
+            });
+        }
+        let hv_vm = hypervisor.create_vm(vm_type).map_err(VmError::Create)?;
         let memory = Arc::new(
             MemoryManager::new(hv_vm.clone(), config.memory.size, config.memory.layout)
                 .map_err(VmError::Memory)?,
@@ -335,6 +345,8 @@ impl Vm {
         json!({
             "config": self.config,
             "state": self.state,
+            "vm_type": self.config.platform.vm_type().name(),
+            "memory_attributes": self.memory.tracks_attributes(),
             "memory": {
                 "regions": self.memory.region_info(),
                 "layout": self.memory.regions()[0].backing.name(),

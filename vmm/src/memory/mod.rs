@@ -207,6 +207,12 @@ impl MemoryManager {
         total
     }
 
+    /// Whether KVM keeps per-page private/shared attributes for this VM
+    /// (conversions set them); false for the default VM type.
+    pub fn tracks_attributes(&self) -> bool {
+        self.vm.supports_memory_attributes()
+    }
+
     pub fn is_guest_memfd(&self) -> bool {
         self.regions.iter().any(|r| r.attributes.is_some())
     }
