@@ -451,17 +451,6 @@ impl DeviceManager {
             .map(AttachedDevice::info)
             .collect()
     }
-
-    /// The IOVA ranges a device currently has mapped.
-    pub fn mappings(&self, id: &str) -> Option<Vec<Section>> {
-        let listener = self
-            .list()
-            .devices
-            .iter()
-            .find(|d| d.id == id)
-            .map(|d| d.listener.clone())?;
-        Some(listener.mappings())
-    }
 }
 
 #[cfg(test)]
