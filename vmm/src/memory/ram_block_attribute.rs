@@ -124,10 +124,6 @@ impl RamBlockAttribute {
         }
     }
 
-    pub fn gpa(&self) -> u64 {
-        self.gpa
-    }
-
     pub fn size(&self) -> u64 {
         self.size
     }

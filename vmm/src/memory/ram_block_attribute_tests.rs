@@ -447,3 +447,58 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_listener_section_outside_the_region_is_refused_with_the_region_size() {
+    let rba = RamBlockAttribute::new(BASE, 32 * PAGE);
+    for section in [
+        Section {
+            gpa: BASE - PAGE,
+            size: 2 * PAGE,
+        },
+        Section {
+            gpa: BASE + 31 * PAGE,
+            size: 2 * PAGE,
+        },
+    ] {
+        let err = rba
+            .register_listener(Arc::new(Recorder::default()), section)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AttributeError::OutOfRegion {
+                    region_size,
+                    ..
+                } if region_size == 32 * PAGE
+            ),
+            "{section:?}: {err}"
+        );
+    }
+    assert_eq!(rba.lock().unwrap().listener_count(), 0);
+}
+
+/// What a conversion spanning two regions does when the second refuses:
+/// the first region's listeners get their maps withdrawn.
+#[test]
+fn undo_populate_withdraws_exactly_what_was_offered() {
+    let rba = RamBlockAttribute::new(BASE, 32 * PAGE);
+    rba.state_change(2 * PAGE, PAGE, true).unwrap();
+    let recorder = Arc::new(Recorder::default());
+    rba.register_listener(
+        recorder.clone(),
+        Section {
+            gpa: BASE,
+            size: 32 * PAGE,
+        },
+    )
+    .unwrap();
+    let mut state = rba.lock().unwrap();
+    let range = state.validate(0, 8 * PAGE).unwrap();
+    state.notify_populate(range).unwrap();
+    // Pages 0-1 and 3-7 were offered (page 2 already was shared).
+    assert_eq!(recorder.mapped().len(), 8);
+    state.undo_populate(range);
+    assert_eq!(recorder.mapped(), BTreeSet::from([BASE + 2 * PAGE]));
+    assert_eq!(state.shared_pages(), 1, "the bitmap never changed");
+}
