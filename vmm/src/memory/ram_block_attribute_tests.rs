@@ -493,7 +493,7 @@ fn undo_populate_withdraws_exactly_what_was_offered() {
         },
     )
     .unwrap();
-    let mut state = rba.lock().unwrap();
+    let state = rba.lock().unwrap();
     let range = state.validate(0, 8 * PAGE).unwrap();
     state.notify_populate(range).unwrap();
     // Pages 0-1 and 3-7 were offered (page 2 already was shared).
