@@ -104,6 +104,7 @@ fn attach_replays_and_conversions_follow() {
     let iommu = Arc::new(FakeIommu::new(None));
     let info = attach_fake(&dm, "dev0", &iommu, None).unwrap();
     assert_eq!(info.dma.entries, 1, "replayed one run");
+    assert_eq!(listener_count(&memory), 1);
     assert_eq!(iommu.mappings(), shared_runs(&memory));
 
     convert(&memory, 20 * MIB, 8 << 10, true).unwrap();

@@ -565,10 +565,6 @@ impl AttributeState {
         Ok(())
     }
 
-    pub fn counters(&self) -> ConversionCounters {
-        self.view().counters
-    }
-
     pub fn shared_pages(&self) -> u64 {
         self.view().bitmap.shared_pages()
     }

@@ -293,6 +293,8 @@ fn sixteen_tib_region() {
     assert_eq!(rba.shared_bytes(), (1 << 30) + 2 * PAGE);
     assert!(rba.is_populated(size - 2 * PAGE, 2 * PAGE).unwrap());
     assert_eq!(l.counts(), (2, 0));
+    // The partial chunk at the end holds its bits; uniform chunks none.
+    assert!(rba.lock().unwrap().heap_bytes() >= 4096);
     assert!(
         rba.lock().unwrap().heap_bytes() < 4 << 20,
         "sparse state for a sparse pattern"
@@ -501,4 +503,28 @@ fn undo_populate_withdraws_exactly_what_was_offered() {
     state.undo_populate(range);
     assert_eq!(recorder.mapped(), BTreeSet::from([BASE + 2 * PAGE]));
     assert_eq!(state.shared_pages(), 1, "the bitmap never changed");
+}
+
+#[test]
+fn every_counter_follows_the_conversions() {
+    let rba = RamBlockAttribute::new(BASE, 64 * PAGE);
+    rba.state_change(0, 8 * PAGE, true).unwrap();
+    // Half of it already shared: only 4 pages change.
+    rba.state_change(4 * PAGE, 8 * PAGE, true).unwrap();
+    rba.state_change(2 * PAGE, 3 * PAGE, false).unwrap();
+    // Already private: counted as a conversion, no page changes.
+    rba.state_change(40 * PAGE, PAGE, false).unwrap();
+    assert!(rba.state_change(PAGE + 1, PAGE, true).is_err());
+    assert_eq!(
+        rba.counters(),
+        ConversionCounters {
+            to_shared: 2,
+            to_private: 2,
+            failed: 1,
+            pages_to_shared: 12,
+            pages_to_private: 3,
+        }
+    );
+    assert_eq!(rba.lock().unwrap().shared_pages(), 9);
+    assert_eq!(rba.shared_bytes(), 9 * PAGE);
 }
