@@ -260,14 +260,25 @@ mod tests {
     fn a_reader_that_stops_reading_loses_events_but_never_blocks() {
         let (mut reader, writer) = std::os::unix::net::UnixStream::pair().unwrap();
         let fd = std::os::fd::IntoRawFd::into_raw_fd(writer);
-        let monitor = EventMonitor::open(&EventMonitorConfig::Fd(fd), None).unwrap();
-        let started = Instant::now();
-        let big = "x".repeat(1024);
-        // Far more than the socket buffer and the queue together.
-        for _ in 0..(QUEUE_DEPTH * 4) {
-            monitor.emit("test", "event", json!({ "pad": big }));
+        let monitor =
+            std::sync::Arc::new(EventMonitor::open(&EventMonitorConfig::Fd(fd), None).unwrap());
+        // Far more than the socket buffer and the queue together. A
+        // blocking emit would never finish: nobody reads yet.
+        let emitter = {
+            let monitor = monitor.clone();
+            std::thread::spawn(move || {
+                let pad = "x".repeat(256);
+                for _ in 0..(QUEUE_DEPTH * 4) {
+                    monitor.emit("test", "event", json!({ "pad": pad }));
+                }
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !emitter.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(started.elapsed() < Duration::from_secs(2), "emit blocked");
+        assert!(emitter.is_finished(), "emit blocked on a stalled reader");
+        emitter.join().unwrap();
         assert!(monitor.dropped() > 0);
         // A reader that comes back gets whole lines.
         reader
