@@ -436,6 +436,74 @@ mod openapi_tests {
         routes
     }
 
+    /// Keywords a schema object may use in this spec.
+    const SCHEMA_KEYWORDS: &[&str] = &[
+        "type",
+        "format",
+        "description",
+        "enum",
+        "items",
+        "properties",
+        "required",
+        "$ref",
+        "minimum",
+        "maximum",
+        "default",
+        "pattern",
+        "additionalProperties",
+        "nullable",
+    ];
+
+    /// Walks every schema under `components.schemas` and every property,
+    /// refusing keys that are not schema keywords: that is what a YAML slip
+    /// (an unquoted comma in a flow mapping) turns into.
+    fn check_schema(name: &str, schema: &yaml_rust2::Yaml) {
+        let map = schema
+            .as_hash()
+            .unwrap_or_else(|| panic!("{name}: not a mapping"));
+        for (key, value) in map {
+            let key = key
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: non-string key"));
+            assert!(
+                SCHEMA_KEYWORDS.contains(&key),
+                "{name}: {key:?} is not a schema keyword"
+            );
+            match key {
+                "properties" => {
+                    for (prop, sub) in value.as_hash().expect("properties mapping") {
+                        check_schema(&format!("{name}.{}", prop.as_str().unwrap()), sub);
+                    }
+                }
+                "items" | "additionalProperties" if value.as_hash().is_some() => {
+                    check_schema(&format!("{name}[]"), value)
+                }
+                "description" | "pattern" | "type" | "format" | "$ref" => {
+                    assert!(value.as_str().is_some(), "{name}: {key} must be a string")
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn the_spec_is_yaml_and_every_schema_uses_only_schema_keywords() {
+        let docs = yaml_rust2::YamlLoader::load_from_str(SPEC).expect("the spec is YAML");
+        let spec = &docs[0];
+        assert!(
+            spec["openapi"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("3."))
+        );
+        let schemas = spec["components"]["schemas"].as_hash().expect("schemas");
+        assert!(schemas.len() > 5);
+        for (name, schema) in schemas {
+            check_schema(name.as_str().unwrap(), schema);
+        }
+        let paths = spec["paths"].as_hash().expect("paths");
+        assert_eq!(paths.len(), ROUTES.len());
+    }
+
     #[test]
     fn every_route_is_in_the_spec_and_back() {
         let spec = spec_routes();
