@@ -326,3 +326,55 @@ fn attaching_after_shutdown_is_refused_and_leaves_nothing() {
     assert!(late.mappings().is_empty());
     assert_eq!(listener_count(&memory), 0);
 }
+
+#[test]
+fn a_to_private_split_past_the_entry_limit_is_refused_before_anything_changes() {
+    let Some(memory) = memory() else { return };
+    let dm = manager(&memory);
+    let iommu = Arc::new(FakeIommu::new(None));
+    attach_fake(&dm, "one-entry", &iommu, Some(1)).unwrap();
+    convert(&memory, 16 * MIB, 4 * 4096, true).unwrap();
+    let before = shared_runs(&memory);
+    // Cutting the middle page out would need a second entry.
+    let err = convert(&memory, 16 * MIB + 4096, 4096, false).unwrap_err();
+    assert!(matches!(err, ConversionFailure::ListenerFailed(_)), "{err}");
+    assert_eq!(shared_runs(&memory), before);
+    assert_eq!(iommu.mappings(), before);
+    let info = &dm.info()[0];
+    assert_eq!(info.state, DeviceState::Attached);
+    assert_eq!((info.dma.refused, info.dma.lost_remaps), (1, 0));
+    // An edge cut needs no extra entry and goes through; the page cannot
+    // come back as a second mapping, and nothing was left reserved.
+    convert(&memory, 16 * MIB, 4096, false).unwrap();
+    convert(&memory, 16 * MIB, 4096, true).unwrap_err();
+    let info = &dm.info()[0];
+    assert_eq!((info.dma.entries, info.dma.refused), (1, 2));
+    convert(&memory, 16 * MIB + 4096, 3 * 4096, false).unwrap();
+    convert(&memory, 20 * MIB, 4096, true).unwrap();
+}
+
+#[test]
+fn conversions_at_the_first_page_of_each_region() {
+    let Some(memory) = two_region_memory() else {
+        return;
+    };
+    let high = memory.regions()[1].gpa;
+    let dm = manager(&memory);
+    let iommu = Arc::new(FakeIommu::new(None));
+    attach_fake(&dm, "dev0", &iommu, None).unwrap();
+    convert(&memory, 0, 4096, true).unwrap();
+    convert(&memory, high, 4096, true).unwrap();
+    assert_eq!(
+        iommu.mappings(),
+        vec![
+            Section { gpa: 0, size: 4096 },
+            Section {
+                gpa: high,
+                size: 4096
+            }
+        ]
+    );
+    convert(&memory, high, 4096, false).unwrap();
+    convert(&memory, 0, 4096, false).unwrap();
+    assert!(iommu.mappings().is_empty());
+}
