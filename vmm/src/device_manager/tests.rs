@@ -362,8 +362,11 @@ fn conversions_at_the_first_page_of_each_region() {
     let dm = manager(&memory);
     let iommu = Arc::new(FakeIommu::new(None));
     attach_fake(&dm, "dev0", &iommu, None).unwrap();
-    convert(&memory, 0, 4096, true).unwrap();
-    convert(&memory, high, 4096, true).unwrap();
+    assert_eq!(convert(&memory, 0, 4096, true).unwrap(), 1);
+    assert_eq!(convert(&memory, high, 2 * 4096, true).unwrap(), 2);
+    // Pages already shared do not count as changed.
+    assert_eq!(convert(&memory, high, 3 * 4096, true).unwrap(), 1);
+    convert(&memory, high + 4096, 2 * 4096, false).unwrap();
     assert_eq!(
         iommu.mappings(),
         vec![
