@@ -879,4 +879,140 @@ mod tests {
         assert!(matches!(err, VfioUserError::Protocol("DMA_UNMAP")), "{err}");
         server.join().unwrap();
     }
+
+    fn read_request(s: &mut UnixStream) -> Header {
+        let mut raw = [0u8; HEADER_SIZE];
+        s.read_exact(&mut raw).unwrap();
+        let h = Header::decode(&raw);
+        let mut body = vec![0u8; h.size as usize - HEADER_SIZE];
+        s.read_exact(&mut body).unwrap();
+        h
+    }
+
+    #[test]
+    fn an_out_of_order_version_reply_names_the_request() {
+        let wrong_id = vec![0, 0, 1, 0];
+        let path = std::env::temp_dir().join(format!("vfu-order-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let h = read_request(&mut s);
+            let _ = s.write_all(&reply_to(
+                Header { id: h.id + 1, ..h },
+                FLAG_REPLY,
+                0,
+                &wrong_id,
+            ));
+            let _ = s.read(&mut [0u8; 1]);
+        });
+        let err = VfioUserClient::connect(&path, Duration::from_secs(2), None)
+            .err()
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(err.to_string(), "malformed reply to VERSION");
+    }
+
+    #[test]
+    fn a_peer_that_went_away_fails_the_fd_send_at_once() {
+        let (client_end, server_end) = UnixStream::pair().unwrap();
+        drop(server_end);
+        let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), None);
+        let memory = std::fs::File::open("/dev/zero").unwrap();
+        let started = std::time::Instant::now();
+        let err = client
+            .dma_map(0x1000, 0x1000, memory.as_raw_fd(), 0)
+            .unwrap_err();
+        assert!(matches!(err, VfioUserError::SendFd(_)), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "retried a dead peer"
+        );
+        let why = client.closed_reason().unwrap();
+        assert!(why.starts_with("DMA_MAP failed"), "{why}");
+    }
+
+    #[test]
+    fn a_reset_connection_is_an_io_error_not_a_timeout() {
+        let (client_end, mut server_end) = UnixStream::pair().unwrap();
+        let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), None);
+        let server = std::thread::spawn(move || {
+            // Read only the header, then go away with the body unread: the
+            // client's read sees ECONNRESET.
+            let mut raw = [0u8; HEADER_SIZE];
+            server_end.read_exact(&mut raw).unwrap();
+            drop(server_end);
+        });
+        let started = std::time::Instant::now();
+        let err = client.dma_unmap(0x1000, 0x1000).unwrap_err();
+        server.join().unwrap();
+        assert!(matches!(err, VfioUserError::Io(_)), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{err}");
+    }
+
+    /// A vCPU kick that lands while the client waits for a reply must not
+    /// fail the request or restart its deadline.
+    #[test]
+    fn a_signal_while_waiting_for_the_reply_is_retried() {
+        let kick = vmm_sys_util::signal::SIGRTMIN() + 1;
+        vmm_sys_util::signal::register_signal_handler(kick, ignore_signal).unwrap();
+        let (client_end, mut server_end) = UnixStream::pair().unwrap();
+        let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), None);
+        let waiter = std::thread::spawn(move || {
+            let result = client.dma_unmap(0x1000, 0x1000);
+            (
+                result.map_err(|e| e.to_string()),
+                client.closed_reason().map(str::to_string),
+            )
+        });
+        let request = read_request(&mut server_end);
+        std::thread::sleep(Duration::from_millis(50));
+        // SAFETY: signals a live thread of this process; the handler is
+        // installed above.
+        let rc = unsafe { libc::pthread_kill(waiter.as_pthread_t(), kick) };
+        assert_eq!(rc, 0);
+        std::thread::sleep(Duration::from_millis(50));
+        server_end
+            .write_all(&reply_to(request, FLAG_REPLY, 0, &[]))
+            .unwrap();
+        assert_eq!(waiter.join().unwrap(), (Ok(()), None));
+    }
+
+    #[test]
+    fn a_server_request_before_the_reply_is_answered_in_line() {
+        let ram = std::sync::Arc::new(Ram(std::sync::Mutex::new(vec![0x3c; 64 << 10])));
+        let (client_end, mut server_end) = UnixStream::pair().unwrap();
+        let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), Some(ram));
+        client.mapped.insert(0x1000, 0x1000);
+        let server = std::thread::spawn(move || {
+            let request = read_request(&mut server_end);
+            // DMA_READ of 2 bytes at 0x1000, before the DMA_UNMAP reply.
+            let mut body = 0x1000u64.to_le_bytes().to_vec();
+            body.extend_from_slice(&2u64.to_le_bytes());
+            let ask = Header {
+                id: 77,
+                command: CMD_DMA_READ,
+                size: (HEADER_SIZE + body.len()) as u32,
+                flags: FLAG_COMMAND,
+                error: 0,
+            };
+            server_end.write_all(&ask.encode()).unwrap();
+            server_end.write_all(&body).unwrap();
+            let mut raw = [0u8; HEADER_SIZE];
+            server_end.read_exact(&mut raw).unwrap();
+            let answer = Header::decode(&raw);
+            let mut data = vec![0u8; answer.size as usize - HEADER_SIZE];
+            server_end.read_exact(&mut data).unwrap();
+            server_end
+                .write_all(&reply_to(request, FLAG_REPLY, 0, &[]))
+                .unwrap();
+            (answer.id, answer.command, answer.flags, data[16..].to_vec())
+        });
+        client.dma_unmap(0x1000, 0x1000).unwrap();
+        let (id, command, flags, data) = server.join().unwrap();
+        assert_eq!((id, command, flags), (77, CMD_DMA_READ, FLAG_REPLY));
+        assert_eq!(data, [0x3c, 0x3c]);
+        assert!(client.closed_reason().is_none());
+        assert!(client.mapped.is_empty(), "the unmap went through");
+    }
 }
