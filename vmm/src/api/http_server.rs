@@ -84,18 +84,12 @@ impl ReadError {
     }
 }
 
-fn reason(status: u16) -> &'static str {
-    // Cloud Hypervisor's clients parse everything after "HTTP/1.1 " as the
-    // code, so the reason phrase stays empty (HTTP allows that).
-    let _ = status;
-    ""
-}
-
 pub fn encode_response(response: &HttpResponse, close: bool) -> Vec<u8> {
+    // The reason phrase stays empty (HTTP allows that): Cloud Hypervisor's
+    // clients parse everything after "HTTP/1.1 " to the line end as the code.
     let mut head = format!(
-        "HTTP/1.1 {} {}\r\nServer: {SERVER_NAME}\r\nConnection: {}\r\n",
+        "HTTP/1.1 {} \r\nServer: {SERVER_NAME}\r\nConnection: {}\r\n",
         response.status,
-        reason(response.status),
         if close { "close" } else { "keep-alive" },
     );
     if !response.body.is_empty() {
