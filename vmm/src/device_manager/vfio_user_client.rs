@@ -979,39 +979,50 @@ mod tests {
     }
 
     #[test]
-    fn a_server_request_before_the_reply_is_answered_in_line() {
+    fn server_requests_before_the_reply_are_answered_in_line() {
         let ram = std::sync::Arc::new(Ram(std::sync::Mutex::new(vec![0x3c; 64 << 10])));
         let (client_end, mut server_end) = UnixStream::pair().unwrap();
         let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), Some(ram));
         client.mapped.insert(0x1000, 0x1000);
         let server = std::thread::spawn(move || {
             let request = read_request(&mut server_end);
-            // DMA_READ of 2 bytes at 0x1000, before the DMA_UNMAP reply.
-            let mut body = 0x1000u64.to_le_bytes().to_vec();
-            body.extend_from_slice(&2u64.to_le_bytes());
-            let ask = Header {
-                id: 77,
-                command: CMD_DMA_READ,
-                size: (HEADER_SIZE + body.len()) as u32,
-                flags: FLAG_COMMAND,
-                error: 0,
-            };
-            server_end.write_all(&ask.encode()).unwrap();
-            server_end.write_all(&body).unwrap();
-            let mut raw = [0u8; HEADER_SIZE];
-            server_end.read_exact(&mut raw).unwrap();
-            let answer = Header::decode(&raw);
-            let mut data = vec![0u8; answer.size as usize - HEADER_SIZE];
-            server_end.read_exact(&mut data).unwrap();
+            // DMA_READs of 2 bytes, mapped and not, before the DMA_UNMAP
+            // reply.
+            let mut answers = Vec::new();
+            for (id, addr) in [(77u16, 0x1000u64), (78, 0x8000)] {
+                let mut body = addr.to_le_bytes().to_vec();
+                body.extend_from_slice(&2u64.to_le_bytes());
+                let ask = Header {
+                    id,
+                    command: CMD_DMA_READ,
+                    size: (HEADER_SIZE + body.len()) as u32,
+                    flags: FLAG_COMMAND,
+                    error: 0,
+                };
+                server_end.write_all(&ask.encode()).unwrap();
+                server_end.write_all(&body).unwrap();
+                let mut raw = [0u8; HEADER_SIZE];
+                server_end.read_exact(&mut raw).unwrap();
+                let answer = Header::decode(&raw);
+                let mut data = vec![0u8; answer.size as usize - HEADER_SIZE];
+                server_end.read_exact(&mut data).unwrap();
+                let bytes = data.get(16..).unwrap_or_default().to_vec();
+                answers.push((answer.id, answer.command, answer.flags, answer.error, bytes));
+            }
             server_end
                 .write_all(&reply_to(request, FLAG_REPLY, 0, &[]))
                 .unwrap();
-            (answer.id, answer.command, answer.flags, data[16..].to_vec())
+            answers
         });
         client.dma_unmap(0x1000, 0x1000).unwrap();
-        let (id, command, flags, data) = server.join().unwrap();
-        assert_eq!((id, command, flags), (77, CMD_DMA_READ, FLAG_REPLY));
-        assert_eq!(data, [0x3c, 0x3c]);
+        let answers = server.join().unwrap();
+        assert_eq!(
+            answers,
+            [
+                (77, CMD_DMA_READ, FLAG_REPLY, 0, vec![0x3c, 0x3c]),
+                (78, CMD_DMA_READ, FLAG_REPLY | FLAG_ERROR, EFAULT, vec![]),
+            ]
+        );
         assert!(client.closed_reason().is_none());
         assert!(client.mapped.is_empty(), "the unmap went through");
     }
