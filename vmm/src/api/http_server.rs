@@ -115,7 +115,8 @@ pub fn read_request(
         if let Some(end) = find(pending, b"\r\n\r\n") {
             break end;
         }
-        if pending.len() >= MAX_HEAD_BYTES {
+        // The head may take MAX_HEAD_BYTES, plus its blank-line terminator.
+        if pending.len() >= MAX_HEAD_BYTES + 4 {
             return Err(ReadError::HeadTooLarge);
         }
         let limit = deadline.map_or(IDLE_TIMEOUT, |d| {
@@ -492,5 +493,118 @@ mod tests {
         .unwrap();
         assert!(empty.contains("Content-Length: 0\r\n"), "{empty}");
         assert!(empty.contains("Connection: close\r\n"));
+    }
+
+    #[test]
+    fn the_limits_are_the_documented_ones_and_inclusive() {
+        assert_eq!((MAX_HEAD_BYTES, MAX_BODY), (16 << 10, 64 << 10));
+        // A head of exactly MAX_HEAD_BYTES is read; one byte more is not.
+        let head = |total: usize| {
+            let mut h = b"GET /x HTTP/1.1\r\nX-Pad: ".to_vec();
+            // Request line and headers of `total` bytes, then the blank line.
+            let pad = total - h.len();
+            h.extend(std::iter::repeat_n(b'a', pad));
+            h.extend_from_slice(b"\r\n\r\n");
+            assert_eq!(h.len(), total + 4);
+            h
+        };
+        assert_eq!(read(&head(MAX_HEAD_BYTES)).unwrap().target, "/x");
+        assert_eq!(
+            read(&head(MAX_HEAD_BYTES + 1)).unwrap_err(),
+            ReadError::HeadTooLarge
+        );
+        // A body of exactly MAX_BODY is read whole; one byte more is 413.
+        let mut full =
+            format!("PUT /b HTTP/1.1\r\nContent-Length: {MAX_BODY}\r\n\r\n").into_bytes();
+        full.extend(std::iter::repeat_n(b'z', MAX_BODY));
+        let request = read(&full).unwrap();
+        assert_eq!(request.body.len(), MAX_BODY);
+        assert_eq!(
+            read(
+                format!(
+                    "PUT /b HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+                    MAX_BODY + 1
+                )
+                .as_bytes()
+            )
+            .unwrap_err(),
+            ReadError::BodyTooLarge(MAX_BODY + 1)
+        );
+    }
+
+    #[test]
+    fn a_body_in_pieces_and_the_next_request_behind_it() {
+        let (mut server, mut client) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            client
+                .write_all(b"PUT /a HTTP/1.1\r\nContent-Length: 6\r\n\r\nab")
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            client.write_all(b"cdefGET /next HTTP/1.1\r\n\r\n").unwrap();
+            client
+        });
+        let mut pending = Vec::new();
+        let first = read_request(&mut server, &mut pending).unwrap();
+        assert_eq!(
+            (first.target.as_str(), first.body.as_slice()),
+            ("/a", &b"abcdef"[..])
+        );
+        let _client = writer.join().unwrap();
+        assert_eq!(
+            read_request(&mut server, &mut pending).unwrap().target,
+            "/next"
+        );
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn expect_continue_is_answered_before_the_body_is_sent() {
+        let (mut server, mut client) = UnixStream::pair().unwrap();
+        client
+            .write_all(b"PUT /c HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+            .unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut pending = Vec::new();
+            read_request(&mut server, &mut pending)
+        });
+        let mut interim = [0u8; 25];
+        client.read_exact(&mut interim).unwrap();
+        assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+        client.write_all(b"ok").unwrap();
+        assert_eq!(reader.join().unwrap().unwrap().body, b"ok");
+        // With the body already sent, no interim answer.
+        let (mut server, mut client) = UnixStream::pair().unwrap();
+        client
+            .write_all(b"PUT /c HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok")
+            .unwrap();
+        read_request(&mut server, &mut Vec::new()).unwrap();
+        client.set_nonblocking(true).unwrap();
+        assert!(
+            client.read(&mut [0u8; 8]).is_err(),
+            "nothing was written back"
+        );
+    }
+
+    #[test]
+    fn only_answers_with_a_body_say_it_is_json() {
+        let with = String::from_utf8(encode_response(
+            &HttpResponse {
+                status: 200,
+                body: "{}".into(),
+            },
+            false,
+        ))
+        .unwrap();
+        assert!(with.contains("Content-Type: application/json\r\n"));
+        let without = String::from_utf8(encode_response(
+            &HttpResponse {
+                status: 204,
+                body: String::new(),
+            },
+            false,
+        ))
+        .unwrap();
+        assert!(!without.contains("Content-Type"), "{without}");
+        assert!(without.contains("Connection: keep-alive\r\n"));
     }
 }

@@ -466,12 +466,6 @@ impl VfioUserClient {
     }
 }
 
-impl Drop for VfioUserClient {
-    fn drop(&mut self) {
-        self.close("client dropped");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsRawFd;
