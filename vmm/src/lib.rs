@@ -15,6 +15,8 @@ pub mod event_monitor;
 mod fuzz_config;
 pub mod memory;
 pub mod seccomp_filters;
+#[cfg(test)]
+mod test_util;
 mod vcpu;
 pub mod vm;
 

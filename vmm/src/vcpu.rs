@@ -168,15 +168,14 @@ mod tests {
 
     use hypervisor::attribute_tracking::AttributeTrackingVm;
     use hypervisor::scripted_vcpu::{ScriptedExit, ScriptedVcpu};
-    use hypervisor::{
-        ConversionDirection, HYPERCALL_EINVAL, Hypervisor, KvmHypervisor, MemoryConversion, VmType,
-    };
+    use hypervisor::{HYPERCALL_EINVAL, Hypervisor, VmType};
     use vm_device::fake_iommu::FakeIommu;
     use vm_device::{DmaMappingListener, Section};
 
     use super::*;
     use crate::event_monitor::EventMonitor;
     use crate::memory::{MemoryLayout, MemoryManager};
+    use crate::test_util::{conversion, kvm};
 
     const MIB: u64 = 1 << 20;
     const PAGE: u64 = 4096;
@@ -192,20 +191,8 @@ mod tests {
 
     /// `entry_limit`: most mappings the device accepts.
     fn rig(entry_limit: Option<u64>) -> Option<Rig> {
-        let hv = match KvmHypervisor::new() {
-            Ok(hv) => hv,
-            Err(e) => {
-                assert_ne!(
-                    std::env::var("CH_REQUIRE_KVM").as_deref(),
-                    Ok("1"),
-                    "/dev/kvm is required: {e}"
-                );
-                eprintln!("*** SKIPPED: /dev/kvm unavailable: {e} ***");
-                return None;
-            }
-        };
         let vm = Arc::new(AttributeTrackingVm::new(
-            hv.create_vm(VmType::Default).unwrap(),
+            kvm()?.create_vm(VmType::Default).unwrap(),
         ));
         let memory = Arc::new(MemoryManager::new(vm.clone(), RAM, MemoryLayout::Auto).unwrap());
         let iommu = Arc::new(FakeIommu::new(None));
@@ -234,18 +221,6 @@ mod tests {
             ctx,
             events,
         })
-    }
-
-    fn conversion(gpa: u64, size: u64, shared: bool) -> MemoryConversion {
-        MemoryConversion {
-            gpa,
-            size,
-            direction: if shared {
-                ConversionDirection::ToShared
-            } else {
-                ConversionDirection::ToPrivate
-            },
-        }
     }
 
     fn shared_runs(memory: &MemoryManager) -> Vec<(u64, u64)> {

@@ -4,53 +4,21 @@
 
 use std::sync::Arc;
 
-use hypervisor::{ConversionDirection, Hypervisor, KvmHypervisor, MemoryConversion, VmType};
+use hypervisor::{Hypervisor, VmType};
 use vm_device::Section;
 use vm_device::fake_iommu::FakeIommu;
 
 use super::*;
 use crate::memory::{ConversionFailure, MemoryLayout};
+use crate::test_util::{convert, kvm};
 
 const MIB: u64 = 1 << 20;
 
-/// None (with a loud note) where /dev/kvm is missing, unless CI requires it.
 fn memory() -> Option<Arc<MemoryManager>> {
-    let hv = match KvmHypervisor::new() {
-        Ok(hv) => hv,
-        Err(e) => {
-            assert_ne!(
-                std::env::var("CH_REQUIRE_KVM").as_deref(),
-                Ok("1"),
-                "/dev/kvm is required: {e}"
-            );
-            eprintln!("*** SKIPPED: /dev/kvm unavailable: {e} ***");
-            return None;
-        }
-    };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let vm = kvm()?.create_vm(VmType::Default).unwrap();
     Some(Arc::new(
         MemoryManager::new(vm, 64 * MIB, MemoryLayout::Auto).unwrap(),
     ))
-}
-
-fn convert(
-    memory: &MemoryManager,
-    gpa: u64,
-    size: u64,
-    to_shared: bool,
-) -> Result<u64, ConversionFailure> {
-    let direction = if to_shared {
-        ConversionDirection::ToShared
-    } else {
-        ConversionDirection::ToPrivate
-    };
-    memory
-        .convert(MemoryConversion {
-            gpa,
-            size,
-            direction,
-        })
-        .map(|o| o.changed_pages)
 }
 
 fn listener_count(memory: &MemoryManager) -> usize {
@@ -184,10 +152,7 @@ fn ids_are_unique_and_generated_when_absent() {
 
 #[test]
 fn vfio_user_refuses_anonymous_ram() {
-    let hv = match KvmHypervisor::new() {
-        Ok(hv) => hv,
-        Err(_) => return,
-    };
+    let Some(hv) = kvm() else { return };
     let vm = hv.create_vm(VmType::Default).unwrap();
     let memory = Arc::new(MemoryManager::new(vm, 32 * MIB, MemoryLayout::Anonymous).unwrap());
     let ram = Arc::new(GuestRam::new(&memory));
@@ -199,8 +164,7 @@ fn vfio_user_refuses_anonymous_ram() {
 
 /// RAM above the 32-bit MMIO hole: two guest_memfd regions.
 fn two_region_memory() -> Option<Arc<MemoryManager>> {
-    let hv = KvmHypervisor::new().ok()?;
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let vm = kvm()?.create_vm(VmType::Default).unwrap();
     Some(Arc::new(
         MemoryManager::new(vm, (3 << 30) + 64 * MIB, MemoryLayout::Auto).unwrap(),
     ))
@@ -209,7 +173,6 @@ fn two_region_memory() -> Option<Arc<MemoryManager>> {
 #[test]
 fn conversions_above_the_mmio_hole_reach_devices_at_the_right_address() {
     let Some(memory) = two_region_memory() else {
-        assert_ne!(std::env::var("CH_REQUIRE_KVM").as_deref(), Ok("1"));
         return;
     };
     assert_eq!(memory.regions().len(), 2);

@@ -7,52 +7,21 @@
 use std::sync::Arc;
 
 use hypervisor::attribute_tracking::AttributeTrackingVm;
-use hypervisor::{ConversionDirection, Hypervisor, KvmHypervisor, MemoryConversion, VmType};
+use hypervisor::{Hypervisor, VmType};
 use vm_device::fake_iommu::FakeIommu;
 use vm_device::{DmaMappingListener, Section};
 
 use super::*;
+use crate::test_util::{convert, kvm};
 
 const MIB: u64 = 1 << 20;
 
 fn tracked(size: u64) -> Option<(Arc<AttributeTrackingVm>, MemoryManager)> {
-    let hv = match KvmHypervisor::new() {
-        Ok(hv) => hv,
-        Err(e) => {
-            assert_ne!(
-                std::env::var("CH_REQUIRE_KVM").as_deref(),
-                Ok("1"),
-                "/dev/kvm is required: {e}"
-            );
-            eprintln!("*** SKIPPED: /dev/kvm unavailable: {e} ***");
-            return None;
-        }
-    };
     let vm = Arc::new(AttributeTrackingVm::new(
-        hv.create_vm(VmType::Default).unwrap(),
+        kvm()?.create_vm(VmType::Default).unwrap(),
     ));
     let memory = MemoryManager::new(vm.clone(), size, MemoryLayout::Auto).unwrap();
     Some((vm, memory))
-}
-
-fn convert(
-    memory: &MemoryManager,
-    gpa: u64,
-    size: u64,
-    to_shared: bool,
-) -> Result<u64, ConversionFailure> {
-    let direction = if to_shared {
-        ConversionDirection::ToShared
-    } else {
-        ConversionDirection::ToPrivate
-    };
-    memory
-        .convert(MemoryConversion {
-            gpa,
-            size,
-            direction,
-        })
-        .map(|o| o.changed_pages)
 }
 
 fn attach(

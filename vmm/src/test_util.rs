@@ -1,0 +1,46 @@
+//! Helpers shared by this crate's KVM-backed unit tests.
+
+use hypervisor::{ConversionDirection, KvmHypervisor, MemoryConversion};
+
+use crate::memory::{ConversionFailure, MemoryManager};
+
+/// `/dev/kvm`, or `None` with a loud note where it is missing, unless CI
+/// requires it (`CH_REQUIRE_KVM=1`), where that fails the test.
+pub fn kvm() -> Option<KvmHypervisor> {
+    match KvmHypervisor::new() {
+        Ok(hv) => Some(hv),
+        Err(e) => {
+            assert_ne!(
+                std::env::var("CH_REQUIRE_KVM").as_deref(),
+                Ok("1"),
+                "/dev/kvm is required: {e}"
+            );
+            eprintln!("*** SKIPPED: /dev/kvm unavailable: {e} ***");
+            None
+        }
+    }
+}
+
+pub fn conversion(gpa: u64, size: u64, to_shared: bool) -> MemoryConversion {
+    MemoryConversion {
+        gpa,
+        size,
+        direction: if to_shared {
+            ConversionDirection::ToShared
+        } else {
+            ConversionDirection::ToPrivate
+        },
+    }
+}
+
+/// Converts through the real conversion path; returns the pages changed.
+pub fn convert(
+    memory: &MemoryManager,
+    gpa: u64,
+    size: u64,
+    to_shared: bool,
+) -> Result<u64, ConversionFailure> {
+    memory
+        .convert(conversion(gpa, size, to_shared))
+        .map(|o| o.changed_pages)
+}
