@@ -8,9 +8,10 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
+use vmm::event_monitor::flush_queue;
 use vmm::seccomp_filters::{self, SeccompMode, Thread};
 
 const QUEUE_DEPTH: usize = 1024;
@@ -55,19 +56,12 @@ impl log::Log for Logger {
     /// Waits (at most a second) until every line logged so far is written.
     fn flush(&self) {
         let (done, written) = sync_channel(1);
-        let deadline = Instant::now() + Duration::from_secs(1);
-        let mut message = Message::Flush(done);
-        loop {
-            match self.queue.try_send(message) {
-                Ok(()) => break,
-                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
-                    message = m;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(_) => return,
-            }
-        }
-        let _ = written.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        flush_queue(
+            &self.queue,
+            Message::Flush(done),
+            &written,
+            Duration::from_secs(1),
+        );
     }
 }
 

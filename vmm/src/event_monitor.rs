@@ -27,6 +27,25 @@ enum Message {
     Flush(SyncSender<()>),
 }
 
+/// Queues `flush`, a marker its writer answers on `written` once every
+/// earlier message is out, and waits for that answer; all within
+/// `timeout`, so a stalled writer delays shutdown by no more.
+pub fn flush_queue<M>(queue: &SyncSender<M>, flush: M, written: &Receiver<()>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut message = flush;
+    loop {
+        match queue.try_send(message) {
+            Ok(()) => break,
+            Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                message = m;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = written.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+}
+
 /// Where events go. Emitting never blocks: lines are queued for the
 /// `event-monitor` thread, which does the writing.
 pub struct EventMonitor {
@@ -183,23 +202,10 @@ impl EventMonitor {
 
     /// Waits (at most `timeout`) until every event emitted so far is written.
     pub fn flush(&self, timeout: Duration) {
-        let Some(queue) = &self.queue else {
-            return;
-        };
-        let (done, written) = sync_channel(1);
-        let deadline = Instant::now() + timeout;
-        let mut message = Message::Flush(done);
-        loop {
-            match queue.try_send(message) {
-                Ok(()) => break,
-                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
-                    message = m;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(_) => return,
-            }
+        if let Some(queue) = &self.queue {
+            let (done, written) = sync_channel(1);
+            flush_queue(queue, Message::Flush(done), &written, timeout);
         }
-        let _ = written.recv_timeout(deadline.saturating_duration_since(Instant::now()));
     }
 
     pub fn conversion(
