@@ -138,6 +138,22 @@ impl Vm for AttributeTrackingVm {
         true
     }
 
+    fn has_irqchip(&self) -> bool {
+        self.inner.has_irqchip()
+    }
+
+    fn set_msi_routes(&self, routes: &[crate::MsiRoute]) -> Result<()> {
+        self.inner.set_msi_routes(routes)
+    }
+
+    fn register_irqfd(&self, fd: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()> {
+        self.inner.register_irqfd(fd, gsi)
+    }
+
+    fn unregister_irqfd(&self, fd: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()> {
+        self.inner.unregister_irqfd(fd, gsi)
+    }
+
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>> {
         self.inner.create_vcpu(id)
     }

@@ -24,6 +24,7 @@ pub use conversion::{
 };
 pub use kvm::KvmHypervisor;
 pub use vcpu_exit::{HYPERCALL_EINVAL, HypercallReply, VmExit};
+pub use vmm_sys_util::eventfd::EventFd;
 
 /// x86_64 register files, re-exported so the VMM's boot code needs no KVM crate.
 pub mod arch {
@@ -73,6 +74,26 @@ pub enum HypervisorError {
     Registers(#[source] std::io::Error),
     #[error("KVM_RUN failed")]
     Run(#[source] std::io::Error),
+    #[error("this VM has no in-kernel interrupt controller")]
+    NoIrqchip,
+    #[error("cannot set the GSI routing table ({0} routes)")]
+    GsiRouting(usize, #[source] std::io::Error),
+    #[error("cannot {action} irqfd for GSI {gsi}")]
+    Irqfd {
+        action: &'static str,
+        gsi: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An MSI message routed to a GSI: what a device's MSI / MSI-X table entry
+/// says, so the in-kernel irqchip can deliver the interrupt on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsiRoute {
+    pub gsi: u32,
+    pub address: u64,
+    pub data: u32,
 }
 
 pub type Result<T> = std::result::Result<T, HypervisorError>;
@@ -107,6 +128,13 @@ pub trait Vm: Send + Sync {
     fn set_memory_attributes(&self, gpa: u64, size: u64, private: bool) -> Result<()>;
     fn supports_memory_attributes(&self) -> bool;
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>>;
+    /// Whether KVM's in-kernel LAPIC / IOAPIC exists, so MSIs can be routed.
+    fn has_irqchip(&self) -> bool;
+    /// Replaces the whole MSI routing table (KVM takes it in one piece).
+    fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()>;
+    /// Makes a write to `fd` inject GSI `gsi` without leaving the kernel.
+    fn register_irqfd(&self, fd: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()>;
+    fn unregister_irqfd(&self, fd: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()>;
 }
 
 pub trait Vcpu: Send {

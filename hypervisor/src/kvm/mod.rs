@@ -4,18 +4,20 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_GUEST_MEMFD, KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    kvm_create_guest_memfd, kvm_enable_cap, kvm_memory_attributes, kvm_userspace_memory_region,
-    kvm_userspace_memory_region2,
+    CpuId, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_MEM_GUEST_MEMFD,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MP_STATE_RUNNABLE, KvmIrqRouting, kvm_create_guest_memfd,
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_irq_routing_msi, kvm_memory_attributes,
+    kvm_mp_state, kvm_userspace_memory_region, kvm_userspace_memory_region2,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use log::{debug, warn};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::conversion::{KVM_HC_MAP_GPA_RANGE, decode_map_gpa_range, decode_memory_fault};
 use crate::vcpu_exit::{HYPERCALL_EINVAL, HypercallReply};
 use crate::{
-    Capabilities, Hypervisor, HypervisorError, Result, UserMemoryRegion, Vcpu, Vm, VmExit, VmType,
-    arch,
+    Capabilities, Hypervisor, HypervisorError, MsiRoute, Result, UserMemoryRegion, Vcpu, Vm,
+    VmExit, VmType, arch,
 };
 
 fn io_err(e: kvm_ioctls::Error) -> std::io::Error {
@@ -78,10 +80,20 @@ impl Hypervisor for KvmHypervisor {
                 HypervisorError::EnableCap(kvm_bindings::KVM_CAP_EXIT_HYPERCALL, io_err(e))
             })?;
         }
+        // MSIs from assigned devices go through the in-kernel irqchip; a VM
+        // without one still runs, it just cannot take device interrupts.
+        let irqchip = match fd.create_irq_chip() {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("no in-kernel irqchip ({e}): device interrupts are unavailable");
+                false
+            }
+        };
         Ok(Arc::new(KvmVm {
             fd,
             vm_type,
             caps,
+            irqchip,
             supported_cpuid: self.supported_cpuid.clone(),
         }))
     }
@@ -91,6 +103,7 @@ pub struct KvmVm {
     fd: VmFd,
     vm_type: VmType,
     caps: Capabilities,
+    irqchip: bool,
     supported_cpuid: CpuId,
 }
 
@@ -195,7 +208,71 @@ impl Vm for KvmVm {
         // Long mode is only accepted in EFER when CPUID advertises it.
         fd.set_cpuid2(&self.supported_cpuid)
             .map_err(|e| HypervisorError::CreateVcpu(id, io_err(e)))?;
+        if self.irqchip {
+            // With an in-kernel LAPIC every vCPU but the first would wait for
+            // an INIT/SIPI; the boot protocol starts all of them at the entry.
+            let runnable = kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            };
+            fd.set_mp_state(runnable)
+                .map_err(|e| HypervisorError::CreateVcpu(id, io_err(e)))?;
+        }
         Ok(Box::new(KvmVcpu { fd }))
+    }
+
+    fn has_irqchip(&self) -> bool {
+        self.irqchip
+    }
+
+    fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {
+        if !self.irqchip {
+            return Err(HypervisorError::NoIrqchip);
+        }
+        let mut table = KvmIrqRouting::new(0).map_err(|_| {
+            HypervisorError::GsiRouting(routes.len(), std::io::Error::other("too many"))
+        })?;
+        for route in routes {
+            let mut entry = kvm_irq_routing_entry {
+                gsi: route.gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            entry.u.msi = kvm_irq_routing_msi {
+                address_lo: route.address as u32,
+                address_hi: (route.address >> 32) as u32,
+                data: route.data,
+                ..Default::default()
+            };
+            table.push(entry).map_err(|_| {
+                HypervisorError::GsiRouting(routes.len(), std::io::Error::other("too many routes"))
+            })?;
+        }
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(|e| HypervisorError::GsiRouting(routes.len(), io_err(e)))
+    }
+
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        if !self.irqchip {
+            return Err(HypervisorError::NoIrqchip);
+        }
+        self.fd
+            .register_irqfd(fd, gsi)
+            .map_err(|e| HypervisorError::Irqfd {
+                action: "register",
+                gsi,
+                source: io_err(e),
+            })
+    }
+
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .unregister_irqfd(fd, gsi)
+            .map_err(|e| HypervisorError::Irqfd {
+                action: "unregister",
+                gsi,
+                source: io_err(e),
+            })
     }
 }
 
