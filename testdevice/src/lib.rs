@@ -1,8 +1,9 @@
 // Copyright © 2026 The project authors
 // SPDX-License-Identifier: Apache-2.0
 
-//! A vfio-user device for tests, built on `vfio_user::Server`. It has no
-//! registers; it exists to be a DMA target. Every DMA_MAP is mmapped from
+//! A vfio-user PCI device for tests, built on `vfio_user::Server`: a
+//! function with test ids whose BAR0 is a DMA engine (see `pci`), and a
+//! DMA target the tests can inspect. Every DMA_MAP is mmapped from
 //! the fd the client sends, so the device really sees guest memory; an
 //! unmap must match a map exactly (as VFIO and libvfio-user demand). A
 //! control socket answers one line per command:
@@ -12,6 +13,10 @@
 //! - `write IOVA BYTE`: stores BYTE at IOVA (a DMA write into the guest)
 //! - `refuse N`: refuse the next N DMA_MAPs
 //! - `log`: every DMA_MAP / DMA_UNMAP received, as JSON strings
+//! - `engine`: the DMA engine's counters as JSON (faults, completions,
+//!   stream passes, interrupts sent)
+//! - `stream IOVA LEN BYTE` / `stop`: start / stop streaming fills without
+//!   the guest (what BAR0's commands 3 and 4 do)
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -21,7 +26,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vfio_user::{DmaMapFlags, DmaUnmapFlags, Server, ServerBackend};
+use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion};
+
+pub mod pci;
 
 struct Mapping {
     size: u64,
@@ -33,9 +40,40 @@ pub struct DeviceState {
     maps: BTreeMap<u64, Mapping>,
     log: Vec<String>,
     refuse_maps: u64,
+    pub engine: pci::Engine,
 }
 
 impl DeviceState {
+    /// Host addresses covering `iova..iova+len` through one or more
+    /// adjacent mappings, or an error if any byte is not mapped.
+    fn dma_chunks(&self, iova: u64, len: u64) -> Result<Vec<(usize, usize)>, String> {
+        let end = iova
+            .checked_add(len)
+            .ok_or_else(|| format!("{iova:#x}+{len:#x} overflows"))?;
+        let mut chunks = Vec::new();
+        let mut at = iova;
+        while at < end {
+            let (start, m) = self
+                .maps
+                .range(..=at)
+                .next_back()
+                .filter(|(start, m)| at < *start + m.size)
+                .ok_or_else(|| format!("{at:#x} is not mapped"))?;
+            let n = (start + m.size).min(end) - at;
+            chunks.push((m.host + (at - start) as usize, n as usize));
+            at += n;
+        }
+        Ok(chunks)
+    }
+
+    /// What a client that goes away leaves: no mappings, no interrupts, no
+    /// streaming.
+    fn disconnect(&mut self) {
+        pci::stop_stream(self);
+        self.engine.msix.clear();
+        self.unmap_all();
+    }
+
     fn unmap_all(&mut self) {
         for (_, m) in std::mem::take(&mut self.maps) {
             // SAFETY: `host` came from our own mmap of exactly `size` bytes.
@@ -60,7 +98,7 @@ impl DeviceState {
 
 pub type SharedState = Arc<Mutex<DeviceState>>;
 
-fn lock(state: &SharedState) -> MutexGuard<'_, DeviceState> {
+pub(crate) fn lock(state: &SharedState) -> MutexGuard<'_, DeviceState> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -70,13 +108,37 @@ fn invalid(why: String) -> std::io::Error {
 
 struct Backend(SharedState);
 
+const REGION_BAR0: u32 = 0;
+const REGION_CONFIG: u32 = 7;
+const IRQ_MSIX: u32 = 2;
+const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+
 impl ServerBackend for Backend {
-    fn region_read(&mut self, _: u32, _: u64, _: &mut [u8]) -> std::io::Result<()> {
-        Err(invalid("no regions".into()))
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
+        let s = lock(&self.0);
+        match region {
+            REGION_CONFIG if offset + data.len() as u64 <= pci::CONFIG_SIZE => {
+                pci::config_read(&s, offset, data)
+            }
+            REGION_BAR0 if offset + data.len() as u64 <= pci::BAR0_SIZE => {
+                pci::bar0_read(&s, offset, data)
+            }
+            _ => return Err(invalid(format!("no region {region} at {offset:#x}"))),
+        }
+        Ok(())
     }
 
-    fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> std::io::Result<()> {
-        Err(invalid("no regions".into()))
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        match region {
+            REGION_CONFIG if offset + data.len() as u64 <= pci::CONFIG_SIZE => {
+                pci::config_write(&mut lock(&self.0), offset, data)
+            }
+            REGION_BAR0 if offset + data.len() as u64 <= pci::BAR0_SIZE => {
+                pci::bar0_write(&self.0, offset, data)
+            }
+            _ => return Err(invalid(format!("no region {region} at {offset:#x}"))),
+        }
+        Ok(())
     }
 
     fn dma_map(
@@ -143,18 +205,84 @@ impl ServerBackend for Backend {
     }
 
     fn reset(&mut self) -> std::io::Result<()> {
+        let mut s = lock(&self.0);
+        pci::stop_stream(&mut s);
+        s.engine.msix.clear();
         Ok(())
     }
 
-    fn set_irqs(&mut self, _: u32, _: u32, _: u32, _: u32, _: Vec<File>) -> std::io::Result<()> {
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<File>,
+    ) -> std::io::Result<()> {
+        if index != IRQ_MSIX {
+            return Err(invalid(format!("irq index {index} has no interrupts")));
+        }
+        if start + count > pci::MSIX_VECTORS {
+            return Err(invalid(format!("vectors {start}+{count} do not exist")));
+        }
+        let mut s = lock(&self.0);
+        if flags & IRQ_SET_DATA_EVENTFD == 0 {
+            s.engine.msix.clear();
+            return Ok(());
+        }
+        if fds.len() != count as usize {
+            return Err(invalid(format!("{count} vectors but {} fds", fds.len())));
+        }
+        s.engine.msix.resize_with(pci::MSIX_VECTORS as usize, || None);
+        for (i, fd) in fds.into_iter().enumerate() {
+            s.engine.msix[start as usize + i] = Some(fd);
+        }
         Ok(())
     }
+}
+
+/// Regions as DEVICE_GET_REGION_INFO reports them: BAR0 and configuration
+/// space, read-write, message-based only.
+fn regions() -> Vec<ServerRegion> {
+    const READ_WRITE: u32 = 0b11;
+    (0..9u32)
+        .map(|index| {
+            let size = match index {
+                REGION_BAR0 => pci::BAR0_SIZE,
+                REGION_CONFIG => pci::CONFIG_SIZE,
+                _ => 0,
+            };
+            ServerRegion {
+                region_info: vfio_bindings::bindings::vfio::vfio_region_info {
+                    argsz: 32,
+                    flags: if size > 0 { READ_WRITE } else { 0 },
+                    index,
+                    cap_offset: 0,
+                    size,
+                    offset: 0,
+                },
+                sparse_areas: Vec::new(),
+                mmap_fd: None,
+            }
+        })
+        .collect()
+}
+
+fn irqs() -> Vec<IrqInfo> {
+    const EVENTFD: u32 = 1;
+    (0..5u32)
+        .map(|index| IrqInfo {
+            index,
+            flags: EVENTFD,
+            count: if index == IRQ_MSIX { pci::MSIX_VECTORS } else { 0 },
+        })
+        .collect()
 }
 
 /// Serves vfio-user clients one after another; a client that goes away
 /// loses its mappings, as with a real device.
 pub fn serve(socket: &Path, state: SharedState) -> Result<std::thread::JoinHandle<()>, String> {
-    let server = Server::new(socket, false, Vec::new(), Vec::new())
+    let server = Server::new(socket, true, irqs(), regions())
         .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     std::thread::Builder::new()
         .name("vfio-user".into())
@@ -164,7 +292,7 @@ pub fn serve(socket: &Path, state: SharedState) -> Result<std::thread::JoinHandl
                 if let Err(e) = server.run(&mut backend) {
                     eprintln!("ch-test-device: client session ended: {e}");
                 }
-                lock(&state).unmap_all();
+                lock(&state).disconnect();
             }
         })
         .map_err(|e| e.to_string())
@@ -186,6 +314,30 @@ fn answer(state: &SharedState, line: &str) -> String {
             Ok(serde_json::to_string(&maps).expect("plain numbers"))
         }
         ["log"] => Ok(serde_json::to_string(&lock(state).log).expect("strings")),
+        ["engine"] => {
+            let s = lock(state);
+            let e = &s.engine;
+            Ok(serde_json::json!({
+                "faults": e.faults,
+                "completions": e.completions,
+                "stream_passes": e.stream_passes,
+                "interrupts_sent": e.interrupts_sent,
+                "msix_fds": e.msix.iter().filter(|f| f.is_some()).count(),
+            })
+            .to_string())
+        }
+        ["stream", iova, len, byte] => (|| {
+            let (iova, len, byte) = (number(iova)?, number(len)?, number(byte)?);
+            for (offset, value) in [(0x0, iova as u32), (0x4, (iova >> 32) as u32), (0x8, len as u32), (0xc, byte as u32)] {
+                pci::bar0_write(state, offset, &value.to_le_bytes());
+            }
+            pci::bar0_write(state, 0x10, &pci::COMMAND_STREAM_START.to_le_bytes());
+            Ok("ok".to_string())
+        })(),
+        ["stop"] => {
+            pci::bar0_write(state, 0x10, &pci::COMMAND_STREAM_STOP.to_le_bytes());
+            Ok("ok".to_string())
+        }
         ["refuse", n] => number(n).map(|n| {
             lock(state).refuse_maps = n;
             "ok".to_string()

@@ -47,6 +47,11 @@ impl Bus {
         Ok(())
     }
 
+    /// Removes the device at exactly `base`; false when there is none.
+    pub fn remove(&self, base: u64) -> bool {
+        self.devices.write().unwrap().remove(&base).is_some()
+    }
+
     fn resolve(&self, addr: u64) -> Option<(u64, SharedDevice)> {
         let devices = self.devices.read().unwrap();
         let (base, (len, device)) = devices.range(..=addr).next_back()?;
@@ -110,6 +115,19 @@ mod tests {
         assert!(!bus.read(0x620, &mut buf));
         assert_eq!(buf, [0xff]);
         assert!(!bus.write(0x5ff, &[0]));
+    }
+
+    #[test]
+    fn a_removed_device_no_longer_claims_its_range() {
+        let bus = Bus::new();
+        let dev = Arc::new(Scratch::default());
+        bus.insert(dev.clone(), 0x100, 0x10).unwrap();
+        assert!(!bus.remove(0x101), "only the exact base removes");
+        assert!(bus.remove(0x100));
+        assert!(!bus.remove(0x100));
+        let mut buf = [0u8; 1];
+        assert!(!bus.read(0x100, &mut buf));
+        bus.insert(dev, 0x100, 0x10).unwrap();
     }
 
     #[test]

@@ -11,8 +11,10 @@ mod dma_listener;
 mod dma_mapping;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake_iommu;
+mod interrupt;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use discard_listener::{ListenerError, RamDiscardListener, Section};
 pub use dma_listener::{DmaMappingListener, DmaStats, FailureHook};
 pub use dma_mapping::ExternalDmaMapping;
+pub use interrupt::{InterruptError, MsiMessage, MsiVectors};

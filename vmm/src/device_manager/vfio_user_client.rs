@@ -25,6 +25,18 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 const CMD_VERSION: u16 = 1;
 const CMD_DMA_MAP: u16 = 2;
 const CMD_DMA_UNMAP: u16 = 3;
+const CMD_DEVICE_GET_REGION_INFO: u16 = 5;
+const CMD_DEVICE_GET_IRQ_INFO: u16 = 7;
+const CMD_DEVICE_SET_IRQS: u16 = 8;
+const CMD_REGION_READ: u16 = 9;
+const CMD_REGION_WRITE: u16 = 10;
+const CMD_DEVICE_RESET: u16 = 13;
+const IRQ_SET_DATA_NONE: u32 = 1 << 0;
+const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+const IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
+/// Largest region access forwarded in one message (a BAR or config access
+/// is at most 8 bytes; this bounds what a caller can ask for).
+pub const MAX_REGION_ACCESS: usize = 4096;
 const CMD_DMA_READ: u16 = 11;
 const CMD_DMA_WRITE: u16 = 12;
 const HEADER_SIZE: usize = 16;
@@ -60,6 +72,8 @@ pub enum VfioUserError {
     Refused { command: &'static str, errno: u32 },
     #[error("malformed reply to {0}")]
     Protocol(&'static str),
+    #[error("a region access of {0} bytes (1..=4096)")]
+    AccessSize(usize),
     #[error("the connection was closed after an earlier failure: {0}")]
     Closed(String),
 }
@@ -108,12 +122,30 @@ fn command_name(command: u16) -> &'static str {
         CMD_VERSION => "VERSION",
         CMD_DMA_MAP => "DMA_MAP",
         CMD_DMA_UNMAP => "DMA_UNMAP",
+        CMD_DEVICE_GET_REGION_INFO => "DEVICE_GET_REGION_INFO",
+        CMD_DEVICE_GET_IRQ_INFO => "DEVICE_GET_IRQ_INFO",
+        CMD_DEVICE_SET_IRQS => "DEVICE_SET_IRQS",
+        CMD_REGION_READ => "REGION_READ",
+        CMD_REGION_WRITE => "REGION_WRITE",
+        CMD_DEVICE_RESET => "DEVICE_RESET",
         _ => "request",
     }
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The 16-byte head of REGION_READ / REGION_WRITE.
+fn region_access(index: u32, offset: u64, len: usize) -> Result<[u8; 16], VfioUserError> {
+    if len == 0 || len > MAX_REGION_ACCESS {
+        return Err(VfioUserError::AccessSize(len));
+    }
+    let mut head = [0u8; 16];
+    head[0..8].copy_from_slice(&offset.to_le_bytes());
+    head[8..12].copy_from_slice(&index.to_le_bytes());
+    head[12..16].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(head)
 }
 
 /// `max_dma_maps` from a VERSION reply's JSON, or the spec's default.
@@ -165,7 +197,7 @@ impl VfioUserClient {
         payload.extend_from_slice(&1u16.to_le_bytes()); // minor
         payload.extend_from_slice(CAPABILITIES.as_bytes());
         payload.push(0);
-        let reply = client.request(CMD_VERSION, &payload, None)?;
+        let reply = client.request(CMD_VERSION, &payload, &[])?;
         if reply.len() < 4 || reply[0..2] != [0, 0] {
             client.close("malformed VERSION reply");
             return Err(VfioUserError::Protocol("VERSION"));
@@ -228,7 +260,7 @@ impl VfioUserClient {
         payload[8..16].copy_from_slice(&offset.to_le_bytes());
         payload[16..24].copy_from_slice(&iova.to_le_bytes());
         payload[24..32].copy_from_slice(&size.to_le_bytes());
-        self.request(CMD_DMA_MAP, &payload, Some(fd))?;
+        self.request(CMD_DMA_MAP, &payload, &[fd])?;
         self.mapped.insert(iova, size);
         Ok(())
     }
@@ -240,7 +272,7 @@ impl VfioUserClient {
         payload[0..4].copy_from_slice(&24u32.to_le_bytes()); // argsz
         payload[8..16].copy_from_slice(&iova.to_le_bytes());
         payload[16..24].copy_from_slice(&size.to_le_bytes());
-        match self.request(CMD_DMA_UNMAP, &payload, None) {
+        match self.request(CMD_DMA_UNMAP, &payload, &[]) {
             Ok(_) => {
                 self.mapped.remove(&iova);
                 Ok(())
@@ -252,17 +284,102 @@ impl VfioUserClient {
         }
     }
 
+    /// Size of region `index` (DEVICE_GET_REGION_INFO); 0 when absent.
+    pub fn region_size(&mut self, index: u32) -> Result<u64, VfioUserError> {
+        let mut payload = [0u8; 32];
+        payload[0..4].copy_from_slice(&32u32.to_le_bytes()); // argsz
+        payload[8..12].copy_from_slice(&index.to_le_bytes());
+        let reply = self.request(CMD_DEVICE_GET_REGION_INFO, &payload, &[])?;
+        if reply.len() < 32 || reply[8..12] != index.to_le_bytes() {
+            return Err(self.protocol_failure("DEVICE_GET_REGION_INFO"));
+        }
+        Ok(u64_at(&reply, 16))
+    }
+
+    /// Reads `data.len()` bytes of region `index` at `offset` (REGION_READ).
+    pub fn region_read(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), VfioUserError> {
+        let payload = region_access(index, offset, data.len())?;
+        let reply = self.request(CMD_REGION_READ, &payload, &[])?;
+        if reply.len() != 16 + data.len() || reply[..16] != payload[..] {
+            return Err(self.protocol_failure("REGION_READ"));
+        }
+        data.copy_from_slice(&reply[16..]);
+        Ok(())
+    }
+
+    /// Writes `data` to region `index` at `offset` (REGION_WRITE).
+    pub fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioUserError> {
+        let head = region_access(index, offset, data.len())?;
+        let mut payload = Vec::with_capacity(16 + data.len());
+        payload.extend_from_slice(&head);
+        payload.extend_from_slice(data);
+        let reply = self.request(CMD_REGION_WRITE, &payload, &[])?;
+        if reply.len() < 16 || reply[..16] != head[..] {
+            return Err(self.protocol_failure("REGION_WRITE"));
+        }
+        Ok(())
+    }
+
+    /// How many interrupts irq index `index` has (DEVICE_GET_IRQ_INFO).
+    pub fn irq_count(&mut self, index: u32) -> Result<u32, VfioUserError> {
+        let mut payload = [0u8; 16];
+        payload[0..4].copy_from_slice(&16u32.to_le_bytes()); // argsz
+        payload[8..12].copy_from_slice(&index.to_le_bytes());
+        let reply = self.request(CMD_DEVICE_GET_IRQ_INFO, &payload, &[])?;
+        if reply.len() < 16 || reply[8..12] != index.to_le_bytes() {
+            return Err(self.protocol_failure("DEVICE_GET_IRQ_INFO"));
+        }
+        Ok(u32::from_le_bytes(reply[12..16].try_into().expect("4 bytes")))
+    }
+
+    /// Gives the server one eventfd per vector of irq index `index`, from
+    /// vector 0 on; no fds takes every trigger back (DEVICE_SET_IRQS).
+    pub fn set_irq_eventfds(&mut self, index: u32, fds: &[RawFd]) -> Result<(), VfioUserError> {
+        let flags = IRQ_SET_ACTION_TRIGGER
+            | if fds.is_empty() {
+                IRQ_SET_DATA_NONE
+            } else {
+                IRQ_SET_DATA_EVENTFD
+            };
+        let mut payload = [0u8; 20];
+        payload[0..4].copy_from_slice(&20u32.to_le_bytes()); // argsz
+        payload[4..8].copy_from_slice(&flags.to_le_bytes());
+        payload[8..12].copy_from_slice(&index.to_le_bytes());
+        payload[16..20].copy_from_slice(&(fds.len() as u32).to_le_bytes());
+        self.request(CMD_DEVICE_SET_IRQS, &payload, fds)?;
+        Ok(())
+    }
+
+    /// DEVICE_RESET.
+    pub fn reset(&mut self) -> Result<(), VfioUserError> {
+        self.request(CMD_DEVICE_RESET, &[], &[])?;
+        Ok(())
+    }
+
+    /// A well-framed reply whose content is wrong: the stream may be out
+    /// of step with the server, so the connection goes.
+    fn protocol_failure(&mut self, command: &'static str) -> VfioUserError {
+        let e = VfioUserError::Protocol(command);
+        self.close(&crate::error_chain(&e));
+        e
+    }
+
     fn request(
         &mut self,
         command: u16,
         payload: &[u8],
-        fd: Option<RawFd>,
+        fds: &[RawFd],
     ) -> Result<Vec<u8>, VfioUserError> {
         if let Some(why) = &self.closed {
             return Err(VfioUserError::Closed(why.clone()));
         }
         let deadline = Instant::now() + self.timeout;
-        let result = self.exchange(command, payload, fd, deadline);
+        let result = self.exchange(command, payload, fds, deadline);
         // A failure in the middle of a message leaves the stream at an
         // unknown position, and a late reply could still take effect; only
         // a clean error reply keeps the connection.
@@ -289,24 +406,24 @@ impl VfioUserClient {
         self.stream.as_ref().expect("checked open by request()")
     }
 
-    fn send(&self, message: &[u8], fd: Option<RawFd>) -> Result<(), VfioUserError> {
+    fn send(&self, message: &[u8], fds: &[RawFd]) -> Result<(), VfioUserError> {
         let mut stream = self.stream();
-        match fd {
-            Some(fd) => {
+        match fds {
+            [] => stream.write_all(message).map_err(VfioUserError::Io),
+            fds => {
                 // The vCPU kick signal has no SA_RESTART; an interrupted
                 // sendmsg sent nothing and is simply retried.
                 let sent = loop {
-                    match stream.send_with_fd(message, fd) {
+                    match stream.send_with_fds(&[message], fds) {
                         Err(e) if e.errno() == libc::EINTR => continue,
                         other => break other.map_err(VfioUserError::SendFd)?,
                     }
                 };
-                // The fd travels with the first byte; finish a short send.
+                // The fds travel with the first byte; finish a short send.
                 stream
                     .write_all(&message[sent..])
                     .map_err(VfioUserError::Io)
             }
-            None => stream.write_all(message).map_err(VfioUserError::Io),
         }
     }
 
@@ -356,7 +473,7 @@ impl VfioUserClient {
         &mut self,
         command: u16,
         payload: &[u8],
-        fd: Option<RawFd>,
+        fds: &[RawFd],
         deadline: Instant,
     ) -> Result<Vec<u8>, VfioUserError> {
         let id = self.next_id;
@@ -371,7 +488,7 @@ impl VfioUserClient {
         let mut message = Vec::with_capacity(HEADER_SIZE + payload.len());
         message.extend_from_slice(&header.encode());
         message.extend_from_slice(payload);
-        self.send(&message, fd)?;
+        self.send(&message, fds)?;
 
         let name = command_name(command);
         loop {
@@ -435,7 +552,7 @@ impl VfioUserClient {
         let mut message = Vec::with_capacity(HEADER_SIZE + payload.len());
         message.extend_from_slice(&reply.encode());
         message.extend_from_slice(&payload);
-        self.send(&message, None)
+        self.send(&message, &[])
     }
 
     fn dma_access(&self, command: u16, body: &[u8]) -> Result<Vec<u8>, u32> {

@@ -1,0 +1,323 @@
+//! PCI segment 0: 32 device slots on bus 0, slot 0 the host bridge. The
+//! guest reaches configuration space through the legacy 0xCF8 / 0xCFC
+//! ports or the ECAM window; each device's memory BARs are windows on the
+//! MMIO bus that follow what the guest programs (decoded only while the
+//! command register's memory bit is set).
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use log::warn;
+use vm_device::{Bus, BusDevice};
+
+use crate::configuration::{
+    COMMAND_REG, CONFIG_SIZE, LEGACY_CONFIG_SIZE, extract_read, merge_write,
+};
+
+pub const SLOTS: usize = 32;
+
+/// A memory window a function decodes now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BarWindow {
+    pub bar: usize,
+    pub address: u64,
+    pub size: u64,
+}
+
+/// A PCI function as the bus sees it.
+pub trait PciDevice: Send + Sync {
+    /// Dword `reg` (0..1024) of configuration space.
+    fn config_read(&self, reg: usize) -> u32;
+    /// `data` (1, 2 or 4 bytes) at byte `offset` of dword `reg`.
+    fn config_write(&self, reg: usize, offset: usize, data: &[u8]);
+    /// The memory windows it decodes now.
+    fn bar_windows(&self) -> Vec<BarWindow>;
+    fn bar_read(&self, bar: usize, offset: u64, data: &mut [u8]);
+    fn bar_write(&self, bar: usize, offset: u64, data: &[u8]);
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PciBusError {
+    #[error("no free PCI slot on bus 0")]
+    NoFreeSlot,
+    #[error("PCI slot {0} is empty")]
+    EmptySlot(u8),
+}
+
+/// The host bridge in slot 0: ids and class, nothing else.
+pub struct HostBridge;
+
+/// Host bridge ids (Intel's generic host bridge id, as other VMMs use).
+pub const HOST_BRIDGE_VENDOR: u16 = 0x8086;
+pub const HOST_BRIDGE_DEVICE: u16 = 0x0d57;
+
+impl PciDevice for HostBridge {
+    fn config_read(&self, reg: usize) -> u32 {
+        match reg {
+            0 => u32::from(HOST_BRIDGE_DEVICE) << 16 | u32::from(HOST_BRIDGE_VENDOR),
+            // Class 06 (bridge), subclass 00 (host).
+            2 => 0x0600_0000,
+            _ => 0,
+        }
+    }
+    fn config_write(&self, _: usize, _: usize, _: &[u8]) {}
+    fn bar_windows(&self) -> Vec<BarWindow> {
+        Vec::new()
+    }
+    fn bar_read(&self, _: usize, _: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&self, _: usize, _: u64, _: &[u8]) {}
+}
+
+/// One decoded BAR on the MMIO bus.
+struct BarMmio {
+    device: Arc<dyn PciDevice>,
+    bar: usize,
+}
+
+impl BusDevice for BarMmio {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.device.bar_read(self.bar, offset, data);
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.device.bar_write(self.bar, offset, data);
+    }
+}
+
+struct Slot {
+    device: Arc<dyn PciDevice>,
+    /// Windows currently on the MMIO bus.
+    mapped: Vec<BarWindow>,
+}
+
+pub struct PciBus {
+    slots: RwLock<[Option<Arc<Mutex<Slot>>>; SLOTS]>,
+    mmio: Arc<Bus>,
+}
+
+impl PciBus {
+    /// A bus with the host bridge in slot 0; BAR windows go on `mmio`.
+    pub fn new(mmio: Arc<Bus>) -> Self {
+        let bus = PciBus {
+            slots: RwLock::new(Default::default()),
+            mmio,
+        };
+        bus.slots.write().unwrap()[0] = Some(Arc::new(Mutex::new(Slot {
+            device: Arc::new(HostBridge),
+            mapped: Vec::new(),
+        })));
+        bus
+    }
+
+    /// Puts `device` in the lowest free slot and decodes its windows.
+    pub fn add(&self, device: Arc<dyn PciDevice>) -> Result<u8, PciBusError> {
+        let slot = {
+            let mut slots = self.slots.write().unwrap();
+            let index = slots
+                .iter()
+                .position(Option::is_none)
+                .ok_or(PciBusError::NoFreeSlot)?;
+            let slot = Arc::new(Mutex::new(Slot {
+                device,
+                mapped: Vec::new(),
+            }));
+            slots[index] = Some(slot.clone());
+            (index as u8, slot)
+        };
+        self.sync_windows(&slot.1);
+        Ok(slot.0)
+    }
+
+    /// Takes the function out of `slot`: its windows leave the MMIO bus and
+    /// its configuration space reads all ones from now on.
+    pub fn remove(&self, slot: u8) -> Result<Arc<dyn PciDevice>, PciBusError> {
+        let taken = self
+            .slots
+            .write()
+            .unwrap()
+            .get_mut(usize::from(slot))
+            .and_then(Option::take)
+            .filter(|_| slot != 0)
+            .ok_or(PciBusError::EmptySlot(slot))?;
+        let mut s = taken.lock().unwrap();
+        for window in s.mapped.drain(..) {
+            self.mmio.remove(window.address);
+        }
+        Ok(s.device.clone())
+    }
+
+    fn slot(&self, device: usize) -> Option<Arc<Mutex<Slot>>> {
+        self.slots.read().unwrap().get(device).cloned().flatten()
+    }
+
+    /// Dword `reg` of bus 0, `device`, `function`; all ones where nothing is.
+    pub fn config_read(&self, bus: u8, device: usize, function: u8, reg: usize) -> u32 {
+        if bus != 0 || function != 0 {
+            return u32::MAX;
+        }
+        match self.slot(device) {
+            Some(slot) => {
+                let dev = slot.lock().unwrap().device.clone();
+                dev.config_read(reg)
+            }
+            None => u32::MAX,
+        }
+    }
+
+    pub fn config_write(
+        &self,
+        bus: u8,
+        device: usize,
+        function: u8,
+        reg: usize,
+        offset: usize,
+        data: &[u8],
+    ) {
+        if bus != 0 || function != 0 {
+            return;
+        }
+        let Some(slot) = self.slot(device) else {
+            return;
+        };
+        let dev = slot.lock().unwrap().device.clone();
+        dev.config_write(reg, offset, data);
+        // Only the command register and BARs change what is decoded.
+        if reg == COMMAND_REG || (4..10).contains(&reg) {
+            self.sync_windows(&slot);
+        }
+    }
+
+    /// Puts the MMIO bus in line with the windows the function decodes.
+    fn sync_windows(&self, slot: &Mutex<Slot>) {
+        let mut s = slot.lock().unwrap();
+        let wanted = s.device.bar_windows();
+        if wanted == s.mapped {
+            return;
+        }
+        for window in s.mapped.drain(..) {
+            self.mmio.remove(window.address);
+        }
+        for window in wanted {
+            let mmio = Arc::new(BarMmio {
+                device: s.device.clone(),
+                bar: window.bar,
+            });
+            match self.mmio.insert(mmio, window.address, window.size) {
+                Ok(()) => s.mapped.push(window),
+                Err(e) => warn!("BAR {} not decoded: {e}", window.bar),
+            }
+        }
+    }
+
+    /// Windows of the function in `slot` that are on the MMIO bus.
+    pub fn mapped_windows(&self, slot: u8) -> Vec<BarWindow> {
+        self.slot(usize::from(slot))
+            .map(|s| s.lock().unwrap().mapped.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The legacy configuration mechanism: an address register at 0xCF8 and a
+/// data window at 0xCFC..0xD00.
+pub struct PciConfigIo {
+    bus: Arc<PciBus>,
+    address: Mutex<u32>,
+}
+
+pub const CONFIG_IO_PORT: u64 = 0xcf8;
+pub const CONFIG_IO_LEN: u64 = 8;
+const CONFIG_ENABLE: u32 = 1 << 31;
+
+impl PciConfigIo {
+    pub fn new(bus: Arc<PciBus>) -> Self {
+        PciConfigIo {
+            bus,
+            address: Mutex::new(0),
+        }
+    }
+
+    /// (bus, device, function, register) the address register selects.
+    fn target(&self) -> Option<(u8, usize, u8, usize)> {
+        let a = *self.address.lock().unwrap();
+        (a & CONFIG_ENABLE != 0).then(|| {
+            (
+                (a >> 16) as u8,
+                ((a >> 11) & 0x1f) as usize,
+                ((a >> 8) & 0x7) as u8,
+                ((a >> 2) & 0x3f) as usize,
+            )
+        })
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        match offset {
+            0..4 => {
+                let value = *self.address.lock().unwrap();
+                extract_read(value, offset as usize, data);
+            }
+            _ => {
+                let value = self
+                    .target()
+                    .map_or(u32::MAX, |(b, d, f, r)| self.bus.config_read(b, d, f, r));
+                extract_read(value, (offset - 4) as usize, data);
+            }
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        match offset {
+            0..4 => {
+                let mut a = self.address.lock().unwrap();
+                *a = merge_write(*a, offset as usize, data) & !0x3;
+            }
+            _ => {
+                if let Some((b, d, f, r)) = self.target() {
+                    self.bus
+                        .config_write(b, d, f, r, (offset - 4) as usize, data);
+                }
+            }
+        }
+    }
+}
+
+/// The ECAM window: 4 KiB of configuration space per function, bus 0 only
+/// (the window is 1 MiB).
+pub struct PciConfigMmio {
+    bus: Arc<PciBus>,
+}
+
+pub const ECAM_SIZE: u64 = 1 << 20;
+
+impl PciConfigMmio {
+    pub fn new(bus: Arc<PciBus>) -> Self {
+        PciConfigMmio { bus }
+    }
+
+    fn decode(offset: u64) -> (u8, usize, u8, usize, usize) {
+        (
+            (offset >> 20) as u8,
+            ((offset >> 15) & 0x1f) as usize,
+            ((offset >> 12) & 0x7) as u8,
+            ((offset as usize) & (CONFIG_SIZE - 1)) >> 2,
+            (offset & 3) as usize,
+        )
+    }
+}
+
+impl BusDevice for PciConfigMmio {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let (b, d, f, r, within) = Self::decode(offset);
+        extract_read(self.bus.config_read(b, d, f, r), within, data);
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let (b, d, f, r, within) = Self::decode(offset);
+        self.bus.config_write(b, d, f, r, within, data);
+    }
+}
+
+/// Legacy ports reach only the first 256 bytes; the register index they
+/// carry cannot exceed that.
+const _: () = assert!(0x3f * 4 < LEGACY_CONFIG_SIZE);
