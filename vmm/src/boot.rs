@@ -73,9 +73,13 @@ fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     Ok(())
 }
 
-/// Identity-maps [0, ram_end rounded up to 1 GiB) with 2 MiB pages.
+/// Identity-maps [0, max(ram_end, 4 GiB) rounded up to 1 GiB) with 2 MiB
+/// pages: RAM, and the MMIO hole where PCI BARs, ECAM and the LAPIC live.
 fn write_page_tables(mem: &GuestMemoryMmap, ram_end: u64) -> Result<(), BootError> {
-    let gib = ram_end.div_ceil(1 << 30).clamp(1, MAX_IDENTITY_GIB);
+    let gib = ram_end
+        .max(4 << 30)
+        .div_ceil(1 << 30)
+        .clamp(1, MAX_IDENTITY_GIB);
     let w = |value: u64, addr: u64| {
         mem.write_obj(value, GuestAddress(addr))
             .map_err(BootError::GuestMemory)

@@ -101,6 +101,15 @@ ioctl_iow_nr!(
     0xd2,
     kvm_bindings::kvm_memory_attributes
 );
+// MSI-X routes change when the guest programs a device's vector table
+// (vCPU threads) or a device comes or goes (VMM and hot-plug threads).
+ioctl_iow_nr!(
+    KVM_SET_GSI_ROUTING,
+    KVMIO,
+    0x6a,
+    kvm_bindings::kvm_irq_routing
+);
+ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_bindings::kvm_irqfd);
 
 /// VFIO requests are `_IO(';', 100 + n)`; these are the type1 container,
 /// group and device requests vfio-ioctls issues for a VFIO device.
@@ -217,6 +226,8 @@ fn vcpu_rules() -> Result<Rules, seccompiler::BackendError> {
     let ioctls = [
         u64::from(KVM_RUN() as u32),
         u64::from(KVM_SET_MEMORY_ATTRIBUTES() as u32),
+        u64::from(KVM_SET_GSI_ROUTING() as u32),
+        u64::from(KVM_IRQFD() as u32),
         vfio_ioctl(VFIO_IOMMU_MAP_DMA),
         vfio_ioctl(VFIO_IOMMU_UNMAP_DMA),
     ];
@@ -250,6 +261,10 @@ fn vmm_rules() -> Result<Rules, seccompiler::BackendError> {
     ]
     .into_iter()
     .map(vfio_ioctl)
+    .chain([
+        u64::from(KVM_SET_GSI_ROUTING() as u32),
+        u64::from(KVM_IRQFD() as u32),
+    ])
     .collect();
     let mut rules = vec![
         (libc::SYS_ioctl, any_of(1, &ioctls)?),
@@ -274,6 +289,8 @@ fn vmm_rules() -> Result<Rules, seccompiler::BackendError> {
             // Hot-plug workers and parallel device removal at shutdown.
             libc::SYS_clone,
             libc::SYS_clone3,
+            // MSI-X vectors of a device being attached.
+            libc::SYS_eventfd2,
             // Removing the API socket.
             libc::SYS_unlink,
             libc::SYS_unlinkat,
@@ -497,7 +514,7 @@ mod tests {
         assert!(vmm[&libc::SYS_openat].is_empty());
         let vcpu = rules_for(Thread::Vcpu).unwrap();
         assert_eq!(vcpu[&libc::SYS_openat].len(), 1);
-        assert_eq!(vcpu[&libc::SYS_ioctl].len(), 4);
+        assert_eq!(vcpu[&libc::SYS_ioctl].len(), 6);
     }
 
     /// Runs `body` in a thread under `thread`'s filter with a SIGSYS-free

@@ -20,6 +20,7 @@ use crate::boot::{self, BootError};
 use crate::config::{ConsoleOutput, VmConfig};
 use crate::config::{DeviceConfig, UserDeviceConfig};
 use crate::conversion_path::{ConversionPath, DoorbellHandler};
+use crate::device_manager::pci_segment::{PciSegment, PciSegmentError};
 use crate::device_manager::{DeviceError, DeviceInfo, DeviceManager};
 use crate::event_monitor::EventMonitor;
 use crate::memory::{MemoryError, MemoryManager};
@@ -66,6 +67,8 @@ pub enum VmError {
     VcpuThread(#[source] crate::seccomp_filters::SeccompError),
     #[error("cannot add device")]
     Device(#[source] DeviceError),
+    #[error("cannot set up PCI segment 0")]
+    Pci(#[source] PciSegmentError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -207,10 +210,15 @@ impl Vm {
             )
             .map_err(VmError::Bus)?;
 
+        let mmio_bus = Arc::new(Bus::new());
+        let pci = Arc::new(
+            PciSegment::new(&io_bus, mmio_bus.clone(), memory.ram_end(), hv_vm.clone())
+                .map_err(VmError::Pci)?,
+        );
         let stop = Arc::new(AtomicBool::new(false));
         let ctx = Arc::new(VcpuContext {
             io_bus,
-            mmio_bus: Arc::new(Bus::new()),
+            mmio_bus,
             conversions: conversions.clone(),
             events,
             stop: stop.clone(),
@@ -223,7 +231,11 @@ impl Vm {
                 .map_err(VmError::VcpuSetup)?;
             created.push(vcpu);
         }
-        let devices = Arc::new(DeviceManager::new(memory.clone(), monitor.clone()));
+        let devices = Arc::new(DeviceManager::new(
+            memory.clone(),
+            monitor.clone(),
+            Some(pci),
+        ));
         let mut vm = Vm {
             config,
             memory,

@@ -12,6 +12,7 @@
 //! `DmaMappingListener`) is shown as failed until `remove` clears it.
 
 mod guest_ram;
+pub mod pci_segment;
 pub mod vfio;
 pub mod vfio_user_client;
 
@@ -25,6 +26,8 @@ use serde::Serialize;
 use vm_device::{DmaMappingListener, DmaStats, ExternalDmaMapping, RamDiscardListener, Section};
 
 pub use guest_ram::{GuestRam, GuestRamError};
+use pci::{VfioOps, VfioOpsError, VfioPciDevice};
+use pci_segment::{PciSegment, PluggedFunction};
 use vfio_user_client::{VfioUserClient, VfioUserError};
 
 use crate::config::{DeviceConfig, UserDeviceConfig};
@@ -55,6 +58,10 @@ pub enum DeviceError {
     },
     #[error("the VMM is shutting down")]
     ShuttingDown,
+    #[error("the device is not a usable PCI function")]
+    PciFunction(#[source] pci::VfioPciError),
+    #[error("cannot put the device on the PCI bus")]
+    Pci(#[source] pci_segment::PciSegmentError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -91,6 +98,9 @@ pub struct DeviceInfo {
     pub state: DeviceState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// Where the guest finds it: segment:bus:device.function.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bdf: Option<String>,
     /// Most mappings the device accepts at once.
     pub max_dma_maps: Option<u64>,
     pub dma: DmaStats,
@@ -132,6 +142,44 @@ fn io_error(e: impl std::error::Error) -> std::io::Error {
     std::io::Error::other(crate::error_chain(&e))
 }
 
+fn ops_error(e: VfioUserError) -> VfioOpsError {
+    VfioOpsError(crate::error_chain(&e))
+}
+
+/// Region and interrupt access for the PCI function model, over the same
+/// connection the DMA mappings use.
+impl VfioOps for VfioUserDma {
+    fn region_size(&self, index: u32) -> Result<u64, VfioOpsError> {
+        self.client().region_size(index).map_err(ops_error)
+    }
+
+    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), VfioOpsError> {
+        self.client()
+            .region_read(index, offset, data)
+            .map_err(ops_error)
+    }
+
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioOpsError> {
+        self.client()
+            .region_write(index, offset, data)
+            .map_err(ops_error)
+    }
+
+    fn irq_count(&self, index: u32) -> Result<u32, VfioOpsError> {
+        self.client().irq_count(index).map_err(ops_error)
+    }
+
+    fn set_irq_eventfds(&self, index: u32, fds: &[std::os::fd::RawFd]) -> Result<(), VfioOpsError> {
+        self.client()
+            .set_irq_eventfds(index, fds)
+            .map_err(ops_error)
+    }
+
+    fn reset(&self) -> Result<(), VfioOpsError> {
+        self.client().reset().map_err(ops_error)
+    }
+}
+
 impl ExternalDmaMapping for VfioUserDma {
     fn map(&self, iova: u64, gpa: u64, size: u64) -> std::io::Result<()> {
         let (fd, offset) = self.ram.file_offset(gpa, size).map_err(io_error)?;
@@ -162,6 +210,8 @@ struct AttachedDevice {
     max_dma_maps: Option<u64>,
     /// (region index, listener id) for every guest_memfd region.
     registrations: Vec<(usize, ListenerId)>,
+    /// Its PCI function, when the guest can see it.
+    pci: Option<PluggedFunction>,
 }
 
 impl AttachedDevice {
@@ -177,6 +227,7 @@ impl AttachedDevice {
                 DeviceState::Attached
             },
             failure,
+            bdf: self.pci.as_ref().map(|p| pci::bdf(p.slot)),
             max_dma_maps: self.max_dma_maps,
             dma: self.listener.stats(),
         }
@@ -205,6 +256,9 @@ pub struct Attachment {
     pub kind: DeviceKind,
     pub path: PathBuf,
     pub entry_limit: Option<u64>,
+    /// The PCI function the guest drives, plugged once DMA follows the
+    /// shared pages.
+    pub function: Option<Arc<VfioPciDevice>>,
 }
 
 pub struct DeviceManager {
@@ -212,15 +266,22 @@ pub struct DeviceManager {
     ram: Arc<GuestRam>,
     monitor: Arc<EventMonitor>,
     list: Mutex<DeviceList>,
+    /// Segment 0; without one (unit tests) devices are DMA targets only.
+    pci: Option<Arc<PciSegment>>,
 }
 
 impl DeviceManager {
-    pub fn new(memory: Arc<MemoryManager>, monitor: Arc<EventMonitor>) -> Self {
+    pub fn new(
+        memory: Arc<MemoryManager>,
+        monitor: Arc<EventMonitor>,
+        pci: Option<Arc<PciSegment>>,
+    ) -> Self {
         DeviceManager {
             ram: Arc::new(GuestRam::new(&memory)),
             memory,
             monitor,
             list: Mutex::new(DeviceList::default()),
+            pci,
         }
     }
 
@@ -240,6 +301,7 @@ impl DeviceManager {
                         kind: DeviceKind::Vfio,
                         path: config.path.clone(),
                         entry_limit: Some(vfio::dma_entry_limit()),
+                        function: None,
                     },
                     Arc::new(dma),
                 )
@@ -257,14 +319,23 @@ impl DeviceManager {
         let result =
             VfioUserDma::connect(&config.socket, self.ram.clone(), timeout).and_then(|dma| {
                 let limit = dma.max_dma_maps;
+                let dma = Arc::new(dma);
+                let function = match &self.pci {
+                    Some(segment) => Some(Arc::new(
+                        VfioPciDevice::new(dma.clone(), |n| segment.msi_vectors(n))
+                            .map_err(DeviceError::PciFunction)?,
+                    )),
+                    None => None,
+                };
                 self.attach_claimed(
                     Attachment {
                         id: id.clone(),
                         kind: DeviceKind::VfioUser,
                         path: config.socket.clone(),
                         entry_limit: Some(limit),
+                        function,
                     },
-                    Arc::new(dma),
+                    dma,
                 )
             });
         self.release_claim(&id);
@@ -323,6 +394,7 @@ impl DeviceManager {
             kind,
             path,
             entry_limit,
+            function,
         } = attachment;
         let listener = Arc::new(DmaMappingListener::new(dma, entry_limit));
         let monitor = self.monitor.clone();
@@ -360,6 +432,18 @@ impl DeviceManager {
                 });
             }
         }
+        // The guest finds the function only once its DMA follows the
+        // shared pages.
+        let pci = match (function, &self.pci) {
+            (Some(function), Some(segment)) => match segment.plug(function) {
+                Ok(plugged) => Some(plugged),
+                Err(e) => {
+                    self.unregister(&registrations, &listener);
+                    return Err(DeviceError::Pci(e));
+                }
+            },
+            _ => None,
+        };
         let device = AttachedDevice {
             id,
             kind,
@@ -367,12 +451,13 @@ impl DeviceManager {
             listener,
             max_dma_maps: entry_limit,
             registrations,
+            pci,
         };
         let info = device.info();
         let mut list = self.list();
         if list.closed {
             drop(list);
-            self.unregister(&device.registrations, &device.listener);
+            self.detach(&device);
             return Err(DeviceError::ShuttingDown);
         }
         info!(
@@ -381,6 +466,15 @@ impl DeviceManager {
         );
         list.devices.push(device);
         Ok(info)
+    }
+
+    /// The guest loses the function first (so it stops driving it), then
+    /// the device loses guest memory.
+    fn detach(&self, device: &AttachedDevice) {
+        if let (Some(plugged), Some(segment)) = (&device.pci, &self.pci) {
+            segment.unplug(plugged);
+        }
+        self.unregister(&device.registrations, &device.listener);
     }
 
     fn unregister(&self, registrations: &[(usize, ListenerId)], listener: &DmaMappingListener) {
@@ -411,7 +505,7 @@ impl DeviceManager {
                 .ok_or_else(|| DeviceError::NotFound(id.to_string()))?;
             list.devices.remove(index)
         };
-        self.unregister(&device.registrations, &device.listener);
+        self.detach(&device);
         let info = device.info();
         info!("device {id} removed: {} mappings left", info.dma.entries);
         Ok(info)
@@ -432,7 +526,7 @@ impl DeviceManager {
                 .iter()
                 .map(|device| {
                     scope.spawn(move || {
-                        self.unregister(&device.registrations, &device.listener);
+                        self.detach(device);
                         device.info()
                     })
                 })

@@ -61,7 +61,7 @@ fn attach_fake(
 }
 
 fn manager(memory: &Arc<MemoryManager>) -> DeviceManager {
-    DeviceManager::new(memory.clone(), Arc::new(EventMonitor::disabled()))
+    DeviceManager::new(memory.clone(), Arc::new(EventMonitor::disabled()), None)
 }
 
 #[test]
