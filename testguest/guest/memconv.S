@@ -22,12 +22,36 @@
     .set DOORBELL_BANK_SHIFT, 5
     .set OP_WRITE, 3
     .set OP_WAIT, 4
+    .set OP_DMA_WRITE, 5
+    .set OP_DMA_READ, 6
+    .set OP_CHECK, 7
     .set STATUS_OUT_OF_RANGE, 2
+    .set STATUS_DMA_FAULT, 7
+    .set STATUS_MISMATCH, 8
+    .set STATUS_NO_DEVICE, 9
+    .set STATUS_DEVICE_ERROR, 10
     .set GUEST_FLOOR, 0x1000000
     .set FLAG_POWEROFF, 1
     .set FLAG_QUIET, 2
-    .set STATUS_NAMES, 7
-    .set KIND_NAMES, 6      /* nop, shared, private, write, wait, unknown */
+    .set STATUS_NAMES, 11
+    .set KIND_NAMES, 9      /* nop .. check, unknown */
+
+    /* PCI: the test device (docs/test-guest.md) and its DMA engine. */
+    .set PCI_ADDRESS_PORT, 0xcf8
+    .set PCI_DATA_PORT, 0xcfc
+    .set TEST_DEVICE_IDS, 0xd3a0c0de
+    .set TEST_DEVICE_MSIX_CAP, 0x40
+    .set DMA_IOVA_LO, 0x00
+    .set DMA_IOVA_HI, 0x04
+    .set DMA_LENGTH, 0x08
+    .set DMA_VALUE, 0x0c
+    .set DMA_COMMAND, 0x10
+    .set DMA_STATUS, 0x14
+    .set MSIX_TABLE, 0x800
+    .set MSIX_VECTOR, 0x40
+    .set LAPIC_EOI, 0xfee000b0
+    .set LAPIC_SVR, 0xfee000f0
+    .set SPIN_FOR_IRQS, 200000
 
     .section .text
     .globl _start
@@ -40,6 +64,11 @@ _start:
     shl r11, DOORBELL_BANK_SHIFT
     add r11, DOORBELL_BASE
 
+    /* vCPU 0 takes the test device's MSI-X interrupts. */
+    test rbp, rbp
+    jnz 1f
+    call setup_interrupts
+1:
     lea rbx, [rip + optable]
     mov rax, [rbx]
     movabs rcx, 0x31564e4f434d454d      /* "MEMCONV1" */
@@ -71,6 +100,12 @@ next_op:
     je do_write
     cmp rax, OP_WAIT
     je do_wait
+    cmp rax, OP_DMA_WRITE
+    je do_dma
+    cmp rax, OP_DMA_READ
+    je do_dma
+    cmp rax, OP_CHECK
+    je do_check
 
     /* Doorbell: GPA and size as 32-bit halves, then the command. */
     mov rdx, r11
@@ -113,6 +148,73 @@ do_write:
     and rcx, 7
     rep stosb
     xor eax, eax
+
+    jmp op_result
+
+/* The guest compares its own memory with the op's byte. */
+do_check:
+    mov rdi, [rbx + 8]
+    mov rcx, [rbx + 16]
+    mov eax, STATUS_OUT_OF_RANGE
+    cmp rdi, GUEST_FLOOR
+    jb op_result
+    mov rsi, rdi
+    add rsi, rcx
+    jc op_result
+    cmp rsi, r15
+    ja op_result
+    xor edx, edx
+    test rcx, rcx
+    jz 1f
+    mov al, [rbx + 24]
+    repe scasb
+    je 1f
+    mov edx, STATUS_MISMATCH
+1:  mov eax, edx
+    jmp op_result
+
+/* The test device fills (dma-write) or compares (dma-read) the range by
+ * DMA; one vCPU drives its registers at a time. */
+do_dma:
+    call device_lock
+    call find_device
+    test rax, rax
+    jnz 1f
+    call device_unlock
+    mov eax, STATUS_NO_DEVICE
+    jmp op_result
+1:  mov rdi, rax
+    mov rax, [rbx + 8]
+    mov [rdi + DMA_IOVA_LO], eax
+    shr rax, 32
+    mov [rdi + DMA_IOVA_HI], eax
+    mov rax, [rbx + 16]
+    mov [rdi + DMA_LENGTH], eax
+    movzx eax, byte ptr [rbx + 24]
+    mov [rdi + DMA_VALUE], eax
+    mov rax, [rbx]
+    sub eax, OP_DMA_WRITE - 1           /* 1 fill, 2 verify */
+    mov [rdi + DMA_COMMAND], eax
+    lock inc qword ptr [rip + dma_ops]
+    mov eax, [rdi + DMA_STATUS]
+    mov edx, STATUS_NO_DEVICE
+    cmp eax, 0xffffffff                 /* gone: look again next time */
+    jne 2f
+    mov qword ptr [rip + device_bar0], 0
+    jmp 3f
+2:  xor edx, edx
+    test eax, eax
+    jz 3f
+    mov edx, STATUS_DMA_FAULT
+    cmp eax, 1
+    je 3f
+    mov edx, STATUS_MISMATCH
+    cmp eax, 2
+    je 3f
+    mov edx, STATUS_DEVICE_ERROR
+3:  call device_unlock
+    mov eax, edx
+    jmp op_result
 
 /* Spin until a device stores the op's byte at its GPA. */
 do_wait:
@@ -164,11 +266,8 @@ op_result:
     call puts
     mov rax, [rbx + 16]
     call put_hex
-    cmp qword ptr [rbx], OP_WRITE
-    je 7f
-    cmp qword ptr [rbx], OP_WAIT
-    jne 4f
-7:
+    cmp qword ptr [rbx], OP_WRITE       /* write and every kind after it */
+    jb 4f
     lea rsi, [rip + s_value]
     call puts
     movzx eax, byte ptr [rbx + 24]
@@ -205,6 +304,7 @@ cpu_done:
     inc rax
     cmp rax, [rip + expected_cpus]
     jne idle
+    call report_interrupts
     call console_lock
     lea rsi, [rip + s_done]
     call puts
@@ -234,6 +334,142 @@ bad_table:
     jmp idle
 
 /* --- helpers: clobber rax, rcx, rdx, rsi, rdi, r8, r9 only --- */
+
+/* Returns the test device's BAR0 in rax (0: not on the bus). The first
+ * time: scans bus 0 through ports 0xCF8/0xCFC, enables memory decoding
+ * and bus mastering, and points MSI-X vector 0 at vCPU 0. */
+find_device:
+    mov rax, [rip + device_bar0]
+    test rax, rax
+    jnz 9f
+    xor r8d, r8d
+1:  mov eax, r8d
+    shl eax, 11
+    or eax, 0x80000000
+    mov dx, PCI_ADDRESS_PORT
+    out dx, eax
+    mov dx, PCI_DATA_PORT
+    in eax, dx
+    cmp eax, TEST_DEVICE_IDS
+    je 2f
+    inc r8d
+    cmp r8d, 32
+    jb 1b
+    xor eax, eax
+    ret
+2:  mov eax, r8d                        /* BAR0 */
+    shl eax, 11
+    or eax, 0x80000010
+    mov dx, PCI_ADDRESS_PORT
+    out dx, eax
+    mov dx, PCI_DATA_PORT
+    in eax, dx
+    and eax, 0xfffffff0
+    mov r9, rax
+    mov eax, r8d                        /* command: memory + bus master */
+    shl eax, 11
+    or eax, 0x80000004
+    mov dx, PCI_ADDRESS_PORT
+    out dx, eax
+    mov dx, PCI_DATA_PORT
+    mov ax, 6
+    out dx, ax
+    /* The table is in BAR0: reachable once memory decoding is on. */
+    mov dword ptr [r9 + MSIX_TABLE], 0xfee00000
+    mov dword ptr [r9 + MSIX_TABLE + 4], 0
+    mov dword ptr [r9 + MSIX_TABLE + 8], MSIX_VECTOR
+    mov eax, r8d                        /* MSI-X message control: enable */
+    shl eax, 11
+    or eax, 0x80000000 | TEST_DEVICE_MSIX_CAP
+    mov dx, PCI_ADDRESS_PORT
+    out dx, eax
+    mov dx, PCI_DATA_PORT + 2
+    mov ax, 0x8000
+    out dx, ax
+    /* Unmask vector 0 last, once MSI-X is on. */
+    mov dword ptr [r9 + MSIX_TABLE + 12], 0
+    mov [rip + device_bar0], r9
+    mov rax, r9
+9:  ret
+
+device_lock:
+    mov eax, 1
+1:  xchg eax, [rip + device_busy]
+    test eax, eax
+    jz 2f
+    pause
+    mov eax, 1
+    jmp 1b
+2:  ret
+
+device_unlock:
+    mov dword ptr [rip + device_busy], 0
+    ret
+
+/* vCPU 0: an IDT whose vectors 0x20.. acknowledge the LAPIC and return
+ * (MSIX_VECTOR also counts), the LAPIC software-enabled, interrupts on. */
+setup_interrupts:
+    lea rdi, [rip + idt]
+    mov ecx, 0x20
+1:  lea rsi, [rip + irq_other]
+    cmp ecx, MSIX_VECTOR
+    jne 2f
+    lea rsi, [rip + irq_msix]
+2:  mov rdx, rcx
+    shl rdx, 4
+    mov [rdi + rdx], si
+    mov word ptr [rdi + rdx + 2], 0x08
+    mov word ptr [rdi + rdx + 4], 0x8e00
+    mov r8, rsi
+    shr r8, 16
+    mov [rdi + rdx + 6], r8w
+    shr r8, 16
+    mov [rdi + rdx + 8], r8d
+    mov dword ptr [rdi + rdx + 12], 0
+    inc ecx
+    cmp ecx, 256
+    jb 1b
+    lidt [rip + idt_descriptor]
+    mov eax, LAPIC_SVR
+    mov dword ptr [rax], 0x1ff
+    sti
+    ret
+
+irq_msix:
+    lock inc qword ptr [rip + msix_irqs]
+irq_other:
+    push rax
+    mov eax, LAPIC_EOI
+    mov dword ptr [rax], 0
+    pop rax
+    iretq
+
+/* Before the summary: if the device ran commands, give their MSI-X
+ * interrupts a moment to land, then print how many did. */
+report_interrupts:
+    mov rax, [rip + dma_ops]
+    test rax, rax
+    jz 3f
+    mov ecx, SPIN_FOR_IRQS
+1:  mov rax, [rip + msix_irqs]
+    cmp rax, [rip + dma_ops]
+    jae 2f
+    pause
+    dec ecx
+    jnz 1b
+2:  call console_lock
+    lea rsi, [rip + s_dma_ops]
+    call puts
+    mov rax, [rip + dma_ops]
+    call put_dec
+    lea rsi, [rip + s_msix]
+    call puts
+    mov rax, [rip + msix_irqs]
+    call put_dec
+    mov al, '\n'
+    call putc
+    call console_unlock
+3:  ret
 
 putc:
     mov dx, SERIAL_PORT
@@ -328,6 +564,11 @@ k_shared:     .asciz "shared"
 k_private:    .asciz "private"
 k_write:      .asciz "write"
 k_wait:       .asciz "wait"
+k_dma_write:  .asciz "dma-write"
+k_dma_read:   .asciz "dma-read"
+k_check:      .asciz "check"
+s_dma_ops:    .asciz "memconv: dma ops "
+s_msix:       .asciz " msix interrupts "
 st_ok:        .asciz "ok"
 st_invalid:   .asciz "invalid"
 st_range:     .asciz "out-of-range"
@@ -335,14 +576,27 @@ st_listener:  .asciz "listener-failed"
 st_hv:        .asciz "hypervisor-error"
 st_command:   .asciz "bad-command"
 st_busy:      .asciz "busy"
+st_dma_fault: .asciz "dma-fault"
+st_mismatch:  .asciz "mismatch"
+st_no_device: .asciz "no-device"
+st_dev_error: .asciz "device-error"
 
     .balign 8
-kind_names:   .quad k_nop, k_shared, k_private, k_write, k_wait, k_unknown
-status_names: .quad st_ok, st_invalid, st_range, st_listener, st_hv, st_command, st_busy
+kind_names:   .quad k_nop, k_shared, k_private, k_write, k_wait, k_dma_write, k_dma_read, k_check, k_unknown
+status_names: .quad st_ok, st_invalid, st_range, st_listener, st_hv, st_command, st_busy, st_dma_fault, st_mismatch, st_no_device, st_dev_error
 console_busy: .quad 0
 expected_cpus: .quad 0
 done_cpus:    .quad 0
 total_ok:     .quad 0
 total_failed: .quad 0
+device_bar0:  .quad 0
+device_busy:  .quad 0
+dma_ops:      .quad 0
+msix_irqs:    .quad 0
+idt_descriptor:
+    .word 256 * 16 - 1
+    .quad idt
+    .balign 16
+idt:          .space 256 * 16
     .balign 8
 optable:

@@ -15,12 +15,18 @@ pub enum OpKind {
     /// Spin until the byte at `gpa` equals `value` (a device writes it by
     /// DMA); lets a test look at the VM between two steps.
     Wait,
+    /// The test device fills the range with the byte by DMA.
+    DmaWrite,
+    /// The test device reads the range by DMA and compares it with the byte.
+    DmaRead,
+    /// The guest compares the range with the byte itself.
+    Check,
 }
 
 impl OpKind {
     /// Whether the op carries `=BYTE`.
     pub fn takes_value(self) -> bool {
-        matches!(self, OpKind::Write | OpKind::Wait)
+        !matches!(self, OpKind::Nop | OpKind::Shared | OpKind::Private)
     }
 }
 
@@ -33,6 +39,9 @@ impl OpKind {
             OpKind::Private => 2,
             OpKind::Write => 3,
             OpKind::Wait => 4,
+            OpKind::DmaWrite => 5,
+            OpKind::DmaRead => 6,
+            OpKind::Check => 7,
         }
     }
 }
@@ -51,15 +60,15 @@ pub enum ParseError {
     Empty,
     #[error("op {0:?}: expected KIND@GPA+SIZE")]
     Shape(String),
-    #[error("op {0:?}: unknown kind (nop, shared, private, write, wait)")]
+    #[error("op {0:?}: unknown kind (nop, shared, private, write, wait, dma-write, dma-read, check)")]
     Kind(String),
     #[error("invalid number {0:?}")]
     Number(String),
     #[error("invalid size {0:?} (a number with an optional K, M, G or T suffix)")]
     Size(String),
-    #[error("op {0:?}: write and wait need =BYTE (0..=255)")]
+    #[error("op {0:?}: write, wait, dma-write, dma-read and check need =BYTE (0..=255)")]
     WriteValue(String),
-    #[error("op {0:?}: only write and wait take =BYTE")]
+    #[error("op {0:?}: only write, wait, dma-write, dma-read and check take =BYTE")]
     UnexpectedValue(String),
 }
 
@@ -71,6 +80,9 @@ impl fmt::Display for Op {
             OpKind::Private => "private",
             OpKind::Write => "write",
             OpKind::Wait => "wait",
+            OpKind::DmaWrite => "dma-write",
+            OpKind::DmaRead => "dma-read",
+            OpKind::Check => "check",
         };
         write!(f, "{kind}@{:#x}+{:#x}", self.gpa, self.size)?;
         if self.kind.takes_value() {
@@ -115,6 +127,9 @@ fn parse_op(text: &str) -> Result<Op, ParseError> {
         "private" => OpKind::Private,
         "write" => OpKind::Write,
         "wait" => OpKind::Wait,
+        "dma-write" => OpKind::DmaWrite,
+        "dma-read" => OpKind::DmaRead,
+        "check" => OpKind::Check,
         _ => return Err(ParseError::Kind(text.to_string())),
     };
     let (range, value) = match rest.split_once('=') {

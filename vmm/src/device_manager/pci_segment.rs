@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hypervisor::{EventFd, MsiRoute, Vm};
-use log::warn;
+use log::{debug, warn};
 use pci::configuration::BarKind;
 use pci::{PciBus, PciConfigIo, PciConfigMmio, VfioPciDevice};
 use vm_device::{Bus, BusError, InterruptError, MsiMessage, MsiVectors};
@@ -315,6 +315,7 @@ impl MsiVectors for KvmMsiVectors {
             return Err(InterruptError::NoSuchVector(vector));
         };
         let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        debug!("MSI vector {vector} (GSI {gsi}) routed to {message:?}");
         match message {
             Some(_) => {
                 self.router.set(gsi, message)?;
