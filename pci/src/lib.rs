@@ -15,7 +15,9 @@ pub use bus::{
     BarWindow, CONFIG_IO_LEN, CONFIG_IO_PORT, ECAM_SIZE, HostBridge, PciBus, PciBusError,
     PciConfigIo, PciConfigMmio, PciDevice, SLOTS,
 };
-pub use vfio_pci::{CONFIG_REGION, MSIX_IRQ_INDEX, VfioOps, VfioOpsError, VfioPciDevice, VfioPciError};
+pub use vfio_pci::{
+    CONFIG_REGION, MSIX_IRQ_INDEX, VfioOps, VfioOpsError, VfioPciDevice, VfioPciError,
+};
 
 /// A function's address on segment 0 as Cloud Hypervisor prints it.
 pub fn bdf(slot: u8) -> String {

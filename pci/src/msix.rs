@@ -50,13 +50,15 @@ impl MsixLayout {
 
     /// Offset inside the table if `bar`/`offset` fall in it.
     pub fn in_table(&self, bar: usize, offset: u64) -> Option<u64> {
-        (bar == self.table_bar && (self.table_offset..self.table_offset + self.table_len()).contains(&offset))
-            .then(|| offset - self.table_offset)
+        (bar == self.table_bar
+            && (self.table_offset..self.table_offset + self.table_len()).contains(&offset))
+        .then(|| offset - self.table_offset)
     }
 
     pub fn in_pba(&self, bar: usize, offset: u64) -> Option<u64> {
-        (bar == self.pba_bar && (self.pba_offset..self.pba_offset + self.pba_len()).contains(&offset))
-            .then(|| offset - self.pba_offset)
+        (bar == self.pba_bar
+            && (self.pba_offset..self.pba_offset + self.pba_len()).contains(&offset))
+        .then(|| offset - self.pba_offset)
     }
 }
 

@@ -120,7 +120,11 @@ impl VfioPciDevice {
                     },
                 );
             }
-            index += if kind == BarKind::Mem64 && !is_io { 2 } else { 1 };
+            index += if kind == BarKind::Mem64 && !is_io {
+                2
+            } else {
+                1
+            };
         }
         let msix_layout = Self::find_msix(&read)?;
         let msix = match msix_layout {
@@ -244,7 +248,10 @@ impl VfioPciDevice {
             _ => Vec::new(),
         };
         if let Err(e) = self.ops.set_irq_eventfds(MSIX_IRQ_INDEX, &fds) {
-            warn!("cannot {} MSI-X on the device: {e}", if on { "enable" } else { "disable" });
+            warn!(
+                "cannot {} MSI-X on the device: {e}",
+                if on { "enable" } else { "disable" }
+            );
         }
     }
 

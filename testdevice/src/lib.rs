@@ -233,7 +233,9 @@ impl ServerBackend for Backend {
         if fds.len() != count as usize {
             return Err(invalid(format!("{count} vectors but {} fds", fds.len())));
         }
-        s.engine.msix.resize_with(pci::MSIX_VECTORS as usize, || None);
+        s.engine
+            .msix
+            .resize_with(pci::MSIX_VECTORS as usize, || None);
         for (i, fd) in fds.into_iter().enumerate() {
             s.engine.msix[start as usize + i] = Some(fd);
         }
@@ -274,7 +276,11 @@ fn irqs() -> Vec<IrqInfo> {
         .map(|index| IrqInfo {
             index,
             flags: EVENTFD,
-            count: if index == IRQ_MSIX { pci::MSIX_VECTORS } else { 0 },
+            count: if index == IRQ_MSIX {
+                pci::MSIX_VECTORS
+            } else {
+                0
+            },
         })
         .collect()
 }
@@ -328,7 +334,12 @@ fn answer(state: &SharedState, line: &str) -> String {
         }
         ["stream", iova, len, byte] => (|| {
             let (iova, len, byte) = (number(iova)?, number(len)?, number(byte)?);
-            for (offset, value) in [(0x0, iova as u32), (0x4, (iova >> 32) as u32), (0x8, len as u32), (0xc, byte as u32)] {
+            for (offset, value) in [
+                (0x0, iova as u32),
+                (0x4, (iova >> 32) as u32),
+                (0x8, len as u32),
+                (0xc, byte as u32),
+            ] {
                 pci::bar0_write(state, offset, &value.to_le_bytes());
             }
             pci::bar0_write(state, 0x10, &pci::COMMAND_STREAM_START.to_le_bytes());

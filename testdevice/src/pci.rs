@@ -101,9 +101,21 @@ pub fn config_read(state: &DeviceState, offset: u64, data: &mut [u8]) {
     put(&mut space, 0x2e, &DEVICE_ID.to_le_bytes());
     put(&mut space, 0x34, &[MSIX_CAPABILITY as u8]);
     put(&mut space, MSIX_CAPABILITY, &[0x11, 0]);
-    put(&mut space, MSIX_CAPABILITY + 2, &((MSIX_VECTORS - 1) as u16).to_le_bytes());
-    put(&mut space, MSIX_CAPABILITY + 4, &MSIX_TABLE_OFFSET.to_le_bytes());
-    put(&mut space, MSIX_CAPABILITY + 8, &MSIX_PBA_OFFSET.to_le_bytes());
+    put(
+        &mut space,
+        MSIX_CAPABILITY + 2,
+        &((MSIX_VECTORS - 1) as u16).to_le_bytes(),
+    );
+    put(
+        &mut space,
+        MSIX_CAPABILITY + 4,
+        &MSIX_TABLE_OFFSET.to_le_bytes(),
+    );
+    put(
+        &mut space,
+        MSIX_CAPABILITY + 8,
+        &MSIX_PBA_OFFSET.to_le_bytes(),
+    );
     for (i, b) in data.iter_mut().enumerate() {
         *b = space.get(offset as usize + i).copied().unwrap_or(0xff);
     }
@@ -112,7 +124,10 @@ pub fn config_read(state: &DeviceState, offset: u64, data: &mut [u8]) {
 pub fn config_write(state: &mut DeviceState, offset: u64, data: &[u8]) {
     let mut command = state.engine.command_register.to_le_bytes();
     for (i, b) in data.iter().enumerate() {
-        if let Some(slot) = (offset as usize + i).checked_sub(4).and_then(|at| command.get_mut(at)) {
+        if let Some(slot) = (offset as usize + i)
+            .checked_sub(4)
+            .and_then(|at| command.get_mut(at))
+        {
             *slot = *b;
         }
     }
@@ -170,16 +185,18 @@ fn run_command(shared: &SharedState, s: &mut DeviceState, command: u32) {
             }
             Err(_) => STATUS_DMA_FAULT,
         },
-        COMMAND_VERIFY => match s.dma_chunks(iova, len) {
-            Ok(chunks) => {
-                let same = chunks.iter().all(|&(host, n)| {
+        COMMAND_VERIFY => {
+            match s.dma_chunks(iova, len) {
+                Ok(chunks) => {
+                    let same = chunks.iter().all(|&(host, n)| {
                     // SAFETY: as for the fill.
                     (0..n).all(|i| unsafe { std::ptr::read_volatile((host + i) as *const u8) } == value)
                 });
-                if same { STATUS_OK } else { STATUS_MISMATCH }
+                    if same { STATUS_OK } else { STATUS_MISMATCH }
+                }
+                Err(_) => STATUS_DMA_FAULT,
             }
-            Err(_) => STATUS_DMA_FAULT,
-        },
+        }
         COMMAND_STREAM_START => {
             stop_stream(s);
             let stop = Arc::new(AtomicBool::new(false));

@@ -60,7 +60,9 @@ pub enum ParseError {
     Empty,
     #[error("op {0:?}: expected KIND@GPA+SIZE")]
     Shape(String),
-    #[error("op {0:?}: unknown kind (nop, shared, private, write, wait, dma-write, dma-read, check)")]
+    #[error(
+        "op {0:?}: unknown kind (nop, shared, private, write, wait, dma-write, dma-read, check)"
+    )]
     Kind(String),
     #[error("invalid number {0:?}")]
     Number(String),

@@ -440,6 +440,11 @@ impl TestDevice {
         self.child.id() as i32
     }
 
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling a child process this test started.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

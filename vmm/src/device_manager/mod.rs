@@ -132,6 +132,16 @@ impl VfioUserDma {
         })
     }
 
+    /// Whether the server is a PCI function (it has a configuration space
+    /// region). A server that refuses the question is a DMA target only.
+    fn offers_pci_function(&self) -> Result<bool, DeviceError> {
+        match self.client().region_size(pci::CONFIG_REGION) {
+            Ok(size) => Ok(size > 0),
+            Err(VfioUserError::Refused { .. }) => Ok(false),
+            Err(e) => Err(DeviceError::VfioUser(e)),
+        }
+    }
+
     fn client(&self) -> MutexGuard<'_, VfioUserClient> {
         // The client's state is updated before any call that could panic.
         self.client.lock().unwrap_or_else(|e| e.into_inner())
@@ -321,10 +331,17 @@ impl DeviceManager {
                 let limit = dma.max_dma_maps;
                 let dma = Arc::new(dma);
                 let function = match &self.pci {
-                    Some(segment) => Some(Arc::new(
+                    Some(segment) if dma.offers_pci_function()? => Some(Arc::new(
                         VfioPciDevice::new(dma.clone(), |n| segment.msi_vectors(n))
                             .map_err(DeviceError::PciFunction)?,
                     )),
+                    Some(_) => {
+                        warn!(
+                            "{}: no PCI configuration space; attached for DMA only",
+                            config.socket.display()
+                        );
+                        None
+                    }
                     None => None,
                 };
                 self.attach_claimed(

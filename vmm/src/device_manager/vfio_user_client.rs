@@ -313,7 +313,12 @@ impl VfioUserClient {
     }
 
     /// Writes `data` to region `index` at `offset` (REGION_WRITE).
-    pub fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioUserError> {
+    pub fn region_write(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), VfioUserError> {
         let head = region_access(index, offset, data.len())?;
         let mut payload = Vec::with_capacity(16 + data.len());
         payload.extend_from_slice(&head);
@@ -334,7 +339,9 @@ impl VfioUserClient {
         if reply.len() < 16 || reply[8..12] != index.to_le_bytes() {
             return Err(self.protocol_failure("DEVICE_GET_IRQ_INFO"));
         }
-        Ok(u32::from_le_bytes(reply[12..16].try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            reply[12..16].try_into().expect("4 bytes"),
+        ))
     }
 
     /// Gives the server one eventfd per vector of irq index `index`, from

@@ -1,0 +1,266 @@
+//! Assigned devices the guest drives: the memconv guest finds the test
+//! device on PCI bus 0, programs its BAR0 DMA engine and takes its MSI-X
+//! interrupt; the device (a real vfio-user server process) reaches guest
+//! memory only through the mappings the VMM gave it. Every test ends with
+//! the invariant: the VMM's shared set equals every live device's mappings.
+
+mod common;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+const A: u64 = 16 * MIB;
+
+fn engine(device: &TestDevice) -> serde_json::Value {
+    serde_json::from_str(&device.command("engine")).unwrap()
+}
+
+fn info(api: &std::path::Path) -> serde_json::Value {
+    let (ok, out, err) = ch_remote(api, &["info"]);
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn the_guest_drives_dma_into_shared_pages_and_faults_on_private_ones() {
+    if !kvm_available("the_guest_drives_dma_into_shared_pages_and_faults_on_private_ones") {
+        return;
+    }
+    let dir = TempDir::new("pcidma");
+    let device = TestDevice::spawn(&dir, "dev0");
+    let ops = [
+        format!("shared@{A:#x}+16K"),
+        // 1. The device fills a shared buffer; the guest sees the pattern.
+        format!("dma-write@{A:#x}+8K=0x5a"),
+        format!("check@{A:#x}+8K=0x5a"),
+        // The device reads what the guest wrote, and notices a difference.
+        format!("write@{:#x}+4K=0x33", A + 0x2000),
+        format!("dma-read@{:#x}+4K=0x33", A + 0x2000),
+        format!("dma-read@{:#x}+4K=0x34", A + 0x2000),
+        // 2. A page made private: a write across it faults and changes
+        // nothing, on the private page or on its shared neighbour.
+        format!("private@{:#x}+4K", A + 0x1000),
+        format!("dma-write@{A:#x}+8K=0x77"),
+        format!("check@{A:#x}+4K=0x5a"),
+        format!("dma-read@{:#x}+4K=0", A + 0x1000),
+        // Beyond RAM: nothing there is mapped.
+        format!("dma-write@{:#x}+4K=1", 1u64 << 40),
+    ];
+    let guest = memconv_guest(&dir, &[&ops.join(",")], true);
+    let api = dir.path("api.sock");
+    let user_device = format!("socket={},id=dev0", device.socket.display());
+    let mut vmm = GuestVmm::spawn(
+        &guest,
+        &[
+            "--memory",
+            "size=256M,guest_memfd=on",
+            "--user-device",
+            &user_device,
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    let done = vmm.wait_for_line("memconv: done");
+    assert_eq!(
+        vmm.op_statuses(),
+        [
+            "ok",
+            "ok",
+            "ok",
+            "ok",
+            "ok",
+            "mismatch",
+            "ok",
+            "dma-fault",
+            "ok",
+            "dma-fault",
+            "dma-fault"
+        ],
+        "{:#?}",
+        vmm.console()
+    );
+    assert_eq!(done, "memconv: done 7 ok 4 failed");
+    // Every command completed with an MSI-X interrupt that reached vCPU 0
+    // through KVM's irqchip.
+    let irqs = vmm.wait_for_line("memconv: dma ops");
+    assert_eq!(irqs, "memconv: dma ops 6 msix interrupts 6");
+    let e = engine(&device);
+    assert_eq!(e["completions"], 6);
+    assert_eq!(e["faults"], 3);
+    assert!(vmm.wait_exit(std::time::Duration::from_secs(10)).success());
+}
+
+#[test]
+fn the_device_has_a_bdf_and_follows_conversions_while_the_guest_drives_it() {
+    if !kvm_available("the_device_has_a_bdf_and_follows_conversions_while_the_guest_drives_it") {
+        return;
+    }
+    let dir = TempDir::new("pcibdf");
+    let device = TestDevice::spawn(&dir, "dev0");
+    let flag = A + 0x8000;
+    let ops = [
+        format!("shared@{A:#x}+64K"),
+        format!("dma-write@{A:#x}+16K=0x11"),
+        format!("wait@{flag:#x}+1=1"),
+        format!("private@{:#x}+4K", A + 0x1000),
+    ];
+    let guest = memconv_guest(&dir, &[&ops.join(",")], false);
+    let api = dir.path("api.sock");
+    let user_device = format!("socket={},id=dev0", device.socket.display());
+    let vmm = GuestVmm::spawn(
+        &guest,
+        &[
+            "--memory",
+            "size=256M,guest_memfd=on",
+            "--user-device",
+            &user_device,
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    wait_for_socket(&api);
+    let info = info(&api);
+    assert_eq!(info["devices"][0]["bdf"], "0000:00:01.0");
+    vmm.wait_for_line("op 1 dma-write");
+    assert_eq!(device.read(A, 4).unwrap(), vec![0x11; 4]);
+    device.write(flag, 1);
+    vmm.wait_for_line("memconv: done");
+    assert_eq!(vmm.op_statuses(), ["ok", "ok", "ok", "ok"]);
+    let shared = vmm_shared_ranges(&api);
+    assert_eq!(shared, [(A, 0x1000), (A + 0x2000, 0xe000)]);
+    assert_eq!(device.mapped(), shared);
+}
+
+#[test]
+fn a_hot_added_device_is_found_by_the_guest_and_a_removed_one_is_gone() {
+    if !kvm_available("a_hot_added_device_is_found_by_the_guest_and_a_removed_one_is_gone") {
+        return;
+    }
+    let dir = TempDir::new("pcihot");
+    let first = TestDevice::spawn(&dir, "dev0");
+    let second = TestDevice::spawn(&dir, "dev1");
+    let (flag1, flag2) = (A + 0x8000, A + 0x9000);
+    let ops = [
+        format!("shared@{A:#x}+64K"),
+        format!("dma-write@{A:#x}+4K=1"),
+        // 3. Hot-added after the conversions: found, DMA works on the pages
+        // shared before the add and faults elsewhere.
+        format!("wait@{flag1:#x}+1=1"),
+        format!("dma-write@{A:#x}+8K=0x5a"),
+        format!("check@{A:#x}+8K=0x5a"),
+        format!("dma-write@{:#x}+4K=1", A + 0x10000),
+        // Removed: its BAR reads all ones, so the guest sees no device; the
+        // next op scans the bus again and finds only the other device.
+        format!("wait@{flag2:#x}+1=2"),
+        format!("dma-write@{A:#x}+4K=7"),
+        format!("dma-write@{A:#x}+4K=8"),
+        format!("check@{A:#x}+4K=8"),
+    ];
+    let guest = memconv_guest(&dir, &[&ops.join(",")], false);
+    let api = dir.path("api.sock");
+    let vmm = GuestVmm::spawn(
+        &guest,
+        &[
+            "--memory",
+            "size=256M,guest_memfd=on",
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    wait_for_socket(&api);
+    vmm.wait_for_line("op 1 dma-write");
+    assert_eq!(vmm.op_statuses(), ["ok", "no-device"]);
+
+    let socket = format!("socket={},id=dev0", first.socket.display());
+    let (ok, out, err) = ch_remote(&api, &["add-user-device", &socket]);
+    assert!(ok, "{err}");
+    let added: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(added["id"], "dev0");
+    assert_eq!(added["bdf"], "0000:00:01.0");
+    assert_eq!(first.mapped(), [(A, 0x10000)]);
+    first.write(flag1, 1);
+    vmm.wait_for_line("op 5 dma-write");
+
+    let socket = format!("socket={},id=dev1", second.socket.display());
+    let (ok, out, err) = ch_remote(&api, &["add-user-device", &socket]);
+    assert!(ok, "{err}");
+    let added: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(added["bdf"], "0000:00:02.0");
+    let (ok, _, err) = ch_remote(&api, &["remove-device", "dev0"]);
+    assert!(ok, "{err}");
+    assert!(first.mapped().is_empty());
+    second.write(flag2, 2);
+    vmm.wait_for_line("memconv: done");
+    assert_eq!(
+        vmm.op_statuses(),
+        [
+            "ok",
+            "no-device",
+            "ok",
+            "ok",
+            "ok",
+            "dma-fault",
+            "ok",
+            "no-device",
+            "ok",
+            "ok"
+        ],
+        "{:#?}",
+        vmm.console()
+    );
+    assert_eq!(engine(&first)["completions"], 2);
+    assert_eq!(engine(&second)["completions"], 1);
+    let info = info(&api);
+    assert_eq!(info["devices"].as_array().unwrap().len(), 1);
+    assert_eq!(info["devices"][0]["bdf"], "0000:00:02.0");
+    assert_eq!(second.mapped(), vmm_shared_ranges(&api));
+}
+
+#[test]
+fn a_stopped_device_does_not_stop_the_guest_driving_another() {
+    if !kvm_available("a_stopped_device_does_not_stop_the_guest_driving_another") {
+        return;
+    }
+    let dir = TempDir::new("pcistop");
+    let working = TestDevice::spawn(&dir, "dev0");
+    let stopped = TestDevice::spawn(&dir, "dev1");
+    let flag = A + 0x8000;
+    let ops = [
+        format!("shared@{A:#x}+64K"),
+        format!("wait@{flag:#x}+1=1"),
+        // 5. The stopped device fails this conversion's mapping and is cut
+        // off; the guest's device and conversions go on.
+        format!("shared@{:#x}+64K", A + 0x10000),
+        format!("dma-write@{:#x}+64K=0x3c", A + 0x10000),
+        format!("check@{:#x}+64K=0x3c", A + 0x10000),
+    ];
+    let guest = memconv_guest(&dir, &[&ops.join(",")], false);
+    let api = dir.path("api.sock");
+    let dev0 = format!("socket={},id=dev0", working.socket.display());
+    let dev1 = format!("socket={},id=dev1,timeout_ms=300", stopped.socket.display());
+    let vmm = GuestVmm::spawn(
+        &guest,
+        &[
+            "--memory",
+            "size=256M,guest_memfd=on",
+            "--user-device",
+            &dev0,
+            "--user-device",
+            &dev1,
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    wait_for_socket(&api);
+    vmm.wait_for_line("op 0 shared");
+    stopped.signal(libc::SIGSTOP);
+    working.write(flag, 1);
+    vmm.wait_for_line("memconv: done");
+    stopped.signal(libc::SIGCONT);
+    assert_eq!(vmm.op_statuses(), ["ok", "ok", "ok", "ok", "ok"]);
+    let info = info(&api);
+    assert_eq!(info["devices"][0]["state"], "attached");
+    assert_eq!(info["devices"][1]["state"], "failed");
+    assert_eq!(working.mapped(), vmm_shared_ranges(&api));
+    assert!(stopped.mapped().is_empty(), "{:x?}", stopped.mapped());
+}
