@@ -239,14 +239,12 @@ impl PciConfigIo {
     /// (bus, device, function, register) the address register selects.
     fn target(&self) -> Option<(u8, usize, u8, usize)> {
         let a = *self.address.lock().unwrap();
-        (a & CONFIG_ENABLE != 0).then(|| {
-            (
-                (a >> 16) as u8,
-                ((a >> 11) & 0x1f) as usize,
-                ((a >> 8) & 0x7) as u8,
-                ((a >> 2) & 0x3f) as usize,
-            )
-        })
+        (a & CONFIG_ENABLE != 0).then_some((
+            (a >> 16) as u8,
+            ((a >> 11) & 0x1f) as usize,
+            ((a >> 8) & 0x7) as u8,
+            ((a >> 2) & 0x3f) as usize,
+        ))
     }
 }
 

@@ -200,11 +200,11 @@ impl MsixTable {
             if wanted == self.routed[index] {
                 continue;
             }
-            if let Some(vectors) = &self.vectors {
-                if let Err(e) = vectors.route(index as u16, wanted) {
-                    warn!("MSI-X vector {index}: {e}");
-                    continue;
-                }
+            if let Some(vectors) = &self.vectors
+                && let Err(e) = vectors.route(index as u16, wanted)
+            {
+                warn!("MSI-X vector {index}: {e}");
+                continue;
             }
             self.routed[index] = wanted;
         }

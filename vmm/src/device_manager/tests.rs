@@ -55,6 +55,7 @@ fn attach_fake(
             kind: DeviceKind::Vfio,
             path: PathBuf::from("/fake"),
             entry_limit: limit,
+            function: None,
         },
         iommu.clone(),
     )
