@@ -131,13 +131,16 @@ impl PciBus {
     /// Takes the function out of `slot`: its windows leave the MMIO bus and
     /// its configuration space reads all ones from now on.
     pub fn remove(&self, slot: u8) -> Result<Arc<dyn PciDevice>, PciBusError> {
+        if slot == 0 {
+            // The host bridge is part of the segment.
+            return Err(PciBusError::EmptySlot(slot));
+        }
         let taken = self
             .slots
             .write()
             .unwrap()
             .get_mut(usize::from(slot))
             .and_then(Option::take)
-            .filter(|_| slot != 0)
             .ok_or(PciBusError::EmptySlot(slot))?;
         let mut s = taken.lock().unwrap();
         for window in s.mapped.drain(..) {

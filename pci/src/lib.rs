@@ -23,3 +23,6 @@ pub use vfio_pci::{
 pub fn bdf(slot: u8) -> String {
     format!("0000:00:{slot:02x}.0")
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,373 @@
+//! The bus and the VFIO PCI function model against a fake device that
+//! keeps the rules a VFIO / vfio-user device keeps: region accesses inside
+//! the region's size, configuration space in region 7, MSI-X eventfds only
+//! through SET_IRQS.
+
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+
+use vm_device::{Bus, InterruptError, MsiMessage, MsiVectors};
+
+use crate::bus::PciDevice;
+use crate::configuration::BarKind;
+use crate::{PciBus, PciConfigIo, PciConfigMmio, VfioOps, VfioOpsError, VfioPciDevice};
+use vm_device::BusDevice;
+
+const BAR0_SIZE: u64 = 0x1000;
+const BAR2_SIZE: u64 = 0x10_0000;
+
+#[derive(Default)]
+struct FakeState {
+    config: Vec<u8>,
+    bar0: Vec<u8>,
+    bar0_writes: Vec<(u64, Vec<u8>)>,
+    irq_sets: Vec<(u32, usize)>,
+    resets: u32,
+    fail_config: bool,
+}
+
+struct FakeFunction(Mutex<FakeState>);
+
+impl FakeFunction {
+    /// A function with a 32-bit BAR0, a 64-bit BAR2 and MSI-X (4 vectors,
+    /// table at BAR0+0x800, PBA at BAR0+0xc00); `capability_loop` makes
+    /// the capability list point at itself after a dummy entry.
+    fn new(capability_loop: bool) -> Arc<Self> {
+        let mut config = vec![0u8; 256];
+        config[0..4].copy_from_slice(&0x5678_1234u32.to_le_bytes());
+        config[6] = 0x10; // capability list
+        config[0x18] = 0b100; // BAR2: 64-bit memory
+        config[0x34] = 0x50;
+        // A vendor capability first, then MSI-X.
+        config[0x50] = 0x09;
+        config[0x51] = if capability_loop { 0x50 } else { 0x60 };
+        config[0x60] = 0x11;
+        config[0x62..0x64].copy_from_slice(&3u16.to_le_bytes());
+        config[0x64..0x68].copy_from_slice(&0x800u32.to_le_bytes());
+        config[0x68..0x6c].copy_from_slice(&0xc00u32.to_le_bytes());
+        Arc::new(FakeFunction(Mutex::new(FakeState {
+            config,
+            bar0: vec![0; BAR0_SIZE as usize],
+            ..Default::default()
+        })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.0.lock().unwrap()
+    }
+}
+
+fn out_of_range() -> VfioOpsError {
+    VfioOpsError("access outside the region".into())
+}
+
+impl VfioOps for FakeFunction {
+    fn region_size(&self, index: u32) -> Result<u64, VfioOpsError> {
+        Ok(match index {
+            0 => BAR0_SIZE,
+            2 => BAR2_SIZE,
+            7 => 256,
+            _ => 0,
+        })
+    }
+
+    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), VfioOpsError> {
+        let s = self.state();
+        let region = match index {
+            7 if s.fail_config => return Err(VfioOpsError("gone".into())),
+            7 => &s.config,
+            0 => &s.bar0,
+            _ => return Err(out_of_range()),
+        };
+        let at = offset as usize;
+        let bytes = region.get(at..at + data.len()).ok_or_else(out_of_range)?;
+        data.copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioOpsError> {
+        let mut s = self.state();
+        let at = offset as usize;
+        match index {
+            7 => {
+                // Only the command register is writable on this function.
+                for (i, b) in data.iter().enumerate() {
+                    if (4..6).contains(&(at + i)) {
+                        s.config[at + i] = *b;
+                    }
+                }
+            }
+            0 => {
+                let slot = s
+                    .bar0
+                    .get_mut(at..at + data.len())
+                    .ok_or_else(out_of_range)?;
+                slot.copy_from_slice(data);
+                s.bar0_writes.push((offset, data.to_vec()));
+            }
+            _ => return Err(out_of_range()),
+        }
+        Ok(())
+    }
+
+    fn irq_count(&self, index: u32) -> Result<u32, VfioOpsError> {
+        Ok(if index == 2 { 4 } else { 0 })
+    }
+
+    fn set_irq_eventfds(&self, index: u32, fds: &[RawFd]) -> Result<(), VfioOpsError> {
+        self.state().irq_sets.push((index, fds.len()));
+        Ok(())
+    }
+
+    fn reset(&self) -> Result<(), VfioOpsError> {
+        self.state().resets += 1;
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Routes(Mutex<Vec<(u16, Option<MsiMessage>)>>);
+
+impl MsiVectors for Routes {
+    fn count(&self) -> u16 {
+        4
+    }
+    fn notifier(&self, vector: u16) -> Option<RawFd> {
+        Some(100 + RawFd::from(vector))
+    }
+    fn route(&self, vector: u16, message: Option<MsiMessage>) -> Result<(), InterruptError> {
+        self.0.lock().unwrap().push((vector, message));
+        Ok(())
+    }
+}
+
+struct Rig {
+    fake: Arc<FakeFunction>,
+    function: Arc<VfioPciDevice>,
+    routes: Arc<Routes>,
+    bus: Arc<PciBus>,
+    mmio: Arc<Bus>,
+    ports: PciConfigIo,
+    slot: u8,
+}
+
+fn rig() -> Rig {
+    let fake = FakeFunction::new(false);
+    let routes = Arc::new(Routes::default());
+    let r = routes.clone();
+    let function = Arc::new(
+        VfioPciDevice::new(fake.clone(), move |n| {
+            assert_eq!(n, 4);
+            Some(r as Arc<dyn MsiVectors>)
+        })
+        .unwrap(),
+    );
+    function.set_bar_address(0, 0xc000_0000);
+    function.set_bar_address(2, 0x1_0000_0000);
+    let mmio = Arc::new(Bus::new());
+    let bus = Arc::new(PciBus::new(mmio.clone()));
+    let slot = bus.add(function.clone()).unwrap();
+    let ports = PciConfigIo::new(bus.clone());
+    Rig {
+        fake,
+        function,
+        routes,
+        bus,
+        mmio,
+        ports,
+        slot,
+    }
+}
+
+impl Rig {
+    fn select(&self, reg: u32) {
+        let address = 0x8000_0000 | (u32::from(self.slot) << 11) | (reg << 2);
+        self.ports.write(0, &address.to_le_bytes());
+    }
+
+    fn config_read(&self, reg: u32) -> u32 {
+        self.select(reg);
+        let mut b = [0u8; 4];
+        self.ports.read(4, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn config_write(&self, reg: u32, offset: u64, data: &[u8]) {
+        self.select(reg);
+        self.ports.write(4 + offset, data);
+    }
+
+    fn mmio_read32(&self, addr: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.mmio.read(addr, &mut b);
+        u32::from_le_bytes(b)
+    }
+}
+
+#[test]
+fn the_function_is_reset_and_its_bars_and_msix_are_learned() {
+    let r = rig();
+    assert_eq!(r.fake.state().resets, 1);
+    assert_eq!(r.slot, 1, "slot 0 is the host bridge");
+    assert_eq!(
+        (r.function.vendor_id(), r.function.device_id()),
+        (0x1234, 0x5678)
+    );
+    assert_eq!(
+        r.function.bar_requests(),
+        [
+            (0, BAR0_SIZE, BarKind::Mem32),
+            (2, BAR2_SIZE, BarKind::Mem64)
+        ]
+    );
+    let layout = r.function.msix_layout().unwrap();
+    assert_eq!((layout.capability, layout.vectors), (0x60, 4));
+}
+
+#[test]
+fn configuration_space_through_ports_and_ecam_with_all_ones_where_nothing_is() {
+    let r = rig();
+    assert_eq!(r.config_read(0), 0x5678_1234);
+    let ecam = PciConfigMmio::new(r.bus.clone());
+    let mut b = [0u8; 4];
+    ecam.read(u64::from(r.slot) << 15, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 0x5678_1234);
+    ecam.read(0, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 0x0d57_8086, "host bridge");
+    for absent in [5u64 << 15, (u64::from(r.slot) << 15) | (1 << 12), 1 << 20] {
+        ecam.read(absent, &mut b);
+        assert_eq!(b, [0xff; 4], "{absent:#x}");
+    }
+    // Without the enable bit the data port reads all ones.
+    r.ports.write(0, &(u32::from(r.slot) << 11).to_le_bytes());
+    r.ports.read(4, &mut b);
+    assert_eq!(b, [0xff; 4]);
+    // A 2-byte read of the upper half of the first dword: the device id.
+    r.select(0);
+    let mut two = [0u8; 2];
+    r.ports.read(6, &mut two);
+    assert_eq!(u16::from_le_bytes(two), 0x5678);
+    assert_eq!(r.config_read(12), 0, "expansion ROM hidden");
+}
+
+#[test]
+fn bars_are_sized_by_the_guest_and_decoded_only_with_memory_enabled() {
+    let r = rig();
+    assert_eq!(r.config_read(4), 0xc000_0000);
+    r.config_write(4, 0, &u32::MAX.to_le_bytes());
+    assert_eq!(!(r.config_read(4) & !0xf) + 1, BAR0_SIZE as u32);
+    r.config_write(4, 0, &0xc000_0000u32.to_le_bytes());
+    assert_eq!((r.config_read(6), r.config_read(7)), (0b100, 1));
+    assert!(r.bus.mapped_windows(r.slot).is_empty());
+    assert_eq!(r.mmio_read32(0xc000_0010), u32::MAX, "not decoded yet");
+
+    r.config_write(1, 0, &6u16.to_le_bytes());
+    assert_eq!(r.config_read(1) & 0xffff, 6);
+    assert_eq!(
+        r.fake.state().config[4],
+        6,
+        "the command reaches the device"
+    );
+    assert_eq!(r.bus.mapped_windows(r.slot).len(), 2);
+    r.fake.state().bar0[0x10..0x14].copy_from_slice(&0xabcdu32.to_le_bytes());
+    assert_eq!(r.mmio_read32(0xc000_0010), 0xabcd);
+    r.mmio.write(0xc000_0020, &7u32.to_le_bytes());
+    assert_eq!(r.fake.state().bar0_writes, [(0x20, vec![7, 0, 0, 0])]);
+
+    // The guest moves BAR0: the window follows.
+    r.config_write(4, 0, &0xc010_0000u32.to_le_bytes());
+    assert_eq!(r.mmio_read32(0xc010_0010), 0xabcd);
+    assert_eq!(r.mmio_read32(0xc000_0010), u32::MAX);
+    // Memory decoding off: no window at all.
+    r.config_write(1, 0, &0u16.to_le_bytes());
+    assert_eq!(r.mmio_read32(0xc010_0010), u32::MAX);
+}
+
+#[test]
+fn msix_is_emulated_and_the_device_gets_eventfds_only_while_enabled() {
+    let r = rig();
+    r.config_write(1, 0, &2u16.to_le_bytes());
+    let table = 0xc000_0800;
+    r.mmio.write(table, &0xfee0_0000u32.to_le_bytes());
+    r.mmio.write(table + 8, &0x41u32.to_le_bytes());
+    r.mmio.write(table + 12, &0u32.to_le_bytes());
+    assert!(
+        r.fake.state().bar0_writes.is_empty(),
+        "the table stays with the VMM"
+    );
+    assert_eq!(r.mmio_read32(table + 8), 0x41);
+    assert_eq!(r.mmio_read32(0xc000_0c00), 0, "PBA");
+    assert!(r.routes.0.lock().unwrap().is_empty());
+
+    // Message control is the upper half of the capability's first dword.
+    let cap = 0x60 / 4;
+    assert_eq!(r.config_read(cap) >> 16, 3);
+    r.config_write(cap, 2, &0x8000u16.to_le_bytes());
+    assert!(r.function.msix_enabled());
+    assert_eq!(r.config_read(cap) >> 16, 0x8003);
+    assert_eq!(r.fake.state().irq_sets, [(2, 4)]);
+    let msg = MsiMessage {
+        address: 0xfee0_0000,
+        data: 0x41,
+    };
+    assert_eq!(*r.routes.0.lock().unwrap(), [(0, Some(msg))]);
+    // Writing the capability's read-only bytes changes nothing.
+    r.config_write(cap, 0, &[0xff]);
+    assert_eq!(r.fake.state().irq_sets.len(), 1);
+
+    r.config_write(cap, 2, &0u16.to_le_bytes());
+    assert_eq!(r.fake.state().irq_sets, [(2, 4), (2, 0)]);
+    assert_eq!(r.routes.0.lock().unwrap().last(), Some(&(0, None)));
+}
+
+#[test]
+fn a_removed_function_reads_all_ones_and_leaves_the_mmio_bus() {
+    let r = rig();
+    r.config_write(1, 0, &2u16.to_le_bytes());
+    let cap = 0x60 / 4;
+    r.config_write(cap, 2, &0x8000u16.to_le_bytes());
+    assert_eq!(r.mmio_read32(0xc000_0000), 0);
+    let removed = r.bus.remove(r.slot).unwrap();
+    assert_eq!(r.config_read(0), u32::MAX);
+    assert_eq!(r.mmio_read32(0xc000_0000), u32::MAX);
+    assert!(r.bus.mapped_windows(r.slot).is_empty());
+    assert!(r.bus.remove(r.slot).is_err());
+    assert!(r.bus.remove(0).is_err(), "the host bridge stays");
+    drop(removed);
+    r.function.shut_down();
+    assert!(!r.function.msix_enabled());
+    assert_eq!(r.fake.state().irq_sets.last(), Some(&(2, 0)));
+    // The slot is free again.
+    assert_eq!(r.bus.add(r.function.clone()).unwrap(), r.slot);
+}
+
+#[test]
+fn a_failing_device_reads_all_ones_and_a_looping_capability_list_ends() {
+    let r = rig();
+    r.fake.state().fail_config = true;
+    assert_eq!(r.config_read(0), u32::MAX);
+    assert_eq!(r.config_read(4), 0xc000_0000, "BARs stay emulated");
+
+    let looping = FakeFunction::new(true);
+    let function = VfioPciDevice::new(looping, |_| None).unwrap();
+    assert!(function.msix_layout().is_none());
+
+    let dead = FakeFunction::new(false);
+    dead.state().fail_config = true;
+    assert!(VfioPciDevice::new(dead, |_| None).is_err());
+}
+
+#[test]
+fn all_32_slots_fill_and_the_next_add_is_refused() {
+    let mmio = Arc::new(Bus::new());
+    let bus = PciBus::new(mmio);
+    for expected in 1..32u8 {
+        let f = VfioPciDevice::new(FakeFunction::new(false), |_| None).unwrap();
+        assert_eq!(bus.add(Arc::new(f)).unwrap(), expected);
+    }
+    let f = VfioPciDevice::new(FakeFunction::new(false), |_| None).unwrap();
+    assert_eq!(
+        bus.add(Arc::new(f)).unwrap_err(),
+        crate::PciBusError::NoFreeSlot
+    );
+}
