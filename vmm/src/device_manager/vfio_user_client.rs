@@ -1,6 +1,8 @@
-//! The client side of the vfio-user protocol, as far as DMA needs it:
-//! version negotiation, DMA_MAP (with the memory's fd), DMA_UNMAP, and the
-//! DMA_READ / DMA_WRITE requests a server may send while it owes a reply.
+//! The client side of the vfio-user protocol: version negotiation, DMA_MAP
+//! (with the memory's fd), DMA_UNMAP, the DMA_READ / DMA_WRITE requests a
+//! server may send while it owes a reply, and what the PCI function model
+//! needs (DEVICE_GET_REGION_INFO, REGION_READ / REGION_WRITE,
+//! DEVICE_GET_IRQ_INFO, DEVICE_SET_IRQS with eventfds, DEVICE_RESET).
 //!
 //! Ours rather than `vfio_user::Client` (0.1.7) because that client ignores
 //! the error flag of a DMA_MAP reply (a refused map looks like success) and
@@ -707,6 +709,102 @@ mod tests {
         .to_vec();
         out.extend_from_slice(body);
         out
+    }
+
+    #[test]
+    fn region_and_irq_requests_carry_their_fields_and_check_the_replies() {
+        let (mut client, server) = scripted(|h, body| match h.command {
+            CMD_DEVICE_GET_REGION_INFO => {
+                let mut info = body.to_vec();
+                info[16..24].copy_from_slice(&0x1000u64.to_le_bytes());
+                reply_to(h, FLAG_REPLY, 0, &info)
+            }
+            CMD_REGION_READ => {
+                let count = u32::from_le_bytes(body[12..16].try_into().unwrap());
+                let mut reply = body[..16].to_vec();
+                reply.extend((0..count).map(|i| i as u8 + body[0] as u8));
+                reply_to(h, FLAG_REPLY, 0, &reply)
+            }
+            CMD_REGION_WRITE if body[16..] == [9, 9] => reply_to(h, FLAG_REPLY, 0, &body[..16]),
+            CMD_DEVICE_GET_IRQ_INFO => {
+                let mut info = body.to_vec();
+                info[12..16].copy_from_slice(&3u32.to_le_bytes());
+                reply_to(h, FLAG_REPLY, 0, &info)
+            }
+            CMD_DEVICE_SET_IRQS => {
+                let flags = u32::from_le_bytes(body[4..8].try_into().unwrap());
+                let count = u32::from_le_bytes(body[16..20].try_into().unwrap());
+                let ok = (flags, count) == (IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_NONE, 0);
+                reply_to(
+                    h,
+                    if ok {
+                        FLAG_REPLY
+                    } else {
+                        FLAG_REPLY | FLAG_ERROR
+                    },
+                    22,
+                    &[],
+                )
+            }
+            CMD_DEVICE_RESET => reply_to(h, FLAG_REPLY | FLAG_ERROR, ENOSYS, &[]),
+            _ => Vec::new(),
+        });
+        assert_eq!(client.region_size(7).unwrap(), 0x1000);
+        let mut data = [0u8; 4];
+        client.region_read(0, 0x10, &mut data).unwrap();
+        assert_eq!(data, [0x10, 0x11, 0x12, 0x13]);
+        client.region_write(0, 0x20, &[9, 9]).unwrap();
+        assert_eq!(client.irq_count(2).unwrap(), 3);
+        client.set_irq_eventfds(2, &[]).unwrap();
+        // A refused reset is an answer, not a broken connection.
+        assert!(matches!(
+            client.reset(),
+            Err(VfioUserError::Refused { errno: 38, .. })
+        ));
+        assert!(matches!(
+            client.region_read(0, 0, &mut [0u8; 0]),
+            Err(VfioUserError::AccessSize(0))
+        ));
+        assert!(matches!(
+            client.region_write(0, 0, &vec![0u8; MAX_REGION_ACCESS + 1]),
+            Err(VfioUserError::AccessSize(_))
+        ));
+        assert!(client.closed_reason().is_none());
+        drop(client);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_region_reply_of_the_wrong_shape_closes_the_connection() {
+        type Mangle = fn(Header, &[u8]) -> Vec<u8>;
+        let cases: [(&str, Mangle); 3] = [
+            ("short data", |h, body| {
+                reply_to(h, FLAG_REPLY, 0, &body[..16])
+            }),
+            ("other offset", |h, body| {
+                let mut reply = body[..16].to_vec();
+                reply[0] ^= 4;
+                reply.extend([0u8; 4]);
+                reply_to(h, FLAG_REPLY, 0, &reply)
+            }),
+            ("region info for another index", |h, body| {
+                let mut info = body.to_vec();
+                info[8] ^= 1;
+                reply_to(h, FLAG_REPLY, 0, &info)
+            }),
+        ];
+        for (what, mangle) in cases {
+            let (mut client, server) = scripted(move |h, body| mangle(h, body));
+            let err = if what.starts_with("region info") {
+                client.region_size(7).unwrap_err()
+            } else {
+                client.region_read(0, 8, &mut [0u8; 4]).unwrap_err()
+            };
+            assert!(matches!(err, VfioUserError::Protocol(_)), "{what}: {err}");
+            assert!(client.closed_reason().is_some(), "{what}");
+            drop(client);
+            server.join().unwrap();
+        }
     }
 
     #[test]
