@@ -41,6 +41,8 @@ pub enum PciBusError {
     NoFreeSlot,
     #[error("PCI slot {0} is empty")]
     EmptySlot(u8),
+    #[error("PCI slot {0} is taken or does not exist")]
+    SlotTaken(u8),
 }
 
 /// The host bridge in slot 0: ids and class, nothing else.
@@ -111,12 +113,23 @@ impl PciBus {
 
     /// Puts `device` in the lowest free slot and decodes its windows.
     pub fn add(&self, device: Arc<dyn PciDevice>) -> Result<u8, PciBusError> {
+        self.add_at(None, device)
+    }
+
+    /// Puts `device` in `slot` (or the lowest free one) and decodes its
+    /// windows.
+    pub fn add_at(&self, slot: Option<u8>, device: Arc<dyn PciDevice>) -> Result<u8, PciBusError> {
         let slot = {
             let mut slots = self.slots.write().unwrap();
-            let index = slots
-                .iter()
-                .position(Option::is_none)
-                .ok_or(PciBusError::NoFreeSlot)?;
+            let index = match slot {
+                Some(wanted) => Some(usize::from(wanted))
+                    .filter(|&i| slots.get(i).is_some_and(Option::is_none))
+                    .ok_or(PciBusError::SlotTaken(wanted))?,
+                None => slots
+                    .iter()
+                    .position(Option::is_none)
+                    .ok_or(PciBusError::NoFreeSlot)?,
+            };
             let slot = Arc::new(Mutex::new(Slot {
                 device,
                 mapped: Vec::new(),

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 
 use vm_device::{Bus, InterruptError, MsiMessage, MsiVectors};
 
-use crate::bus::PciDevice;
 use crate::configuration::BarKind;
 use crate::{PciBus, PciConfigIo, PciConfigMmio, VfioOps, VfioOpsError, VfioPciDevice};
 use vm_device::BusDevice;

@@ -37,6 +37,22 @@ pub struct DmaStats {
     pub lost_remaps: u64,
 }
 
+/// How a device's mappings cover the shared pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MappingPolicy {
+    /// One mapping per populated run: fewest entries; a discard inside a
+    /// run unmaps it whole and maps back the survivors (a split), so DMA in
+    /// flight to the survivors can fault in that window.
+    #[default]
+    Runs,
+    /// One mapping per 4 KiB page: a discard unmaps exactly its pages, so a
+    /// page that stays shared is never unmapped; costs an entry per page.
+    Pages,
+}
+
+const PAGE_SIZE: u64 = 4096;
+
 /// Called once, with the reason, when the device is failed and cut off.
 pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
 
@@ -91,6 +107,7 @@ struct Published {
 pub struct DmaMappingListener {
     dma: Arc<dyn ExternalDmaMapping>,
     entry_limit: Option<u64>,
+    policy: MappingPolicy,
     mappings: Mutex<Mappings>,
     /// Updated at the end of every operation; never held across device I/O.
     published: Mutex<Published>,
@@ -107,9 +124,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl DmaMappingListener {
     /// `entry_limit`: most mappings the IOMMU backend accepts, if bounded.
     pub fn new(dma: Arc<dyn ExternalDmaMapping>, entry_limit: Option<u64>) -> Self {
+        Self::with_policy(dma, entry_limit, MappingPolicy::Runs)
+    }
+
+    pub fn with_policy(
+        dma: Arc<dyn ExternalDmaMapping>,
+        entry_limit: Option<u64>,
+        policy: MappingPolicy,
+    ) -> Self {
         DmaMappingListener {
             dma,
             entry_limit,
+            policy,
             mappings: Mutex::new(Mappings {
                 by_iova: BTreeMap::new(),
                 reserved: 0,
@@ -138,6 +164,10 @@ impl DmaMappingListener {
         if p.failure.is_none() {
             p.failure.clone_from(&m.failure);
         }
+    }
+
+    pub fn policy(&self) -> MappingPolicy {
+        self.policy
     }
 
     /// Counters as of the last finished operation; never waits for a device.
@@ -251,6 +281,47 @@ impl DmaMappingListener {
         true
     }
 
+    /// Maps `section` as the policy says. Page by page, a refusal part-way
+    /// unmaps the pages this call mapped, so a refused populate leaves
+    /// nothing behind; the entry limit is checked for the whole section
+    /// first.
+    fn populate(
+        &self,
+        m: &mut Mappings,
+        section: Section,
+        policy: MappingPolicy,
+    ) -> std::io::Result<()> {
+        if policy == MappingPolicy::Runs || section.size <= PAGE_SIZE {
+            return self.map(m, section.gpa, section.size);
+        }
+        let pages = section.size.div_ceil(PAGE_SIZE);
+        if let Some(limit) = self.entry_limit
+            && m.stats.entries + m.reserved + pages > limit
+        {
+            return Err(std::io::Error::other(format!(
+                "DMA entry limit of {limit} mappings reached ({pages} pages to map)"
+            )));
+        }
+        let mut at = section.gpa;
+        while at < section.end() {
+            let size = PAGE_SIZE.min(section.end() - at);
+            if let Err(e) = self.map(m, at, size) {
+                if self.dma.failure().is_none() {
+                    let mut undo = section.gpa;
+                    while undo < at {
+                        if !self.unmap_exact(m, undo, PAGE_SIZE) {
+                            break;
+                        }
+                        undo += PAGE_SIZE;
+                    }
+                }
+                return Err(e);
+            }
+            at += size;
+        }
+        Ok(())
+    }
+
     fn discard(&self, m: &mut Mappings, section: Section) {
         m.release(section);
         let overlapping: Vec<(u64, u64)> = m
@@ -300,13 +371,19 @@ impl DmaMappingListener {
     }
 }
 
-impl RamDiscardListener for DmaMappingListener {
-    fn notify_populate(&self, section: Section) -> Result<(), ListenerError> {
+impl DmaMappingListener {
+    /// Maps RAM that is never converted (no guest_memfd) as one mapping,
+    /// whatever the policy: nothing will ever be discarded inside it.
+    pub fn populate_unconverted(&self, section: Section) -> Result<(), ListenerError> {
+        self.populate_as(section, MappingPolicy::Runs)
+    }
+
+    fn populate_as(&self, section: Section, policy: MappingPolicy) -> Result<(), ListenerError> {
         let mut m = self.lock();
         if m.failure.is_some() {
             return Ok(());
         }
-        let result = match self.map(&mut m, section.gpa, section.size) {
+        let result = match self.populate(&mut m, section, policy) {
             Ok(()) => Ok(()),
             // A failed device no longer takes part; the conversion goes on.
             Err(_) if self.fail_if_broken(&mut m) => Ok(()),
@@ -320,6 +397,12 @@ impl RamDiscardListener for DmaMappingListener {
         };
         self.publish(&m);
         result
+    }
+}
+
+impl RamDiscardListener for DmaMappingListener {
+    fn notify_populate(&self, section: Section) -> Result<(), ListenerError> {
+        self.populate_as(section, self.policy)
     }
 
     fn prepare_discard(&self, section: Section) -> Result<(), ListenerError> {
@@ -368,6 +451,87 @@ mod tests {
     fn listener(limit: Option<u64>) -> (Arc<FakeIommu>, DmaMappingListener) {
         let iommu = Arc::new(FakeIommu::new(limit));
         (iommu.clone(), DmaMappingListener::new(iommu, None))
+    }
+
+    fn page_listener(
+        iommu_limit: Option<u64>,
+        entry_limit: Option<u64>,
+    ) -> (Arc<FakeIommu>, DmaMappingListener) {
+        let iommu = Arc::new(FakeIommu::new(iommu_limit));
+        let l = DmaMappingListener::with_policy(iommu.clone(), entry_limit, MappingPolicy::Pages);
+        (iommu, l)
+    }
+
+    #[test]
+    fn per_page_policy_never_unmaps_a_page_that_stays_shared() {
+        let (iommu, l) = page_listener(None, None);
+        assert_eq!(l.policy(), MappingPolicy::Pages);
+        l.notify_populate(section(0x10000, 0x4000)).unwrap();
+        let pages: Vec<Section> = (0..4)
+            .map(|i| section(0x10000 + i * 0x1000, 0x1000))
+            .collect();
+        assert_eq!(iommu.mappings(), pages);
+        l.prepare_discard(section(0x11000, 0x1000)).unwrap();
+        l.notify_discard(section(0x11000, 0x1000));
+        assert_eq!(iommu.mappings(), [pages[0], pages[2], pages[3]]);
+        let stats = l.stats();
+        assert_eq!(
+            (stats.maps, stats.unmaps, stats.splits, stats.entries),
+            (4, 1, 0, 3),
+            "exactly the discarded page went; nothing was mapped again"
+        );
+        assert_eq!(stats.mapped_bytes, 0x3000);
+        assert_eq!(iommu.violations(), 0);
+    }
+
+    #[test]
+    fn per_page_policy_checks_the_whole_populate_against_the_entry_limit() {
+        let (iommu, l) = page_listener(None, Some(5));
+        l.notify_populate(section(0x10000, 0x2000)).unwrap();
+        // Four more pages would need 6 entries in all.
+        assert!(l.notify_populate(section(0x20000, 0x4000)).is_err());
+        assert_eq!(iommu.mappings().len(), 2, "nothing of the refused run");
+        assert_eq!(l.stats().refused, 1);
+        l.notify_populate(section(0x20000, 0x3000)).unwrap();
+        assert_eq!(l.stats().entries, 5);
+    }
+
+    #[test]
+    fn a_per_page_populate_refused_part_way_takes_back_its_own_pages() {
+        // The IOMMU holds 4 mappings: the third page of the second run fails.
+        let (iommu, l) = page_listener(Some(4), None);
+        l.notify_populate(section(0x10000, 0x2000)).unwrap();
+        assert!(l.notify_populate(section(0x20000, 0x4000)).is_err());
+        assert_eq!(
+            iommu.mappings(),
+            [section(0x10000, 0x1000), section(0x11000, 0x1000)]
+        );
+        let stats = l.stats();
+        assert_eq!((stats.entries, stats.maps, stats.unmaps), (2, 4, 2));
+        assert!(l.failure().is_none(), "a refusal is not a failure");
+    }
+
+    #[test]
+    fn a_per_page_populate_whose_device_breaks_fails_the_device() {
+        let (iommu, l) = page_listener(None, None);
+        l.notify_populate(section(0x10000, 0x1000)).unwrap();
+        iommu.break_on_next_call();
+        l.notify_populate(section(0x20000, 0x2000)).unwrap();
+        assert!(l.failure().is_some());
+        assert!(
+            iommu.mappings().is_empty(),
+            "severed: the server dropped all"
+        );
+    }
+
+    #[test]
+    fn unconverted_ram_is_one_mapping_whatever_the_policy() {
+        let (iommu, l) = page_listener(None, Some(2));
+        l.populate_unconverted(section(0, 0x10_0000)).unwrap();
+        assert_eq!(iommu.mappings(), [section(0, 0x10_0000)]);
+        // A single page in per-page mode is one mapping too.
+        l.notify_populate(section(0x20_0000, 0x1000)).unwrap();
+        assert_eq!(l.stats().entries, 2);
     }
 
     #[test]

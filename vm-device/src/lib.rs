@@ -15,6 +15,6 @@ mod interrupt;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use discard_listener::{ListenerError, RamDiscardListener, Section};
-pub use dma_listener::{DmaMappingListener, DmaStats, FailureHook};
+pub use dma_listener::{DmaMappingListener, DmaStats, FailureHook, MappingPolicy};
 pub use dma_mapping::ExternalDmaMapping;
 pub use interrupt::{InterruptError, MsiMessage, MsiVectors};

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Serialize;
+use vm_device::MappingPolicy;
 
 use crate::memory::MemoryLayout;
 
@@ -279,6 +280,26 @@ fn check_path(
 /// What Cloud Hypervisor's clients send with every device (its
 /// `PciDeviceCommonConfig`), checked against what this VMM can do: one PCI
 /// segment, no virtual IOMMU, no PCI bus to place a device on yet.
+/// `pci_device_id=N`: the device number on bus 0 (checked by
+/// `check_pci_common`).
+fn parse_device_number(p: &OptionParser) -> Result<Option<u8>, ConfigError> {
+    p.get("pci_device_id")
+        .map(|n| {
+            n.parse::<u8>()
+                .map_err(|_| p.invalid("pci_device_id", "expected a device number 1 to 31"))
+        })
+        .transpose()
+}
+
+/// `mapping=runs|pages`.
+fn parse_mapping(p: &OptionParser) -> Result<MappingPolicy, ConfigError> {
+    match p.get("mapping") {
+        None | Some("runs") => Ok(MappingPolicy::Runs),
+        Some("pages") => Ok(MappingPolicy::Pages),
+        Some(_) => Err(p.invalid("mapping", "expected runs or pages")),
+    }
+}
+
 fn check_pci_common(
     option: &'static str,
     iommu: bool,
@@ -303,11 +324,13 @@ fn check_pci_common(
     if iommu {
         return invalid("iommu", "on".into(), "there is no virtual IOMMU");
     }
-    if let Some(id) = pci_device_id {
+    if let Some(id) = pci_device_id
+        && !(1..32).contains(&id)
+    {
         return invalid(
             "pci_device_id",
             id.to_string(),
-            "devices are not on a PCI bus yet",
+            "expected a device number 1 to 31 (0 is the host bridge)",
         );
     }
     Ok(())
@@ -357,14 +380,27 @@ pub struct DeviceConfig {
     pub x_nv_gpudirect_clique: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fd: Option<i32>,
+    /// How DMA mappings cover the shared pages (ours; default `runs`).
+    #[serde(default)]
+    pub mapping: MappingPolicy,
 }
 
 impl DeviceConfig {
-    pub const SYNTAX: &'static str =
-        "path=/sys/bus/pci/devices/BDF/[,id=ID][,iommu=off][,pci_segment=0]";
+    pub const SYNTAX: &'static str = "path=/sys/bus/pci/devices/BDF/[,id=ID][,mapping=runs|pages][,iommu=off][,pci_segment=0][,pci_device_id=N]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("--device", text, &["path", "id", "iommu", "pci_segment"])?;
+        let p = OptionParser::parse(
+            "--device",
+            text,
+            &[
+                "path",
+                "id",
+                "mapping",
+                "iommu",
+                "pci_segment",
+                "pci_device_id",
+            ],
+        )?;
         let (iommu, pci_segment) = parse_pci_common(&p)?;
         let config = DeviceConfig {
             path: p
@@ -377,6 +413,8 @@ impl DeviceConfig {
             id: p.get("id").map(str::to_string),
             iommu,
             pci_segment,
+            pci_device_id: parse_device_number(&p)?,
+            mapping: parse_mapping(&p)?,
             ..Default::default()
         };
         config.validate()?;
@@ -428,17 +466,27 @@ pub struct UserDeviceConfig {
     /// How long the server may take to answer one request (default 5000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// How DMA mappings cover the shared pages (ours; default `runs`).
+    #[serde(default)]
+    pub mapping: MappingPolicy,
 }
 
 impl UserDeviceConfig {
-    pub const SYNTAX: &'static str =
-        "socket=PATH[,id=ID][,timeout_ms=MS][,iommu=off][,pci_segment=0]";
+    pub const SYNTAX: &'static str = "socket=PATH[,id=ID][,timeout_ms=MS][,mapping=runs|pages][,iommu=off][,pci_segment=0][,pci_device_id=N]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse(
             "--user-device",
             text,
-            &["socket", "id", "timeout_ms", "iommu", "pci_segment"],
+            &[
+                "socket",
+                "id",
+                "timeout_ms",
+                "mapping",
+                "iommu",
+                "pci_segment",
+                "pci_device_id",
+            ],
         )?;
         let (iommu, pci_segment) = parse_pci_common(&p)?;
         let timeout_ms = p
@@ -460,7 +508,8 @@ impl UserDeviceConfig {
             timeout_ms,
             iommu,
             pci_segment,
-            ..Default::default()
+            pci_device_id: parse_device_number(&p)?,
+            mapping: parse_mapping(&p)?,
         };
         config.validate()?;
         Ok(config)
@@ -715,5 +764,41 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn devices_take_a_mapping_policy_and_a_device_number() {
+        let u = UserDeviceConfig::parse("socket=/s,mapping=pages,pci_device_id=5").unwrap();
+        assert_eq!(
+            (u.mapping, u.pci_device_id),
+            (MappingPolicy::Pages, Some(5))
+        );
+        let d = DeviceConfig::parse("path=/p,mapping=runs,pci_device_id=31").unwrap();
+        assert_eq!(
+            (d.mapping, d.pci_device_id),
+            (MappingPolicy::Runs, Some(31))
+        );
+        assert_eq!(
+            UserDeviceConfig::parse("socket=/s").unwrap().mapping,
+            MappingPolicy::Runs,
+            "runs by default"
+        );
+        for (bad, key) in [
+            ("socket=/s,mapping=page", "mapping"),
+            ("socket=/s,pci_device_id=0", "pci_device_id"),
+            ("socket=/s,pci_device_id=32", "pci_device_id"),
+            ("socket=/s,pci_device_id=x", "pci_device_id"),
+        ] {
+            match UserDeviceConfig::parse(bad) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let json: UserDeviceConfig =
+            serde_json::from_str(r#"{"socket":"/s","mapping":"pages","pci_device_id":3}"#).unwrap();
+        assert_eq!(
+            (json.mapping, json.pci_device_id),
+            (MappingPolicy::Pages, Some(3))
+        );
     }
 }

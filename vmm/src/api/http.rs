@@ -570,9 +570,14 @@ mod openapi_tests {
                 "there is no virtual IOMMU",
             ),
             (
-                r#"{"socket":"/s","pci_device_id":3}"#,
-                "not on a PCI bus yet",
+                r#"{"socket":"/s","pci_device_id":0}"#,
+                "0 is the host bridge",
             ),
+            (
+                r#"{"socket":"/s","pci_device_id":32}"#,
+                "expected a device number 1 to 31",
+            ),
+            (r#"{"socket":"/s","mapping":"bytes"}"#, "unknown variant"),
         ] {
             let err = put("vm.add-user-device", body).unwrap_err();
             assert!(err.message().contains(why), "{body}: {}", err.message());

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use log::{info, warn};
 use serde::Serialize;
-use vm_device::{DmaMappingListener, DmaStats, ExternalDmaMapping, RamDiscardListener, Section};
+use vm_device::{DmaMappingListener, DmaStats, ExternalDmaMapping, MappingPolicy, Section};
 
 pub use guest_ram::{GuestRam, GuestRamError};
 use pci::{VfioOps, VfioOpsError, VfioPciDevice};
@@ -103,6 +103,7 @@ pub struct DeviceInfo {
     pub bdf: Option<String>,
     /// Most mappings the device accepts at once.
     pub max_dma_maps: Option<u64>,
+    pub mapping: MappingPolicy,
     pub dma: DmaStats,
 }
 
@@ -239,6 +240,7 @@ impl AttachedDevice {
             failure,
             bdf: self.pci.as_ref().map(|p| pci::bdf(p.slot)),
             max_dma_maps: self.max_dma_maps,
+            mapping: self.listener.policy(),
             dma: self.listener.stats(),
         }
     }
@@ -269,6 +271,9 @@ pub struct Attachment {
     /// The PCI function the guest drives, plugged once DMA follows the
     /// shared pages.
     pub function: Option<Arc<VfioPciDevice>>,
+    /// Its device number on bus 0, if the user chose one.
+    pub device_number: Option<u8>,
+    pub policy: MappingPolicy,
 }
 
 pub struct DeviceManager {
@@ -312,6 +317,8 @@ impl DeviceManager {
                         path: config.path.clone(),
                         entry_limit: Some(vfio::dma_entry_limit()),
                         function: None,
+                        device_number: config.pci_device_id,
+                        policy: config.mapping,
                     },
                     Arc::new(dma),
                 )
@@ -351,6 +358,8 @@ impl DeviceManager {
                         path: config.socket.clone(),
                         entry_limit: Some(limit),
                         function,
+                        device_number: config.pci_device_id,
+                        policy: config.mapping,
                     },
                     dma,
                 )
@@ -412,8 +421,10 @@ impl DeviceManager {
             path,
             entry_limit,
             function,
+            device_number,
+            policy,
         } = attachment;
-        let listener = Arc::new(DmaMappingListener::new(dma, entry_limit));
+        let listener = Arc::new(DmaMappingListener::with_policy(dma, entry_limit, policy));
         let monitor = self.monitor.clone();
         let failed_id = id.clone();
         listener.set_failure_hook(Box::new(move |why| {
@@ -433,7 +444,7 @@ impl DeviceManager {
                 Some(attrs) => attrs
                     .register_listener(listener.clone(), whole)
                     .map(|lid| registrations.push((index, lid))),
-                None => listener.notify_populate(whole).map_err(|source| {
+                None => listener.populate_unconverted(whole).map_err(|source| {
                     AttributeError::ListenerFailed {
                         gpa: whole.gpa,
                         size: whole.size,
@@ -452,7 +463,7 @@ impl DeviceManager {
         // The guest finds the function only once its DMA follows the
         // shared pages.
         let pci = match (function, &self.pci) {
-            (Some(function), Some(segment)) => match segment.plug(function) {
+            (Some(function), Some(segment)) => match segment.plug(function, device_number) {
                 Ok(plugged) => Some(plugged),
                 Err(e) => {
                     self.unregister(&registrations, &listener);

@@ -138,8 +138,13 @@ impl PciSegment {
         }
     }
 
-    /// Places the function's BARs and puts it in the lowest free slot.
-    pub fn plug(&self, function: Arc<VfioPciDevice>) -> Result<PluggedFunction, PciSegmentError> {
+    /// Places the function's BARs and puts it in `slot` (Cloud
+    /// Hypervisor's `pci_device_id`) or the lowest free slot.
+    pub fn plug(
+        &self,
+        function: Arc<VfioPciDevice>,
+        slot: Option<u8>,
+    ) -> Result<PluggedFunction, PciSegmentError> {
         let mut bars = Vec::new();
         {
             let mut windows = self.windows();
@@ -157,7 +162,7 @@ impl PciSegment {
                 bars.push((kind, base));
             }
         }
-        match self.bus.add(function.clone()) {
+        match self.bus.add_at(slot, function.clone()) {
             Ok(slot) => Ok(PluggedFunction {
                 slot,
                 function,

@@ -56,6 +56,8 @@ fn attach_fake(
             path: PathBuf::from("/fake"),
             entry_limit: limit,
             function: None,
+            device_number: None,
+            policy: MappingPolicy::Runs,
         },
         iommu.clone(),
     )

@@ -722,7 +722,7 @@ mod tests {
             CMD_REGION_READ => {
                 let count = u32::from_le_bytes(body[12..16].try_into().unwrap());
                 let mut reply = body[..16].to_vec();
-                reply.extend((0..count).map(|i| i as u8 + body[0] as u8));
+                reply.extend((0..count).map(|i| i as u8 + body[0]));
                 reply_to(h, FLAG_REPLY, 0, &reply)
             }
             CMD_REGION_WRITE if body[16..] == [9, 9] => reply_to(h, FLAG_REPLY, 0, &body[..16]),
@@ -794,7 +794,7 @@ mod tests {
             }),
         ];
         for (what, mangle) in cases {
-            let (mut client, server) = scripted(move |h, body| mangle(h, body));
+            let (mut client, server) = scripted(mangle);
             let err = if what.starts_with("region info") {
                 client.region_size(7).unwrap_err()
             } else {
