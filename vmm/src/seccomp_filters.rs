@@ -230,8 +230,13 @@ fn vcpu_rules() -> Result<Rules, seccompiler::BackendError> {
         u64::from(KVM_IRQFD() as u32),
         vfio_ioctl(VFIO_IOMMU_MAP_DMA),
         vfio_ioctl(VFIO_IOMMU_UNMAP_DMA),
+        // A guest enabling or disabling a VFIO function's MSI-X.
+        vfio_ioctl(VFIO_DEVICE_SET_IRQS),
     ];
     let mut rules = vec![(libc::SYS_ioctl, any_of(1, &ioctls)?)];
+    // A VFIO function's configuration space and trapped BARs are file
+    // offsets of the device fd.
+    rules.extend(unconditional([libc::SYS_pread64, libc::SYS_pwrite64]));
     // Releasing private backing after a to-shared conversion: punching
     // holes only, so a vCPU thread can never grow or zero-fill a file.
     let punch_hole = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64;
@@ -514,7 +519,7 @@ mod tests {
         assert!(vmm[&libc::SYS_openat].is_empty());
         let vcpu = rules_for(Thread::Vcpu).unwrap();
         assert_eq!(vcpu[&libc::SYS_openat].len(), 1);
-        assert_eq!(vcpu[&libc::SYS_ioctl].len(), 6);
+        assert_eq!(vcpu[&libc::SYS_ioctl].len(), 7);
     }
 
     /// Runs `body` in a thread under `thread`'s filter with a SIGSYS-free

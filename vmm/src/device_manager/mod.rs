@@ -310,17 +310,25 @@ impl DeviceManager {
         let result = vfio::VfioDma::open(&config.path, self.ram.clone())
             .map_err(DeviceError::Vfio)
             .and_then(|dma| {
+                let dma = Arc::new(dma);
+                let function = match &self.pci {
+                    Some(segment) => Some(Arc::new(
+                        VfioPciDevice::new(dma.clone(), |n| segment.msi_vectors(n))
+                            .map_err(DeviceError::PciFunction)?,
+                    )),
+                    None => None,
+                };
                 self.attach_claimed(
                     Attachment {
                         id: id.clone(),
                         kind: DeviceKind::Vfio,
                         path: config.path.clone(),
                         entry_limit: Some(vfio::dma_entry_limit()),
-                        function: None,
+                        function,
                         device_number: config.pci_device_id,
                         policy: config.mapping,
                     },
-                    Arc::new(dma),
+                    dma,
                 )
             });
         self.release_claim(&id);

@@ -1,17 +1,22 @@
 //! VFIO devices through the legacy type1 container (vfio-ioctls). The
-//! container's DMA mapping is what follows conversions; the device itself is
-//! opened and kept so its group stays attached to the container.
+//! container's DMA mapping is what follows conversions; the device's
+//! regions and interrupts serve the PCI function model (`pci::VfioOps`).
 //!
 //! Not exercised on this project's CI machine (no /dev/vfio): the rules the
 //! kernel applies to these calls are enforced by `vm_device::fake_iommu`
-//! in the tests instead.
+//! (DMA) and by the fake function in `pci/src/tests.rs` (regions, irqs) in
+//! the tests instead.
 
+use std::mem::ManuallyDrop;
+use std::os::fd::{FromRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 
 use log::info;
+use pci::VfioOpsError;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
 use vm_device::ExternalDmaMapping;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::guest_ram::GuestRam;
 
@@ -48,7 +53,7 @@ fn parse_entry_limit(text: Option<&str>) -> u64 {
 pub struct VfioDma {
     container: Arc<VfioContainer>,
     ram: Arc<GuestRam>,
-    _device: VfioDevice,
+    device: VfioDevice,
 }
 
 impl VfioDma {
@@ -69,8 +74,67 @@ impl VfioDma {
         Ok(VfioDma {
             container,
             ram,
-            _device: device,
+            device,
         })
+    }
+
+    /// The kernel refuses region accesses outside the region; vfio-ioctls
+    /// only logs a failed access, so the bounds are checked here.
+    fn check_access(&self, index: u32, offset: u64, len: usize) -> Result<(), VfioOpsError> {
+        let size = self.device.get_region_size(index);
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(VfioOpsError(format!(
+                "region {index}: {offset:#x}+{len:#x} is outside its {size:#x} bytes"
+            ))),
+        }
+    }
+}
+
+impl pci::VfioOps for VfioDma {
+    fn region_size(&self, index: u32) -> Result<u64, VfioOpsError> {
+        Ok(self.device.get_region_size(index))
+    }
+
+    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), VfioOpsError> {
+        self.check_access(index, offset, data.len())?;
+        self.device.region_read(index, data, offset);
+        Ok(())
+    }
+
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioOpsError> {
+        self.check_access(index, offset, data.len())?;
+        self.device.region_write(index, data, offset);
+        Ok(())
+    }
+
+    fn irq_count(&self, index: u32) -> Result<u32, VfioOpsError> {
+        Ok(self.device.get_irq_info(index).map_or(0, |irq| irq.count))
+    }
+
+    fn set_irq_eventfds(&self, index: u32, fds: &[RawFd]) -> Result<(), VfioOpsError> {
+        if fds.is_empty() {
+            return self
+                .device
+                .disable_irq(index)
+                .map_err(|e| VfioOpsError(e.to_string()));
+        }
+        // SAFETY: the fds are eventfds owned by the caller's MSI vectors,
+        // alive for this call; ManuallyDrop keeps these views from closing
+        // them.
+        let views: Vec<ManuallyDrop<EventFd>> = fds
+            .iter()
+            .map(|&fd| ManuallyDrop::new(unsafe { EventFd::from_raw_fd(fd) }))
+            .collect();
+        let refs: Vec<&EventFd> = views.iter().map(|v| &**v).collect();
+        self.device
+            .enable_irq(index, refs)
+            .map_err(|e| VfioOpsError(e.to_string()))
+    }
+
+    fn reset(&self) -> Result<(), VfioOpsError> {
+        self.device.reset();
+        Ok(())
     }
 }
 
