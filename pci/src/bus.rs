@@ -23,6 +23,26 @@ pub struct BarWindow {
     pub size: u64,
 }
 
+/// Part of a BAR backed by host memory the guest may reach directly (a
+/// device's mmappable area): accesses there do not exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectArea {
+    /// Offset inside the BAR.
+    pub offset: u64,
+    pub size: u64,
+    /// Host virtual address of the mapping; it stays mapped as long as the
+    /// function exists.
+    pub host: u64,
+}
+
+/// Puts host memory into the guest's physical address space (a KVM memory
+/// slot) and takes it out again.
+pub trait GuestMemoryWindows: Send + Sync {
+    /// Makes `gpa..gpa+size` the host memory at `host`; returns a handle.
+    fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, String>;
+    fn unmap(&self, handle: u32);
+}
+
 /// A PCI function as the bus sees it.
 pub trait PciDevice: Send + Sync {
     /// Dword `reg` (0..1024) of configuration space.
@@ -33,6 +53,10 @@ pub trait PciDevice: Send + Sync {
     fn bar_windows(&self) -> Vec<BarWindow>;
     fn bar_read(&self, bar: usize, offset: u64, data: &mut [u8]);
     fn bar_write(&self, bar: usize, offset: u64, data: &[u8]);
+    /// Parts of `bar` the guest may reach without exits.
+    fn direct_areas(&self, _bar: usize) -> Vec<DirectArea> {
+        Vec::new()
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -90,23 +114,37 @@ struct Slot {
     device: Arc<dyn PciDevice>,
     /// Windows currently on the MMIO bus.
     mapped: Vec<BarWindow>,
+    /// Guest memory windows of the direct areas inside them.
+    direct: Vec<u32>,
 }
 
 pub struct PciBus {
     slots: RwLock<[Option<Arc<Mutex<Slot>>>; SLOTS]>,
     mmio: Arc<Bus>,
+    memory: Option<Arc<dyn GuestMemoryWindows>>,
 }
 
 impl PciBus {
     /// A bus with the host bridge in slot 0; BAR windows go on `mmio`.
     pub fn new(mmio: Arc<Bus>) -> Self {
+        Self::with_memory_windows(mmio, None)
+    }
+
+    /// As `new`; direct BAR areas become guest memory through `memory`
+    /// (without it every BAR access is trapped).
+    pub fn with_memory_windows(
+        mmio: Arc<Bus>,
+        memory: Option<Arc<dyn GuestMemoryWindows>>,
+    ) -> Self {
         let bus = PciBus {
             slots: RwLock::new(Default::default()),
             mmio,
+            memory,
         };
         bus.slots.write().unwrap()[0] = Some(Arc::new(Mutex::new(Slot {
             device: Arc::new(HostBridge),
             mapped: Vec::new(),
+            direct: Vec::new(),
         })));
         bus
     }
@@ -133,6 +171,7 @@ impl PciBus {
             let slot = Arc::new(Mutex::new(Slot {
                 device,
                 mapped: Vec::new(),
+                direct: Vec::new(),
             }));
             slots[index] = Some(slot.clone());
             (index as u8, slot)
@@ -156,9 +195,7 @@ impl PciBus {
             .and_then(Option::take)
             .ok_or(PciBusError::EmptySlot(slot))?;
         let mut s = taken.lock().unwrap();
-        for window in s.mapped.drain(..) {
-            self.mmio.remove(window.address);
-        }
+        self.unmap_windows(&mut s);
         Ok(s.device.clone())
     }
 
@@ -210,18 +247,41 @@ impl PciBus {
         if wanted == s.mapped {
             return;
         }
-        for window in s.mapped.drain(..) {
-            self.mmio.remove(window.address);
-        }
+        self.unmap_windows(&mut s);
         for window in wanted {
             let mmio = Arc::new(BarMmio {
                 device: s.device.clone(),
                 bar: window.bar,
             });
-            match self.mmio.insert(mmio, window.address, window.size) {
-                Ok(()) => s.mapped.push(window),
-                Err(e) => warn!("BAR {} not decoded: {e}", window.bar),
+            if let Err(e) = self.mmio.insert(mmio, window.address, window.size) {
+                warn!("BAR {} not decoded: {e}", window.bar);
+                continue;
             }
+            s.mapped.push(window);
+            let Some(memory) = &self.memory else { continue };
+            for area in s.device.direct_areas(window.bar) {
+                match memory.map(window.address + area.offset, area.size, area.host) {
+                    Ok(handle) => s.direct.push(handle),
+                    // The area stays reachable, by trapping.
+                    Err(e) => warn!(
+                        "BAR {} area {:#x} stays trapped: {e}",
+                        window.bar, area.offset
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Takes every window of the slot off the MMIO bus and out of guest
+    /// memory.
+    fn unmap_windows(&self, s: &mut Slot) {
+        if let Some(memory) = &self.memory {
+            for handle in s.direct.drain(..) {
+                memory.unmap(handle);
+            }
+        }
+        for window in s.mapped.drain(..) {
+            self.mmio.remove(window.address);
         }
     }
 

@@ -12,8 +12,8 @@ pub mod msix;
 mod vfio_pci;
 
 pub use bus::{
-    BarWindow, CONFIG_IO_LEN, CONFIG_IO_PORT, ECAM_SIZE, HostBridge, PciBus, PciBusError,
-    PciConfigIo, PciConfigMmio, PciDevice, SLOTS,
+    BarWindow, CONFIG_IO_LEN, CONFIG_IO_PORT, DirectArea, ECAM_SIZE, GuestMemoryWindows,
+    HostBridge, PciBus, PciBusError, PciConfigIo, PciConfigMmio, PciDevice, SLOTS,
 };
 pub use vfio_pci::{
     CONFIG_REGION, MSIX_IRQ_INDEX, VfioOps, VfioOpsError, VfioPciDevice, VfioPciError,

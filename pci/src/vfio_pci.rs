@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use log::{debug, warn};
 use vm_device::MsiVectors;
 
-use crate::bus::{BarWindow, PciDevice};
+use crate::bus::{BarWindow, DirectArea, PciDevice};
 use crate::configuration::{
     BAR0_REG, Bar, BarKind, BarRegisters, CAPABILITY_POINTER_REG, COMMAND_MEMORY, COMMAND_REG,
     NUM_BARS, ROM_REG, STATUS_CAPABILITIES, merge_write,
@@ -40,6 +40,11 @@ pub trait VfioOps: Send + Sync {
     /// Triggers irq `index`'s vectors 0.. through `fds`; empty disables them.
     fn set_irq_eventfds(&self, index: u32, fds: &[RawFd]) -> Result<(), VfioOpsError>;
     fn reset(&self) -> Result<(), VfioOpsError>;
+    /// Maps the mmappable areas of region `index` into the host and returns
+    /// them; they stay mapped as long as `self`. None by default.
+    fn map_region_areas(&self, _index: u32) -> Result<Vec<DirectArea>, VfioOpsError> {
+        Ok(Vec::new())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +72,9 @@ pub struct VfioPciDevice {
     vectors: Option<Arc<dyn MsiVectors>>,
     msix_layout: Option<MsixLayout>,
     vendor_device: u32,
+    /// Mmapped BAR areas, by BAR, without the pages of the MSI-X table and
+    /// PBA (which must stay trapped).
+    direct: Vec<(usize, DirectArea)>,
     state: Mutex<State>,
 }
 
@@ -142,8 +150,33 @@ impl VfioPciDevice {
             }
             None => None,
         };
+        let mut direct = Vec::new();
+        for (index, _) in bars.iter() {
+            let areas = ops.map_region_areas(index as u32).unwrap_or_else(|e| {
+                warn!("BAR {index} stays trapped: {e}");
+                Vec::new()
+            });
+            let trapped = |area: &DirectArea| {
+                msix.is_some_and(|l| {
+                    let pages = |bar: usize, at: u64, len: u64| {
+                        bar == index
+                            && at / PAGE < (area.offset + area.size).div_ceil(PAGE)
+                            && (at + len).div_ceil(PAGE) > area.offset / PAGE
+                    };
+                    pages(l.table_bar, l.table_offset, l.table_len())
+                        || pages(l.pba_bar, l.pba_offset, l.pba_len())
+                })
+            };
+            direct.extend(
+                areas
+                    .into_iter()
+                    .filter(|a| !trapped(a))
+                    .map(|a| (index, a)),
+            );
+        }
         let vectors = msix.and_then(|l| vectors(l.vectors));
         Ok(VfioPciDevice {
+            direct,
             state: Mutex::new(State {
                 bars,
                 command: 0,
@@ -327,6 +360,14 @@ impl PciDevice for VfioPciDevice {
             }
             _ => self.device_write(reg, offset, data),
         }
+    }
+
+    fn direct_areas(&self, bar: usize) -> Vec<DirectArea> {
+        self.direct
+            .iter()
+            .filter(|(b, _)| *b == bar)
+            .map(|&(_, a)| a)
+            .collect()
     }
 
     fn bar_windows(&self) -> Vec<BarWindow> {

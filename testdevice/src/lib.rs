@@ -17,6 +17,8 @@
 //!   stream passes, interrupts sent)
 //! - `stream IOVA LEN BYTE` / `stop`: start / stop streaming fills without
 //!   the guest (what BAR0's commands 3 and 4 do)
+//! - `scratch OFFSET`: the byte at OFFSET of BAR0's scratch page, as the
+//!   device sees it
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -41,6 +43,7 @@ pub struct DeviceState {
     log: Vec<String>,
     refuse_maps: u64,
     pub engine: pci::Engine,
+    pub scratch: Option<pci::Scratch>,
 }
 
 impl DeviceState {
@@ -115,13 +118,13 @@ const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
 
 impl ServerBackend for Backend {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> std::io::Result<()> {
-        let s = lock(&self.0);
+        let mut s = lock(&self.0);
         match region {
             REGION_CONFIG if offset + data.len() as u64 <= pci::CONFIG_SIZE => {
                 pci::config_read(&s, offset, data)
             }
             REGION_BAR0 if offset + data.len() as u64 <= pci::BAR0_SIZE => {
-                pci::bar0_read(&s, offset, data)
+                pci::bar0_read(&mut s, offset, data)
             }
             _ => return Err(invalid(format!("no region {region} at {offset:#x}"))),
         }
@@ -244,9 +247,12 @@ impl ServerBackend for Backend {
 }
 
 /// Regions as DEVICE_GET_REGION_INFO reports them: BAR0 and configuration
-/// space, read-write, message-based only.
-fn regions() -> Vec<ServerRegion> {
+/// space, read-write; BAR0's scratch page is also mmappable from
+/// `scratch_fd` when given (everything else is message-based only).
+fn regions(scratch_fd: Option<std::os::fd::RawFd>) -> Vec<ServerRegion> {
+    use vfio_bindings::bindings::vfio::{vfio_region_info, vfio_region_sparse_mmap_area};
     const READ_WRITE: u32 = 0b11;
+    const MMAP: u32 = 0b100;
     (0..9u32)
         .map(|index| {
             let size = match index {
@@ -254,17 +260,29 @@ fn regions() -> Vec<ServerRegion> {
                 REGION_CONFIG => pci::CONFIG_SIZE,
                 _ => 0,
             };
+            let mmap_fd = scratch_fd.filter(|_| index == REGION_BAR0);
+            let mut flags = if size > 0 { READ_WRITE } else { 0 };
+            let mut sparse_areas = Vec::new();
+            if mmap_fd.is_some() {
+                flags |= MMAP;
+                sparse_areas.push(vfio_user::SparseArea {
+                    area: vfio_region_sparse_mmap_area {
+                        offset: pci::SCRATCH_OFFSET,
+                        size: pci::SCRATCH_SIZE,
+                    },
+                });
+            }
             ServerRegion {
-                region_info: vfio_bindings::bindings::vfio::vfio_region_info {
+                region_info: vfio_region_info {
                     argsz: 32,
-                    flags: if size > 0 { READ_WRITE } else { 0 },
+                    flags,
                     index,
                     cap_offset: 0,
                     size,
                     offset: 0,
                 },
-                sparse_areas: Vec::new(),
-                mmap_fd: None,
+                sparse_areas,
+                mmap_fd,
             }
         })
         .collect()
@@ -286,10 +304,18 @@ fn irqs() -> Vec<IrqInfo> {
 }
 
 /// Serves vfio-user clients one after another; a client that goes away
-/// loses its mappings, as with a real device.
-pub fn serve(socket: &Path, state: SharedState) -> Result<std::thread::JoinHandle<()>, String> {
-    let server = Server::new(socket, true, irqs(), regions())
+/// loses its mappings, as with a real device. `mmap`: offer BAR0's scratch
+/// page for mapping (otherwise every BAR access is a message).
+pub fn serve(
+    socket: &Path,
+    state: SharedState,
+    mmap: bool,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    let scratch = pci::Scratch::new().map_err(|e| format!("cannot create BAR0 memory: {e}"))?;
+    let scratch_fd = mmap.then(|| scratch.file.as_raw_fd());
+    let server = Server::new(socket, true, irqs(), regions(scratch_fd))
         .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    lock(&state).scratch = Some(scratch);
     std::thread::Builder::new()
         .name("vfio-user".into())
         .spawn(move || {
@@ -328,6 +354,7 @@ fn answer(state: &SharedState, line: &str) -> String {
                 "completions": e.completions,
                 "stream_passes": e.stream_passes,
                 "interrupts_sent": e.interrupts_sent,
+                "scratch_messages": e.scratch_messages,
                 "msix_fds": e.msix.iter().filter(|f| f.is_some()).count(),
             })
             .to_string())
@@ -345,6 +372,11 @@ fn answer(state: &SharedState, line: &str) -> String {
             pci::bar0_write(state, 0x10, &pci::COMMAND_STREAM_START.to_le_bytes());
             Ok("ok".to_string())
         })(),
+        ["scratch", offset] => number(offset).and_then(|at| {
+            let s = lock(state);
+            let scratch = s.scratch.as_ref().ok_or("no BAR0 memory")?;
+            Ok(format!("{:02x}", scratch.read(at)))
+        }),
         ["stop"] => {
             pci::bar0_write(state, 0x10, &pci::COMMAND_STREAM_STOP.to_le_bytes());
             Ok("ok".to_string())

@@ -14,6 +14,9 @@
 //! | 0x14 | STATUS | R | 0 ok, 1 dma-fault, 2 mismatch, 3 streaming, 4 bad-command, all ones idle |
 //! | 0x18 | FAULTS | R | DMA faults so far (commands and streaming passes) |
 //! | 0x1c | COMPLETIONS | R | commands completed |
+//! | 0x800 | MSI-X table | | two vectors (emulated by the VMM) |
+//! | 0xc00 | MSI-X PBA | | |
+//! | 0x1000..0x2000 | SCRATCH | R/W | plain memory; offered as a sparse-mmap area (unless `--no-mmap`), so the VMM can map it into the guest |
 //!
 //! A fill or verify runs to completion before the register write is
 //! answered, then raises MSI-X vector 0. A range not entirely inside the
@@ -30,7 +33,9 @@ use crate::{DeviceState, SharedState, lock};
 
 pub const VENDOR_ID: u16 = 0xc0de;
 pub const DEVICE_ID: u16 = 0xd3a0;
-pub const BAR0_SIZE: u64 = 4096;
+pub const BAR0_SIZE: u64 = 0x2000;
+pub const SCRATCH_OFFSET: u64 = 0x1000;
+pub const SCRATCH_SIZE: u64 = 0x1000;
 pub const CONFIG_SIZE: u64 = 256;
 pub const MSIX_VECTORS: u32 = 2;
 pub const MSIX_TABLE_OFFSET: u32 = 0x800;
@@ -64,6 +69,9 @@ pub struct Engine {
     /// MSI-X vector eventfds the VMM gave us (DEVICE_SET_IRQS).
     pub msix: Vec<Option<File>>,
     pub interrupts_sent: u64,
+    /// REGION_READ / REGION_WRITE messages for the scratch page: none when
+    /// the guest reaches it through a memory slot.
+    pub scratch_messages: u64,
     stream: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
@@ -80,6 +88,7 @@ impl Default for Engine {
             command_register: 0,
             msix: Vec::new(),
             interrupts_sent: 0,
+            scratch_messages: 0,
             stream: None,
         }
     }
@@ -134,7 +143,79 @@ pub fn config_write(state: &mut DeviceState, offset: u64, data: &[u8]) {
     state.engine.command_register = u16::from_le_bytes(command);
 }
 
-pub fn bar0_read(state: &DeviceState, offset: u64, data: &mut [u8]) {
+/// BAR0's scratch page: a memfd the device maps itself and may hand to the
+/// VMM for the guest to map.
+pub struct Scratch {
+    pub file: File,
+    host: usize,
+}
+
+impl Scratch {
+    pub fn new() -> std::io::Result<Self> {
+        // SAFETY: a plain memfd_create with a static name.
+        let fd = unsafe { libc::memfd_create(c"ch-test-device-bar0".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: memfd_create just returned this fd to us.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // The area sits at SCRATCH_OFFSET of the region, as in the fd.
+        file.set_len(BAR0_SIZE)?;
+        // SAFETY: a fresh shared mapping of our own memfd.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                SCRATCH_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                SCRATCH_OFFSET as libc::off_t,
+            )
+        };
+        if host == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Scratch {
+            file,
+            host: host as usize,
+        })
+    }
+
+    /// The byte at `offset` of the scratch page (0 past its end).
+    pub fn read(&self, offset: u64) -> u8 {
+        if offset >= SCRATCH_SIZE {
+            return 0;
+        }
+        // SAFETY: inside our own mapping; volatile because the guest may
+        // write the same page through its memory slot.
+        unsafe { std::ptr::read_volatile((self.host + offset as usize) as *const u8) }
+    }
+
+    pub fn write(&self, offset: u64, byte: u8) {
+        if offset < SCRATCH_SIZE {
+            // SAFETY: as for read.
+            unsafe { std::ptr::write_volatile((self.host + offset as usize) as *mut u8, byte) }
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping of SCRATCH_SIZE bytes.
+        unsafe { libc::munmap(self.host as *mut libc::c_void, SCRATCH_SIZE as usize) };
+    }
+}
+
+pub fn bar0_read(state: &mut DeviceState, offset: u64, data: &mut [u8]) {
+    if offset >= SCRATCH_OFFSET {
+        state.engine.scratch_messages += 1;
+    }
+    if let (Some(scratch), Some(at)) = (&state.scratch, offset.checked_sub(SCRATCH_OFFSET)) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = scratch.read(at + i as u64);
+        }
+        return;
+    }
     let e = &state.engine;
     let value: u32 = match offset & !3 {
         0x00 => e.iova as u32,
@@ -154,6 +235,16 @@ pub fn bar0_read(state: &DeviceState, offset: u64, data: &mut [u8]) {
 
 /// A register write; `state` is the shared state so streaming can start.
 pub fn bar0_write(shared: &SharedState, offset: u64, data: &[u8]) {
+    if offset >= SCRATCH_OFFSET {
+        let mut s = lock(shared);
+        s.engine.scratch_messages += 1;
+        if let Some(scratch) = &s.scratch {
+            for (i, b) in data.iter().enumerate() {
+                scratch.write(offset - SCRATCH_OFFSET + i as u64, *b);
+            }
+        }
+        return;
+    }
     let mut word = [0u8; 4];
     for (i, b) in data.iter().take(4).enumerate() {
         word[i] = *b;
@@ -177,8 +268,8 @@ fn run_command(shared: &SharedState, s: &mut DeviceState, command: u32) {
             Ok(chunks) => {
                 for (host, n) in chunks {
                     // SAFETY: inside a live mapping of ours (checked above,
-                    // kept by the state lock); volatile because the guest
-                    // may touch the same memory.
+                    // kept by the state lock); the guest may touch the same
+                    // memory, which for a device writing by DMA is expected.
                     unsafe { std::ptr::write_bytes(host as *mut u8, value, n) };
                 }
                 STATUS_OK

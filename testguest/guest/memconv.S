@@ -25,6 +25,9 @@
     .set OP_DMA_WRITE, 5
     .set OP_DMA_READ, 6
     .set OP_CHECK, 7
+    .set OP_BAR_WRITE, 8
+    .set OP_BAR_CHECK, 9
+    .set BAR0_SIZE, 0x2000
     .set STATUS_OUT_OF_RANGE, 2
     .set STATUS_DMA_FAULT, 7
     .set STATUS_MISMATCH, 8
@@ -34,7 +37,7 @@
     .set FLAG_POWEROFF, 1
     .set FLAG_QUIET, 2
     .set STATUS_NAMES, 11
-    .set KIND_NAMES, 9      /* nop .. check, unknown */
+    .set KIND_NAMES, 11     /* nop .. bar-check, unknown */
 
     /* PCI: the test device (docs/test-guest.md) and its DMA engine. */
     .set PCI_ADDRESS_PORT, 0xcf8
@@ -106,6 +109,10 @@ next_op:
     je do_dma
     cmp rax, OP_CHECK
     je do_check
+    cmp rax, OP_BAR_WRITE
+    je do_bar
+    cmp rax, OP_BAR_CHECK
+    je do_bar
 
     /* Doorbell: GPA and size as 32-bit halves, then the command. */
     mov rdx, r11
@@ -212,6 +219,48 @@ do_dma:
     cmp eax, 2
     je 3f
     mov edx, STATUS_DEVICE_ERROR
+3:  call device_unlock
+    mov eax, edx
+    jmp op_result
+
+/* The guest itself stores (bar-write) or compares (bar-check) bytes of the
+ * test device's BAR0 at offset GPA, one byte access at a time: trapped and
+ * forwarded, or straight to the device's memory where the VMM mapped it. */
+do_bar:
+    mov rcx, [rbx + 16]
+    mov rsi, [rbx + 8]
+    mov eax, STATUS_OUT_OF_RANGE
+    add rsi, rcx
+    jc op_result
+    cmp rsi, BAR0_SIZE
+    ja op_result
+    call device_lock
+    call find_device
+    mov edx, STATUS_NO_DEVICE
+    test rax, rax
+    jz 3f
+    mov rdi, rax
+    add rdi, [rbx + 8]
+    mov rcx, [rbx + 16]
+    mov r8b, [rbx + 24]
+    xor edx, edx
+    cmp qword ptr [rbx], OP_BAR_WRITE
+    jne 2f
+1:  test rcx, rcx
+    jz 3f
+    mov [rdi], r8b
+    inc rdi
+    dec rcx
+    jmp 1b
+2:  test rcx, rcx
+    jz 3f
+    mov al, [rdi]
+    cmp al, r8b
+    jne 4f
+    inc rdi
+    dec rcx
+    jmp 2b
+4:  mov edx, STATUS_MISMATCH
 3:  call device_unlock
     mov eax, edx
     jmp op_result
@@ -567,6 +616,8 @@ k_wait:       .asciz "wait"
 k_dma_write:  .asciz "dma-write"
 k_dma_read:   .asciz "dma-read"
 k_check:      .asciz "check"
+k_bar_write:  .asciz "bar-write"
+k_bar_check:  .asciz "bar-check"
 s_dma_ops:    .asciz "memconv: dma ops "
 s_msix:       .asciz " msix interrupts "
 st_ok:        .asciz "ok"
@@ -582,7 +633,7 @@ st_no_device: .asciz "no-device"
 st_dev_error: .asciz "device-error"
 
     .balign 8
-kind_names:   .quad k_nop, k_shared, k_private, k_write, k_wait, k_dma_write, k_dma_read, k_check, k_unknown
+kind_names:   .quad k_nop, k_shared, k_private, k_write, k_wait, k_dma_write, k_dma_read, k_check, k_bar_write, k_bar_check, k_unknown
 status_names: .quad st_ok, st_invalid, st_range, st_listener, st_hv, st_command, st_busy, st_dma_fault, st_mismatch, st_no_device, st_dev_error
 console_busy: .quad 0
 expected_cpus: .quad 0

@@ -21,6 +21,11 @@ pub enum OpKind {
     DmaRead,
     /// The guest compares the range with the byte itself.
     Check,
+    /// The guest stores the byte over `size` bytes of the test device's
+    /// BAR0 at offset `gpa`.
+    BarWrite,
+    /// The guest compares `size` bytes of BAR0 at offset `gpa` with the byte.
+    BarCheck,
 }
 
 impl OpKind {
@@ -42,6 +47,8 @@ impl OpKind {
             OpKind::DmaWrite => 5,
             OpKind::DmaRead => 6,
             OpKind::Check => 7,
+            OpKind::BarWrite => 8,
+            OpKind::BarCheck => 9,
         }
     }
 }
@@ -61,16 +68,16 @@ pub enum ParseError {
     #[error("op {0:?}: expected KIND@GPA+SIZE")]
     Shape(String),
     #[error(
-        "op {0:?}: unknown kind (nop, shared, private, write, wait, dma-write, dma-read, check)"
+        "op {0:?}: unknown kind (nop, shared, private, write, wait, dma-write, dma-read, check, bar-write, bar-check)"
     )]
     Kind(String),
     #[error("invalid number {0:?}")]
     Number(String),
     #[error("invalid size {0:?} (a number with an optional K, M, G or T suffix)")]
     Size(String),
-    #[error("op {0:?}: write, wait, dma-write, dma-read and check need =BYTE (0..=255)")]
+    #[error("op {0:?}: all but nop, shared and private need =BYTE (0..=255)")]
     WriteValue(String),
-    #[error("op {0:?}: only write, wait, dma-write, dma-read and check take =BYTE")]
+    #[error("op {0:?}: nop, shared and private take no =BYTE")]
     UnexpectedValue(String),
 }
 
@@ -85,6 +92,8 @@ impl fmt::Display for Op {
             OpKind::DmaWrite => "dma-write",
             OpKind::DmaRead => "dma-read",
             OpKind::Check => "check",
+            OpKind::BarWrite => "bar-write",
+            OpKind::BarCheck => "bar-check",
         };
         write!(f, "{kind}@{:#x}+{:#x}", self.gpa, self.size)?;
         if self.kind.takes_value() {
@@ -132,6 +141,8 @@ fn parse_op(text: &str) -> Result<Op, ParseError> {
         "dma-write" => OpKind::DmaWrite,
         "dma-read" => OpKind::DmaRead,
         "check" => OpKind::Check,
+        "bar-write" => OpKind::BarWrite,
+        "bar-check" => OpKind::BarCheck,
         _ => return Err(ParseError::Kind(text.to_string())),
     };
     let (range, value) = match rest.split_once('=') {

@@ -362,12 +362,18 @@ impl TestDevice {
     }
 
     pub fn spawn(dir: &TempDir, name: &str) -> Self {
+        Self::spawn_with(dir, name, &[])
+    }
+
+    /// As `spawn`, with more command-line arguments (`--no-mmap`).
+    pub fn spawn_with(dir: &TempDir, name: &str, args: &[&str]) -> Self {
         let binary = Self::binary();
         let socket = dir.path(&format!("{name}.sock"));
         let control = dir.path(&format!("{name}.ctl"));
         let mut child = Command::new(&binary)
             .args(["--socket", socket.to_str().unwrap()])
             .args(["--control", control.to_str().unwrap()])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

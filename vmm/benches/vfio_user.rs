@@ -37,7 +37,7 @@ fn start_device() -> Device {
     let socket = dir.join("dev.sock");
     let state = test_device::SharedState::default();
     test_device::control(&dir.join("dev.ctl"), state.clone()).unwrap();
-    test_device::serve(&socket, state).unwrap();
+    test_device::serve(&socket, state, false).unwrap();
     // SAFETY: memfd_create with a static name; the fd is owned right away.
     let fd = unsafe { libc::memfd_create(c"bench-ram".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0, "memfd_create");

@@ -110,6 +110,14 @@ ioctl_iow_nr!(
     kvm_bindings::kvm_irq_routing
 );
 ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_bindings::kvm_irqfd);
+// A device's mmapped BAR areas become memory slots wherever the guest
+// places or moves the BAR (vCPU threads) or a device is plugged.
+ioctl_iow_nr!(
+    KVM_SET_USER_MEMORY_REGION,
+    KVMIO,
+    0x46,
+    kvm_bindings::kvm_userspace_memory_region
+);
 
 /// VFIO requests are `_IO(';', 100 + n)`; these are the type1 container,
 /// group and device requests vfio-ioctls issues for a VFIO device.
@@ -228,6 +236,7 @@ fn vcpu_rules() -> Result<Rules, seccompiler::BackendError> {
         u64::from(KVM_SET_MEMORY_ATTRIBUTES() as u32),
         u64::from(KVM_SET_GSI_ROUTING() as u32),
         u64::from(KVM_IRQFD() as u32),
+        u64::from(KVM_SET_USER_MEMORY_REGION() as u32),
         vfio_ioctl(VFIO_IOMMU_MAP_DMA),
         vfio_ioctl(VFIO_IOMMU_UNMAP_DMA),
         // A guest enabling or disabling a VFIO function's MSI-X.
@@ -269,6 +278,7 @@ fn vmm_rules() -> Result<Rules, seccompiler::BackendError> {
     .chain([
         u64::from(KVM_SET_GSI_ROUTING() as u32),
         u64::from(KVM_IRQFD() as u32),
+        u64::from(KVM_SET_USER_MEMORY_REGION() as u32),
     ])
     .collect();
     let mut rules = vec![
@@ -519,7 +529,7 @@ mod tests {
         assert!(vmm[&libc::SYS_openat].is_empty());
         let vcpu = rules_for(Thread::Vcpu).unwrap();
         assert_eq!(vcpu[&libc::SYS_openat].len(), 1);
-        assert_eq!(vcpu[&libc::SYS_ioctl].len(), 7);
+        assert_eq!(vcpu[&libc::SYS_ioctl].len(), 8);
     }
 
     /// Runs `body` in a thread under `thread`'s filter with a SIGSYS-free

@@ -16,6 +16,9 @@ struct Cli {
     /// The line-based control socket for tests.
     #[arg(long)]
     control: PathBuf,
+    /// Offer no mmappable BAR area: every BAR access is a message.
+    #[arg(long, conflicts_with = "ask")]
+    no_mmap: bool,
     /// Send COMMAND (maps, read IOVA LEN, write IOVA BYTE, refuse N, log)
     /// to the device listening on --control, print its answer and exit.
     #[arg(long, value_name = "COMMAND", conflicts_with = "socket")]
@@ -43,7 +46,7 @@ fn main() -> ExitCode {
     };
     let state = test_device::SharedState::default();
     let started = test_device::control(&cli.control, state.clone())
-        .and_then(|_| test_device::serve(&socket, state));
+        .and_then(|_| test_device::serve(&socket, state, !cli.no_mmap));
     match started {
         Ok(server) => {
             println!("ch-test-device: ready");

@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use hypervisor::UserMemoryRegion;
 use hypervisor::{EventFd, MsiRoute, Vm};
 use log::{debug, warn};
 use pci::configuration::BarKind;
-use pci::{PciBus, PciConfigIo, PciConfigMmio, VfioPciDevice};
+use pci::{GuestMemoryWindows, PciBus, PciConfigIo, PciConfigMmio, VfioPciDevice};
 use vm_device::{Bus, BusError, InterruptError, MsiMessage, MsiVectors};
 
 /// ECAM window for bus 0 (1 MiB), at the top of the 32-bit BAR window.
@@ -91,7 +92,8 @@ impl PciSegment {
         ram_end: u64,
         vm: Arc<dyn Vm>,
     ) -> Result<Self, PciSegmentError> {
-        let bus = Arc::new(PciBus::new(mmio_bus.clone()));
+        let windows: Arc<dyn GuestMemoryWindows> = Arc::new(BarMemorySlots::new(vm.clone()));
+        let bus = Arc::new(PciBus::with_memory_windows(mmio_bus.clone(), Some(windows)));
         io_bus
             .insert(
                 Arc::new(PciConfigIo::new(bus.clone())),
@@ -198,6 +200,70 @@ impl PciSegment {
     /// A plugged function as the bus reaches it (tests).
     pub fn function(&self, slot: u8) -> u32 {
         self.bus.config_read(0, usize::from(slot), 0, 0)
+    }
+}
+
+/// KVM memory slots for mmapped BAR areas, above the slots RAM uses.
+const FIRST_BAR_SLOT: u32 = 256;
+/// x86 KVM's user memory slot count.
+const SLOT_LIMIT: u32 = 509;
+
+/// Mmapped BAR areas as KVM memory slots: guest accesses there do not exit.
+struct BarMemorySlots {
+    vm: Arc<dyn Vm>,
+    taken: Mutex<std::collections::BTreeSet<u32>>,
+}
+
+impl BarMemorySlots {
+    fn new(vm: Arc<dyn Vm>) -> Self {
+        BarMemorySlots {
+            vm,
+            taken: Mutex::new(std::collections::BTreeSet::new()),
+        }
+    }
+}
+
+impl GuestMemoryWindows for BarMemorySlots {
+    fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, String> {
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = (FIRST_BAR_SLOT..SLOT_LIMIT)
+            .find(|s| !taken.contains(s))
+            .ok_or("no free memory slot")?;
+        let region = UserMemoryRegion {
+            slot,
+            guest_phys_addr: gpa,
+            size,
+            userspace_addr: host,
+            guest_memfd: None,
+        };
+        // SAFETY: `host..host+size` is a device's mmapped BAR area, which
+        // its PCI function keeps mapped until after the bus has removed
+        // this slot (unmap below), as `PciBus` does on every window change
+        // and on unplug.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| crate::error_chain(&e))?;
+        taken.insert(slot);
+        Ok(slot)
+    }
+
+    fn unmap(&self, slot: u32) {
+        let region = UserMemoryRegion {
+            slot,
+            guest_phys_addr: 0,
+            size: 0,
+            userspace_addr: 0,
+            guest_memfd: None,
+        };
+        // SAFETY: a zero-size region deletes the slot; no host memory is
+        // handed to KVM.
+        match unsafe { self.vm.set_user_memory_region(region) } {
+            Ok(()) => {
+                self.taken
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&slot);
+            }
+            Err(e) => warn!("cannot delete BAR memory slot {slot}: {e}"),
+        }
     }
 }
 

@@ -179,6 +179,67 @@ pub struct VfioUserClient {
     /// exactly that: IOVA -> size.
     mapped: BTreeMap<u64, u64>,
     memory: Option<std::sync::Arc<dyn DmaMemory>>,
+    /// An fd that came with the current request's reply (a region's mmap
+    /// fd); dropped, and so closed, unless the request takes it.
+    received_fd: Option<std::fs::File>,
+}
+
+/// What DEVICE_GET_REGION_INFO says of a region.
+#[derive(Debug, Default)]
+pub struct RegionInfo {
+    pub size: u64,
+    pub flags: u32,
+    /// Where the region starts in `fd` for mmap.
+    pub offset: u64,
+    /// Mmappable (offset, size) areas inside the region (sparse-mmap
+    /// capability), or the whole region when it is mmappable without one.
+    pub mmap_areas: Vec<(u64, u64)>,
+    pub fd: Option<std::fs::File>,
+}
+
+const REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
+const REGION_INFO_FLAG_CAPS: u32 = 1 << 3;
+const REGION_INFO_CAP_SPARSE_MMAP: u16 = 1;
+/// Room for the capability chain of a region (a sparse-mmap list of up to
+/// 60 areas).
+const REGION_INFO_ARGSZ: u32 = 1024;
+
+/// The sparse-mmap areas in a DEVICE_GET_REGION_INFO reply (`reply` starts
+/// at the region info); areas outside the region or not page-aligned are
+/// dropped, a malformed chain is a protocol error.
+fn sparse_mmap_areas(reply: &[u8], size: u64) -> Option<Vec<(u64, u64)>> {
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(reply.get(at..at + 4)?.try_into().ok()?))
+    };
+    let u64_at = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(reply.get(at..at + 8)?.try_into().ok()?))
+    };
+    let mut next = u32_at(12)? as usize;
+    let mut areas = Vec::new();
+    // A chain that loops ends here: each header is at least 8 bytes on.
+    for _ in 0..(reply.len() / 8) {
+        if next == 0 {
+            return Some(areas);
+        }
+        let header = u32_at(next)?;
+        let following = u32_at(next + 4)? as usize;
+        if header as u16 == REGION_INFO_CAP_SPARSE_MMAP {
+            let count = u32_at(next + 8)? as usize;
+            for i in 0..count.min(reply.len() / 16) {
+                let at = next + 16 + i * 16;
+                let (offset, len) = (u64_at(at)?, u64_at(at + 8)?);
+                let aligned = offset % 4096 == 0 && len % 4096 == 0 && len > 0;
+                if aligned && offset.checked_add(len).is_some_and(|end| end <= size) {
+                    areas.push((offset, len));
+                }
+            }
+        }
+        if following != 0 && following <= next {
+            return None;
+        }
+        next = following;
+    }
+    None
 }
 
 impl VfioUserClient {
@@ -225,6 +286,7 @@ impl VfioUserClient {
             max_dma_maps: DEFAULT_MAX_DMA_MAPS,
             mapped: BTreeMap::new(),
             memory,
+            received_fd: None,
         }
     }
 
@@ -288,14 +350,42 @@ impl VfioUserClient {
 
     /// Size of region `index` (DEVICE_GET_REGION_INFO); 0 when absent.
     pub fn region_size(&mut self, index: u32) -> Result<u64, VfioUserError> {
+        Ok(self.region_info(index)?.size)
+    }
+
+    /// DEVICE_GET_REGION_INFO, with the mmappable areas and the fd to map
+    /// them from, when the server offers them.
+    pub fn region_info(&mut self, index: u32) -> Result<RegionInfo, VfioUserError> {
         let mut payload = [0u8; 32];
-        payload[0..4].copy_from_slice(&32u32.to_le_bytes()); // argsz
+        payload[0..4].copy_from_slice(&REGION_INFO_ARGSZ.to_le_bytes());
         payload[8..12].copy_from_slice(&index.to_le_bytes());
         let reply = self.request(CMD_DEVICE_GET_REGION_INFO, &payload, &[])?;
+        let fd = self.received_fd.take();
         if reply.len() < 32 || reply[8..12] != index.to_le_bytes() {
             return Err(self.protocol_failure("DEVICE_GET_REGION_INFO"));
         }
-        Ok(u64_at(&reply, 16))
+        let flags = u32::from_le_bytes(reply[4..8].try_into().expect("4 bytes"));
+        let size = u64_at(&reply, 16);
+        let mut mmap_areas = if flags & REGION_INFO_FLAG_CAPS != 0 {
+            match sparse_mmap_areas(&reply, size) {
+                Some(areas) => areas,
+                None => return Err(self.protocol_failure("DEVICE_GET_REGION_INFO")),
+            }
+        } else {
+            Vec::new()
+        };
+        if flags & REGION_INFO_FLAG_MMAP == 0 || fd.is_none() {
+            mmap_areas.clear();
+        } else if mmap_areas.is_empty() && flags & REGION_INFO_FLAG_CAPS == 0 && size % 4096 == 0 {
+            mmap_areas.push((0, size));
+        }
+        Ok(RegionInfo {
+            size,
+            flags,
+            offset: u64_at(&reply, 24),
+            mmap_areas,
+            fd,
+        })
     }
 
     /// Reads `data.len()` bytes of region `index` at `offset` (REGION_READ).
@@ -387,6 +477,7 @@ impl VfioUserClient {
         if let Some(why) = &self.closed {
             return Err(VfioUserError::Closed(why.clone()));
         }
+        self.received_fd = None;
         let deadline = Instant::now() + self.timeout;
         let result = self.exchange(command, payload, fds, deadline);
         // A failure in the middle of a message leaves the stream at an
@@ -471,6 +562,43 @@ impl VfioUserClient {
         Ok(())
     }
 
+    /// Reads a message header; an fd sent with it (SCM_RIGHTS travels with
+    /// a message's first byte) is kept in `received_fd`.
+    fn read_header(
+        &mut self,
+        buf: &mut [u8; HEADER_SIZE],
+        deadline: Instant,
+        command: &'static str,
+    ) -> Result<(), VfioUserError> {
+        let filled = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.timeout_error(command));
+            }
+            let stream = self.stream();
+            stream
+                .set_read_timeout(Some(left))
+                .map_err(VfioUserError::Io)?;
+            match stream.recv_with_fd(buf) {
+                Ok((0, _)) => return Err(VfioUserError::Eof),
+                Ok((n, fd)) => {
+                    if fd.is_some() {
+                        self.received_fd = fd;
+                    }
+                    break n;
+                }
+                Err(e) if e.errno() == libc::EINTR => {}
+                Err(e) if e.errno() == libc::EAGAIN => return Err(self.timeout_error(command)),
+                Err(e) => {
+                    return Err(VfioUserError::Io(std::io::Error::from_raw_os_error(
+                        e.errno(),
+                    )));
+                }
+            }
+        };
+        self.read_full(&mut buf[filled..], deadline, command)
+    }
+
     fn timeout_error(&self, command: &'static str) -> VfioUserError {
         VfioUserError::Timeout {
             command,
@@ -502,7 +630,7 @@ impl VfioUserClient {
         let name = command_name(command);
         loop {
             let mut raw = [0u8; HEADER_SIZE];
-            self.read_full(&mut raw, deadline, name)?;
+            self.read_header(&mut raw, deadline, name)?;
             let incoming = Header::decode(&raw);
             let size = incoming.size as usize;
             if !(HEADER_SIZE..=MAX_MESSAGE).contains(&size) {
