@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex};
 use vm_device::{Bus, InterruptError, MsiMessage, MsiVectors};
 
 use crate::configuration::BarKind;
-use crate::{PciBus, PciConfigIo, PciConfigMmio, VfioOps, VfioOpsError, VfioPciDevice};
+use crate::{
+    DirectArea, GuestMemoryWindows, PciBus, PciConfigIo, PciConfigMmio, PciDevice, VfioOps,
+    VfioOpsError, VfioPciDevice,
+};
 use vm_device::BusDevice;
 
 const BAR0_SIZE: u64 = 0x1000;
@@ -121,6 +124,45 @@ impl VfioOps for FakeFunction {
     fn reset(&self) -> Result<(), VfioOpsError> {
         self.state().resets += 1;
         Ok(())
+    }
+
+    /// BAR0's first page holds the MSI-X table (so it must stay trapped);
+    /// BAR2 has one mappable page at 0x2000.
+    fn map_region_areas(&self, index: u32) -> Result<Vec<DirectArea>, VfioOpsError> {
+        Ok(match index {
+            0 => vec![DirectArea {
+                offset: 0,
+                size: 0x1000,
+                host: 0x7000_0000,
+            }],
+            2 => vec![DirectArea {
+                offset: 0x2000,
+                size: 0x1000,
+                host: 0x7100_0000,
+            }],
+            _ => Vec::new(),
+        })
+    }
+}
+
+#[derive(Default)]
+struct FakeWindows {
+    live: Mutex<Vec<(u32, u64, u64, u64)>>,
+    next: Mutex<u32>,
+}
+
+impl GuestMemoryWindows for FakeWindows {
+    fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, String> {
+        let mut next = self.next.lock().unwrap();
+        *next += 1;
+        self.live.lock().unwrap().push((*next, gpa, size, host));
+        Ok(*next)
+    }
+    fn unmap(&self, handle: u32) {
+        let mut live = self.live.lock().unwrap();
+        let before = live.len();
+        live.retain(|&(h, ..)| h != handle);
+        assert_eq!(live.len() + 1, before, "unmapped a handle that was not live");
     }
 }
 
@@ -369,4 +411,33 @@ fn all_32_slots_fill_and_the_next_add_is_refused() {
         bus.add(Arc::new(f)).unwrap_err(),
         crate::PciBusError::NoFreeSlot
     );
+}
+
+#[test]
+fn mappable_areas_become_guest_memory_only_while_decoded_and_never_over_msix() {
+    let fake = FakeFunction::new(false);
+    let function = Arc::new(VfioPciDevice::new(fake, |_| None).unwrap());
+    assert!(function.direct_areas(0).is_empty(), "BAR0's page holds the MSI-X table");
+    assert_eq!(function.direct_areas(2).len(), 1);
+    function.set_bar_address(0, 0xc000_0000);
+    function.set_bar_address(2, 0x1_0000_0000);
+    let windows = Arc::new(FakeWindows::default());
+    let bus = PciBus::with_memory_windows(Arc::new(Bus::new()), Some(windows.clone()));
+    let slot = bus.add(function.clone()).unwrap();
+    assert!(windows.live.lock().unwrap().is_empty(), "memory decoding is off");
+    let command = |value: u16| bus.config_write(0, usize::from(slot), 0, 1, 0, &value.to_le_bytes());
+    command(2);
+    let live = windows.live.lock().unwrap().clone();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].1..live[0].1 + live[0].2, 0x1_0000_2000..0x1_0000_3000);
+    assert_eq!(live[0].3, 0x7100_0000);
+    // Moving BAR2 moves the memory window with it.
+    bus.config_write(0, usize::from(slot), 0, 7, 0, &2u32.to_le_bytes());
+    let live = windows.live.lock().unwrap().clone();
+    assert_eq!((live.len(), live[0].1), (1, 0x2_0000_2000));
+    command(0);
+    assert!(windows.live.lock().unwrap().is_empty());
+    command(2);
+    bus.remove(slot).unwrap();
+    assert!(windows.live.lock().unwrap().is_empty(), "unplug removes it");
 }
