@@ -342,9 +342,9 @@ fn per_page_mapping_never_disturbs_dma_to_a_page_that_stays_shared() {
     assert_eq!(splits, 13);
 }
 
-/// 6. BAR access both ways: the scratch page of BAR0 mapped into the guest
-/// (no message reaches the device) or trapped (every byte is a message);
-/// the guest and the device see the same bytes either way.
+/// BAR access both ways: the scratch page of BAR0 mapped into the guest (no
+/// message reaches the device) or trapped (every byte is a message); the
+/// guest and the device see the same bytes either way.
 #[test]
 fn bar_memory_works_mapped_into_the_guest_and_trapped() {
     if !kvm_available("bar_memory_works_mapped_into_the_guest_and_trapped") {

@@ -162,7 +162,11 @@ impl GuestMemoryWindows for FakeWindows {
         let mut live = self.live.lock().unwrap();
         let before = live.len();
         live.retain(|&(h, ..)| h != handle);
-        assert_eq!(live.len() + 1, before, "unmapped a handle that was not live");
+        assert_eq!(
+            live.len() + 1,
+            before,
+            "unmapped a handle that was not live"
+        );
     }
 }
 
@@ -417,19 +421,29 @@ fn all_32_slots_fill_and_the_next_add_is_refused() {
 fn mappable_areas_become_guest_memory_only_while_decoded_and_never_over_msix() {
     let fake = FakeFunction::new(false);
     let function = Arc::new(VfioPciDevice::new(fake, |_| None).unwrap());
-    assert!(function.direct_areas(0).is_empty(), "BAR0's page holds the MSI-X table");
+    assert!(
+        function.direct_areas(0).is_empty(),
+        "BAR0's page holds the MSI-X table"
+    );
     assert_eq!(function.direct_areas(2).len(), 1);
     function.set_bar_address(0, 0xc000_0000);
     function.set_bar_address(2, 0x1_0000_0000);
     let windows = Arc::new(FakeWindows::default());
     let bus = PciBus::with_memory_windows(Arc::new(Bus::new()), Some(windows.clone()));
     let slot = bus.add(function.clone()).unwrap();
-    assert!(windows.live.lock().unwrap().is_empty(), "memory decoding is off");
-    let command = |value: u16| bus.config_write(0, usize::from(slot), 0, 1, 0, &value.to_le_bytes());
+    assert!(
+        windows.live.lock().unwrap().is_empty(),
+        "memory decoding is off"
+    );
+    let command =
+        |value: u16| bus.config_write(0, usize::from(slot), 0, 1, 0, &value.to_le_bytes());
     command(2);
     let live = windows.live.lock().unwrap().clone();
     assert_eq!(live.len(), 1);
-    assert_eq!(live[0].1..live[0].1 + live[0].2, 0x1_0000_2000..0x1_0000_3000);
+    assert_eq!(
+        live[0].1..live[0].1 + live[0].2,
+        0x1_0000_2000..0x1_0000_3000
+    );
     assert_eq!(live[0].3, 0x7100_0000);
     // Moving BAR2 moves the memory window with it.
     bus.config_write(0, usize::from(slot), 0, 7, 0, &2u32.to_le_bytes());

@@ -151,10 +151,22 @@ impl VfioUserDma {
         })
     }
 
-    /// Whether the server is a PCI function (it has a configuration space
-    /// region). A server that refuses the question is a DMA target only.
+    /// Whether the server is a PCI function: DEVICE_GET_INFO says PCI and
+    /// a configuration space region exists. A server that refuses the
+    /// questions is a DMA target only.
     fn offers_pci_function(&self) -> Result<bool, DeviceError> {
-        match self.client().region_size(pci::CONFIG_REGION) {
+        let mut client = self.client();
+        let info = match client.device_info() {
+            Ok(info) => info,
+            Err(VfioUserError::Refused { .. }) => return Ok(false),
+            Err(e) => return Err(DeviceError::VfioUser(e)),
+        };
+        if info.flags & vfio_user_client::DeviceInfo::FLAG_PCI == 0
+            || info.regions <= pci::CONFIG_REGION
+        {
+            return Ok(false);
+        }
+        match client.region_size(pci::CONFIG_REGION) {
             Ok(size) => Ok(size > 0),
             Err(VfioUserError::Refused { .. }) => Ok(false),
             Err(e) => Err(DeviceError::VfioUser(e)),

@@ -27,6 +27,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 const CMD_VERSION: u16 = 1;
 const CMD_DMA_MAP: u16 = 2;
 const CMD_DMA_UNMAP: u16 = 3;
+const CMD_DEVICE_GET_INFO: u16 = 4;
 const CMD_DEVICE_GET_REGION_INFO: u16 = 5;
 const CMD_DEVICE_GET_IRQ_INFO: u16 = 7;
 const CMD_DEVICE_SET_IRQS: u16 = 8;
@@ -124,6 +125,7 @@ fn command_name(command: u16) -> &'static str {
         CMD_VERSION => "VERSION",
         CMD_DMA_MAP => "DMA_MAP",
         CMD_DMA_UNMAP => "DMA_UNMAP",
+        CMD_DEVICE_GET_INFO => "DEVICE_GET_INFO",
         CMD_DEVICE_GET_REGION_INFO => "DEVICE_GET_REGION_INFO",
         CMD_DEVICE_GET_IRQ_INFO => "DEVICE_GET_IRQ_INFO",
         CMD_DEVICE_SET_IRQS => "DEVICE_SET_IRQS",
@@ -184,6 +186,19 @@ pub struct VfioUserClient {
     received_fd: Option<std::fs::File>,
 }
 
+/// What DEVICE_GET_INFO says of the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub flags: u32,
+    pub regions: u32,
+    pub irqs: u32,
+}
+
+impl DeviceInfo {
+    pub const FLAG_RESET: u32 = 1 << 0;
+    pub const FLAG_PCI: u32 = 1 << 1;
+}
+
 /// What DEVICE_GET_REGION_INFO says of a region.
 #[derive(Debug, Default)]
 pub struct RegionInfo {
@@ -228,7 +243,7 @@ fn sparse_mmap_areas(reply: &[u8], size: u64) -> Option<Vec<(u64, u64)>> {
             for i in 0..count.min(reply.len() / 16) {
                 let at = next + 16 + i * 16;
                 let (offset, len) = (u64_at(at)?, u64_at(at + 8)?);
-                let aligned = offset % 4096 == 0 && len % 4096 == 0 && len > 0;
+                let aligned = offset.is_multiple_of(4096) && len.is_multiple_of(4096) && len > 0;
                 if aligned && offset.checked_add(len).is_some_and(|end| end <= size) {
                     areas.push((offset, len));
                 }
@@ -348,6 +363,23 @@ impl VfioUserClient {
         }
     }
 
+    /// DEVICE_GET_INFO: the device's kind and how many regions and irq
+    /// indices it has.
+    pub fn device_info(&mut self) -> Result<DeviceInfo, VfioUserError> {
+        let mut payload = [0u8; 16];
+        payload[0..4].copy_from_slice(&16u32.to_le_bytes()); // argsz
+        let reply = self.request(CMD_DEVICE_GET_INFO, &payload, &[])?;
+        if reply.len() < 16 {
+            return Err(self.protocol_failure("DEVICE_GET_INFO"));
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(reply[at..at + 4].try_into().expect("4 bytes"));
+        Ok(DeviceInfo {
+            flags: u32_at(4),
+            regions: u32_at(8),
+            irqs: u32_at(12),
+        })
+    }
+
     /// Size of region `index` (DEVICE_GET_REGION_INFO); 0 when absent.
     pub fn region_size(&mut self, index: u32) -> Result<u64, VfioUserError> {
         Ok(self.region_info(index)?.size)
@@ -376,7 +408,10 @@ impl VfioUserClient {
         };
         if flags & REGION_INFO_FLAG_MMAP == 0 || fd.is_none() {
             mmap_areas.clear();
-        } else if mmap_areas.is_empty() && flags & REGION_INFO_FLAG_CAPS == 0 && size % 4096 == 0 {
+        } else if mmap_areas.is_empty()
+            && flags & REGION_INFO_FLAG_CAPS == 0
+            && size.is_multiple_of(4096)
+        {
             mmap_areas.push((0, size));
         }
         Ok(RegionInfo {
@@ -842,6 +877,12 @@ mod tests {
     #[test]
     fn region_and_irq_requests_carry_their_fields_and_check_the_replies() {
         let (mut client, server) = scripted(|h, body| match h.command {
+            CMD_DEVICE_GET_INFO => reply_to(
+                h,
+                FLAG_REPLY,
+                0,
+                &[16, 0, 0, 0, 3, 0, 0, 0, 9, 0, 0, 0, 5, 0, 0, 0],
+            ),
             CMD_DEVICE_GET_REGION_INFO => {
                 let mut info = body.to_vec();
                 info[16..24].copy_from_slice(&0x1000u64.to_le_bytes());
@@ -877,6 +918,8 @@ mod tests {
             CMD_DEVICE_RESET => reply_to(h, FLAG_REPLY | FLAG_ERROR, ENOSYS, &[]),
             _ => Vec::new(),
         });
+        let info = client.device_info().unwrap();
+        assert_eq!((info.flags, info.regions, info.irqs), (3, 9, 5));
         assert_eq!(client.region_size(7).unwrap(), 0x1000);
         let mut data = [0u8; 4];
         client.region_read(0, 0x10, &mut data).unwrap();

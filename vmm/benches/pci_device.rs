@@ -1,0 +1,198 @@
+//! The guest driving an assigned PCI device on real KVM, against the test
+//! device (in this process, on its own thread, a real `vfio_user::Server`):
+//!
+//! - `pci_bar`: one byte read of BAR0's scratch page by the guest, mapped
+//!   into the guest as a memory slot (no exit) against trapped (an MMIO exit
+//!   and a REGION_READ to the device per byte);
+//! - `pci_dma`: the device filling 4 MiB of shared guest memory by DMA, as
+//!   the guest drives it (register writes, the fill, the status read, the
+//!   MSI-X interrupt), against a memcpy of 4 MiB in this process.
+//!
+//! Every guest sample boots a fresh `memconv` guest; criterion samples
+//! linearly and reports the slope, so boot and teardown drop out.
+//!
+//! Run: `cargo bench -p vmm --bench pci_device` (needs /dev/kvm; without it
+//! the bench says so and measures nothing).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
+use hypervisor::KvmHypervisor;
+use test_guest::{MemconvOptions, Op, OpKind, memconv_elf};
+use vmm::VmmEvent;
+use vmm::config::{ConsoleOutput, CpusConfig, MemoryConfig, UserDeviceConfig, VmConfig};
+use vmm::event_monitor::EventMonitor;
+use vmm::memory::MemoryLayout;
+use vmm::vm::Vm;
+
+const SCRATCH: u64 = 0x1000;
+const SCRATCH_SIZE: u64 = 0x1000;
+const DMA_GPA: u64 = 16 << 20;
+const DMA_SIZE: u64 = 4 << 20;
+
+struct Bench {
+    hypervisor: KvmHypervisor,
+    dir: PathBuf,
+    mapped: PathBuf,
+    trapped: PathBuf,
+}
+
+fn op(kind: OpKind, gpa: u64, size: u64, value: u8) -> Op {
+    Op {
+        kind,
+        gpa,
+        size,
+        value,
+    }
+}
+
+impl Bench {
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("ch-pci-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        let device = |name: &str, mmap: bool| {
+            let socket = dir.join(format!("{name}.sock"));
+            let state = test_device::SharedState::default();
+            test_device::serve(&socket, state, mmap).expect("start the test device");
+            socket
+        };
+        Bench {
+            hypervisor: KvmHypervisor::new().expect("open /dev/kvm"),
+            mapped: device("mapped", true),
+            trapped: device("trapped", false),
+            dir,
+        }
+    }
+
+    /// Boots a guest running `ops` with the device at `socket`; returns the
+    /// time until it powers off and its console.
+    fn run(&self, ops: Vec<Op>, socket: &Path) -> (Duration, String) {
+        let kernel = self.dir.join("guest.elf");
+        let console = self.dir.join("console.log");
+        let options = MemconvOptions {
+            poweroff: true,
+            quiet: true,
+        };
+        std::fs::write(&kernel, memconv_elf(&[ops], options)).expect("write guest");
+        let config = VmConfig {
+            kernel,
+            memory: MemoryConfig {
+                size: 64 << 20,
+                guest_memfd: true,
+                layout: MemoryLayout::Auto,
+            },
+            platform: Default::default(),
+            cpus: CpusConfig { boot: 1 },
+            serial: ConsoleOutput::File(console.clone()),
+            devices: Vec::new(),
+            user_devices: vec![UserDeviceConfig {
+                socket: socket.to_path_buf(),
+                ..Default::default()
+            }],
+        };
+        let (events, guest) = channel();
+        let started = Instant::now();
+        let mut vm = Vm::boot(
+            config,
+            &self.hypervisor,
+            events,
+            Arc::new(EventMonitor::disabled()),
+            None,
+        )
+        .expect("boot");
+        loop {
+            match guest.recv_timeout(Duration::from_secs(300)) {
+                Ok(VmmEvent::GuestPowerOff(_)) => break,
+                Ok(VmmEvent::GuestShutdown(_) | VmmEvent::VcpuError(..)) => panic!("guest died"),
+                Ok(_) => {}
+                Err(e) => panic!("guest did not power off: {e}"),
+            }
+        }
+        let elapsed = started.elapsed();
+        vm.shutdown();
+        let output = std::fs::read_to_string(&console).expect("read the console");
+        (elapsed, output)
+    }
+
+    /// `bytes` one-byte reads of the scratch page, in ops of one page.
+    fn bar_reads(&self, bytes: u64, socket: &Path) -> Duration {
+        let mut ops = Vec::new();
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(SCRATCH_SIZE);
+            ops.push(op(OpKind::BarCheck, SCRATCH, n, 0));
+            left -= n;
+        }
+        let count = ops.len();
+        let (elapsed, output) = self.run(ops, socket);
+        assert!(
+            output.contains(&format!("memconv: done {count} ok 0 failed")),
+            "{output}"
+        );
+        elapsed
+    }
+
+    fn dma_fills(&self, fills: u64) -> Duration {
+        let mut ops = vec![op(OpKind::Shared, DMA_GPA, DMA_SIZE, 0)];
+        ops.extend((0..fills).map(|i| op(OpKind::DmaWrite, DMA_GPA, DMA_SIZE, i as u8)));
+        let (elapsed, output) = self.run(ops, &self.mapped);
+        assert!(
+            output.contains(&format!("memconv: done {} ok 0 failed", fills + 1)),
+            "{output}"
+        );
+        elapsed
+    }
+}
+
+fn pci_device(c: &mut Criterion) {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("pci_device bench SKIPPED: /dev/kvm is missing, nothing measured");
+        return;
+    }
+    let bench = Bench::start();
+    // Both ways must read what is there before anything is timed.
+    bench.bar_reads(64, &bench.mapped);
+    bench.bar_reads(64, &bench.trapped);
+    bench.dma_fills(2);
+
+    let mut group = c.benchmark_group("pci_bar");
+    group
+        .sampling_mode(SamplingMode::Linear)
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(10));
+    group.bench_function("trapped_read", |b| {
+        b.iter_custom(|iters| bench.bar_reads(iters, &bench.trapped))
+    });
+    group.bench_function("mapped_read", |b| {
+        b.iter_custom(|iters| bench.bar_reads(iters, &bench.mapped))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("pci_dma");
+    group
+        .sampling_mode(SamplingMode::Linear)
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(10));
+    let source = vec![0x5au8; DMA_SIZE as usize];
+    let mut target = vec![0u8; DMA_SIZE as usize];
+    group.bench_function("memcpy_4m", |b| {
+        b.iter(|| {
+            target.copy_from_slice(std::hint::black_box(&source));
+            std::hint::black_box(&target);
+        })
+    });
+    group.bench_function("device_fill_4m", |b| {
+        b.iter_custom(|iters| bench.dma_fills(iters))
+    });
+    group.finish();
+    let _ = std::fs::remove_dir_all(&bench.dir);
+}
+
+criterion_group!(benches, pci_device);
+criterion_main!(benches);
