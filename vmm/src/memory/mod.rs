@@ -5,6 +5,7 @@
 mod attribute_tests;
 mod backing;
 mod conversion;
+pub mod page_states;
 pub mod ram_block_attribute;
 pub mod shared_bitmap;
 #[cfg(test)]

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 pub use vm_device::{ListenerError, RamDiscardListener, Section};
 
+use super::page_states::PageStates;
 use super::shared_bitmap::SharedBitmap;
 
 pub const GRANULARITY: u64 = 4096;
@@ -73,42 +74,54 @@ struct Registered {
 }
 
 /// The committed state: what readers see.
-struct View {
-    bitmap: SharedBitmap,
+struct View<S> {
+    bitmap: S,
     counters: ConversionCounters,
 }
 
-type SharedView = Arc<RwLock<View>>;
+type SharedView<S> = Arc<RwLock<View<S>>>;
 
-fn read(view: &RwLock<View>) -> RwLockReadGuard<'_, View> {
+fn read<S>(view: &RwLock<View<S>>) -> RwLockReadGuard<'_, View<S>> {
     // Only `commit` writes, and a bitmap update cannot stop half-way.
     view.read().unwrap_or_else(|e| e.into_inner())
 }
 
-fn write(view: &RwLock<View>) -> RwLockWriteGuard<'_, View> {
+fn write<S>(view: &RwLock<View<S>>) -> RwLockWriteGuard<'_, View<S>> {
     view.write().unwrap_or_else(|e| e.into_inner())
 }
 
-pub struct AttributeState {
+pub struct AttributeState<S = SharedBitmap> {
     gpa: u64,
-    view: SharedView,
+    /// Fixed at creation; kept here so validating takes no lock.
+    pages: u64,
+    view: SharedView<S>,
     listeners: Vec<Registered>,
     next_id: u64,
 }
 
-pub struct RamBlockAttribute {
+/// `S` is the per-page state store: `SharedBitmap` in the VMM; the flat
+/// bitmap baseline in the benchmarks.
+pub struct RamBlockAttribute<S = SharedBitmap> {
     gpa: u64,
     size: u64,
-    state: Mutex<AttributeState>,
-    view: SharedView,
+    state: Mutex<AttributeState<S>>,
+    view: SharedView<S>,
 }
 
 impl RamBlockAttribute {
     /// A region at `gpa` of `size` bytes (a multiple of `GRANULARITY`), all private.
     pub fn new(gpa: u64, size: u64) -> Self {
+        Self::with_store(gpa, size)
+    }
+}
+
+impl<S: PageStates> RamBlockAttribute<S> {
+    /// As `new`, with `S` keeping the page states.
+    pub fn with_store(gpa: u64, size: u64) -> Self {
         debug_assert_eq!(size % GRANULARITY, 0);
+        let pages = size >> PAGE_SHIFT;
         let view = Arc::new(RwLock::new(View {
-            bitmap: SharedBitmap::new(size >> PAGE_SHIFT),
+            bitmap: S::with_pages(pages),
             counters: ConversionCounters::default(),
         }));
         RamBlockAttribute {
@@ -116,6 +129,7 @@ impl RamBlockAttribute {
             size,
             state: Mutex::new(AttributeState {
                 gpa,
+                pages,
                 view: view.clone(),
                 listeners: Vec::new(),
                 next_id: 0,
@@ -136,7 +150,7 @@ impl RamBlockAttribute {
     /// lock them in ascending address order through this. A listener that
     /// panicked in the middle of a conversion leaves devices and state out
     /// of step: the region then refuses every conversion, loudly.
-    pub fn lock(&self) -> Result<MutexGuard<'_, AttributeState>, AttributeError> {
+    pub fn lock(&self) -> Result<MutexGuard<'_, AttributeState<S>>, AttributeError> {
         self.state.lock().map_err(|_| {
             log::error!(
                 "region {:#x}: conversion refused, a listener panicked during an earlier one",
@@ -146,7 +160,7 @@ impl RamBlockAttribute {
         })
     }
 
-    fn view(&self) -> RwLockReadGuard<'_, View> {
+    fn view(&self) -> RwLockReadGuard<'_, View<S>> {
         read(&self.view)
     }
 
@@ -257,9 +271,9 @@ fn section_of(gpa: u64, first: u64, count: u64) -> Section {
     }
 }
 
-fn replay<E>(
+fn replay<S: PageStates, E>(
     gpa: u64,
-    view: &View,
+    view: &View<S>,
     offset: u64,
     size: u64,
     shared: bool,
@@ -281,17 +295,17 @@ pub enum ReplayError<E> {
     Callback(E),
 }
 
-impl AttributeState {
+impl<S: PageStates> AttributeState<S> {
     fn section_of(&self, first: u64, count: u64) -> Section {
         section_of(self.gpa, first, count)
     }
 
-    fn view(&self) -> RwLockReadGuard<'_, View> {
+    fn view(&self) -> RwLockReadGuard<'_, View<S>> {
         read(&self.view)
     }
 
     fn pages(&self) -> u64 {
-        self.view().bitmap.pages()
+        self.pages
     }
 
     fn region_size(&self) -> u64 {
@@ -327,7 +341,7 @@ impl AttributeState {
         };
         self.view()
             .bitmap
-            .for_each_run(part.first, part.count, shared, |first, count| {
+            .for_each_change(part.first, part.count, shared, |first, count| {
                 let s = self.section_of(first, count);
                 f(s).map_err(|e| (s, e))
             })
