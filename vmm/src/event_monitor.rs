@@ -23,8 +23,41 @@ pub const QUEUE_DEPTH: usize = 4096;
 
 enum Message {
     Line(String),
+    /// A conversion, formatted by the writer: the vCPU that converted only
+    /// copies these fields (no allocation when it succeeded).
+    Conversion(ConversionRecord),
     /// Answered once every earlier line is written.
     Flush(SyncSender<()>),
+}
+
+struct ConversionRecord {
+    timestamp_us: u64,
+    gpa: u64,
+    size: u64,
+    direction: &'static str,
+    changed_pages: u64,
+    duration_us: u64,
+    error: Option<String>,
+}
+
+impl ConversionRecord {
+    fn line(&self) -> String {
+        json!({
+            "timestamp_us": self.timestamp_us,
+            "source": "memory",
+            "event": "conversion",
+            "properties": {
+                "gpa": self.gpa,
+                "size": self.size,
+                "direction": self.direction,
+                "result": if self.error.is_some() { "error" } else { "ok" },
+                "error": self.error,
+                "changed_pages": self.changed_pages,
+                "duration_us": self.duration_us,
+            },
+        })
+        .to_string()
+    }
 }
 
 /// Queues `flush`, a marker its writer answers on `written` once every
@@ -132,19 +165,20 @@ fn open_sink(config: &EventMonitorConfig) -> Result<File, EventMonitorError> {
 fn write_lines(mut sink: File, queue: Receiver<Message>) {
     let mut failed = false;
     for message in queue {
-        match message {
-            Message::Line(line) => {
-                if let Err(e) = writeln!(sink, "{line}")
-                    && !failed
-                {
-                    // Once is enough: a reader that went away stays away.
-                    warn!("event monitor write failed: {e}");
-                    failed = true;
-                }
-            }
+        let line = match message {
+            Message::Line(line) => line,
+            Message::Conversion(record) => record.line(),
             Message::Flush(done) => {
                 let _ = done.send(());
+                continue;
             }
+        };
+        if let Err(e) = writeln!(sink, "{line}")
+            && !failed
+        {
+            // Once is enough: a reader that went away stays away.
+            warn!("event monitor write failed: {e}");
+            failed = true;
         }
     }
 }
@@ -183,16 +217,23 @@ impl EventMonitor {
     }
 
     pub fn emit(&self, source: &str, event: &str, properties: Value) {
-        let Some(queue) = &self.queue else {
+        if self.queue.is_none() {
             return;
-        };
+        }
         let line = json!({
             "timestamp_us": self.started.elapsed().as_micros() as u64,
             "source": source,
             "event": event,
             "properties": properties,
         });
-        match queue.try_send(Message::Line(line.to_string())) {
+        self.send(Message::Line(line.to_string()));
+    }
+
+    fn send(&self, message: Message) {
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        match queue.try_send(message) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -214,23 +255,22 @@ impl EventMonitor {
         result: &Result<ConversionOutcome, ConversionFailure>,
         elapsed: Duration,
     ) {
-        let (outcome, changed, error) = match result {
-            Ok(o) => ("ok", o.changed_pages, None),
-            Err(e) => ("error", 0, Some(crate::error_chain(e))),
+        if self.queue.is_none() {
+            return;
+        }
+        let (changed_pages, error) = match result {
+            Ok(o) => (o.changed_pages, None),
+            Err(e) => (0, Some(crate::error_chain(e))),
         };
-        self.emit(
-            "memory",
-            "conversion",
-            json!({
-                "gpa": request.gpa,
-                "size": request.size,
-                "direction": request.direction.name(),
-                "result": outcome,
-                "error": error,
-                "changed_pages": changed,
-                "duration_us": elapsed.as_micros() as u64,
-            }),
-        );
+        self.send(Message::Conversion(ConversionRecord {
+            timestamp_us: self.started.elapsed().as_micros() as u64,
+            gpa: request.gpa,
+            size: request.size,
+            direction: request.direction.name(),
+            changed_pages,
+            duration_us: elapsed.as_micros() as u64,
+            error,
+        }));
     }
 }
 

@@ -7,7 +7,7 @@
 pub mod api;
 pub mod boot;
 pub mod config;
-mod conversion_path;
+pub mod conversion_path;
 pub mod device_manager;
 mod elf;
 pub mod event_monitor;

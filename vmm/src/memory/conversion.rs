@@ -15,6 +15,8 @@
 
 use std::sync::MutexGuard;
 
+use smallvec::SmallVec;
+
 use hypervisor::{ConversionDirection, MemoryConversion};
 use log::{debug, warn};
 
@@ -39,6 +41,12 @@ pub struct ConversionOutcome {
     pub changed_pages: u64,
 }
 
+/// A conversion touches one region, unless a layout puts two RAM regions
+/// back to back: room for two without allocating.
+const INLINE_PIECES: usize = 2;
+
+type Routes = SmallVec<[(usize, u64, u64); INLINE_PIECES]>;
+
 struct Piece<'a> {
     region: usize,
     range: PageRange,
@@ -49,13 +57,13 @@ struct Piece<'a> {
 
 impl MemoryManager {
     /// Splits `gpa..gpa+size` over the guest_memfd regions, or says why not.
-    fn route(&self, gpa: u64, size: u64) -> Result<Vec<(usize, u64, u64)>, ConversionFailure> {
+    fn route(&self, gpa: u64, size: u64) -> Result<Routes, ConversionFailure> {
         let invalid = ConversionFailure::Invalid { gpa, size };
         if size == 0 || !gpa.is_multiple_of(GRANULARITY) || !size.is_multiple_of(GRANULARITY) {
             return Err(invalid);
         }
         let end = gpa.checked_add(size).ok_or(invalid)?;
-        let mut pieces = Vec::new();
+        let mut pieces = Routes::new();
         let mut cursor = gpa;
         for (index, region) in self.regions.iter().enumerate() {
             let region_end = region.gpa + region.size;
@@ -94,7 +102,7 @@ impl MemoryManager {
             .route(gpa, size)
             .inspect_err(|_| self.record_rejected())?;
 
-        let mut pieces: Vec<Piece<'_>> = Vec::with_capacity(routes.len());
+        let mut pieces: SmallVec<[Piece<'_>; INLINE_PIECES]> = SmallVec::new();
         for (region, offset, size) in routes {
             let attrs = self.regions[region].attributes.as_ref().expect("routed");
             let state = match attrs.lock() {
