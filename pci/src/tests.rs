@@ -455,3 +455,28 @@ fn mappable_areas_become_guest_memory_only_while_decoded_and_never_over_msix() {
     bus.remove(slot).unwrap();
     assert!(windows.live.lock().unwrap().is_empty(), "unplug removes it");
 }
+
+#[test]
+fn the_address_register_reads_back_and_selects_bus_device_function_and_register() {
+    let r = rig();
+    let address = 0x8000_0000 | (u32::from(r.slot) << 11) | (2 << 2) | 3;
+    r.ports.write(0, &address.to_le_bytes());
+    let mut b = [0u8; 4];
+    r.ports.read(0, &mut b);
+    assert_eq!(u32::from_le_bytes(b), address & !3, "low two bits are zero");
+    // Bus 1 and function 1 of the same slot hold nothing.
+    for other in [1u32 << 16, 1 << 8] {
+        r.ports.write(0, &(address | other).to_le_bytes());
+        r.ports.read(4, &mut b);
+        assert_eq!(b, [0xff; 4], "{other:#x}");
+        // Writes there reach nobody either.
+        r.ports.write(4, &0x6u16.to_le_bytes());
+    }
+    assert!(r.bus.mapped_windows(r.slot).is_empty());
+    assert_eq!(r.fake.state().config[4], 0, "the command never reached the device");
+    // The host bridge says what it is: class 06 (bridge), subclass 00.
+    assert_eq!(r.bus.config_read(0, 0, 0, 2), 0x0600_0000);
+    assert_eq!(r.bus.config_read(0, 0, 0, 0), 0x0d57_8086);
+    // ECAM covers bus 0: 32 devices of 8 functions of 4 KiB.
+    assert_eq!(crate::ECAM_SIZE, 32 * 8 * 4096);
+}
