@@ -11,7 +11,6 @@ pub const ROM_REG: usize = 12;
 /// Dword index of the capability pointer.
 pub const CAPABILITY_POINTER_REG: usize = 13;
 pub const COMMAND_MEMORY: u16 = 1 << 1;
-pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
 /// Status register bit: a capability list exists.
 pub const STATUS_CAPABILITIES: u16 = 1 << 4;
 /// Size of legacy configuration space; ECAM offers 4 KiB per function.

@@ -480,3 +480,23 @@ fn the_address_register_reads_back_and_selects_bus_device_function_and_register(
     // ECAM covers bus 0: 32 devices of 8 functions of 4 KiB.
     assert_eq!(crate::ECAM_SIZE, 32 * 8 * 4096);
 }
+
+#[test]
+fn ecam_reaches_every_register_and_writes_too() {
+    let r = rig();
+    let ecam = PciConfigMmio::new(r.bus.clone());
+    let function = u64::from(r.slot) << 15;
+    let mut b = [0u8; 4];
+    ecam.read(function + 0x10, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 0xc000_0000, "BAR0 through ECAM");
+    let mut two = [0u8; 2];
+    ecam.read(function + 0x62, &mut two);
+    assert_eq!(u16::from_le_bytes(two), 3, "MSI-X control, a 2-byte read");
+    // A write through ECAM: memory decoding on.
+    ecam.write(function + 0x4, &2u16.to_le_bytes());
+    assert_eq!(r.bus.mapped_windows(r.slot).len(), 2);
+    assert_eq!(r.fake.state().config[4], 2);
+    // Registers past the legacy 256 bytes exist only through ECAM.
+    ecam.read(function + 0x100, &mut b);
+    assert_eq!(b, [0xff; 4], "the fake has no extended space");
+}

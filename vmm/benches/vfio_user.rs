@@ -8,6 +8,12 @@
 //!   RamBlockAttribute with the device's `DmaMappingListener` registered,
 //!   which sends exactly that map and unmap.
 //!
+//! And scaling (`vfio_user_scaling`): 1, 2, 4 and 8 threads each converting
+//! its own page of one region back and forth, against as many threads
+//! sending bare DMA_MAP + DMA_UNMAP pairs on the same device; each
+//! iteration is one pair in all (not per thread), so the times compare
+//! throughput directly.
+//!
 //! Run: `cargo bench -p vmm --bench vfio_user`
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -135,5 +141,74 @@ fn vfio_user(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&device.dir);
 }
 
-criterion_group!(benches, vfio_user);
+/// Runs `pairs` pairs split over `threads` threads; returns the wall time.
+fn split_over(threads: u64, pairs: u64, pair: impl Fn(u64) + Sync) -> Duration {
+    let per_thread = pairs.div_ceil(threads);
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let pair = &pair;
+            scope.spawn(move || {
+                for _ in 0..per_thread {
+                    pair(t);
+                }
+            });
+        }
+    });
+    started.elapsed()
+}
+
+fn scaling(c: &mut Criterion) {
+    let device = start_device();
+    let fd = device.ram.as_raw_fd();
+    let mut group = c.benchmark_group("vfio_user_scaling");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(4));
+    for threads in [1u64, 2, 4, 8] {
+        {
+            let client = Mutex::new(connect(&device));
+            group.bench_function(format!("bare_pairs_{threads}_threads"), |b| {
+                b.iter_custom(|pairs| {
+                    split_over(threads, pairs, |t| {
+                        let iova = BASE + t * PAGE;
+                        let mut c = client.lock().unwrap();
+                        c.dma_map(iova, PAGE, fd, t * PAGE).unwrap();
+                        c.dma_unmap(iova, PAGE).unwrap();
+                    })
+                })
+            });
+        }
+        settle();
+        {
+            let dma = Arc::new(MemfdDma {
+                client: Mutex::new(connect(&device)),
+                fd,
+            });
+            let rba = RamBlockAttribute::new(BASE, RAM);
+            let listener = Arc::new(DmaMappingListener::new(dma, None));
+            rba.register_listener(
+                listener,
+                Section {
+                    gpa: BASE,
+                    size: RAM,
+                },
+            )
+            .unwrap();
+            group.bench_function(format!("conversion_pairs_{threads}_threads"), |b| {
+                b.iter_custom(|pairs| {
+                    split_over(threads, pairs, |t| {
+                        rba.state_change(t * PAGE, PAGE, true).unwrap();
+                        rba.state_change(t * PAGE, PAGE, false).unwrap();
+                    })
+                })
+            });
+        }
+        settle();
+    }
+    group.finish();
+    let _ = std::fs::remove_dir_all(&device.dir);
+}
+
+criterion_group!(benches, vfio_user, scaling);
 criterion_main!(benches);
