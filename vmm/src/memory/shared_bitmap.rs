@@ -141,6 +141,26 @@ impl SharedBitmap {
         mut f: impl FnMut(u64, u64) -> Result<(), E>,
     ) -> Result<(), E> {
         let end = start.saturating_add(count).min(self.pages);
+        if start >= end {
+            return Ok(());
+        }
+        // Most conversions stay inside one chunk, and most chunks are
+        // uniform: answer those without searching.
+        if start / CHUNK_PAGES == (end - 1) / CHUNK_PAGES {
+            match &self.chunks[(start / CHUNK_PAGES) as usize] {
+                Chunk::Private if shared => return Ok(()),
+                Chunk::Shared if !shared => return Ok(()),
+                Chunk::Private | Chunk::Shared => return f(start, end - start),
+                Chunk::Mixed(..) if end - start == 1 => {
+                    return if self.is_shared(start) == shared {
+                        f(start, 1)
+                    } else {
+                        Ok(())
+                    };
+                }
+                Chunk::Mixed(..) => {}
+            }
+        }
         let mut page = start;
         while let Some(run_start) = self.next_in_state(page, end, shared) {
             let run_end = self.next_in_state(run_start, end, !shared).unwrap_or(end);
