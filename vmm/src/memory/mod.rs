@@ -29,6 +29,9 @@ pub use ram_block_attribute::{
 /// Start of the 32-bit MMIO hole; RAM above it continues at 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Largest KVM memory slot this manager creates (KVM's limit is 2^31 - 1
+/// pages).
+pub const MAX_SLOT_BYTES: u64 = 4 << 40;
 /// Guests need their boot area (page tables, image, stacks) below this.
 pub const MIN_RAM: u64 = 16 << 20;
 
@@ -102,6 +105,7 @@ impl MemoryManager {
         }
         let mut regions = Vec::new();
         let mut mmaps = Vec::new();
+        let mut next_slot = 0;
         for (index, (gpa, len)) in ram_ranges(size).into_iter().enumerate() {
             let backing = Backing::create(vm.as_ref(), len, layout)
                 .map_err(|source| MemoryError::Backing { index, source })?;
@@ -109,17 +113,25 @@ impl MemoryManager {
                 .map_shared_view(len)
                 .map_err(|e| MemoryError::Mmap(index, e))?;
             let host = mapping.as_ptr() as u64;
-            let region = UserMemoryRegion {
-                slot: index as u32,
-                guest_phys_addr: gpa,
-                size: len,
-                userspace_addr: host,
-                guest_memfd: backing.guest_memfd().map(|fd| (fd, 0)),
-            };
-            // SAFETY: the mapping lives in `guest_memory`, which this manager
-            // owns for as long as the VM (and so the slot) exists.
-            unsafe { vm.set_user_memory_region(region) }
-                .map_err(|e| MemoryError::Register(index, e))?;
+            // KVM takes at most 2^31 - 1 pages (8 TiB) per slot: a larger
+            // region is several slots over the same mapping and guest_memfd.
+            let mut offset = 0;
+            while offset < len {
+                let piece = (len - offset).min(MAX_SLOT_BYTES);
+                let region = UserMemoryRegion {
+                    slot: next_slot,
+                    guest_phys_addr: gpa + offset,
+                    size: piece,
+                    userspace_addr: host + offset,
+                    guest_memfd: backing.guest_memfd().map(|fd| (fd, offset)),
+                };
+                // SAFETY: the mapping lives in `guest_memory`, which this
+                // manager owns for as long as the VM (and so the slot) exists.
+                unsafe { vm.set_user_memory_region(region) }
+                    .map_err(|e| MemoryError::Register(index, e))?;
+                next_slot += 1;
+                offset += piece;
+            }
             info!(
                 "RAM region {index}: {gpa:#x}+{len:#x} backed by {}",
                 backing.name()
