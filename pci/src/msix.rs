@@ -298,12 +298,31 @@ mod tests {
     }
 
     #[test]
-    fn the_table_reads_back_what_was_written_and_resets_masked() {
+    fn the_function_mask_reads_back_and_qword_writes_split_into_dwords() {
         let (mut t, _) = table();
-        program(&mut t, 1, 0x1_fee0_1000, 0x55);
+        t.set_control((1 << 15) | (1 << 14));
+        assert_eq!(t.control(), (1 << 15) | (1 << 14) | 1);
+        // A qword write of an entry's address, then a narrower low dword:
+        // the high half stays, the low half is replaced, not merged.
+        t.write_table(16, &0x3_ffff_0000u64.to_le_bytes());
+        t.write_table(16, &0x1000u32.to_le_bytes());
         let mut eight = [0u8; 8];
         t.read_table(16, &mut eight);
-        assert_eq!(u64::from_le_bytes(eight), 0x1_fee0_1000);
+        assert_eq!(u64::from_le_bytes(eight), 0x3_0000_1000);
+        let mut four = [0u8; 4];
+        t.read_table(20, &mut four);
+        assert_eq!(u32::from_le_bytes(four), 3);
+        t.read_table(0, &mut eight);
+        assert_eq!(u64::from_le_bytes(eight), 0, "entry 0 untouched");
+    }
+
+    #[test]
+    fn the_table_reads_back_what_was_written_and_resets_masked() {
+        let (mut t, _) = table();
+        program(&mut t, 1, 0x2_fee0_1000, 0x55);
+        let mut eight = [0u8; 8];
+        t.read_table(16, &mut eight);
+        assert_eq!(u64::from_le_bytes(eight), 0x2_fee0_1000);
         let mut four = [0u8; 4];
         t.read_table(16 + 12, &mut four);
         assert_eq!(u32::from_le_bytes(four), 1, "masked");

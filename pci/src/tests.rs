@@ -35,6 +35,11 @@ impl FakeFunction {
     /// table at BAR0+0x800, PBA at BAR0+0xc00); `capability_loop` makes
     /// the capability list point at itself after a dummy entry.
     fn new(capability_loop: bool) -> Arc<Self> {
+        Self::with_msix_at(capability_loop, 0x60)
+    }
+
+    /// As `new`, the MSI-X capability at `msix` (0x40 or 0x60).
+    fn with_msix_at(capability_loop: bool, msix: usize) -> Arc<Self> {
         let mut config = vec![0u8; 256];
         config[0..4].copy_from_slice(&0x5678_1234u32.to_le_bytes());
         config[6] = 0x10; // capability list
@@ -42,11 +47,11 @@ impl FakeFunction {
         config[0x34] = 0x50;
         // A vendor capability first, then MSI-X.
         config[0x50] = 0x09;
-        config[0x51] = if capability_loop { 0x50 } else { 0x60 };
-        config[0x60] = 0x11;
-        config[0x62..0x64].copy_from_slice(&3u16.to_le_bytes());
-        config[0x64..0x68].copy_from_slice(&0x800u32.to_le_bytes());
-        config[0x68..0x6c].copy_from_slice(&0xc00u32.to_le_bytes());
+        config[0x51] = if capability_loop { 0x50 } else { msix as u8 };
+        config[msix] = 0x11;
+        config[msix + 2..msix + 4].copy_from_slice(&3u16.to_le_bytes());
+        config[msix + 4..msix + 8].copy_from_slice(&0x800u32.to_le_bytes());
+        config[msix + 8..msix + 12].copy_from_slice(&0xc00u32.to_le_bytes());
         Arc::new(FakeFunction(Mutex::new(FakeState {
             config,
             bar0: vec![0; BAR0_SIZE as usize],
@@ -267,6 +272,22 @@ fn the_function_is_reset_and_its_bars_and_msix_are_learned() {
     );
     let layout = r.function.msix_layout().unwrap();
     assert_eq!((layout.capability, layout.vectors), (0x60, 4));
+    assert_eq!((layout.table_bar, layout.table_offset), (0, 0x800));
+    assert_eq!((layout.pba_bar, layout.pba_offset), (0, 0xc00));
+}
+
+#[test]
+fn msix_is_found_at_the_first_capability_offset_and_only_with_a_capability_list() {
+    let at_0x40 = FakeFunction::with_msix_at(false, 0x40);
+    at_0x40.state().config[0x34] = 0x40;
+    let function = VfioPciDevice::new(at_0x40, |_| None).unwrap();
+    assert_eq!(function.msix_layout().map(|l| l.capability), Some(0x40));
+
+    // Without the status bit there is no list to walk, whatever it holds.
+    let no_list = FakeFunction::new(false);
+    no_list.state().config[6] = 0;
+    let function = VfioPciDevice::new(no_list, |_| None).unwrap();
+    assert!(function.msix_layout().is_none());
 }
 
 #[test]
@@ -473,7 +494,11 @@ fn the_address_register_reads_back_and_selects_bus_device_function_and_register(
         r.ports.write(4, &0x6u16.to_le_bytes());
     }
     assert!(r.bus.mapped_windows(r.slot).is_empty());
-    assert_eq!(r.fake.state().config[4], 0, "the command never reached the device");
+    assert_eq!(
+        r.fake.state().config[4],
+        0,
+        "the command never reached the device"
+    );
     // The host bridge says what it is: class 06 (bridge), subclass 00.
     assert_eq!(r.bus.config_read(0, 0, 0, 2), 0x0600_0000);
     assert_eq!(r.bus.config_read(0, 0, 0, 0), 0x0d57_8086);

@@ -98,6 +98,10 @@ fn converting_a_page_and_back_allocates_nothing_on_the_vcpu_thread() {
     monitor.flush(std::time::Duration::from_secs(5));
     let written = std::fs::read_to_string(&events).unwrap();
     assert_eq!(written.lines().count(), 402);
-    assert!(written.lines().all(|l| l.contains(r#""event":"conversion""#)));
+    assert!(
+        written
+            .lines()
+            .all(|l| l.contains(r#""event":"conversion""#))
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
