@@ -301,6 +301,47 @@ fn sixteen_tib_region() {
     );
 }
 
+/// Scale: a 16 TiB region with 1 GiB and 1000 scattered pages shared gets a
+/// device attached (its mappings replayed) and converts, in bounded time
+/// and memory. The figures go to docs/performance.md.
+#[test]
+fn a_device_attaches_to_a_sixteen_tib_region_in_bounded_time_and_memory() {
+    use vm_device::DmaMappingListener;
+    use vm_device::fake_iommu::FakeIommu;
+    let size = 16u64 << 40;
+    let started = std::time::Instant::now();
+    let rba = RamBlockAttribute::new(0x1_0000_0000, size);
+    let created = started.elapsed();
+    rba.state_change(size / 2, 1 << 30, true).unwrap();
+    for i in 0..1000u64 {
+        rba.state_change(i * (size / 2000) & !(PAGE - 1), PAGE, true)
+            .unwrap();
+    }
+    let iommu = Arc::new(FakeIommu::new(None));
+    let listener = Arc::new(DmaMappingListener::new(iommu.clone(), Some(65535)));
+    let attach = std::time::Instant::now();
+    rba.register_listener(
+        listener.clone(),
+        Section {
+            gpa: 0x1_0000_0000,
+            size,
+        },
+    )
+    .unwrap();
+    let attached = attach.elapsed();
+    assert_eq!(iommu.mappings().len(), 1001);
+    rba.state_change(size / 2, 2 << 20, false).unwrap();
+    assert_eq!(listener.stats().splits, 1);
+    let heap = rba.lock().unwrap().heap_bytes();
+    eprintln!(
+        "16 TiB region: created in {created:?}, device attached (1001 runs) in {attached:?}, {heap} bytes of state"
+    );
+    // 131072 chunks of 16 bytes, one block per mixed chunk (1000 of them
+    // at most), two spares.
+    assert!(heap <= (2 << 20) + 1002 * 4096, "{heap}");
+    assert!(created + attached < std::time::Duration::from_secs(5));
+}
+
 #[test]
 fn one_tib_fragmented_state_stays_within_a_bitmap() {
     let size = 1u64 << 40;
