@@ -203,7 +203,7 @@ fn a_device_that_refuses_a_map_fails_the_conversion_and_the_vm_runs_on() {
     let (ok, counters, _) = ch_remote(&api, &["counters"]);
     assert!(ok);
     let counters: serde_json::Value = serde_json::from_str(&counters).unwrap();
-    assert_eq!(counters["conversions"]["failed"], 1);
+    assert_eq!(counters["memory"]["failed"], 1);
 }
 
 #[test]

@@ -821,7 +821,7 @@ fn an_event_reader_that_stops_reading_never_stalls_the_guest() {
     // blocking writer would have stalled the guest. The queue absorbed
     // them; what it cannot absorb is dropped and counted (unit-tested in
     // event_monitor.rs).
-    let dropped = counters["events_dropped"].as_u64().unwrap();
+    let dropped = counters["memory"]["events_dropped"].as_u64().unwrap();
     eprintln!("events dropped with an unread event pipe: {dropped}");
     drop(reader);
 }

@@ -129,6 +129,20 @@ fn the_device_has_a_bdf_and_follows_conversions_while_the_guest_drives_it() {
     let shared = vmm_shared_ranges(&api);
     assert_eq!(shared, [(A, 0x1000), (A + 0x2000, 0xe000)]);
     assert_eq!(device.mapped(), shared);
+    // Counters as Cloud Hypervisor groups them: every value an integer.
+    let (ok, counters, err) = ch_remote(&api, &["counters"]);
+    assert!(ok, "{err}");
+    let counters: serde_json::Value = serde_json::from_str(&counters).unwrap();
+    for (group, values) in counters.as_object().unwrap() {
+        for (name, value) in values.as_object().unwrap() {
+            assert!(value.is_u64(), "{group}.{name} = {value}");
+        }
+    }
+    assert_eq!(counters["memory"]["to_shared"], 1);
+    assert_eq!(counters["memory"]["to_private"], 1);
+    assert_eq!(counters["memory_region0"]["pages_to_private"], 1);
+    assert_eq!(counters["dev0"]["entries"], 2);
+    assert_eq!(counters["dev0"]["splits"], 1);
 }
 
 #[test]

@@ -162,7 +162,7 @@ fn conversions_counted(api: &Path) -> u64 {
     let (ok, counters, err) = ch_remote(api, &["counters"]);
     assert!(ok, "{err}");
     let counters: serde_json::Value = serde_json::from_str(&counters).unwrap();
-    let totals = &counters["conversions"];
+    let totals = &counters["memory"];
     totals["to_shared"].as_u64().unwrap() + totals["to_private"].as_u64().unwrap()
 }
 
@@ -220,7 +220,7 @@ fn eight_vcpus_convert_overlapping_ranges_while_the_api_is_queried_and_a_device_
     assert_eq!(hot.mapped(), expected, "hot-plugged device");
     let (_, counters, _) = ch_remote(&api, &["counters"]);
     let counters: serde_json::Value = serde_json::from_str(&counters).unwrap();
-    let totals = &counters["conversions"];
+    let totals = &counters["memory"];
     assert_eq!(totals["failed"], 0, "{counters}");
     // A conversion to the state a range already has is still counted.
     assert_eq!(

@@ -243,7 +243,19 @@ impl EventMonitorConfig {
 }
 
 /// Device ids name devices in the API and in events.
+/// `vm.counters` names its own groups `memory` and `memory_region<N>`;
+/// device ids there would collide.
+pub const RESERVED_ID_PREFIX: &str = "memory";
+
 pub(crate) fn check_id(option: &'static str, id: &str) -> Result<(), ConfigError> {
+    if id.starts_with(RESERVED_ID_PREFIX) {
+        return Err(ConfigError::Invalid {
+            option,
+            key: "id",
+            value: id.to_string(),
+            why: "ids starting with \"memory\" are reserved for vm.counters",
+        });
+    }
     let valid = !id.is_empty()
         && id.len() <= 64
         && id
@@ -788,6 +800,7 @@ mod tests {
             ("socket=/s,pci_device_id=0", "pci_device_id"),
             ("socket=/s,pci_device_id=32", "pci_device_id"),
             ("socket=/s,pci_device_id=x", "pci_device_id"),
+            ("socket=/s,id=memory_region0", "id"),
         ] {
             match UserDeviceConfig::parse(bad) {
                 Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{bad}"),

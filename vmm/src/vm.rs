@@ -90,6 +90,15 @@ pub struct Vm {
     state: VmState,
 }
 
+fn conversion_counters(
+    c: &crate::memory::ConversionCounters,
+) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(c).expect("plain counters") {
+        serde_json::Value::Object(map) => map,
+        _ => unreachable!("counters serialize as an object"),
+    }
+}
+
 fn serial_output(config: &ConsoleOutput) -> Result<Box<dyn Write + Send>, VmError> {
     Ok(match config {
         ConsoleOutput::Tty => Box::new(std::io::stdout()),
@@ -335,22 +344,29 @@ impl Vm {
         &self.memory
     }
 
+    /// Cloud Hypervisor's shape: a map of counter groups, each a map of
+    /// integers. `memory` holds the totals, `memory_region<N>` each
+    /// guest_memfd region's, and every device its DMA mapping counters
+    /// under its id.
     pub fn counters(&self) -> serde_json::Value {
-        let regions: Vec<_> = self
-            .memory
-            .regions()
-            .iter()
-            .filter_map(|r| {
-                r.attributes
-                    .as_ref()
-                    .map(|a| json!({ "gpa": r.gpa, "size": r.size, "conversions": a.counters() }))
-            })
-            .collect();
-        json!({
-            "conversions": self.memory.conversion_totals(),
-            "regions": regions,
-            "events_dropped": self.monitor.dropped(),
-        })
+        let mut groups = serde_json::Map::new();
+        let totals = self.memory.conversion_totals();
+        let mut memory = conversion_counters(&totals);
+        memory.insert("events_dropped".into(), self.monitor.dropped().into());
+        groups.insert("memory".into(), memory.into());
+        for (index, region) in self.memory.regions().iter().enumerate() {
+            if let Some(attrs) = &region.attributes {
+                let mut group = conversion_counters(&attrs.counters());
+                group.insert("gpa".into(), region.gpa.into());
+                group.insert("size".into(), region.size.into());
+                groups.insert(format!("memory_region{index}"), group.into());
+            }
+        }
+        for device in self.devices.info() {
+            let dma = serde_json::to_value(device.dma).expect("plain counters");
+            groups.insert(device.id, dma);
+        }
+        groups.into()
     }
 
     pub fn info(&self) -> serde_json::Value {

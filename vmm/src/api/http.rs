@@ -264,8 +264,18 @@ impl Drop for ApiServer {
     }
 }
 
+/// An error answer's body as Cloud Hypervisor writes it: a JSON array of
+/// the messages of the error chain, outermost first.
 pub(super) fn error_body(message: &str) -> String {
-    json!({ "error": message }).to_string()
+    json!([message]).to_string()
+}
+
+/// `error_body` for an error with sources: one string per link.
+fn error_chain_body(error: &dyn std::error::Error) -> String {
+    let messages: Vec<String> = std::iter::successors(Some(error), |e| e.source())
+        .map(ToString::to_string)
+        .collect();
+    json!(messages).to_string()
 }
 
 /// Turns a request read off the wire into a typed request, or says why not.
@@ -307,7 +317,7 @@ fn answer(request: HttpRequest, to_vmm: &Sender<VmmEvent>) -> HttpResponse {
     match answer {
         Some(Ok(Some(value))) => response(200, value.to_string()),
         Some(Ok(None)) => response(204, String::new()),
-        Some(Err(e)) => response(e.http_status(), error_body(&crate::error_chain(&e))),
+        Some(Err(e)) => response(e.http_status(), error_chain_body(&e)),
         None => response(503, error_body("the VMM is shutting down")),
     }
 }
@@ -318,6 +328,21 @@ mod route_fuzz;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn error_bodies_are_arrays_of_the_error_chain_as_cloud_hypervisor_writes_them() {
+        let e = crate::api::ApiError::Device(crate::device_manager::DeviceError::NotFound(
+            "gpu0".into(),
+        ));
+        let body: serde_json::Value = serde_json::from_str(&super::error_chain_body(&e)).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!(["device request failed", "no device with id \"gpu0\""])
+        );
+        let body: serde_json::Value =
+            serde_json::from_str(&super::error_body("no endpoint x")).unwrap();
+        assert_eq!(body, serde_json::json!(["no endpoint x"]));
+    }
+
     use super::*;
 
     #[test]

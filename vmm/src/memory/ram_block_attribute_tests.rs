@@ -314,7 +314,7 @@ fn a_device_attaches_to_a_sixteen_tib_region_in_bounded_time_and_memory() {
     let created = started.elapsed();
     rba.state_change(size / 2, 1 << 30, true).unwrap();
     for i in 0..1000u64 {
-        rba.state_change(i * (size / 2000) & !(PAGE - 1), PAGE, true)
+        rba.state_change((i * (size / 2000)) & !(PAGE - 1), PAGE, true)
             .unwrap();
     }
     let iommu = Arc::new(FakeIommu::new(None));
