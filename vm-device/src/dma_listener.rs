@@ -302,10 +302,10 @@ impl DmaMappingListener {
                 "DMA entry limit of {limit} mappings reached ({pages} pages to map)"
             )));
         }
+        // Sections are page-aligned (the RamBlockAttribute's granularity).
         let mut at = section.gpa;
         while at < section.end() {
-            let size = PAGE_SIZE.min(section.end() - at);
-            if let Err(e) = self.map(m, at, size) {
+            if let Err(e) = self.map(m, at, PAGE_SIZE) {
                 if self.dma.failure().is_none() {
                     let mut undo = section.gpa;
                     while undo < at {
@@ -317,7 +317,7 @@ impl DmaMappingListener {
                 }
                 return Err(e);
             }
-            at += size;
+            at += PAGE_SIZE;
         }
         Ok(())
     }
@@ -488,12 +488,35 @@ mod tests {
     fn per_page_policy_checks_the_whole_populate_against_the_entry_limit() {
         let (iommu, l) = page_listener(None, Some(5));
         l.notify_populate(section(0x10000, 0x2000)).unwrap();
-        // Four more pages would need 6 entries in all.
+        // Four more pages would need 6 entries in all: refused up front,
+        // without a single map sent.
         assert!(l.notify_populate(section(0x20000, 0x4000)).is_err());
         assert_eq!(iommu.mappings().len(), 2, "nothing of the refused run");
-        assert_eq!(l.stats().refused, 1);
+        assert_eq!((l.stats().refused, l.stats().maps), (1, 2));
         l.notify_populate(section(0x20000, 0x3000)).unwrap();
         assert_eq!(l.stats().entries, 5);
+    }
+
+    #[test]
+    fn per_page_populate_counts_entries_reserved_by_a_prepared_discard() {
+        let (iommu, l) = page_listener(None, Some(6));
+        // Unconverted RAM is one mapping; a prepared discard in its middle
+        // reserves the extra entry the split will need.
+        l.populate_unconverted(section(0x10000, 0x3000)).unwrap();
+        l.prepare_discard(section(0x11000, 0x1000)).unwrap();
+        // 1 entry + 1 reserved + 5 pages > 6: refused before any map.
+        assert!(l.notify_populate(section(0x40000, 0x5000)).is_err());
+        assert_eq!(
+            l.stats().maps,
+            1,
+            "no map was sent for the refused populate"
+        );
+        // 1 + 1 + 4 = 6: fits.
+        l.notify_populate(section(0x40000, 0x4000)).unwrap();
+        assert_eq!(l.stats().entries, 5);
+        l.notify_discard(section(0x11000, 0x1000));
+        assert_eq!(l.stats().entries, 6, "the split used the reserved entry");
+        assert_eq!(iommu.violations(), 0);
     }
 
     #[test]
