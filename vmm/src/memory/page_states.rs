@@ -237,4 +237,37 @@ mod tests {
         assert!(!flat.all_in_state(199, 2, true));
         assert_eq!(flat.heap_bytes(), 5 * 8);
     }
+
+    #[test]
+    fn runs_agree_between_the_stores_on_random_patterns_and_windows() {
+        use crate::memory::shared_bitmap::CHUNK_PAGES;
+        let pages = 2 * CHUNK_PAGES + 300;
+        let mut flat = FlatBitmap::with_pages(pages);
+        let mut ours = SharedBitmap::with_pages(pages);
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for round in 0..300 {
+            let start = next(pages);
+            let count = (next(if round % 3 == 0 { CHUNK_PAGES } else { 200 }) + 1).min(pages - start);
+            let shared = next(2) == 0;
+            assert_eq!(
+                flat.set_range(start, count, shared),
+                ours.set_range(start, count, shared)
+            );
+            let (ws, wc) = (next(pages), next(pages));
+            let wc = wc.min(pages - ws);
+            for state in [true, false] {
+                assert_eq!(
+                    runs(&flat, ws, wc, state),
+                    runs(&ours, ws, wc, state),
+                    "round {round}: window {ws}+{wc} state {state}"
+                );
+            }
+        }
+    }
 }

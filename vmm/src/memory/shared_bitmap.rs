@@ -132,7 +132,8 @@ impl SharedBitmap {
 
     /// Calls `f(first_page, page_count)` for each maximal run of pages in
     /// state `shared` inside `start..start+count`, in ascending order,
-    /// stopping at the first error.
+    /// stopping at the first error. One pass: uniform chunks cost O(1), a
+    /// mixed chunk a word at a time, and a run may span chunks.
     pub fn for_each_run<E>(
         &self,
         start: u64,
@@ -141,33 +142,67 @@ impl SharedBitmap {
         mut f: impl FnMut(u64, u64) -> Result<(), E>,
     ) -> Result<(), E> {
         let end = start.saturating_add(count).min(self.pages);
-        if start >= end {
-            return Ok(());
-        }
-        // Most conversions stay inside one chunk, and most chunks are
-        // uniform: answer those without searching.
-        if start / CHUNK_PAGES == (end - 1) / CHUNK_PAGES {
-            match &self.chunks[(start / CHUNK_PAGES) as usize] {
-                Chunk::Private if shared => return Ok(()),
-                Chunk::Shared if !shared => return Ok(()),
-                Chunk::Private | Chunk::Shared => return f(start, end - start),
-                Chunk::Mixed(..) if end - start == 1 => {
-                    return if self.is_shared(start) == shared {
-                        f(start, 1)
-                    } else {
-                        Ok(())
-                    };
-                }
-                Chunk::Mixed(..) => {}
-            }
-        }
+        // Where the run being walked began, if one is open.
+        let mut open: Option<u64> = None;
         let mut page = start;
-        while let Some(run_start) = self.next_in_state(page, end, shared) {
-            let run_end = self.next_in_state(run_start, end, !shared).unwrap_or(end);
-            f(run_start, run_end - run_start)?;
-            page = run_end;
+        while page < end {
+            let index = page / CHUNK_PAGES;
+            let chunk_start = index * CHUNK_PAGES;
+            let chunk_end = (chunk_start + CHUNK_PAGES).min(end);
+            match &self.chunks[index as usize] {
+                Chunk::Private | Chunk::Shared => {
+                    let in_state = matches!(self.chunks[index as usize], Chunk::Shared) == shared;
+                    match (in_state, open) {
+                        (true, None) => open = Some(page),
+                        (false, Some(s)) => {
+                            open = None;
+                            f(s, page - s)?;
+                        }
+                        _ => {}
+                    }
+                }
+                Chunk::Mixed(words, _) => {
+                    let mut bit = page - chunk_start;
+                    let last = chunk_end - chunk_start;
+                    while bit < last {
+                        let w = (bit / WORD_BITS) as usize;
+                        let word_base = w as u64 * WORD_BITS;
+                        let word_end = (word_base + WORD_BITS).min(last);
+                        let raw = if shared { words[w] } else { !words[w] };
+                        // Pages of this word in the wanted state, from `bit`.
+                        let mut bits = raw & word_mask(bit - word_base, word_end - word_base);
+                        let mut at = bit - word_base;
+                        loop {
+                            if let Some(s) = open {
+                                // Looking for the end of the open run.
+                                let gaps = !bits & word_mask(at, word_end - word_base);
+                                if gaps == 0 {
+                                    break;
+                                }
+                                let gap = u64::from(gaps.trailing_zeros());
+                                open = None;
+                                f(s, chunk_start + word_base + gap - s)?;
+                                at = gap;
+                            } else {
+                                bits &= word_mask(at, WORD_BITS);
+                                if bits == 0 {
+                                    break;
+                                }
+                                let first = u64::from(bits.trailing_zeros());
+                                open = Some(chunk_start + word_base + first);
+                                at = first;
+                            }
+                        }
+                        bit = word_end;
+                    }
+                }
+            }
+            page = chunk_end;
         }
-        Ok(())
+        match open {
+            Some(s) => f(s, end - s),
+            None => Ok(()),
+        }
     }
 
     /// True iff every page of `start..start+count` is in state `shared`.
