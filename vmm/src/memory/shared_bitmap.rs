@@ -36,6 +36,10 @@ pub struct SharedBitmap {
     spare_zeros: Option<Words>,
     /// A block with every bit set, kept from a full chunk that became shared.
     spare_ones: Option<Words>,
+    /// The last chunk that became uniform through a partial change keeps
+    /// its block (as `Mixed` with a count of 0 or all): a guest converting
+    /// pages of one chunk back and forth then never changes its kind.
+    lingering: Option<usize>,
 }
 
 /// Bits `from..to` (0..=64) of a word set.
@@ -58,6 +62,7 @@ impl SharedBitmap {
             shared_pages: 0,
             spare_zeros: None,
             spare_ones: None,
+            lingering: None,
         }
     }
 
@@ -86,6 +91,7 @@ impl SharedBitmap {
         (self.pages - index * CHUNK_PAGES).min(CHUNK_PAGES)
     }
 
+    #[inline]
     pub fn is_shared(&self, page: u64) -> bool {
         debug_assert!(page < self.pages);
         match &self.chunks[(page / CHUNK_PAGES) as usize] {
@@ -134,6 +140,7 @@ impl SharedBitmap {
     /// state `shared` inside `start..start+count`, in ascending order,
     /// stopping at the first error. One pass: uniform chunks cost O(1), a
     /// mixed chunk a word at a time, and a run may span chunks.
+    #[inline]
     pub fn for_each_run<E>(
         &self,
         start: u64,
@@ -141,67 +148,104 @@ impl SharedBitmap {
         shared: bool,
         mut f: impl FnMut(u64, u64) -> Result<(), E>,
     ) -> Result<(), E> {
+        // The commonest question, one page: answer it without the walk.
+        if count == 1 && start < self.pages {
+            return if self.is_shared(start) == shared {
+                f(start, 1)
+            } else {
+                Ok(())
+            };
+        }
+        self.walk_runs(start, count, shared, f)
+    }
+
+    fn walk_runs<E>(
+        &self,
+        start: u64,
+        count: u64,
+        shared: bool,
+        mut f: impl FnMut(u64, u64) -> Result<(), E>,
+    ) -> Result<(), E> {
         let end = start.saturating_add(count).min(self.pages);
-        // Where the run being walked began, if one is open.
-        let mut open: Option<u64> = None;
+        // Whether a run is open, and where it began.
+        let mut open = false;
+        let mut run_start = 0;
         let mut page = start;
         while page < end {
             let index = page / CHUNK_PAGES;
             let chunk_start = index * CHUNK_PAGES;
             let chunk_end = (chunk_start + CHUNK_PAGES).min(end);
-            match &self.chunks[index as usize] {
-                Chunk::Private | Chunk::Shared => {
-                    let in_state = matches!(self.chunks[index as usize], Chunk::Shared) == shared;
-                    match (in_state, open) {
-                        (true, None) => open = Some(page),
-                        (false, Some(s)) => {
-                            open = None;
-                            f(s, page - s)?;
+            let chunk = &self.chunks[index as usize];
+            let uniform = match chunk {
+                Chunk::Private | Chunk::Mixed(_, 0) => Some(false),
+                Chunk::Shared => Some(true),
+                Chunk::Mixed(_, n) if u64::from(*n) == self.chunk_len(index) => Some(true),
+                Chunk::Mixed(..) => None,
+            };
+            match (uniform, chunk) {
+                (Some(all_shared), _) => {
+                    if (all_shared == shared) != open {
+                        if open {
+                            f(run_start, page - run_start)?;
+                        } else {
+                            run_start = page;
                         }
-                        _ => {}
+                        open = !open;
                     }
                 }
-                Chunk::Mixed(words, _) => {
-                    let mut bit = page - chunk_start;
-                    let last = chunk_end - chunk_start;
-                    while bit < last {
-                        let w = (bit / WORD_BITS) as usize;
-                        let word_base = w as u64 * WORD_BITS;
-                        let word_end = (word_base + WORD_BITS).min(last);
-                        let raw = if shared { words[w] } else { !words[w] };
-                        // Pages of this word in the wanted state, from `bit`.
-                        let mut bits = raw & word_mask(bit - word_base, word_end - word_base);
-                        let mut at = bit - word_base;
+                (None, Chunk::Mixed(words, _)) => {
+                    // A word at a time: the edges of runs inside a word come
+                    // from its bits; whole words in one state are skipped.
+                    let flip = if shared { 0 } else { u64::MAX };
+                    let lo = page - chunk_start;
+                    let hi = chunk_end - chunk_start;
+                    let last_word = ((hi - 1) / WORD_BITS) as usize;
+                    let mut w = (lo / WORD_BITS) as usize;
+                    let mut range = u64::MAX << (lo % WORD_BITS);
+                    loop {
+                        if w == last_word {
+                            range &= u64::MAX >> (WORD_BITS - 1 - (hi - 1) % WORD_BITS);
+                        }
+                        let wanted = words[w] ^ flip;
+                        let base = chunk_start + w as u64 * WORD_BITS;
+                        // Bits that would end the open run, or start one.
+                        let mut looking = if open { !wanted } else { wanted };
+                        let mut left = range;
                         loop {
-                            if let Some(s) = open {
-                                // Looking for the end of the open run.
-                                let gaps = !bits & word_mask(at, word_end - word_base);
-                                if gaps == 0 {
-                                    break;
-                                }
-                                let gap = u64::from(gaps.trailing_zeros());
-                                open = None;
-                                f(s, chunk_start + word_base + gap - s)?;
-                                at = gap;
-                            } else {
-                                bits &= word_mask(at, WORD_BITS);
-                                if bits == 0 {
-                                    break;
-                                }
-                                let first = u64::from(bits.trailing_zeros());
-                                open = Some(chunk_start + word_base + first);
-                                at = first;
+                            let edges = looking & left;
+                            if edges == 0 {
+                                break;
                             }
+                            let at = edges.trailing_zeros();
+                            let edge = base + u64::from(at);
+                            if open {
+                                f(run_start, edge - run_start)?;
+                            } else {
+                                run_start = edge;
+                            }
+                            open = !open;
+                            looking = !looking;
+                            left &= u64::MAX << at;
                         }
-                        bit = word_end;
+                        if w == last_word {
+                            break;
+                        }
+                        w += 1;
+                        range = u64::MAX;
+                        let skip = if open { !flip } else { flip };
+                        while w < last_word && words[w] == skip {
+                            w += 1;
+                        }
                     }
                 }
+                (None, _) => unreachable!("only mixed chunks have no uniform state"),
             }
             page = chunk_end;
         }
-        match open {
-            Some(s) => f(s, end - s),
-            None => Ok(()),
+        if open {
+            f(run_start, end - run_start)
+        } else {
+            Ok(())
         }
     }
 
@@ -211,9 +255,44 @@ impl SharedBitmap {
     }
 
     /// Sets `start..start+count` to `shared`; returns how many pages changed.
+    #[inline]
     pub fn set_range(&mut self, start: u64, count: u64, shared: bool) -> u64 {
+        debug_assert!(start + count <= self.pages);
+        // The commonest change, a few pages inside one word of a mixed (or
+        // lingering) chunk: one word, no loop.
+        let bit = start % WORD_BITS;
+        if count > 0
+            && count <= WORD_BITS - bit
+            && let index = (start / CHUNK_PAGES) as usize
+            && let Chunk::Mixed(words, n) = &mut self.chunks[index]
+        {
+            let w = ((start % CHUNK_PAGES) / WORD_BITS) as usize;
+            let mask = (u64::MAX >> (WORD_BITS - count)) << bit;
+            let old = words[w];
+            let new = if shared { old | mask } else { old & !mask };
+            words[w] = new;
+            let delta = (old ^ new).count_ones();
+            *n = if shared { *n + delta } else { *n - delta };
+            let after = u64::from(*n);
+            let delta = u64::from(delta);
+            if shared {
+                self.shared_pages += delta;
+            } else {
+                self.shared_pages -= delta;
+            }
+            if (after == 0 || after == self.chunk_len(index as u64))
+                && self.lingering != Some(index)
+                && let Some(previous) = self.lingering.replace(index)
+            {
+                self.settle(previous);
+            }
+            return delta;
+        }
+        self.set_chunks(start, count, shared)
+    }
+
+    fn set_chunks(&mut self, start: u64, count: u64, shared: bool) -> u64 {
         let end = start + count;
-        debug_assert!(end <= self.pages);
         let mut changed = 0;
         let mut page = start;
         while page < end {
@@ -236,13 +315,12 @@ impl SharedBitmap {
     /// Sets bits `from..to` of chunk `index` (`len` pages long); returns how
     /// many changed.
     fn set_in_chunk(&mut self, index: usize, from: u64, to: u64, len: u64, shared: bool) -> u64 {
-        let uniform = if shared {
-            Chunk::Shared
-        } else {
-            Chunk::Private
-        };
+        let uniform = if shared { Chunk::Shared } else { Chunk::Private };
         if from == 0 && to == len {
             // A whole chunk: its old bits, if any, are simply dropped.
+            if self.lingering == Some(index) {
+                self.lingering = None;
+            }
             let before = match std::mem::replace(&mut self.chunks[index], uniform) {
                 Chunk::Private => 0,
                 Chunk::Shared => len,
@@ -250,30 +328,61 @@ impl SharedBitmap {
             };
             return if shared { len - before } else { before };
         }
-        let (mut words, before) = match std::mem::replace(&mut self.chunks[index], uniform) {
-            Chunk::Private if !shared => return 0,
-            Chunk::Shared if shared => return 0,
-            Chunk::Private => (self.zeros(), 0),
-            Chunk::Shared => (self.ones(len), len),
-            Chunk::Mixed(words, n) => (words, u64::from(n)),
-        };
-        let delta = Self::fill(&mut words, from, to, shared);
-        let after = if shared {
-            before + delta
-        } else {
-            before - delta
-        };
-        if after == 0 || after == len {
-            // Uniform again: the chunk already says so; keep the block.
-            self.keep_spare(words, after == len, len);
-        } else {
-            self.chunks[index] = Chunk::Mixed(words, after as u32);
+        match &mut self.chunks[index] {
+            // The common case: bits change inside a chunk that stays mixed.
+            Chunk::Mixed(words, n) => {
+                let delta = Self::fill(words, from, to, shared);
+                let after = if shared {
+                    u64::from(*n) + delta
+                } else {
+                    u64::from(*n) - delta
+                };
+                *n = after as u32;
+                if (after == 0 || after == len) && self.lingering != Some(index) {
+                    // Uniform again: it lingers with its bits, and the
+                    // chunk that lingered before gives its block back.
+                    if let Some(previous) = self.lingering.replace(index) {
+                        self.settle(previous);
+                    }
+                }
+                delta
+            }
+            Chunk::Private if !shared => 0,
+            Chunk::Shared if shared => 0,
+            // A uniform chunk becomes mixed.
+            Chunk::Private | Chunk::Shared => {
+                let mut words = if shared { self.zeros() } else { self.ones(len) };
+                let delta = Self::fill(&mut words, from, to, shared);
+                let after = if shared { delta } else { len - delta };
+                self.chunks[index] = Chunk::Mixed(words, after as u32);
+                delta
+            }
         }
-        delta
     }
 
-    /// A block of zeros: the spare one if there is one.
+    /// Makes chunk `index` uniform again if its bits say it is, giving its
+    /// block back as a spare.
+    fn settle(&mut self, index: usize) {
+        let len = self.chunk_len(index as u64);
+        let uniform = match &self.chunks[index] {
+            Chunk::Mixed(_, 0) => Chunk::Private,
+            Chunk::Mixed(_, n) if u64::from(*n) == len => Chunk::Shared,
+            _ => return,
+        };
+        let shared = matches!(uniform, Chunk::Shared);
+        if let Chunk::Mixed(words, _) = std::mem::replace(&mut self.chunks[index], uniform) {
+            self.keep_spare(words, shared, len);
+        }
+    }
+
+    /// A block of zeros: the spare one if there is one, else the lingering
+    /// chunk's if it is all private.
     fn zeros(&mut self) -> Words {
+        if self.spare_zeros.is_none()
+            && let Some(index) = self.lingering.take()
+        {
+            self.settle(index);
+        }
         self.spare_zeros
             .take()
             .unwrap_or_else(|| Box::new([0; CHUNK_WORDS]))
@@ -312,10 +421,12 @@ impl SharedBitmap {
         while bit < to {
             let w = (bit / WORD_BITS) as usize;
             let word_end = ((w as u64 + 1) * WORD_BITS).min(to);
-            let mask = word_mask(bit % WORD_BITS, word_end - w as u64 * WORD_BITS);
+            let high = word_end - w as u64 * WORD_BITS;
+            let mask = (u64::MAX >> (WORD_BITS - high)) & (u64::MAX << (bit % WORD_BITS));
             let old = words[w];
-            words[w] = if shared { old | mask } else { old & !mask };
-            changed += u64::from((old ^ words[w]).count_ones());
+            let new = if shared { old | mask } else { old & !mask };
+            words[w] = new;
+            changed += u64::from((old ^ new).count_ones());
             bit = word_end;
         }
         changed
