@@ -56,11 +56,6 @@ fn region<S: PageStates>(size: u64, listeners: usize) -> RamBlockAttribute<S> {
     rba
 }
 
-fn pair<S: PageStates>(rba: &RamBlockAttribute<S>, offset: u64, size: u64) {
-    rba.state_change(offset, size, true).unwrap();
-    rba.state_change(offset, size, false).unwrap();
-}
-
 /// Pages spread over a region, from a fixed xorshift sequence.
 fn random_pages(region: u64, count: usize) -> Vec<u64> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -74,69 +69,131 @@ fn random_pages(region: u64, count: usize) -> Vec<u64> {
         .collect()
 }
 
-fn workloads<S: PageStates>(group: &mut BenchmarkGroup<'_, WallTime>, store: &str) {
-    let small = region::<S>(4 * GIB, 1);
-    group.bench_function(format!("{store}/4k_pair"), |b| {
-        b.iter(|| pair(&small, GIB, PAGE))
-    });
-    let four = region::<S>(4 * GIB, 4);
-    group.bench_function(format!("{store}/4k_pair_4_listeners"), |b| {
-        b.iter(|| pair(&four, GIB, PAGE))
-    });
-    group.bench_function(format!("{store}/2m_pair"), |b| {
-        b.iter(|| pair(&small, GIB, 2 << 20))
-    });
-    group.bench_function(format!("{store}/mixed_2m"), |b| {
-        b.iter(|| {
-            for page in (0..512u64).step_by(2) {
-                small.state_change(GIB + page * PAGE, PAGE, true).unwrap();
-            }
-            pair(&small, GIB, 2 << 20);
-        })
-    });
-    drop((small, four));
+/// Workload `name` run on both stores one right after the other, so a
+/// machine that slows down or speeds up meanwhile shifts both alike.
+fn both<F, R>(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, setup: F)
+where
+    F: Fn(bool) -> R,
+    R: FnMut(),
+{
+    let mut flat = setup(true);
+    group.bench_function(format!("flat_bitmap/{name}"), |b| b.iter(&mut flat));
+    drop(flat);
+    let mut ours = setup(false);
+    group.bench_function(format!("ram_block_attribute/{name}"), |b| b.iter(&mut ours));
+}
 
-    let huge = region::<S>(TIB, 1);
-    let pages = random_pages(TIB, 1 << 16);
-    let mut next = 0;
-    group.bench_function(format!("{store}/random_4k_1t"), |b| {
-        b.iter(|| {
-            pair(&huge, pages[next], PAGE);
-            next = (next + 1) % pages.len();
-        })
-    });
-    eprintln!(
-        "{store}: 1 TiB uniform (after the random pairs): {} bytes of state",
-        huge.lock().unwrap().heap_bytes()
-    );
-    drop(huge);
+/// A store-independent handle on a region, for the workloads.
+enum Region {
+    Flat(RamBlockAttribute<FlatBitmap>),
+    Ours(RamBlockAttribute<SharedBitmap>),
+}
 
-    let fragmented = region::<S>(TIB, 0);
-    for i in 0..TIB / (2 << 20) {
-        fragmented.state_change(i * (2 << 20), PAGE, true).unwrap();
+impl Region {
+    fn new(flat: bool, size: u64, listeners: usize) -> Self {
+        if flat {
+            Region::Flat(region(size, listeners))
+        } else {
+            Region::Ours(region(size, listeners))
+        }
     }
-    eprintln!(
-        "{store}: 1 TiB, one shared page per 2 MiB: {} bytes of state",
-        fragmented.lock().unwrap().heap_bytes()
-    );
-    group.bench_function(format!("{store}/replay_fragmented_1t"), |b| {
-        b.iter(|| {
-            fragmented.replay_populated::<()>(0, TIB, |s| {
-                black_box(s);
-                Ok(())
-            })
-        })
-    });
+
+    fn change(&self, offset: u64, size: u64, to_shared: bool) {
+        match self {
+            Region::Flat(r) => r.state_change(offset, size, to_shared),
+            Region::Ours(r) => r.state_change(offset, size, to_shared),
+        }
+        .unwrap();
+    }
+
+    fn pair(&self, offset: u64, size: u64) {
+        self.change(offset, size, true);
+        self.change(offset, size, false);
+    }
+
+    fn replay(&self, size: u64) {
+        let f = |s: Section| -> Result<(), ()> {
+            black_box(s);
+            Ok(())
+        };
+        let _ = match self {
+            Region::Flat(r) => r.replay_populated(0, size, f),
+            Region::Ours(r) => r.replay_populated(0, size, f),
+        };
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Region::Flat(r) => r.lock().unwrap().heap_bytes(),
+            Region::Ours(r) => r.lock().unwrap().heap_bytes(),
+        }
+    }
 }
 
 fn state_tracking(c: &mut Criterion) {
     let mut group = c.benchmark_group("state_tracking");
     group
-        .sample_size(20)
+        .sample_size(30)
         .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2));
-    workloads::<FlatBitmap>(&mut group, "flat_bitmap");
-    workloads::<SharedBitmap>(&mut group, "ram_block_attribute");
+        .measurement_time(Duration::from_secs(3));
+    both(&mut group, "4k_pair", |flat| {
+        let r = Region::new(flat, 4 * GIB, 1);
+        move || r.pair(GIB, PAGE)
+    });
+    both(&mut group, "4k_pair_4_listeners", |flat| {
+        let r = Region::new(flat, 4 * GIB, 4);
+        move || r.pair(GIB, PAGE)
+    });
+    both(&mut group, "2m_pair", |flat| {
+        let r = Region::new(flat, 4 * GIB, 1);
+        move || r.pair(GIB, 2 << 20)
+    });
+    both(&mut group, "mixed_2m", |flat| {
+        let r = Region::new(flat, 4 * GIB, 1);
+        move || {
+            for page in (0..512u64).step_by(2) {
+                r.change(GIB + page * PAGE, PAGE, true);
+            }
+            r.pair(GIB, 2 << 20);
+        }
+    });
+    let pages = random_pages(TIB, 1 << 16);
+    both(&mut group, "random_4k_1t", |flat| {
+        let r = Region::new(flat, TIB, 1);
+        let pages = pages.clone();
+        let mut next = 0;
+        move || {
+            r.pair(pages[next], PAGE);
+            next = (next + 1) % pages.len();
+            if next == 0 {
+                eprintln!(
+                    "{}: 1 TiB uniform after random pairs: {} bytes of state",
+                    if flat {
+                        "flat_bitmap"
+                    } else {
+                        "ram_block_attribute"
+                    },
+                    r.heap_bytes()
+                );
+            }
+        }
+    });
+    both(&mut group, "replay_fragmented_1t", |flat| {
+        let r = Region::new(flat, TIB, 0);
+        for i in 0..TIB / (2 << 20) {
+            r.change(i * (2 << 20), PAGE, true);
+        }
+        eprintln!(
+            "{}: 1 TiB, one shared page per 2 MiB: {} bytes of state",
+            if flat {
+                "flat_bitmap"
+            } else {
+                "ram_block_attribute"
+            },
+            r.heap_bytes()
+        );
+        move || r.replay(TIB)
+    });
     group.finish();
 }
 

@@ -35,7 +35,12 @@ fn probe<S: PageStates>(name: &str) {
         black_box(s.set_range(base, 512, false));
         set += t.elapsed().as_nanos() as f64;
     }
-    println!("{name}: per iteration 256 single walks {:.0} ns, mixed walk {:.0} ns, set {:.0} ns", walk / n as f64, big / n as f64, set / n as f64);
+    println!(
+        "{name}: per iteration 256 single walks {:.0} ns, mixed walk {:.0} ns, set {:.0} ns",
+        walk / n as f64,
+        big / n as f64,
+        set / n as f64
+    );
 }
 
 fn main() {

@@ -253,7 +253,8 @@ mod tests {
         };
         for round in 0..300 {
             let start = next(pages);
-            let count = (next(if round % 3 == 0 { CHUNK_PAGES } else { 200 }) + 1).min(pages - start);
+            let count =
+                (next(if round % 3 == 0 { CHUNK_PAGES } else { 200 }) + 1).min(pages - start);
             let shared = next(2) == 0;
             assert_eq!(
                 flat.set_range(start, count, shared),

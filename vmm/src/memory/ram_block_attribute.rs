@@ -8,9 +8,11 @@
 //! device I/O; readers (the API) never take it: they read the committed
 //! state (`View`), which a conversion only write-locks for its final commit.
 
+use std::cell::RefCell;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::Serialize;
+use smallvec::SmallVec;
 
 pub use vm_device::{ListenerError, RamDiscardListener, Section};
 
@@ -90,10 +92,16 @@ fn write<S>(view: &RwLock<View<S>>) -> RwLockWriteGuard<'_, View<S>> {
     view.write().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The runs a change notifies; most changes have one, none allocate for
+/// up to eight.
+type Runs = SmallVec<[Section; 8]>;
+
 pub struct AttributeState<S = SharedBitmap> {
     gpa: u64,
     /// Fixed at creation; kept here so validating takes no lock.
     pages: u64,
+    /// The runs of the to-private change prepared and not yet notified.
+    prepared: RefCell<Option<(PageRange, Runs)>>,
     view: SharedView<S>,
     listeners: Vec<Registered>,
     next_id: u64,
@@ -130,6 +138,7 @@ impl<S: PageStates> RamBlockAttribute<S> {
             state: Mutex::new(AttributeState {
                 gpa,
                 pages,
+                prepared: RefCell::new(None),
                 view: view.clone(),
                 listeners: Vec::new(),
                 next_id: 0,
@@ -327,46 +336,57 @@ impl<S: PageStates> AttributeState<S> {
         })
     }
 
-    /// Calls `f` for each run of pages in state `shared` inside `range` that
-    /// `listener` sees, stopping at the first error (with the failing run).
-    fn runs_for<E>(
-        &self,
-        range: PageRange,
+    /// The runs of `range` in state `shared` that a change notifies, walked
+    /// once for every listener (and, for a to-private change, for both of
+    /// its phases).
+    fn changes(&self, range: PageRange, shared: bool) -> Runs {
+        let mut runs = Runs::new();
+        let _ = self.view().bitmap.for_each_change::<()>(
+            range.first,
+            range.count,
+            shared,
+            |first, count| {
+                runs.push(self.section_of(first, count));
+                Ok(())
+            },
+        );
+        runs
+    }
+
+    /// Calls `f` for each of `runs` that `section` sees (clipped to it),
+    /// stopping at the first error (with the failing run).
+    fn each_seen<E>(
+        runs: &[Section],
         section: &Section,
-        shared: bool,
         mut f: impl FnMut(Section) -> Result<(), E>,
     ) -> Result<(), (Section, E)> {
-        let Some(part) = self.clip(range, section) else {
-            return Ok(());
-        };
-        self.view()
-            .bitmap
-            .for_each_change(part.first, part.count, shared, |first, count| {
-                let s = self.section_of(first, count);
-                f(s).map_err(|e| (s, e))
-            })
+        for run in runs {
+            if let Some(part) = run.intersect(section) {
+                f(part).map_err(|e| (part, e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Phase 1 of a change, shared by both directions: offers every listener
-    /// each run of `range` in state `shared` through `offer`. On the first
-    /// refusal every offer of this call (earlier listeners, and the refusing
-    /// listener's runs before the refused one) is withdrawn through
-    /// `withdraw`, and the refusal is returned. The bitmap is not touched.
+    /// each of `runs` through `offer`. On the first refusal every offer of
+    /// this call (earlier listeners, and the refusing listener's runs
+    /// before the refused one) is withdrawn through `withdraw`, and the
+    /// refusal is returned. The bitmap is not touched.
     fn offer_all(
         &self,
-        range: PageRange,
-        shared: bool,
+        runs: &[Section],
         offer: impl Fn(&dyn RamDiscardListener, Section) -> Result<(), ListenerError>,
         withdraw: impl Fn(&dyn RamDiscardListener, Section),
     ) -> Result<(), AttributeError> {
         for (index, reg) in self.listeners.iter().enumerate() {
-            if let Err((failed, source)) = self.runs_for(range, &reg.section, shared, |s| {
-                offer(reg.listener.as_ref(), s)
-            }) {
+            if let Err((failed, source)) =
+                Self::each_seen(runs, &reg.section, |s| offer(reg.listener.as_ref(), s))
+            {
                 for earlier in &self.listeners[..index] {
-                    self.withdraw(range, earlier, shared, None, &withdraw);
+                    Self::withdraw(runs, earlier, None, &withdraw);
                 }
-                self.withdraw(range, reg, shared, Some(failed.gpa), &withdraw);
+                Self::withdraw(runs, reg, Some(failed.gpa), &withdraw);
                 return Err(AttributeError::ListenerFailed {
                     gpa: failed.gpa,
                     size: failed.size,
@@ -380,14 +400,12 @@ impl<S: PageStates> AttributeState<S> {
     /// Withdraws from `reg` what `offer_all` gave it: all runs, or only
     /// those before `stop_at` (the run it refused).
     fn withdraw(
-        &self,
-        range: PageRange,
+        runs: &[Section],
         reg: &Registered,
-        shared: bool,
         stop_at: Option<u64>,
         withdraw: &impl Fn(&dyn RamDiscardListener, Section),
     ) {
-        let _ = self.runs_for(range, &reg.section, shared, |s| {
+        let _ = Self::each_seen(runs, &reg.section, |s| {
             if stop_at.is_some_and(|limit| s.gpa >= limit) {
                 return Err(());
             }
@@ -396,14 +414,9 @@ impl<S: PageStates> AttributeState<S> {
         });
     }
 
-    fn withdraw_all(
-        &self,
-        range: PageRange,
-        shared: bool,
-        withdraw: impl Fn(&dyn RamDiscardListener, Section),
-    ) {
+    fn withdraw_all(&self, runs: &[Section], withdraw: impl Fn(&dyn RamDiscardListener, Section)) {
         for reg in &self.listeners {
-            self.withdraw(range, reg, shared, None, &withdraw);
+            Self::withdraw(runs, reg, None, &withdraw);
         }
     }
 
@@ -411,8 +424,7 @@ impl<S: PageStates> AttributeState<S> {
     /// of `range`. On failure every map of this call has been undone.
     pub fn notify_populate(&self, range: PageRange) -> Result<(), AttributeError> {
         self.offer_all(
-            range,
-            false,
+            &self.changes(range, false),
             |l, s| l.notify_populate(s),
             |l, s| l.notify_discard(s),
         )
@@ -420,31 +432,44 @@ impl<S: PageStates> AttributeState<S> {
 
     /// Undoes a successful `notify_populate` of `range` (bitmap unchanged since).
     pub fn undo_populate(&self, range: PageRange) {
-        self.withdraw_all(range, false, |l, s| l.notify_discard(s));
+        self.withdraw_all(&self.changes(range, false), |l, s| l.notify_discard(s));
     }
 
     /// Phase 1 of a to-private change: every listener reserves what
     /// unmapping the shared runs of `range` needs. On failure nothing is
-    /// reserved any more.
+    /// reserved any more. The runs are kept for `notify_discard`.
     pub fn prepare_discard(&self, range: PageRange) -> Result<(), AttributeError> {
+        let runs = self.changes(range, true);
         self.offer_all(
-            range,
-            true,
+            &runs,
             |l, s| l.prepare_discard(s),
             |l, s| l.cancel_discard(s),
-        )
+        )?;
+        *self.prepared.borrow_mut() = Some((range, runs));
+        Ok(())
     }
 
     /// Undoes a successful `prepare_discard` of `range`.
     pub fn cancel_discard(&self, range: PageRange) {
-        self.withdraw_all(range, true, |l, s| l.cancel_discard(s));
+        let runs = self.prepared_runs(range);
+        self.withdraw_all(&runs, |l, s| l.cancel_discard(s));
+    }
+
+    /// The runs `prepare_discard` found for `range` (the region is locked
+    /// in between, so they still hold), or a fresh walk.
+    fn prepared_runs(&self, range: PageRange) -> Runs {
+        match self.prepared.borrow_mut().take() {
+            Some((prepared, runs)) if prepared == range => runs,
+            _ => self.changes(range, true),
+        }
     }
 
     /// Phase 2 of a to-private change: listeners unmap every shared run of
     /// `range`.
     pub fn notify_discard(&self, range: PageRange) {
+        let runs = self.prepared_runs(range);
         for reg in &self.listeners {
-            let _ = self.runs_for(range, &reg.section, true, |s| {
+            let _ = Self::each_seen(&runs, &reg.section, |s| {
                 reg.listener.notify_discard(s);
                 Ok::<(), ()>(())
             });
@@ -453,6 +478,7 @@ impl<S: PageStates> AttributeState<S> {
 
     /// Phase 2: records the new state. Returns the number of pages that changed.
     pub fn commit(&mut self, range: PageRange, to_shared: bool) -> u64 {
+        self.prepared.get_mut().take();
         let mut view = write(&self.view);
         let changed = view.bitmap.set_range(range.first, range.count, to_shared);
         if to_shared {

@@ -315,7 +315,11 @@ impl SharedBitmap {
     /// Sets bits `from..to` of chunk `index` (`len` pages long); returns how
     /// many changed.
     fn set_in_chunk(&mut self, index: usize, from: u64, to: u64, len: u64, shared: bool) -> u64 {
-        let uniform = if shared { Chunk::Shared } else { Chunk::Private };
+        let uniform = if shared {
+            Chunk::Shared
+        } else {
+            Chunk::Private
+        };
         if from == 0 && to == len {
             // A whole chunk: its old bits, if any, are simply dropped.
             if self.lingering == Some(index) {
