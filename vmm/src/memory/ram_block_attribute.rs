@@ -92,9 +92,9 @@ fn write<S>(view: &RwLock<View<S>>) -> RwLockWriteGuard<'_, View<S>> {
     view.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The runs a change notifies; most changes have one, none allocate for
-/// up to eight.
-type Runs = SmallVec<[Section; 8]>;
+/// The runs a change notifies: most changes have one, and up to two are
+/// kept without allocating (more spill to the heap).
+type Runs = SmallVec<[Section; 2]>;
 
 pub struct AttributeState<S = SharedBitmap> {
     gpa: u64,
