@@ -1,7 +1,8 @@
 //! Doorbell round trip on real KVM: a guest rings its conversion doorbell
 //! with a 4 KiB conversion (alternately to shared and to private) against
-//! the same round trip with the no-op command, and the conversion with the
-//! vCPU seccomp filter installed against the same without.
+//! the same round trip with the no-op command, the conversion with the
+//! vCPU seccomp filter installed against the same without, and with the
+//! event monitor writing every conversion to a file.
 //!
 //! Every sample boots a fresh `memconv` guest running `iters` ops. Criterion
 //! samples linearly (iters = d, 2d, 3d, ...) and reports the slope, so VM
@@ -20,7 +21,7 @@ use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use hypervisor::KvmHypervisor;
 use test_guest::{MemconvOptions, Op, OpKind, memconv_elf};
 use vmm::VmmEvent;
-use vmm::config::{ConsoleOutput, CpusConfig, MemoryConfig, VmConfig};
+use vmm::config::{ConsoleOutput, CpusConfig, EventMonitorConfig, MemoryConfig, VmConfig};
 use vmm::event_monitor::EventMonitor;
 use vmm::memory::MemoryLayout;
 use vmm::seccomp_filters::{SeccompMode, Thread, filter};
@@ -58,10 +59,27 @@ struct Bench {
     dir: PathBuf,
 }
 
+/// What a run writes events to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Events {
+    Off,
+    File,
+}
+
 impl Bench {
     /// Boots a guest running `ops` (its vCPU under the seccomp filter when
     /// `seccomp`) and returns the time until it powers off.
     fn run(&self, ops: Vec<Op>, serial: ConsoleOutput, seccomp: bool) -> Duration {
+        self.run_with(ops, serial, seccomp, Events::Off)
+    }
+
+    fn run_with(
+        &self,
+        ops: Vec<Op>,
+        serial: ConsoleOutput,
+        seccomp: bool,
+        events: Events,
+    ) -> Duration {
         let kernel = self.dir.join("guest.elf");
         let options = MemconvOptions {
             poweroff: true,
@@ -81,13 +99,21 @@ impl Bench {
             devices: Vec::new(),
             user_devices: Vec::new(),
         };
+        let monitor = Arc::new(match events {
+            Events::Off => EventMonitor::disabled(),
+            Events::File => EventMonitor::open(
+                &EventMonitorConfig::Path(self.dir.join("events.jsonl")),
+                None,
+            )
+            .expect("open the event file"),
+        });
         let (events, guest) = channel();
         let started = Instant::now();
         let mut vm = Vm::boot(
             config,
             &self.hypervisor,
             events,
-            Arc::new(EventMonitor::disabled()),
+            monitor.clone(),
             seccomp.then(vcpu_filter),
         )
         .expect("boot");
@@ -105,11 +131,21 @@ impl Bench {
     }
 
     fn run_ops(&self, kind_of: fn(u64) -> OpKind, iters: u64, seccomp: bool) -> Duration {
+        self.run_ops_with(kind_of, iters, seccomp, Events::Off)
+    }
+
+    fn run_ops_with(
+        &self,
+        kind_of: fn(u64) -> OpKind,
+        iters: u64,
+        seccomp: bool,
+        events: Events,
+    ) -> Duration {
         let mut total = Duration::ZERO;
         let mut left = iters;
         while left > 0 {
             let count = left.min(MAX_OPS_PER_GUEST);
-            total += self.run(ops(kind_of, count), ConsoleOutput::Off, seccomp);
+            total += self.run_with(ops(kind_of, count), ConsoleOutput::Off, seccomp, events);
             left -= count;
         }
         total
@@ -171,6 +207,9 @@ fn doorbell_round_trip(c: &mut Criterion) {
     });
     group.bench_function("convert_4k_seccomp", |b| {
         b.iter_custom(|iters| bench.run_ops(conversion, iters, true))
+    });
+    group.bench_function("convert_4k_events_to_file", |b| {
+        b.iter_custom(|iters| bench.run_ops_with(conversion, iters, false, Events::File))
     });
     group.finish();
     remove(&bench.dir);
