@@ -293,17 +293,35 @@ fn event_monitor_streams_boot_conversions_and_shutdown() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let names: Vec<&str> = lines.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let names: Vec<String> = lines
+        .iter()
+        .map(|e| format!("{}/{}", e["source"].as_str().unwrap(), e["event"].as_str().unwrap()))
+        .collect();
+    // Cloud Hypervisor's lifecycle events around ours.
     assert_eq!(
         names,
         [
-            "booted",
-            "conversion",
-            "conversion",
-            "conversion",
-            "shutdown"
+            "vmm/starting",
+            "vm/booting",
+            "vm/booted",
+            "memory/conversion",
+            "memory/conversion",
+            "memory/conversion",
+            "vm/shutdown",
+            "vmm/shutdown"
         ]
     );
+    // Cloud Hypervisor's timestamp: a serde Duration, rising.
+    let stamps: Vec<(u64, u64)> = lines
+        .iter()
+        .map(|e| {
+            let t = &e["timestamp"];
+            assert!(t["nanos"].as_u64().unwrap() < 1_000_000_000, "{t}");
+            (t["secs"].as_u64().unwrap(), t["nanos"].as_u64().unwrap())
+        })
+        .collect();
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
+    let lines = &lines[2..];
     let c = &lines[1]["properties"];
     assert_eq!(
         (c["gpa"].as_u64(), c["size"].as_u64()),

@@ -1,5 +1,6 @@
 //! The event stream (`--event-monitor path=FILE|fd=N`): one JSON object per
-//! line, each with a timestamp, a source and an event name. Lines go through
+//! line, each with a timestamp (Cloud Hypervisor's `{secs, nanos}`), a
+//! source, an event name and properties. Lines go through
 //! a bounded queue to a writer thread: a reader that stops reading loses
 //! events (counted in `vm.counters` as `events_dropped`), never stalls a vCPU.
 
@@ -30,8 +31,14 @@ enum Message {
     Flush(SyncSender<()>),
 }
 
+/// Time since the VMM started, as Cloud Hypervisor writes it (serde's
+/// `Duration`: whole seconds and the nanoseconds past them).
+fn timestamp(elapsed: Duration) -> Value {
+    json!({ "secs": elapsed.as_secs(), "nanos": elapsed.subsec_nanos() })
+}
+
 struct ConversionRecord {
-    timestamp_us: u64,
+    elapsed: Duration,
     gpa: u64,
     size: u64,
     direction: &'static str,
@@ -43,7 +50,7 @@ struct ConversionRecord {
 impl ConversionRecord {
     fn line(&self) -> String {
         json!({
-            "timestamp_us": self.timestamp_us,
+            "timestamp": timestamp(self.elapsed),
             "source": "memory",
             "event": "conversion",
             "properties": {
@@ -221,7 +228,7 @@ impl EventMonitor {
             return;
         }
         let line = json!({
-            "timestamp_us": self.started.elapsed().as_micros() as u64,
+            "timestamp": timestamp(self.started.elapsed()),
             "source": source,
             "event": event,
             "properties": properties,
@@ -263,7 +270,7 @@ impl EventMonitor {
             Err(e) => (0, Some(crate::error_chain(e))),
         };
         self.send(Message::Conversion(ConversionRecord {
-            timestamp_us: self.started.elapsed().as_micros() as u64,
+            elapsed: self.started.elapsed(),
             gpa: request.gpa,
             size: request.size,
             direction: request.direction.name(),

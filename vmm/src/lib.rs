@@ -144,6 +144,7 @@ pub fn run(options: VmmOptions) -> Result<i32, VmmError> {
         }
         None => EventMonitor::disabled(),
     });
+    monitor.emit("vmm", "starting", serde_json::Value::Null);
     let hypervisor = KvmHypervisor::new().map_err(VmmError::Hypervisor)?;
     let (events_tx, events_rx) = channel();
     spawn_signal_thread(events_tx.clone(), filters.signal)?;
@@ -154,6 +155,7 @@ pub fn run(options: VmmOptions) -> Result<i32, VmmError> {
         .map(|path| api::http::ApiServer::start(path, events_tx.clone(), filters.http))
         .transpose()
         .map_err(VmmError::Api)?;
+    monitor.emit("vm", "booting", serde_json::Value::Null);
     let mut vm = Vm::boot(
         options.vm,
         &hypervisor,
@@ -180,6 +182,7 @@ pub fn run(options: VmmOptions) -> Result<i32, VmmError> {
         server.stop();
     }
     monitor.emit("vm", "shutdown", json!({ "exit_code": code }));
+    monitor.emit("vmm", "shutdown", serde_json::Value::Null);
     monitor.flush(std::time::Duration::from_secs(1));
     info!("VMM exiting with code {code}");
     Ok(code)
