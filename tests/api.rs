@@ -295,7 +295,13 @@ fn event_monitor_streams_boot_conversions_and_shutdown() {
         .collect();
     let names: Vec<String> = lines
         .iter()
-        .map(|e| format!("{}/{}", e["source"].as_str().unwrap(), e["event"].as_str().unwrap()))
+        .map(|e| {
+            format!(
+                "{}/{}",
+                e["source"].as_str().unwrap(),
+                e["event"].as_str().unwrap()
+            )
+        })
         .collect();
     // Cloud Hypervisor's lifecycle events around ours.
     assert_eq!(
