@@ -11,6 +11,7 @@
 //! while the API keeps answering, and a device that fails (see
 //! `DmaMappingListener`) is shown as failed until `remove` clears it.
 
+mod bar_maps;
 mod guest_ram;
 pub mod pci_segment;
 pub mod vfio;
@@ -113,23 +114,8 @@ pub struct VfioUserDma {
     client: Mutex<VfioUserClient>,
     ram: Arc<GuestRam>,
     max_dma_maps: u64,
-    /// Host mappings of the server's mmappable BAR areas: (address, length).
-    region_maps: Mutex<Vec<(usize, usize)>>,
-}
-
-impl Drop for VfioUserDma {
-    fn drop(&mut self) {
-        let maps = self
-            .region_maps
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner());
-        for &(host, len) in maps.iter() {
-            // SAFETY: our own mapping of exactly `len` bytes; the guest
-            // memory slots over it were removed when the function was
-            // unplugged, before the last reference to `self` went.
-            unsafe { libc::munmap(host as *mut libc::c_void, len) };
-        }
-    }
+    /// Host mappings of the server's mmappable BAR areas.
+    region_maps: bar_maps::BarMaps,
 }
 
 impl VfioUserDma {
@@ -147,7 +133,7 @@ impl VfioUserDma {
             max_dma_maps: client.max_dma_maps(),
             client: Mutex::new(client),
             ram,
-            region_maps: Mutex::new(Vec::new()),
+            region_maps: bar_maps::BarMaps::default(),
         })
     }
 
@@ -223,45 +209,12 @@ impl VfioOps for VfioUserDma {
     fn map_region_areas(&self, index: u32) -> Result<Vec<pci::DirectArea>, VfioOpsError> {
         use std::os::fd::AsRawFd;
         let info = self.client().region_info(index).map_err(ops_error)?;
-        let Some(fd) = info.fd else {
-            return Ok(Vec::new());
-        };
-        let mut areas = Vec::new();
-        for (offset, size) in info.mmap_areas {
-            let file_offset = info
-                .offset
-                .checked_add(offset)
-                .and_then(|o| libc::off_t::try_from(o).ok())
-                .ok_or_else(|| VfioOpsError(format!("area {offset:#x} has no file offset")))?;
-            // SAFETY: a fresh shared mapping of the server's region fd at a
-            // place the kernel chooses; nothing else lives there.
-            let host = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    size as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    fd.as_raw_fd(),
-                    file_offset,
-                )
-            };
-            if host == libc::MAP_FAILED {
-                return Err(VfioOpsError(format!(
-                    "cannot map area {offset:#x}+{size:#x} of region {index}: {}",
-                    std::io::Error::last_os_error()
-                )));
-            }
-            self.region_maps
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((host as usize, size as usize));
-            areas.push(pci::DirectArea {
-                offset,
-                size,
-                host: host as u64,
-            });
+        match info.fd {
+            Some(fd) => self
+                .region_maps
+                .map(fd.as_raw_fd(), info.offset, &info.mmap_areas),
+            None => Ok(Vec::new()),
         }
-        Ok(areas)
     }
 }
 

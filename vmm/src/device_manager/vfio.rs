@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use log::info;
 use pci::VfioOpsError;
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
 use vm_device::ExternalDmaMapping;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -54,6 +54,7 @@ pub struct VfioDma {
     container: Arc<VfioContainer>,
     ram: Arc<GuestRam>,
     device: VfioDevice,
+    region_maps: super::bar_maps::BarMaps,
 }
 
 impl VfioDma {
@@ -75,6 +76,7 @@ impl VfioDma {
             container,
             ram,
             device,
+            region_maps: Default::default(),
         })
     }
 
@@ -135,6 +137,43 @@ impl pci::VfioOps for VfioDma {
     fn reset(&self) -> Result<(), VfioOpsError> {
         self.device.reset();
         Ok(())
+    }
+
+    /// The region's sparse-mmap areas (or the whole region when it is
+    /// mmappable without that capability), from the device fd.
+    fn map_region_areas(&self, index: u32) -> Result<Vec<pci::DirectArea>, VfioOpsError> {
+        use std::os::fd::AsRawFd;
+        const REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
+        if self.device.get_region_flags(index) & REGION_INFO_FLAG_MMAP == 0 {
+            return Ok(Vec::new());
+        }
+        let size = self.device.get_region_size(index);
+        let areas: Vec<(u64, u64)> = self
+            .device
+            .get_region_caps(index)
+            .iter()
+            .find_map(|cap| match cap {
+                VfioRegionInfoCap::SparseMmap(sparse) => Some(
+                    sparse
+                        .areas
+                        .iter()
+                        .filter(|a| {
+                            a.offset.is_multiple_of(4096)
+                                && a.size.is_multiple_of(4096)
+                                && a.size > 0
+                                && a.offset.checked_add(a.size).is_some_and(|e| e <= size)
+                        })
+                        .map(|a| (a.offset, a.size))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_else(|| vec![(0, size)]);
+        self.region_maps.map(
+            self.device.as_raw_fd(),
+            self.device.get_region_offset(index),
+            &areas,
+        )
     }
 }
 
