@@ -486,11 +486,13 @@ fn the_address_register_reads_back_and_selects_bus_device_function_and_register(
     r.ports.read(0, &mut b);
     assert_eq!(u32::from_le_bytes(b), address & !3, "low two bits are zero");
     // Bus 1 and function 1 of the same slot hold nothing.
+    let command = 0x8000_0000 | (u32::from(r.slot) << 11) | (1 << 2);
     for other in [1u32 << 16, 1 << 8] {
         r.ports.write(0, &(address | other).to_le_bytes());
         r.ports.read(4, &mut b);
         assert_eq!(b, [0xff; 4], "{other:#x}");
-        // Writes there reach nobody either.
+        // Writes to their command register reach nobody either.
+        r.ports.write(0, &(command | other).to_le_bytes());
         r.ports.write(4, &0x6u16.to_le_bytes());
     }
     assert!(r.bus.mapped_windows(r.slot).is_empty());
