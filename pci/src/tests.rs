@@ -26,6 +26,10 @@ struct FakeState {
     irq_sets: Vec<(u32, usize)>,
     resets: u32,
     fail_config: bool,
+    /// Every configuration write that reached the device: (offset, bytes).
+    config_writes: Vec<(u64, Vec<u8>)>,
+    /// A device that keeps no command register of its own.
+    drops_command: bool,
 }
 
 struct FakeFunction(Mutex<FakeState>);
@@ -44,6 +48,7 @@ impl FakeFunction {
         config[0..4].copy_from_slice(&0x5678_1234u32.to_le_bytes());
         config[6] = 0x10; // capability list
         config[0x18] = 0b100; // BAR2: 64-bit memory
+        config[0x30..0x34].copy_from_slice(&0xfffe_0001u32.to_le_bytes()); // a ROM
         config[0x34] = 0x50;
         // A vendor capability first, then MSI-X.
         config[0x50] = 0x09;
@@ -97,9 +102,10 @@ impl VfioOps for FakeFunction {
         let at = offset as usize;
         match index {
             7 => {
+                s.config_writes.push((offset, data.to_vec()));
                 // Only the command register is writable on this function.
                 for (i, b) in data.iter().enumerate() {
-                    if (4..6).contains(&(at + i)) {
+                    if (4..6).contains(&(at + i)) && !s.drops_command {
                         s.config[at + i] = *b;
                     }
                 }
@@ -526,4 +532,36 @@ fn ecam_reaches_every_register_and_writes_too() {
     // Registers past the legacy 256 bytes exist only through ECAM.
     ecam.read(function + 0x100, &mut b);
     assert_eq!(b, [0xff; 4], "the fake has no extended space");
+}
+
+#[test]
+fn what_the_vmm_owns_in_configuration_space_is_emulated_and_the_rest_forwarded() {
+    let r = rig();
+    // The ROM is hidden, whatever the device says, and writes to it stay.
+    assert_eq!(r.config_read(12), 0);
+    r.config_write(12, 0, &u32::MAX.to_le_bytes());
+    // The command register reads back from the VMM's copy with the
+    // device's status above it, even from a device that keeps none.
+    r.fake.state().drops_command = true;
+    r.config_write(1, 0, &2u16.to_le_bytes());
+    r.config_write(1, 1, &[0x01]);
+    assert_eq!(r.config_read(1), 0x0010_0102);
+    // MSI-X: the device's id and next pointer, the VMM's control bits.
+    let cap = 0x60 / 4;
+    r.config_write(cap, 2, &0x8000u16.to_le_bytes());
+    assert_eq!(r.config_read(cap), 0x8003_0011);
+    // Anything else goes to the device, at its byte offset.
+    r.config_write(15, 1, &[0x0a]);
+    let writes = r.fake.state().config_writes.clone();
+    assert_eq!(
+        writes,
+        [(4, vec![2, 0]), (5, vec![1]), (61, vec![0x0a])],
+        "no ROM or MSI-X control write reached the device"
+    );
+    // A partial BAR write keeps the bytes it does not cover.
+    r.config_write(4, 2, &0xc010u16.to_le_bytes());
+    assert_eq!(r.config_read(4), 0xc010_0000);
+    r.config_write(4, 2, &0xc000u16.to_le_bytes());
+    r.config_write(4, 1, &[0x10]);
+    assert_eq!(r.config_read(4), 0xc000_1000);
 }
