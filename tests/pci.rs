@@ -121,6 +121,10 @@ fn the_device_has_a_bdf_and_follows_conversions_while_the_guest_drives_it() {
     wait_for_socket(&api);
     let info = info(&api);
     assert_eq!(info["devices"][0]["bdf"], "0000:00:01.0");
+    // Cloud Hypervisor's VmInfo fields.
+    assert_eq!(info["memory_actual_size"], 256 << 20);
+    assert_eq!(info["device_tree"]["dev0"]["pci_bdf"], "0000:00:01.0");
+    assert_eq!(info["device_tree"]["dev0"]["id"], "dev0");
     vmm.wait_for_line("op 1 dma-write");
     assert_eq!(device.read(A, 4).unwrap(), vec![0x11; 4]);
     device.write(flag, 1);

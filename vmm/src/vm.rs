@@ -369,17 +369,39 @@ impl Vm {
         groups.into()
     }
 
+    /// Cloud Hypervisor's `VmInfo` fields (`config`, `state`,
+    /// `memory_actual_size`, `device_tree`) and ours.
     pub fn info(&self) -> serde_json::Value {
+        let devices = self.devices.info();
+        // Cloud Hypervisor's device tree: one node per device, keyed by id;
+        // here every device is a PCI function (or a DMA target) on its own.
+        let device_tree: serde_json::Map<String, serde_json::Value> = devices
+            .iter()
+            .map(|d| {
+                (
+                    d.id.clone(),
+                    json!({
+                        "id": d.id,
+                        "resources": [],
+                        "parent": null,
+                        "children": [],
+                        "pci_bdf": d.bdf,
+                    }),
+                )
+            })
+            .collect();
         json!({
             "config": self.config,
             "state": self.state,
+            "memory_actual_size": self.config.memory.size,
+            "device_tree": device_tree,
             "vm_type": self.config.platform.vm_type().name(),
             "memory_attributes": self.memory.tracks_attributes(),
             "memory": {
                 "regions": self.memory.region_info(),
                 "layout": self.memory.regions()[0].backing.name(),
             },
-            "devices": self.devices.info(),
+            "devices": devices,
         })
     }
 }
