@@ -403,3 +403,69 @@ fn bar_memory_works_mapped_into_the_guest_and_trapped() {
         assert_eq!(engine(&device)["scratch_messages"], messages, "{args:?}");
     }
 }
+
+/// `vm.pause` stops every vCPU (the guest sees nothing a device writes
+/// meanwhile) with conversion state and device mappings unchanged, refuses
+/// a second pause, and `vm.resume` lets the guest go on where it was.
+#[test]
+fn pause_freezes_the_guest_and_resume_lets_it_go_on() {
+    if !kvm_available("pause_freezes_the_guest_and_resume_lets_it_go_on") {
+        return;
+    }
+    let dir = TempDir::new("pcipause");
+    let device = TestDevice::spawn(&dir, "dev0");
+    let flag = A + 0x8000;
+    let ops = [
+        format!("shared@{A:#x}+64K"),
+        format!("wait@{flag:#x}+1=1"),
+        format!("private@{A:#x}+4K"),
+    ];
+    let guest = memconv_guest(&dir, &[&ops.join(",")], false);
+    let api = dir.path("api.sock");
+    let user_device = format!("socket={},id=dev0", device.socket.display());
+    let vmm = GuestVmm::spawn(
+        &guest,
+        &[
+            "--memory",
+            "size=256M,guest_memfd=on",
+            "--user-device",
+            &user_device,
+            "--api-socket",
+            api.to_str().unwrap(),
+        ],
+    );
+    wait_for_socket(&api);
+    vmm.wait_for_line("op 0 shared");
+    let (ok, _, err) = ch_remote(&api, &["pause"]);
+    assert!(ok, "{err}");
+    assert_eq!(info(&api)["state"], "Paused");
+    let before = (vmm_shared_ranges(&api), device.mapped());
+    assert_eq!(before.0, [(A, 0x10000)]);
+    device.write(flag, 1);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        vmm.op_statuses(),
+        ["ok"],
+        "a paused guest ran: {:#?}",
+        vmm.console()
+    );
+    assert_eq!((vmm_shared_ranges(&api), device.mapped()), before);
+    // A second pause is refused with Cloud Hypervisor's error body.
+    let (status, body) = raw_http(
+        &api,
+        "PUT /api/v1/vm.pause HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(status, 500, "{body}");
+    let messages: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(messages[1].as_str().unwrap().contains("Paused"), "{body}");
+
+    let (ok, _, err) = ch_remote(&api, &["resume"]);
+    assert!(ok, "{err}");
+    assert_eq!(info(&api)["state"], "Running");
+    vmm.wait_for_line("memconv: done");
+    assert_eq!(vmm.op_statuses(), ["ok", "ok", "ok"]);
+    assert_eq!(vmm_shared_ranges(&api), [(A + 0x1000, 0xf000)]);
+    assert_eq!(device.mapped(), vmm_shared_ranges(&api));
+    let (ok, _, _) = ch_remote(&api, &["resume"]);
+    assert!(!ok, "resuming a running VM is refused");
+}

@@ -45,6 +45,10 @@ enum Command {
         #[arg(long)]
         limit: Option<String>,
     },
+    /// Pause the VM: every vCPU stops between two exits.
+    Pause,
+    /// Resume a paused VM.
+    Resume,
     /// Shut the VM (and with it this VMM) down.
     Shutdown,
     /// Shut the VMM down.
@@ -169,6 +173,8 @@ fn main() -> ExitCode {
         Command::Ping => ("GET", "vmm.ping".to_string()),
         Command::Info => ("GET", "vm.info".to_string()),
         Command::Counters => ("GET", "vm.counters".to_string()),
+        Command::Pause => ("PUT", "vm.pause".to_string()),
+        Command::Resume => ("PUT", "vm.resume".to_string()),
         Command::MemoryAttributes { gpa, size, limit } => {
             let mut query = Vec::new();
             if let (Some(gpa), Some(size)) = (gpa, size) {

@@ -247,6 +247,14 @@ fn handle_api(vm: &mut Vm, message: api::ApiMessage) {
             vm.shutdown();
             None
         }
+        VmPause => {
+            let _ = respond.send(vm.pause().map(|()| None).map_err(api::ApiError::Vm));
+            return;
+        }
+        VmResume => {
+            let _ = respond.send(vm.resume().map(|()| None).map_err(api::ApiError::Vm));
+            return;
+        }
         VmAddDevice(config) => {
             return hotplug(vm, respond, move |devices, monitor| {
                 vm::device_ops::add_device(devices, monitor, &config)

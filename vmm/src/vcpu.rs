@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,64 @@ pub struct VcpuContext {
     pub conversions: Arc<ConversionPath>,
     pub events: Sender<VmmEvent>,
     pub stop: Arc<AtomicBool>,
+    pub pause: Arc<PauseGate>,
+}
+
+/// Where vCPUs wait while the VM is paused (`vm.pause`): between two
+/// exits, so a conversion or device access in progress finishes first.
+#[derive(Default)]
+pub struct PauseGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    paused: bool,
+    /// vCPUs waiting at the gate.
+    parked: usize,
+}
+
+impl PauseGate {
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn close(&self) {
+        self.state().paused = true;
+    }
+
+    /// Lets every parked vCPU go on.
+    pub fn open(&self) {
+        self.state().paused = false;
+        self.changed.notify_all();
+    }
+
+    /// How many vCPUs wait at the gate.
+    pub fn parked(&self) -> usize {
+        self.state().parked
+    }
+
+    /// Waits while the gate is closed, unless `stop` is raised (shutdown
+    /// wakes the gate too).
+    fn pass(&self, stop: &AtomicBool) {
+        let mut state = self.state();
+        if !state.paused {
+            return;
+        }
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.paused && !stop.load(Ordering::Acquire) {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.parked -= 1;
+    }
+
+    /// Wakes waiting vCPUs so they see `stop`.
+    pub fn wake(&self) {
+        let _guard = self.state();
+        self.changed.notify_all();
+    }
 }
 
 pub struct VcpuHandle {
@@ -65,6 +123,21 @@ pub fn start(
 }
 
 impl VcpuHandle {
+    /// Kicks the thread out of KVM_RUN once (a kick that lands outside it
+    /// is lost: callers that need the vCPU out retry).
+    pub fn kick(&self) {
+        if let Some(thread) = &self.thread {
+            // A halted vCPU without an irqchip waits parked, not in KVM_RUN.
+            thread.thread().unpark();
+            let _ = thread.kill(kick_signal());
+        }
+    }
+
+    /// Whether the vCPU thread still runs the guest.
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Kicks the thread until it has left the guest, then joins it. The
     /// caller has already raised the stop flag.
     pub fn stop(&mut self) {
@@ -90,6 +163,10 @@ impl VcpuHandle {
 fn run(index: u8, mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext) {
     let stopped = || ctx.stop.load(Ordering::Acquire);
     while !stopped() {
+        ctx.pause.pass(&ctx.stop);
+        if stopped() {
+            return;
+        }
         let exit = match vcpu.run() {
             Ok(exit) => exit,
             Err(e) => {
@@ -116,8 +193,9 @@ fn run(index: u8, mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext) {
             }
             VmExit::Hlt => {
                 // Nothing can wake a halted vCPU (no interrupt controller), so
-                // it waits for the VM to stop.
+                // it waits for the VM to stop; a pause finds it at the gate.
                 while !stopped() {
+                    ctx.pause.pass(&ctx.stop);
                     std::thread::park();
                 }
             }
@@ -213,6 +291,7 @@ mod tests {
             )),
             events: tx,
             stop: Arc::new(AtomicBool::new(false)),
+            pause: Arc::default(),
         };
         Some(Rig {
             vm,

@@ -24,7 +24,7 @@ use crate::device_manager::pci_segment::{PciSegment, PciSegmentError};
 use crate::device_manager::{DeviceError, DeviceInfo, DeviceManager};
 use crate::event_monitor::EventMonitor;
 use crate::memory::{MemoryError, MemoryManager};
-use crate::vcpu::{self, VcpuContext, VcpuHandle};
+use crate::vcpu::{self, PauseGate, VcpuContext, VcpuHandle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -69,12 +69,19 @@ pub enum VmError {
     Device(#[source] DeviceError),
     #[error("cannot set up PCI segment 0")]
     Pci(#[source] PciSegmentError),
+    #[error("the VM is {0:?}, not running")]
+    NotRunning(VmState),
+    #[error("the VM is {0:?}, not paused")]
+    NotPaused(VmState),
+    #[error("the vCPUs did not stop within {0} ms")]
+    PauseTimeout(u128),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub enum VmState {
     Running,
+    Paused,
     Shutdown,
 }
 
@@ -84,6 +91,7 @@ pub struct Vm {
     devices: Arc<DeviceManager>,
     monitor: Arc<EventMonitor>,
     stop: Arc<AtomicBool>,
+    pause: Arc<PauseGate>,
     vcpus: Vec<VcpuHandle>,
     /// Hot-plug operations in flight, each on its own thread.
     hotplug: Vec<JoinHandle<()>>,
@@ -111,6 +119,10 @@ fn serial_output(config: &ConsoleOutput) -> Result<Box<dyn Write + Send>, VmErro
         }
     })
 }
+
+/// How long `pause` waits for every vCPU to stop (one may be in the middle
+/// of a conversion waiting for a device).
+pub const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Largest kernel file accepted: everything the VMM loads lies below
 /// 16 MiB, so a larger file cannot be a kernel for this layout.
@@ -225,12 +237,14 @@ impl Vm {
                 .map_err(VmError::Pci)?,
         );
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(PauseGate::default());
         let ctx = Arc::new(VcpuContext {
             io_bus,
             mmio_bus,
             conversions: conversions.clone(),
             events,
             stop: stop.clone(),
+            pause: pause.clone(),
         });
         let count = config.cpus.boot;
         let mut created = Vec::with_capacity(count.into());
@@ -251,6 +265,7 @@ impl Vm {
             devices,
             monitor: monitor.clone(),
             stop,
+            pause,
             vcpus: Vec::new(),
             hotplug: Vec::new(),
             state: VmState::Running,
@@ -286,8 +301,48 @@ impl Vm {
     /// Stops every vCPU, then detaches every device so each unmaps what it
     /// had, then waits for hot-plug operations in flight (which can no
     /// longer attach anything). Idempotent.
+    /// Stops every vCPU between two exits (a conversion or device access
+    /// in progress finishes first) and waits until they all wait.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        if self.state != VmState::Running {
+            return Err(VmError::NotRunning(self.state));
+        }
+        self.pause.close();
+        let deadline = std::time::Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            let running = self.vcpus.iter().filter(|v| v.is_running()).count();
+            if self.pause.parked() >= running {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                self.pause.open();
+                return Err(VmError::PauseTimeout(PAUSE_TIMEOUT.as_millis()));
+            }
+            // A kick that lands outside KVM_RUN is lost, hence the loop.
+            for vcpu in &self.vcpus {
+                vcpu.kick();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.state = VmState::Paused;
+        self.monitor.emit("vm", "paused", serde_json::Value::Null);
+        Ok(())
+    }
+
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        if self.state != VmState::Paused {
+            return Err(VmError::NotPaused(self.state));
+        }
+        self.pause.open();
+        self.state = VmState::Running;
+        self.monitor.emit("vm", "resumed", serde_json::Value::Null);
+        Ok(())
+    }
+
     pub fn shutdown(&mut self) {
         self.stop.store(true, Ordering::Release);
+        // Paused vCPUs wait at the gate: let them see the stop.
+        self.pause.wake();
         for vcpu in &mut self.vcpus {
             vcpu.stop();
         }

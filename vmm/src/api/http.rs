@@ -158,6 +158,8 @@ pub fn route(method: Method, url: &str, body: &[u8]) -> Result<ApiRequest, HttpE
         "vm.counters" => ApiRequest::VmCounters,
         "vm.memory-attributes" => ApiRequest::VmMemoryAttributes(parse_window(query)?),
         "vm.shutdown" => ApiRequest::VmShutdown,
+        "vm.pause" => ApiRequest::VmPause,
+        "vm.resume" => ApiRequest::VmResume,
         "vm.add-device" => {
             let config: DeviceConfig = body_json(endpoint, body)?;
             config.validate().map_err(config_error)?;

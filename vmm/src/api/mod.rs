@@ -24,6 +24,8 @@ pub enum ApiRequest {
     VmMemoryAttributes(AttributeWindow),
     VmShutdown,
     VmmShutdown,
+    VmPause,
+    VmResume,
     VmAddDevice(DeviceConfig),
     VmAddUserDevice(UserDeviceConfig),
     VmRemoveDevice(String),
@@ -39,6 +41,8 @@ pub enum ApiError {
     Device(#[source] DeviceError),
     #[error("cannot start a hot-plug thread")]
     Worker(#[source] std::io::Error),
+    #[error("the VM cannot do that now")]
+    Vm(#[source] crate::vm::VmError),
 }
 
 impl ApiError {
@@ -75,6 +79,8 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::Get, "vm.counters"),
     (Method::Get, "vm.memory-attributes"),
     (Method::Put, "vm.shutdown"),
+    (Method::Put, "vm.pause"),
+    (Method::Put, "vm.resume"),
     (Method::Put, "vm.add-device"),
     (Method::Put, "vm.add-user-device"),
     (Method::Put, "vm.remove-device"),

@@ -98,6 +98,8 @@ fn request_endpoint(request: &ApiRequest) -> &'static str {
         ApiRequest::VmCounters => "vm.counters",
         ApiRequest::VmMemoryAttributes(_) => "vm.memory-attributes",
         ApiRequest::VmShutdown => "vm.shutdown",
+        ApiRequest::VmPause => "vm.pause",
+        ApiRequest::VmResume => "vm.resume",
         ApiRequest::VmAddDevice(_) => "vm.add-device",
         ApiRequest::VmAddUserDevice(_) => "vm.add-user-device",
         ApiRequest::VmRemoveDevice(_) => "vm.remove-device",
