@@ -118,6 +118,8 @@ struct Slot {
     direct: Vec<u32>,
 }
 
+/// Locks are taken poison-tolerant: every update under them completes
+/// before release, and a vCPU must never panic on a config access.
 pub struct PciBus {
     slots: RwLock<[Option<Arc<Mutex<Slot>>>; SLOTS]>,
     mmio: Arc<Bus>,
@@ -141,11 +143,12 @@ impl PciBus {
             mmio,
             memory,
         };
-        bus.slots.write().unwrap()[0] = Some(Arc::new(Mutex::new(Slot {
-            device: Arc::new(HostBridge),
-            mapped: Vec::new(),
-            direct: Vec::new(),
-        })));
+        bus.slots.write().unwrap_or_else(|e| e.into_inner())[0] =
+            Some(Arc::new(Mutex::new(Slot {
+                device: Arc::new(HostBridge),
+                mapped: Vec::new(),
+                direct: Vec::new(),
+            })));
         bus
     }
 
@@ -158,7 +161,7 @@ impl PciBus {
     /// windows.
     pub fn add_at(&self, slot: Option<u8>, device: Arc<dyn PciDevice>) -> Result<u8, PciBusError> {
         let slot = {
-            let mut slots = self.slots.write().unwrap();
+            let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
             let index = match slot {
                 Some(wanted) => Some(usize::from(wanted))
                     .filter(|&i| slots.get(i).is_some_and(Option::is_none))
@@ -190,17 +193,22 @@ impl PciBus {
         let taken = self
             .slots
             .write()
-            .unwrap()
+            .unwrap_or_else(|e| e.into_inner())
             .get_mut(usize::from(slot))
             .and_then(Option::take)
             .ok_or(PciBusError::EmptySlot(slot))?;
-        let mut s = taken.lock().unwrap();
+        let mut s = taken.lock().unwrap_or_else(|e| e.into_inner());
         self.unmap_windows(&mut s);
         Ok(s.device.clone())
     }
 
     fn slot(&self, device: usize) -> Option<Arc<Mutex<Slot>>> {
-        self.slots.read().unwrap().get(device).cloned().flatten()
+        self.slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(device)
+            .cloned()
+            .flatten()
     }
 
     /// Dword `reg` of bus 0, `device`, `function`; all ones where nothing is.
@@ -210,7 +218,11 @@ impl PciBus {
         }
         match self.slot(device) {
             Some(slot) => {
-                let dev = slot.lock().unwrap().device.clone();
+                let dev = slot
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .device
+                    .clone();
                 dev.config_read(reg)
             }
             None => u32::MAX,
@@ -232,7 +244,11 @@ impl PciBus {
         let Some(slot) = self.slot(device) else {
             return;
         };
-        let dev = slot.lock().unwrap().device.clone();
+        let dev = slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device
+            .clone();
         dev.config_write(reg, offset, data);
         // Only the command register and BARs change what is decoded.
         if reg == COMMAND_REG || (4..10).contains(&reg) {
@@ -242,7 +258,7 @@ impl PciBus {
 
     /// Puts the MMIO bus in line with the windows the function decodes.
     fn sync_windows(&self, slot: &Mutex<Slot>) {
-        let mut s = slot.lock().unwrap();
+        let mut s = slot.lock().unwrap_or_else(|e| e.into_inner());
         let wanted = s.device.bar_windows();
         if wanted == s.mapped {
             return;
@@ -288,7 +304,7 @@ impl PciBus {
     /// Windows of the function in `slot` that are on the MMIO bus.
     pub fn mapped_windows(&self, slot: u8) -> Vec<BarWindow> {
         self.slot(usize::from(slot))
-            .map(|s| s.lock().unwrap().mapped.clone())
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).mapped.clone())
             .unwrap_or_default()
     }
 }
@@ -314,7 +330,7 @@ impl PciConfigIo {
 
     /// (bus, device, function, register) the address register selects.
     fn target(&self) -> Option<(u8, usize, u8, usize)> {
-        let a = *self.address.lock().unwrap();
+        let a = *self.address.lock().unwrap_or_else(|e| e.into_inner());
         (a & CONFIG_ENABLE != 0).then_some((
             (a >> 16) as u8,
             ((a >> 11) & 0x1f) as usize,
@@ -328,7 +344,7 @@ impl BusDevice for PciConfigIo {
     fn read(&self, offset: u64, data: &mut [u8]) {
         match offset {
             0..4 => {
-                let value = *self.address.lock().unwrap();
+                let value = *self.address.lock().unwrap_or_else(|e| e.into_inner());
                 extract_read(value, offset as usize, data);
             }
             _ => {
@@ -343,7 +359,7 @@ impl BusDevice for PciConfigIo {
     fn write(&self, offset: u64, data: &[u8]) {
         match offset {
             0..4 => {
-                let mut a = self.address.lock().unwrap();
+                let mut a = self.address.lock().unwrap_or_else(|e| e.into_inner());
                 *a = merge_write(*a, offset as usize, data) & !0x3;
             }
             _ => {
