@@ -41,19 +41,8 @@ fn vfio_user_device_follows_every_conversion() {
         format!("private@{B:#x}+8K"),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let api = dir.path("api.sock");
     let user_device = format!("socket={},id=dev0", device.socket.display());
-    let vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--user-device",
-            &user_device,
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let (vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
     wait_for_socket(&api);
 
     // Step 1: two shared runs, the first filled by the guest.
@@ -106,18 +95,11 @@ fn hot_added_device_gets_the_shared_runs_and_removal_unmaps_them() {
         32 * MIB
     );
     let guest = memconv_guest(&dir, &[&ops], false);
-    let api = dir.path("api.sock");
     let events = dir.path("events.json");
-    let vmm = GuestVmm::spawn(
+    let (vmm, api) = spawn_with_api(
+        &dir,
         &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--api-socket",
-            api.to_str().unwrap(),
-            "--event-monitor",
-            &format!("path={}", events.display()),
-        ],
+        &["--event-monitor", &format!("path={}", events.display())],
     );
     assert_eq!(
         vmm.wait_for_line("memconv: done"),
@@ -179,16 +161,12 @@ fn a_device_that_refuses_a_map_fails_the_conversion_and_the_vm_runs_on() {
     assert_eq!(device.command("refuse 1"), "ok");
     let ops = format!("shared@{A:#x}+8K,shared@{A:#x}+8K,shared@{B:#x}+4K");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let api = dir.path("api.sock");
-    let vmm = GuestVmm::spawn(
+    let (vmm, api) = spawn_with_api(
+        &dir,
         &guest,
         &[
-            "--memory",
-            "size=256M,guest_memfd=on",
             "--user-device",
             &format!("socket={}", device.socket.display()),
-            "--api-socket",
-            api.to_str().unwrap(),
         ],
     );
     assert_eq!(
@@ -217,19 +195,15 @@ fn a_killed_device_is_failed_and_detached_and_conversions_go_on() {
     // The releaser's DMA write lets the guest go on after the victim died.
     let ops = format!("shared@{A:#x}+64K,wait@{FLAG:#x}+1=1,shared@{B:#x}+4K,private@{A:#x}+4K");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let api = dir.path("api.sock");
     let events = dir.path("events.jsonl");
-    let vmm = GuestVmm::spawn(
+    let (vmm, api) = spawn_with_api(
+        &dir,
         &guest,
         &[
-            "--memory",
-            "size=256M,guest_memfd=on",
             "--user-device",
             &format!("socket={},id=victim", victim.socket.display()),
             "--user-device",
             &format!("socket={},id=releaser", releaser.socket.display()),
-            "--api-socket",
-            api.to_str().unwrap(),
             "--event-monitor",
             &format!("path={}", events.display()),
         ],

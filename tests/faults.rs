@@ -133,16 +133,12 @@ fn sigterm_under_api_load_completes() {
         // The guest shares a page, then spins until the VMM goes.
         let ops = format!("shared@{A:#x}+64K,wait@{FLAG:#x}+1=1");
         let guest = memconv_guest(&dir, &[&ops], false);
-        let api = dir.path("api.sock");
-        let mut vmm = GuestVmm::spawn(
+        let (mut vmm, api) = spawn_with_api(
+            &dir,
             &guest,
             &[
-                "--memory",
-                "size=256M,guest_memfd=on",
                 "--user-device",
                 &format!("socket={},id=dev0", device.socket.display()),
-                "--api-socket",
-                api.to_str().unwrap(),
             ],
         );
         wait_for_socket(&api);
@@ -248,16 +244,12 @@ fn usr1_is_ignored_and_sighup_shuts_down_cleanly() {
     let device = TestDevice::spawn(&dir, "dev0");
     let ops = format!("shared@{A:#x}+8K,wait@{FLAG:#x}+1=1");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let api = dir.path("api.sock");
-    let mut vmm = GuestVmm::spawn(
+    let (mut vmm, api) = spawn_with_api(
+        &dir,
         &guest,
         &[
-            "--memory",
-            "size=256M,guest_memfd=on",
             "--user-device",
             &format!("socket={},id=dev0", device.socket.display()),
-            "--api-socket",
-            api.to_str().unwrap(),
         ],
     );
     wait_for_socket(&api);
@@ -393,16 +385,12 @@ fn server_dma_read_and_write_reach_only_mapped_pages_and_keep_the_connection() {
     let server = ScriptedServer::start(&socket);
     let ops = format!("shared@{A:#x}+4K,write@{A:#x}+16=0x5a,shared@{B:#x}+4K,private@{A:#x}+4K");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let api = dir.path("api.sock");
-    let vmm = GuestVmm::spawn(
+    let (vmm, api) = spawn_with_api(
+        &dir,
         &guest,
         &[
-            "--memory",
-            "size=256M,guest_memfd=on",
             "--user-device",
             &format!("socket={},id=scripted", socket.display()),
-            "--api-socket",
-            api.to_str().unwrap(),
         ],
     );
     vmm.wait_for_line("memconv: done 4 ok 0 failed");
@@ -569,16 +557,7 @@ fn header_and_connection_floods_are_bounded() {
     }
     let dir = TempDir::new("flood");
     let guest = memconv_guest(&dir, &[&format!("wait@{FLAG:#x}+1=1")], false);
-    let api = dir.path("api.sock");
-    let vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let (vmm, api) = spawn_with_api(&dir, &guest, &[]);
     wait_for_socket(&api);
     let pid = vmm.pid();
     assert_eq!(get(&api, "vmm.ping").0, 200);
@@ -800,18 +779,7 @@ fn an_event_reader_that_stops_reading_never_stalls_the_guest() {
         ops.push(format!("private@{page:#x}+4K"));
     }
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let api = dir.path("api.sock");
-    let vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--event-monitor",
-            &target,
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let (vmm, api) = spawn_with_api(&dir, &guest, &["--event-monitor", &target]);
     vmm.wait_for_line("memconv: done 1200 ok 0 failed");
     wait_for_socket(&api);
     let (ok, counters, err) = ch_remote(&api, &["counters"]);

@@ -47,19 +47,8 @@ fn the_guest_drives_dma_into_shared_pages_and_faults_on_private_ones() {
         format!("dma-write@{:#x}+4K=1", 1u64 << 40),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], true);
-    let api = dir.path("api.sock");
     let user_device = format!("socket={},id=dev0", device.socket.display());
-    let mut vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--user-device",
-            &user_device,
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let (mut vmm, _api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
     let done = vmm.wait_for_line("memconv: done");
     assert_eq!(
         vmm.op_statuses(),
@@ -105,19 +94,8 @@ fn the_device_has_a_bdf_and_follows_conversions_while_the_guest_drives_it() {
         format!("private@{:#x}+4K", A + 0x1000),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let api = dir.path("api.sock");
     let user_device = format!("socket={},id=dev0", device.socket.display());
-    let vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--user-device",
-            &user_device,
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let (vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
     wait_for_socket(&api);
     let info = info(&api);
     assert_eq!(info["devices"][0]["bdf"], "0000:00:01.0");
@@ -175,16 +153,7 @@ fn a_hot_added_device_is_found_by_the_guest_and_a_removed_one_is_gone() {
         format!("check@{A:#x}+4K=8"),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let api = dir.path("api.sock");
-    let vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let (vmm, api) = spawn_with_api(&dir, &guest, &[]);
     wait_for_socket(&api);
     vmm.wait_for_line("op 1 dma-write");
     assert_eq!(vmm.op_statuses(), ["ok", "no-device"]);
@@ -253,21 +222,12 @@ fn a_stopped_device_does_not_stop_the_guest_driving_another() {
         format!("check@{:#x}+64K=0x3c", A + 0x10000),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let api = dir.path("api.sock");
     let dev0 = format!("socket={},id=dev0", working.socket.display());
     let dev1 = format!("socket={},id=dev1,timeout_ms=300", stopped.socket.display());
-    let vmm = GuestVmm::spawn(
+    let (vmm, api) = spawn_with_api(
+        &dir,
         &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--user-device",
-            &dev0,
-            "--user-device",
-            &dev1,
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
+        &["--user-device", &dev0, "--user-device", &dev1],
     );
     wait_for_socket(&api);
     vmm.wait_for_line("op 0 shared");
@@ -302,22 +262,11 @@ fn stream_while_neighbours_convert(policy: &str) -> (u64, u64, u64) {
         ops.push(format!("shared@{gpa:#x}+4K"));
     }
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let api = dir.path("api.sock");
     let user_device = format!(
         "socket={},id=dev0,mapping={policy}",
         device.socket.display()
     );
-    let vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--user-device",
-            &user_device,
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let (vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
     wait_for_socket(&api);
     vmm.wait_for_line("op 1 shared");
     assert_eq!(
@@ -421,19 +370,8 @@ fn pause_freezes_the_guest_and_resume_lets_it_go_on() {
         format!("private@{A:#x}+4K"),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let api = dir.path("api.sock");
     let user_device = format!("socket={},id=dev0", device.socket.display());
-    let vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--user-device",
-            &user_device,
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let (vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
     wait_for_socket(&api);
     vmm.wait_for_line("op 0 shared");
     let (ok, _, err) = ch_remote(&api, &["pause"]);

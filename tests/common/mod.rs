@@ -206,6 +206,21 @@ impl Drop for GuestVmm {
     }
 }
 
+/// Spawns the VMM for `guest` with 256 MiB of guest_memfd RAM, an API
+/// socket in `dir` and `extra` arguments (devices, ...). Returns it and the
+/// socket's path; callers wait for the socket where the guest outlives it.
+pub fn spawn_with_api(dir: &TempDir, guest: &Path, extra: &[&str]) -> (GuestVmm, PathBuf) {
+    let api = dir.path("api.sock");
+    let mut args = vec![
+        "--memory",
+        "size=256M,guest_memfd=on",
+        "--api-socket",
+        api.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    (GuestVmm::spawn(guest, &args), api)
+}
+
 /// Runs the VMM binary to completion (for CLI error cases).
 pub fn run_vmm(args: &[&str]) -> (ExitStatus, String, String) {
     let out = Command::new(CLOUD_HYPERVISOR)
