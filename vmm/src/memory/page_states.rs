@@ -160,19 +160,7 @@ impl PageStates for FlatBitmap {
     }
     fn set_range(&mut self, start: u64, count: u64, shared: bool) -> u64 {
         // Word by word, as QEMU's bitmap_set / bitmap_clear.
-        let end = start + count;
-        let mut changed = 0;
-        let mut page = start;
-        while page < end {
-            let w = (page / WORD_BITS) as usize;
-            let word_end = ((w as u64 + 1) * WORD_BITS).min(end);
-            let high = word_end - w as u64 * WORD_BITS;
-            let mask = (u64::MAX >> (WORD_BITS - high)) & (u64::MAX << (page % WORD_BITS));
-            let old = self.words[w];
-            self.words[w] = if shared { old | mask } else { old & !mask };
-            changed += u64::from((old ^ self.words[w]).count_ones());
-            page = word_end;
-        }
+        let changed = super::shared_bitmap::set_bits(&mut self.words, start, start + count, shared);
         if shared {
             self.shared_pages += changed;
         } else {

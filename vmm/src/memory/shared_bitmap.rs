@@ -42,6 +42,33 @@ pub struct SharedBitmap {
     lingering: Option<usize>,
 }
 
+/// Sets or clears bits `from..to` of `words`, a word at a time; returns
+/// how many changed. Serves both stores (`page_states::FlatBitmap` too).
+pub(super) fn set_bits(words: &mut [u64], from: u64, to: u64, shared: bool) -> u64 {
+    let mut changed = 0;
+    let mut bit = from;
+    while bit < to {
+        let w = (bit / WORD_BITS) as usize;
+        let word_end = ((w as u64 + 1) * WORD_BITS).min(to);
+        let high = word_end - w as u64 * WORD_BITS;
+        let mask = (u64::MAX >> (WORD_BITS - high)) & (u64::MAX << (bit % WORD_BITS));
+        let old = words[w];
+        let new = if shared { old | mask } else { old & !mask };
+        words[w] = new;
+        // Whole words flip whole in the commonest large changes; the count
+        // is then known without counting (no POPCNT on the baseline x86-64
+        // target).
+        let flipped = old ^ new;
+        changed += if flipped == u64::MAX {
+            WORD_BITS
+        } else {
+            u64::from(flipped.count_ones())
+        };
+        bit = word_end;
+    }
+    changed
+}
+
 /// Bits `from..to` (0..=64) of a word set.
 fn word_mask(from: u64, to: u64) -> u64 {
     let high = if to >= WORD_BITS {
@@ -335,7 +362,7 @@ impl SharedBitmap {
         match &mut self.chunks[index] {
             // The common case: bits change inside a chunk that stays mixed.
             Chunk::Mixed(words, n) => {
-                let delta = Self::fill(words, from, to, shared);
+                let delta = set_bits(&mut **words, from, to, shared);
                 let after = if shared {
                     u64::from(*n) + delta
                 } else {
@@ -356,7 +383,7 @@ impl SharedBitmap {
             // A uniform chunk becomes mixed.
             Chunk::Private | Chunk::Shared => {
                 let mut words = if shared { self.zeros() } else { self.ones(len) };
-                let delta = Self::fill(&mut words, from, to, shared);
+                let delta = set_bits(&mut *words, from, to, shared);
                 let after = if shared { delta } else { len - delta };
                 self.chunks[index] = Chunk::Mixed(words, after as u32);
                 delta
@@ -400,7 +427,7 @@ impl SharedBitmap {
             return words;
         }
         let mut words = self.zeros();
-        Self::fill(&mut words, 0, len, true);
+        set_bits(&mut *words, 0, len, true);
         words
     }
 
@@ -413,35 +440,9 @@ impl SharedBitmap {
         } else if len == CHUNK_PAGES {
             self.spare_ones.get_or_insert(words);
         } else if self.spare_zeros.is_none() {
-            Self::fill(&mut words, 0, len, false);
+            set_bits(&mut *words, 0, len, false);
             self.spare_zeros = Some(words);
         }
-    }
-
-    /// Sets or clears bits `from..to`; returns how many changed.
-    fn fill(words: &mut [u64; CHUNK_WORDS], from: u64, to: u64, shared: bool) -> u64 {
-        let mut changed = 0;
-        let mut bit = from;
-        while bit < to {
-            let w = (bit / WORD_BITS) as usize;
-            let word_end = ((w as u64 + 1) * WORD_BITS).min(to);
-            let high = word_end - w as u64 * WORD_BITS;
-            let mask = (u64::MAX >> (WORD_BITS - high)) & (u64::MAX << (bit % WORD_BITS));
-            let old = words[w];
-            let new = if shared { old | mask } else { old & !mask };
-            words[w] = new;
-            // Whole words flip whole in the commonest large changes; the
-            // count is then known without counting (no POPCNT on the
-            // baseline x86-64 target).
-            let flipped = old ^ new;
-            changed += if flipped == u64::MAX {
-                WORD_BITS
-            } else {
-                u64::from(flipped.count_ones())
-            };
-            bit = word_end;
-        }
-        changed
     }
 }
 
