@@ -12,20 +12,18 @@
 //! Run: `cargo bench -p vmm --bench doorbell` (needs /dev/kvm; without it the
 //! bench says so and measures nothing).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::channel;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use hypervisor::KvmHypervisor;
-use test_guest::{MemconvOptions, Op, OpKind, memconv_elf};
-use vmm::VmmEvent;
-use vmm::config::{ConsoleOutput, CpusConfig, EventMonitorConfig, MemoryConfig, VmConfig};
+use test_guest::{Op, OpKind};
+use vmm::config::{ConsoleOutput, EventMonitorConfig};
 use vmm::event_monitor::EventMonitor;
-use vmm::memory::MemoryLayout;
 use vmm::seccomp_filters::{SeccompMode, Thread, filter};
-use vmm::vm::Vm;
 
 /// The PT_LOAD window (1..4 MiB) bounds one guest's op table.
 const MAX_OPS_PER_GUEST: u64 = 60_000;
@@ -80,25 +78,7 @@ impl Bench {
         seccomp: bool,
         events: Events,
     ) -> Duration {
-        let kernel = self.dir.join("guest.elf");
-        let options = MemconvOptions {
-            poweroff: true,
-            quiet: true,
-        };
-        std::fs::write(&kernel, memconv_elf(&[ops], options)).expect("write guest");
-        let config = VmConfig {
-            kernel,
-            memory: MemoryConfig {
-                size: 64 << 20,
-                guest_memfd: true,
-                layout: MemoryLayout::Auto,
-            },
-            platform: Default::default(),
-            cpus: CpusConfig { boot: 1 },
-            serial,
-            devices: Vec::new(),
-            user_devices: Vec::new(),
-        };
+        let config = common::quiet_guest(&self.dir, ops, serial, Vec::new());
         let monitor = Arc::new(match events {
             Events::Off => EventMonitor::disabled(),
             Events::File => EventMonitor::open(
@@ -107,27 +87,13 @@ impl Bench {
             )
             .expect("open the event file"),
         });
-        let (events, guest) = channel();
-        let started = Instant::now();
-        let mut vm = Vm::boot(
-            config,
+        common::time_to_poweroff(
             &self.hypervisor,
-            events,
-            monitor.clone(),
+            config,
+            monitor,
             seccomp.then(vcpu_filter),
+            Duration::from_secs(120),
         )
-        .expect("boot");
-        loop {
-            match guest.recv_timeout(Duration::from_secs(120)) {
-                Ok(VmmEvent::GuestPowerOff(_)) => break,
-                Ok(VmmEvent::GuestShutdown(_) | VmmEvent::VcpuError(..)) => panic!("guest died"),
-                Ok(_) => {}
-                Err(e) => panic!("guest did not power off: {e}"),
-            }
-        }
-        let elapsed = started.elapsed();
-        vm.shutdown();
-        elapsed
     }
 
     fn run_ops(&self, kind_of: fn(u64) -> OpKind, iters: u64, seccomp: bool) -> Duration {

@@ -14,19 +14,17 @@
 //! Run: `cargo bench -p vmm --bench pci_device` (needs /dev/kvm; without it
 //! the bench says so and measures nothing).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::channel;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use hypervisor::KvmHypervisor;
-use test_guest::{MemconvOptions, Op, OpKind, memconv_elf};
-use vmm::VmmEvent;
-use vmm::config::{ConsoleOutput, CpusConfig, MemoryConfig, UserDeviceConfig, VmConfig};
+use test_guest::{Op, OpKind};
+use vmm::config::{ConsoleOutput, UserDeviceConfig};
 use vmm::event_monitor::EventMonitor;
-use vmm::memory::MemoryLayout;
-use vmm::vm::Vm;
 
 const SCRATCH: u64 = 0x1000;
 const SCRATCH_SIZE: u64 = 0x1000;
@@ -71,49 +69,24 @@ impl Bench {
     /// Boots a guest running `ops` with the device at `socket`; returns the
     /// time until it powers off and its console.
     fn run(&self, ops: Vec<Op>, socket: &Path) -> (Duration, String) {
-        let kernel = self.dir.join("guest.elf");
         let console = self.dir.join("console.log");
-        let options = MemconvOptions {
-            poweroff: true,
-            quiet: true,
+        let device = UserDeviceConfig {
+            socket: socket.to_path_buf(),
+            ..Default::default()
         };
-        std::fs::write(&kernel, memconv_elf(&[ops], options)).expect("write guest");
-        let config = VmConfig {
-            kernel,
-            memory: MemoryConfig {
-                size: 64 << 20,
-                guest_memfd: true,
-                layout: MemoryLayout::Auto,
-            },
-            platform: Default::default(),
-            cpus: CpusConfig { boot: 1 },
-            serial: ConsoleOutput::File(console.clone()),
-            devices: Vec::new(),
-            user_devices: vec![UserDeviceConfig {
-                socket: socket.to_path_buf(),
-                ..Default::default()
-            }],
-        };
-        let (events, guest) = channel();
-        let started = Instant::now();
-        let mut vm = Vm::boot(
-            config,
+        let config = common::quiet_guest(
+            &self.dir,
+            ops,
+            ConsoleOutput::File(console.clone()),
+            vec![device],
+        );
+        let elapsed = common::time_to_poweroff(
             &self.hypervisor,
-            events,
+            config,
             Arc::new(EventMonitor::disabled()),
             None,
-        )
-        .expect("boot");
-        loop {
-            match guest.recv_timeout(Duration::from_secs(300)) {
-                Ok(VmmEvent::GuestPowerOff(_)) => break,
-                Ok(VmmEvent::GuestShutdown(_) | VmmEvent::VcpuError(..)) => panic!("guest died"),
-                Ok(_) => {}
-                Err(e) => panic!("guest did not power off: {e}"),
-            }
-        }
-        let elapsed = started.elapsed();
-        vm.shutdown();
+            Duration::from_secs(300),
+        );
         let output = std::fs::read_to_string(&console).expect("read the console");
         (elapsed, output)
     }
