@@ -82,6 +82,26 @@ fn connect(device: &Device) -> VfioUserClient {
     VfioUserClient::connect(&device.socket, Duration::from_secs(5), None).unwrap()
 }
 
+/// A RamBlockAttribute over the device's memfd RAM with the device's
+/// `DmaMappingListener` registered on a connection of its own.
+fn listened_region(device: &Device) -> RamBlockAttribute {
+    let dma = Arc::new(MemfdDma {
+        client: Mutex::new(connect(device)),
+        fd: device.ram.as_raw_fd(),
+    });
+    let rba = RamBlockAttribute::new(BASE, RAM);
+    let listener = Arc::new(DmaMappingListener::new(dma, None));
+    rba.register_listener(
+        listener,
+        Section {
+            gpa: BASE,
+            size: RAM,
+        },
+    )
+    .unwrap();
+    rba
+}
+
 /// The test device serves one client at a time; a dropped client frees it.
 fn settle() {
     std::thread::sleep(Duration::from_millis(50));
@@ -116,20 +136,7 @@ fn vfio_user(c: &mut Criterion) {
     }
     settle();
     {
-        let dma = Arc::new(MemfdDma {
-            client: Mutex::new(connect(&device)),
-            fd,
-        });
-        let rba = RamBlockAttribute::new(BASE, RAM);
-        let listener = Arc::new(DmaMappingListener::new(dma, None));
-        rba.register_listener(
-            listener,
-            Section {
-                gpa: BASE,
-                size: RAM,
-            },
-        )
-        .unwrap();
+        let rba = listened_region(&device);
         group.bench_function("conversion_pair_with_listener", |b| {
             b.iter(|| {
                 rba.state_change(0, PAGE, true).unwrap();
@@ -181,20 +188,7 @@ fn scaling(c: &mut Criterion) {
         }
         settle();
         {
-            let dma = Arc::new(MemfdDma {
-                client: Mutex::new(connect(&device)),
-                fd,
-            });
-            let rba = RamBlockAttribute::new(BASE, RAM);
-            let listener = Arc::new(DmaMappingListener::new(dma, None));
-            rba.register_listener(
-                listener,
-                Section {
-                    gpa: BASE,
-                    size: RAM,
-                },
-            )
-            .unwrap();
+            let rba = listened_region(&device);
             group.bench_function(format!("conversion_pairs_{threads}_threads"), |b| {
                 b.iter_custom(|pairs| {
                     split_over(threads, pairs, |t| {
