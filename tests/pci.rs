@@ -407,3 +407,57 @@ fn pause_freezes_the_guest_and_resume_lets_it_go_on() {
     let (ok, _, _) = ch_remote(&api, &["resume"]);
     assert!(!ok, "resuming a running VM is refused");
 }
+
+#[test]
+fn page_contents_after_conversions_follow_the_memory_layout() {
+    if !kvm_available("page_contents_after_conversions_follow_the_memory_layout") {
+        return;
+    }
+    // docs/design.md, "Backing layouts": in-place keeps a page's contents
+    // across a round trip; split punches the shared side on to-private, so
+    // a page that comes back to shared reads zeros, for the device (through
+    // its mapping) and for the guest alike.
+    for (layout, after_round_trip) in [("split", 0x00), ("in-place", 0x5a)] {
+        let dir = TempDir::new("pcilayout");
+        let device = TestDevice::spawn(&dir, "dev0");
+        let ops = [
+            format!("shared@{A:#x}+8K"),
+            format!("write@{A:#x}+8K=0x5a"),
+            format!("dma-read@{A:#x}+8K=0x5a"),
+            format!("private@{A:#x}+4K"),
+            // Private: out of the device's reach.
+            format!("dma-read@{A:#x}+4K=0x5a"),
+            format!("shared@{A:#x}+4K"),
+            format!("dma-read@{A:#x}+4K={after_round_trip:#x}"),
+            format!("check@{A:#x}+4K={after_round_trip:#x}"),
+            // The neighbour never left the shared state: untouched.
+            format!("dma-read@{:#x}+4K=0x5a", A + 0x1000),
+            format!("check@{:#x}+4K=0x5a", A + 0x1000),
+        ];
+        let guest = memconv_guest(&dir, &[&ops.join(",")], true);
+        let memory = format!("size=256M,guest_memfd=on,layout={layout}");
+        let user_device = format!("socket={},id=dev0", device.socket.display());
+        let mut vmm = GuestVmm::spawn(
+            &guest,
+            &["--memory", &memory, "--user-device", &user_device, "-v"],
+        );
+        vmm.wait_for_line("memconv: done");
+        assert_eq!(
+            vmm.op_statuses(),
+            ["ok", "ok", "ok", "ok", "dma-fault", "ok", "ok", "ok", "ok", "ok"],
+            "{layout}: {:#?}",
+            vmm.console()
+        );
+        assert!(vmm.wait_exit(std::time::Duration::from_secs(10)).success());
+        let backing = if layout == "split" {
+            "guest_memfd+memfd"
+        } else {
+            "guest_memfd"
+        };
+        assert!(
+            vmm.stderr().contains(&format!("backed by {backing}\n")),
+            "{layout}: {}",
+            vmm.stderr()
+        );
+    }
+}

@@ -350,9 +350,14 @@ mod tests {
             // An implicit conversion: the guest touched page 1 as private
             // (the mapping splits in two).
             ScriptedExit::MemoryFault(conversion(base + PAGE, PAGE, false)),
-            // Refused: unaligned, beyond RAM, and by the device's limit.
-            ScriptedExit::MapGpaRange(conversion(base + 1, PAGE, true)),
+            // Beyond RAM (MMIO, holes): to-shared is accepted with nothing
+            // to change, as firmware expects; to-private is refused.
             ScriptedExit::MapGpaRange(conversion(RAM, PAGE, true)),
+            ScriptedExit::MapGpaRange(conversion(RAM, PAGE, false)),
+            // Refused: unaligned, half RAM half hole, and by the device's
+            // limit.
+            ScriptedExit::MapGpaRange(conversion(base + 1, PAGE, true)),
+            ScriptedExit::MapGpaRange(conversion(RAM - PAGE, 2 * PAGE, true)),
             ScriptedExit::MapGpaRange(conversion(base + 8 * PAGE, PAGE, true)),
             // Accepted again: page 0 back to private.
             ScriptedExit::MapGpaRange(conversion(base, PAGE, false)),
@@ -360,7 +365,15 @@ mod tests {
         run(0, Box::new(vcpu), &rig.ctx);
         assert_eq!(
             *results.lock().unwrap(),
-            [0, HYPERCALL_EINVAL, HYPERCALL_EINVAL, HYPERCALL_EINVAL, 0],
+            [
+                0,
+                0,
+                HYPERCALL_EINVAL,
+                HYPERCALL_EINVAL,
+                HYPERCALL_EINVAL,
+                HYPERCALL_EINVAL,
+                0
+            ],
             "the guest's RAX after each hypercall"
         );
         assert!(matches!(
@@ -376,8 +389,9 @@ mod tests {
         let totals = rig.memory.conversion_totals();
         assert_eq!(
             (totals.to_shared, totals.to_private, totals.failed),
-            (1, 2, 3)
+            (1, 2, 4)
         );
+        assert_eq!(rig.memory.unbacked_to_shared(), 1);
     }
 
     #[test]

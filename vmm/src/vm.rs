@@ -408,6 +408,10 @@ impl Vm {
         let totals = self.memory.conversion_totals();
         let mut memory = conversion_counters(&totals);
         memory.insert("events_dropped".into(), self.monitor.dropped().into());
+        memory.insert(
+            "unbacked_to_shared".into(),
+            self.memory.unbacked_to_shared().into(),
+        );
         groups.insert("memory".into(), memory.into());
         for (index, region) in self.memory.regions().iter().enumerate() {
             if let Some(attrs) = &region.attributes {

@@ -14,6 +14,7 @@
 //! what gets mapped is the shared view, which never held private data.
 
 use std::sync::MutexGuard;
+use std::sync::atomic::Ordering;
 
 use smallvec::SmallVec;
 
@@ -98,9 +99,24 @@ impl MemoryManager {
             direction,
         } = request;
         let to_shared = direction == ConversionDirection::ToShared;
-        let routes = self
-            .route(gpa, size)
-            .inspect_err(|_| self.record_rejected())?;
+        let routes = match self.route(gpa, size) {
+            Ok(routes) => routes,
+            // Confidential guests' firmware makes MMIO (the 32-bit PCI hole,
+            // the IOAPIC page) shared before using it; there is nothing to
+            // track there, and refusing would stop the boot. Making such a
+            // page private cannot be honoured, so that stays an error.
+            Err(ConversionFailure::OutOfRange { .. })
+                if to_shared && !self.overlaps_ram(gpa, gpa + size) =>
+            {
+                self.unbacked_to_shared.fetch_add(1, Ordering::Relaxed);
+                debug!("to-shared of {gpa:#x}+{size:#x} outside RAM: nothing to convert");
+                return Ok(ConversionOutcome { changed_pages: 0 });
+            }
+            Err(e) => {
+                self.record_rejected();
+                return Err(e);
+            }
+        };
 
         let mut pieces: SmallVec<[Piece<'_>; INLINE_PIECES]> = SmallVec::new();
         for (region, offset, size) in routes {

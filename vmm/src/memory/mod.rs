@@ -80,6 +80,9 @@ pub struct MemoryManager {
     guest_memory: GuestMemoryMmap,
     /// Requests refused before reaching a region (invalid or outside RAM).
     rejected: AtomicU64,
+    /// To-shared requests for GPAs no RAM backs (MMIO, holes), accepted
+    /// with nothing changed.
+    unbacked_to_shared: AtomicU64,
 }
 
 /// Splits `size` bytes of RAM around the MMIO hole.
@@ -161,6 +164,7 @@ impl MemoryManager {
             regions,
             guest_memory,
             rejected: AtomicU64::new(0),
+            unbacked_to_shared: AtomicU64::new(0),
         })
     }
 
@@ -196,6 +200,18 @@ impl MemoryManager {
 
     fn record_rejected(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// To-shared requests accepted for GPAs without RAM (MMIO, holes).
+    pub fn unbacked_to_shared(&self) -> u64 {
+        self.unbacked_to_shared.load(Ordering::Relaxed)
+    }
+
+    /// Whether any byte of `gpa..end` is RAM (guest_memfd or not).
+    fn overlaps_ram(&self, gpa: u64, end: u64) -> bool {
+        self.regions
+            .iter()
+            .any(|r| gpa < r.gpa + r.size && r.gpa < end)
     }
 
     /// Conversion counters of all regions, plus refused requests that
