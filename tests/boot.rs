@@ -262,3 +262,59 @@ fn platform_selects_the_vm_type_or_says_what_the_host_offers() {
     assert_eq!(info["memory_attributes"], false);
     assert_eq!(info["config"]["platform"]["num_pci_segments"], 1);
 }
+
+/// VFIO through the type1 container or iommufd (`--platform iommufd=on`,
+/// or per device): this machine has neither, so each choice must end in an
+/// error naming the node it lacks and the other choice, at boot and at
+/// hot-plug, with the VMM still serving after the hot-plug refusal.
+#[test]
+fn vfio_devices_name_the_kernel_interface_this_host_lacks() {
+    if !kvm_available("vfio_devices_name_the_kernel_interface_this_host_lacks") {
+        return;
+    }
+    let dir = TempDir::new("vfio");
+    let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], true);
+    let g = guest.to_str().unwrap();
+    let path = "path=/sys/bus/pci/devices/0000:00:01.0/";
+    let iommufd = format!("{path},iommufd=on");
+    let type1 = format!("{path},iommufd=off");
+    let cases: &[(&[&str], &str, &str)] = &[
+        (&["--device", path], "/dev/vfio/vfio", "iommufd=on"),
+        (&["--device", &iommufd], "/dev/iommu", "iommufd=off"),
+        (
+            &["--platform", "iommufd=on", "--device", path],
+            "/dev/iommu",
+            "iommufd=off",
+        ),
+        (
+            &["--platform", "iommufd=on", "--device", &type1],
+            "/dev/vfio/vfio",
+            "iommufd=on",
+        ),
+    ];
+    for (extra, missing, hint) in cases {
+        let mut args = vec!["--kernel", g, "--memory", "size=64M,guest_memfd=on"];
+        args.extend_from_slice(extra);
+        let (status, _, stderr) = run_vmm(&args);
+        assert!(!status.success(), "{extra:?} must fail");
+        assert_ne!(status.code(), Some(101), "{extra:?} panicked:\n{stderr}");
+        assert!(
+            stderr.contains(missing) && stderr.contains(hint),
+            "{extra:?}: expected {missing:?} and {hint:?} in:\n{stderr}"
+        );
+    }
+
+    let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], false);
+    let (mut vmm, api) = spawn_with_api(&dir, &guest, &["--platform", "iommufd=on"]);
+    wait_for_socket(&api);
+    vmm.wait_for_line("memconv: done");
+    let (ok, _, err) = ch_remote(&api, &["add-device", path]);
+    assert!(!ok);
+    assert!(err.contains("/dev/iommu"), "{err}");
+    let (ok, info, err) = ch_remote(&api, &["info"]);
+    assert!(ok, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["devices"], serde_json::json!([]));
+    assert_eq!(info["config"]["platform"]["iommufd"], true);
+    assert!(vmm.is_running());
+}

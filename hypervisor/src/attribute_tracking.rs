@@ -157,6 +157,10 @@ impl Vm for AttributeTrackingVm {
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>> {
         self.inner.create_vcpu(id)
     }
+
+    fn create_vfio_device(&self) -> Result<OwnedFd> {
+        self.inner.create_vfio_device()
+    }
 }
 
 #[cfg(test)]

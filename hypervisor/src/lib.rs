@@ -78,6 +78,8 @@ pub enum HypervisorError {
     NoIrqchip,
     #[error("cannot set the GSI routing table ({0} routes)")]
     GsiRouting(usize, #[source] std::io::Error),
+    #[error("cannot create the KVM-VFIO device")]
+    CreateVfioDevice(#[source] std::io::Error),
     #[error("cannot {action} irqfd for GSI {gsi}")]
     Irqfd {
         action: &'static str,
@@ -135,6 +137,10 @@ pub trait Vm: Send + Sync {
     /// Makes a write to `fd` inject GSI `gsi` without leaving the kernel.
     fn register_irqfd(&self, fd: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()>;
     fn unregister_irqfd(&self, fd: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()>;
+    /// Creates the VM's KVM-VFIO pseudo device: VFIO groups and device
+    /// cdevs added to it let KVM see that a device can do non-coherent DMA
+    /// (no-snoop) and must then honour the guest's cache flushes.
+    fn create_vfio_device(&self) -> Result<OwnedFd>;
 }
 
 pub trait Vcpu: Send {

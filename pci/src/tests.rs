@@ -30,6 +30,8 @@ struct FakeState {
     config_writes: Vec<(u64, Vec<u8>)>,
     /// A device that keeps no command register of its own.
     drops_command: bool,
+    /// BARs whose areas the VMM asked to mmap.
+    mapped_regions: Vec<u32>,
 }
 
 struct FakeFunction(Mutex<FakeState>);
@@ -140,6 +142,7 @@ impl VfioOps for FakeFunction {
     /// BAR0's first page holds the MSI-X table (so it must stay trapped);
     /// BAR2 has one mappable page at 0x2000.
     fn map_region_areas(&self, index: u32) -> Result<Vec<DirectArea>, VfioOpsError> {
+        self.state().mapped_regions.push(index);
         Ok(match index {
             0 => vec![DirectArea {
                 offset: 0,
@@ -441,6 +444,18 @@ fn all_32_slots_fill_and_the_next_add_is_refused() {
     assert_eq!(
         bus.add(Arc::new(f)).unwrap_err(),
         crate::PciBusError::NoFreeSlot
+    );
+}
+
+#[test]
+fn bars_the_user_excludes_are_never_mmapped() {
+    let fake = FakeFunction::new(false);
+    let function = VfioPciDevice::with_trapped_bars(fake.clone(), |_| None, &[2]).unwrap();
+    assert!(function.direct_areas(2).is_empty());
+    assert_eq!(
+        fake.state().mapped_regions,
+        [0],
+        "BAR2 was not even mmapped by the VMM; BAR0 was asked for"
     );
 }
 

@@ -86,6 +86,17 @@ impl VfioPciDevice {
         ops: Arc<dyn VfioOps>,
         vectors: impl FnOnce(u16) -> Option<Arc<dyn MsiVectors>>,
     ) -> Result<Self, VfioPciError> {
+        Self::with_trapped_bars(ops, vectors, &[])
+    }
+
+    /// As `new`, but the BARs in `trapped` are never mmapped: every guest
+    /// access to them goes through the VMM (Cloud Hypervisor's
+    /// `x_exclude_mmap_bars`, for devices whose mapped BARs misbehave).
+    pub fn with_trapped_bars(
+        ops: Arc<dyn VfioOps>,
+        vectors: impl FnOnce(u16) -> Option<Arc<dyn MsiVectors>>,
+        trapped: &[usize],
+    ) -> Result<Self, VfioPciError> {
         if let Err(e) = ops.reset() {
             // Resetting is optional for a device (vfio-user servers may
             // refuse it); the VMM emulates the state that matters anyway.
@@ -151,7 +162,7 @@ impl VfioPciDevice {
             None => None,
         };
         let mut direct = Vec::new();
-        for (index, _) in bars.iter() {
+        for (index, _) in bars.iter().filter(|(i, _)| !trapped.contains(i)) {
             let areas = ops.map_region_areas(index as u32).unwrap_or_else(|e| {
                 warn!("BAR {index} stays trapped: {e}");
                 Vec::new()

@@ -1,8 +1,11 @@
 //! An IOMMU domain in memory that enforces the rules of VFIO type1 and
 //! iommufd, for tests on hosts without VFIO: no overlapping maps, an unmap
 //! must cover whole mappings (it may not cut one), and at most `limit`
-//! mappings exist at a time (type1's `dma_entry_limit`). A broken rule is
-//! refused with the kernel's errno and counted as a violation.
+//! mappings exist at a time (type1's `dma_entry_limit`; `None` for an
+//! iommufd IOAS, which counts pinned pages against RLIMIT_MEMLOCK instead
+//! of counting entries). A broken rule is refused with type1's errno
+//! (iommufd answers a cut with ENOENT; callers only see a refusal) and
+//! counted as a violation.
 
 use std::collections::BTreeMap;
 use std::io::{Error, ErrorKind};

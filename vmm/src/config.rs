@@ -385,7 +385,7 @@ pub struct DeviceConfig {
     pub pci_segment: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_device_id: Option<u8>,
-    /// Accepted and without effect: no BAR is mapped into the guest.
+    /// BARs that stay trapped (never mmapped into the guest).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub x_exclude_mmap_bars: Vec<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -395,10 +395,14 @@ pub struct DeviceConfig {
     /// How DMA mappings cover the shared pages (ours; default `runs`).
     #[serde(default)]
     pub mapping: MappingPolicy,
+    /// iommufd (on) or the type1 container (off) for this device (ours;
+    /// default: `--platform iommufd=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommufd: Option<bool>,
 }
 
 impl DeviceConfig {
-    pub const SYNTAX: &'static str = "path=/sys/bus/pci/devices/BDF/[,id=ID][,mapping=runs|pages][,iommu=off][,pci_segment=0][,pci_device_id=N]";
+    pub const SYNTAX: &'static str = "path=/sys/bus/pci/devices/BDF/[,id=ID][,mapping=runs|pages][,iommufd=on|off][,iommu=off][,pci_segment=0][,pci_device_id=N]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse(
@@ -408,13 +412,19 @@ impl DeviceConfig {
                 "path",
                 "id",
                 "mapping",
+                "iommufd",
                 "iommu",
                 "pci_segment",
                 "pci_device_id",
             ],
         )?;
         let (iommu, pci_segment) = parse_pci_common(&p)?;
+        let iommufd = match p.get("iommufd") {
+            Some(_) => Some(p.toggle("iommufd", false)?),
+            None => None,
+        };
         let config = DeviceConfig {
+            iommufd,
             path: p
                 .get("path")
                 .map(PathBuf::from)
@@ -436,6 +446,14 @@ impl DeviceConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_path("--device", "path", &self.path)?;
         check_pci_common("--device", self.iommu, self.pci_segment, self.pci_device_id)?;
+        if let Some(bar) = self.x_exclude_mmap_bars.iter().find(|&&bar| bar > 5) {
+            return Err(ConfigError::Invalid {
+                option: "--device",
+                key: "x_exclude_mmap_bars",
+                value: bar.to_string(),
+                why: "a PCI function has BARs 0 to 5",
+            });
+        }
         if let Some(clique) = self.x_nv_gpudirect_clique {
             return Err(ConfigError::Invalid {
                 option: "--device",
@@ -566,18 +584,24 @@ pub struct PlatformConfig {
     #[serde(skip_serializing_if = "is_false")]
     pub sw_protected: bool,
     pub num_pci_segments: u16,
+    /// VFIO devices map DMA through iommufd rather than the type1
+    /// container, unless a device says otherwise.
+    #[serde(skip_serializing_if = "is_false")]
+    pub iommufd: bool,
 }
 
 impl PlatformConfig {
-    pub const SYNTAX: &'static str = "[tdx=on|sev_snp=on|sw_protected=on][,num_pci_segments=1]";
+    pub const SYNTAX: &'static str =
+        "[tdx=on|sev_snp=on|sw_protected=on][,iommufd=on|off][,num_pci_segments=1]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse(
             "--platform",
             text,
-            &["tdx", "sev_snp", "sw_protected", "num_pci_segments"],
+            &["tdx", "sev_snp", "sw_protected", "iommufd", "num_pci_segments"],
         )?;
         let config = PlatformConfig {
+            iommufd: p.toggle("iommufd", false)?,
             tdx: p.toggle("tdx", false)?,
             sev_snp: p.toggle("sev_snp", false)?,
             sw_protected: p.toggle("sw_protected", false)?,
@@ -732,6 +756,38 @@ mod tests {
             UserDeviceConfig::parse("socket=/s,pci_segment=x"),
             Err(ConfigError::Invalid {
                 key: "pci_segment",
+                ..
+            })
+        ));
+        // The VFIO backend: the platform's default, a device's own choice.
+        assert!(!PlatformConfig::parse("").unwrap().iommufd);
+        assert!(PlatformConfig::parse("iommufd=on").unwrap().iommufd);
+        assert_eq!(DeviceConfig::parse("path=/x").unwrap().iommufd, None);
+        assert_eq!(
+            DeviceConfig::parse("path=/x,iommufd=on").unwrap().iommufd,
+            Some(true)
+        );
+        assert_eq!(
+            DeviceConfig::parse("path=/x,iommufd=off").unwrap().iommufd,
+            Some(false)
+        );
+        assert!(matches!(
+            DeviceConfig::parse("path=/x,iommufd=maybe"),
+            Err(ConfigError::Invalid { key: "iommufd", .. })
+        ));
+        let excluded = |bars: Vec<u64>| {
+            DeviceConfig {
+                path: "/x".into(),
+                x_exclude_mmap_bars: bars,
+                ..Default::default()
+            }
+            .validate()
+        };
+        assert!(excluded(vec![0, 5]).is_ok());
+        assert!(matches!(
+            excluded(vec![6]),
+            Err(ConfigError::Invalid {
+                key: "x_exclude_mmap_bars",
                 ..
             })
         ));

@@ -18,7 +18,7 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule,
 };
-use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 /// How filters are enforced (`--seccomp true|false|log`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -142,6 +142,37 @@ fn vfio_ioctl(request: u32) -> u64 {
     u64::from((VFIO_TYPE << 8) | (VFIO_BASE + request))
 }
 
+// A VFIO device's cdev joins an iommufd and its IOAS.
+const VFIO_DEVICE_BIND_IOMMUFD: u32 = 18;
+const VFIO_DEVICE_ATTACH_IOMMUFD_PT: u32 = 19;
+const VFIO_DEVICE_DETACH_IOMMUFD_PT: u32 = 20;
+
+/// iommufd requests are `_IO(';', 0x80 + n)`.
+const IOMMUFD_BASE: u32 = 0x80;
+const IOMMU_DESTROY: u32 = 0;
+const IOMMU_IOAS_ALLOC: u32 = 1;
+const IOMMU_IOAS_MAP: u32 = 5;
+const IOMMU_IOAS_UNMAP: u32 = 6;
+
+fn iommufd_ioctl(request: u32) -> u64 {
+    u64::from((VFIO_TYPE << 8) | (IOMMUFD_BASE + request))
+}
+
+// The VM's KVM-VFIO device: created with the first VFIO device, which
+// then adds its group or cdev to it.
+ioctl_iowr_nr!(
+    KVM_CREATE_DEVICE,
+    KVMIO,
+    0xe0,
+    kvm_bindings::kvm_create_device
+);
+ioctl_iow_nr!(
+    KVM_SET_DEVICE_ATTR,
+    KVMIO,
+    0xe1,
+    kvm_bindings::kvm_device_attr
+);
+
 type Rules = Vec<(c_long, Vec<SeccompRule>)>;
 
 /// Syscalls allowed whatever their arguments.
@@ -239,6 +270,8 @@ fn vcpu_rules() -> Result<Rules, seccompiler::BackendError> {
         u64::from(KVM_SET_USER_MEMORY_REGION() as u32),
         vfio_ioctl(VFIO_IOMMU_MAP_DMA),
         vfio_ioctl(VFIO_IOMMU_UNMAP_DMA),
+        iommufd_ioctl(IOMMU_IOAS_MAP),
+        iommufd_ioctl(IOMMU_IOAS_UNMAP),
         // A guest enabling or disabling a VFIO function's MSI-X.
         vfio_ioctl(VFIO_DEVICE_SET_IRQS),
     ];
@@ -272,10 +305,24 @@ fn vmm_rules() -> Result<Rules, seccompiler::BackendError> {
         VFIO_IOMMU_MAP_DMA,
         VFIO_IOMMU_UNMAP_DMA,
         VFIO_DEVICE_FEATURE,
+        VFIO_DEVICE_BIND_IOMMUFD,
+        VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+        VFIO_DEVICE_DETACH_IOMMUFD_PT,
     ]
     .into_iter()
     .map(vfio_ioctl)
+    .chain(
+        [
+            IOMMU_DESTROY,
+            IOMMU_IOAS_ALLOC,
+            IOMMU_IOAS_MAP,
+            IOMMU_IOAS_UNMAP,
+        ]
+        .map(iommufd_ioctl),
+    )
     .chain([
+        u64::from(KVM_CREATE_DEVICE() as u32),
+        u64::from(KVM_SET_DEVICE_ATTR() as u32),
         u64::from(KVM_SET_GSI_ROUTING() as u32),
         u64::from(KVM_IRQFD() as u32),
         u64::from(KVM_SET_USER_MEMORY_REGION() as u32),
@@ -529,7 +576,7 @@ mod tests {
         assert!(vmm[&libc::SYS_openat].is_empty());
         let vcpu = rules_for(Thread::Vcpu).unwrap();
         assert_eq!(vcpu[&libc::SYS_openat].len(), 1);
-        assert_eq!(vcpu[&libc::SYS_ioctl].len(), 8);
+        assert_eq!(vcpu[&libc::SYS_ioctl].len(), 10);
     }
 
     /// Runs `body` in a thread under `thread`'s filter with a SIGSYS-free
@@ -632,6 +679,27 @@ mod tests {
             errno_of_syscall_under(Thread::SignalHandler, ioctl),
             libc::EPERM
         );
+    }
+
+    #[test]
+    fn the_vmm_thread_may_create_the_kvm_vfio_device() {
+        use hypervisor::Hypervisor;
+        let Some(hv) = crate::test_util::kvm() else {
+            return;
+        };
+        let vm = hv.create_vm(hypervisor::VmType::Default).unwrap();
+        let create_under = |thread| {
+            let vm = vm.clone();
+            errno_of_syscall_under(thread, move || match vm.create_vfio_device() {
+                Ok(_) => 0,
+                Err(e) => std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<std::io::Error>())
+                    .and_then(std::io::Error::raw_os_error)
+                    .unwrap_or(-1),
+            })
+        };
+        assert_eq!(create_under(Thread::Vmm), 0);
+        assert_eq!(create_under(Thread::Vcpu), libc::EPERM);
     }
 
     const VIOLATION_CHILD: &str = "CH_SECCOMP_VIOLATION_CHILD";

@@ -254,11 +254,10 @@ impl Vm {
                 .map_err(VmError::VcpuSetup)?;
             created.push(vcpu);
         }
-        let devices = Arc::new(DeviceManager::new(
-            memory.clone(),
-            monitor.clone(),
-            Some(pci),
-        ));
+        let devices = Arc::new(
+            DeviceManager::new(memory.clone(), monitor.clone(), Some(pci))
+                .with_vfio_platform(hv_vm.clone(), config.platform.iommufd),
+        );
         let mut vm = Vm {
             config,
             memory,

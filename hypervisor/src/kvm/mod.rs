@@ -1,12 +1,12 @@
 //! KVM implementation of the hypervisor traits (kvm-ioctls / kvm-bindings).
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use kvm_bindings::{
     CpuId, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_MEM_GUEST_MEMFD,
     KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MP_STATE_RUNNABLE, KvmIrqRouting, kvm_create_guest_memfd,
-    kvm_enable_cap, kvm_irq_routing_entry, kvm_irq_routing_msi, kvm_memory_attributes,
+    kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_enable_cap, kvm_irq_routing_entry, kvm_irq_routing_msi, kvm_memory_attributes,
     kvm_mp_state, kvm_userspace_memory_region, kvm_userspace_memory_region2,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -222,6 +222,23 @@ impl Vm for KvmVm {
 
     fn has_irqchip(&self) -> bool {
         self.irqchip
+    }
+
+    fn create_vfio_device(&self) -> Result<OwnedFd> {
+        let mut request = kvm_create_device {
+            type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
+            fd: 0,
+            flags: 0,
+        };
+        let device = self
+            .fd
+            .create_device(&mut request)
+            .map_err(|e| HypervisorError::CreateVfioDevice(io_err(e)))?;
+        // SAFETY: the fd belongs to `device`, which is alive for this call;
+        // the clone is a new descriptor of our own.
+        unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) }
+            .try_clone_to_owned()
+            .map_err(HypervisorError::CreateVfioDevice)
     }
 
     fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {

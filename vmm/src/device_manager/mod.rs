@@ -3,8 +3,9 @@
 //! exactly the shared pages and follows every conversion. RAM that is not
 //! guest_memfd is mapped whole at attach.
 //!
-//! Devices are attached for DMA only: this VMM has no PCI bus yet, so their
-//! BARs, config space and interrupts are not exposed to the guest.
+//! A device that is a PCI function is also plugged into segment 0, where
+//! the guest finds and drives it; a vfio-user server that is not one is a
+//! DMA target only.
 //!
 //! Every method takes `&self` and holds the device list's lock only for
 //! list updates, never across device I/O: hot-plug runs on its own thread
@@ -47,6 +48,8 @@ pub enum DeviceError {
     NotFound(String),
     #[error("cannot attach VFIO device")]
     Vfio(#[source] vfio::VfioAttachError),
+    #[error("cannot create the VM's KVM-VFIO device")]
+    NoKvmVfio(#[source] Option<hypervisor::HypervisorError>),
     #[error("cannot talk to the vfio-user server")]
     VfioUser(#[source] VfioUserError),
     #[error("vfio-user needs file-backed guest RAM (use a guest_memfd VM)")]
@@ -310,6 +313,37 @@ pub struct DeviceManager {
     list: Mutex<DeviceList>,
     /// Segment 0; without one (unit tests) devices are DMA targets only.
     pci: Option<Arc<PciSegment>>,
+    vfio: VfioPlatform,
+}
+
+/// What VFIO devices share: the VM's KVM-VFIO device (created with the
+/// first VFIO device) and the backend a device gets unless it names one.
+#[derive(Default)]
+struct VfioPlatform {
+    vm: Option<Arc<dyn hypervisor::Vm>>,
+    iommufd_by_default: bool,
+    kvm_vfio: Mutex<Option<Arc<vfio_ioctls::VfioDeviceFd>>>,
+}
+
+impl VfioPlatform {
+    /// The VM's KVM-VFIO device, created on first use.
+    fn kvm_vfio(&self) -> Result<Arc<vfio_ioctls::VfioDeviceFd>, DeviceError> {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        let mut handle = self.kvm_vfio.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(device) = handle.as_ref() {
+            return Ok(device.clone());
+        }
+        let vm = self.vm.as_ref().ok_or(DeviceError::NoKvmVfio(None))?;
+        let fd = vm
+            .create_vfio_device()
+            .map_err(|e| DeviceError::NoKvmVfio(Some(e)))?;
+        // SAFETY: `fd` is a KVM device fd whose ownership moves into the
+        // DeviceFd.
+        let device = unsafe { kvm_ioctls::DeviceFd::from_raw_fd(fd.into_raw_fd()) };
+        let device = Arc::new(vfio_ioctls::VfioDeviceFd::new_from_kvm(device));
+        *handle = Some(device.clone());
+        Ok(device)
+    }
 }
 
 impl DeviceManager {
@@ -324,6 +358,24 @@ impl DeviceManager {
             monitor,
             list: Mutex::new(DeviceList::default()),
             pci,
+            vfio: VfioPlatform::default(),
+        }
+    }
+
+    /// VFIO devices join `vm`'s KVM-VFIO device, and use iommufd unless
+    /// they say otherwise when `iommufd_by_default` (`--platform iommufd=on`).
+    pub fn with_vfio_platform(mut self, vm: Arc<dyn hypervisor::Vm>, iommufd_by_default: bool) -> Self {
+        self.vfio.vm = Some(vm);
+        self.vfio.iommufd_by_default = iommufd_by_default;
+        self
+    }
+
+    /// The backend `config` asks for, or the platform's default.
+    pub fn vfio_backend(&self, config: &DeviceConfig) -> vfio::VfioBackend {
+        if config.iommufd.unwrap_or(self.vfio.iommufd_by_default) {
+            vfio::VfioBackend::Iommufd
+        } else {
+            vfio::VfioBackend::Type1
         }
     }
 
@@ -334,14 +386,29 @@ impl DeviceManager {
 
     pub fn add_vfio(&self, config: &DeviceConfig) -> Result<DeviceInfo, DeviceError> {
         let id = self.claim_id(config.id.as_deref(), DeviceKind::Vfio)?;
-        let result = vfio::VfioDma::open(&config.path, self.ram.clone())
-            .map_err(DeviceError::Vfio)
+        let backend = self.vfio_backend(config);
+        let result = self
+            .vfio
+            .kvm_vfio()
+            .and_then(|kvm_vfio| {
+                vfio::VfioDma::open(&config.path, self.ram.clone(), backend, kvm_vfio)
+                    .map_err(DeviceError::Vfio)
+            })
             .and_then(|dma| {
                 let dma = Arc::new(dma);
+                let trapped: Vec<usize> = config
+                    .x_exclude_mmap_bars
+                    .iter()
+                    .map(|&bar| bar as usize)
+                    .collect();
                 let function = match &self.pci {
                     Some(segment) => Some(Arc::new(
-                        VfioPciDevice::new(dma.clone(), |n| segment.msi_vectors(n))
-                            .map_err(DeviceError::PciFunction)?,
+                        VfioPciDevice::with_trapped_bars(
+                            dma.clone(),
+                            |n| segment.msi_vectors(n),
+                            &trapped,
+                        )
+                        .map_err(DeviceError::PciFunction)?,
                     )),
                     None => None,
                 };
@@ -350,7 +417,7 @@ impl DeviceManager {
                         id: id.clone(),
                         kind: DeviceKind::Vfio,
                         path: config.path.clone(),
-                        entry_limit: Some(vfio::dma_entry_limit()),
+                        entry_limit: backend.entry_limit(),
                         function,
                         device_number: config.pci_device_id,
                         policy: config.mapping,

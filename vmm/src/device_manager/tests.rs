@@ -347,3 +347,94 @@ fn conversions_at_the_first_page_of_each_region() {
     convert(&memory, 0, 4096, false).unwrap();
     assert!(iommu.mappings().is_empty());
 }
+
+#[test]
+fn vfio_devices_get_the_backend_they_ask_for_and_one_shared_kvm_vfio_device() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
+    let device = |iommufd: Option<bool>| DeviceConfig {
+        path: PathBuf::from("/sys/bus/pci/devices/0000:01:00.0/"),
+        iommufd,
+        ..Default::default()
+    };
+    for platform_default in [false, true] {
+        let dm = manager(&memory).with_vfio_platform(vm.clone(), platform_default);
+        let default = if platform_default {
+            vfio::VfioBackend::Iommufd
+        } else {
+            vfio::VfioBackend::Type1
+        };
+        assert_eq!(dm.vfio_backend(&device(None)), default);
+        assert_eq!(
+            dm.vfio_backend(&device(Some(true))),
+            vfio::VfioBackend::Iommufd
+        );
+        assert_eq!(
+            dm.vfio_backend(&device(Some(false))),
+            vfio::VfioBackend::Type1
+        );
+
+        // This host has neither /dev/vfio/vfio nor /dev/iommu: a clear
+        // error naming what is missing and what to try, nothing attached.
+        for (iommufd, missing, hint) in [
+            (false, "/dev/vfio/vfio", "iommufd=on"),
+            (true, "/dev/iommu", "iommufd=off"),
+        ] {
+            let chain = crate::error_chain(&dm.add_vfio(&device(Some(iommufd))).unwrap_err());
+            assert!(chain.contains(missing) && chain.contains(hint), "{chain}");
+        }
+        assert!(dm.list().devices.is_empty());
+        assert_eq!(listener_count(&memory), 0);
+        // The KVM-VFIO device was created by the first attempt and is the
+        // one every later VFIO device joins.
+        let first = dm.vfio.kvm_vfio().unwrap();
+        assert!(Arc::ptr_eq(&first, &dm.vfio.kvm_vfio().unwrap()));
+    }
+    // type1 caps the entries (the kernel's dma_entry_limit); iommufd has no
+    // such cap.
+    assert_eq!(vfio::VfioBackend::Type1.entry_limit(), Some(65535));
+    assert_eq!(vfio::VfioBackend::Iommufd.entry_limit(), None);
+    // Without a VM (unit tests' managers) there is no KVM-VFIO device to
+    // join: refused before anything is opened.
+    let chain = crate::error_chain(&manager(&memory).add_vfio(&device(None)).unwrap_err());
+    assert!(chain.contains("KVM-VFIO"), "{chain}");
+}
+
+#[test]
+fn per_page_mapping_past_type1s_entry_limit_needs_iommufd() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let memory = Arc::new(MemoryManager::new(vm, 512 * MIB, MemoryLayout::Auto).unwrap());
+    let dm = manager(&memory);
+    let attach = |id: &str, backend: vfio::VfioBackend, iommu: &Arc<FakeIommu>| {
+        dm.attach(
+            Attachment {
+                id: id.to_string(),
+                kind: DeviceKind::Vfio,
+                path: PathBuf::from("/fake"),
+                entry_limit: backend.entry_limit(),
+                function: None,
+                device_number: None,
+                policy: MappingPolicy::Pages,
+            },
+            iommu.clone(),
+        )
+    };
+    // 256 MiB shared, one entry per page: 65536 entries.
+    let on_iommufd = Arc::new(FakeIommu::new(vfio::VfioBackend::Iommufd.entry_limit()));
+    attach("iommufd", vfio::VfioBackend::Iommufd, &on_iommufd).unwrap();
+    convert(&memory, 32 * MIB, 256 * MIB, true).unwrap();
+    assert_eq!(on_iommufd.mappings().len(), 65536);
+    assert_eq!(on_iommufd.violations(), 0);
+
+    // The same on type1 would need one entry more than the kernel allows:
+    // the replay is refused and nothing of it stays mapped.
+    let on_type1 = Arc::new(FakeIommu::new(vfio::VfioBackend::Type1.entry_limit()));
+    let chain = crate::error_chain(
+        &attach("type1", vfio::VfioBackend::Type1, &on_type1).unwrap_err(),
+    );
+    assert!(chain.contains("DMA entry limit of 65535"), "{chain}");
+    assert!(on_type1.mappings().is_empty());
+    assert_eq!(on_iommufd.mappings().len(), 65536);
+}

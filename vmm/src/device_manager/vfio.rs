@@ -1,10 +1,15 @@
-//! VFIO devices through the legacy type1 container (vfio-ioctls). The
-//! container's DMA mapping is what follows conversions; the device's
-//! regions and interrupts serve the PCI function model (`pci::VfioOps`).
+//! VFIO devices (vfio-ioctls), through the legacy type1 container
+//! (`/dev/vfio/vfio` + the device's group) or through iommufd
+//! (`/dev/iommu` + the device's cdev `/dev/vfio/devices/vfioN`, one IOAS
+//! per device so every device's mappings follow its own listener). The DMA
+//! mapping is what follows conversions; the device's regions and interrupts
+//! serve the PCI function model (`pci::VfioOps`). Either way the group or
+//! cdev joins the VM's KVM-VFIO device.
 //!
-//! Not exercised on this project's CI machine (no /dev/vfio): the rules the
-//! kernel applies to these calls are enforced by `vm_device::fake_iommu`
-//! (DMA) and by the fake function in `pci/src/tests.rs` (regions, irqs) in
+//! Not exercised on this project's CI machine (no /dev/vfio, no
+//! /dev/iommu): the rules the kernel applies to these calls are enforced by
+//! `vm_device::fake_iommu` (DMA, with type1's entry limit or iommufd's
+//! none) and by the fake function in `pci/src/tests.rs` (regions, irqs) in
 //! the tests instead.
 
 use std::mem::ManuallyDrop;
@@ -14,7 +19,11 @@ use std::sync::Arc;
 
 use log::info;
 use pci::VfioOpsError;
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
+use iommufd_ioctls::IommuFd;
+use serde::Serialize;
+use vfio_ioctls::{
+    VfioContainer, VfioDevice, VfioDeviceFd, VfioIommufd, VfioOps, VfioRegionInfoCap,
+};
 use vm_device::ExternalDmaMapping;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,15 +31,20 @@ use super::guest_ram::GuestRam;
 
 const DMA_ENTRY_LIMIT: &str = "/sys/module/vfio_iommu_type1/parameters/dma_entry_limit";
 const LEGACY_CONTAINER: &str = "/dev/vfio/vfio";
+const IOMMUFD: &str = "/dev/iommu";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VfioAttachError {
-    #[error(
-        "this host has no VFIO container ({LEGACY_CONTAINER}); iommufd-only hosts are not supported yet"
-    )]
+    #[error("this host has no VFIO container ({LEGACY_CONTAINER}); on an iommufd host use iommufd=on")]
     NoVfio,
+    #[error("this host has no iommufd ({IOMMUFD}); use iommufd=off for the type1 container")]
+    NoIommufd,
     #[error("cannot open the VFIO container")]
     Container(#[source] vfio_ioctls::VfioError),
+    #[error("cannot open {IOMMUFD}")]
+    Iommufd(#[source] std::io::Error),
+    #[error("cannot allocate an IOAS")]
+    Ioas(#[source] vfio_ioctls::VfioError),
     #[error("cannot open VFIO device {0}")]
     Device(String, #[source] vfio_ioctls::VfioError),
 }
@@ -50,30 +64,71 @@ fn parse_entry_limit(text: Option<&str>) -> u64 {
         .unwrap_or(DEFAULT_DMA_ENTRY_LIMIT)
 }
 
+/// Which kernel interface maps a VFIO device's DMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VfioBackend {
+    /// The legacy type1 container; at most `dma_entry_limit` mappings.
+    Type1,
+    /// iommufd: no entry limit (pinned pages count against
+    /// RLIMIT_MEMLOCK instead).
+    Iommufd,
+}
+
+impl VfioBackend {
+    /// Most mappings a device on this backend may hold at once.
+    pub fn entry_limit(self) -> Option<u64> {
+        match self {
+            VfioBackend::Type1 => Some(dma_entry_limit()),
+            VfioBackend::Iommufd => None,
+        }
+    }
+}
+
 pub struct VfioDma {
-    container: Arc<VfioContainer>,
+    /// The container or the iommufd IOAS: whichever maps this device's DMA.
+    iommu: Arc<dyn VfioOps>,
     ram: Arc<GuestRam>,
     device: VfioDevice,
     region_maps: super::bar_maps::BarMaps,
 }
 
 impl VfioDma {
-    pub fn open(sysfs_path: &Path, ram: Arc<GuestRam>) -> Result<Self, VfioAttachError> {
-        if !Path::new(LEGACY_CONTAINER).exists() {
-            return Err(VfioAttachError::NoVfio);
-        }
-        // No KVM-VFIO device is handed over: DMA mapping does not need it;
-        // non-coherent DMA (no-snoop) devices would.
-        let container = Arc::new(VfioContainer::new(None).map_err(VfioAttachError::Container)?);
-        let ops: Arc<dyn VfioOps> = container.clone();
-        let device = VfioDevice::new(sysfs_path, ops, false)
+    /// Opens the device at `sysfs_path` on `backend`; its group or cdev
+    /// joins `kvm_vfio`, the VM's KVM-VFIO device.
+    pub fn open(
+        sysfs_path: &Path,
+        ram: Arc<GuestRam>,
+        backend: VfioBackend,
+        kvm_vfio: Arc<VfioDeviceFd>,
+    ) -> Result<Self, VfioAttachError> {
+        let iommu: Arc<dyn VfioOps> = match backend {
+            VfioBackend::Type1 => {
+                if !Path::new(LEGACY_CONTAINER).exists() {
+                    return Err(VfioAttachError::NoVfio);
+                }
+                Arc::new(VfioContainer::new(Some(kvm_vfio)).map_err(VfioAttachError::Container)?)
+            }
+            VfioBackend::Iommufd => {
+                if !Path::new(IOMMUFD).exists() {
+                    return Err(VfioAttachError::NoIommufd);
+                }
+                let iommufd = IommuFd::new()
+                    .map_err(|e| VfioAttachError::Iommufd(std::io::Error::other(e)))?;
+                Arc::new(
+                    VfioIommufd::new(Arc::new(iommufd), None, Some(kvm_vfio))
+                        .map_err(VfioAttachError::Ioas)?,
+                )
+            }
+        };
+        let device = VfioDevice::new(sysfs_path, iommu.clone(), backend == VfioBackend::Iommufd)
             .map_err(|e| VfioAttachError::Device(sysfs_path.display().to_string(), e))?;
         info!(
-            "VFIO device {} attached to a type1 container",
+            "VFIO device {} attached through {backend:?}",
             sysfs_path.display()
         );
         Ok(VfioDma {
-            container,
+            iommu,
             ram,
             device,
             region_maps: Default::default(),
@@ -184,18 +239,15 @@ impl ExternalDmaMapping for VfioDma {
             .host_address(gpa, size)
             .map_err(std::io::Error::other)?;
         // SAFETY: `host..host+size` is guest RAM mapped for the life of the
-        // VM, which outlives this container; the VMM never holds Rust
+        // VM, which outlives this mapping; the VMM never holds Rust
         // references into guest RAM (it goes through vm-memory's volatile
         // accessors), and the range is unmapped before the RAM goes away.
-        unsafe {
-            self.container
-                .vfio_dma_map(iova, size as usize, host as *mut u8)
-        }
+        unsafe { self.iommu.vfio_dma_map(iova, size as usize, host as *mut u8) }
         .map_err(std::io::Error::other)
     }
 
     fn unmap(&self, iova: u64, size: u64) -> std::io::Result<()> {
-        self.container
+        self.iommu
             .vfio_dma_unmap(iova, size as usize)
             .map_err(std::io::Error::other)
     }
