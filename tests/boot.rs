@@ -57,10 +57,10 @@ fn bad_conversions_get_an_error_status_and_the_vmm_keeps_running() {
         "private@0xfec00000+4K",        // the IOAPIC page: cannot be private
         // Firmware of confidential guests makes MMIO shared before use:
         // accepted, nothing to track.
-        "shared@0x40000000+4K",         // beyond RAM
-        "shared@0xd0000000+64K",        // the 32-bit MMIO hole
-        "shared@0xfec00000+4K",         // the IOAPIC page
-        "shared@0x1ff000+8K",           // ok: below 16 MiB is still RAM
+        "shared@0x40000000+4K",  // beyond RAM
+        "shared@0xd0000000+64K", // the 32-bit MMIO hole
+        "shared@0xfec00000+4K",  // the IOAPIC page
+        "shared@0x1ff000+8K",    // ok: below 16 MiB is still RAM
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
     let mut vmm = GuestVmm::spawn(&guest, &["--memory", "size=512M,guest_memfd=on"]);

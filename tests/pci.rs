@@ -444,7 +444,18 @@ fn page_contents_after_conversions_follow_the_memory_layout() {
         vmm.wait_for_line("memconv: done");
         assert_eq!(
             vmm.op_statuses(),
-            ["ok", "ok", "ok", "ok", "dma-fault", "ok", "ok", "ok", "ok", "ok"],
+            [
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "dma-fault",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ok"
+            ],
             "{layout}: {:#?}",
             vmm.console()
         );

@@ -598,7 +598,13 @@ impl PlatformConfig {
         let p = OptionParser::parse(
             "--platform",
             text,
-            &["tdx", "sev_snp", "sw_protected", "iommufd", "num_pci_segments"],
+            &[
+                "tdx",
+                "sev_snp",
+                "sw_protected",
+                "iommufd",
+                "num_pci_segments",
+            ],
         )?;
         let config = PlatformConfig {
             iommufd: p.toggle("iommufd", false)?,

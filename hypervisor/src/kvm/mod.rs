@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use kvm_bindings::{
     CpuId, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_MEM_GUEST_MEMFD,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MP_STATE_RUNNABLE, KvmIrqRouting, kvm_create_guest_memfd,
-    kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_enable_cap, kvm_irq_routing_entry, kvm_irq_routing_msi, kvm_memory_attributes,
-    kvm_mp_state, kvm_userspace_memory_region, kvm_userspace_memory_region2,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MP_STATE_RUNNABLE, KvmIrqRouting, kvm_create_device,
+    kvm_create_guest_memfd, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_enable_cap,
+    kvm_irq_routing_entry, kvm_irq_routing_msi, kvm_memory_attributes, kvm_mp_state,
+    kvm_userspace_memory_region, kvm_userspace_memory_region2,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use log::{debug, warn};

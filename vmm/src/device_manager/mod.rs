@@ -364,7 +364,11 @@ impl DeviceManager {
 
     /// VFIO devices join `vm`'s KVM-VFIO device, and use iommufd unless
     /// they say otherwise when `iommufd_by_default` (`--platform iommufd=on`).
-    pub fn with_vfio_platform(mut self, vm: Arc<dyn hypervisor::Vm>, iommufd_by_default: bool) -> Self {
+    pub fn with_vfio_platform(
+        mut self,
+        vm: Arc<dyn hypervisor::Vm>,
+        iommufd_by_default: bool,
+    ) -> Self {
         self.vfio.vm = Some(vm);
         self.vfio.iommufd_by_default = iommufd_by_default;
         self

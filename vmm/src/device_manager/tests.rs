@@ -431,9 +431,8 @@ fn per_page_mapping_past_type1s_entry_limit_needs_iommufd() {
     // The same on type1 would need one entry more than the kernel allows:
     // the replay is refused and nothing of it stays mapped.
     let on_type1 = Arc::new(FakeIommu::new(vfio::VfioBackend::Type1.entry_limit()));
-    let chain = crate::error_chain(
-        &attach("type1", vfio::VfioBackend::Type1, &on_type1).unwrap_err(),
-    );
+    let chain =
+        crate::error_chain(&attach("type1", vfio::VfioBackend::Type1, &on_type1).unwrap_err());
     assert!(chain.contains("DMA entry limit of 65535"), "{chain}");
     assert!(on_type1.mappings().is_empty());
     assert_eq!(on_iommufd.mappings().len(), 65536);

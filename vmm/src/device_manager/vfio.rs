@@ -17,9 +17,9 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 
+use iommufd_ioctls::IommuFd;
 use log::info;
 use pci::VfioOpsError;
-use iommufd_ioctls::IommuFd;
 use serde::Serialize;
 use vfio_ioctls::{
     VfioContainer, VfioDevice, VfioDeviceFd, VfioIommufd, VfioOps, VfioRegionInfoCap,
@@ -35,7 +35,9 @@ const IOMMUFD: &str = "/dev/iommu";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VfioAttachError {
-    #[error("this host has no VFIO container ({LEGACY_CONTAINER}); on an iommufd host use iommufd=on")]
+    #[error(
+        "this host has no VFIO container ({LEGACY_CONTAINER}); on an iommufd host use iommufd=on"
+    )]
     NoVfio,
     #[error("this host has no iommufd ({IOMMUFD}); use iommufd=off for the type1 container")]
     NoIommufd,
@@ -242,7 +244,10 @@ impl ExternalDmaMapping for VfioDma {
         // VM, which outlives this mapping; the VMM never holds Rust
         // references into guest RAM (it goes through vm-memory's volatile
         // accessors), and the range is unmapped before the RAM goes away.
-        unsafe { self.iommu.vfio_dma_map(iova, size as usize, host as *mut u8) }
+        unsafe {
+            self.iommu
+                .vfio_dma_map(iova, size as usize, host as *mut u8)
+        }
         .map_err(std::io::Error::other)
     }
 
