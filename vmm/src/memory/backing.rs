@@ -14,7 +14,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
-use hypervisor::Vm;
+use hypervisor::{Vm, VmType};
 use hypervisor::caps::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use log::warn;
 use vm_memory::FileOffset;
@@ -65,6 +65,17 @@ fn punch_hole(file: &File, offset: u64, size: u64) -> std::io::Result<()> {
     }
 }
 
+/// guest_memfd flags of the in-place layout. A default VM has no private
+/// memory: its pages must start shared or the guest cannot touch them. A
+/// confidential VM's pages start private, as the RamBlockAttribute and the
+/// KVM attributes say they are.
+fn in_place_flags(vm_type: VmType) -> u64 {
+    match vm_type {
+        VmType::Default => GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+        _ => GUEST_MEMFD_FLAG_MMAP,
+    }
+}
+
 impl Backing {
     pub fn create(vm: &dyn Vm, size: u64, layout: MemoryLayout) -> Result<Self, BackingError> {
         let caps = vm.capabilities();
@@ -86,7 +97,7 @@ impl Backing {
                     return Err(BackingError::InPlaceUnsupported);
                 }
                 Backing::GuestMemfdInPlace {
-                    gmem: gmem(GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)?,
+                    gmem: gmem(in_place_flags(vm.vm_type()))?,
                 }
             }
             MemoryLayout::Split => {
@@ -183,4 +194,20 @@ fn memfd(size: u64) -> Result<File, BackingError> {
     let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     file.set_len(size).map_err(BackingError::Truncate)?;
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_default_vms_start_their_in_place_pages_shared() {
+        assert_eq!(
+            in_place_flags(VmType::Default),
+            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+        );
+        for confidential in [VmType::SwProtected, VmType::SevSnp, VmType::Tdx] {
+            assert_eq!(in_place_flags(confidential), GUEST_MEMFD_FLAG_MMAP);
+        }
+    }
 }
