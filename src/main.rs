@@ -9,13 +9,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser};
+use vmm::api::http::ApiSocket;
 use vmm::config::{
     ConsoleOutput, CpusConfig, DeviceConfig, EventMonitorConfig, MemoryConfig, PlatformConfig,
-    UserDeviceConfig, VmConfig,
+    UserDeviceConfig, VmConfig, parse_api_socket,
 };
 use vmm::seccomp_filters::SeccompMode;
 use vmm::{VmmOptions, error_chain};
 
+/// Options sorted by name, as Cloud Hypervisor keeps them (a test checks).
 #[derive(Parser, Debug)]
 #[command(
     name = "cloud-hypervisor",
@@ -23,54 +25,105 @@ use vmm::{VmmOptions, error_chain};
     about = "A VMM for guest_memfd (confidential) VMs with shared device assignment"
 )]
 struct Cli {
-    /// Guest kernel: an ELF64 image linked between 1 MiB and 4 MiB.
-    #[arg(long, value_name = "FILE", required_unless_present = "capabilities")]
-    kernel: Option<PathBuf>,
-    /// Guest memory.
-    #[arg(long, value_name = MemoryConfig::SYNTAX, default_value = "size=512M",
-          value_parser = MemoryConfig::parse)]
-    memory: MemoryConfig,
-    /// The VM type: `tdx=on`, `sev_snp=on` or `sw_protected=on` ask for a
-    /// confidential VM (RAM in guest_memfd); the default VM otherwise.
-    #[arg(long, value_name = PlatformConfig::SYNTAX, default_value = "",
-          value_parser = PlatformConfig::parse)]
-    platform: PlatformConfig,
-    /// vCPUs.
-    #[arg(long, value_name = CpusConfig::SYNTAX, default_value = "boot=1",
-          value_parser = CpusConfig::parse)]
-    cpus: CpusConfig,
-    /// Where the serial console goes.
-    #[arg(long, value_name = ConsoleOutput::SYNTAX, default_value = "tty",
-          value_parser = ConsoleOutput::parse)]
-    serial: ConsoleOutput,
+    /// Serve the REST API: a socket path (`PATH` or `path=PATH`) or an
+    /// inherited listening socket (`fd=N`). Without --kernel the VMM starts
+    /// empty and waits for vm.create.
+    #[arg(long, value_name = "PATH|path=PATH|fd=N", value_parser = parse_api_socket)]
+    api_socket: Option<ApiSocket>,
+    /// Print what this host's KVM supports as JSON and exit.
+    #[arg(long)]
+    capabilities: bool,
+    /// Kernel command line: kept and shown in vm.info; the ELF guests this
+    /// VMM loads take none.
+    #[arg(long, value_name = "TEXT")]
+    cmdline: Option<String>,
+    /// Accepted for Cloud Hypervisor's command lines: there is no
+    /// virtio-console, the serial port is the console.
+    #[arg(long, value_name = "off|null|tty", value_parser = ["off", "null", "tty"])]
+    console: Option<String>,
+    /// vCPUs [default: boot=1].
+    #[arg(long, value_name = CpusConfig::SYNTAX, value_parser = CpusConfig::parse)]
+    cpus: Option<CpusConfig>,
     /// A VFIO device to assign (repeatable). Its IOMMU maps only shared pages.
     #[arg(long, value_name = DeviceConfig::SYNTAX, value_parser = DeviceConfig::parse)]
     device: Vec<DeviceConfig>,
-    /// A vfio-user device server to connect (repeatable). It is given only
-    /// shared pages to map.
-    #[arg(long, value_name = UserDeviceConfig::SYNTAX, value_parser = UserDeviceConfig::parse)]
-    user_device: Vec<UserDeviceConfig>,
-    /// Serve the REST API on this Unix socket.
-    #[arg(long, value_name = "PATH")]
-    api_socket: Option<PathBuf>,
     /// Write one JSON event per line here.
     #[arg(long, value_name = EventMonitorConfig::SYNTAX, value_parser = EventMonitorConfig::parse)]
     event_monitor: Option<EventMonitorConfig>,
+    /// Guest kernel: an ELF64 image linked between 1 MiB and 4 MiB.
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
     /// Log to this file instead of stderr.
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
-    /// More log output (-v info, -vv debug, -vvv trace).
-    #[arg(short = 'v', action = ArgAction::Count)]
-    verbosity: u8,
+    /// Guest memory [default: size=512M].
+    #[arg(long, value_name = MemoryConfig::SYNTAX, value_parser = MemoryConfig::parse)]
+    memory: Option<MemoryConfig>,
+    /// The VM type: `tdx=on`, `sev_snp=on` or `sw_protected=on` ask for a
+    /// confidential VM (RAM in guest_memfd); the default VM otherwise.
+    /// `iommufd=on` maps VFIO devices' DMA through iommufd.
+    #[arg(long, value_name = PlatformConfig::SYNTAX, value_parser = PlatformConfig::parse)]
+    platform: Option<PlatformConfig>,
     /// Seccomp filters on every VMM thread: `false` disables them for
     /// debugging, `log` lets the kernel log violations instead of stopping
     /// the VMM.
     #[arg(long, value_name = SeccompMode::SYNTAX, default_value = "true",
           value_parser = SeccompMode::parse)]
     seccomp: SeccompMode,
-    /// Print what this host's KVM supports as JSON and exit.
-    #[arg(long)]
-    capabilities: bool,
+    /// Where the serial console goes [default: tty: it is the only console].
+    #[arg(long, value_name = ConsoleOutput::SYNTAX, value_parser = ConsoleOutput::parse)]
+    serial: Option<ConsoleOutput>,
+    /// A vfio-user device server to connect (repeatable). It is given only
+    /// shared pages to map.
+    #[arg(long, value_name = UserDeviceConfig::SYNTAX, value_parser = UserDeviceConfig::parse)]
+    user_device: Vec<UserDeviceConfig>,
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short = 'v', action = ArgAction::Count)]
+    verbosity: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("nothing to run: give --kernel, or --api-socket to wait for vm.create")]
+    NothingToRun,
+    #[error("{0} configures a VM, which needs --kernel (or use vm.create over the API)")]
+    NeedsKernel(&'static str),
+}
+
+/// The VM the command line describes, if any.
+fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
+    let Some(kernel) = cli.kernel.clone() else {
+        let given = [
+            ("--cmdline", cli.cmdline.is_some()),
+            ("--cpus", cli.cpus.is_some()),
+            ("--device", !cli.device.is_empty()),
+            ("--memory", cli.memory.is_some()),
+            ("--platform", cli.platform.is_some()),
+            ("--serial", cli.serial.is_some()),
+            ("--user-device", !cli.user_device.is_empty()),
+        ];
+        if let Some((option, _)) = given.iter().find(|(_, given)| *given) {
+            return Err(CliError::NeedsKernel(option));
+        }
+        if cli.api_socket.is_none() {
+            return Err(CliError::NothingToRun);
+        }
+        return Ok(None);
+    };
+    let config = VmConfig {
+        kernel,
+        cmdline: cli.cmdline.clone(),
+        memory: cli
+            .memory
+            .clone()
+            .unwrap_or_else(|| MemoryConfig::parse("size=512M").expect("valid default")),
+        platform: cli.platform.unwrap_or_default(),
+        cpus: cli.cpus.clone().unwrap_or(CpusConfig { boot: 1 }),
+        serial: cli.serial.clone().unwrap_or(ConsoleOutput::Tty),
+        devices: cli.device.clone(),
+        user_devices: cli.user_device.clone(),
+    };
+    Ok(Some(config.normalized()))
 }
 
 fn main() -> ExitCode {
@@ -92,22 +145,18 @@ fn main() -> ExitCode {
             }
         };
     }
-    let mut memory = cli.memory;
-    if cli.platform.is_confidential() && !memory.guest_memfd {
-        // A confidential VM's RAM is guest_memfd RAM.
-        memory.guest_memfd = true;
-        memory.layout = vmm::memory::MemoryLayout::Auto;
+    let vm = match vm_config(&cli) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("cloud-hypervisor: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.console.as_deref() == Some("tty") {
+        log::info!("--console tty: there is no virtio-console; the serial port is the console");
     }
     let options = VmmOptions {
-        vm: VmConfig {
-            kernel: cli.kernel.expect("clap requires --kernel"),
-            memory,
-            platform: cli.platform,
-            cpus: cli.cpus,
-            serial: cli.serial,
-            devices: cli.device,
-            user_devices: cli.user_device,
-        },
+        vm,
         api_socket: cli.api_socket,
         event_monitor: cli.event_monitor,
         seccomp: cli.seccomp,
@@ -121,6 +170,81 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("cloud-hypervisor: {}", error_chain(&e));
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn options_are_sorted_by_name() {
+        let names: Vec<String> = Cli::command()
+            .get_arguments()
+            .map(|a| {
+                a.get_long()
+                    .map(str::to_string)
+                    .or_else(|| a.get_short().map(|c| c.to_string()))
+                    .unwrap_or_default()
+            })
+            .filter(|n| n != "help" && n != "version")
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort_by_key(|n| n.to_ascii_lowercase());
+        assert_eq!(names, sorted);
+    }
+
+    #[test]
+    fn cloud_hypervisor_command_lines_parse() {
+        let cli = Cli::try_parse_from([
+            "cloud-hypervisor",
+            "--api-socket",
+            "path=/tmp/ch.sock",
+            "--kernel",
+            "/k.elf",
+            "--cmdline",
+            "console=ttyS0 root=/dev/vda1",
+            "--console",
+            "off",
+            "--cpus",
+            "boot=2,max=4",
+            "--memory",
+            "size=1G,shared=on,hugepages=off",
+            "--serial",
+            "null",
+        ])
+        .unwrap();
+        assert_eq!(cli.api_socket, Some(ApiSocket::Path("/tmp/ch.sock".into())));
+        let vm = vm_config(&cli).unwrap().unwrap();
+        assert_eq!(vm.cpus.boot, 2);
+        assert_eq!(vm.memory.size, 1 << 30);
+        assert_eq!(vm.serial, ConsoleOutput::Off);
+        assert_eq!(vm.cmdline.as_deref(), Some("console=ttyS0 root=/dev/vda1"));
+
+        let empty = Cli::try_parse_from(["cloud-hypervisor", "--api-socket", "fd=5"]).unwrap();
+        assert_eq!(empty.api_socket, Some(ApiSocket::Fd(5)));
+        assert!(vm_config(&empty).unwrap().is_none(), "an empty VMM");
+
+        let nothing = Cli::try_parse_from(["cloud-hypervisor"]).unwrap();
+        assert!(matches!(vm_config(&nothing), Err(CliError::NothingToRun)));
+        let half = Cli::try_parse_from(["cloud-hypervisor", "--memory", "size=1G"]).unwrap();
+        assert!(matches!(
+            vm_config(&half),
+            Err(CliError::NeedsKernel("--memory"))
+        ));
+        for refused in [
+            ["--memory", "size=1G,hugepages=on"],
+            ["--serial", "pty"],
+            ["--serial", "socket=/tmp/s"],
+            ["--cpus", "boot=4,max=2"],
+            ["--api-socket", "fd=1"],
+        ] {
+            let mut args = vec!["cloud-hypervisor", "--kernel", "/k"];
+            args.extend(refused);
+            assert!(Cli::try_parse_from(&args).is_err(), "{refused:?}");
         }
     }
 }

@@ -117,7 +117,16 @@ fn shared_ranges_match_the_guests_ops() {
     assert_eq!(info["memory"]["regions"][0]["backing"], "guest_memfd");
     assert_eq!(info["state"], "Running");
 
+    // As in Cloud Hypervisor, shutting the VM down keeps the VMM serving,
+    // with the VM back in the created state; vmm.shutdown ends it.
     let (ok, _, err) = ch_remote(&socket, &["shutdown"]);
+    assert!(ok, "{err}");
+    let (ok, info, err) = ch_remote(&socket, &["info"]);
+    assert!(ok, "{err}");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["state"], "Created");
+    assert!(vmm.is_running());
+    let (ok, _, err) = ch_remote(&socket, &["shutdown-vmm"]);
     assert!(ok, "{err}");
     assert!(vmm.wait_exit(TIMEOUT).success());
     assert!(!socket.exists(), "socket removed on exit");

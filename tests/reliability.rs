@@ -542,7 +542,13 @@ fn every_vmm_thread_runs_under_a_seccomp_filter_unless_disabled() {
         assert_eq!(device.mapped(), [(WINDOW, 0x2000)]);
         let threads = seccomp_modes(vmm.pid());
         let names: Vec<&str> = threads.iter().map(|(n, _)| n.as_str()).collect();
-        for needed in ["vcpu0", "vcpu1", "http-server", "vmm_signal_hand"] {
+        for needed in [
+            "vcpu0",
+            "vcpu1",
+            "http-server",
+            "vmm_signal_hand",
+            "vm_builder",
+        ] {
             assert!(names.contains(&needed), "no {needed} thread: {names:?}");
         }
         for (name, mode) in &threads {
@@ -553,7 +559,7 @@ fn every_vmm_thread_runs_under_a_seccomp_filter_unless_disabled() {
         }
         let (ok, _, err) = ch_remote(&api, &["remove-device", "dev"]);
         assert!(ok, "{err}");
-        let (ok, _, err) = ch_remote(&api, &["shutdown"]);
+        let (ok, _, err) = ch_remote(&api, &["shutdown-vmm"]);
         assert!(ok, "{err}");
         assert!(vmm.wait_exit(TIMEOUT).success(), "{}", vmm.stderr());
     }

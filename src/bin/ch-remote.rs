@@ -27,14 +27,34 @@ struct Cli {
     command: Command,
 }
 
+/// Subcommands sorted by name, as Cloud Hypervisor keeps them (a test
+/// checks).
 #[derive(Subcommand)]
 enum Command {
-    /// VMM version and pid.
-    Ping,
-    /// VM configuration, state and memory regions.
-    Info,
+    /// Assign a VFIO device: path=/sys/bus/pci/devices/BDF/[,id=ID].
+    AddDevice {
+        #[arg(value_name = DeviceConfig::SYNTAX, value_parser = DeviceConfig::parse)]
+        config: DeviceConfig,
+    },
+    /// Connect a vfio-user device: socket=PATH[,id=ID].
+    AddUserDevice {
+        #[arg(value_name = UserDeviceConfig::SYNTAX, value_parser = UserDeviceConfig::parse)]
+        config: UserDeviceConfig,
+    },
+    /// Boot the created VM.
+    Boot,
     /// Conversion counters.
     Counters,
+    /// Create the VM from a Cloud Hypervisor VmConfig JSON file ("-" reads
+    /// standard input).
+    Create {
+        #[arg(value_name = "VM_CONFIG_JSON")]
+        path: PathBuf,
+    },
+    /// Shut the VM down if it runs and forget it.
+    Delete,
+    /// VM configuration, state and memory regions.
+    Info,
     /// Shared ranges of guest_memfd RAM, optionally within a window.
     MemoryAttributes {
         #[arg(long, requires = "size")]
@@ -47,24 +67,20 @@ enum Command {
     },
     /// Pause the VM: every vCPU stops between two exits.
     Pause,
+    /// VMM version and pid.
+    Ping,
+    /// Press the VM's power button (refused: there is no ACPI here).
+    PowerButton,
+    /// Shut the VM down and boot it again.
+    Reboot,
+    /// Detach a device; everything it had mapped is unmapped.
+    RemoveDevice { id: String },
     /// Resume a paused VM.
     Resume,
-    /// Shut the VM (and with it this VMM) down.
+    /// Shut the VM down; the VMM keeps serving.
     Shutdown,
     /// Shut the VMM down.
     ShutdownVmm,
-    /// Assign a VFIO device: path=/sys/bus/pci/devices/BDF/[,id=ID].
-    AddDevice {
-        #[arg(value_name = DeviceConfig::SYNTAX, value_parser = DeviceConfig::parse)]
-        config: DeviceConfig,
-    },
-    /// Connect a vfio-user device: socket=PATH[,id=ID].
-    AddUserDevice {
-        #[arg(value_name = UserDeviceConfig::SYNTAX, value_parser = UserDeviceConfig::parse)]
-        config: UserDeviceConfig,
-    },
-    /// Detach a device; everything it had mapped is unmapped.
-    RemoveDevice { id: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +186,26 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut body = String::new();
     let (method, path) = match &cli.command {
+        Command::Boot => ("PUT", "vm.boot".to_string()),
+        Command::Create { path } => {
+            let read = if path.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::stdin().read_to_string(&mut text).map(|_| text)
+            } else {
+                std::fs::read_to_string(path)
+            };
+            body = match read {
+                Ok(text) => text,
+                Err(e) => {
+                    eprintln!("ch-remote: cannot read {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            ("PUT", "vm.create".to_string())
+        }
+        Command::Delete => ("PUT", "vm.delete".to_string()),
+        Command::PowerButton => ("PUT", "vm.power-button".to_string()),
+        Command::Reboot => ("PUT", "vm.reboot".to_string()),
         Command::Ping => ("GET", "vmm.ping".to_string()),
         Command::Info => ("GET", "vm.info".to_string()),
         Command::Counters => ("GET", "vm.counters".to_string()),
@@ -221,6 +257,28 @@ fn main() -> ExitCode {
             }
             eprintln!("ch-remote: {text}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn subcommands_are_sorted_by_name() {
+        let names: Vec<String> = Cli::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .filter(|n| n != "help")
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+        for needed in ["boot", "create", "delete", "power-button", "reboot"] {
+            assert!(names.iter().any(|n| n == needed), "{needed}");
         }
     }
 }

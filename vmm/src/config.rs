@@ -8,6 +8,10 @@ use vm_device::MappingPolicy;
 
 use crate::memory::MemoryLayout;
 
+mod vm_config_json;
+
+pub use vm_config_json::VmConfigJsonError;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("{option}: unknown key {key:?} (expected one of: {expected})")]
@@ -105,28 +109,40 @@ pub fn parse_size(text: &str) -> Option<u64> {
     value.checked_mul(1 << shift)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryConfig {
     pub size: u64,
     pub guest_memfd: bool,
-    #[serde(serialize_with = "layout_name")]
     pub layout: MemoryLayout,
 }
 
-fn layout_name<S: serde::Serializer>(layout: &MemoryLayout, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(match layout {
-        MemoryLayout::Anonymous => "anonymous",
-        MemoryLayout::Auto => "auto",
-        MemoryLayout::InPlace => "in-place",
-        MemoryLayout::Split => "split",
-    })
-}
-
 impl MemoryConfig {
-    pub const SYNTAX: &'static str = "size=SIZE[,guest_memfd=on|off][,layout=auto|in-place|split]";
+    pub const SYNTAX: &'static str = "size=SIZE[,guest_memfd=on|off][,layout=auto|in-place|split][,shared=on|off][,hugepages=off][,mergeable=on|off][,prefault=on|off][,thp=on|off]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("--memory", text, &["size", "guest_memfd", "layout"])?;
+        let p = OptionParser::parse(
+            "--memory",
+            text,
+            &[
+                "size",
+                "guest_memfd",
+                "layout",
+                "shared",
+                "hugepages",
+                "mergeable",
+                "prefault",
+                "thp",
+            ],
+        )?;
+        // Cloud Hypervisor's backing hints: RAM here is always a shared
+        // mapping of a memfd or guest_memfd (or anonymous), so they change
+        // nothing; hugepages cannot be honoured and are refused.
+        for hint in ["shared", "mergeable", "prefault", "thp"] {
+            p.toggle(hint, false)?;
+        }
+        if p.toggle("hugepages", false)? {
+            return Err(p.invalid("hugepages", "hugepages are not supported"));
+        }
         let size = match p.get("size") {
             None => {
                 return Err(ConfigError::Missing {
@@ -136,29 +152,73 @@ impl MemoryConfig {
             }
             Some(s) => parse_size(s).ok_or_else(|| p.invalid("size", "not a size"))?,
         };
+        Self::new(
+            "--memory",
+            size,
+            p.toggle("guest_memfd", false)?,
+            p.get("layout"),
+        )
+    }
+
+    /// Checks a size, a guest_memfd toggle and a layout name (as the CLI
+    /// and the JSON of `vm.create` give them) for `option`.
+    pub fn new(
+        option: &'static str,
+        size: u64,
+        guest_memfd: bool,
+        layout: Option<&str>,
+    ) -> Result<Self, ConfigError> {
+        let invalid = |key, value: String, why| ConfigError::Invalid {
+            option,
+            key,
+            value,
+            why,
+        };
         if size == 0 {
-            return Err(p.invalid("size", "must not be zero"));
+            return Err(invalid("size", size.to_string(), "must not be zero"));
         }
-        if size % 4096 != 0 {
-            return Err(p.invalid("size", "must be a multiple of 4 KiB"));
+        if !size.is_multiple_of(4096) {
+            return Err(invalid(
+                "size",
+                size.to_string(),
+                "must be a multiple of 4 KiB",
+            ));
         }
         if size < crate::memory::MIN_RAM {
-            return Err(p.invalid("size", "must be at least 16M (the guest boot area)"));
+            return Err(invalid(
+                "size",
+                size.to_string(),
+                "must be at least 16M (the guest boot area)",
+            ));
         }
-        let guest_memfd = p.toggle("guest_memfd", false)?;
-        let layout = match (guest_memfd, p.get("layout")) {
+        let layout = match (guest_memfd, layout) {
             (false, None) => MemoryLayout::Anonymous,
-            (false, Some(_)) => return Err(p.invalid("layout", "needs guest_memfd=on")),
+            (false, Some(l)) => return Err(invalid("layout", l.into(), "needs guest_memfd=on")),
             (true, None | Some("auto")) => MemoryLayout::Auto,
             (true, Some("in-place")) => MemoryLayout::InPlace,
             (true, Some("split")) => MemoryLayout::Split,
-            (true, Some(_)) => return Err(p.invalid("layout", "expected auto, in-place or split")),
+            (true, Some(l)) => {
+                return Err(invalid(
+                    "layout",
+                    l.into(),
+                    "expected auto, in-place or split",
+                ));
+            }
         };
         Ok(MemoryConfig {
             size,
             guest_memfd,
             layout,
         })
+    }
+
+    pub fn layout_name(&self) -> &'static str {
+        match self.layout {
+            MemoryLayout::Anonymous => "anonymous",
+            MemoryLayout::Auto => "auto",
+            MemoryLayout::InPlace => "in-place",
+            MemoryLayout::Split => "split",
+        }
     }
 }
 
@@ -168,10 +228,14 @@ pub struct CpusConfig {
 }
 
 impl CpusConfig {
-    pub const SYNTAX: &'static str = "boot=N (1..=32)";
+    pub const SYNTAX: &'static str =
+        "boot=N (1..=32)[,max=M (no hot-plug: M >= N, N run)][,kvm_hyperv=off]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("--cpus", text, &["boot"])?;
+        let p = OptionParser::parse("--cpus", text, &["boot", "max", "kvm_hyperv"])?;
+        if p.toggle("kvm_hyperv", false)? {
+            return Err(p.invalid("kvm_hyperv", "Hyper-V enlightenments are not supported"));
+        }
         let boot = match p.get("boot") {
             None => 1,
             Some(v) => v
@@ -180,6 +244,14 @@ impl CpusConfig {
                 .filter(|n| (1..=crate::boot::MAX_VCPUS).contains(n))
                 .ok_or_else(|| p.invalid("boot", "expected 1..=32"))?,
         };
+        if let Some(max) = p.get("max") {
+            let max: u8 = max
+                .parse()
+                .map_err(|_| p.invalid("max", "expected a vCPU count"))?;
+            if max < boot {
+                return Err(p.invalid("max", "below boot"));
+            }
+        }
         Ok(CpusConfig { boot })
     }
 }
@@ -193,14 +265,23 @@ pub enum ConsoleOutput {
 }
 
 impl ConsoleOutput {
-    pub const SYNTAX: &'static str = "tty|off|file=PATH";
+    pub const SYNTAX: &'static str = "tty|off|null|file=PATH";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         match text {
             "tty" => Ok(ConsoleOutput::Tty),
-            "off" => Ok(ConsoleOutput::Off),
+            "off" | "null" => Ok(ConsoleOutput::Off),
+            "pty" => Err(ConfigError::Invalid {
+                option: "--serial",
+                key: "pty",
+                value: text.into(),
+                why: "not supported (tty, off, null or file=PATH)",
+            }),
             _ => {
-                let p = OptionParser::parse("--serial", text, &["file"])?;
+                let p = OptionParser::parse("--serial", text, &["file", "socket"])?;
+                if p.get("socket").is_some() {
+                    return Err(p.invalid("socket", "not supported (tty, off, null or file=PATH)"));
+                }
                 match p.get("file") {
                     Some("") => Err(p.invalid("file", "empty path")),
                     Some(path) => Ok(ConsoleOutput::File(PathBuf::from(path))),
@@ -211,6 +292,34 @@ impl ConsoleOutput {
                 }
             }
         }
+    }
+}
+
+/// `--api-socket PATH`, `path=PATH` or `fd=N` (Cloud Hypervisor's forms).
+pub fn parse_api_socket(text: &str) -> Result<crate::api::http::ApiSocket, ConfigError> {
+    use crate::api::http::ApiSocket;
+    if !text.contains('=') {
+        return match text {
+            "" => Err(ConfigError::Missing {
+                option: "--api-socket",
+                key: "path",
+            }),
+            path => Ok(ApiSocket::Path(path.into())),
+        };
+    }
+    let p = OptionParser::parse("--api-socket", text, &["path", "fd"])?;
+    match (p.get("path"), p.get("fd")) {
+        (Some(path), None) if !path.is_empty() => Ok(ApiSocket::Path(path.into())),
+        (None, Some(fd)) => fd
+            .parse::<i32>()
+            .ok()
+            .filter(|fd| *fd > 2)
+            .map(ApiSocket::Fd)
+            .ok_or_else(|| p.invalid("fd", "expected a socket's file descriptor (above 2)")),
+        _ => Err(ConfigError::Missing {
+            option: "--api-socket",
+            key: "path or fd",
+        }),
     }
 }
 
@@ -651,15 +760,41 @@ impl PlatformConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
     pub kernel: PathBuf,
+    /// Kept and shown; the ELF guests this VMM loads take no command line.
+    pub cmdline: Option<String>,
     pub memory: MemoryConfig,
     pub platform: PlatformConfig,
     pub cpus: CpusConfig,
     pub serial: ConsoleOutput,
     pub devices: Vec<DeviceConfig>,
     pub user_devices: Vec<UserDeviceConfig>,
+}
+
+impl VmConfig {
+    /// What a configuration implies: a confidential VM's RAM is guest_memfd
+    /// RAM.
+    pub fn normalized(mut self) -> Self {
+        if self.platform.is_confidential() && !self.memory.guest_memfd {
+            self.memory.guest_memfd = true;
+            self.memory.layout = MemoryLayout::Auto;
+        }
+        self
+    }
+
+    /// Reads Cloud Hypervisor's `VmConfig` JSON (the body of `vm.create`).
+    pub fn from_json(body: &[u8]) -> Result<Self, VmConfigJsonError> {
+        vm_config_json::from_json(body)
+    }
+}
+
+/// Serialized as Cloud Hypervisor's `VmConfig`, with our fields beside.
+impl Serialize for VmConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        vm_config_json::to_json(self).serialize(s)
+    }
 }
 
 #[cfg(test)]
@@ -699,14 +834,43 @@ mod tests {
         assert_eq!(CpusConfig::parse("boot=4").unwrap().boot, 4);
         assert!(CpusConfig::parse("boot=0").is_err());
         assert!(CpusConfig::parse("boot=33").is_err());
+        // Cloud Hypervisor's max=: no hot-plug, so only boot vCPUs run.
+        assert_eq!(CpusConfig::parse("boot=2,max=4").unwrap().boot, 2);
+        assert!(CpusConfig::parse("boot=4,max=2").is_err());
+        assert!(CpusConfig::parse("kvm_hyperv=on").is_err());
+        assert!(CpusConfig::parse("kvm_hyperv=off").is_ok());
         assert!(
-            CpusConfig::parse("max=4")
+            CpusConfig::parse("topology=1:1:1:1")
                 .unwrap_err()
                 .to_string()
                 .contains("unknown key")
         );
         assert_eq!(ConsoleOutput::parse("tty").unwrap(), ConsoleOutput::Tty);
         assert_eq!(ConsoleOutput::parse("off").unwrap(), ConsoleOutput::Off);
+        assert_eq!(ConsoleOutput::parse("null").unwrap(), ConsoleOutput::Off);
+        assert!(ConsoleOutput::parse("socket=/tmp/s").is_err());
+        use crate::api::http::ApiSocket;
+        assert_eq!(
+            parse_api_socket("/tmp/a.sock").unwrap(),
+            ApiSocket::Path("/tmp/a.sock".into())
+        );
+        assert_eq!(
+            parse_api_socket("path=/tmp/a.sock").unwrap(),
+            ApiSocket::Path("/tmp/a.sock".into())
+        );
+        assert_eq!(parse_api_socket("fd=7").unwrap(), ApiSocket::Fd(7));
+        for bad in ["", "fd=2", "fd=x", "path=", "path=/a,fd=7", "size=1"] {
+            assert!(parse_api_socket(bad).is_err(), "{bad}");
+        }
+        let memory = |text: &str| MemoryConfig::parse(text);
+        assert!(memory("size=1G,shared=on,mergeable=off,prefault=on,thp=on").is_ok());
+        assert!(memory("size=1G,hugepages=off").is_ok());
+        assert!(
+            memory("size=1G,hugepages=on")
+                .unwrap_err()
+                .to_string()
+                .contains("hugepages are not supported")
+        );
         assert_eq!(
             ConsoleOutput::parse("file=/tmp/c").unwrap(),
             ConsoleOutput::File("/tmp/c".into())

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod boot;
 pub mod config;
+mod control;
 pub mod conversion_path;
 pub mod device_manager;
 mod elf;
@@ -20,18 +21,15 @@ mod test_util;
 mod vcpu;
 pub mod vm;
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Sender, channel};
 
 use hypervisor::KvmHypervisor;
-use log::{error, info, warn};
-use serde_json::json;
+use log::{info, warn};
 
 use crate::config::{EventMonitorConfig, VmConfig};
 use crate::event_monitor::EventMonitor;
 use crate::seccomp_filters::{SeccompError, SeccompMode, Thread};
-use crate::vm::{Vm, VmError};
 
 /// "outer: inner: innermost" for any error with sources.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -47,12 +45,36 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Everything that can wake the VMM control loop.
 pub enum VmmEvent {
-    GuestPowerOff(u8),
-    /// Triple fault or a system event: the guest is gone.
-    GuestShutdown(u8),
-    VcpuError(u8, String),
+    /// From VM number `vm` (each boot gets a new number, so the events of
+    /// a VM already shut down are recognised and dropped).
+    Guest {
+        vm: u64,
+        event: GuestEvent,
+    },
     Signal(i32),
     Api(api::ApiMessage),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestEvent {
+    PowerOff(u8),
+    /// Triple fault or a system event on this vCPU: the guest is gone.
+    Shutdown(u8),
+    VcpuError(u8, String),
+}
+
+/// Where one VM's vCPUs and devices report to the control loop.
+#[derive(Clone)]
+pub struct GuestEvents {
+    pub vm: u64,
+    pub tx: Sender<VmmEvent>,
+}
+
+impl GuestEvents {
+    pub fn send(&self, event: GuestEvent) {
+        // The control loop gone means the VMM is exiting anyway.
+        let _ = self.tx.send(VmmEvent::Guest { vm: self.vm, event });
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,14 +90,16 @@ pub enum VmmError {
     #[error("cannot set up seccomp")]
     Seccomp(#[source] SeccompError),
     #[error("cannot boot the VM")]
-    Vm(#[source] VmError),
+    Boot(#[source] control::LifecycleError),
     #[error("cannot start the API server")]
     Api(#[source] api::http::ApiServerError),
 }
 
 pub struct VmmOptions {
-    pub vm: VmConfig,
-    pub api_socket: Option<PathBuf>,
+    /// The VM of the command line; without one the VMM waits for
+    /// `vm.create`.
+    pub vm: Option<VmConfig>,
+    pub api_socket: Option<api::http::ApiSocket>,
     pub event_monitor: Option<EventMonitorConfig>,
     pub seccomp: SeccompMode,
 }
@@ -117,6 +141,7 @@ struct ThreadFilters {
     http: Option<seccompiler::BpfProgram>,
     signal: Option<seccompiler::BpfProgram>,
     events: Option<seccompiler::BpfProgram>,
+    builder: Option<seccompiler::BpfProgram>,
 }
 
 impl ThreadFilters {
@@ -130,12 +155,15 @@ impl ThreadFilters {
             http: seccomp_filters::filter(mode, Thread::HttpServer)?,
             signal: seccomp_filters::filter(mode, Thread::SignalHandler)?,
             events: seccomp_filters::filter(mode, Thread::EventMonitor)?,
+            builder: seccomp_filters::filter(mode, Thread::VmBuilder)?,
         })
     }
 }
 
-/// Boots the VM and runs the control loop until the guest powers off, a
-/// signal or an API request stops it. Returns the process exit code.
+/// Starts the VMM: boots the VM of the command line, if there is one, or
+/// waits for `vm.create` over the API; runs the control loop until the
+/// guest powers off, a signal or `vmm.shutdown` ends it. Returns the
+/// process exit code.
 pub fn run(options: VmmOptions) -> Result<i32, VmmError> {
     let filters = ThreadFilters::build(options.seccomp).map_err(VmmError::Seccomp)?;
     let monitor = Arc::new(match &options.event_monitor {
@@ -151,148 +179,47 @@ pub fn run(options: VmmOptions) -> Result<i32, VmmError> {
     // The socket comes first so a busy path fails before anything boots.
     let mut api_server = options
         .api_socket
-        .as_deref()
-        .map(|path| api::http::ApiServer::start(path, events_tx.clone(), filters.http))
+        .as_ref()
+        .map(|socket| api::http::ApiServer::start(socket, events_tx.clone(), filters.http))
         .transpose()
         .map_err(VmmError::Api)?;
-    monitor.emit("vm", "booting", serde_json::Value::Null);
-    let mut vm = Vm::boot(
-        options.vm,
-        &hypervisor,
+    // Started before the VMM thread locks itself down, so it may create VMs.
+    let builder = control::VmBuilder::start(
+        hypervisor,
         events_tx.clone(),
         monitor.clone(),
         filters.vcpu,
+        filters.builder,
     )
-    .map_err(VmmError::Vm)?;
-    // The control loop locks itself down once the VM is built: its filter
-    // need not allow creating one.
+    .map_err(VmmError::Seccomp)?;
+    let mut vmm = control::Vmm::new(builder, monitor.clone());
+    if let Some(config) = options.vm {
+        vmm.create(config).expect("nothing created yet");
+        if let Err(e) = vmm.boot() {
+            vmm.finish(1);
+            return Err(VmmError::Boot(e));
+        }
+    } else {
+        info!("no VM configured: waiting for vm.create");
+    }
     if let Some(program) = &filters.vmm
         && let Err(e) = seccomp_filters::apply(program)
     {
-        vm.shutdown();
+        vmm.finish(1);
         return Err(VmmError::Seccomp(e));
     }
-    let code = control_loop(&events_rx, &mut vm);
+    let code = vmm.control_loop(&events_rx);
     // Requests still queued, or sent from now on, get "shutting down"
     // instead of waiting for a loop that no longer runs.
     drop(events_rx);
-    vm.shutdown();
+    vmm.finish(code);
     // Joining the HTTP thread lets a pending shutdown answer reach its client.
     if let Some(server) = api_server.as_mut() {
         server.stop();
     }
-    monitor.emit("vm", "shutdown", json!({ "exit_code": code }));
+    drop(vmm);
     monitor.emit("vmm", "shutdown", serde_json::Value::Null);
     monitor.flush(std::time::Duration::from_secs(1));
     info!("VMM exiting with code {code}");
     Ok(code)
-}
-
-/// Runs until something ends the VMM; returns the exit code.
-fn control_loop(events: &Receiver<VmmEvent>, vm: &mut Vm) -> i32 {
-    loop {
-        let Ok(event) = events.recv() else {
-            return 1;
-        };
-        match event {
-            VmmEvent::GuestPowerOff(code) => {
-                info!("guest powered off with code {code}");
-                return i32::from(code);
-            }
-            VmmEvent::GuestShutdown(vcpu) => {
-                error!("vCPU {vcpu}: guest shut down (triple fault or reset)");
-                return 1;
-            }
-            VmmEvent::VcpuError(vcpu, what) => {
-                error!("vCPU {vcpu}: {what}");
-                return 1;
-            }
-            VmmEvent::Signal(signal) => {
-                info!("signal {signal}: shutting down");
-                return 0;
-            }
-            VmmEvent::Api(message) => {
-                let ends_vmm = matches!(
-                    message.request,
-                    api::ApiRequest::VmShutdown | api::ApiRequest::VmmShutdown
-                );
-                handle_api(vm, message);
-                if ends_vmm {
-                    info!("shutdown requested over the API");
-                    return 0;
-                }
-            }
-        }
-    }
-}
-
-/// Answers `message`, at once or, for hot-plug (which may wait for a
-/// device), from a worker thread so the loop keeps serving meanwhile.
-fn handle_api(vm: &mut Vm, message: api::ApiMessage) {
-    use api::ApiRequest::*;
-    let api::ApiMessage { request, respond } = message;
-    let answer = match request {
-        VmmPing => Some(json!({
-            "build_version": env!("CARGO_PKG_VERSION"),
-            "version": env!("CARGO_PKG_VERSION"),
-            "pid": std::process::id(),
-            "features": ["guest_memfd", "ram_block_attribute"],
-        })),
-        VmInfo => Some(vm.info()),
-        VmCounters => Some(vm.counters()),
-        VmMemoryAttributes(window) => Some(api::memory_attributes(vm.memory(), window)),
-        // This VMM hosts exactly the VM of its command line (there is no
-        // vm.create), so shutting the VM down ends the VMM as well.
-        VmShutdown | VmmShutdown => {
-            vm.shutdown();
-            None
-        }
-        VmPause => {
-            let _ = respond.send(vm.pause().map(|()| None).map_err(api::ApiError::Vm));
-            return;
-        }
-        VmResume => {
-            let _ = respond.send(vm.resume().map(|()| None).map_err(api::ApiError::Vm));
-            return;
-        }
-        VmAddDevice(config) => {
-            return hotplug(vm, respond, move |devices, monitor| {
-                vm::device_ops::add_device(devices, monitor, &config)
-            });
-        }
-        VmAddUserDevice(config) => {
-            return hotplug(vm, respond, move |devices, monitor| {
-                vm::device_ops::add_user_device(devices, monitor, &config)
-            });
-        }
-        VmRemoveDevice(id) => {
-            return hotplug(vm, respond, move |devices, monitor| {
-                vm::device_ops::remove_device(devices, monitor, &id)
-            });
-        }
-    };
-    let _ = respond.send(Ok(answer));
-}
-
-/// Runs a hot-plug operation on its own thread; it answers `respond`.
-fn hotplug(
-    vm: &mut Vm,
-    respond: std::sync::mpsc::Sender<api::ApiResponse>,
-    job: impl FnOnce(
-        &device_manager::DeviceManager,
-        &EventMonitor,
-    ) -> Result<device_manager::DeviceInfo, device_manager::DeviceError>
-    + Send
-    + 'static,
-) {
-    let answer = respond.clone();
-    let spawned = vm.spawn_hotplug(move |devices, monitor| {
-        let result = job(devices, monitor)
-            .map(|info| Some(json!(info)))
-            .map_err(api::ApiError::Device);
-        let _ = answer.send(result);
-    });
-    if let Err(e) = spawned {
-        let _ = respond.send(Err(api::ApiError::Worker(e)));
-    }
 }

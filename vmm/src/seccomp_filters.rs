@@ -59,16 +59,21 @@ pub enum Thread {
     EventMonitor,
     /// Writes queued log lines.
     LogWriter,
+    /// Builds VMs (`vm.boot`, `vm.reboot`, the command line's VM): KVM VM
+    /// and vCPU creation, guest memory, the kernel image, cold-plugged
+    /// devices.
+    VmBuilder,
 }
 
 impl Thread {
-    pub const ALL: [Thread; 6] = [
+    pub const ALL: [Thread; 7] = [
         Thread::Vmm,
         Thread::Vcpu,
         Thread::HttpServer,
         Thread::SignalHandler,
         Thread::EventMonitor,
         Thread::LogWriter,
+        Thread::VmBuilder,
     ];
 }
 
@@ -393,6 +398,29 @@ fn http_server_rules() -> Result<Rules, seccompiler::BackendError> {
     Ok(rules)
 }
 
+fn vm_builder_rules() -> Result<Rules, seccompiler::BackendError> {
+    // Everything the VMM thread may do (cold-plugged devices attach here)
+    // and what creating a VM takes on top.
+    let mut rules = vmm_rules()?;
+    rules.retain(|(nr, _)| *nr != libc::SYS_ioctl);
+    rules.push((libc::SYS_ioctl, Vec::new()));
+    rules.extend(unconditional([
+        libc::SYS_memfd_create,
+        libc::SYS_fallocate,
+        libc::SYS_ftruncate,
+        libc::SYS_mmap,
+        libc::SYS_mprotect,
+        libc::SYS_madvise,
+        libc::SYS_fstat,
+        libc::SYS_fcntl,
+        libc::SYS_rt_sigaction,
+        libc::SYS_seccomp,
+        libc::SYS_prctl,
+        libc::SYS_sched_getaffinity,
+    ]));
+    Ok(rules)
+}
+
 fn signal_handler_rules() -> Result<Rules, seccompiler::BackendError> {
     Ok(unconditional([
         libc::SYS_recvfrom,
@@ -408,6 +436,7 @@ fn rules_for(thread: Thread) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompi
         Thread::Vcpu => vcpu_rules()?,
         Thread::HttpServer => http_server_rules()?,
         Thread::SignalHandler => signal_handler_rules()?,
+        Thread::VmBuilder => vm_builder_rules()?,
         // Writing and waiting for the queue are in the common rules.
         Thread::EventMonitor | Thread::LogWriter => Vec::new(),
     };

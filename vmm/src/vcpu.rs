@@ -2,7 +2,6 @@
 //! path, and stop cleanly when asked.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,9 +12,9 @@ use seccompiler::BpfProgram;
 use vm_device::Bus;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
-use crate::VmmEvent;
 use crate::conversion_path::ConversionPath;
 use crate::seccomp_filters::{SeccompError, spawn_filtered};
+use crate::{GuestEvent, GuestEvents};
 
 /// Signal used to kick a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
@@ -37,7 +36,7 @@ pub struct VcpuContext {
     pub io_bus: Arc<Bus>,
     pub mmio_bus: Arc<Bus>,
     pub conversions: Arc<ConversionPath>,
-    pub events: Sender<VmmEvent>,
+    pub events: GuestEvents,
     pub stop: Arc<AtomicBool>,
     pub pause: Arc<PauseGate>,
 }
@@ -170,7 +169,7 @@ fn run(index: u8, mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext) {
         let exit = match vcpu.run() {
             Ok(exit) => exit,
             Err(e) => {
-                let _ = ctx.events.send(VmmEvent::VcpuError(index, e.to_string()));
+                ctx.events.send(GuestEvent::VcpuError(index, e.to_string()));
                 return;
             }
         };
@@ -206,7 +205,7 @@ fn run(index: u8, mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext) {
             VmExit::MemoryFault(conversion) => {
                 // Re-entering without converting would fault again forever.
                 if let Err(e) = ctx.conversions.convert(conversion, index) {
-                    let _ = ctx.events.send(VmmEvent::VcpuError(
+                    ctx.events.send(GuestEvent::VcpuError(
                         index,
                         format!("implicit conversion failed: {e}"),
                     ));
@@ -214,19 +213,20 @@ fn run(index: u8, mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext) {
                 }
             }
             VmExit::Shutdown => {
-                let _ = ctx.events.send(VmmEvent::GuestShutdown(index));
+                ctx.events.send(GuestEvent::Shutdown(index));
                 return;
             }
             VmExit::SystemEvent(kind) => {
                 debug!("vCPU {index}: system event {kind}");
-                let _ = ctx.events.send(VmmEvent::GuestShutdown(index));
+                ctx.events.send(GuestEvent::Shutdown(index));
                 return;
             }
             VmExit::Interrupted => {}
             VmExit::Unhandled(what) => {
-                let _ = ctx
-                    .events
-                    .send(VmmEvent::VcpuError(index, format!("unhandled exit {what}")));
+                ctx.events.send(GuestEvent::VcpuError(
+                    index,
+                    format!("unhandled exit {what}"),
+                ));
                 return;
             }
         }
@@ -251,6 +251,7 @@ mod tests {
     use vm_device::{DmaMappingListener, Section};
 
     use super::*;
+    use crate::VmmEvent;
     use crate::event_monitor::EventMonitor;
     use crate::memory::{MemoryLayout, MemoryManager};
     use crate::test_util::{conversion, kvm};
@@ -289,7 +290,7 @@ mod tests {
                 memory.clone(),
                 Arc::new(EventMonitor::disabled()),
             )),
-            events: tx,
+            events: GuestEvents { vm: 1, tx },
             stop: Arc::new(AtomicBool::new(false)),
             pause: Arc::default(),
         };
@@ -378,7 +379,10 @@ mod tests {
         );
         assert!(matches!(
             rig.events.try_recv(),
-            Ok(VmmEvent::GuestShutdown(0))
+            Ok(VmmEvent::Guest {
+                vm: 1,
+                event: GuestEvent::Shutdown(0)
+            })
         ));
         assert_in_step(&rig);
         assert_eq!(
@@ -405,7 +409,10 @@ mod tests {
         ]);
         run(3, Box::new(vcpu), &rig.ctx);
         match rig.events.try_recv() {
-            Ok(VmmEvent::VcpuError(3, what)) => {
+            Ok(VmmEvent::Guest {
+                event: GuestEvent::VcpuError(3, what),
+                ..
+            }) => {
                 assert!(what.contains("implicit conversion failed"), "{what}")
             }
             _ => panic!("no vCPU error"),

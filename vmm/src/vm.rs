@@ -5,7 +5,6 @@ use std::fs::File;
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 
 use devices::layout::*;
@@ -15,7 +14,6 @@ use log::info;
 use serde_json::json;
 use vm_device::Bus;
 
-use crate::VmmEvent;
 use crate::boot::{self, BootError};
 use crate::config::{ConsoleOutput, VmConfig};
 use crate::config::{DeviceConfig, UserDeviceConfig};
@@ -25,6 +23,7 @@ use crate::device_manager::{DeviceError, DeviceInfo, DeviceManager};
 use crate::event_monitor::EventMonitor;
 use crate::memory::{MemoryError, MemoryManager};
 use crate::vcpu::{self, PauseGate, VcpuContext, VcpuHandle};
+use crate::{GuestEvent, GuestEvents};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -73,6 +72,8 @@ pub enum VmError {
     NotRunning(VmState),
     #[error("the VM is {0:?}, not paused")]
     NotPaused(VmState),
+    #[error("the thread that builds VMs is gone")]
+    BuilderGone,
     #[error("the vCPUs did not stop within {0} ms")]
     PauseTimeout(u128),
 }
@@ -86,6 +87,8 @@ pub enum VmState {
 }
 
 pub struct Vm {
+    /// Which boot of this VMM this is (see `VmmEvent::Guest`).
+    id: u64,
     config: VmConfig,
     memory: Arc<MemoryManager>,
     devices: Arc<DeviceManager>,
@@ -169,10 +172,11 @@ impl Vm {
     pub fn boot(
         config: VmConfig,
         hypervisor: &dyn Hypervisor,
-        events: Sender<VmmEvent>,
+        events: GuestEvents,
         monitor: Arc<EventMonitor>,
         vcpu_filter: Option<seccompiler::BpfProgram>,
     ) -> Result<Vm, VmError> {
+        let vm_id = events.vm;
         let kernel_path = config.kernel.display().to_string();
         let kernel = read_kernel(&config.kernel).map_err(|source| VmError::ReadKernel {
             path: kernel_path.clone(),
@@ -214,7 +218,7 @@ impl Vm {
         io_bus
             .insert(
                 Arc::new(PowerOffPort::new(Box::new(move |code| {
-                    let _ = power_events.send(VmmEvent::GuestPowerOff(code));
+                    power_events.send(GuestEvent::PowerOff(code));
                 }))),
                 POWER_OFF_PORT,
                 1,
@@ -259,6 +263,7 @@ impl Vm {
                 .with_vfio_platform(hv_vm.clone(), config.platform.iommufd),
         );
         let mut vm = Vm {
+            id: vm_id,
             config,
             memory,
             devices,
@@ -384,6 +389,10 @@ impl Vm {
 
     pub fn devices(&self) -> &DeviceManager {
         &self.devices
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn state(&self) -> VmState {

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use hypervisor::KvmHypervisor;
 use test_guest::{MemconvOptions, Op, memconv_elf};
-use vmm::VmmEvent;
 use vmm::config::{ConsoleOutput, CpusConfig, MemoryConfig, UserDeviceConfig, VmConfig};
 use vmm::event_monitor::EventMonitor;
 use vmm::memory::MemoryLayout;
 use vmm::vm::Vm;
+use vmm::{GuestEvent, GuestEvents, VmmEvent};
 
 /// A 1-vCPU VM with 64 MiB of guest_memfd RAM running `ops` quietly (only
 /// the summary line) and powering off; the guest is written into `dir`.
@@ -30,6 +30,7 @@ pub fn quiet_guest(
     std::fs::write(&kernel, memconv_elf(&[ops], options)).expect("write guest");
     VmConfig {
         kernel,
+        cmdline: None,
         memory: MemoryConfig {
             size: 64 << 20,
             guest_memfd: true,
@@ -55,11 +56,15 @@ pub fn time_to_poweroff(
 ) -> Duration {
     let (events, guest) = channel();
     let started = Instant::now();
+    let events = GuestEvents { vm: 1, tx: events };
     let mut vm = Vm::boot(config, hypervisor, events, monitor, vcpu_filter).expect("boot");
     loop {
         match guest.recv_timeout(patience) {
-            Ok(VmmEvent::GuestPowerOff(_)) => break,
-            Ok(VmmEvent::GuestShutdown(_) | VmmEvent::VcpuError(..)) => panic!("guest died"),
+            Ok(VmmEvent::Guest {
+                event: GuestEvent::PowerOff(_),
+                ..
+            }) => break,
+            Ok(VmmEvent::Guest { event, .. }) => panic!("guest died: {event:?}"),
             Ok(_) => {}
             Err(e) => panic!("guest did not power off: {e}"),
         }

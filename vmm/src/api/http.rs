@@ -33,6 +33,8 @@ pub enum ApiServerError {
     RemoveStale(PathBuf, #[source] std::io::Error),
     #[error("cannot listen on API socket {0}: {1}")]
     Bind(PathBuf, String),
+    #[error("fd {0} is not a socket")]
+    NotASocketFd(i32),
     #[error("cannot restrict permissions of {0}")]
     Permissions(PathBuf, #[source] std::io::Error),
     #[error("cannot start the HTTP thread")]
@@ -154,6 +156,14 @@ pub fn route(method: Method, url: &str, body: &[u8]) -> Result<ApiRequest, HttpE
     Ok(match endpoint {
         "vmm.ping" => ApiRequest::VmmPing,
         "vmm.shutdown" => ApiRequest::VmmShutdown,
+        "vm.create" => ApiRequest::VmCreate(Box::new(
+            crate::config::VmConfig::from_json(body)
+                .map_err(|e| HttpError::BadRequest(e.to_string()))?,
+        )),
+        "vm.boot" => ApiRequest::VmBoot,
+        "vm.reboot" => ApiRequest::VmReboot,
+        "vm.delete" => ApiRequest::VmDelete,
+        "vm.power-button" => ApiRequest::VmPowerButton,
         "vm.info" => ApiRequest::VmInfo,
         "vm.counters" => ApiRequest::VmCounters,
         "vm.memory-attributes" => ApiRequest::VmMemoryAttributes(parse_window(query)?),
@@ -180,9 +190,33 @@ pub fn route(method: Method, url: &str, body: &[u8]) -> Result<ApiRequest, HttpE
 }
 
 pub struct ApiServer {
-    path: PathBuf,
+    /// The socket file to remove at the end (none for an inherited fd).
+    path: Option<PathBuf>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Where the API listens: a socket path this VMM binds, or a listening
+/// socket it inherits as a file descriptor (Cloud Hypervisor's
+/// `--api-socket fd=N`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiSocket {
+    Path(PathBuf),
+    Fd(i32),
+}
+
+/// Takes the inherited listening socket `fd`.
+fn adopt(fd: i32) -> Result<UnixListener, ApiServerError> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fstat only writes into `stat`; a bad fd is reported as EBADF.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(ApiServerError::NotASocketFd(fd));
+    }
+    // SAFETY: `fd` is a socket the parent process handed to this one for
+    // the API; nothing else in the VMM owns or closes it.
+    Ok(unsafe { UnixListener::from_raw_fd(fd) })
 }
 
 fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
@@ -216,17 +250,21 @@ impl ApiServer {
     /// `filter`. The socket is bound on that thread, after its filter is in
     /// place, because the connection threads start there and inherit it.
     pub fn start(
-        path: &Path,
+        socket: &ApiSocket,
         to_vmm: Sender<VmmEvent>,
         filter: Option<seccompiler::BpfProgram>,
     ) -> Result<ApiServer, ApiServerError> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
         let (bound_tx, bound_rx) = std::sync::mpsc::sync_channel(1);
-        let bind_path = path.to_path_buf();
+        let bind_socket = socket.clone();
         let thread =
             crate::seccomp_filters::spawn_filtered("http-server".into(), filter, move || {
-                let server = match bind(&bind_path) {
+                let listener = match &bind_socket {
+                    ApiSocket::Path(path) => bind(path),
+                    ApiSocket::Fd(fd) => adopt(*fd),
+                };
+                let server = match listener {
                     Ok(server) => server,
                     Err(e) => {
                         let _ = bound_tx.send(Err(e));
@@ -242,9 +280,18 @@ impl ApiServer {
             let _ = thread.join();
             return Err(e);
         }
-        info!("API listening on {}", path.display());
+        let path = match socket {
+            ApiSocket::Path(path) => {
+                info!("API listening on {}", path.display());
+                Some(path.clone())
+            }
+            ApiSocket::Fd(fd) => {
+                info!("API listening on inherited fd {fd}");
+                None
+            }
+        };
         Ok(ApiServer {
-            path: path.to_path_buf(),
+            path,
             stop,
             thread: Some(thread),
         })
@@ -256,7 +303,9 @@ impl ApiServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -354,6 +403,7 @@ mod tests {
                 "vm.add-device" => br#"{"path":"/sys/bus/pci/devices/0000:01:00.0/"}"#,
                 "vm.add-user-device" => br#"{"socket":"/tmp/dev.sock","id":"d0"}"#,
                 "vm.remove-device" => br#"{"id":"d0"}"#,
+                "vm.create" => br#"{"payload":{"kernel":"/k"},"memory":{"size":67108864}}"#,
                 _ => b"",
             };
             assert!(

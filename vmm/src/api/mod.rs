@@ -11,7 +11,8 @@ use std::sync::mpsc::Sender;
 
 use serde_json::Value;
 
-use crate::config::{DeviceConfig, UserDeviceConfig};
+use crate::config::{DeviceConfig, UserDeviceConfig, VmConfig};
+use crate::control::LifecycleError;
 use crate::device_manager::DeviceError;
 
 pub use memory_attributes::{AttributeWindow, MAX_RANGES, memory_attributes};
@@ -19,6 +20,11 @@ pub use memory_attributes::{AttributeWindow, MAX_RANGES, memory_attributes};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
     VmmPing,
+    VmCreate(Box<VmConfig>),
+    VmBoot,
+    VmReboot,
+    VmDelete,
+    VmPowerButton,
     VmInfo,
     VmCounters,
     VmMemoryAttributes(AttributeWindow),
@@ -33,8 +39,8 @@ pub enum ApiRequest {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("the VM is not running")]
-    VmNotRunning,
+    #[error("{0}")]
+    Lifecycle(#[source] LifecycleError),
     #[error("the VMM is shutting down")]
     VmmGone,
     #[error("device request failed")]
@@ -51,6 +57,9 @@ impl ApiError {
             ApiError::Device(DeviceError::NotFound(_)) => 404,
             ApiError::Device(DeviceError::DuplicateId(_)) => 409,
             ApiError::Device(DeviceError::ShuttingDown) => 503,
+            // As Cloud Hypervisor answers: a missing VM is "not found",
+            // every other refusal an internal error.
+            ApiError::Lifecycle(LifecycleError::NotCreated) => 404,
             _ => 500,
         }
     }
@@ -75,6 +84,11 @@ pub enum Method {
 pub const ROUTES: &[(Method, &str)] = &[
     (Method::Get, "vmm.ping"),
     (Method::Put, "vmm.shutdown"),
+    (Method::Put, "vm.create"),
+    (Method::Put, "vm.boot"),
+    (Method::Put, "vm.reboot"),
+    (Method::Put, "vm.delete"),
+    (Method::Put, "vm.power-button"),
     (Method::Get, "vm.info"),
     (Method::Get, "vm.counters"),
     (Method::Get, "vm.memory-attributes"),

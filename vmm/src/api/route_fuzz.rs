@@ -94,6 +94,11 @@ fn request_endpoint(request: &ApiRequest) -> &'static str {
     match request {
         ApiRequest::VmmPing => "vmm.ping",
         ApiRequest::VmmShutdown => "vmm.shutdown",
+        ApiRequest::VmCreate(_) => "vm.create",
+        ApiRequest::VmBoot => "vm.boot",
+        ApiRequest::VmReboot => "vm.reboot",
+        ApiRequest::VmDelete => "vm.delete",
+        ApiRequest::VmPowerButton => "vm.power-button",
         ApiRequest::VmInfo => "vm.info",
         ApiRequest::VmCounters => "vm.counters",
         ApiRequest::VmMemoryAttributes(_) => "vm.memory-attributes",
