@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod openapi;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -89,9 +91,14 @@ pub struct GuestVmm {
 
 impl GuestVmm {
     pub fn spawn(kernel: &Path, args: &[&str]) -> Self {
+        let mut all = vec!["--kernel", kernel.to_str().unwrap()];
+        all.extend_from_slice(args);
+        Self::spawn_args(&all)
+    }
+
+    /// The VMM with exactly `args` (no --kernel: an empty VMM).
+    pub fn spawn_args(args: &[&str]) -> Self {
         let mut child = Command::new(CLOUD_HYPERVISOR)
-            .arg("--kernel")
-            .arg(kernel)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
