@@ -682,7 +682,7 @@ impl UserDeviceConfig {
 /// `--platform [tdx=on|sev_snp=on|sw_protected=on][,num_pci_segments=1]`:
 /// Cloud Hypervisor's platform option, here choosing the VM type. A
 /// confidential type keeps RAM in guest_memfd.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PlatformConfig {
     #[serde(skip_serializing_if = "is_false")]
     pub tdx: bool,
@@ -697,6 +697,19 @@ pub struct PlatformConfig {
     /// container, unless a device says otherwise.
     #[serde(skip_serializing_if = "is_false")]
     pub iommufd: bool,
+}
+
+impl Default for PlatformConfig {
+    /// The default VM type on the one PCI segment.
+    fn default() -> Self {
+        PlatformConfig {
+            tdx: false,
+            sev_snp: false,
+            sw_protected: false,
+            num_pci_segments: 1,
+            iommufd: false,
+        }
+    }
 }
 
 impl PlatformConfig {
@@ -930,6 +943,8 @@ mod tests {
             })
         ));
         // The VFIO backend: the platform's default, a device's own choice.
+        assert_eq!(PlatformConfig::parse("").unwrap(), PlatformConfig::default());
+        assert_eq!(PlatformConfig::default().num_pci_segments, 1);
         assert!(!PlatformConfig::parse("").unwrap().iommufd);
         assert!(PlatformConfig::parse("iommufd=on").unwrap().iommufd);
         assert_eq!(DeviceConfig::parse("path=/x").unwrap().iommufd, None);
