@@ -403,7 +403,17 @@ fn vm_builder_rules() -> Result<Rules, seccompiler::BackendError> {
     // and what creating a VM takes on top.
     let mut rules = vmm_rules()?;
     rules.retain(|(nr, _)| *nr != libc::SYS_ioctl);
-    rules.push((libc::SYS_ioctl, Vec::new()));
+    // Any KVM request (VM, vCPU and device set-up) and any VFIO / iommufd
+    // one (cold-plugged devices), by the ioctl number's type byte.
+    let of_type = |kind: u32| {
+        SeccompRule::new(vec![SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(0xff00),
+            u64::from(kind << 8),
+        )?])
+    };
+    rules.push((libc::SYS_ioctl, vec![of_type(KVMIO)?, of_type(VFIO_TYPE)?]));
     rules.extend(unconditional([
         libc::SYS_memfd_create,
         libc::SYS_fallocate,
@@ -708,6 +718,11 @@ mod tests {
             errno_of_syscall_under(Thread::SignalHandler, ioctl),
             libc::EPERM
         );
+        // The VM builder may issue any KVM or VFIO request, nothing else.
+        assert_eq!(
+            errno_of_syscall_under(Thread::VmBuilder, ioctl),
+            libc::EPERM
+        );
     }
 
     #[test]
@@ -728,6 +743,7 @@ mod tests {
             })
         };
         assert_eq!(create_under(Thread::Vmm), 0);
+        assert_eq!(create_under(Thread::VmBuilder), 0);
         assert_eq!(create_under(Thread::Vcpu), libc::EPERM);
     }
 
