@@ -82,8 +82,79 @@ struct Cli {
     verbosity: u8,
 }
 
+/// Cloud Hypervisor options that change nothing here: accepted (with their
+/// value, if they take one) and logged.
+const WITHOUT_EFFECT: &[(&str, bool)] = &[("rng", true), ("watchdog", false), ("pvpanic", false)];
+
+/// Cloud Hypervisor options for what this VMM does not have: refused by
+/// name rather than as an unknown argument, so a command line written for
+/// Cloud Hypervisor fails with the reason.
+const NOT_SUPPORTED: &[&str] = &[
+    "balloon",
+    "dbus-object-path",
+    "dbus-service-name",
+    "dbus-system-bus",
+    "debug-console",
+    "disk",
+    "firmware",
+    "fs",
+    "fw-cfg-config",
+    "gdb",
+    "generic-vhost-user",
+    "host-data",
+    "igvm",
+    "initramfs",
+    "ivshmem",
+    "landlock",
+    "landlock-rules",
+    "memory-zone",
+    "net",
+    "numa",
+    "pci-segment",
+    "pmem",
+    "pvmemcontrol",
+    "rate-limit-group",
+    "restore",
+    "tpm",
+    "vdpa",
+    "vsock",
+];
+
+/// Takes Cloud Hypervisor's options this VMM has no use for out of `args`
+/// (returning their names) or names the first one it cannot honour.
+fn screen_cloud_hypervisor_options(
+    args: Vec<String>,
+) -> Result<(Vec<String>, Vec<String>), CliError> {
+    let mut kept = Vec::with_capacity(args.len());
+    let mut ignored = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let Some(name) = arg.strip_prefix("--") else {
+            kept.push(arg);
+            continue;
+        };
+        let (name, inline_value) = match name.split_once('=') {
+            Some((name, _)) => (name, true),
+            None => (name, false),
+        };
+        if let Some(&(_, takes_value)) = WITHOUT_EFFECT.iter().find(|(n, _)| *n == name) {
+            ignored.push(format!("--{name}"));
+            if takes_value && !inline_value {
+                args.next();
+            }
+        } else if NOT_SUPPORTED.contains(&name) {
+            return Err(CliError::NotSupported(name.to_string()));
+        } else {
+            kept.push(arg);
+        }
+    }
+    Ok((kept, ignored))
+}
+
 #[derive(Debug, thiserror::Error)]
 enum CliError {
+    #[error("--{0} is not supported by this VMM (docs/cloud-hypervisor-differences.md)")]
+    NotSupported(String),
     #[error("nothing to run: give --kernel, or --api-socket to wait for vm.create")]
     NothingToRun,
     #[error("{0} configures a VM, which needs --kernel (or use vm.create over the API)")]
@@ -127,7 +198,14 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (args, ignored) = match screen_cloud_hypervisor_options(std::env::args().collect()) {
+        Ok(screened) => screened,
+        Err(e) => {
+            eprintln!("cloud-hypervisor: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
     if let Err(e) = logger::init(cli.verbosity, cli.log_file.as_deref(), cli.seccomp) {
         eprintln!("cloud-hypervisor: {}", error_chain(&e));
         return ExitCode::FAILURE;
@@ -152,6 +230,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    for option in ignored {
+        log::info!("{option}: has no effect here (no such device); ignored");
+    }
     if cli.console.as_deref() == Some("tty") {
         log::info!("--console tty: there is no virtio-console; the serial port is the console");
     }
@@ -179,6 +260,44 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    #[test]
+    fn cloud_hypervisor_options_without_use_here_are_screened() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (kept, ignored) = screen_cloud_hypervisor_options(args(&[
+            "cloud-hypervisor",
+            "--rng",
+            "src=/dev/urandom",
+            "--kernel",
+            "/k",
+            "--watchdog",
+            "--rng=src=/dev/hwrng",
+            "--pvpanic",
+            "-v",
+        ]))
+        .unwrap();
+        assert_eq!(kept, args(&["cloud-hypervisor", "--kernel", "/k", "-v"]));
+        assert_eq!(ignored, ["--rng", "--watchdog", "--rng", "--pvpanic"]);
+        for refused in ["--disk", "--net=tap=t0", "--firmware", "--landlock"] {
+            match screen_cloud_hypervisor_options(args(&["cloud-hypervisor", refused, "x"])) {
+                Err(CliError::NotSupported(name)) => {
+                    assert!(refused.starts_with(&format!("--{name}")))
+                }
+                other => panic!("{refused}: {other:?}"),
+            }
+        }
+        // The lists do not shadow options of ours.
+        let ours: Vec<String> = Cli::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_string))
+            .collect();
+        for name in NOT_SUPPORTED
+            .iter()
+            .chain(WITHOUT_EFFECT.iter().map(|(n, _)| n))
+        {
+            assert!(!ours.iter().any(|o| o == name), "{name}");
+        }
+    }
 
     #[test]
     fn options_are_sorted_by_name() {

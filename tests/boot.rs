@@ -192,6 +192,15 @@ fn bad_command_lines_fail_with_clear_errors() {
             &["--kernel", g, "--platform", "num_pci_segments=2"],
             "only 1 PCI segment exists",
         ),
+        (
+            &["--kernel", g, "--disk", "path=/d.img"],
+            "--disk is not supported by this VMM",
+        ),
+        (
+            &["--kernel", g, "--memory", "size=1G,hugepages=on"],
+            "hugepages are not supported",
+        ),
+        (&["--kernel", g, "--serial", "pty"], "not supported"),
     ];
     for (args, expected) in cases {
         let (status, _, stderr) = run_vmm(args);
@@ -317,4 +326,36 @@ fn vfio_devices_name_the_kernel_interface_this_host_lacks() {
     assert_eq!(info["devices"], serde_json::json!([]));
     assert_eq!(info["config"]["platform"]["iommufd"], true);
     assert!(vmm.is_running());
+}
+
+/// A command line written for Cloud Hypervisor, with options that have no
+/// effect here, boots as written.
+#[test]
+fn a_cloud_hypervisor_command_line_boots_as_written() {
+    if !kvm_available("a_cloud_hypervisor_command_line_boots_as_written") {
+        return;
+    }
+    let dir = TempDir::new("chcli");
+    let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], true);
+    let (status, stdout, stderr) = run_vmm(&[
+        "--cpus",
+        "boot=1,max=2",
+        "--memory",
+        "size=64M,shared=on,hugepages=off",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 reboot=k panic=1",
+        "--console",
+        "off",
+        "--serial",
+        "tty",
+        "--rng",
+        "src=/dev/urandom",
+        "--watchdog",
+        "-v",
+    ]);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("memconv: done 0 ok 1 failed"), "{stdout}");
+    assert!(stderr.contains("--rng: has no effect here"), "{stderr}");
 }

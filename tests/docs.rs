@@ -121,7 +121,10 @@ fn the_user_guide_runs_as_written() {
     std::fs::create_dir(&tmp).unwrap();
     let text = script(include_str!("../docs/user-guide.md"), bin_dir(), &tmp);
     let (ok, out, err) = run(&text, &dir, TIMEOUT * 3);
-    assert!(ok, "user guide failed:\n{text}\nstdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        ok,
+        "user guide failed:\n{text}\nstdout:\n{out}\nstderr:\n{err}"
+    );
     // Section 1's guest, section 2's device maps, the DMA guest, section
     // 4's events, section 8's lifecycle states.
     for expected in [
@@ -131,13 +134,17 @@ fn the_user_guide_runs_as_written() {
         "\"event\":\"conversion\"",
         "Created\nRunning\n",
     ] {
-        assert!(out.contains(expected), "{expected:?} missing:\n{out}\n{err}");
+        assert!(
+            out.contains(expected),
+            "{expected:?} missing:\n{out}\n{err}"
+        );
     }
 }
 
 #[test]
 fn shell_blocks_are_found_and_the_suite_itself_is_left_out() {
-    let blocks = shell_blocks("a\n```sh\necho 1\n```\n```text\nno\n```\n```sh\n./scripts/test.sh\n```\n");
+    let blocks =
+        shell_blocks("a\n```sh\necho 1\n```\n```text\nno\n```\n```sh\n./scripts/test.sh\n```\n");
     assert_eq!(blocks, ["echo 1\n"]);
     let text = script(
         "```sh\ncargo build --release --workspace && ./target/release/x /tmp/a\n```\n",

@@ -943,7 +943,10 @@ mod tests {
             })
         ));
         // The VFIO backend: the platform's default, a device's own choice.
-        assert_eq!(PlatformConfig::parse("").unwrap(), PlatformConfig::default());
+        assert_eq!(
+            PlatformConfig::parse("").unwrap(),
+            PlatformConfig::default()
+        );
         assert_eq!(PlatformConfig::default().num_pci_segments, 1);
         assert!(!PlatformConfig::parse("").unwrap().iommufd);
         assert!(PlatformConfig::parse("iommufd=on").unwrap().iommufd);
