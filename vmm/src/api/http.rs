@@ -392,6 +392,16 @@ mod tests {
         let body: serde_json::Value =
             serde_json::from_str(&super::error_body("no endpoint x")).unwrap();
         assert_eq!(body, serde_json::json!(["no endpoint x"]));
+        // A lifecycle refusal is one message, not repeated by its wrapper,
+        // and 404 only for a missing VM (as Cloud Hypervisor answers).
+        use crate::control::LifecycleError;
+        let missing = crate::api::ApiError::Lifecycle(LifecycleError::NotCreated);
+        let body: serde_json::Value =
+            serde_json::from_str(&super::error_chain_body(&missing)).unwrap();
+        assert_eq!(body, serde_json::json!(["no VM has been created"]));
+        assert_eq!(missing.http_status(), 404);
+        let booted = crate::api::ApiError::Lifecycle(LifecycleError::AlreadyBooted);
+        assert_eq!(booted.http_status(), 500);
     }
 
     use super::*;

@@ -39,8 +39,8 @@ pub enum ApiRequest {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("{0}")]
-    Lifecycle(#[source] LifecycleError),
+    #[error(transparent)]
+    Lifecycle(LifecycleError),
     #[error("the VMM is shutting down")]
     VmmGone,
     #[error("device request failed")]
