@@ -273,7 +273,7 @@ impl ApiServer {
                 };
                 let _ = bound_tx.send(Ok(()));
                 let handler = Arc::new(move |request: HttpRequest| answer(request, &to_vmm));
-                http_server::serve(&server, &thread_stop, handler);
+                http_server::serve(&server, &thread_stop, handler, http_server::Deadlines::API);
             })
             .map_err(ApiServerError::Thread)?;
         if let Err(e) = bound_rx.recv().unwrap_or(Err(ApiServerError::Died)) {

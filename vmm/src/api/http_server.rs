@@ -30,6 +30,21 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 pub const MAX_BODY: usize = 64 * 1024;
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a connection may wait between requests (`idle`) and take to
+/// send one (`request`, from its first byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    pub idle: Duration,
+    pub request: Duration,
+}
+
+impl Deadlines {
+    pub const API: Deadlines = Deadlines {
+        idle: IDLE_TIMEOUT,
+        request: REQUEST_DEADLINE,
+    };
+}
 const SERVER_NAME: &str = "Cloud Hypervisor API";
 
 /// A request as read off the wire.
@@ -72,10 +87,7 @@ impl ReadError {
                 format!("body of {n} bytes exceeds the {MAX_BODY}-byte limit"),
             ),
             ReadError::Bad(why) => (400, format!("bad request: {why}")),
-            ReadError::TimedOut => (
-                408,
-                format!("request not complete within {REQUEST_DEADLINE:?}"),
-            ),
+            ReadError::TimedOut => (408, "request not complete in time".to_string()),
         };
         Some(HttpResponse {
             status,
@@ -106,11 +118,12 @@ pub fn encode_response(response: &HttpResponse, close: bool) -> Vec<u8> {
 pub fn read_request(
     stream: &mut UnixStream,
     pending: &mut Vec<u8>,
+    deadlines: Deadlines,
 ) -> Result<HttpRequest, ReadError> {
     // Wait for the first byte with the idle timeout, then give the whole
     // request its deadline.
     let mut deadline: Option<Instant> =
-        (!pending.is_empty()).then(|| Instant::now() + REQUEST_DEADLINE);
+        (!pending.is_empty()).then(|| Instant::now() + deadlines.request);
     let head_end = loop {
         if let Some(end) = find(pending, b"\r\n\r\n") {
             break end;
@@ -119,7 +132,7 @@ pub fn read_request(
         if pending.len() >= MAX_HEAD_BYTES + 4 {
             return Err(ReadError::HeadTooLarge);
         }
-        let limit = deadline.map_or(IDLE_TIMEOUT, |d| {
+        let limit = deadline.map_or(deadlines.idle, |d| {
             d.saturating_duration_since(Instant::now())
         });
         let room = MAX_HEAD_BYTES + 4 - pending.len();
@@ -130,12 +143,12 @@ pub fn read_request(
             Err(ReadError::TimedOut) if deadline.is_none() => return Err(ReadError::Gone),
             Err(e) => return Err(e),
         }
-        deadline.get_or_insert_with(|| Instant::now() + REQUEST_DEADLINE);
+        deadline.get_or_insert_with(|| Instant::now() + deadlines.request);
     };
     if head_end > MAX_HEAD_BYTES {
         return Err(ReadError::HeadTooLarge);
     }
-    let deadline = deadline.unwrap_or_else(|| Instant::now() + REQUEST_DEADLINE);
+    let deadline = deadline.unwrap_or_else(|| Instant::now() + deadlines.request);
     let head = std::str::from_utf8(&pending[..head_end])
         .map_err(|_| ReadError::Bad("request head is not UTF-8".into()))?;
     let parsed = parse_head(head)?;
@@ -278,9 +291,10 @@ fn serve_connection(
     stream: UnixStream,
     stop: &AtomicBool,
     handler: &(dyn Fn(HttpRequest) -> HttpResponse + Sync),
+    deadlines: Deadlines,
 ) {
     let mut stream = stream;
-    exchange(&mut stream, stop, handler);
+    exchange(&mut stream, stop, handler, deadlines);
     // The acceptor keeps a clone of this socket (to wake it at stop): shut
     // it down so the client sees the end now, not when the clone goes.
     let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -290,11 +304,12 @@ fn exchange(
     stream: &mut UnixStream,
     stop: &AtomicBool,
     handler: &(dyn Fn(HttpRequest) -> HttpResponse + Sync),
+    deadlines: Deadlines,
 ) {
-    let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
+    let _ = stream.set_write_timeout(Some(deadlines.request));
     let mut pending = Vec::new();
     while !stop.load(Ordering::Acquire) {
-        match read_request(stream, &mut pending) {
+        match read_request(stream, &mut pending, deadlines) {
             Ok(request) => {
                 let close = request.close;
                 let response = handler(request);
@@ -349,6 +364,7 @@ pub fn serve(
     listener: &UnixListener,
     stop: &AtomicBool,
     handler: Arc<dyn Fn(HttpRequest) -> HttpResponse + Send + Sync>,
+    deadlines: Deadlines,
 ) {
     let stop_flag: Arc<AtomicBool> = Arc::new(AtomicBool::new(false));
     let active = Arc::new(AtomicUsize::new(0));
@@ -383,7 +399,7 @@ pub fn serve(
         let spawned = std::thread::Builder::new()
             .name("http-conn".into())
             .spawn(move || {
-                serve_connection(stream, &conn_stop, handler.as_ref());
+                serve_connection(stream, &conn_stop, handler.as_ref(), deadlines);
                 lock_wake(&own_wake).take();
                 count.fetch_sub(1, Ordering::AcqRel);
             });
@@ -414,7 +430,7 @@ mod tests {
         let (mut server, mut client) = UnixStream::pair().unwrap();
         client.write_all(raw).unwrap();
         client.shutdown(std::net::Shutdown::Write).unwrap();
-        read_request(&mut server, &mut Vec::new())
+        read_request(&mut server, &mut Vec::new(), Deadlines::API)
     }
 
     #[test]
@@ -437,10 +453,12 @@ mod tests {
             .unwrap();
         let mut pending = Vec::new();
         assert_eq!(
-            read_request(&mut server, &mut pending).unwrap().target,
+            read_request(&mut server, &mut pending, Deadlines::API)
+                .unwrap()
+                .target,
             "/a"
         );
-        let second = read_request(&mut server, &mut pending).unwrap();
+        let second = read_request(&mut server, &mut pending, Deadlines::API).unwrap();
         assert_eq!((second.target.as_str(), second.close), ("/b", true));
     }
 
@@ -544,14 +562,16 @@ mod tests {
             client
         });
         let mut pending = Vec::new();
-        let first = read_request(&mut server, &mut pending).unwrap();
+        let first = read_request(&mut server, &mut pending, Deadlines::API).unwrap();
         assert_eq!(
             (first.target.as_str(), first.body.as_slice()),
             ("/a", &b"abcdef"[..])
         );
         let _client = writer.join().unwrap();
         assert_eq!(
-            read_request(&mut server, &mut pending).unwrap().target,
+            read_request(&mut server, &mut pending, Deadlines::API)
+                .unwrap()
+                .target,
             "/next"
         );
         assert!(pending.is_empty());
@@ -565,7 +585,7 @@ mod tests {
             .unwrap();
         let reader = std::thread::spawn(move || {
             let mut pending = Vec::new();
-            read_request(&mut server, &mut pending)
+            read_request(&mut server, &mut pending, Deadlines::API)
         });
         let mut interim = [0u8; 25];
         client.read_exact(&mut interim).unwrap();
@@ -577,7 +597,7 @@ mod tests {
         client
             .write_all(b"PUT /c HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok")
             .unwrap();
-        read_request(&mut server, &mut Vec::new()).unwrap();
+        read_request(&mut server, &mut Vec::new(), Deadlines::API).unwrap();
         client.set_nonblocking(true).unwrap();
         assert!(
             client.read(&mut [0u8; 8]).is_err(),
@@ -606,5 +626,204 @@ mod tests {
         .unwrap();
         assert!(!without.contains("Content-Type"), "{without}");
         assert!(without.contains("Connection: keep-alive\r\n"));
+    }
+}
+
+/// `serve` over a real socket, with short deadlines.
+#[cfg(test)]
+mod serve_tests {
+    use std::io::{BufRead, BufReader};
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    const QUICK: Deadlines = Deadlines {
+        idle: Duration::from_millis(300),
+        request: Duration::from_millis(300),
+    };
+
+    struct Server {
+        path: std::path::PathBuf,
+        stop: Arc<AtomicBool>,
+        thread: Option<JoinHandle<()>>,
+        /// Requests the handler answered.
+        answered: Arc<AtomicUsize>,
+    }
+
+    impl Server {
+        fn start(tag: &str) -> Server {
+            let path =
+                std::env::temp_dir().join(format!("ch-serve-{tag}-{}.sock", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let answered = Arc::new(AtomicUsize::new(0));
+            let (thread_stop, count) = (stop.clone(), answered.clone());
+            let handler: Arc<dyn Fn(HttpRequest) -> HttpResponse + Send + Sync> =
+                Arc::new(move |request: HttpRequest| {
+                    count.fetch_add(1, Ordering::AcqRel);
+                    HttpResponse {
+                        status: 200,
+                        body: format!("{{\"target\":{:?}}}", request.target),
+                    }
+                });
+            let thread = std::thread::spawn(move || {
+                serve(&listener, &thread_stop, handler, QUICK);
+            });
+            Server {
+                path,
+                stop,
+                thread: Some(thread),
+                answered,
+            }
+        }
+
+        fn connect(&self) -> UnixStream {
+            let stream = UnixStream::connect(&self.path).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            stream
+        }
+
+        /// Stops the server; how long `serve` took to return.
+        fn stop(&mut self) -> Duration {
+            let started = Instant::now();
+            self.stop.store(true, Ordering::Release);
+            self.thread.take().unwrap().join().unwrap();
+            started.elapsed()
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            if self.thread.is_some() {
+                self.stop();
+            }
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// One answer off `reader`: (status, body).
+    fn answer(reader: &mut BufReader<UnixStream>) -> Option<(u16, String)> {
+        let mut status_line = String::new();
+        if reader.read_line(&mut status_line).ok()? == 0 {
+            return None;
+        }
+        let status = status_line.split_whitespace().nth(1)?.parse().ok()?;
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).ok()?;
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().ok()?;
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).ok()?;
+        Some((status, String::from_utf8(body).ok()?))
+    }
+
+    fn at_eof(reader: &mut BufReader<UnixStream>) -> bool {
+        let mut rest = Vec::new();
+        matches!(reader.read_to_end(&mut rest), Ok(0))
+    }
+
+    #[test]
+    fn a_kept_alive_connection_is_served_until_it_asks_to_close() {
+        let server = Server::start("keepalive");
+        let mut stream = server.connect();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        stream.write_all(b"GET /a HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(
+            answer(&mut reader).unwrap(),
+            (200, "{\"target\":\"/a\"}".into())
+        );
+        stream
+            .write_all(b"GET /b HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        assert_eq!(answer(&mut reader).unwrap().1, "{\"target\":\"/b\"}");
+        assert!(at_eof(&mut reader), "closed after the answer it asked for");
+        assert_eq!(server.answered.load(Ordering::Acquire), 2);
+    }
+
+    #[test]
+    fn idle_and_slow_connections_are_let_go_at_their_deadlines() {
+        let server = Server::start("deadlines");
+        // Idle: closed without an answer once the idle time is over.
+        let started = Instant::now();
+        let mut idle = BufReader::new(server.connect());
+        assert!(at_eof(&mut idle));
+        let waited = started.elapsed();
+        assert!(
+            waited >= QUICK.idle && waited < QUICK.idle * 5,
+            "{waited:?}"
+        );
+        // Slow: a request begun and never finished gets 408.
+        let mut slow = server.connect();
+        slow.write_all(b"GET /slow HTTP/1.1\r\n").unwrap();
+        let mut reader = BufReader::new(slow);
+        assert_eq!(answer(&mut reader).unwrap().0, 408);
+        assert!(at_eof(&mut reader));
+        // A malformed one is answered with its status and closed.
+        let mut bad = server.connect();
+        bad.write_all(b"GET / HTTP/2\r\n\r\n").unwrap();
+        let mut reader = BufReader::new(bad);
+        assert_eq!(answer(&mut reader).unwrap().0, 400);
+        assert!(at_eof(&mut reader));
+        assert_eq!(server.answered.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn connections_past_the_limit_get_503_and_a_freed_slot_serves_again() {
+        let server = Server::start("limit");
+        let mut open: Vec<UnixStream> = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut stream = server.connect();
+            // Each one is answered once, so it is surely counted as open.
+            stream.write_all(b"GET /x HTTP/1.1\r\n\r\n").unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            assert_eq!(answer(&mut reader).unwrap().0, 200);
+            open.push(stream);
+        }
+        let mut reader = BufReader::new(server.connect());
+        let (status, body) = answer(&mut reader).unwrap();
+        assert_eq!(status, 503);
+        assert!(body.contains("more than 64 API connections"), "{body}");
+        // One closes: its slot is free again.
+        drop(open.pop());
+        let served = (0..100).any(|_| {
+            let mut stream = server.connect();
+            stream.write_all(b"GET /y HTTP/1.1\r\n\r\n").unwrap();
+            let got = answer(&mut BufReader::new(stream)).map(|(s, _)| s);
+            if got == Some(200) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            false
+        });
+        assert!(served, "the freed slot was never reused");
+    }
+
+    #[test]
+    fn stop_ends_kept_alive_connections_at_once() {
+        let mut server = Server::start("stop");
+        let mut streams = Vec::new();
+        for _ in 0..4 {
+            let mut stream = server.connect();
+            stream.write_all(b"GET /z HTTP/1.1\r\n\r\n").unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            assert_eq!(answer(&mut reader).unwrap().0, 200);
+            streams.push(reader);
+        }
+        // Well inside the idle time: stop must not wait for it.
+        let took = server.stop();
+        assert!(took < QUICK.idle, "{took:?}");
+        for reader in &mut streams {
+            assert!(at_eof(reader));
+        }
     }
 }
