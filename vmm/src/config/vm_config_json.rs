@@ -462,6 +462,24 @@ mod tests {
             "disks"
         );
         assert_eq!(refused_field(&with(r#""net":[{"tap":"t0"}]"#)), "net");
+        // Zero, empty, false and null ask for nothing; any other value does.
+        for nothing in [
+            r#""numa":0"#,
+            r#""tpm":"""#,
+            r#""vsock":false"#,
+            r#""fs":{}"#,
+        ] {
+            assert!(parse(&with(nothing)).is_ok(), "{nothing}");
+        }
+        assert_eq!(refused_field(&with(r#""numa":3"#)), "numa");
+        assert_eq!(refused_field(&with(r#""tpm":"/dev/tpm0""#)), "tpm");
+        assert_eq!(refused_field(&with(r#""vsock":true"#)), "vsock");
+        assert_eq!(refused_field(&with(r#""fs":{"tag":"t"}"#)), "fs");
+        assert_eq!(
+            refused_field(&with(r#""debug_console":{"mode":"Tty"}"#)),
+            "debug_console"
+        );
+        assert!(parse(&with(r#""debug_console":{"mode":"Null"}"#)).is_ok());
         assert_eq!(refused_field(&with(r#""iommu":true"#)), "iommu");
         assert_eq!(
             refused_field(&memory(r#""hugepages":true"#)),
