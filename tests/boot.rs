@@ -181,7 +181,7 @@ fn bad_command_lines_fail_with_clear_errors() {
         (&["--memory", "size=1G"], "--kernel"),
         (
             &["--kernel", "/nonexistent/guest.elf"],
-            "cannot read kernel /nonexistent/guest.elf",
+            "cloud-hypervisor: cannot boot the VM: cannot read kernel /nonexistent/guest.elf",
         ),
         (&["--kernel", garbage.to_str().unwrap()], "not an ELF file"),
         (

@@ -89,8 +89,8 @@ pub enum VmmError {
     SignalThread(#[source] SeccompError),
     #[error("cannot set up seccomp")]
     Seccomp(#[source] SeccompError),
-    #[error("cannot boot the VM")]
-    Boot(#[source] control::LifecycleError),
+    #[error(transparent)]
+    Boot(control::LifecycleError),
     #[error("cannot start the API server")]
     Api(#[source] api::http::ApiServerError),
 }
