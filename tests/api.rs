@@ -392,3 +392,53 @@ fn ram_above_the_mmio_hole_and_hole_spanning_requests() {
     );
     assert_eq!(answer["conversions"]["failed"], 1);
 }
+
+/// Our `ch-remote` against a server that, like Cloud Hypervisor's, keeps
+/// the connection open after answering: it reads the answer by its
+/// Content-Length (or knows a 204 has none) and returns at once.
+#[test]
+fn ch_remote_reads_answers_of_a_server_that_keeps_the_connection_open() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = TempDir::new("keepopen");
+    let socket = dir.path("ch.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        // The answers first: zip then stops before accepting a fourth.
+        for (answer, stream) in [
+            "HTTP/1.1 200 \r\nServer: Cloud Hypervisor API\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"version\":\"x1\"}\n",
+            "HTTP/1.1 204 \r\nServer: Cloud Hypervisor API\r\n\r\n",
+            "HTTP/1.1 404 \r\nServer: Cloud Hypervisor API\r\nContent-Length: 11\r\n\r\n[\"missing\"]",
+        ]
+        .into_iter()
+        .zip(listener.incoming())
+        {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+                line.clear();
+            }
+            stream.write_all(answer.as_bytes()).unwrap();
+            // Never closed while the client runs.
+            held.push(stream);
+        }
+        held
+    });
+    let started = std::time::Instant::now();
+    let (ok, out, err) = ch_remote(&socket, &["ping"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "{\"version\":\"x1\"}");
+    let (ok, out, err) = ch_remote(&socket, &["boot"]);
+    assert!(ok && out.is_empty(), "{out} {err}");
+    let (ok, _, err) = ch_remote(&socket, &["info"]);
+    assert!(
+        !ok && err.contains("404") && err.contains("missing"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "ch-remote waited for the connection to close"
+    );
+    drop(server.join().unwrap());
+}

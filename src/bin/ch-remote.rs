@@ -129,6 +129,11 @@ fn read_answer(stream: &mut UnixStream) -> Result<Vec<u8>, RemoteError> {
     loop {
         if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            // A 204 has no body, whatever the headers say (or do not).
+            if head.split_whitespace().nth(1) == Some("204") {
+                raw.truncate(end + 4);
+                return Ok(raw);
+            }
             let length = head
                 .lines()
                 .find_map(|l| l.strip_prefix("content-length:"))
