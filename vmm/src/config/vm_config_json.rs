@@ -514,6 +514,15 @@ mod tests {
                 ..
             }))
         ));
+        // "anonymous" is what vm.info says of RAM without guest_memfd; with
+        // guest_memfd it names no layout.
+        assert!(matches!(
+            parse(&memory(r#""guest_memfd":true,"layout":"anonymous""#)),
+            Err(VmConfigJsonError::Config(ConfigError::Invalid {
+                key: "layout",
+                ..
+            }))
+        ));
         assert!(matches!(parse("[1]"), Err(VmConfigJsonError::Syntax(_))));
         assert!(matches!(parse("{"), Err(VmConfigJsonError::Syntax(_))));
     }
