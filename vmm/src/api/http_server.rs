@@ -742,11 +742,14 @@ mod serve_tests {
             answer(&mut reader).unwrap(),
             (200, "{\"target\":\"/a\"}".into())
         );
+        let asked = Instant::now();
         stream
             .write_all(b"GET /b HTTP/1.1\r\nConnection: close\r\n\r\n")
             .unwrap();
         assert_eq!(answer(&mut reader).unwrap().1, "{\"target\":\"/b\"}");
         assert!(at_eof(&mut reader), "closed after the answer it asked for");
+        // At once, not when the idle time runs out.
+        assert!(asked.elapsed() < QUICK.idle, "{:?}", asked.elapsed());
         assert_eq!(server.answered.load(Ordering::Acquire), 2);
     }
 
