@@ -645,52 +645,147 @@ fn ch_api_client_answer(s: &mut UnixStream) -> (u16, Option<String>) {
     (code, body)
 }
 
+/// One request framed as Cloud Hypervisor's `api_client` frames it (no
+/// Connection header, Content-Length only with a body), answered and read
+/// as it reads answers, on a connection kept for the next request.
+fn ch_api_client_request(
+    s: &mut UnixStream,
+    method: &str,
+    endpoint: &str,
+    body: Option<&str>,
+) -> (u16, Option<String>) {
+    let mut request =
+        format!("{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n");
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+    } else {
+        request.push_str("\r\n");
+    }
+    s.write_all(request.as_bytes()).unwrap();
+    ch_api_client_answer(s)
+}
+
 #[test]
-fn cloud_hypervisors_api_client_reads_our_answers_on_one_connection() {
-    if !kvm_available("cloud_hypervisors_api_client_reads_our_answers") {
+fn cloud_hypervisors_api_client_drives_every_shared_endpoint() {
+    if !kvm_available("cloud_hypervisors_api_client_drives_every_shared_endpoint") {
         return;
     }
     let dir = TempDir::new("chclient");
-    let guest = memconv_guest(&dir, &[&format!("wait@{FLAG:#x}+1=1")], false);
-    let api = dir.path("api.sock");
-    let _vmm = GuestVmm::spawn(
+    let device = TestDevice::spawn(&dir, "dev0");
+    // Every other page of 320 MiB shared: 40 000 ranges, an answer of more
+    // than 1 MiB (quiet: a console line per op would take half a minute).
+    const RANGES: u64 = 40_000;
+    let ops: Vec<String> = (0..RANGES)
+        .map(|i| format!("shared@{:#x}+4K", A + 2 * i * 4096))
+        .collect();
+    let guest = dir.path("guest.elf");
+    std::fs::write(
         &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
-    wait_for_socket(&api);
-    let mut s = UnixStream::connect(&api).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    // CH's request framing: no Connection header, Content-Length only with
-    // a body; several requests on one connection.
-    s.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n")
-        .unwrap();
-    let (code, body) = ch_api_client_answer(&mut s);
-    assert_eq!(code, 200);
-    let ping: serde_json::Value = serde_json::from_str(&body.unwrap()).unwrap();
-    assert!(ping["version"].is_string());
-    let body = r#"{"id":"nothing-here"}"#;
-    s.write_all(
-        format!(
-            "PUT /api/v1/vm.remove-device HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
+        test_guest::memconv_elf(
+            &[test_guest::parse_ops(&ops.join(",")).unwrap()],
+            test_guest::MemconvOptions {
+                poweroff: false,
+                quiet: true,
+            },
+        ),
     )
     .unwrap();
-    let (code, body) = ch_api_client_answer(&mut s);
+    let api = dir.path("api.sock");
+    let vmm = GuestVmm::spawn_args(&["--api-socket", api.to_str().unwrap()]);
+    wait_for_socket(&api);
+    let spec = common::openapi::Spec::load();
+    let connect = || {
+        let s = UnixStream::connect(&api).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s
+    };
+    let json = |body: Option<String>| -> serde_json::Value {
+        serde_json::from_str(&body.expect("a body")).unwrap()
+    };
+    let mut s = connect();
+    let mut call = |method: &str, endpoint: &str, body: Option<&str>| {
+        ch_api_client_request(&mut s, method, endpoint, body)
+    };
+    let (code, body) = call("GET", "vmm.ping", None);
+    assert_eq!(code, 200);
+    spec.check("VmmPingResponse", &json(body)).unwrap();
+    let (code, body) = call("GET", "vm.info", None);
+    assert_eq!(code, 404);
+    spec.check("Error", &json(body)).unwrap();
+    let config = serde_json::json!({
+        "payload": {"kernel": guest},
+        "memory": {"size": 512u64 << 20, "guest_memfd": true},
+        "serial": {"mode": "Tty"},
+    })
+    .to_string();
+    assert_eq!(call("PUT", "vm.create", Some(&config)).0, 204);
+    assert_eq!(call("PUT", "vm.boot", None).0, 204);
+    // The guest's 40 000 conversions may outlast the connection's idle
+    // time: the rest goes on a second connection.
+    assert!(wait_until(|| vmm
+        .console()
+        .iter()
+        .any(|l| l.starts_with("memconv: done"))));
+    let mut s = connect();
+    let mut call = |method: &str, endpoint: &str, body: Option<&str>| {
+        ch_api_client_request(&mut s, method, endpoint, body)
+    };
+    let user_device = format!(
+        r#"{{"socket":"{}","id":"dev0","pci_segment":0}}"#,
+        device.socket.display()
+    );
+    let (code, body) = call("PUT", "vm.add-user-device", Some(&user_device));
+    assert_eq!(code, 200);
+    let added = json(body);
+    spec.check("DeviceInfo", &added).unwrap();
+    assert_eq!(added["bdf"], "0000:00:01.0");
+
+    // The big one: read whole by Content-Length.
+    let (code, body) = call("GET", "vm.memory-attributes", None);
+    assert_eq!(code, 200);
+    let body = body.unwrap();
+    assert!(body.len() > 1 << 20, "{} bytes", body.len());
+    let attributes: serde_json::Value = serde_json::from_str(&body).unwrap();
+    spec.check("MemoryAttributes", &attributes).unwrap();
+    assert_eq!(shared_ranges(&attributes).len() as u64, RANGES);
+    assert!(wait_until(|| device.mapping_count() as u64 == RANGES));
+
+    for (endpoint, schema) in [("vm.info", "VmInfo"), ("vm.counters", "VmCounters")] {
+        let (code, body) = call("GET", endpoint, None);
+        assert_eq!(code, 200, "{endpoint}");
+        spec.check(schema, &json(body)).unwrap();
+    }
+    for (endpoint, code) in [
+        ("vm.pause", 204),
+        ("vm.pause", 500),
+        ("vm.resume", 204),
+        ("vm.power-button", 500),
+    ] {
+        assert_eq!(call("PUT", endpoint, None).0, code, "{endpoint}");
+    }
+    let (code, body) = call("PUT", "vm.remove-device", Some(r#"{"id":"dev0"}"#));
+    assert_eq!(code, 200);
+    spec.check("DeviceInfo", &json(body)).unwrap();
+    assert_eq!(device.mapping_count(), 0);
+    let (code, body) = call("PUT", "vm.remove-device", Some(r#"{"id":"nothing-here"}"#));
     assert_eq!(code, 404);
     assert!(body.unwrap().contains("nothing-here"));
-    s.write_all(b"GET /api/v1/vm.info HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n")
-        .unwrap();
-    let (code, body) = ch_api_client_answer(&mut s);
-    assert_eq!(code, 200);
-    let info: serde_json::Value = serde_json::from_str(&body.unwrap()).unwrap();
-    assert_eq!(info["state"], "Running");
+    for (endpoint, code) in [
+        ("vm.reboot", 204),
+        ("vm.shutdown", 204),
+        ("vm.shutdown", 500),
+        ("vm.boot", 204),
+        ("vm.delete", 204),
+        ("vm.boot", 404),
+    ] {
+        assert_eq!(call("PUT", endpoint, None).0, code, "{endpoint}");
+    }
+    assert_eq!(call("PUT", "vmm.shutdown", None).0, 204);
+    let mut vmm = vmm;
+    assert!(vmm.wait_exit(TIMEOUT).success());
 }
 
 #[test]
