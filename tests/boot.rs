@@ -359,3 +359,77 @@ fn a_cloud_hypervisor_command_line_boots_as_written() {
     assert!(stdout.contains("memconv: done 0 ok 1 failed"), "{stdout}");
     assert!(stderr.contains("--rng: has no effect here"), "{stderr}");
 }
+
+/// `--serial pty` and `--serial socket=PATH`: the console reaches whoever
+/// opens the pty or connects, from then on; before that it is dropped, and
+/// the guest never waits for a reader. Seccomp filters are on.
+#[test]
+fn the_serial_console_on_a_pty_and_on_a_socket() {
+    if !kvm_available("the_serial_console_on_a_pty_and_on_a_socket") {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    const A: u64 = 16 << 20;
+    let flag = A + 0x8000;
+    for kind in ["pty", "socket"] {
+        let dir = TempDir::new("serialout");
+        let device = TestDevice::spawn(&dir, "dev0");
+        // The guest waits for the test to be listening before it converts.
+        let ops = format!("shared@{A:#x}+64K,wait@{flag:#x}+1=1,private@{A:#x}+4K");
+        let guest = memconv_guest(&dir, &[&ops], false);
+        let socket = dir.path("console.sock");
+        let serial = match kind {
+            "pty" => "pty".to_string(),
+            _ => format!("socket={}", socket.display()),
+        };
+        let user_device = format!("socket={},id=dev0", device.socket.display());
+        let (vmm, api) = spawn_with_api(
+            &dir,
+            &guest,
+            &["--serial", &serial, "--user-device", &user_device],
+        );
+        wait_for_socket(&api);
+        let (ok, info, err) = ch_remote(&api, &["info"]);
+        assert!(ok, "{err}");
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        let reader: Box<dyn std::io::Read> = if kind == "pty" {
+            assert_eq!(info["config"]["serial"]["mode"], "Pty");
+            let path = info["config"]["serial"]["file"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert!(path.starts_with("/dev/pts/"), "{path}");
+            Box::new(std::fs::File::open(&path).unwrap())
+        } else {
+            assert_eq!(info["config"]["serial"]["mode"], "Socket");
+            assert_eq!(info["config"]["serial"]["socket"], socket.to_str().unwrap());
+            Box::new(std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        };
+        assert!(
+            wait_until(|| device.mapping_count() > 0),
+            "{}",
+            vmm.stderr()
+        );
+        device.write(flag, 1);
+        let mut lines = BufReader::new(reader).lines();
+        let mut seen = Vec::new();
+        while let Some(Ok(line)) = lines.next() {
+            let done = line.contains("memconv: done");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        let seen = seen.join("\n");
+        assert!(seen.contains("op 2 private"), "{kind}: {seen}");
+        assert!(
+            seen.contains("memconv: done 3 ok 0 failed"),
+            "{kind}: {seen}"
+        );
+        let (ok, _, err) = ch_remote(&api, &["shutdown-vmm"]);
+        assert!(ok, "{kind}: {err}\n{}", vmm.stderr());
+        let mut vmm = vmm;
+        assert!(vmm.wait_exit(TIMEOUT).success(), "{}", vmm.stderr());
+        assert!(!socket.exists(), "the console socket is removed");
+    }
+}

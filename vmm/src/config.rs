@@ -261,31 +261,32 @@ impl CpusConfig {
 pub enum ConsoleOutput {
     Tty,
     File(PathBuf),
+    /// A new pseudo-terminal; `vm.info` names it.
+    Pty,
+    /// A Unix socket served at this path.
+    Socket(PathBuf),
     Off,
 }
 
 impl ConsoleOutput {
-    pub const SYNTAX: &'static str = "tty|off|null|file=PATH";
+    pub const SYNTAX: &'static str = "tty|off|null|pty|file=PATH|socket=PATH";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         match text {
             "tty" => Ok(ConsoleOutput::Tty),
             "off" | "null" => Ok(ConsoleOutput::Off),
-            "pty" => Err(ConfigError::Invalid {
-                option: "--serial",
-                key: "pty",
-                value: text.into(),
-                why: "not supported (tty, off, null or file=PATH)",
-            }),
+            "pty" => Ok(ConsoleOutput::Pty),
             _ => {
                 let p = OptionParser::parse("--serial", text, &["file", "socket"])?;
-                if p.get("socket").is_some() {
-                    return Err(p.invalid("socket", "not supported (tty, off, null or file=PATH)"));
-                }
-                match p.get("file") {
-                    Some("") => Err(p.invalid("file", "empty path")),
-                    Some(path) => Ok(ConsoleOutput::File(PathBuf::from(path))),
-                    None => Err(ConfigError::Missing {
+                match (p.get("file"), p.get("socket")) {
+                    (Some(""), _) => Err(p.invalid("file", "empty path")),
+                    (_, Some("")) => Err(p.invalid("socket", "empty path")),
+                    (Some(path), None) => Ok(ConsoleOutput::File(PathBuf::from(path))),
+                    (None, Some(path)) => Ok(ConsoleOutput::Socket(PathBuf::from(path))),
+                    (Some(_), Some(_)) => {
+                        Err(p.invalid("socket", "give file= or socket=, not both"))
+                    }
+                    (None, None) => Err(ConfigError::Missing {
                         option: "--serial",
                         key: "file",
                     }),
@@ -861,7 +862,14 @@ mod tests {
         assert_eq!(ConsoleOutput::parse("tty").unwrap(), ConsoleOutput::Tty);
         assert_eq!(ConsoleOutput::parse("off").unwrap(), ConsoleOutput::Off);
         assert_eq!(ConsoleOutput::parse("null").unwrap(), ConsoleOutput::Off);
-        assert!(ConsoleOutput::parse("socket=/tmp/s").is_err());
+        assert_eq!(
+            ConsoleOutput::parse("socket=/tmp/s").unwrap(),
+            ConsoleOutput::Socket("/tmp/s".into())
+        );
+        assert_eq!(ConsoleOutput::parse("pty").unwrap(), ConsoleOutput::Pty);
+        assert!(ConsoleOutput::parse("socket=").is_err());
+        assert!(ConsoleOutput::parse("file=/a,socket=/b").is_err());
+        assert!(ConsoleOutput::parse("vga").is_err());
         use crate::api::http::ApiSocket;
         assert_eq!(
             parse_api_socket("/tmp/a.sock").unwrap(),
@@ -889,7 +897,6 @@ mod tests {
             ConsoleOutput::File("/tmp/c".into())
         );
         assert!(ConsoleOutput::parse("file=").is_err());
-        assert!(ConsoleOutput::parse("pty").is_err());
         assert_eq!(
             EventMonitorConfig::parse("fd=3").unwrap(),
             EventMonitorConfig::Fd(3)

@@ -16,6 +16,7 @@ pub mod event_monitor;
 mod fuzz_config;
 pub mod memory;
 pub mod seccomp_filters;
+pub mod serial_output;
 #[cfg(test)]
 mod test_util;
 mod vcpu;

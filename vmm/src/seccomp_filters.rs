@@ -289,6 +289,9 @@ fn vcpu_rules() -> Result<Rules, seccompiler::BackendError> {
     let punch_hole = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64;
     rules.push((libc::SYS_fallocate, any_of(1, &[punch_hole])?));
     rules.extend(unconditional(vfio_user_client_syscalls()));
+    // `--serial socket=`: the guest's console write takes a waiting client
+    // (non-blocking); sending to it is `sendto`, in the common set.
+    rules.extend(unconditional([libc::SYS_accept4]));
     Ok(rules)
 }
 
@@ -399,9 +402,12 @@ fn http_server_rules() -> Result<Rules, seccompiler::BackendError> {
 }
 
 fn vm_builder_rules() -> Result<Rules, seccompiler::BackendError> {
-    // Everything the VMM thread may do (cold-plugged devices attach here)
-    // and what creating a VM takes on top.
+    // Everything the VMM thread may do (cold-plugged devices attach here),
+    // what creating a VM takes on top, and everything a vCPU may do: the
+    // vCPU threads start here and their filters stack on this one, so a
+    // call this filter refused would be refused to them too.
     let mut rules = vmm_rules()?;
+    rules.extend(vcpu_rules()?);
     rules.retain(|(nr, _)| *nr != libc::SYS_ioctl);
     // Any KVM request (VM, vCPU and device set-up) and any VFIO / iommufd
     // one (cold-plugged devices), by the ioctl number's type byte.
@@ -413,7 +419,11 @@ fn vm_builder_rules() -> Result<Rules, seccompiler::BackendError> {
             u64::from(kind << 8),
         )?])
     };
-    rules.push((libc::SYS_ioctl, vec![of_type(KVMIO)?, of_type(VFIO_TYPE)?]));
+    // `--serial pty`: finding and unlocking the new pseudo-terminal.
+    let pty = [libc::TIOCGPTN, libc::TIOCSPTLCK, libc::TCGETS];
+    let mut ioctls = vec![of_type(KVMIO)?, of_type(VFIO_TYPE)?];
+    ioctls.extend(any_of(1, &pty)?);
+    rules.push((libc::SYS_ioctl, ioctls));
     rules.extend(unconditional([
         libc::SYS_memfd_create,
         libc::SYS_fallocate,
@@ -427,6 +437,9 @@ fn vm_builder_rules() -> Result<Rules, seccompiler::BackendError> {
         libc::SYS_seccomp,
         libc::SYS_prctl,
         libc::SYS_sched_getaffinity,
+        // `--serial socket=`: its listening socket.
+        libc::SYS_bind,
+        libc::SYS_listen,
     ]));
     Ok(rules)
 }
@@ -597,6 +610,60 @@ mod tests {
             );
         }
         assert!(filter(SeccompMode::Off, Thread::Vcpu).unwrap().is_none());
+    }
+
+    /// vCPU threads start on the builder thread, so both filters apply to
+    /// them: the builder's must let through everything a vCPU may do.
+    #[test]
+    fn the_builders_filter_lets_through_everything_a_vcpu_may_do() {
+        let vcpu = rules_for(Thread::Vcpu).unwrap();
+        let builder = rules_for(Thread::VmBuilder).unwrap();
+        for (nr, rules) in &vcpu {
+            let allowed = &builder[nr];
+            if *nr == libc::SYS_ioctl {
+                continue;
+            }
+            assert!(
+                allowed.is_empty() || !rules.is_empty(),
+                "syscall {nr}: unconditional for vCPUs, conditional for the builder"
+            );
+        }
+        // Behaviour, stacked as on a real vCPU thread: accept4 (serial
+        // socket) and pwrite64 (a VFIO BAR write) get through both.
+        let stacked = |syscall: i64| {
+            let filters: Vec<BpfProgram> = [Thread::VmBuilder, Thread::Vcpu]
+                .into_iter()
+                .map(|t| {
+                    SeccompFilter::new(
+                        rules_for(t).unwrap(),
+                        SeccompAction::Errno(libc::EPERM as u32),
+                        SeccompAction::Allow,
+                        std::env::consts::ARCH.try_into().unwrap(),
+                    )
+                    .unwrap()
+                    .try_into()
+                    .unwrap()
+                })
+                .collect();
+            std::thread::spawn(move || {
+                for filter in &filters {
+                    apply(filter).unwrap();
+                }
+                // SAFETY: invalid fds (-1): the kernel answers EBADF unless
+                // the filter answers EPERM first; no memory is touched.
+                let rc = unsafe { libc::syscall(syscall, -1, 0, 0, 0) };
+                if rc == 0 { 0 } else { last_errno() }
+            })
+            .join()
+            .unwrap()
+        };
+        assert_eq!(stacked(libc::SYS_accept4), libc::EBADF);
+        assert_eq!(stacked(libc::SYS_pwrite64), libc::EBADF);
+        assert_eq!(
+            stacked(libc::SYS_socket),
+            libc::EPERM,
+            "vCPUs make no sockets"
+        );
     }
 
     #[test]

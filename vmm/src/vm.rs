@@ -56,6 +56,8 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot set up the serial console")]
+    SerialOutput(#[source] crate::serial_output::SerialOutputError),
     #[error("cannot add a device to the I/O bus")]
     Bus(#[source] vm_device::BusError),
     #[error("cannot create vCPU")]
@@ -90,6 +92,10 @@ pub struct Vm {
     /// Which boot of this VMM this is (see `VmmEvent::Guest`).
     id: u64,
     config: VmConfig,
+    /// The pseudo-terminal of `--serial pty`.
+    serial_pty: Option<std::path::PathBuf>,
+    /// The file of `--serial socket=`, removed with the VM.
+    _serial_socket: Option<crate::serial_output::SocketFile>,
     memory: Arc<MemoryManager>,
     devices: Arc<DeviceManager>,
     monitor: Arc<EventMonitor>,
@@ -110,15 +116,50 @@ fn conversion_counters(
     }
 }
 
-fn serial_output(config: &ConsoleOutput) -> Result<Box<dyn Write + Send>, VmError> {
+/// Where the serial console writes.
+struct SerialSetup {
+    writer: Box<dyn Write + Send>,
+    /// The pseudo-terminal it made (`vm.info` names it).
+    pty: Option<std::path::PathBuf>,
+    /// The socket file to remove when the VM goes.
+    socket: Option<crate::serial_output::SocketFile>,
+}
+
+fn serial_output(config: &ConsoleOutput) -> Result<SerialSetup, VmError> {
+    use crate::serial_output::{PtyOutput, SocketFile, SocketOutput};
+    // Lossy outputs write whole lines, not a system call per byte.
+    let lines = |out: Box<dyn Write + Send>| Box::new(std::io::BufWriter::with_capacity(256, out));
+    let plain = |writer| SerialSetup {
+        writer,
+        pty: None,
+        socket: None,
+    };
     Ok(match config {
-        ConsoleOutput::Tty => Box::new(std::io::stdout()),
-        ConsoleOutput::Off => Box::new(std::io::sink()),
-        ConsoleOutput::File(path) => {
-            Box::new(File::create(path).map_err(|source| VmError::SerialFile {
+        ConsoleOutput::Tty => plain(Box::new(std::io::stdout())),
+        ConsoleOutput::Off => plain(Box::new(std::io::sink())),
+        ConsoleOutput::File(path) => plain(Box::new(File::create(path).map_err(|source| {
+            VmError::SerialFile {
                 path: path.display().to_string(),
                 source,
-            })?)
+            }
+        })?)),
+        ConsoleOutput::Pty => {
+            let (pty, path) = PtyOutput::open().map_err(VmError::SerialOutput)?;
+            info!("serial console on {}", path.display());
+            SerialSetup {
+                writer: lines(Box::new(pty)),
+                pty: Some(path),
+                socket: None,
+            }
+        }
+        ConsoleOutput::Socket(path) => {
+            let socket = SocketOutput::bind(path).map_err(VmError::SerialOutput)?;
+            info!("serial console on socket {}", path.display());
+            SerialSetup {
+                writer: lines(Box::new(socket)),
+                pty: None,
+                socket: Some(SocketFile(path.clone())),
+            }
         }
     })
 }
@@ -206,10 +247,11 @@ impl Vm {
             })?;
 
         let conversions = Arc::new(ConversionPath::new(memory.clone(), monitor.clone()));
+        let serial = serial_output(&config.serial)?;
         let io_bus = Arc::new(Bus::new());
         io_bus
             .insert(
-                Arc::new(SerialConsole::new(serial_output(&config.serial)?)),
+                Arc::new(SerialConsole::new(serial.writer)),
                 SERIAL_PORT,
                 SERIAL_LEN,
             )
@@ -265,6 +307,8 @@ impl Vm {
         let mut vm = Vm {
             id: vm_id,
             config,
+            serial_pty: serial.pty,
+            _serial_socket: serial.socket,
             memory,
             devices,
             monitor: monitor.clone(),
@@ -457,8 +501,13 @@ impl Vm {
                 )
             })
             .collect();
+        let mut config = json!(self.config);
+        if let Some(pty) = &self.serial_pty {
+            // As Cloud Hypervisor reports a pty: its path as the file.
+            config["serial"]["file"] = json!(pty);
+        }
         json!({
-            "config": self.config,
+            "config": config,
             "state": self.state,
             "memory_actual_size": self.config.memory.size,
             "device_tree": device_tree,

@@ -202,7 +202,7 @@ fn payload(top: &Map<String, Value>) -> Result<(PathBuf, Option<String>), VmConf
 }
 
 /// Cloud Hypervisor's `ConsoleConfig`: `{"mode": "Off"|"Null"|"Tty"|"File",
-/// "file": PATH}` (`Pty` and `Socket` are not supported).
+/// "file": PATH}` with `"Pty"` and `"Socket"` (`"socket": PATH`) for the serial port.
 fn console(
     top: &Map<String, Value>,
     field: &str,
@@ -220,12 +220,17 @@ fn console(
                 .map(PathBuf::from)
                 .ok_or_else(|| field_error(&format!("{field}.file"), "required with mode File"))?,
         ),
-        "Pty" | "Socket" => {
-            return Err(field_error(
-                &format!("{field}.mode"),
-                format!("{mode} is not supported (Off, Null, Tty or File)"),
-            ));
-        }
+        // A pty's path is the VMM's to choose: what vm.info showed is not
+        // asked for again.
+        "Pty" => ConsoleOutput::Pty,
+        "Socket" => ConsoleOutput::Socket(
+            string(o, "socket", field)?
+                .filter(|f| !f.is_empty())
+                .map(PathBuf::from)
+                .ok_or_else(|| {
+                    field_error(&format!("{field}.socket"), "required with mode Socket")
+                })?,
+        ),
         other => {
             return Err(field_error(
                 &format!("{field}.mode"),
@@ -233,12 +238,7 @@ fn console(
             ));
         }
     };
-    check_rest(
-        o,
-        field,
-        &["mode", "file"],
-        &[("socket", "Socket is not supported")],
-    )?;
+    check_rest(o, field, &["mode", "file", "socket"], &[])?;
     Ok(Some(output))
 }
 
@@ -296,10 +296,17 @@ pub fn from_json(body: &[u8]) -> Result<VmConfig, VmConfigJsonError> {
         return Err(VmConfigJsonError::Syntax("expected an object".into()));
     };
     let (kernel, cmdline) = payload(&top)?;
-    if console(&top, "console")?.is_some_and(|c| c != ConsoleOutput::Off) {
-        info!(
+    match console(&top, "console")? {
+        None | Some(ConsoleOutput::Off) => {}
+        Some(ConsoleOutput::Tty) => info!(
             "vm.create: console: there is no virtio-console here; the serial port is the console"
-        );
+        ),
+        Some(_) => {
+            return Err(field_error(
+                "console.mode",
+                "there is no virtio-console (Off, Null or Tty; the serial port is the console)",
+            ));
+        }
     }
     let devices: Vec<DeviceConfig> = list(&top, "devices")?;
     for device in &devices {
@@ -352,6 +359,8 @@ fn console_json(output: &ConsoleOutput) -> Value {
         ConsoleOutput::Tty => json!({ "mode": "Tty" }),
         ConsoleOutput::Off => json!({ "mode": "Off" }),
         ConsoleOutput::File(path) => json!({ "mode": "File", "file": path }),
+        ConsoleOutput::Pty => json!({ "mode": "Pty" }),
+        ConsoleOutput::Socket(path) => json!({ "mode": "Socket", "socket": path }),
     }
 }
 
@@ -490,7 +499,15 @@ mod tests {
             "memory.zones"
         );
         assert_eq!(
-            refused_field(&with(r#""serial":{"mode":"Pty"}"#)),
+            refused_field(&with(r#""serial":{"mode":"Socket"}"#)),
+            "serial.socket"
+        );
+        assert_eq!(
+            refused_field(&with(r#""console":{"mode":"Pty"}"#)),
+            "console.mode"
+        );
+        assert_eq!(
+            refused_field(&with(r#""serial":{"mode":"Vga"}"#)),
             "serial.mode"
         );
         assert_eq!(
