@@ -652,6 +652,10 @@ mod serve_tests {
 
     impl Server {
         fn start(tag: &str) -> Server {
+            Self::start_with(tag, QUICK)
+        }
+
+        fn start_with(tag: &str, deadlines: Deadlines) -> Server {
             let path =
                 std::env::temp_dir().join(format!("ch-serve-{tag}-{}.sock", std::process::id()));
             let _ = std::fs::remove_file(&path);
@@ -668,7 +672,7 @@ mod serve_tests {
                     }
                 });
             let thread = std::thread::spawn(move || {
-                serve(&listener, &thread_stop, handler, QUICK);
+                serve(&listener, &thread_stop, handler, deadlines);
             });
             Server {
                 path,
@@ -814,7 +818,12 @@ mod serve_tests {
 
     #[test]
     fn stop_ends_kept_alive_connections_at_once() {
-        let mut server = Server::start("stop");
+        // Idle connections would last seconds: only stop ends them sooner.
+        let patient = Deadlines {
+            idle: Duration::from_secs(3),
+            request: Duration::from_secs(3),
+        };
+        let mut server = Server::start_with("stop", patient);
         let mut streams = Vec::new();
         for _ in 0..4 {
             let mut stream = server.connect();
@@ -823,11 +832,19 @@ mod serve_tests {
             assert_eq!(answer(&mut reader).unwrap().0, 200);
             streams.push(reader);
         }
-        // Well inside the idle time: stop must not wait for it.
+        // Well inside the idle time: stop must not wait for it, and every
+        // connection (the first accepted too) is ended by it, not by its
+        // idle time running out.
+        let stopped = Instant::now();
         let took = server.stop();
-        assert!(took < QUICK.idle, "{took:?}");
+        assert!(took < Duration::from_secs(1), "{took:?}");
         for reader in &mut streams {
             assert!(at_eof(reader));
         }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            stopped.elapsed()
+        );
     }
 }
