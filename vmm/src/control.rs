@@ -536,6 +536,43 @@ mod tests {
     }
 
     #[test]
+    fn the_control_loop_ends_on_a_signal_a_guest_power_off_or_a_lost_channel() {
+        let dir = dir("loop");
+        let Some((mut vmm, config, _events)) = vmm(&dir) else {
+            return;
+        };
+        let (tx, rx) = channel();
+        tx.send(VmmEvent::Signal(libc::SIGTERM)).unwrap();
+        assert_eq!(vmm.control_loop(&rx), 0);
+        vmm.create(config).unwrap();
+        vmm.boot().unwrap();
+        let running = vmm.vm.as_ref().unwrap().id();
+        // A stale VM's power-off is skipped; the running one's code ends it.
+        for (vm, code) in [(running + 5, 9), (running, 7)] {
+            tx.send(VmmEvent::Guest {
+                vm,
+                event: GuestEvent::PowerOff(code),
+            })
+            .unwrap();
+        }
+        assert_eq!(vmm.control_loop(&rx), 7);
+        // Requests are answered while it runs; hot-plug answers from its
+        // worker thread.
+        let (answer_tx, answers) = channel();
+        tx.send(VmmEvent::Api(api::ApiMessage {
+            request: ApiRequest::VmRemoveDevice("nothing".into()),
+            respond: answer_tx,
+        }))
+        .unwrap();
+        drop(tx);
+        assert_eq!(vmm.control_loop(&rx), 1, "a lost channel ends it with 1");
+        let answer = answers.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(answer.err().map(|e| e.http_status()), Some(404));
+        vmm.finish(0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn cold_plug_keeps_ids_unique_and_removes_only_what_exists() {
         let dir = dir("coldplug");
         let Some((mut vmm, config, _events)) = vmm(&dir) else {
@@ -589,6 +626,22 @@ mod tests {
             .map(|d| d.id.clone().unwrap())
             .collect();
         assert_eq!(ids, ["b"]);
+        // VFIO devices too, by the same ids.
+        vmm.cold_plug(tx.clone(), |c| {
+            c.devices.push(crate::config::DeviceConfig {
+                path: "/sys/bus/pci/devices/0000:01:00.0/".into(),
+                id: Some("gpu".into()),
+                ..Default::default()
+            });
+            Ok(())
+        });
+        assert!(rx.recv().unwrap().is_ok());
+        vmm.handle_api(api::ApiMessage {
+            request: ApiRequest::VmRemoveDevice("gpu".into()),
+            respond: tx.clone(),
+        });
+        assert!(rx.recv().unwrap().is_ok());
+        assert!(vmm.config.as_ref().unwrap().devices.is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
