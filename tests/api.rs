@@ -297,21 +297,8 @@ fn event_monitor_streams_boot_conversions_and_shutdown() {
         ],
     );
     assert!(vmm.wait_exit(TIMEOUT).success());
-    let lines: Vec<Value> = std::fs::read_to_string(&events)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let names: Vec<String> = lines
-        .iter()
-        .map(|e| {
-            format!(
-                "{}/{}",
-                e["source"].as_str().unwrap(),
-                e["event"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let lines = read_events(&events);
+    let names = event_names(&lines);
     // Cloud Hypervisor's lifecycle events around ours.
     assert_eq!(
         names,

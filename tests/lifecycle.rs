@@ -207,17 +207,8 @@ fn an_empty_vmm_creates_boots_shuts_down_boots_again_reboots_and_deletes() {
     assert!(ok, "{err}");
     assert!(vmm.wait_exit(TIMEOUT).success(), "{}", vmm.stderr());
 
-    let names: Vec<String> = std::fs::read_to_string(&events)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .map(|e| {
-            format!(
-                "{}/{}",
-                e["source"].as_str().unwrap(),
-                e["event"].as_str().unwrap()
-            )
-        })
+    let names: Vec<String> = event_names(&read_events(&events))
+        .into_iter()
         .filter(|n| n.starts_with("vm"))
         .collect();
     assert_eq!(

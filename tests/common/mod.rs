@@ -285,6 +285,29 @@ pub fn get(socket: &Path, path: &str) -> (u16, String) {
     )
 }
 
+/// "source/event" of each event in an event-monitor file, in order.
+pub fn event_names(events: &[serde_json::Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| {
+            format!(
+                "{}/{}",
+                e["source"].as_str().unwrap(),
+                e["event"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// The events of an event-monitor file (one JSON object per line).
+pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// Waits until the API socket accepts connections.
 pub fn wait_for_socket(socket: &Path) {
     let deadline = Instant::now() + TIMEOUT;

@@ -280,30 +280,34 @@ impl Vmm {
                 .and_then(|vm| vm.resume().map_err(ApiError::Vm))
                 .map(|()| None),
             VmAddDevice(config) => {
-                if self.vm.is_none() {
-                    return self.cold_plug(respond, |c| {
+                let plugged = config.clone();
+                return self.device_request(
+                    respond,
+                    |c| {
                         c.devices.push(config);
                         Ok(())
-                    });
-                }
-                return self.hotplug(respond, move |devices, monitor| {
-                    vm::device_ops::add_device(devices, monitor, &config)
-                });
+                    },
+                    move |devices, monitor| vm::device_ops::add_device(devices, monitor, &plugged),
+                );
             }
             VmAddUserDevice(config) => {
-                if self.vm.is_none() {
-                    return self.cold_plug(respond, |c| {
+                let plugged = config.clone();
+                return self.device_request(
+                    respond,
+                    |c| {
                         c.user_devices.push(config);
                         Ok(())
-                    });
-                }
-                return self.hotplug(respond, move |devices, monitor| {
-                    vm::device_ops::add_user_device(devices, monitor, &config)
-                });
+                    },
+                    move |devices, monitor| {
+                        vm::device_ops::add_user_device(devices, monitor, &plugged)
+                    },
+                );
             }
             VmRemoveDevice(id) => {
-                if self.vm.is_none() {
-                    return self.cold_plug(respond, |c| {
+                let unplugged = id.clone();
+                return self.device_request(
+                    respond,
+                    |c| {
                         let before = c.devices.len() + c.user_devices.len();
                         c.devices.retain(|d| d.id.as_deref() != Some(id.as_str()));
                         c.user_devices
@@ -312,11 +316,11 @@ impl Vmm {
                             return Err(DeviceError::NotFound(id));
                         }
                         Ok(())
-                    });
-                }
-                return self.hotplug(respond, move |devices, monitor| {
-                    vm::device_ops::remove_device(devices, monitor, &id)
-                });
+                    },
+                    move |devices, monitor| {
+                        vm::device_ops::remove_device(devices, monitor, &unplugged)
+                    },
+                );
             }
         };
         let _ = respond.send(answer);
@@ -339,6 +343,26 @@ impl Vmm {
             "vm_type": config.platform.vm_type().name(),
             "devices": [],
         })))
+    }
+
+    /// A device request: before boot it changes the configuration, on a
+    /// booted VM it hot-plugs.
+    fn device_request(
+        &mut self,
+        respond: Sender<ApiResponse>,
+        cold: impl FnOnce(&mut VmConfig) -> Result<(), DeviceError>,
+        hot: impl FnOnce(
+            &device_manager::DeviceManager,
+            &EventMonitor,
+        ) -> Result<device_manager::DeviceInfo, DeviceError>
+        + Send
+        + 'static,
+    ) -> Option<Exit> {
+        if self.vm.is_none() {
+            self.cold_plug(respond, cold)
+        } else {
+            self.hotplug(respond, hot)
+        }
     }
 
     /// A device added or removed before boot changes the configuration
