@@ -356,8 +356,8 @@ mod tests {
         ));
         for refused in [
             ["--memory", "size=1G,hugepages=on"],
-            ["--serial", "pty"],
-            ["--serial", "socket=/tmp/s"],
+            ["--serial", "vga"],
+            ["--serial", "socket="],
             ["--cpus", "boot=4,max=2"],
             ["--api-socket", "fd=1"],
         ] {
