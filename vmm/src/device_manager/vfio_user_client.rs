@@ -945,6 +945,241 @@ mod tests {
         server.join().unwrap();
     }
 
+    /// A DEVICE_GET_REGION_INFO reply: the 32-byte info (index, flags,
+    /// cap_offset, size, offset) and, at `caps`, a capability chain.
+    fn region_reply(
+        index: u32,
+        flags: u32,
+        size: u64,
+        caps: &[(u16, u32, Vec<(u64, u64)>)],
+    ) -> Vec<u8> {
+        let mut reply = vec![0u8; 32];
+        reply[0..4].copy_from_slice(&REGION_INFO_ARGSZ.to_le_bytes());
+        reply[4..8].copy_from_slice(&flags.to_le_bytes());
+        reply[8..12].copy_from_slice(&index.to_le_bytes());
+        reply[16..24].copy_from_slice(&size.to_le_bytes());
+        reply[24..32].copy_from_slice(&0x7000u64.to_le_bytes());
+        if !caps.is_empty() {
+            reply[12..16].copy_from_slice(&32u32.to_le_bytes());
+        }
+        for (i, (id, next, areas)) in caps.iter().enumerate() {
+            let at = reply.len();
+            let mut cap = vec![0u8; 16];
+            cap[0..4].copy_from_slice(&u32::from(*id).to_le_bytes());
+            cap[4..8].copy_from_slice(&next.to_le_bytes());
+            cap[8..12].copy_from_slice(&(areas.len() as u32).to_le_bytes());
+            for (offset, len) in areas {
+                cap.extend_from_slice(&offset.to_le_bytes());
+                cap.extend_from_slice(&len.to_le_bytes());
+            }
+            reply.extend_from_slice(&cap);
+            debug_assert!(i > 0 || at == 32);
+        }
+        reply
+    }
+
+    #[test]
+    fn region_accesses_may_be_as_large_as_the_limit_and_no_larger() {
+        assert!(region_access(0, 0, MAX_REGION_ACCESS).is_ok());
+        assert!(matches!(
+            region_access(0, 0, MAX_REGION_ACCESS + 1),
+            Err(VfioUserError::AccessSize(_))
+        ));
+        let head = region_access(3, 0x1234, 8).unwrap();
+        assert_eq!(u64_at(&head, 0), 0x1234);
+        assert_eq!(head[8..16], [3, 0, 0, 0, 8, 0, 0, 0]);
+    }
+
+    #[test]
+    fn sparse_mmap_areas_keep_only_whole_pages_inside_the_region() {
+        let size = 0x10000;
+        let areas = vec![
+            (0x0, 0x1000),               // kept
+            (0x1000, 0),                 // empty
+            (0x2001, 0x1000),            // unaligned offset
+            (0x3000, 0x800),             // unaligned length
+            (0xf000, 0x1000),            // ends exactly at the region's end: kept
+            (0xf000, 0x2000),            // past the end
+            (u64::MAX & !0xfff, 0x1000), // overflows
+            (0x4000, 0x3000),            // kept
+        ];
+        let reply = region_reply(0, 0, size, &[(REGION_INFO_CAP_SPARSE_MMAP, 0, areas)]);
+        assert_eq!(
+            sparse_mmap_areas(&reply, size),
+            Some(vec![(0x0, 0x1000), (0xf000, 0x1000), (0x4000, 0x3000)])
+        );
+        // No chain at all: nothing, and that is not an error.
+        assert_eq!(
+            sparse_mmap_areas(&region_reply(0, 0, size, &[]), size),
+            Some(vec![])
+        );
+        // Another capability first, the sparse list after it.
+        let first_len = 16u32;
+        let reply = region_reply(
+            0,
+            0,
+            size,
+            &[
+                (7, 32 + first_len, vec![]),
+                (REGION_INFO_CAP_SPARSE_MMAP, 0, vec![(0x2000, 0x1000)]),
+            ],
+        );
+        assert_eq!(
+            sparse_mmap_areas(&reply, size),
+            Some(vec![(0x2000, 0x1000)])
+        );
+        // A chain pointing back (a loop) or past the end is malformed.
+        let looping = region_reply(0, 0, size, &[(7, 32, vec![])]);
+        assert_eq!(sparse_mmap_areas(&looping, size), None);
+        let dangling = region_reply(0, 0, size, &[(7, 4096, vec![])]);
+        assert_eq!(sparse_mmap_areas(&dangling, size), None);
+        // A count larger than what was sent is malformed too.
+        let mut truncated = region_reply(
+            0,
+            0,
+            size,
+            &[(
+                REGION_INFO_CAP_SPARSE_MMAP,
+                0,
+                vec![(0, 0x1000), (0x1000, 0x1000)],
+            )],
+        );
+        truncated.truncate(truncated.len() - 8);
+        assert_eq!(sparse_mmap_areas(&truncated, size), None);
+    }
+
+    #[test]
+    fn region_info_offers_mmap_only_with_the_flag_and_an_fd() {
+        let cases: [(u32, bool, Vec<(u64, u64)>); 5] = [
+            // Mmappable, no capability, an fd: the whole region.
+            (REGION_INFO_FLAG_MMAP, true, vec![(0, 0x4000)]),
+            // Mmappable but no fd came: nothing to map.
+            (REGION_INFO_FLAG_MMAP, false, vec![]),
+            // An fd but no mmap flag: nothing either.
+            (0, true, vec![]),
+            // Capabilities: exactly the sparse areas.
+            (
+                REGION_INFO_FLAG_MMAP | REGION_INFO_FLAG_CAPS,
+                true,
+                vec![(0x1000, 0x1000)],
+            ),
+            // Capabilities without the mmap flag: nothing.
+            (REGION_INFO_FLAG_CAPS, true, vec![]),
+        ];
+        for (flags, with_fd, expected) in cases {
+            let caps = if flags & REGION_INFO_FLAG_CAPS != 0 {
+                vec![(REGION_INFO_CAP_SPARSE_MMAP, 0, vec![(0x1000, 0x1000)])]
+            } else {
+                vec![]
+            };
+            let reply = region_reply(2, flags, 0x4000, &caps);
+            let (client_end, mut server_end) = UnixStream::pair().unwrap();
+            let server = std::thread::spawn(move || {
+                let mut raw = [0u8; HEADER_SIZE];
+                server_end.read_exact(&mut raw).unwrap();
+                let header = Header::decode(&raw);
+                let mut body = vec![0u8; header.size as usize - HEADER_SIZE];
+                server_end.read_exact(&mut body).unwrap();
+                let answer = reply_to(header, FLAG_REPLY, 0, &reply);
+                if with_fd {
+                    let file = std::fs::File::open("/dev/zero").unwrap();
+                    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+                    server_end
+                        .send_with_fd(&answer[..], file.as_raw_fd())
+                        .unwrap();
+                } else {
+                    server_end.write_all(&answer).unwrap();
+                }
+            });
+            let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), None);
+            let info = client.region_info(2).unwrap();
+            server.join().unwrap();
+            assert_eq!(info.mmap_areas, expected, "flags {flags:#x}, fd {with_fd}");
+            assert_eq!(
+                (info.size, info.offset, info.flags),
+                (0x4000, 0x7000, flags)
+            );
+            assert_eq!(info.fd.is_some(), with_fd);
+        }
+    }
+
+    #[test]
+    fn short_and_mismatched_replies_to_device_requests_close_the_connection() {
+        type Ask = fn(&mut VfioUserClient) -> Result<(), VfioUserError>;
+        type Mangle = fn(Header, &[u8]) -> Vec<u8>;
+        let cases: [(&str, Ask, Mangle); 6] = [
+            (
+                "device info short",
+                |c| c.device_info().map(drop),
+                |h, _| reply_to(h, FLAG_REPLY, 0, &[16, 0, 0, 0, 3, 0, 0, 0]),
+            ),
+            (
+                "region info short",
+                |c| c.region_info(1).map(drop),
+                |h, body| reply_to(h, FLAG_REPLY, 0, &body[..24]),
+            ),
+            (
+                "region info malformed chain",
+                |c| c.region_info(1).map(drop),
+                |h, _| {
+                    let reply = region_reply(1, REGION_INFO_FLAG_CAPS, 0x1000, &[(7, 32, vec![])]);
+                    reply_to(h, FLAG_REPLY, 0, &reply)
+                },
+            ),
+            (
+                "region write short",
+                |c| c.region_write(0, 8, &[1]),
+                |h, body| reply_to(h, FLAG_REPLY, 0, &body[..8]),
+            ),
+            (
+                "region write other offset",
+                |c| c.region_write(0, 8, &[1]),
+                |h, body| {
+                    let mut head = body[..16].to_vec();
+                    head[0] ^= 8;
+                    reply_to(h, FLAG_REPLY, 0, &head)
+                },
+            ),
+            (
+                "irq info short",
+                |c| c.irq_count(2).map(drop),
+                |h, body| reply_to(h, FLAG_REPLY, 0, &body[..12]),
+            ),
+        ];
+        for (what, ask, mangle) in cases {
+            let (mut client, server) = scripted(mangle);
+            let err = ask(&mut client).unwrap_err();
+            assert!(matches!(err, VfioUserError::Protocol(_)), "{what}: {err}");
+            assert!(client.closed_reason().is_some(), "{what}");
+            drop(client);
+            server.join().unwrap();
+        }
+        // A reply for another irq index is refused too.
+        let (mut client, server) = scripted(|h, body| {
+            let mut info = body.to_vec();
+            info[8] ^= 1;
+            reply_to(h, FLAG_REPLY, 0, &info)
+        });
+        assert!(matches!(
+            client.irq_count(2),
+            Err(VfioUserError::Protocol(_))
+        ));
+        drop(client);
+        server.join().unwrap();
+        // A full-size reply is fine (the checks are "at least", not "exactly").
+        let (mut client, server) = scripted(|h, _| {
+            reply_to(
+                h,
+                FLAG_REPLY,
+                0,
+                &[20, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0],
+            )
+        });
+        assert_eq!(client.device_info().unwrap().irqs, 3);
+        drop(client);
+        server.join().unwrap();
+    }
+
     #[test]
     fn a_region_reply_of_the_wrong_shape_closes_the_connection() {
         type Mangle = fn(Header, &[u8]) -> Vec<u8>;
