@@ -945,14 +945,14 @@ mod tests {
         server.join().unwrap();
     }
 
+    /// (offset, size) of mmappable areas.
+    type Areas = Vec<(u64, u64)>;
+    /// A capability: its id, the offset of the next one, its areas.
+    type Capability = (u16, u32, Areas);
+
     /// A DEVICE_GET_REGION_INFO reply: the 32-byte info (index, flags,
     /// cap_offset, size, offset) and, at `caps`, a capability chain.
-    fn region_reply(
-        index: u32,
-        flags: u32,
-        size: u64,
-        caps: &[(u16, u32, Vec<(u64, u64)>)],
-    ) -> Vec<u8> {
+    fn region_reply(index: u32, flags: u32, size: u64, caps: &[Capability]) -> Vec<u8> {
         let mut reply = vec![0u8; 32];
         reply[0..4].copy_from_slice(&REGION_INFO_ARGSZ.to_le_bytes());
         reply[4..8].copy_from_slice(&flags.to_le_bytes());
@@ -994,14 +994,14 @@ mod tests {
     fn sparse_mmap_areas_keep_only_whole_pages_inside_the_region() {
         let size = 0x10000;
         let areas = vec![
-            (0x0, 0x1000),               // kept
-            (0x1000, 0),                 // empty
-            (0x2001, 0x1000),            // unaligned offset
-            (0x3000, 0x800),             // unaligned length
-            (0xf000, 0x1000),            // ends exactly at the region's end: kept
-            (0xf000, 0x2000),            // past the end
-            (u64::MAX & !0xfff, 0x1000), // overflows
-            (0x4000, 0x3000),            // kept
+            (0x0, 0x1000),    // kept
+            (0x1000, 0),      // empty
+            (0x2001, 0x1000), // unaligned offset
+            (0x3000, 0x800),  // unaligned length
+            (0xf000, 0x1000), // ends exactly at the region's end: kept
+            (0xf000, 0x2000), // past the end
+            (!0xfff, 0x1000), // overflows
+            (0x4000, 0x3000), // kept
         ];
         let reply = region_reply(0, 0, size, &[(REGION_INFO_CAP_SPARSE_MMAP, 0, areas)]);
         assert_eq!(
@@ -1050,7 +1050,7 @@ mod tests {
 
     #[test]
     fn region_info_offers_mmap_only_with_the_flag_and_an_fd() {
-        let cases: [(u32, bool, Vec<(u64, u64)>); 5] = [
+        let cases: [(u32, bool, Areas); 5] = [
             // Mmappable, no capability, an fd: the whole region.
             (REGION_INFO_FLAG_MMAP, true, vec![(0, 0x4000)]),
             // Mmappable but no fd came: nothing to map.
