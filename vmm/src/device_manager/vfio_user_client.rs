@@ -1050,28 +1050,40 @@ mod tests {
 
     #[test]
     fn region_info_offers_mmap_only_with_the_flag_and_an_fd() {
-        let cases: [(u32, bool, Areas); 5] = [
+        let sparse = |areas: Areas| vec![(REGION_INFO_CAP_SPARSE_MMAP, 0, areas)];
+        let both = REGION_INFO_FLAG_MMAP | REGION_INFO_FLAG_CAPS;
+        let cases: [(u32, Vec<Capability>, bool, Areas); 7] = [
             // Mmappable, no capability, an fd: the whole region.
-            (REGION_INFO_FLAG_MMAP, true, vec![(0, 0x4000)]),
+            (REGION_INFO_FLAG_MMAP, vec![], true, vec![(0, 0x4000)]),
             // Mmappable but no fd came: nothing to map.
-            (REGION_INFO_FLAG_MMAP, false, vec![]),
+            (REGION_INFO_FLAG_MMAP, vec![], false, vec![]),
             // An fd but no mmap flag: nothing either.
-            (0, true, vec![]),
+            (0, vec![], true, vec![]),
             // Capabilities: exactly the sparse areas.
             (
-                REGION_INFO_FLAG_MMAP | REGION_INFO_FLAG_CAPS,
+                both,
+                sparse(vec![(0x1000, 0x1000)]),
                 true,
                 vec![(0x1000, 0x1000)],
             ),
             // Capabilities without the mmap flag: nothing.
-            (REGION_INFO_FLAG_CAPS, true, vec![]),
+            (
+                REGION_INFO_FLAG_CAPS,
+                sparse(vec![(0x1000, 0x1000)]),
+                true,
+                vec![],
+            ),
+            // A sparse list of nothing usable: nothing, not the whole region.
+            (both, sparse(vec![(0x1001, 0x1000)]), true, vec![]),
+            // Without the capability flag a chain is not read (even a bad one).
+            (
+                REGION_INFO_FLAG_MMAP,
+                vec![(7, 32, vec![])],
+                true,
+                vec![(0, 0x4000)],
+            ),
         ];
-        for (flags, with_fd, expected) in cases {
-            let caps = if flags & REGION_INFO_FLAG_CAPS != 0 {
-                vec![(REGION_INFO_CAP_SPARSE_MMAP, 0, vec![(0x1000, 0x1000)])]
-            } else {
-                vec![]
-            };
+        for (flags, caps, with_fd, expected) in cases {
             let reply = region_reply(2, flags, 0x4000, &caps);
             let (client_end, mut server_end) = UnixStream::pair().unwrap();
             let server = std::thread::spawn(move || {
