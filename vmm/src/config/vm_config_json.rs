@@ -502,6 +502,23 @@ mod tests {
             refused_field(&with(r#""serial":{"mode":"Socket"}"#)),
             "serial.socket"
         );
+        for (serial, expected) in [
+            (
+                r#""serial":{"mode":"Socket","socket":"/tmp/s"}"#,
+                ConsoleOutput::Socket("/tmp/s".into()),
+            ),
+            (
+                r#""serial":{"mode":"Pty","file":"/dev/pts/3"}"#,
+                ConsoleOutput::Pty,
+            ),
+        ] {
+            let config = parse(&with(serial)).unwrap();
+            assert_eq!(config.serial, expected);
+            assert_eq!(
+                from_json(to_json(&config).to_string().as_bytes()).unwrap(),
+                config
+            );
+        }
         assert_eq!(
             refused_field(&with(r#""console":{"mode":"Pty"}"#)),
             "console.mode"
