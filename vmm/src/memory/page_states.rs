@@ -39,18 +39,6 @@ pub trait PageStates: Send + Sync + 'static {
 }
 
 impl PageStates for SharedBitmap {
-    // Each conversion walks its range here and then sets it: both are the
-    // whole of the work on a single page, so a call apiece shows.
-    #[inline]
-    fn for_each_change<E>(
-        &self,
-        start: u64,
-        count: u64,
-        shared: bool,
-        f: impl FnMut(u64, u64) -> Result<(), E>,
-    ) -> Result<(), E> {
-        SharedBitmap::for_each_run(self, start, count, shared, f)
-    }
     fn with_pages(pages: u64) -> Self {
         SharedBitmap::new(pages)
     }
@@ -75,7 +63,6 @@ impl PageStates for SharedBitmap {
     ) -> Result<(), E> {
         SharedBitmap::for_each_run(self, start, count, shared, f)
     }
-    #[inline]
     fn set_range(&mut self, start: u64, count: u64, shared: bool) -> u64 {
         SharedBitmap::set_range(self, start, count, shared)
     }
