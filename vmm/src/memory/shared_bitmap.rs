@@ -517,6 +517,25 @@ mod tests {
     }
 
     #[test]
+    fn a_whole_chunk_change_does_not_strand_the_lingering_chunks_block() {
+        let block = std::mem::size_of::<[u64; CHUNK_WORDS]>();
+        let mut b = SharedBitmap::new(3 * CHUNK_PAGES);
+        let base = b.heap_bytes();
+        // Chunk 0: a page shared and back; it lingers with its block.
+        b.set_range(0, 1, true);
+        b.set_range(0, 1, false);
+        assert_eq!(b.heap_bytes(), base + block);
+        // Chunk 1 changes whole: no block, and chunk 0 still lingers.
+        b.set_range(CHUNK_PAGES, CHUNK_PAGES, true);
+        assert_eq!(b.heap_bytes(), base + block);
+        // Chunk 2 needs a block: it takes chunk 0's, not a new one.
+        b.set_range(2 * CHUNK_PAGES, 1, true);
+        b.set_range(2 * CHUNK_PAGES, 1, false);
+        assert_eq!(b.heap_bytes(), base + block);
+        assert_eq!(b.shared_pages(), CHUNK_PAGES);
+    }
+
+    #[test]
     fn a_chunk_cleared_back_to_private_gives_its_words_back() {
         let mut b = SharedBitmap::new(2 * CHUNK_PAGES);
         let uniform = b.heap_bytes();
