@@ -516,6 +516,63 @@ mod tests {
         assert!(b.heap_bytes() < 3 << 20);
     }
 
+    /// Chunks that become uniform through changes of many pages linger
+    /// one at a time and give their blocks back: three chunks cycled that
+    /// way hold two blocks, never three (all private) or more (all shared).
+    #[test]
+    fn chunks_made_uniform_by_large_changes_give_their_blocks_back() {
+        let block = std::mem::size_of::<[u64; CHUNK_WORDS]>();
+        for shared_end in [false, true] {
+            let mut b = SharedBitmap::new(3 * CHUNK_PAGES);
+            let base = b.heap_bytes();
+            for chunk in 0..3 {
+                let start = chunk * CHUNK_PAGES;
+                if shared_end {
+                    b.set_range(start, CHUNK_PAGES - 100, true);
+                    b.set_range(start + CHUNK_PAGES - 100, 100, true);
+                } else {
+                    b.set_range(start, 200, true);
+                    b.set_range(start, 200, false);
+                }
+            }
+            assert!(
+                b.heap_bytes() <= base + 2 * block,
+                "shared {shared_end}: {} bytes",
+                b.heap_bytes() - base
+            );
+            let expected = if shared_end { 3 * CHUNK_PAGES } else { 0 };
+            assert_eq!(b.shared_pages(), expected);
+        }
+    }
+
+    /// The block of a partial last chunk that became all shared is not all
+    /// ones past its end: it must never serve a full chunk as all ones.
+    #[test]
+    fn a_partial_chunks_block_never_becomes_a_full_chunks_ones() {
+        let half = CHUNK_PAGES / 2;
+        let mut b = SharedBitmap::new(CHUNK_PAGES + half);
+        // The partial chunk 1 becomes all shared in two steps, then settles
+        // (chunk 0 lingering next makes it give its block back).
+        b.set_range(CHUNK_PAGES, 10, true);
+        b.set_range(CHUNK_PAGES + 10, half - 10, true);
+        b.set_range(0, 1, true);
+        b.set_range(0, 1, false);
+        // Chunk 0 all shared, then one page of it private: it needs a
+        // block of ones.
+        b.set_range(0, CHUNK_PAGES, true);
+        b.set_range(5, 1, false);
+        assert!(
+            b.is_shared(half + 100),
+            "a page past the partial chunk's length"
+        );
+        assert!(b.is_shared(CHUNK_PAGES - 1));
+        assert_eq!(
+            runs(&b, 0, CHUNK_PAGES, true),
+            [(0, 5), (6, CHUNK_PAGES - 6)]
+        );
+        assert_eq!(b.shared_pages(), CHUNK_PAGES - 1 + half);
+    }
+
     #[test]
     fn a_whole_chunk_change_does_not_strand_the_lingering_chunks_block() {
         let block = std::mem::size_of::<[u64; CHUNK_WORDS]>();
