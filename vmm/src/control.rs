@@ -479,10 +479,26 @@ mod tests {
         Some((Vmm::new(builder, monitor), config, rx))
     }
 
-    fn dir(tag: &str) -> std::path::PathBuf {
+    /// A scratch directory, removed when the test ends (passed or not).
+    struct Scratch(std::path::PathBuf);
+
+    impl std::ops::Deref for Scratch {
+        type Target = std::path::Path;
+        fn deref(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(tag: &str) -> Scratch {
         let dir = std::env::temp_dir().join(format!("ch-control-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        dir
+        Scratch(dir)
     }
 
     fn code(exit: Option<Exit>) -> Option<i32> {
@@ -521,7 +537,6 @@ mod tests {
         vmm.create(broken).unwrap();
         assert!(matches!(vmm.boot(), Err(LifecycleError::Boot(_))));
         assert!(vmm.vm.is_none() && vmm.config.is_some());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -556,7 +571,6 @@ mod tests {
         assert!(events.recv_timeout(Duration::from_millis(100)).is_err());
         vmm.finish(0);
         assert!(vmm.vm.is_none());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -593,7 +607,6 @@ mod tests {
         let answer = answers.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(answer.err().map(|e| e.http_status()), Some(404));
         vmm.finish(0);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -666,6 +679,5 @@ mod tests {
         });
         assert!(rx.recv().unwrap().is_ok());
         assert!(vmm.config.as_ref().unwrap().devices.is_empty());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

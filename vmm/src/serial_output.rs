@@ -181,37 +181,40 @@ impl SocketOutput {
 
     /// Sends what the client takes now; `false` once it has gone.
     fn send(&mut self, buf: &[u8]) -> bool {
-        let Some(client) = &self.client else {
-            self.dropped.add(buf.len());
-            return true;
-        };
-        let mut rest = buf;
-        while !rest.is_empty() {
-            // SAFETY: sends from `rest`, valid for its length, on our fd.
-            let n = unsafe {
-                libc::send(
-                    client.as_raw_fd(),
-                    rest.as_ptr().cast(),
-                    rest.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n > 0 {
-                rest = &rest[n as usize..];
-                continue;
-            }
-            let error = std::io::Error::last_os_error();
-            match error.kind() {
-                ErrorKind::Interrupted => continue,
-                ErrorKind::WouldBlock => break,
-                _ => {
-                    self.dropped.add(rest.len());
-                    return false;
-                }
+        match &self.client {
+            Some(client) => write_lossy(&mut NoSignalSend(client), buf, &self.dropped).is_ok(),
+            None => {
+                self.dropped.add(buf.len());
+                true
             }
         }
-        self.dropped.add(rest.len());
-        true
+    }
+}
+
+/// Writes to a socket as `send(MSG_DONTWAIT | MSG_NOSIGNAL)`: never blocks,
+/// and a client gone away is an error, not a SIGPIPE.
+struct NoSignalSend<'a>(&'a OwnedFd);
+
+impl Write for NoSignalSend<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // SAFETY: sends from `buf`, valid for its length, on our fd.
+        let n = unsafe {
+            libc::send(
+                self.0.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

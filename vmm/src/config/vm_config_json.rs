@@ -201,6 +201,24 @@ fn payload(top: &Map<String, Value>) -> Result<(PathBuf, Option<String>), VmConf
     Ok((PathBuf::from(kernel), cmdline))
 }
 
+/// The non-empty path under `key` that console `field`'s `mode` needs.
+fn required_path(
+    o: &Map<String, Value>,
+    key: &str,
+    field: &str,
+    mode: &str,
+) -> Result<PathBuf, VmConfigJsonError> {
+    string(o, key, field)?
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            field_error(
+                &format!("{field}.{key}"),
+                format!("required with mode {mode}"),
+            )
+        })
+}
+
 /// Cloud Hypervisor's `ConsoleConfig`: `{"mode": "Off"|"Null"|"Tty"|"File",
 /// "file": PATH}` with `"Pty"` and `"Socket"` (`"socket": PATH`) for the serial port.
 fn console(
@@ -214,23 +232,11 @@ fn console(
     let output = match mode {
         "Off" | "Null" => ConsoleOutput::Off,
         "Tty" => ConsoleOutput::Tty,
-        "File" => ConsoleOutput::File(
-            string(o, "file", field)?
-                .filter(|f| !f.is_empty())
-                .map(PathBuf::from)
-                .ok_or_else(|| field_error(&format!("{field}.file"), "required with mode File"))?,
-        ),
+        "File" => ConsoleOutput::File(required_path(o, "file", field, mode)?),
         // A pty's path is the VMM's to choose: what vm.info showed is not
         // asked for again.
         "Pty" => ConsoleOutput::Pty,
-        "Socket" => ConsoleOutput::Socket(
-            string(o, "socket", field)?
-                .filter(|f| !f.is_empty())
-                .map(PathBuf::from)
-                .ok_or_else(|| {
-                    field_error(&format!("{field}.socket"), "required with mode Socket")
-                })?,
-        ),
+        "Socket" => ConsoleOutput::Socket(required_path(o, "socket", field, mode)?),
         other => {
             return Err(field_error(
                 &format!("{field}.mode"),
