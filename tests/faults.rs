@@ -82,7 +82,7 @@ fn a_stopped_device_is_cut_off_and_never_keeps_a_page_the_guest_made_private() {
     );
     wait_for_socket(&api);
     assert!(wait_until(|| vmm_shared_ranges(&api) == [(A, 0x10000)]));
-    victim.signal(libc::SIGSTOP);
+    victim.stop();
     releaser.write(FLAG, 1);
     // The guest now waits on the stopped device inside DMA_MAP: the API
     // must not.
@@ -213,8 +213,8 @@ fn shutdown_with_a_stopped_device_takes_one_timeout() {
     );
     wait_for_socket(&api);
     assert!(wait_until(|| stuck.mapped() == [(A, 0x10000)]));
-    stuck.signal(libc::SIGSTOP);
-    also_stuck.signal(libc::SIGSTOP);
+    stuck.stop();
+    also_stuck.stop();
     let started = Instant::now();
     let (status, _) = raw_http(
         &api,

@@ -231,7 +231,7 @@ fn a_stopped_device_does_not_stop_the_guest_driving_another() {
     );
     wait_for_socket(&api);
     vmm.wait_for_line("op 0 shared");
-    stopped.signal(libc::SIGSTOP);
+    stopped.stop();
     working.write(flag, 1);
     vmm.wait_for_line("memconv: done");
     stopped.signal(libc::SIGCONT);

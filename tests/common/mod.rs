@@ -496,6 +496,25 @@ impl TestDevice {
         assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
     }
 
+    /// SIGSTOP, returning only once every thread of the device has
+    /// stopped: kill() only queues the signal, and on a loaded machine a
+    /// device thread not yet scheduled could still answer a request sent
+    /// after kill() returned.
+    pub fn stop(&self) {
+        self.signal(libc::SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.pid());
+        let all_stopped = || {
+            std::fs::read_dir(&tasks).unwrap().all(|task| {
+                let stat =
+                    std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised command name.
+                let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
+                matches!(state, Some('T' | 't'))
+            })
+        };
+        assert!(wait_until(all_stopped), "the device never stopped");
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
