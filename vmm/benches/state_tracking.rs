@@ -17,11 +17,18 @@
 //!   one shared page per 2 MiB (524288 runs).
 //!
 //! Ids: `state_tracking/{flat_bitmap,ram_block_attribute}/<workload>`.
+//! Then each workload again with both stores in alternating 2 ms batches,
+//! printed as `state_tracking_paired/<workload>: ... ratio R (quartiles)`:
+//! the ratio of ours to the flat bitmap, steadier than two criterion runs
+//! (`PAIRED_CONTROL=1`: the flat bitmap against itself, to see the
+//! harness's own reading).
 //! Run: `cargo bench -p vmm --bench state_tracking`
+
+mod paired;
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{
     BenchmarkGroup, Criterion, criterion_group, criterion_main, measurement::WallTime,
@@ -69,18 +76,27 @@ fn random_pages(region: u64, count: usize) -> Vec<u64> {
         .collect()
 }
 
+/// A workload on one store: `setup(flat)` builds the region and returns
+/// one iteration.
+type Setup = fn(bool) -> Box<dyn FnMut()>;
+
 /// Workload `name` run on both stores one right after the other, so a
 /// machine that slows down or speeds up meanwhile shifts both alike.
-fn both<F, R>(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, setup: F)
-where
-    F: Fn(bool) -> R,
-    R: FnMut(),
-{
+fn both(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, setup: Setup) {
     let mut flat = setup(true);
     group.bench_function(format!("flat_bitmap/{name}"), |b| b.iter(&mut flat));
     drop(flat);
     let mut ours = setup(false);
     group.bench_function(format!("ram_block_attribute/{name}"), |b| b.iter(&mut ours));
+}
+
+/// Runs `iteration` `n` times and returns the time taken.
+fn timed(iteration: &mut dyn FnMut(), n: u64) -> Duration {
+    let started = Instant::now();
+    for _ in 0..n {
+        iteration();
+    }
+    started.elapsed()
 }
 
 /// A store-independent handle on a region, for the workloads.
@@ -130,72 +146,108 @@ impl Region {
     }
 }
 
+fn workloads() -> Vec<(&'static str, Setup)> {
+    vec![
+        ("4k_pair", |flat| {
+            let r = Region::new(flat, 4 * GIB, 1);
+            Box::new(move || r.pair(GIB, PAGE))
+        }),
+        ("4k_pair_4_listeners", |flat| {
+            let r = Region::new(flat, 4 * GIB, 4);
+            Box::new(move || r.pair(GIB, PAGE))
+        }),
+        ("2m_pair", |flat| {
+            let r = Region::new(flat, 4 * GIB, 1);
+            Box::new(move || r.pair(GIB, 2 << 20))
+        }),
+        ("mixed_2m", |flat| {
+            let r = Region::new(flat, 4 * GIB, 1);
+            Box::new(move || {
+                for page in (0..512u64).step_by(2) {
+                    r.change(GIB + page * PAGE, PAGE, true);
+                }
+                r.pair(GIB, 2 << 20);
+            })
+        }),
+        ("random_4k_1t", |flat| {
+            let r = Region::new(flat, TIB, 1);
+            let pages = random_pages(TIB, 1 << 16);
+            let mut next = 0;
+            Box::new(move || {
+                r.pair(pages[next], PAGE);
+                next = (next + 1) % pages.len();
+                if next == 0 {
+                    eprintln!(
+                        "{}: 1 TiB uniform after random pairs: {} bytes of state",
+                        store_name(flat),
+                        r.heap_bytes()
+                    );
+                }
+            })
+        }),
+        ("replay_fragmented_1t", |flat| {
+            let r = Region::new(flat, TIB, 0);
+            for i in 0..TIB / (2 << 20) {
+                r.change(i * (2 << 20), PAGE, true);
+            }
+            eprintln!(
+                "{}: 1 TiB, one shared page per 2 MiB: {} bytes of state",
+                store_name(flat),
+                r.heap_bytes()
+            );
+            Box::new(move || r.replay(TIB))
+        }),
+    ]
+}
+
+fn store_name(flat: bool) -> &'static str {
+    if flat {
+        "flat_bitmap"
+    } else {
+        "ram_block_attribute"
+    }
+}
+
 fn state_tracking(c: &mut Criterion) {
     let mut group = c.benchmark_group("state_tracking");
     group
         .sample_size(30)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
-    both(&mut group, "4k_pair", |flat| {
-        let r = Region::new(flat, 4 * GIB, 1);
-        move || r.pair(GIB, PAGE)
-    });
-    both(&mut group, "4k_pair_4_listeners", |flat| {
-        let r = Region::new(flat, 4 * GIB, 4);
-        move || r.pair(GIB, PAGE)
-    });
-    both(&mut group, "2m_pair", |flat| {
-        let r = Region::new(flat, 4 * GIB, 1);
-        move || r.pair(GIB, 2 << 20)
-    });
-    both(&mut group, "mixed_2m", |flat| {
-        let r = Region::new(flat, 4 * GIB, 1);
-        move || {
-            for page in (0..512u64).step_by(2) {
-                r.change(GIB + page * PAGE, PAGE, true);
-            }
-            r.pair(GIB, 2 << 20);
-        }
-    });
-    let pages = random_pages(TIB, 1 << 16);
-    both(&mut group, "random_4k_1t", |flat| {
-        let r = Region::new(flat, TIB, 1);
-        let pages = pages.clone();
-        let mut next = 0;
-        move || {
-            r.pair(pages[next], PAGE);
-            next = (next + 1) % pages.len();
-            if next == 0 {
-                eprintln!(
-                    "{}: 1 TiB uniform after random pairs: {} bytes of state",
-                    if flat {
-                        "flat_bitmap"
-                    } else {
-                        "ram_block_attribute"
-                    },
-                    r.heap_bytes()
-                );
-            }
-        }
-    });
-    both(&mut group, "replay_fragmented_1t", |flat| {
-        let r = Region::new(flat, TIB, 0);
-        for i in 0..TIB / (2 << 20) {
-            r.change(i * (2 << 20), PAGE, true);
-        }
-        eprintln!(
-            "{}: 1 TiB, one shared page per 2 MiB: {} bytes of state",
-            if flat {
-                "flat_bitmap"
-            } else {
-                "ram_block_attribute"
-            },
-            r.heap_bytes()
-        );
-        move || r.replay(TIB)
-    });
+    for (name, setup) in workloads() {
+        both(&mut group, name, setup);
+    }
     group.finish();
 }
 
-criterion_group!(benches, state_tracking);
+/// The same workloads timed in alternating 2 ms batches of both stores
+/// (`paired/mod.rs`): the ratio a single criterion run cannot resolve on a
+/// shared machine. Printed, one line per workload.
+fn paired_ratios(_: &mut Criterion) {
+    // Criterion's filter argument (a substring of the id) selects here too.
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-') && a.parse::<f64>().is_err())
+        .unwrap_or_default();
+    // PAIRED_CONTROL=1 pits the flat bitmap against itself: the ratios
+    // then show what the harness alone reads (1.0 within its quartiles).
+    let control = std::env::var_os("PAIRED_CONTROL").is_some_and(|v| v == "1");
+    for (name, setup) in workloads() {
+        let id = format!("state_tracking_paired/{name}");
+        if !id.contains(&filter) {
+            continue;
+        }
+        let mut flat = setup(true);
+        let mut ours = setup(control);
+        let result = paired::compare(
+            &mut |n| timed(&mut flat, n),
+            &mut |n| timed(&mut ours, n),
+            Duration::from_millis(2),
+            301,
+        );
+        println!("{id}: {result}");
+    }
+}
+
+criterion_group!(benches, state_tracking, paired_ratios);
 criterion_main!(benches);
