@@ -227,6 +227,20 @@ mod tests {
     }
 
     #[test]
+    fn a_region_of_whole_words_is_walked_to_its_end_and_no_further() {
+        // 128 pages: the last word ends exactly at the region's end.
+        let mut flat = FlatBitmap::with_pages(128);
+        assert_eq!(flat.pages(), 128);
+        assert!(flat.all_in_state(0, 128, false));
+        assert_eq!(runs(&flat, 0, 128, false), vec![(0, 128)]);
+        assert_eq!(runs(&flat, 0, 128, true), vec![]);
+        flat.set_range(64, 64, true);
+        assert!(flat.all_in_state(64, 64, true));
+        assert_eq!(runs(&flat, 0, 128, true), vec![(64, 64)]);
+        assert_eq!(changes(&flat, 64, 64, true), vec![(64, 64)]);
+    }
+
+    #[test]
     fn runs_agree_between_the_stores_on_random_patterns_and_windows() {
         use crate::memory::shared_bitmap::CHUNK_PAGES;
         let pages = 2 * CHUNK_PAGES + 300;
