@@ -30,9 +30,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{
-    BenchmarkGroup, Criterion, criterion_group, criterion_main, measurement::WallTime,
-};
+use criterion::{BenchmarkGroup, Criterion, criterion_group, measurement::WallTime};
 use vmm::memory::page_states::{FlatBitmap, PageStates};
 use vmm::memory::shared_bitmap::SharedBitmap;
 use vmm::memory::{ListenerError, RamBlockAttribute, RamDiscardListener, Section};
@@ -249,5 +247,47 @@ fn paired_ratios(_: &mut Criterion) {
     }
 }
 
+/// Runs `iteration` `n` times; the only code `scripts/instructions.sh`
+/// counts (callgrind's `--toggle-collect`), so setup is left out.
+#[inline(never)]
+fn counted_iterations(iteration: &mut dyn FnMut(), n: u64) {
+    for _ in 0..n {
+        iteration();
+    }
+}
+
+/// `STATE_TRACKING_COUNT=<workload>:<flat|ours>:<iterations>`: run that
+/// much of one workload on one store and nothing else, for counting
+/// instructions under callgrind (`scripts/instructions.sh`).
+fn count_mode(spec: &str) {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let [workload, store, iterations] = parts[..] else {
+        panic!("STATE_TRACKING_COUNT={spec}: expected <workload>:<flat|ours>:<iterations>");
+    };
+    let flat = match store {
+        "flat" => true,
+        "ours" => false,
+        other => panic!("store {other}: expected flat or ours"),
+    };
+    let iterations: u64 = iterations.parse().expect("iterations");
+    let (_, setup) = workloads()
+        .into_iter()
+        .find(|(name, _)| *name == workload)
+        .unwrap_or_else(|| panic!("no workload {workload}"));
+    let mut iteration = setup(flat);
+    // Once outside the count: first-touch page faults and the chunk's
+    // first block are setup, not steady state.
+    iteration();
+    counted_iterations(&mut iteration, iterations);
+}
+
 criterion_group!(benches, state_tracking, paired_ratios);
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(spec) = std::env::var("STATE_TRACKING_COUNT") {
+        count_mode(&spec);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -305,23 +305,26 @@ impl SharedBitmap {
     #[inline]
     pub fn set_range(&mut self, start: u64, count: u64, shared: bool) -> u64 {
         debug_assert!(start + count <= self.pages);
-        // The commonest change, a few pages inside one word of a mixed (or
-        // lingering) chunk: one word, no loop.
-        let bit = start % WORD_BITS;
+        // The commonest changes stay inside one mixed (or lingering) chunk:
+        // a few pages of one word (no loop), or a larger range of its words.
+        // The chunk stays mixed; whether it became uniform is its count.
+        let from = start % CHUNK_PAGES;
         if count > 0
-            && count <= WORD_BITS - bit
+            && from + count <= CHUNK_PAGES
             && let index = (start / CHUNK_PAGES) as usize
             && let Chunk::Mixed(words, n) = &mut self.chunks[index]
         {
-            let w = ((start % CHUNK_PAGES) / WORD_BITS) as usize;
-            let mask = (u64::MAX >> (WORD_BITS - count)) << bit;
-            let old = words[w];
-            let new = if shared { old | mask } else { old & !mask };
-            words[w] = new;
-            let delta = (old ^ new).count_ones();
-            *n = if shared { *n + delta } else { *n - delta };
+            let bit = from % WORD_BITS;
+            let delta = if count <= WORD_BITS - bit {
+                let mask = (u64::MAX >> (WORD_BITS - count)) << bit;
+                set_word(&mut words[(from / WORD_BITS) as usize], mask, shared)
+            } else {
+                set_bits(&mut words[..], from, from + count, shared)
+            };
+            // At most CHUNK_PAGES: the count of a chunk fits its u32.
+            let delta32 = delta as u32;
+            *n = if shared { *n + delta32 } else { *n - delta32 };
             let after = u64::from(*n);
-            let delta = u64::from(delta);
             if shared {
                 self.shared_pages += delta;
             } else {
