@@ -315,9 +315,15 @@ impl SharedBitmap {
             && let Chunk::Mixed(words, n) = &mut self.chunks[index]
         {
             let bit = from % WORD_BITS;
-            let delta = if count <= WORD_BITS - bit {
+            let word = &mut words[(from / WORD_BITS) as usize];
+            let delta = if count == 1 {
+                // One page changed or not: no bit count.
+                let old = *word;
+                *word = if shared { old | 1 << bit } else { old & !(1 << bit) };
+                u64::from(*word != old)
+            } else if count <= WORD_BITS - bit {
                 let mask = (u64::MAX >> (WORD_BITS - count)) << bit;
-                set_word(&mut words[(from / WORD_BITS) as usize], mask, shared)
+                set_word(word, mask, shared)
             } else {
                 set_bits(&mut words[..], from, from + count, shared)
             };
