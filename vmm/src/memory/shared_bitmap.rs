@@ -40,6 +40,11 @@ pub struct SharedBitmap {
     /// its block (as `Mixed` with a count of 0 or all): a guest converting
     /// pages of one chunk back and forth then never changes its kind.
     lingering: Option<usize>,
+    /// The last range set, `start..end` and its state: every page of it is
+    /// still in that state (only `set_range` changes pages, and it records
+    /// each change here). A guest commonly takes back exactly what it just
+    /// converted, and this answers that walk without reading a word.
+    last_set: (u64, u64, bool),
 }
 
 /// Sets or clears bits `from..to` of `words`; returns how many changed.
@@ -110,6 +115,7 @@ impl SharedBitmap {
             spare_zeros: None,
             spare_ones: None,
             lingering: None,
+            last_set: (0, pages, false),
         }
     }
 
@@ -199,6 +205,14 @@ impl SharedBitmap {
         if count == 1 && start < self.pages {
             return if self.is_shared(start) == shared {
                 f(start, 1)
+            } else {
+                Ok(())
+            };
+        }
+        let (last_start, last_end, last_shared) = self.last_set;
+        if count > 0 && start >= last_start && start.saturating_add(count) <= last_end {
+            return if last_shared == shared {
+                f(start, count)
             } else {
                 Ok(())
             };
@@ -305,6 +319,7 @@ impl SharedBitmap {
     #[inline]
     pub fn set_range(&mut self, start: u64, count: u64, shared: bool) -> u64 {
         debug_assert!(start + count <= self.pages);
+        self.last_set = (start, start + count, shared);
         // The commonest changes stay inside one mixed (or lingering) chunk:
         // a few pages of one word (no loop), or a larger range of its words.
         // The chunk stays mixed; whether it became uniform is its count.
@@ -319,7 +334,11 @@ impl SharedBitmap {
             let delta = if count == 1 {
                 // One page changed or not: no bit count.
                 let old = *word;
-                *word = if shared { old | 1 << bit } else { old & !(1 << bit) };
+                *word = if shared {
+                    old | 1 << bit
+                } else {
+                    old & !(1 << bit)
+                };
                 u64::from(*word != old)
             } else if count <= WORD_BITS - bit {
                 let mask = (u64::MAX >> (WORD_BITS - count)) << bit;
@@ -518,6 +537,30 @@ mod tests {
         })
         .unwrap();
         out
+    }
+
+    #[test]
+    fn the_last_range_set_answers_walks_inside_it_and_only_inside_it() {
+        let mut b = SharedBitmap::new(1000);
+        assert_eq!(runs(&b, 0, 1000, false), vec![(0, 1000)]);
+        assert_eq!(runs(&b, 10, 20, true), vec![]);
+        b.set_range(100, 200, true);
+        assert_eq!(runs(&b, 150, 50, true), vec![(150, 50)]);
+        assert_eq!(runs(&b, 150, 50, false), vec![]);
+        assert_eq!(runs(&b, 100, 200, true), vec![(100, 200)]);
+        b.set_range(120, 10, false);
+        // Inside the last range: its state.
+        assert_eq!(runs(&b, 121, 5, true), vec![]);
+        assert_eq!(runs(&b, 121, 5, false), vec![(121, 5)]);
+        assert_eq!(runs(&b, 121, 0, false), vec![]);
+        // Reaching out of it on either side: the pages themselves.
+        assert_eq!(runs(&b, 110, 15, true), vec![(110, 10)]);
+        assert_eq!(runs(&b, 125, 10, true), vec![(130, 5)]);
+        assert_eq!(runs(&b, 100, 200, true), vec![(100, 20), (130, 170)]);
+        assert_eq!(
+            runs(&b, 0, 1000, false),
+            vec![(0, 100), (120, 10), (300, 700)]
+        );
     }
 
     #[test]
