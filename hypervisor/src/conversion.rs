@@ -95,6 +95,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn directions_are_named_as_the_api_and_the_events_show_them() {
+        assert_eq!(ConversionDirection::ToShared.name(), "shared");
+        assert_eq!(ConversionDirection::ToPrivate.name(), "private");
+    }
+
+    #[test]
     fn map_gpa_range_to_private() {
         let c = decode_map_gpa_range(&[0x20_0000, 4, MAP_GPA_RANGE_ENCRYPTED, 0, 0, 0]).unwrap();
         assert_eq!(c.gpa, 0x20_0000);

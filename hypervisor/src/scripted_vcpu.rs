@@ -85,3 +85,44 @@ impl Vcpu for ScriptedVcpu {
 
     fn set_immediate_exit(&mut self, _exit: bool) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ConversionDirection;
+
+    #[test]
+    fn a_completed_hypercall_lands_in_rax_on_reentry_as_kvm_does() {
+        let conversion = MemoryConversion {
+            gpa: 0x10_0000,
+            size: 0x1000,
+            direction: ConversionDirection::ToShared,
+        };
+        let (mut vcpu, results) = ScriptedVcpu::new([
+            ScriptedExit::MapGpaRange(conversion),
+            ScriptedExit::MapGpaRange(conversion),
+            ScriptedExit::MemoryFault(conversion),
+        ]);
+        for ok in [false, true] {
+            match vcpu.run().unwrap() {
+                VmExit::MapGpaRange { reply, .. } => reply.complete(ok),
+                other => panic!("{other:?}"),
+            }
+            // A result reaches RAX only when the vCPU enters again: now RAX
+            // holds the previous hypercall's (none before the first).
+            let previous = if ok {
+                crate::vcpu_exit::HYPERCALL_EINVAL
+            } else {
+                0
+            };
+            assert_eq!(vcpu.get_regs().unwrap().rax, previous);
+        }
+        assert!(matches!(vcpu.run().unwrap(), VmExit::MemoryFault(c) if c == conversion));
+        assert_eq!(vcpu.get_regs().unwrap().rax, 0);
+        assert!(matches!(vcpu.run().unwrap(), VmExit::Shutdown));
+        assert_eq!(
+            *results.lock().unwrap(),
+            [crate::vcpu_exit::HYPERCALL_EINVAL, 0]
+        );
+    }
+}
