@@ -206,14 +206,30 @@ fn store_name(flat: bool) -> &'static str {
     }
 }
 
+/// Criterion's filter argument (a substring of the ids to run), or "".
+fn filter_argument() -> String {
+    std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-') && a.parse::<f64>().is_err())
+        .unwrap_or_default()
+}
+
 fn state_tracking(c: &mut Criterion) {
     let mut group = c.benchmark_group("state_tracking");
     group
         .sample_size(30)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
+    // Setting a workload up can take a second (the 1 TiB replay): skip
+    // what the filter leaves out.
+    let filter = filter_argument();
     for (name, setup) in workloads() {
-        both(&mut group, name, setup);
+        if ["flat_bitmap", "ram_block_attribute"]
+            .iter()
+            .any(|store| format!("state_tracking/{store}/{name}").contains(&filter))
+        {
+            both(&mut group, name, setup);
+        }
     }
     group.finish();
 }
@@ -222,11 +238,7 @@ fn state_tracking(c: &mut Criterion) {
 /// (`paired/mod.rs`): the ratio a single criterion run cannot resolve on a
 /// shared machine. Printed, one line per workload.
 fn paired_ratios(_: &mut Criterion) {
-    // Criterion's filter argument (a substring of the id) selects here too.
-    let filter = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-') && a.parse::<f64>().is_err())
-        .unwrap_or_default();
+    let filter = filter_argument();
     // PAIRED_CONTROL=1 pits the flat bitmap against itself: the ratios
     // then show what the harness alone reads (1.0 within its quartiles).
     let control = std::env::var_os("PAIRED_CONTROL").is_some_and(|v| v == "1");
