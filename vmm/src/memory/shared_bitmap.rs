@@ -540,6 +540,19 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_change_changes_nothing_in_any_kind_of_chunk() {
+        let mut b = SharedBitmap::new(2 * CHUNK_PAGES);
+        b.set_range(10, 3, true);
+        for start in [0, 11, 64, CHUNK_PAGES, CHUNK_PAGES + 5] {
+            for shared in [true, false] {
+                assert_eq!(b.set_range(start, 0, shared), 0);
+            }
+        }
+        assert_eq!(b.shared_pages(), 3);
+        assert_eq!(runs(&b, 0, 2 * CHUNK_PAGES, true), vec![(10, 3)]);
+    }
+
+    #[test]
     fn the_last_range_set_answers_walks_inside_it_and_only_inside_it() {
         let mut b = SharedBitmap::new(1000);
         assert_eq!(runs(&b, 0, 1000, false), vec![(0, 1000)]);
