@@ -320,11 +320,15 @@ impl SharedBitmap {
     pub fn set_range(&mut self, start: u64, count: u64, shared: bool) -> u64 {
         debug_assert!(start + count <= self.pages);
         self.last_set = (start, start + count, shared);
-        // The commonest changes stay inside one mixed (or lingering) chunk:
-        // a few pages of one word (no loop), or a larger range of its words.
-        // The chunk stays mixed; whether it became uniform is its count.
+        // The commonest changes stay inside one mixed (or lingering) chunk
+        // without covering it: a few pages of one word (no loop), or a
+        // larger range of its words. The chunk stays mixed; whether it
+        // became uniform is its count. (A whole chunk drops its bits instead,
+        // in `set_in_chunk`; the partial last chunk changed whole keeps them,
+        // lingering like any chunk made uniform by a change.)
         let from = start % CHUNK_PAGES;
         if count > 0
+            && count < CHUNK_PAGES
             && from + count <= CHUNK_PAGES
             && let index = (start / CHUNK_PAGES) as usize
             && let Chunk::Mixed(words, n) = &mut self.chunks[index]
@@ -355,12 +359,7 @@ impl SharedBitmap {
             } else {
                 self.shared_pages -= delta;
             }
-            if (after == 0 || after == self.chunk_len(index as u64))
-                && self.lingering != Some(index)
-                && let Some(previous) = self.lingering.replace(index)
-            {
-                self.settle(previous);
-            }
+            self.linger_if_uniform(index, after, self.chunk_len(index as u64));
             return delta;
         }
         self.set_chunks(start, count, shared)
@@ -417,13 +416,7 @@ impl SharedBitmap {
                     u64::from(*n) - delta
                 };
                 *n = after as u32;
-                if (after == 0 || after == len) && self.lingering != Some(index) {
-                    // Uniform again: it lingers with its bits, and the
-                    // chunk that lingered before gives its block back.
-                    if let Some(previous) = self.lingering.replace(index) {
-                        self.settle(previous);
-                    }
-                }
+                self.linger_if_uniform(index, after, len);
                 delta
             }
             Chunk::Private if !shared => 0,
@@ -436,6 +429,18 @@ impl SharedBitmap {
                 self.chunks[index] = Chunk::Mixed(words, after as u32);
                 delta
             }
+        }
+    }
+
+    /// After a partial change left mixed chunk `index` (`len` pages) with
+    /// `shared` pages set: if that made it uniform, it lingers with its
+    /// bits, and the chunk that lingered before gives its block back.
+    fn linger_if_uniform(&mut self, index: usize, shared: u64, len: u64) {
+        if (shared == 0 || shared == len)
+            && self.lingering != Some(index)
+            && let Some(previous) = self.lingering.replace(index)
+        {
+            self.settle(previous);
         }
     }
 
@@ -687,6 +692,51 @@ mod tests {
             [(0, 5), (6, CHUNK_PAGES - 6)]
         );
         assert_eq!(b.shared_pages(), CHUNK_PAGES - 1 + half);
+    }
+
+    #[test]
+    fn a_whole_chunk_change_drops_a_mixed_chunks_block() {
+        let mut b = SharedBitmap::new(2 * CHUNK_PAGES);
+        let uniform = b.heap_bytes();
+        for shared in [true, false] {
+            b.set_range(5, 3, true);
+            assert!(b.heap_bytes() > uniform);
+            b.set_range(0, CHUNK_PAGES, shared);
+            assert_eq!(b.heap_bytes(), uniform, "whole chunk to {shared}");
+            let expected: &[(u64, u64)] = if shared { &[(0, CHUNK_PAGES)] } else { &[] };
+            assert_eq!(runs(&b, 0, 2 * CHUNK_PAGES, true), expected);
+            b.set_range(0, CHUNK_PAGES, false);
+        }
+    }
+
+    #[test]
+    fn a_full_chunk_that_needs_ones_takes_the_spare_ones() {
+        let block = std::mem::size_of::<[u64; CHUNK_WORDS]>();
+        let mut b = SharedBitmap::new(3 * CHUNK_PAGES);
+        let base = b.heap_bytes();
+        // Chunk 0 becomes all shared by parts and lingers; chunk 1 taking a
+        // block settles it, and its block becomes the spare ones.
+        b.set_range(0, 1, true);
+        b.set_range(1, CHUNK_PAGES - 1, true);
+        b.set_range(CHUNK_PAGES, 1, true);
+        b.set_range(CHUNK_PAGES, 1, false);
+        assert_eq!(b.heap_bytes(), base + 2 * block);
+        // Chunk 2, all shared, loses a page: the spare ones serve it, and
+        // chunk 1 keeps lingering with its block.
+        b.set_range(2 * CHUNK_PAGES, CHUNK_PAGES, true);
+        b.set_range(2 * CHUNK_PAGES + 7, 1, false);
+        assert_eq!(b.heap_bytes(), base + 2 * block);
+        b.set_range(CHUNK_PAGES + 3, 1, true);
+        assert_eq!(b.heap_bytes(), base + 2 * block);
+        assert_eq!(
+            runs(&b, 0, 3 * CHUNK_PAGES, true),
+            [
+                (0, CHUNK_PAGES),
+                (CHUNK_PAGES + 3, 1),
+                (2 * CHUNK_PAGES, 7),
+                (2 * CHUNK_PAGES + 8, CHUNK_PAGES - 8)
+            ]
+        );
     }
 
     #[test]
