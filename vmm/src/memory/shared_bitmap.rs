@@ -571,6 +571,11 @@ mod tests {
         assert_eq!(runs(&b, 121, 5, true), vec![]);
         assert_eq!(runs(&b, 121, 5, false), vec![(121, 5)]);
         assert_eq!(runs(&b, 121, 0, false), vec![]);
+        // Past the end: nothing, one page or more.
+        for count in [1, 5] {
+            assert_eq!(runs(&b, 1000, count, false), vec![]);
+            assert_eq!(runs(&b, 1000, count, true), vec![]);
+        }
         // Reaching out of it on either side: the pages themselves.
         assert_eq!(runs(&b, 110, 15, true), vec![(110, 10)]);
         assert_eq!(runs(&b, 125, 10, true), vec![(130, 5)]);
