@@ -421,4 +421,146 @@ mod tests {
         assert!(shared_runs(&rig.memory).is_empty());
         assert_in_step(&rig);
     }
+
+    /// Runs `f` on a thread; whether it returned within `limit`.
+    fn returns_within(limit: Duration, f: impl FnOnce() + Send + 'static) -> bool {
+        let (done, finished) = channel();
+        std::thread::spawn(move || {
+            f();
+            let _ = done.send(());
+        });
+        finished.recv_timeout(limit).is_ok()
+    }
+
+    fn wait_for(mut condition: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if condition() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn the_pause_gate_holds_vcpus_until_it_opens_or_the_vm_stops() {
+        let gate = Arc::new(PauseGate::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        // Open: nobody waits.
+        gate.pass(&stop);
+        assert_eq!(gate.parked(), 0);
+
+        gate.close();
+        let passed = Arc::new(AtomicBool::new(false));
+        let (g, st, p) = (gate.clone(), stop.clone(), passed.clone());
+        let waiter = std::thread::spawn(move || {
+            g.pass(&st);
+            p.store(true, Ordering::Release);
+        });
+        assert!(wait_for(|| gate.parked() == 1), "the vCPU never parked");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!passed.load(Ordering::Acquire), "passed a closed gate");
+        gate.open();
+        assert!(
+            wait_for(|| passed.load(Ordering::Acquire)),
+            "open let nobody go"
+        );
+        waiter.join().unwrap();
+        assert_eq!(gate.parked(), 0);
+
+        // Closed again: a stop and a wake let the vCPU go without opening.
+        gate.close();
+        let (g, st) = (gate.clone(), stop.clone());
+        let waiter = std::thread::spawn(move || g.pass(&st));
+        assert!(wait_for(|| gate.parked() == 1));
+        stop.store(true, Ordering::Release);
+        gate.wake();
+        assert!(
+            wait_for(|| waiter.is_finished()),
+            "stop and wake left it waiting"
+        );
+        assert_eq!(gate.parked(), 0);
+    }
+
+    /// Blocks in a syscall, as KVM_RUN does, until a signal interrupts it;
+    /// takes a while to go away, so a `stop` that does not wait shows.
+    struct BlockedVcpu {
+        gone: Arc<AtomicBool>,
+    }
+
+    impl Vcpu for BlockedVcpu {
+        fn get_regs(&self) -> hypervisor::Result<hypervisor::arch::StandardRegisters> {
+            Ok(Default::default())
+        }
+        fn set_regs(&self, _: &hypervisor::arch::StandardRegisters) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn get_sregs(&self) -> hypervisor::Result<hypervisor::arch::SpecialRegisters> {
+            Ok(Default::default())
+        }
+        fn set_sregs(&self, _: &hypervisor::arch::SpecialRegisters) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn run(&mut self) -> hypervisor::Result<VmExit<'_>> {
+            // SAFETY: pause() takes nothing and returns once a signal has
+            // been handled.
+            unsafe { libc::pause() };
+            Ok(VmExit::Interrupted)
+        }
+        fn set_immediate_exit(&mut self, _: bool) {}
+    }
+
+    impl Drop for BlockedVcpu {
+        fn drop(&mut self) {
+            std::thread::sleep(Duration::from_millis(100));
+            self.gone.store(true, Ordering::Release);
+        }
+    }
+
+    fn blocked_vcpu() -> Option<(VcpuHandle, Arc<AtomicBool>, Arc<AtomicBool>)> {
+        let rig = rig(None)?;
+        let stop = rig.ctx.stop.clone();
+        let gone = Arc::new(AtomicBool::new(false));
+        let vcpu = Box::new(BlockedVcpu { gone: gone.clone() });
+        let handle = start(0, vcpu, Arc::new(rig.ctx), None).unwrap();
+        Some((handle, stop, gone))
+    }
+
+    #[test]
+    fn a_kick_takes_a_vcpu_out_of_a_blocking_run() {
+        let Some((handle, stop, gone)) = blocked_vcpu() else {
+            return;
+        };
+        assert!(handle.is_running());
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(handle.is_running(), "the vCPU left without a kick");
+        stop.store(true, Ordering::Release);
+        // A kick landing before the thread blocks is lost: kick again.
+        assert!(
+            wait_for(|| {
+                handle.kick();
+                !handle.is_running()
+            }),
+            "kicks never took the vCPU out"
+        );
+        assert!(gone.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn stop_returns_once_the_vcpu_thread_has_ended() {
+        let Some((mut handle, stop, gone)) = blocked_vcpu() else {
+            return;
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        stop.store(true, Ordering::Release);
+        assert!(returns_within(Duration::from_secs(3), move || {
+            handle.stop();
+            assert!(!handle.is_running());
+            assert!(
+                gone.load(Ordering::Acquire),
+                "stop returned before the thread ended"
+            );
+        }));
+    }
 }
