@@ -108,7 +108,21 @@ mod tests {
             maps.map(file.as_raw_fd(), 0, &[(0, 4096), (u64::MAX, 4096)])
                 .is_err()
         );
-        assert_eq!(maps.maps.lock().unwrap().len(), 1);
+        assert_eq!(*maps.maps.lock().unwrap(), [(areas[0].host as usize, 4096)]);
+        assert_eq!(mappings_of_the_file(), 1);
+        // Dropped with its device: every mapping goes.
+        drop(maps);
+        assert_eq!(mappings_of_the_file(), 0);
+    }
+
+    /// Lines of this process's memory map that map the test's file.
+    fn mappings_of_the_file() -> usize {
+        let name = format!("ch-bar-maps-{}", std::process::id());
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&name))
+            .count()
     }
 
     fn tempfile_with(bytes: &[u8]) -> std::fs::File {
