@@ -528,6 +528,12 @@ mod tests {
     }
 
     #[test]
+    fn the_kick_is_a_real_time_signal_the_vmm_handles_nowhere_else() {
+        // SIGTERM, SIGINT and SIGHUP end the VMM; a kick must not.
+        assert!((libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&kick_signal()));
+    }
+
+    #[test]
     fn a_kick_takes_a_vcpu_out_of_a_blocking_run() {
         let Some((handle, stop, gone)) = blocked_vcpu() else {
             return;

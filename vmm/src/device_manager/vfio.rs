@@ -140,13 +140,17 @@ impl VfioDma {
     /// The kernel refuses region accesses outside the region; vfio-ioctls
     /// only logs a failed access, so the bounds are checked here.
     fn check_access(&self, index: u32, offset: u64, len: usize) -> Result<(), VfioOpsError> {
-        let size = self.device.get_region_size(index);
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= size => Ok(()),
-            _ => Err(VfioOpsError(format!(
-                "region {index}: {offset:#x}+{len:#x} is outside its {size:#x} bytes"
-            ))),
-        }
+        check_region_access(index, self.device.get_region_size(index), offset, len)
+    }
+}
+
+/// Whether `offset..offset+len` lies inside region `index` of `size` bytes.
+fn check_region_access(index: u32, size: u64, offset: u64, len: usize) -> Result<(), VfioOpsError> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(VfioOpsError(format!(
+            "region {index}: {offset:#x}+{len:#x} is outside its {size:#x} bytes"
+        ))),
     }
 }
 
@@ -270,5 +274,15 @@ mod tests {
         assert_eq!(parse_entry_limit(Some("1024\n")), 1024);
         // This machine has no VFIO: the default applies.
         assert_eq!(dma_entry_limit(), 65535);
+    }
+
+    #[test]
+    fn region_accesses_stay_inside_the_region() {
+        assert!(check_region_access(0, 0x100, 0, 0x100).is_ok());
+        assert!(check_region_access(0, 0x100, 0xfc, 4).is_ok());
+        let e = check_region_access(2, 0x100, 0xfd, 4).unwrap_err();
+        assert_eq!(e.0, "region 2: 0xfd+0x4 is outside its 0x100 bytes");
+        assert!(check_region_access(0, 0x100, u64::MAX - 1, 4).is_err());
+        assert!(check_region_access(0, 0, 0, 1).is_err());
     }
 }
