@@ -527,6 +527,51 @@ mod tests {
         Some((handle, stop, gone))
     }
 
+    /// Halts, then records whether it was ever entered again.
+    struct HaltingVcpu {
+        runs: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Vcpu for HaltingVcpu {
+        fn get_regs(&self) -> hypervisor::Result<hypervisor::arch::StandardRegisters> {
+            Ok(Default::default())
+        }
+        fn set_regs(&self, _: &hypervisor::arch::StandardRegisters) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn get_sregs(&self) -> hypervisor::Result<hypervisor::arch::SpecialRegisters> {
+            Ok(Default::default())
+        }
+        fn set_sregs(&self, _: &hypervisor::arch::SpecialRegisters) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn run(&mut self) -> hypervisor::Result<VmExit<'_>> {
+            self.runs.fetch_add(1, Ordering::AcqRel);
+            Ok(VmExit::Hlt)
+        }
+        fn set_immediate_exit(&mut self, _: bool) {}
+    }
+
+    #[test]
+    fn a_halted_vcpu_stays_out_of_the_guest_until_the_vm_stops() {
+        let Some(rig) = rig(None) else { return };
+        let stop = rig.ctx.stop.clone();
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let vcpu = Box::new(HaltingVcpu { runs: runs.clone() });
+        let mut handle = start(1, vcpu, Arc::new(rig.ctx), None).unwrap();
+        assert!(wait_for(|| runs.load(Ordering::Acquire) == 1));
+        // Kicks (a pause, say) do not send it back in.
+        for _ in 0..5 {
+            handle.kick();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(runs.load(Ordering::Acquire), 1, "a halted vCPU re-entered");
+        assert!(handle.is_running());
+        stop.store(true, Ordering::Release);
+        handle.stop();
+        assert_eq!(runs.load(Ordering::Acquire), 1);
+    }
+
     #[test]
     fn the_kick_is_a_real_time_signal_the_vmm_handles_nowhere_else() {
         // SIGTERM, SIGINT and SIGHUP end the VMM; a kick must not.

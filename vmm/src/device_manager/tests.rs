@@ -181,6 +181,9 @@ fn conversions_above_the_mmio_hole_reach_devices_at_the_right_address() {
     assert_eq!(memory.regions().len(), 2);
     let high = memory.regions()[1].gpa;
     assert_eq!(high, 1 << 32);
+    // What boot places the kernel and the PCI windows by.
+    assert_eq!(memory.low_ram_size(), 3 << 30);
+    assert_eq!(memory.ram_end(), (1 << 32) + 64 * MIB);
     let dm = manager(&memory);
     let iommu = Arc::new(FakeIommu::new(None));
     convert(&memory, 16 * MIB, 4096, true).unwrap();
