@@ -140,10 +140,15 @@ impl VcpuHandle {
     /// Kicks the thread until it has left the guest, then joins it. The
     /// caller has already raised the stop flag.
     pub fn stop(&mut self) {
+        self.stop_within(Duration::from_secs(5));
+    }
+
+    /// As `stop`, giving up (and leaving the thread) after `limit`.
+    fn stop_within(&mut self, limit: Duration) {
         let Some(thread) = self.thread.take() else {
             return;
         };
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + limit;
         while !thread.is_finished() {
             thread.thread().unpark();
             // A kick that lands outside KVM_RUN is lost, hence the loop.
@@ -596,6 +601,56 @@ mod tests {
             "kicks never took the vCPU out"
         );
         assert!(gone.load(Ordering::Acquire));
+    }
+
+    /// Ignores kicks until `release` is raised.
+    struct StuckVcpu {
+        entered: Arc<AtomicBool>,
+        release: Arc<AtomicBool>,
+    }
+
+    impl Vcpu for StuckVcpu {
+        fn get_regs(&self) -> hypervisor::Result<hypervisor::arch::StandardRegisters> {
+            Ok(Default::default())
+        }
+        fn set_regs(&self, _: &hypervisor::arch::StandardRegisters) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn get_sregs(&self) -> hypervisor::Result<hypervisor::arch::SpecialRegisters> {
+            Ok(Default::default())
+        }
+        fn set_sregs(&self, _: &hypervisor::arch::SpecialRegisters) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn run(&mut self) -> hypervisor::Result<VmExit<'_>> {
+            self.entered.store(true, Ordering::Release);
+            while !self.release.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(VmExit::Interrupted)
+        }
+        fn set_immediate_exit(&mut self, _: bool) {}
+    }
+
+    #[test]
+    fn stop_gives_up_on_a_vcpu_that_never_leaves_the_guest() {
+        let Some(rig) = rig(None) else { return };
+        let stop = rig.ctx.stop.clone();
+        let release = Arc::new(AtomicBool::new(false));
+        let entered = Arc::new(AtomicBool::new(false));
+        let vcpu = Box::new(StuckVcpu {
+            entered: entered.clone(),
+            release: release.clone(),
+        });
+        let mut handle = start(2, vcpu, Arc::new(rig.ctx), None).unwrap();
+        assert!(wait_for(|| entered.load(Ordering::Acquire)));
+        stop.store(true, Ordering::Release);
+        let started = Instant::now();
+        assert!(returns_within(Duration::from_secs(3), move || {
+            handle.stop_within(Duration::from_millis(50))
+        }));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        release.store(true, Ordering::Release);
     }
 
     #[test]
