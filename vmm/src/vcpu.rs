@@ -368,6 +368,7 @@ mod tests {
             // Accepted again: page 0 back to private.
             ScriptedExit::MapGpaRange(conversion(base, PAGE, false)),
         ]);
+        assert_eq!(rig.memory.unbacked_to_shared(), 0);
         run(0, Box::new(vcpu), &rig.ctx);
         assert_eq!(
             *results.lock().unwrap(),

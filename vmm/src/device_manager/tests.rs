@@ -184,6 +184,13 @@ fn conversions_above_the_mmio_hole_reach_devices_at_the_right_address() {
     // What boot places the kernel and the PCI windows by.
     assert_eq!(memory.low_ram_size(), 3 << 30);
     assert_eq!(memory.ram_end(), (1 << 32) + 64 * MIB);
+    let info: Vec<(u64, u64, bool)> = memory
+        .region_info()
+        .iter()
+        .map(|r| (r.gpa, r.size, r.guest_memfd))
+        .collect();
+    assert_eq!(info, [(0, 3 << 30, true), (1 << 32, 64 * MIB, true)]);
+    assert!(memory.region_info().iter().all(|r| !r.backing.is_empty()));
     let dm = manager(&memory);
     let iommu = Arc::new(FakeIommu::new(None));
     convert(&memory, 16 * MIB, 4096, true).unwrap();
