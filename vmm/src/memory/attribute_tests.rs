@@ -132,3 +132,39 @@ fn a_device_refusal_restores_private_only_where_it_was_private() {
         }]
     );
 }
+
+#[test]
+fn what_the_manager_reports_of_its_vm_and_regions() {
+    let Some((_vm, memory)) = tracked(64 * MIB) else {
+        return;
+    };
+    assert!(memory.tracks_attributes());
+    assert!(memory.is_guest_memfd());
+    let plain = kvm().unwrap().create_vm(VmType::Default).unwrap();
+    let anonymous = MemoryManager::new(plain.clone(), 64 * MIB, MemoryLayout::Anonymous).unwrap();
+    assert!(!anonymous.tracks_attributes());
+    assert!(!anonymous.is_guest_memfd());
+}
+
+#[test]
+fn the_page_below_4_gib_is_mmio_even_with_ram_above() {
+    let Some((_vm, memory)) = tracked((3 << 30) + 64 * MIB) else {
+        return;
+    };
+    // The last page of the hole ends exactly where the upper RAM begins.
+    assert_eq!(
+        convert(&memory, MMIO_HOLE_END - 4096, 4096, true).unwrap(),
+        0
+    );
+    assert_eq!(memory.unbacked_to_shared(), 1);
+    // One more page reaches RAM: half RAM, half hole, refused.
+    assert!(convert(&memory, MMIO_HOLE_END - 4096, 2 * 4096, true).is_err());
+    assert_eq!(convert(&memory, MMIO_HOLE_END, 4096, true).unwrap(), 1);
+    let totals = memory.conversion_totals();
+    assert_eq!(
+        (totals.to_shared, totals.pages_to_shared, totals.failed),
+        (1, 1, 1)
+    );
+    assert_eq!(convert(&memory, MMIO_HOLE_END, 4096, false).unwrap(), 1);
+    assert_eq!(memory.conversion_totals().pages_to_private, 1);
+}
