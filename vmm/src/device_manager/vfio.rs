@@ -204,38 +204,46 @@ impl pci::VfioOps for VfioDma {
     /// mmappable without that capability), from the device fd.
     fn map_region_areas(&self, index: u32) -> Result<Vec<pci::DirectArea>, VfioOpsError> {
         use std::os::fd::AsRawFd;
-        const REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
-        if self.device.get_region_flags(index) & REGION_INFO_FLAG_MMAP == 0 {
-            return Ok(Vec::new());
-        }
-        let size = self.device.get_region_size(index);
-        let areas: Vec<(u64, u64)> = self
-            .device
-            .get_region_caps(index)
-            .iter()
-            .find_map(|cap| match cap {
-                VfioRegionInfoCap::SparseMmap(sparse) => Some(
-                    sparse
-                        .areas
-                        .iter()
-                        .filter(|a| {
-                            a.offset.is_multiple_of(4096)
-                                && a.size.is_multiple_of(4096)
-                                && a.size > 0
-                                && a.offset.checked_add(a.size).is_some_and(|e| e <= size)
-                        })
-                        .map(|a| (a.offset, a.size))
-                        .collect(),
-                ),
-                _ => None,
-            })
-            .unwrap_or_else(|| vec![(0, size)]);
+        let areas = mappable_areas(
+            self.device.get_region_flags(index),
+            self.device.get_region_size(index),
+            &self.device.get_region_caps(index),
+        );
         self.region_maps.map(
             self.device.as_raw_fd(),
             self.device.get_region_offset(index),
             &areas,
         )
     }
+}
+
+/// The (offset, size) areas of a region the VMM may mmap, from its flags
+/// and capabilities: none unless the region is mmappable, its sparse-mmap
+/// areas that are page-aligned, non-empty and inside it when it has that
+/// capability, the whole region otherwise.
+fn mappable_areas(flags: u32, size: u64, caps: &[VfioRegionInfoCap]) -> Vec<(u64, u64)> {
+    const REGION_INFO_FLAG_MMAP: u32 = 1 << 2;
+    if flags & REGION_INFO_FLAG_MMAP == 0 {
+        return Vec::new();
+    }
+    caps.iter()
+        .find_map(|cap| match cap {
+            VfioRegionInfoCap::SparseMmap(sparse) => Some(
+                sparse
+                    .areas
+                    .iter()
+                    .filter(|a| {
+                        a.offset.is_multiple_of(4096)
+                            && a.size.is_multiple_of(4096)
+                            && a.size > 0
+                            && a.offset.checked_add(a.size).is_some_and(|e| e <= size)
+                    })
+                    .map(|a| (a.offset, a.size))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .unwrap_or_else(|| vec![(0, size)])
 }
 
 impl ExternalDmaMapping for VfioDma {
@@ -274,6 +282,49 @@ mod tests {
         assert_eq!(parse_entry_limit(Some("1024\n")), 1024);
         // This machine has no VFIO: the default applies.
         assert_eq!(dma_entry_limit(), 65535);
+    }
+
+    #[test]
+    fn only_aligned_areas_inside_an_mmappable_region_are_mapped() {
+        use vfio_ioctls::{VfioRegionInfoCapSparseMmap, VfioRegionSparseMmapArea};
+        const MMAP: u32 = 1 << 2;
+        let size = 0x10000;
+        let sparse = |areas: &[(u64, u64)]| {
+            VfioRegionInfoCap::SparseMmap(VfioRegionInfoCapSparseMmap {
+                areas: areas
+                    .iter()
+                    .map(|&(offset, size)| VfioRegionSparseMmapArea { offset, size })
+                    .collect(),
+            })
+        };
+        // Not mmappable: nothing, whatever the capabilities say.
+        assert_eq!(mappable_areas(0b11, size, &[sparse(&[(0, 0x1000)])]), []);
+        // Mmappable without sparse areas: the whole region.
+        assert_eq!(mappable_areas(MMAP, size, &[]), [(0, size)]);
+        assert_eq!(
+            mappable_areas(MMAP | 0b11, size, &[VfioRegionInfoCap::MsixMappable]),
+            [(0, size)]
+        );
+        // Sparse areas: the good ones only, even when other capabilities
+        // come first.
+        let areas = [
+            (0, 0x1000),
+            (0x2000, 0x2000),
+            (0x4800, 0x1000),
+            (0x6000, 0x800),
+            (0x7000, 0),
+            (0xf000, 0x1000),
+            (0xf000, 0x2000),
+            (u64::MAX - 0xfff, 0x1000),
+        ];
+        assert_eq!(
+            mappable_areas(
+                MMAP,
+                size,
+                &[VfioRegionInfoCap::MsixMappable, sparse(&areas)]
+            ),
+            [(0, 0x1000), (0x2000, 0x2000), (0xf000, 0x1000)]
+        );
     }
 
     #[test]
