@@ -489,13 +489,11 @@ mod tests {
         assert_eq!(gate.parked(), 0);
     }
 
-    /// Blocks in a syscall, as KVM_RUN does, until a signal interrupts it;
-    /// takes a while to go away, so a `stop` that does not wait shows.
-    struct BlockedVcpu {
-        gone: Arc<AtomicBool>,
-    }
+    /// A vCPU whose every `run` is `step` (exits that borrow nothing);
+    /// its register calls do nothing.
+    struct FakeVcpu<F>(F);
 
-    impl Vcpu for BlockedVcpu {
+    impl<F: FnMut() -> VmExit<'static> + Send> Vcpu for FakeVcpu<F> {
         fn get_regs(&self) -> hypervisor::Result<hypervisor::arch::StandardRegisters> {
             Ok(Default::default())
         }
@@ -509,18 +507,19 @@ mod tests {
             Ok(())
         }
         fn run(&mut self) -> hypervisor::Result<VmExit<'_>> {
-            // SAFETY: pause() takes nothing and returns once a signal has
-            // been handled.
-            unsafe { libc::pause() };
-            Ok(VmExit::Interrupted)
+            Ok((self.0)())
         }
         fn set_immediate_exit(&mut self, _: bool) {}
     }
 
-    impl Drop for BlockedVcpu {
+    /// Raises its flag when dropped, a while after: a `stop` that does not
+    /// wait for the vCPU thread to end shows.
+    struct SlowToGo(Arc<AtomicBool>);
+
+    impl Drop for SlowToGo {
         fn drop(&mut self) {
             std::thread::sleep(Duration::from_millis(100));
-            self.gone.store(true, Ordering::Release);
+            self.0.store(true, Ordering::Release);
         }
     }
 
@@ -528,34 +527,17 @@ mod tests {
         let rig = rig(None)?;
         let stop = rig.ctx.stop.clone();
         let gone = Arc::new(AtomicBool::new(false));
-        let vcpu = Box::new(BlockedVcpu { gone: gone.clone() });
+        let guard = SlowToGo(gone.clone());
+        // Blocks as KVM_RUN does, until a signal interrupts it.
+        let vcpu = Box::new(FakeVcpu(move || {
+            let _ = &guard;
+            // SAFETY: pause() takes nothing and returns once a signal has
+            // been handled.
+            unsafe { libc::pause() };
+            VmExit::Interrupted
+        }));
         let handle = start(0, vcpu, Arc::new(rig.ctx), None).unwrap();
         Some((handle, stop, gone))
-    }
-
-    /// Halts, then records whether it was ever entered again.
-    struct HaltingVcpu {
-        runs: Arc<std::sync::atomic::AtomicUsize>,
-    }
-
-    impl Vcpu for HaltingVcpu {
-        fn get_regs(&self) -> hypervisor::Result<hypervisor::arch::StandardRegisters> {
-            Ok(Default::default())
-        }
-        fn set_regs(&self, _: &hypervisor::arch::StandardRegisters) -> hypervisor::Result<()> {
-            Ok(())
-        }
-        fn get_sregs(&self) -> hypervisor::Result<hypervisor::arch::SpecialRegisters> {
-            Ok(Default::default())
-        }
-        fn set_sregs(&self, _: &hypervisor::arch::SpecialRegisters) -> hypervisor::Result<()> {
-            Ok(())
-        }
-        fn run(&mut self) -> hypervisor::Result<VmExit<'_>> {
-            self.runs.fetch_add(1, Ordering::AcqRel);
-            Ok(VmExit::Hlt)
-        }
-        fn set_immediate_exit(&mut self, _: bool) {}
     }
 
     #[test]
@@ -563,7 +545,12 @@ mod tests {
         let Some(rig) = rig(None) else { return };
         let stop = rig.ctx.stop.clone();
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let vcpu = Box::new(HaltingVcpu { runs: runs.clone() });
+        let entries = runs.clone();
+        // Halts, counting every entry.
+        let vcpu = Box::new(FakeVcpu(move || {
+            entries.fetch_add(1, Ordering::AcqRel);
+            VmExit::Hlt
+        }));
         let mut handle = start(1, vcpu, Arc::new(rig.ctx), None).unwrap();
         assert!(wait_for(|| runs.load(Ordering::Acquire) == 1));
         // Kicks (a pause, say) do not send it back in.
@@ -604,45 +591,21 @@ mod tests {
         assert!(gone.load(Ordering::Acquire));
     }
 
-    /// Ignores kicks until `release` is raised.
-    struct StuckVcpu {
-        entered: Arc<AtomicBool>,
-        release: Arc<AtomicBool>,
-    }
-
-    impl Vcpu for StuckVcpu {
-        fn get_regs(&self) -> hypervisor::Result<hypervisor::arch::StandardRegisters> {
-            Ok(Default::default())
-        }
-        fn set_regs(&self, _: &hypervisor::arch::StandardRegisters) -> hypervisor::Result<()> {
-            Ok(())
-        }
-        fn get_sregs(&self) -> hypervisor::Result<hypervisor::arch::SpecialRegisters> {
-            Ok(Default::default())
-        }
-        fn set_sregs(&self, _: &hypervisor::arch::SpecialRegisters) -> hypervisor::Result<()> {
-            Ok(())
-        }
-        fn run(&mut self) -> hypervisor::Result<VmExit<'_>> {
-            self.entered.store(true, Ordering::Release);
-            while !self.release.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Ok(VmExit::Interrupted)
-        }
-        fn set_immediate_exit(&mut self, _: bool) {}
-    }
-
     #[test]
     fn stop_gives_up_on_a_vcpu_that_never_leaves_the_guest() {
         let Some(rig) = rig(None) else { return };
         let stop = rig.ctx.stop.clone();
         let release = Arc::new(AtomicBool::new(false));
         let entered = Arc::new(AtomicBool::new(false));
-        let vcpu = Box::new(StuckVcpu {
-            entered: entered.clone(),
-            release: release.clone(),
-        });
+        let (inside, let_go) = (entered.clone(), release.clone());
+        // Ignores kicks until released.
+        let vcpu = Box::new(FakeVcpu(move || {
+            inside.store(true, Ordering::Release);
+            while !let_go.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            VmExit::Interrupted
+        }));
         let mut handle = start(2, vcpu, Arc::new(rig.ctx), None).unwrap();
         assert!(wait_for(|| entered.load(Ordering::Acquire)));
         stop.store(true, Ordering::Release);
