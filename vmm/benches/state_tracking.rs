@@ -91,9 +91,7 @@ fn both(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, setup: Setup) {
 /// Runs `iteration` `n` times and returns the time taken.
 fn timed(iteration: &mut dyn FnMut(), n: u64) -> Duration {
     let started = Instant::now();
-    for _ in 0..n {
-        iteration();
-    }
+    counted_iterations(iteration, n);
     started.elapsed()
 }
 
@@ -259,8 +257,9 @@ fn paired_ratios(_: &mut Criterion) {
     }
 }
 
-/// Runs `iteration` `n` times; the only code `scripts/instructions.sh`
-/// counts (callgrind's `--toggle-collect`), so setup is left out.
+/// Runs `iteration` `n` times, for `timed` and for the count mode: the
+/// only code `scripts/instructions.sh` counts (callgrind's
+/// `--toggle-collect`), so setup is left out.
 #[inline(never)]
 fn counted_iterations(iteration: &mut dyn FnMut(), n: u64) {
     for _ in 0..n {
