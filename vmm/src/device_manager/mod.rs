@@ -13,9 +13,12 @@
 //! `DmaMappingListener`) is shown as failed until `remove` clears it.
 
 mod bar_maps;
+#[cfg(test)]
+mod fake_vfio;
 mod guest_ram;
 pub mod pci_segment;
 pub mod vfio;
+mod vfio_host;
 pub mod vfio_user_client;
 
 use std::collections::BTreeSet;
@@ -316,13 +319,35 @@ pub struct DeviceManager {
     vfio: VfioPlatform,
 }
 
+/// Opens a VFIO device on the host (`vfio_host::open`), or a fake one in
+/// the tests.
+type VfioOpener = dyn Fn(
+        &std::path::Path,
+        vfio::VfioBackend,
+        Arc<vfio_ioctls::VfioDeviceFd>,
+    ) -> Result<vfio::OpenedVfio, vfio::VfioAttachError>
+    + Send
+    + Sync;
+
 /// What VFIO devices share: the VM's KVM-VFIO device (created with the
-/// first VFIO device) and the backend a device gets unless it names one.
-#[derive(Default)]
+/// first VFIO device), the backend a device gets unless it names one, and
+/// how devices are opened.
 struct VfioPlatform {
     vm: Option<Arc<dyn hypervisor::Vm>>,
     iommufd_by_default: bool,
     kvm_vfio: Mutex<Option<Arc<vfio_ioctls::VfioDeviceFd>>>,
+    open: Box<VfioOpener>,
+}
+
+impl Default for VfioPlatform {
+    fn default() -> Self {
+        VfioPlatform {
+            vm: None,
+            iommufd_by_default: false,
+            kvm_vfio: Mutex::default(),
+            open: Box::new(vfio_host::open),
+        }
+    }
 }
 
 impl VfioPlatform {
@@ -374,6 +399,13 @@ impl DeviceManager {
         self
     }
 
+    /// VFIO devices are opened by `open` instead of on the host.
+    #[cfg(test)]
+    fn with_vfio_opener(mut self, open: Box<VfioOpener>) -> Self {
+        self.vfio.open = open;
+        self
+    }
+
     /// The backend `config` asks for, or the platform's default.
     pub fn vfio_backend(&self, config: &DeviceConfig) -> vfio::VfioBackend {
         if config.iommufd.unwrap_or(self.vfio.iommufd_by_default) {
@@ -395,9 +427,9 @@ impl DeviceManager {
             .vfio
             .kvm_vfio()
             .and_then(|kvm_vfio| {
-                vfio::VfioDma::open(&config.path, self.ram.clone(), backend, kvm_vfio)
-                    .map_err(DeviceError::Vfio)
+                (self.vfio.open)(&config.path, backend, kvm_vfio).map_err(DeviceError::Vfio)
             })
+            .map(|opened| vfio::VfioDma::new(opened, self.ram.clone()))
             .and_then(|dma| {
                 let dma = Arc::new(dma);
                 let trapped: Vec<usize> = config

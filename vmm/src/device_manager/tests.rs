@@ -447,3 +447,130 @@ fn per_page_mapping_past_type1s_entry_limit_needs_iommufd() {
     assert!(on_type1.mappings().is_empty());
     assert_eq!(on_iommufd.mappings().len(), 65536);
 }
+
+/// A manager with PCI segment 0 whose VFIO devices are opened by `open`
+/// (the backend each was opened on is recorded).
+fn vfio_manager(
+    memory: &Arc<MemoryManager>,
+    vm: Arc<dyn hypervisor::Vm>,
+    device: &Arc<super::fake_vfio::FakeVfioDevice>,
+    container: &Arc<super::fake_vfio::FakeContainer>,
+    backends: &Arc<Mutex<Vec<vfio::VfioBackend>>>,
+) -> (DeviceManager, Arc<PciSegment>) {
+    let segment = Arc::new(
+        PciSegment::new(
+            &vm_device::Bus::new(),
+            Arc::new(vm_device::Bus::new()),
+            memory.ram_end(),
+            vm.clone(),
+        )
+        .unwrap(),
+    );
+    let (device, container, backends) = (device.clone(), container.clone(), backends.clone());
+    let dm = DeviceManager::new(
+        memory.clone(),
+        Arc::new(EventMonitor::disabled()),
+        Some(segment.clone()),
+    )
+    .with_vfio_platform(vm, false)
+    .with_vfio_opener(Box::new(move |_path, backend, _kvm_vfio| {
+        backends.lock().unwrap().push(backend);
+        Ok(super::fake_vfio::opened(&device, &container))
+    }));
+    (dm, segment)
+}
+
+#[test]
+fn a_vfio_device_is_a_pci_function_whose_dma_follows_the_shared_pages() {
+    use super::fake_vfio::{FakeContainer, FakeVfioDevice};
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
+    let ram = GuestRam::new(&memory);
+    convert(&memory, 16 * MIB, 64 << 10, true).unwrap();
+    let device = FakeVfioDevice::pci_function();
+    let container = FakeContainer::new(Some(65535));
+    let backends = Arc::new(Mutex::new(Vec::new()));
+    let (dm, segment) = vfio_manager(&memory, vm, &device, &container, &backends);
+
+    let config = DeviceConfig {
+        path: PathBuf::from("/sys/bus/pci/devices/0000:01:00.0/"),
+        id: Some("gpu0".into()),
+        pci_device_id: Some(3),
+        iommufd: Some(true),
+        ..Default::default()
+    };
+    let info = dm.add_vfio(&config).unwrap();
+    assert_eq!(*backends.lock().unwrap(), [vfio::VfioBackend::Iommufd]);
+    assert_eq!(info.bdf.as_deref(), Some("0000:00:03.0"));
+    assert_eq!(info.max_dma_maps, None, "iommufd has no entry limit");
+    assert_eq!(segment.function(3), 0x5678_1234);
+    // The function model reset the device while learning it, and read its
+    // configuration space within bounds only.
+    assert_eq!(device.resets(), 1);
+    assert_eq!(device.violations(), Vec::<String>::new());
+
+    // DMA: the shared pages at their host addresses, before and after
+    // conversions.
+    let expected = |memory: &MemoryManager| -> Vec<(u64, u64, u64)> {
+        shared_runs(memory)
+            .iter()
+            .map(|s| (s.gpa, s.size, ram.host_address(s.gpa, s.size).unwrap()))
+            .collect()
+    };
+    assert_eq!(container.mappings(), expected(&memory));
+    convert(&memory, 20 * MIB, 8 << 10, true).unwrap();
+    convert(&memory, 16 * MIB + (16 << 10), 4 << 10, false).unwrap();
+    assert_eq!(container.mappings(), expected(&memory));
+    assert_eq!(container.mappings().len(), 3);
+    assert_eq!(container.iommu.violations(), 0);
+
+    // Removed: off the bus, nothing mapped.
+    dm.remove("gpu0").unwrap();
+    assert_eq!(segment.function(3), 0xffff_ffff);
+    assert!(container.mappings().is_empty());
+    assert_eq!(listener_count(&memory), 0);
+
+    // On type1 the kernel's entry limit applies.
+    let info = dm
+        .add_vfio(&DeviceConfig {
+            iommufd: Some(false),
+            ..config
+        })
+        .unwrap();
+    assert_eq!(backends.lock().unwrap()[1], vfio::VfioBackend::Type1);
+    assert_eq!(info.max_dma_maps, Some(65535));
+    assert_eq!(container.mappings(), expected(&memory));
+}
+
+#[test]
+fn a_vfio_device_without_a_pci_function_is_refused_with_nothing_mapped() {
+    use super::fake_vfio::{FakeContainer, FakeVfioDevice};
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
+    convert(&memory, 16 * MIB, 4096, true).unwrap();
+    let device = FakeVfioDevice::pci_function();
+    device.poke(7, 0, &[0xff; 4]);
+    let container = FakeContainer::new(None);
+    let backends = Arc::new(Mutex::new(Vec::new()));
+    let (dm, segment) = vfio_manager(&memory, vm, &device, &container, &backends);
+    let err = dm
+        .add_vfio(&DeviceConfig {
+            path: PathBuf::from("/sys/bus/pci/devices/0000:01:00.0/"),
+            ..Default::default()
+        })
+        .unwrap_err();
+    let chain = crate::error_chain(&err);
+    assert!(chain.contains("no PCI function answers"), "{chain}");
+    assert!(container.mappings().is_empty());
+    assert!(dm.info().is_empty());
+    assert_eq!(listener_count(&memory), 0);
+    assert_eq!(
+        segment.function(1),
+        0xffff_ffff,
+        "nothing plugged after the host bridge"
+    );
+    // The platform default (type1 here) was asked for.
+    assert_eq!(*backends.lock().unwrap(), [vfio::VfioBackend::Type1]);
+}

@@ -1,37 +1,28 @@
-//! VFIO devices (vfio-ioctls), through the legacy type1 container
-//! (`/dev/vfio/vfio` + the device's group) or through iommufd
-//! (`/dev/iommu` + the device's cdev `/dev/vfio/devices/vfioN`, one IOAS
-//! per device so every device's mappings follow its own listener). The DMA
-//! mapping is what follows conversions; the device's regions and interrupts
-//! serve the PCI function model (`pci::VfioOps`). Either way the group or
-//! cdev joins the VM's KVM-VFIO device.
+//! VFIO devices: what the VMM decides for them, over a narrow seam to the
+//! kernel. `VfioDma` maps a device's DMA as conversions say (through
+//! vfio-ioctls' `VfioOps`: the type1 container or an iommufd IOAS) and
+//! serves the PCI function model (`pci::VfioOps`) from the device's regions
+//! and interrupts (`VfioDeviceAccess`). Opening those on a host, and
+//! vfio-ioctls' `VfioDevice` behind the seam, are in `vfio_host.rs`.
 //!
-//! Not exercised on this project's CI machine (no /dev/vfio, no
-//! /dev/iommu): the rules the kernel applies to these calls are enforced by
-//! `vm_device::fake_iommu` (DMA, with type1's entry limit or iommufd's
-//! none) and by the fake function in `pci/src/tests.rs` (regions, irqs) in
-//! the tests instead.
+//! This project's CI machine has no /dev/vfio and no /dev/iommu: the tests
+//! here drive `VfioDma` through a fake device and a fake IOMMU that keep
+//! the kernel's rules (`fake_vfio.rs`, `vm_device::fake_iommu`).
 
 use std::mem::ManuallyDrop;
 use std::os::fd::{FromRawFd, RawFd};
-use std::path::Path;
 use std::sync::Arc;
 
-use iommufd_ioctls::IommuFd;
-use log::info;
 use pci::VfioOpsError;
 use serde::Serialize;
-use vfio_ioctls::{
-    VfioContainer, VfioDevice, VfioDeviceFd, VfioIommufd, VfioOps, VfioRegionInfoCap,
-};
+use vfio_ioctls::{VfioOps, VfioRegionInfoCap};
 use vm_device::ExternalDmaMapping;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::guest_ram::GuestRam;
+use super::vfio_host::{IOMMUFD, LEGACY_CONTAINER};
 
 const DMA_ENTRY_LIMIT: &str = "/sys/module/vfio_iommu_type1/parameters/dma_entry_limit";
-const LEGACY_CONTAINER: &str = "/dev/vfio/vfio";
-const IOMMUFD: &str = "/dev/iommu";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VfioAttachError {
@@ -87,60 +78,65 @@ impl VfioBackend {
     }
 }
 
-pub struct VfioDma {
+/// One region of a VFIO device, as VFIO_DEVICE_GET_REGION_INFO tells it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegionInfo {
+    pub flags: u32,
+    /// 0 when the device has no such region.
+    pub size: u64,
+    /// Where the region starts in the device fd (for pread, pwrite, mmap).
+    pub offset: u64,
+    pub caps: Vec<VfioRegionInfoCap>,
+}
+
+/// What `VfioDma` asks of an open VFIO device: vfio-ioctls' `VfioDevice`
+/// on a VFIO host (`vfio_host.rs`), a fake that keeps the kernel's rules in
+/// the tests.
+pub trait VfioDeviceAccess: Send + Sync {
+    fn region(&self, index: u32) -> RegionInfo;
+    /// Reads region `index` at `offset`. Like vfio-ioctls, an access the
+    /// kernel refuses is only logged: callers check the bounds first.
+    fn read(&self, index: u32, offset: u64, data: &mut [u8]);
+    fn write(&self, index: u32, offset: u64, data: &[u8]);
+    /// How many interrupts irq index `index` has (0 when it has none).
+    fn irq_count(&self, index: u32) -> u32;
+    /// Vectors 0.. of irq index `index` signal `fds` (VFIO_DEVICE_SET_IRQS);
+    /// the kernel takes its own references to them.
+    fn enable_irq(&self, index: u32, fds: Vec<&EventFd>) -> Result<(), String>;
+    fn disable_irq(&self, index: u32) -> Result<(), String>;
+    fn reset(&self);
+    /// The fd whose region offsets mmap the device's regions.
+    fn mmap_fd(&self) -> RawFd;
+}
+
+/// A device as opened on the host: what maps its DMA, and the device.
+pub struct OpenedVfio {
     /// The container or the iommufd IOAS: whichever maps this device's DMA.
+    pub iommu: Arc<dyn VfioOps>,
+    pub device: Box<dyn VfioDeviceAccess>,
+}
+
+pub struct VfioDma {
     iommu: Arc<dyn VfioOps>,
     ram: Arc<GuestRam>,
-    device: VfioDevice,
+    device: Box<dyn VfioDeviceAccess>,
     region_maps: super::bar_maps::BarMaps,
 }
 
 impl VfioDma {
-    /// Opens the device at `sysfs_path` on `backend`; its group or cdev
-    /// joins `kvm_vfio`, the VM's KVM-VFIO device.
-    pub fn open(
-        sysfs_path: &Path,
-        ram: Arc<GuestRam>,
-        backend: VfioBackend,
-        kvm_vfio: Arc<VfioDeviceFd>,
-    ) -> Result<Self, VfioAttachError> {
-        let iommu: Arc<dyn VfioOps> = match backend {
-            VfioBackend::Type1 => {
-                if !Path::new(LEGACY_CONTAINER).exists() {
-                    return Err(VfioAttachError::NoVfio);
-                }
-                Arc::new(VfioContainer::new(Some(kvm_vfio)).map_err(VfioAttachError::Container)?)
-            }
-            VfioBackend::Iommufd => {
-                if !Path::new(IOMMUFD).exists() {
-                    return Err(VfioAttachError::NoIommufd);
-                }
-                let iommufd = IommuFd::new()
-                    .map_err(|e| VfioAttachError::Iommufd(std::io::Error::other(e)))?;
-                Arc::new(
-                    VfioIommufd::new(Arc::new(iommufd), None, Some(kvm_vfio))
-                        .map_err(VfioAttachError::Ioas)?,
-                )
-            }
-        };
-        let device = VfioDevice::new(sysfs_path, iommu.clone(), backend == VfioBackend::Iommufd)
-            .map_err(|e| VfioAttachError::Device(sysfs_path.display().to_string(), e))?;
-        info!(
-            "VFIO device {} attached through {backend:?}",
-            sysfs_path.display()
-        );
-        Ok(VfioDma {
-            iommu,
+    pub fn new(opened: OpenedVfio, ram: Arc<GuestRam>) -> Self {
+        VfioDma {
+            iommu: opened.iommu,
             ram,
-            device,
+            device: opened.device,
             region_maps: Default::default(),
-        })
+        }
     }
 
     /// The kernel refuses region accesses outside the region; vfio-ioctls
     /// only logs a failed access, so the bounds are checked here.
     fn check_access(&self, index: u32, offset: u64, len: usize) -> Result<(), VfioOpsError> {
-        check_region_access(index, self.device.get_region_size(index), offset, len)
+        check_region_access(index, self.device.region(index).size, offset, len)
     }
 }
 
@@ -156,31 +152,28 @@ fn check_region_access(index: u32, size: u64, offset: u64, len: usize) -> Result
 
 impl pci::VfioOps for VfioDma {
     fn region_size(&self, index: u32) -> Result<u64, VfioOpsError> {
-        Ok(self.device.get_region_size(index))
+        Ok(self.device.region(index).size)
     }
 
     fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), VfioOpsError> {
         self.check_access(index, offset, data.len())?;
-        self.device.region_read(index, data, offset);
+        self.device.read(index, offset, data);
         Ok(())
     }
 
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioOpsError> {
         self.check_access(index, offset, data.len())?;
-        self.device.region_write(index, data, offset);
+        self.device.write(index, offset, data);
         Ok(())
     }
 
     fn irq_count(&self, index: u32) -> Result<u32, VfioOpsError> {
-        Ok(self.device.get_irq_info(index).map_or(0, |irq| irq.count))
+        Ok(self.device.irq_count(index))
     }
 
     fn set_irq_eventfds(&self, index: u32, fds: &[RawFd]) -> Result<(), VfioOpsError> {
         if fds.is_empty() {
-            return self
-                .device
-                .disable_irq(index)
-                .map_err(|e| VfioOpsError(e.to_string()));
+            return self.device.disable_irq(index).map_err(VfioOpsError);
         }
         // SAFETY: the fds are eventfds owned by the caller's MSI vectors,
         // alive for this call; ManuallyDrop keeps these views from closing
@@ -190,9 +183,7 @@ impl pci::VfioOps for VfioDma {
             .map(|&fd| ManuallyDrop::new(unsafe { EventFd::from_raw_fd(fd) }))
             .collect();
         let refs: Vec<&EventFd> = views.iter().map(|v| &**v).collect();
-        self.device
-            .enable_irq(index, refs)
-            .map_err(|e| VfioOpsError(e.to_string()))
+        self.device.enable_irq(index, refs).map_err(VfioOpsError)
     }
 
     fn reset(&self) -> Result<(), VfioOpsError> {
@@ -201,19 +192,12 @@ impl pci::VfioOps for VfioDma {
     }
 
     /// The region's sparse-mmap areas (or the whole region when it is
-    /// mmappable without that capability), from the device fd.
+    /// mmappable without that capability), mapped from the device fd.
     fn map_region_areas(&self, index: u32) -> Result<Vec<pci::DirectArea>, VfioOpsError> {
-        use std::os::fd::AsRawFd;
-        let areas = mappable_areas(
-            self.device.get_region_flags(index),
-            self.device.get_region_size(index),
-            &self.device.get_region_caps(index),
-        );
-        self.region_maps.map(
-            self.device.as_raw_fd(),
-            self.device.get_region_offset(index),
-            &areas,
-        )
+        let region = self.device.region(index);
+        let areas = mappable_areas(region.flags, region.size, &region.caps);
+        self.region_maps
+            .map(self.device.mmap_fd(), region.offset, &areas)
     }
 }
 
@@ -272,7 +256,168 @@ impl ExternalDmaMapping for VfioDma {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
+    use hypervisor::{Hypervisor, VmType};
+
     use super::*;
+    use crate::device_manager::fake_vfio::{self, FakeContainer, FakeVfioDevice};
+    use crate::memory::{MemoryLayout, MemoryManager};
+    use pci::VfioOps as _;
+
+    /// A `VfioDma` over the fake PCI function and a fake container, and
+    /// the RAM it maps (64 MiB of guest_memfd RAM in a KVM VM).
+    fn vfio_dma(
+        device: &Arc<FakeVfioDevice>,
+        limit: Option<u64>,
+    ) -> Option<(VfioDma, Arc<FakeContainer>, Arc<GuestRam>)> {
+        let vm = crate::test_util::kvm()?.create_vm(VmType::Default).unwrap();
+        let memory = MemoryManager::new(vm, 64 << 20, MemoryLayout::Auto).unwrap();
+        let ram = Arc::new(GuestRam::new(&memory));
+        let container = FakeContainer::new(limit);
+        let dma = VfioDma::new(fake_vfio::opened(device, &container), ram.clone());
+        Some((dma, container, ram))
+    }
+
+    #[test]
+    fn dma_maps_the_ram_behind_the_guest_address_and_unmaps_by_iova() {
+        let device = FakeVfioDevice::pci_function();
+        let Some((dma, container, ram)) = vfio_dma(&device, Some(2)) else {
+            return;
+        };
+        dma.map(0x20_0000, 0x20_0000, 0x3000).unwrap();
+        dma.map(0x40_0000, 0x40_0000, 0x1000).unwrap();
+        assert_eq!(
+            container.mappings(),
+            [
+                (
+                    0x20_0000,
+                    0x3000,
+                    ram.host_address(0x20_0000, 0x3000).unwrap()
+                ),
+                (
+                    0x40_0000,
+                    0x1000,
+                    ram.host_address(0x40_0000, 0x1000).unwrap()
+                ),
+            ]
+        );
+        // Not RAM: refused before the IOMMU sees it.
+        assert!(dma.map(64 << 20, 64 << 20, 0x1000).is_err());
+        // The IOMMU's refusals reach the caller: the entry limit, a cut.
+        let full = dma.map(0x80_0000, 0x80_0000, 0x1000).unwrap_err();
+        assert!(full.to_string().contains("No space left"), "{full}");
+        assert!(dma.unmap(0x20_0000, 0x1000).is_err());
+        assert_eq!(container.mappings().len(), 2);
+        dma.unmap(0x20_0000, 0x3000).unwrap();
+        assert_eq!(
+            container.mappings(),
+            [(
+                0x40_0000,
+                0x1000,
+                ram.host_address(0x40_0000, 0x1000).unwrap()
+            )]
+        );
+        container.iommu.fail_next_unmaps(1);
+        assert!(dma.unmap(0x40_0000, 0x1000).is_err());
+        dma.unmap(0x40_0000, 0x1000).unwrap();
+        assert!(container.mappings().is_empty());
+        assert_eq!(container.iommu.violations(), 2);
+    }
+
+    #[test]
+    fn region_accesses_reach_the_device_inside_the_region_only() {
+        let device = FakeVfioDevice::pci_function();
+        let Some((dma, _, _)) = vfio_dma(&device, None) else {
+            return;
+        };
+        assert_eq!(dma.region_size(0).unwrap(), 0x4000);
+        assert_eq!(dma.region_size(7).unwrap(), 256);
+        assert_eq!(dma.region_size(5).unwrap(), 0);
+        assert_eq!(dma.region_size(9).unwrap(), 0);
+        let mut id = [0u8; 4];
+        dma.region_read(7, 0, &mut id).unwrap();
+        assert_eq!(u32::from_le_bytes(id), 0x5678_1234);
+        dma.region_write(0, 0x3ffc, &[1, 2, 3, 4]).unwrap();
+        assert_eq!(device.peek(0, 0x3ffc, 4), [1, 2, 3, 4]);
+        device.poke(2, 0x10, &[9, 8]);
+        let mut two = [0u8; 2];
+        dma.region_read(2, 0x10, &mut two).unwrap();
+        assert_eq!(two, [9, 8]);
+        // Outside a region, or a region the device lacks: refused here,
+        // never sent to the kernel (which would fail it without telling).
+        assert!(dma.region_read(7, 0xfe, &mut id).is_err());
+        assert!(dma.region_write(0, 0x4000, &[0]).is_err());
+        assert!(dma.region_read(5, 0, &mut id).is_err());
+        assert_eq!(device.violations(), Vec::<String>::new());
+        assert_eq!(device.peek(0, 0x3ffc, 4), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn interrupts_are_handed_over_as_eventfds_the_caller_keeps() {
+        let device = FakeVfioDevice::new(vec![RegionInfo::default(); 3], &[(2, 2)]);
+        let Some((dma, _, _)) = vfio_dma(&device, None) else {
+            return;
+        };
+        assert_eq!(dma.irq_count(2).unwrap(), 2);
+        assert_eq!(dma.irq_count(0).unwrap(), 0);
+        let vectors = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+        let fds: Vec<RawFd> = vectors.iter().map(|v| v.as_raw_fd()).collect();
+        dma.set_irq_eventfds(2, &fds).unwrap();
+        assert!(device.fire(2, 1));
+        assert_eq!(vectors[1].read().unwrap(), 1);
+        // The caller's eventfds are still its own after the hand-over.
+        vectors[0].write(5).unwrap();
+        assert_eq!(vectors[0].read().unwrap(), 5);
+        assert!(device.fire(2, 0));
+        assert_eq!(vectors[0].read().unwrap(), 1);
+        // More vectors than the device has: the kernel's refusal reaches
+        // the caller.
+        let three = [fds[0], fds[1], fds[0]];
+        let e = dma.set_irq_eventfds(2, &three).unwrap_err();
+        assert!(e.0.contains("3 vectors"), "{e}");
+        // None: disabled.
+        dma.set_irq_eventfds(2, &[]).unwrap();
+        assert!(!device.fire(2, 0));
+        assert!(dma.set_irq_eventfds(0, &[]).is_err());
+        assert_eq!(device.violations().len(), 2);
+    }
+
+    #[test]
+    fn reset_reaches_the_device() {
+        let device = FakeVfioDevice::pci_function();
+        let Some((dma, _, _)) = vfio_dma(&device, None) else {
+            return;
+        };
+        dma.reset().unwrap();
+        dma.reset().unwrap();
+        assert_eq!(device.resets(), 2);
+    }
+
+    #[test]
+    fn mmappable_areas_are_mapped_from_the_device_fd_at_the_region_offset() {
+        let device = FakeVfioDevice::pci_function();
+        let Some((dma, _, _)) = vfio_dma(&device, None) else {
+            return;
+        };
+        let areas = dma.map_region_areas(0).unwrap();
+        assert_eq!(
+            areas.iter().map(|a| (a.offset, a.size)).collect::<Vec<_>>(),
+            [(0x1000, 0x2000)]
+        );
+        device.poke(0, 0x1ff8, &[7; 8]);
+        let host = areas[0].host as *mut u64;
+        // SAFETY: the area is a live 8 KiB shared mapping of the device fd
+        // made by `map_region_areas`; 0xff8 is inside it and aligned.
+        let seen = unsafe { host.byte_add(0xff8).read_volatile() };
+        assert_eq!(seen, u64::from_ne_bytes([7; 8]));
+        // SAFETY: as above.
+        unsafe { host.write_volatile(0x1122_3344) };
+        assert_eq!(device.peek(0, 0x1000, 4), 0x1122_3344u32.to_le_bytes());
+        // Not mmappable: nothing mapped; the guest's accesses trap.
+        assert!(dma.map_region_areas(2).unwrap().is_empty());
+        assert!(dma.map_region_areas(7).unwrap().is_empty());
+    }
 
     #[test]
     fn an_unreadable_entry_limit_is_the_kernel_default() {
