@@ -228,6 +228,34 @@ mod tests {
     }
 
     #[test]
+    fn registers_read_back_and_a_rewrite_replaces_the_old_half() {
+        let rec = Arc::new(Recorder::default());
+        let d = ConversionDoorbell::new(1, rec.clone());
+        request(
+            &d,
+            0,
+            0xffff_ffff_ffff_f000,
+            0xffff_ffff_ffff_f000,
+            COMMAND_NOP,
+        );
+        // Every half rewritten with fewer bits set than it had.
+        let status = request(&d, 0, 0x12_3456_7000, 0x3_0000_5000, COMMAND_TO_SHARED);
+        assert_eq!(status, DoorbellStatus::Ok as u32);
+        assert_eq!(
+            [REG_GPA_LO, REG_GPA_HI, REG_SIZE_LO, REG_SIZE_HI].map(|r| read32(&d, r)),
+            [0x3456_7000, 0x12, 0x5000, 0x3]
+        );
+        assert_eq!(
+            rec.0.lock().unwrap().as_slice(),
+            &[MemoryConversion {
+                gpa: 0x12_3456_7000,
+                size: 0x3_0000_5000,
+                direction: ConversionDirection::ToShared
+            }]
+        );
+    }
+
+    #[test]
     fn handler_status_is_reported() {
         let rec = Arc::new(Recorder::default());
         let d = ConversionDoorbell::new(1, rec);

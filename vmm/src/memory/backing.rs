@@ -76,14 +76,23 @@ fn in_place_flags(vm_type: VmType) -> u64 {
     }
 }
 
+/// The layout `requested` resolves to on a host that can (or cannot)
+/// mmap guest_memfd.
+fn resolve_layout(
+    requested: MemoryLayout,
+    in_place_supported: bool,
+) -> Result<MemoryLayout, BackingError> {
+    match requested {
+        MemoryLayout::Auto if in_place_supported => Ok(MemoryLayout::InPlace),
+        MemoryLayout::Auto => Ok(MemoryLayout::Split),
+        MemoryLayout::InPlace if !in_place_supported => Err(BackingError::InPlaceUnsupported),
+        other => Ok(other),
+    }
+}
+
 impl Backing {
     pub fn create(vm: &dyn Vm, size: u64, layout: MemoryLayout) -> Result<Self, BackingError> {
-        let caps = vm.capabilities();
-        let layout = match layout {
-            MemoryLayout::Auto if caps.guest_memfd_in_place() => MemoryLayout::InPlace,
-            MemoryLayout::Auto => MemoryLayout::Split,
-            other => other,
-        };
+        let layout = resolve_layout(layout, vm.capabilities().guest_memfd_in_place())?;
         let gmem = |flags| -> Result<Arc<File>, BackingError> {
             let fd: OwnedFd = vm
                 .create_guest_memfd(size, flags)
@@ -92,14 +101,9 @@ impl Backing {
         };
         Ok(match layout {
             MemoryLayout::Anonymous => Backing::Anonymous,
-            MemoryLayout::InPlace | MemoryLayout::Auto => {
-                if !caps.guest_memfd_in_place() {
-                    return Err(BackingError::InPlaceUnsupported);
-                }
-                Backing::GuestMemfdInPlace {
-                    gmem: gmem(in_place_flags(vm.vm_type()))?,
-                }
-            }
+            MemoryLayout::InPlace | MemoryLayout::Auto => Backing::GuestMemfdInPlace {
+                gmem: gmem(in_place_flags(vm.vm_type()))?,
+            },
             MemoryLayout::Split => {
                 let shared = memfd(size)?;
                 Backing::GuestMemfdSplit {
@@ -198,7 +202,115 @@ fn memfd(size: u64) -> Result<File, BackingError> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use hypervisor::Hypervisor;
+
     use super::*;
+
+    const PAGE: u64 = 4096;
+
+    #[test]
+    fn auto_is_in_place_where_the_host_can_mmap_guest_memfd() {
+        use MemoryLayout::*;
+        let resolved = |requested, supported| resolve_layout(requested, supported).ok();
+        assert_eq!(resolved(Auto, true), Some(InPlace));
+        assert_eq!(resolved(Auto, false), Some(Split));
+        assert_eq!(resolved(InPlace, true), Some(InPlace));
+        assert!(matches!(
+            resolve_layout(InPlace, false),
+            Err(BackingError::InPlaceUnsupported)
+        ));
+        for supported in [true, false] {
+            assert_eq!(resolved(Split, supported), Some(Split));
+            assert_eq!(resolved(Anonymous, supported), Some(Anonymous));
+        }
+    }
+
+    fn backings() -> Option<[Backing; 3]> {
+        let vm = crate::test_util::kvm()?.create_vm(VmType::Default).unwrap();
+        let create = |layout| Backing::create(vm.as_ref(), 16 * PAGE, layout).unwrap();
+        Some([
+            create(MemoryLayout::Anonymous),
+            create(MemoryLayout::InPlace),
+            create(MemoryLayout::Split),
+        ])
+    }
+
+    #[test]
+    fn each_layout_names_its_files() {
+        let Some([anonymous, in_place, split]) = backings() else {
+            return;
+        };
+        assert_eq!(
+            [&anonymous, &in_place, &split].map(Backing::name),
+            ["anonymous", "guest_memfd", "guest_memfd+memfd"]
+        );
+        assert!(anonymous.guest_memfd().is_none() && anonymous.shared_file().is_none());
+        // In place, the guest_memfd is the shared view; split, they differ.
+        let fd = |f: Option<&Arc<File>>| f.map(|f| f.as_raw_fd());
+        assert!(in_place.guest_memfd().is_some());
+        assert_eq!(fd(in_place.shared_file()), in_place.guest_memfd());
+        assert!(split.guest_memfd().is_some() && split.shared_file().is_some());
+        assert_ne!(fd(split.shared_file()), split.guest_memfd());
+        assert_eq!(
+            split.shared_file().unwrap().metadata().unwrap().len(),
+            16 * PAGE
+        );
+    }
+
+    /// The first byte of each of the first four pages of `backing`'s
+    /// host view, after writing `fill` (if any) there.
+    fn first_bytes(view: &MmapRegion, fill: Option<[u8; 4]>) -> [u8; 4] {
+        let base = view.as_ptr();
+        let mut seen = [0u8; 4];
+        for page in 0..4 {
+            // SAFETY: `view` maps 16 pages; page * PAGE is inside it. Raw
+            // volatile accesses, no reference into the mapping.
+            unsafe {
+                let byte = base.add(page * PAGE as usize);
+                if let Some(fill) = fill {
+                    byte.write_volatile(fill[page]);
+                }
+                seen[page] = byte.read_volatile();
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn split_conversions_free_the_side_the_pages_left() {
+        let Some([anonymous, in_place, split]) = backings() else {
+            return;
+        };
+        let view = split.map_shared_view(16 * PAGE).unwrap();
+        first_bytes(&view, Some([1, 2, 3, 4]));
+        // To private: pages 1 and 2 leave the shared view and read as zeros.
+        assert!(split.discard_after_conversion(PAGE, 2 * PAGE, false));
+        assert_eq!(first_bytes(&view, None), [1, 0, 0, 4]);
+        // The view is the shared memfd itself.
+        let mut b = [0u8; 1];
+        split
+            .shared_file()
+            .unwrap()
+            .read_exact_at(&mut b, 3 * PAGE)
+            .unwrap();
+        assert_eq!(b, [4]);
+        // To shared: what is freed is the private copy; the shared view
+        // keeps its bytes.
+        assert!(split.discard_after_conversion(0, 4 * PAGE, true));
+        assert_eq!(first_bytes(&view, None), [1, 0, 0, 4]);
+        // A range the kernel refuses is reported, not undone.
+        assert!(!split.discard_after_conversion(u64::MAX - PAGE + 1, PAGE, false));
+        // Nothing to free in the other layouts: contents survive.
+        for backing in [&in_place, &anonymous] {
+            let view = backing.map_shared_view(16 * PAGE).unwrap();
+            first_bytes(&view, Some([5, 6, 7, 8]));
+            assert!(backing.discard_after_conversion(0, 4 * PAGE, false));
+            assert!(backing.discard_after_conversion(0, 4 * PAGE, true));
+            assert_eq!(first_bytes(&view, None), [5, 6, 7, 8]);
+        }
+    }
 
     #[test]
     fn only_default_vms_start_their_in_place_pages_shared() {
