@@ -150,6 +150,4 @@ pub trait Vcpu: Send {
     fn set_sregs(&self, sregs: &arch::SpecialRegisters) -> Result<()>;
     /// Enters the guest until the next exit that needs the VMM.
     fn run(&mut self) -> Result<VmExit<'_>>;
-    /// Makes the next (or current, after a signal) `run` return `VmExit::Interrupted`.
-    fn set_immediate_exit(&mut self, exit: bool);
 }

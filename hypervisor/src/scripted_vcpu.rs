@@ -82,8 +82,6 @@ impl Vcpu for ScriptedVcpu {
             None => VmExit::Shutdown,
         })
     }
-
-    fn set_immediate_exit(&mut self, _exit: bool) {}
 }
 
 #[cfg(test)]

@@ -55,7 +55,7 @@ pub enum VmExit<'a> {
     /// `KVM_EXIT_MEMORY_FAULT`: an implicit conversion request.
     MemoryFault(MemoryConversion),
     SystemEvent(u32),
-    /// The run was cut short by a signal or `set_immediate_exit`.
+    /// The run was cut short by a signal (a kick).
     Interrupted,
     /// Anything the VMM cannot handle; carries KVM's description.
     Unhandled(String),

@@ -509,7 +509,6 @@ mod tests {
         fn run(&mut self) -> hypervisor::Result<VmExit<'_>> {
             Ok((self.0)())
         }
-        fn set_immediate_exit(&mut self, _: bool) {}
     }
 
     /// Raises its flag when dropped, a while after: a `stop` that does not

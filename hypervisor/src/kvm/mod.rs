@@ -323,10 +323,6 @@ impl Vcpu for KvmVcpu {
             .map_err(|e| HypervisorError::Registers(io_err(e)))
     }
 
-    fn set_immediate_exit(&mut self, exit: bool) {
-        self.fd.set_kvm_immediate_exit(exit.into());
-    }
-
     fn run(&mut self) -> Result<VmExit<'_>> {
         let exit = match self.fd.run() {
             Ok(exit) => exit,
@@ -372,3 +368,6 @@ impl Vcpu for KvmVcpu {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,393 @@
+//! The KVM backend on this machine's real /dev/kvm (PVM, default VM type
+//! only; see docs/testing.md). A tiny real-mode guest, run from anonymous
+//! memory and from a guest_memfd slot at a non-zero file offset, exits for
+//! every kind of access the VMM handles. Skips loudly without /dev/kvm
+//! unless `CH_REQUIRE_KVM=1` (CI), where it fails instead.
+
+use std::os::fd::AsRawFd;
+
+use super::*;
+use crate::caps::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+
+const SLOT_SIZE: u64 = 0x10000;
+const CODE: u64 = 0x1000;
+/// DS points here, past the only memory slot: data accesses are MMIO.
+const DATA_SEGMENT: u64 = 0x10000;
+
+fn kvm() -> Option<KvmHypervisor> {
+    match KvmHypervisor::new() {
+        Ok(hv) => Some(hv),
+        Err(e) => {
+            assert_ne!(
+                std::env::var("CH_REQUIRE_KVM").as_deref(),
+                Ok("1"),
+                "/dev/kvm is required: {e}"
+            );
+            eprintln!("*** SKIPPED: /dev/kvm unavailable: {e} ***");
+            None
+        }
+    }
+}
+
+/// An anonymous or shared mapping of `len` bytes, unmapped on drop.
+struct Mapping {
+    addr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(len: u64, fd: Option<(i32, u64)>) -> Self {
+        let (flags, fd, offset) = match fd {
+            Some((fd, offset)) => (libc::MAP_SHARED, fd, offset as libc::off_t),
+            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
+        };
+        // SAFETY: a fresh mapping at a place the kernel picks.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                offset,
+            )
+        };
+        assert_ne!(
+            addr,
+            libc::MAP_FAILED,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+        Mapping {
+            addr: addr.cast(),
+            len: len as usize,
+        }
+    }
+
+    fn write(&self, offset: usize, bytes: &[u8]) {
+        assert!(offset + bytes.len() <= self.len);
+        // SAFETY: inside the mapping, which no Rust reference covers.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.addr.add(offset), bytes.len())
+        };
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.addr.cast(), self.len) };
+    }
+}
+
+/// mov al,0x5a; out 0x10,al; in al,0x11; mov [0],al; mov al,[4];
+/// out 0x12,al; then hlt, which never exits: with the in-kernel irqchip
+/// KVM waits for an interrupt itself.
+const GUEST: [u8; 14] = [
+    0xb0, 0x5a, 0xe6, 0x10, 0xe4, 0x11, 0xa2, 0x00, 0x00, 0xa0, 0x04, 0x00, 0xe6, 0x12,
+];
+const HLT: u8 = 0xf4;
+
+/// Runs `GUEST` from the slot's memory in real mode up to its last port
+/// write and checks each exit; the values the VMM answers with travel
+/// through the guest's AL.
+fn run_guest(vm: &dyn Vm) {
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    sregs.ds.base = DATA_SEGMENT;
+    sregs.ds.selector = (DATA_SEGMENT >> 4) as u16;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = CODE;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    assert_eq!(vcpu.get_regs().unwrap().rip, CODE);
+    assert_eq!(vcpu.get_sregs().unwrap().ds.base, DATA_SEGMENT);
+
+    let mut seen = Vec::new();
+    loop {
+        let exit = vcpu.run().unwrap();
+        match exit {
+            VmExit::IoOut { port: 0x12, data } => {
+                seen.push(format!("out 0x12 {data:x?}"));
+                break;
+            }
+            VmExit::IoOut { port, data } => seen.push(format!("out {port:#x} {data:x?}")),
+            VmExit::IoIn { port, data } => {
+                data[0] = 0x33;
+                seen.push(format!("in {port:#x} {}", data.len()));
+            }
+            VmExit::MmioWrite { addr, data } => seen.push(format!("write {addr:#x} {data:x?}")),
+            VmExit::MmioRead { addr, data } => {
+                data[0] = 0x44;
+                seen.push(format!("read {addr:#x} {}", data.len()));
+            }
+            other => panic!("unexpected exit {other:?} after {seen:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "out 0x10 [5a]",
+            "in 0x11 1",
+            "write 0x10000 [33]",
+            "read 0x10004 1",
+            "out 0x12 [44]",
+        ]
+    );
+}
+
+fn guest_code() -> Vec<u8> {
+    let mut code = GUEST.to_vec();
+    code.push(HLT);
+    code
+}
+
+#[test]
+fn a_guest_in_anonymous_memory_exits_for_port_and_mmio_accesses() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let ram = Mapping::new(SLOT_SIZE, None);
+    ram.write(CODE as usize, &guest_code());
+    let region = UserMemoryRegion {
+        slot: 0,
+        guest_phys_addr: 0,
+        size: SLOT_SIZE,
+        userspace_addr: ram.addr as u64,
+        guest_memfd: None,
+    };
+    // SAFETY: `ram` outlives the VM's use of it (the VM is dropped first).
+    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    run_guest(vm.as_ref());
+}
+
+#[test]
+fn a_guest_in_a_guest_memfd_slot_runs_from_the_slots_file_offset() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    if !vm.capabilities().guest_memfd_in_place() {
+        eprintln!("*** SKIPPED: this host cannot mmap guest_memfd ***");
+        return;
+    }
+    let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+    let gmem = vm.create_guest_memfd(2 * SLOT_SIZE, flags).unwrap();
+    // The slot is the file's second half; the first half holds a guest
+    // that would exit differently, so running the wrong half fails.
+    let file = Mapping::new(2 * SLOT_SIZE, Some((gmem.as_raw_fd(), 0)));
+    file.write(CODE as usize, &[HLT]);
+    file.write((SLOT_SIZE + CODE) as usize, &guest_code());
+    let view = Mapping::new(SLOT_SIZE, Some((gmem.as_raw_fd(), SLOT_SIZE)));
+    let region = UserMemoryRegion {
+        slot: 1,
+        guest_phys_addr: 0,
+        size: SLOT_SIZE,
+        userspace_addr: view.addr as u64,
+        guest_memfd: Some((gmem.as_raw_fd(), SLOT_SIZE)),
+    };
+    // SAFETY: `view` outlives the VM's use of it.
+    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    run_guest(vm.as_ref());
+}
+
+#[test]
+fn a_slot_the_kernel_refuses_names_itself() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let region = UserMemoryRegion {
+        slot: 3,
+        guest_phys_addr: 0x1000,
+        size: 0x800,
+        userspace_addr: 0,
+        guest_memfd: None,
+    };
+    // SAFETY: the kernel refuses an unaligned size before mapping anything.
+    let e = unsafe { vm.set_user_memory_region(region) }.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            HypervisorError::SetUserMemoryRegion {
+                slot: 3,
+                gpa: 0x1000,
+                size: 0x800,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_signal_takes_a_vcpu_out_of_a_guest_that_never_exits() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+    extern "C" fn ignore(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let ram = Mapping::new(SLOT_SIZE, None);
+    // jmp $
+    ram.write(CODE as usize, &[0xeb, 0xfe]);
+    let region = UserMemoryRegion {
+        slot: 0,
+        guest_phys_addr: 0,
+        size: SLOT_SIZE,
+        userspace_addr: ram.addr as u64,
+        guest_memfd: None,
+    };
+    // SAFETY: `ram` outlives the VM's use of it (the vCPU thread is joined
+    // before it goes).
+    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = CODE;
+    vcpu.set_regs(&regs).unwrap();
+    let kick = SIGRTMIN() + 2;
+    register_signal_handler(kick, ignore).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let finished = done.clone();
+    let thread = std::thread::spawn(move || {
+        let exit = format!("{:?}", vcpu.run().unwrap());
+        finished.store(true, Ordering::Release);
+        exit
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(
+        !done.load(Ordering::Acquire),
+        "the guest loop exited by itself"
+    );
+    // A signal landing before KVM_RUN is entered is lost: send until out.
+    while !done.load(Ordering::Acquire) {
+        thread.kill(kick).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(thread.join().unwrap(), "Interrupted");
+}
+
+#[test]
+fn only_the_vm_types_the_host_reports_are_created() {
+    let Some(hv) = kvm() else { return };
+    for vm_type in VmType::ALL {
+        let created = hv.create_vm(vm_type);
+        if hv.capabilities().supports_vm_type(vm_type) {
+            let vm = created.unwrap();
+            assert_eq!(vm.vm_type(), vm_type);
+        } else {
+            let e = created.err().unwrap();
+            assert!(
+                matches!(e, HypervisorError::VmTypeUnsupported(t) if t == vm_type),
+                "{e:?}"
+            );
+        }
+    }
+    assert!(hv.capabilities().supports_vm_type(VmType::Default));
+}
+
+#[test]
+fn guest_memfd_gets_the_size_and_flags_asked_for() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    assert!(
+        vm.capabilities().guest_memfd,
+        "this machine has guest_memfd"
+    );
+    let gmem = vm.create_guest_memfd(SLOT_SIZE, 0).unwrap();
+    let file = std::fs::File::from(gmem);
+    assert_eq!(file.metadata().unwrap().len(), SLOT_SIZE);
+    for (size, flags) in [(0x800, 0), (SLOT_SIZE, 1 << 20)] {
+        let e = vm.create_guest_memfd(size, flags).unwrap_err();
+        assert!(
+            matches!(e, HypervisorError::CreateGuestMemfd { size: s, flags: f, .. } if s == size && f == flags),
+            "{e:?}"
+        );
+    }
+}
+
+#[test]
+fn memory_attributes_are_set_or_refused_by_capability() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let supported = vm.capabilities().private_memory_attribute();
+    assert_eq!(vm.supports_memory_attributes(), supported);
+    let result = vm.set_memory_attributes(0, SLOT_SIZE, true);
+    if supported {
+        result.unwrap();
+        vm.set_memory_attributes(0, SLOT_SIZE, false).unwrap();
+        let e = vm.set_memory_attributes(0x800, 0x1000, true).unwrap_err();
+        assert!(
+            matches!(e, HypervisorError::SetMemoryAttributes { gpa: 0x800, .. }),
+            "{e:?}"
+        );
+    } else {
+        // This machine (KVM_CAP_MEMORY_ATTRIBUTES = 0).
+        assert!(matches!(
+            result,
+            Err(HypervisorError::MemoryAttributesUnsupported)
+        ));
+    }
+}
+
+#[test]
+fn a_vcpu_id_is_taken_once() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    vm.create_vcpu(0).unwrap();
+    vm.create_vcpu(1).unwrap();
+    let e = vm.create_vcpu(0).err().unwrap();
+    assert!(matches!(e, HypervisorError::CreateVcpu(0, _)), "{e:?}");
+}
+
+#[test]
+fn msi_routes_and_irqfds_reach_the_in_kernel_irqchip() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    assert!(vm.has_irqchip());
+    let route = |gsi| MsiRoute {
+        gsi,
+        address: 0xfee0_0000,
+        data: 0x40,
+    };
+    vm.set_msi_routes(&[route(24), route(25)]).unwrap();
+    vm.set_msi_routes(&[]).unwrap();
+    // A GSI past KVM's routing table is refused by the kernel.
+    let e = vm.set_msi_routes(&[route(1 << 20)]).unwrap_err();
+    assert!(matches!(e, HypervisorError::GsiRouting(1, _)), "{e:?}");
+    let fd = EventFd::new(0).unwrap();
+    vm.register_irqfd(&fd, 24).unwrap();
+    // The same eventfd twice is refused (EBUSY) and names the action.
+    let e = vm.register_irqfd(&fd, 24).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            HypervisorError::Irqfd {
+                action: "register",
+                gsi: 24,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    vm.unregister_irqfd(&fd, 24).unwrap();
+    // Registered again once released.
+    vm.register_irqfd(&fd, 24).unwrap();
+}
+
+#[test]
+fn the_kvm_vfio_device_exists_once_per_vm() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let device = vm.create_vfio_device().unwrap();
+    assert!(device.as_raw_fd() >= 0);
+    // KVM refuses a second one (EBUSY): the device manager creates it with
+    // the first VFIO device and shares it.
+    let e = vm.create_vfio_device().unwrap_err();
+    assert!(
+        matches!(&e, HypervisorError::CreateVfioDevice(io) if io.raw_os_error() == Some(libc::EBUSY)),
+        "{e:?}"
+    );
+}
