@@ -196,11 +196,28 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_answer_is_an_absent_capability() {
+        let caps = Capabilities::probe(|_| 0);
+        assert!(!caps.guest_memfd && !caps.user_memory2 && !caps.memory_fault_info);
+        assert_eq!(caps.supported_vm_types(), vec!["default"]);
+        // Each flag comes from its own capability.
+        let only = |wanted: u32| move |cap: u32| i32::from(cap == wanted);
+        let caps = Capabilities::probe(only(kvm_bindings::KVM_CAP_MEMORY_FAULT_INFO));
+        assert!(caps.memory_fault_info && !caps.guest_memfd && !caps.user_memory2);
+        let caps = Capabilities::probe(only(kvm_bindings::KVM_CAP_USER_MEMORY2));
+        assert!(caps.user_memory2 && !caps.guest_memfd && !caps.memory_fault_info);
+        // KVM_CAP_VM_TYPES answering only the default type.
+        let caps = Capabilities::probe(only(kvm_bindings::KVM_CAP_VM_TYPES));
+        assert!(caps.supports_vm_type(VmType::Default));
+        assert_eq!(caps.supported_vm_types(), vec!["default"]);
+    }
+
+    #[test]
     fn negative_answers_are_not_capabilities() {
         let caps = Capabilities::probe(|_| -1);
         assert_eq!(caps.guest_memfd_flags, 0);
         assert_eq!(caps.memory_attributes, 0);
-        assert!(!caps.guest_memfd);
+        assert!(!caps.guest_memfd && !caps.user_memory2 && !caps.memory_fault_info);
         assert_eq!(caps.supported_vm_types(), vec!["default"]);
     }
 

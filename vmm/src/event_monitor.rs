@@ -413,4 +413,136 @@ mod tests {
             String::from_utf8_lossy(&first)
         );
     }
+
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("ch-events-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    #[test]
+    fn events_reach_the_file_in_order_and_flush_waits_for_them() {
+        let path = scratch("file");
+        let monitor = EventMonitor::open(&EventMonitorConfig::Path(path.clone()), None).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        monitor.emit("vm", "booted", json!({ "id": 1 }));
+        let request = MemoryConversion {
+            gpa: 0x20_0000,
+            size: 0x3000,
+            direction: hypervisor::ConversionDirection::ToShared,
+        };
+        let ok = Ok(crate::memory::ConversionOutcome { changed_pages: 3 });
+        monitor.conversion(&request, &ok, Duration::from_micros(42));
+        let refused = Err(ConversionFailure::OutOfRange {
+            gpa: 0x20_0000,
+            size: 0x3000,
+        });
+        monitor.conversion(&request, &refused, Duration::from_micros(5));
+        // The writer polls: without the flush the lines are not there yet.
+        monitor.flush(Duration::from_secs(5));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(
+            (
+                &lines[0]["source"],
+                &lines[0]["event"],
+                &lines[0]["properties"]
+            ),
+            (&json!("vm"), &json!("booted"), &json!({ "id": 1 }))
+        );
+        let at = |line: &Value| {
+            let t = &line["timestamp"];
+            Duration::new(
+                t["secs"].as_u64().unwrap(),
+                t["nanos"].as_u64().unwrap() as u32,
+            )
+        };
+        // Time since the monitor started, in emission order.
+        assert!(at(&lines[0]) >= Duration::from_millis(20), "{}", lines[0]);
+        assert!(at(&lines[0]) <= at(&lines[1]) && at(&lines[1]) <= at(&lines[2]));
+        let p = &lines[1]["properties"];
+        assert_eq!(
+            (&p["result"], &p["changed_pages"], &p["duration_us"]),
+            (&json!("ok"), &json!(3), &json!(42))
+        );
+        assert_eq!(p["direction"], "shared");
+        let p = &lines[2]["properties"];
+        assert_eq!(p["result"], "error");
+        assert!(
+            p["error"]
+                .as_str()
+                .unwrap()
+                .contains("not entirely guest_memfd RAM")
+        );
+        assert_eq!(monitor.dropped(), 0);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_fifo_with_a_reader_is_written_blocking_and_one_without_is_refused() {
+        let path = scratch("fifo");
+        let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let config = EventMonitorConfig::Path(path.clone());
+        assert!(matches!(
+            open_sink(&config),
+            Err(EventMonitorError::Open(..))
+        ));
+        let reader = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path)
+                .unwrap()
+        };
+        let sink = open_sink(&config).unwrap();
+        // SAFETY: F_GETFL on an fd we own.
+        let flags = unsafe { libc::fcntl(sink.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(
+            flags & libc::O_NONBLOCK,
+            0,
+            "the writer thread blocks on a full pipe"
+        );
+        assert_eq!(flags & libc::O_APPEND, libc::O_APPEND);
+        drop((sink, reader));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_flush_waits_for_room_until_its_deadline() {
+        // Room comes before the deadline: the marker goes out and the flush
+        // returns once it is answered.
+        let (queue, lines) = sync_channel::<u32>(1);
+        queue.send(1).unwrap();
+        let (answer, written) = sync_channel(1);
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let first = lines.recv().unwrap();
+            let marker = lines.recv().unwrap();
+            answer.send(()).unwrap();
+            (first, marker)
+        });
+        let started = Instant::now();
+        flush_queue(&queue, 2, &written, Duration::from_secs(5));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(writer.join().unwrap(), (1, 2));
+
+        // A writer that never drains: the flush gives up at its deadline.
+        let (queue, _lines) = sync_channel::<u32>(1);
+        queue.send(1).unwrap();
+        let (_answer, written) = sync_channel(1);
+        let started = Instant::now();
+        flush_queue(&queue, 2, &written, Duration::from_millis(100));
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(100) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
 }
