@@ -45,11 +45,6 @@ impl KvmHypervisor {
             supported_cpuid,
         })
     }
-
-    /// True when `/dev/kvm` can be opened (used by tests to skip loudly).
-    pub fn is_available() -> bool {
-        Kvm::new().is_ok()
-    }
 }
 
 impl Hypervisor for KvmHypervisor {

@@ -220,10 +220,6 @@ fn a_slot_the_kernel_refuses_names_itself() {
 
 #[test]
 fn a_signal_takes_a_vcpu_out_of_a_guest_that_never_exits() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
-
-    extern "C" fn ignore(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     let Some(hv) = kvm() else { return };
     let vm = hv.create_vm(VmType::Default).unwrap();
     let ram = Mapping::new(SLOT_SIZE, None);
@@ -236,10 +232,9 @@ fn a_signal_takes_a_vcpu_out_of_a_guest_that_never_exits() {
         userspace_addr: ram.addr as u64,
         guest_memfd: None,
     };
-    // SAFETY: `ram` outlives the VM's use of it (the vCPU thread is joined
-    // before it goes).
+    // SAFETY: `ram` outlives the VM's use of it (the vCPU is done first).
     unsafe { vm.set_user_memory_region(region) }.unwrap();
-    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
     let mut sregs = vcpu.get_sregs().unwrap();
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
@@ -247,26 +242,9 @@ fn a_signal_takes_a_vcpu_out_of_a_guest_that_never_exits() {
     let mut regs = vcpu.get_regs().unwrap();
     regs.rip = CODE;
     vcpu.set_regs(&regs).unwrap();
-    let kick = SIGRTMIN() + 2;
-    register_signal_handler(kick, ignore).unwrap();
-    let done = Arc::new(AtomicBool::new(false));
-    let finished = done.clone();
-    let thread = std::thread::spawn(move || {
-        let exit = format!("{:?}", vcpu.run().unwrap());
-        finished.store(true, Ordering::Release);
-        exit
-    });
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    assert!(
-        !done.load(Ordering::Acquire),
-        "the guest loop exited by itself"
-    );
-    // A signal landing before KVM_RUN is entered is lost: send until out.
-    while !done.load(Ordering::Acquire) {
-        thread.kill(kick).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    assert_eq!(thread.join().unwrap(), "Interrupted");
+    // The loop never exits by itself: only the kick ends the run.
+    let exit = first_exit_within(vcpu, std::time::Duration::from_millis(50));
+    assert_eq!(exit, "Interrupted");
 }
 
 #[test]
@@ -375,6 +353,97 @@ fn msi_routes_and_irqfds_reach_the_in_kernel_irqchip() {
     vm.unregister_irqfd(&fd, 24).unwrap();
     // Registered again once released.
     vm.register_irqfd(&fd, 24).unwrap();
+}
+
+/// Runs `vcpu` on a thread until its first exit, as text; a vCPU that
+/// has not left the guest after `limit` is kicked out ("Interrupted").
+fn first_exit_within(mut vcpu: Box<dyn Vcpu>, limit: std::time::Duration) -> String {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+    extern "C" fn ignore(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    let kick = SIGRTMIN() + 2;
+    register_signal_handler(kick, ignore).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let finished = done.clone();
+    let thread = std::thread::spawn(move || {
+        let exit = format!("{:?}", vcpu.run().unwrap());
+        finished.store(true, Ordering::Release);
+        exit
+    });
+    let deadline = std::time::Instant::now() + limit;
+    while !done.load(Ordering::Acquire) {
+        if std::time::Instant::now() > deadline {
+            // A signal landing before KVM_RUN is entered is lost: resend.
+            thread.kill(kick).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    thread.join().unwrap()
+}
+
+#[test]
+fn an_irqfd_delivers_its_routed_msi_to_the_guest() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let ram = Mapping::new(SLOT_SIZE, None);
+    // Real-mode interrupt vectors 0x40 and 0x41: handlers that report
+    // which one ran.
+    ram.write(0x40 * 4, &[0x00, 0x20, 0x00, 0x00]);
+    ram.write(0x41 * 4, &[0x00, 0x21, 0x00, 0x00]);
+    ram.write(0x2000, &[0xe6, 0x40, HLT]); // out 0x40,al
+    ram.write(0x2100, &[0xe6, 0x41, HLT]); // out 0x41,al
+    // Enable the local APIC (a 32-bit write of SVR at DS:0xf0, DS at its
+    // page), tell the VMM, take interrupts, wait for one.
+    ram.write(
+        CODE as usize,
+        &[
+            0x66, 0xc7, 0x06, 0xf0, 0x00, 0xff, 0x01, 0x00, 0x00, 0xe6, 0x10, 0xfb, HLT, 0xe6, 0x12,
+        ],
+    );
+    let region = UserMemoryRegion {
+        slot: 0,
+        guest_phys_addr: 0,
+        size: SLOT_SIZE,
+        userspace_addr: ram.addr as u64,
+        guest_memfd: None,
+    };
+    // SAFETY: `ram` outlives the VM's use of it (the vCPU is done first).
+    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    sregs.ss.base = 0;
+    sregs.ss.selector = 0;
+    sregs.ds.base = 0xfee0_0000;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = CODE;
+    regs.rsp = 0x8000;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    assert!(matches!(
+        vcpu.run().unwrap(),
+        VmExit::IoOut { port: 0x10, .. }
+    ));
+
+    // GSI 25 carries vector 0x41 to APIC 0; GSI 24 another vector.
+    let route = |gsi, vector| MsiRoute {
+        gsi,
+        address: 0xfee0_0000,
+        data: vector,
+    };
+    vm.set_msi_routes(&[route(24, 0x40), route(25, 0x41)])
+        .unwrap();
+    let fd = EventFd::new(0).unwrap();
+    vm.register_irqfd(&fd, 25).unwrap();
+    fd.write(1).unwrap();
+    let exit = first_exit_within(vcpu, std::time::Duration::from_secs(5));
+    assert!(
+        exit.contains("port: 65"),
+        "the guest took no or the wrong interrupt: {exit}"
+    );
 }
 
 #[test]
