@@ -182,6 +182,10 @@ mod tests {
         assert_eq!(ranges(&upper), [vec![], vec![(HIGH + MIB, 3 * 4096)]]);
         let below = memory_attributes(&memory, window(0, 16 * MIB, 10));
         assert_eq!(ranges(&below), [vec![], vec![]]);
+        // An empty window inside a shared page has no range, not an empty
+        // one.
+        let empty = memory_attributes(&memory, window(16 * MIB + 100, 16 * MIB + 100, 10));
+        assert_eq!(ranges(&empty), [vec![], vec![]]);
         let past = memory_attributes(&memory, window(HIGH + 64 * MIB, u64::MAX, 10));
         assert_eq!(ranges(&past), [vec![], vec![]]);
         // Byte counts are the regions' whole, whatever the window.
