@@ -75,10 +75,9 @@ impl FakeVfioDevice {
         })
     }
 
-    /// A PCI function: vendor 0x1234, device 0x5678, a 32-bit memory BAR0
-    /// of 16 KiB (mmappable at 0x1000..0x3000 only) and a 4 KiB I/O-less
-    /// BAR2 that is not mmappable, configuration space in region 7, no
-    /// interrupts.
+    /// A PCI function: vendor 0x1234, device 0x5678, 32-bit memory BARs
+    /// of 16 KiB (BAR0, mmappable at 0x1000..0x3000 only) and 4 KiB (BAR2,
+    /// not mmappable), configuration space in region 7, no interrupts.
     pub fn pci_function() -> Arc<Self> {
         use vfio_ioctls::{VfioRegionInfoCapSparseMmap, VfioRegionSparseMmapArea};
         let rw = REGION_READ | REGION_WRITE;
@@ -109,7 +108,6 @@ impl FakeVfioDevice {
         let device = Self::new(regions, &[]);
         let mut config = [0u8; 256];
         config[0..4].copy_from_slice(&0x5678_1234u32.to_le_bytes());
-        config[0x0e] = 0; // header type 0
         device.poke(7, 0, &config);
         device
     }
