@@ -447,6 +447,40 @@ fn an_irqfd_delivers_its_routed_msi_to_the_guest() {
 }
 
 #[test]
+fn a_guest_whose_memory_is_gone_stops_with_an_error_not_a_retry() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let ram = Mapping::new(SLOT_SIZE, None);
+    let region = UserMemoryRegion {
+        slot: 0,
+        guest_phys_addr: 0,
+        size: SLOT_SIZE,
+        userspace_addr: ram.addr as u64,
+        guest_memfd: None,
+    };
+    // SAFETY: the slot's memory goes away below on purpose; KVM then
+    // fails to fault it in and nothing in this process touches it.
+    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    drop(ram);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = CODE;
+    vcpu.set_regs(&regs).unwrap();
+    // Depending on the host, KVM_RUN fails (EFAULT) or reports an exit
+    // the VMM cannot handle (PVM: an emulation failure); either ends the
+    // vCPU loop. Never `Interrupted`, which the loop would retry forever.
+    match vcpu.run() {
+        Err(HypervisorError::Run(io)) => assert_eq!(io.raw_os_error(), Some(libc::EFAULT)),
+        Ok(VmExit::Unhandled(what)) => assert!(!what.is_empty()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn the_kvm_vfio_device_exists_once_per_vm() {
     let Some(hv) = kvm() else { return };
     let vm = hv.create_vm(VmType::Default).unwrap();
