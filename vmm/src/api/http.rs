@@ -494,6 +494,116 @@ mod tests {
             route(Method::Get, "/api/v1/vm.info?x=1", b""),
             Err(HttpError::BadRequest(_))
         ));
+        // Each refusal says what is wrong.
+        assert_eq!(
+            w("gpa=1&size=0"),
+            Err(HttpError::BadRequest("size must not be 0".into()))
+        );
+        assert_eq!(
+            w("size=1"),
+            Err(HttpError::BadRequest("gpa and size go together".into()))
+        );
+    }
+
+    fn request(method: &str, target: &str, body: &[u8]) -> HttpRequest {
+        HttpRequest {
+            method: method.into(),
+            target: target.into(),
+            body: body.to_vec(),
+            close: false,
+        }
+    }
+
+    #[test]
+    fn requests_off_the_wire_become_typed_requests_or_say_why_not() {
+        assert_eq!(
+            parse_request(&request("GET", "/api/v1/vm.info", b"")),
+            Ok(ApiRequest::VmInfo)
+        );
+        assert_eq!(
+            parse_request(&request(
+                "PUT",
+                "/api/v1/vm.remove-device",
+                br#"{"id":"d0"}"#
+            )),
+            Ok(ApiRequest::VmRemoveDevice("d0".into()))
+        );
+        // An empty body may be whitespace (curl -d ' ').
+        assert_eq!(
+            parse_request(&request("PUT", "/api/v1/vm.pause", b" \r\n")),
+            Ok(ApiRequest::VmPause)
+        );
+        let not_json = parse_request(&request("PUT", "/api/v1/vm.pause", b"pause!"));
+        assert!(
+            matches!(&not_json, Err(HttpError::BadRequest(m)) if m.starts_with("body is not JSON")),
+            "{not_json:?}"
+        );
+        assert_eq!(
+            parse_request(&request("POST", "/api/v1/vm.info", b"")),
+            Err(HttpError::MethodNotAllowed("/api/v1/vm.info".into()))
+        );
+        assert!(matches!(
+            parse_request(&request("DELETE", "/api/v1/vm.nope", b"")),
+            Err(HttpError::NotFound(_))
+        ));
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("ch-http-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    #[test]
+    fn only_a_stale_socket_is_replaced_when_binding() {
+        // A file of the user's: refused and left alone.
+        let path = scratch("file");
+        std::fs::write(&path, b"keep").unwrap();
+        assert!(matches!(bind(&path), Err(ApiServerError::NotASocket(_))));
+        assert_eq!(std::fs::read(&path).unwrap(), b"keep");
+        std::fs::remove_file(&path).unwrap();
+        // A socket someone listens on: in use.
+        let path = scratch("live");
+        let live = bind(&path).unwrap();
+        assert!(matches!(bind(&path), Err(ApiServerError::InUse(_))));
+        // Once nobody listens, it is stale: replaced, owner-only.
+        drop(live);
+        let _again = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn only_a_socket_fd_is_adopted() {
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let fd = file.as_raw_fd();
+        assert!(matches!(adopt(fd), Err(ApiServerError::NotASocketFd(n)) if n == fd));
+        assert!(matches!(adopt(987), Err(ApiServerError::NotASocketFd(987))));
+        let path = scratch("fd");
+        let fd = UnixListener::bind(&path).unwrap().into_raw_fd();
+        let adopted = adopt(fd).unwrap();
+        assert_eq!(adopted.as_raw_fd(), fd);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_stopped_or_dropped_server_stops_listening_and_removes_its_socket() {
+        let (to_vmm, _events) = std::sync::mpsc::channel();
+        for stop_explicitly in [true, false] {
+            let path = scratch(if stop_explicitly { "stop" } else { "drop" });
+            let mut server =
+                ApiServer::start(&ApiSocket::Path(path.clone()), to_vmm.clone(), None).unwrap();
+            assert!(UnixStream::connect(&path).is_ok());
+            if stop_explicitly {
+                server.stop();
+                assert!(server.thread.is_none());
+            }
+            drop(server);
+            assert!(!path.exists(), "socket left behind");
+            assert!(UnixStream::connect(&path).is_err());
+        }
     }
 }
 
