@@ -851,6 +851,7 @@ mod tests {
         // Cloud Hypervisor's max=: no hot-plug, so only boot vCPUs run.
         assert_eq!(CpusConfig::parse("boot=2,max=4").unwrap().boot, 2);
         assert!(CpusConfig::parse("boot=4,max=2").is_err());
+        assert_eq!(CpusConfig::parse("boot=4,max=4").unwrap().boot, 4);
         assert!(CpusConfig::parse("kvm_hyperv=on").is_err());
         assert!(CpusConfig::parse("kvm_hyperv=off").is_ok());
         assert!(
@@ -902,6 +903,17 @@ mod tests {
             EventMonitorConfig::Fd(3)
         );
         assert!(EventMonitorConfig::parse("fd=-1").is_err());
+        assert_eq!(
+            EventMonitorConfig::parse("path=/tmp/events").unwrap(),
+            EventMonitorConfig::Path("/tmp/events".into())
+        );
+        assert!(matches!(
+            EventMonitorConfig::parse("path="),
+            Err(ConfigError::Missing {
+                key: "path or fd",
+                ..
+            })
+        ));
         assert!(EventMonitorConfig::parse("path=/a,fd=3").is_err());
     }
 
@@ -1036,10 +1048,32 @@ mod tests {
             (u.mapping, u.pci_device_id),
             (MappingPolicy::Pages, Some(5))
         );
-        let d = DeviceConfig::parse("path=/p,mapping=runs,pci_device_id=31").unwrap();
+        let d = DeviceConfig::parse("path=/p,mapping=pages,pci_device_id=31").unwrap();
         assert_eq!(
             (d.mapping, d.pci_device_id),
-            (MappingPolicy::Runs, Some(31))
+            (MappingPolicy::Pages, Some(31))
+        );
+        assert_eq!(
+            DeviceConfig::parse("path=/p").unwrap().mapping,
+            MappingPolicy::Runs
+        );
+        // What asks for nothing is left out of the JSON; what asks for
+        // something is there.
+        let plain = serde_json::to_value(DeviceConfig::parse("path=/p").unwrap()).unwrap();
+        assert!(
+            plain.get("iommu").is_none() && plain.get("pci_segment").is_none(),
+            "{plain}"
+        );
+        let asking = serde_json::to_value(DeviceConfig {
+            path: "/p".into(),
+            iommu: true,
+            pci_segment: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (&asking["iommu"], &asking["pci_segment"]),
+            (&serde_json::json!(true), &serde_json::json!(1))
         );
         assert_eq!(
             UserDeviceConfig::parse("socket=/s").unwrap().mapping,
