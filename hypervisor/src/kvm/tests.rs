@@ -428,20 +428,25 @@ fn an_irqfd_delivers_its_routed_msi_to_the_guest() {
         VmExit::IoOut { port: 0x10, .. }
     ));
 
-    // GSI 25 carries vector 0x41 to APIC 0; GSI 24 another vector.
-    let route = |gsi, vector| MsiRoute {
+    // GSI 24 carries vector 0x40 to APIC 0 (this vCPU); GSI 25 carries
+    // vector 0x41 to APIC 1, which does not exist. Both fire: only 0x40
+    // may arrive (0x41 would win on priority if it were misdelivered).
+    let route = |gsi, apic: u64, vector| MsiRoute {
         gsi,
-        address: 0xfee0_0000,
+        address: 0xfee0_0000 | (apic << 12),
         data: vector,
     };
-    vm.set_msi_routes(&[route(24, 0x40), route(25, 0x41)])
+    vm.set_msi_routes(&[route(24, 0, 0x40), route(25, 1, 0x41)])
         .unwrap();
-    let fd = EventFd::new(0).unwrap();
-    vm.register_irqfd(&fd, 25).unwrap();
-    fd.write(1).unwrap();
+    let to_us = EventFd::new(0).unwrap();
+    let elsewhere = EventFd::new(0).unwrap();
+    vm.register_irqfd(&to_us, 24).unwrap();
+    vm.register_irqfd(&elsewhere, 25).unwrap();
+    elsewhere.write(1).unwrap();
+    to_us.write(1).unwrap();
     let exit = first_exit_within(vcpu, std::time::Duration::from_secs(5));
     assert!(
-        exit.contains("port: 65"),
+        exit.contains("port: 64"),
         "the guest took no or the wrong interrupt: {exit}"
     );
 }
