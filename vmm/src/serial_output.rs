@@ -265,9 +265,22 @@ mod tests {
         assert_eq!(out.dropped().get(), 7, "nobody to read it");
         let mut client = UnixStream::connect(&path).unwrap();
         out.write_all(b"hello\n").unwrap();
-        let mut got = [0u8; 6];
+        // The client stays connected from one write to the next.
+        out.write_all(b"there\n").unwrap();
+        let mut got = [0u8; 12];
         client.read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"hello\n");
+        assert_eq!(&got, b"hello\nthere\n");
+        // Taken without blocking and not passed on to children.
+        let accepted = out.client.as_ref().unwrap().as_raw_fd();
+        // SAFETY: F_GETFL / F_GETFD on an fd the output owns.
+        let (status, fd_flags) = unsafe {
+            (
+                libc::fcntl(accepted, libc::F_GETFL),
+                libc::fcntl(accepted, libc::F_GETFD),
+            )
+        };
+        assert_ne!(status & libc::O_NONBLOCK, 0);
+        assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
         // A client that reads nothing never blocks the writer.
         let started = std::time::Instant::now();
         for _ in 0..4096 {
@@ -288,6 +301,46 @@ mod tests {
         assert!(path.exists(), "the output alone never removes files");
         drop(file);
         assert!(!path.exists());
+    }
+
+    /// A writer that answers from a script, then takes everything.
+    struct Scripted(Vec<std::io::Result<usize>>, Vec<u8>);
+
+    impl Write for Scripted {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.0.is_empty() {
+                self.1.extend_from_slice(buf);
+                return Ok(buf.len());
+            }
+            let answer = self.0.remove(0);
+            if let Ok(n) = answer {
+                self.1.extend_from_slice(&buf[..n]);
+            }
+            answer
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lossy_writes_retry_interruptions_drop_what_does_not_fit_and_stop_on_errors() {
+        let kind = |k: ErrorKind| Err(std::io::Error::from(k));
+        // Interrupted: tried again, nothing lost.
+        let dropped = Dropped::default();
+        let mut out = Scripted(vec![Ok(2), kind(ErrorKind::Interrupted)], Vec::new());
+        write_lossy(&mut out, b"abcdef", &dropped).unwrap();
+        assert_eq!((out.1.as_slice(), dropped.get()), (&b"abcdef"[..], 0));
+        // Full: the rest is dropped and counted, not waited on.
+        let mut out = Scripted(vec![Ok(2), kind(ErrorKind::WouldBlock)], Vec::new());
+        write_lossy(&mut out, b"abcdef", &dropped).unwrap();
+        assert_eq!((out.1.as_slice(), dropped.get()), (&b"ab"[..], 4));
+        // Gone: an error, the rest counted.
+        let mut out = Scripted(vec![Ok(1), kind(ErrorKind::BrokenPipe)], Vec::new());
+        let e = write_lossy(&mut out, b"abcdef", &dropped).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::BrokenPipe);
+        assert_eq!((out.1.as_slice(), dropped.get()), (&b"a"[..], 9));
     }
 
     #[test]
