@@ -138,6 +138,10 @@ fn ids_are_unique_and_generated_when_absent() {
     let dm = manager(&memory);
     let iommu = Arc::new(FakeIommu::new(None));
     let first = dm.claim_id(None, DeviceKind::VfioUser).unwrap();
+    // The next generated id while the first is still being attached.
+    let second = dm.claim_id(None, DeviceKind::VfioUser).unwrap();
+    assert_eq!(second, "_vfio_user1");
+    dm.release_claim(&second);
     // A claimed id is taken while its device attaches.
     assert!(matches!(
         attach_fake(&dm, &first, &iommu, None),
@@ -573,4 +577,98 @@ fn a_vfio_device_without_a_pci_function_is_refused_with_nothing_mapped() {
     );
     // The platform default (type1 here) was asked for.
     assert_eq!(*backends.lock().unwrap(), [vfio::VfioBackend::Type1]);
+}
+
+/// A `ch-test-device` server on its own threads in this process, with its
+/// control socket.
+fn in_process_test_device(tag: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("ch-dm-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (socket, ctl) = (dir.join("dev.sock"), dir.join("dev.ctl"));
+    let state = test_device::SharedState::default();
+    test_device::control(&ctl, state.clone()).unwrap();
+    test_device::serve(&socket, state, true).unwrap();
+    (socket, ctl)
+}
+
+/// The device's mappings, as it reports them.
+fn device_maps(ctl: &std::path::Path) -> Vec<Section> {
+    let answer = test_device::ask(ctl, "maps").unwrap();
+    let maps: Vec<[u64; 2]> = serde_json::from_str(&answer).unwrap();
+    maps.iter()
+        .map(|&[gpa, size]| Section { gpa, size })
+        .collect()
+}
+
+#[test]
+fn a_vfio_user_server_is_a_pci_function_whose_dma_follows_the_shared_pages() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
+    convert(&memory, 16 * MIB, 64 << 10, true).unwrap();
+    let (socket, ctl) = in_process_test_device("pci");
+    let segment = Arc::new(
+        PciSegment::new(
+            &vm_device::Bus::new(),
+            Arc::new(vm_device::Bus::new()),
+            memory.ram_end(),
+            vm,
+        )
+        .unwrap(),
+    );
+    let dm = DeviceManager::new(
+        memory.clone(),
+        Arc::new(EventMonitor::disabled()),
+        Some(segment.clone()),
+    );
+    let info = dm
+        .add_vfio_user(&UserDeviceConfig {
+            socket,
+            id: Some("nic0".into()),
+            pci_device_id: Some(4),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(info.bdf.as_deref(), Some("0000:00:04.0"));
+    // The configuration space read over the connection.
+    assert_eq!(
+        segment.function(4),
+        u32::from(test_device::pci::DEVICE_ID) << 16 | u32::from(test_device::pci::VENDOR_ID)
+    );
+    assert_eq!(device_maps(&ctl), shared_runs(&memory));
+    convert(&memory, 20 * MIB, 8 << 10, true).unwrap();
+    convert(&memory, 16 * MIB + (16 << 10), 4 << 10, false).unwrap();
+    assert_eq!(device_maps(&ctl), shared_runs(&memory));
+    assert_eq!(device_maps(&ctl).len(), 3);
+
+    dm.remove("nic0").unwrap();
+    assert_eq!(segment.function(4), 0xffff_ffff);
+    assert!(device_maps(&ctl).is_empty());
+}
+
+#[test]
+fn a_severed_vfio_user_connection_reports_why_and_maps_nothing_more() {
+    let Some(memory) = memory() else { return };
+    let (socket, ctl) = in_process_test_device("sever");
+    let ram = Arc::new(GuestRam::new(&memory));
+    let dma = VfioUserDma::connect(&socket, ram, Duration::from_secs(5)).unwrap();
+    assert!(dma.offers_pci_function().unwrap());
+    assert_eq!(dma.failure(), None);
+    dma.map(0x20_0000, 0x20_0000, 0x2000).unwrap();
+    assert_eq!(
+        device_maps(&ctl),
+        [Section {
+            gpa: 0x20_0000,
+            size: 0x2000
+        }]
+    );
+    dma.unmap(0x20_0000, 0x2000).unwrap();
+    assert!(device_maps(&ctl).is_empty());
+    // Severed: the reason is kept, and nothing reaches the server any more
+    // (a server whose client goes drops every mapping itself).
+    assert!(dma.sever("stopped answering"));
+    assert_eq!(dma.failure().as_deref(), Some("stopped answering"));
+    assert!(dma.map(0x20_0000, 0x20_0000, 0x1000).is_err());
+    assert!(device_maps(&ctl).is_empty());
 }
