@@ -79,6 +79,34 @@ mod tests {
         }
     }
 
+    /// A writer that shows bytes only once flushed, as stdout does.
+    #[derive(Clone, Default)]
+    struct Buffered {
+        pending: Arc<Mutex<Vec<u8>>>,
+        shown: Arc<Mutex<Vec<u8>>>,
+    }
+    impl Write for Buffered {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.pending.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            let mut pending = self.pending.lock().unwrap();
+            self.shown.lock().unwrap().append(&mut pending);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_prompt_without_a_newline_is_shown_at_once() {
+        let out = Buffered::default();
+        let console = SerialConsole::new(Box::new(out.clone()));
+        for b in b"login: " {
+            console.write(0, &[*b]);
+        }
+        assert_eq!(out.shown.lock().unwrap().as_slice(), b"login: ");
+    }
+
     #[test]
     fn transmit_register_reaches_the_writer() {
         let sink = Sink::default();
