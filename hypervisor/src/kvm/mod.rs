@@ -45,6 +45,25 @@ impl KvmHypervisor {
             supported_cpuid,
         })
     }
+
+    /// `/dev/kvm` for a test: `None` where it cannot be opened, and the
+    /// test skips loudly, except under `CH_REQUIRE_KVM=1` (CI), where that
+    /// fails the test instead.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn for_tests() -> Option<Self> {
+        match Self::new() {
+            Ok(hv) => Some(hv),
+            Err(e) => {
+                assert_ne!(
+                    std::env::var("CH_REQUIRE_KVM").as_deref(),
+                    Ok("1"),
+                    "/dev/kvm is required: {e}"
+                );
+                eprintln!("*** SKIPPED: /dev/kvm unavailable: {e} ***");
+                None
+            }
+        }
+    }
 }
 
 impl Hypervisor for KvmHypervisor {

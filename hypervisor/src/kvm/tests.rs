@@ -15,18 +15,7 @@ const CODE: u64 = 0x1000;
 const DATA_SEGMENT: u64 = 0x10000;
 
 fn kvm() -> Option<KvmHypervisor> {
-    match KvmHypervisor::new() {
-        Ok(hv) => Some(hv),
-        Err(e) => {
-            assert_ne!(
-                std::env::var("CH_REQUIRE_KVM").as_deref(),
-                Ok("1"),
-                "/dev/kvm is required: {e}"
-            );
-            eprintln!("*** SKIPPED: /dev/kvm unavailable: {e} ***");
-            None
-        }
-    }
+    KvmHypervisor::for_tests()
 }
 
 /// An anonymous or shared mapping of `len` bytes, unmapped on drop.
@@ -80,6 +69,39 @@ impl Drop for Mapping {
     }
 }
 
+/// Binds `ram` as slot 0 at GPA 0.
+fn bind(vm: &dyn Vm, ram: &Mapping) {
+    let region = UserMemoryRegion {
+        slot: 0,
+        guest_phys_addr: 0,
+        size: SLOT_SIZE,
+        userspace_addr: ram.addr as u64,
+        guest_memfd: None,
+    };
+    // SAFETY: each test keeps `ram` mapped until its vCPU is done, except
+    // the one that unmaps it on purpose to see KVM fail to fault it in.
+    unsafe { vm.set_user_memory_region(region) }.unwrap();
+}
+
+/// vCPU 0 in real mode at `CODE`: CS and SS at 0, DS at `ds_base`, the
+/// stack below 0x8000.
+fn real_mode_vcpu(vm: &dyn Vm, ds_base: u64) -> Box<dyn Vcpu> {
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    sregs.ss.base = 0;
+    sregs.ss.selector = 0;
+    sregs.ds.base = ds_base;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = CODE;
+    regs.rsp = 0x8000;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    vcpu
+}
+
 /// mov al,0x5a; out 0x10,al; in al,0x11; mov [0],al; mov al,[4];
 /// out 0x12,al; then hlt, which never exits: with the in-kernel irqchip
 /// KVM waits for an interrupt itself.
@@ -92,17 +114,7 @@ const HLT: u8 = 0xf4;
 /// write and checks each exit; the values the VMM answers with travel
 /// through the guest's AL.
 fn run_guest(vm: &dyn Vm) {
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    let mut sregs = vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    sregs.ds.base = DATA_SEGMENT;
-    sregs.ds.selector = (DATA_SEGMENT >> 4) as u16;
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.get_regs().unwrap();
-    regs.rip = CODE;
-    regs.rflags = 2;
-    vcpu.set_regs(&regs).unwrap();
+    let mut vcpu = real_mode_vcpu(vm, DATA_SEGMENT);
     assert_eq!(vcpu.get_regs().unwrap().rip, CODE);
     assert_eq!(vcpu.get_sregs().unwrap().ds.base, DATA_SEGMENT);
 
@@ -151,15 +163,7 @@ fn a_guest_in_anonymous_memory_exits_for_port_and_mmio_accesses() {
     let vm = hv.create_vm(VmType::Default).unwrap();
     let ram = Mapping::new(SLOT_SIZE, None);
     ram.write(CODE as usize, &guest_code());
-    let region = UserMemoryRegion {
-        slot: 0,
-        guest_phys_addr: 0,
-        size: SLOT_SIZE,
-        userspace_addr: ram.addr as u64,
-        guest_memfd: None,
-    };
-    // SAFETY: `ram` outlives the VM's use of it (the VM is dropped first).
-    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    bind(vm.as_ref(), &ram);
     run_guest(vm.as_ref());
 }
 
@@ -225,23 +229,8 @@ fn a_signal_takes_a_vcpu_out_of_a_guest_that_never_exits() {
     let ram = Mapping::new(SLOT_SIZE, None);
     // jmp $
     ram.write(CODE as usize, &[0xeb, 0xfe]);
-    let region = UserMemoryRegion {
-        slot: 0,
-        guest_phys_addr: 0,
-        size: SLOT_SIZE,
-        userspace_addr: ram.addr as u64,
-        guest_memfd: None,
-    };
-    // SAFETY: `ram` outlives the VM's use of it (the vCPU is done first).
-    unsafe { vm.set_user_memory_region(region) }.unwrap();
-    let vcpu = vm.create_vcpu(0).unwrap();
-    let mut sregs = vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.get_regs().unwrap();
-    regs.rip = CODE;
-    vcpu.set_regs(&regs).unwrap();
+    bind(vm.as_ref(), &ram);
+    let vcpu = real_mode_vcpu(vm.as_ref(), 0);
     // The loop never exits by itself: only the kick ends the run.
     let exit = first_exit_within(vcpu, std::time::Duration::from_millis(50));
     assert_eq!(exit, "Interrupted");
@@ -401,28 +390,8 @@ fn an_irqfd_delivers_its_routed_msi_to_the_guest() {
             0x66, 0xc7, 0x06, 0xf0, 0x00, 0xff, 0x01, 0x00, 0x00, 0xe6, 0x10, 0xfb, HLT, 0xe6, 0x12,
         ],
     );
-    let region = UserMemoryRegion {
-        slot: 0,
-        guest_phys_addr: 0,
-        size: SLOT_SIZE,
-        userspace_addr: ram.addr as u64,
-        guest_memfd: None,
-    };
-    // SAFETY: `ram` outlives the VM's use of it (the vCPU is done first).
-    unsafe { vm.set_user_memory_region(region) }.unwrap();
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    let mut sregs = vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    sregs.ss.base = 0;
-    sregs.ss.selector = 0;
-    sregs.ds.base = 0xfee0_0000;
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.get_regs().unwrap();
-    regs.rip = CODE;
-    regs.rsp = 0x8000;
-    regs.rflags = 2;
-    vcpu.set_regs(&regs).unwrap();
+    bind(vm.as_ref(), &ram);
+    let mut vcpu = real_mode_vcpu(vm.as_ref(), 0xfee0_0000);
     assert!(matches!(
         vcpu.run().unwrap(),
         VmExit::IoOut { port: 0x10, .. }
@@ -456,25 +425,9 @@ fn a_guest_whose_memory_is_gone_stops_with_an_error_not_a_retry() {
     let Some(hv) = kvm() else { return };
     let vm = hv.create_vm(VmType::Default).unwrap();
     let ram = Mapping::new(SLOT_SIZE, None);
-    let region = UserMemoryRegion {
-        slot: 0,
-        guest_phys_addr: 0,
-        size: SLOT_SIZE,
-        userspace_addr: ram.addr as u64,
-        guest_memfd: None,
-    };
-    // SAFETY: the slot's memory goes away below on purpose; KVM then
-    // fails to fault it in and nothing in this process touches it.
-    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    bind(vm.as_ref(), &ram);
     drop(ram);
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    let mut sregs = vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.get_regs().unwrap();
-    regs.rip = CODE;
-    vcpu.set_regs(&regs).unwrap();
+    let mut vcpu = real_mode_vcpu(vm.as_ref(), 0);
     // Depending on the host, KVM_RUN fails (EFAULT) or reports an exit
     // the VMM cannot handle (PVM: an emulation failure); either ends the
     // vCPU loop. Never `Interrupted`, which the loop would retry forever.
