@@ -636,6 +636,18 @@ fn a_vfio_user_server_is_a_pci_function_whose_dma_follows_the_shared_pages() {
         segment.function(4),
         u32::from(test_device::pci::DEVICE_ID) << 16 | u32::from(test_device::pci::VENDOR_ID)
     );
+    // BAR0 sized from the server's region and placed in the 32-bit hole.
+    let bar0 = segment.bus().config_read(0, 4, 0, 4) & !0xf;
+    assert!(
+        (pci_segment::MMIO32_START..pci_segment::MMIO32_END).contains(&u64::from(bar0)),
+        "{bar0:#x}"
+    );
+    // The guest enables MSI-X: the server gets an eventfd per vector.
+    segment.bus().config_write(0, 4, 0, 0x40 / 4, 3, &[0x80]);
+    let engine: serde_json::Value =
+        serde_json::from_str(&test_device::ask(&ctl, "engine").unwrap()).unwrap();
+    assert_eq!(engine["msix_fds"], test_device::pci::MSIX_VECTORS);
+
     assert_eq!(device_maps(&ctl), shared_runs(&memory));
     convert(&memory, 20 * MIB, 8 << 10, true).unwrap();
     convert(&memory, 16 * MIB + (16 << 10), 4 << 10, false).unwrap();
