@@ -153,9 +153,7 @@ impl VfioUserDma {
             Err(VfioUserError::Refused { .. }) => return Ok(false),
             Err(e) => return Err(DeviceError::VfioUser(e)),
         };
-        if info.flags & vfio_user_client::DeviceInfo::FLAG_PCI == 0
-            || info.regions <= pci::CONFIG_REGION
-        {
+        if !info.claims_pci_function() {
             return Ok(false);
         }
         match client.region_size(pci::CONFIG_REGION) {

@@ -197,6 +197,12 @@ pub struct DeviceInfo {
 impl DeviceInfo {
     pub const FLAG_RESET: u32 = 1 << 0;
     pub const FLAG_PCI: u32 = 1 << 1;
+
+    /// Whether the device says it is a PCI function and has a region for
+    /// its configuration space.
+    pub fn claims_pci_function(&self) -> bool {
+        self.flags & Self::FLAG_PCI != 0 && self.regions > pci::CONFIG_REGION
+    }
 }
 
 /// What DEVICE_GET_REGION_INFO says of a region.
@@ -763,6 +769,22 @@ mod tests {
     use super::*;
 
     extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+    #[test]
+    fn a_pci_function_needs_the_pci_flag_and_a_configuration_region() {
+        let info = |flags, regions| DeviceInfo {
+            flags,
+            regions,
+            irqs: 0,
+        };
+        let pci = DeviceInfo::FLAG_PCI;
+        assert!(info(pci, 9).claims_pci_function());
+        assert!(info(pci | DeviceInfo::FLAG_RESET, 8).claims_pci_function());
+        // Region 7 is the configuration space: 8 regions at least.
+        assert!(!info(pci, 7).claims_pci_function());
+        assert!(!info(DeviceInfo::FLAG_RESET, 9).claims_pci_function());
+        assert!(!info(0, 9).claims_pci_function());
+    }
 
     /// A vCPU kick (a signal without SA_RESTART) that lands while DMA_MAP's
     /// fd-passing sendmsg is blocked must not fail the map or break the
