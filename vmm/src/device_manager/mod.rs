@@ -143,24 +143,11 @@ impl VfioUserDma {
         })
     }
 
-    /// Whether the server is a PCI function: DEVICE_GET_INFO says PCI and
-    /// a configuration space region exists. A server that refuses the
-    /// questions is a DMA target only.
+    /// Whether the server is a PCI function (`VfioUserClient::is_pci_function`).
     fn offers_pci_function(&self) -> Result<bool, DeviceError> {
-        let mut client = self.client();
-        let info = match client.device_info() {
-            Ok(info) => info,
-            Err(VfioUserError::Refused { .. }) => return Ok(false),
-            Err(e) => return Err(DeviceError::VfioUser(e)),
-        };
-        if !info.claims_pci_function() {
-            return Ok(false);
-        }
-        match client.region_size(pci::CONFIG_REGION) {
-            Ok(size) => Ok(size > 0),
-            Err(VfioUserError::Refused { .. }) => Ok(false),
-            Err(e) => Err(DeviceError::VfioUser(e)),
-        }
+        self.client()
+            .is_pci_function()
+            .map_err(DeviceError::VfioUser)
     }
 
     fn client(&self) -> MutexGuard<'_, VfioUserClient> {

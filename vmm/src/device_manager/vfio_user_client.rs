@@ -387,6 +387,25 @@ impl VfioUserClient {
     }
 
     /// Size of region `index` (DEVICE_GET_REGION_INFO); 0 when absent.
+    /// Whether the server is a PCI function: DEVICE_GET_INFO says PCI and
+    /// its configuration space region is not empty. A server that refuses
+    /// either question is a DMA target only.
+    pub fn is_pci_function(&mut self) -> Result<bool, VfioUserError> {
+        let info = match self.device_info() {
+            Ok(info) => info,
+            Err(VfioUserError::Refused { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if !info.claims_pci_function() {
+            return Ok(false);
+        }
+        match self.region_size(pci::CONFIG_REGION) {
+            Ok(size) => Ok(size > 0),
+            Err(VfioUserError::Refused { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn region_size(&mut self, index: u32) -> Result<u64, VfioUserError> {
         Ok(self.region_info(index)?.size)
     }
@@ -894,6 +913,45 @@ mod tests {
         .to_vec();
         out.extend_from_slice(body);
         out
+    }
+
+    #[test]
+    fn a_pci_function_is_a_pci_device_with_a_configuration_space() {
+        // What DEVICE_GET_INFO answers (None: refused) and the size of the
+        // configuration region (None: refused).
+        let ask = |info: Option<u32>, config: Option<u64>| {
+            let (mut client, _server) = scripted(move |h, body| match (h.command, info, config) {
+                (CMD_DEVICE_GET_INFO, Some(flags), _) => {
+                    let mut reply = [0u8; 16];
+                    reply[0] = 16;
+                    reply[4..8].copy_from_slice(&flags.to_le_bytes());
+                    reply[8] = 9;
+                    reply_to(h, FLAG_REPLY, 0, &reply)
+                }
+                (CMD_DEVICE_GET_REGION_INFO, _, Some(size)) if body[8] == 7 => {
+                    let mut reply = body.to_vec();
+                    reply[16..24].copy_from_slice(&size.to_le_bytes());
+                    reply_to(h, FLAG_REPLY, 0, &reply)
+                }
+                (CMD_DEVICE_GET_INFO | CMD_DEVICE_GET_REGION_INFO, _, _) => {
+                    reply_to(h, FLAG_REPLY | FLAG_ERROR, ENOSYS, &[])
+                }
+                _ => Vec::new(),
+            });
+            client.is_pci_function()
+        };
+        let pci = DeviceInfo::FLAG_PCI;
+        assert!(ask(Some(pci), Some(256)).unwrap());
+        assert!(!ask(Some(pci), Some(0)).unwrap(), "no configuration space");
+        assert!(!ask(Some(pci), None).unwrap(), "its size refused");
+        assert!(
+            !ask(Some(DeviceInfo::FLAG_RESET), Some(256)).unwrap(),
+            "not PCI"
+        );
+        assert!(!ask(None, Some(256)).unwrap(), "the question refused");
+        // A server that stops answering is an error, not a "no".
+        let (mut client, _server) = scripted(|_, _| Vec::new());
+        assert!(client.is_pci_function().is_err());
     }
 
     #[test]
