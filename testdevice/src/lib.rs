@@ -316,6 +316,21 @@ pub fn serve(
     let server = Server::new(socket, true, irqs(), regions(scratch_fd))
         .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     lock(&state).scratch = Some(scratch);
+    run_sessions(server, state)
+}
+
+/// As `serve`, for a device with no regions: a DMA target only, not a PCI
+/// function (no configuration space to find it by).
+pub fn serve_dma_target(
+    socket: &Path,
+    state: SharedState,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    let server = Server::new(socket, true, Vec::new(), Vec::new())
+        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    run_sessions(server, state)
+}
+
+fn run_sessions(server: Server, state: SharedState) -> Result<std::thread::JoinHandle<()>, String> {
     std::thread::Builder::new()
         .name("vfio-user".into())
         .spawn(move || {

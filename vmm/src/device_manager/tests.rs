@@ -684,3 +684,45 @@ fn a_severed_vfio_user_connection_reports_why_and_maps_nothing_more() {
     assert!(dma.map(0x20_0000, 0x20_0000, 0x1000).is_err());
     assert!(device_maps(&ctl).is_empty());
 }
+
+#[test]
+fn a_vfio_user_server_that_is_no_pci_function_is_a_dma_target_only() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
+    convert(&memory, 16 * MIB, 8 << 10, true).unwrap();
+    let dir = std::env::temp_dir().join(format!("ch-dm-dma-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (socket, ctl) = (dir.join("dev.sock"), dir.join("dev.ctl"));
+    let state = test_device::SharedState::default();
+    test_device::control(&ctl, state.clone()).unwrap();
+    test_device::serve_dma_target(&socket, state).unwrap();
+    let segment = Arc::new(
+        PciSegment::new(
+            &vm_device::Bus::new(),
+            Arc::new(vm_device::Bus::new()),
+            memory.ram_end(),
+            vm,
+        )
+        .unwrap(),
+    );
+    let dm = DeviceManager::new(
+        memory.clone(),
+        Arc::new(EventMonitor::disabled()),
+        Some(segment.clone()),
+    );
+    let info = dm
+        .add_vfio_user(&UserDeviceConfig {
+            socket,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(info.bdf, None, "nothing for the guest to find");
+    assert_eq!(segment.function(1), 0xffff_ffff);
+    assert_eq!(device_maps(&ctl), shared_runs(&memory));
+    convert(&memory, 20 * MIB, 4 << 10, true).unwrap();
+    assert_eq!(device_maps(&ctl), shared_runs(&memory));
+    dm.remove(&info.id).unwrap();
+    assert!(device_maps(&ctl).is_empty());
+}
