@@ -452,8 +452,30 @@ fn per_page_mapping_past_type1s_entry_limit_needs_iommufd() {
     assert_eq!(on_iommufd.mappings().len(), 65536);
 }
 
-/// A manager with PCI segment 0 whose VFIO devices are opened by `open`
-/// (the backend each was opened on is recorded).
+/// A manager with PCI segment 0 on `vm`.
+fn pci_manager(
+    memory: &Arc<MemoryManager>,
+    vm: Arc<dyn hypervisor::Vm>,
+) -> (DeviceManager, Arc<PciSegment>) {
+    let segment = Arc::new(
+        PciSegment::new(
+            &vm_device::Bus::new(),
+            Arc::new(vm_device::Bus::new()),
+            memory.ram_end(),
+            vm,
+        )
+        .unwrap(),
+    );
+    let dm = DeviceManager::new(
+        memory.clone(),
+        Arc::new(EventMonitor::disabled()),
+        Some(segment.clone()),
+    );
+    (dm, segment)
+}
+
+/// As `pci_manager`, with VFIO devices opened by the fakes (the backend
+/// each was opened on is recorded).
 fn vfio_manager(
     memory: &Arc<MemoryManager>,
     vm: Arc<dyn hypervisor::Vm>,
@@ -461,26 +483,14 @@ fn vfio_manager(
     container: &Arc<super::fake_vfio::FakeContainer>,
     backends: &Arc<Mutex<Vec<vfio::VfioBackend>>>,
 ) -> (DeviceManager, Arc<PciSegment>) {
-    let segment = Arc::new(
-        PciSegment::new(
-            &vm_device::Bus::new(),
-            Arc::new(vm_device::Bus::new()),
-            memory.ram_end(),
-            vm.clone(),
-        )
-        .unwrap(),
-    );
+    let (dm, segment) = pci_manager(memory, vm.clone());
     let (device, container, backends) = (device.clone(), container.clone(), backends.clone());
-    let dm = DeviceManager::new(
-        memory.clone(),
-        Arc::new(EventMonitor::disabled()),
-        Some(segment.clone()),
-    )
-    .with_vfio_platform(vm, false)
-    .with_vfio_opener(Box::new(move |_path, backend, _kvm_vfio| {
-        backends.lock().unwrap().push(backend);
-        Ok(super::fake_vfio::opened(&device, &container))
-    }));
+    let dm = dm.with_vfio_platform(vm, false).with_vfio_opener(Box::new(
+        move |_path, backend, _kvm_vfio| {
+            backends.lock().unwrap().push(backend);
+            Ok(super::fake_vfio::opened(&device, &container))
+        },
+    ));
     (dm, segment)
 }
 
@@ -580,15 +590,19 @@ fn a_vfio_device_without_a_pci_function_is_refused_with_nothing_mapped() {
 }
 
 /// A `ch-test-device` server on its own threads in this process, with its
-/// control socket.
-fn in_process_test_device(tag: &str) -> (PathBuf, PathBuf) {
+/// control socket: a PCI function, or a DMA target only.
+fn in_process_test_device(tag: &str, dma_only: bool) -> (PathBuf, PathBuf) {
     let dir = std::env::temp_dir().join(format!("ch-dm-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let (socket, ctl) = (dir.join("dev.sock"), dir.join("dev.ctl"));
     let state = test_device::SharedState::default();
     test_device::control(&ctl, state.clone()).unwrap();
-    test_device::serve(&socket, state, true).unwrap();
+    if dma_only {
+        test_device::serve_dma_target(&socket, state).unwrap();
+    } else {
+        test_device::serve(&socket, state, true).unwrap();
+    }
     (socket, ctl)
 }
 
@@ -607,21 +621,8 @@ fn a_vfio_user_server_is_a_pci_function_whose_dma_follows_the_shared_pages() {
     let vm = hv.create_vm(VmType::Default).unwrap();
     let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
     convert(&memory, 16 * MIB, 64 << 10, true).unwrap();
-    let (socket, ctl) = in_process_test_device("pci");
-    let segment = Arc::new(
-        PciSegment::new(
-            &vm_device::Bus::new(),
-            Arc::new(vm_device::Bus::new()),
-            memory.ram_end(),
-            vm,
-        )
-        .unwrap(),
-    );
-    let dm = DeviceManager::new(
-        memory.clone(),
-        Arc::new(EventMonitor::disabled()),
-        Some(segment.clone()),
-    );
+    let (socket, ctl) = in_process_test_device("pci", false);
+    let (dm, segment) = pci_manager(&memory, vm);
     let info = dm
         .add_vfio_user(&UserDeviceConfig {
             socket,
@@ -662,7 +663,7 @@ fn a_vfio_user_server_is_a_pci_function_whose_dma_follows_the_shared_pages() {
 #[test]
 fn a_severed_vfio_user_connection_reports_why_and_maps_nothing_more() {
     let Some(memory) = memory() else { return };
-    let (socket, ctl) = in_process_test_device("sever");
+    let (socket, ctl) = in_process_test_device("sever", false);
     let ram = Arc::new(GuestRam::new(&memory));
     let dma = VfioUserDma::connect(&socket, ram, Duration::from_secs(5)).unwrap();
     assert!(dma.offers_pci_function().unwrap());
@@ -691,27 +692,8 @@ fn a_vfio_user_server_that_is_no_pci_function_is_a_dma_target_only() {
     let vm = hv.create_vm(VmType::Default).unwrap();
     let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
     convert(&memory, 16 * MIB, 8 << 10, true).unwrap();
-    let dir = std::env::temp_dir().join(format!("ch-dm-dma-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (socket, ctl) = (dir.join("dev.sock"), dir.join("dev.ctl"));
-    let state = test_device::SharedState::default();
-    test_device::control(&ctl, state.clone()).unwrap();
-    test_device::serve_dma_target(&socket, state).unwrap();
-    let segment = Arc::new(
-        PciSegment::new(
-            &vm_device::Bus::new(),
-            Arc::new(vm_device::Bus::new()),
-            memory.ram_end(),
-            vm,
-        )
-        .unwrap(),
-    );
-    let dm = DeviceManager::new(
-        memory.clone(),
-        Arc::new(EventMonitor::disabled()),
-        Some(segment.clone()),
-    );
+    let (socket, ctl) = in_process_test_device("dma", true);
+    let (dm, segment) = pci_manager(&memory, vm);
     let info = dm
         .add_vfio_user(&UserDeviceConfig {
             socket,
