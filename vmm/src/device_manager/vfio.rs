@@ -265,24 +265,40 @@ mod tests {
     use crate::memory::{MemoryLayout, MemoryManager};
     use pci::VfioOps as _;
 
-    /// A `VfioDma` over the fake PCI function and a fake container, and
-    /// the RAM it maps (64 MiB of guest_memfd RAM in a KVM VM).
-    fn vfio_dma(
-        device: &Arc<FakeVfioDevice>,
-        limit: Option<u64>,
-    ) -> Option<(VfioDma, Arc<FakeContainer>, Arc<GuestRam>)> {
+    /// A `VfioDma` over `device` and a fake container, the RAM it maps
+    /// (64 MiB of guest_memfd RAM in a KVM VM) and the memory manager that
+    /// keeps that RAM mapped while the test runs.
+    struct Setup {
+        dma: VfioDma,
+        container: Arc<FakeContainer>,
+        ram: Arc<GuestRam>,
+        _memory: MemoryManager,
+    }
+
+    fn vfio_dma(device: &Arc<FakeVfioDevice>, limit: Option<u64>) -> Option<Setup> {
         let vm = crate::test_util::kvm()?.create_vm(VmType::Default).unwrap();
         let memory = MemoryManager::new(vm, 64 << 20, MemoryLayout::Auto).unwrap();
         let ram = Arc::new(GuestRam::new(&memory));
         let container = FakeContainer::new(limit);
         let dma = VfioDma::new(fake_vfio::opened(device, &container), ram.clone());
-        Some((dma, container, ram))
+        Some(Setup {
+            dma,
+            container,
+            ram,
+            _memory: memory,
+        })
     }
 
     #[test]
     fn dma_maps_the_ram_behind_the_guest_address_and_unmaps_by_iova() {
         let device = FakeVfioDevice::pci_function();
-        let Some((dma, container, ram)) = vfio_dma(&device, Some(2)) else {
+        let Some(Setup {
+            dma,
+            container,
+            ram,
+            _memory,
+        }) = vfio_dma(&device, Some(2))
+        else {
             return;
         };
         dma.map(0x20_0000, 0x20_0000, 0x3000).unwrap();
@@ -328,7 +344,7 @@ mod tests {
     #[test]
     fn region_accesses_reach_the_device_inside_the_region_only() {
         let device = FakeVfioDevice::pci_function();
-        let Some((dma, _, _)) = vfio_dma(&device, None) else {
+        let Some(Setup { dma, _memory, .. }) = vfio_dma(&device, None) else {
             return;
         };
         assert_eq!(dma.region_size(0).unwrap(), 0x4000);
@@ -356,7 +372,7 @@ mod tests {
     #[test]
     fn interrupts_are_handed_over_as_eventfds_the_caller_keeps() {
         let device = FakeVfioDevice::new(vec![RegionInfo::default(); 3], &[(2, 2)]);
-        let Some((dma, _, _)) = vfio_dma(&device, None) else {
+        let Some(Setup { dma, _memory, .. }) = vfio_dma(&device, None) else {
             return;
         };
         assert_eq!(dma.irq_count(2).unwrap(), 2);
@@ -386,7 +402,7 @@ mod tests {
     #[test]
     fn reset_reaches_the_device() {
         let device = FakeVfioDevice::pci_function();
-        let Some((dma, _, _)) = vfio_dma(&device, None) else {
+        let Some(Setup { dma, _memory, .. }) = vfio_dma(&device, None) else {
             return;
         };
         dma.reset().unwrap();
@@ -397,7 +413,7 @@ mod tests {
     #[test]
     fn mmappable_areas_are_mapped_from_the_device_fd_at_the_region_offset() {
         let device = FakeVfioDevice::pci_function();
-        let Some((dma, _, _)) = vfio_dma(&device, None) else {
+        let Some(Setup { dma, _memory, .. }) = vfio_dma(&device, None) else {
             return;
         };
         let areas = dma.map_region_areas(0).unwrap();
