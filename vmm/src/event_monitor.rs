@@ -414,15 +414,9 @@ mod tests {
         );
     }
 
-    fn scratch(tag: &str) -> std::path::PathBuf {
-        let path = std::env::temp_dir().join(format!("ch-events-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        path
-    }
-
     #[test]
     fn events_reach_the_file_in_order_and_flush_waits_for_them() {
-        let path = scratch("file");
+        let path = crate::test_util::scratch_path("events-file");
         let monitor = EventMonitor::open(&EventMonitorConfig::Path(path.clone()), None).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         monitor.emit("vm", "booted", json!({ "id": 1 }));
@@ -484,7 +478,7 @@ mod tests {
 
     #[test]
     fn a_fifo_with_a_reader_is_written_blocking_and_one_without_is_refused() {
-        let path = scratch("fifo");
+        let path = crate::test_util::scratch_path("events-fifo");
         let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);

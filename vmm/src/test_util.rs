@@ -33,3 +33,11 @@ pub fn convert(
         .convert(conversion(gpa, size, to_shared))
         .map(|o| o.changed_pages)
 }
+
+/// A path in the temporary directory for this test process, named by
+/// `tag`, with nothing left there from an earlier run.
+pub fn scratch_path(tag: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("ch-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}

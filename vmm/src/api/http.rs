@@ -548,22 +548,16 @@ mod tests {
         ));
     }
 
-    fn scratch(tag: &str) -> PathBuf {
-        let path = std::env::temp_dir().join(format!("ch-http-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        path
-    }
-
     #[test]
     fn only_a_stale_socket_is_replaced_when_binding() {
         // A file of the user's: refused and left alone.
-        let path = scratch("file");
+        let path = crate::test_util::scratch_path("http-file");
         std::fs::write(&path, b"keep").unwrap();
         assert!(matches!(bind(&path), Err(ApiServerError::NotASocket(_))));
         assert_eq!(std::fs::read(&path).unwrap(), b"keep");
         std::fs::remove_file(&path).unwrap();
         // A socket someone listens on: in use.
-        let path = scratch("live");
+        let path = crate::test_util::scratch_path("http-live");
         let live = bind(&path).unwrap();
         assert!(matches!(bind(&path), Err(ApiServerError::InUse(_))));
         // Once nobody listens, it is stale: replaced, owner-only.
@@ -581,7 +575,7 @@ mod tests {
         let fd = file.as_raw_fd();
         assert!(matches!(adopt(fd), Err(ApiServerError::NotASocketFd(n)) if n == fd));
         assert!(matches!(adopt(987), Err(ApiServerError::NotASocketFd(987))));
-        let path = scratch("fd");
+        let path = crate::test_util::scratch_path("http-fd");
         let fd = UnixListener::bind(&path).unwrap().into_raw_fd();
         let adopted = adopt(fd).unwrap();
         assert_eq!(adopted.as_raw_fd(), fd);
@@ -592,7 +586,11 @@ mod tests {
     fn a_stopped_or_dropped_server_stops_listening_and_removes_its_socket() {
         let (to_vmm, _events) = std::sync::mpsc::channel();
         for stop_explicitly in [true, false] {
-            let path = scratch(if stop_explicitly { "stop" } else { "drop" });
+            let path = crate::test_util::scratch_path(if stop_explicitly {
+                "http-stop"
+            } else {
+                "http-drop"
+            });
             let mut server =
                 ApiServer::start(&ApiSocket::Path(path.clone()), to_vmm.clone(), None).unwrap();
             assert!(UnixStream::connect(&path).is_ok());
