@@ -297,3 +297,115 @@ fn an_empty_vmm_needs_an_api_socket_and_refuses_half_a_vm() {
         "{stderr}"
     );
 }
+
+/// What a process holds that a leak would grow.
+#[derive(Debug, Clone, Copy)]
+struct Holdings {
+    fds: usize,
+    kvm_vms: usize,
+    threads: usize,
+    rss_kib: u64,
+}
+
+fn holdings(pid: i32) -> Holdings {
+    let fd_dir = format!("/proc/{pid}/fd");
+    let links: Vec<String> = std::fs::read_dir(&fd_dir)
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    Holdings {
+        fds: links.len(),
+        kvm_vms: links.iter().filter(|l| l.contains("kvm-vm")).count(),
+        threads: std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count(),
+        rss_kib,
+    }
+}
+
+#[test]
+fn twenty_lifecycles_give_back_every_vm_fd_thread_and_page() {
+    if !kvm_available("twenty_lifecycles_give_back_every_vm_fd_thread_and_page") {
+        return;
+    }
+    let dir = TempDir::new("lifecycle-leaks");
+    let device = TestDevice::spawn(&dir, "dev0");
+    let guest = memconv_guest(
+        &dir,
+        &[&format!("shared@{A:#x}+16K,private@{A:#x}+4K")],
+        false,
+    );
+    let api = dir.path("api.sock");
+    let vmm = GuestVmm::spawn_args(&["--api-socket", &format!("path={}", api.display())]);
+    wait_for_socket(&api);
+    let config = json!({
+        "cpus": {"boot_vcpus": 2},
+        "memory": {"size": 128u64 << 20, "guest_memfd": true},
+        "payload": {"kernel": guest},
+        "serial": {"mode": "Null"},
+        "user_devices": [{"socket": device.socket, "id": "dev0"}],
+    })
+    .to_string();
+    // One lifecycle: create, boot (the guest runs, the device follows),
+    // then shutdown, reboot or delete as the three ways a VM ends.
+    let cycle = |round: usize| {
+        let (status, body) = put(&api, "vm.create", &config);
+        assert_eq!(status, 204, "round {round}: {body}");
+        let (status, body) = put(&api, "vm.boot", "");
+        assert_eq!(status, 204, "round {round}: {body}");
+        assert!(
+            wait_until(|| device.mapped() == [(A + 0x1000, 0x3000)]),
+            "round {round}: the guest's conversions never reached the device"
+        );
+        if round % 2 == 1 {
+            let (status, body) = put(&api, "vm.reboot", "");
+            assert_eq!(status, 204, "round {round}: {body}");
+            assert!(wait_until(|| device.mapped() == [(A + 0x1000, 0x3000)]));
+        }
+        if round % 3 != 0 {
+            let (status, body) = put(&api, "vm.shutdown", "");
+            assert_eq!(status, 204, "round {round}: {body}");
+        }
+        let (status, body) = put(&api, "vm.delete", "");
+        assert_eq!(status, 204, "round {round}: {body}");
+        assert!(wait_until(|| device.mapping_count() == 0));
+    };
+    // The first round warms up what is made once (the builder thread, the
+    // allocator's arenas, the device's connection pool).
+    cycle(0);
+    let settled = |want: &Holdings| {
+        let mut now = holdings(vmm.pid());
+        // Threads and fds of a VM that just ended may take a moment to go.
+        wait_until(|| {
+            now = holdings(vmm.pid());
+            now.fds <= want.fds && now.threads <= want.threads
+        });
+        now
+    };
+    let baseline = settled(&holdings(vmm.pid()));
+    assert_eq!(baseline.kvm_vms, 0, "a deleted VM's fd stays: {baseline:?}");
+    for round in 1..=20 {
+        cycle(round);
+    }
+    let after = settled(&baseline);
+    assert_eq!(after.kvm_vms, 0, "VM fds left behind: {after:?}");
+    assert!(
+        after.fds <= baseline.fds && after.threads <= baseline.threads,
+        "fds or threads grew over 20 lifecycles: {baseline:?} -> {after:?}"
+    );
+    // Guest RAM (128 MiB a VM) is given back each time; the allocator may
+    // keep a little.
+    assert!(
+        after.rss_kib <= baseline.rss_kib + 8 * 1024,
+        "RSS grew over 20 lifecycles: {baseline:?} -> {after:?}"
+    );
+    let (ok, _, err) = ch_remote(&api, &["shutdown-vmm"]);
+    assert!(ok, "{err}");
+}

@@ -4,7 +4,7 @@
 //! MMIO bus that follow what the guest programs (decoded only while the
 //! command register's memory bit is set).
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use log::warn;
 use vm_device::{Bus, BusDevice};
@@ -373,16 +373,20 @@ impl BusDevice for PciConfigIo {
 }
 
 /// The ECAM window: 4 KiB of configuration space per function, bus 0 only
-/// (the window is 1 MiB).
+/// (the window is 1 MiB). It sits on the MMIO bus the PCI bus places BAR
+/// windows on, so it holds the PCI bus weakly: a strong reference would be
+/// a cycle that keeps both buses, every device and the VM alive forever.
 pub struct PciConfigMmio {
-    bus: Arc<PciBus>,
+    bus: Weak<PciBus>,
 }
 
 pub const ECAM_SIZE: u64 = 1 << 20;
 
 impl PciConfigMmio {
-    pub fn new(bus: Arc<PciBus>) -> Self {
-        PciConfigMmio { bus }
+    pub fn new(bus: &Arc<PciBus>) -> Self {
+        PciConfigMmio {
+            bus: Arc::downgrade(bus),
+        }
     }
 
     fn decode(offset: u64) -> (u8, usize, u8, usize, usize) {
@@ -399,12 +403,19 @@ impl PciConfigMmio {
 impl BusDevice for PciConfigMmio {
     fn read(&self, offset: u64, data: &mut [u8]) {
         let (b, d, f, r, within) = Self::decode(offset);
-        extract_read(self.bus.config_read(b, d, f, r), within, data);
+        // A bus that is gone has no functions: all ones, as for an empty slot.
+        let value = self
+            .bus
+            .upgrade()
+            .map_or(u32::MAX, |bus| bus.config_read(b, d, f, r));
+        extract_read(value, within, data);
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
         let (b, d, f, r, within) = Self::decode(offset);
-        self.bus.config_write(b, d, f, r, within, data);
+        if let Some(bus) = self.bus.upgrade() {
+            bus.config_write(b, d, f, r, within, data);
+        }
     }
 }
 

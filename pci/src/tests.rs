@@ -303,7 +303,7 @@ fn msix_is_found_at_the_first_capability_offset_and_only_with_a_capability_list(
 fn configuration_space_through_ports_and_ecam_with_all_ones_where_nothing_is() {
     let r = rig();
     assert_eq!(r.config_read(0), 0x5678_1234);
-    let ecam = PciConfigMmio::new(r.bus.clone());
+    let ecam = PciConfigMmio::new(&r.bus);
     let mut b = [0u8; 4];
     ecam.read(u64::from(r.slot) << 15, &mut b);
     assert_eq!(u32::from_le_bytes(b), 0x5678_1234);
@@ -532,7 +532,7 @@ fn the_address_register_reads_back_and_selects_bus_device_function_and_register(
 #[test]
 fn ecam_reaches_every_register_and_writes_too() {
     let r = rig();
-    let ecam = PciConfigMmio::new(r.bus.clone());
+    let ecam = PciConfigMmio::new(&r.bus);
     let function = u64::from(r.slot) << 15;
     let mut b = [0u8; 4];
     ecam.read(function + 0x10, &mut b);
@@ -579,4 +579,20 @@ fn what_the_vmm_owns_in_configuration_space_is_emulated_and_the_rest_forwarded()
     r.config_write(4, 2, &0xc000u16.to_le_bytes());
     r.config_write(4, 1, &[0x10]);
     assert_eq!(r.config_read(4), 0xc000_1000);
+}
+
+#[test]
+fn the_ecam_window_on_the_mmio_bus_does_not_keep_the_pci_bus_alive() {
+    let mmio = Arc::new(Bus::new());
+    let bus = Arc::new(PciBus::new(mmio.clone()));
+    mmio.insert(Arc::new(PciConfigMmio::new(&bus)), 0, crate::ECAM_SIZE)
+        .unwrap();
+    let weak = Arc::downgrade(&bus);
+    drop(bus);
+    assert!(weak.upgrade().is_none(), "the bus outlived its owner");
+    // The window answers as an empty bus would.
+    let mut b = [0u8; 4];
+    assert!(mmio.read(0, &mut b));
+    assert_eq!(b, [0xff; 4]);
+    assert!(mmio.write(0, &[0; 4]));
 }

@@ -103,7 +103,7 @@ impl PciSegment {
             .map_err(PciSegmentError::Window)?;
         mmio_bus
             .insert(
-                Arc::new(PciConfigMmio::new(bus.clone())),
+                Arc::new(PciConfigMmio::new(&bus)),
                 ECAM_BASE,
                 pci::ECAM_SIZE,
             )
