@@ -298,38 +298,6 @@ fn an_empty_vmm_needs_an_api_socket_and_refuses_half_a_vm() {
     );
 }
 
-/// What a process holds that a leak would grow.
-#[derive(Debug, Clone, Copy)]
-struct Holdings {
-    fds: usize,
-    kvm_vms: usize,
-    threads: usize,
-    rss_kib: u64,
-}
-
-fn holdings(pid: i32) -> Holdings {
-    let fd_dir = format!("/proc/{pid}/fd");
-    let links: Vec<String> = std::fs::read_dir(&fd_dir)
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .map(|p| p.display().to_string())
-        .collect();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    Holdings {
-        fds: links.len(),
-        kvm_vms: links.iter().filter(|l| l.contains("kvm-vm")).count(),
-        threads: std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .count(),
-        rss_kib,
-    }
-}
-
 #[test]
 fn twenty_lifecycles_give_back_every_vm_fd_thread_and_page() {
     if !kvm_available("twenty_lifecycles_give_back_every_vm_fd_thread_and_page") {
@@ -369,7 +337,7 @@ fn twenty_lifecycles_give_back_every_vm_fd_thread_and_page() {
             assert_eq!(status, 204, "round {round}: {body}");
             assert!(wait_until(|| device.mapped() == [(A + 0x1000, 0x3000)]));
         }
-        if round % 3 != 0 {
+        if !round.is_multiple_of(3) {
             let (status, body) = put(&api, "vm.shutdown", "");
             assert_eq!(status, 204, "round {round}: {body}");
         }
@@ -380,21 +348,12 @@ fn twenty_lifecycles_give_back_every_vm_fd_thread_and_page() {
     // The first round warms up what is made once (the builder thread, the
     // allocator's arenas, the device's connection pool).
     cycle(0);
-    let settled = |want: &Holdings| {
-        let mut now = holdings(vmm.pid());
-        // Threads and fds of a VM that just ended may take a moment to go.
-        wait_until(|| {
-            now = holdings(vmm.pid());
-            now.fds <= want.fds && now.threads <= want.threads
-        });
-        now
-    };
-    let baseline = settled(&holdings(vmm.pid()));
+    let baseline = settled_holdings(vmm.pid(), &holdings(vmm.pid()));
     assert_eq!(baseline.kvm_vms, 0, "a deleted VM's fd stays: {baseline:?}");
     for round in 1..=20 {
         cycle(round);
     }
-    let after = settled(&baseline);
+    let after = settled_holdings(vmm.pid(), &baseline);
     assert_eq!(after.kvm_vms, 0, "VM fds left behind: {after:?}");
     assert!(
         after.fds <= baseline.fds && after.threads <= baseline.threads,

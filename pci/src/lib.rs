@@ -16,7 +16,8 @@ pub use bus::{
     HostBridge, PciBus, PciBusError, PciConfigIo, PciConfigMmio, PciDevice, SLOTS,
 };
 pub use vfio_pci::{
-    CONFIG_REGION, MSIX_IRQ_INDEX, VfioOps, VfioOpsError, VfioPciDevice, VfioPciError,
+    CONFIG_REGION, MAX_BAR32_SIZE, MAX_BAR64_SIZE, MSIX_IRQ_INDEX, VfioOps, VfioOpsError,
+    VfioPciDevice, VfioPciError,
 };
 
 /// A function's address on segment 0 as Cloud Hypervisor prints it.

@@ -10,8 +10,8 @@ use vm_device::{Bus, InterruptError, MsiMessage, MsiVectors};
 
 use crate::configuration::BarKind;
 use crate::{
-    DirectArea, GuestMemoryWindows, PciBus, PciConfigIo, PciConfigMmio, PciDevice, VfioOps,
-    VfioOpsError, VfioPciDevice,
+    DirectArea, GuestMemoryWindows, MAX_BAR32_SIZE, MAX_BAR64_SIZE, PciBus, PciConfigIo,
+    PciConfigMmio, PciDevice, VfioOps, VfioOpsError, VfioPciDevice, VfioPciError,
 };
 use vm_device::BusDevice;
 
@@ -32,6 +32,10 @@ struct FakeState {
     drops_command: bool,
     /// BARs whose areas the VMM asked to mmap.
     mapped_regions: Vec<u32>,
+    /// Region sizes that replace the defaults (a lying device).
+    region_sizes: Vec<(u32, u64)>,
+    /// Mappable areas that replace the defaults.
+    areas: Option<Vec<DirectArea>>,
 }
 
 struct FakeFunction(Mutex<FakeState>);
@@ -77,6 +81,9 @@ fn out_of_range() -> VfioOpsError {
 
 impl VfioOps for FakeFunction {
     fn region_size(&self, index: u32) -> Result<u64, VfioOpsError> {
+        if let Some(&(_, size)) = self.state().region_sizes.iter().find(|(i, _)| *i == index) {
+            return Ok(size);
+        }
         Ok(match index {
             0 => BAR0_SIZE,
             2 => BAR2_SIZE,
@@ -143,6 +150,9 @@ impl VfioOps for FakeFunction {
     /// BAR2 has one mappable page at 0x2000.
     fn map_region_areas(&self, index: u32) -> Result<Vec<DirectArea>, VfioOpsError> {
         self.state().mapped_regions.push(index);
+        if let Some(areas) = self.state().areas.clone() {
+            return Ok(if index == 2 { areas } else { Vec::new() });
+        }
         Ok(match index {
             0 => vec![DirectArea {
                 offset: 0,
@@ -595,4 +605,104 @@ fn the_ecam_window_on_the_mmio_bus_does_not_keep_the_pci_bus_alive() {
     assert!(mmio.read(0, &mut b));
     assert_eq!(b, [0xff; 4]);
     assert!(mmio.write(0, &[0; 4]));
+}
+
+/// A device with the default layout and `edit` applied to its state.
+fn lying(edit: impl FnOnce(&mut FakeState)) -> Result<VfioPciDevice, VfioPciError> {
+    let fake = FakeFunction::new(false);
+    edit(&mut fake.state());
+    VfioPciDevice::new(fake, |_| None)
+}
+
+#[test]
+fn bar_sizes_past_what_a_bar_can_decode_are_refused_without_wrapping() {
+    let huge = [1u64 << 63 | 1, u64::MAX, (1 << 63) + 0x1000];
+    for (bar, size) in huge.iter().flat_map(|&s| [(0u32, s), (2, s)]) {
+        let err = lying(|s| s.region_sizes.push((bar, size))).err().unwrap();
+        assert!(
+            matches!(err, VfioPciError::BarTooLarge { index, .. } if index == bar as usize),
+            "BAR {bar} of {size:#x}: {err}"
+        );
+    }
+    // The limits are inclusive: 2 GiB for a 32-bit BAR, 2^47 for a 64-bit one.
+    let at_limits = lying(|s| {
+        s.region_sizes.push((0, MAX_BAR32_SIZE));
+        s.region_sizes.push((2, MAX_BAR64_SIZE));
+    })
+    .unwrap();
+    let sizes: Vec<u64> = at_limits.bar_requests().iter().map(|r| r.1).collect();
+    assert_eq!(sizes, [MAX_BAR32_SIZE, MAX_BAR64_SIZE]);
+    let err = lying(|s| s.region_sizes.push((0, MAX_BAR32_SIZE + 1))).err();
+    assert!(matches!(
+        err,
+        Some(VfioPciError::BarTooLarge { kind: "32-bit", .. })
+    ));
+    let err = lying(|s| s.region_sizes.push((2, MAX_BAR64_SIZE + 1))).err();
+    assert!(matches!(
+        err,
+        Some(VfioPciError::BarTooLarge { kind: "64-bit", .. })
+    ));
+    // Small sizes still round up to a page and a power of two.
+    let small = lying(|s| s.region_sizes.push((2, 0x1001))).unwrap();
+    assert_eq!(small.bar_requests()[1].1, 0x2000);
+}
+
+#[test]
+fn msix_structures_outside_the_devices_bars_are_refused() {
+    // The capability is at 0x60: table dword at 0x64, PBA dword at 0x68.
+    let with = |table: u32, pba: u32, vectors: u16| {
+        lying(move |s| {
+            s.config[0x62..0x64].copy_from_slice(&(vectors - 1).to_le_bytes());
+            s.config[0x64..0x68].copy_from_slice(&table.to_le_bytes());
+            s.config[0x68..0x6c].copy_from_slice(&pba.to_le_bytes());
+        })
+    };
+    let refused =
+        |result: Result<VfioPciDevice, VfioPciError>, structure: &str, why: &str| match result {
+            Err(VfioPciError::MsixLayout {
+                structure: s,
+                why: w,
+                ..
+            }) => assert!(s == structure && w.contains(why), "{s}: {w}"),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a bad {structure} was accepted"),
+        };
+    // BAR0 is BAR0_SIZE bytes: 64 vectors (1 KiB) at 0xc00 run past it.
+    let past = (BAR0_SIZE - 0x100) as u32;
+    refused(with(past, 0xc00, 64), "table", "past the end");
+    refused(with(0x800, past + 0xf8 + 8, 4), "PBA", "past the end");
+    // Indicators 6 and 7 name no BAR.
+    refused(with(0x800 | 6, 0xc00, 4), "table", "past BAR 5");
+    refused(with(0x800, 0xc00 | 7, 4), "PBA", "past BAR 5");
+    // BAR1 does not exist; BAR3 is the upper half of the 64-bit BAR2.
+    refused(with(0x800 | 1, 0xc00, 4), "table", "does not have");
+    refused(with(0x800, 0xc00 | 3, 4), "PBA", "does not have");
+    // Exactly filling the BAR is fine, as is a table in the 64-bit BAR.
+    let fits = (BAR0_SIZE - 4 * 16) as u32;
+    assert!(with(fits, 0xc00, 4).is_ok());
+    assert!(with(0x2, 0xc00, 4).is_ok());
+}
+
+#[test]
+fn mappable_areas_outside_their_bar_stay_trapped() {
+    let area = |offset: u64, size: u64| DirectArea {
+        offset,
+        size,
+        host: 0x7100_0000,
+    };
+    let good = area(0x2000, 0x1000);
+    let function = lying(|s| {
+        s.areas = Some(vec![
+            good,
+            area(BAR2_SIZE - 0x1000, 0x2000),
+            area(u64::MAX - 0xfff, 0x2000),
+            area(0x1800, 0x1000),
+            area(0x3000, 0x800),
+            area(0x4000, 0),
+        ])
+    })
+    .unwrap();
+    let direct = function.direct_areas(2);
+    assert_eq!(direct.len(), 1, "only the area inside BAR2 is mapped");
+    assert_eq!((direct[0].offset, direct[0].size), (good.offset, good.size));
 }

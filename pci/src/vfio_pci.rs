@@ -59,6 +59,97 @@ pub enum VfioPciError {
     MsixCount { offered: u32, needed: u16 },
     #[error("cannot query the MSI-X interrupts")]
     IrqInfo(#[source] VfioOpsError),
+    #[error("BAR {index} of {size:#x} bytes is larger than a {kind} BAR may be ({limit:#x})")]
+    BarTooLarge {
+        index: usize,
+        size: u64,
+        kind: &'static str,
+        limit: u64,
+    },
+    #[error("the MSI-X {structure} ({len:#x} bytes at offset {offset:#x} of BAR {bar}) {why}")]
+    MsixLayout {
+        structure: &'static str,
+        bar: usize,
+        offset: u64,
+        len: u64,
+        why: &'static str,
+    },
+}
+
+/// The largest BARs a device may ask for. A 32-bit BAR cannot decode more
+/// than 2 GiB; 64-bit BARs stop at 2^47 bytes, past any window a guest's
+/// physical address space offers, so sizes from a device never overflow
+/// the BAR arithmetic (rounding, masks, window ends).
+pub const MAX_BAR32_SIZE: u64 = 1 << 31;
+pub const MAX_BAR64_SIZE: u64 = 1 << 47;
+
+/// The BAR size the guest sees for a region of `size` bytes: a page at
+/// least, so no BAR shares a page with another, and a power of two.
+fn bar_size(index: usize, size: u64, kind: BarKind) -> Result<u64, VfioPciError> {
+    let (limit, name) = match kind {
+        BarKind::Mem32 => (MAX_BAR32_SIZE, "32-bit"),
+        BarKind::Mem64 => (MAX_BAR64_SIZE, "64-bit"),
+    };
+    size.max(PAGE)
+        .checked_next_power_of_two()
+        .filter(|&rounded| rounded <= limit)
+        .ok_or(VfioPciError::BarTooLarge {
+            index,
+            size,
+            kind: name,
+            limit,
+        })
+}
+
+/// Checks that the MSI-X table and PBA each lie inside a memory BAR the
+/// device really has (`regions`: each BAR's region size, 0 when absent),
+/// so every vector the capability names is one the guest can reach.
+fn check_msix_layout(
+    layout: &MsixLayout,
+    bars: &BarRegisters,
+    regions: &[u64; NUM_BARS],
+) -> Result<(), VfioPciError> {
+    let structures = [
+        (
+            "table",
+            layout.table_bar,
+            layout.table_offset,
+            layout.table_len(),
+        ),
+        ("PBA", layout.pba_bar, layout.pba_offset, layout.pba_len()),
+    ];
+    for (structure, bar, offset, len) in structures {
+        let refuse = |why| VfioPciError::MsixLayout {
+            structure,
+            bar,
+            offset,
+            len,
+            why,
+        };
+        if bar >= NUM_BARS {
+            return Err(refuse("names a BAR indicator past BAR 5"));
+        }
+        if bars.get(bar).is_none() {
+            return Err(refuse("is in a BAR the device does not have"));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > regions[bar]) {
+            return Err(refuse("runs past the end of its BAR"));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a mappable area a device offers lies whole, page-aligned,
+/// inside its region of `region_size` bytes. An area reaching past the BAR
+/// would become guest memory over whatever follows the BAR.
+fn area_fits(area: &DirectArea, region_size: u64) -> bool {
+    area.size > 0
+        && area.offset.is_multiple_of(PAGE)
+        && area.size.is_multiple_of(PAGE)
+        && area
+            .offset
+            .checked_add(area.size)
+            .is_some_and(|end| end <= region_size)
 }
 
 struct State {
@@ -113,6 +204,7 @@ impl VfioPciDevice {
             return Err(VfioPciError::NoFunction(vendor_device as u16));
         }
         let mut bars = BarRegisters::default();
+        let mut regions = [0u64; NUM_BARS];
         let mut index = 0;
         while index < NUM_BARS {
             let size = ops
@@ -128,11 +220,11 @@ impl VfioPciDevice {
             if size > 0 && is_io {
                 warn!("BAR {index} is an I/O BAR: not supported, left unassigned");
             } else if size > 0 && (kind == BarKind::Mem32 || index + 1 < NUM_BARS) {
+                regions[index] = size;
                 bars.set(
                     index,
                     Bar {
-                        // A page at least, so no BAR shares a page with another.
-                        size: size.max(PAGE).next_power_of_two(),
+                        size: bar_size(index, size, kind)?,
                         kind,
                         prefetchable: raw & 0b1000 != 0,
                         address: 0,
@@ -148,6 +240,7 @@ impl VfioPciDevice {
         let msix_layout = Self::find_msix(&read)?;
         let msix = match msix_layout {
             Some(layout) => {
+                check_msix_layout(&layout, &bars, &regions)?;
                 let offered = ops
                     .irq_count(MSIX_IRQ_INDEX)
                     .map_err(VfioPciError::IrqInfo)?;
@@ -178,10 +271,20 @@ impl VfioPciDevice {
                         || pages(l.pba_bar, l.pba_offset, l.pba_len())
                 })
             };
+            let fits = |area: &DirectArea| {
+                let fits = area_fits(area, regions[index]);
+                if !fits {
+                    warn!(
+                        "BAR {index}: mappable area {:#x}+{:#x} is not inside the BAR, kept trapped",
+                        area.offset, area.size
+                    );
+                }
+                fits
+            };
             direct.extend(
                 areas
                     .into_iter()
-                    .filter(|a| !trapped(a))
+                    .filter(|a| fits(a) && !trapped(a))
                     .map(|a| (index, a)),
             );
         }

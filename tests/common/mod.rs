@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod lying_server;
 pub mod openapi;
 
 use std::io::{BufRead, BufReader, Read};
@@ -525,4 +526,61 @@ impl Drop for TestDevice {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// What a process holds that a leak would grow.
+#[derive(Debug, Clone, Copy)]
+pub struct Holdings {
+    pub fds: usize,
+    pub kvm_vms: usize,
+    pub threads: usize,
+    pub rss_kib: u64,
+}
+
+pub fn holdings(pid: i32) -> Holdings {
+    let fd_dir = format!("/proc/{pid}/fd");
+    let links: Vec<String> = std::fs::read_dir(&fd_dir)
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    Holdings {
+        fds: links.len(),
+        kvm_vms: links.iter().filter(|l| l.contains("kvm-vm")).count(),
+        threads: std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count(),
+        rss_kib,
+    }
+}
+
+/// `pid`'s holdings once its fds and threads are back to `want`'s (what a
+/// VM or device that just went lets go may take a moment), or after
+/// TIMEOUT if they never are.
+pub fn settled_holdings(pid: i32, want: &Holdings) -> Holdings {
+    let mut now = holdings(pid);
+    wait_until(|| {
+        now = holdings(pid);
+        now.fds <= want.fds && now.threads <= want.threads
+    });
+    now
+}
+
+/// Asserts that `pid` holds no more fds, threads or VMs than at `baseline`
+/// and at most `rss_slack_kib` more resident memory.
+pub fn assert_back_to(pid: i32, baseline: &Holdings, rss_slack_kib: u64, after: &str) {
+    let now = settled_holdings(pid, baseline);
+    assert!(
+        now.fds <= baseline.fds
+            && now.threads <= baseline.threads
+            && now.kvm_vms <= baseline.kvm_vms
+            && now.rss_kib <= baseline.rss_kib + rss_slack_kib,
+        "{after}: the VMM holds more than before: {baseline:?} -> {now:?}"
+    );
 }

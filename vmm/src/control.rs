@@ -54,13 +54,19 @@ impl VmBuilder {
                     vm: id,
                     tx: events.clone(),
                 };
-                let vm = Vm::boot(
-                    config,
-                    &hypervisor,
-                    guest_events,
-                    monitor.clone(),
-                    vcpu_filter.clone(),
-                );
+                // A bug hit while building one VM must not take the builder
+                // (and every later boot) with it; unwinding drops what the
+                // half-built VM held.
+                let vm = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Vm::boot(
+                        config,
+                        &hypervisor,
+                        guest_events,
+                        monitor.clone(),
+                        vcpu_filter.clone(),
+                    )
+                }))
+                .unwrap_or(Err(VmError::BuildPanicked));
                 // The requester gone means the VMM is exiting: the VM goes
                 // down with this thread.
                 if let Err(Ok(mut vm)) = reply.send(vm).map_err(|e| e.0) {

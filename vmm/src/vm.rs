@@ -76,6 +76,8 @@ pub enum VmError {
     NotPaused(VmState),
     #[error("the thread that builds VMs is gone")]
     BuilderGone,
+    #[error("building the VM panicked (a bug: see the VMM's log); nothing of it is left")]
+    BuildPanicked,
     #[error("the vCPUs did not stop within {0} ms")]
     PauseTimeout(u128),
 }

@@ -69,6 +69,8 @@ pub enum DeviceError {
     PciFunction(#[source] pci::VfioPciError),
     #[error("cannot put the device on the PCI bus")]
     Pci(#[source] pci_segment::PciSegmentError),
+    #[error("the device failed while it was being given the shared pages: {0}")]
+    FailedDuringAttach(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -548,15 +550,6 @@ impl DeviceManager {
             policy,
         } = attachment;
         let listener = Arc::new(DmaMappingListener::with_policy(dma, entry_limit, policy));
-        let monitor = self.monitor.clone();
-        let failed_id = id.clone();
-        listener.set_failure_hook(Box::new(move |why| {
-            monitor.emit(
-                "device",
-                "failed",
-                serde_json::json!({ "id": failed_id, "reason": why }),
-            );
-        }));
         let mut registrations = Vec::new();
         for (index, region) in self.memory.regions().iter().enumerate() {
             let whole = Section {
@@ -583,6 +576,13 @@ impl DeviceManager {
                 });
             }
         }
+        // A device that broke during the replay (timed out, hung up) is
+        // cut off and follows nothing: refuse it rather than keep a failed
+        // device the caller never had working.
+        if let Some(why) = listener.failure() {
+            self.unregister(&registrations, &listener);
+            return Err(DeviceError::FailedDuringAttach(why));
+        }
         // The guest finds the function only once its DMA follows the
         // shared pages.
         let pci = match (function, &self.pci) {
@@ -595,6 +595,17 @@ impl DeviceManager {
             },
             _ => None,
         };
+        // Only a device that attached can fail as far as anyone watching
+        // is concerned; a failure before this point is the attach's error.
+        let monitor = self.monitor.clone();
+        let failed_id = id.clone();
+        listener.set_failure_hook(Box::new(move |why| {
+            monitor.emit(
+                "device",
+                "failed",
+                serde_json::json!({ "id": failed_id, "reason": why }),
+            );
+        }));
         let device = AttachedDevice {
             id,
             kind,
@@ -610,6 +621,13 @@ impl DeviceManager {
             drop(list);
             self.detach(&device);
             return Err(DeviceError::ShuttingDown);
+        }
+        // A failure between the replay and now (plugging asked the device
+        // for its configuration) still makes this attach fail.
+        if let Some(why) = info.failure {
+            drop(list);
+            self.detach(&device);
+            return Err(DeviceError::FailedDuringAttach(why));
         }
         info!(
             "device {} ({:?}) attached: {} mappings of {} bytes",
