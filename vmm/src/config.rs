@@ -590,6 +590,30 @@ impl DeviceConfig {
 /// for a stalled device.
 pub const MAX_DEVICE_TIMEOUT_MS: u64 = 60_000;
 
+/// How a vfio-user server reaches guest memory (`dma=`, ours).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DmaMode {
+    /// DMA_MAP carries the guest RAM's fd: the server mmaps it and reaches
+    /// memory at memory speed, but can map any offset of that fd, not
+    /// only the pages it was given.
+    #[default]
+    Fd,
+    /// DMA_MAP carries no fd: the server reaches memory only through
+    /// DMA_READ / DMA_WRITE messages, which the VMM serves inside that
+    /// device's current mappings and nowhere else.
+    Messages,
+}
+
+impl DmaMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            DmaMode::Fd => "fd",
+            DmaMode::Messages => "messages",
+        }
+    }
+}
+
 /// `--user-device socket=PATH[,id=ID][,timeout_ms=MS]`: a vfio-user device server.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -609,10 +633,13 @@ pub struct UserDeviceConfig {
     /// How DMA mappings cover the shared pages (ours; default `runs`).
     #[serde(default)]
     pub mapping: MappingPolicy,
+    /// How the server reaches guest memory (ours; default `fd`).
+    #[serde(default)]
+    pub dma: DmaMode,
 }
 
 impl UserDeviceConfig {
-    pub const SYNTAX: &'static str = "socket=PATH[,id=ID][,timeout_ms=MS][,mapping=runs|pages][,iommu=off][,pci_segment=0][,pci_device_id=N]";
+    pub const SYNTAX: &'static str = "socket=PATH[,id=ID][,timeout_ms=MS][,mapping=runs|pages][,dma=fd|messages][,iommu=off][,pci_segment=0][,pci_device_id=N]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse(
@@ -623,12 +650,18 @@ impl UserDeviceConfig {
                 "id",
                 "timeout_ms",
                 "mapping",
+                "dma",
                 "iommu",
                 "pci_segment",
                 "pci_device_id",
             ],
         )?;
         let (iommu, pci_segment) = parse_pci_common(&p)?;
+        let dma = match p.get("dma") {
+            None | Some("fd") => DmaMode::Fd,
+            Some("messages") => DmaMode::Messages,
+            Some(_) => return Err(p.invalid("dma", "expected fd or messages")),
+        };
         let timeout_ms = p
             .get("timeout_ms")
             .map(|t| {
@@ -650,6 +683,7 @@ impl UserDeviceConfig {
             pci_segment,
             pci_device_id: parse_device_number(&p)?,
             mapping: parse_mapping(&p)?,
+            dma,
         };
         config.validate()?;
         Ok(config)
@@ -924,6 +958,24 @@ mod tests {
         let u = UserDeviceConfig::parse("socket=/tmp/dev.sock").unwrap();
         assert_eq!(u.socket, PathBuf::from("/tmp/dev.sock"));
         assert_eq!(u.id, None);
+        assert_eq!(u.dma, DmaMode::Fd);
+        let dma = |text: &str| UserDeviceConfig::parse(&format!("socket=/s,{text}")).map(|u| u.dma);
+        assert_eq!(dma("dma=messages").unwrap(), DmaMode::Messages);
+        assert_eq!(dma("dma=fd").unwrap(), DmaMode::Fd);
+        assert!(
+            dma("dma=mmap")
+                .unwrap_err()
+                .to_string()
+                .contains("fd or messages")
+        );
+        // The API body and CH-style JSON carry it by name.
+        let body: UserDeviceConfig =
+            serde_json::from_str(r#"{"socket":"/s","dma":"messages"}"#).unwrap();
+        assert_eq!(body.dma, DmaMode::Messages);
+        assert!(
+            serde_json::from_str::<UserDeviceConfig>(r#"{"socket":"/s","dma":"mmap"}"#).is_err()
+        );
+        assert_eq!(serde_json::to_value(&body).unwrap()["dma"], "messages");
         assert!(matches!(
             UserDeviceConfig::parse("id=x"),
             Err(ConfigError::Missing { key: "socket", .. })

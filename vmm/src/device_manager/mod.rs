@@ -35,7 +35,7 @@ use pci::{VfioOps, VfioOpsError, VfioPciDevice};
 use pci_segment::{PciSegment, PluggedFunction};
 use vfio_user_client::{VfioUserClient, VfioUserError};
 
-use crate::config::{DeviceConfig, UserDeviceConfig};
+use crate::config::{DeviceConfig, DmaMode, UserDeviceConfig};
 use crate::event_monitor::EventMonitor;
 use crate::memory::{AttributeError, ListenerId, MemoryManager};
 
@@ -113,13 +113,19 @@ pub struct DeviceInfo {
     /// Most mappings the device accepts at once.
     pub max_dma_maps: Option<u64>,
     pub mapping: MappingPolicy,
+    /// How a vfio-user server reaches guest memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dma_mode: Option<DmaMode>,
     pub dma: DmaStats,
 }
 
-/// A vfio-user server's DMA mapping: the guest RAM's fd and offset go with
-/// every map, so the server mmaps exactly the shared pages.
+/// A vfio-user server's DMA mapping. In `fd` mode the guest RAM's fd and
+/// offset go with every map and the server mmaps them; in `messages` mode
+/// maps carry no fd and the server's DMA_READ / DMA_WRITE are served
+/// inside its current mappings only.
 pub struct VfioUserDma {
     client: Mutex<VfioUserClient>,
+    mode: DmaMode,
     ram: Arc<GuestRam>,
     max_dma_maps: u64,
     /// Host mappings of the server's mmappable BAR areas.
@@ -131,6 +137,7 @@ impl VfioUserDma {
         socket: &std::path::Path,
         ram: Arc<GuestRam>,
         timeout: Duration,
+        mode: DmaMode,
     ) -> Result<Self, DeviceError> {
         if !ram.all_file_backed() {
             return Err(DeviceError::NoFileBacking);
@@ -140,6 +147,7 @@ impl VfioUserDma {
         Ok(VfioUserDma {
             max_dma_maps: client.max_dma_maps(),
             client: Mutex::new(client),
+            mode,
             ram,
             region_maps: bar_maps::BarMaps::default(),
         })
@@ -213,10 +221,22 @@ impl VfioOps for VfioUserDma {
 
 impl ExternalDmaMapping for VfioUserDma {
     fn map(&self, iova: u64, gpa: u64, size: u64) -> std::io::Result<()> {
-        let (fd, offset) = self.ram.file_offset(gpa, size).map_err(io_error)?;
-        self.client()
-            .dma_map(iova, size, fd, offset)
-            .map_err(io_error)
+        match self.mode {
+            DmaMode::Fd => {
+                let (fd, offset) = self.ram.file_offset(gpa, size).map_err(io_error)?;
+                self.client().dma_map(iova, size, fd, offset)
+            }
+            // The server's DMA_READ / DMA_WRITE name IOVAs that the client
+            // turns into guest addresses as IOVA = GPA.
+            DmaMode::Messages if iova == gpa => self.client().dma_map_for_messages(iova, size),
+            DmaMode::Messages => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("message DMA needs IOVA = GPA, got {iova:#x} for {gpa:#x}"),
+                ));
+            }
+        }
+        .map_err(io_error)
     }
 
     fn unmap(&self, iova: u64, size: u64) -> std::io::Result<()> {
@@ -239,6 +259,7 @@ struct AttachedDevice {
     path: PathBuf,
     listener: Arc<DmaMappingListener>,
     max_dma_maps: Option<u64>,
+    dma_mode: Option<DmaMode>,
     /// (region index, listener id) for every guest_memfd region.
     registrations: Vec<(usize, ListenerId)>,
     /// Its PCI function, when the guest can see it.
@@ -261,6 +282,7 @@ impl AttachedDevice {
             bdf: self.pci.as_ref().map(|p| pci::bdf(p.slot)),
             max_dma_maps: self.max_dma_maps,
             mapping: self.listener.policy(),
+            dma_mode: self.dma_mode,
             dma: self.listener.stats(),
         }
     }
@@ -294,6 +316,8 @@ pub struct Attachment {
     /// Its device number on bus 0, if the user chose one.
     pub device_number: Option<u8>,
     pub policy: MappingPolicy,
+    /// How a vfio-user server reaches guest memory (none for VFIO).
+    pub dma_mode: Option<DmaMode>,
 }
 
 pub struct DeviceManager {
@@ -444,6 +468,7 @@ impl DeviceManager {
                         function,
                         device_number: config.pci_device_id,
                         policy: config.mapping,
+                        dma_mode: None,
                     },
                     dma,
                 )
@@ -458,8 +483,16 @@ impl DeviceManager {
             .timeout_ms
             .map_or(VFIO_USER_TIMEOUT, Duration::from_millis);
         // Connecting may wait for the server: no lock is held meanwhile.
-        let result =
-            VfioUserDma::connect(&config.socket, self.ram.clone(), timeout).and_then(|dma| {
+        if config.dma == DmaMode::Fd && !self.memory.tracks_attributes() {
+            warn!(
+                "{}: dma=fd hands the server the guest RAM's fd, and this host's KVM does \
+                 not enforce private memory: the server can read every page, private ones \
+                 too (dma=messages limits it to the pages it is given)",
+                config.socket.display()
+            );
+        }
+        let result = VfioUserDma::connect(&config.socket, self.ram.clone(), timeout, config.dma)
+            .and_then(|dma| {
                 let limit = dma.max_dma_maps;
                 let dma = Arc::new(dma);
                 let function = match &self.pci {
@@ -485,6 +518,7 @@ impl DeviceManager {
                         function,
                         device_number: config.pci_device_id,
                         policy: config.mapping,
+                        dma_mode: Some(config.dma),
                     },
                     dma,
                 )
@@ -548,6 +582,7 @@ impl DeviceManager {
             function,
             device_number,
             policy,
+            dma_mode,
         } = attachment;
         let listener = Arc::new(DmaMappingListener::with_policy(dma, entry_limit, policy));
         let mut registrations = Vec::new();
@@ -612,6 +647,7 @@ impl DeviceManager {
             path,
             listener,
             max_dma_maps: entry_limit,
+            dma_mode,
             registrations,
             pci,
         };

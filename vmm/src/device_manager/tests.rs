@@ -58,6 +58,7 @@ fn attach_fake(
             function: None,
             device_number: None,
             policy: MappingPolicy::Runs,
+            dma_mode: None,
         },
         iommu.clone(),
     )
@@ -163,9 +164,14 @@ fn vfio_user_refuses_anonymous_ram() {
     let vm = hv.create_vm(VmType::Default).unwrap();
     let memory = Arc::new(MemoryManager::new(vm, 32 * MIB, MemoryLayout::Anonymous).unwrap());
     let ram = Arc::new(GuestRam::new(&memory));
-    let err = VfioUserDma::connect(std::path::Path::new("/nonexistent"), ram, VFIO_USER_TIMEOUT)
-        .err()
-        .unwrap();
+    let err = VfioUserDma::connect(
+        std::path::Path::new("/nonexistent"),
+        ram,
+        VFIO_USER_TIMEOUT,
+        DmaMode::Fd,
+    )
+    .err()
+    .unwrap();
     assert!(matches!(err, DeviceError::NoFileBacking), "{err}");
 }
 
@@ -431,6 +437,7 @@ fn per_page_mapping_past_type1s_entry_limit_needs_iommufd() {
                 function: None,
                 device_number: None,
                 policy: MappingPolicy::Pages,
+                dma_mode: None,
             },
             iommu.clone(),
         )
@@ -665,7 +672,7 @@ fn a_severed_vfio_user_connection_reports_why_and_maps_nothing_more() {
     let Some(memory) = memory() else { return };
     let (socket, ctl) = in_process_test_device("sever", false);
     let ram = Arc::new(GuestRam::new(&memory));
-    let dma = VfioUserDma::connect(&socket, ram, Duration::from_secs(5)).unwrap();
+    let dma = VfioUserDma::connect(&socket, ram, Duration::from_secs(5), DmaMode::Fd).unwrap();
     assert!(dma.offers_pci_function().unwrap());
     assert_eq!(dma.failure(), None);
     dma.map(0x20_0000, 0x20_0000, 0x2000).unwrap();

@@ -339,13 +339,33 @@ impl VfioUserClient {
         fd: RawFd,
         offset: u64,
     ) -> Result<(), VfioUserError> {
+        self.map_range(iova, size, Some((fd, offset)))
+    }
+
+    /// Maps `iova..iova+size` read-write without an fd: the server reaches
+    /// it only by DMA_READ / DMA_WRITE, which this client serves inside
+    /// its current mappings.
+    pub fn dma_map_for_messages(&mut self, iova: u64, size: u64) -> Result<(), VfioUserError> {
+        self.map_range(iova, size, None)
+    }
+
+    fn map_range(
+        &mut self,
+        iova: u64,
+        size: u64,
+        backing: Option<(RawFd, u64)>,
+    ) -> Result<(), VfioUserError> {
+        let (fds, offset) = match &backing {
+            Some((fd, offset)) => (std::slice::from_ref(fd), *offset),
+            None => (&[][..], 0),
+        };
         let mut payload = [0u8; 32];
         payload[0..4].copy_from_slice(&32u32.to_le_bytes()); // argsz
         payload[4..8].copy_from_slice(&DMA_READ_WRITE.to_le_bytes());
         payload[8..16].copy_from_slice(&offset.to_le_bytes());
         payload[16..24].copy_from_slice(&iova.to_le_bytes());
         payload[24..32].copy_from_slice(&size.to_le_bytes());
-        self.request(CMD_DMA_MAP, &payload, &[fd])?;
+        self.request(CMD_DMA_MAP, &payload, fds)?;
         self.mapped.insert(iova, size);
         Ok(())
     }
