@@ -10,6 +10,12 @@
 //! - a request must arrive whole within `REQUEST_DEADLINE` of its first
 //!   byte, and an idle keep-alive connection is closed after `IDLE_TIMEOUT`.
 //!
+//! Heads are read strictly (`Malformed`): a method and header names are
+//! RFC 9110 tokens, CR and LF only come as CRLF line ends, no folded lines,
+//! `Content-Length` is digits only, no `Transfer-Encoding`. Whatever a front
+//! end could frame differently from us is answered 400 once and the
+//! connection closed, so bytes behind it never run as a request.
+//!
 //! Answers are framed the way Cloud Hypervisor's server frames them
 //! (`HTTP/1.1 200 ` with an empty reason, `Server: Cloud Hypervisor API`,
 //! always a `Content-Length`), which is what its `api_client` parses.
@@ -70,8 +76,45 @@ pub enum ReadError {
     Gone,
     HeadTooLarge,
     BodyTooLarge(usize),
-    Bad(String),
+    Bad(Malformed),
     TimedOut,
+}
+
+/// Why a request head was refused (400). Each shape a front end could read
+/// differently from us is refused rather than guessed at, so no bytes meant
+/// as one request's body or header can run as another request.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    #[error("malformed request line")]
+    RequestLine,
+    #[error("method is not a token")]
+    Method,
+    #[error("request target is not an absolute path")]
+    Target,
+    #[error("only HTTP/1.0 and HTTP/1.1 are spoken here")]
+    Version,
+    #[error("request head is not UTF-8")]
+    NotUtf8,
+    #[error("CR or LF outside a CRLF line end")]
+    BareLineEnd,
+    #[error("folded header line")]
+    Folded,
+    #[error("header line without a colon")]
+    NoColon,
+    #[error("header name is not a token")]
+    HeaderName,
+    #[error("control character in a header value")]
+    HeaderValue,
+    #[error("Content-Length is not a decimal number")]
+    ContentLength,
+    #[error("conflicting Content-Length headers")]
+    ConflictingLength,
+    #[error("Transfer-Encoding is not supported; send Content-Length")]
+    TransferEncoding,
+    #[error("connection closed mid-request")]
+    ClosedMidHead,
+    #[error("connection closed mid-body")]
+    ClosedMidBody,
 }
 
 impl ReadError {
@@ -138,7 +181,7 @@ pub fn read_request(
         let room = MAX_HEAD_BYTES + 4 - pending.len();
         match read_some(stream, pending, room.min(4096), limit) {
             Ok(0) if pending.is_empty() => return Err(ReadError::Gone),
-            Ok(0) => return Err(ReadError::Bad("connection closed mid-request".into())),
+            Ok(0) => return Err(ReadError::Bad(Malformed::ClosedMidHead)),
             Ok(_) => {}
             Err(ReadError::TimedOut) if deadline.is_none() => return Err(ReadError::Gone),
             Err(e) => return Err(e),
@@ -149,9 +192,7 @@ pub fn read_request(
         return Err(ReadError::HeadTooLarge);
     }
     let deadline = deadline.unwrap_or_else(|| Instant::now() + deadlines.request);
-    let head = std::str::from_utf8(&pending[..head_end])
-        .map_err(|_| ReadError::Bad("request head is not UTF-8".into()))?;
-    let parsed = parse_head(head)?;
+    let parsed = parse_head(&pending[..head_end]).map_err(ReadError::Bad)?;
     let body_start = head_end + 4;
     if parsed.content_length > MAX_BODY {
         return Err(ReadError::BodyTooLarge(parsed.content_length));
@@ -165,7 +206,7 @@ pub fn read_request(
         let want = body_start + parsed.content_length - pending.len();
         let limit = deadline.saturating_duration_since(Instant::now());
         if read_some(stream, pending, want.min(16384), limit)? == 0 {
-            return Err(ReadError::Bad("connection closed mid-body".into()));
+            return Err(ReadError::Bad(Malformed::ClosedMidBody));
         }
     }
     let body = pending[body_start..body_start + parsed.content_length].to_vec();
@@ -186,47 +227,79 @@ struct Head {
     expect_continue: bool,
 }
 
-fn parse_head(head: &str) -> Result<Head, ReadError> {
-    let bad = |why: &str| ReadError::Bad(why.to_string());
+/// RFC 9110 `tchar`: what a method and a header name are made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(is_tchar)
+}
+
+/// `head` is the request line and header lines, without the blank line
+/// that ends them.
+fn parse_head(head: &[u8]) -> Result<Head, Malformed> {
+    // A lone CR or LF is a line end to some parsers and not to others: a
+    // header hidden behind one would be seen by them and not by us.
+    let crlf_only = head.iter().enumerate().all(|(i, &b)| match b {
+        b'\r' => head.get(i + 1) == Some(&b'\n'),
+        b'\n' => i > 0 && head[i - 1] == b'\r',
+        _ => true,
+    });
+    if !crlf_only {
+        return Err(Malformed::BareLineEnd);
+    }
+    let head = std::str::from_utf8(head).map_err(|_| Malformed::NotUtf8)?;
     let mut lines = head.split("\r\n");
     let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(bad("malformed request line"));
+        return Err(Malformed::RequestLine);
     };
-    if method.is_empty() || !target.starts_with('/') {
-        return Err(bad("malformed request line"));
+    if !is_token(method) {
+        return Err(Malformed::Method);
+    }
+    if !target.starts_with('/') || !target.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Malformed::Target);
     }
     let http10 = match version {
         "HTTP/1.1" => false,
         "HTTP/1.0" => true,
-        _ => return Err(bad("only HTTP/1.0 and HTTP/1.1 are spoken here")),
+        _ => return Err(Malformed::Version),
     };
     let mut content_length: Option<usize> = None;
     let mut connection: Option<String> = None;
     let mut expect_continue = false;
     for line in lines {
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| bad("header line without a colon"))?;
-        if name.is_empty() || name.contains(' ') {
-            return Err(bad("malformed header name"));
+        // obs-fold: joined to the previous value by some, a header of its
+        // own (or garbage) to others.
+        if line.starts_with([' ', '\t']) {
+            return Err(Malformed::Folded);
         }
-        let value = value.trim();
+        let (name, value) = line.split_once(':').ok_or(Malformed::NoColon)?;
+        // No whitespace before the colon either: `Content-Length\t:` must
+        // not be a header we ignore and a front end honours.
+        if !is_token(name) {
+            return Err(Malformed::HeaderName);
+        }
+        let value = value.trim_matches([' ', '\t']);
+        if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+            return Err(Malformed::HeaderValue);
+        }
         if name.eq_ignore_ascii_case("content-length") {
-            let n: usize = value
-                .parse()
-                .map_err(|_| bad("Content-Length is not a number"))?;
+            // 1*DIGIT: `parse` alone would take a sign.
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Malformed::ContentLength);
+            }
+            let n: usize = value.parse().map_err(|_| Malformed::ContentLength)?;
             if content_length.is_some_and(|old| old != n) {
-                return Err(bad("conflicting Content-Length headers"));
+                return Err(Malformed::ConflictingLength);
             }
             content_length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(bad(
-                "Transfer-Encoding is not supported; send Content-Length",
-            ));
+            return Err(Malformed::TransferEncoding);
         } else if name.eq_ignore_ascii_case("connection") {
             connection = Some(value.to_ascii_lowercase());
         } else if name.eq_ignore_ascii_case("expect") {
@@ -485,6 +558,111 @@ mod tests {
             assert_eq!(status(read(bad)), 400, "{}", String::from_utf8_lossy(bad));
         }
         assert_eq!(read(b"").unwrap_err(), ReadError::Gone);
+    }
+
+    #[test]
+    fn heads_a_front_end_could_read_another_way_are_refused() {
+        use Malformed::*;
+        for (raw, why) in [
+            (
+                &b"PUT / HTTP/1.1\r\nContent-Length\t: 5\r\n\r\n"[..],
+                HeaderName,
+            ),
+            (b"PUT / HTTP/1.1\r\nContent-Length : 5\r\n\r\n", HeaderName),
+            (b"PUT / HTTP/1.1\r\nContent-Length\0: 5\r\n\r\n", HeaderName),
+            (b"PUT / HTTP/1.1\r\nContent(Length): 5\r\n\r\n", HeaderName),
+            (b"PUT / HTTP/1.1\r\n: 5\r\n\r\n", HeaderName),
+            (
+                b"PUT / HTTP/1.1\r\nX-A: b\nContent-Length: 5\r\n\r\n",
+                BareLineEnd,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nX-A: b\rContent-Length: 5\r\n\r\n",
+                BareLineEnd,
+            ),
+            (b"PUT / HTTP/1.1\nContent-Length: 5\r\n\r\n", BareLineEnd),
+            (b"PUT / HTTP/1.1\r\nX-A: b\r\r\n\r\n", BareLineEnd),
+            (
+                b"PUT / HTTP/1.1\r\nX-A: b\r\n\tContent-Length: 5\r\n\r\n",
+                Folded,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nX-A: b\r\n Content-Length: 5\r\n\r\n",
+                Folded,
+            ),
+            (b"PUT / HTTP/1.1\r\nX-A: b\0c\r\n\r\n", HeaderValue),
+            (
+                b"PUT / HTTP/1.1\r\nContent-Length: +0\r\n\r\n",
+                ContentLength,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nContent-Length: -0\r\n\r\n",
+                ContentLength,
+            ),
+            (b"PUT / HTTP/1.1\r\nContent-Length:\r\n\r\n", ContentLength),
+            (
+                b"PUT / HTTP/1.1\r\nContent-Length: 1 2\r\n\r\n",
+                ContentLength,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+                ContentLength,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nContent-Length: 0x5\r\n\r\n",
+                ContentLength,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                ContentLength,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nContent-Length: 1\r\ncontent-length: 2\r\n\r\n",
+                ConflictingLength,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
+                TransferEncoding,
+            ),
+            (b"G@T / HTTP/1.1\r\n\r\n", Method),
+            (b"GET\t/ HTTP/1.1\r\n\r\n", RequestLine),
+            (b"GET  / HTTP/1.1\r\n\r\n", RequestLine),
+            (b" GET / HTTP/1.1\r\n\r\n", RequestLine),
+            (b"GET / HTTP/1.1 \r\n\r\n", RequestLine),
+            (b"\r\nGET / HTTP/1.1\r\n\r\n", RequestLine),
+            (b"GET /a\0b HTTP/1.1\r\n\r\n", Target),
+            (b"GET /a\x7f HTTP/1.1\r\n\r\n", Target),
+            (b"GET * HTTP/1.1\r\n\r\n", Target),
+            (b"GET / http/1.1\r\n\r\n", Version),
+            (b"GET / HTTP/1.2\r\n\r\n", Version),
+            (b"GET / HTTP/1.1\r\nX-A: \xff\r\n\r\n", NotUtf8),
+        ] {
+            assert_eq!(
+                read(raw).unwrap_err(),
+                ReadError::Bad(why),
+                "{}",
+                String::from_utf8_lossy(raw).escape_debug()
+            );
+        }
+    }
+
+    #[test]
+    fn heads_within_the_rules_are_read() {
+        for raw in [
+            &b"PUT /t HTTP/1.1\r\nContent-Length:2\r\n\r\nok"[..],
+            b"PUT /t HTTP/1.1\r\nContent-Length: \t2\t \r\n\r\nok",
+            b"PUT /t HTTP/1.1\r\nContent-Length: 2\r\nCONTENT-LENGTH: 02\r\n\r\nok",
+            b"PUT /t HTTP/1.0\r\nX-!#$%&'*+-.^_`|~09az: a\tb c\r\nContent-Length: 2\r\n\r\nok",
+            b"PUT /t HTTP/1.1\r\nX-Empty:\r\nContent-Length: 2\r\n\r\nok",
+        ] {
+            let request = read(raw).unwrap_or_else(|e| {
+                panic!("{e:?}: {}", String::from_utf8_lossy(raw).escape_debug())
+            });
+            assert_eq!(
+                (request.target.as_str(), &request.body[..]),
+                ("/t", &b"ok"[..])
+            );
+        }
     }
 
     #[test]
@@ -781,6 +959,44 @@ mod serve_tests {
         let mut reader = BufReader::new(bad);
         assert_eq!(answer(&mut reader).unwrap().0, 400);
         assert!(at_eof(&mut reader));
+        assert_eq!(server.answered.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_malformed_head_is_answered_400_once_and_nothing_behind_it_runs() {
+        let server = Server::start("smuggle");
+        let smuggled = "GET /smuggled HTTP/1.1\r\n\r\n";
+        let len = smuggled.len();
+        for head in [
+            format!("PUT /a HTTP/1.1\r\nContent-Length\t: {len}\r\n\r\n"),
+            format!("PUT /a HTTP/1.1\r\nContent-Length\0: {len}\r\n\r\n"),
+            format!("PUT /a HTTP/1.1\r\nX-A: b\nContent-Length: {len}\r\n\r\n"),
+            format!("PUT /a HTTP/1.1\r\nX-A: b\rContent-Length: {len}\r\n\r\n"),
+            format!("PUT /a HTTP/1.1\r\nX-A: b\r\n\tContent-Length: {len}\r\n\r\n"),
+            "PUT /a HTTP/1.1\r\nTransfer-Encoding\t: chunked\r\n\r\n".to_string(),
+            format!("PUT /a HTTP/1.1\r\nContent-Length: +{len}\r\n\r\n"),
+            "G@T /a HTTP/1.1\r\n\r\n".to_string(),
+            "GET /a\0 HTTP/1.1\r\n\r\n".to_string(),
+        ] {
+            let mut stream = server.connect();
+            // One write: the smuggled request is already in the server's
+            // buffer when the bad head is refused.
+            stream
+                .write_all(format!("{head}{smuggled}").as_bytes())
+                .unwrap();
+            let mut reader = BufReader::new(stream);
+            let first = answer(&mut reader);
+            assert!(
+                matches!(&first, Some((400, body)) if body.contains("bad request")),
+                "{}: {first:?}",
+                head.escape_debug()
+            );
+            assert!(
+                at_eof(&mut reader),
+                "{}: more after the 400",
+                head.escape_debug()
+            );
+        }
         assert_eq!(server.answered.load(Ordering::Acquire), 0);
     }
 
