@@ -8,8 +8,11 @@
 //!   for its next request (closed at that request boundary, so nothing is
 //!   lost or half-answered): open connections, busy or silent, cannot lock
 //!   out a new client such as an operator's `vmm.shutdown`. Only when every
-//!   connection is in the middle of a request is the new one answered 503
-//!   and closed at once, and a request lasts at most `REQUEST_DEADLINE`;
+//!   connection is in the middle of a request (arriving, which takes at
+//!   most `REQUEST_DEADLINE`, handled or answered) is the new one answered
+//!   503 and closed at once. A connection is evicted only while it waits:
+//!   one that always has its next request pipelined behind the current one
+//!   is never evicted;
 //! - request line and headers together at most `MAX_HEAD_BYTES` (431 past
 //!   it, before anything more is read), the body at most `MAX_BODY` (413);
 //! - a request must arrive whole within `REQUEST_DEADLINE` of its first
