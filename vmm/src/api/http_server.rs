@@ -3,12 +3,26 @@
 //! rather than taken from a general-purpose server so every resource a
 //! client can make us hold is bounded:
 //!
-//! - at most `MAX_CONNECTIONS` connections, one `http-conn` thread each; the
-//!   next one is answered 503 and closed at once;
+//! - at most `MAX_CONNECTIONS` connections, one `http-conn` thread each.
+//!   The next one takes the slot of the connection that has waited longest
+//!   for its next request (closed at that request boundary, so nothing is
+//!   lost or half-answered): open connections, busy or silent, cannot lock
+//!   out a new client such as an operator's `vmm.shutdown`. Only when every
+//!   connection is in the middle of a request (arriving, which takes at
+//!   most `REQUEST_DEADLINE`, handled or answered) is the new one answered
+//!   503 and closed at once. A connection is evicted only while it waits:
+//!   one that always has its next request pipelined behind the current one
+//!   is never evicted;
 //! - request line and headers together at most `MAX_HEAD_BYTES` (431 past
 //!   it, before anything more is read), the body at most `MAX_BODY` (413);
 //! - a request must arrive whole within `REQUEST_DEADLINE` of its first
 //!   byte, and an idle keep-alive connection is closed after `IDLE_TIMEOUT`.
+//!
+//! Heads are read strictly (`Malformed`): a method and header names are
+//! RFC 9110 tokens, CR and LF only come as CRLF line ends, no folded lines,
+//! `Content-Length` is digits only, no `Transfer-Encoding`. Whatever a front
+//! end could frame differently from us is answered 400 once and the
+//! connection closed, so bytes behind it never run as a request.
 //!
 //! Answers are framed the way Cloud Hypervisor's server frames them
 //! (`HTTP/1.1 200 ` with an empty reason, `Server: Cloud Hypervisor API`,
@@ -70,8 +84,45 @@ pub enum ReadError {
     Gone,
     HeadTooLarge,
     BodyTooLarge(usize),
-    Bad(String),
+    Bad(Malformed),
     TimedOut,
+}
+
+/// Why a request head was refused (400). Each shape a front end could read
+/// differently from us is refused rather than guessed at, so no bytes meant
+/// as one request's body or header can run as another request.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    #[error("malformed request line")]
+    RequestLine,
+    #[error("method is not a token")]
+    Method,
+    #[error("request target is not an absolute path")]
+    Target,
+    #[error("only HTTP/1.0 and HTTP/1.1 are spoken here")]
+    Version,
+    #[error("request head is not UTF-8")]
+    NotUtf8,
+    #[error("CR or LF outside a CRLF line end")]
+    BareLineEnd,
+    #[error("folded header line")]
+    Folded,
+    #[error("header line without a colon")]
+    NoColon,
+    #[error("header name is not a token")]
+    HeaderName,
+    #[error("control character in a header value")]
+    HeaderValue,
+    #[error("Content-Length is not a decimal number")]
+    ContentLength,
+    #[error("conflicting Content-Length headers")]
+    ConflictingLength,
+    #[error("Transfer-Encoding is not supported; send Content-Length")]
+    TransferEncoding,
+    #[error("connection closed mid-request")]
+    ClosedMidHead,
+    #[error("connection closed mid-body")]
+    ClosedMidBody,
 }
 
 impl ReadError {
@@ -138,7 +189,7 @@ pub fn read_request(
         let room = MAX_HEAD_BYTES + 4 - pending.len();
         match read_some(stream, pending, room.min(4096), limit) {
             Ok(0) if pending.is_empty() => return Err(ReadError::Gone),
-            Ok(0) => return Err(ReadError::Bad("connection closed mid-request".into())),
+            Ok(0) => return Err(ReadError::Bad(Malformed::ClosedMidHead)),
             Ok(_) => {}
             Err(ReadError::TimedOut) if deadline.is_none() => return Err(ReadError::Gone),
             Err(e) => return Err(e),
@@ -149,9 +200,7 @@ pub fn read_request(
         return Err(ReadError::HeadTooLarge);
     }
     let deadline = deadline.unwrap_or_else(|| Instant::now() + deadlines.request);
-    let head = std::str::from_utf8(&pending[..head_end])
-        .map_err(|_| ReadError::Bad("request head is not UTF-8".into()))?;
-    let parsed = parse_head(head)?;
+    let parsed = parse_head(&pending[..head_end]).map_err(ReadError::Bad)?;
     let body_start = head_end + 4;
     if parsed.content_length > MAX_BODY {
         return Err(ReadError::BodyTooLarge(parsed.content_length));
@@ -165,7 +214,7 @@ pub fn read_request(
         let want = body_start + parsed.content_length - pending.len();
         let limit = deadline.saturating_duration_since(Instant::now());
         if read_some(stream, pending, want.min(16384), limit)? == 0 {
-            return Err(ReadError::Bad("connection closed mid-body".into()));
+            return Err(ReadError::Bad(Malformed::ClosedMidBody));
         }
     }
     let body = pending[body_start..body_start + parsed.content_length].to_vec();
@@ -186,47 +235,79 @@ struct Head {
     expect_continue: bool,
 }
 
-fn parse_head(head: &str) -> Result<Head, ReadError> {
-    let bad = |why: &str| ReadError::Bad(why.to_string());
+/// RFC 9110 `tchar`: what a method and a header name are made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(is_tchar)
+}
+
+/// `head` is the request line and header lines, without the blank line
+/// that ends them.
+fn parse_head(head: &[u8]) -> Result<Head, Malformed> {
+    // A lone CR or LF is a line end to some parsers and not to others: a
+    // header hidden behind one would be seen by them and not by us.
+    let crlf_only = head.iter().enumerate().all(|(i, &b)| match b {
+        b'\r' => head.get(i + 1) == Some(&b'\n'),
+        b'\n' => i > 0 && head[i - 1] == b'\r',
+        _ => true,
+    });
+    if !crlf_only {
+        return Err(Malformed::BareLineEnd);
+    }
+    let head = std::str::from_utf8(head).map_err(|_| Malformed::NotUtf8)?;
     let mut lines = head.split("\r\n");
     let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(bad("malformed request line"));
+        return Err(Malformed::RequestLine);
     };
-    if method.is_empty() || !target.starts_with('/') {
-        return Err(bad("malformed request line"));
+    if !is_token(method) {
+        return Err(Malformed::Method);
+    }
+    if !target.starts_with('/') || !target.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Malformed::Target);
     }
     let http10 = match version {
         "HTTP/1.1" => false,
         "HTTP/1.0" => true,
-        _ => return Err(bad("only HTTP/1.0 and HTTP/1.1 are spoken here")),
+        _ => return Err(Malformed::Version),
     };
     let mut content_length: Option<usize> = None;
     let mut connection: Option<String> = None;
     let mut expect_continue = false;
     for line in lines {
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| bad("header line without a colon"))?;
-        if name.is_empty() || name.contains(' ') {
-            return Err(bad("malformed header name"));
+        // obs-fold: joined to the previous value by some, a header of its
+        // own (or garbage) to others.
+        if line.starts_with([' ', '\t']) {
+            return Err(Malformed::Folded);
         }
-        let value = value.trim();
+        let (name, value) = line.split_once(':').ok_or(Malformed::NoColon)?;
+        // No whitespace before the colon either: `Content-Length\t:` must
+        // not be a header we ignore and a front end honours.
+        if !is_token(name) {
+            return Err(Malformed::HeaderName);
+        }
+        let value = value.trim_matches([' ', '\t']);
+        if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+            return Err(Malformed::HeaderValue);
+        }
         if name.eq_ignore_ascii_case("content-length") {
-            let n: usize = value
-                .parse()
-                .map_err(|_| bad("Content-Length is not a number"))?;
+            // 1*DIGIT: `parse` alone would take a sign.
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Malformed::ContentLength);
+            }
+            let n: usize = value.parse().map_err(|_| Malformed::ContentLength)?;
             if content_length.is_some_and(|old| old != n) {
-                return Err(bad("conflicting Content-Length headers"));
+                return Err(Malformed::ConflictingLength);
             }
             content_length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(bad(
-                "Transfer-Encoding is not supported; send Content-Length",
-            ));
+            return Err(Malformed::TransferEncoding);
         } else if name.eq_ignore_ascii_case("connection") {
             connection = Some(value.to_ascii_lowercase());
         } else if name.eq_ignore_ascii_case("expect") {
@@ -286,18 +367,80 @@ fn read_some(
     }
 }
 
+/// Where a connection is, as the acceptor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting, since then, for its next request (or its first): nothing
+    /// of a request is read or owed, so ending it now loses nothing.
+    Waiting(Instant),
+    /// Reading, handling or answering a request.
+    Busy,
+    /// Told to end by the acceptor, which needs its slot: it ends without
+    /// reading another byte.
+    Evicted,
+}
+
+/// A connection's state shared with the acceptor, and a clone of its
+/// socket: shut down (at stop, or to evict it) so a wait for the next
+/// request ends at once. The connection thread empties `wake` when it
+/// ends, so no fd outlives its connection.
+struct Slot {
+    phase: Phase,
+    wake: Option<UnixStream>,
+}
+
+type SharedSlot = Arc<std::sync::Mutex<Slot>>;
+
+fn lock_slot(slot: &SharedSlot) -> std::sync::MutexGuard<'_, Slot> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Serves one connection until it closes, `handler` answering each request.
 fn serve_connection(
     stream: UnixStream,
     stop: &AtomicBool,
     handler: &(dyn Fn(HttpRequest) -> HttpResponse + Sync),
     deadlines: Deadlines,
+    slot: &SharedSlot,
 ) {
     let mut stream = stream;
-    exchange(&mut stream, stop, handler, deadlines);
+    exchange(&mut stream, stop, handler, deadlines, slot);
     // The acceptor keeps a clone of this socket (to wake it at stop): shut
     // it down so the client sees the end now, not when the clone goes.
     let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// How a wait for the next request ended.
+enum Wait {
+    Request,
+    Idle,
+    Evicted,
+}
+
+/// Waits up to `idle` for the next request to begin, as `Waiting` (so the
+/// acceptor may evict this connection meanwhile), and leaves as `Busy`
+/// unless evicted. The phase only changes under the lock, so either the
+/// acceptor evicts a connection that has read nothing of its next request
+/// or the connection reads it and is never evicted in the middle of it.
+fn wait_for_request(stream: &UnixStream, slot: &SharedSlot, idle: Duration) -> Wait {
+    {
+        let mut slot = lock_slot(slot);
+        if slot.phase == Phase::Evicted {
+            return Wait::Evicted;
+        }
+        slot.phase = Phase::Waiting(Instant::now());
+    }
+    let readable = wait_readable(
+        stream.as_raw_fd(),
+        libc::POLLIN | libc::POLLHUP | libc::POLLERR,
+        idle,
+    );
+    let mut slot = lock_slot(slot);
+    if slot.phase == Phase::Evicted {
+        return Wait::Evicted;
+    }
+    slot.phase = Phase::Busy;
+    if readable { Wait::Request } else { Wait::Idle }
 }
 
 fn exchange(
@@ -305,10 +448,22 @@ fn exchange(
     stop: &AtomicBool,
     handler: &(dyn Fn(HttpRequest) -> HttpResponse + Sync),
     deadlines: Deadlines,
+    slot: &SharedSlot,
 ) {
     let _ = stream.set_write_timeout(Some(deadlines.request));
     let mut pending = Vec::new();
     while !stop.load(Ordering::Acquire) {
+        // Bytes already read are a pipelined request begun: not waiting.
+        if pending.is_empty() {
+            match wait_for_request(stream, slot, deadlines.idle) {
+                Wait::Request => {}
+                Wait::Idle => return,
+                Wait::Evicted => {
+                    debug!("API connection evicted for a new one");
+                    return;
+                }
+            }
+        }
         match read_request(stream, &mut pending, deadlines) {
             Ok(request) => {
                 let close = request.close;
@@ -332,30 +487,67 @@ fn exchange(
     }
 }
 
-/// Whether `listener` has a connection waiting, within `timeout`.
-fn wait_readable(listener: &UnixListener, timeout: Duration) -> bool {
-    let mut fd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for an fd that outlives the call.
-    let rc = unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
-    rc > 0 && fd.revents & libc::POLLIN != 0
+/// Whether `fd` reports one of `events` within `timeout`.
+fn wait_readable(fd: std::os::fd::RawFd, events: libc::c_short, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        let mut pollfd = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        let left = end.saturating_duration_since(Instant::now());
+        // Rounded up: a wait is never cut short of `timeout`.
+        let ms = libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd for an fd that outlives the call.
+        let rc = unsafe { libc::poll(&mut pollfd, 1, ms) };
+        // A signal is no reason to give up the wait (and end a connection).
+        if rc < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        return rc > 0 && pollfd.revents & events != 0;
+    }
 }
-
-/// A clone of a connection's socket, shut down at stop so an idle
-/// keep-alive read ends at once; the connection thread empties it when it
-/// ends, so no fd outlives its connection.
-type Wake = Arc<std::sync::Mutex<Option<UnixStream>>>;
 
 struct Connection {
     thread: JoinHandle<()>,
-    wake: Wake,
+    slot: SharedSlot,
 }
 
-fn lock_wake(wake: &Wake) -> std::sync::MutexGuard<'_, Option<UnixStream>> {
-    wake.lock().unwrap_or_else(|e| e.into_inner())
+/// Frees a slot for a new connection: ends the connection that has waited
+/// longest for its next request, at that request boundary, and waits for
+/// its thread so no more than `MAX_CONNECTIONS` ever run. False when every
+/// connection is in the middle of a request.
+fn evict_longest_waiting(connections: &mut Vec<Connection>) -> bool {
+    // Another try only when the chosen one began a request meanwhile.
+    for _ in 0..MAX_CONNECTIONS {
+        let oldest = connections
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| match lock_slot(&c.slot).phase {
+                Phase::Waiting(since) => Some((since, i)),
+                _ => None,
+            })
+            .min();
+        let Some((_, i)) = oldest else {
+            return false;
+        };
+        {
+            let mut slot = lock_slot(&connections[i].slot);
+            if !matches!(slot.phase, Phase::Waiting(_)) {
+                continue;
+            }
+            slot.phase = Phase::Evicted;
+            if let Some(wake) = slot.wake.as_ref() {
+                let _ = wake.shutdown(std::net::Shutdown::Read);
+            }
+        }
+        // It ends without reading or writing: the join is short.
+        let evicted = connections.swap_remove(i);
+        let _ = evicted.thread.join();
+        return true;
+    }
+    false
 }
 
 /// Accepts connections until `stop`, each on its own `http-conn` thread
@@ -370,7 +562,11 @@ pub fn serve(
     let active = Arc::new(AtomicUsize::new(0));
     let mut connections: Vec<Connection> = Vec::new();
     while !stop.load(Ordering::Acquire) {
-        if !wait_readable(listener, Duration::from_millis(50)) {
+        if !wait_readable(
+            listener.as_raw_fd(),
+            libc::POLLIN,
+            Duration::from_millis(50),
+        ) {
             continue;
         }
         let mut stream = match listener.accept() {
@@ -381,11 +577,13 @@ pub fn serve(
             }
         };
         connections.retain(|c| !c.thread.is_finished());
-        if active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+        if active.load(Ordering::Acquire) >= MAX_CONNECTIONS
+            && !evict_longest_waiting(&mut connections)
+        {
             let busy = HttpResponse {
                 status: 503,
                 body: super::http::error_body(&format!(
-                    "more than {MAX_CONNECTIONS} API connections are open"
+                    "all {MAX_CONNECTIONS} API connections are in the middle of a request"
                 )),
             };
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
@@ -393,18 +591,21 @@ pub fn serve(
             continue;
         }
         active.fetch_add(1, Ordering::AcqRel);
-        let wake: Wake = Arc::new(std::sync::Mutex::new(stream.try_clone().ok()));
+        let slot: SharedSlot = Arc::new(std::sync::Mutex::new(Slot {
+            phase: Phase::Waiting(Instant::now()),
+            wake: stream.try_clone().ok(),
+        }));
         let (count, conn_stop, handler) = (active.clone(), stop_flag.clone(), handler.clone());
-        let own_wake = wake.clone();
+        let own_slot = slot.clone();
         let spawned = std::thread::Builder::new()
             .name("http-conn".into())
             .spawn(move || {
-                serve_connection(stream, &conn_stop, handler.as_ref(), deadlines);
-                lock_wake(&own_wake).take();
+                serve_connection(stream, &conn_stop, handler.as_ref(), deadlines, &own_slot);
+                lock_slot(&own_slot).wake.take();
                 count.fetch_sub(1, Ordering::AcqRel);
             });
         match spawned {
-            Ok(thread) => connections.push(Connection { thread, wake }),
+            Ok(thread) => connections.push(Connection { thread, slot }),
             Err(e) => {
                 active.fetch_sub(1, Ordering::AcqRel);
                 warn!("cannot start an API connection thread: {e}");
@@ -413,7 +614,7 @@ pub fn serve(
     }
     stop_flag.store(true, Ordering::Release);
     for connection in &connections {
-        if let Some(wake) = lock_wake(&connection.wake).as_ref() {
+        if let Some(wake) = lock_slot(&connection.slot).wake.as_ref() {
             let _ = wake.shutdown(std::net::Shutdown::Read);
         }
     }
@@ -485,6 +686,111 @@ mod tests {
             assert_eq!(status(read(bad)), 400, "{}", String::from_utf8_lossy(bad));
         }
         assert_eq!(read(b"").unwrap_err(), ReadError::Gone);
+    }
+
+    #[test]
+    fn heads_a_front_end_could_read_another_way_are_refused() {
+        use Malformed::*;
+        for (raw, why) in [
+            (
+                &b"PUT / HTTP/1.1\r\nContent-Length\t: 5\r\n\r\n"[..],
+                HeaderName,
+            ),
+            (b"PUT / HTTP/1.1\r\nContent-Length : 5\r\n\r\n", HeaderName),
+            (b"PUT / HTTP/1.1\r\nContent-Length\0: 5\r\n\r\n", HeaderName),
+            (b"PUT / HTTP/1.1\r\nContent(Length): 5\r\n\r\n", HeaderName),
+            (b"PUT / HTTP/1.1\r\n: 5\r\n\r\n", HeaderName),
+            (
+                b"PUT / HTTP/1.1\r\nX-A: b\nContent-Length: 5\r\n\r\n",
+                BareLineEnd,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nX-A: b\rContent-Length: 5\r\n\r\n",
+                BareLineEnd,
+            ),
+            (b"PUT / HTTP/1.1\nContent-Length: 5\r\n\r\n", BareLineEnd),
+            (b"PUT / HTTP/1.1\r\nX-A: b\r\r\n\r\n", BareLineEnd),
+            (
+                b"PUT / HTTP/1.1\r\nX-A: b\r\n\tContent-Length: 5\r\n\r\n",
+                Folded,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nX-A: b\r\n Content-Length: 5\r\n\r\n",
+                Folded,
+            ),
+            (b"PUT / HTTP/1.1\r\nX-A: b\0c\r\n\r\n", HeaderValue),
+            (
+                b"PUT / HTTP/1.1\r\nContent-Length: +0\r\n\r\n",
+                ContentLength,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nContent-Length: -0\r\n\r\n",
+                ContentLength,
+            ),
+            (b"PUT / HTTP/1.1\r\nContent-Length:\r\n\r\n", ContentLength),
+            (
+                b"PUT / HTTP/1.1\r\nContent-Length: 1 2\r\n\r\n",
+                ContentLength,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+                ContentLength,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nContent-Length: 0x5\r\n\r\n",
+                ContentLength,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                ContentLength,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nContent-Length: 1\r\ncontent-length: 2\r\n\r\n",
+                ConflictingLength,
+            ),
+            (
+                b"PUT / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
+                TransferEncoding,
+            ),
+            (b"G@T / HTTP/1.1\r\n\r\n", Method),
+            (b"GET\t/ HTTP/1.1\r\n\r\n", RequestLine),
+            (b"GET  / HTTP/1.1\r\n\r\n", RequestLine),
+            (b" GET / HTTP/1.1\r\n\r\n", RequestLine),
+            (b"GET / HTTP/1.1 \r\n\r\n", RequestLine),
+            (b"\r\nGET / HTTP/1.1\r\n\r\n", RequestLine),
+            (b"GET /a\0b HTTP/1.1\r\n\r\n", Target),
+            (b"GET /a\x7f HTTP/1.1\r\n\r\n", Target),
+            (b"GET * HTTP/1.1\r\n\r\n", Target),
+            (b"GET / http/1.1\r\n\r\n", Version),
+            (b"GET / HTTP/1.2\r\n\r\n", Version),
+            (b"GET / HTTP/1.1\r\nX-A: \xff\r\n\r\n", NotUtf8),
+        ] {
+            assert_eq!(
+                read(raw).unwrap_err(),
+                ReadError::Bad(why),
+                "{}",
+                String::from_utf8_lossy(raw).escape_debug()
+            );
+        }
+    }
+
+    #[test]
+    fn heads_within_the_rules_are_read() {
+        for raw in [
+            &b"PUT /t HTTP/1.1\r\nContent-Length:2\r\n\r\nok"[..],
+            b"PUT /t HTTP/1.1\r\nContent-Length: \t2\t \r\n\r\nok",
+            b"PUT /t HTTP/1.1\r\nContent-Length: 2\r\nCONTENT-LENGTH: 02\r\n\r\nok",
+            b"PUT /t HTTP/1.0\r\nX-!#$%&'*+-.^_`|~09az: a\tb c\r\nContent-Length: 2\r\n\r\nok",
+            b"PUT /t HTTP/1.1\r\nX-Empty:\r\nContent-Length: 2\r\n\r\nok",
+        ] {
+            let request = read(raw).unwrap_or_else(|e| {
+                panic!("{e:?}: {}", String::from_utf8_lossy(raw).escape_debug())
+            });
+            assert_eq!(
+                (request.target.as_str(), &request.body[..]),
+                ("/t", &b"ok"[..])
+            );
+        }
     }
 
     #[test]
@@ -785,35 +1091,230 @@ mod serve_tests {
     }
 
     #[test]
-    fn connections_past_the_limit_get_503_and_a_freed_slot_serves_again() {
-        let server = Server::start("limit");
-        let mut open: Vec<UnixStream> = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
+    fn a_malformed_head_is_answered_400_once_and_nothing_behind_it_runs() {
+        let server = Server::start("smuggle");
+        let smuggled = "GET /smuggled HTTP/1.1\r\n\r\n";
+        let len = smuggled.len();
+        for head in [
+            format!("PUT /a HTTP/1.1\r\nContent-Length\t: {len}\r\n\r\n"),
+            format!("PUT /a HTTP/1.1\r\nContent-Length\0: {len}\r\n\r\n"),
+            format!("PUT /a HTTP/1.1\r\nX-A: b\nContent-Length: {len}\r\n\r\n"),
+            format!("PUT /a HTTP/1.1\r\nX-A: b\rContent-Length: {len}\r\n\r\n"),
+            format!("PUT /a HTTP/1.1\r\nX-A: b\r\n\tContent-Length: {len}\r\n\r\n"),
+            "PUT /a HTTP/1.1\r\nTransfer-Encoding\t: chunked\r\n\r\n".to_string(),
+            format!("PUT /a HTTP/1.1\r\nContent-Length: +{len}\r\n\r\n"),
+            "G@T /a HTTP/1.1\r\n\r\n".to_string(),
+            "GET /a\0 HTTP/1.1\r\n\r\n".to_string(),
+        ] {
             let mut stream = server.connect();
-            // Each one is answered once, so it is surely counted as open.
-            stream.write_all(b"GET /x HTTP/1.1\r\n\r\n").unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            assert_eq!(answer(&mut reader).unwrap().0, 200);
-            open.push(stream);
+            // One write: the smuggled request is already in the server's
+            // buffer when the bad head is refused.
+            stream
+                .write_all(format!("{head}{smuggled}").as_bytes())
+                .unwrap();
+            let mut reader = BufReader::new(stream);
+            let first = answer(&mut reader);
+            assert!(
+                matches!(&first, Some((400, body)) if body.contains("bad request")),
+                "{}: {first:?}",
+                head.escape_debug()
+            );
+            assert!(
+                at_eof(&mut reader),
+                "{}: more after the 400",
+                head.escape_debug()
+            );
         }
+        assert_eq!(server.answered.load(Ordering::Acquire), 0);
+    }
+
+    /// `count` connections, each answered once and then in the middle of
+    /// its next request (sent with the first, so the server has read it
+    /// before it answered: no race with the phase it is in).
+    fn mid_request(server: &Server, count: usize) -> Vec<BufReader<UnixStream>> {
+        (0..count)
+            .map(|_| {
+                let mut stream = server.connect();
+                stream
+                    .write_all(b"GET /x HTTP/1.1\r\n\r\nGET /y HTTP/1.1\r\nX-Slow: 1\r\n")
+                    .unwrap();
+                let mut reader = BufReader::new(stream);
+                assert_eq!(answer(&mut reader).unwrap().0, 200);
+                reader
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_connection_gets_503_only_when_every_one_is_mid_request() {
+        let patient = Deadlines {
+            idle: Duration::from_secs(5),
+            request: Duration::from_secs(5),
+        };
+        let server = Server::start_with("limit", patient);
+        let mut slow = mid_request(&server, MAX_CONNECTIONS);
         let mut reader = BufReader::new(server.connect());
         let (status, body) = answer(&mut reader).unwrap();
         assert_eq!(status, 503);
-        assert!(body.contains("more than 64 API connections"), "{body}");
+        assert!(
+            body.contains("all 64 API connections are in the middle of a request"),
+            "{body}"
+        );
         // One closes: its slot is free again.
-        drop(open.pop());
-        let served = (0..100).any(|_| {
+        drop(slow.pop());
+        let kept = (0..100).find_map(|_| {
             let mut stream = server.connect();
             // A refused connection may be closed before this write lands.
-            let _ = stream.write_all(b"GET /y HTTP/1.1\r\n\r\n");
-            let got = answer(&mut BufReader::new(stream)).map(|(s, _)| s);
-            if got == Some(200) {
-                return true;
+            let _ = stream.write_all(b"GET /z HTTP/1.1\r\n\r\n");
+            let mut reader = BufReader::new(stream);
+            if answer(&mut reader).map(|(s, _)| s) == Some(200) {
+                return Some(reader);
             }
             std::thread::sleep(Duration::from_millis(20));
-            false
+            None
         });
-        assert!(served, "the freed slot was never reused");
+        let mut kept = kept.expect("the freed slot was never reused");
+        // `kept` now waits for its next request, the only one that does: a
+        // new connection takes its slot, and `kept` sees the end, cleanly.
+        let mut newcomer = server.connect();
+        newcomer.write_all(b"GET /new HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(answer(&mut BufReader::new(newcomer)).unwrap().0, 200);
+        assert!(at_eof(&mut kept));
+        // The ones in the middle of a request were left alone.
+        let mut first = slow.remove(0);
+        first.get_mut().write_all(b"\r\n").unwrap();
+        assert_eq!(
+            answer(&mut first).unwrap(),
+            (200, "{\"target\":\"/y\"}".into())
+        );
+    }
+
+    /// The next answer on `reader`, or `None` if the server closed the
+    /// connection (EOF, or reset over a request it never read) before
+    /// sending a byte of one. A close in the middle of an answer is an error.
+    fn answer_or_close(
+        reader: &mut BufReader<UnixStream>,
+    ) -> Result<Option<(u16, String)>, String> {
+        let mut status_line = String::new();
+        match reader.read_line(&mut status_line) {
+            Ok(0) => return Ok(None),
+            Err(e) if status_line.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Ok(None);
+            }
+            Err(e) => return Err(format!("{e} after {status_line:?}")),
+            Ok(_) => {}
+        }
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("truncated status line {status_line:?}"))?;
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0
+                || !line.ends_with("\r\n")
+            {
+                return Err(format!("truncated head after {status_line:?}"));
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad length {line:?}"))?;
+            }
+        }
+        let mut body = vec![0; length];
+        reader
+            .read_exact(&mut body)
+            .map_err(|e| format!("truncated body: {e}"))?;
+        Ok(Some((status, String::from_utf8_lossy(&body).into_owned())))
+    }
+
+    #[test]
+    fn a_new_client_is_served_at_once_while_64_busy_ones_are_connected() {
+        // Long enough that no busy client is let go for being idle.
+        let server = Arc::new(Server::start_with("busy", Deadlines::API));
+        let ready = Arc::new(std::sync::Barrier::new(MAX_CONNECTIONS + 1));
+        let done = Arc::new(AtomicBool::new(false));
+        let busy: Vec<_> = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                let (server, ready, done) = (server.clone(), ready.clone(), done.clone());
+                std::thread::spawn(move || -> Result<(usize, bool), String> {
+                    let mut stream = server.connect();
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut answered = 0;
+                    let mut evicted = false;
+                    let started = Instant::now();
+                    while !done.load(Ordering::Acquire)
+                        && started.elapsed() < Duration::from_secs(20)
+                    {
+                        // The server may have closed before this request
+                        // was sent: then it was never read, and that is a
+                        // clean end too.
+                        if stream
+                            .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n")
+                            .is_err()
+                        {
+                            evicted = true;
+                            break;
+                        }
+                        match answer_or_close(&mut reader)? {
+                            Some((200, _)) => answered += 1,
+                            Some(other) => return Err(format!("{other:?}")),
+                            None => {
+                                evicted = true;
+                                break;
+                            }
+                        }
+                        if answered == 1 {
+                            ready.wait();
+                        }
+                        std::thread::sleep(Duration::from_millis(30));
+                    }
+                    if answered == 0 {
+                        // Never reached the barrier: let the test go on.
+                        ready.wait();
+                    }
+                    Ok((answered, evicted))
+                })
+            })
+            .collect();
+        // Every busy client holds a slot and has been answered.
+        ready.wait();
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            let asked = Instant::now();
+            let mut stream = server.connect();
+            stream
+                .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut reader = BufReader::new(stream);
+            let got = answer(&mut reader);
+            waits.push(asked.elapsed());
+            assert_eq!(got.map(|(s, _)| s), Some(200));
+            assert!(at_eof(&mut reader));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Let the busy clients go on a little after the last newcomer.
+        std::thread::sleep(Duration::from_millis(200));
+        done.store(true, Ordering::Release);
+        let mut evicted = 0;
+        for client in busy {
+            let (answered, was_evicted) = client.join().unwrap().unwrap();
+            assert!(answered >= 1);
+            evicted += usize::from(was_evicted);
+        }
+        let slowest = waits.iter().max().unwrap();
+        eprintln!(
+            "newcomer waits {waits:?} with {MAX_CONNECTIONS} busy clients; {evicted} evicted"
+        );
+        assert!(*slowest < Duration::from_secs(1), "{waits:?}");
+        // Each newcomer took one busy client's slot at most.
+        assert!((1..=5).contains(&evicted), "{evicted}");
     }
 
     #[test]

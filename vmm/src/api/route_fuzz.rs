@@ -83,6 +83,13 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
         3 => object,
         1 => proptest::collection::vec(any::<u8>(), 0..96),
         1 => Just(Vec::new()),
+        // The same fields as an array: what serde alone would take.
+        1 => proptest::sample::select(vec![
+            &br#"["d0"]"#[..],
+            br#"["/tmp/dev.sock","d0"]"#,
+            br#"["/sys/bus/pci/devices/0000:01:00.0/"]"#,
+        ])
+        .prop_map(<[u8]>::to_vec),
     ]
 }
 
@@ -160,6 +167,13 @@ proptest! {
         match &result {
             Ok(request) => {
                 prop_assert_eq!(Some(request_endpoint(request)), allowed);
+                if matches!(
+                    request,
+                    ApiRequest::VmAddDevice(_) | ApiRequest::VmAddUserDevice(_) | ApiRequest::VmRemoveDevice(_)
+                ) {
+                    let value = serde_json::from_slice::<serde_json::Value>(&body);
+                    prop_assert!(value.is_ok_and(|v| v.is_object()), "{:?}", String::from_utf8_lossy(&body));
+                }
                 match request {
                     ApiRequest::VmMemoryAttributes(w) => {
                         prop_assert!((1..=MAX_RANGES).contains(&w.limit));
