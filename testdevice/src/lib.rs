@@ -3,15 +3,20 @@
 
 //! A vfio-user PCI device for tests, built on `vfio_user::Server`: a
 //! function with test ids whose BAR0 is a DMA engine (see `pci`), and a
-//! DMA target the tests can inspect. Every DMA_MAP is mmapped from
-//! the fd the client sends, so the device really sees guest memory; an
-//! unmap must match a map exactly (as VFIO and libvfio-user demand). A
-//! control socket answers one line per command:
+//! DMA target the tests can inspect. A DMA_MAP with an fd is mmapped from
+//! it, so the device really sees guest memory; one without an fd is reached
+//! by DMA_READ / DMA_WRITE messages to the client (`message_dma`). An unmap
+//! must match a map exactly (as VFIO and libvfio-user demand). A control
+//! socket answers one line per command:
 //!
 //! - `maps`: the current mappings as JSON `[[iova, size], ...]`
 //! - `read IOVA LEN`: LEN bytes at IOVA, in hex, through the mapping
 //! - `write IOVA BYTE`: stores BYTE at IOVA (a DMA write into the guest)
 //! - `refuse N`: refuse the next N DMA_MAPs
+//! - `fd-maps`: how many current mappings came with an fd (0 in the VMM's
+//!   `dma=messages` mode, where every access is a DMA_READ / DMA_WRITE)
+//! - `raw-read IOVA LEN`: a DMA_READ sent whatever the device's mappings
+//!   say, as a lying device would (the VMM must refuse it outside them)
 //! - `log`: every DMA_MAP / DMA_UNMAP received, as JSON strings
 //! - `engine`: the DMA engine's counters as JSON (faults, completions,
 //!   stream passes, interrupts sent)
@@ -30,11 +35,23 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion};
 
+pub mod message_dma;
 pub mod pci;
 
 struct Mapping {
     size: u64,
-    host: usize,
+    /// Where we mmapped it from the client's fd; `None` for a mapping that
+    /// came without one, reached by DMA messages.
+    host: Option<usize>,
+}
+
+/// A piece of a DMA transfer inside one mapping.
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    /// `len` bytes at a host address of ours.
+    Host(usize, usize),
+    /// `len` bytes at an IOVA, through DMA_READ / DMA_WRITE.
+    Message(u64, usize),
 }
 
 #[derive(Default)]
@@ -44,12 +61,14 @@ pub struct DeviceState {
     refuse_maps: u64,
     pub engine: pci::Engine,
     pub scratch: Option<pci::Scratch>,
+    /// The current client's connection for DMA messages.
+    port: Option<Arc<message_dma::MessagePort>>,
 }
 
 impl DeviceState {
-    /// Host addresses covering `iova..iova+len` through one or more
-    /// adjacent mappings, or an error if any byte is not mapped.
-    fn dma_chunks(&self, iova: u64, len: u64) -> Result<Vec<(usize, usize)>, String> {
+    /// The pieces covering `iova..iova+len` through one or more adjacent
+    /// mappings, or an error if any byte is not mapped.
+    fn dma_chunks(&self, iova: u64, len: u64) -> Result<Vec<Chunk>, String> {
         let end = iova
             .checked_add(len)
             .ok_or_else(|| format!("{iova:#x}+{len:#x} overflows"))?;
@@ -63,10 +82,112 @@ impl DeviceState {
                 .filter(|(start, m)| at < *start + m.size)
                 .ok_or_else(|| format!("{at:#x} is not mapped"))?;
             let n = (start + m.size).min(end) - at;
-            chunks.push((m.host + (at - start) as usize, n as usize));
+            chunks.push(match m.host {
+                Some(host) => Chunk::Host(host + (at - start) as usize, n as usize),
+                None => Chunk::Message(at, n as usize),
+            });
             at += n;
         }
         Ok(chunks)
+    }
+
+    fn port(&self) -> Result<&message_dma::MessagePort, String> {
+        self.port
+            .as_deref()
+            .ok_or_else(|| "no client to send DMA messages to".into())
+    }
+
+    /// Writes `data` at `iova` by DMA: all of it inside the mappings, or
+    /// nothing.
+    pub fn dma_write(&self, iova: u64, data: &[u8]) -> Result<(), String> {
+        let mut done = 0;
+        for chunk in self.dma_chunks(iova, data.len() as u64)? {
+            match chunk {
+                Chunk::Host(host, n) => {
+                    // SAFETY: inside a live mapping of ours (checked by
+                    // dma_chunks, kept by the state lock the caller holds);
+                    // the guest may touch the same memory, which for DMA is
+                    // expected.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(data[done..].as_ptr(), host as *mut u8, n)
+                    };
+                    done += n;
+                }
+                Chunk::Message(at, n) => {
+                    self.port()?.write(at, &data[done..done + n])?;
+                    done += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `iova..iova+len` with `value` by DMA: all of it inside the
+    /// mappings, or nothing.
+    pub fn dma_fill(&self, iova: u64, len: u64, value: u8) -> Result<(), String> {
+        for chunk in self.dma_chunks(iova, len)? {
+            match chunk {
+                // SAFETY: as for dma_write.
+                Chunk::Host(host, n) => unsafe { std::ptr::write_bytes(host as *mut u8, value, n) },
+                Chunk::Message(at, n) => {
+                    let piece = vec![value; n.min(message_dma::MAX_TRANSFER)];
+                    let mut done = 0;
+                    while done < n {
+                        let step = (n - done).min(piece.len());
+                        self.port()?.write(at + done as u64, &piece[..step])?;
+                        done += step;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every byte of `iova..iova+len` is `value`, read by DMA.
+    pub fn dma_verify(&self, iova: u64, len: u64, value: u8) -> Result<bool, String> {
+        for chunk in self.dma_chunks(iova, len)? {
+            let same = match chunk {
+                // SAFETY: as for dma_read.
+                Chunk::Host(host, n) => (0..n)
+                    .all(|i| unsafe { std::ptr::read_volatile((host + i) as *const u8) } == value),
+                Chunk::Message(at, n) => {
+                    let mut piece = vec![0u8; n.min(message_dma::MAX_TRANSFER)];
+                    let mut done = 0;
+                    let mut same = true;
+                    while same && done < n {
+                        let step = (n - done).min(piece.len());
+                        self.port()?.read(at + done as u64, &mut piece[..step])?;
+                        same = piece[..step].iter().all(|&b| b == value);
+                        done += step;
+                    }
+                    same
+                }
+            };
+            if !same {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads `len` bytes at `iova` by DMA.
+    pub fn dma_read(&self, iova: u64, len: u64) -> Result<Vec<u8>, String> {
+        let mut bytes = Vec::with_capacity(len as usize);
+        for chunk in self.dma_chunks(iova, len)? {
+            match chunk {
+                Chunk::Host(host, n) => bytes.extend(
+                    // SAFETY: as for dma_write; volatile because the guest
+                    // may write concurrently.
+                    (0..n).map(|i| unsafe { std::ptr::read_volatile((host + i) as *const u8) }),
+                ),
+                Chunk::Message(at, n) => {
+                    let start = bytes.len();
+                    bytes.resize(start + n, 0);
+                    self.port()?.read(at, &mut bytes[start..])?;
+                }
+            }
+        }
+        Ok(bytes)
     }
 
     /// What a client that goes away leaves: no mappings, no interrupts, no
@@ -79,23 +200,17 @@ impl DeviceState {
 
     fn unmap_all(&mut self) {
         for (_, m) in std::mem::take(&mut self.maps) {
-            // SAFETY: `host` came from our own mmap of exactly `size` bytes.
-            unsafe { libc::munmap(m.host as *mut libc::c_void, m.size as usize) };
+            m.release();
         }
     }
+}
 
-    /// Host address of `iova..iova+len` if one mapping covers it.
-    fn host(&self, iova: u64, len: u64) -> Result<usize, String> {
-        let (start, m) = self
-            .maps
-            .range(..=iova)
-            .next_back()
-            .filter(|(start, m)| iova < *start + m.size)
-            .ok_or_else(|| format!("{iova:#x} is not mapped"))?;
-        if iova + len > start + m.size {
-            return Err(format!("{iova:#x}+{len:#x} is not inside one mapping"));
+impl Mapping {
+    fn release(self) {
+        if let Some(host) = self.host {
+            // SAFETY: `host` came from our own mmap of exactly `size` bytes.
+            unsafe { libc::munmap(host as *mut libc::c_void, self.size as usize) };
         }
-        Ok(m.host + (iova - start) as usize)
     }
 }
 
@@ -159,7 +274,6 @@ impl ServerBackend for Backend {
             s.refuse_maps -= 1;
             return Err(invalid("refused by request".into()));
         }
-        let fd = fd.ok_or_else(|| invalid("DMA_MAP without an fd".into()))?;
         let overlaps = s
             .maps
             .range(..iova + size)
@@ -168,6 +282,11 @@ impl ServerBackend for Backend {
         if size == 0 || overlaps {
             return Err(invalid(format!("{iova:#x}+{size:#x} overlaps or is empty")));
         }
+        // Without an fd the client serves our DMA messages for the range.
+        let Some(fd) = fd else {
+            s.maps.insert(iova, Mapping { size, host: None });
+            return Ok(());
+        };
         // SAFETY: a fresh shared mapping of the client's fd; nothing else
         // lives at the address the kernel picks.
         let host = unsafe {
@@ -187,7 +306,7 @@ impl ServerBackend for Backend {
             iova,
             Mapping {
                 size,
-                host: host as usize,
+                host: Some(host as usize),
             },
         );
         Ok(())
@@ -198,9 +317,7 @@ impl ServerBackend for Backend {
         s.log.push(format!("unmap {iova:#x}+{size:#x}"));
         match s.maps.get(&iova) {
             Some(m) if m.size == size => {
-                let m = s.maps.remove(&iova).expect("present");
-                // SAFETY: our own mapping of exactly `size` bytes.
-                unsafe { libc::munmap(m.host as *mut libc::c_void, m.size as usize) };
+                s.maps.remove(&iova).expect("present").release();
                 Ok(())
             }
             _ => Err(invalid(format!("{iova:#x}+{size:#x} is not one mapping"))),
@@ -313,10 +430,8 @@ pub fn serve(
 ) -> Result<std::thread::JoinHandle<()>, String> {
     let scratch = pci::Scratch::new().map_err(|e| format!("cannot create BAR0 memory: {e}"))?;
     let scratch_fd = mmap.then(|| scratch.file.as_raw_fd());
-    let server = Server::new(socket, true, irqs(), regions(scratch_fd))
-        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     lock(&state).scratch = Some(scratch);
-    run_sessions(server, state)
+    run_sessions(socket, irqs(), regions(scratch_fd), state)
 }
 
 /// As `serve`, for a device with no regions: a DMA target only, not a PCI
@@ -325,21 +440,55 @@ pub fn serve_dma_target(
     socket: &Path,
     state: SharedState,
 ) -> Result<std::thread::JoinHandle<()>, String> {
-    let server = Server::new(socket, true, Vec::new(), Vec::new())
-        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-    run_sessions(server, state)
+    run_sessions(socket, Vec::new(), Vec::new(), state)
 }
 
-fn run_sessions(server: Server, state: SharedState) -> Result<std::thread::JoinHandle<()>, String> {
+/// Serves clients on `socket` one after another: the crate's server runs
+/// on a private socket behind a bridge that adds our DMA messages to the
+/// connection (see `message_dma`).
+fn run_sessions(
+    socket: &Path,
+    irqs: Vec<IrqInfo>,
+    regions: Vec<ServerRegion>,
+    state: SharedState,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    use std::os::linux::net::SocketAddrExt;
+    let public = UnixListener::bind(socket)
+        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    let inner_name = format!("ch-test-device-{}-{}", std::process::id(), socket.display());
+    let inner_addr = std::os::unix::net::SocketAddr::from_abstract_name(inner_name.as_bytes())
+        .map_err(|e| format!("cannot name the private socket: {e}"))?;
+    let inner = UnixListener::bind_addr(&inner_addr)
+        .map_err(|e| format!("cannot listen on the private socket: {e}"))?;
+    let server = Server::from_owned_fd(inner.into(), true, irqs, regions);
+    let server_state = state.clone();
     std::thread::Builder::new()
         .name("vfio-user".into())
         .spawn(move || {
-            let mut backend = Backend(state.clone());
+            let mut backend = Backend(server_state.clone());
             loop {
                 if let Err(e) = server.run(&mut backend) {
                     eprintln!("ch-test-device: client session ended: {e}");
                 }
-                lock(&state).disconnect();
+                lock(&server_state).disconnect();
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("bridge".into())
+        .spawn(move || {
+            for client in public.incoming().flatten() {
+                let Ok(server) = UnixStream::connect_addr(&inner_addr) else {
+                    continue;
+                };
+                let session_state = state.clone();
+                let ended = message_dma::bridge(client, server, |port| {
+                    lock(&session_state).port = Some(port);
+                });
+                if let Err(e) = ended {
+                    eprintln!("ch-test-device: bridge failed: {e}");
+                }
+                lock(&state).port = None;
             }
         })
         .map_err(|e| e.to_string())
@@ -359,6 +508,24 @@ fn answer(state: &SharedState, line: &str) -> String {
             let s = lock(state);
             let maps: Vec<[u64; 2]> = s.maps.iter().map(|(&a, m)| [a, m.size]).collect();
             Ok(serde_json::to_string(&maps).expect("plain numbers"))
+        }
+        // A DMA_READ sent whatever the device's own mappings say: what a
+        // lying device would try; the client must refuse what it did not map.
+        ["raw-read", iova, len] => (|| {
+            let (iova, len) = (number(iova)?, number(len)?);
+            let port = lock(state).port.clone().ok_or("no client connected")?;
+            let mut bytes = vec![0u8; len as usize];
+            port.read(iova, &mut bytes)?;
+            Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+        })(),
+        // How many mappings came with an fd (the device could mmap them).
+        ["fd-maps"] => {
+            let s = lock(state);
+            Ok(s.maps
+                .values()
+                .filter(|m| m.host.is_some())
+                .count()
+                .to_string())
         }
         ["log"] => Ok(serde_json::to_string(&lock(state).log).expect("strings")),
         ["engine"] => {
@@ -402,22 +569,13 @@ fn answer(state: &SharedState, line: &str) -> String {
         }),
         ["read", iova, len] => (|| {
             let (iova, len) = (number(iova)?, number(len)?);
-            let s = lock(state);
-            let host = s.host(iova, len)?;
-            // SAFETY: inside a live mapping (checked above, kept by the lock);
-            // volatile because the guest may write concurrently.
-            let bytes: Vec<u8> = (0..len as usize)
-                .map(|i| unsafe { std::ptr::read_volatile((host + i) as *const u8) })
-                .collect();
+            let bytes = lock(state).dma_read(iova, len)?;
             Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
         })(),
         ["write", iova, byte] => (|| {
             let (iova, byte) = (number(iova)?, number(byte)?);
             let byte = u8::try_from(byte).map_err(|_| "byte out of range".to_string())?;
-            let s = lock(state);
-            let host = s.host(iova, 1)?;
-            // SAFETY: as for read.
-            unsafe { std::ptr::write_volatile(host as *mut u8, byte) };
+            lock(state).dma_write(iova, &[byte])?;
             Ok("ok".to_string())
         })(),
         _ => Err(format!("unknown command {line:?}")),

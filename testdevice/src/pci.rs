@@ -264,30 +264,15 @@ pub fn bar0_write(shared: &SharedState, offset: u64, data: &[u8]) {
 fn run_command(shared: &SharedState, s: &mut DeviceState, command: u32) {
     let (iova, len, value) = (s.engine.iova, u64::from(s.engine.length), s.engine.value);
     let status = match command {
-        COMMAND_FILL => match s.dma_chunks(iova, len) {
-            Ok(chunks) => {
-                for (host, n) in chunks {
-                    // SAFETY: inside a live mapping of ours (checked above,
-                    // kept by the state lock); the guest may touch the same
-                    // memory, which for a device writing by DMA is expected.
-                    unsafe { std::ptr::write_bytes(host as *mut u8, value, n) };
-                }
-                STATUS_OK
-            }
+        COMMAND_FILL => match s.dma_fill(iova, len, value) {
+            Ok(()) => STATUS_OK,
             Err(_) => STATUS_DMA_FAULT,
         },
-        COMMAND_VERIFY => {
-            match s.dma_chunks(iova, len) {
-                Ok(chunks) => {
-                    let same = chunks.iter().all(|&(host, n)| {
-                    // SAFETY: as for the fill.
-                    (0..n).all(|i| unsafe { std::ptr::read_volatile((host + i) as *const u8) } == value)
-                });
-                    if same { STATUS_OK } else { STATUS_MISMATCH }
-                }
-                Err(_) => STATUS_DMA_FAULT,
-            }
-        }
+        COMMAND_VERIFY => match s.dma_verify(iova, len, value) {
+            Ok(true) => STATUS_OK,
+            Ok(false) => STATUS_MISMATCH,
+            Err(_) => STATUS_DMA_FAULT,
+        },
         COMMAND_STREAM_START => {
             stop_stream(s);
             let stop = Arc::new(AtomicBool::new(false));
@@ -337,14 +322,8 @@ fn stream(shared: &SharedState, stop: &AtomicBool, iova: u64, len: u64, value: u
             if stop.load(Ordering::Acquire) {
                 return;
             }
-            match s.dma_chunks(iova, len) {
-                Ok(chunks) => {
-                    for (host, n) in chunks {
-                        // SAFETY: as for a fill.
-                        unsafe { std::ptr::write_bytes(host as *mut u8, value, n) };
-                    }
-                }
-                Err(_) => s.engine.faults += 1,
+            if s.dma_fill(iova, len, value).is_err() {
+                s.engine.faults += 1;
             }
             s.engine.stream_passes += 1;
         }

@@ -24,6 +24,7 @@ pub mod vfio_user_client;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{info, warn};
@@ -124,8 +125,11 @@ pub struct DeviceInfo {
 /// maps carry no fd and the server's DMA_READ / DMA_WRITE are served
 /// inside its current mappings only.
 pub struct VfioUserDma {
-    client: Mutex<VfioUserClient>,
+    client: Arc<Mutex<VfioUserClient>>,
     mode: DmaMode,
+    /// `messages` mode: answers the server's DMA requests that arrive
+    /// while no request of ours is in flight.
+    server_requests: Option<JoinHandle<()>>,
     ram: Arc<GuestRam>,
     max_dma_maps: u64,
     /// Host mappings of the server's mmappable BAR areas.
@@ -144,9 +148,16 @@ impl VfioUserDma {
         }
         let client = VfioUserClient::connect(socket, timeout, Some(ram.clone()))
             .map_err(DeviceError::VfioUser)?;
+        let max_dma_maps = client.max_dma_maps();
+        let client = Arc::new(Mutex::new(client));
+        let server_requests = match mode {
+            DmaMode::Fd => None,
+            DmaMode::Messages => Some(serve_server_requests(&client)?),
+        };
         Ok(VfioUserDma {
-            max_dma_maps: client.max_dma_maps(),
-            client: Mutex::new(client),
+            max_dma_maps,
+            client,
+            server_requests,
             mode,
             ram,
             region_maps: bar_maps::BarMaps::default(),
@@ -161,8 +172,61 @@ impl VfioUserDma {
     }
 
     fn client(&self) -> MutexGuard<'_, VfioUserClient> {
-        // The client's state is updated before any call that could panic.
-        self.client.lock().unwrap_or_else(|e| e.into_inner())
+        lock_client(&self.client)
+    }
+}
+
+fn lock_client(client: &Mutex<VfioUserClient>) -> MutexGuard<'_, VfioUserClient> {
+    // The client's state is updated before any call that could panic.
+    client.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A server doing message DMA from its own threads sends DMA_READ /
+/// DMA_WRITE whenever it likes, not only inside one of our requests: this
+/// thread waits on the socket without holding the client and answers what
+/// arrives between requests. It ends when the connection closes.
+fn serve_server_requests(
+    client: &Arc<Mutex<VfioUserClient>>,
+) -> Result<JoinHandle<()>, DeviceError> {
+    let watch = lock_client(client).watch_handle().ok_or_else(|| {
+        DeviceError::VfioUser(VfioUserError::Closed("closed before it was watched".into()))
+    })?;
+    let client = client.clone();
+    std::thread::Builder::new()
+        .name("vfio-user-dma".into())
+        .spawn(move || {
+            use std::os::fd::AsRawFd;
+            loop {
+                let mut waiting = libc::pollfd {
+                    fd: watch.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd for a socket this thread owns a handle on.
+                let ready = unsafe { libc::poll(&mut waiting, 1, -1) };
+                if ready < 0
+                    && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                {
+                    break;
+                }
+                // A request of ours may have taken what woke us; the
+                // client checks again under its lock. A closed client
+                // (hang-up, removal) ends the thread.
+                if ready > 0 && lock_client(&client).serve_pending().is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| DeviceError::VfioUser(VfioUserError::Io(e)))
+}
+
+impl Drop for VfioUserDma {
+    fn drop(&mut self) {
+        // Closing wakes the server-request thread, which then sees it.
+        self.client().close("the device was let go");
+        if let Some(thread) = self.server_requests.take() {
+            let _ = thread.join();
+        }
     }
 }
 

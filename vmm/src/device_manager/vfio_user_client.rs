@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -319,6 +319,57 @@ impl VfioUserClient {
     /// Why the connection was closed, if it was.
     pub fn closed_reason(&self) -> Option<&str> {
         self.closed.as_deref()
+    }
+
+    /// A second handle on the socket, to wait on without holding the
+    /// client (`None` once closed).
+    pub fn watch_handle(&self) -> Option<UnixStream> {
+        self.stream.as_ref()?.try_clone().ok()
+    }
+
+    /// Answers one DMA_READ / DMA_WRITE the server sent while no request of
+    /// ours was in flight, if one is waiting (message-based DMA from a
+    /// server's own threads). Anything else arriving then is out of step:
+    /// the connection goes.
+    pub fn serve_pending(&mut self) -> Result<(), VfioUserError> {
+        if let Some(why) = &self.closed {
+            return Err(VfioUserError::Closed(why.clone()));
+        }
+        let mut waiting = libc::pollfd {
+            fd: self.stream().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd for a socket we own, no wait.
+        if unsafe { libc::poll(&mut waiting, 1, 0) } <= 0 {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.timeout;
+        let result = self.serve_one(deadline);
+        if let Err(e) = &result {
+            self.close(&format!(
+                "serving the server's request failed: {}",
+                crate::error_chain(e)
+            ));
+        }
+        result
+    }
+
+    fn serve_one(&mut self, deadline: Instant) -> Result<(), VfioUserError> {
+        let mut raw = [0u8; HEADER_SIZE];
+        self.read_header(&mut raw, deadline, "a server request")?;
+        // Nothing comes with a server's DMA request.
+        self.received_fd = None;
+        let incoming = Header::decode(&raw);
+        let size = incoming.size as usize;
+        if !(HEADER_SIZE..=MAX_MESSAGE).contains(&size)
+            || incoming.flags & FLAG_TYPE_MASK != FLAG_COMMAND
+        {
+            return Err(VfioUserError::Protocol("a server request"));
+        }
+        let mut body = vec![0u8; size - HEADER_SIZE];
+        self.read_full(&mut body, deadline, "a server request")?;
+        self.serve(incoming, &body)
     }
 
     /// Shuts the socket down and closes it: the server sees EOF at once
