@@ -42,10 +42,26 @@ pub enum BootError {
     GuestMemory(#[source] vm_memory::GuestMemoryError),
     #[error("cannot set up vCPU {0} registers")]
     Registers(u8, #[source] hypervisor::HypervisorError),
+    #[error(
+        "guest RAM ends at {ram_end:#x}, past the {MAX_IDENTITY_GIB} GiB the test guest's page tables map (at most {max_ram} bytes of RAM)"
+    )]
+    RamPastIdentityMap { ram_end: u64, max_ram: u64 },
 }
+
+/// The most RAM our ELF test guests can reach: RAM above 3 GiB continues
+/// at 4 GiB, past the MMIO hole, and the identity map ends at 512 GiB.
+pub const MAX_GUEST_RAM: u64 = (MAX_IDENTITY_GIB << 30) - (1 << 30);
 
 /// Loads `kernel` and writes GDT and page tables; returns the entry point.
 pub fn load(mem: &GuestMemoryMmap, ram_end: u64, kernel: &[u8]) -> Result<u64, BootError> {
+    // RAM the guest could never address would be memory it was promised
+    // and cannot use; say so before loading anything.
+    if ram_end > MAX_IDENTITY_GIB << 30 {
+        return Err(BootError::RamPastIdentityMap {
+            ram_end,
+            max_ram: MAX_GUEST_RAM,
+        });
+    }
     let entry = elf::load(mem, kernel, IMAGE_START..IMAGE_END)?;
     write_gdt(mem)?;
     write_page_tables(mem, ram_end)?;
@@ -156,6 +172,22 @@ pub fn setup_vcpu(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ram_the_identity_map_cannot_reach_is_refused_before_loading() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let past = (MAX_IDENTITY_GIB << 30) + 4096;
+        let err = load(&mem, past, &[]).unwrap_err();
+        assert!(matches!(err, BootError::RamPastIdentityMap { ram_end, .. } if ram_end == past));
+        assert!(err.to_string().contains("512 GiB"), "{err}");
+        // Nothing was written: the page tables are still zero.
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(PML4_ADDR)).unwrap(), 0);
+        // At the limit the image is what is wrong, not the RAM.
+        assert!(matches!(
+            load(&mem, MAX_IDENTITY_GIB << 30, &[]),
+            Err(BootError::Elf(_))
+        ));
+    }
 
     #[test]
     fn gdt_entries_match_the_architecture() {

@@ -114,7 +114,7 @@ pub enum EventMonitorError {
 }
 
 /// procfs and sysfs files open for writing but refuse event lines.
-fn is_pseudo_file(file: &File) -> bool {
+pub(crate) fn is_pseudo_file(file: &File) -> bool {
     const PROC_SUPER_MAGIC: i64 = 0x9fa0;
     const SYSFS_MAGIC: i64 = 0x6265_6572;
     // SAFETY: statfs is plain data; zero is a valid value for every field.

@@ -127,6 +127,30 @@ struct SerialSetup {
     socket: Option<crate::serial_output::SocketFile>,
 }
 
+/// The serial console's file, emptied as `File::create` would, unless it
+/// is a procfs or sysfs file: guest output written there would be kernel
+/// settings, not a log (checked before anything is truncated).
+fn serial_file(path: &std::path::Path) -> Result<File, VmError> {
+    let refuse = |source| VmError::SerialFile {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .map_err(refuse)?;
+    if crate::event_monitor::is_pseudo_file(&file) {
+        return Err(refuse(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a procfs or sysfs file takes no console output",
+        )));
+    }
+    file.set_len(0).map_err(refuse)?;
+    Ok(file)
+}
+
 fn serial_output(config: &ConsoleOutput) -> Result<SerialSetup, VmError> {
     use crate::serial_output::{PtyOutput, SocketFile, SocketOutput};
     // Lossy outputs write whole lines, not a system call per byte.
@@ -139,12 +163,7 @@ fn serial_output(config: &ConsoleOutput) -> Result<SerialSetup, VmError> {
     Ok(match config {
         ConsoleOutput::Tty => plain(Box::new(std::io::stdout())),
         ConsoleOutput::Off => plain(Box::new(std::io::sink())),
-        ConsoleOutput::File(path) => plain(Box::new(File::create(path).map_err(|source| {
-            VmError::SerialFile {
-                path: path.display().to_string(),
-                source,
-            }
-        })?)),
+        ConsoleOutput::File(path) => plain(Box::new(serial_file(path)?)),
         ConsoleOutput::Pty => {
             let (pty, path) = PtyOutput::open().map_err(VmError::SerialOutput)?;
             info!("serial console on {}", path.display());
@@ -562,5 +581,38 @@ pub mod device_ops {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_serial_file_may_not_be_a_kernel_pseudo_file() {
+        for pseudo in [
+            "/proc/self/comm",
+            "/sys/kernel/mm/transparent_hugepage/enabled",
+        ] {
+            let before = std::fs::read_to_string(pseudo).ok();
+            let Err(err) = serial_file(std::path::Path::new(pseudo)) else {
+                panic!("{pseudo} accepted as the serial console");
+            };
+            assert!(
+                crate::error_chain(&err).contains("procfs or sysfs"),
+                "{pseudo}: {err}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(pseudo).ok(),
+                before,
+                "{pseudo} changed"
+            );
+        }
+        // An ordinary file is emptied, as before.
+        let path = crate::test_util::scratch_path("serial-file");
+        std::fs::write(&path, "old output").unwrap();
+        drop(serial_file(&path).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -113,12 +113,16 @@ fn string<'a>(
     }
 }
 
-/// Logs the fields of `o` outside `known` that carry a value, and refuses
-/// those in `refused`.
+/// Checks the fields of `o` outside `known` that carry a value: those in
+/// `hints` (Cloud Hypervisor's, with no effect here) are logged, those in
+/// `refused` are refused with their reason, and any other name is refused
+/// as unknown, as at the top level, so a misspelt field never passes
+/// silently.
 fn check_rest(
     o: &Map<String, Value>,
     path: &str,
     known: &[&str],
+    hints: &[&str],
     refused: &[(&str, &str)],
 ) -> Result<(), VmConfigJsonError> {
     for (key, value) in o {
@@ -127,6 +131,12 @@ fn check_rest(
         }
         if let Some((_, why)) = refused.iter().find(|(k, _)| k == key) {
             return Err(field_error(&format!("{path}.{key}"), *why));
+        }
+        if !hints.contains(&key.as_str()) {
+            return Err(field_error(
+                &format!("{path}.{key}"),
+                "unknown field (not part of the VM configuration)",
+            ));
         }
         info!("vm.create: {path}.{key} = {value} has no effect here; ignored");
     }
@@ -150,7 +160,20 @@ fn cpus(top: &Map<String, Value>) -> Result<CpusConfig, VmConfigJsonError> {
             info!("vm.create: cpus.max_vcpus = {max}: no CPU hot-plug here, {boot} vCPUs run");
         }
     }
-    check_rest(o, "cpus", &["boot_vcpus", "max_vcpus"], &[])?;
+    check_rest(
+        o,
+        "cpus",
+        &["boot_vcpus", "max_vcpus"],
+        &[
+            "topology",
+            "kvm_hyperv",
+            "max_phys_bits",
+            "affinity",
+            "features",
+            "nested",
+        ],
+        &[],
+    )?;
     Ok(CpusConfig { boot })
 }
 
@@ -169,6 +192,7 @@ fn memory(top: &Map<String, Value>) -> Result<MemoryConfig, VmConfigJsonError> {
         o,
         "memory",
         &["size", "guest_memfd", "layout"],
+        &["shared", "mergeable", "prefault", "thp", "hotplug_method"],
         &[
             ("hugepages", "hugepages are not supported"),
             ("hugepage_size", "hugepages are not supported"),
@@ -191,6 +215,7 @@ fn payload(top: &Map<String, Value>) -> Result<(PathBuf, Option<String>), VmConf
         o,
         "payload",
         &["kernel", "cmdline"],
+        &[],
         &[
             ("firmware", only_elf),
             ("initramfs", only_elf),
@@ -244,7 +269,13 @@ fn console(
             ));
         }
     };
-    check_rest(o, field, &["mode", "file", "socket"], &[])?;
+    check_rest(
+        o,
+        field,
+        &["mode", "file", "socket"],
+        &[],
+        &[("iommu", "there is no virtual IOMMU")],
+    )?;
     Ok(Some(output))
 }
 
@@ -270,6 +301,12 @@ fn platform(top: &Map<String, Value>) -> Result<PlatformConfig, VmConfigJsonErro
             "sw_protected",
             "iommufd",
             "num_pci_segments",
+        ],
+        &[
+            "serial_number",
+            "uuid",
+            "oem_strings",
+            "iommu_address_width_bits",
         ],
         &[("iommu_segments", "there is no virtual IOMMU")],
     )?;
@@ -541,6 +578,35 @@ mod tests {
         );
         assert_eq!(refused_field(r#"{"memory":{"size":67108864}}"#), "payload");
         assert_eq!(refused_field(r#"{"payload":{"kernel":"/k"}}"#), "memory");
+        // Unknown nested names are refused as unknown top-level ones are;
+        // Cloud Hypervisor's own hints are not.
+        for (section, field) in [
+            ("memory", r#""bogus":1"#),
+            ("cpus", r#""boot_vcpu":2"#),
+            ("payload", r#""kernal":"/k2""#),
+            ("platform", r#""tdx_mode":"on""#),
+            ("serial", r#""mode":"Tty","path":"/x""#),
+        ] {
+            let body = match section {
+                "memory" => memory(field),
+                "payload" => format!(
+                    r#"{{"payload":{{"kernel":"/k",{field}}},"memory":{{"size":67108864}}}}"#
+                ),
+                other => with(&format!(r#""{other}":{{{field}}}"#)),
+            };
+            let err = parse(&body).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("{section}.")) && err.contains("unknown field"),
+                "{err}"
+            );
+        }
+        assert!(parse(&memory(r#""mergeable":true,"prefault":true"#)).is_ok());
+        assert!(parse(&with(r#""cpus":{"boot_vcpus":1,"kvm_hyperv":true}"#)).is_ok());
+        assert!(parse(&with(r#""platform":{"serial_number":"s1","uuid":"u"}"#)).is_ok());
+        assert!(
+            parse(&memory(r#""bogus":null"#)).is_ok(),
+            "asks for nothing"
+        );
         assert_eq!(
             refused_field(
                 r#"{"payload":{"kernel":"/k"},"memory":{"size":67108864},"cpus":{"boot_vcpus":0}}"#
