@@ -123,6 +123,10 @@ struct Slot {
     device: Arc<dyn PciDevice>,
     /// Windows currently on the MMIO bus, by BAR.
     mapped: Vec<Mapped>,
+    /// Taken off the bus: a sync that got hold of the slot before the
+    /// removal (a vCPU's config write, another removal's retry of waiting
+    /// windows) must not put its windows back.
+    removed: bool,
 }
 
 /// Locks are taken poison-tolerant: every update under them completes
@@ -157,6 +161,7 @@ impl PciBus {
             Some(Arc::new(Mutex::new(Slot {
                 device: Arc::new(HostBridge),
                 mapped: Vec::new(),
+                removed: false,
             })));
         bus
     }
@@ -203,6 +208,7 @@ impl PciBus {
             let slot = Arc::new(Mutex::new(Slot {
                 device,
                 mapped: Vec::new(),
+                removed: false,
             }));
             slots[index] = Some(slot.clone());
             (index as u8, slot)
@@ -227,6 +233,7 @@ impl PciBus {
             .ok_or(PciBusError::EmptySlot(slot))?;
         let device = {
             let mut s = taken.lock().unwrap_or_else(|e| e.into_inner());
+            s.removed = true;
             self.unmap_windows(&mut s);
             s.device.clone()
         };
@@ -297,6 +304,9 @@ impl PciBus {
     /// left the bus, which may let a waiting one in.
     fn sync_windows(&self, slot: &Mutex<Slot>) -> bool {
         let mut s = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if s.removed {
+            return false;
+        }
         let wanted = s.device.bar_windows();
         let (kept, gone): (Vec<Mapped>, Vec<Mapped>) = std::mem::take(&mut s.mapped)
             .into_iter()
@@ -507,3 +517,48 @@ impl BusDevice for PciConfigMmio {
 /// Legacy ports reach only the first 256 bytes; the register index they
 /// carry cannot exceed that.
 const _: () = assert!(0x3f * 4 < LEGACY_CONFIG_SIZE);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A function decoding one 4 KiB window at 0xc000_0000.
+    struct OneWindow;
+
+    impl PciDevice for OneWindow {
+        fn config_read(&self, _: usize) -> u32 {
+            0
+        }
+        fn config_write(&self, _: usize, _: usize, _: &[u8]) {}
+        fn bar_windows(&self) -> Vec<BarWindow> {
+            vec![BarWindow {
+                bar: 0,
+                address: 0xc000_0000,
+                size: 0x1000,
+            }]
+        }
+        fn bar_read(&self, _: usize, _: u64, data: &mut [u8]) {
+            data.fill(0x11);
+        }
+        fn bar_write(&self, _: usize, _: u64, _: &[u8]) {}
+    }
+
+    /// A vCPU's config write (or another removal's retry) that took hold
+    /// of the slot just before it was removed syncs it after the removal:
+    /// the removed function's window must stay off the bus.
+    #[test]
+    fn a_sync_after_removal_puts_nothing_back() {
+        let mmio = Arc::new(Bus::new());
+        let bus = PciBus::new(mmio.clone());
+        let slot = bus.add(Arc::new(OneWindow)).unwrap();
+        let mut b = [0u8; 1];
+        assert!(mmio.read(0xc000_0000, &mut b));
+        let held = bus.slot(usize::from(slot)).unwrap();
+        bus.remove(slot).unwrap();
+        assert!(!bus.sync_windows(&held));
+        assert!(!mmio.read(0xc000_0000, &mut b), "the window came back");
+        // Its place is free for the next function.
+        let next = bus.add(Arc::new(OneWindow)).unwrap();
+        assert_eq!(bus.mapped_windows(next).len(), 1);
+    }
+}
