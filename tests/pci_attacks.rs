@@ -400,3 +400,58 @@ fn clearing_memory_decoding_mid_dma_stops_the_bar_cleanly() {
     assert_eq!(device.read(page, 4).unwrap(), vec![0xee; 4]);
     assert_vmm_sound(&mut vmm, &api, &[&device]);
 }
+
+/// The guest moves slot 1's BAR0 to where the BAR allocator puts the next
+/// device; a device hot-added then gets that address and, decoding, waits
+/// for it (slot 1 keeps answering there) until slot 1 moves home, when it
+/// decodes at once. Removing it afterwards leaves slot 1 working.
+#[test]
+fn a_hot_added_device_placed_on_a_moved_bar_waits_for_its_place() {
+    if !kvm_available("a_hot_added_device_placed_on_a_moved_bar_waits_for_its_place") {
+        return;
+    }
+    let dir = TempDir::new("pciatkhot");
+    let first = TestDevice::spawn(&dir, "dev0");
+    let second = TestDevice::spawn(&dir, "dev1");
+    let flag = A + 0x8000;
+    let ops = [
+        format!("shared@{A:#x}+64K"),
+        DECODE.to_string(),
+        format!("cfg-write@1:0x10={BAR0_DEV2:#x}"),
+        format!("mmio-write@{:#x}=0xaaaaaaaa", BAR0_DEV2 + SCRATCH),
+        format!("wait@{flag:#x}+1=1"),
+        // 5: hot-added at the address slot 1 holds now.
+        format!("cfg-check@2:0x10={BAR0_DEV2:#x}"),
+        "cfg-write@2:0x4=6".to_string(),
+        format!("mmio-check@{:#x}=0xaaaaaaaa", BAR0_DEV2 + SCRATCH),
+        // 8: slot 1 home: slot 2 decodes its (zeroed) scratch page.
+        format!("cfg-write@1:0x10={BAR0:#x}"),
+        format!("mmio-check@{:#x}=0", BAR0_DEV2 + SCRATCH),
+        format!("mmio-check@{:#x}=0xaaaaaaaa", BAR0 + SCRATCH),
+        format!("wait@{flag:#x}+1=2"),
+        // 12: slot 2 removed: slot 1 still drives DMA.
+        format!("mmio-check@{:#x}=0xffffffff", BAR0_DEV2 + SCRATCH),
+        format!("dma-write@{A:#x}+4K=0x66"),
+        format!("check@{A:#x}+4K=0x66"),
+    ];
+    let guest = memconv_guest(&dir, &[&ops.join(",")], false);
+    let dev0 = format!("socket={},id=dev0", first.socket.display());
+    let (mut vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &dev0]);
+    wait_for_socket(&api);
+    vmm.wait_for_line("op 3 mmio-write");
+    let dev1 = format!("socket={},id=dev1", second.socket.display());
+    let (ok, out, err) = ch_remote(&api, &["add-user-device", &dev1]);
+    assert!(ok, "{err}");
+    let added: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(added["bdf"], "0000:00:02.0");
+    first.write(flag, 1);
+    vmm.wait_for_line("op 10 mmio-check");
+    let (ok, _, err) = ch_remote(&api, &["remove-device", "dev1"]);
+    assert!(ok, "{err}");
+    assert!(second.mapped().is_empty());
+    first.write(flag, 2);
+    vmm.wait_for_line("memconv: done");
+    assert_statuses(&vmm, &["ok"; 15]);
+    assert_eq!(first.command("scratch 0x0"), "aa");
+    assert_vmm_sound(&mut vmm, &api, &[&first]);
+}
