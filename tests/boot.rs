@@ -147,6 +147,17 @@ fn serial_to_file_and_off() {
     assert!(stdout.is_empty());
     let text = std::fs::read_to_string(&console).unwrap();
     assert!(text.contains("memconv: done 1 ok 0 failed"), "{text}");
+    // A kernel pseudo-file is refused before the VM runs, under seccomp.
+    let (status, _, stderr) = run_vmm(&[
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--memory",
+        "size=32M,guest_memfd=on",
+        "--serial",
+        "file=/proc/self/comm",
+    ]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("a procfs or sysfs file takes no console output"), "{stderr}");
     let (status, stdout, _) = run_vmm(&[
         "--kernel",
         guest.to_str().unwrap(),

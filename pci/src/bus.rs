@@ -2,11 +2,13 @@
 //! guest reaches configuration space through the legacy 0xCF8 / 0xCFC
 //! ports or the ECAM window; each device's memory BARs are windows on the
 //! MMIO bus that follow what the guest programs (decoded only while the
-//! command register's memory bit is set).
+//! command register's memory bit is set, and only inside the host
+//! bridge's apertures when it has any).
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use log::warn;
+use log::{debug, warn};
 use vm_device::{Bus, BusDevice};
 
 use crate::configuration::{
@@ -110,12 +112,21 @@ impl BusDevice for BarMmio {
     }
 }
 
+/// A window on the MMIO bus and the guest memory windows of the direct
+/// areas inside it.
+struct Mapped {
+    window: BarWindow,
+    direct: Vec<u32>,
+}
+
 struct Slot {
     device: Arc<dyn PciDevice>,
-    /// Windows currently on the MMIO bus.
-    mapped: Vec<BarWindow>,
-    /// Guest memory windows of the direct areas inside them.
-    direct: Vec<u32>,
+    /// Windows currently on the MMIO bus, by BAR.
+    mapped: Vec<Mapped>,
+    /// Taken off the bus: a sync that got hold of the slot before the
+    /// removal (a vCPU's config write, another removal's retry of waiting
+    /// windows) must not put its windows back.
+    removed: bool,
 }
 
 /// Locks are taken poison-tolerant: every update under them completes
@@ -124,6 +135,8 @@ pub struct PciBus {
     slots: RwLock<[Option<Arc<Mutex<Slot>>>; SLOTS]>,
     mmio: Arc<Bus>,
     memory: Option<Arc<dyn GuestMemoryWindows>>,
+    /// Where BARs may decode; empty: anywhere.
+    apertures: Vec<Range<u64>>,
 }
 
 impl PciBus {
@@ -142,14 +155,35 @@ impl PciBus {
             slots: RwLock::new(Default::default()),
             mmio,
             memory,
+            apertures: Vec::new(),
         };
         bus.slots.write().unwrap_or_else(|e| e.into_inner())[0] =
             Some(Arc::new(Mutex::new(Slot {
                 device: Arc::new(HostBridge),
                 mapped: Vec::new(),
-                direct: Vec::new(),
+                removed: false,
             })));
         bus
+    }
+
+    /// Decodes BAR windows only when they lie wholly inside one of
+    /// `apertures`, as a host bridge forwards only its windows to PCI: a
+    /// guest that points a BAR at RAM, the LAPIC, the IOAPIC or the ECAM
+    /// window gets a BAR that decodes nothing (its register still reads
+    /// back what was written, so sizing works), instead of a device
+    /// window or memory slot over what lives there.
+    pub fn with_apertures(mut self, apertures: Vec<Range<u64>>) -> Self {
+        self.apertures = apertures;
+        self
+    }
+
+    fn in_aperture(&self, window: &BarWindow) -> bool {
+        self.apertures.is_empty()
+            || window.address.checked_add(window.size).is_some_and(|end| {
+                self.apertures
+                    .iter()
+                    .any(|a| a.start <= window.address && end <= a.end)
+            })
     }
 
     /// Puts `device` in the lowest free slot and decodes its windows.
@@ -174,7 +208,7 @@ impl PciBus {
             let slot = Arc::new(Mutex::new(Slot {
                 device,
                 mapped: Vec::new(),
-                direct: Vec::new(),
+                removed: false,
             }));
             slots[index] = Some(slot.clone());
             (index as u8, slot)
@@ -197,9 +231,14 @@ impl PciBus {
             .get_mut(usize::from(slot))
             .and_then(Option::take)
             .ok_or(PciBusError::EmptySlot(slot))?;
-        let mut s = taken.lock().unwrap_or_else(|e| e.into_inner());
-        self.unmap_windows(&mut s);
-        Ok(s.device.clone())
+        let device = {
+            let mut s = taken.lock().unwrap_or_else(|e| e.into_inner());
+            s.removed = true;
+            self.unmap_windows(&mut s);
+            s.device.clone()
+        };
+        self.sync_waiting();
+        Ok(device)
     }
 
     fn slot(&self, device: usize) -> Option<Arc<Mutex<Slot>>> {
@@ -251,20 +290,45 @@ impl PciBus {
             .clone();
         dev.config_write(reg, offset, data);
         // Only the command register and BARs change what is decoded.
-        if reg == COMMAND_REG || (4..10).contains(&reg) {
-            self.sync_windows(&slot);
+        if (reg == COMMAND_REG || (4..10).contains(&reg)) && self.sync_windows(&slot) {
+            self.sync_waiting();
         }
     }
 
-    /// Puts the MMIO bus in line with the windows the function decodes.
-    fn sync_windows(&self, slot: &Mutex<Slot>) {
+    /// Puts the MMIO bus in line with the windows the function decodes:
+    /// windows it no longer decodes leave, new ones come, and the ones
+    /// that stay are not touched (a vCPU using them never sees a gap).
+    /// A window that overlaps another on the MMIO bus (another device's
+    /// BAR, the ECAM window) or lies outside the apertures is not decoded:
+    /// whatever is there keeps the addresses. Returns whether any window
+    /// left the bus, which may let a waiting one in.
+    fn sync_windows(&self, slot: &Mutex<Slot>) -> bool {
         let mut s = slot.lock().unwrap_or_else(|e| e.into_inner());
-        let wanted = s.device.bar_windows();
-        if wanted == s.mapped {
-            return;
+        if s.removed {
+            return false;
         }
-        self.unmap_windows(&mut s);
+        let wanted = s.device.bar_windows();
+        let (kept, gone): (Vec<Mapped>, Vec<Mapped>) = std::mem::take(&mut s.mapped)
+            .into_iter()
+            .partition(|m| wanted.contains(&m.window));
+        s.mapped = kept;
+        let released = !gone.is_empty();
+        for mapped in gone {
+            self.unmap_window(mapped);
+        }
         for window in wanted {
+            if s.mapped.iter().any(|m| m.window == window) {
+                continue;
+            }
+            if !self.in_aperture(&window) {
+                // Debug only: sizing a BAR with decoding on parks it here
+                // for a moment, which is no fault.
+                debug!(
+                    "BAR {} at {:#x} is outside the PCI windows: not decoded",
+                    window.bar, window.address
+                );
+                continue;
+            }
             let mmio = Arc::new(BarMmio {
                 device: s.device.clone(),
                 bar: window.bar,
@@ -273,38 +337,80 @@ impl PciBus {
                 warn!("BAR {} not decoded: {e}", window.bar);
                 continue;
             }
-            s.mapped.push(window);
-            let Some(memory) = &self.memory else { continue };
-            for area in s.device.direct_areas(window.bar) {
-                match memory.map(window.address + area.offset, area.size, area.host) {
-                    Ok(handle) => s.direct.push(handle),
-                    // The area stays reachable, by trapping.
-                    Err(e) => warn!(
-                        "BAR {} area {:#x} stays trapped: {e}",
-                        window.bar, area.offset
-                    ),
+            let mut direct = Vec::new();
+            if let Some(memory) = &self.memory {
+                for area in s.device.direct_areas(window.bar) {
+                    match memory.map(window.address + area.offset, area.size, area.host) {
+                        Ok(handle) => direct.push(handle),
+                        // The area stays reachable, by trapping.
+                        Err(e) => warn!(
+                            "BAR {} area {:#x} stays trapped: {e}",
+                            window.bar, area.offset
+                        ),
+                    }
                 }
             }
+            s.mapped.push(Mapped { window, direct });
         }
+        s.mapped.sort_by_key(|m| m.window.bar);
+        released
+    }
+
+    /// Gives every function whose windows are not all decoded (their place
+    /// was taken) another try, once some window has left the bus: as on a
+    /// real bus, a BAR decodes as soon as its addresses are free, without
+    /// the guest having to touch it again.
+    fn sync_waiting(&self) {
+        let slots: Vec<Arc<Mutex<Slot>>> = self
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flatten()
+            .cloned()
+            .collect();
+        // A sync here normally only adds windows; it releases one only if
+        // another vCPU changed that function meanwhile, and then the
+        // others get another pass (bounded: each pass follows a change).
+        for _ in 0..SLOTS {
+            let mut released = false;
+            for slot in &slots {
+                released |= self.sync_windows(slot);
+            }
+            if !released {
+                break;
+            }
+        }
+    }
+
+    fn unmap_window(&self, mapped: Mapped) {
+        if let Some(memory) = &self.memory {
+            for handle in mapped.direct {
+                memory.unmap(handle);
+            }
+        }
+        self.mmio.remove(mapped.window.address);
     }
 
     /// Takes every window of the slot off the MMIO bus and out of guest
     /// memory.
     fn unmap_windows(&self, s: &mut Slot) {
-        if let Some(memory) = &self.memory {
-            for handle in s.direct.drain(..) {
-                memory.unmap(handle);
-            }
-        }
-        for window in s.mapped.drain(..) {
-            self.mmio.remove(window.address);
+        for mapped in s.mapped.drain(..) {
+            self.unmap_window(mapped);
         }
     }
 
     /// Windows of the function in `slot` that are on the MMIO bus.
     pub fn mapped_windows(&self, slot: u8) -> Vec<BarWindow> {
         self.slot(usize::from(slot))
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).mapped.clone())
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .mapped
+                    .iter()
+                    .map(|m| m.window)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -422,3 +528,48 @@ impl BusDevice for PciConfigMmio {
 /// Legacy ports reach only the first 256 bytes; the register index they
 /// carry cannot exceed that.
 const _: () = assert!(0x3f * 4 < LEGACY_CONFIG_SIZE);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A function decoding one 4 KiB window at 0xc000_0000.
+    struct OneWindow;
+
+    impl PciDevice for OneWindow {
+        fn config_read(&self, _: usize) -> u32 {
+            0
+        }
+        fn config_write(&self, _: usize, _: usize, _: &[u8]) {}
+        fn bar_windows(&self) -> Vec<BarWindow> {
+            vec![BarWindow {
+                bar: 0,
+                address: 0xc000_0000,
+                size: 0x1000,
+            }]
+        }
+        fn bar_read(&self, _: usize, _: u64, data: &mut [u8]) {
+            data.fill(0x11);
+        }
+        fn bar_write(&self, _: usize, _: u64, _: &[u8]) {}
+    }
+
+    /// A vCPU's config write (or another removal's retry) that took hold
+    /// of the slot just before it was removed syncs it after the removal:
+    /// the removed function's window must stay off the bus.
+    #[test]
+    fn a_sync_after_removal_puts_nothing_back() {
+        let mmio = Arc::new(Bus::new());
+        let bus = PciBus::new(mmio.clone());
+        let slot = bus.add(Arc::new(OneWindow)).unwrap();
+        let mut b = [0u8; 1];
+        assert!(mmio.read(0xc000_0000, &mut b));
+        let held = bus.slot(usize::from(slot)).unwrap();
+        bus.remove(slot).unwrap();
+        assert!(!bus.sync_windows(&held));
+        assert!(!mmio.read(0xc000_0000, &mut b), "the window came back");
+        // Its place is free for the next function.
+        let next = bus.add(Arc::new(OneWindow)).unwrap();
+        assert_eq!(bus.mapped_windows(next).len(), 1);
+    }
+}

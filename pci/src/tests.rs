@@ -706,3 +706,117 @@ fn mappable_areas_outside_their_bar_stay_trapped() {
     assert_eq!(direct.len(), 1, "only the area inside BAR2 is mapped");
     assert_eq!((direct[0].offset, direct[0].size), (good.offset, good.size));
 }
+
+/// A function on `bus` with BAR0 at `bar0` and BAR2 at `bar2`, memory
+/// decoding on; returns its fake and slot.
+fn plug_decoding(bus: &PciBus, bar0: u64, bar2: u64) -> (Arc<FakeFunction>, u8) {
+    let fake = FakeFunction::new(false);
+    let function = Arc::new(VfioPciDevice::new(fake.clone(), |_| None).unwrap());
+    function.set_bar_address(0, bar0);
+    function.set_bar_address(2, bar2);
+    let slot = bus.add(function).unwrap();
+    bus.config_write(0, usize::from(slot), 0, 1, 0, &2u16.to_le_bytes());
+    (fake, slot)
+}
+
+fn write_bar(bus: &PciBus, slot: u8, reg: usize, value: u32) {
+    bus.config_write(0, usize::from(slot), 0, reg, 0, &value.to_le_bytes());
+}
+
+fn mmio_read32(mmio: &Bus, addr: u64) -> u32 {
+    let mut b = [0u8; 4];
+    mmio.read(addr, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// A guest pointing a BAR at RAM, the LAPIC or past the end of the address
+/// space (sizing a 64-bit BAR with decoding on) gets a BAR that decodes
+/// nothing there, while its register reads back what it wrote; the other
+/// BAR's memory window is never touched meanwhile, and back inside an
+/// aperture the BAR decodes again.
+#[test]
+fn a_bar_outside_the_apertures_decodes_nothing_and_its_register_follows_the_guest() {
+    let mmio = Arc::new(Bus::new());
+    let windows = Arc::new(FakeWindows::default());
+    let bus = PciBus::with_memory_windows(mmio.clone(), Some(windows.clone()))
+        .with_apertures(vec![0xc000_0000..0xe000_0000, 0x1_0000_0000..0x2_0000_0000]);
+    let (fake, slot) = plug_decoding(&bus, 0xc000_0000, 0x1_0000_0000);
+    fake.state().bar0[0x10] = 0x5a;
+    assert_eq!(bus.mapped_windows(slot).len(), 2);
+    let bar2_memory = windows.live.lock().unwrap().clone();
+    assert_eq!(bar2_memory.len(), 1);
+    for outside in [0x1000_0000u32, 0xfee0_0000, 0xe000_0000, 0xffff_f000] {
+        write_bar(&bus, slot, 4, outside);
+        assert_eq!(bus.config_read(0, usize::from(slot), 0, 4), outside);
+        let mapped = bus.mapped_windows(slot);
+        assert_eq!(mapped.len(), 1, "{outside:#x}");
+        assert_eq!(mapped[0].bar, 2);
+        assert_eq!(mmio_read32(&mmio, u64::from(outside) + 0x10), u32::MAX);
+        assert_eq!(
+            *windows.live.lock().unwrap(),
+            bar2_memory,
+            "BAR2's memory window stayed put"
+        );
+    }
+    // The last place in an aperture is inside, its end outside.
+    write_bar(&bus, slot, 7, 1);
+    write_bar(&bus, slot, 6, 0xfff0_0000);
+    assert_eq!(bus.mapped_windows(slot).len(), 1);
+    write_bar(&bus, slot, 7, 2);
+    write_bar(&bus, slot, 6, 0);
+    assert_eq!(bus.mapped_windows(slot).len(), 0);
+    assert!(windows.live.lock().unwrap().is_empty());
+    // All ones in both halves: the window would end past 2^64.
+    write_bar(&bus, slot, 6, u32::MAX);
+    write_bar(&bus, slot, 7, u32::MAX);
+    assert_eq!(bus.config_read(0, usize::from(slot), 0, 7), u32::MAX);
+    assert!(bus.mapped_windows(slot).is_empty());
+    write_bar(&bus, slot, 4, 0xc000_0000);
+    write_bar(&bus, slot, 6, 0);
+    write_bar(&bus, slot, 7, 1);
+    assert_eq!(bus.mapped_windows(slot).len(), 2);
+    assert_eq!(mmio_read32(&mmio, 0xc000_0010), 0x5a);
+    assert_eq!(windows.live.lock().unwrap().len(), 1);
+
+    // Without apertures a window past 2^64 is refused by the MMIO bus, and
+    // nothing panics either.
+    let open = PciBus::with_memory_windows(Arc::new(Bus::new()), Some(windows.clone()));
+    let (_, slot) = plug_decoding(&open, 0xc000_0000, 0x1_0000_0000);
+    write_bar(&open, slot, 6, u32::MAX);
+    write_bar(&open, slot, 7, u32::MAX);
+    assert_eq!(open.mapped_windows(slot).len(), 1);
+}
+
+/// Two functions' BARs on the same addresses: the one decoding there first
+/// keeps them; once it stops decoding, moves away or is removed, the other
+/// decodes there without the guest touching it again.
+#[test]
+fn a_bar_whose_place_is_taken_decodes_as_soon_as_the_place_is_free() {
+    let mmio = Arc::new(Bus::new());
+    let bus = PciBus::new(mmio.clone());
+    let (first, a) = plug_decoding(&bus, 0xc000_0000, 0x1_0000_0000);
+    let (second, b) = plug_decoding(&bus, 0xc010_0000, 0x1_0010_0000);
+    first.state().bar0[0x10] = 1;
+    second.state().bar0[0x10] = 2;
+    write_bar(&bus, b, 4, 0xc000_0000);
+    assert_eq!(bus.mapped_windows(b).len(), 1, "only BAR2 decodes");
+    assert_eq!(mmio_read32(&mmio, 0xc000_0010), 1, "the first keeps it");
+    // The first stops decoding: the second gets the place at once.
+    bus.config_write(0, usize::from(a), 0, 1, 0, &0u16.to_le_bytes());
+    assert_eq!(mmio_read32(&mmio, 0xc000_0010), 2);
+    // Decoding again, the first waits for its place.
+    bus.config_write(0, usize::from(a), 0, 1, 0, &2u16.to_le_bytes());
+    assert_eq!(bus.mapped_windows(a).len(), 1);
+    assert_eq!(mmio_read32(&mmio, 0xc000_0010), 2);
+    // The second moves away: the first decodes, the second at its place.
+    write_bar(&bus, b, 4, 0xc010_0000);
+    assert_eq!(bus.mapped_windows(a).len(), 2);
+    assert_eq!(mmio_read32(&mmio, 0xc000_0010), 1);
+    assert_eq!(mmio_read32(&mmio, 0xc010_0010), 2);
+    // Removal frees a place too.
+    write_bar(&bus, a, 4, 0xc010_0000);
+    assert_eq!(bus.mapped_windows(a).len(), 1);
+    bus.remove(b).unwrap();
+    assert_eq!(bus.mapped_windows(a).len(), 2);
+    assert_eq!(mmio_read32(&mmio, 0xc010_0010), 1);
+}

@@ -27,6 +27,9 @@
     .set OP_CHECK, 7
     .set OP_BAR_WRITE, 8
     .set OP_BAR_CHECK, 9
+    .set OP_CFG_READ, 10        /* cfg-read, cfg-write, cfg-check */
+    .set OP_MMIO_READ, 13       /* mmio-read, mmio-write, mmio-check */
+    .set OP_LAST, 15
     .set BAR0_SIZE, 0x2000
     .set STATUS_OUT_OF_RANGE, 2
     .set STATUS_DMA_FAULT, 7
@@ -37,7 +40,8 @@
     .set FLAG_POWEROFF, 1
     .set FLAG_QUIET, 2
     .set STATUS_NAMES, 11
-    .set KIND_NAMES, 11     /* nop .. bar-check, unknown */
+    .set KIND_NAMES, 17     /* nop .. mmio-check, unknown */
+    .set FOUR_GIB, 0x100000000
 
     /* PCI: the test device (docs/test-guest.md) and its DMA engine. */
     .set PCI_ADDRESS_PORT, 0xcf8
@@ -113,6 +117,13 @@ next_op:
     je do_bar
     cmp rax, OP_BAR_CHECK
     je do_bar
+    cmp rax, OP_LAST
+    ja 1f
+    cmp rax, OP_MMIO_READ
+    jae do_mmio
+    cmp rax, OP_CFG_READ
+    jae do_cfg
+1:
 
     /* Doorbell: GPA and size as 32-bit halves, then the command. */
     mov rdx, r11
@@ -265,6 +276,74 @@ do_bar:
     mov eax, edx
     jmp op_result
 
+/* cfg-read / cfg-write / cfg-check: one dword of bus 0 device GPA at byte
+ * offset SIZE, through ports 0xCF8/0xCFC (under the device lock: the
+ * address register is one for the whole VM). A write forgets the cached
+ * BAR0, so the next dma/bar op scans again and finds BAR0 where the guest
+ * moved it. */
+do_cfg:
+    call device_lock
+    mov eax, [rbx + 8]
+    shl eax, 11
+    or eax, [rbx + 16]
+    or eax, 0x80000000
+    mov dx, PCI_ADDRESS_PORT
+    out dx, eax
+    mov dx, PCI_DATA_PORT
+    mov rcx, [rbx]
+    sub rcx, OP_CFG_READ
+    cmp rcx, 1
+    jne 1f
+    mov eax, [rbx + 24]
+    out dx, eax
+    mov qword ptr [rip + device_bar0], 0
+    xor edx, edx
+    jmp 3f
+1:  in eax, dx
+    jmp dword_read
+
+/* mmio-read / mmio-write / mmio-check: one dword access at GPA, which may
+ * be RAM, a BAR, ECAM, the LAPIC... anything in the identity map (RAM and
+ * the first 4 GiB); beyond it the access would fault, so out-of-range. */
+do_mmio:
+    lea rsi, [rip + last_read]
+    mov qword ptr [rsi + rbp * 8], 0
+    mov rdi, [rbx + 8]
+    mov rsi, rdi
+    add rsi, 4
+    mov eax, STATUS_OUT_OF_RANGE
+    jc op_result
+    movabs rcx, FOUR_GIB
+    cmp rcx, r15
+    cmovb rcx, r15
+    cmp rsi, rcx
+    ja op_result
+    call device_lock
+    mov rcx, [rbx]
+    sub rcx, OP_MMIO_READ
+    cmp rcx, 1
+    jne 1f
+    mov eax, [rbx + 24]
+    mov [rdi], eax
+    xor edx, edx
+    jmp 3f
+1:  mov eax, [rdi]
+
+/* eax: the dword a read or check op loaded; rcx: 0 read, 2 check. Kept
+ * per vCPU for the op's line. */
+dword_read:
+    lea rsi, [rip + last_read]
+    mov [rsi + rbp * 8], rax
+    xor edx, edx
+    cmp rcx, 2
+    jne 3f
+    cmp eax, [rbx + 24]
+    je 3f
+    mov edx, STATUS_MISMATCH
+3:  call device_unlock
+    mov eax, edx
+    jmp op_result
+
 /* Spin until a device stores the op's byte at its GPA. */
 do_wait:
     mov rdi, [rbx + 8]
@@ -307,7 +386,14 @@ op_result:
 3:  lea rsi, [rip + kind_names]
     mov rsi, [rsi + rax * 8]
     call puts
-    lea rsi, [rip + s_gpa]
+    mov rax, [rbx]
+    cmp rax, OP_CFG_READ
+    jb 7f
+    cmp rax, OP_LAST
+    ja 7f
+    call put_dword_op
+    jmp 4f
+7:  lea rsi, [rip + s_gpa]
     call puts
     mov rax, [rbx + 8]
     call put_hex
@@ -383,6 +469,50 @@ bad_table:
     jmp idle
 
 /* --- helpers: clobber rax, rcx, rdx, rsi, rdi, r8, r9 only --- */
+
+/* The middle of a cfg-* or mmio-* op's line: "dev=N reg=0x.." or
+ * "gpa=0x..", then "value=" (what was written, or what a read loaded) and
+ * for a check "value=EXPECTED read=LOADED". */
+put_dword_op:
+    cmp qword ptr [rbx], OP_MMIO_READ
+    jae 1f
+    lea rsi, [rip + s_dev]
+    call puts
+    mov rax, [rbx + 8]
+    call put_dec
+    lea rsi, [rip + s_reg]
+    call puts
+    mov rax, [rbx + 16]
+    call put_hex
+    jmp 2f
+1:  lea rsi, [rip + s_gpa]
+    call puts
+    mov rax, [rbx + 8]
+    call put_hex
+2:  lea rsi, [rip + s_value]
+    call puts
+    mov rax, [rbx]
+    sub rax, OP_CFG_READ
+    cmp rax, 3
+    jb 3f
+    sub rax, 3
+3:  lea rsi, [rip + last_read]
+    mov r9, [rsi + rbp * 8]
+    test rax, rax               /* read: the loaded dword */
+    jz 4f
+    push rax
+    mov eax, [rbx + 24]
+    push r9
+    call put_hex
+    pop r9
+    pop rax
+    cmp rax, 2
+    jne 5f
+    lea rsi, [rip + s_read]
+    call puts
+4:  mov eax, r9d
+    call put_hex
+5:  ret
 
 /* Returns the test device's BAR0 in rax (0: not on the bus). The first
  * time: scans bus 0 through ports 0xCF8/0xCFC, enables memory decoding
@@ -601,6 +731,9 @@ s_op:         .asciz " op "
 s_gpa:        .asciz " gpa="
 s_size:       .asciz " size="
 s_value:      .asciz " value="
+s_dev:        .asciz " dev="
+s_reg:        .asciz " reg="
+s_read:       .asciz " read="
 s_status:     .asciz " status="
 s_error:      .asciz "error("
 s_done:       .asciz "memconv: done "
@@ -618,6 +751,12 @@ k_dma_read:   .asciz "dma-read"
 k_check:      .asciz "check"
 k_bar_write:  .asciz "bar-write"
 k_bar_check:  .asciz "bar-check"
+k_cfg_read:   .asciz "cfg-read"
+k_cfg_write:  .asciz "cfg-write"
+k_cfg_check:  .asciz "cfg-check"
+k_mmio_read:  .asciz "mmio-read"
+k_mmio_write: .asciz "mmio-write"
+k_mmio_check: .asciz "mmio-check"
 s_dma_ops:    .asciz "memconv: dma ops "
 s_msix:       .asciz " msix interrupts "
 st_ok:        .asciz "ok"
@@ -633,7 +772,8 @@ st_no_device: .asciz "no-device"
 st_dev_error: .asciz "device-error"
 
     .balign 8
-kind_names:   .quad k_nop, k_shared, k_private, k_write, k_wait, k_dma_write, k_dma_read, k_check, k_bar_write, k_bar_check, k_unknown
+kind_names:   .quad k_nop, k_shared, k_private, k_write, k_wait, k_dma_write, k_dma_read, k_check, k_bar_write, k_bar_check
+              .quad k_cfg_read, k_cfg_write, k_cfg_check, k_mmio_read, k_mmio_write, k_mmio_check, k_unknown
 status_names: .quad st_ok, st_invalid, st_range, st_listener, st_hv, st_command, st_busy, st_dma_fault, st_mismatch, st_no_device, st_dev_error
 console_busy: .quad 0
 expected_cpus: .quad 0
@@ -644,6 +784,7 @@ device_bar0:  .quad 0
 device_busy:  .quad 0
 dma_ops:      .quad 0
 msix_irqs:    .quad 0
+last_read:    .space 8 * 32     /* per vCPU: the dword the last read loaded */
 idt_descriptor:
     .word 256 * 16 - 1
     .quad idt

@@ -8,7 +8,7 @@ mod elf;
 mod ops;
 
 pub use elf::{LOAD_ADDR, wrap_flat_image};
-pub use ops::{Op, OpKind, ParseError, parse_ops, parse_size, parse_u64};
+pub use ops::{Op, OpKind, ParseError, SYNTAX as OPS_SYNTAX, parse_ops, parse_size, parse_u64};
 
 /// The assembled `memconv` interpreter, linked at `LOAD_ADDR`.
 pub const MEMCONV_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/memconv.bin"));
@@ -45,7 +45,8 @@ pub fn memconv_elf(lists: &[Vec<Op>], options: MemconvOptions) -> Vec<u8> {
 
 /// Table layout (little-endian u64s): magic, flags, list count, then one
 /// (offset from table start, op count) pair per list, then the ops as
-/// (kind, gpa, size, value).
+/// (kind, gpa, size, value); `cfg-*` ops carry the device number as gpa
+/// and the register offset as size.
 fn op_table(lists: &[Vec<Op>], flags: u64) -> Vec<u8> {
     let mut words: Vec<u64> = vec![u64::from_le_bytes(*TABLE_MAGIC), flags, lists.len() as u64];
     let mut offset = (3 + 2 * lists.len()) as u64 * 8;

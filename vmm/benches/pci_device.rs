@@ -43,7 +43,7 @@ fn op(kind: OpKind, gpa: u64, size: u64, value: u8) -> Op {
         kind,
         gpa,
         size,
-        value,
+        value: value.into(),
     }
 }
 

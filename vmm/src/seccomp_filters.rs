@@ -440,6 +440,8 @@ fn vm_builder_rules() -> Result<Rules, seccompiler::BackendError> {
         // `--serial socket=`: its listening socket.
         libc::SYS_bind,
         libc::SYS_listen,
+        // `--serial file=`: refusing procfs and sysfs files.
+        libc::SYS_fstatfs,
     ]));
     Ok(rules)
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use test_guest::{MemconvOptions, Op, memconv_elf, parse_ops};
+use test_guest::{MemconvOptions, OPS_SYNTAX, Op, memconv_elf, parse_ops};
 
 #[derive(Parser)]
 #[command(name = "ch-testguest", about = "Writes the project's own test guests")]
@@ -15,9 +15,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Guest {
-    /// A guest that converts memory through the doorbell and reports each op.
+    /// A guest that converts memory through the doorbell, drives the PCI
+    /// test device and its configuration space, and reports each op.
+    #[command(after_help = format!("Ops:\n{OPS_SYNTAX}"))]
     Memconv {
-        /// Comma-separated ops: nop@GPA+SIZE, shared@GPA+SIZE, private@GPA+SIZE, write@GPA+SIZE=BYTE.
+        /// Comma-separated ops (listed below), e.g.
+        /// `shared@0x1000000+16K,cfg-write@1:0x10=0xc0004000`.
         /// Repeat the flag to give vCPU 1, 2, ... their own list.
         #[arg(long, required = true, value_parser = parse_ops)]
         ops: Vec<Vec<Op>>,

@@ -93,7 +93,14 @@ impl PciSegment {
         vm: Arc<dyn Vm>,
     ) -> Result<Self, PciSegmentError> {
         let windows: Arc<dyn GuestMemoryWindows> = Arc::new(BarMemorySlots::new(vm.clone()));
-        let bus = Arc::new(PciBus::with_memory_windows(mmio_bus.clone(), Some(windows)));
+        let high = ram_end.max(1 << 32).next_multiple_of(1 << 30);
+        // BARs decode only in the windows they are placed in: a guest
+        // moving one onto RAM, the LAPIC or ECAM gets a BAR that decodes
+        // nothing, never a memory slot over RAM or a window over ECAM.
+        let bus = Arc::new(
+            PciBus::with_memory_windows(mmio_bus.clone(), Some(windows))
+                .with_apertures(vec![MMIO32_START..MMIO32_END, high..high + MMIO64_SIZE]),
+        );
         io_bus
             .insert(
                 Arc::new(PciConfigIo::new(bus.clone())),
@@ -108,7 +115,6 @@ impl PciSegment {
                 pci::ECAM_SIZE,
             )
             .map_err(PciSegmentError::Window)?;
-        let high = ram_end.max(1 << 32).next_multiple_of(1 << 30);
         let router = vm.has_irqchip().then(|| Arc::new(MsiRouter::new(vm)));
         Ok(PciSegment {
             bus,
@@ -743,5 +749,42 @@ mod tests {
         // Below 4 GiB of RAM the 64-bit window starts at 4 GiB.
         let low = segment(&vm, 1 << 30).plug(function(), None).unwrap();
         assert_eq!(low.bars[1], (BarKind::Mem64, 1 << 32));
+    }
+
+    /// A guest moving a BAR onto RAM, the ECAM window or the LAPIC page
+    /// gets a BAR that decodes nothing; in the 32-bit window, or a 64-bit
+    /// BAR in the window above RAM, it decodes where the guest put it.
+    #[test]
+    fn bars_decode_only_inside_the_segments_windows() {
+        let Some(vm) = recording_vm() else { return };
+        let ram_end = 6u64 << 30;
+        let seg = segment(&vm, ram_end);
+        let f = seg.plug(function(), None).unwrap();
+        let bus = seg.bus();
+        let write = |reg: usize, value: u32| {
+            bus.config_write(0, usize::from(f.slot), 0, reg, 0, &value.to_le_bytes())
+        };
+        write(1, 2);
+        assert_eq!(bus.mapped_windows(f.slot).len(), 2);
+        for outside in [0x1000_0000, ECAM_BASE as u32, 0xfec0_0000, 0xfee0_0000] {
+            write(4, outside);
+            let mapped = bus.mapped_windows(f.slot);
+            assert_eq!(mapped.len(), 1, "{outside:#x}");
+            assert_eq!(mapped[0].bar, 2);
+        }
+        // BAR2 onto RAM above 4 GiB, then to the end of its window.
+        write(6, 0);
+        write(7, 1);
+        assert_eq!(bus.mapped_windows(f.slot).len(), 0);
+        write(4, (MMIO32_END - 0x1000) as u32);
+        let end = ram_end + MMIO64_SIZE - 0x10_0000;
+        write(6, end as u32);
+        write(7, (end >> 32) as u32);
+        let mapped = bus.mapped_windows(f.slot);
+        assert_eq!(
+            mapped.iter().map(|w| w.address).collect::<Vec<_>>(),
+            [MMIO32_END - 0x1000, end]
+        );
+        seg.unplug(&f);
     }
 }
