@@ -158,6 +158,10 @@ impl Vm for AttributeTrackingVm {
         self.inner.create_vcpu(id)
     }
 
+    fn supported_cpuid(&self) -> Vec<crate::arch::CpuidEntry> {
+        self.inner.supported_cpuid()
+    }
+
     fn create_vfio_device(&self) -> Result<OwnedFd> {
         self.inner.create_vfio_device()
     }
@@ -237,6 +241,9 @@ mod tests {
         fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>> {
             self.answer(format!("vcpu {id}"))?;
             Ok(Box::new(ScriptedVcpu::new([]).0))
+        }
+        fn supported_cpuid(&self) -> Vec<crate::arch::CpuidEntry> {
+            Vec::new()
         }
         fn has_irqchip(&self) -> bool {
             self.irqchip

@@ -29,7 +29,12 @@ pub use vmm_sys_util::eventfd::EventFd;
 /// x86_64 register files, re-exported so the VMM's boot code needs no KVM crate.
 pub mod arch {
     pub use kvm_bindings::kvm_sregs as SpecialRegisters;
-    pub use kvm_bindings::{kvm_regs as StandardRegisters, kvm_segment as SegmentRegister};
+    pub use kvm_bindings::{
+        kvm_cpuid_entry2 as CpuidEntry, kvm_fpu as FpuState, kvm_regs as StandardRegisters,
+        kvm_segment as SegmentRegister,
+    };
+    /// The index is significant for this leaf (KVM_CPUID_FLAG_SIGNIFCANT_INDEX).
+    pub const CPUID_FLAG_INDEXED: u32 = kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +85,16 @@ pub enum HypervisorError {
     GsiRouting(usize, #[source] std::io::Error),
     #[error("cannot create the KVM-VFIO device")]
     CreateVfioDevice(#[source] std::io::Error),
+    #[error("cannot set CPUID ({0} entries)")]
+    SetCpuid(usize, #[source] std::io::Error),
+    #[error("cannot set {0} MSRs")]
+    SetMsrs(usize, #[source] std::io::Error),
+    #[error("cannot set the FPU state")]
+    SetFpu(#[source] std::io::Error),
+    #[error("cannot set the local APIC's LINT pins")]
+    SetLapic(#[source] std::io::Error),
+    #[error("cannot set the vCPU's run state")]
+    SetMpState(#[source] std::io::Error),
     #[error("cannot {action} irqfd for GSI {gsi}")]
     Irqfd {
         action: &'static str,
@@ -130,6 +145,9 @@ pub trait Vm: Send + Sync {
     fn set_memory_attributes(&self, gpa: u64, size: u64, private: bool) -> Result<()>;
     fn supports_memory_attributes(&self) -> bool;
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>>;
+    /// What this host's KVM can offer a guest (KVM_GET_SUPPORTED_CPUID),
+    /// before the VMM's adjustments.
+    fn supported_cpuid(&self) -> Vec<arch::CpuidEntry>;
     /// Whether KVM's in-kernel LAPIC / IOAPIC exists, so MSIs can be routed.
     fn has_irqchip(&self) -> bool;
     /// Replaces the whole MSI routing table (KVM takes it in one piece).
@@ -148,6 +166,18 @@ pub trait Vcpu: Send {
     fn set_regs(&self, regs: &arch::StandardRegisters) -> Result<()>;
     fn get_sregs(&self) -> Result<arch::SpecialRegisters>;
     fn set_sregs(&self, sregs: &arch::SpecialRegisters) -> Result<()>;
+    /// Replaces the CPUID the guest sees.
+    fn set_cpuid(&self, entries: &[arch::CpuidEntry]) -> Result<()>;
+    fn set_fpu(&self, fpu: &arch::FpuState) -> Result<()>;
+    /// Writes model-specific registers: (index, value).
+    fn set_msrs(&self, msrs: &[(u32, u64)]) -> Result<()>;
+    /// Programs the local APIC's LINT0 as ExtINT and LINT1 as NMI, what
+    /// firmware leaves a processor with and Linux expects.
+    fn set_lapic_lints(&self) -> Result<()>;
+    /// Leaves an application processor waiting for INIT / SIPI, which the
+    /// in-kernel LAPIC delivers when the guest starts it (Linux's SMP
+    /// bring-up); without this every vCPU runs from its registers at once.
+    fn wait_for_startup_ipi(&self) -> Result<()>;
     /// Enters the guest until the next exit that needs the VMM.
     fn run(&mut self) -> Result<VmExit<'_>>;
 }

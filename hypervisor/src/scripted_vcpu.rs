@@ -63,6 +63,27 @@ impl Vcpu for ScriptedVcpu {
         Ok(())
     }
 
+    // A scripted vCPU runs no guest code: there is no CPU state to set.
+    fn set_cpuid(&self, _entries: &[arch::CpuidEntry]) -> Result<()> {
+        Ok(())
+    }
+
+    fn set_fpu(&self, _fpu: &arch::FpuState) -> Result<()> {
+        Ok(())
+    }
+
+    fn set_msrs(&self, _msrs: &[(u32, u64)]) -> Result<()> {
+        Ok(())
+    }
+
+    fn set_lapic_lints(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn wait_for_startup_ipi(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn run(&mut self) -> Result<VmExit<'_>> {
         // Re-entry: KVM copies the hypercall's result into RAX.
         if std::mem::take(&mut self.hypercall_pending) {

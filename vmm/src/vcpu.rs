@@ -506,6 +506,21 @@ mod tests {
         fn set_sregs(&self, _: &hypervisor::arch::SpecialRegisters) -> hypervisor::Result<()> {
             Ok(())
         }
+        fn set_cpuid(&self, _: &[hypervisor::arch::CpuidEntry]) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn set_fpu(&self, _: &hypervisor::arch::FpuState) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn set_msrs(&self, _: &[(u32, u64)]) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn set_lapic_lints(&self) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn wait_for_startup_ipi(&self) -> hypervisor::Result<()> {
+            Ok(())
+        }
         fn run(&mut self) -> hypervisor::Result<VmExit<'_>> {
             Ok((self.0)())
         }

@@ -239,6 +239,10 @@ impl Vm for KvmVm {
         self.irqchip
     }
 
+    fn supported_cpuid(&self) -> Vec<arch::CpuidEntry> {
+        self.supported_cpuid.as_slice().to_vec()
+    }
+
     fn create_vfio_device(&self) -> Result<OwnedFd> {
         let mut request = kvm_create_device {
             type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
@@ -335,6 +339,84 @@ impl Vcpu for KvmVcpu {
         self.fd
             .set_sregs(sregs)
             .map_err(|e| HypervisorError::Registers(io_err(e)))
+    }
+
+    fn set_cpuid(&self, entries: &[arch::CpuidEntry]) -> Result<()> {
+        let cpuid = CpuId::from_entries(entries).map_err(|_| {
+            HypervisorError::SetCpuid(entries.len(), std::io::Error::other("too many entries"))
+        })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| HypervisorError::SetCpuid(entries.len(), io_err(e)))
+    }
+
+    fn set_fpu(&self, fpu: &arch::FpuState) -> Result<()> {
+        self.fd
+            .set_fpu(fpu)
+            .map_err(|e| HypervisorError::SetFpu(io_err(e)))
+    }
+
+    fn set_msrs(&self, msrs: &[(u32, u64)]) -> Result<()> {
+        let entries: Vec<kvm_bindings::kvm_msr_entry> = msrs
+            .iter()
+            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let list = kvm_bindings::Msrs::from_entries(&entries).map_err(|_| {
+            HypervisorError::SetMsrs(msrs.len(), std::io::Error::other("too many MSRs"))
+        })?;
+        let written = self
+            .fd
+            .set_msrs(&list)
+            .map_err(|e| HypervisorError::SetMsrs(msrs.len(), io_err(e)))?;
+        // KVM stops at the first MSR it refuses and says how many it took.
+        if written != msrs.len() {
+            return Err(HypervisorError::SetMsrs(
+                msrs.len(),
+                std::io::Error::other(format!("KVM refused MSR {:#x}", msrs[written].0)),
+            ));
+        }
+        Ok(())
+    }
+
+    fn set_lapic_lints(&self) -> Result<()> {
+        // LVT LINT0 (0x350) and LINT1 (0x360); delivery mode in bits 8..11.
+        const LVT_LINT0: usize = 0x350;
+        const LVT_LINT1: usize = 0x360;
+        const DELIVERY_MODE: u32 = 0x700;
+        const EXTINT: u32 = 0x700;
+        const NMI: u32 = 0x400;
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(|e| HypervisorError::SetLapic(io_err(e)))?;
+        for (offset, mode) in [(LVT_LINT0, EXTINT), (LVT_LINT1, NMI)] {
+            let mut bytes = [0u8; 4];
+            for (b, r) in bytes.iter_mut().zip(&lapic.regs[offset..offset + 4]) {
+                *b = *r as u8;
+            }
+            let value = (u32::from_le_bytes(bytes) & !DELIVERY_MODE) | mode;
+            for (r, b) in lapic.regs[offset..offset + 4]
+                .iter_mut()
+                .zip(value.to_le_bytes())
+            {
+                *r = b as std::os::raw::c_char;
+            }
+        }
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(|e| HypervisorError::SetLapic(io_err(e)))
+    }
+
+    fn wait_for_startup_ipi(&self) -> Result<()> {
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
+            })
+            .map_err(|e| HypervisorError::SetMpState(io_err(e)))
     }
 
     fn run(&mut self) -> Result<VmExit<'_>> {

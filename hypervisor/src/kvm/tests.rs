@@ -452,3 +452,64 @@ fn the_kvm_vfio_device_exists_once_per_vm() {
         "{e:?}"
     );
 }
+
+/// The raw vCPU behind a `Box<dyn Vcpu>` made by this backend, to read back
+/// what the trait only writes.
+fn raw(vcpu: &dyn Vcpu) -> &KvmVcpu {
+    // SAFETY: every vCPU these tests create comes from KvmVm::create_vcpu,
+    // which boxes a KvmVcpu; the reference lives no longer than the box.
+    unsafe { &*(vcpu as *const dyn Vcpu as *const KvmVcpu) }
+}
+
+#[test]
+fn linux_boot_state_reaches_the_vcpu() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let kvm_vcpu = raw(vcpu.as_ref());
+
+    // CPUID: what is set is what the vCPU reports, leaf by leaf.
+    let mut entries = vm.supported_cpuid();
+    assert!(
+        entries.iter().any(|e| e.function == 0x4000_0000),
+        "KVM's leaf"
+    );
+    let leaf1 = entries.iter_mut().find(|e| e.function == 1).unwrap();
+    leaf1.ecx &= !(1 << 13); // CX16
+    vcpu.set_cpuid(&entries).unwrap();
+    let back = kvm_vcpu.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
+    let leaf1 = back.as_slice().iter().find(|e| e.function == 1).unwrap();
+    assert_eq!(leaf1.ecx & (1 << 13), 0);
+
+    // LINT0 ExtINT, LINT1 NMI.
+    vcpu.set_lapic_lints().unwrap();
+    let lapic = kvm_vcpu.fd.get_lapic().unwrap();
+    let lvt =
+        |offset: usize| u32::from_le_bytes(std::array::from_fn(|i| lapic.regs[offset + i] as u8));
+    assert_eq!(lvt(0x350) & 0x700, 0x700);
+    assert_eq!(lvt(0x360) & 0x700, 0x400);
+
+    // MSRs: taken, or refused by index.
+    vcpu.set_msrs(&[(0x1a0, 1)]).unwrap(); // IA32_MISC_ENABLE: fast strings
+    let err = vcpu.set_msrs(&[(0x1a0, 1), (0xdead_beef, 0)]).unwrap_err();
+    assert!(err.to_string().contains("2 MSRs"), "{err}");
+
+    // The FPU's control words.
+    let fpu = crate::arch::FpuState {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).unwrap();
+    // (PVM reads MXCSR back as 0 whatever was set; the x87 control word
+    // comes back.)
+    assert_eq!(kvm_vcpu.fd.get_fpu().unwrap().fcw, 0x37f);
+
+    // An application processor waits for its startup IPI.
+    let ap = vm.create_vcpu(1).unwrap();
+    ap.wait_for_startup_ipi().unwrap();
+    assert_eq!(
+        raw(ap.as_ref()).fd.get_mp_state().unwrap().mp_state,
+        kvm_bindings::KVM_MP_STATE_UNINITIALIZED
+    );
+}

@@ -505,6 +505,9 @@ mod tests {
         fn create_vcpu(&self, id: u8) -> hypervisor::Result<Box<dyn hypervisor::Vcpu>> {
             self.inner.create_vcpu(id)
         }
+        fn supported_cpuid(&self) -> Vec<hypervisor::arch::CpuidEntry> {
+            self.inner.supported_cpuid()
+        }
         fn has_irqchip(&self) -> bool {
             self.inner.has_irqchip()
         }
