@@ -2,6 +2,9 @@
 //! long mode with identity-mapped page tables. See docs/test-guest.md for the
 //! layout (everything the VMM writes lies below 16 MiB).
 
+pub mod acpi;
+pub mod cpuid;
+
 use hypervisor::Vcpu;
 use hypervisor::arch::{SegmentRegister, SpecialRegisters, StandardRegisters};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
