@@ -36,8 +36,8 @@ struct Cli {
     /// Print what this host's KVM supports as JSON and exit.
     #[arg(long)]
     capabilities: bool,
-    /// Kernel command line: kept and shown in vm.info; the ELF guests this
-    /// VMM loads take none.
+    /// Kernel command line for a Linux kernel (our ELF test guests take
+    /// none; shown in vm.info either way).
     #[arg(long, value_name = "TEXT")]
     cmdline: Option<String>,
     /// Accepted for Cloud Hypervisor's command lines: there is no
@@ -53,7 +53,11 @@ struct Cli {
     /// Write one JSON event per line here.
     #[arg(long, value_name = EventMonitorConfig::SYNTAX, value_parser = EventMonitorConfig::parse)]
     event_monitor: Option<EventMonitorConfig>,
-    /// Guest kernel: an ELF64 image linked between 1 MiB and 4 MiB.
+    /// Initramfs for a Linux kernel.
+    #[arg(long, value_name = "FILE")]
+    initramfs: Option<PathBuf>,
+    /// Guest kernel: a Linux bzImage, a Linux ELF vmlinux with a PVH note,
+    /// or one of our ELF64 test guests (linked between 1 MiB and 4 MiB).
     #[arg(long, value_name = "FILE")]
     kernel: Option<PathBuf>,
     /// Log to this file instead of stderr.
@@ -106,7 +110,6 @@ const NOT_SUPPORTED: &[&str] = &[
     "generic-vhost-user",
     "host-data",
     "igvm",
-    "initramfs",
     "ivshmem",
     "landlock",
     "landlock-rules",
@@ -171,6 +174,7 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
             ("--cmdline", cli.cmdline.is_some()),
             ("--cpus", cli.cpus.is_some()),
             ("--device", !cli.device.is_empty()),
+            ("--initramfs", cli.initramfs.is_some()),
             ("--memory", cli.memory.is_some()),
             ("--platform", cli.platform.is_some()),
             ("--serial", cli.serial.is_some()),
@@ -187,12 +191,13 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
     let config = VmConfig {
         kernel,
         cmdline: cli.cmdline.clone(),
+        initramfs: cli.initramfs.clone(),
         memory: cli
             .memory
             .clone()
             .unwrap_or_else(|| MemoryConfig::parse("size=512M").expect("valid default")),
         platform: cli.platform.unwrap_or_default(),
-        cpus: cli.cpus.clone().unwrap_or(CpusConfig { boot: 1 }),
+        cpus: cli.cpus.clone().unwrap_or_default(),
         serial: cli.serial.clone().unwrap_or(ConsoleOutput::Tty),
         devices: cli.device.clone(),
         user_devices: cli.user_device.clone(),

@@ -499,11 +499,11 @@ fn bad_targets_on_the_command_line_fail_at_start_and_touch_nothing() {
     let huge = dir.path("huge.elf");
     std::fs::File::create(&huge)
         .unwrap()
-        .set_len(64 << 20)
+        .set_len(256 << 20)
         .unwrap();
     let (status, _, err) = run_vmm(&["--kernel", huge.to_str().unwrap()]);
     assert!(!status.success());
-    assert!(err.contains("more than the 16777216-byte limit"), "{err}");
+    assert!(err.contains("more than the 134217728-byte limit"), "{err}");
     // Event monitor targets that cannot take lines.
     for (target, why) in [
         ("path=/proc/version", "not a file, pipe, socket or terminal"),

@@ -162,6 +162,10 @@ impl Vm for AttributeTrackingVm {
         self.inner.supported_cpuid()
     }
 
+    fn create_pit(&self) -> Result<()> {
+        self.inner.create_pit()
+    }
+
     fn create_vfio_device(&self) -> Result<OwnedFd> {
         self.inner.create_vfio_device()
     }
@@ -244,6 +248,9 @@ mod tests {
         }
         fn supported_cpuid(&self) -> Vec<crate::arch::CpuidEntry> {
             Vec::new()
+        }
+        fn create_pit(&self) -> Result<()> {
+            self.answer("pit".to_string())
         }
         fn has_irqchip(&self) -> bool {
             self.irqchip

@@ -85,6 +85,8 @@ pub enum HypervisorError {
     GsiRouting(usize, #[source] std::io::Error),
     #[error("cannot create the KVM-VFIO device")]
     CreateVfioDevice(#[source] std::io::Error),
+    #[error("cannot create the in-kernel PIT")]
+    CreatePit(#[source] std::io::Error),
     #[error("cannot set CPUID ({0} entries)")]
     SetCpuid(usize, #[source] std::io::Error),
     #[error("cannot set {0} MSRs")]
@@ -150,6 +152,9 @@ pub trait Vm: Send + Sync {
     fn supported_cpuid(&self) -> Vec<arch::CpuidEntry>;
     /// Whether KVM's in-kernel LAPIC / IOAPIC exists, so MSIs can be routed.
     fn has_irqchip(&self) -> bool;
+    /// Adds KVM's in-kernel 8254 timer (what Linux calibrates its clocks
+    /// against and takes its first timer interrupts from).
+    fn create_pit(&self) -> Result<()>;
     /// Replaces the whole MSI routing table (KVM takes it in one piece).
     fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()>;
     /// Makes a write to `fd` inject GSI `gsi` without leaving the kernel.

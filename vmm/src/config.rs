@@ -225,14 +225,40 @@ impl MemoryConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CpusConfig {
     pub boot: u8,
+    /// CPUID features taken away from the guest (ours: `hide=`).
+    pub hidden: Vec<crate::boot::cpuid::CpuFeature>,
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        CpusConfig {
+            boot: 1,
+            hidden: Vec::new(),
+        }
+    }
 }
 
 impl CpusConfig {
-    pub const SYNTAX: &'static str =
-        "boot=N (1..=32)[,max=M (no hot-plug: M >= N, N run)][,kvm_hyperv=off]";
+    pub const SYNTAX: &'static str = "boot=N (1..=32)[,max=M (no hot-plug: M >= N, N run)][,kvm_hyperv=off][,hide=FEATURE:FEATURE...]";
+
+    /// Features for `hide=`, `:`-separated (cx16, xsave, avx, ...).
+    pub fn parse_hidden(text: &str) -> Result<Vec<crate::boot::cpuid::CpuFeature>, String> {
+        text.split(':')
+            .filter(|name| !name.is_empty())
+            .map(|name| {
+                crate::boot::cpuid::CpuFeature::parse(name).ok_or_else(|| {
+                    let known: Vec<&str> = crate::boot::cpuid::CpuFeature::ALL
+                        .iter()
+                        .map(|f| f.name())
+                        .collect();
+                    format!("unknown feature {name:?} (known: {})", known.join(", "))
+                })
+            })
+            .collect()
+    }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("--cpus", text, &["boot", "max", "kvm_hyperv"])?;
+        let p = OptionParser::parse("--cpus", text, &["boot", "max", "kvm_hyperv", "hide"])?;
         if p.toggle("kvm_hyperv", false)? {
             return Err(p.invalid("kvm_hyperv", "Hyper-V enlightenments are not supported"));
         }
@@ -252,7 +278,20 @@ impl CpusConfig {
                 return Err(p.invalid("max", "below boot"));
             }
         }
-        Ok(CpusConfig { boot })
+        let hidden = match p.get("hide") {
+            None => Vec::new(),
+            Some(list) => Self::parse_hidden(list).map_err(|why| ConfigError::Invalid {
+                option: "--cpus",
+                key: "hide",
+                value: list.to_string(),
+                why: if why.starts_with("unknown") {
+                    "unknown feature (cx16, xsave, avx, avx2, x2apic, pcid, tsc-deadline, rdrand, smep, smap, la57)"
+                } else {
+                    "expected FEATURE:FEATURE..."
+                },
+            })?,
+        };
+        Ok(CpusConfig { boot, hidden })
     }
 }
 
@@ -811,8 +850,10 @@ impl PlatformConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
     pub kernel: PathBuf,
-    /// Kept and shown; the ELF guests this VMM loads take no command line.
+    /// A Linux kernel's command line (our test guests take none).
     pub cmdline: Option<String>,
+    /// A Linux kernel's initramfs.
+    pub initramfs: Option<PathBuf>,
     pub memory: MemoryConfig,
     pub platform: PlatformConfig,
     pub cpus: CpusConfig,
@@ -959,6 +1000,15 @@ mod tests {
         assert_eq!(u.socket, PathBuf::from("/tmp/dev.sock"));
         assert_eq!(u.id, None);
         assert_eq!(u.dma, DmaMode::Fd);
+        use crate::boot::cpuid::CpuFeature;
+        let cpus = CpusConfig::parse("boot=2,hide=cx16:xsave").unwrap();
+        assert_eq!(
+            (cpus.boot, cpus.hidden),
+            (2, vec![CpuFeature::Cx16, CpuFeature::Xsave])
+        );
+        assert!(CpusConfig::parse("boot=2").unwrap().hidden.is_empty());
+        let err = CpusConfig::parse("hide=cx16:sse9").unwrap_err().to_string();
+        assert!(err.contains("unknown feature"), "{err}");
         let dma = |text: &str| UserDeviceConfig::parse(&format!("socket=/s,{text}")).map(|u| u.dma);
         assert_eq!(dma("dma=messages").unwrap(), DmaMode::Messages);
         assert_eq!(dma("dma=fd").unwrap(), DmaMode::Fd);

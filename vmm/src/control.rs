@@ -475,9 +475,10 @@ mod tests {
         let config = VmConfig {
             kernel,
             cmdline: None,
+            initramfs: None,
             memory: MemoryConfig::new("memory", 32 << 20, true, None).unwrap(),
             platform: PlatformConfig::default(),
-            cpus: CpusConfig { boot: 1 },
+            cpus: CpusConfig::default(),
             serial: ConsoleOutput::Off,
             devices: Vec::new(),
             user_devices: Vec::new(),

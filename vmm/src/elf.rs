@@ -27,6 +27,8 @@ pub enum ElfError {
     BadEntry(u64),
     #[error("cannot copy a segment into guest memory")]
     Copy(#[source] vm_memory::GuestMemoryError),
+    #[error("an initramfs needs a Linux kernel (a bzImage or an ELF with a PVH note)")]
+    NotLinux,
 }
 
 fn read<const N: usize>(image: &[u8], at: usize) -> Result<[u8; N], ElfError> {

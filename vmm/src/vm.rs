@@ -64,6 +64,24 @@ pub enum VmError {
     Vcpu(#[source] hypervisor::HypervisorError),
     #[error("cannot set up vCPU")]
     VcpuSetup(#[source] BootError),
+    #[error("cannot boot the Linux kernel {path}")]
+    LinuxBoot {
+        path: String,
+        #[source]
+        source: boot::linux::LinuxBootError,
+    },
+    #[error("cannot open the initramfs {path}")]
+    Initramfs {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build the ACPI tables")]
+    Acpi(#[source] boot::acpi::AcpiError),
+    #[error("cannot set up vCPU {0}'s CPUID")]
+    Cpuid(u8, #[source] hypervisor::HypervisorError),
+    #[error("cannot create the timer a Linux guest needs")]
+    Pit(#[source] hypervisor::HypervisorError),
     #[error("cannot start vCPU thread")]
     VcpuThread(#[source] crate::seccomp_filters::SeccompError),
     #[error("cannot add device")]
@@ -189,9 +207,9 @@ fn serial_output(config: &ConsoleOutput) -> Result<SerialSetup, VmError> {
 /// of a conversion waiting for a device).
 pub const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Largest kernel file accepted: everything the VMM loads lies below
-/// 16 MiB, so a larger file cannot be a kernel for this layout.
-pub const MAX_KERNEL_FILE: u64 = 16 << 20;
+/// Largest kernel file accepted: an uncompressed Linux vmlinux with its
+/// symbols is about 50 MiB; the file is read whole before loading.
+pub const MAX_KERNEL_FILE: u64 = 128 << 20;
 
 /// Reads the kernel image: a regular file no larger than `MAX_KERNEL_FILE`.
 /// Opened without blocking, so a FIFO is refused rather than waited on.
@@ -229,6 +247,95 @@ fn read_kernel(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
     Ok(image)
 }
 
+/// What the vCPUs start: one of our test guests at its ELF entry, or a
+/// Linux kernel through its boot protocol.
+#[derive(Clone, Copy)]
+enum Guest {
+    TestGuest(u64),
+    Linux(boot::linux::LinuxEntry),
+}
+
+impl std::fmt::Display for Guest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, entry) = match self {
+            Guest::TestGuest(entry) => ("test guest", *entry),
+            Guest::Linux(boot::linux::LinuxEntry::Long64 { entry }) => ("Linux 64-bit", *entry),
+            Guest::Linux(boot::linux::LinuxEntry::Pvh { entry }) => ("Linux PVH", *entry),
+        };
+        write!(f, "{kind} at {entry:#x}")
+    }
+}
+
+enum LinuxLoad {
+    Boot(boot::linux::LinuxBootError),
+    Other(VmError),
+}
+
+/// Writes the ACPI tables and loads a Linux kernel (and its initramfs)
+/// into guest RAM.
+fn load_linux(
+    config: &VmConfig,
+    memory: &MemoryManager,
+    kernel: &[u8],
+) -> Result<boot::linux::LinuxEntry, LinuxLoad> {
+    use crate::device_manager::pci_segment::{ECAM_BASE, bar_windows};
+    let (mmio32, mmio64) = bar_windows(memory.ram_end());
+    let tables = boot::acpi::build(&boot::acpi::Platform {
+        vcpus: config.cpus.boot,
+        ecam_base: ECAM_BASE,
+        ecam_size: pci::ECAM_SIZE,
+        mmio32,
+        mmio64,
+    })
+    .map_err(|e| LinuxLoad::Other(VmError::Acpi(e)))?;
+    tables
+        .write(memory.guest_memory())
+        .map_err(|e| LinuxLoad::Other(VmError::Acpi(e)))?;
+    let mut initramfs = match &config.initramfs {
+        Some(path) => Some(File::open(path).map_err(|source| {
+            LinuxLoad::Other(VmError::Initramfs {
+                path: path.display().to_string(),
+                source,
+            })
+        })?),
+        None => None,
+    };
+    let ram: Vec<(u64, u64)> = memory.regions().iter().map(|r| (r.gpa, r.size)).collect();
+    boot::linux::load(
+        memory.guest_memory(),
+        kernel,
+        boot::linux::LinuxBootSpec {
+            cmdline: config.cmdline.as_deref().unwrap_or(""),
+            initramfs: initramfs.as_mut(),
+            ram: &ram,
+            reserved: &[(ECAM_BASE, pci::ECAM_SIZE)],
+            rsdp: tables.rsdp,
+        },
+    )
+    .map_err(LinuxLoad::Boot)
+}
+
+/// The boot vCPU starts at the kernel's entry; the others wait for the
+/// INIT / SIPI the kernel sends them through the in-kernel LAPIC.
+fn setup_linux_vcpu(
+    vcpu: &dyn hypervisor::Vcpu,
+    index: u8,
+    entry: boot::linux::LinuxEntry,
+    irqchip: bool,
+) -> Result<(), boot::linux::LinuxBootError> {
+    boot::linux::setup_common_vcpu_state(vcpu, index)?;
+    if irqchip {
+        vcpu.set_lapic_lints()
+            .map_err(|e| boot::linux::LinuxBootError::Vcpu(index, e))?;
+    }
+    if index == 0 {
+        boot::linux::setup_boot_vcpu(vcpu, entry)
+    } else {
+        vcpu.wait_for_startup_ipi()
+            .map_err(|e| boot::linux::LinuxBootError::Vcpu(index, e))
+    }
+}
+
 impl Vm {
     /// Builds the VM and starts its vCPUs.
     pub fn boot(
@@ -259,13 +366,41 @@ impl Vm {
             MemoryManager::new(hv_vm.clone(), config.memory.size, config.memory.layout)
                 .map_err(VmError::Memory)?,
         );
-        let entry =
-            boot::load(memory.guest_memory(), memory.ram_end(), &kernel).map_err(|source| {
-                VmError::LoadKernel {
-                    path: kernel_path,
+        // A bzImage or an ELF with a PVH note is Linux; any other ELF is
+        // one of our test guests.
+        let linux = match boot::linux::format_of(&kernel) {
+            Some(boot::linux::KernelFormat::BzImage) => true,
+            Some(boot::linux::KernelFormat::Elf) => boot::linux::has_pvh_note(&kernel),
+            None => false,
+        };
+        if !linux && config.initramfs.is_some() {
+            return Err(VmError::LoadKernel {
+                path: kernel_path,
+                source: BootError::Elf(crate::elf::ElfError::NotLinux),
+            });
+        }
+        let entry = if linux {
+            let entry = load_linux(&config, &memory, &kernel).map_err(|e| match e {
+                LinuxLoad::Boot(source) => VmError::LinuxBoot {
+                    path: kernel_path.clone(),
                     source,
-                }
+                },
+                LinuxLoad::Other(e) => e,
             })?;
+            if hv_vm.has_irqchip() {
+                hv_vm.create_pit().map_err(VmError::Pit)?;
+            }
+            Guest::Linux(entry)
+        } else {
+            Guest::TestGuest(
+                boot::load(memory.guest_memory(), memory.ram_end(), &kernel).map_err(|source| {
+                    VmError::LoadKernel {
+                        path: kernel_path,
+                        source,
+                    }
+                })?,
+            )
+        };
 
         let conversions = Arc::new(ConversionPath::new(memory.clone(), monitor.clone()));
         let serial = serial_output(&config.serial)?;
@@ -315,10 +450,26 @@ impl Vm {
         });
         let count = config.cpus.boot;
         let mut created = Vec::with_capacity(count.into());
+        let supported_cpuid = hv_vm.supported_cpuid();
         for index in 0..count {
             let vcpu = hv_vm.create_vcpu(index).map_err(VmError::Vcpu)?;
-            boot::setup_vcpu(vcpu.as_ref(), index, count, entry, memory.low_ram_size())
-                .map_err(VmError::VcpuSetup)?;
+            let cpuid = boot::cpuid::for_vcpu(&supported_cpuid, index, count, &config.cpus.hidden);
+            vcpu.set_cpuid(&cpuid)
+                .map_err(|e| VmError::Cpuid(index, e))?;
+            match entry {
+                Guest::TestGuest(entry) => {
+                    boot::setup_vcpu(vcpu.as_ref(), index, count, entry, memory.low_ram_size())
+                        .map_err(VmError::VcpuSetup)?;
+                }
+                Guest::Linux(entry) => {
+                    setup_linux_vcpu(vcpu.as_ref(), index, entry, hv_vm.has_irqchip()).map_err(
+                        |source| VmError::LinuxBoot {
+                            path: config.kernel.display().to_string(),
+                            source,
+                        },
+                    )?;
+                }
+            }
             created.push(vcpu);
         }
         let devices = Arc::new(
@@ -359,7 +510,7 @@ impl Vm {
             }
         }
         info!(
-            "VM running: {} vCPUs, {} bytes of {} RAM, entry {entry:#x}",
+            "VM running: {} vCPUs, {} bytes of {} RAM, {entry}",
             count,
             vm.config.memory.size,
             vm.memory.regions()[0].backing.name()

@@ -239,6 +239,15 @@ impl Vm for KvmVm {
         self.irqchip
     }
 
+    fn create_pit(&self) -> Result<()> {
+        if !self.irqchip {
+            return Err(HypervisorError::NoIrqchip);
+        }
+        self.fd
+            .create_pit2(kvm_bindings::kvm_pit_config::default())
+            .map_err(|e| HypervisorError::CreatePit(io_err(e)))
+    }
+
     fn supported_cpuid(&self) -> Vec<arch::CpuidEntry> {
         self.supported_cpuid.as_slice().to_vec()
     }

@@ -31,13 +31,14 @@ pub fn quiet_guest(
     VmConfig {
         kernel,
         cmdline: None,
+        initramfs: None,
         memory: MemoryConfig {
             size: 64 << 20,
             guest_memfd: true,
             layout: MemoryLayout::Auto,
         },
         platform: Default::default(),
-        cpus: CpusConfig { boot: 1 },
+        cpus: CpusConfig::default(),
         serial,
         devices: Vec::new(),
         user_devices,

@@ -4,6 +4,7 @@
 
 pub mod acpi;
 pub mod cpuid;
+pub mod linux;
 
 use hypervisor::Vcpu;
 use hypervisor::arch::{SegmentRegister, SpecialRegisters, StandardRegisters};

@@ -145,7 +145,7 @@ fn check_rest(
 
 fn cpus(top: &Map<String, Value>) -> Result<CpusConfig, VmConfigJsonError> {
     let Some(o) = object(top, "cpus")? else {
-        return Ok(CpusConfig { boot: 1 });
+        return Ok(CpusConfig::default());
     };
     let boot = integer(o, "boot_vcpus", "cpus")?.unwrap_or(1);
     let boot = u8::try_from(boot)
@@ -163,7 +163,7 @@ fn cpus(top: &Map<String, Value>) -> Result<CpusConfig, VmConfigJsonError> {
     check_rest(
         o,
         "cpus",
-        &["boot_vcpus", "max_vcpus"],
+        &["boot_vcpus", "max_vcpus", "hide"],
         &[
             "topology",
             "kvm_hyperv",
@@ -174,7 +174,22 @@ fn cpus(top: &Map<String, Value>) -> Result<CpusConfig, VmConfigJsonError> {
         ],
         &[],
     )?;
-    Ok(CpusConfig { boot })
+    let hidden = match o.get("hide") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(names)) => {
+            let names: Option<Vec<&str>> = names.iter().map(Value::as_str).collect();
+            let names = names.ok_or_else(|| field_error("cpus.hide", "expected feature names"))?;
+            CpusConfig::parse_hidden(&names.join(":"))
+                .map_err(|why| field_error("cpus.hide", why))?
+        }
+        Some(_) => {
+            return Err(field_error(
+                "cpus.hide",
+                "expected an array of feature names",
+            ));
+        }
+    };
+    Ok(CpusConfig { boot, hidden })
 }
 
 fn memory(top: &Map<String, Value>) -> Result<MemoryConfig, VmConfigJsonError> {
@@ -204,26 +219,39 @@ fn memory(top: &Map<String, Value>) -> Result<MemoryConfig, VmConfigJsonError> {
     Ok(MemoryConfig::new("memory", size, guest_memfd, layout)?)
 }
 
-fn payload(top: &Map<String, Value>) -> Result<(PathBuf, Option<String>), VmConfigJsonError> {
+struct Payload {
+    kernel: PathBuf,
+    cmdline: Option<String>,
+    initramfs: Option<PathBuf>,
+}
+
+fn payload(top: &Map<String, Value>) -> Result<Payload, VmConfigJsonError> {
     let o = object(top, "payload")?.ok_or_else(|| field_error("payload", "required"))?;
     let kernel = string(o, "kernel", "payload")?
         .filter(|k| !k.is_empty())
         .ok_or_else(|| field_error("payload.kernel", "required (an ELF kernel)"))?;
     let cmdline = string(o, "cmdline", "payload")?.map(str::to_string);
-    let only_elf = "only an ELF kernel is loaded here";
+    let initramfs = string(o, "initramfs", "payload")?
+        .filter(|i| !i.is_empty())
+        .map(PathBuf::from);
+    let only_kernels =
+        "only a kernel is loaded here (Linux bzImage or vmlinux, or an ELF test guest)";
     check_rest(
         o,
         "payload",
-        &["kernel", "cmdline"],
+        &["kernel", "cmdline", "initramfs"],
         &[],
         &[
-            ("firmware", only_elf),
-            ("initramfs", only_elf),
-            ("igvm", only_elf),
-            ("host_data", only_elf),
+            ("firmware", only_kernels),
+            ("igvm", only_kernels),
+            ("host_data", only_kernels),
         ],
     )?;
-    Ok((PathBuf::from(kernel), cmdline))
+    Ok(Payload {
+        kernel: PathBuf::from(kernel),
+        cmdline,
+        initramfs,
+    })
 }
 
 /// The non-empty path under `key` that console `field`'s `mode` needs.
@@ -338,7 +366,11 @@ pub fn from_json(body: &[u8]) -> Result<VmConfig, VmConfigJsonError> {
     let Value::Object(top) = value else {
         return Err(VmConfigJsonError::Syntax("expected an object".into()));
     };
-    let (kernel, cmdline) = payload(&top)?;
+    let Payload {
+        kernel,
+        cmdline,
+        initramfs,
+    } = payload(&top)?;
     match console(&top, "console")? {
         None | Some(ConsoleOutput::Off) => {}
         Some(ConsoleOutput::Tty) => info!(
@@ -365,6 +397,7 @@ pub fn from_json(body: &[u8]) -> Result<VmConfig, VmConfigJsonError> {
     let config = VmConfig {
         kernel,
         cmdline,
+        initramfs,
         memory: memory(&top)?,
         platform: platform(&top)?,
         cpus: cpus(&top)?,
@@ -415,11 +448,18 @@ pub fn to_json(config: &VmConfig) -> Value {
     if let Some(cmdline) = &config.cmdline {
         payload["cmdline"] = json!(cmdline);
     }
+    if let Some(initramfs) = &config.initramfs {
+        payload["initramfs"] = json!(initramfs);
+    }
+    let mut cpus = json!({
+        "boot_vcpus": config.cpus.boot,
+        "max_vcpus": config.cpus.boot,
+    });
+    if !config.cpus.hidden.is_empty() {
+        cpus["hide"] = json!(config.cpus.hidden);
+    }
     json!({
-        "cpus": {
-            "boot_vcpus": config.cpus.boot,
-            "max_vcpus": config.cpus.boot,
-        },
+        "cpus": cpus,
         "memory": {
             "size": config.memory.size,
             "guest_memfd": config.memory.guest_memfd,
@@ -607,6 +647,28 @@ mod tests {
             parse(&memory(r#""bogus":null"#)).is_ok(),
             "asks for nothing"
         );
+        // A Linux payload's initramfs, and CPUID features to hide (ours).
+        let linux = parse(
+            r#"{"payload":{"kernel":"/bzImage","cmdline":"console=ttyS0","initramfs":"/initrd"},
+                "memory":{"size":67108864},"cpus":{"boot_vcpus":2,"hide":["cx16","xsave"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(linux.initramfs, Some(PathBuf::from("/initrd")));
+        assert_eq!(
+            linux.cpus.hidden,
+            [
+                crate::boot::cpuid::CpuFeature::Cx16,
+                crate::boot::cpuid::CpuFeature::Xsave
+            ]
+        );
+        let back = to_json(&linux);
+        assert_eq!(back["payload"]["initramfs"], "/initrd");
+        assert_eq!(back["cpus"]["hide"], json!(["cx16", "xsave"]));
+        assert_eq!(from_json(back.to_string().as_bytes()).unwrap(), linux);
+        let err = parse(&with(r#""cpus":{"hide":["sse9"]}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cpus.hide") && err.contains("sse9"), "{err}");
         assert_eq!(
             refused_field(
                 r#"{"payload":{"kernel":"/k"},"memory":{"size":67108864},"cpus":{"boot_vcpus":0}}"#

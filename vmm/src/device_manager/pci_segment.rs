@@ -71,6 +71,14 @@ impl Window {
     }
 }
 
+/// The 32- and 64-bit BAR windows of segment 0 for RAM ending at
+/// `ram_end`: the 64-bit one starts at the first GiB boundary above RAM
+/// and 4 GiB (what the ACPI host bridge's _CRS reports too).
+pub fn bar_windows(ram_end: u64) -> (std::ops::Range<u64>, std::ops::Range<u64>) {
+    let high = ram_end.max(1 << 32).next_multiple_of(1 << 30);
+    (MMIO32_START..MMIO32_END, high..high + MMIO64_SIZE)
+}
+
 /// A plugged function and what it was given.
 pub struct PluggedFunction {
     pub slot: u8,
@@ -93,13 +101,13 @@ impl PciSegment {
         vm: Arc<dyn Vm>,
     ) -> Result<Self, PciSegmentError> {
         let windows: Arc<dyn GuestMemoryWindows> = Arc::new(BarMemorySlots::new(vm.clone()));
-        let high = ram_end.max(1 << 32).next_multiple_of(1 << 30);
+        let (low, high) = bar_windows(ram_end);
         // BARs decode only in the windows they are placed in: a guest
         // moving one onto RAM, the LAPIC or ECAM gets a BAR that decodes
         // nothing, never a memory slot over RAM or a window over ECAM.
         let bus = Arc::new(
             PciBus::with_memory_windows(mmio_bus.clone(), Some(windows))
-                .with_apertures(vec![MMIO32_START..MMIO32_END, high..high + MMIO64_SIZE]),
+                .with_apertures(vec![low.clone(), high.clone()]),
         );
         io_bus
             .insert(
@@ -119,8 +127,8 @@ impl PciSegment {
         Ok(PciSegment {
             bus,
             windows: Mutex::new((
-                Window::new(MMIO32_START, MMIO32_END),
-                Window::new(high, high + MMIO64_SIZE),
+                Window::new(low.start, low.end),
+                Window::new(high.start, high.end),
             )),
             router,
         })
@@ -507,6 +515,9 @@ mod tests {
         }
         fn supported_cpuid(&self) -> Vec<hypervisor::arch::CpuidEntry> {
             self.inner.supported_cpuid()
+        }
+        fn create_pit(&self) -> hypervisor::Result<()> {
+            self.inner.create_pit()
         }
         fn has_irqchip(&self) -> bool {
             self.inner.has_irqchip()
