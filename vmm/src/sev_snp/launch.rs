@@ -61,14 +61,12 @@ pub struct Measurement {
 }
 
 impl Measurement {
-    /// The object `--measure` prints and `vm.info` shows.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "platform": "sev-snp",
-            "measurement": self.measurement,
-            "vcpu_signature": format!("{:#x}", self.vcpu_signature),
-            "guest_features": format!("{:#x}", self.guest_features),
-        })
+    /// The object `--measure` prints, on one line, keys in this order.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"platform\": \"sev-snp\", \"measurement\": \"{}\", \"vcpu_signature\": \"{:#x}\", \"guest_features\": \"{:#x}\"}}",
+            self.measurement, self.vcpu_signature, self.guest_features
+        )
     }
 }
 

@@ -520,3 +520,21 @@ fn a_full_launch_logs_every_step_in_order() {
     .unwrap();
     assert_eq!(policy.measurement, base.measurement);
 }
+
+#[test]
+fn the_measurement_prints_as_one_json_object_in_the_documented_order() {
+    let m = Measurement {
+        measurement: "ab".repeat(48),
+        vcpu_signature: MILAN,
+        guest_features: 0x21,
+        policy: SNP_POLICY_DEFAULT,
+    };
+    let text = m.to_json();
+    assert!(
+        text.starts_with("{\"platform\": \"sev-snp\", \"measurement\": \"abab"),
+        "{text}"
+    );
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(value["vcpu_signature"], "0xa00f11");
+    assert_eq!(value["guest_features"], "0x21");
+}
