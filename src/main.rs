@@ -53,6 +53,10 @@ struct Cli {
     /// Write one JSON event per line here.
     #[arg(long, value_name = EventMonitorConfig::SYNTAX, value_parser = EventMonitorConfig::parse)]
     event_monitor: Option<EventMonitorConfig>,
+    /// Firmware: an OVMF image, loaded so that it ends at 4 GiB, for an
+    /// SEV-SNP guest (`--platform sev_snp=on`); see --measure.
+    #[arg(long, value_name = "FILE")]
+    firmware: Option<PathBuf>,
     /// Initramfs for a Linux kernel.
     #[arg(long, value_name = "FILE")]
     initramfs: Option<PathBuf>,
@@ -63,6 +67,11 @@ struct Cli {
     /// Log to this file instead of stderr.
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
+    /// Print the SEV-SNP launch measurement of --firmware with --cpus,
+    /// --memory and --platform as one JSON object, and exit without
+    /// creating a VM (on any host).
+    #[arg(long)]
+    measure: bool,
     /// Guest memory [default: size=512M].
     #[arg(long, value_name = MemoryConfig::SYNTAX, value_parser = MemoryConfig::parse)]
     memory: Option<MemoryConfig>,
@@ -103,7 +112,6 @@ const NOT_SUPPORTED: &[&str] = &[
     "dbus-system-bus",
     "debug-console",
     "disk",
-    "firmware",
     "fs",
     "fw-cfg-config",
     "gdb",
@@ -165,6 +173,55 @@ enum CliError {
     NothingToRun,
     #[error("{0} configures a VM, which needs --kernel (or use vm.create over the API)")]
     NeedsKernel(&'static str),
+    #[error("--measure measures a firmware launch: give --firmware")]
+    MeasureNeedsFirmware,
+    #[error("--firmware boots an SEV-SNP guest: give --platform sev_snp=on")]
+    FirmwareNeedsSevSnp,
+    #[error("give --kernel or --firmware, not both")]
+    KernelAndFirmware,
+    #[error("{0} does not apply to a firmware launch")]
+    NotWithFirmware(&'static str),
+}
+
+/// The firmware launch of the command line: `--measure` prints its
+/// measurement; otherwise it boots, where the host allows.
+fn firmware_launch(cli: &Cli) -> Result<(), String> {
+    let firmware = cli
+        .firmware
+        .as_ref()
+        .ok_or_else(|| CliError::MeasureNeedsFirmware.to_string())?;
+    let platform = cli.platform.unwrap_or_default();
+    if !platform.sev_snp {
+        return Err(CliError::FirmwareNeedsSevSnp.to_string());
+    }
+    if cli.kernel.is_some() {
+        return Err(CliError::KernelAndFirmware.to_string());
+    }
+    for (option, given) in [
+        ("--device", !cli.device.is_empty()),
+        ("--user-device", !cli.user_device.is_empty()),
+        ("--api-socket", cli.api_socket.is_some()),
+        ("--initramfs", cli.initramfs.is_some()),
+        ("--cmdline", cli.cmdline.is_some()),
+    ] {
+        if given {
+            return Err(CliError::NotWithFirmware(option).to_string());
+        }
+    }
+    let memory = cli
+        .memory
+        .clone()
+        .unwrap_or_else(|| MemoryConfig::parse("size=512M").expect("valid default"));
+    let vcpus = cli.cpus.as_ref().map_or(1, |c| c.boot);
+    if cli.measure {
+        let measured = vmm::sev_snp::measure_firmware(firmware, memory.size, &platform, vcpus)
+            .map_err(|e| error_chain(&e))?;
+        println!("{}", measured.to_json());
+        return Ok(());
+    }
+    let hypervisor = hypervisor::KvmHypervisor::new().map_err(|e| error_chain(&e))?;
+    vmm::sev_snp::boot_firmware(&hypervisor, firmware, memory.size, &platform, vcpus)
+        .map_err(|e| error_chain(&e))
 }
 
 /// The VM the command line describes, if any.
@@ -227,6 +284,15 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("cloud-hypervisor: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if cli.measure || cli.firmware.is_some() {
+        return match firmware_launch(&cli) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cloud-hypervisor: {e}");
                 ExitCode::FAILURE
             }
         };
@@ -304,7 +370,7 @@ mod tests {
         .unwrap();
         assert_eq!(kept, args(&["cloud-hypervisor", "--kernel", "/k", "-v"]));
         assert_eq!(ignored, ["--rng", "--watchdog", "--rng", "--pvpanic"]);
-        for refused in ["--disk", "--net=tap=t0", "--firmware", "--landlock"] {
+        for refused in ["--disk", "--net=tap=t0", "--igvm", "--landlock"] {
             match screen_cloud_hypervisor_options(args(&["cloud-hypervisor", refused, "x"])) {
                 Err(CliError::NotSupported(name)) => {
                     assert!(refused.starts_with(&format!("--{name}")))

@@ -12,6 +12,7 @@ mod conversion;
 pub mod kvm;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod scripted_vcpu;
+pub mod sev_snp;
 mod vcpu_exit;
 
 use std::os::fd::OwnedFd;
@@ -23,6 +24,9 @@ pub use conversion::{
     decode_map_gpa_range,
 };
 pub use kvm::KvmHypervisor;
+pub use sev_snp::{
+    KvmSevSnpLauncher, SevSnpCommand, SevSnpLauncher, SnpLaunchError, SnpPageType, SnpVcpuState,
+};
 pub use vcpu_exit::{HYPERCALL_EINVAL, HypercallReply, VmExit};
 pub use vmm_sys_util::eventfd::EventFd;
 
@@ -129,9 +133,29 @@ pub struct UserMemoryRegion {
     pub guest_memfd: Option<(i32, u64)>,
 }
 
+/// One CPUID leaf as KVM reports it (`KVM_GET_SUPPORTED_CPUID`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuidEntry {
+    pub function: u32,
+    pub index: u32,
+    /// `KVM_CPUID_FLAG_SIGNIFCANT_INDEX` when `index` selects a sub-leaf.
+    pub flags: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
 pub trait Hypervisor: Send + Sync {
     fn capabilities(&self) -> &Capabilities;
     fn create_vm(&self, vm_type: VmType) -> Result<Arc<dyn Vm>>;
+    /// The SEV_FEATURES bits an SEV-SNP VM may have; an error where the
+    /// host has no SEV.
+    fn sev_snp_vmsa_features(&self) -> sev_snp::SnpResult<u64> {
+        Err(SnpLaunchError::VmsaFeatures(std::io::Error::from(
+            std::io::ErrorKind::Unsupported,
+        )))
+    }
 }
 
 pub trait Vm: Send + Sync {
@@ -164,6 +188,30 @@ pub trait Vm: Send + Sync {
     /// cdevs added to it let KVM see that a device can do non-coherent DMA
     /// (no-snoop) and must then honour the guest's cache flushes.
     fn create_vfio_device(&self) -> Result<OwnedFd>;
+    /// The CPUID every vCPU is given (and an SNP guest's CPUID page holds),
+    /// in the SNP ABI's own terms.
+    fn guest_cpuid(&self) -> Vec<CpuidEntry> {
+        self.supported_cpuid()
+            .iter()
+            .map(|e| CpuidEntry {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect()
+    }
+    /// One SEV-SNP launch command (`KVM_MEMORY_ENCRYPT_OP`); refused by
+    /// VMs that are not of type `sev-snp`.
+    fn sev_snp_command(&self, command: SevSnpCommand<'_>) -> sev_snp::SnpResult<()> {
+        Err(SnpLaunchError::Refused {
+            command: command.name(),
+            why: format!("a {} VM has no SEV-SNP launch", self.vm_type().name()),
+        })
+    }
 }
 
 pub trait Vcpu: Send {

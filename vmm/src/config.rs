@@ -771,6 +771,13 @@ pub struct PlatformConfig {
     /// container, unless a device says otherwise.
     #[serde(skip_serializing_if = "is_false")]
     pub iommufd: bool,
+    /// SEV-SNP guest policy (`SNP_LAUNCH_START`).
+    #[serde(skip)]
+    pub snp_policy: u64,
+    /// SEV-SNP guest features: every VMSA's SEV_FEATURES, bit 0 (SNP
+    /// active) included.
+    #[serde(skip)]
+    pub snp_guest_features: u64,
 }
 
 impl Default for PlatformConfig {
@@ -782,13 +789,14 @@ impl Default for PlatformConfig {
             sw_protected: false,
             num_pci_segments: 1,
             iommufd: false,
+            snp_policy: hypervisor::sev_snp::SNP_POLICY_DEFAULT,
+            snp_guest_features: hypervisor::sev_snp::SEV_FEATURE_SNP_ACTIVE,
         }
     }
 }
 
 impl PlatformConfig {
-    pub const SYNTAX: &'static str =
-        "[tdx=on|sev_snp=on|sw_protected=on][,iommufd=on|off][,num_pci_segments=1]";
+    pub const SYNTAX: &'static str = "[tdx=on|sev_snp=on|sw_protected=on][,iommufd=on|off][,num_pci_segments=1][,snp_policy=0x30000][,snp_guest_features=0x1]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse(
@@ -800,8 +808,19 @@ impl PlatformConfig {
                 "sw_protected",
                 "iommufd",
                 "num_pci_segments",
+                "snp_policy",
+                "snp_guest_features",
             ],
         )?;
+        let number = |key: &'static str, default: u64| match p.get(key) {
+            None => Ok(default),
+            Some(text) => match text.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => text.parse(),
+            }
+            .map_err(|_| p.invalid(key, "expected a number (0x for hex)")),
+        };
+        let defaults = PlatformConfig::default();
         let config = PlatformConfig {
             iommufd: p.toggle("iommufd", false)?,
             tdx: p.toggle("tdx", false)?,
@@ -812,7 +831,18 @@ impl PlatformConfig {
                 Some("1") => 1,
                 Some(_) => return Err(p.invalid("num_pci_segments", "only 1 PCI segment exists")),
             },
+            snp_policy: number("snp_policy", defaults.snp_policy)?,
+            snp_guest_features: number("snp_guest_features", defaults.snp_guest_features)?,
         };
+        let snp_keys = p.get("snp_policy").is_some() || p.get("snp_guest_features").is_some();
+        if snp_keys && !config.sev_snp {
+            return Err(ConfigError::Invalid {
+                option: "--platform",
+                key: "snp_policy",
+                value: text.to_string(),
+                why: "snp_policy and snp_guest_features need sev_snp=on",
+            });
+        }
         if [config.tdx, config.sev_snp, config.sw_protected]
             .iter()
             .filter(|on| **on)
@@ -1112,6 +1142,15 @@ mod tests {
             hypervisor::VmType::SwProtected
         );
         assert!(!PlatformConfig::parse("").unwrap().is_confidential());
+        let snp =
+            PlatformConfig::parse("sev_snp=on,snp_policy=0x70000,snp_guest_features=33").unwrap();
+        assert_eq!((snp.snp_policy, snp.snp_guest_features), (0x70000, 33));
+        assert_eq!(
+            PlatformConfig::parse("sev_snp=on").unwrap().snp_policy,
+            0x30000
+        );
+        assert!(PlatformConfig::parse("snp_policy=0x30000").is_err());
+        assert!(PlatformConfig::parse("sev_snp=on,snp_policy=0xzz").is_err());
         assert!(matches!(
             PlatformConfig::parse("tdx=on,sev_snp=on"),
             Err(ConfigError::Invalid { .. })

@@ -17,6 +17,7 @@ mod fuzz_config;
 pub mod memory;
 pub mod seccomp_filters;
 pub mod serial_output;
+pub mod sev_snp;
 #[cfg(test)]
 mod test_util;
 mod vcpu;

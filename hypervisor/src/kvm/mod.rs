@@ -71,6 +71,10 @@ impl Hypervisor for KvmHypervisor {
         &self.caps
     }
 
+    fn sev_snp_vmsa_features(&self) -> crate::sev_snp::SnpResult<u64> {
+        sev_snp::supported_vmsa_features(&self.kvm)
+    }
+
     fn create_vm(&self, vm_type: VmType) -> Result<Arc<dyn Vm>> {
         if !self.caps.supports_vm_type(vm_type) {
             return Err(HypervisorError::VmTypeUnsupported(vm_type));
@@ -110,6 +114,7 @@ impl Hypervisor for KvmHypervisor {
             caps,
             irqchip,
             supported_cpuid: self.supported_cpuid.clone(),
+            sev: std::sync::Mutex::new(None),
         }))
     }
 }
@@ -120,6 +125,8 @@ pub struct KvmVm {
     caps: Capabilities,
     irqchip: bool,
     supported_cpuid: CpuId,
+    /// `/dev/sev`, opened by the first SEV command.
+    sev: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 impl Vm for KvmVm {
@@ -250,6 +257,20 @@ impl Vm for KvmVm {
 
     fn supported_cpuid(&self) -> Vec<arch::CpuidEntry> {
         self.supported_cpuid.as_slice().to_vec()
+    }
+
+    fn sev_snp_command(&self, command: crate::SevSnpCommand<'_>) -> crate::sev_snp::SnpResult<()> {
+        if self.vm_type != VmType::SevSnp {
+            return Err(crate::SnpLaunchError::Refused {
+                command: command.name(),
+                why: format!("a {} VM has no SEV-SNP launch", self.vm_type.name()),
+            });
+        }
+        let mut sev = self.sev.lock().unwrap_or_else(|p| p.into_inner());
+        if sev.is_none() {
+            *sev = Some(sev_snp::open_sev()?);
+        }
+        sev_snp::command(&self.fd, sev.as_ref().expect("opened above"), command)
     }
 
     fn create_vfio_device(&self) -> Result<OwnedFd> {
@@ -473,6 +494,8 @@ impl Vcpu for KvmVcpu {
         })
     }
 }
+
+mod sev_snp;
 
 #[cfg(test)]
 mod tests;

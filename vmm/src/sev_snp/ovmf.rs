@@ -1,0 +1,677 @@
+//! OVMF's GUIDed table: the data an SEV-SNP launch needs from the firmware
+//! image before any of it runs.
+//!
+//! OVMF ends with a table of GUID-tagged entries just below its last 32
+//! bytes (the AP entry point and the reset vector). It is read backwards:
+//! the footer, a 16-bit length then the footer GUID, covers the whole
+//! table, and each entry before it ends with its own length (data, length
+//! and GUID together) and GUID. Two entries matter for SNP:
+//!
+//! - the SEV-ES reset block: where application processors start (KVM has
+//!   no INIT-SIPI for an encrypted vCPU, so their first state is built in
+//!   advance);
+//! - the SEV metadata: guest ranges the launch must hand the security
+//!   processor with a page type (pre-validated zero pages, the secrets
+//!   page, the CPUID page, the kernel-hashes page).
+
+use std::fmt;
+
+/// Bytes after the table footer: the AP entry point (16) and the reset
+/// vector (16) at the very end of the image.
+const BYTES_AFTER_TABLE: usize = 32;
+/// A 16-bit length and a 16-byte GUID close every entry.
+const ENTRY_TRAILER: usize = 2 + 16;
+/// Images are placed so that they end at 4 GiB.
+pub const FIRMWARE_END: u64 = 1 << 32;
+/// Largest image accepted: the flash window QEMU leaves below 4 GiB.
+pub const MAX_FIRMWARE_SIZE: usize = 16 << 20;
+const PAGE: u64 = 4096;
+
+/// A GUID as OVMF stores it (mixed-endian, as `EFI_GUID` is laid out).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Guid([u8; 16]);
+
+impl Guid {
+    /// From the textual form's fields, as the GUID is written in OVMF's sources.
+    pub const fn new(a: u32, b: u16, c: u16, d: [u8; 8]) -> Self {
+        let a = a.to_le_bytes();
+        let b = b.to_le_bytes();
+        let c = c.to_le_bytes();
+        Guid([
+            a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5],
+            d[6], d[7],
+        ])
+    }
+
+    pub fn bytes(&self) -> [u8; 16] {
+        self.0
+    }
+}
+
+impl fmt::Debug for Guid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let g = &self.0;
+        write!(
+            f,
+            "{:08x}-{:04x}-{:04x}-{:02x}{:02x}-{}",
+            u32::from_le_bytes([g[0], g[1], g[2], g[3]]),
+            u16::from_le_bytes([g[4], g[5]]),
+            u16::from_le_bytes([g[6], g[7]]),
+            g[8],
+            g[9],
+            g[10..]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        )
+    }
+}
+
+pub const TABLE_FOOTER_GUID: Guid = Guid::new(
+    0x96b582de,
+    0x1fb2,
+    0x45f7,
+    [0xba, 0xea, 0xa3, 0x66, 0xc5, 0x5a, 0x08, 0x2d],
+);
+pub const SEV_ES_RESET_BLOCK_GUID: Guid = Guid::new(
+    0x00f771de,
+    0x1a7e,
+    0x4fcb,
+    [0x89, 0x0e, 0x68, 0xc7, 0x7e, 0x2f, 0xb4, 0x4e],
+);
+pub const SEV_METADATA_GUID: Guid = Guid::new(
+    0xdc886566,
+    0x984a,
+    0x4798,
+    [0xa7, 0x5e, 0x55, 0x85, 0xa7, 0xbf, 0x67, 0xcc],
+);
+
+/// "ASEV", the metadata's signature.
+const METADATA_SIGNATURE: [u8; 4] = *b"ASEV";
+const METADATA_HEADER: usize = 16;
+const METADATA_DESCRIPTOR: usize = 12;
+/// More descriptors than pages in 4 GiB cannot be a real table.
+const MAX_METADATA_SECTIONS: u32 = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OvmfError {
+    #[error("the image is {0} bytes: not a whole number of 4 KiB pages")]
+    Unaligned(usize),
+    #[error("the image is {0} bytes, more than the {MAX_FIRMWARE_SIZE}-byte flash window")]
+    TooLarge(usize),
+    #[error("the image has no OVMF GUIDed table (no footer GUID {TABLE_FOOTER_GUID:?})")]
+    NoTable,
+    #[error("the GUIDed table claims {0} bytes, which do not fit the image")]
+    TableLength(usize),
+    #[error("entry {index} of the GUIDed table has length {length}, past the table")]
+    EntryLength { index: usize, length: usize },
+    #[error("entry {guid:?} is {length} bytes, {expected} expected")]
+    EntrySize {
+        guid: Guid,
+        length: usize,
+        expected: usize,
+    },
+    #[error("the SEV metadata offset {0:#x} is outside the image")]
+    MetadataOffset(u32),
+    #[error("the SEV metadata signature is {0:?}, not \"ASEV\"")]
+    MetadataSignature([u8; 4]),
+    #[error("SEV metadata version {0} is not supported (only 1)")]
+    MetadataVersion(u32),
+    #[error("the SEV metadata claims {sections} sections in {length} bytes")]
+    MetadataLength { sections: u32, length: u32 },
+    #[error("SEV metadata section {index} has unknown type {kind:#x}")]
+    SectionType { index: usize, kind: u32 },
+    #[error("SEV metadata section {index} ({gpa:#x}+{size:#x}) is not whole pages")]
+    SectionUnaligned { index: usize, gpa: u32, size: u32 },
+    #[error("SEV metadata section {index} ({gpa:#x}+{size:#x}) overlaps {what}")]
+    SectionOverlap {
+        index: usize,
+        gpa: u32,
+        size: u32,
+        what: String,
+    },
+}
+
+/// Where application processors start: CS base and IP of their first
+/// instruction (OVMF stores them as one 32-bit address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SevEsResetBlock {
+    pub ap_reset_address: u32,
+}
+
+impl SevEsResetBlock {
+    pub fn cs_base(&self) -> u64 {
+        u64::from(self.ap_reset_address & 0xffff_0000)
+    }
+
+    pub fn ip(&self) -> u64 {
+        u64::from(self.ap_reset_address & 0xffff)
+    }
+}
+
+/// What a metadata section is, by OVMF's `SEV_DESC_TYPE_*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SectionKind {
+    /// Memory the firmware uses before it can validate pages itself:
+    /// launched as pre-validated zero pages.
+    PrevalidatedZero,
+    /// The page the security processor fills with the guest's secrets
+    /// (VM platform communication keys).
+    Secrets,
+    /// The page the security processor checks CPUID values in.
+    Cpuid,
+    /// The SVSM calling-area page (only for images built for an SVSM).
+    SvsmCallingArea,
+    /// Where the hashes of a `-kernel` / initrd / command line go.
+    KernelHashes,
+}
+
+impl SectionKind {
+    fn from_raw(raw: u32) -> Option<Self> {
+        Some(match raw {
+            1 => SectionKind::PrevalidatedZero,
+            2 => SectionKind::Secrets,
+            3 => SectionKind::Cpuid,
+            4 => SectionKind::SvsmCallingArea,
+            0x10 => SectionKind::KernelHashes,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetadataSection {
+    pub gpa: u64,
+    pub size: u64,
+    pub kind: SectionKind,
+}
+
+/// An OVMF image and what its GUIDed table says.
+#[derive(Clone)]
+pub struct OvmfImage {
+    data: Vec<u8>,
+    reset_block: Option<SevEsResetBlock>,
+    sections: Vec<MetadataSection>,
+    entries: Vec<Guid>,
+}
+
+impl fmt::Debug for OvmfImage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OvmfImage")
+            .field("size", &self.data.len())
+            .field("reset_block", &self.reset_block)
+            .field("sections", &self.sections)
+            .field("entries", &self.entries)
+            .finish()
+    }
+}
+
+fn u16_at(data: &[u8], offset: usize) -> u16 {
+    u16::from_le_bytes(data[offset..offset + 2].try_into().expect("2 bytes"))
+}
+
+fn u32_at(data: &[u8], offset: usize) -> u32 {
+    u32::from_le_bytes(data[offset..offset + 4].try_into().expect("4 bytes"))
+}
+
+fn guid_at(data: &[u8], offset: usize) -> Guid {
+    Guid(data[offset..offset + 16].try_into().expect("16 bytes"))
+}
+
+impl OvmfImage {
+    /// Parses `data`, a whole OVMF image (`OVMF.fd`, code and variables).
+    pub fn parse(data: Vec<u8>) -> Result<Self, OvmfError> {
+        let len = data.len();
+        if len == 0 || !(len as u64).is_multiple_of(PAGE) {
+            return Err(OvmfError::Unaligned(len));
+        }
+        if len > MAX_FIRMWARE_SIZE {
+            return Err(OvmfError::TooLarge(len));
+        }
+        let entries = Self::table_entries(&data)?;
+        let mut image = OvmfImage {
+            data,
+            reset_block: None,
+            sections: Vec::new(),
+            entries: entries.iter().map(|(guid, _)| *guid).collect(),
+        };
+        for (guid, range) in entries {
+            let entry = &image.data[range.clone()];
+            let exactly = |expected: usize| {
+                if entry.len() == expected {
+                    Ok(())
+                } else {
+                    Err(OvmfError::EntrySize {
+                        guid,
+                        length: entry.len() + ENTRY_TRAILER,
+                        expected: expected + ENTRY_TRAILER,
+                    })
+                }
+            };
+            if guid == SEV_ES_RESET_BLOCK_GUID {
+                exactly(4)?;
+                image.reset_block = Some(SevEsResetBlock {
+                    ap_reset_address: u32_at(entry, 0),
+                });
+            } else if guid == SEV_METADATA_GUID {
+                exactly(4)?;
+                image.sections = image.parse_metadata(u32_at(entry, 0))?;
+            }
+        }
+        Ok(image)
+    }
+
+    /// The table's entries, from the one nearest the footer down, as
+    /// (GUID, range of its data in the image).
+    fn table_entries(data: &[u8]) -> Result<Vec<(Guid, std::ops::Range<usize>)>, OvmfError> {
+        let len = data.len();
+        let Some(footer) = len.checked_sub(BYTES_AFTER_TABLE + ENTRY_TRAILER) else {
+            return Err(OvmfError::NoTable);
+        };
+        if guid_at(data, footer + 2) != TABLE_FOOTER_GUID {
+            return Err(OvmfError::NoTable);
+        }
+        let table_len = usize::from(u16_at(data, footer));
+        // The footer's length counts the footer itself.
+        let Some(start) = (footer + ENTRY_TRAILER)
+            .checked_sub(table_len)
+            .filter(|_| table_len >= ENTRY_TRAILER)
+        else {
+            return Err(OvmfError::TableLength(table_len));
+        };
+        let mut entries = Vec::new();
+        let mut end = footer;
+        while end > start {
+            let index = entries.len();
+            if end - start < ENTRY_TRAILER {
+                return Err(OvmfError::EntryLength {
+                    index,
+                    length: end - start,
+                });
+            }
+            let length = usize::from(u16_at(data, end - ENTRY_TRAILER));
+            if length < ENTRY_TRAILER || length > end - start {
+                return Err(OvmfError::EntryLength { index, length });
+            }
+            let guid = guid_at(data, end - 16);
+            entries.push((guid, end - length..end - ENTRY_TRAILER));
+            end -= length;
+        }
+        Ok(entries)
+    }
+
+    /// The metadata lies `offset` bytes before the end of the image.
+    fn parse_metadata(&self, offset: u32) -> Result<Vec<MetadataSection>, OvmfError> {
+        let len = self.data.len();
+        let Some(start) = len
+            .checked_sub(offset as usize)
+            .filter(|start| start + METADATA_HEADER <= len)
+        else {
+            return Err(OvmfError::MetadataOffset(offset));
+        };
+        let header = &self.data[start..];
+        let signature: [u8; 4] = header[..4].try_into().expect("4 bytes");
+        if signature != METADATA_SIGNATURE {
+            return Err(OvmfError::MetadataSignature(signature));
+        }
+        let length = u32_at(header, 4);
+        let version = u32_at(header, 8);
+        let sections = u32_at(header, 12);
+        if version != 1 {
+            return Err(OvmfError::MetadataVersion(version));
+        }
+        let needed = METADATA_HEADER as u64 + u64::from(sections) * METADATA_DESCRIPTOR as u64;
+        if sections > MAX_METADATA_SECTIONS
+            || u64::from(length) < needed
+            || start as u64 + needed > len as u64
+        {
+            return Err(OvmfError::MetadataLength { sections, length });
+        }
+        let firmware_gpa = self.gpa();
+        let mut parsed: Vec<MetadataSection> = Vec::with_capacity(sections as usize);
+        for index in 0..sections as usize {
+            let at = METADATA_HEADER + index * METADATA_DESCRIPTOR;
+            let gpa = u32_at(header, at);
+            let size = u32_at(header, at + 4);
+            let raw_kind = u32_at(header, at + 8);
+            let kind = SectionKind::from_raw(raw_kind).ok_or(OvmfError::SectionType {
+                index,
+                kind: raw_kind,
+            })?;
+            let (base, bytes) = (u64::from(gpa), u64::from(size));
+            if size == 0 || !base.is_multiple_of(PAGE) || !bytes.is_multiple_of(PAGE) {
+                return Err(OvmfError::SectionUnaligned { index, gpa, size });
+            }
+            let overlap = |what: String| OvmfError::SectionOverlap {
+                index,
+                gpa,
+                size,
+                what,
+            };
+            // A u32 base plus a u32 size can pass 4 GiB, and so reach the image.
+            if base + bytes > firmware_gpa {
+                return Err(overlap("the firmware image".into()));
+            }
+            // Each page gets exactly one page type.
+            if let Some(other) = parsed
+                .iter()
+                .position(|s| base < s.gpa + s.size && s.gpa < base + bytes)
+            {
+                return Err(overlap(format!("section {other}")));
+            }
+            parsed.push(MetadataSection {
+                gpa: base,
+                size: bytes,
+                kind,
+            });
+        }
+        Ok(parsed)
+    }
+
+    /// The image's bytes, as they are loaded at `gpa()`.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Where the image starts: it ends at 4 GiB, as QEMU maps it.
+    pub fn gpa(&self) -> u64 {
+        FIRMWARE_END - self.data.len() as u64
+    }
+
+    pub fn reset_block(&self) -> Option<SevEsResetBlock> {
+        self.reset_block
+    }
+
+    /// The SEV metadata sections, in the image's order (the launch order).
+    pub fn metadata_sections(&self) -> &[MetadataSection] {
+        &self.sections
+    }
+
+    /// The GUIDs of all table entries, nearest the footer first.
+    pub fn table_guids(&self) -> &[Guid] {
+        &self.entries
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The image Debian's `ovmf` package installs (`.ci/run` installs it).
+    pub const DEBIAN_OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+    /// Debian's OVMF.fd, or `None` with a loud skip (a failure in CI,
+    /// where `.ci/run` installs it).
+    pub fn debian_ovmf() -> Option<Vec<u8>> {
+        match std::fs::read(DEBIAN_OVMF) {
+            Ok(data) => Some(data),
+            Err(e) => {
+                assert_ne!(
+                    std::env::var("CH_REQUIRE_KVM").as_deref(),
+                    Ok("1"),
+                    "{DEBIAN_OVMF} is required in CI (apt-get install ovmf): {e}"
+                );
+                eprintln!("*** SKIPPED: {DEBIAN_OVMF}: {e} (apt-get install ovmf) ***");
+                None
+            }
+        }
+    }
+
+    /// Builds a GUIDed table entry: data, then its length and GUID.
+    pub fn entry(guid: Guid, data: &[u8]) -> Vec<u8> {
+        let mut out = data.to_vec();
+        out.extend_from_slice(&((data.len() + ENTRY_TRAILER) as u16).to_le_bytes());
+        out.extend_from_slice(&guid.bytes());
+        out
+    }
+
+    /// A synthetic image of `size` bytes whose table holds `entries`
+    /// (listed from the lowest address up), and `metadata` placed
+    /// `metadata_offset` bytes before the end.
+    pub fn synthetic_image(
+        size: usize,
+        entries: &[Vec<u8>],
+        metadata: Option<(u32, Vec<u8>)>,
+    ) -> Vec<u8> {
+        let mut image = vec![0xf4u8; size];
+        let mut table: Vec<u8> = entries.concat();
+        table.extend_from_slice(&((table.len() + ENTRY_TRAILER) as u16).to_le_bytes());
+        table.extend_from_slice(&TABLE_FOOTER_GUID.bytes());
+        let end = size - BYTES_AFTER_TABLE;
+        image[end - table.len()..end].copy_from_slice(&table);
+        if let Some((offset, bytes)) = metadata {
+            let start = size - offset as usize;
+            image[start..start + bytes.len()].copy_from_slice(&bytes);
+        }
+        image
+    }
+
+    pub fn metadata(version: u32, sections: &[(u32, u32, u32)]) -> Vec<u8> {
+        let mut out = METADATA_SIGNATURE.to_vec();
+        let length = METADATA_HEADER + sections.len() * METADATA_DESCRIPTOR;
+        out.extend_from_slice(&(length as u32).to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
+        out.extend_from_slice(&(sections.len() as u32).to_le_bytes());
+        for (gpa, size, kind) in sections {
+            for value in [gpa, size, kind] {
+                out.extend_from_slice(&value.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    const OTHER_GUID: Guid = Guid::new(0x12345678, 0x9abc, 0xdef0, [1, 2, 3, 4, 5, 6, 7, 8]);
+
+    fn well_formed() -> Vec<u8> {
+        synthetic_image(
+            64 << 10,
+            &[
+                entry(SEV_METADATA_GUID, &0x800u32.to_le_bytes()),
+                entry(OTHER_GUID, &[9; 8]),
+                entry(SEV_ES_RESET_BLOCK_GUID, &0x0080_b004u32.to_le_bytes()),
+            ],
+            Some((
+                0x800,
+                metadata(
+                    1,
+                    &[
+                        (0x80_0000, 0x9000, 1),
+                        (0x80_d000, 0x1000, 2),
+                        (0x80_e000, 0x1000, 3),
+                    ],
+                ),
+            )),
+        )
+    }
+
+    #[test]
+    fn a_synthetic_table_gives_its_reset_block_and_sections() {
+        let image = OvmfImage::parse(well_formed()).unwrap();
+        assert_eq!(image.gpa(), FIRMWARE_END - (64 << 10));
+        let reset = image.reset_block().unwrap();
+        assert_eq!((reset.cs_base(), reset.ip()), (0x80_0000, 0xb004));
+        assert_eq!(
+            image.metadata_sections(),
+            &[
+                MetadataSection {
+                    gpa: 0x80_0000,
+                    size: 0x9000,
+                    kind: SectionKind::PrevalidatedZero
+                },
+                MetadataSection {
+                    gpa: 0x80_d000,
+                    size: 0x1000,
+                    kind: SectionKind::Secrets
+                },
+                MetadataSection {
+                    gpa: 0x80_e000,
+                    size: 0x1000,
+                    kind: SectionKind::Cpuid
+                },
+            ]
+        );
+        // Read from the footer down; unknown entries are kept, not refused.
+        assert_eq!(
+            image.table_guids(),
+            &[SEV_ES_RESET_BLOCK_GUID, OTHER_GUID, SEV_METADATA_GUID]
+        );
+    }
+
+    #[test]
+    fn an_image_without_sev_entries_parses_empty() {
+        let image = OvmfImage::parse(synthetic_image(8192, &[], None)).unwrap();
+        assert!(image.reset_block().is_none());
+        assert!(image.metadata_sections().is_empty());
+    }
+
+    #[test]
+    fn malformed_images_are_refused_with_the_reason() {
+        let refused = |data: Vec<u8>| OvmfImage::parse(data).unwrap_err();
+        assert_eq!(refused(vec![0; 4097]), OvmfError::Unaligned(4097));
+        assert_eq!(refused(Vec::new()), OvmfError::Unaligned(0));
+        assert_eq!(
+            refused(vec![0; MAX_FIRMWARE_SIZE + 4096]),
+            OvmfError::TooLarge(MAX_FIRMWARE_SIZE + 4096)
+        );
+        assert_eq!(refused(vec![0; 8192]), OvmfError::NoTable);
+
+        // A table longer than the image.
+        let mut image = synthetic_image(8192, &[], None);
+        let footer = 8192 - BYTES_AFTER_TABLE - ENTRY_TRAILER;
+        image[footer..footer + 2].copy_from_slice(&9000u16.to_le_bytes());
+        assert_eq!(refused(image), OvmfError::TableLength(9000));
+
+        // An entry claiming more than the table holds, or less than its trailer.
+        for bad in [200u16, 3] {
+            let mut image = synthetic_image(8192, &[entry(OTHER_GUID, &[0; 4])], None);
+            let at = footer - ENTRY_TRAILER;
+            image[at..at + 2].copy_from_slice(&bad.to_le_bytes());
+            assert_eq!(
+                refused(image),
+                OvmfError::EntryLength {
+                    index: 0,
+                    length: bad.into()
+                }
+            );
+        }
+
+        // A reset block of the wrong size.
+        let image = synthetic_image(8192, &[entry(SEV_ES_RESET_BLOCK_GUID, &[0; 8])], None);
+        assert!(matches!(
+            refused(image),
+            OvmfError::EntrySize {
+                length: 26,
+                expected: 22,
+                ..
+            }
+        ));
+
+        let with_metadata = |offset: u32, bytes: Vec<u8>| {
+            synthetic_image(
+                16384,
+                &[entry(SEV_METADATA_GUID, &offset.to_le_bytes())],
+                Some((offset.min(16384), bytes)),
+            )
+        };
+        assert_eq!(
+            refused(synthetic_image(
+                16384,
+                &[entry(SEV_METADATA_GUID, &8u32.to_le_bytes())],
+                None
+            )),
+            OvmfError::MetadataOffset(8)
+        );
+        assert_eq!(
+            refused(synthetic_image(
+                16384,
+                &[entry(SEV_METADATA_GUID, &0x10_0000u32.to_le_bytes())],
+                None
+            )),
+            OvmfError::MetadataOffset(0x10_0000)
+        );
+        let mut wrong_signature = metadata(1, &[]);
+        wrong_signature[0] = b'B';
+        assert_eq!(
+            refused(with_metadata(0x800, wrong_signature)),
+            OvmfError::MetadataSignature(*b"BSEV")
+        );
+        assert_eq!(
+            refused(with_metadata(0x800, metadata(2, &[]))),
+            OvmfError::MetadataVersion(2)
+        );
+        let mut short = metadata(1, &[(0x1000, 0x1000, 1)]);
+        short[4..8].copy_from_slice(&16u32.to_le_bytes());
+        assert_eq!(
+            refused(with_metadata(0x800, short)),
+            OvmfError::MetadataLength {
+                sections: 1,
+                length: 16
+            }
+        );
+        assert_eq!(
+            refused(with_metadata(0x800, metadata(1, &[(0x1000, 0x1000, 7)]))),
+            OvmfError::SectionType { index: 0, kind: 7 }
+        );
+        assert!(matches!(
+            refused(with_metadata(0x800, metadata(1, &[(0x1800, 0x1000, 1)]))),
+            OvmfError::SectionUnaligned { index: 0, .. }
+        ));
+        assert!(matches!(
+            refused(with_metadata(0x800, metadata(1, &[(0x1000, 0, 1)]))),
+            OvmfError::SectionUnaligned { index: 0, .. }
+        ));
+        assert!(matches!(
+            refused(with_metadata(
+                0x800,
+                metadata(1, &[(0x1000, 0x2000, 1), (0x2000, 0x1000, 3)])
+            )),
+            OvmfError::SectionOverlap { index: 1, .. }
+        ));
+        assert!(matches!(
+            refused(with_metadata(
+                0x800,
+                metadata(1, &[(0xffff_f000, 0x1000, 1)])
+            )),
+            OvmfError::SectionOverlap { index: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn guids_print_in_their_textual_form() {
+        assert_eq!(
+            format!("{SEV_ES_RESET_BLOCK_GUID:?}"),
+            "00f771de-1a7e-4fcb-890e-68c77e2fb44e"
+        );
+        assert_eq!(
+            format!("{TABLE_FOOTER_GUID:?}"),
+            "96b582de-1fb2-45f7-baea-a366c55a082d"
+        );
+    }
+
+    /// What edk2 2022.11 as Debian builds it carries (read with a hex
+    /// dump of the image's last page).
+    #[test]
+    fn debian_ovmf_fd_has_the_sev_entries() {
+        let Some(data) = debian_ovmf() else { return };
+        let image = OvmfImage::parse(data).unwrap();
+        assert_eq!(image.gpa(), FIRMWARE_END - (2 << 20));
+        assert_eq!(image.reset_block().unwrap().ap_reset_address, 0x0080_b004);
+        let sections: Vec<(u64, u64, SectionKind)> = image
+            .metadata_sections()
+            .iter()
+            .map(|s| (s.gpa, s.size, s.kind))
+            .collect();
+        use SectionKind::*;
+        assert_eq!(
+            sections,
+            [
+                (0x80_0000, 0x9000, PrevalidatedZero),
+                (0x80_a000, 0x3000, PrevalidatedZero),
+                (0x80_d000, 0x1000, Secrets),
+                (0x80_e000, 0x1000, Cpuid),
+                (0x80_f000, 0x11000, PrevalidatedZero),
+            ]
+        );
+        assert!(!sections.iter().any(|s| s.2 == KernelHashes));
+    }
+}
