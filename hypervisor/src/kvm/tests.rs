@@ -513,3 +513,80 @@ fn linux_boot_state_reaches_the_vcpu() {
         kvm_bindings::KVM_MP_STATE_UNINITIALIZED
     );
 }
+
+/// Linux's SMP bring-up in miniature: vCPU 1 waits for its startup IPI;
+/// vCPU 0 enables its LAPIC and sends INIT then SIPI (vector 8: start at
+/// 0x8000) to APIC 1 through the in-kernel LAPIC. vCPU 1's first exit is
+/// the port write of the code at 0x8000; without the IPIs it never leaves.
+#[test]
+fn an_application_processor_starts_on_init_and_sipi_from_the_bsp() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let ram = Mapping::new(SLOT_SIZE, None);
+    let mov_dword = |offset: u16, value: u32| {
+        let mut insn = vec![0x66, 0xc7, 0x06];
+        insn.extend_from_slice(&offset.to_le_bytes());
+        insn.extend_from_slice(&value.to_le_bytes());
+        insn
+    };
+    let mut bsp_code = Vec::new();
+    bsp_code.extend(mov_dword(0xf0, 0x1ff)); // SVR: APIC on
+    bsp_code.extend(mov_dword(0x310, 1 << 24)); // ICR high: APIC 1
+    bsp_code.extend(mov_dword(0x300, 0x4500)); // INIT, level assert
+    bsp_code.extend(mov_dword(0x300, 0x4608)); // SIPI, vector 8
+    bsp_code.extend([0xe6, 0x10, HLT]); // out 0x10,al
+    ram.write(CODE as usize, &bsp_code);
+    ram.write(0x8000, &[0xb0, 0x42, 0xe6, 0x99, HLT]); // mov al,0x42; out 0x99,al
+    bind(vm.as_ref(), &ram);
+    let mut bsp = real_mode_vcpu(vm.as_ref(), 0xfee0_0000);
+    let ap = vm.create_vcpu(1).unwrap();
+    ap.wait_for_startup_ipi().unwrap();
+    let bsp_thread = std::thread::spawn(move || {
+        let exit = format!("{:?}", bsp.run().unwrap());
+        (exit, bsp)
+    });
+    // KVM_RUN of a vCPU woken by its IPIs returns EAGAIN once (an
+    // "interrupted" exit) before it runs: the vCPU loop simply runs again.
+    let ap_exit = first_exit_past_wake_up(ap, std::time::Duration::from_secs(10));
+    let (bsp_exit, _bsp) = bsp_thread.join().unwrap();
+    assert!(bsp_exit.contains("port: 16"), "{bsp_exit}");
+    assert!(
+        ap_exit.contains("port: 153") && ap_exit.contains("66"),
+        "the AP did not start at the SIPI vector: {ap_exit}"
+    );
+}
+
+/// As `first_exit_within`, past the "interrupted" exits of a wake-up.
+fn first_exit_past_wake_up(mut vcpu: Box<dyn Vcpu>, limit: std::time::Duration) -> String {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+    extern "C" fn ignore(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    let kick = SIGRTMIN() + 3;
+    register_signal_handler(kick, ignore).unwrap();
+    let (done, give_up) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (finished, stop) = (done.clone(), give_up.clone());
+    let thread = std::thread::spawn(move || {
+        let exit = loop {
+            match vcpu.run().unwrap() {
+                VmExit::Interrupted if !stop.load(Ordering::Acquire) => continue,
+                exit => break format!("{exit:?}"),
+            }
+        };
+        finished.store(true, Ordering::Release);
+        exit
+    });
+    let deadline = std::time::Instant::now() + limit;
+    while !done.load(Ordering::Acquire) {
+        if std::time::Instant::now() > deadline {
+            give_up.store(true, Ordering::Release);
+            // A signal landing before KVM_RUN is entered is lost: resend.
+            thread.kill(kick).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    thread.join().unwrap()
+}
