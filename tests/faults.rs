@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::lying_server::{error_reply, message, read_message};
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -273,31 +274,6 @@ struct ScriptedServer {
     log: Arc<Mutex<Vec<String>>>,
 }
 
-fn read_message(s: &mut UnixStream) -> Option<(u16, u16, u32, u32, Vec<u8>)> {
-    let mut header = [0u8; 16];
-    s.read_exact(&mut header).ok()?;
-    let id = u16::from_le_bytes([header[0], header[1]]);
-    let command = u16::from_le_bytes([header[2], header[3]]);
-    let size = u32::from_le_bytes(header[4..8].try_into().unwrap());
-    let flags = u32::from_le_bytes(header[8..12].try_into().unwrap());
-    let error = u32::from_le_bytes(header[12..16].try_into().unwrap());
-    let mut body = vec![0u8; size as usize - 16];
-    s.read_exact(&mut body).ok()?;
-    let _ = flags;
-    Some((id, command, flags, error, body))
-}
-
-fn message(id: u16, command: u16, flags: u32, body: &[u8]) -> Vec<u8> {
-    let mut m = Vec::new();
-    m.extend_from_slice(&id.to_le_bytes());
-    m.extend_from_slice(&command.to_le_bytes());
-    m.extend_from_slice(&((16 + body.len()) as u32).to_le_bytes());
-    m.extend_from_slice(&flags.to_le_bytes());
-    m.extend_from_slice(&0u32.to_le_bytes());
-    m.extend_from_slice(body);
-    m
-}
-
 fn access(addr: u64, count: u64, data: &[u8]) -> Vec<u8> {
     let mut b = addr.to_le_bytes().to_vec();
     b.extend_from_slice(&count.to_le_bytes());
@@ -359,9 +335,7 @@ impl ScriptedServer {
                     // As the spec asks of a server: an error reply
                     // (ENOSYS) to what it does not implement.
                     other => {
-                        let mut reply = message(id, other, 1 | (1 << 5), &[]);
-                        reply[12..16].copy_from_slice(&38u32.to_le_bytes());
-                        s.write_all(&reply).unwrap();
+                        s.write_all(&error_reply(id, other, 38)).unwrap();
                     }
                 }
             }

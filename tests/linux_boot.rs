@@ -93,6 +93,28 @@ fn kernel_or_skip(test: &str) -> Option<PathBuf> {
     kernel
 }
 
+/// CX16 and XSAVE hidden and `noxsave`: this host's emulator has no
+/// cmpxchg16b or xrstor (docs/user-guide.md, "Boot a Linux guest").
+const CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 noxsave nokaslr panic=-1";
+
+/// The VMM running `kernel` with two vCPUs and 512 MiB of guest_memfd RAM,
+/// its console in `console`.
+fn spawn_linux(kernel: &std::path::Path, console: &std::path::Path, extra: &[&str]) -> GuestVmm {
+    let serial = format!("file={}", console.display());
+    let mut args = vec![
+        "--cmdline",
+        CMDLINE,
+        "--cpus",
+        "boot=2,hide=cx16:xsave",
+        "--memory",
+        "size=512M,guest_memfd=on",
+        "--serial",
+        &serial,
+    ];
+    args.extend_from_slice(extra);
+    GuestVmm::spawn(kernel, &args)
+}
+
 /// Boots `kernel` with two vCPUs and 512 MiB and waits (up to `deadline`)
 /// for the kernel to report our command line, e820 map, MCFG and MADT;
 /// then stops the VMM over the API.
@@ -103,26 +125,9 @@ fn boot_and_read_what_the_kernel_was_given(
 ) {
     let console = dir.path("console.log");
     let api = dir.path("api.sock");
-    // CX16 and XSAVE hidden and `noxsave`: this host's emulator has no
-    // cmpxchg16b or xrstor (docs/user-guide.md, "Boot a Linux guest").
-    let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0,115200 noxsave nokaslr panic=-1";
-    let mut vmm = GuestVmm::spawn(
-        kernel,
-        &[
-            "--cmdline",
-            cmdline,
-            "--cpus",
-            "boot=2,hide=cx16:xsave",
-            "--memory",
-            "size=512M,guest_memfd=on",
-            "--serial",
-            &format!("file={}", console.display()),
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let mut vmm = spawn_linux(kernel, &console, &["--api-socket", api.to_str().unwrap()]);
     let wanted = [
-        format!("Command line: {cmdline}"),
+        format!("Command line: {CMDLINE}"),
         "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable".to_string(),
         "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved".to_string(),
         "BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable".to_string(),
@@ -204,19 +209,7 @@ fn debians_bzimage_starts_from_our_64_bit_entry_and_reads_our_command_line() {
     };
     let dir = TempDir::new("linux-bzimage");
     let console = dir.path("console.log");
-    let mut vmm = GuestVmm::spawn(
-        &kernel,
-        &[
-            "--cmdline",
-            "console=ttyS0 earlyprintk=serial,ttyS0,115200 noxsave nokaslr",
-            "--cpus",
-            "boot=2,hide=cx16:xsave",
-            "--memory",
-            "size=512M,guest_memfd=on",
-            "--serial",
-            &format!("file={}", console.display()),
-        ],
-    );
+    let mut vmm = spawn_linux(&kernel, &console, &[]);
     let started = Instant::now();
     loop {
         let text = std::fs::read_to_string(&console).unwrap_or_default();
