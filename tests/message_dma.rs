@@ -131,3 +131,111 @@ fn fd_mode_says_what_it_exposes_on_a_host_without_private_memory() {
     assert_eq!(fd_device.command("fd-maps"), "1");
     assert_eq!(message_device.command("fd-maps"), "0");
 }
+
+/// A `dma=messages` server that, once given a mapping, floods the VMM
+/// with DMA_READs of it from a thread of its own while answering every
+/// request the VMM sends it. One writer thread takes both in turn, so the
+/// flood never holds back the server's own replies.
+fn flooding_server(socket: &std::path::Path, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use common::lying_server::{
+        CMD_DMA_MAP, CMD_DMA_UNMAP, CMD_VERSION, error_reply, message, read_message,
+    };
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let (out, queue) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+        let mut writer = stream.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for bytes in queue {
+                if writer.write_all(&bytes).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut reader = stream;
+        let mut flooding = false;
+        while let Some((id, command, flags, _, body)) = read_message(&mut reader) {
+            if flags & 0xf == 1 {
+                continue; // a reply to one of our reads
+            }
+            let reply = match command {
+                CMD_VERSION => {
+                    let mut v = vec![0, 0, 1, 0];
+                    v.extend_from_slice(b"{}\0");
+                    message(id, command, 1, &v)
+                }
+                CMD_DMA_MAP | CMD_DMA_UNMAP => message(id, command, 1, &[]),
+                // Not a PCI function: a DMA target only (ENOSYS).
+                _ => error_reply(id, command, 38),
+            };
+            if out.send(reply).is_err() {
+                return;
+            }
+            if command == CMD_DMA_MAP && !flooding {
+                flooding = true;
+                let iova = u64::from_le_bytes(body[16..24].try_into().unwrap());
+                let (out, stop) = (out.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0x4000u16;
+                    let mut read = iova.to_le_bytes().to_vec();
+                    read.extend_from_slice(&4096u64.to_le_bytes());
+                    while !stop.load(Ordering::Acquire) {
+                        n = n.wrapping_add(1);
+                        if out.send(message(n, 11, 0, &read)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+}
+
+#[test]
+fn a_server_flooding_dma_requests_cannot_stall_the_guests_conversions() {
+    if !kvm_available("a_server_flooding_dma_requests_cannot_stall_the_guests_conversions") {
+        return;
+    }
+    let dir = TempDir::new("msgflood");
+    let socket = dir.path("flood.sock");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    flooding_server(&socket, stop.clone());
+    // The first conversion starts the flood; 40 more follow it.
+    let mut ops = vec![format!("shared@{A:#x}+4K")];
+    for i in 0..20u64 {
+        let page = A + 0x10_0000 + i * 0x1000;
+        ops.push(format!("shared@{page:#x}+4K"));
+        ops.push(format!("private@{page:#x}+4K"));
+    }
+    let guest = memconv_guest(&dir, &[&ops.join(",")], false);
+    let started = std::time::Instant::now();
+    let (vmm, api) = spawn_with_api(
+        &dir,
+        &guest,
+        &[
+            "--user-device",
+            &format!("socket={},id=flood,dma=messages", socket.display()),
+        ],
+    );
+    vmm.wait_for_line("memconv: done");
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    assert!(
+        vmm.console()
+            .iter()
+            .any(|l| l.contains("memconv: done 41 ok 0 failed")),
+        "{:?}",
+        vmm.console()
+    );
+    // Each conversion waits for the client at most behind one DMA read.
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "41 conversions took {took:?}"
+    );
+    wait_for_socket(&api);
+    // Reads inside its mapping are the protocol: the device stays attached.
+    let info = device_info(&api);
+    assert_eq!(info["state"], "attached", "{info}");
+}
