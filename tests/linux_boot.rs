@@ -125,7 +125,20 @@ fn boot_and_read_what_the_kernel_was_given(
 ) {
     let console = dir.path("console.log");
     let api = dir.path("api.sock");
-    let mut vmm = spawn_linux(kernel, &console, &["--api-socket", api.to_str().unwrap()]);
+    // An initramfs the kernel finds where the boot protocol says (it stops
+    // before unpacking it).
+    let initramfs = dir.path("initramfs");
+    std::fs::write(&initramfs, vec![0x5a; 8192]).unwrap();
+    let mut vmm = spawn_linux(
+        kernel,
+        &console,
+        &[
+            "--api-socket",
+            api.to_str().unwrap(),
+            "--initramfs",
+            initramfs.to_str().unwrap(),
+        ],
+    );
     let wanted = [
         format!("Command line: {CMDLINE}"),
         "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable".to_string(),
@@ -136,6 +149,8 @@ fn boot_and_read_what_the_kernel_was_given(
         "(v01 CLOUDH CHSHARED".to_string(),
         "ACPI: Using ACPI (MADT) for SMP configuration information".to_string(),
         "smpboot: Allowing 2 CPUs, 0 hotplug CPUs".to_string(),
+        // 8 KiB at the top of the 512 MiB.
+        "RAMDISK: [mem 0x1fffe000-0x1fffffff]".to_string(),
     ];
     let started = Instant::now();
     let log = || std::fs::read_to_string(&console).unwrap_or_default();
