@@ -20,9 +20,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::segment;
 
-/// Where the boot structures go, all below the 640 KiB of conventional
-/// memory (what the e820 map calls usable starts after them only at 1 MiB
-/// for the kernel; the kernel reserves its own boot data).
+/// Where the boot structures go: low conventional memory, which the kernel
+/// reads them from before it reuses it (it reserves what it keeps).
 pub const PVH_INFO: u64 = 0x6000;
 pub const PVH_MODLIST: u64 = 0x6040;
 pub const PVH_MEMMAP: u64 = 0x6080;
