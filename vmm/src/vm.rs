@@ -801,7 +801,7 @@ impl Vm {
             // As Cloud Hypervisor reports a pty: its path as the file.
             config["serial"]["file"] = json!(pty);
         }
-        json!({
+        let mut info = json!({
             "config": config,
             "state": self.state,
             "memory_actual_size": self.config.memory.size,
@@ -813,7 +813,18 @@ impl Vm {
                 "layout": self.memory.regions()[0].backing.name(),
             },
             "devices": devices,
-        })
+        });
+        if let Some(launch) = &self.launch {
+            info["launch"] = launch.info();
+        }
+        if let Some(firmware) = self.memory.firmware() {
+            info["memory"]["firmware"] = json!({
+                "gpa": firmware.gpa,
+                "size": firmware.size,
+                "backing": firmware.backing.name(),
+            });
+        }
+        info
     }
 }
 

@@ -173,6 +173,18 @@ impl Drop for Rig {
     }
 }
 
+fn json_path(path: &std::path::Path) -> serde_json::Value {
+    serde_json::json!(path)
+}
+
+fn measured_json(rig: &Rig, vcpus: u8, platform: &str) -> String {
+    let platform = PlatformConfig::parse(platform).unwrap();
+    let memory = MemoryConfig::parse(RAM).unwrap().size;
+    measure_firmware(&rig.firmware, memory, &platform, vcpus)
+        .unwrap()
+        .to_json()
+}
+
 fn measured(rig: &Rig, vcpus: u8, platform: &str) -> String {
     let platform = PlatformConfig::parse(platform).unwrap();
     let memory = MemoryConfig::parse(RAM).unwrap().size;
@@ -205,6 +217,28 @@ fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         assert_eq!(hardware, predicted, "the processor's own digest");
         let features = PlatformConfig::parse(platform).unwrap().snp_guest_features;
         assert_eq!(launched.guest_features, features);
+
+        // vm.info shows it, as --measure prints it, plus the policy.
+        let info = vm.info();
+        let ours: serde_json::Value =
+            serde_json::from_str(&measured_json(&rig, vcpus, platform)).unwrap();
+        for key in [
+            "platform",
+            "measurement",
+            "vcpu_signature",
+            "guest_features",
+        ] {
+            assert_eq!(info["launch"][key], ours[key], "{key}");
+        }
+        assert_eq!(info["launch"]["policy"], "0x30000");
+        assert_eq!(info["vm_type"], "sev-snp");
+        assert_eq!(
+            info["config"]["payload"]["firmware"],
+            json_path(&rig.firmware)
+        );
+        assert!(info["config"]["payload"].get("kernel").is_none());
+        assert_eq!(info["memory"]["firmware"]["gpa"], 0xffe0_0000u64);
+        assert_eq!(info["memory"]["firmware"]["size"], 0x20_0000u64);
 
         // The order a verifier reproduces: the image, its sections, then
         // one VMSA per vCPU.
@@ -442,4 +476,47 @@ fn the_firmware_region_is_placed_only_in_the_flash_window() {
         assert!(vm.is_private(gpa, size));
         assert_eq!(memory.guest_memfd_ranges().last(), Some(&(gpa, size)));
     }
+}
+
+/// The spec declares `vm.info`'s `launch` with every field the VMM
+/// writes there.
+#[test]
+fn the_openapi_spec_declares_the_launch_measurement() {
+    use yaml_rust2::YamlLoader;
+    let spec = &YamlLoader::load_from_str(include_str!("../../../openapi/cloud-hypervisor.yaml"))
+        .unwrap()[0];
+    let schemas = &spec["components"]["schemas"];
+    assert_eq!(
+        schemas["VmInfo"]["properties"]["launch"]["$ref"].as_str(),
+        Some("#/components/schemas/LaunchMeasurement")
+    );
+    let measurement = crate::sev_snp::Measurement {
+        measurement: "00".repeat(48),
+        vcpu_signature: 0xa00f11,
+        guest_features: 1,
+        policy: 0x30000,
+    };
+    let info = measurement.info();
+    let declared = &schemas["LaunchMeasurement"]["properties"];
+    let required: Vec<&str> = schemas["LaunchMeasurement"]["required"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    let keys: Vec<&str> = info
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for key in &keys {
+        assert!(!declared[*key].is_badvalue(), "{key} not in the spec");
+        assert!(required.contains(key), "{key} not required");
+    }
+    assert_eq!(keys.len(), required.len());
+    assert_eq!(info["vcpu_signature"], "0xa00f11");
+    assert_eq!(info["guest_features"], "0x1");
+    assert_eq!(info["policy"], "0x30000");
+    assert_eq!(info["platform"], "sev-snp");
 }
