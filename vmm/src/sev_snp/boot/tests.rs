@@ -520,3 +520,86 @@ fn the_openapi_spec_declares_the_launch_measurement() {
     assert_eq!(info["policy"], "0x30000");
     assert_eq!(info["platform"], "sev-snp");
 }
+
+/// After the launch, the guest's page-state changes (KVM turns the GHCB's
+/// page-state-change requests into `KVM_HC_MAP_GPA_RANGE` exits, and
+/// accesses of the other kind into memory faults) reach this SNP VM's
+/// memory manager, KVM's attributes and a device's mappings through the
+/// real vCPU loop. The firmware region is not RAM: a to-shared request
+/// there changes nothing (it stays private), as for any GPA without RAM.
+#[test]
+fn an_snp_guests_conversions_reach_the_memory_manager_and_a_device() {
+    use hypervisor::scripted_vcpu::{ScriptedExit, ScriptedVcpu};
+    use vm_device::fake_iommu::FakeIommu;
+    use vm_device::{DmaMappingListener, Section};
+
+    use crate::conversion_path::ConversionPath;
+    use crate::test_util::conversion;
+    use crate::vcpu::{self, VcpuContext};
+
+    const PAGE: u64 = 4096;
+    const MIB: u64 = 1 << 20;
+    let Some(rig) = Rig::new("snp-convert.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+        return;
+    };
+    let mut vm = rig.boot(rig.config(1, "sev_snp=on")).unwrap();
+    let fake = rig.fake_vm();
+    let memory = vm.memory().clone();
+    assert!(memory.tracks_attributes());
+    let iommu = Arc::new(FakeIommu::new(None));
+    let listener = Arc::new(DmaMappingListener::new(iommu.clone(), None));
+    memory.regions()[0]
+        .attributes
+        .as_ref()
+        .unwrap()
+        .register_listener(
+            listener,
+            Section {
+                gpa: 0,
+                size: 64 * MIB,
+            },
+        )
+        .unwrap();
+    let base = 16 * MIB;
+    let (script, results) = ScriptedVcpu::new([
+        ScriptedExit::MapGpaRange(conversion(base, 4 * PAGE, true)),
+        ScriptedExit::MemoryFault(conversion(base + PAGE, PAGE, false)),
+        ScriptedExit::MapGpaRange(conversion(0xffe0_0000, PAGE, true)),
+        ScriptedExit::MapGpaRange(conversion(base, PAGE, false)),
+    ]);
+    let (tx, events) = channel();
+    let ctx = Arc::new(VcpuContext {
+        io_bus: Arc::new(vm_device::Bus::new()),
+        mmio_bus: Arc::new(vm_device::Bus::new()),
+        conversions: Arc::new(ConversionPath::new(
+            memory.clone(),
+            Arc::new(EventMonitor::disabled()),
+        )),
+        events: GuestEvents { vm: 1, tx },
+        stop: Arc::default(),
+        pause: Arc::default(),
+    });
+    let mut handle = vcpu::start(0, Box::new(script), ctx, None).unwrap();
+    // The script ends with a shutdown exit.
+    events
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    handle.stop();
+    assert_eq!(*results.lock().unwrap(), [0, 0, 0], "the guest's RAX");
+    let shared = (base + 2 * PAGE, 2 * PAGE);
+    assert_eq!(
+        fake.private_ranges(),
+        [
+            (0, shared.0),
+            (shared.0 + shared.1, 64 * MIB - shared.0 - shared.1),
+            (0xffe0_0000, 0x20_0000),
+        ],
+        "KVM's attributes"
+    );
+    let mapped: Vec<(u64, u64)> = iommu.mappings().iter().map(|s| (s.gpa, s.size)).collect();
+    assert_eq!(mapped, [shared], "the device maps the shared pages");
+    let totals = memory.conversion_totals();
+    assert_eq!((totals.to_shared, totals.to_private), (1, 2));
+    assert_eq!(memory.unbacked_to_shared(), 1);
+    vm.shutdown();
+}
