@@ -35,10 +35,8 @@ pub fn launch_vm(
         return Err(FirmwareError::WrongVmType(vm.vm_type().name()));
     }
     let (gpa, size) = (firmware.gpa(), firmware.data().len() as u64);
-    if !memory
-        .firmware()
-        .is_some_and(|f| f.gpa == gpa && f.size == size && f.backing.is_guest_memfd())
-    {
+    // `MemoryManager::with_firmware` makes the region guest_memfd.
+    if memory.firmware().map(|f| (f.gpa, f.size)) != Some((gpa, size)) {
         return Err(FirmwareError::NoFirmwareRegion { gpa, size });
     }
     let features = hypervisor

@@ -603,3 +603,66 @@ fn an_snp_guests_conversions_reach_the_memory_manager_and_a_device() {
     assert_eq!(memory.unbacked_to_shared(), 1);
     vm.shutdown();
 }
+
+/// `launch_vm` launches only into an `sev-snp` VM whose firmware region is
+/// where the image goes.
+#[test]
+fn the_launch_needs_an_snp_vm_with_the_firmware_region() {
+    use crate::memory::{MemoryLayout, MemoryManager};
+    use crate::sev_snp::boot::launch_vm;
+    use crate::sev_snp::{FirmwareError, SnpParams};
+    let Some(rig) = Rig::new("snp-direct.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+        return;
+    };
+    let image = crate::sev_snp::read_firmware(&rig.firmware).unwrap();
+    let kvm = crate::test_util::kvm().unwrap();
+    let default_vm = kvm.create_vm(hypervisor::VmType::Default).unwrap();
+    let memory = MemoryManager::new(default_vm.clone(), 16 << 20, MemoryLayout::Auto)
+        .unwrap()
+        .with_firmware(image.gpa(), image.data().len() as u64, MemoryLayout::Auto)
+        .unwrap();
+    let result = launch_vm(
+        &rig.hypervisor,
+        default_vm,
+        &memory,
+        &image,
+        "x",
+        SnpParams::default(),
+    );
+    assert!(matches!(result, Err(FirmwareError::WrongVmType("default"))));
+
+    let launch = |firmware: Option<(u64, u64)>| {
+        let vm = rig
+            .hypervisor
+            .create_vm(hypervisor::VmType::SevSnp)
+            .unwrap();
+        let mut memory = MemoryManager::new(vm.clone(), 16 << 20, MemoryLayout::Auto).unwrap();
+        if let Some((gpa, size)) = firmware {
+            memory = memory.with_firmware(gpa, size, MemoryLayout::Auto).unwrap();
+        }
+        launch_vm(
+            &rig.hypervisor,
+            vm,
+            &memory,
+            &image,
+            "x",
+            SnpParams::default(),
+        )
+    };
+    for firmware in [None, Some((0xffff_f000, 0x1000))] {
+        assert!(
+            matches!(
+                launch(firmware),
+                Err(FirmwareError::NoFirmwareRegion {
+                    gpa: 0xffe0_0000,
+                    size: 0x20_0000
+                })
+            ),
+            "{firmware:x?}"
+        );
+    }
+    let launched = launch(Some((0xffe0_0000, 0x20_0000))).unwrap();
+    assert_eq!(launched.vcpus.len(), 1);
+    assert_eq!(launched.measurement.policy, 0x30000);
+    assert_eq!(launched.measurement.guest_features, 1);
+}
