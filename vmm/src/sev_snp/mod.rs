@@ -133,4 +133,25 @@ mod tests {
         );
         let _ = std::fs::remove_file(&path);
     }
+
+    /// The flash window is the limit: one byte more is refused before the
+    /// file is read, exactly the window's size is parsed.
+    #[test]
+    fn a_firmware_file_may_fill_the_flash_window_and_no_more() {
+        let path = crate::test_util::scratch_path("big-ovmf.fd");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(ovmf::MAX_FIRMWARE_SIZE as u64 + 1).unwrap();
+        let err = read_firmware(&path).unwrap_err();
+        assert!(
+            matches!(err, FirmwareError::Parse { source: ovmf::OvmfError::TooLarge(n), .. } if n == ovmf::MAX_FIRMWARE_SIZE + 1),
+            "{err:?}"
+        );
+        file.set_len(ovmf::MAX_FIRMWARE_SIZE as u64).unwrap();
+        let err = read_firmware(&path).unwrap_err();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            crate::error_chain(&err).contains("no OVMF GUIDed table"),
+            "{err}"
+        );
+    }
 }
