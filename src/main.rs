@@ -184,8 +184,8 @@ enum CliError {
 }
 
 /// The firmware launch of the command line: `--measure` prints its
-/// measurement; otherwise it boots, where the host allows.
-fn firmware_launch(cli: &Cli) -> Result<(), String> {
+/// measurement and returns `None`; otherwise the VM to boot.
+fn firmware_launch(cli: &Cli) -> Result<Option<VmConfig>, String> {
     let firmware = cli
         .firmware
         .as_ref()
@@ -200,7 +200,6 @@ fn firmware_launch(cli: &Cli) -> Result<(), String> {
     for (option, given) in [
         ("--device", !cli.device.is_empty()),
         ("--user-device", !cli.user_device.is_empty()),
-        ("--api-socket", cli.api_socket.is_some()),
         ("--initramfs", cli.initramfs.is_some()),
         ("--cmdline", cli.cmdline.is_some()),
     ] {
@@ -212,16 +211,31 @@ fn firmware_launch(cli: &Cli) -> Result<(), String> {
         .memory
         .clone()
         .unwrap_or_else(|| MemoryConfig::parse("size=512M").expect("valid default"));
-    let vcpus = cli.cpus.as_ref().map_or(1, |c| c.boot);
+    let cpus = cli.cpus.clone().unwrap_or_default();
     if cli.measure {
-        let measured = vmm::sev_snp::measure_firmware(firmware, memory.size, &platform, vcpus)
+        if cli.api_socket.is_some() {
+            return Err(CliError::NotWithFirmware("--api-socket").to_string());
+        }
+        let measured = vmm::sev_snp::measure_firmware(firmware, memory.size, &platform, cpus.boot)
             .map_err(|e| error_chain(&e))?;
         println!("{}", measured.to_json());
-        return Ok(());
+        return Ok(None);
     }
-    let hypervisor = hypervisor::KvmHypervisor::new().map_err(|e| error_chain(&e))?;
-    vmm::sev_snp::boot_firmware(&hypervisor, firmware, memory.size, &platform, vcpus)
-        .map_err(|e| error_chain(&e))
+    Ok(Some(
+        VmConfig {
+            kernel: PathBuf::new(),
+            firmware: Some(firmware.clone()),
+            cmdline: None,
+            initramfs: None,
+            memory,
+            platform,
+            cpus,
+            serial: cli.serial.clone().unwrap_or(ConsoleOutput::Tty),
+            devices: Vec::new(),
+            user_devices: Vec::new(),
+        }
+        .normalized(),
+    ))
 }
 
 /// The VM the command line describes, if any.
@@ -247,6 +261,7 @@ fn vm_config(cli: &Cli) -> Result<Option<VmConfig>, CliError> {
     };
     let config = VmConfig {
         kernel,
+        firmware: None,
         cmdline: cli.cmdline.clone(),
         initramfs: cli.initramfs.clone(),
         memory: cli
@@ -288,16 +303,19 @@ fn main() -> ExitCode {
             }
         };
     }
-    if cli.measure || cli.firmware.is_some() {
-        return match firmware_launch(&cli) {
-            Ok(()) => ExitCode::SUCCESS,
+    let vm = if cli.measure || cli.firmware.is_some() {
+        match firmware_launch(&cli) {
+            Ok(Some(vm)) => Ok(Some(vm)),
+            Ok(None) => return ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("cloud-hypervisor: {e}");
-                ExitCode::FAILURE
+                return ExitCode::FAILURE;
             }
-        };
-    }
-    let vm = match vm_config(&cli) {
+        }
+    } else {
+        vm_config(&cli)
+    };
+    let vm = match vm {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("cloud-hypervisor: {e}");

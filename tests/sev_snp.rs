@@ -116,26 +116,49 @@ fn firmware_options_are_checked() {
     );
 }
 
-/// This host has no SEV-SNP: the firmware boot stops before creating a
-/// VM, saying so, and leaves nothing running.
+/// This host has no SEV-SNP: the firmware boot goes through the VM build
+/// (API socket, event monitor) and stops before creating a VM, saying so,
+/// with exit status 1 and nothing left: no socket, no process.
 #[test]
 fn sev_snp_without_measure_stops_clearly_here() {
     if !installed(OVMF, std::path::Path::new(OVMF).exists()) || !kvm_available("sev_snp_boot") {
         return;
     }
-    let out = run(&[
-        "--platform",
-        "sev_snp=on",
-        "--firmware",
-        OVMF,
-        "--cpus",
-        "boot=2",
-    ]);
-    assert!(!out.status.success());
+    let dir = TempDir::new("sev-snp-boot");
+    let socket = dir.path("api.sock");
+    let events = dir.path("events.json");
+    let mut child = Command::new(CLOUD_HYPERVISOR)
+        .args(["--platform", "sev_snp=on", "--firmware", OVMF])
+        .args(["--cpus", "boot=2", "--serial", "off"])
+        .args(["--api-socket", socket.to_str().unwrap()])
+        .args(["--event-monitor", &format!("path={}", events.display())])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < TIMEOUT, "the VMM kept running");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("VM type sev-snp is not available on this host")
+        stderr.contains("cannot boot the firmware")
+            && stderr.contains("VM type sev-snp is not available on this host")
             && stderr.contains("no SEV-SNP here"),
         "{stderr}"
     );
+    assert!(!socket.exists(), "the API socket was left behind");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the VMM process is still there"
+    );
+    let names = event_names(&read_events(&events));
+    assert!(!names.iter().any(|n| n == "vm/booted"), "{names:?}");
 }

@@ -5,12 +5,24 @@
 //! applies KVM's rules: page-aligned, non-empty, non-overflowing ranges;
 //! every page starts shared (attribute 0); a refused call changes nothing.
 //! Failures can be injected.
+//!
+//! `with_sev_snp` makes it an SEV-SNP VM as KVM would have one: its type
+//! is `sev-snp`, its launch commands go to a security processor given by
+//! the test (the VMM's simulated one), with KVM's own part of the launch
+//! in front (updates only into private guest_memfd memory, the vCPUs'
+//! registers turned into VMSAs at the finish, no register writes after
+//! it). `SevSnpTestHypervisor` creates such VMs over a real KVM.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::{Capabilities, HypervisorError, Result, UserMemoryRegion, Vcpu, Vm, VmType};
+use crate::sev_snp::{SevSnpCommand, SnpResult};
+use crate::{
+    Capabilities, Hypervisor, HypervisorError, Result, SevSnpLauncher, SnpLaunchError,
+    SnpVcpuState, UserMemoryRegion, Vcpu, Vm, VmType,
+};
 
 const PAGE: u64 = 4096;
 
@@ -54,9 +66,27 @@ impl Attributes {
     }
 }
 
+/// A security processor behind a fake SEV-SNP VM.
+pub type SnpFirmware = Box<dyn SevSnpLauncher + Send>;
+
+/// KVM's side of an SEV-SNP launch, in front of the test's processor.
+struct SnpModel {
+    firmware: Mutex<SnpFirmware>,
+    /// Every vCPU's registers as last set, by index: what KVM copies into
+    /// its VMSA at the finish.
+    states: Arc<Mutex<BTreeMap<u8, SnpVcpuState>>>,
+    finished: Arc<AtomicBool>,
+    /// vCPUs created and not yet dropped.
+    live_vcpus: Arc<AtomicUsize>,
+    /// guest_memfd-backed slots, as (gpa, size).
+    gmem_slots: Mutex<Vec<(u64, u64)>>,
+    capabilities: Capabilities,
+}
+
 pub struct AttributeTrackingVm {
     inner: Arc<dyn Vm>,
     attributes: Mutex<Attributes>,
+    snp: Option<SnpModel>,
 }
 
 impl AttributeTrackingVm {
@@ -64,7 +94,62 @@ impl AttributeTrackingVm {
         AttributeTrackingVm {
             inner,
             attributes: Mutex::new(Attributes::default()),
+            snp: None,
         }
+    }
+
+    /// Makes this an SEV-SNP VM whose launch commands `firmware` answers.
+    /// Its guest_memfd cannot be mmapped (the split layout), as on SNP
+    /// hosts whose kernel keeps confidential guest_memfd unmappable.
+    pub fn with_sev_snp(mut self, firmware: SnpFirmware) -> Self {
+        let mut capabilities = self.inner.capabilities().clone();
+        capabilities.guest_memfd_flags = 0;
+        capabilities.memory_attributes = u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE);
+        self.snp = Some(SnpModel {
+            firmware: Mutex::new(firmware),
+            states: Arc::default(),
+            finished: Arc::default(),
+            live_vcpus: Arc::default(),
+            gmem_slots: Mutex::default(),
+            capabilities,
+        });
+        self
+    }
+
+    /// vCPUs of this SEV-SNP VM that exist (created, not dropped).
+    pub fn live_vcpus(&self) -> usize {
+        self.snp
+            .as_ref()
+            .map_or(0, |s| s.live_vcpus.load(Ordering::SeqCst))
+    }
+
+    /// Whether `SNP_LAUNCH_FINISH` went through.
+    pub fn launch_finished(&self) -> bool {
+        self.snp
+            .as_ref()
+            .is_some_and(|s| s.finished.load(Ordering::SeqCst))
+    }
+
+    /// KVM's checks of an `SNP_LAUNCH_UPDATE` range: guest_memfd memory
+    /// whose attributes say private (`kvm_gmem_populate`).
+    fn check_update(&self, snp: &SnpModel, gpa: u64, len: u64) -> SnpResult<()> {
+        let refuse = |why: &str| {
+            Err(SnpLaunchError::Refused {
+                command: "SNP_LAUNCH_UPDATE",
+                why: format!("{gpa:#x}+{len:#x} {why}"),
+            })
+        };
+        let Some(end) = gpa.checked_add(len) else {
+            return refuse("wraps");
+        };
+        let slots = snp.gmem_slots.lock().unwrap();
+        if !slots.iter().any(|&(s, size)| gpa >= s && end <= s + size) {
+            return refuse("is not in one guest_memfd slot");
+        }
+        if !self.is_private(gpa, len) {
+            return refuse("is not private");
+        }
+        Ok(())
     }
 
     /// Private ranges as (gpa, size), ascending and maximal.
@@ -92,13 +177,83 @@ impl AttributeTrackingVm {
     }
 }
 
+/// A vCPU of a fake SEV-SNP VM: records its registers for the VMSA and,
+/// as KVM for a launched SNP guest, refuses register writes after the
+/// finish (the state is the guest's now).
+struct SnpVcpu {
+    inner: Box<dyn Vcpu>,
+    index: u8,
+    states: Arc<Mutex<BTreeMap<u8, SnpVcpuState>>>,
+    finished: Arc<AtomicBool>,
+    live: Arc<AtomicUsize>,
+}
+
+impl SnpVcpu {
+    fn record(&self, f: impl FnOnce(&mut SnpVcpuState)) -> Result<()> {
+        if self.finished.load(Ordering::SeqCst) {
+            return Err(HypervisorError::Registers(
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        }
+        f(self.states.lock().unwrap().entry(self.index).or_default());
+        Ok(())
+    }
+}
+
+impl Drop for SnpVcpu {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Vcpu for SnpVcpu {
+    fn get_regs(&self) -> Result<crate::arch::StandardRegisters> {
+        self.inner.get_regs()
+    }
+    fn set_regs(&self, regs: &crate::arch::StandardRegisters) -> Result<()> {
+        self.record(|s| s.regs = *regs)?;
+        self.inner.set_regs(regs)
+    }
+    fn get_sregs(&self) -> Result<crate::arch::SpecialRegisters> {
+        self.inner.get_sregs()
+    }
+    fn set_sregs(&self, sregs: &crate::arch::SpecialRegisters) -> Result<()> {
+        self.record(|s| s.sregs = *sregs)?;
+        self.inner.set_sregs(sregs)
+    }
+    fn set_cpuid(&self, entries: &[crate::arch::CpuidEntry]) -> Result<()> {
+        self.inner.set_cpuid(entries)
+    }
+    fn set_fpu(&self, fpu: &crate::arch::FpuState) -> Result<()> {
+        self.inner.set_fpu(fpu)
+    }
+    fn set_msrs(&self, msrs: &[(u32, u64)]) -> Result<()> {
+        self.inner.set_msrs(msrs)
+    }
+    fn set_lapic_lints(&self) -> Result<()> {
+        self.inner.set_lapic_lints()
+    }
+    fn wait_for_startup_ipi(&self) -> Result<()> {
+        self.inner.wait_for_startup_ipi()
+    }
+    fn run(&mut self) -> Result<crate::VmExit<'_>> {
+        self.inner.run()
+    }
+}
+
 impl Vm for AttributeTrackingVm {
     fn vm_type(&self) -> VmType {
-        self.inner.vm_type()
+        match self.snp {
+            Some(_) => VmType::SevSnp,
+            None => self.inner.vm_type(),
+        }
     }
 
     fn capabilities(&self) -> &Capabilities {
-        self.inner.capabilities()
+        match &self.snp {
+            Some(snp) => &snp.capabilities,
+            None => self.inner.capabilities(),
+        }
     }
 
     fn create_guest_memfd(&self, size: u64, flags: u64) -> Result<OwnedFd> {
@@ -107,7 +262,15 @@ impl Vm for AttributeTrackingVm {
 
     unsafe fn set_user_memory_region(&self, region: UserMemoryRegion) -> Result<()> {
         // SAFETY: the caller's promise is passed on unchanged.
-        unsafe { self.inner.set_user_memory_region(region) }
+        unsafe { self.inner.set_user_memory_region(region) }?;
+        if let (Some(snp), Some(_)) = (&self.snp, region.guest_memfd) {
+            let mut slots = snp.gmem_slots.lock().unwrap();
+            slots.retain(|&(gpa, _)| gpa != region.guest_phys_addr);
+            if region.size != 0 {
+                slots.push((region.guest_phys_addr, region.size));
+            }
+        }
+        Ok(())
     }
 
     fn set_memory_attributes(&self, gpa: u64, size: u64, private: bool) -> Result<()> {
@@ -155,7 +318,22 @@ impl Vm for AttributeTrackingVm {
     }
 
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>> {
-        self.inner.create_vcpu(id)
+        let vcpu = self.inner.create_vcpu(id)?;
+        let Some(snp) = &self.snp else {
+            return Ok(vcpu);
+        };
+        snp.states
+            .lock()
+            .unwrap()
+            .insert(id, SnpVcpuState::default());
+        snp.live_vcpus.fetch_add(1, Ordering::SeqCst);
+        Ok(Box::new(SnpVcpu {
+            inner: vcpu,
+            index: id,
+            states: snp.states.clone(),
+            finished: snp.finished.clone(),
+            live: snp.live_vcpus.clone(),
+        }))
     }
 
     fn supported_cpuid(&self) -> Vec<crate::arch::CpuidEntry> {
@@ -168,6 +346,92 @@ impl Vm for AttributeTrackingVm {
 
     fn create_vfio_device(&self) -> Result<OwnedFd> {
         self.inner.create_vfio_device()
+    }
+
+    fn sev_snp_command(&self, command: SevSnpCommand<'_>) -> SnpResult<()> {
+        let Some(snp) = &self.snp else {
+            return self.inner.sev_snp_command(command);
+        };
+        let mut firmware = snp.firmware.lock().unwrap();
+        match command {
+            SevSnpCommand::Init2 { vmsa_features } => firmware.init(vmsa_features),
+            SevSnpCommand::LaunchStart { policy } => firmware.launch_start(policy),
+            SevSnpCommand::LaunchUpdate {
+                gpa,
+                len,
+                source,
+                page_type,
+            } => {
+                self.check_update(snp, gpa, len)?;
+                firmware.launch_update(gpa, len, source, page_type)
+            }
+            SevSnpCommand::LaunchFinish => {
+                // KVM makes each vCPU's VMSA from its registers, in vCPU
+                // order, then has the processor finish.
+                for (index, state) in snp.states.lock().unwrap().iter() {
+                    firmware.add_vcpu(*index, state)?;
+                }
+                firmware.launch_finish()?;
+                snp.finished.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A hypervisor offering `sev-snp` VMs (over a real KVM's default VMs),
+/// each an `AttributeTrackingVm::with_sev_snp` answered by a processor
+/// `firmware` makes. Other VM types are the real hypervisor's.
+pub struct SevSnpTestHypervisor {
+    inner: Arc<dyn Hypervisor>,
+    capabilities: Capabilities,
+    firmware: Box<dyn Fn() -> SnpFirmware + Send + Sync>,
+    vmsa_features: u64,
+    created: Mutex<Vec<Arc<AttributeTrackingVm>>>,
+}
+
+impl SevSnpTestHypervisor {
+    pub fn new(
+        inner: Arc<dyn Hypervisor>,
+        vmsa_features: u64,
+        firmware: impl Fn() -> SnpFirmware + Send + Sync + 'static,
+    ) -> Self {
+        let mut capabilities = inner.capabilities().clone();
+        capabilities.vm_types |= 1 << VmType::SevSnp.kvm_value();
+        SevSnpTestHypervisor {
+            inner,
+            capabilities,
+            firmware: Box::new(firmware),
+            vmsa_features,
+            created: Mutex::default(),
+        }
+    }
+
+    /// The SEV-SNP VMs created so far, oldest first.
+    pub fn created(&self) -> Vec<Arc<AttributeTrackingVm>> {
+        self.created.lock().unwrap().clone()
+    }
+}
+
+impl Hypervisor for SevSnpTestHypervisor {
+    fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    fn create_vm(&self, vm_type: VmType) -> Result<Arc<dyn Vm>> {
+        if vm_type != VmType::SevSnp {
+            return self.inner.create_vm(vm_type);
+        }
+        let vm = Arc::new(
+            AttributeTrackingVm::new(self.inner.create_vm(VmType::Default)?)
+                .with_sev_snp((self.firmware)()),
+        );
+        self.created.lock().unwrap().push(vm.clone());
+        Ok(vm)
+    }
+
+    fn sev_snp_vmsa_features(&self) -> SnpResult<u64> {
+        Ok(self.vmsa_features)
     }
 }
 

@@ -879,7 +879,10 @@ impl PlatformConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
+    /// Empty for a firmware boot.
     pub kernel: PathBuf,
+    /// An OVMF image for an SEV-SNP launch, instead of a kernel.
+    pub firmware: Option<PathBuf>,
     /// A Linux kernel's command line (our test guests take none).
     pub cmdline: Option<String>,
     /// A Linux kernel's initramfs.

@@ -474,6 +474,7 @@ mod tests {
         std::fs::write(&kernel, test_guest::memconv_elf(&[ops], options)).unwrap();
         let config = VmConfig {
             kernel,
+            firmware: None,
             cmdline: None,
             initramfs: None,
             memory: MemoryConfig::new("memory", 32 << 20, true, None).unwrap(),

@@ -98,6 +98,8 @@ pub enum VmError {
     BuildPanicked,
     #[error("the vCPUs did not stop within {0} ms")]
     PauseTimeout(u128),
+    #[error("cannot boot the firmware")]
+    Firmware(#[source] crate::sev_snp::FirmwareError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -125,6 +127,8 @@ pub struct Vm {
     /// Hot-plug operations in flight, each on its own thread.
     hotplug: Vec<JoinHandle<()>>,
     state: VmState,
+    /// What an SEV-SNP launch measured.
+    launch: Option<crate::sev_snp::Measurement>,
 }
 
 fn conversion_counters(
@@ -251,16 +255,25 @@ fn read_kernel(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
 /// Linux kernel through its boot protocol.
 #[derive(Clone, Copy)]
 enum Guest {
-    TestGuest(u64),
+    Test(u64),
     Linux(boot::linux::LinuxEntry),
+    /// OVMF launched as an SEV-SNP guest (from the reset vector).
+    SevSnpFirmware,
+}
+
+/// What the configuration boots, read before anything is created.
+enum Payload {
+    Kernel(Vec<u8>),
+    Firmware(crate::sev_snp::ovmf::OvmfImage),
 }
 
 impl std::fmt::Display for Guest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (kind, entry) = match self {
-            Guest::TestGuest(entry) => ("test guest", *entry),
+            Guest::Test(entry) => ("test guest", *entry),
             Guest::Linux(boot::linux::LinuxEntry::Long64 { entry }) => ("Linux 64-bit", *entry),
             Guest::Linux(boot::linux::LinuxEntry::Pvh { entry }) => ("Linux PVH", *entry),
+            Guest::SevSnpFirmware => ("SEV-SNP firmware", 0xffff_fff0),
         };
         write!(f, "{kind} at {entry:#x}")
     }
@@ -347,59 +360,66 @@ impl Vm {
     ) -> Result<Vm, VmError> {
         let vm_id = events.vm;
         let kernel_path = config.kernel.display().to_string();
-        let kernel = read_kernel(&config.kernel).map_err(|source| VmError::ReadKernel {
-            path: kernel_path.clone(),
-            source,
-        })?;
+        let payload = match &config.firmware {
+            Some(path) => {
+                // The image and the launch plan are checked first: a bad
+                // image fails the same way on every host.
+                let image = crate::sev_snp::read_firmware(path).map_err(VmError::Firmware)?;
+                if !config.platform.sev_snp {
+                    return Err(VmError::Firmware(crate::sev_snp::FirmwareError::NotSevSnp));
+                }
+                crate::sev_snp::measure(
+                    &image,
+                    config.memory.size,
+                    &crate::sev_snp::cpuid_page::host_minimal(),
+                    crate::sev_snp::params(&config.platform, config.cpus.boot),
+                )
+                .map_err(|source| {
+                    VmError::Firmware(crate::sev_snp::FirmwareError::Measure {
+                        path: path.display().to_string(),
+                        source,
+                    })
+                })?;
+                Payload::Firmware(image)
+            }
+            None => Payload::Kernel(read_kernel(&config.kernel).map_err(|source| {
+                VmError::ReadKernel {
+                    path: kernel_path.clone(),
+                    source,
+                }
+            })?),
+        };
         if config.memory.guest_memfd && !hypervisor.capabilities().guest_memfd {
             return Err(VmError::NoGuestMemfd);
         }
         let vm_type = config.platform.vm_type();
         if !hypervisor.capabilities().supports_vm_type(vm_type) {
+            let offered = hypervisor.capabilities().supported_vm_types().join(", ");
+            if matches!(payload, Payload::Firmware(_)) {
+                return Err(VmError::Firmware(crate::sev_snp::FirmwareError::NoSevSnp(
+                    offered,
+                )));
+            }
             return Err(VmError::VmTypeUnavailable {
                 wanted: vm_type.name(),
-                offered: hypervisor.capabilities().supported_vm_types().join(", "),
+                offered,
             });
         }
         let hv_vm = hypervisor.create_vm(vm_type).map_err(VmError::Create)?;
-        let memory = Arc::new(
+        let mut memory =
             MemoryManager::new(hv_vm.clone(), config.memory.size, config.memory.layout)
-                .map_err(VmError::Memory)?,
-        );
-        // A bzImage or an ELF with a PVH note is Linux; any other ELF is
-        // one of our test guests.
-        let linux = match boot::linux::format_of(&kernel) {
-            Some(boot::linux::KernelFormat::BzImage) => true,
-            Some(boot::linux::KernelFormat::Elf) => boot::linux::has_pvh_note(&kernel),
-            None => false,
-        };
-        if !linux && config.initramfs.is_some() {
-            return Err(VmError::LoadKernel {
-                path: kernel_path,
-                source: BootError::Elf(crate::elf::ElfError::NotLinux),
-            });
+                .map_err(VmError::Memory)?;
+        if let Payload::Firmware(image) = &payload {
+            memory = memory
+                .with_firmware(image.gpa(), image.data().len() as u64, config.memory.layout)
+                .map_err(VmError::Memory)?;
         }
-        let entry = if linux {
-            let entry = load_linux(&config, &memory, &kernel).map_err(|e| match e {
-                LinuxLoad::Boot(source) => VmError::LinuxBoot {
-                    path: kernel_path.clone(),
-                    source,
-                },
-                LinuxLoad::Other(e) => e,
-            })?;
-            if hv_vm.has_irqchip() {
-                hv_vm.create_pit().map_err(VmError::Pit)?;
+        let memory = Arc::new(memory);
+        let entry = match &payload {
+            Payload::Kernel(kernel) => {
+                Self::load_kernel(&config, kernel_path, &memory, hv_vm.as_ref(), kernel)?
             }
-            Guest::Linux(entry)
-        } else {
-            Guest::TestGuest(
-                boot::load(memory.guest_memory(), memory.ram_end(), &kernel).map_err(|source| {
-                    VmError::LoadKernel {
-                        path: kernel_path,
-                        source,
-                    }
-                })?,
-            )
+            Payload::Firmware(_) => Guest::SevSnpFirmware,
         };
 
         let conversions = Arc::new(ConversionPath::new(memory.clone(), monitor.clone()));
@@ -449,29 +469,50 @@ impl Vm {
             pause: pause.clone(),
         });
         let count = config.cpus.boot;
-        let mut created = Vec::with_capacity(count.into());
         let supported_cpuid = hv_vm.supported_cpuid();
-        for index in 0..count {
-            let vcpu = hv_vm.create_vcpu(index).map_err(VmError::Vcpu)?;
-            let cpuid = boot::cpuid::for_vcpu(&supported_cpuid, index, count, &config.cpus.hidden);
-            vcpu.set_cpuid(&cpuid)
-                .map_err(|e| VmError::Cpuid(index, e))?;
-            match entry {
-                Guest::TestGuest(entry) => {
-                    boot::setup_vcpu(vcpu.as_ref(), index, count, entry, memory.low_ram_size())
-                        .map_err(VmError::VcpuSetup)?;
+        let mut launch = None;
+        let created = match (&payload, entry) {
+            (Payload::Firmware(image), _) => {
+                let path = config.firmware.as_ref().expect("a firmware payload");
+                let launched = crate::sev_snp::boot::launch_vm(
+                    hypervisor,
+                    hv_vm.clone(),
+                    &memory,
+                    image,
+                    &path.display().to_string(),
+                    crate::sev_snp::params(&config.platform, count),
+                )
+                .map_err(VmError::Firmware)?;
+                // CPUID is not launch state: KVM takes it until a vCPU
+                // first runs.
+                for (index, vcpu) in (0..).zip(&launched.vcpus) {
+                    let cpuid =
+                        boot::cpuid::for_vcpu(&supported_cpuid, index, count, &config.cpus.hidden);
+                    vcpu.set_cpuid(&cpuid)
+                        .map_err(|e| VmError::Cpuid(index, e))?;
                 }
-                Guest::Linux(entry) => {
-                    setup_linux_vcpu(vcpu.as_ref(), index, entry, hv_vm.has_irqchip()).map_err(
-                        |source| VmError::LinuxBoot {
-                            path: config.kernel.display().to_string(),
-                            source,
-                        },
-                    )?;
-                }
+                info!(
+                    "SEV-SNP launch finished: measurement {}",
+                    launched.measurement.measurement
+                );
+                launch = Some(launched.measurement);
+                launched.vcpus
             }
-            created.push(vcpu);
-        }
+            (Payload::Kernel(_), entry) => {
+                let mut created = Vec::with_capacity(count.into());
+                for index in 0..count {
+                    created.push(Self::kernel_vcpu(
+                        &config,
+                        hv_vm.as_ref(),
+                        &memory,
+                        &supported_cpuid,
+                        index,
+                        entry,
+                    )?);
+                }
+                created
+            }
+        };
         let devices = Arc::new(
             DeviceManager::new(memory.clone(), monitor.clone(), Some(pci))
                 .with_vfio_platform(hv_vm.clone(), config.platform.iommufd),
@@ -489,6 +530,7 @@ impl Vm {
             vcpus: Vec::new(),
             hotplug: Vec::new(),
             state: VmState::Running,
+            launch,
         };
         // Cold-plugged devices see the boot state (all private) before any
         // vCPU can convert.
@@ -516,6 +558,82 @@ impl Vm {
             vm.memory.regions()[0].backing.name()
         );
         Ok(vm)
+    }
+
+    /// Loads a kernel: Linux (a bzImage or an ELF with a PVH note) or one
+    /// of our test guests (any other ELF).
+    fn load_kernel(
+        config: &VmConfig,
+        kernel_path: String,
+        memory: &MemoryManager,
+        hv_vm: &dyn hypervisor::Vm,
+        kernel: &[u8],
+    ) -> Result<Guest, VmError> {
+        let linux = match boot::linux::format_of(kernel) {
+            Some(boot::linux::KernelFormat::BzImage) => true,
+            Some(boot::linux::KernelFormat::Elf) => boot::linux::has_pvh_note(kernel),
+            None => false,
+        };
+        if !linux && config.initramfs.is_some() {
+            return Err(VmError::LoadKernel {
+                path: kernel_path,
+                source: BootError::Elf(crate::elf::ElfError::NotLinux),
+            });
+        }
+        if linux {
+            let entry = load_linux(config, memory, kernel).map_err(|e| match e {
+                LinuxLoad::Boot(source) => VmError::LinuxBoot {
+                    path: kernel_path.clone(),
+                    source,
+                },
+                LinuxLoad::Other(e) => e,
+            })?;
+            if hv_vm.has_irqchip() {
+                hv_vm.create_pit().map_err(VmError::Pit)?;
+            }
+            Ok(Guest::Linux(entry))
+        } else {
+            Ok(Guest::Test(
+                boot::load(memory.guest_memory(), memory.ram_end(), kernel).map_err(|source| {
+                    VmError::LoadKernel {
+                        path: kernel_path,
+                        source,
+                    }
+                })?,
+            ))
+        }
+    }
+
+    /// Creates vCPU `index` of a kernel boot, at its entry.
+    fn kernel_vcpu(
+        config: &VmConfig,
+        hv_vm: &dyn hypervisor::Vm,
+        memory: &MemoryManager,
+        supported_cpuid: &[hypervisor::arch::CpuidEntry],
+        index: u8,
+        entry: Guest,
+    ) -> Result<Box<dyn hypervisor::Vcpu>, VmError> {
+        let count = config.cpus.boot;
+        let vcpu = hv_vm.create_vcpu(index).map_err(VmError::Vcpu)?;
+        let cpuid = boot::cpuid::for_vcpu(supported_cpuid, index, count, &config.cpus.hidden);
+        vcpu.set_cpuid(&cpuid)
+            .map_err(|e| VmError::Cpuid(index, e))?;
+        match entry {
+            Guest::Test(entry) => {
+                boot::setup_vcpu(vcpu.as_ref(), index, count, entry, memory.low_ram_size())
+                    .map_err(VmError::VcpuSetup)?;
+            }
+            Guest::Linux(entry) => {
+                setup_linux_vcpu(vcpu.as_ref(), index, entry, hv_vm.has_irqchip()).map_err(
+                    |source| VmError::LinuxBoot {
+                        path: config.kernel.display().to_string(),
+                        source,
+                    },
+                )?;
+            }
+            Guest::SevSnpFirmware => unreachable!("firmware vCPUs come from the launch"),
+        }
+        Ok(vcpu)
     }
 
     /// Stops every vCPU, then detaches every device so each unmaps what it
@@ -619,6 +737,11 @@ impl Vm {
         &self.config
     }
 
+    /// What the SEV-SNP launch measured (firmware boots only).
+    pub fn launch_measurement(&self) -> Option<&crate::sev_snp::Measurement> {
+        self.launch.as_ref()
+    }
+
     pub fn memory(&self) -> &Arc<MemoryManager> {
         &self.memory
     }
@@ -678,7 +801,7 @@ impl Vm {
             // As Cloud Hypervisor reports a pty: its path as the file.
             config["serial"]["file"] = json!(pty);
         }
-        json!({
+        let mut info = json!({
             "config": config,
             "state": self.state,
             "memory_actual_size": self.config.memory.size,
@@ -690,7 +813,18 @@ impl Vm {
                 "layout": self.memory.regions()[0].backing.name(),
             },
             "devices": devices,
-        })
+        });
+        if let Some(launch) = &self.launch {
+            info["launch"] = launch.info();
+        }
+        if let Some(firmware) = self.memory.firmware() {
+            info["memory"]["firmware"] = json!({
+                "gpa": firmware.gpa,
+                "size": firmware.size,
+                "backing": firmware.backing.name(),
+            });
+        }
+        info
     }
 }
 

@@ -30,6 +30,7 @@ pub fn quiet_guest(
     std::fs::write(&kernel, memconv_elf(&[ops], options)).expect("write guest");
     VmConfig {
         kernel,
+        firmware: None,
         cmdline: None,
         initramfs: None,
         memory: MemoryConfig {

@@ -396,6 +396,7 @@ pub fn from_json(body: &[u8]) -> Result<VmConfig, VmConfigJsonError> {
     }
     let config = VmConfig {
         kernel,
+        firmware: None,
         cmdline,
         initramfs,
         memory: memory(&top)?,
@@ -444,7 +445,10 @@ fn console_json(output: &ConsoleOutput) -> Value {
 /// (`memory.guest_memfd`, `memory.layout`, the platform's VM types and
 /// `iommufd`, the devices' `mapping`).
 pub fn to_json(config: &VmConfig) -> Value {
-    let mut payload = json!({ "kernel": config.kernel });
+    let mut payload = match &config.firmware {
+        Some(firmware) => json!({ "firmware": firmware }),
+        None => json!({ "kernel": config.kernel }),
+    };
     if let Some(cmdline) = &config.cmdline {
         payload["cmdline"] = json!(cmdline);
     }

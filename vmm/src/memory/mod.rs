@@ -55,6 +55,27 @@ pub enum MemoryError {
     Register(usize, #[source] hypervisor::HypervisorError),
     #[error("cannot mark region {0} private")]
     InitialAttributes(usize, #[source] hypervisor::HypervisorError),
+    #[error(
+        "the firmware range {gpa:#x}+{size:#x} is not whole pages inside the flash window below 4 GiB"
+    )]
+    FirmwarePlacement { gpa: u64, size: u64 },
+    #[error("cannot set up the firmware region")]
+    Firmware(#[source] Box<MemoryError>),
+}
+
+/// The flash window: firmware ends at 4 GiB, in the top of the MMIO hole,
+/// above the PCI windows, ECAM, the IOAPIC and the LAPIC.
+pub const FIRMWARE_WINDOW_START: u64 = MMIO_HOLE_END - (16 << 20);
+
+/// The firmware's region: guest_memfd memory an SEV-SNP launch measures
+/// the image into. Not RAM: it is in no `regions()` and the guest cannot
+/// convert it.
+pub struct FirmwareRegion {
+    pub gpa: u64,
+    pub size: u64,
+    pub backing: Backing,
+    /// The shared view the slot points at, kept for the slot's life.
+    _mapping: vm_memory::mmap::MmapRegion,
 }
 
 /// One contiguous RAM region.
@@ -83,6 +104,9 @@ pub struct MemoryManager {
     /// To-shared requests for GPAs no RAM backs (MMIO, holes), accepted
     /// with nothing changed.
     unbacked_to_shared: AtomicU64,
+    firmware: Option<FirmwareRegion>,
+    /// The next free memory slot.
+    next_slot: u32,
 }
 
 /// Splits `size` bytes of RAM around the MMIO hole.
@@ -165,7 +189,91 @@ impl MemoryManager {
             guest_memory,
             rejected: AtomicU64::new(0),
             unbacked_to_shared: AtomicU64::new(0),
+            firmware: None,
+            next_slot,
         })
+    }
+
+    /// Adds the firmware's region: `size` bytes of guest_memfd at `gpa`,
+    /// inside the flash window and ending at 4 GiB, private where the VM
+    /// type tracks attributes (an SEV-SNP launch measures into private
+    /// pages only).
+    pub fn with_firmware(
+        mut self,
+        gpa: u64,
+        size: u64,
+        layout: MemoryLayout,
+    ) -> Result<Self, MemoryError> {
+        let placed = gpa >= FIRMWARE_WINDOW_START
+            && size != 0
+            && gpa.checked_add(size) == Some(MMIO_HOLE_END)
+            && gpa.is_multiple_of(GRANULARITY);
+        if !placed {
+            return Err(MemoryError::FirmwarePlacement { gpa, size });
+        }
+        let index = self.regions.len();
+        let fail = |e| MemoryError::Firmware(Box::new(e));
+        // Always guest_memfd: the launch needs private memory.
+        let layout = match layout {
+            MemoryLayout::Anonymous => MemoryLayout::Auto,
+            other => other,
+        };
+        let backing = Backing::create(self.vm.as_ref(), size, layout)
+            .map_err(|source| fail(MemoryError::Backing { index, source }))?;
+        let mapping = backing
+            .map_shared_view(size)
+            .map_err(|e| fail(MemoryError::Mmap(index, e)))?;
+        let region = UserMemoryRegion {
+            slot: self.next_slot,
+            guest_phys_addr: gpa,
+            size,
+            userspace_addr: mapping.as_ptr() as u64,
+            guest_memfd: backing.guest_memfd().map(|fd| (fd, 0)),
+        };
+        // SAFETY: the mapping lives in the FirmwareRegion, which this
+        // manager owns for as long as the VM (and so the slot) exists.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| fail(MemoryError::Register(index, e)))?;
+        self.next_slot += 1;
+        if self.vm.supports_memory_attributes() {
+            self.vm
+                .set_memory_attributes(gpa, size, true)
+                .map_err(|e| fail(MemoryError::InitialAttributes(index, e)))?;
+        }
+        info!(
+            "firmware region: {gpa:#x}+{size:#x} backed by {}",
+            backing.name()
+        );
+        self.firmware = Some(FirmwareRegion {
+            gpa,
+            size,
+            backing,
+            _mapping: mapping,
+        });
+        Ok(self)
+    }
+
+    pub fn firmware(&self) -> Option<&FirmwareRegion> {
+        self.firmware.as_ref()
+    }
+
+    /// Every guest_memfd range, RAM and firmware, as (gpa, size),
+    /// ascending: where an SEV-SNP launch may place pages.
+    pub fn guest_memfd_ranges(&self) -> Vec<(u64, u64)> {
+        let mut ranges: Vec<(u64, u64)> = self
+            .regions
+            .iter()
+            .filter(|r| r.attributes.is_some())
+            .map(|r| (r.gpa, r.size))
+            .chain(
+                self.firmware
+                    .iter()
+                    .filter(|f| f.backing.is_guest_memfd())
+                    .map(|f| (f.gpa, f.size)),
+            )
+            .collect();
+        ranges.sort_unstable();
+        ranges
     }
 
     pub fn guest_memory(&self) -> &GuestMemoryMmap {

@@ -61,6 +61,17 @@ pub struct Measurement {
 }
 
 impl Measurement {
+    /// `vm.info`'s `launch`: `--measure`'s fields and the policy.
+    pub fn info(&self) -> serde_json::Value {
+        serde_json::json!({
+            "platform": "sev-snp",
+            "measurement": self.measurement,
+            "vcpu_signature": format!("{:#x}", self.vcpu_signature),
+            "guest_features": format!("{:#x}", self.guest_features),
+            "policy": format!("{:#x}", self.policy),
+        })
+    }
+
     /// The object `--measure` prints, on one line, keys in this order.
     pub fn to_json(&self) -> String {
         format!(

@@ -2,6 +2,7 @@
 //! initial vCPU state, and the launch sequence against KVM or a simulated
 //! security processor. One job per file.
 
+pub mod boot;
 pub mod cpuid_page;
 pub mod digest;
 pub mod launch;
@@ -12,8 +13,6 @@ pub mod vmsa;
 pub use launch::{LaunchError, Measurement, SnpParams, launch, measure};
 
 use std::path::Path;
-
-use hypervisor::Hypervisor;
 
 use crate::config::PlatformConfig;
 
@@ -37,14 +36,22 @@ pub enum FirmwareError {
         #[source]
         source: LaunchError,
     },
+    #[error("firmware boots an SEV-SNP guest: the platform needs sev_snp=on")]
+    NotSevSnp,
     #[error("VM type sev-snp is not available on this host (it offers: {0}): no SEV-SNP here")]
     NoSevSnp(String),
-    #[error(
-        "this host has SEV-SNP, but booting firmware needs what OVMF's QEMU build expects of the platform (fw_cfg, the q35 host bridge, the PM timer), which this VMM does not have yet (docs/confidential-vms.md)"
-    )]
-    PlatformMissing,
-    #[error("cannot use /dev/kvm")]
-    Hypervisor(#[source] hypervisor::HypervisorError),
+    #[error("the VM is of type {0}, not sev-snp")]
+    WrongVmType(&'static str),
+    #[error("the firmware region is not where the image goes ({gpa:#x}+{size:#x})")]
+    NoFirmwareRegion { gpa: u64, size: u64 },
+    #[error("cannot read the VMSA features this host supports")]
+    VmsaFeatures(#[source] hypervisor::SnpLaunchError),
+    #[error("the SEV-SNP launch of {path} failed")]
+    Launch {
+        path: String,
+        #[source]
+        source: LaunchError,
+    },
 }
 
 /// Reads and parses an OVMF image (a regular file within the flash window).
@@ -84,38 +91,25 @@ pub fn measure_firmware(
     vcpus: u8,
 ) -> Result<Measurement, FirmwareError> {
     let image = read_firmware(firmware)?;
-    let params = SnpParams {
-        policy: platform.snp_policy,
-        guest_features: platform.snp_guest_features,
-        vcpus,
-    };
-    measure(&image, memory_size, &cpuid_page::host_minimal(), params).map_err(|source| {
-        FirmwareError::Measure {
-            path: firmware.display().to_string(),
-            source,
-        }
+    measure(
+        &image,
+        memory_size,
+        &cpuid_page::host_minimal(),
+        params(platform, vcpus),
+    )
+    .map_err(|source| FirmwareError::Measure {
+        path: firmware.display().to_string(),
+        source,
     })
 }
 
-/// A firmware boot without `--measure`: checked against the host before
-/// anything is created.
-pub fn boot_firmware(
-    hypervisor: &dyn Hypervisor,
-    firmware: &Path,
-    memory_size: u64,
-    platform: &PlatformConfig,
-    vcpus: u8,
-) -> Result<(), FirmwareError> {
-    // The image and the launch plan are checked first: a bad image fails
-    // the same way on every host.
-    measure_firmware(firmware, memory_size, platform, vcpus)?;
-    let caps = hypervisor.capabilities();
-    if !caps.supports_vm_type(hypervisor::VmType::SevSnp) {
-        return Err(FirmwareError::NoSevSnp(
-            caps.supported_vm_types().join(", "),
-        ));
+/// The launch parameters of `platform` for `vcpus` vCPUs.
+pub fn params(platform: &PlatformConfig, vcpus: u8) -> SnpParams {
+    SnpParams {
+        policy: platform.snp_policy,
+        guest_features: platform.snp_guest_features,
+        vcpus,
     }
-    Err(FirmwareError::PlatformMissing)
 }
 
 #[cfg(test)]
@@ -140,28 +134,24 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 
-    /// This host has no SEV-SNP: a firmware boot stops before creating
-    /// anything, naming the VM types the host has.
+    /// The flash window is the limit: one byte more is refused before the
+    /// file is read, exactly the window's size is parsed.
     #[test]
-    fn without_sev_snp_a_firmware_boot_stops_clearly() {
-        let Some(data) = ovmf::tests::debian_ovmf() else {
-            return;
-        };
-        let Some(kvm) = crate::test_util::kvm() else {
-            return;
-        };
-        let path = crate::test_util::scratch_path("boot-ovmf.fd");
-        std::fs::write(&path, data).unwrap();
-        let platform = PlatformConfig::parse("sev_snp=on").unwrap();
-        let err = boot_firmware(&kvm, &path, 512 << 20, &platform, 2).unwrap_err();
+    fn a_firmware_file_may_fill_the_flash_window_and_no_more() {
+        let path = crate::test_util::scratch_path("big-ovmf.fd");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(ovmf::MAX_FIRMWARE_SIZE as u64 + 1).unwrap();
+        let err = read_firmware(&path).unwrap_err();
+        assert!(
+            matches!(err, FirmwareError::Parse { source: ovmf::OvmfError::TooLarge(n), .. } if n == ovmf::MAX_FIRMWARE_SIZE + 1),
+            "{err:?}"
+        );
+        file.set_len(ovmf::MAX_FIRMWARE_SIZE as u64).unwrap();
+        let err = read_firmware(&path).unwrap_err();
         let _ = std::fs::remove_file(&path);
-        if kvm
-            .capabilities()
-            .supports_vm_type(hypervisor::VmType::SevSnp)
-        {
-            assert!(matches!(err, FirmwareError::PlatformMissing));
-        } else {
-            assert!(err.to_string().contains("no SEV-SNP here"), "{err}");
-        }
+        assert!(
+            crate::error_chain(&err).contains("no OVMF GUIDed table"),
+            "{err}"
+        );
     }
 }

@@ -1,0 +1,75 @@
+//! The SEV-SNP launch inside the VM build: once RAM and the firmware
+//! region exist (private guest_memfd), the launch runs against KVM with
+//! the simulated processor in front (`Mirrored`), so a step the rules
+//! refuse never reaches KVM and the digest of what KVM launched is known.
+//! It returns the vCPUs KVM created, ready to run.
+
+use std::sync::Arc;
+
+use hypervisor::{Hypervisor, KvmSevSnpLauncher, Vcpu, Vm, VmType};
+
+use super::launch::{Measurement, launch};
+use super::ovmf::OvmfImage;
+use super::simulated_psp::{Mirrored, PrivateMemory, SimulatedPsp};
+use super::{FirmwareError, SnpParams, cpuid_page};
+use crate::memory::MemoryManager;
+
+/// A launched SEV-SNP guest: its vCPUs (in index order) and what the
+/// launch measured.
+pub struct Launched {
+    pub vcpus: Vec<Box<dyn Vcpu>>,
+    pub measurement: Measurement,
+}
+
+/// Launches `firmware` into `vm`, whose memory `memory` has set up
+/// (RAM and the firmware region). `path` names the image in errors.
+pub fn launch_vm(
+    hypervisor: &dyn Hypervisor,
+    vm: Arc<dyn Vm>,
+    memory: &MemoryManager,
+    firmware: &OvmfImage,
+    path: &str,
+    params: SnpParams,
+) -> Result<Launched, FirmwareError> {
+    if vm.vm_type() != VmType::SevSnp {
+        return Err(FirmwareError::WrongVmType(vm.vm_type().name()));
+    }
+    let (gpa, size) = (firmware.gpa(), firmware.data().len() as u64);
+    // `MemoryManager::with_firmware` makes the region guest_memfd.
+    if memory.firmware().map(|f| (f.gpa, f.size)) != Some((gpa, size)) {
+        return Err(FirmwareError::NoFirmwareRegion { gpa, size });
+    }
+    let features = hypervisor
+        .sev_snp_vmsa_features()
+        .map_err(FirmwareError::VmsaFeatures)?;
+    // The simulation checks against the memory this VM really has, not
+    // against what `--measure` assumes it has.
+    let simulated = SimulatedPsp::new(PrivateMemory(memory.guest_memfd_ranges()))
+        .with_supported_vmsa_features(features);
+    let mut backend = Mirrored {
+        simulated,
+        real: KvmSevSnpLauncher::new(vm),
+    };
+    // The CPUID page holds what `--measure` puts there, so the launch
+    // digest is the one it predicts.
+    let (vcpus, vcpu_signature) =
+        launch(&mut backend, firmware, &cpuid_page::host_minimal(), params).map_err(|source| {
+            FirmwareError::Launch {
+                path: path.to_string(),
+                source,
+            }
+        })?;
+    let simulated = &backend.simulated;
+    Ok(Launched {
+        vcpus,
+        measurement: Measurement {
+            measurement: simulated.digest().hex(),
+            vcpu_signature,
+            guest_features: simulated.sev_features(),
+            policy: simulated.policy(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests;

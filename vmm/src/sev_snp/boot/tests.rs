@@ -1,0 +1,668 @@
+//! The firmware boot through the real VM build (`Vm::boot`), on a fake
+//! SEV-SNP VM over this host's KVM (`SevSnpTestHypervisor`): KVM's part
+//! of the launch is modelled by the fake, the security processor is a
+//! second simulated one, independent of the VMM's own. Everything up to
+//! `SNP_LAUNCH_FINISH` runs as on a real host; then the vCPUs start.
+
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+
+use hypervisor::attribute_tracking::{AttributeTrackingVm, SevSnpTestHypervisor, SnpFirmware};
+use hypervisor::sev_snp::SnpResult;
+use hypervisor::{
+    Hypervisor, SevSnpCommand, SevSnpLauncher, SnpLaunchError, SnpPageType, SnpVcpuState, Vcpu,
+    Vm as _,
+};
+
+use crate::GuestEvents;
+use crate::config::{ConsoleOutput, CpusConfig, MemoryConfig, PlatformConfig, VmConfig};
+use crate::event_monitor::EventMonitor;
+use crate::sev_snp::simulated_psp::{
+    DEFAULT_SUPPORTED_VMSA_FEATURES, LaunchState, PrivateMemory, SimulatedPsp,
+};
+use crate::sev_snp::{measure_firmware, ovmf};
+use crate::vm::{Vm, VmError, VmState};
+
+const RAM: &str = "size=64M";
+
+/// The fake's processor, shared with the test so it can look inside;
+/// `refuse_at` refuses that command (0 = the first) as the hardware might.
+#[derive(Clone)]
+struct Psp {
+    inner: Arc<Mutex<SimulatedPsp>>,
+    commands: Arc<Mutex<usize>>,
+    refuse_at: Option<usize>,
+}
+
+impl Psp {
+    fn new(refuse_at: Option<usize>) -> Self {
+        // The fake checks KVM's memory rules itself; the processor
+        // accepts any private page.
+        let memory = PrivateMemory(vec![(0, 1 << 52)]);
+        Psp {
+            inner: Arc::new(Mutex::new(SimulatedPsp::new(memory))),
+            commands: Arc::default(),
+            refuse_at,
+        }
+    }
+
+    fn next(&self, command: &'static str) -> SnpResult<()> {
+        let mut count = self.commands.lock().unwrap();
+        let this = *count;
+        *count += 1;
+        if self.refuse_at == Some(this) {
+            return Err(SnpLaunchError::Refused {
+                command,
+                why: "injected by the test".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> LaunchState {
+        self.inner.lock().unwrap().state()
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.inner.lock().unwrap().log().to_vec()
+    }
+}
+
+impl SevSnpLauncher for Psp {
+    fn init(&mut self, vmsa_features: u64) -> SnpResult<()> {
+        self.next("KVM_SEV_INIT2")?;
+        self.inner.lock().unwrap().init(vmsa_features)
+    }
+    fn launch_start(&mut self, policy: u64) -> SnpResult<()> {
+        self.next("SNP_LAUNCH_START")?;
+        self.inner.lock().unwrap().launch_start(policy)
+    }
+    fn launch_update(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        source: Option<&[u8]>,
+        page_type: SnpPageType,
+    ) -> SnpResult<()> {
+        self.next("SNP_LAUNCH_UPDATE")?;
+        self.inner
+            .lock()
+            .unwrap()
+            .launch_update(gpa, len, source, page_type)
+    }
+    fn add_vcpu(&mut self, index: u8, state: &SnpVcpuState) -> SnpResult<Option<Box<dyn Vcpu>>> {
+        self.next("SNP_LAUNCH_UPDATE (VMSA)")?;
+        self.inner.lock().unwrap().add_vcpu(index, state)
+    }
+    fn launch_finish(&mut self) -> SnpResult<()> {
+        self.next("SNP_LAUNCH_FINISH")?;
+        self.inner.lock().unwrap().launch_finish()
+    }
+}
+
+struct Rig {
+    hypervisor: SevSnpTestHypervisor,
+    psp: Psp,
+    firmware: std::path::PathBuf,
+}
+
+impl Rig {
+    fn new(tag: &str, refuse_at: Option<usize>, vmsa_features: u64) -> Option<Rig> {
+        let data = ovmf::tests::debian_ovmf()?;
+        let kvm = crate::test_util::kvm()?;
+        let firmware = crate::test_util::scratch_path(tag);
+        std::fs::write(&firmware, data).unwrap();
+        let psp = Psp::new(refuse_at);
+        let made = psp.clone();
+        let hypervisor = SevSnpTestHypervisor::new(Arc::new(kvm), vmsa_features, move || {
+            Box::new(made.clone()) as SnpFirmware
+        });
+        Some(Rig {
+            hypervisor,
+            psp,
+            firmware,
+        })
+    }
+
+    fn config(&self, vcpus: u8, platform: &str) -> VmConfig {
+        VmConfig {
+            kernel: Default::default(),
+            firmware: Some(self.firmware.clone()),
+            cmdline: None,
+            initramfs: None,
+            memory: MemoryConfig::parse(RAM).unwrap(),
+            platform: PlatformConfig::parse(platform).unwrap(),
+            cpus: CpusConfig::parse(&format!("boot={vcpus}")).unwrap(),
+            serial: ConsoleOutput::Off,
+            devices: Vec::new(),
+            user_devices: Vec::new(),
+        }
+        .normalized()
+    }
+
+    fn boot(&self, config: VmConfig) -> Result<Vm, VmError> {
+        let (tx, _events) = channel();
+        Vm::boot(
+            config,
+            &self.hypervisor,
+            GuestEvents { vm: 1, tx },
+            Arc::new(EventMonitor::disabled()),
+            None,
+        )
+    }
+
+    fn fake_vm(&self) -> Arc<AttributeTrackingVm> {
+        let created = self.hypervisor.created();
+        assert_eq!(created.len(), 1, "one VM created");
+        created[0].clone()
+    }
+
+    /// Nothing of a VM is left: no vCPU exists and nothing but the test
+    /// hypervisor's list and this check holds the VM (so its memory
+    /// manager, slots and mappings are gone).
+    fn assert_nothing_left(&self) {
+        let vm = self.fake_vm();
+        assert_eq!(vm.live_vcpus(), 0, "vCPUs left");
+        assert_eq!(Arc::strong_count(&vm), 2, "something still holds the VM");
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.firmware);
+    }
+}
+
+fn json_path(path: &std::path::Path) -> serde_json::Value {
+    serde_json::json!(path)
+}
+
+fn measured_json(rig: &Rig, vcpus: u8, platform: &str) -> String {
+    let platform = PlatformConfig::parse(platform).unwrap();
+    let memory = MemoryConfig::parse(RAM).unwrap().size;
+    measure_firmware(&rig.firmware, memory, &platform, vcpus)
+        .unwrap()
+        .to_json()
+}
+
+fn measured(rig: &Rig, vcpus: u8, platform: &str) -> String {
+    let platform = PlatformConfig::parse(platform).unwrap();
+    let memory = MemoryConfig::parse(RAM).unwrap().size;
+    measure_firmware(&rig.firmware, memory, &platform, vcpus)
+        .unwrap()
+        .measurement
+}
+
+/// The whole path: the VM build creates an `sev-snp` VM, its RAM and the
+/// firmware region in private guest_memfd, runs the launch through KVM's
+/// commands to the processor, and starts the vCPUs. The digest the
+/// processor computed from what it was sent is `--measure`'s.
+#[test]
+fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
+    for (vcpus, platform) in [(1, "sev_snp=on"), (3, "sev_snp=on,snp_guest_features=0x21")] {
+        let Some(rig) = Rig::new("snp-boot.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+            return;
+        };
+        let mut vm = rig.boot(rig.config(vcpus, platform)).unwrap();
+        let fake = rig.fake_vm();
+        assert_eq!(vm.state(), VmState::Running);
+        assert!(fake.launch_finished());
+        assert_eq!(fake.live_vcpus(), usize::from(vcpus));
+        assert_eq!(rig.psp.state(), LaunchState::Finished);
+
+        let predicted = measured(&rig, vcpus, platform);
+        let launched = vm.launch_measurement().expect("a launch").clone();
+        assert_eq!(launched.measurement, predicted, "{vcpus} vCPUs");
+        let hardware = rig.psp.inner.lock().unwrap().digest().hex();
+        assert_eq!(hardware, predicted, "the processor's own digest");
+        let features = PlatformConfig::parse(platform).unwrap().snp_guest_features;
+        assert_eq!(launched.guest_features, features);
+
+        // vm.info shows it, as --measure prints it, plus the policy.
+        let info = vm.info();
+        let ours: serde_json::Value =
+            serde_json::from_str(&measured_json(&rig, vcpus, platform)).unwrap();
+        for key in [
+            "platform",
+            "measurement",
+            "vcpu_signature",
+            "guest_features",
+        ] {
+            assert_eq!(info["launch"][key], ours[key], "{key}");
+        }
+        assert_eq!(info["launch"]["policy"], "0x30000");
+        assert_eq!(info["vm_type"], "sev-snp");
+        assert_eq!(
+            info["config"]["payload"]["firmware"],
+            json_path(&rig.firmware)
+        );
+        assert!(info["config"]["payload"].get("kernel").is_none());
+        assert_eq!(info["memory"]["firmware"]["gpa"], 0xffe0_0000u64);
+        assert_eq!(info["memory"]["firmware"]["size"], 0x20_0000u64);
+
+        // The order a verifier reproduces: the image, its sections, then
+        // one VMSA per vCPU.
+        let log = rig.psp.log();
+        assert_eq!(log[0], format!("init vmsa_features={:#x}", features & !1));
+        assert_eq!(log[1], "start policy=0x30000");
+        assert_eq!(log[2], "update normal 0xffe00000+0x200000");
+        let vmsas: Vec<&String> = log.iter().filter(|l| l.starts_with("vcpu")).collect();
+        assert_eq!(vmsas.len(), usize::from(vcpus));
+        assert_eq!(log.last().unwrap(), "finish");
+
+        // RAM and the image are private guest_memfd memory.
+        let memory = vm.memory().clone();
+        let firmware = memory.firmware().expect("a firmware region");
+        assert_eq!((firmware.gpa, firmware.size), (0xffe0_0000, 0x20_0000));
+        assert!(fake.is_private(firmware.gpa, firmware.size));
+        assert!(fake.is_private(0, 64 << 20));
+        assert_eq!(
+            memory.guest_memfd_ranges(),
+            [(0, 64 << 20), (0xffe0_0000, 0x20_0000)]
+        );
+
+        // Nothing after the finish: no launch command, no register write.
+        for command in [
+            SevSnpCommand::Init2 { vmsa_features: 0 },
+            SevSnpCommand::LaunchStart { policy: 0x30000 },
+            SevSnpCommand::LaunchUpdate {
+                gpa: 0,
+                len: 4096,
+                source: None,
+                page_type: SnpPageType::Zero,
+            },
+            SevSnpCommand::LaunchFinish,
+        ] {
+            let name = command.name();
+            let err = fake.sev_snp_command(command).unwrap_err();
+            assert!(err.to_string().contains("refused"), "{name}: {err}");
+        }
+        let vcpu = fake.create_vcpu(vcpus).unwrap();
+        assert!(vcpu.set_regs(&Default::default()).is_err());
+        drop(vcpu);
+        assert_eq!(rig.psp.inner.lock().unwrap().digest().hex(), predicted);
+
+        vm.shutdown();
+        drop(vm);
+        drop(memory);
+        drop(fake);
+        rig.assert_nothing_left();
+    }
+}
+
+/// Every step the processor can refuse, in turn: the build stops with
+/// the command and the reason, and nothing of the VM is left.
+#[test]
+fn every_refused_launch_step_stops_the_build_and_leaves_nothing() {
+    let Some(rig) = Rig::new("snp-count.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+        return;
+    };
+    let vm = rig.boot(rig.config(2, "sev_snp=on")).unwrap();
+    drop(vm);
+    let steps = *rig.psp.commands.lock().unwrap();
+    // INIT2, START, the image, at least one section, two VMSAs, FINISH.
+    assert!(steps >= 7, "{steps}");
+    drop(rig);
+    for step in 0..steps {
+        let Some(rig) = Rig::new("snp-refuse.fd", Some(step), DEFAULT_SUPPORTED_VMSA_FEATURES)
+        else {
+            return;
+        };
+        let Err(err) = rig.boot(rig.config(2, "sev_snp=on")) else {
+            panic!("step {step} refused, yet the VM booted");
+        };
+        let chain = crate::error_chain(&err);
+        assert!(
+            chain.contains("the SEV-SNP launch of")
+                && chain.contains("refused: injected by the test"),
+            "step {step}: {chain}"
+        );
+        assert!(!rig.fake_vm().launch_finished(), "step {step}");
+        assert_ne!(rig.psp.state(), LaunchState::Finished, "step {step}");
+        rig.assert_nothing_left();
+    }
+}
+
+/// A step the VMM's simulation refuses (features this host's KVM does not
+/// report) stops the build before KVM sees anything.
+#[test]
+fn a_step_the_rules_refuse_never_reaches_kvm() {
+    let Some(rig) = Rig::new("snp-features.fd", None, 0) else {
+        return;
+    };
+    let Err(err) = rig.boot(rig.config(1, "sev_snp=on,snp_guest_features=0x21")) else {
+        panic!("booted with features the host lacks");
+    };
+    let chain = crate::error_chain(&err);
+    assert!(
+        chain.contains("KVM_SEV_INIT2 refused: VMSA features 0x20 are not supported"),
+        "{chain}"
+    );
+    assert_eq!(*rig.psp.commands.lock().unwrap(), 0, "KVM saw a command");
+    assert_eq!(rig.psp.state(), LaunchState::Created);
+    rig.assert_nothing_left();
+}
+
+/// This host has no SEV-SNP: the real hypervisor's boot stops before
+/// creating a VM, saying so.
+#[test]
+fn without_sev_snp_a_firmware_boot_stops_before_creating_anything() {
+    let Some(rig) = Rig::new("snp-nohost.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+        return;
+    };
+    let Some(kvm) = crate::test_util::kvm() else {
+        return;
+    };
+    let (tx, _events) = channel();
+    let result = Vm::boot(
+        rig.config(2, "sev_snp=on"),
+        &kvm,
+        GuestEvents { vm: 1, tx },
+        Arc::new(EventMonitor::disabled()),
+        None,
+    );
+    let Err(err) = result else {
+        // A real SEV-SNP host launches (and that is another test's job).
+        assert!(
+            kvm.capabilities()
+                .supports_vm_type(hypervisor::VmType::SevSnp)
+        );
+        return;
+    };
+    let chain = crate::error_chain(&err);
+    assert!(
+        chain.contains("VM type sev-snp is not available on this host")
+            && chain.contains("no SEV-SNP here"),
+        "{chain}"
+    );
+}
+
+/// The image and the launch plan are checked before the host: a firmware
+/// without SNP-active fails alike everywhere, before any VM exists.
+#[test]
+fn a_bad_launch_plan_fails_before_any_vm_exists() {
+    let Some(rig) = Rig::new("snp-plan.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+        return;
+    };
+    let Err(err) = rig.boot(rig.config(1, "sev_snp=on,snp_guest_features=0")) else {
+        panic!("booted without SNP-active");
+    };
+    assert!(crate::error_chain(&err).contains("lack SNP-active"));
+    let mut config = rig.config(1, "sev_snp=on");
+    config.platform = PlatformConfig::default();
+    let Err(err) = rig.boot(config) else {
+        panic!("booted firmware on a default VM");
+    };
+    assert!(crate::error_chain(&err).contains("needs sev_snp=on"));
+    assert!(rig.hypervisor.created().is_empty());
+}
+
+/// The firmware sits in the top of the MMIO hole: no window the platform
+/// decodes there (the 32-bit BARs, ECAM, the IOAPIC, the LAPIC, the 64-bit
+/// BARs) reaches into the flash window.
+#[test]
+fn the_flash_window_overlaps_no_platform_window() {
+    use crate::boot::acpi::{IOAPIC_ADDRESS, LAPIC_ADDRESS};
+    use crate::device_manager::pci_segment::{ECAM_BASE, MMIO32_END, MMIO32_START, bar_windows};
+    use crate::memory::{FIRMWARE_WINDOW_START, MMIO_HOLE_END};
+    let flash = FIRMWARE_WINDOW_START..MMIO_HOLE_END;
+    assert_eq!(flash.end - flash.start, ovmf::MAX_FIRMWARE_SIZE as u64);
+    let (mmio32, _) = bar_windows(64 << 20);
+    assert_eq!(mmio32, MMIO32_START..MMIO32_END);
+    let mut windows = vec![
+        ("32-bit BARs", mmio32),
+        ("ECAM", ECAM_BASE..ECAM_BASE + pci::ECAM_SIZE),
+        (
+            "IOAPIC",
+            u64::from(IOAPIC_ADDRESS)..u64::from(IOAPIC_ADDRESS) + 0x1000,
+        ),
+        (
+            "LAPIC",
+            u64::from(LAPIC_ADDRESS)..u64::from(LAPIC_ADDRESS) + 0x1000,
+        ),
+    ];
+    for ram in [64 << 20, 3 << 30, 8 << 30] {
+        windows.push(("64-bit BARs", bar_windows(ram).1));
+    }
+    for (name, window) in windows {
+        assert!(
+            window.end <= flash.start || window.start >= flash.end,
+            "{name} {window:x?} overlaps the flash window {flash:x?}"
+        );
+    }
+}
+
+/// The firmware region goes only where firmware goes: whole pages of the
+/// flash window, ending at 4 GiB.
+#[test]
+fn the_firmware_region_is_placed_only_in_the_flash_window() {
+    use crate::memory::{MemoryError, MemoryLayout, MemoryManager};
+    let Some(kvm) = crate::test_util::kvm() else {
+        return;
+    };
+    // A VM each: slots outlive a dropped manager.
+    let new_vm = || {
+        Arc::new(AttributeTrackingVm::new(
+            kvm.create_vm(hypervisor::VmType::Default).unwrap(),
+        ))
+    };
+    let memory = |vm: &Arc<AttributeTrackingVm>| {
+        MemoryManager::new(vm.clone(), 16 << 20, MemoryLayout::Auto).unwrap()
+    };
+    for (gpa, size) in [
+        (0xfe00_0000, 0x200_0000),
+        (0xffe0_0000, 0x10_0000),
+        (0x1_0000_0000, 0),
+        (0xffff_f800, 0x800),
+        (0xffe0_0000, 0x20_1000),
+    ] {
+        let Err(err) = memory(&new_vm()).with_firmware(gpa, size, MemoryLayout::Auto) else {
+            panic!("{gpa:#x}+{size:#x} accepted");
+        };
+        assert!(
+            matches!(err, MemoryError::FirmwarePlacement { .. }),
+            "{gpa:#x}+{size:#x}: {err}"
+        );
+    }
+    // The lowest and the highest placement.
+    for (gpa, size) in [(0xff00_0000, 0x100_0000), (0xffff_f000, 0x1000)] {
+        let vm = new_vm();
+        let memory = memory(&vm)
+            .with_firmware(gpa, size, MemoryLayout::Anonymous)
+            .unwrap();
+        let region = memory.firmware().unwrap();
+        assert_eq!((region.gpa, region.size), (gpa, size));
+        assert!(region.backing.is_guest_memfd(), "firmware is guest_memfd");
+        assert!(vm.is_private(gpa, size));
+        assert_eq!(memory.guest_memfd_ranges().last(), Some(&(gpa, size)));
+    }
+}
+
+/// The spec declares `vm.info`'s `launch` with every field the VMM
+/// writes there.
+#[test]
+fn the_openapi_spec_declares_the_launch_measurement() {
+    use yaml_rust2::YamlLoader;
+    let spec = &YamlLoader::load_from_str(include_str!("../../../openapi/cloud-hypervisor.yaml"))
+        .unwrap()[0];
+    let schemas = &spec["components"]["schemas"];
+    assert_eq!(
+        schemas["VmInfo"]["properties"]["launch"]["$ref"].as_str(),
+        Some("#/components/schemas/LaunchMeasurement")
+    );
+    let measurement = crate::sev_snp::Measurement {
+        measurement: "00".repeat(48),
+        vcpu_signature: 0xa00f11,
+        guest_features: 1,
+        policy: 0x30000,
+    };
+    let info = measurement.info();
+    let declared = &schemas["LaunchMeasurement"]["properties"];
+    let required: Vec<&str> = schemas["LaunchMeasurement"]["required"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    let keys: Vec<&str> = info
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for key in &keys {
+        assert!(!declared[*key].is_badvalue(), "{key} not in the spec");
+        assert!(required.contains(key), "{key} not required");
+    }
+    assert_eq!(keys.len(), required.len());
+    assert_eq!(info["vcpu_signature"], "0xa00f11");
+    assert_eq!(info["guest_features"], "0x1");
+    assert_eq!(info["policy"], "0x30000");
+    assert_eq!(info["platform"], "sev-snp");
+}
+
+/// After the launch, the guest's page-state changes (KVM turns the GHCB's
+/// page-state-change requests into `KVM_HC_MAP_GPA_RANGE` exits, and
+/// accesses of the other kind into memory faults) reach this SNP VM's
+/// memory manager, KVM's attributes and a device's mappings through the
+/// real vCPU loop. The firmware region is not RAM: a to-shared request
+/// there changes nothing (it stays private), as for any GPA without RAM.
+#[test]
+fn an_snp_guests_conversions_reach_the_memory_manager_and_a_device() {
+    use hypervisor::scripted_vcpu::{ScriptedExit, ScriptedVcpu};
+    use vm_device::fake_iommu::FakeIommu;
+    use vm_device::{DmaMappingListener, Section};
+
+    use crate::conversion_path::ConversionPath;
+    use crate::test_util::conversion;
+    use crate::vcpu::{self, VcpuContext};
+
+    const PAGE: u64 = 4096;
+    const MIB: u64 = 1 << 20;
+    let Some(rig) = Rig::new("snp-convert.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+        return;
+    };
+    let mut vm = rig.boot(rig.config(1, "sev_snp=on")).unwrap();
+    let fake = rig.fake_vm();
+    let memory = vm.memory().clone();
+    assert!(memory.tracks_attributes());
+    let iommu = Arc::new(FakeIommu::new(None));
+    let listener = Arc::new(DmaMappingListener::new(iommu.clone(), None));
+    memory.regions()[0]
+        .attributes
+        .as_ref()
+        .unwrap()
+        .register_listener(
+            listener,
+            Section {
+                gpa: 0,
+                size: 64 * MIB,
+            },
+        )
+        .unwrap();
+    let base = 16 * MIB;
+    let (script, results) = ScriptedVcpu::new([
+        ScriptedExit::MapGpaRange(conversion(base, 4 * PAGE, true)),
+        ScriptedExit::MemoryFault(conversion(base + PAGE, PAGE, false)),
+        ScriptedExit::MapGpaRange(conversion(0xffe0_0000, PAGE, true)),
+        ScriptedExit::MapGpaRange(conversion(base, PAGE, false)),
+    ]);
+    let (tx, events) = channel();
+    let ctx = Arc::new(VcpuContext {
+        io_bus: Arc::new(vm_device::Bus::new()),
+        mmio_bus: Arc::new(vm_device::Bus::new()),
+        conversions: Arc::new(ConversionPath::new(
+            memory.clone(),
+            Arc::new(EventMonitor::disabled()),
+        )),
+        events: GuestEvents { vm: 1, tx },
+        stop: Arc::default(),
+        pause: Arc::default(),
+    });
+    let mut handle = vcpu::start(0, Box::new(script), ctx, None).unwrap();
+    // The script ends with a shutdown exit.
+    events
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    handle.stop();
+    assert_eq!(*results.lock().unwrap(), [0, 0, 0], "the guest's RAX");
+    let shared = (base + 2 * PAGE, 2 * PAGE);
+    assert_eq!(
+        fake.private_ranges(),
+        [
+            (0, shared.0),
+            (shared.0 + shared.1, 64 * MIB - shared.0 - shared.1),
+            (0xffe0_0000, 0x20_0000),
+        ],
+        "KVM's attributes"
+    );
+    let mapped: Vec<(u64, u64)> = iommu.mappings().iter().map(|s| (s.gpa, s.size)).collect();
+    assert_eq!(mapped, [shared], "the device maps the shared pages");
+    let totals = memory.conversion_totals();
+    assert_eq!((totals.to_shared, totals.to_private), (1, 2));
+    assert_eq!(memory.unbacked_to_shared(), 1);
+    vm.shutdown();
+}
+
+/// `launch_vm` launches only into an `sev-snp` VM whose firmware region is
+/// where the image goes.
+#[test]
+fn the_launch_needs_an_snp_vm_with_the_firmware_region() {
+    use crate::memory::{MemoryLayout, MemoryManager};
+    use crate::sev_snp::boot::launch_vm;
+    use crate::sev_snp::{FirmwareError, SnpParams};
+    let Some(rig) = Rig::new("snp-direct.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+        return;
+    };
+    let image = crate::sev_snp::read_firmware(&rig.firmware).unwrap();
+    let kvm = crate::test_util::kvm().unwrap();
+    let default_vm = kvm.create_vm(hypervisor::VmType::Default).unwrap();
+    let memory = MemoryManager::new(default_vm.clone(), 16 << 20, MemoryLayout::Auto)
+        .unwrap()
+        .with_firmware(image.gpa(), image.data().len() as u64, MemoryLayout::Auto)
+        .unwrap();
+    let result = launch_vm(
+        &rig.hypervisor,
+        default_vm,
+        &memory,
+        &image,
+        "x",
+        SnpParams::default(),
+    );
+    assert!(matches!(result, Err(FirmwareError::WrongVmType("default"))));
+
+    let launch = |firmware: Option<(u64, u64)>| {
+        let vm = rig
+            .hypervisor
+            .create_vm(hypervisor::VmType::SevSnp)
+            .unwrap();
+        let mut memory = MemoryManager::new(vm.clone(), 16 << 20, MemoryLayout::Auto).unwrap();
+        if let Some((gpa, size)) = firmware {
+            memory = memory.with_firmware(gpa, size, MemoryLayout::Auto).unwrap();
+        }
+        launch_vm(
+            &rig.hypervisor,
+            vm,
+            &memory,
+            &image,
+            "x",
+            SnpParams::default(),
+        )
+    };
+    for firmware in [None, Some((0xffff_f000, 0x1000))] {
+        assert!(
+            matches!(
+                launch(firmware),
+                Err(FirmwareError::NoFirmwareRegion {
+                    gpa: 0xffe0_0000,
+                    size: 0x20_0000
+                })
+            ),
+            "{firmware:x?}"
+        );
+    }
+    let launched = launch(Some((0xffe0_0000, 0x20_0000))).unwrap();
+    assert_eq!(launched.vcpus.len(), 1);
+    assert_eq!(launched.measurement.policy, 0x30000);
+    assert_eq!(launched.measurement.guest_features, 1);
+}
