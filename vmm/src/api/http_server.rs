@@ -933,6 +933,46 @@ mod tests {
         assert!(!without.contains("Content-Type"), "{without}");
         assert!(without.contains("Connection: keep-alive\r\n"));
     }
+
+    extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+    /// A signal landing on a waiting thread (poll fails with EINTR) is no
+    /// reason to give up the wait: it goes on to the data or the timeout.
+    #[test]
+    fn a_signal_does_not_cut_a_wait_short() {
+        use std::os::unix::thread::JoinHandleExt;
+        let kick = vmm_sys_util::signal::SIGRTMIN() + 1;
+        vmm_sys_util::signal::register_signal_handler(kick, ignore_signal).unwrap();
+        let timeout = Duration::from_millis(400);
+        for data in [true, false] {
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            let (done, result) = std::sync::mpsc::channel();
+            let waiter = std::thread::spawn(move || {
+                let started = Instant::now();
+                let ready = wait_readable(ours.as_raw_fd(), libc::POLLIN, timeout);
+                let _ = done.send((ready, started.elapsed()));
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            // SAFETY: signals a live thread of this process (it waits up
+            // to 400 ms); the handler is installed above.
+            assert_eq!(
+                unsafe { libc::pthread_kill(waiter.as_pthread_t(), kick) },
+                0
+            );
+            std::thread::sleep(Duration::from_millis(50));
+            if data {
+                theirs.write_all(b"x").unwrap();
+            }
+            let (ready, took) = result
+                .recv_timeout(Duration::from_secs(5))
+                .expect("the wait never ended");
+            assert_eq!(ready, data, "after {took:?}");
+            if !data {
+                assert!(took >= timeout, "cut short after {took:?}");
+            }
+            waiter.join().unwrap();
+        }
+    }
 }
 
 /// `serve` over a real socket, with short deadlines.
