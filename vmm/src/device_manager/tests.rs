@@ -777,3 +777,33 @@ fn a_message_dma_server_is_answered_between_requests_and_let_go_on_drop() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn only_dma_fd_on_a_vm_that_does_not_enforce_private_memory_warns_of_it() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let memory = Arc::new(MemoryManager::new(vm, 32 * MIB, MemoryLayout::Anonymous).unwrap());
+    assert!(!memory.tracks_attributes());
+    let dm = manager(&memory);
+    for (dma, warned) in [(DmaMode::Fd, true), (DmaMode::Messages, false)] {
+        let (result, warnings) = crate::test_util::capture_warnings(|| {
+            dm.add_vfio_user(&UserDeviceConfig {
+                socket: PathBuf::from("/nonexistent"),
+                dma,
+                ..Default::default()
+            })
+        });
+        // Refused afterwards all the same: this RAM has no fd to give.
+        assert!(
+            matches!(result, Err(DeviceError::NoFileBacking)),
+            "{result:?}"
+        );
+        assert_eq!(
+            warnings
+                .iter()
+                .any(|w| w.contains("dma=fd hands the server the guest RAM's fd")),
+            warned,
+            "{dma:?}: {warnings:?}"
+        );
+    }
+}
