@@ -716,6 +716,29 @@ fn a_vfio_user_server_that_is_no_pci_function_is_a_dma_target_only() {
     assert!(device_maps(&ctl).is_empty());
 }
 
+/// This process's server-request threads (their task ids).
+fn dma_threads() -> Vec<u32> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|comm| comm.trim_end() == "vfio-user-dma")
+        })
+        .filter_map(|task| task.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// How often task `tid` of this process went to sleep and woke.
+fn wakeups(tid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
+
 extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 #[test]
@@ -726,6 +749,7 @@ fn a_message_dma_server_is_answered_between_requests_and_let_go_on_drop() {
     let Some(memory) = memory() else { return };
     let (socket, ctl) = in_process_test_device("messages", false);
     let ram = Arc::new(GuestRam::new(&memory));
+    let before = dma_threads();
     let dma = VfioUserDma::connect(
         &socket,
         ram.clone(),
@@ -733,6 +757,29 @@ fn a_message_dma_server_is_answered_between_requests_and_let_go_on_drop() {
         DmaMode::Messages,
     )
     .unwrap();
+    // The thread names itself once it runs.
+    let new_threads = || -> Vec<u32> {
+        dma_threads()
+            .into_iter()
+            .filter(|t| !before.contains(t))
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    let mut ours = new_threads();
+    while ours.is_empty() && started.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(5));
+        ours = new_threads();
+    }
+    let [ours] = ours[..] else {
+        panic!("{ours:?}: not one new server-request thread")
+    };
+    // With nothing arriving it sleeps in one wait, not in a polling loop.
+    let woken = wakeups(ours);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        wakeups(ours) - woken < 10,
+        "the server-request thread polls"
+    );
     // The client serves the server's DMA as IOVA = GPA only.
     let err = dma.map(0x30_0000, 0x20_0000, 0x1000).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
