@@ -686,6 +686,12 @@ mod tests {
             assert_eq!(status(read(bad)), 400, "{}", String::from_utf8_lossy(bad));
         }
         assert_eq!(read(b"").unwrap_err(), ReadError::Gone);
+        // Closed after part of a head: a request cut short, not a
+        // connection that simply ended.
+        assert_eq!(
+            read(b"GET / HTTP/1.1\r\nHost: x").unwrap_err(),
+            ReadError::Bad(Malformed::ClosedMidHead)
+        );
     }
 
     #[test]
