@@ -715,6 +715,7 @@ mod tests {
                 BareLineEnd,
             ),
             (b"PUT / HTTP/1.1\nContent-Length: 5\r\n\r\n", BareLineEnd),
+            (b"\nGET / HTTP/1.1\r\n\r\n", BareLineEnd),
             (b"PUT / HTTP/1.1\r\nX-A: b\r\r\n\r\n", BareLineEnd),
             (
                 b"PUT / HTTP/1.1\r\nX-A: b\r\n\tContent-Length: 5\r\n\r\n",
