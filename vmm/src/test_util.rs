@@ -52,6 +52,10 @@ pub fn capture_warnings<R>(f: impl FnOnce() -> R) -> (R, Vec<String>) {
         static CAPTURED: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
     }
 
+    /// Threads capturing now: other threads' records (some run under a
+    /// seccomp filter) never touch the thread-local.
+    static CAPTURING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
     struct Capture;
 
     impl log::Log for Capture {
@@ -59,7 +63,9 @@ pub fn capture_warnings<R>(f: impl FnOnce() -> R) -> (R, Vec<String>) {
             metadata.level() <= log::Level::Warn
         }
         fn log(&self, record: &log::Record<'_>) {
-            if self.enabled(record.metadata()) {
+            if self.enabled(record.metadata())
+                && CAPTURING.load(std::sync::atomic::Ordering::Acquire) > 0
+            {
                 CAPTURED.with(|c| {
                     if let Some(lines) = c.borrow_mut().as_mut() {
                         lines.push(record.args().to_string());
@@ -76,7 +82,9 @@ pub fn capture_warnings<R>(f: impl FnOnce() -> R) -> (R, Vec<String>) {
         log::set_max_level(log::LevelFilter::Warn);
     });
     CAPTURED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    CAPTURING.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     let result = f();
+    CAPTURING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     let lines = CAPTURED.with(|c| c.borrow_mut().take()).unwrap_or_default();
     (result, lines)
 }
