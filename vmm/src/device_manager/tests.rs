@@ -750,13 +750,17 @@ fn a_message_dma_server_is_answered_between_requests_and_let_go_on_drop() {
     let (socket, ctl) = in_process_test_device("messages", false);
     let ram = Arc::new(GuestRam::new(&memory));
     let before = dma_threads();
-    let dma = VfioUserDma::connect(
-        &socket,
-        ram.clone(),
-        Duration::from_secs(5),
-        DmaMode::Messages,
-    )
-    .unwrap();
+    // Dropped only at the end: a failed assertion must fail the test, not
+    // hang it in the drop's join of a thread that never ends.
+    let dma = std::mem::ManuallyDrop::new(
+        VfioUserDma::connect(
+            &socket,
+            ram.clone(),
+            Duration::from_secs(5),
+            DmaMode::Messages,
+        )
+        .unwrap(),
+    );
     // The thread names itself once it runs.
     let new_threads = || -> Vec<u32> {
         dma_threads()
@@ -814,7 +818,7 @@ fn a_message_dma_server_is_answered_between_requests_and_let_go_on_drop() {
     assert_eq!(test_device::ask(&ctl, "read 0x200010 1").unwrap(), "a5");
     assert!(!dma.server_requests.as_ref().unwrap().is_finished());
     // Let go: the connection closes, so the server drops its mappings.
-    drop(dma);
+    drop(std::mem::ManuallyDrop::into_inner(dma));
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     while !device_maps(&ctl).is_empty() {
         assert!(
