@@ -1835,6 +1835,10 @@ mod tests {
         let (client_end, mut server_end) = UnixStream::pair().unwrap();
         let mut client = VfioUserClient::over(client_end, Duration::from_secs(2), Some(ram));
         client.mapped.insert(0x1000, 0x1000);
+        // An unanswered request fails the test rather than hanging it.
+        server_end
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
         assert!(client.watch_handle().is_some());
         // Nothing waiting: nothing to do, and no wait for it.
         let started = Instant::now();
@@ -1914,6 +1918,10 @@ mod tests {
         let ram = std::sync::Arc::new(Ram(std::sync::Mutex::new(vec![0x6e; 64 << 10])));
         let (client_end, mut server_end) = UnixStream::pair().unwrap();
         let mut client = VfioUserClient::over(client_end, Duration::from_secs(2), Some(ram));
+        // No request sent fails the test rather than hanging it.
+        server_end
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
         let server = std::thread::spawn(move || {
             let mut raw = [0u8; HEADER_SIZE];
             let (n, fd) = server_end.recv_with_fd(&mut raw).unwrap();
