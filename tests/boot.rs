@@ -157,7 +157,10 @@ fn serial_to_file_and_off() {
         "file=/proc/self/comm",
     ]);
     assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("a procfs or sysfs file takes no console output"), "{stderr}");
+    assert!(
+        stderr.contains("a procfs or sysfs file takes no console output"),
+        "{stderr}"
+    );
     let (status, stdout, _) = run_vmm(&[
         "--kernel",
         guest.to_str().unwrap(),
