@@ -572,4 +572,85 @@ mod tests {
         let next = bus.add(Arc::new(OneWindow)).unwrap();
         assert_eq!(bus.mapped_windows(next).len(), 1);
     }
+
+    /// A function whose windows are whatever the test sets, without a
+    /// config write (as when another vCPU reprograms it meanwhile).
+    struct Movable(Mutex<Vec<BarWindow>>);
+
+    impl Movable {
+        fn at(address: u64) -> Arc<Self> {
+            Arc::new(Movable(Mutex::new(vec![BarWindow {
+                bar: 0,
+                address,
+                size: 0x1000,
+            }])))
+        }
+        fn move_to(&self, address: u64) {
+            self.0.lock().unwrap()[0].address = address;
+        }
+    }
+
+    impl PciDevice for Movable {
+        fn config_read(&self, _: usize) -> u32 {
+            0
+        }
+        fn config_write(&self, _: usize, _: usize, _: &[u8]) {}
+        fn bar_windows(&self) -> Vec<BarWindow> {
+            self.0.lock().unwrap().clone()
+        }
+        fn bar_read(&self, _: usize, _: u64, data: &mut [u8]) {
+            data.fill(0x22);
+        }
+        fn bar_write(&self, _: usize, _: u64, _: &[u8]) {}
+    }
+
+    /// Only the command register and the BARs change what is decoded: a
+    /// write to any other register leaves the bus as it is.
+    #[test]
+    fn a_write_to_another_register_does_not_sync_the_windows() {
+        let mmio = Arc::new(Bus::new());
+        let bus = PciBus::new(mmio.clone());
+        let device = Movable::at(0xc000_0000);
+        let slot = bus.add(device.clone()).unwrap();
+        device.move_to(0xd000_0000);
+        // Interrupt line (dword 15) and the expansion ROM BAR (dword 12).
+        for reg in [15, 12] {
+            bus.config_write(0, usize::from(slot), 0, reg, 0, &[0xff]);
+            assert_eq!(
+                bus.mapped_windows(slot)[0].address,
+                0xc000_0000,
+                "a write to dword {reg} moved the window"
+            );
+        }
+        // A BAR write does.
+        bus.config_write(0, usize::from(slot), 0, 4, 0, &[0]);
+        assert_eq!(bus.mapped_windows(slot)[0].address, 0xd000_0000);
+    }
+
+    /// A waiting function earlier on the bus than the one whose window
+    /// leaves during the same pass gets its place on the next pass.
+    #[test]
+    fn a_window_released_during_the_retry_lets_an_earlier_waiting_one_in() {
+        let mmio = Arc::new(Bus::new());
+        let bus = PciBus::new(mmio.clone());
+        let holder = Movable::at(0xd000_0000);
+        bus.add_at(Some(3), holder.clone()).unwrap();
+        let waiting = bus.add_at(Some(2), Movable::at(0xd000_0000)).unwrap();
+        assert!(bus.mapped_windows(waiting).is_empty(), "place was taken");
+        // The holder moves without a config write; the retry finds it
+        // only after it passed the waiting function.
+        holder.move_to(0xe000_0000);
+        bus.sync_waiting();
+        assert_eq!(bus.mapped_windows(3)[0].address, 0xe000_0000);
+        assert_eq!(
+            bus.mapped_windows(waiting),
+            vec![BarWindow {
+                bar: 0,
+                address: 0xd000_0000,
+                size: 0x1000,
+            }]
+        );
+        let mut b = [0u8; 1];
+        assert!(mmio.read(0xd000_0000, &mut b));
+    }
 }

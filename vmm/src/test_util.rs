@@ -41,3 +41,50 @@ pub fn scratch_path(tag: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_file(&path);
     path
 }
+
+/// Runs `f` and returns what it logged on this thread at `warn` or above
+/// (a logger for the test process is installed on first use; other
+/// threads' records are dropped).
+pub fn capture_warnings<R>(f: impl FnOnce() -> R) -> (R, Vec<String>) {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static CAPTURED: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+    }
+
+    /// Threads capturing now: other threads' records (some run under a
+    /// seccomp filter) never touch the thread-local.
+    static CAPTURING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    struct Capture;
+
+    impl log::Log for Capture {
+        fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+            metadata.level() <= log::Level::Warn
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if self.enabled(record.metadata())
+                && CAPTURING.load(std::sync::atomic::Ordering::Acquire) > 0
+            {
+                CAPTURED.with(|c| {
+                    if let Some(lines) = c.borrow_mut().as_mut() {
+                        lines.push(record.args().to_string());
+                    }
+                });
+            }
+        }
+        fn flush(&self) {}
+    }
+
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        log::set_logger(&Capture).expect("no other logger in the test process");
+        log::set_max_level(log::LevelFilter::Warn);
+    });
+    CAPTURED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    CAPTURING.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let result = f();
+    CAPTURING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    let lines = CAPTURED.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    (result, lines)
+}

@@ -686,6 +686,12 @@ mod tests {
             assert_eq!(status(read(bad)), 400, "{}", String::from_utf8_lossy(bad));
         }
         assert_eq!(read(b"").unwrap_err(), ReadError::Gone);
+        // Closed after part of a head: a request cut short, not a
+        // connection that simply ended.
+        assert_eq!(
+            read(b"GET / HTTP/1.1\r\nHost: x").unwrap_err(),
+            ReadError::Bad(Malformed::ClosedMidHead)
+        );
     }
 
     #[test]
@@ -709,6 +715,7 @@ mod tests {
                 BareLineEnd,
             ),
             (b"PUT / HTTP/1.1\nContent-Length: 5\r\n\r\n", BareLineEnd),
+            (b"\nGET / HTTP/1.1\r\n\r\n", BareLineEnd),
             (b"PUT / HTTP/1.1\r\nX-A: b\r\r\n\r\n", BareLineEnd),
             (
                 b"PUT / HTTP/1.1\r\nX-A: b\r\n\tContent-Length: 5\r\n\r\n",
@@ -932,6 +939,46 @@ mod tests {
         .unwrap();
         assert!(!without.contains("Content-Type"), "{without}");
         assert!(without.contains("Connection: keep-alive\r\n"));
+    }
+
+    extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+    /// A signal landing on a waiting thread (poll fails with EINTR) is no
+    /// reason to give up the wait: it goes on to the data or the timeout.
+    #[test]
+    fn a_signal_does_not_cut_a_wait_short() {
+        use std::os::unix::thread::JoinHandleExt;
+        let kick = vmm_sys_util::signal::SIGRTMIN() + 1;
+        vmm_sys_util::signal::register_signal_handler(kick, ignore_signal).unwrap();
+        let timeout = Duration::from_millis(400);
+        for data in [true, false] {
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            let (done, result) = std::sync::mpsc::channel();
+            let waiter = std::thread::spawn(move || {
+                let started = Instant::now();
+                let ready = wait_readable(ours.as_raw_fd(), libc::POLLIN, timeout);
+                let _ = done.send((ready, started.elapsed()));
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            // SAFETY: signals a live thread of this process (it waits up
+            // to 400 ms); the handler is installed above.
+            assert_eq!(
+                unsafe { libc::pthread_kill(waiter.as_pthread_t(), kick) },
+                0
+            );
+            std::thread::sleep(Duration::from_millis(50));
+            if data {
+                theirs.write_all(b"x").unwrap();
+            }
+            let (ready, took) = result
+                .recv_timeout(Duration::from_secs(5))
+                .expect("the wait never ended");
+            assert_eq!(ready, data, "after {took:?}");
+            if !data {
+                assert!(took >= timeout, "cut short after {took:?}");
+            }
+            waiter.join().unwrap();
+        }
     }
 }
 

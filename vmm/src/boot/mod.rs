@@ -182,7 +182,12 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let past = (MAX_IDENTITY_GIB << 30) + 4096;
         let err = load(&mem, past, &[]).unwrap_err();
-        assert!(matches!(err, BootError::RamPastIdentityMap { ram_end, .. } if ram_end == past));
+        // RAM above 3 GiB continues at 4 GiB: 511 GiB of RAM end at 512 GiB.
+        assert!(matches!(
+            err,
+            BootError::RamPastIdentityMap { ram_end, max_ram }
+                if ram_end == past && max_ram == 511 << 30
+        ));
         assert!(err.to_string().contains("512 GiB"), "{err}");
         // Nothing was written: the page tables are still zero.
         assert_eq!(mem.read_obj::<u64>(GuestAddress(PML4_ADDR)).unwrap(), 0);

@@ -715,3 +715,146 @@ fn a_vfio_user_server_that_is_no_pci_function_is_a_dma_target_only() {
     dm.remove(&info.id).unwrap();
     assert!(device_maps(&ctl).is_empty());
 }
+
+/// This process's server-request threads (their task ids).
+fn dma_threads() -> Vec<u32> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|comm| comm.trim_end() == "vfio-user-dma")
+        })
+        .filter_map(|task| task.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// How often task `tid` of this process went to sleep and woke.
+fn wakeups(tid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
+
+extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+#[test]
+fn a_message_dma_server_is_answered_between_requests_and_let_go_on_drop() {
+    use std::os::unix::thread::JoinHandleExt;
+
+    use super::vfio_user_client::DmaMemory;
+    let Some(memory) = memory() else { return };
+    let (socket, ctl) = in_process_test_device("messages", false);
+    let ram = Arc::new(GuestRam::new(&memory));
+    let before = dma_threads();
+    // Dropped only at the end: a failed assertion must fail the test, not
+    // hang it in the drop's join of a thread that never ends.
+    let dma = std::mem::ManuallyDrop::new(
+        VfioUserDma::connect(
+            &socket,
+            ram.clone(),
+            Duration::from_secs(5),
+            DmaMode::Messages,
+        )
+        .unwrap(),
+    );
+    // The thread names itself once it runs.
+    let new_threads = || -> Vec<u32> {
+        dma_threads()
+            .into_iter()
+            .filter(|t| !before.contains(t))
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    let mut ours = new_threads();
+    while ours.is_empty() && started.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(5));
+        ours = new_threads();
+    }
+    let [ours] = ours[..] else {
+        panic!("{ours:?}: not one new server-request thread")
+    };
+    // With nothing arriving it sleeps in one wait, not in a polling loop.
+    let woken = wakeups(ours);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        wakeups(ours) - woken < 10,
+        "the server-request thread polls"
+    );
+    // The client serves the server's DMA as IOVA = GPA only.
+    let err = dma.map(0x30_0000, 0x20_0000, 0x1000).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+    assert!(device_maps(&ctl).is_empty());
+    dma.map(0x20_0000, 0x20_0000, 0x2000).unwrap();
+    assert_eq!(
+        device_maps(&ctl),
+        [Section {
+            gpa: 0x20_0000,
+            size: 0x2000
+        }]
+    );
+    // A signal (a vCPU kick has no SA_RESTART) does not end the thread
+    // that answers the server.
+    let kick = vmm_sys_util::signal::SIGRTMIN() + 1;
+    vmm_sys_util::signal::register_signal_handler(kick, ignore_signal).unwrap();
+    let thread = dma.server_requests.as_ref().unwrap();
+    // SAFETY: signals a live thread of this process; the handler is
+    // installed above.
+    assert_eq!(
+        unsafe { libc::pthread_kill(thread.as_pthread_t(), kick) },
+        0
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!thread.is_finished(), "a signal ended the DMA thread");
+    // The device's DMA arrives while no request of ours is in flight.
+    assert_eq!(test_device::ask(&ctl, "write 0x201ffe 0x5a").unwrap(), "ok");
+    let mut byte = [0u8; 1];
+    ram.read(0x20_1ffe, &mut byte).unwrap();
+    assert_eq!(byte, [0x5a]);
+    ram.write(0x20_0010, &[0xa5]).unwrap();
+    assert_eq!(test_device::ask(&ctl, "read 0x200010 1").unwrap(), "a5");
+    assert!(!dma.server_requests.as_ref().unwrap().is_finished());
+    // Let go: the connection closes, so the server drops its mappings.
+    drop(std::mem::ManuallyDrop::into_inner(dma));
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !device_maps(&ctl).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection outlived its VfioUserDma"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn only_dma_fd_on_a_vm_that_does_not_enforce_private_memory_warns_of_it() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_vm(VmType::Default).unwrap();
+    let memory = Arc::new(MemoryManager::new(vm, 32 * MIB, MemoryLayout::Anonymous).unwrap());
+    assert!(!memory.tracks_attributes());
+    let dm = manager(&memory);
+    for (dma, warned) in [(DmaMode::Fd, true), (DmaMode::Messages, false)] {
+        let (result, warnings) = crate::test_util::capture_warnings(|| {
+            dm.add_vfio_user(&UserDeviceConfig {
+                socket: PathBuf::from("/nonexistent"),
+                dma,
+                ..Default::default()
+            })
+        });
+        // Refused afterwards all the same: this RAM has no fd to give.
+        assert!(
+            matches!(result, Err(DeviceError::NoFileBacking)),
+            "{result:?}"
+        );
+        assert_eq!(
+            warnings
+                .iter()
+                .any(|w| w.contains("dma=fd hands the server the guest RAM's fd")),
+            warned,
+            "{dma:?}: {warnings:?}"
+        );
+    }
+}
