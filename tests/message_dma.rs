@@ -235,7 +235,21 @@ fn a_server_flooding_dma_requests_cannot_stall_the_guests_conversions() {
         "41 conversions took {took:?}"
     );
     wait_for_socket(&api);
-    // Reads inside its mapping are the protocol: the device stays attached.
+    // Reads inside its mapping are the protocol, but a flood the VMM cannot
+    // keep up with makes the device miss its own replies' deadline: then it
+    // is cut off (holding nothing), as any device that stops answering is.
+    // On an idle machine it stays attached; on a loaded one either may be.
     let info = device_info(&api);
-    assert_eq!(info["state"], "attached", "{info}");
+    match info["state"].as_str() {
+        Some("attached") => assert_eq!(info["dma"]["entries"], 1, "{info}"),
+        Some("failed") => {
+            let why = info["failure"].as_str().unwrap_or_default();
+            assert!(
+                why.contains("within 5000 ms") || why.contains("socket I/O"),
+                "{info}"
+            );
+            assert_eq!(info["dma"]["entries"], 0, "{info}");
+        }
+        _ => panic!("{info}"),
+    }
 }
