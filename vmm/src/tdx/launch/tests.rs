@@ -255,3 +255,40 @@ fn debian_ovmf_fd_mrtd() {
     let measured = measure(&image, 1 << 30, &cpuid(), params(2)).unwrap();
     assert_eq!(measured.mrtd, DEBIAN_OVMF_MRTD);
 }
+
+/// The KVM backend on this host: a TDX VM cannot be created (PVM offers
+/// only the default type), and on a default VM the launch stops at its
+/// first command, by name, with the simulation in front untouched.
+#[test]
+fn the_kvm_backend_fails_cleanly_without_tdx() {
+    use hypervisor::{Hypervisor, KvmTdxLauncher, VmType};
+
+    use crate::tdx::simulated_module::Mirrored;
+
+    let Some(kvm) = crate::test_util::kvm() else {
+        return;
+    };
+    if !kvm.capabilities().supports_vm_type(VmType::Tdx) {
+        let Err(err) = kvm.create_vm(VmType::Tdx) else {
+            panic!("a TDX VM on a host that does not list the type");
+        };
+        assert!(
+            err.to_string().contains("not supported by this host"),
+            "{err}"
+        );
+    }
+    let vm = kvm.create_vm(VmType::Default).unwrap();
+    let image = synthetic_tdvf(&synthetic_sections());
+    let mut backend = Mirrored {
+        simulated: SimulatedTdxModule::new(private_memory(64 << 20, &image)),
+        real: KvmTdxLauncher::new(vm),
+    };
+    let err = failed(launch(&mut backend, &image, 64 << 20, &cpuid(), params(1)));
+    let chain = crate::error_chain(&err);
+    assert!(
+        chain.contains("KVM_TDX_CAPABILITIES refused: a default VM has no TDX launch"),
+        "{chain}"
+    );
+    assert_eq!(backend.simulated.state(), LaunchState::Created);
+    assert!(backend.real.into_vcpus().is_empty());
+}
