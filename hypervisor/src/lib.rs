@@ -180,6 +180,11 @@ pub trait Vm: Send + Sync {
     fn supported_cpuid(&self) -> Vec<arch::CpuidEntry>;
     /// Whether KVM's in-kernel LAPIC / IOAPIC exists, so MSIs can be routed.
     fn has_irqchip(&self) -> bool;
+    /// Whether the irqchip is split (TDX): LAPICs in the kernel, the
+    /// IOAPIC, PIC and PIT the VMM's. Every other VM has the full one.
+    fn has_split_irqchip(&self) -> bool {
+        false
+    }
     /// Adds KVM's in-kernel 8254 timer (what Linux calibrates its clocks
     /// against and takes its first timer interrupts from).
     fn create_pit(&self) -> Result<()>;

@@ -280,6 +280,10 @@ impl Vm for KvmVm {
         self.irqchip
     }
 
+    fn has_split_irqchip(&self) -> bool {
+        self.split_irqchip
+    }
+
     fn create_pit(&self) -> Result<()> {
         if !self.irqchip {
             return Err(HypervisorError::NoIrqchip);

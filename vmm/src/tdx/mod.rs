@@ -1,8 +1,9 @@
 //! Intel TDX launch: the TDVF metadata of an OVMF image, MRTD, the TD
-//! HOB, and the launch sequence against KVM or a simulated TDX module.
-//! One job per file.
+//! HOB, the launch sequence against KVM or a simulated TDX module, and the
+//! userspace IOAPIC of the split irqchip a TD needs. One job per file.
 
 pub mod hob;
+pub mod ioapic;
 pub mod launch;
 pub mod mrtd;
 pub mod simulated_module;
