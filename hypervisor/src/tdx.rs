@@ -88,6 +88,8 @@ pub trait TdxLauncher {
     /// Creates vCPU `index` and sends `KVM_TDX_INIT_VCPU` (TDH.VP.INIT):
     /// the vCPU starts at the reset vector with `rcx` in RCX (TDVF takes
     /// the TD HOB's address there). Its state cannot be set afterwards.
+    /// Returns the vCPU where the backend hands it over at once
+    /// (`KvmTdxLauncher` keeps its vCPUs until `into_vcpus`).
     fn init_vcpu(&mut self, index: u8, rcx: u64) -> TdxResult<Option<Box<dyn Vcpu>>>;
     /// `KVM_TDX_INIT_MEM_REGION`: `source` (whole pages) is copied into
     /// private memory at `gpa`, page by page (TDH.MEM.PAGE.ADD), each page
