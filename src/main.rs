@@ -54,7 +54,8 @@ struct Cli {
     #[arg(long, value_name = EventMonitorConfig::SYNTAX, value_parser = EventMonitorConfig::parse)]
     event_monitor: Option<EventMonitorConfig>,
     /// Firmware: an OVMF image, loaded so that it ends at 4 GiB, for an
-    /// SEV-SNP guest (`--platform sev_snp=on`); see --measure.
+    /// SEV-SNP guest (`--platform sev_snp=on`) or a TDX guest (`--platform
+    /// tdx=on`, a TDVF build); see --measure.
     #[arg(long, value_name = "FILE")]
     firmware: Option<PathBuf>,
     /// Initramfs for a Linux kernel.
@@ -67,9 +68,9 @@ struct Cli {
     /// Log to this file instead of stderr.
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
-    /// Print the SEV-SNP launch measurement of --firmware with --cpus,
-    /// --memory and --platform as one JSON object, and exit without
-    /// creating a VM (on any host).
+    /// Print the launch measurement of --firmware (SEV-SNP: the launch
+    /// digest; TDX: MRTD) with --cpus, --memory and --platform as one JSON
+    /// object, and exit without creating a VM (on any host).
     #[arg(long)]
     measure: bool,
     /// Guest memory [default: size=512M].
@@ -175,8 +176,8 @@ enum CliError {
     NeedsKernel(&'static str),
     #[error("--measure measures a firmware launch: give --firmware")]
     MeasureNeedsFirmware,
-    #[error("--firmware boots an SEV-SNP guest: give --platform sev_snp=on")]
-    FirmwareNeedsSevSnp,
+    #[error("--firmware boots a confidential guest: give --platform sev_snp=on or tdx=on")]
+    FirmwareNeedsConfidential,
     #[error("give --kernel or --firmware, not both")]
     KernelAndFirmware,
     #[error("{0} does not apply to a firmware launch")]
@@ -191,8 +192,8 @@ fn firmware_launch(cli: &Cli) -> Result<Option<VmConfig>, String> {
         .as_ref()
         .ok_or_else(|| CliError::MeasureNeedsFirmware.to_string())?;
     let platform = cli.platform.unwrap_or_default();
-    if !platform.sev_snp {
-        return Err(CliError::FirmwareNeedsSevSnp.to_string());
+    if !platform.sev_snp && !platform.tdx {
+        return Err(CliError::FirmwareNeedsConfidential.to_string());
     }
     if cli.kernel.is_some() {
         return Err(CliError::KernelAndFirmware.to_string());
@@ -212,6 +213,18 @@ fn firmware_launch(cli: &Cli) -> Result<Option<VmConfig>, String> {
         .clone()
         .unwrap_or_else(|| MemoryConfig::parse("size=512M").expect("valid default"));
     let cpus = cli.cpus.clone().unwrap_or_default();
+    if platform.tdx {
+        if cli.measure {
+            let measured = vmm::tdx::measure_firmware(firmware, memory.size, cpus.boot)
+                .map_err(|e| error_chain(&e))?;
+            println!("{}", measured.to_json());
+            return Ok(None);
+        }
+        let hypervisor = hypervisor::KvmHypervisor::new().map_err(|e| error_chain(&e))?;
+        return vmm::tdx::boot_firmware(&hypervisor, firmware, memory.size, cpus.boot)
+            .map(|()| None)
+            .map_err(|e| error_chain(&e));
+    }
     if cli.measure {
         if cli.api_socket.is_some() {
             return Err(CliError::NotWithFirmware("--api-socket").to_string());

@@ -305,6 +305,10 @@ impl Vm for AttributeTrackingVm {
         self.inner.has_irqchip()
     }
 
+    fn has_split_irqchip(&self) -> bool {
+        self.inner.has_split_irqchip()
+    }
+
     fn set_msi_routes(&self, routes: &[crate::MsiRoute]) -> Result<()> {
         self.inner.set_msi_routes(routes)
     }

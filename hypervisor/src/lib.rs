@@ -13,6 +13,7 @@ pub mod kvm;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod scripted_vcpu;
 pub mod sev_snp;
+pub mod tdx;
 mod vcpu_exit;
 
 use std::os::fd::OwnedFd;
@@ -27,6 +28,7 @@ pub use kvm::KvmHypervisor;
 pub use sev_snp::{
     KvmSevSnpLauncher, SevSnpCommand, SevSnpLauncher, SnpLaunchError, SnpPageType, SnpVcpuState,
 };
+pub use tdx::{KvmTdxLauncher, TdxCapabilities, TdxInitVm, TdxLaunchError, TdxLauncher, TdxResult};
 pub use vcpu_exit::{HYPERCALL_EINVAL, HypercallReply, VmExit};
 pub use vmm_sys_util::eventfd::EventFd;
 
@@ -101,6 +103,8 @@ pub enum HypervisorError {
     SetLapic(#[source] std::io::Error),
     #[error("cannot set the vCPU's run state")]
     SetMpState(#[source] std::io::Error),
+    #[error("a TD vCPU's state belongs to the TDX module: it cannot be set")]
+    ProtectedState,
     #[error("cannot {action} irqfd for GSI {gsi}")]
     Irqfd {
         action: &'static str,
@@ -176,6 +180,11 @@ pub trait Vm: Send + Sync {
     fn supported_cpuid(&self) -> Vec<arch::CpuidEntry>;
     /// Whether KVM's in-kernel LAPIC / IOAPIC exists, so MSIs can be routed.
     fn has_irqchip(&self) -> bool;
+    /// Whether the irqchip is split (TDX): LAPICs in the kernel, the
+    /// IOAPIC, PIC and PIT the VMM's. Every other VM has the full one.
+    fn has_split_irqchip(&self) -> bool {
+        false
+    }
     /// Adds KVM's in-kernel 8254 timer (what Linux calibrates its clocks
     /// against and takes its first timer interrupts from).
     fn create_pit(&self) -> Result<()>;
@@ -212,6 +221,19 @@ pub trait Vm: Send + Sync {
             why: format!("a {} VM has no SEV-SNP launch", self.vm_type().name()),
         })
     }
+    /// `KVM_TDX_CAPABILITIES`; refused by VMs that are not of type `tdx`.
+    fn tdx_capabilities(&self) -> TdxResult<TdxCapabilities> {
+        Err(tdx::not_a_td("KVM_TDX_CAPABILITIES", self.vm_type()))
+    }
+    /// `KVM_TDX_INIT_VM`, before any vCPU exists.
+    fn tdx_init_vm(&self, params: &TdxInitVm) -> TdxResult<()> {
+        let _ = params;
+        Err(tdx::not_a_td("KVM_TDX_INIT_VM", self.vm_type()))
+    }
+    /// `KVM_TDX_FINALIZE_VM`.
+    fn tdx_finalize_vm(&self) -> TdxResult<()> {
+        Err(tdx::not_a_td("KVM_TDX_FINALIZE_VM", self.vm_type()))
+    }
 }
 
 pub trait Vcpu: Send {
@@ -233,4 +255,21 @@ pub trait Vcpu: Send {
     fn wait_for_startup_ipi(&self) -> Result<()>;
     /// Enters the guest until the next exit that needs the VMM.
     fn run(&mut self) -> Result<VmExit<'_>>;
+    /// `KVM_TDX_INIT_VCPU` with the vCPU's first RCX; refused by vCPUs of
+    /// VMs that are not TDs.
+    fn tdx_init_vcpu(&self, rcx: u64) -> TdxResult<()> {
+        let _ = rcx;
+        Err(tdx::TdxLaunchError::Refused {
+            command: "KVM_TDX_INIT_VCPU",
+            why: "not a TD vCPU".into(),
+        })
+    }
+    /// `KVM_TDX_INIT_MEM_REGION` of `source` (whole pages) at `gpa`.
+    fn tdx_init_mem_region(&self, gpa: u64, source: &[u8], measure: bool) -> TdxResult<()> {
+        let _ = (gpa, source, measure);
+        Err(tdx::TdxLaunchError::Refused {
+            command: "KVM_TDX_INIT_MEM_REGION",
+            why: "not a TD vCPU".into(),
+        })
+    }
 }

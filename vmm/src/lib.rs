@@ -18,6 +18,7 @@ pub mod memory;
 pub mod seccomp_filters;
 pub mod serial_output;
 pub mod sev_snp;
+pub mod tdx;
 #[cfg(test)]
 mod test_util;
 mod vcpu;

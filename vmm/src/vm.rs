@@ -588,7 +588,9 @@ impl Vm {
                 },
                 LinuxLoad::Other(e) => e,
             })?;
-            if hv_vm.has_irqchip() {
+            // KVM's PIT needs its in-kernel IOAPIC, which a split irqchip
+            // (TDX) leaves to userspace.
+            if hv_vm.has_irqchip() && !hv_vm.has_split_irqchip() {
                 hv_vm.create_pit().map_err(VmError::Pit)?;
             }
             Ok(Guest::Linux(entry))

@@ -25,6 +25,9 @@ fn io_err(e: kvm_ioctls::Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.errno())
 }
 
+/// IOAPIC pins a split irqchip routes (KVM reserves GSIs below this).
+const IOAPIC_PINS: u32 = 24;
+
 pub struct KvmHypervisor {
     kvm: Kvm,
     caps: Capabilities,
@@ -99,6 +102,29 @@ impl Hypervisor for KvmHypervisor {
                 HypervisorError::EnableCap(kvm_bindings::KVM_CAP_EXIT_HYPERCALL, io_err(e))
             })?;
         }
+        // KVM runs a TD only with a split irqchip: LAPICs in the kernel,
+        // the IOAPIC (and PIC) in userspace. Only TDs get one; every other
+        // VM keeps the full in-kernel irqchip.
+        if vm_type == VmType::Tdx {
+            let cap = kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_SPLIT_IRQCHIP,
+                args: [u64::from(IOAPIC_PINS), 0, 0, 0],
+                ..Default::default()
+            };
+            fd.enable_cap(&cap).map_err(|e| {
+                HypervisorError::EnableCap(kvm_bindings::KVM_CAP_SPLIT_IRQCHIP, io_err(e))
+            })?;
+            return Ok(Arc::new(KvmVm {
+                fd,
+                vm_type,
+                caps,
+                // MSIs are routed by the in-kernel LAPICs, as before.
+                irqchip: true,
+                split_irqchip: true,
+                supported_cpuid: self.supported_cpuid.clone(),
+                sev: std::sync::Mutex::new(None),
+            }));
+        }
         // MSIs from assigned devices go through the in-kernel irqchip; a VM
         // without one still runs, it just cannot take device interrupts.
         let irqchip = match fd.create_irq_chip() {
@@ -113,6 +139,7 @@ impl Hypervisor for KvmHypervisor {
             vm_type,
             caps,
             irqchip,
+            split_irqchip: false,
             supported_cpuid: self.supported_cpuid.clone(),
             sev: std::sync::Mutex::new(None),
         }))
@@ -124,6 +151,8 @@ pub struct KvmVm {
     vm_type: VmType,
     caps: Capabilities,
     irqchip: bool,
+    /// The IOAPIC is the VMM's (TDX): the kernel has only the LAPICs.
+    split_irqchip: bool,
     supported_cpuid: CpuId,
     /// `/dev/sev`, opened by the first SEV command.
     sev: std::sync::Mutex<Option<std::fs::File>>,
@@ -230,7 +259,9 @@ impl Vm for KvmVm {
         // Long mode is only accepted in EFER when CPUID advertises it.
         fd.set_cpuid2(&self.supported_cpuid)
             .map_err(|e| HypervisorError::CreateVcpu(id, io_err(e)))?;
-        if self.irqchip {
+        // A TD's vCPUs start as the TDX module starts them (BSP and APs
+        // alike at the reset vector); their run state is not the VMM's.
+        if self.irqchip && !self.split_irqchip {
             // With an in-kernel LAPIC every vCPU but the first would wait for
             // an INIT/SIPI; the boot protocol starts all of them at the entry.
             let runnable = kvm_mp_state {
@@ -239,11 +270,18 @@ impl Vm for KvmVm {
             fd.set_mp_state(runnable)
                 .map_err(|e| HypervisorError::CreateVcpu(id, io_err(e)))?;
         }
-        Ok(Box::new(KvmVcpu { fd }))
+        Ok(Box::new(KvmVcpu {
+            fd,
+            td: self.vm_type == VmType::Tdx,
+        }))
     }
 
     fn has_irqchip(&self) -> bool {
         self.irqchip
+    }
+
+    fn has_split_irqchip(&self) -> bool {
+        self.split_irqchip
     }
 
     fn create_pit(&self) -> Result<()> {
@@ -271,6 +309,21 @@ impl Vm for KvmVm {
             *sev = Some(sev_snp::open_sev()?);
         }
         sev_snp::command(&self.fd, sev.as_ref().expect("opened above"), command)
+    }
+
+    fn tdx_capabilities(&self) -> crate::TdxResult<crate::TdxCapabilities> {
+        self.expect_td("KVM_TDX_CAPABILITIES")?;
+        tdx::capabilities(&self.fd)
+    }
+
+    fn tdx_init_vm(&self, params: &crate::TdxInitVm) -> crate::TdxResult<()> {
+        self.expect_td("KVM_TDX_INIT_VM")?;
+        tdx::init_vm(&self.fd, params)
+    }
+
+    fn tdx_finalize_vm(&self) -> crate::TdxResult<()> {
+        self.expect_td("KVM_TDX_FINALIZE_VM")?;
+        tdx::finalize_vm(&self.fd)
     }
 
     fn create_vfio_device(&self) -> Result<OwnedFd> {
@@ -342,8 +395,20 @@ impl Vm for KvmVm {
     }
 }
 
+impl KvmVm {
+    fn expect_td(&self, command: &'static str) -> crate::TdxResult<()> {
+        if self.vm_type == VmType::Tdx {
+            Ok(())
+        } else {
+            Err(crate::tdx::not_a_td(command, self.vm_type))
+        }
+    }
+}
+
 pub struct KvmVcpu {
     fd: VcpuFd,
+    /// A TD's vCPU: TDX sub-commands go through it.
+    td: bool,
 }
 
 impl Vcpu for KvmVcpu {
@@ -449,6 +514,26 @@ impl Vcpu for KvmVcpu {
             .map_err(|e| HypervisorError::SetMpState(io_err(e)))
     }
 
+    fn tdx_init_vcpu(&self, rcx: u64) -> crate::TdxResult<()> {
+        if !self.td {
+            return Err(crate::TdxLaunchError::Refused {
+                command: "KVM_TDX_INIT_VCPU",
+                why: "not a TD vCPU".into(),
+            });
+        }
+        tdx::init_vcpu(&self.fd, rcx)
+    }
+
+    fn tdx_init_mem_region(&self, gpa: u64, source: &[u8], measure: bool) -> crate::TdxResult<()> {
+        if !self.td {
+            return Err(crate::TdxLaunchError::Refused {
+                command: "KVM_TDX_INIT_MEM_REGION",
+                why: "not a TD vCPU".into(),
+            });
+        }
+        tdx::init_mem_region(&self.fd, gpa, source, measure)
+    }
+
     fn run(&mut self) -> Result<VmExit<'_>> {
         let exit = match self.fd.run() {
             Ok(exit) => exit,
@@ -496,6 +581,7 @@ impl Vcpu for KvmVcpu {
 }
 
 mod sev_snp;
+mod tdx;
 
 #[cfg(test)]
 mod tests;

@@ -44,12 +44,13 @@ pub(super) fn supported_vmsa_features(kvm: &Kvm) -> SnpResult<u64> {
 }
 
 /// A page-aligned copy of launch data: KVM copies `SNP_LAUNCH_UPDATE`
-/// sources page by page and wants them page aligned.
+/// (and TDX's `KVM_TDX_INIT_MEM_REGION`) sources page by page and wants
+/// them page aligned.
 #[repr(C, align(4096))]
 #[derive(Clone, Copy)]
-struct Page([u8; PAGE_SIZE as usize]);
+pub(super) struct Page(pub(super) [u8; PAGE_SIZE as usize]);
 
-fn aligned_copy(source: &[u8]) -> Vec<Page> {
+pub(super) fn aligned_copy(source: &[u8]) -> Vec<Page> {
     let mut pages = vec![Page([0; PAGE_SIZE as usize]); source.len().div_ceil(PAGE_SIZE as usize)];
     for (page, chunk) in pages.iter_mut().zip(source.chunks(PAGE_SIZE as usize)) {
         page.0[..chunk.len()].copy_from_slice(chunk);

@@ -314,6 +314,10 @@ fn msi_routes_and_irqfds_reach_the_in_kernel_irqchip() {
     let Some(hv) = kvm() else { return };
     let vm = hv.create_vm(VmType::Default).unwrap();
     assert!(vm.has_irqchip());
+    // The split irqchip is TDX's only: a default VM keeps the kernel's
+    // IOAPIC, and with it the PIT.
+    assert!(!vm.has_split_irqchip());
+    vm.create_pit().unwrap();
     let route = |gsi| MsiRoute {
         gsi,
         address: 0xfee0_0000,

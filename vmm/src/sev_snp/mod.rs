@@ -24,7 +24,7 @@ pub enum FirmwareError {
         #[source]
         source: std::io::Error,
     },
-    #[error("firmware {path} is not an OVMF image an SEV-SNP launch can use")]
+    #[error("firmware {path} is not an OVMF image this VMM can launch")]
     Parse {
         path: String,
         #[source]

@@ -193,6 +193,8 @@ pub struct OvmfImage {
     reset_block: Option<SevEsResetBlock>,
     sections: Vec<MetadataSection>,
     entries: Vec<Guid>,
+    /// Where each entry's data lies in the image, nearest the footer first.
+    entry_data: Vec<(Guid, std::ops::Range<usize>)>,
 }
 
 impl fmt::Debug for OvmfImage {
@@ -234,6 +236,7 @@ impl OvmfImage {
             reset_block: None,
             sections: Vec::new(),
             entries: entries.iter().map(|(guid, _)| *guid).collect(),
+            entry_data: entries.clone(),
         };
         for (guid, range) in entries {
             let entry = &image.data[range.clone()];
@@ -391,6 +394,16 @@ impl OvmfImage {
     pub fn table_guids(&self) -> &[Guid] {
         &self.entries
     }
+
+    /// The data of the first entry tagged `guid` (without its length and
+    /// GUID), for the parts of the table other launches read (TDX's
+    /// metadata offset).
+    pub fn table_entry(&self, guid: Guid) -> Option<&[u8]> {
+        self.entry_data
+            .iter()
+            .find(|(g, _)| *g == guid)
+            .map(|(_, range)| &self.data[range.clone()])
+    }
 }
 
 #[cfg(test)]
@@ -515,6 +528,13 @@ pub(crate) mod tests {
             image.table_guids(),
             &[SEV_ES_RESET_BLOCK_GUID, OTHER_GUID, SEV_METADATA_GUID]
         );
+        assert_eq!(image.table_entry(OTHER_GUID), Some(&[9u8; 8][..]));
+        assert_eq!(
+            image.table_entry(SEV_METADATA_GUID),
+            Some(&0x800u32.to_le_bytes()[..])
+        );
+        let absent = Guid::new(1, 2, 3, [4; 8]);
+        assert_eq!(image.table_entry(absent), None);
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub enum LaunchState {
 pub struct PrivateMemory(pub Vec<(u64, u64)>);
 
 impl PrivateMemory {
-    fn contains(&self, gpa: u64, len: u64) -> bool {
+    pub fn contains(&self, gpa: u64, len: u64) -> bool {
         self.0
             .iter()
             .any(|(start, size)| gpa >= *start && gpa + len <= start + size)

@@ -1,0 +1,195 @@
+//! The TDX launch from the command line: `--measure` on Debian's OVMF.fd
+//! against MRTD computed here from the image alone (a parser and hashing
+//! of this file's own, sharing nothing with the launch code), and a
+//! firmware boot on this host, which has no TDX.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use sha2::{Digest, Sha384};
+
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+/// Whether Debian's OVMF.fd is installed; a loud skip if not, a failure
+/// in CI (`.ci/run` installs it).
+fn have_ovmf() -> bool {
+    let present = std::path::Path::new(OVMF).exists();
+    if !present {
+        assert_ne!(
+            std::env::var("CH_REQUIRE_KVM").as_deref(),
+            Ok("1"),
+            "{OVMF} is required in CI (.ci/run installs it)"
+        );
+        eprintln!("*** SKIPPED: {OVMF} is not installed ***");
+    }
+    present
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(CLOUD_HYPERVISOR).args(args).output().unwrap()
+}
+
+fn le32(d: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(d[at..at + 4].try_into().unwrap())
+}
+
+fn le64(d: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(d[at..at + 8].try_into().unwrap())
+}
+
+/// MRTD as the TDX module computes it when KVM launches `image` the way
+/// QEMU drives it: the TDVF sections in descriptor order, each page
+/// TDH.MEM.PAGE.ADD'ed in ascending order and, for MR.EXTEND sections,
+/// TDH.MR.EXTEND'ed right after in 256-byte chunks.
+fn independent_mrtd(image: &[u8]) -> String {
+    // OVMF's GUIDed table, read from its footer down, to the entry whose
+    // GUID is e47a6535-984a-4798-865e-4685a7bf8ec2 (TDX metadata offset).
+    let tdx_guid: [u8; 16] = [
+        0x35, 0x65, 0x7a, 0xe4, 0x4a, 0x98, 0x98, 0x47, 0x86, 0x5e, 0x46, 0x85, 0xa7, 0xbf, 0x8e,
+        0xc2,
+    ];
+    let footer = image.len() - 32 - 18;
+    let table_start =
+        footer + 18 - usize::from(u16::from_le_bytes([image[footer], image[footer + 1]]));
+    let mut end = footer;
+    let mut offset = None;
+    while end > table_start {
+        let len = usize::from(u16::from_le_bytes([image[end - 18], image[end - 17]]));
+        if image[end - 16..end] == tdx_guid {
+            offset = Some(le32(image, end - len) as usize);
+        }
+        end -= len;
+    }
+    let descriptor = image.len() - offset.expect("a TDX metadata offset entry");
+    assert_eq!(&image[descriptor..descriptor + 4], b"TDVF");
+    let count = le32(image, descriptor + 12) as usize;
+    let mut hash = Sha384::new();
+    for index in 0..count {
+        let s = descriptor + 16 + index * 32;
+        let (data_offset, raw) = (le32(image, s) as usize, le32(image, s + 4) as usize);
+        let (gpa, size) = (le64(image, s + 8), le64(image, s + 16) as usize);
+        let attributes = le32(image, s + 28);
+        if attributes & 2 != 0 {
+            continue; // PAGE.AUG: not added at launch.
+        }
+        let mut contents = image[data_offset..data_offset + raw].to_vec();
+        contents.resize(size, 0);
+        for (page, bytes) in contents.chunks(4096).enumerate() {
+            let page_gpa = gpa + page as u64 * 4096;
+            let mut block = [0u8; 128];
+            block[..12].copy_from_slice(b"MEM.PAGE.ADD");
+            block[16..24].copy_from_slice(&page_gpa.to_le_bytes());
+            hash.update(block);
+            if attributes & 1 != 0 {
+                for (i, chunk) in bytes.chunks(256).enumerate() {
+                    let mut block = [0u8; 128];
+                    block[..9].copy_from_slice(b"MR.EXTEND");
+                    block[16..24].copy_from_slice(&(page_gpa + i as u64 * 256).to_le_bytes());
+                    hash.update(block);
+                    hash.update(chunk);
+                }
+            }
+        }
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn measured(args: &[&str]) -> serde_json::Value {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 1, "one JSON object: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn measure_prints_the_mrtd_computed_from_the_image_alone() {
+    if !have_ovmf() {
+        return;
+    }
+    let expected = independent_mrtd(&std::fs::read(OVMF).unwrap());
+    for (cpus, memory) in [("boot=1", "size=512M"), ("boot=4", "size=2G")] {
+        let json = measured(&[
+            "--platform",
+            "tdx=on",
+            "--firmware",
+            OVMF,
+            "--cpus",
+            cpus,
+            "--memory",
+            memory,
+            "--measure",
+        ]);
+        assert_eq!(
+            json,
+            serde_json::json!({"platform": "tdx", "measurement": expected}),
+            "{cpus} {memory}"
+        );
+    }
+}
+
+#[test]
+fn tdx_firmware_options_are_checked() {
+    let refused = |args: &[&str], expected: &str| {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    };
+    refused(&["--firmware", "/x.fd"], "sev_snp=on or tdx=on");
+    refused(
+        &[
+            "--firmware",
+            "/nonexistent.fd",
+            "--platform",
+            "tdx=on",
+            "--measure",
+        ],
+        "cannot read firmware /nonexistent.fd",
+    );
+    let not_tdvf = std::env::temp_dir().join(format!("ch-tdx-not-tdvf-{}.fd", std::process::id()));
+    std::fs::write(&not_tdvf, vec![0u8; 8192]).unwrap();
+    refused(
+        &[
+            "--firmware",
+            not_tdvf.to_str().unwrap(),
+            "--platform",
+            "tdx=on",
+            "--measure",
+        ],
+        "no OVMF GUIDed table",
+    );
+    let _ = std::fs::remove_file(&not_tdvf);
+}
+
+/// This host has no TDX: the firmware boot stops before creating a VM,
+/// saying so.
+#[test]
+fn tdx_without_measure_stops_clearly_here() {
+    if !have_ovmf() || !kvm_available("tdx_boot") {
+        return;
+    }
+    let out = run(&[
+        "--platform",
+        "tdx=on",
+        "--firmware",
+        OVMF,
+        "--cpus",
+        "boot=2",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("VM type tdx is not available on this host")
+            && stderr.contains("no TDX here"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
