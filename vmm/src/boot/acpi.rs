@@ -316,6 +316,28 @@ mod tests {
     }
 
     #[test]
+    fn the_tables_land_in_guest_memory_at_their_addresses() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let tables = build(&platform(2)).unwrap();
+        tables.write(&mem).unwrap();
+        for (addr, bytes) in &tables.placed {
+            let mut back = vec![0u8; bytes.len()];
+            mem.read_slice(&mut back, GuestAddress(*addr)).unwrap();
+            assert_eq!(&back, bytes, "table at {addr:#x}");
+        }
+        let mut signature = [0u8; 8];
+        mem.read_slice(&mut signature, GuestAddress(tables.rsdp))
+            .unwrap();
+        assert_eq!(&signature, b"RSD PTR ");
+        // Memory that ends before the BIOS area takes none of them.
+        let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
+        assert!(matches!(
+            tables.write(&small),
+            Err(AcpiError::GuestMemory(_))
+        ));
+    }
+
+    #[test]
     fn the_madt_has_every_vcpu_the_ioapic_and_the_timer_override() {
         let tables = build(&platform(4)).unwrap();
         let madt = tables.get(b"APIC").unwrap();
