@@ -199,7 +199,8 @@ pub fn read_request(
     if head_end > MAX_HEAD_BYTES {
         return Err(ReadError::HeadTooLarge);
     }
-    let deadline = deadline.unwrap_or_else(|| Instant::now() + deadlines.request);
+    // Set by now: at entry when bytes were pending, else by the first read.
+    let deadline = deadline.unwrap_or_else(Instant::now);
     let parsed = parse_head(&pending[..head_end]).map_err(ReadError::Bad)?;
     let body_start = head_end + 4;
     if parsed.content_length > MAX_BODY {
@@ -430,11 +431,7 @@ fn wait_for_request(stream: &UnixStream, slot: &SharedSlot, idle: Duration) -> W
         }
         slot.phase = Phase::Waiting(Instant::now());
     }
-    let readable = wait_readable(
-        stream.as_raw_fd(),
-        libc::POLLIN | libc::POLLHUP | libc::POLLERR,
-        idle,
-    );
+    let readable = wait_readable(stream.as_raw_fd(), idle);
     let mut slot = lock_slot(slot);
     if slot.phase == Phase::Evicted {
         return Wait::Evicted;
@@ -487,13 +484,15 @@ fn exchange(
     }
 }
 
-/// Whether `fd` reports one of `events` within `timeout`.
-fn wait_readable(fd: std::os::fd::RawFd, events: libc::c_short, timeout: Duration) -> bool {
+/// Whether `fd` has something to read within `timeout`: data, a
+/// connection to accept, or an end (hang-up and errors are always
+/// reported, and a read then says which).
+fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
     let end = Instant::now() + timeout;
     loop {
         let mut pollfd = libc::pollfd {
             fd,
-            events,
+            events: libc::POLLIN,
             revents: 0,
         };
         let left = end.saturating_duration_since(Instant::now());
@@ -505,7 +504,8 @@ fn wait_readable(fd: std::os::fd::RawFd, events: libc::c_short, timeout: Duratio
         if rc < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
             continue;
         }
-        return rc > 0 && pollfd.revents & events != 0;
+        // The kernel fills `revents` only for a ready fd.
+        return pollfd.revents != 0;
     }
 }
 
@@ -562,11 +562,7 @@ pub fn serve(
     let active = Arc::new(AtomicUsize::new(0));
     let mut connections: Vec<Connection> = Vec::new();
     while !stop.load(Ordering::Acquire) {
-        if !wait_readable(
-            listener.as_raw_fd(),
-            libc::POLLIN,
-            Duration::from_millis(50),
-        ) {
+        if !wait_readable(listener.as_raw_fd(), Duration::from_millis(50)) {
             continue;
         }
         let mut stream = match listener.accept() {
@@ -956,7 +952,7 @@ mod tests {
             let (done, result) = std::sync::mpsc::channel();
             let waiter = std::thread::spawn(move || {
                 let started = Instant::now();
-                let ready = wait_readable(ours.as_raw_fd(), libc::POLLIN, timeout);
+                let ready = wait_readable(ours.as_raw_fd(), timeout);
                 let _ = done.send((ready, started.elapsed()));
             });
             std::thread::sleep(Duration::from_millis(50));
