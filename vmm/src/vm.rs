@@ -257,14 +257,29 @@ fn read_kernel(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
 enum Guest {
     Test(u64),
     Linux(boot::linux::LinuxEntry),
-    /// OVMF launched as an SEV-SNP guest (from the reset vector).
-    SevSnpFirmware,
 }
 
 /// What the configuration boots, read before anything is created.
 enum Payload {
     Kernel(Vec<u8>),
-    Firmware(crate::sev_snp::ovmf::OvmfImage),
+    /// OVMF launched as an SEV-SNP guest (from the reset vector), and the
+    /// file it came from.
+    Firmware(crate::sev_snp::ovmf::OvmfImage, String),
+}
+
+/// What the vCPUs will start, once loaded.
+enum Booting {
+    Kernel(Guest),
+    Firmware(crate::sev_snp::ovmf::OvmfImage, String),
+}
+
+impl std::fmt::Display for Booting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Booting::Kernel(guest) => write!(f, "{guest}"),
+            Booting::Firmware(_, path) => write!(f, "SEV-SNP firmware {path} at 0xfffffff0"),
+        }
+    }
 }
 
 impl std::fmt::Display for Guest {
@@ -273,7 +288,6 @@ impl std::fmt::Display for Guest {
             Guest::Test(entry) => ("test guest", *entry),
             Guest::Linux(boot::linux::LinuxEntry::Long64 { entry }) => ("Linux 64-bit", *entry),
             Guest::Linux(boot::linux::LinuxEntry::Pvh { entry }) => ("Linux PVH", *entry),
-            Guest::SevSnpFirmware => ("SEV-SNP firmware", 0xffff_fff0),
         };
         write!(f, "{kind} at {entry:#x}")
     }
@@ -380,7 +394,7 @@ impl Vm {
                         source,
                     })
                 })?;
-                Payload::Firmware(image)
+                Payload::Firmware(image, path.display().to_string())
             }
             None => Payload::Kernel(read_kernel(&config.kernel).map_err(|source| {
                 VmError::ReadKernel {
@@ -395,7 +409,7 @@ impl Vm {
         let vm_type = config.platform.vm_type();
         if !hypervisor.capabilities().supports_vm_type(vm_type) {
             let offered = hypervisor.capabilities().supported_vm_types().join(", ");
-            if matches!(payload, Payload::Firmware(_)) {
+            if matches!(payload, Payload::Firmware(..)) {
                 return Err(VmError::Firmware(crate::sev_snp::FirmwareError::NoSevSnp(
                     offered,
                 )));
@@ -409,17 +423,21 @@ impl Vm {
         let mut memory =
             MemoryManager::new(hv_vm.clone(), config.memory.size, config.memory.layout)
                 .map_err(VmError::Memory)?;
-        if let Payload::Firmware(image) = &payload {
+        if let Payload::Firmware(image, _) = &payload {
             memory = memory
                 .with_firmware(image.gpa(), image.data().len() as u64, config.memory.layout)
                 .map_err(VmError::Memory)?;
         }
         let memory = Arc::new(memory);
-        let entry = match &payload {
-            Payload::Kernel(kernel) => {
-                Self::load_kernel(&config, kernel_path, &memory, hv_vm.as_ref(), kernel)?
-            }
-            Payload::Firmware(_) => Guest::SevSnpFirmware,
+        let boot = match payload {
+            Payload::Kernel(kernel) => Booting::Kernel(Self::load_kernel(
+                &config,
+                kernel_path,
+                &memory,
+                hv_vm.as_ref(),
+                &kernel,
+            )?),
+            Payload::Firmware(image, path) => Booting::Firmware(image, path),
         };
 
         let conversions = Arc::new(ConversionPath::new(memory.clone(), monitor.clone()));
@@ -471,15 +489,14 @@ impl Vm {
         let count = config.cpus.boot;
         let supported_cpuid = hv_vm.supported_cpuid();
         let mut launch = None;
-        let created = match (&payload, entry) {
-            (Payload::Firmware(image), _) => {
-                let path = config.firmware.as_ref().expect("a firmware payload");
+        let created = match &boot {
+            Booting::Firmware(image, path) => {
                 let launched = crate::sev_snp::boot::launch_vm(
                     hypervisor,
                     hv_vm.clone(),
                     &memory,
                     image,
-                    &path.display().to_string(),
+                    path,
                     crate::sev_snp::params(&config.platform, count),
                 )
                 .map_err(VmError::Firmware)?;
@@ -498,7 +515,7 @@ impl Vm {
                 launch = Some(launched.measurement);
                 launched.vcpus
             }
-            (Payload::Kernel(_), entry) => {
+            Booting::Kernel(entry) => {
                 let mut created = Vec::with_capacity(count.into());
                 for index in 0..count {
                     created.push(Self::kernel_vcpu(
@@ -507,7 +524,7 @@ impl Vm {
                         &memory,
                         &supported_cpuid,
                         index,
-                        entry,
+                        *entry,
                     )?);
                 }
                 created
@@ -552,7 +569,7 @@ impl Vm {
             }
         }
         info!(
-            "VM running: {} vCPUs, {} bytes of {} RAM, {entry}",
+            "VM running: {} vCPUs, {} bytes of {} RAM, {boot}",
             count,
             vm.config.memory.size,
             vm.memory.regions()[0].backing.name()
@@ -633,7 +650,6 @@ impl Vm {
                     },
                 )?;
             }
-            Guest::SevSnpFirmware => unreachable!("firmware vCPUs come from the launch"),
         }
         Ok(vcpu)
     }
