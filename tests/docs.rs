@@ -40,12 +40,14 @@ fn script(markdown: &str, bin_dir: &Path, tmp: &Path) -> String {
     let bin = bin_dir.display().to_string();
     let mut text = String::from("set -euo pipefail\n");
     for block in shell_blocks(markdown) {
+        // `/tmp/` first: the binaries' own path may lie under /tmp (a
+        // checkout there) and must not be rewritten with it.
         let block = block
             .replace("cargo build --release --workspace && ", "")
             .replace("cargo build --release --workspace\n", "")
+            .replace("/tmp/", &format!("{}/", tmp.display()))
             .replace("$PWD/target/release", &bin)
-            .replace("./target/release", &bin)
-            .replace("/tmp/", &format!("{}/", tmp.display()));
+            .replace("./target/release", &bin);
         text.push_str(&block);
     }
     text
