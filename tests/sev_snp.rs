@@ -8,22 +8,6 @@ use std::process::Command;
 
 use common::*;
 
-const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
-
-/// Whether `what` is installed; a loud skip if not, a failure in CI
-/// (`.ci/run` installs both the firmware and the tool).
-fn installed(what: &str, present: bool) -> bool {
-    if !present {
-        assert_ne!(
-            std::env::var("CH_REQUIRE_KVM").as_deref(),
-            Ok("1"),
-            "{what} is required in CI (.ci/run installs it)"
-        );
-        eprintln!("*** SKIPPED: {what} is not installed ***");
-    }
-    present
-}
-
 fn run(args: &[&str]) -> std::process::Output {
     Command::new(CLOUD_HYPERVISOR).args(args).output().unwrap()
 }

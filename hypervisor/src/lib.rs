@@ -150,6 +150,20 @@ pub struct CpuidEntry {
     pub edx: u32,
 }
 
+impl From<&arch::CpuidEntry> for CpuidEntry {
+    fn from(e: &arch::CpuidEntry) -> Self {
+        CpuidEntry {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        }
+    }
+}
+
 pub trait Hypervisor: Send + Sync {
     fn capabilities(&self) -> &Capabilities;
     fn create_vm(&self, vm_type: VmType) -> Result<Arc<dyn Vm>>;
@@ -202,15 +216,7 @@ pub trait Vm: Send + Sync {
     fn guest_cpuid(&self) -> Vec<CpuidEntry> {
         self.supported_cpuid()
             .iter()
-            .map(|e| CpuidEntry {
-                function: e.function,
-                index: e.index,
-                flags: e.flags,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            })
+            .map(CpuidEntry::from)
             .collect()
     }
     /// One SEV-SNP launch command (`KVM_MEMORY_ENCRYPT_OP`); refused by

@@ -18,6 +18,23 @@ pub const CLOUD_HYPERVISOR: &str = env!("CARGO_BIN_EXE_cloud-hypervisor");
 pub const CH_REMOTE: &str = env!("CARGO_BIN_EXE_ch-remote");
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Debian's firmware image (`ovmf`, installed by .ci/run).
+pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+/// Whether `what` (a test input .ci/run installs) is `present`: a loud
+/// skip if not, a failure in CI (CH_REQUIRE_KVM=1).
+pub fn installed(what: &str, present: bool) -> bool {
+    if !present {
+        assert_ne!(
+            std::env::var("CH_REQUIRE_KVM").as_deref(),
+            Ok("1"),
+            "{what} is required in CI (.ci/run installs it)"
+        );
+        eprintln!("*** SKIPPED: {what} is not installed ***");
+    }
+    present
+}
+
 /// True when the KVM tests can run. Where /dev/kvm is missing they are
 /// skipped loudly, unless CH_REQUIRE_KVM=1 (CI) makes that a failure.
 pub fn kvm_available(test: &str) -> bool {

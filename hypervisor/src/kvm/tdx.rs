@@ -142,18 +142,6 @@ fn issue(
     Ok(())
 }
 
-fn to_entry(e: &kvm_cpuid_entry2) -> CpuidEntry {
-    CpuidEntry {
-        function: e.function,
-        index: e.index,
-        flags: e.flags,
-        eax: e.eax,
-        ebx: e.ebx,
-        ecx: e.ecx,
-        edx: e.edx,
-    }
-}
-
 pub(super) fn capabilities(vm: &impl AsRawFd) -> TdxResult<TdxCapabilities> {
     let mut caps = WithCpuid::new(KvmTdxCapabilities {
         supported_attrs: 0,
@@ -179,7 +167,7 @@ pub(super) fn capabilities(vm: &impl AsRawFd) -> TdxResult<TdxCapabilities> {
     Ok(TdxCapabilities {
         supported_attributes: caps.header.supported_attrs,
         supported_xfam: caps.header.supported_xfam,
-        configurable_cpuid: caps.entries[..n].iter().map(to_entry).collect(),
+        configurable_cpuid: caps.entries[..n].iter().map(CpuidEntry::from).collect(),
     })
 }
 
