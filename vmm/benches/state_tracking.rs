@@ -1,8 +1,10 @@
 //! The page-state store of a RamBlockAttribute against a flat bitmap, one
 //! bit per page, driven by QEMU's algorithm (a uniform range notified once,
-//! a mixed one page by page). Both sit behind the same RamBlockAttribute:
-//! the same region lock, committed view, validation and listener calls, so
-//! what differs is the state structure and the notification algorithm.
+//! a mixed one page by page). Both run the production conversion path
+//! (`ConvertibleRam::convert`, with a hypervisor that keeps no attributes):
+//! the same routing, transaction, region lock, committed view and listener
+//! calls, so what differs is the state structure and the notification
+//! algorithm.
 //!
 //! Workloads (one no-op listener unless named):
 //! - `4k_pair`: one page to shared and back;
@@ -31,9 +33,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkGroup, Criterion, criterion_group, measurement::WallTime};
+use hypervisor::{ConversionDirection, MemoryConversion};
 use vmm::memory::page_states::{FlatBitmap, PageStates};
 use vmm::memory::shared_bitmap::SharedBitmap;
-use vmm::memory::{ListenerError, RamBlockAttribute, RamDiscardListener, Section};
+use vmm::memory::{ConvertibleRam, ListenerError, RamDiscardListener, Section};
 
 /// A device whose map and unmap are free, so only our work is measured.
 struct NullListener;
@@ -52,13 +55,37 @@ const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
 const PAGE: u64 = 4096;
 
-fn region<S: PageStates>(size: u64, listeners: usize) -> RamBlockAttribute<S> {
-    let rba = RamBlockAttribute::<S>::with_store(0, size);
+/// One region run through the production conversion path with a
+/// hypervisor that keeps no attributes, so the bookkeeping is measured.
+fn region<S: PageStates>(size: u64, listeners: usize) -> ConvertibleRam<S> {
+    let ram = ConvertibleRam::<S>::new(
+        Box::new(vmm::memory::NoPrivateAttributes),
+        vec![vmm::memory::RamRegion::without_backing(0, size)],
+    );
     for _ in 0..listeners {
-        rba.register_listener(Arc::new(NullListener), Section { gpa: 0, size })
+        attributes(&ram)
+            .register_listener(Arc::new(NullListener), Section { gpa: 0, size })
             .unwrap();
     }
-    rba
+    ram
+}
+
+fn attributes<S: PageStates>(ram: &ConvertibleRam<S>) -> &vmm::memory::RamBlockAttribute<S> {
+    ram.regions()[0].attributes.as_ref().unwrap()
+}
+
+fn convert<S: PageStates>(ram: &ConvertibleRam<S>, gpa: u64, size: u64, to_shared: bool) {
+    let direction = if to_shared {
+        ConversionDirection::ToShared
+    } else {
+        ConversionDirection::ToPrivate
+    };
+    ram.convert(MemoryConversion {
+        gpa,
+        size,
+        direction,
+    })
+    .unwrap();
 }
 
 /// Pages spread over a region, from a fixed xorshift sequence.
@@ -97,8 +124,8 @@ fn timed(iteration: &mut dyn FnMut(), n: u64) -> Duration {
 
 /// A store-independent handle on a region, for the workloads.
 enum Region {
-    Flat(RamBlockAttribute<FlatBitmap>),
-    Ours(RamBlockAttribute<SharedBitmap>),
+    Flat(ConvertibleRam<FlatBitmap>),
+    Ours(ConvertibleRam<SharedBitmap>),
 }
 
 impl Region {
@@ -112,10 +139,9 @@ impl Region {
 
     fn change(&self, offset: u64, size: u64, to_shared: bool) {
         match self {
-            Region::Flat(r) => r.state_change(offset, size, to_shared),
-            Region::Ours(r) => r.state_change(offset, size, to_shared),
+            Region::Flat(r) => convert(r, offset, size, to_shared),
+            Region::Ours(r) => convert(r, offset, size, to_shared),
         }
-        .unwrap();
     }
 
     fn pair(&self, offset: u64, size: u64) {
@@ -129,15 +155,15 @@ impl Region {
             Ok(())
         };
         let _ = match self {
-            Region::Flat(r) => r.replay_populated(0, size, f),
-            Region::Ours(r) => r.replay_populated(0, size, f),
+            Region::Flat(r) => attributes(r).replay_populated(0, size, f),
+            Region::Ours(r) => attributes(r).replay_populated(0, size, f),
         };
     }
 
     fn heap_bytes(&self) -> usize {
         match self {
-            Region::Flat(r) => r.lock().unwrap().heap_bytes(),
-            Region::Ours(r) => r.lock().unwrap().heap_bytes(),
+            Region::Flat(r) => attributes(r).lock().unwrap().heap_bytes(),
+            Region::Ours(r) => attributes(r).lock().unwrap().heap_bytes(),
         }
     }
 }

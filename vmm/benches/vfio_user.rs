@@ -28,9 +28,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use hypervisor::{ConversionDirection, MemoryConversion};
 use vm_device::{DmaMappingListener, ExternalDmaMapping, Section};
 use vmm::device_manager::vfio_user_client::VfioUserClient;
-use vmm::memory::RamBlockAttribute;
+use vmm::memory::ConvertibleRam;
 
 const RAM: u64 = 64 << 20;
 const BASE: u64 = 1 << 32;
@@ -88,20 +89,21 @@ fn connect(device: &Device) -> VfioUserClient {
     VfioUserClient::connect(&device.socket, Duration::from_secs(5), None).unwrap()
 }
 
-/// A RamBlockAttribute over the device's memfd RAM with the device's
+/// A convertible region over the device's memfd RAM with the device's
 /// `DmaMappingListener` registered on a connection of its own.
-fn listened_region(device: &Device) -> RamBlockAttribute {
+fn listened_region(device: &Device) -> ConvertibleRam {
     listened_region_and_dma(device).0
 }
 
 /// As `listened_region`, with the connection the listener maps through.
-fn listened_region_and_dma(device: &Device) -> (RamBlockAttribute, Arc<MemfdDma>) {
+fn listened_region_and_dma(device: &Device) -> (ConvertibleRam, Arc<MemfdDma>) {
     let dma = Arc::new(MemfdDma {
         client: Mutex::new(connect(device)),
         fd: device.ram.as_raw_fd(),
     });
-    let rba = RamBlockAttribute::new(BASE, RAM);
+    let ram = ConvertibleRam::without_backing(BASE, RAM);
     let listener = Arc::new(DmaMappingListener::new(dma.clone(), None));
+    let rba = ram.regions()[0].attributes.as_ref().unwrap();
     rba.register_listener(
         listener,
         Section {
@@ -110,7 +112,23 @@ fn listened_region_and_dma(device: &Device) -> (RamBlockAttribute, Arc<MemfdDma>
         },
     )
     .unwrap();
-    (rba, dma)
+    (ram, dma)
+}
+
+/// The page at region offset `offset` to shared and back, through the
+/// conversion path the guest's requests take.
+fn conversion_pair(ram: &ConvertibleRam, offset: u64) {
+    for direction in [
+        ConversionDirection::ToShared,
+        ConversionDirection::ToPrivate,
+    ] {
+        ram.convert(MemoryConversion {
+            gpa: BASE + offset,
+            size: PAGE,
+            direction,
+        })
+        .unwrap();
+    }
 }
 
 /// The test device serves one client at a time; a dropped client frees it.
@@ -150,8 +168,7 @@ fn vfio_user(c: &mut Criterion) {
         let rba = listened_region(&device);
         group.bench_function("conversion_pair_with_listener", |b| {
             b.iter(|| {
-                rba.state_change(0, PAGE, true).unwrap();
-                rba.state_change(0, PAGE, false).unwrap();
+                conversion_pair(&rba, 0);
             })
         });
     }
@@ -203,8 +220,7 @@ fn scaling(c: &mut Criterion) {
             group.bench_function(format!("conversion_pairs_{threads}_threads"), |b| {
                 b.iter_custom(|pairs| {
                     split_over(threads, pairs, |t| {
-                        rba.state_change(t * PAGE, PAGE, true).unwrap();
-                        rba.state_change(t * PAGE, PAGE, false).unwrap();
+                        conversion_pair(&rba, t * PAGE);
                     })
                 })
             });
@@ -234,8 +250,7 @@ fn scaling_paired(_: &mut Criterion) {
             dma.unmap(gpa, PAGE).unwrap();
         };
         let conversion = |t: u64| {
-            rba.state_change(t * PAGE, PAGE, true).unwrap();
-            rba.state_change(t * PAGE, PAGE, false).unwrap();
+            conversion_pair(&rba, t * PAGE);
         };
         let result = paired::compare(
             &mut |pairs| split_over(threads, pairs, bare),

@@ -88,3 +88,54 @@ pub fn capture_warnings<R>(f: impl FnOnce() -> R) -> (R, Vec<String>) {
     let lines = CAPTURED.with(|c| c.borrow_mut().take()).unwrap_or_default();
     (result, lines)
 }
+
+/// One convertible region with no memory behind it, converted through the
+/// production path (`ConvertibleRam::convert`) by region offset; derefs to
+/// the region's RamBlockAttribute for listeners and state.
+pub struct OneRegion {
+    gpa: u64,
+    ram: crate::memory::ConvertibleRam,
+}
+
+impl OneRegion {
+    pub fn new(gpa: u64, size: u64) -> Self {
+        OneRegion {
+            gpa,
+            ram: crate::memory::ConvertibleRam::without_backing(gpa, size),
+        }
+    }
+
+    /// Converts `offset..offset+size` of the region; returns the pages
+    /// changed. An offset that overflows the guest physical address space
+    /// is sent as the wrapped GPA, which the path must refuse all the same.
+    pub fn convert(
+        &self,
+        offset: u64,
+        size: u64,
+        to_shared: bool,
+    ) -> Result<u64, ConversionFailure> {
+        self.ram
+            .convert(conversion(self.gpa.wrapping_add(offset), size, to_shared))
+            .map(|o| o.changed_pages)
+    }
+
+    pub fn ram(&self) -> &crate::memory::ConvertibleRam {
+        &self.ram
+    }
+
+    /// Counters of the region plus requests refused before reaching it.
+    pub fn totals(&self) -> crate::memory::ConversionCounters {
+        self.ram.conversion_totals()
+    }
+}
+
+impl std::ops::Deref for OneRegion {
+    type Target = crate::memory::RamBlockAttribute;
+
+    fn deref(&self) -> &Self::Target {
+        self.ram.regions()[0]
+            .attributes
+            .as_ref()
+            .expect("a convertible region")
+    }
+}

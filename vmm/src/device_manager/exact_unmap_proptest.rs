@@ -1,4 +1,4 @@
-//! Random conversion sequences through a RamBlockAttribute with DMA
+//! Random conversion sequences through the conversion path with DMA
 //! listeners over the fake IOMMU (the kernel's type1 rules): no request ever
 //! cuts a mapping or overlaps one, every device's mappings cover exactly the
 //! shared pages, and an entry limit refuses conversions (either direction:
@@ -13,6 +13,7 @@ use vm_device::fake_iommu::FakeIommu;
 use vm_device::{DmaMappingListener, Section};
 
 use crate::memory::RamBlockAttribute;
+use crate::test_util::OneRegion;
 
 const PAGES: u64 = 128;
 const PAGE: u64 = 4096;
@@ -43,7 +44,7 @@ proptest! {
         steps in prop::collection::vec((0..PAGES, 1..24u64, any::<bool>()), 1..80),
         limit in 2..12u64,
     ) {
-        let rba = RamBlockAttribute::new(BASE, PAGES * PAGE);
+        let rba = OneRegion::new(BASE, PAGES * PAGE);
         let region = Section { gpa: BASE, size: PAGES * PAGE };
         let roomy = Arc::new(FakeIommu::new(None));
         let tight = Arc::new(FakeIommu::new(Some(limit)));
@@ -56,7 +57,7 @@ proptest! {
         for (first, count, to_shared) in steps {
             let count = count.min(PAGES - first);
             let before = shared_pages(&rba);
-            let result = rba.state_change(first * PAGE, count * PAGE, to_shared);
+            let result = rba.convert(first * PAGE, count * PAGE, to_shared);
             let after = shared_pages(&rba);
             if result.is_err() {
                 // A map past the limit, or an unmap that would split a

@@ -1,28 +1,33 @@
 //! The conversion path. The hypercall exit, the memory-fault exit and the
-//! doorbell all end in `MemoryManager::convert`, which
+//! doorbell all end in `ConvertibleRam::convert` (through
+//! `MemoryManager::convert`), which
 //! 1. validates the request and splits it across regions (all or nothing),
-//! 2. locks the regions involved, in ascending address order,
-//! 3. sets the KVM memory attributes where the VM type supports them,
-//! 4. notifies listeners: to-shared maps (rolled back everywhere on the first
-//!    refusal); to-private first lets every listener reserve what its unmaps
-//!    need (refusable, before step 3), then unmaps,
-//! 5. records the new state and discards the backing no longer used.
+//! 2. runs it as a `Transaction` (transaction.rs): lock the regions in
+//!    ascending address order; to-private, let every listener reserve what
+//!    its unmaps need (refusable, before anything changes); set the KVM
+//!    memory attributes where the VM type keeps them; notify listeners
+//!    (to-shared maps, rolled back everywhere on the first refusal;
+//!    to-private unmaps); record the new state and discard the backing no
+//!    longer used.
 //!
 //! To-private unmaps before the shared backing is discarded, so no device
 //! ever points at freed memory. To-shared maps before the private backing is
 //! discarded: a refused conversion must leave private contents intact, and
 //! what gets mapped is the shared view, which never held private data.
 
-use std::sync::MutexGuard;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use smallvec::SmallVec;
+use hypervisor::{ConversionDirection, HypervisorError, MemoryConversion, Vm};
+use log::debug;
 
-use hypervisor::{ConversionDirection, MemoryConversion};
-use log::{debug, warn};
-
-use super::ram_block_attribute::{AttributeError, AttributeState, PageRange};
-use super::{GRANULARITY, MemoryManager};
+use super::backing::Backing;
+use super::page_states::PageStates;
+use super::ram_block_attribute::{
+    AttributeError, ConversionCounters, GRANULARITY, RamBlockAttribute,
+};
+use super::shared_bitmap::SharedBitmap;
+use super::transaction::{RegionSpan, Spans, Transaction};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConversionFailure {
@@ -33,7 +38,7 @@ pub enum ConversionFailure {
     #[error("a device refused the conversion")]
     ListenerFailed(#[source] AttributeError),
     #[error("the hypervisor refused the attribute change")]
-    Hypervisor(#[source] hypervisor::HypervisorError),
+    Hypervisor(#[source] HypervisorError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,29 +47,115 @@ pub struct ConversionOutcome {
     pub changed_pages: u64,
 }
 
-/// A conversion touches one region, unless a layout puts two RAM regions
-/// back to back: room for two without allocating.
-const INLINE_PIECES: usize = 2;
-
-type Routes = SmallVec<[(usize, u64, u64); INLINE_PIECES]>;
-
-struct Piece<'a> {
-    region: usize,
-    range: PageRange,
-    offset: u64,
-    size: u64,
-    state: MutexGuard<'a, AttributeState>,
+/// Where the hypervisor keeps per-page private attributes (KVM's
+/// `KVM_SET_MEMORY_ATTRIBUTES`), for a conversion to set.
+pub trait PrivateAttributes: Send + Sync {
+    /// Whether this VM keeps them at all (the default VM type does not).
+    fn tracked(&self) -> bool;
+    fn set_private(&self, gpa: u64, size: u64, private: bool) -> Result<(), HypervisorError>;
 }
 
-impl MemoryManager {
+/// A VM's own attributes.
+pub struct VmAttributes(pub Arc<dyn Vm>);
+
+impl PrivateAttributes for VmAttributes {
+    fn tracked(&self) -> bool {
+        self.0.supports_memory_attributes()
+    }
+
+    fn set_private(&self, gpa: u64, size: u64, private: bool) -> Result<(), HypervisorError> {
+        self.0.set_memory_attributes(gpa, size, private)
+    }
+}
+
+/// A hypervisor that keeps no attributes: what the default VM type is, and
+/// what benchmarks of the bookkeeping run against.
+pub struct NoPrivateAttributes;
+
+impl PrivateAttributes for NoPrivateAttributes {
+    fn tracked(&self) -> bool {
+        false
+    }
+
+    fn set_private(&self, _gpa: u64, _size: u64, _private: bool) -> Result<(), HypervisorError> {
+        Ok(())
+    }
+}
+
+/// One contiguous RAM region. `S` keeps the page states (the VMM's
+/// `SharedBitmap`; the flat bitmap baseline in the benchmarks).
+pub struct RamRegion<S: PageStates = SharedBitmap> {
+    pub gpa: u64,
+    pub size: u64,
+    pub backing: Backing,
+    /// Present for guest_memfd regions only.
+    pub attributes: Option<RamBlockAttribute<S>>,
+}
+
+impl<S: PageStates> RamRegion<S> {
+    /// A convertible region with no memory behind it: the whole conversion
+    /// path runs on it except the I/O (benchmarks and tests).
+    pub fn without_backing(gpa: u64, size: u64) -> Self {
+        RamRegion {
+            gpa,
+            size,
+            backing: Backing::Anonymous,
+            attributes: Some(RamBlockAttribute::with_store(gpa, size)),
+        }
+    }
+}
+
+/// The RAM regions of a VM in ascending address order, as far as
+/// conversions go: their states and listeners, and the hypervisor's
+/// attributes that follow them.
+pub struct ConvertibleRam<S: PageStates = SharedBitmap> {
+    attributes: Box<dyn PrivateAttributes>,
+    regions: Vec<RamRegion<S>>,
+    /// Requests refused before reaching a region (invalid or outside RAM).
+    rejected: AtomicU64,
+    /// To-shared requests for GPAs no RAM backs (MMIO, holes), accepted
+    /// with nothing changed.
+    unbacked_to_shared: AtomicU64,
+}
+
+impl<S: PageStates> ConvertibleRam<S> {
+    /// `regions` must be sorted and must not overlap.
+    pub fn new(attributes: Box<dyn PrivateAttributes>, regions: Vec<RamRegion<S>>) -> Self {
+        debug_assert!(regions.windows(2).all(|w| w[0].gpa + w[0].size <= w[1].gpa));
+        ConvertibleRam {
+            attributes,
+            regions,
+            rejected: AtomicU64::new(0),
+            unbacked_to_shared: AtomicU64::new(0),
+        }
+    }
+
+    /// One region of `size` bytes at `gpa` with no memory behind it and no
+    /// hypervisor attributes: the production path for benchmarks, fuzzers
+    /// and property tests.
+    pub fn without_backing(gpa: u64, size: u64) -> Self {
+        Self::new(
+            Box::new(NoPrivateAttributes),
+            vec![RamRegion::without_backing(gpa, size)],
+        )
+    }
+
+    pub fn regions(&self) -> &[RamRegion<S>] {
+        &self.regions
+    }
+
+    pub(super) fn attributes(&self) -> &dyn PrivateAttributes {
+        self.attributes.as_ref()
+    }
+
     /// Splits `gpa..gpa+size` over the guest_memfd regions, or says why not.
-    fn route(&self, gpa: u64, size: u64) -> Result<Routes, ConversionFailure> {
+    pub(super) fn route(&self, gpa: u64, size: u64) -> Result<Spans, ConversionFailure> {
         let invalid = ConversionFailure::Invalid { gpa, size };
         if size == 0 || !gpa.is_multiple_of(GRANULARITY) || !size.is_multiple_of(GRANULARITY) {
             return Err(invalid);
         }
         let end = gpa.checked_add(size).ok_or(invalid)?;
-        let mut pieces = Routes::new();
+        let mut spans = Spans::new();
         let mut cursor = gpa;
         for (index, region) in self.regions.iter().enumerate() {
             let region_end = region.gpa + region.size;
@@ -77,14 +168,18 @@ impl MemoryManager {
             if region.attributes.is_none() {
                 break;
             }
-            let piece_end = end.min(region_end);
-            pieces.push((index, cursor - region.gpa, piece_end - cursor));
-            cursor = piece_end;
+            let span_end = end.min(region_end);
+            spans.push(RegionSpan {
+                region: index,
+                offset: cursor - region.gpa,
+                size: span_end - cursor,
+            });
+            cursor = span_end;
         }
         if cursor != end {
             return Err(ConversionFailure::OutOfRange { gpa, size });
         }
-        Ok(pieces)
+        Ok(spans)
     }
 
     /// Converts a range for the guest. On any error nothing has changed:
@@ -99,8 +194,8 @@ impl MemoryManager {
             direction,
         } = request;
         let to_shared = direction == ConversionDirection::ToShared;
-        let routes = match self.route(gpa, size) {
-            Ok(routes) => routes,
+        let spans = match self.route(gpa, size) {
+            Ok(spans) => spans,
             // Confidential guests' firmware makes MMIO (the 32-bit PCI hole,
             // the IOAPIC page) shared before using it; there is nothing to
             // track there, and refusing would stop the boot. Making such a
@@ -117,79 +212,12 @@ impl MemoryManager {
                 return Err(e);
             }
         };
-
-        let mut pieces: SmallVec<[Piece<'_>; INLINE_PIECES]> = SmallVec::new();
-        for (region, offset, size) in routes {
-            let attrs = self.regions[region].attributes.as_ref().expect("routed");
-            let state = match attrs.lock() {
-                Ok(state) => state,
-                Err(e) => {
-                    self.record_rejected();
-                    return Err(ConversionFailure::ListenerFailed(e));
-                }
-            };
-            let range = state.validate(offset, size).expect("routed inside region");
-            pieces.push(Piece {
-                region,
-                range,
-                offset,
-                size,
-                state,
-            });
-        }
-
-        // Devices that cannot unmap without more IOMMU entries than they may
-        // use refuse here, before anything (KVM attributes included) changes.
-        if !to_shared {
-            for i in 0..pieces.len() {
-                if let Err(e) = pieces[i].state.prepare_discard(pieces[i].range) {
-                    for done in &pieces[..i] {
-                        done.state.cancel_discard(done.range);
-                    }
-                    pieces[i].state.record_failure();
-                    return Err(ConversionFailure::ListenerFailed(e));
-                }
-            }
-        }
-
-        if self.vm.supports_memory_attributes()
-            && let Err(e) = self.vm.set_memory_attributes(gpa, size, !to_shared)
-        {
-            if !to_shared {
-                for piece in &pieces {
-                    piece.state.cancel_discard(piece.range);
-                }
-            }
-            pieces[0].state.record_failure();
-            return Err(ConversionFailure::Hypervisor(e));
-        }
-
-        if to_shared {
-            for i in 0..pieces.len() {
-                if let Err(e) = pieces[i].state.notify_populate(pieces[i].range) {
-                    for done in &pieces[..i] {
-                        done.state.undo_populate(done.range);
-                    }
-                    self.restore_private_attributes(&pieces);
-                    pieces[i].state.record_failure();
-                    return Err(ConversionFailure::ListenerFailed(e));
-                }
-            }
-        } else {
-            for piece in &pieces {
-                piece.state.notify_discard(piece.range);
-            }
-        }
-
-        let mut changed_pages = 0;
-        for piece in &mut pieces {
-            changed_pages += piece.state.commit(piece.range, to_shared);
-            self.regions[piece.region].backing.discard_after_conversion(
-                piece.offset,
-                piece.size,
-                to_shared,
-            );
-        }
+        let changed_pages = Transaction::begin(self, gpa, size, to_shared, spans)
+            .inspect_err(|_| self.record_rejected())?
+            .reserve()?
+            .set_attributes()?
+            .notify()?
+            .commit();
         debug!(
             "converted {gpa:#x}+{size:#x} to {}: {changed_pages} pages changed",
             direction.name()
@@ -197,21 +225,41 @@ impl MemoryManager {
         Ok(ConversionOutcome { changed_pages })
     }
 
-    /// After a refused to-shared change: pages that were private (the bitmap
-    /// still says which) get their private attribute back.
-    fn restore_private_attributes(&self, pieces: &[Piece<'_>]) {
-        if !self.vm.supports_memory_attributes() {
-            return;
+    fn record_rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// To-shared requests accepted for GPAs without RAM (MMIO, holes).
+    pub fn unbacked_to_shared(&self) -> u64 {
+        self.unbacked_to_shared.load(Ordering::Relaxed)
+    }
+
+    /// Whether any byte of `gpa..end` is RAM (guest_memfd or not).
+    fn overlaps_ram(&self, gpa: u64, end: u64) -> bool {
+        self.regions
+            .iter()
+            .any(|r| gpa < r.gpa + r.size && r.gpa < end)
+    }
+
+    /// Conversion counters of all regions, plus refused requests that
+    /// belonged to no region.
+    pub fn conversion_totals(&self) -> ConversionCounters {
+        let mut total = ConversionCounters {
+            failed: self.rejected.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        for c in self
+            .regions
+            .iter()
+            .filter_map(|r| r.attributes.as_ref())
+            .map(|a| a.counters())
+        {
+            total.to_shared += c.to_shared;
+            total.to_private += c.to_private;
+            total.failed += c.failed;
+            total.pages_to_shared += c.pages_to_shared;
+            total.pages_to_private += c.pages_to_private;
         }
-        for piece in pieces {
-            piece.state.for_each_run(piece.range, false, |s| {
-                if let Err(e) = self.vm.set_memory_attributes(s.gpa, s.size, true) {
-                    warn!(
-                        "cannot restore private attribute of {:#x}+{:#x}: {e}",
-                        s.gpa, s.size
-                    );
-                }
-            });
-        }
+        total
     }
 }

@@ -10,9 +10,9 @@ pub mod ram_block_attribute;
 pub mod shared_bitmap;
 #[cfg(test)]
 mod state_change_fuzz;
+mod transaction;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use hypervisor::{UserMemoryRegion, Vm};
 use log::info;
@@ -20,7 +20,10 @@ use serde::Serialize;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 pub use backing::{Backing, BackingError, MemoryLayout};
-pub use conversion::{ConversionFailure, ConversionOutcome};
+pub use conversion::{
+    ConversionFailure, ConversionOutcome, ConvertibleRam, NoPrivateAttributes, PrivateAttributes,
+    RamRegion, VmAttributes,
+};
 pub use ram_block_attribute::{
     AttributeError, ConversionCounters, GRANULARITY, ListenerError, ListenerId, RamBlockAttribute,
     RamDiscardListener, Section,
@@ -78,15 +81,6 @@ pub struct FirmwareRegion {
     _mapping: vm_memory::mmap::MmapRegion,
 }
 
-/// One contiguous RAM region.
-pub struct RamRegion {
-    pub gpa: u64,
-    pub size: u64,
-    pub backing: Backing,
-    /// Present for guest_memfd regions only.
-    pub attributes: Option<RamBlockAttribute>,
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct RegionInfo {
     pub gpa: u64,
@@ -97,13 +91,8 @@ pub struct RegionInfo {
 
 pub struct MemoryManager {
     vm: Arc<dyn Vm>,
-    regions: Vec<RamRegion>,
+    ram: ConvertibleRam,
     guest_memory: GuestMemoryMmap,
-    /// Requests refused before reaching a region (invalid or outside RAM).
-    rejected: AtomicU64,
-    /// To-shared requests for GPAs no RAM backs (MMIO, holes), accepted
-    /// with nothing changed.
-    unbacked_to_shared: AtomicU64,
     firmware: Option<FirmwareRegion>,
     /// The next free memory slot.
     next_slot: u32,
@@ -184,11 +173,9 @@ impl MemoryManager {
         let guest_memory =
             GuestMemoryMmap::from_regions(mmaps).map_err(MemoryError::GuestMemory)?;
         Ok(MemoryManager {
+            ram: ConvertibleRam::new(Box::new(VmAttributes(vm.clone())), regions),
             vm,
-            regions,
             guest_memory,
-            rejected: AtomicU64::new(0),
-            unbacked_to_shared: AtomicU64::new(0),
             firmware: None,
             next_slot,
         })
@@ -211,7 +198,7 @@ impl MemoryManager {
         if !placed {
             return Err(MemoryError::FirmwarePlacement { gpa, size });
         }
-        let index = self.regions.len();
+        let index = self.ram.regions().len();
         let fail = |e| MemoryError::Firmware(Box::new(e));
         // Always guest_memfd: the launch needs private memory.
         let layout = match layout {
@@ -261,7 +248,7 @@ impl MemoryManager {
     /// ascending: where an SEV-SNP launch may place pages.
     pub fn guest_memfd_ranges(&self) -> Vec<(u64, u64)> {
         let mut ranges: Vec<(u64, u64)> = self
-            .regions
+            .regions()
             .iter()
             .filter(|r| r.attributes.is_some())
             .map(|r| (r.gpa, r.size))
@@ -281,21 +268,29 @@ impl MemoryManager {
     }
 
     pub fn regions(&self) -> &[RamRegion] {
-        &self.regions
+        self.ram.regions()
+    }
+
+    /// Converts a range for the guest (see `ConvertibleRam::convert`).
+    pub fn convert(
+        &self,
+        request: hypervisor::MemoryConversion,
+    ) -> Result<ConversionOutcome, ConversionFailure> {
+        self.ram.convert(request)
     }
 
     /// Size of the RAM that starts at GPA 0.
     pub fn low_ram_size(&self) -> u64 {
-        self.regions[0].size
+        self.regions()[0].size
     }
 
     /// Guest physical address just past the highest RAM byte.
     pub fn ram_end(&self) -> u64 {
-        self.regions.last().map_or(0, |r| r.gpa + r.size)
+        self.regions().last().map_or(0, |r| r.gpa + r.size)
     }
 
     pub fn region_info(&self) -> Vec<RegionInfo> {
-        self.regions
+        self.regions()
             .iter()
             .map(|r| RegionInfo {
                 gpa: r.gpa,
@@ -306,42 +301,15 @@ impl MemoryManager {
             .collect()
     }
 
-    fn record_rejected(&self) {
-        self.rejected.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// To-shared requests accepted for GPAs without RAM (MMIO, holes).
     pub fn unbacked_to_shared(&self) -> u64 {
-        self.unbacked_to_shared.load(Ordering::Relaxed)
-    }
-
-    /// Whether any byte of `gpa..end` is RAM (guest_memfd or not).
-    fn overlaps_ram(&self, gpa: u64, end: u64) -> bool {
-        self.regions
-            .iter()
-            .any(|r| gpa < r.gpa + r.size && r.gpa < end)
+        self.ram.unbacked_to_shared()
     }
 
     /// Conversion counters of all regions, plus refused requests that
     /// belonged to no region.
     pub fn conversion_totals(&self) -> ConversionCounters {
-        let mut total = ConversionCounters {
-            failed: self.rejected.load(Ordering::Relaxed),
-            ..Default::default()
-        };
-        for c in self
-            .regions
-            .iter()
-            .filter_map(|r| r.attributes.as_ref())
-            .map(|a| a.counters())
-        {
-            total.to_shared += c.to_shared;
-            total.to_private += c.to_private;
-            total.failed += c.failed;
-            total.pages_to_shared += c.pages_to_shared;
-            total.pages_to_private += c.pages_to_private;
-        }
-        total
+        self.ram.conversion_totals()
     }
 
     /// Whether KVM keeps per-page private/shared attributes for this VM
@@ -351,6 +319,6 @@ impl MemoryManager {
     }
 
     pub fn is_guest_memfd(&self) -> bool {
-        self.regions.iter().any(|r| r.attributes.is_some())
+        self.regions().iter().any(|r| r.attributes.is_some())
     }
 }

@@ -8,7 +8,6 @@
 //! device I/O; readers (the API) never take it: they read the committed
 //! state (`View`), which a conversion only write-locks for its final commit.
 
-use std::cell::RefCell;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::Serialize;
@@ -94,14 +93,12 @@ fn write<S>(view: &RwLock<View<S>>) -> RwLockWriteGuard<'_, View<S>> {
 
 /// The runs a change notifies: most changes have one, and up to two are
 /// kept without allocating (more spill to the heap).
-type Runs = SmallVec<[Section; 2]>;
+pub(super) type Runs = SmallVec<[Section; 2]>;
 
 pub struct AttributeState<S = SharedBitmap> {
     gpa: u64,
     /// Fixed at creation; kept here so validating takes no lock.
     pages: u64,
-    /// The runs of the to-private change prepared and not yet notified.
-    prepared: RefCell<Option<(PageRange, Runs)>>,
     view: SharedView<S>,
     listeners: Vec<Registered>,
     next_id: u64,
@@ -138,7 +135,6 @@ impl<S: PageStates> RamBlockAttribute<S> {
             state: Mutex::new(AttributeState {
                 gpa,
                 pages,
-                prepared: RefCell::new(None),
                 view: view.clone(),
                 listeners: Vec::new(),
                 next_id: 0,
@@ -227,15 +223,6 @@ impl<S: PageStates> RamBlockAttribute<S> {
         Ok(state.listeners.remove(index).listener)
     }
 
-    pub fn state_change(
-        &self,
-        offset: u64,
-        size: u64,
-        to_shared: bool,
-    ) -> Result<u64, AttributeError> {
-        self.lock()?.state_change(offset, size, to_shared)
-    }
-
     /// Never waits for a conversion in progress.
     pub fn counters(&self) -> ConversionCounters {
         self.view().counters
@@ -322,7 +309,7 @@ impl<S: PageStates> AttributeState<S> {
     }
 
     /// Checks `offset..offset+size` (region-relative) and turns it into pages.
-    pub fn validate(&self, offset: u64, size: u64) -> Result<PageRange, AttributeError> {
+    pub(super) fn validate(&self, offset: u64, size: u64) -> Result<PageRange, AttributeError> {
         validate(self.pages(), offset, size)
     }
 
@@ -336,10 +323,10 @@ impl<S: PageStates> AttributeState<S> {
         })
     }
 
-    /// The runs of `range` in state `shared` that a change notifies, walked
-    /// once for every listener (and, for a to-private change, for both of
-    /// its phases).
-    fn changes(&self, range: PageRange, shared: bool) -> Runs {
+    /// The runs of `range` in state `shared`: what a change of `range` to
+    /// the other state notifies, walked once per conversion and kept by it
+    /// for every listener and every phase.
+    pub(super) fn changes(&self, range: PageRange, shared: bool) -> Runs {
         let mut runs = Runs::new();
         let _ = self.view().bitmap.for_each_change::<()>(
             range.first,
@@ -420,65 +407,45 @@ impl<S: PageStates> AttributeState<S> {
         }
     }
 
-    /// Phase 1 of a to-shared change: every listener maps the private runs
-    /// of `range`. On failure every map of this call has been undone.
-    pub fn notify_populate(&self, range: PageRange) -> Result<(), AttributeError> {
+    /// To-shared: every listener maps `runs` (the private runs of the
+    /// change). On failure every map of this call has been undone.
+    pub(super) fn notify_populate(&self, runs: &[Section]) -> Result<(), AttributeError> {
         self.offer_all(
-            &self.changes(range, false),
+            runs,
             |l, s| l.notify_populate(s),
             |l, s| l.notify_discard(s),
         )
     }
 
-    /// Undoes a successful `notify_populate` of `range` (bitmap unchanged since).
-    pub fn undo_populate(&self, range: PageRange) {
-        self.withdraw_all(&self.changes(range, false), |l, s| l.notify_discard(s));
+    /// Undoes a successful `notify_populate` of `runs` (bitmap unchanged since).
+    pub(super) fn undo_populate(&self, runs: &[Section]) {
+        self.withdraw_all(runs, |l, s| l.notify_discard(s));
     }
 
-    /// Phase 1 of a to-private change: every listener reserves what
-    /// unmapping the shared runs of `range` needs. On failure nothing is
-    /// reserved any more. The runs are kept for `notify_discard`.
-    pub fn prepare_discard(&self, range: PageRange) -> Result<(), AttributeError> {
-        let runs = self.changes(range, true);
+    /// To-private, before anything changes: every listener reserves what
+    /// unmapping `runs` (the shared runs of the change) needs. On failure
+    /// nothing is reserved any more.
+    pub(super) fn prepare_discard(&self, runs: &[Section]) -> Result<(), AttributeError> {
         self.offer_all(
-            &runs,
+            runs,
             |l, s| l.prepare_discard(s),
             |l, s| l.cancel_discard(s),
-        )?;
-        *self.prepared.borrow_mut() = Some((range, runs));
-        Ok(())
+        )
     }
 
-    /// Undoes a successful `prepare_discard` of `range`.
-    pub fn cancel_discard(&self, range: PageRange) {
-        let runs = self.prepared_runs(range);
-        self.withdraw_all(&runs, |l, s| l.cancel_discard(s));
+    /// Undoes a successful `prepare_discard` of `runs`.
+    pub(super) fn cancel_discard(&self, runs: &[Section]) {
+        self.withdraw_all(runs, |l, s| l.cancel_discard(s));
     }
 
-    /// The runs `prepare_discard` found for `range` (the region is locked
-    /// in between, so they still hold), or a fresh walk.
-    fn prepared_runs(&self, range: PageRange) -> Runs {
-        match self.prepared.borrow_mut().take() {
-            Some((prepared, runs)) if prepared == range => runs,
-            _ => self.changes(range, true),
-        }
+    /// To-private, once reserved: listeners unmap every one of `runs`.
+    pub(super) fn notify_discard(&self, runs: &[Section]) {
+        self.withdraw_all(runs, |l, s| l.notify_discard(s));
     }
 
-    /// Phase 2 of a to-private change: listeners unmap every shared run of
-    /// `range`.
-    pub fn notify_discard(&self, range: PageRange) {
-        let runs = self.prepared_runs(range);
-        for reg in &self.listeners {
-            let _ = Self::each_seen(&runs, &reg.section, |s| {
-                reg.listener.notify_discard(s);
-                Ok::<(), ()>(())
-            });
-        }
-    }
-
-    /// Phase 2: records the new state. Returns the number of pages that changed.
-    pub fn commit(&mut self, range: PageRange, to_shared: bool) -> u64 {
-        self.prepared.get_mut().take();
+    /// Records the new state of `range`. Returns the number of pages that
+    /// changed.
+    pub(super) fn commit(&self, range: PageRange, to_shared: bool) -> u64 {
         let mut view = write(&self.view);
         let changed = view.bitmap.set_range(range.first, range.count, to_shared);
         if to_shared {
@@ -491,12 +458,12 @@ impl<S: PageStates> AttributeState<S> {
         changed
     }
 
-    pub fn record_failure(&mut self) {
+    pub(super) fn record_failure(&self) {
         write(&self.view).counters.failed += 1;
     }
 
     /// Calls `f` for each run of `range` that is in the state `shared`.
-    pub fn for_each_run(&self, range: PageRange, shared: bool, mut f: impl FnMut(Section)) {
+    fn for_each_run(&self, range: PageRange, shared: bool, mut f: impl FnMut(Section)) {
         let _ = self.view().bitmap.for_each_run::<()>(
             range.first,
             range.count,
@@ -506,34 +473,6 @@ impl<S: PageStates> AttributeState<S> {
                 Ok(())
             },
         );
-    }
-
-    /// Validates, notifies listeners and records the change; any failure
-    /// leaves state and listeners as they were. Returns the pages changed.
-    pub fn state_change(
-        &mut self,
-        offset: u64,
-        size: u64,
-        to_shared: bool,
-    ) -> Result<u64, AttributeError> {
-        let range = match self.validate(offset, size) {
-            Ok(range) => range,
-            Err(e) => {
-                self.record_failure();
-                return Err(e);
-            }
-        };
-        let notified = if to_shared {
-            self.notify_populate(range)
-        } else {
-            self.prepare_discard(range)
-                .map(|()| self.notify_discard(range))
-        };
-        if let Err(e) = notified {
-            self.record_failure();
-            return Err(e);
-        }
-        Ok(self.commit(range, to_shared))
     }
 
     pub fn register_listener(

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use proptest::prelude::*;
 
 use super::*;
+use crate::memory::ConversionFailure;
+use crate::test_util::OneRegion;
 
 const PAGE: u64 = GRANULARITY;
 
@@ -78,7 +80,7 @@ const BASE: u64 = 0x1_0000_0000;
 
 #[test]
 fn all_private_at_start() {
-    let rba = RamBlockAttribute::new(BASE, 64 * PAGE);
+    let rba = OneRegion::new(BASE, 64 * PAGE);
     assert!(!rba.is_populated(0, PAGE).unwrap());
     assert!(shared_pages(&rba).is_empty());
     assert_eq!(rba.min_granularity(), 4096);
@@ -86,36 +88,43 @@ fn all_private_at_start() {
 
 #[test]
 fn bad_ranges_are_typed_errors_and_change_nothing() {
-    let rba = RamBlockAttribute::new(BASE, 16 * PAGE);
-    rba.state_change(0, PAGE, true).unwrap();
+    let rba = OneRegion::new(BASE, 16 * PAGE);
+    rba.convert(0, PAGE, true).unwrap();
     let before = shared_pages(&rba);
+    for (offset, size, to_shared) in [(0, 0, true), (1, PAGE, true), (0, PAGE + 1, false)] {
+        assert!(
+            matches!(
+                rba.convert(offset, size, to_shared),
+                Err(ConversionFailure::Invalid { .. })
+            ),
+            "{offset:#x}+{size:#x}"
+        );
+    }
+    // Past the end of the address space, and past the end of the region.
     assert!(matches!(
-        rba.state_change(0, 0, true),
-        Err(AttributeError::Empty(0))
+        rba.ram().convert(crate::test_util::conversion(
+            u64::MAX - PAGE + 1,
+            2 * PAGE,
+            true
+        )),
+        Err(ConversionFailure::Invalid { .. })
     ));
     assert!(matches!(
-        rba.state_change(1, PAGE, true),
-        Err(AttributeError::Unaligned { .. })
-    ));
-    assert!(matches!(
-        rba.state_change(0, PAGE + 1, false),
-        Err(AttributeError::Unaligned { .. })
-    ));
-    assert!(matches!(
-        rba.state_change(u64::MAX - PAGE + 1, 2 * PAGE, true),
-        Err(AttributeError::Overflow { .. })
-    ));
-    assert!(matches!(
-        rba.state_change(15 * PAGE, 2 * PAGE, true),
-        Err(AttributeError::OutOfRegion { .. })
+        rba.convert(15 * PAGE, 2 * PAGE, true),
+        Err(ConversionFailure::OutOfRange { .. })
     ));
     assert_eq!(shared_pages(&rba), before);
-    assert_eq!(rba.counters().failed, 5);
+    assert_eq!(rba.totals().failed, 5);
+    assert_eq!(
+        rba.counters().failed,
+        0,
+        "refused before reaching the region"
+    );
 }
 
 #[test]
 fn mixed_range_notifies_one_run_per_change() {
-    let rba = RamBlockAttribute::new(BASE, 64 * PAGE);
+    let rba = OneRegion::new(BASE, 64 * PAGE);
     let l = Arc::new(Recorder::default());
     rba.register_listener(
         l.clone(),
@@ -126,10 +135,10 @@ fn mixed_range_notifies_one_run_per_change() {
     )
     .unwrap();
     // Shared: pages 2..4 and 10..12; then the whole 0..16 to shared.
-    rba.state_change(2 * PAGE, 2 * PAGE, true).unwrap();
-    rba.state_change(10 * PAGE, 2 * PAGE, true).unwrap();
+    rba.convert(2 * PAGE, 2 * PAGE, true).unwrap();
+    rba.convert(10 * PAGE, 2 * PAGE, true).unwrap();
     assert_eq!(l.counts(), (2, 0));
-    let changed = rba.state_change(0, 16 * PAGE, true).unwrap();
+    let changed = rba.convert(0, 16 * PAGE, true).unwrap();
     assert_eq!(changed, 12);
     // Only the three private gaps were notified: 0..2, 4..10, 12..16.
     assert_eq!(l.counts(), (5, 0));
@@ -151,17 +160,17 @@ fn mixed_range_notifies_one_run_per_change() {
         ]
     );
     // Already shared: no notification at all.
-    assert_eq!(rba.state_change(0, 16 * PAGE, true).unwrap(), 0);
+    assert_eq!(rba.convert(0, 16 * PAGE, true).unwrap(), 0);
     assert_eq!(l.counts(), (5, 0));
     // To private over 0..32: one discard for the one shared run.
-    rba.state_change(0, 32 * PAGE, false).unwrap();
+    rba.convert(0, 32 * PAGE, false).unwrap();
     assert_eq!(l.counts(), (5, 1));
     assert!(l.mapped().is_empty());
 }
 
 #[test]
 fn refused_populate_rolls_back_every_listener() {
-    let rba = RamBlockAttribute::new(BASE, 32 * PAGE);
+    let rba = OneRegion::new(BASE, 32 * PAGE);
     let section = Section {
         gpa: BASE,
         size: 32 * PAGE,
@@ -170,10 +179,14 @@ fn refused_populate_rolls_back_every_listener() {
     let second = Recorder::refusing(BASE + 9 * PAGE);
     rba.register_listener(first.clone(), section).unwrap();
     rba.register_listener(second.clone(), section).unwrap();
-    rba.state_change(4 * PAGE, 2 * PAGE, true).unwrap();
+    rba.convert(4 * PAGE, 2 * PAGE, true).unwrap();
     let shared_before = shared_pages(&rba);
-    let err = rba.state_change(0, 16 * PAGE, true).unwrap_err();
-    assert!(matches!(err, AttributeError::ListenerFailed { gpa, .. } if gpa == BASE + 6 * PAGE));
+    let err = rba.convert(0, 16 * PAGE, true).unwrap_err();
+    assert!(matches!(
+        err,
+        ConversionFailure::ListenerFailed(AttributeError::ListenerFailed { gpa, .. })
+            if gpa == BASE + 6 * PAGE
+    ));
     assert_eq!(shared_pages(&rba), shared_before, "state unchanged");
     assert_eq!(first.mapped(), shared_before, "first listener rolled back");
     assert_eq!(
@@ -187,7 +200,7 @@ fn refused_populate_rolls_back_every_listener() {
 
 #[test]
 fn listener_sections_clip_notifications() {
-    let rba = RamBlockAttribute::new(BASE, 32 * PAGE);
+    let rba = OneRegion::new(BASE, 32 * PAGE);
     let l = Arc::new(Recorder::default());
     rba.register_listener(
         l.clone(),
@@ -197,17 +210,17 @@ fn listener_sections_clip_notifications() {
         },
     )
     .unwrap();
-    rba.state_change(0, 32 * PAGE, true).unwrap();
+    rba.convert(0, 32 * PAGE, true).unwrap();
     assert_eq!(l.mapped(), (8..16).map(|p| BASE + p * PAGE).collect());
     assert_eq!(l.counts(), (1, 0));
 }
 
 #[test]
 fn register_replays_and_failed_register_leaves_nothing() {
-    let rba = RamBlockAttribute::new(BASE, 32 * PAGE);
-    rba.state_change(0, 4 * PAGE, true).unwrap();
-    rba.state_change(8 * PAGE, 4 * PAGE, true).unwrap();
-    rba.state_change(20 * PAGE, 4 * PAGE, true).unwrap();
+    let rba = OneRegion::new(BASE, 32 * PAGE);
+    rba.convert(0, 4 * PAGE, true).unwrap();
+    rba.convert(8 * PAGE, 4 * PAGE, true).unwrap();
+    rba.convert(20 * PAGE, 4 * PAGE, true).unwrap();
     let section = Section {
         gpa: BASE,
         size: 32 * PAGE,
@@ -217,7 +230,7 @@ fn register_replays_and_failed_register_leaves_nothing() {
     assert!(rba.register_listener(bad.clone(), section).is_err());
     assert!(bad.mapped().is_empty(), "replayed runs were undone");
     // Not registered: later conversions do not reach it.
-    rba.state_change(30 * PAGE, PAGE, true).unwrap();
+    rba.convert(30 * PAGE, PAGE, true).unwrap();
     assert!(bad.mapped().is_empty());
 
     let good = Arc::new(Recorder::default());
@@ -244,9 +257,9 @@ fn register_replays_and_failed_register_leaves_nothing() {
 
 #[test]
 fn replay_is_clipped_and_stops_at_first_error() {
-    let rba = RamBlockAttribute::new(BASE, 32 * PAGE);
-    rba.state_change(0, 8 * PAGE, true).unwrap();
-    rba.state_change(16 * PAGE, 8 * PAGE, true).unwrap();
+    let rba = OneRegion::new(BASE, 32 * PAGE);
+    rba.convert(0, 8 * PAGE, true).unwrap();
+    rba.convert(16 * PAGE, 8 * PAGE, true).unwrap();
     let mut seen = Vec::new();
     rba.replay_populated::<()>(4 * PAGE, 16 * PAGE, |s| {
         seen.push(s);
@@ -278,7 +291,7 @@ fn replay_is_clipped_and_stops_at_first_error() {
 #[test]
 fn sixteen_tib_region() {
     let size = 16u64 << 40;
-    let rba = RamBlockAttribute::new(0x1_0000_0000, size);
+    let rba = OneRegion::new(0x1_0000_0000, size);
     let l = Arc::new(Recorder::default());
     rba.register_listener(
         l.clone(),
@@ -288,8 +301,8 @@ fn sixteen_tib_region() {
         },
     )
     .unwrap();
-    rba.state_change(size - 2 * PAGE, 2 * PAGE, true).unwrap();
-    rba.state_change(size / 2, 1 << 30, true).unwrap();
+    rba.convert(size - 2 * PAGE, 2 * PAGE, true).unwrap();
+    rba.convert(size / 2, 1 << 30, true).unwrap();
     assert_eq!(rba.shared_bytes(), (1 << 30) + 2 * PAGE);
     assert!(rba.is_populated(size - 2 * PAGE, 2 * PAGE).unwrap());
     assert_eq!(l.counts(), (2, 0));
@@ -310,11 +323,11 @@ fn a_device_attaches_to_a_sixteen_tib_region_in_bounded_time_and_memory() {
     use vm_device::fake_iommu::FakeIommu;
     let size = 16u64 << 40;
     let started = std::time::Instant::now();
-    let rba = RamBlockAttribute::new(0x1_0000_0000, size);
+    let rba = OneRegion::new(0x1_0000_0000, size);
     let created = started.elapsed();
-    rba.state_change(size / 2, 1 << 30, true).unwrap();
+    rba.convert(size / 2, 1 << 30, true).unwrap();
     for i in 0..1000u64 {
-        rba.state_change((i * (size / 2000)) & !(PAGE - 1), PAGE, true)
+        rba.convert((i * (size / 2000)) & !(PAGE - 1), PAGE, true)
             .unwrap();
     }
     let iommu = Arc::new(FakeIommu::new(None));
@@ -330,7 +343,7 @@ fn a_device_attaches_to_a_sixteen_tib_region_in_bounded_time_and_memory() {
     .unwrap();
     let attached = attach.elapsed();
     assert_eq!(iommu.mappings().len(), 1001);
-    rba.state_change(size / 2, 2 << 20, false).unwrap();
+    rba.convert(size / 2, 2 << 20, false).unwrap();
     assert_eq!(listener.stats().splits, 1);
     let heap = rba.lock().unwrap().heap_bytes();
     eprintln!(
@@ -345,11 +358,11 @@ fn a_device_attaches_to_a_sixteen_tib_region_in_bounded_time_and_memory() {
 #[test]
 fn one_tib_fragmented_state_stays_within_a_bitmap() {
     let size = 1u64 << 40;
-    let rba = RamBlockAttribute::new(0, size);
+    let rba = OneRegion::new(0, size);
     // One shared page in every 128 MiB chunk: every chunk is mixed.
     let chunk = 128u64 << 20;
     for i in 0..size / chunk {
-        rba.state_change(i * chunk, PAGE, true).unwrap();
+        rba.convert(i * chunk, PAGE, true).unwrap();
     }
     let bitmap = (size / PAGE / 8) as usize;
     let used = rba.lock().unwrap().heap_bytes();
@@ -359,7 +372,7 @@ fn one_tib_fragmented_state_stays_within_a_bitmap() {
 /// Concurrent conversions from several threads keep state and listener in step.
 #[test]
 fn concurrent_conversions_are_atomic() {
-    let rba = Arc::new(RamBlockAttribute::new(0, 1024 * PAGE));
+    let rba = Arc::new(OneRegion::new(0, 1024 * PAGE));
     let l = Arc::new(Recorder::default());
     rba.register_listener(
         l.clone(),
@@ -375,7 +388,7 @@ fn concurrent_conversions_are_atomic() {
             std::thread::spawn(move || {
                 for i in 0..500u64 {
                     let page = (i * 7 + t * 13) % 1000;
-                    rba.state_change(page * PAGE, (1 + i % 24) * PAGE, (i + t) % 3 != 0)
+                    rba.convert(page * PAGE, (1 + i % 24) * PAGE, (i + t) % 3 != 0)
                         .unwrap();
                 }
             })
@@ -428,7 +441,7 @@ proptest! {
 
     #[test]
     fn matches_the_reference_model(steps in proptest::collection::vec(step(), 1..60)) {
-        let rba = RamBlockAttribute::new(BASE, MODEL_PAGES * PAGE);
+        let rba = OneRegion::new(BASE, MODEL_PAGES * PAGE);
         let mut model = vec![false; MODEL_PAGES as usize];
         let listeners: Vec<Arc<Recorder>> = (0..LISTENERS).map(|_| Arc::new(Recorder::default())).collect();
         let mut registered: Vec<Option<(ListenerId, u64, u64)>> = vec![None; LISTENERS];
@@ -445,9 +458,12 @@ proptest! {
                             })
                         })
                     });
-                    let result = rba.state_change(first * PAGE, count * PAGE, to_shared);
-                    prop_assert_eq!(result.is_ok(), in_range && !refused, "{:?}", result);
-                    if result.is_ok() {
+                    let result = rba.convert(first * PAGE, count * PAGE, to_shared);
+                    // Wholly past the region: no RAM there, so to-shared is
+                    // accepted with nothing to convert (as for MMIO).
+                    let unbacked = to_shared && count > 0 && first >= MODEL_PAGES;
+                    prop_assert_eq!(result.is_ok(), (in_range && !refused) || unbacked, "{:?}", result);
+                    if in_range && result.is_ok() {
                         for p in first..first + count {
                             model[p as usize] = to_shared;
                         }
@@ -493,7 +509,7 @@ proptest! {
 
 #[test]
 fn a_listener_section_outside_the_region_is_refused_with_the_region_size() {
-    let rba = RamBlockAttribute::new(BASE, 32 * PAGE);
+    let rba = OneRegion::new(BASE, 32 * PAGE);
     for section in [
         Section {
             gpa: BASE - PAGE,
@@ -525,8 +541,8 @@ fn a_listener_section_outside_the_region_is_refused_with_the_region_size() {
 /// the first region's listeners get their maps withdrawn.
 #[test]
 fn undo_populate_withdraws_exactly_what_was_offered() {
-    let rba = RamBlockAttribute::new(BASE, 32 * PAGE);
-    rba.state_change(2 * PAGE, PAGE, true).unwrap();
+    let rba = OneRegion::new(BASE, 32 * PAGE);
+    rba.convert(2 * PAGE, PAGE, true).unwrap();
     let recorder = Arc::new(Recorder::default());
     rba.register_listener(
         recorder.clone(),
@@ -538,26 +554,27 @@ fn undo_populate_withdraws_exactly_what_was_offered() {
     .unwrap();
     let state = rba.lock().unwrap();
     let range = state.validate(0, 8 * PAGE).unwrap();
-    state.notify_populate(range).unwrap();
+    let runs = state.changes(range, false);
+    state.notify_populate(&runs).unwrap();
     // Pages 0-1 and 3-7 were offered (page 2 already was shared).
     assert_eq!(recorder.mapped().len(), 8);
-    state.undo_populate(range);
+    state.undo_populate(&runs);
     assert_eq!(recorder.mapped(), BTreeSet::from([BASE + 2 * PAGE]));
     assert_eq!(state.shared_pages(), 1, "the bitmap never changed");
 }
 
 #[test]
 fn every_counter_follows_the_conversions() {
-    let rba = RamBlockAttribute::new(BASE, 64 * PAGE);
-    rba.state_change(0, 8 * PAGE, true).unwrap();
+    let rba = OneRegion::new(BASE, 64 * PAGE);
+    rba.convert(0, 8 * PAGE, true).unwrap();
     // Half of it already shared: only 4 pages change.
-    rba.state_change(4 * PAGE, 8 * PAGE, true).unwrap();
-    rba.state_change(2 * PAGE, 3 * PAGE, false).unwrap();
+    rba.convert(4 * PAGE, 8 * PAGE, true).unwrap();
+    rba.convert(2 * PAGE, 3 * PAGE, false).unwrap();
     // Already private: counted as a conversion, no page changes.
-    rba.state_change(40 * PAGE, PAGE, false).unwrap();
-    assert!(rba.state_change(PAGE + 1, PAGE, true).is_err());
+    rba.convert(40 * PAGE, PAGE, false).unwrap();
+    assert!(rba.convert(PAGE + 1, PAGE, true).is_err());
     assert_eq!(
-        rba.counters(),
+        rba.totals(),
         ConversionCounters {
             to_shared: 2,
             to_private: 2,

@@ -1,5 +1,5 @@
-//! Fuzz target for `RamBlockAttribute::state_change`, the entry point of
-//! every guest conversion: sequences of arbitrary (offset, size, direction)
+//! Fuzz target for the conversion path (`ConvertibleRam::convert`, which
+//! every guest conversion runs): sequences of arbitrary (offset, size, direction)
 //! — unaligned, zero, overflowing, past the end, huge — on a 16 GiB region
 //! with a DMA listener over the fake IOMMU. Each call either succeeds and
 //! matches an interval model, or fails and changes nothing (state, mappings)
@@ -14,6 +14,7 @@ use vm_device::{DmaMappingListener, Section};
 
 use super::ram_block_attribute::{GRANULARITY as PAGE, RamBlockAttribute};
 use crate::fuzz_config::fuzz_config;
+use crate::test_util::OneRegion;
 
 const REGION: u64 = 16 << 30;
 const BASE: u64 = 0x1_0000_0000;
@@ -97,38 +98,52 @@ fn offset() -> impl Strategy<Value = u64> {
     prop_oneof![3 => (0..256u64).prop_map(|p| p * PAGE), 2 => guest_number(1 << 16)]
 }
 
-fn valid(offset: u64, size: u64) -> bool {
-    size != 0
-        && offset.is_multiple_of(PAGE)
-        && size.is_multiple_of(PAGE)
-        && offset.checked_add(size).is_some_and(|end| end <= REGION)
+/// What the path must answer for a request at region offset `offset`
+/// (sent as the GPA `BASE + offset`, wrapping): `Some(true)` converts,
+/// `Some(false)` is accepted with nothing to convert (a to-shared request
+/// wholly outside RAM, as firmware makes MMIO shared), `None` is refused.
+fn expected(offset: u64, size: u64, to_shared: bool) -> Option<bool> {
+    let gpa = BASE.wrapping_add(offset);
+    let end = gpa.checked_add(size)?;
+    if size == 0 || !gpa.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
+        return None;
+    }
+    if gpa >= BASE && end <= BASE + REGION {
+        Some(true)
+    } else if to_shared && (end <= BASE || gpa >= BASE + REGION) {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 proptest! {
     #![proptest_config(fuzz_config())]
 
     #[test]
-    fn state_change_accepts_exactly_the_valid_ranges_and_never_half_applies(
+    fn conversions_accept_exactly_the_valid_ranges_and_never_half_applies(
         steps in proptest::collection::vec((offset(), guest_number(64), any::<bool>()), 1..40)
     ) {
-        let rba = RamBlockAttribute::new(BASE, REGION);
+        let rba = OneRegion::new(BASE, REGION);
         let iommu = Arc::new(FakeIommu::new(None));
         let listener = Arc::new(DmaMappingListener::new(iommu.clone(), None));
         rba.register_listener(listener, Section { gpa: BASE, size: REGION }).unwrap();
         let mut model = IntervalModel::default();
         let mut failures = 0;
         for (offset, size, to_shared) in steps {
-            let result = rba.state_change(offset, size, to_shared);
-            prop_assert_eq!(result.is_ok(), valid(offset, size), "{:#x}+{:#x}: {:?}", offset, size, result);
-            match result {
-                Ok(_) => model.set(offset, offset + size, to_shared),
-                Err(_) => failures += 1,
+            let result = rba.convert(offset, size, to_shared);
+            let expected = expected(offset, size, to_shared);
+            prop_assert_eq!(result.is_ok(), expected.is_some(), "{:#x}+{:#x}: {:?}", offset, size, result);
+            match (result, expected) {
+                (Ok(_), Some(true)) => model.set(offset, offset + size, to_shared),
+                (Ok(changed), _) => prop_assert_eq!(changed, 0),
+                (Err(_), _) => failures += 1,
             }
             let runs = model.runs();
             prop_assert_eq!(&shared_runs(&rba), &runs);
             prop_assert_eq!(&mapped_runs(&iommu.mappings()), &runs);
             prop_assert_eq!(iommu.violations(), 0);
-            prop_assert_eq!(rba.counters().failed, failures);
+            prop_assert_eq!(rba.totals().failed, failures);
             let shared: u64 = runs.iter().map(|r| r.1).sum();
             prop_assert_eq!(rba.shared_bytes(), shared);
         }
