@@ -1,0 +1,231 @@
+//! What a conversion costs per assigned device, on real KVM with real
+//! vfio-user servers (the test device, each on its own thread and socket):
+//!
+//! - `4k/<n>_devices`: a guest converting one 4 KiB page to shared and back,
+//!   with 0, 1 and 4 devices attached (`mapping=runs`: one DMA_MAP or
+//!   DMA_UNMAP per device per conversion);
+//! - `8m_pages/<n>_devices`: the guest converting 8 MiB to shared and back
+//!   with 0 and 1 device attached with `mapping=pages` (2048 DMA_MAP, then
+//!   2048 DMA_UNMAP messages per pair).
+//!
+//! Each figure is a time per guest operation: a guest with `LOW` operations
+//! and one with `HIGH` are booted and timed to power-off, and the difference
+//! divided by `HIGH - LOW`, so boot and teardown drop out. The configurations
+//! take turns round after round (the order rotating), and every figure is
+//! the median over rounds of per-round values, so drift hits all alike.
+//! Printed:
+//! - `device cost 4 / 1`: (4 devices - none) / (1 device - none), the
+//!   issue's "four devices cost at most 1.5x one";
+//! - `per message / lone round trip`: ((8 MiB pages, 1 device - none) / 2048)
+//!   / (4 KiB, 1 device - none), at most 0.35 wanted.
+//!
+//! Run: `cargo bench -p vmm --bench fan_out` (needs /dev/kvm; without it the
+//! bench says so and measures nothing). `FAN_OUT_ROUNDS=N` sets the rounds
+//! (default 7).
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hypervisor::KvmHypervisor;
+use test_guest::{Op, OpKind};
+use vm_device::MappingPolicy;
+use vmm::config::{ConsoleOutput, UserDeviceConfig};
+use vmm::event_monitor::EventMonitor;
+
+const CONVERTED_GPA: u64 = 16 << 20;
+const PAGE: u64 = 4096;
+const LARGE: u64 = 8 << 20;
+
+/// One configuration: what the guest converts, and the devices attached.
+#[derive(Clone, Copy)]
+struct Setup {
+    name: &'static str,
+    size: u64,
+    devices: usize,
+    mapping: MappingPolicy,
+    /// Operations of the short and the long guest.
+    low: u64,
+    high: u64,
+}
+
+const SETUPS: [Setup; 5] = [
+    Setup {
+        name: "4k/0_devices",
+        size: PAGE,
+        devices: 0,
+        mapping: MappingPolicy::Runs,
+        low: 200,
+        high: 2200,
+    },
+    Setup {
+        name: "4k/1_devices",
+        size: PAGE,
+        devices: 1,
+        mapping: MappingPolicy::Runs,
+        low: 200,
+        high: 2200,
+    },
+    Setup {
+        name: "4k/4_devices",
+        size: PAGE,
+        devices: 4,
+        mapping: MappingPolicy::Runs,
+        low: 200,
+        high: 2200,
+    },
+    Setup {
+        name: "8m_pages/0_devices",
+        size: LARGE,
+        devices: 0,
+        mapping: MappingPolicy::Pages,
+        low: 200,
+        high: 2200,
+    },
+    Setup {
+        name: "8m_pages/1_devices",
+        size: LARGE,
+        devices: 1,
+        mapping: MappingPolicy::Pages,
+        low: 2,
+        high: 22,
+    },
+];
+
+struct Bench {
+    hypervisor: KvmHypervisor,
+    dir: PathBuf,
+    sockets: Vec<PathBuf>,
+}
+
+impl Bench {
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("ch-fan-out-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        let sockets = (0..4)
+            .map(|i| {
+                let socket = dir.join(format!("device{i}.sock"));
+                test_device::serve(&socket, test_device::SharedState::default(), true)
+                    .expect("start the test device");
+                socket
+            })
+            .collect();
+        Bench {
+            hypervisor: KvmHypervisor::new().expect("open /dev/kvm"),
+            dir,
+            sockets,
+        }
+    }
+
+    /// Boots a guest converting `setup.size` to shared and back `ops`
+    /// times in all; returns the time until it powers off.
+    fn run(&self, setup: &Setup, ops: u64) -> Duration {
+        let console = self.dir.join("console.log");
+        let guest_ops = (0..ops)
+            .map(|i| Op {
+                kind: if i.is_multiple_of(2) {
+                    OpKind::Shared
+                } else {
+                    OpKind::Private
+                },
+                gpa: CONVERTED_GPA,
+                size: setup.size,
+                value: 0,
+            })
+            .collect();
+        let devices = self.sockets[..setup.devices]
+            .iter()
+            .map(|socket| UserDeviceConfig {
+                socket: socket.clone(),
+                mapping: setup.mapping,
+                ..Default::default()
+            })
+            .collect();
+        let config = common::quiet_guest(
+            &self.dir,
+            guest_ops,
+            ConsoleOutput::File(console.clone()),
+            devices,
+        );
+        let elapsed = common::time_to_poweroff(
+            &self.hypervisor,
+            config,
+            Arc::new(EventMonitor::disabled()),
+            None,
+            Duration::from_secs(300),
+        );
+        let output = std::fs::read_to_string(&console).expect("read the console");
+        assert!(
+            output.contains(&format!("memconv: done {ops} ok 0 failed")),
+            "{}: {output}",
+            setup.name
+        );
+        elapsed
+    }
+
+    /// Time per operation of `setup`, boot and teardown taken out.
+    fn per_op(&self, setup: &Setup) -> f64 {
+        let low = self.run(setup, setup.low);
+        let high = self.run(setup, setup.high);
+        (high.as_secs_f64() - low.as_secs_f64()) / (setup.high - setup.low) as f64
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn quartiles(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let at = |q: usize| values[(values.len() - 1) * q / 4];
+    (at(1), at(2), at(3))
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        println!("fan_out: bench");
+        return;
+    }
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("fan_out: /dev/kvm is missing, nothing measured");
+        return;
+    }
+    let rounds: usize = std::env::var("FAN_OUT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
+    let bench = Bench::start();
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
+    let mut device_cost = Vec::new();
+    let mut per_message = Vec::new();
+    for round in 0..rounds {
+        let mut this_round = [0.0; SETUPS.len()];
+        for k in 0..SETUPS.len() {
+            let index = (k + round) % SETUPS.len();
+            this_round[index] = bench.per_op(&SETUPS[index]);
+        }
+        for (all, value) in times.iter_mut().zip(this_round) {
+            all.push(value);
+        }
+        let [none, one, four, pages_none, pages_one] = this_round;
+        let lone_round_trip = one - none;
+        device_cost.push((four - none) / lone_round_trip);
+        per_message.push((pages_one - pages_none) / (LARGE / PAGE) as f64 / lone_round_trip);
+    }
+    for (setup, values) in SETUPS.iter().zip(&mut times) {
+        println!(
+            "fan_out/{}: {:.1} µs per conversion (median of {rounds} rounds)",
+            setup.name,
+            median(values) * 1e6
+        );
+    }
+    let (q1, m, q3) = quartiles(&mut device_cost);
+    println!("fan_out/device cost 4 / 1: ratio {m:.3} (quartiles {q1:.3}-{q3:.3})");
+    let (q1, m, q3) = quartiles(&mut per_message);
+    println!("fan_out/per message / lone round trip: ratio {m:.3} (quartiles {q1:.3}-{q3:.3})");
+    let _ = std::fs::remove_dir_all(&bench.dir);
+}
