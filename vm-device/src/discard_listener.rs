@@ -31,6 +31,25 @@ impl Section {
 #[error("{0}")]
 pub struct ListenerError(pub String);
 
+/// A listener's part of one conversion, started at every listener before
+/// any is waited for, so devices work on it at the same time.
+pub enum Started<'a> {
+    /// Settled while starting (a listener whose device answers in the call).
+    Done(Result<(), (Section, ListenerError)>),
+    /// In flight at the device; `finish` waits for its answers.
+    InFlight(Box<dyn FnOnce() -> Result<(), (Section, ListenerError)> + Send + 'a>),
+}
+
+impl Started<'_> {
+    /// Waits for the device. An error names the section it refused.
+    pub fn finish(self) -> Result<(), (Section, ListenerError)> {
+        match self {
+            Started::Done(result) => result,
+            Started::InFlight(wait) => wait(),
+        }
+    }
+}
+
 pub trait RamDiscardListener: Send + Sync {
     /// The range became shared: map it. An error refuses the conversion, and
     /// the listener must then hold no mapping of the range.
@@ -46,6 +65,29 @@ pub trait RamDiscardListener: Send + Sync {
     fn cancel_discard(&self, _section: Section) {}
     /// The range stops being shared: unmap it. Cannot be refused.
     fn notify_discard(&self, section: Section);
+    /// Starts `notify_populate` of every one of `sections` (ascending,
+    /// disjoint, one conversion's). Finishing it has the same contract as
+    /// one populate for the whole set: on an error the listener holds none
+    /// of `sections`. The default maps them one by one in the call.
+    fn start_populate(&self, sections: &[Section]) -> Started<'_> {
+        for (index, &section) in sections.iter().enumerate() {
+            if let Err(e) = self.notify_populate(section) {
+                for &done in &sections[..index] {
+                    self.notify_discard(done);
+                }
+                return Started::Done(Err((section, e)));
+            }
+        }
+        Started::Done(Ok(()))
+    }
+    /// Starts `notify_discard` of every one of `sections`; finishing it
+    /// cannot fail. The default unmaps them one by one in the call.
+    fn start_discard(&self, sections: &[Section]) -> Started<'_> {
+        for &section in sections {
+            self.notify_discard(section);
+        }
+        Started::Done(Ok(()))
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use serde::Serialize;
 use smallvec::SmallVec;
 
-pub use vm_device::{ListenerError, RamDiscardListener, Section};
+pub use vm_device::{ListenerError, RamDiscardListener, Section, Started};
 
 use super::page_states::PageStates;
 use super::shared_bitmap::SharedBitmap;
@@ -94,6 +94,10 @@ fn write<S>(view: &RwLock<View<S>>) -> RwLockWriteGuard<'_, View<S>> {
 /// The runs a change notifies: most changes have one, and up to two are
 /// kept without allocating (more spill to the heap).
 pub(super) type Runs = SmallVec<[Section; 2]>;
+
+/// Listeners a conversion fans out to without allocating (more spill to
+/// the heap): a GPU, a NIC, an NVMe drive and one more.
+const FAN_OUT: usize = 4;
 
 pub struct AttributeState<S = SharedBitmap> {
     gpa: u64,
@@ -407,19 +411,75 @@ impl<S: PageStates> AttributeState<S> {
         }
     }
 
+    /// The part of `runs` each listener sees (clipped to its section), in
+    /// listener order.
+    fn seen_by_each(&self, runs: &[Section]) -> SmallVec<[Runs; FAN_OUT]> {
+        self.listeners
+            .iter()
+            .map(|reg| {
+                runs.iter()
+                    .filter_map(|r| r.intersect(&reg.section))
+                    .collect()
+            })
+            .collect()
+    }
+
     /// To-shared: every listener maps `runs` (the private runs of the
-    /// change). On failure every map of this call has been undone.
+    /// change), all of them at once: each is started, then each is waited
+    /// for. If any refuses, every listener that took its part unmaps it
+    /// again (a refusing listener holds none of its part), and the first
+    /// refusal in listener order is returned.
     pub(super) fn notify_populate(&self, runs: &[Section]) -> Result<(), AttributeError> {
-        self.offer_all(
-            runs,
-            |l, s| l.notify_populate(s),
-            |l, s| l.notify_discard(s),
-        )
+        let seen = self.seen_by_each(runs);
+        let started: SmallVec<[Started<'_>; FAN_OUT]> = self
+            .listeners
+            .iter()
+            .zip(&seen)
+            .map(|(reg, part)| reg.listener.start_populate(part))
+            .collect();
+        let results: SmallVec<[_; FAN_OUT]> = started.into_iter().map(Started::finish).collect();
+        let Some(index) = results.iter().position(Result::is_err) else {
+            return Ok(());
+        };
+        let undo: SmallVec<[Started<'_>; FAN_OUT]> = self
+            .listeners
+            .iter()
+            .zip(&seen)
+            .zip(&results)
+            .filter(|(_, result)| result.is_ok())
+            .map(|((reg, part), _)| reg.listener.start_discard(part))
+            .collect();
+        for pending in undo {
+            let _ = pending.finish();
+        }
+        let mut results = results;
+        let Err((failed, source)) = results.swap_remove(index) else {
+            unreachable!("the position of an error")
+        };
+        Err(AttributeError::ListenerFailed {
+            gpa: failed.gpa,
+            size: failed.size,
+            source,
+        })
+    }
+
+    /// Every listener unmaps its part of `runs`, all at once.
+    fn discard_everywhere(&self, runs: &[Section]) {
+        let seen = self.seen_by_each(runs);
+        let started: SmallVec<[Started<'_>; FAN_OUT]> = self
+            .listeners
+            .iter()
+            .zip(&seen)
+            .map(|(reg, part)| reg.listener.start_discard(part))
+            .collect();
+        for pending in started {
+            let _ = pending.finish();
+        }
     }
 
     /// Undoes a successful `notify_populate` of `runs` (bitmap unchanged since).
     pub(super) fn undo_populate(&self, runs: &[Section]) {
-        self.withdraw_all(runs, |l, s| l.notify_discard(s));
+        self.discard_everywhere(runs);
     }
 
     /// To-private, before anything changes: every listener reserves what
@@ -438,9 +498,10 @@ impl<S: PageStates> AttributeState<S> {
         self.withdraw_all(runs, |l, s| l.cancel_discard(s));
     }
 
-    /// To-private, once reserved: listeners unmap every one of `runs`.
+    /// To-private, once reserved: listeners unmap every one of `runs`, all
+    /// at once.
     pub(super) fn notify_discard(&self, runs: &[Section]) {
-        self.withdraw_all(runs, |l, s| l.notify_discard(s));
+        self.discard_everywhere(runs);
     }
 
     /// Records the new state of `range`. Returns the number of pages that

@@ -586,3 +586,146 @@ fn every_counter_follows_the_conversions() {
     assert_eq!(rba.lock().unwrap().shared_pages(), 9);
     assert_eq!(rba.shared_bytes(), 9 * PAGE);
 }
+
+/// A listener whose maps and unmaps are in flight until finished, logging
+/// when each starts and finishes, and refusing maps on request.
+struct InFlight {
+    name: &'static str,
+    log: Arc<Mutex<Vec<String>>>,
+    mapped: Mutex<BTreeSet<u64>>,
+    refuse: bool,
+}
+
+impl InFlight {
+    fn new(name: &'static str, log: &Arc<Mutex<Vec<String>>>, refuse: bool) -> Arc<Self> {
+        Arc::new(InFlight {
+            name,
+            log: log.clone(),
+            mapped: Mutex::new(BTreeSet::new()),
+            refuse,
+        })
+    }
+
+    fn note(&self, what: &str) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("{} {what}", self.name));
+    }
+}
+
+impl RamDiscardListener for InFlight {
+    fn notify_populate(&self, _: Section) -> Result<(), ListenerError> {
+        unreachable!("maps go through start_populate")
+    }
+
+    fn notify_discard(&self, _: Section) {
+        unreachable!("unmaps go through start_discard")
+    }
+
+    fn start_populate(&self, sections: &[Section]) -> Started<'_> {
+        self.note("maps");
+        let sections: Vec<Section> = sections.to_vec();
+        Started::InFlight(Box::new(move || {
+            self.note("mapped");
+            if self.refuse {
+                return Err((sections[0], ListenerError("refused".into())));
+            }
+            let mut mapped = self.mapped.lock().unwrap();
+            for s in &sections {
+                mapped.extend((s.gpa..s.end()).step_by(PAGE as usize));
+            }
+            Ok(())
+        }))
+    }
+
+    fn start_discard(&self, sections: &[Section]) -> Started<'_> {
+        self.note("unmaps");
+        let sections: Vec<Section> = sections.to_vec();
+        Started::InFlight(Box::new(move || {
+            self.note("unmapped");
+            let mut mapped = self.mapped.lock().unwrap();
+            for s in &sections {
+                for page in (s.gpa..s.end()).step_by(PAGE as usize) {
+                    assert!(mapped.remove(&page), "{page:#x} unmapped but not mapped");
+                }
+            }
+            Ok(())
+        }))
+    }
+}
+
+fn log_of(log: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
+    std::mem::take(&mut *log.lock().unwrap())
+}
+
+#[test]
+fn every_listener_is_started_before_any_is_waited_for() {
+    let rba = OneRegion::new(BASE, 32 * PAGE);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let whole = Section {
+        gpa: BASE,
+        size: 32 * PAGE,
+    };
+    let (a, b) = (
+        InFlight::new("a", &log, false),
+        InFlight::new("b", &log, false),
+    );
+    rba.register_listener(a.clone(), whole).unwrap();
+    rba.register_listener(b.clone(), whole).unwrap();
+    rba.convert(0, 4 * PAGE, true).unwrap();
+    assert_eq!(log_of(&log), ["a maps", "b maps", "a mapped", "b mapped"]);
+    rba.convert(0, 4 * PAGE, false).unwrap();
+    assert_eq!(
+        log_of(&log),
+        ["a unmaps", "b unmaps", "a unmapped", "b unmapped"]
+    );
+    assert!(a.mapped.lock().unwrap().is_empty() && b.mapped.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_refusal_while_all_are_in_flight_unmaps_every_listener_that_mapped() {
+    let rba = OneRegion::new(BASE, 32 * PAGE);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let whole = Section {
+        gpa: BASE,
+        size: 32 * PAGE,
+    };
+    let listeners = [
+        InFlight::new("a", &log, false),
+        InFlight::new("b", &log, true),
+        InFlight::new("c", &log, false),
+    ];
+    for l in &listeners {
+        rba.register_listener(l.clone(), whole).unwrap();
+    }
+    let err = rba.convert(2 * PAGE, 4 * PAGE, true).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConversionFailure::ListenerFailed(AttributeError::ListenerFailed { gpa, .. })
+                if gpa == BASE + 2 * PAGE
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        log_of(&log),
+        [
+            "a maps",
+            "b maps",
+            "c maps",
+            "a mapped",
+            "b mapped",
+            "c mapped",
+            "a unmaps",
+            "c unmaps",
+            "a unmapped",
+            "c unmapped"
+        ]
+    );
+    for l in &listeners {
+        assert!(l.mapped.lock().unwrap().is_empty(), "{}", l.name);
+    }
+    assert!(shared_pages(&rba).is_empty());
+    assert_eq!(rba.counters().failed, 1);
+}
