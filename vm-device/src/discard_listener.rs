@@ -37,7 +37,7 @@ pub enum Started<'a> {
     /// Settled while starting (a listener whose device answers in the call).
     Done(Result<(), (Section, ListenerError)>),
     /// In flight at the device; `finish` waits for its answers.
-    InFlight(Box<dyn FnOnce() -> Result<(), (Section, ListenerError)> + Send + 'a>),
+    InFlight(Box<dyn FnOnce() -> Result<(), (Section, ListenerError)> + 'a>),
 }
 
 impl Started<'_> {
