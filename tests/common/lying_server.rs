@@ -67,6 +67,10 @@ pub enum OnMap {
     HangAt(usize),
     /// Closes the connection on map `n`.
     HangUpAt(usize),
+    /// Answers every DMA_MAP and DMA_UNMAP, but holds the replies while
+    /// more requests keep arriving (within 20 ms) and then sends them last
+    /// first: replies out of order wherever the client pipelines.
+    Reversed,
 }
 
 /// What the server claims.
@@ -159,10 +163,21 @@ impl Drop for LyingServer {
     }
 }
 
+/// Whether a message is waiting on `s` (or arrives within `wait`).
+fn more_waiting(s: &UnixStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut byte = [0u8; 1];
+    let waiting = matches!(s.peek(&mut byte), Ok(1));
+    s.set_read_timeout(None).unwrap();
+    waiting
+}
+
 fn serve(mut s: UnixStream, lies: &Lies, log: &Mutex<Vec<String>>, stop: &AtomicBool) {
     s.set_nonblocking(false).unwrap();
     let note = |line: String| log.lock().unwrap().push(line);
     let mut maps = 0;
+    // Replies held back by `OnMap::Reversed`, in arrival order.
+    let mut held: Vec<Vec<u8>> = Vec::new();
     while let Some((id, command, _, _, body)) = read_message(&mut s) {
         let u32_at = |at: usize| u32::from_le_bytes(body[at..at + 4].try_into().unwrap());
         let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().unwrap());
@@ -244,6 +259,20 @@ fn serve(mut s: UnixStream, lies: &Lies, log: &Mutex<Vec<String>>, stop: &Atomic
             // Reset, SET_IRQS and the rest: accepted, nothing to do.
             _ => message(id, command, FLAG_REPLY, &[]),
         };
+        if lies.on_map == OnMap::Reversed && matches!(command, CMD_DMA_MAP | CMD_DMA_UNMAP) {
+            held.push(reply);
+            if more_waiting(&s, Duration::from_millis(20)) {
+                continue;
+            }
+            if held.len() > 1 {
+                note(format!("reversed {}", held.len()));
+            }
+            let burst: Vec<u8> = held.drain(..).rev().flatten().collect();
+            if s.write_all(&burst).is_err() {
+                break;
+            }
+            continue;
+        }
         if s.write_all(&reply).is_err() {
             break;
         }

@@ -19,6 +19,11 @@
 //! - `per message / lone round trip`: ((8 MiB pages, 1 device - none) / 2048)
 //!   / (4 KiB, 1 device - none), at most 0.35 wanted.
 //!
+//! Then the vCPU side (`vcpus/<n>_vcpus_2_devices`): 1, 2 and 4 vCPUs, each
+//! converting its own 4 KiB page to shared and back, with two devices
+//! attached; printed as the time per conversion and the throughput against
+//! one vCPU.
+//!
 //! Run: `cargo bench -p vmm --bench fan_out` (needs /dev/kvm; without it the
 //! bench says so and measures nothing). `FAN_OUT_ROUNDS=N` sets the rounds
 //! (default 7).
@@ -166,6 +171,64 @@ impl Bench {
         elapsed
     }
 
+    /// Boots a guest on `vcpus` vCPUs, each converting its own page to
+    /// shared and back `ops` times, with two devices; returns the time until
+    /// it powers off.
+    fn run_on_vcpus(&self, vcpus: u64, ops: u64) -> Duration {
+        let console = self.dir.join("console.log");
+        let lists = (0..vcpus)
+            .map(|cpu| {
+                (0..ops)
+                    .map(|i| Op {
+                        kind: if i.is_multiple_of(2) {
+                            OpKind::Shared
+                        } else {
+                            OpKind::Private
+                        },
+                        gpa: CONVERTED_GPA + cpu * (2 << 20),
+                        size: PAGE,
+                        value: 0,
+                    })
+                    .collect()
+            })
+            .collect();
+        let devices = self.sockets[..2]
+            .iter()
+            .map(|socket| UserDeviceConfig {
+                socket: socket.clone(),
+                ..Default::default()
+            })
+            .collect();
+        let config = common::quiet_guest_on_vcpus(
+            &self.dir,
+            lists,
+            ConsoleOutput::File(console.clone()),
+            devices,
+        );
+        let elapsed = common::time_to_poweroff(
+            &self.hypervisor,
+            config,
+            Arc::new(EventMonitor::disabled()),
+            None,
+            Duration::from_secs(300),
+        );
+        let output = std::fs::read_to_string(&console).expect("read the console");
+        let all = vcpus * ops;
+        assert!(
+            output.contains(&format!("memconv: done {all} ok 0 failed")),
+            "{vcpus} vCPUs: {output}"
+        );
+        elapsed
+    }
+
+    /// Time per conversion on `vcpus` vCPUs, boot and teardown taken out.
+    fn per_conversion_on_vcpus(&self, vcpus: u64) -> f64 {
+        let (low, high) = (200, 1200);
+        let t_low = self.run_on_vcpus(vcpus, low);
+        let t_high = self.run_on_vcpus(vcpus, high);
+        (t_high.as_secs_f64() - t_low.as_secs_f64()) / (vcpus * (high - low)) as f64
+    }
+
     /// Time per operation of `setup`, boot and teardown taken out.
     fn per_op(&self, setup: &Setup) -> f64 {
         let low = self.run(setup, setup.low);
@@ -227,5 +290,26 @@ fn main() {
     println!("fan_out/device cost 4 / 1: ratio {m:.3} (quartiles {q1:.3}-{q3:.3})");
     let (q1, m, q3) = quartiles(&mut per_message);
     println!("fan_out/per message / lone round trip: ratio {m:.3} (quartiles {q1:.3}-{q3:.3})");
+    const VCPUS: [u64; 3] = [1, 2, 4];
+    let mut per_vcpus: Vec<Vec<f64>> = vec![Vec::new(); VCPUS.len()];
+    let mut speedups: Vec<Vec<f64>> = vec![Vec::new(); VCPUS.len()];
+    for round in 0..rounds {
+        let mut this_round = [0.0; VCPUS.len()];
+        for k in 0..VCPUS.len() {
+            let index = (k + round) % VCPUS.len();
+            this_round[index] = bench.per_conversion_on_vcpus(VCPUS[index]);
+        }
+        for index in 0..VCPUS.len() {
+            per_vcpus[index].push(this_round[index]);
+            speedups[index].push(this_round[0] / this_round[index]);
+        }
+    }
+    for (index, vcpus) in VCPUS.iter().enumerate() {
+        let (q1, m, q3) = quartiles(&mut speedups[index]);
+        println!(
+            "fan_out/vcpus/{vcpus}_vcpus_2_devices: {:.1} µs per conversion, throughput {m:.2}x one vCPU (quartiles {q1:.2}-{q3:.2})",
+            median(&mut per_vcpus[index]) * 1e6
+        );
+    }
     let _ = std::fs::remove_dir_all(&bench.dir);
 }
