@@ -9,6 +9,12 @@
 #   scripts/mutants.sh vmm/src/memory/conversion.rs ...
 #   MUTANTS_FILTER='in (serve|exchange)$' scripts/mutants.sh vmm/src/api/http_server.rs
 #                                           # only the mutants whose name matches
+#   MUTANTS_TESTS='memory:: device_manager::' MUTANTS_TIMEOUT=60 scripts/mutants.sh FILE
+#                                           # only those unit tests, a longer hang limit
+#                                           # (a loaded machine)
+#
+# Output: one markdown table row per file, as docs/testing.md shows them
+# (paste the rows as printed), then the missed mutants.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -50,8 +56,15 @@ for file in "${files[@]}"; do
     if [ -n "${MUTANTS_FILTER:-}" ]; then
         filter=(-F "$MUTANTS_FILTER")
     fi
-    (cd "$scratch" && cargo mutants -p "$crate" -f "$file" "${filter[@]}" --timeout 20 \
-        --output "$out" -- --lib >/dev/null 2>&1) || true
+    # Test-name filters go to the test harness, after a second `--`.
+    tests=()
+    if [ -n "${MUTANTS_TESTS:-}" ]; then
+        read -r -a names <<<"$MUTANTS_TESTS"
+        tests=(-- "${names[@]}")
+    fi
+    (cd "$scratch" && cargo mutants -p "$crate" -f "$file" "${filter[@]}" \
+        --timeout "${MUTANTS_TIMEOUT:-20}" --output "$out" -- --lib "${tests[@]}" \
+        >/dev/null 2>&1) || true
     caught=$(count "$out/mutants.out/caught.txt")
     missed=$(count "$out/mutants.out/missed.txt")
     timeout=$(count "$out/mutants.out/timeout.txt")
@@ -61,7 +74,12 @@ for file in "${files[@]}"; do
     else
         pct=0
     fi
-    echo "$file $caught/$total ($pct %), $timeout timed out"
+    unviable=$(count "$out/mutants.out/unviable.txt")
+    if [ "$total" -eq 0 ] && [ "$timeout" -eq 0 ]; then
+        echo "| \`$file\` | not measured: the unmutated tests failed or timed out (see $out/mutants.out/log/baseline.log) | | |"
+        continue
+    fi
+    echo "| \`$file\` | $caught / $total ($pct %) | $timeout | $unviable |"
     if [ "$missed" -gt 0 ]; then
         sed 's/^/    missed: /' "$out/mutants.out/missed.txt"
     fi

@@ -168,3 +168,18 @@ fn the_page_below_4_gib_is_mmio_even_with_ram_above() {
     assert_eq!(convert(&memory, MMIO_HOLE_END, 4096, false).unwrap(), 1);
     assert_eq!(memory.conversion_totals().pages_to_private, 1);
 }
+
+#[test]
+fn a_vm_type_without_attributes_converts_without_asking_for_them() {
+    let Some(kvm) = kvm() else {
+        return;
+    };
+    let vm = kvm.create_vm(VmType::Default).unwrap();
+    // KVM refuses attribute changes on this VM type: a conversion that
+    // asked for one would fail.
+    assert!(!vm.supports_memory_attributes());
+    let memory = MemoryManager::new(vm, 64 * MIB, MemoryLayout::Auto).unwrap();
+    convert(&memory, 16 * MIB, 4096, true).unwrap();
+    convert(&memory, 16 * MIB, 4096, false).unwrap();
+    assert_eq!(memory.conversion_totals().failed, 0);
+}

@@ -78,7 +78,7 @@ impl PrivateAttributes for NoPrivateAttributes {
     }
 
     fn set_private(&self, _gpa: u64, _size: u64, _private: bool) -> Result<(), HypervisorError> {
-        Ok(())
+        Err(HypervisorError::MemoryAttributesUnsupported)
     }
 }
 

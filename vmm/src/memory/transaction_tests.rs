@@ -8,7 +8,9 @@ use hypervisor::HypervisorError;
 
 use super::*;
 use crate::memory::shared_bitmap::SharedBitmap;
-use crate::memory::{ListenerError, PrivateAttributes, RamDiscardListener, Section};
+use crate::memory::{
+    ListenerError, NoPrivateAttributes, PrivateAttributes, RamDiscardListener, Section,
+};
 
 const PAGE: u64 = 4096;
 const BASE: u64 = 0x1_0000_0000;
@@ -309,4 +311,42 @@ fn a_hypervisor_refusal_cancels_the_reservations_and_counts_once() {
     *f.attributes.refuse.lock().unwrap() = false;
     f.assert_in_step(&before);
     assert_eq!(f.ram.conversion_totals().failed, 2);
+}
+
+#[test]
+fn to_shared_outside_ram_is_counted_and_changes_nothing() {
+    let f = fixture(1);
+    assert_eq!(f.ram.unbacked_to_shared(), 0);
+    let outside = BASE + 2 * PAGES * PAGE;
+    for _ in 0..2 {
+        let done = f
+            .ram
+            .convert(crate::test_util::conversion(outside, PAGE, true))
+            .unwrap();
+        assert_eq!(done.changed_pages, 0);
+    }
+    assert_eq!(f.ram.unbacked_to_shared(), 2);
+    // To-private there, and a range only partly RAM, are refused.
+    assert!(
+        f.ram
+            .convert(crate::test_util::conversion(outside, PAGE, false))
+            .is_err()
+    );
+    let straddling = BASE + (PAGES - 1) * PAGE;
+    assert!(
+        f.ram
+            .convert(crate::test_util::conversion(straddling, 2 * PAGE, true))
+            .is_err()
+    );
+    assert_eq!(f.ram.conversion_totals().failed, 2);
+    f.assert_in_step(&BTreeSet::new());
+}
+
+#[test]
+fn a_hypervisor_without_attributes_is_never_asked_for_them() {
+    let ram: ConvertibleRam = ConvertibleRam::without_backing(BASE, PAGES * PAGE);
+    ram.convert(crate::test_util::conversion(BASE, PAGE, true))
+        .expect("no attribute call on a hypervisor that keeps none");
+    assert!(!NoPrivateAttributes.tracked());
+    assert!(NoPrivateAttributes.set_private(BASE, PAGE, true).is_err());
 }
