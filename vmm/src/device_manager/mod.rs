@@ -428,19 +428,15 @@ impl Default for VfioPlatform {
 impl VfioPlatform {
     /// The VM's KVM-VFIO device, created on first use.
     fn kvm_vfio(&self) -> Result<Arc<vfio_ioctls::VfioDeviceFd>, DeviceError> {
-        use std::os::fd::{FromRawFd, IntoRawFd};
         let mut handle = self.kvm_vfio.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(device) = handle.as_ref() {
             return Ok(device.clone());
         }
         let vm = self.vm.as_ref().ok_or(DeviceError::NoKvmVfio(None))?;
-        let fd = vm
+        let device = vm
             .create_vfio_device()
             .map_err(|e| DeviceError::NoKvmVfio(Some(e)))?;
-        // SAFETY: `fd` is a KVM device fd whose ownership moves into the
-        // DeviceFd.
-        let device = unsafe { kvm_ioctls::DeviceFd::from_raw_fd(fd.into_raw_fd()) };
-        let device = Arc::new(vfio_ioctls::VfioDeviceFd::new_from_kvm(device));
+        let device = Arc::new(device.into_vfio_device_fd());
         *handle = Some(device.clone());
         Ok(device)
     }

@@ -540,7 +540,7 @@ mod tests {
             self.irqfds.lock().unwrap().push((gsi, false));
             Ok(())
         }
-        fn create_vfio_device(&self) -> hypervisor::Result<std::os::fd::OwnedFd> {
+        fn create_vfio_device(&self) -> hypervisor::Result<hypervisor::KvmVfioDevice> {
             self.inner.create_vfio_device()
         }
     }
