@@ -13,7 +13,7 @@ mod vfio_pci;
 
 pub use bus::{
     BarWindow, CONFIG_IO_LEN, CONFIG_IO_PORT, DirectArea, ECAM_SIZE, GuestMemoryWindows,
-    HostBridge, PciBus, PciBusError, PciConfigIo, PciConfigMmio, PciDevice, SLOTS,
+    HostBridge, PciBus, PciBusError, PciConfigIo, PciConfigMmio, PciDevice, SLOTS, WindowError,
 };
 pub use vfio_pci::{
     CONFIG_REGION, MAX_BAR32_SIZE, MAX_BAR64_SIZE, MSIX_IRQ_INDEX, VfioOps, VfioOpsError,

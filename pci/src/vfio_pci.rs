@@ -25,9 +25,17 @@ pub const MSIX_IRQ_INDEX: u32 = 2;
 const PAGE: u64 = 4096;
 const MAX_CAPABILITIES: usize = 48;
 
+/// A VFIO or vfio-user device's failure to do what the model asked; shows
+/// its cause's message and keeps the cause's sources.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct VfioOpsError(pub String);
+#[error(transparent)]
+pub struct VfioOpsError(vm_device::BoxError);
+
+impl VfioOpsError {
+    pub fn new(cause: impl Into<vm_device::BoxError>) -> Self {
+        VfioOpsError(cause.into())
+    }
+}
 
 /// What the device model needs from a VFIO or vfio-user device.
 pub trait VfioOps: Send + Sync {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use vmm::device_manager::vfio_user_client::{DmaMemory, VfioUserClient};
+use vfio_user_client::{DmaMemory, VfioUserClient};
 
 const RAM: u64 = 8 << 20;
 const FILL: u64 = 4 << 20;

@@ -72,7 +72,7 @@ impl GuestRam {
     }
 }
 
-impl super::vfio_user_client::DmaMemory for GuestRam {
+impl vfio_user_client::DmaMemory for GuestRam {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
         let host = self
             .host_address(gpa, buf.len() as u64)
@@ -97,7 +97,7 @@ impl super::vfio_user_client::DmaMemory for GuestRam {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device_manager::vfio_user_client::DmaMemory;
+    use vfio_user_client::DmaMemory;
 
     const LOW: u64 = 0x1000_0000;
     const HIGH: u64 = 0x1_0000_0000;

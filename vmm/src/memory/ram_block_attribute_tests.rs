@@ -45,7 +45,7 @@ impl RamDiscardListener for Recorder {
         if let Some(bad) = *self.refuse_page.lock().unwrap()
             && (s.gpa..s.end()).contains(&bad)
         {
-            return Err(ListenerError(format!("refusing {bad:#x}")));
+            return Err(ListenerError::Other(format!("refusing {bad:#x}").into()));
         }
         let mut mapped = self.mapped.lock().unwrap();
         for p in (s.gpa..s.end()).step_by(PAGE as usize) {
