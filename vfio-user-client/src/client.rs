@@ -5,26 +5,20 @@ use std::collections::BTreeMap;
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::dma::DmaMemory;
-use crate::error::VfioUserError;
+use crate::error::{VfioUserError, with_sources};
+use crate::transport::Transport;
 use crate::wire::*;
 
 pub struct VfioUserClient {
-    /// `None` once closed; `closed` says why.
-    pub(crate) stream: Option<UnixStream>,
-    pub(crate) closed: Option<String>,
-    pub(crate) next_id: u16,
-    pub(crate) timeout: Duration,
-    pub(crate) max_dma_maps: u64,
+    pub(crate) transport: Transport,
+    max_dma_maps: u64,
     /// What the server has been given, so its DMA_READ / DMA_WRITE reach
     /// exactly that: IOVA -> size.
     pub(crate) mapped: BTreeMap<u64, u64>,
     pub(crate) memory: Option<std::sync::Arc<dyn DmaMemory>>,
-    /// An fd that came with the current request's reply (a region's mmap
-    /// fd); dropped, and so closed, unless the request takes it.
-    pub(crate) received_fd: Option<std::fs::File>,
 }
 
 impl VfioUserClient {
@@ -61,17 +55,11 @@ impl VfioUserClient {
         timeout: Duration,
         memory: Option<std::sync::Arc<dyn DmaMemory>>,
     ) -> Self {
-        // Sends are bounded too: a stopped server stops draining its socket.
-        let _ = stream.set_write_timeout(Some(timeout));
         VfioUserClient {
-            stream: Some(stream),
-            closed: None,
-            next_id: 0,
-            timeout,
+            transport: Transport::new(stream, timeout),
             max_dma_maps: DEFAULT_MAX_DMA_MAPS,
             mapped: BTreeMap::new(),
             memory,
-            received_fd: None,
         }
     }
 
@@ -82,13 +70,21 @@ impl VfioUserClient {
 
     /// Why the connection was closed, if it was.
     pub fn closed_reason(&self) -> Option<&str> {
-        self.closed.as_deref()
+        self.transport.closed_reason()
     }
 
     /// A second handle on the socket, to wait on without holding the
     /// client (`None` once closed).
     pub fn watch_handle(&self) -> Option<UnixStream> {
-        self.stream.as_ref()?.try_clone().ok()
+        self.transport.watch_handle()
+    }
+
+    /// Shuts the socket down and closes it: the server sees EOF at once
+    /// and, following the spec, drops every mapping. Idempotent.
+    pub fn close(&mut self, reason: &str) {
+        if self.transport.close(reason) {
+            self.mapped.clear();
+        }
     }
 
     /// Maps `size` bytes of `fd` at `offset` to `iova`, read-write.
@@ -197,7 +193,7 @@ impl VfioUserClient {
         payload[0..4].copy_from_slice(&REGION_INFO_ARGSZ.to_le_bytes());
         payload[8..12].copy_from_slice(&index.to_le_bytes());
         let reply = self.request(CMD_DEVICE_GET_REGION_INFO, &payload, &[])?;
-        let fd = self.received_fd.take();
+        let fd = self.transport.take_received_fd();
         if reply.len() < 32 || reply[8..12] != index.to_le_bytes() {
             return Err(self.protocol_failure("DEVICE_GET_REGION_INFO"));
         }
@@ -298,6 +294,89 @@ impl VfioUserClient {
     pub fn reset(&mut self) -> Result<(), VfioUserError> {
         self.request(CMD_DEVICE_RESET, &[], &[])?;
         Ok(())
+    }
+
+    /// A well-framed reply whose content is wrong: the stream may be out
+    /// of step with the server, so the connection goes.
+    fn protocol_failure(&mut self, command: &'static str) -> VfioUserError {
+        let e = VfioUserError::Protocol(command);
+        self.close(&with_sources(&e));
+        e
+    }
+
+    pub(crate) fn request(
+        &mut self,
+        command: u16,
+        payload: &[u8],
+        fds: &[RawFd],
+    ) -> Result<Vec<u8>, VfioUserError> {
+        self.transport.check_open()?;
+        drop(self.transport.take_received_fd());
+        let deadline = self.transport.deadline();
+        let result = self.exchange(command, payload, fds, deadline);
+        // A failure in the middle of a message leaves the stream at an
+        // unknown position, and a late reply could still take effect; only
+        // a clean error reply keeps the connection.
+        if let Err(e) = &result {
+            let reason = match e {
+                VfioUserError::Refused { .. } => None,
+                VfioUserError::Timeout { .. } | VfioUserError::Protocol(_) => Some(with_sources(e)),
+                _ => Some(format!(
+                    "{} failed: {}",
+                    command_name(command),
+                    with_sources(e)
+                )),
+            };
+            if let Some(reason) = reason {
+                self.close(&reason);
+            }
+        }
+        result
+    }
+
+    fn exchange(
+        &mut self,
+        command: u16,
+        payload: &[u8],
+        fds: &[RawFd],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, VfioUserError> {
+        let id = self.transport.next_id();
+        let header = Header {
+            id,
+            command,
+            size: (HEADER_SIZE + payload.len()) as u32,
+            flags: 0,
+            error: 0,
+        };
+        let mut message = Vec::with_capacity(HEADER_SIZE + payload.len());
+        message.extend_from_slice(&header.encode());
+        message.extend_from_slice(payload);
+        self.transport.send(&message, fds)?;
+
+        let name = command_name(command);
+        loop {
+            let incoming = self.transport.read_header(deadline, name)?;
+            let body = self.transport.read_body(&incoming, deadline, name)?;
+            if incoming.flags & FLAG_TYPE_MASK == FLAG_COMMAND {
+                // The server may ask something of us before it answers.
+                self.serve(incoming, &body)?;
+                continue;
+            }
+            if incoming.id != id
+                || incoming.command != command
+                || incoming.flags & FLAG_TYPE_MASK != FLAG_REPLY
+            {
+                return Err(VfioUserError::Protocol(name));
+            }
+            if incoming.flags & FLAG_ERROR != 0 {
+                return Err(VfioUserError::Refused {
+                    command: name,
+                    errno: incoming.error,
+                });
+            }
+            return Ok(body);
+        }
     }
 }
 

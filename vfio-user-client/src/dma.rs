@@ -2,7 +2,6 @@
 //! what it has been given only, whether it asks while it owes us a reply
 //! or between our requests.
 
-use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use crate::client::VfioUserClient;
@@ -21,19 +20,11 @@ impl VfioUserClient {
     /// server's own threads). Anything else arriving then is out of step:
     /// the connection goes.
     pub fn serve_pending(&mut self) -> Result<(), VfioUserError> {
-        if let Some(why) = &self.closed {
-            return Err(VfioUserError::Closed(why.clone()));
-        }
-        let mut waiting = libc::pollfd {
-            fd: self.stream().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one pollfd for a socket we own, no wait.
-        if unsafe { libc::poll(&mut waiting, 1, 0) } <= 0 {
+        self.transport.check_open()?;
+        if !self.transport.has_pending() {
             return Ok(());
         }
-        let deadline = Instant::now() + self.timeout;
+        let deadline = self.transport.deadline();
         let result = self.serve_one(deadline);
         if let Err(e) = &result {
             self.close(&format!(
@@ -45,19 +36,14 @@ impl VfioUserClient {
     }
 
     fn serve_one(&mut self, deadline: Instant) -> Result<(), VfioUserError> {
-        let mut raw = [0u8; HEADER_SIZE];
-        self.read_header(&mut raw, deadline, "a server request")?;
+        const WHAT: &str = "a server request";
+        let incoming = self.transport.read_header(deadline, WHAT)?;
         // Nothing comes with a server's DMA request.
-        self.received_fd = None;
-        let incoming = Header::decode(&raw);
-        let size = incoming.size as usize;
-        if !(HEADER_SIZE..=MAX_MESSAGE).contains(&size)
-            || incoming.flags & FLAG_TYPE_MASK != FLAG_COMMAND
-        {
-            return Err(VfioUserError::Protocol("a server request"));
+        drop(self.transport.take_received_fd());
+        if incoming.flags & FLAG_TYPE_MASK != FLAG_COMMAND {
+            return Err(VfioUserError::Protocol(WHAT));
         }
-        let mut body = vec![0u8; size - HEADER_SIZE];
-        self.read_full(&mut body, deadline, "a server request")?;
+        let body = self.transport.read_body(&incoming, deadline, WHAT)?;
         self.serve(incoming, &body)
     }
 
@@ -91,7 +77,7 @@ impl VfioUserClient {
         let mut message = Vec::with_capacity(HEADER_SIZE + payload.len());
         message.extend_from_slice(&reply.encode());
         message.extend_from_slice(&payload);
-        self.send(&message, &[])
+        self.transport.send(&message, &[])
     }
 
     fn dma_access(&self, command: u16, body: &[u8]) -> Result<Vec<u8>, u32> {

@@ -1,71 +1,102 @@
-//! The connection: one request at a time with an absolute deadline,
-//! fd passing, reads that survive signals, and closing the socket at the
-//! first doubt about the stream.
+//! The connection: framing of whole messages under an absolute deadline,
+//! fd passing both ways, reads and sends that survive signals, and
+//! closing the socket. It knows no command's layout and serves nothing.
 
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::client::VfioUserClient;
-use crate::error::{VfioUserError, with_sources};
-use crate::wire::*;
+use crate::error::VfioUserError;
+use crate::wire::{HEADER_SIZE, Header, MAX_MESSAGE};
 
-impl VfioUserClient {
-    /// Shuts the socket down and closes it: the server sees EOF at once
-    /// and, following the spec, drops every mapping. Idempotent.
-    pub fn close(&mut self, reason: &str) {
-        if let Some(stream) = self.stream.take() {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
-            self.closed = Some(reason.to_string());
-            self.mapped.clear();
+/// One connection to a server, open until `close`.
+pub(crate) struct Transport {
+    /// `None` once closed; `closed` says why.
+    stream: Option<UnixStream>,
+    closed: Option<String>,
+    next_id: u16,
+    timeout: Duration,
+    /// An fd that came with the last header read (a region's mmap fd);
+    /// dropped, and so closed, unless someone takes it.
+    received_fd: Option<File>,
+}
+
+impl Transport {
+    pub(crate) fn new(stream: UnixStream, timeout: Duration) -> Self {
+        // Sends are bounded too: a stopped server stops draining its socket.
+        let _ = stream.set_write_timeout(Some(timeout));
+        Transport {
+            stream: Some(stream),
+            closed: None,
+            next_id: 0,
+            timeout,
+            received_fd: None,
         }
     }
 
-    /// A well-framed reply whose content is wrong: the stream may be out
-    /// of step with the server, so the connection goes.
-    pub(crate) fn protocol_failure(&mut self, command: &'static str) -> VfioUserError {
-        let e = VfioUserError::Protocol(command);
-        self.close(&with_sources(&e));
-        e
+    /// Why the connection was closed, if it was.
+    pub(crate) fn closed_reason(&self) -> Option<&str> {
+        self.closed.as_deref()
     }
 
-    pub(crate) fn request(
-        &mut self,
-        command: u16,
-        payload: &[u8],
-        fds: &[RawFd],
-    ) -> Result<Vec<u8>, VfioUserError> {
-        if let Some(why) = &self.closed {
-            return Err(VfioUserError::Closed(why.clone()));
+    /// Refuses with the reason once closed.
+    pub(crate) fn check_open(&self) -> Result<(), VfioUserError> {
+        match &self.closed {
+            Some(why) => Err(VfioUserError::Closed(why.clone())),
+            None => Ok(()),
         }
-        self.received_fd = None;
-        let deadline = Instant::now() + self.timeout;
-        let result = self.exchange(command, payload, fds, deadline);
-        // A failure in the middle of a message leaves the stream at an
-        // unknown position, and a late reply could still take effect; only
-        // a clean error reply keeps the connection.
-        if let Err(e) = &result {
-            let reason = match e {
-                VfioUserError::Refused { .. } => None,
-                VfioUserError::Timeout { .. } | VfioUserError::Protocol(_) => Some(with_sources(e)),
-                _ => Some(format!(
-                    "{} failed: {}",
-                    command_name(command),
-                    with_sources(e)
-                )),
-            };
-            if let Some(reason) = reason {
-                self.close(&reason);
-            }
-        }
-        result
     }
 
-    pub(crate) fn stream(&self) -> &UnixStream {
-        self.stream.as_ref().expect("checked open by request()")
+    /// A second handle on the socket (`None` once closed).
+    pub(crate) fn watch_handle(&self) -> Option<UnixStream> {
+        self.stream.as_ref()?.try_clone().ok()
+    }
+
+    /// Shuts the socket down and closes it: the server sees EOF at once.
+    /// Returns whether this call closed it (false if it already was).
+    pub(crate) fn close(&mut self, reason: &str) -> bool {
+        let Some(stream) = self.stream.take() else {
+            return false;
+        };
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        self.closed = Some(reason.to_string());
+        true
+    }
+
+    /// When a request sent now must have its answer.
+    pub(crate) fn deadline(&self) -> Instant {
+        Instant::now() + self.timeout
+    }
+
+    /// The id for the next request.
+    pub(crate) fn next_id(&mut self) -> u16 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        id
+    }
+
+    /// The fd that came with the last header, if any.
+    pub(crate) fn take_received_fd(&mut self) -> Option<File> {
+        self.received_fd.take()
+    }
+
+    /// Whether a message is waiting to be read, without waiting for one.
+    pub(crate) fn has_pending(&self) -> bool {
+        let mut waiting = libc::pollfd {
+            fd: self.stream().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd for a socket we own, no wait.
+        unsafe { libc::poll(&mut waiting, 1, 0) > 0 }
+    }
+
+    fn stream(&self) -> &UnixStream {
+        self.stream.as_ref().expect("checked open by the caller")
     }
 
     pub(crate) fn send(&self, message: &[u8], fds: &[RawFd]) -> Result<(), VfioUserError> {
@@ -89,8 +120,36 @@ impl VfioUserClient {
         }
     }
 
+    /// Reads a message's header before `deadline` and checks its size;
+    /// `command` names what was awaited, in errors.
+    pub(crate) fn read_header(
+        &mut self,
+        deadline: Instant,
+        command: &'static str,
+    ) -> Result<Header, VfioUserError> {
+        let mut raw = [0u8; HEADER_SIZE];
+        self.read_header_bytes(&mut raw, deadline, command)?;
+        let header = Header::decode(&raw);
+        if !(HEADER_SIZE..=MAX_MESSAGE).contains(&(header.size as usize)) {
+            return Err(VfioUserError::Protocol(command));
+        }
+        Ok(header)
+    }
+
+    /// Reads the rest of the message `header` began.
+    pub(crate) fn read_body(
+        &self,
+        header: &Header,
+        deadline: Instant,
+        command: &'static str,
+    ) -> Result<Vec<u8>, VfioUserError> {
+        let mut body = vec![0u8; header.size as usize - HEADER_SIZE];
+        self.read_full(&mut body, deadline, command)?;
+        Ok(body)
+    }
+
     /// Fills `buf` before `deadline`; an interrupted read does not move it.
-    pub(crate) fn read_full(
+    fn read_full(
         &self,
         buf: &mut [u8],
         deadline: Instant,
@@ -124,9 +183,9 @@ impl VfioUserClient {
         Ok(())
     }
 
-    /// Reads a message header; an fd sent with it (SCM_RIGHTS travels with
-    /// a message's first byte) is kept in `received_fd`.
-    pub(crate) fn read_header(
+    /// Reads the raw bytes of a header; an fd sent with it (SCM_RIGHTS
+    /// travels with a message's first byte) is kept in `received_fd`.
+    fn read_header_bytes(
         &mut self,
         buf: &mut [u8; HEADER_SIZE],
         deadline: Instant,
@@ -161,63 +220,10 @@ impl VfioUserClient {
         self.read_full(&mut buf[filled..], deadline, command)
     }
 
-    pub(crate) fn timeout_error(&self, command: &'static str) -> VfioUserError {
+    fn timeout_error(&self, command: &'static str) -> VfioUserError {
         VfioUserError::Timeout {
             command,
             ms: self.timeout.as_millis(),
-        }
-    }
-
-    fn exchange(
-        &mut self,
-        command: u16,
-        payload: &[u8],
-        fds: &[RawFd],
-        deadline: Instant,
-    ) -> Result<Vec<u8>, VfioUserError> {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        let header = Header {
-            id,
-            command,
-            size: (HEADER_SIZE + payload.len()) as u32,
-            flags: 0,
-            error: 0,
-        };
-        let mut message = Vec::with_capacity(HEADER_SIZE + payload.len());
-        message.extend_from_slice(&header.encode());
-        message.extend_from_slice(payload);
-        self.send(&message, fds)?;
-
-        let name = command_name(command);
-        loop {
-            let mut raw = [0u8; HEADER_SIZE];
-            self.read_header(&mut raw, deadline, name)?;
-            let incoming = Header::decode(&raw);
-            let size = incoming.size as usize;
-            if !(HEADER_SIZE..=MAX_MESSAGE).contains(&size) {
-                return Err(VfioUserError::Protocol(name));
-            }
-            let mut body = vec![0u8; size - HEADER_SIZE];
-            self.read_full(&mut body, deadline, name)?;
-            if incoming.flags & FLAG_TYPE_MASK == FLAG_COMMAND {
-                // The server may ask something of us before it answers.
-                self.serve(incoming, &body)?;
-                continue;
-            }
-            if incoming.id != id
-                || incoming.command != command
-                || incoming.flags & FLAG_TYPE_MASK != FLAG_REPLY
-            {
-                return Err(VfioUserError::Protocol(name));
-            }
-            if incoming.flags & FLAG_ERROR != 0 {
-                return Err(VfioUserError::Refused {
-                    command: name,
-                    errno: incoming.error,
-                });
-            }
-            return Ok(body);
         }
     }
 }

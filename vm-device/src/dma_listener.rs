@@ -530,6 +530,21 @@ mod tests {
     }
 
     #[test]
+    fn a_per_page_populate_whose_take_back_is_refused_fails_the_device_not_the_conversion() {
+        // The third page is refused and so is the unmap that takes back the
+        // first: the device keeps a page it was not given, so it goes, and
+        // the conversion goes on without it.
+        let iommu = Arc::new(FakeIommu::keeping_mappings_on_cut_off(Some(2)));
+        let l = DmaMappingListener::with_policy(iommu.clone(), None, MappingPolicy::Pages);
+        iommu.fail_next_unmaps(1);
+        l.notify_populate(section(0x20000, 0x3000)).unwrap();
+        let why = l.failure().unwrap();
+        assert!(why.contains("unmap of 0x20000+0x1000 failed"), "{why}");
+        assert!(iommu.is_cut_off());
+        assert_eq!((l.stats().refused, l.stats().entries), (0, 0));
+    }
+
+    #[test]
     fn a_per_page_populate_whose_device_breaks_fails_the_device() {
         let (iommu, l) = page_listener(None, None);
         l.notify_populate(section(0x10000, 0x1000)).unwrap();

@@ -23,7 +23,7 @@ fn a_signal_during_the_fd_send_is_retried() {
     let memory = std::fs::File::open("/dev/zero").unwrap();
     let memory_fd = memory.as_raw_fd();
     let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), None);
-    client.next_id = 7;
+    client.transport.next_id = 7;
     let mapper = std::thread::spawn(move || {
         let result = client.dma_map(0x1000, 0x1000, memory_fd, 0);
         (
