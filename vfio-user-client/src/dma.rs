@@ -4,14 +4,19 @@
 
 use std::time::Instant;
 
+use log::debug;
+
 use crate::client::VfioUserClient;
 use crate::error::{VfioUserError, with_sources};
 use crate::wire::*;
 
+/// Why guest memory could not be reached (the server is answered EFAULT).
+pub type DmaMemoryError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Guest memory as a server's DMA_READ / DMA_WRITE reaches it.
 pub trait DmaMemory: Send + Sync {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DmaMemoryError>;
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), DmaMemoryError>;
 }
 
 impl VfioUserClient {
@@ -99,13 +104,23 @@ impl VfioUserClient {
         let mut reply = body[..16].to_vec();
         if command == CMD_DMA_READ {
             reply.resize(16 + len, 0);
-            memory.read(addr, &mut reply[16..]).map_err(|_| EFAULT)?;
+            memory
+                .read(addr, &mut reply[16..])
+                .map_err(|e| refused_access("DMA_READ", addr, count, &*e))?;
         } else {
             let data = body.get(16..16 + len).ok_or(EINVAL)?;
-            memory.write(addr, data).map_err(|_| EFAULT)?;
+            memory
+                .write(addr, data)
+                .map_err(|e| refused_access("DMA_WRITE", addr, count, &*e))?;
         }
         Ok(reply)
     }
+}
+
+/// Logs why guest memory was out of reach; the server is answered EFAULT.
+fn refused_access(what: &str, addr: u64, count: u64, e: &dyn std::error::Error) -> u32 {
+    debug!("{what} of {addr:#x}+{count:#x} answered EFAULT: {e}");
+    EFAULT
 }
 
 #[cfg(test)]

@@ -95,12 +95,12 @@ pub(crate) fn region_reply(index: u32, flags: u32, size: u64, caps: &[Capability
 pub(crate) struct Ram(pub(crate) std::sync::Mutex<Vec<u8>>);
 
 impl DmaMemory for Ram {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DmaMemoryError> {
         let ram = self.0.lock().unwrap();
         buf.copy_from_slice(&ram[gpa as usize..gpa as usize + buf.len()]);
         Ok(())
     }
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), DmaMemoryError> {
         let mut ram = self.0.lock().unwrap();
         ram[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
         Ok(())

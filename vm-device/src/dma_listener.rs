@@ -102,9 +102,9 @@ struct Published {
 /// or that will not map back the surviving parts of a split is *failed*: it
 /// is cut off from guest memory at once (`ExternalDmaMapping::cut_off`, then
 /// unmapping everything held unless that dropped it all), it stops taking
-/// part in conversions, and the guest's conversion
-/// goes on. A failed device never holds a page the guest made private, and
-/// the guest is never told `ok` for a page a live device did not follow.
+/// part in conversions, and the guest's conversion goes on. A failed device
+/// never holds a page the guest made private, and the guest is never told
+/// `ok` for a page a live device did not follow.
 pub struct DmaMappingListener {
     dma: Arc<dyn ExternalDmaMapping>,
     entry_limit: Option<u64>,
