@@ -357,11 +357,7 @@ impl PciBus {
                             "BAR {} area {:#x} stays trapped: {}",
                             window.bar,
                             area.offset,
-                            std::iter::successors(Some(&e as &dyn std::error::Error), |e| e
-                                .source())
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(": ")
+                            crate::Chain(&e)
                         ),
                     }
                 }
