@@ -1,5 +1,16 @@
 use crate::test_support::*;
 
+/// A client over a socket pair, serving 64 KiB of RAM filled with `fill`;
+/// the other end is the server's.
+fn over_ram(fill: u8, timeout: Duration) -> (VfioUserClient, UnixStream) {
+    let ram = std::sync::Arc::new(Ram(std::sync::Mutex::new(vec![fill; 64 << 10])));
+    let (client_end, server_end) = UnixStream::pair().unwrap();
+    (
+        VfioUserClient::over(client_end, timeout, Some(ram)),
+        server_end,
+    )
+}
+
 #[test]
 fn dma_access_reaches_only_mapped_ranges() {
     let ram = std::sync::Arc::new(Ram(std::sync::Mutex::new(vec![0xab; 64 << 10])));
@@ -66,9 +77,7 @@ fn dma_access_reaches_only_mapped_ranges() {
 
 #[test]
 fn server_requests_before_the_reply_are_answered_in_line() {
-    let ram = std::sync::Arc::new(Ram(std::sync::Mutex::new(vec![0x3c; 64 << 10])));
-    let (client_end, mut server_end) = UnixStream::pair().unwrap();
-    let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), Some(ram));
+    let (mut client, mut server_end) = over_ram(0x3c, Duration::from_secs(5));
     client.mapped.insert(0x1000, 0x1000);
     let server = std::thread::spawn(move || {
         let request = read_request(&mut server_end);
@@ -115,9 +124,7 @@ fn server_requests_before_the_reply_are_answered_in_line() {
 
 #[test]
 fn serve_pending_answers_a_waiting_dma_request_between_requests() {
-    let ram = std::sync::Arc::new(Ram(std::sync::Mutex::new(vec![0x5d; 64 << 10])));
-    let (client_end, mut server_end) = UnixStream::pair().unwrap();
-    let mut client = VfioUserClient::over(client_end, Duration::from_secs(2), Some(ram));
+    let (mut client, mut server_end) = over_ram(0x5d, Duration::from_secs(2));
     client.mapped.insert(0x1000, 0x1000);
     // An unanswered request fails the test rather than hanging it.
     server_end
@@ -199,9 +206,7 @@ fn a_waiting_message_out_of_step_closes_the_connection() {
 #[test]
 fn a_map_for_messages_sends_no_fd_and_lets_dma_in() {
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-    let ram = std::sync::Arc::new(Ram(std::sync::Mutex::new(vec![0x6e; 64 << 10])));
-    let (client_end, mut server_end) = UnixStream::pair().unwrap();
-    let mut client = VfioUserClient::over(client_end, Duration::from_secs(2), Some(ram));
+    let (mut client, mut server_end) = over_ram(0x6e, Duration::from_secs(2));
     // No request sent fails the test rather than hanging it.
     server_end
         .set_read_timeout(Some(Duration::from_secs(2)))
