@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::dma::DmaMemory;
-use crate::error::{VfioUserError, with_sources};
+use crate::error::{DmaRequestError, VfioUserError, with_sources};
 use crate::transport::Transport;
 use crate::wire::*;
 
@@ -94,14 +94,14 @@ impl VfioUserClient {
         size: u64,
         fd: RawFd,
         offset: u64,
-    ) -> Result<(), VfioUserError> {
+    ) -> Result<(), DmaRequestError> {
         self.map_range(iova, size, Some((fd, offset)))
     }
 
     /// Maps `iova..iova+size` read-write without an fd: the server reaches
     /// it only by DMA_READ / DMA_WRITE, which this client serves inside
     /// its current mappings.
-    pub fn dma_map_for_messages(&mut self, iova: u64, size: u64) -> Result<(), VfioUserError> {
+    pub fn dma_map_for_messages(&mut self, iova: u64, size: u64) -> Result<(), DmaRequestError> {
         self.map_range(iova, size, None)
     }
 
@@ -110,7 +110,7 @@ impl VfioUserClient {
         iova: u64,
         size: u64,
         backing: Option<(RawFd, u64)>,
-    ) -> Result<(), VfioUserError> {
+    ) -> Result<(), DmaRequestError> {
         let (fds, offset) = match &backing {
             Some((fd, offset)) => (std::slice::from_ref(fd), *offset),
             None => (&[][..], 0),
@@ -121,14 +121,28 @@ impl VfioUserClient {
         payload[8..16].copy_from_slice(&offset.to_le_bytes());
         payload[16..24].copy_from_slice(&iova.to_le_bytes());
         payload[24..32].copy_from_slice(&size.to_le_bytes());
-        self.request(CMD_DMA_MAP, &payload, fds)?;
+        self.request(CMD_DMA_MAP, &payload, fds)
+            .map_err(|e| self.dma_failure(e))?;
         self.mapped.insert(iova, size);
         Ok(())
     }
 
+    /// A failed DMA request as its caller must see it: whether the
+    /// connection went with it (`request` closes it on anything but a
+    /// clean error reply).
+    fn dma_failure(&self, e: VfioUserError) -> DmaRequestError {
+        match self.transport.closed_reason() {
+            Some(reason) => DmaRequestError::Closed {
+                reason: reason.to_string(),
+                source: e,
+            },
+            None => DmaRequestError::Refused(e),
+        }
+    }
+
     /// Unmaps exactly an earlier mapping. Any failure, a refusal included,
     /// closes the connection: the range could otherwise stay reachable.
-    pub fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), VfioUserError> {
+    pub fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), DmaRequestError> {
         let mut payload = [0u8; 24];
         payload[0..4].copy_from_slice(&24u32.to_le_bytes()); // argsz
         payload[8..16].copy_from_slice(&iova.to_le_bytes());
@@ -140,7 +154,7 @@ impl VfioUserClient {
             }
             Err(e) => {
                 self.close(&format!("DMA_UNMAP of {iova:#x}+{size:#x} failed: {e}"));
-                Err(e)
+                Err(self.dma_failure(e))
             }
         }
     }

@@ -22,6 +22,33 @@ pub enum VfioUserError {
     Closed(String),
 }
 
+/// A DMA_MAP or DMA_UNMAP that did not happen, and whether the connection
+/// survived it.
+#[derive(Debug, thiserror::Error)]
+pub enum DmaRequestError {
+    /// A clean error reply, or a request that was never sent: the
+    /// connection stays and nothing changed.
+    #[error(transparent)]
+    Refused(VfioUserError),
+    /// The connection is closed, by this failure or an earlier one; the
+    /// message is the reason it was closed.
+    #[error("{reason}")]
+    Closed {
+        reason: String,
+        #[source]
+        source: VfioUserError,
+    },
+}
+
+impl DmaRequestError {
+    /// What went wrong on the wire.
+    pub fn cause(&self) -> &VfioUserError {
+        match self {
+            DmaRequestError::Refused(e) | DmaRequestError::Closed { source: e, .. } => e,
+        }
+    }
+}
+
 /// `e` and its sources, each after a colon: the reason a connection was
 /// closed names the root cause.
 pub(crate) fn with_sources(e: &dyn std::error::Error) -> String {

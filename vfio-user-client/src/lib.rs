@@ -29,5 +29,5 @@ mod wire;
 
 pub use client::VfioUserClient;
 pub use dma::{DmaMemory, DmaMemoryError};
-pub use error::VfioUserError;
+pub use error::{DmaRequestError, VfioUserError};
 pub use wire::{CONFIG_REGION, DEFAULT_MAX_DMA_MAPS, DeviceInfo, MAX_REGION_ACCESS, RegionInfo};

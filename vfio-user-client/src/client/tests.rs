@@ -309,19 +309,22 @@ fn a_refused_map_keeps_the_connection_and_a_refused_unmap_closes_it() {
     let err = client.dma_map(0x1000, 0x1000, 0, 0).unwrap_err();
     assert!(matches!(
         err,
-        VfioUserError::Refused {
+        DmaRequestError::Refused(VfioUserError::Refused {
             command: "DMA_MAP",
             errno: 12
-        }
+        })
     ));
     assert!(client.closed_reason().is_none());
     client.dma_map(0x1000, 0x1000, 0, 0).unwrap();
     let err = client.dma_unmap(0x1000, 0x1000).unwrap_err();
     assert!(matches!(
         err,
-        VfioUserError::Refused {
-            command: "DMA_UNMAP",
-            errno: 22
+        DmaRequestError::Closed {
+            source: VfioUserError::Refused {
+                command: "DMA_UNMAP",
+                errno: 22
+            },
+            ..
         }
     ));
     let why = client.closed_reason().unwrap();

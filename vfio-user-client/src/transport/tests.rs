@@ -97,14 +97,17 @@ fn malformed_replies_close_the_connection() {
         let (mut client, server) = scripted(move |h, _| mangle(h));
         let err = client.dma_map(0x1000, 0x1000, 0, 0).unwrap_err();
         assert!(
-            matches!(err, VfioUserError::Protocol("DMA_MAP")),
+            matches!(err.cause(), VfioUserError::Protocol("DMA_MAP")),
             "{what}: {err}"
         );
         assert!(client.closed_reason().is_some(), "{what}");
         assert!(
             matches!(
                 client.dma_map(0x3000, 0x1000, 0, 0),
-                Err(VfioUserError::Closed(_))
+                Err(DmaRequestError::Closed {
+                    source: VfioUserError::Closed(_),
+                    ..
+                })
             ),
             "{what}: a closed client sends nothing more"
         );
@@ -120,7 +123,10 @@ fn a_silent_server_times_out_within_the_deadline_and_is_closed() {
     let took = started.elapsed();
     // EOF from the scripted server (it stops) or the deadline.
     assert!(
-        matches!(err, VfioUserError::Eof | VfioUserError::Timeout { .. }),
+        matches!(
+            err.cause(),
+            VfioUserError::Eof | VfioUserError::Timeout { .. }
+        ),
         "{err}"
     );
     assert!(took < Duration::from_secs(2), "{took:?}");
@@ -154,7 +160,10 @@ fn a_message_past_the_largest_transfer_is_refused() {
         .to_vec()
     });
     let err = client.dma_unmap(0x1000, 0x1000).unwrap_err();
-    assert!(matches!(err, VfioUserError::Protocol("DMA_UNMAP")), "{err}");
+    assert!(
+        matches!(err.cause(), VfioUserError::Protocol("DMA_UNMAP")),
+        "{err}"
+    );
     server.join().unwrap();
 }
 
@@ -192,7 +201,7 @@ fn a_peer_that_went_away_fails_the_fd_send_at_once() {
     let err = client
         .dma_map(0x1000, 0x1000, memory.as_raw_fd(), 0)
         .unwrap_err();
-    assert!(matches!(err, VfioUserError::SendFd(_)), "{err}");
+    assert!(matches!(err.cause(), VfioUserError::SendFd(_)), "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "retried a dead peer"
@@ -215,7 +224,7 @@ fn a_reset_connection_is_an_io_error_not_a_timeout() {
     let started = std::time::Instant::now();
     let err = client.dma_unmap(0x1000, 0x1000).unwrap_err();
     server.join().unwrap();
-    assert!(matches!(err, VfioUserError::Io(_)), "{err}");
+    assert!(matches!(err.cause(), VfioUserError::Io(_)), "{err}");
     assert!(started.elapsed() < Duration::from_secs(2), "{err}");
 }
 

@@ -8,24 +8,17 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pci::{VfioOps, VfioOpsError};
-use vfio_user_client::{VfioUserClient, VfioUserError};
+use vfio_user_client::{DmaRequestError, VfioUserClient, VfioUserError};
 use vm_device::{CutOff, DmaError, ExternalDmaMapping};
 
 use super::{DeviceError, GuestRam, bar_maps};
 use crate::config::DmaMode;
 
-/// What the adapter itself refuses, or why its connection is gone.
+/// What the adapter itself refuses.
 #[derive(Debug, thiserror::Error)]
 pub enum VfioUserDmaError {
     #[error("message DMA needs IOVA = GPA, got {iova:#x} for {gpa:#x}")]
     IovaNotGpa { iova: u64, gpa: u64 },
-    /// The client closed the connection; the message is its reason.
-    #[error("{reason}")]
-    Closed {
-        reason: String,
-        #[source]
-        source: VfioUserError,
-    },
 }
 
 /// A vfio-user server's DMA mapping. In `fd` mode the guest RAM's fd and
@@ -191,46 +184,38 @@ impl VfioOps for VfioUserDma {
     }
 }
 
-/// How a failed request reaches the DMA listener: the client closes the
-/// connection on anything but a clean error reply (and on any failed
-/// DMA_UNMAP), so a closed client is a broken device, with the client's
-/// reason as the device's; an open one refused the request.
-fn classify(client: &VfioUserClient, e: VfioUserError) -> DmaError {
-    match client.closed_reason() {
-        Some(reason) => DmaError::broken(VfioUserDmaError::Closed {
-            reason: reason.to_string(),
-            source: e,
-        }),
-        None => DmaError::refused(e),
+/// A failed DMA request as the listener takes it: a connection the client
+/// closed (anything but a clean error reply to DMA_MAP) is a broken
+/// device, with the client's reason as the device's.
+fn dma_error(e: DmaRequestError) -> DmaError {
+    match e {
+        DmaRequestError::Refused(e) => DmaError::refused(e),
+        closed @ DmaRequestError::Closed { .. } => DmaError::broken(closed),
     }
 }
 
 impl ExternalDmaMapping for VfioUserDma {
     fn map(&self, iova: u64, gpa: u64, size: u64) -> Result<(), DmaError> {
-        let mut client = self.client();
-        let result = match self.mode {
+        match self.mode {
             DmaMode::Fd => {
                 let (fd, offset) = self.ram.file_offset(gpa, size).map_err(DmaError::refused)?;
-                client.dma_map(iova, size, fd, offset)
+                self.client().dma_map(iova, size, fd, offset)
             }
             // The server's DMA_READ / DMA_WRITE name IOVAs that the client
             // turns into guest addresses as IOVA = GPA.
-            DmaMode::Messages if iova == gpa => client.dma_map_for_messages(iova, size),
+            DmaMode::Messages if iova == gpa => self.client().dma_map_for_messages(iova, size),
             DmaMode::Messages => {
                 return Err(DmaError::refused(VfioUserDmaError::IovaNotGpa {
                     iova,
                     gpa,
                 }));
             }
-        };
-        result.map_err(|e| classify(&client, e))
+        }
+        .map_err(dma_error)
     }
 
     fn unmap(&self, iova: u64, size: u64) -> Result<(), DmaError> {
-        let mut client = self.client();
-        client
-            .dma_unmap(iova, size)
-            .map_err(|e| classify(&client, e))
+        self.client().dma_unmap(iova, size).map_err(dma_error)
     }
 
     /// Closes the connection: the server must drop every mapping then, and
