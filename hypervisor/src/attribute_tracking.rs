@@ -348,7 +348,7 @@ impl Vm for AttributeTrackingVm {
         self.inner.create_pit()
     }
 
-    fn create_vfio_device(&self) -> Result<OwnedFd> {
+    fn create_vfio_device(&self) -> Result<crate::KvmVfioDevice> {
         self.inner.create_vfio_device()
     }
 
@@ -532,9 +532,9 @@ mod tests {
         fn unregister_irqfd(&self, _fd: &EventFd, gsi: u32) -> Result<()> {
             self.answer(format!("unirqfd {gsi}"))
         }
-        fn create_vfio_device(&self) -> Result<OwnedFd> {
+        fn create_vfio_device(&self) -> Result<crate::KvmVfioDevice> {
             self.answer("vfio".into())?;
-            Ok(null_fd())
+            Ok(crate::KvmVfioDevice::new(null_fd()))
         }
     }
 

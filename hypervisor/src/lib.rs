@@ -15,6 +15,7 @@ pub mod scripted_vcpu;
 pub mod sev_snp;
 pub mod tdx;
 mod vcpu_exit;
+mod vfio_device;
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub use sev_snp::{
 };
 pub use tdx::{KvmTdxLauncher, TdxCapabilities, TdxInitVm, TdxLaunchError, TdxLauncher, TdxResult};
 pub use vcpu_exit::{HYPERCALL_EINVAL, HypercallReply, VmExit};
+pub use vfio_device::KvmVfioDevice;
 pub use vmm_sys_util::eventfd::EventFd;
 
 /// x86_64 register files, re-exported so the VMM's boot code needs no KVM crate.
@@ -210,7 +212,7 @@ pub trait Vm: Send + Sync {
     /// Creates the VM's KVM-VFIO pseudo device: VFIO groups and device
     /// cdevs added to it let KVM see that a device can do non-coherent DMA
     /// (no-snoop) and must then honour the guest's cache flushes.
-    fn create_vfio_device(&self) -> Result<OwnedFd>;
+    fn create_vfio_device(&self) -> Result<KvmVfioDevice>;
     /// The CPUID every vCPU is given (and an SNP guest's CPUID page holds),
     /// in the SNP ABI's own terms.
     fn guest_cpuid(&self) -> Vec<CpuidEntry> {

@@ -37,11 +37,21 @@ pub struct DirectArea {
     pub host: u64,
 }
 
+/// Why host memory could not be put into the guest's address space.
+#[derive(Debug, thiserror::Error)]
+pub enum WindowError {
+    #[error("no free memory slot")]
+    NoFreeSlot,
+    /// The hypervisor refused the slot.
+    #[error(transparent)]
+    Refused(vm_device::BoxError),
+}
+
 /// Puts host memory into the guest's physical address space (a KVM memory
 /// slot) and takes it out again.
 pub trait GuestMemoryWindows: Send + Sync {
     /// Makes `gpa..gpa+size` the host memory at `host`; returns a handle.
-    fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, String>;
+    fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, WindowError>;
     fn unmap(&self, handle: u32);
 }
 
@@ -344,8 +354,10 @@ impl PciBus {
                         Ok(handle) => direct.push(handle),
                         // The area stays reachable, by trapping.
                         Err(e) => warn!(
-                            "BAR {} area {:#x} stays trapped: {e}",
-                            window.bar, area.offset
+                            "BAR {} area {:#x} stays trapped: {}",
+                            window.bar,
+                            area.offset,
+                            crate::Chain(&e)
                         ),
                     }
                 }

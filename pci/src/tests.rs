@@ -76,7 +76,7 @@ impl FakeFunction {
 }
 
 fn out_of_range() -> VfioOpsError {
-    VfioOpsError("access outside the region".into())
+    VfioOpsError::new("access outside the region")
 }
 
 impl VfioOps for FakeFunction {
@@ -95,7 +95,7 @@ impl VfioOps for FakeFunction {
     fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), VfioOpsError> {
         let s = self.state();
         let region = match index {
-            7 if s.fail_config => return Err(VfioOpsError("gone".into())),
+            7 if s.fail_config => return Err(VfioOpsError::new("gone")),
             7 => &s.config,
             0 => &s.bar0,
             _ => return Err(out_of_range()),
@@ -176,7 +176,7 @@ struct FakeWindows {
 }
 
 impl GuestMemoryWindows for FakeWindows {
-    fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, String> {
+    fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, crate::WindowError> {
         let mut next = self.next.lock().unwrap();
         *next += 1;
         self.live.lock().unwrap().push((*next, gpa, size, host));

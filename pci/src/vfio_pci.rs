@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use log::{debug, warn};
 use vm_device::MsiVectors;
 
+use crate::Chain;
 use crate::bus::{BarWindow, DirectArea, PciDevice};
 use crate::configuration::{
     BAR0_REG, Bar, BarKind, BarRegisters, CAPABILITY_POINTER_REG, COMMAND_MEMORY, COMMAND_REG,
@@ -25,9 +26,17 @@ pub const MSIX_IRQ_INDEX: u32 = 2;
 const PAGE: u64 = 4096;
 const MAX_CAPABILITIES: usize = 48;
 
+/// A VFIO or vfio-user device's failure to do what the model asked; shows
+/// its cause's message and keeps the cause's sources.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct VfioOpsError(pub String);
+#[error(transparent)]
+pub struct VfioOpsError(vm_device::BoxError);
+
+impl VfioOpsError {
+    pub fn new(cause: impl Into<vm_device::BoxError>) -> Self {
+        VfioOpsError(cause.into())
+    }
+}
 
 /// What the device model needs from a VFIO or vfio-user device.
 pub trait VfioOps: Send + Sync {
@@ -191,7 +200,7 @@ impl VfioPciDevice {
         if let Err(e) = ops.reset() {
             // Resetting is optional for a device (vfio-user servers may
             // refuse it); the VMM emulates the state that matters anyway.
-            debug!("device reset refused: {e}");
+            debug!("device reset refused: {}", Chain(&e));
         }
         let read = |reg: usize| -> Result<u32, VfioPciError> {
             let mut b = [0u8; 4];
@@ -257,7 +266,7 @@ impl VfioPciDevice {
         let mut direct = Vec::new();
         for (index, _) in bars.iter().filter(|(i, _)| !trapped.contains(i)) {
             let areas = ops.map_region_areas(index as u32).unwrap_or_else(|e| {
-                warn!("BAR {index} stays trapped: {e}");
+                warn!("BAR {index} stays trapped: {}", Chain(&e));
                 Vec::new()
             });
             let trapped = |area: &DirectArea| {
@@ -373,7 +382,7 @@ impl VfioPciDevice {
         match self.ops.region_read(CONFIG_REGION, reg as u64 * 4, &mut b) {
             Ok(()) => u32::from_le_bytes(b),
             Err(e) => {
-                debug!("config read of register {reg} failed: {e}");
+                debug!("config read of register {reg} failed: {}", Chain(&e));
                 u32::MAX
             }
         }
@@ -384,7 +393,7 @@ impl VfioPciDevice {
             .ops
             .region_write(CONFIG_REGION, (reg * 4 + offset) as u64, data)
         {
-            debug!("config write of register {reg} failed: {e}");
+            debug!("config write of register {reg} failed: {}", Chain(&e));
         }
     }
 
@@ -396,8 +405,9 @@ impl VfioPciDevice {
         };
         if let Err(e) = self.ops.set_irq_eventfds(MSIX_IRQ_INDEX, &fds) {
             warn!(
-                "cannot {} MSI-X on the device: {e}",
-                if on { "enable" } else { "disable" }
+                "cannot {} MSI-X on the device: {}",
+                if on { "enable" } else { "disable" },
+                Chain(&e)
             );
         }
     }
@@ -516,7 +526,7 @@ impl PciDevice for VfioPciDevice {
             }
         }
         if let Err(e) = self.ops.region_read(bar as u32, offset, data) {
-            debug!("BAR {bar} read at {offset:#x} failed: {e}");
+            debug!("BAR {bar} read at {offset:#x} failed: {}", Chain(&e));
             data.fill(0xff);
         }
     }
@@ -534,7 +544,7 @@ impl PciDevice for VfioPciDevice {
             }
         }
         if let Err(e) = self.ops.region_write(bar as u32, offset, data) {
-            debug!("BAR {bar} write at {offset:#x} failed: {e}");
+            debug!("BAR {bar} write at {offset:#x} failed: {}", Chain(&e));
         }
     }
 }

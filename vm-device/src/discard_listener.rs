@@ -4,6 +4,8 @@
 
 use serde::Serialize;
 
+use crate::dma_mapping::{BoxError, DmaError};
+
 /// A guest-physical range handed to a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct Section {
@@ -26,10 +28,36 @@ impl Section {
     }
 }
 
-/// A device-side failure to make a range usable.
+/// Why a range could not be mapped.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ListenerError(pub String);
+pub enum MapError {
+    #[error("DMA entry limit of {limit} mappings reached")]
+    EntryLimit { limit: u64 },
+    #[error("DMA entry limit of {limit} mappings reached ({pages} pages to map)")]
+    PagesPastLimit { limit: u64, pages: u64 },
+    /// The device refused or broke.
+    #[error(transparent)]
+    Device(#[from] DmaError),
+}
+
+/// A device-side failure to make a range usable, with its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("DMA map of {gpa:#x}+{size:#x}")]
+    Map {
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: MapError,
+    },
+    #[error(
+        "DMA entry limit of {limit} mappings reached: unmapping {gpa:#x}+{size:#x} would split a mapping"
+    )]
+    SplitPastLimit { limit: u64, gpa: u64, size: u64 },
+    /// Another kind of listener's refusal.
+    #[error(transparent)]
+    Other(BoxError),
+}
 
 /// A listener's part of one conversion, started at every listener before
 /// any is waited for, so devices work on it at the same time.

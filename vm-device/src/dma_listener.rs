@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use log::error;
 use serde::Serialize;
 
-use crate::discard_listener::{ListenerError, RamDiscardListener, Section};
-use crate::dma_mapping::ExternalDmaMapping;
+use crate::discard_listener::{ListenerError, MapError, RamDiscardListener, Section};
+use crate::dma_mapping::{CutOff, DmaError, ExternalDmaMapping};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct DmaStats {
@@ -97,13 +97,14 @@ struct Published {
 
 /// A device's DMA mapping as a discard listener.
 ///
-/// Faults: a refused map (a clean error reply) refuses the conversion. A
-/// device whose connection fails, that fails an unmap, or that will not map
-/// back the surviving parts of a split is *failed*: it is cut off from guest
-/// memory at once (`ExternalDmaMapping::sever`, or unmapping everything
-/// held), it stops taking part in conversions, and the guest's conversion
-/// goes on. A failed device never holds a page the guest made private, and
-/// the guest is never told `ok` for a page a live device did not follow.
+/// Faults: a refused map (`DmaError::Refused`) refuses the conversion. A
+/// device whose connection fails (`DmaError::Broken`), that fails an unmap,
+/// or that will not map back the surviving parts of a split is *failed*: it
+/// is cut off from guest memory at once (`ExternalDmaMapping::cut_off`, then
+/// unmapping everything held unless that dropped it all), it stops taking
+/// part in conversions, and the guest's conversion goes on. A failed device
+/// never holds a page the guest made private, and the guest is never told
+/// `ok` for a page a live device did not follow.
 pub struct DmaMappingListener {
     dma: Arc<dyn ExternalDmaMapping>,
     entry_limit: Option<u64>,
@@ -211,7 +212,7 @@ impl DmaMappingListener {
             return;
         }
         error!("device failed and detached from guest memory: {reason}");
-        if !self.dma.sever(&reason) {
+        if self.dma.cut_off(&reason) == CutOff::MappingsLeft {
             // Best effort: nothing else can take these mappings away.
             let held: Vec<(u64, u64)> = m.by_iova.iter().map(|(&a, &s)| (a, s)).collect();
             for (iova, size) in held {
@@ -232,25 +233,11 @@ impl DmaMappingListener {
         }
     }
 
-    /// Fails the device if the error left its connection unusable; returns
-    /// whether it did.
-    fn fail_if_broken(&self, m: &mut Mappings) -> bool {
-        match self.dma.failure() {
-            Some(reason) => {
-                self.fail(m, reason);
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn map(&self, m: &mut Mappings, iova: u64, size: u64) -> std::io::Result<()> {
+    fn map(&self, m: &mut Mappings, iova: u64, size: u64) -> Result<(), MapError> {
         if let Some(limit) = self.entry_limit
             && m.stats.entries + m.reserved >= limit
         {
-            return Err(std::io::Error::other(format!(
-                "DMA entry limit of {limit} mappings reached"
-            )));
+            return Err(MapError::EntryLimit { limit });
         }
         self.dma.map(iova, iova, size)?;
         m.by_iova.insert(iova, size);
@@ -263,15 +250,14 @@ impl DmaMappingListener {
     fn unmap_exact(&self, m: &mut Mappings, iova: u64, size: u64) -> bool {
         if let Err(e) = self.dma.unmap(iova, size) {
             m.stats.unmap_failures += 1;
-            if !self.fail_if_broken(m) {
+            let reason = match e {
+                DmaError::Broken(why) => why.to_string(),
                 // The device keeps a page it must not: it cannot stay live.
-                self.fail(
-                    m,
-                    format!(
-                        "DMA unmap of {iova:#x}+{size:#x} failed, the range may stay reachable: {e}"
-                    ),
-                );
-            }
+                DmaError::Refused(e) => format!(
+                    "DMA unmap of {iova:#x}+{size:#x} failed, the range may stay reachable: {e}"
+                ),
+            };
+            self.fail(m, reason);
             return false;
         }
         m.by_iova.remove(&iova);
@@ -290,7 +276,7 @@ impl DmaMappingListener {
         m: &mut Mappings,
         section: Section,
         policy: MappingPolicy,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), MapError> {
         if policy == MappingPolicy::Runs || section.size <= PAGE_SIZE {
             return self.map(m, section.gpa, section.size);
         }
@@ -298,15 +284,13 @@ impl DmaMappingListener {
         if let Some(limit) = self.entry_limit
             && m.stats.entries + m.reserved + pages > limit
         {
-            return Err(std::io::Error::other(format!(
-                "DMA entry limit of {limit} mappings reached ({pages} pages to map)"
-            )));
+            return Err(MapError::PagesPastLimit { limit, pages });
         }
         // Sections are page-aligned (the RamBlockAttribute's granularity).
         let mut at = section.gpa;
         while at < section.end() {
             if let Err(e) = self.map(m, at, PAGE_SIZE) {
-                if self.dma.failure().is_none() {
+                if !is_broken(&e) {
                     let mut undo = section.gpa;
                     while undo < at {
                         if !self.unmap_exact(m, undo, PAGE_SIZE) {
@@ -371,6 +355,10 @@ impl DmaMappingListener {
     }
 }
 
+fn is_broken(e: &MapError) -> bool {
+    matches!(e, MapError::Device(e) if e.is_broken())
+}
+
 impl DmaMappingListener {
     /// Maps RAM that is never converted (no guest_memfd) as one mapping,
     /// whatever the policy: nothing will ever be discarded inside it.
@@ -386,13 +374,19 @@ impl DmaMappingListener {
         let result = match self.populate(&mut m, section, policy) {
             Ok(()) => Ok(()),
             // A failed device no longer takes part; the conversion goes on.
-            Err(_) if self.fail_if_broken(&mut m) => Ok(()),
-            Err(e) => {
+            Err(MapError::Device(DmaError::Broken(why))) => {
+                self.fail(&mut m, why.to_string());
+                Ok(())
+            }
+            // Taking back the pages of a refused populate failed it.
+            Err(_) if m.failure.is_some() => Ok(()),
+            Err(source) => {
                 m.stats.refused += 1;
-                Err(ListenerError(format!(
-                    "DMA map of {:#x}+{:#x}: {e}",
-                    section.gpa, section.size
-                )))
+                Err(ListenerError::Map {
+                    gpa: section.gpa,
+                    size: section.size,
+                    source,
+                })
             }
         };
         self.publish(&m);
@@ -416,10 +410,11 @@ impl RamDiscardListener for DmaMappingListener {
         {
             m.stats.refused += 1;
             self.publish(&m);
-            return Err(ListenerError(format!(
-                "DMA entry limit of {limit} mappings reached: unmapping {:#x}+{:#x} would split a mapping",
-                section.gpa, section.size
-            )));
+            return Err(ListenerError::SplitPastLimit {
+                limit,
+                gpa: section.gpa,
+                size: section.size,
+            });
         }
         m.reserved += extra;
         m.pending.insert(section, extra);
@@ -535,6 +530,21 @@ mod tests {
     }
 
     #[test]
+    fn a_per_page_populate_whose_take_back_is_refused_fails_the_device_not_the_conversion() {
+        // The third page is refused and so is the unmap that takes back the
+        // first: the device keeps a page it was not given, so it goes, and
+        // the conversion goes on without it.
+        let iommu = Arc::new(FakeIommu::keeping_mappings_on_cut_off(Some(2)));
+        let l = DmaMappingListener::with_policy(iommu.clone(), None, MappingPolicy::Pages);
+        iommu.fail_next_unmaps(1);
+        l.notify_populate(section(0x20000, 0x3000)).unwrap();
+        let why = l.failure().unwrap();
+        assert!(why.contains("unmap of 0x20000+0x1000 failed"), "{why}");
+        assert!(iommu.is_cut_off());
+        assert_eq!((l.stats().refused, l.stats().entries), (0, 0));
+    }
+
+    #[test]
     fn a_per_page_populate_whose_device_breaks_fails_the_device() {
         let (iommu, l) = page_listener(None, None);
         l.notify_populate(section(0x10000, 0x1000)).unwrap();
@@ -608,7 +618,16 @@ mod tests {
         l.notify_populate(section(0x1000, 0x1000)).unwrap();
         l.notify_populate(section(0x3000, 0x1000)).unwrap();
         let err = l.notify_populate(section(0x5000, 0x1000)).unwrap_err();
-        assert!(err.0.contains("entry limit of 2"), "{err}");
+        assert!(
+            matches!(
+                err,
+                ListenerError::Map {
+                    source: MapError::EntryLimit { limit: 2 },
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert_eq!(iommu.mappings().len(), 2);
         assert_eq!(l.stats().refused, 1);
     }
@@ -618,7 +637,17 @@ mod tests {
         let (iommu, l) = listener(Some(1));
         l.notify_populate(section(0x1000, 0x1000)).unwrap();
         let err = l.notify_populate(section(0x3000, 0x1000)).unwrap_err();
-        assert!(err.0.contains("0x3000+0x1000"), "{err}");
+        assert!(err.to_string().contains("0x3000+0x1000"), "{err}");
+        assert!(
+            matches!(
+                &err,
+                ListenerError::Map {
+                    source: MapError::Device(DmaError::Refused(_)),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert_eq!(l.mappings(), vec![section(0x1000, 0x1000)]);
         assert_eq!(l.mappings(), iommu.mappings());
     }
@@ -631,7 +660,7 @@ mod tests {
         l.notify_populate(section(0x20000, 0x1000)).unwrap();
         let middle = section(0x11000, 0x1000);
         let err = l.prepare_discard(middle).unwrap_err();
-        assert!(err.0.contains("would split"), "{err}");
+        assert!(err.to_string().contains("would split"), "{err}");
         // An edge cut needs no extra entry.
         let edge = section(0x10000, 0x1000);
         l.prepare_discard(edge).unwrap();
@@ -679,7 +708,7 @@ mod tests {
         l.notify_populate(section(0x1000, 0x1000)).unwrap();
         iommu.break_on_next_call();
         l.notify_populate(section(0x3000, 0x1000)).unwrap();
-        assert!(iommu.is_severed());
+        assert!(iommu.is_cut_off());
         assert!(iommu.mappings().is_empty(), "a severed server drops all");
         assert!(l.mappings().is_empty());
         assert_eq!(l.failure().as_deref(), Some("connection lost"));
@@ -705,7 +734,7 @@ mod tests {
         l.notify_populate(section(0x5000, 0x2000)).unwrap();
         iommu.break_on_next_call();
         l.notify_discard(section(0x1000, 0x1000));
-        assert!(iommu.is_severed());
+        assert!(iommu.is_cut_off());
         assert!(iommu.mappings().is_empty());
         assert!(l.mappings().is_empty());
         assert_eq!(l.stats().unmap_failures, 1);
@@ -716,7 +745,7 @@ mod tests {
     fn a_refused_remap_after_a_split_fails_the_device() {
         for keeps in [false, true] {
             let iommu = Arc::new(if keeps {
-                FakeIommu::keeping_mappings_on_sever(None)
+                FakeIommu::keeping_mappings_on_cut_off(None)
             } else {
                 FakeIommu::new(None)
             });
@@ -784,11 +813,11 @@ mod tests {
     }
 
     impl ExternalDmaMapping for StalledDevice {
-        fn map(&self, _: u64, _: u64, _: u64) -> std::io::Result<()> {
+        fn map(&self, _: u64, _: u64, _: u64) -> Result<(), DmaError> {
             let _ = self.go.lock().unwrap().recv();
             Ok(())
         }
-        fn unmap(&self, _: u64, _: u64) -> std::io::Result<()> {
+        fn unmap(&self, _: u64, _: u64) -> Result<(), DmaError> {
             Ok(())
         }
     }
@@ -821,7 +850,7 @@ mod tests {
 
     #[test]
     fn an_unmap_the_device_refuses_fails_the_device() {
-        let iommu = Arc::new(FakeIommu::keeping_mappings_on_sever(None));
+        let iommu = Arc::new(FakeIommu::keeping_mappings_on_cut_off(None));
         let (l, seen) = failing_listener(&iommu);
         l.notify_populate(section(0x1000, 0x1000)).unwrap();
         l.notify_populate(section(0x5000, 0x1000)).unwrap();

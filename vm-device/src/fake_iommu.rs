@@ -12,7 +12,12 @@ use std::io::{Error, ErrorKind};
 use std::sync::Mutex;
 
 use crate::discard_listener::Section;
-use crate::dma_mapping::ExternalDmaMapping;
+use crate::dma_mapping::{CutOff, DmaError, ExternalDmaMapping};
+
+/// What a broken fake reports: the connection is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("connection lost")]
+struct ConnectionLost(#[source] Error);
 
 #[derive(Default)]
 struct Domain {
@@ -24,27 +29,27 @@ struct Domain {
     /// stopped answering): it and every later call fail.
     break_on_next_call: bool,
     broken: bool,
-    severed: bool,
+    cut_off: bool,
 }
 
 pub struct FakeIommu {
     limit: Option<u64>,
-    /// Whether severing drops every mapping (vfio-user: the server must on
+    /// Whether cutting off drops every mapping (vfio-user: the server must on
     /// disconnect) or leaves them to be unmapped (VFIO).
-    sever_drops_mappings: bool,
+    cut_off_drops_mappings: bool,
     domain: Mutex<Domain>,
 }
 
-fn refuse(domain: &mut Domain, errno: i32) -> std::io::Result<()> {
+fn refuse(domain: &mut Domain, errno: i32) -> Result<(), DmaError> {
     domain.violations += 1;
-    Err(Error::from_raw_os_error(errno))
+    Err(DmaError::refused(Error::from_raw_os_error(errno)))
 }
 
 impl FakeIommu {
     pub fn new(limit: Option<u64>) -> Self {
         FakeIommu {
             limit,
-            sever_drops_mappings: true,
+            cut_off_drops_mappings: true,
             domain: Mutex::new(Domain::default()),
         }
     }
@@ -62,11 +67,11 @@ impl FakeIommu {
         self.domain.lock().unwrap().violations
     }
 
-    /// Like `new`, for a backend whose `sever` leaves the mappings in place
+    /// Like `new`, for a backend whose `cut_off` leaves the mappings in place
     /// (VFIO): the caller must unmap them.
-    pub fn keeping_mappings_on_sever(limit: Option<u64>) -> Self {
+    pub fn keeping_mappings_on_cut_off(limit: Option<u64>) -> Self {
         FakeIommu {
-            sever_drops_mappings: false,
+            cut_off_drops_mappings: false,
             ..FakeIommu::new(limit)
         }
     }
@@ -77,8 +82,8 @@ impl FakeIommu {
         self.domain.lock().unwrap().break_on_next_call = true;
     }
 
-    pub fn is_severed(&self) -> bool {
-        self.domain.lock().unwrap().severed
+    pub fn is_cut_off(&self) -> bool {
+        self.domain.lock().unwrap().cut_off
     }
 
     /// The next `count` unmaps fail (an IOMMU that refuses); the mappings
@@ -95,12 +100,15 @@ impl FakeIommu {
 }
 
 impl ExternalDmaMapping for FakeIommu {
-    fn map(&self, iova: u64, _gpa: u64, size: u64) -> std::io::Result<()> {
+    fn map(&self, iova: u64, _gpa: u64, size: u64) -> Result<(), DmaError> {
         let mut d = self.domain.lock().unwrap();
         check_connection(&mut d)?;
         if d.fail_next_maps > 0 {
             d.fail_next_maps -= 1;
-            return Err(Error::new(ErrorKind::OutOfMemory, "injected map failure"));
+            return Err(DmaError::refused(Error::new(
+                ErrorKind::OutOfMemory,
+                "injected map failure",
+            )));
         }
         let Some(end) = iova.checked_add(size).filter(|_| size > 0) else {
             return refuse(&mut d, libc_errno::EINVAL);
@@ -120,15 +128,15 @@ impl ExternalDmaMapping for FakeIommu {
         Ok(())
     }
 
-    fn unmap(&self, iova: u64, size: u64) -> std::io::Result<()> {
+    fn unmap(&self, iova: u64, size: u64) -> Result<(), DmaError> {
         let mut d = self.domain.lock().unwrap();
         check_connection(&mut d)?;
         if d.fail_next_unmaps > 0 {
             d.fail_next_unmaps -= 1;
-            return Err(Error::new(
+            return Err(DmaError::refused(Error::new(
                 ErrorKind::PermissionDenied,
                 "injected unmap failure",
-            ));
+            )));
         }
         let Some(end) = iova.checked_add(size).filter(|_| size > 0) else {
             return refuse(&mut d, libc_errno::EINVAL);
@@ -149,28 +157,28 @@ impl ExternalDmaMapping for FakeIommu {
         Ok(())
     }
 
-    fn failure(&self) -> Option<String> {
-        let d = self.domain.lock().unwrap();
-        (d.broken || d.severed).then(|| "connection lost".to_string())
-    }
-
-    fn sever(&self, _reason: &str) -> bool {
+    fn cut_off(&self, _reason: &str) -> CutOff {
         let mut d = self.domain.lock().unwrap();
-        d.severed = true;
-        if self.sever_drops_mappings {
+        d.cut_off = true;
+        if self.cut_off_drops_mappings {
             d.by_iova.clear();
+            CutOff::MappingsDropped
+        } else {
+            CutOff::MappingsLeft
         }
-        self.sever_drops_mappings
     }
 }
 
-fn check_connection(d: &mut Domain) -> std::io::Result<()> {
+fn check_connection(d: &mut Domain) -> Result<(), DmaError> {
     if d.break_on_next_call {
         d.break_on_next_call = false;
         d.broken = true;
     }
     if d.broken {
-        return Err(Error::new(ErrorKind::TimedOut, "no reply"));
+        return Err(DmaError::broken(ConnectionLost(Error::new(
+            ErrorKind::TimedOut,
+            "no reply",
+        ))));
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ pub mod fake_iommu;
 mod interrupt;
 
 pub use bus::{Bus, BusDevice, BusError};
-pub use discard_listener::{ListenerError, RamDiscardListener, Section, Started};
+pub use discard_listener::{ListenerError, MapError, RamDiscardListener, Section, Started};
 pub use dma_listener::{DmaMappingListener, DmaStats, FailureHook, MappingPolicy};
-pub use dma_mapping::ExternalDmaMapping;
+pub use dma_mapping::{BoxError, CutOff, DmaError, ExternalDmaMapping};
 pub use interrupt::{InterruptError, MsiMessage, MsiVectors};

@@ -30,14 +30,14 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hypervisor::KvmHypervisor;
-use test_guest::{Op, OpKind};
+use test_guest::{MemconvOptions, Op, OpKind, memconv_elf};
 use vm_device::MappingPolicy;
-use vmm::config::{ConsoleOutput, UserDeviceConfig};
+use vmm::config::{ConsoleOutput, UserDeviceConfig, VmConfig};
 use vmm::event_monitor::EventMonitor;
 
 const CONVERTED_GPA: u64 = 16 << 20;
@@ -199,7 +199,7 @@ impl Bench {
                 ..Default::default()
             })
             .collect();
-        let config = common::quiet_guest_on_vcpus(
+        let config = quiet_guest_on_vcpus(
             &self.dir,
             lists,
             ConsoleOutput::File(console.clone()),
@@ -235,6 +235,24 @@ impl Bench {
         let high = self.run(setup, setup.high);
         (high.as_secs_f64() - low.as_secs_f64()) / (setup.high - setup.low) as f64
     }
+}
+
+/// As `quiet_guest`, on `lists.len()` vCPUs, vCPU `i` running `lists[i]`.
+fn quiet_guest_on_vcpus(
+    dir: &Path,
+    lists: Vec<Vec<Op>>,
+    serial: ConsoleOutput,
+    user_devices: Vec<UserDeviceConfig>,
+) -> VmConfig {
+    let vcpus = u8::try_from(lists.len()).expect("at most 255 vCPUs");
+    let mut config = common::quiet_guest(dir, Vec::new(), serial, user_devices);
+    let options = MemconvOptions {
+        poweroff: true,
+        quiet: true,
+    };
+    std::fs::write(&config.kernel, memconv_elf(&lists, options)).expect("write guest");
+    config.cpus.boot = vcpus;
+    config
 }
 
 fn median(values: &mut [f64]) -> f64 {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use vmm::device_manager::vfio_user_client::{DmaMemory, VfioUserClient};
+use vfio_user_client::{DmaMemory, DmaMemoryError, VfioUserClient};
 
 const RAM: u64 = 8 << 20;
 const FILL: u64 = 4 << 20;
@@ -81,7 +81,7 @@ impl Ram {
 }
 
 impl DmaMemory for Ram {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DmaMemoryError> {
         self.check(gpa, buf.len())?;
         // SAFETY: inside the mapping (checked).
         unsafe {
@@ -90,7 +90,7 @@ impl DmaMemory for Ram {
         Ok(())
     }
 
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), DmaMemoryError> {
         self.check(gpa, data.len())?;
         // SAFETY: inside the mapping (checked).
         unsafe {

@@ -29,8 +29,8 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use hypervisor::{ConversionDirection, MemoryConversion};
-use vm_device::{DmaMappingListener, ExternalDmaMapping, Section};
-use vmm::device_manager::vfio_user_client::VfioUserClient;
+use vfio_user_client::VfioUserClient;
+use vm_device::{DmaError, DmaMappingListener, ExternalDmaMapping, Section};
 use vmm::memory::ConvertibleRam;
 
 const RAM: u64 = 64 << 20;
@@ -68,20 +68,20 @@ struct MemfdDma {
 }
 
 impl ExternalDmaMapping for MemfdDma {
-    fn map(&self, iova: u64, gpa: u64, size: u64) -> std::io::Result<()> {
+    fn map(&self, iova: u64, gpa: u64, size: u64) -> Result<(), DmaError> {
         self.client
             .lock()
             .unwrap()
             .dma_map(iova, size, self.fd, gpa - BASE)
-            .map_err(std::io::Error::other)
+            .map_err(DmaError::refused)
     }
 
-    fn unmap(&self, iova: u64, size: u64) -> std::io::Result<()> {
+    fn unmap(&self, iova: u64, size: u64) -> Result<(), DmaError> {
         self.client
             .lock()
             .unwrap()
             .dma_unmap(iova, size)
-            .map_err(std::io::Error::other)
+            .map_err(DmaError::refused)
     }
 }
 

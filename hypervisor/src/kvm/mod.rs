@@ -326,7 +326,7 @@ impl Vm for KvmVm {
         tdx::finalize_vm(&self.fd)
     }
 
-    fn create_vfio_device(&self) -> Result<OwnedFd> {
+    fn create_vfio_device(&self) -> Result<crate::KvmVfioDevice> {
         let mut request = kvm_create_device {
             type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
             fd: 0,
@@ -340,6 +340,7 @@ impl Vm for KvmVm {
         // the clone is a new descriptor of our own.
         unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) }
             .try_clone_to_owned()
+            .map(crate::KvmVfioDevice::new)
             .map_err(HypervisorError::CreateVfioDevice)
     }
 

@@ -46,24 +46,6 @@ pub fn quiet_guest(
     }
 }
 
-/// As `quiet_guest`, on `lists.len()` vCPUs, vCPU `i` running `lists[i]`.
-pub fn quiet_guest_on_vcpus(
-    dir: &Path,
-    lists: Vec<Vec<Op>>,
-    serial: ConsoleOutput,
-    user_devices: Vec<UserDeviceConfig>,
-) -> VmConfig {
-    let vcpus = u8::try_from(lists.len()).expect("at most 255 vCPUs");
-    let mut config = quiet_guest(dir, Vec::new(), serial, user_devices);
-    let options = MemconvOptions {
-        poweroff: true,
-        quiet: true,
-    };
-    std::fs::write(&config.kernel, memconv_elf(&lists, options)).expect("write guest");
-    config.cpus.boot = vcpus;
-    config
-}
-
 /// Boots `config` and returns the time until the guest powers off (the VM
 /// is shut down after, untimed); a guest still running after `patience`
 /// fails the bench.

@@ -7,6 +7,19 @@ use std::sync::Mutex;
 
 use pci::{DirectArea, VfioOpsError};
 
+#[derive(Debug, thiserror::Error)]
+enum BarMapError {
+    #[error("area {offset:#x} has no file offset")]
+    NoFileOffset { offset: u64 },
+    #[error("cannot map area {offset:#x}+{size:#x}")]
+    Mmap {
+        offset: u64,
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 #[derive(Default)]
 pub struct BarMaps {
     /// (host address, length) of every mapping made.
@@ -31,7 +44,7 @@ impl BarMaps {
                 for area in &mapped {
                     self.unmap_one(area);
                 }
-                return Err(VfioOpsError(format!("area {offset:#x} has no file offset")));
+                return Err(VfioOpsError::new(BarMapError::NoFileOffset { offset }));
             };
             // SAFETY: a fresh shared mapping of the device's fd at a place
             // the kernel chooses; nothing else lives there.
@@ -46,13 +59,15 @@ impl BarMaps {
                 )
             };
             if host == libc::MAP_FAILED {
-                let e = std::io::Error::last_os_error();
+                let source = std::io::Error::last_os_error();
                 for area in &mapped {
                     self.unmap_one(area);
                 }
-                return Err(VfioOpsError(format!(
-                    "cannot map area {offset:#x}+{size:#x}: {e}"
-                )));
+                return Err(VfioOpsError::new(BarMapError::Mmap {
+                    offset,
+                    size,
+                    source,
+                }));
             }
             let area = DirectArea {
                 offset,

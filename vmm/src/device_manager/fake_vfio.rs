@@ -18,6 +18,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
+use pci::VfioOpsError;
 use vfio_ioctls::{VfioError, VfioOps};
 use vm_device::ExternalDmaMapping;
 use vm_device::fake_iommu::FakeIommu;
@@ -160,9 +161,9 @@ impl FakeVfioDevice {
         allowed.map(|r| r.offset + offset)
     }
 
-    fn refuse(&self, what: String) -> Result<(), String> {
+    fn refuse(&self, what: String) -> Result<(), VfioOpsError> {
         self.state.lock().unwrap().violations.push(what.clone());
-        Err(what)
+        Err(VfioOpsError::new(what))
     }
 }
 
@@ -190,7 +191,7 @@ impl VfioDeviceAccess for Arc<FakeVfioDevice> {
         self.irq_counts.get(&index).copied().unwrap_or(0)
     }
 
-    fn enable_irq(&self, index: u32, fds: Vec<&EventFd>) -> Result<(), String> {
+    fn enable_irq(&self, index: u32, fds: Vec<&EventFd>) -> Result<(), VfioOpsError> {
         let count = self.irq_count(index) as usize;
         if fds.is_empty() || fds.len() > count {
             return self.refuse(format!(
@@ -201,13 +202,13 @@ impl VfioDeviceAccess for Arc<FakeVfioDevice> {
         let mut kept = Vec::with_capacity(fds.len());
         for fd in fds {
             // The kernel holds its own reference to each eventfd.
-            kept.push(fd.try_clone().map_err(|e| e.to_string())?);
+            kept.push(fd.try_clone().map_err(VfioOpsError::new)?);
         }
         self.state.lock().unwrap().triggers.insert(index, kept);
         Ok(())
     }
 
-    fn disable_irq(&self, index: u32) -> Result<(), String> {
+    fn disable_irq(&self, index: u32) -> Result<(), VfioOpsError> {
         if self.irq_count(index) == 0 {
             return self.refuse(format!("SET_IRQS disable on irq index {index} (none)"));
         }
@@ -234,7 +235,7 @@ pub struct FakeContainer {
 impl FakeContainer {
     pub fn new(limit: Option<u64>) -> Arc<Self> {
         Arc::new(FakeContainer {
-            iommu: FakeIommu::keeping_mappings_on_sever(limit),
+            iommu: FakeIommu::keeping_mappings_on_cut_off(limit),
             host_by_iova: Mutex::default(),
         })
     }
@@ -250,7 +251,7 @@ impl FakeContainer {
     }
 }
 
-fn refused(e: std::io::Error) -> SysError {
+fn refused(e: vm_device::DmaError) -> SysError {
     SysError::new(e.raw_os_error().unwrap_or(libc::EIO))
 }
 

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use vfio_user_client::DmaMemoryError;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::memory::MemoryManager;
@@ -72,11 +73,9 @@ impl GuestRam {
     }
 }
 
-impl super::vfio_user_client::DmaMemory for GuestRam {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
-        let host = self
-            .host_address(gpa, buf.len() as u64)
-            .map_err(|e| e.to_string())?;
+impl vfio_user_client::DmaMemory for GuestRam {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DmaMemoryError> {
+        let host = self.host_address(gpa, buf.len() as u64)?;
         // SAFETY: `host..host+len` lies inside one RAM region, mapped for
         // the life of the VM; the guest may write it concurrently, which
         // a byte copy tolerates (no Rust reference into guest RAM is made).
@@ -84,10 +83,8 @@ impl super::vfio_user_client::DmaMemory for GuestRam {
         Ok(())
     }
 
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
-        let host = self
-            .host_address(gpa, data.len() as u64)
-            .map_err(|e| e.to_string())?;
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), DmaMemoryError> {
+        let host = self.host_address(gpa, data.len() as u64)?;
         // SAFETY: as in `read`.
         unsafe { std::ptr::copy(data.as_ptr(), host as *mut u8, data.len()) };
         Ok(())
@@ -97,7 +94,7 @@ impl super::vfio_user_client::DmaMemory for GuestRam {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device_manager::vfio_user_client::DmaMemory;
+    use vfio_user_client::DmaMemory;
 
     const LOW: u64 = 0x1000_0000;
     const HIGH: u64 = 0x1_0000_0000;

@@ -19,12 +19,11 @@ mod guest_ram;
 pub mod pci_segment;
 pub mod vfio;
 mod vfio_host;
-pub mod vfio_user_client;
+mod vfio_user;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{info, warn};
@@ -32,9 +31,10 @@ use serde::Serialize;
 use vm_device::{DmaMappingListener, DmaStats, ExternalDmaMapping, MappingPolicy, Section};
 
 pub use guest_ram::{GuestRam, GuestRamError};
-use pci::{VfioOps, VfioOpsError, VfioPciDevice};
+use pci::VfioPciDevice;
 use pci_segment::{PciSegment, PluggedFunction};
-use vfio_user_client::{VfioUserClient, VfioUserError};
+pub use vfio_user::VfioUserDma;
+use vfio_user_client::VfioUserError;
 
 use crate::config::{DeviceConfig, DmaMode, UserDeviceConfig};
 use crate::event_monitor::EventMonitor;
@@ -118,203 +118,6 @@ pub struct DeviceInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dma_mode: Option<DmaMode>,
     pub dma: DmaStats,
-}
-
-/// A vfio-user server's DMA mapping. In `fd` mode the guest RAM's fd and
-/// offset go with every map and the server mmaps them; in `messages` mode
-/// maps carry no fd and the server's DMA_READ / DMA_WRITE are served
-/// inside its current mappings only.
-pub struct VfioUserDma {
-    client: Arc<Mutex<VfioUserClient>>,
-    mode: DmaMode,
-    /// `messages` mode: answers the server's DMA requests that arrive
-    /// while no request of ours is in flight.
-    server_requests: Option<JoinHandle<()>>,
-    ram: Arc<GuestRam>,
-    max_dma_maps: u64,
-    /// Host mappings of the server's mmappable BAR areas.
-    region_maps: bar_maps::BarMaps,
-}
-
-impl VfioUserDma {
-    pub fn connect(
-        socket: &std::path::Path,
-        ram: Arc<GuestRam>,
-        timeout: Duration,
-        mode: DmaMode,
-    ) -> Result<Self, DeviceError> {
-        if !ram.all_file_backed() {
-            return Err(DeviceError::NoFileBacking);
-        }
-        let client = VfioUserClient::connect(socket, timeout, Some(ram.clone()))
-            .map_err(DeviceError::VfioUser)?;
-        let max_dma_maps = client.max_dma_maps();
-        let client = Arc::new(Mutex::new(client));
-        let server_requests = match mode {
-            DmaMode::Fd => None,
-            DmaMode::Messages => Some(serve_server_requests(&client)?),
-        };
-        Ok(VfioUserDma {
-            max_dma_maps,
-            client,
-            server_requests,
-            mode,
-            ram,
-            region_maps: bar_maps::BarMaps::default(),
-        })
-    }
-
-    /// Whether the server is a PCI function (`VfioUserClient::is_pci_function`).
-    fn offers_pci_function(&self) -> Result<bool, DeviceError> {
-        self.client()
-            .is_pci_function()
-            .map_err(DeviceError::VfioUser)
-    }
-
-    fn client(&self) -> MutexGuard<'_, VfioUserClient> {
-        lock_client(&self.client)
-    }
-}
-
-fn lock_client(client: &Mutex<VfioUserClient>) -> MutexGuard<'_, VfioUserClient> {
-    // The client's state is updated before any call that could panic.
-    client.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A server doing message DMA from its own threads sends DMA_READ /
-/// DMA_WRITE whenever it likes, not only inside one of our requests: this
-/// thread waits on the socket without holding the client and answers what
-/// arrives between requests. It ends when the connection closes.
-fn serve_server_requests(
-    client: &Arc<Mutex<VfioUserClient>>,
-) -> Result<JoinHandle<()>, DeviceError> {
-    let watch = lock_client(client).watch_handle().ok_or_else(|| {
-        DeviceError::VfioUser(VfioUserError::Closed("closed before it was watched".into()))
-    })?;
-    let client = client.clone();
-    std::thread::Builder::new()
-        .name("vfio-user-dma".into())
-        .spawn(move || {
-            use std::os::fd::AsRawFd;
-            loop {
-                let mut waiting = libc::pollfd {
-                    fd: watch.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one pollfd for a socket this thread owns a handle on.
-                let ready = unsafe { libc::poll(&mut waiting, 1, -1) };
-                if ready < 0
-                    && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
-                {
-                    break;
-                }
-                // A request of ours may have taken what woke us; the
-                // client checks again under its lock. A closed client
-                // (hang-up, removal) ends the thread.
-                if ready > 0 && lock_client(&client).serve_pending().is_err() {
-                    break;
-                }
-            }
-        })
-        .map_err(|e| DeviceError::VfioUser(VfioUserError::Io(e)))
-}
-
-impl Drop for VfioUserDma {
-    fn drop(&mut self) {
-        // Closing wakes the server-request thread, which then sees it.
-        self.client().close("the device was let go");
-        if let Some(thread) = self.server_requests.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn io_error(e: impl std::error::Error) -> std::io::Error {
-    std::io::Error::other(crate::error_chain(&e))
-}
-
-fn ops_error(e: VfioUserError) -> VfioOpsError {
-    VfioOpsError(crate::error_chain(&e))
-}
-
-/// Region and interrupt access for the PCI function model, over the same
-/// connection the DMA mappings use.
-impl VfioOps for VfioUserDma {
-    fn region_size(&self, index: u32) -> Result<u64, VfioOpsError> {
-        self.client().region_size(index).map_err(ops_error)
-    }
-
-    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), VfioOpsError> {
-        self.client()
-            .region_read(index, offset, data)
-            .map_err(ops_error)
-    }
-
-    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioOpsError> {
-        self.client()
-            .region_write(index, offset, data)
-            .map_err(ops_error)
-    }
-
-    fn irq_count(&self, index: u32) -> Result<u32, VfioOpsError> {
-        self.client().irq_count(index).map_err(ops_error)
-    }
-
-    fn set_irq_eventfds(&self, index: u32, fds: &[std::os::fd::RawFd]) -> Result<(), VfioOpsError> {
-        self.client()
-            .set_irq_eventfds(index, fds)
-            .map_err(ops_error)
-    }
-
-    fn reset(&self) -> Result<(), VfioOpsError> {
-        self.client().reset().map_err(ops_error)
-    }
-
-    fn map_region_areas(&self, index: u32) -> Result<Vec<pci::DirectArea>, VfioOpsError> {
-        use std::os::fd::AsRawFd;
-        let info = self.client().region_info(index).map_err(ops_error)?;
-        match info.fd {
-            Some(fd) => self
-                .region_maps
-                .map(fd.as_raw_fd(), info.offset, &info.mmap_areas),
-            None => Ok(Vec::new()),
-        }
-    }
-}
-
-impl ExternalDmaMapping for VfioUserDma {
-    fn map(&self, iova: u64, gpa: u64, size: u64) -> std::io::Result<()> {
-        match self.mode {
-            DmaMode::Fd => {
-                let (fd, offset) = self.ram.file_offset(gpa, size).map_err(io_error)?;
-                self.client().dma_map(iova, size, fd, offset)
-            }
-            // The server's DMA_READ / DMA_WRITE name IOVAs that the client
-            // turns into guest addresses as IOVA = GPA.
-            DmaMode::Messages if iova == gpa => self.client().dma_map_for_messages(iova, size),
-            DmaMode::Messages => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("message DMA needs IOVA = GPA, got {iova:#x} for {gpa:#x}"),
-                ));
-            }
-        }
-        .map_err(io_error)
-    }
-
-    fn unmap(&self, iova: u64, size: u64) -> std::io::Result<()> {
-        self.client().dma_unmap(iova, size).map_err(io_error)
-    }
-
-    fn failure(&self) -> Option<String> {
-        self.client().closed_reason().map(str::to_string)
-    }
-
-    fn sever(&self, reason: &str) -> bool {
-        self.client().close(reason);
-        true
-    }
 }
 
 struct AttachedDevice {
@@ -428,19 +231,15 @@ impl Default for VfioPlatform {
 impl VfioPlatform {
     /// The VM's KVM-VFIO device, created on first use.
     fn kvm_vfio(&self) -> Result<Arc<vfio_ioctls::VfioDeviceFd>, DeviceError> {
-        use std::os::fd::{FromRawFd, IntoRawFd};
         let mut handle = self.kvm_vfio.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(device) = handle.as_ref() {
             return Ok(device.clone());
         }
         let vm = self.vm.as_ref().ok_or(DeviceError::NoKvmVfio(None))?;
-        let fd = vm
+        let device = vm
             .create_vfio_device()
             .map_err(|e| DeviceError::NoKvmVfio(Some(e)))?;
-        // SAFETY: `fd` is a KVM device fd whose ownership moves into the
-        // DeviceFd.
-        let device = unsafe { kvm_ioctls::DeviceFd::from_raw_fd(fd.into_raw_fd()) };
-        let device = Arc::new(vfio_ioctls::VfioDeviceFd::new_from_kvm(device));
+        let device = Arc::new(device.into_vfio_device_fd());
         *handle = Some(device.clone());
         Ok(device)
     }
@@ -557,7 +356,7 @@ impl DeviceManager {
         }
         let result = VfioUserDma::connect(&config.socket, self.ram.clone(), timeout, config.dma)
             .and_then(|dma| {
-                let limit = dma.max_dma_maps;
+                let limit = dma.max_dma_maps();
                 let dma = Arc::new(dma);
                 let function = match &self.pci {
                     Some(segment) if dma.offers_pci_function()? => Some(Arc::new(
@@ -790,19 +589,32 @@ impl DeviceManager {
             list.closed = true;
             std::mem::take(&mut list.devices)
         };
+        let remove = |device: &AttachedDevice| {
+            self.detach(device);
+            device.info()
+        };
         std::thread::scope(|scope| {
             let removals: Vec<_> = devices
                 .iter()
                 .map(|device| {
-                    scope.spawn(move || {
-                        self.detach(device);
-                        device.info()
-                    })
+                    std::thread::Builder::new()
+                        .name("device-removal".into())
+                        .spawn_scoped(scope, move || remove(device))
+                        .map_err(|e| {
+                            warn!(
+                                "no thread to remove device {}, removing it here: {e}",
+                                device.id
+                            );
+                            device
+                        })
                 })
                 .collect();
             removals
                 .into_iter()
-                .filter_map(|removal| removal.join().ok())
+                .filter_map(|removal| match removal {
+                    Ok(thread) => thread.join().ok(),
+                    Err(device) => Some(remove(device)),
+                })
                 .collect()
         })
     }

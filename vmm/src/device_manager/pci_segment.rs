@@ -238,11 +238,11 @@ impl BarMemorySlots {
 }
 
 impl GuestMemoryWindows for BarMemorySlots {
-    fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, String> {
+    fn map(&self, gpa: u64, size: u64, host: u64) -> Result<u32, pci::WindowError> {
         let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
         let slot = (FIRST_BAR_SLOT..SLOT_LIMIT)
             .find(|s| !taken.contains(s))
-            .ok_or("no free memory slot")?;
+            .ok_or(pci::WindowError::NoFreeSlot)?;
         let region = UserMemoryRegion {
             slot,
             guest_phys_addr: gpa,
@@ -254,7 +254,8 @@ impl GuestMemoryWindows for BarMemorySlots {
         // its PCI function keeps mapped until after the bus has removed
         // this slot (unmap below), as `PciBus` does on every window change
         // and on unplug.
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| crate::error_chain(&e))?;
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| pci::WindowError::Refused(e.into()))?;
         taken.insert(slot);
         Ok(slot)
     }
@@ -540,7 +541,7 @@ mod tests {
             self.irqfds.lock().unwrap().push((gsi, false));
             Ok(())
         }
-        fn create_vfio_device(&self) -> hypervisor::Result<std::os::fd::OwnedFd> {
+        fn create_vfio_device(&self) -> hypervisor::Result<hypervisor::KvmVfioDevice> {
             self.inner.create_vfio_device()
         }
     }

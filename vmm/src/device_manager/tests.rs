@@ -5,9 +5,10 @@
 use std::sync::Arc;
 
 use hypervisor::{Hypervisor, VmType};
-use vm_device::Section;
 use vm_device::fake_iommu::FakeIommu;
+use vm_device::{CutOff, DmaError, Section};
 
+use super::vfio_user::VfioUserDmaError;
 use super::*;
 use crate::memory::{ConversionFailure, MemoryLayout};
 use crate::test_util::{convert, kvm};
@@ -279,7 +280,7 @@ fn a_device_lost_mid_conversion_is_detached_and_the_conversion_goes_on() {
     }];
     assert_eq!(shared_runs(&memory), expected);
     assert_eq!(healthy.mappings(), expected);
-    assert!(flaky.is_severed());
+    assert!(flaky.is_cut_off());
     assert!(flaky.mappings().is_empty());
     let info = dm.info();
     assert_eq!(info[1].state, DeviceState::Failed);
@@ -668,13 +669,13 @@ fn a_vfio_user_server_is_a_pci_function_whose_dma_follows_the_shared_pages() {
 }
 
 #[test]
-fn a_severed_vfio_user_connection_reports_why_and_maps_nothing_more() {
+fn a_cut_off_vfio_user_connection_reports_why_and_maps_nothing_more() {
     let Some(memory) = memory() else { return };
     let (socket, ctl) = in_process_test_device("sever", false);
     let ram = Arc::new(GuestRam::new(&memory));
     let dma = VfioUserDma::connect(&socket, ram, Duration::from_secs(5), DmaMode::Fd).unwrap();
     assert!(dma.offers_pci_function().unwrap());
-    assert_eq!(dma.failure(), None);
+    assert_eq!(dma.client().closed_reason(), None);
     dma.map(0x20_0000, 0x20_0000, 0x2000).unwrap();
     assert_eq!(
         device_maps(&ctl),
@@ -685,11 +686,13 @@ fn a_severed_vfio_user_connection_reports_why_and_maps_nothing_more() {
     );
     dma.unmap(0x20_0000, 0x2000).unwrap();
     assert!(device_maps(&ctl).is_empty());
-    // Severed: the reason is kept, and nothing reaches the server any more
+    // Cut off: the reason is kept, and nothing reaches the server any more
     // (a server whose client goes drops every mapping itself).
-    assert!(dma.sever("stopped answering"));
-    assert_eq!(dma.failure().as_deref(), Some("stopped answering"));
-    assert!(dma.map(0x20_0000, 0x20_0000, 0x1000).is_err());
+    assert_eq!(dma.cut_off("stopped answering"), CutOff::MappingsDropped);
+    assert_eq!(dma.client().closed_reason(), Some("stopped answering"));
+    let err = dma.map(0x20_0000, 0x20_0000, 0x1000).unwrap_err();
+    assert!(err.is_broken(), "{err:?}");
+    assert_eq!(err.to_string(), "stopped answering");
     assert!(device_maps(&ctl).is_empty());
 }
 
@@ -745,7 +748,7 @@ extern "C" fn ignore_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut lib
 fn a_message_dma_server_is_answered_between_requests_and_let_go_on_drop() {
     use std::os::unix::thread::JoinHandleExt;
 
-    use super::vfio_user_client::DmaMemory;
+    use vfio_user_client::DmaMemory;
     let Some(memory) = memory() else { return };
     let (socket, ctl) = in_process_test_device("messages", false);
     let ram = Arc::new(GuestRam::new(&memory));
@@ -786,7 +789,16 @@ fn a_message_dma_server_is_answered_between_requests_and_let_go_on_drop() {
     );
     // The client serves the server's DMA as IOVA = GPA only.
     let err = dma.map(0x30_0000, 0x20_0000, 0x1000).unwrap_err();
-    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+    assert!(
+        matches!(
+            &err,
+            DmaError::Refused(e) if matches!(
+                e.downcast_ref::<VfioUserDmaError>(),
+                Some(VfioUserDmaError::IovaNotGpa { .. })
+            )
+        ),
+        "{err}"
+    );
     assert!(device_maps(&ctl).is_empty());
     dma.map(0x20_0000, 0x20_0000, 0x2000).unwrap();
     assert_eq!(

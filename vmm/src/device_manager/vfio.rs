@@ -16,7 +16,7 @@ use std::sync::Arc;
 use pci::VfioOpsError;
 use serde::Serialize;
 use vfio_ioctls::{VfioOps, VfioRegionInfoCap};
-use vm_device::ExternalDmaMapping;
+use vm_device::{DmaError, ExternalDmaMapping};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::guest_ram::GuestRam;
@@ -35,7 +35,7 @@ pub enum VfioAttachError {
     #[error("cannot open the VFIO container")]
     Container(#[source] vfio_ioctls::VfioError),
     #[error("cannot open {IOMMUFD}")]
-    Iommufd(#[source] std::io::Error),
+    Iommufd(#[source] iommufd_ioctls::IommufdError),
     #[error("cannot allocate an IOAS")]
     Ioas(#[source] vfio_ioctls::VfioError),
     #[error("cannot open VFIO device {0}")]
@@ -102,8 +102,8 @@ pub trait VfioDeviceAccess: Send + Sync {
     fn irq_count(&self, index: u32) -> u32;
     /// Vectors 0.. of irq index `index` signal `fds` (VFIO_DEVICE_SET_IRQS);
     /// the kernel takes its own references to them.
-    fn enable_irq(&self, index: u32, fds: Vec<&EventFd>) -> Result<(), String>;
-    fn disable_irq(&self, index: u32) -> Result<(), String>;
+    fn enable_irq(&self, index: u32, fds: Vec<&EventFd>) -> Result<(), VfioOpsError>;
+    fn disable_irq(&self, index: u32) -> Result<(), VfioOpsError>;
     fn reset(&self);
     /// The fd whose region offsets mmap the device's regions.
     fn mmap_fd(&self) -> RawFd;
@@ -144,10 +144,23 @@ impl VfioDma {
 fn check_region_access(index: u32, size: u64, offset: u64, len: usize) -> Result<(), VfioOpsError> {
     match offset.checked_add(len as u64) {
         Some(end) if end <= size => Ok(()),
-        _ => Err(VfioOpsError(format!(
-            "region {index}: {offset:#x}+{len:#x} is outside its {size:#x} bytes"
-        ))),
+        _ => Err(VfioOpsError::new(OutsideRegion {
+            index,
+            offset,
+            len,
+            size,
+        })),
     }
+}
+
+/// A region access the kernel would refuse.
+#[derive(Debug, thiserror::Error)]
+#[error("region {index}: {offset:#x}+{len:#x} is outside its {size:#x} bytes")]
+struct OutsideRegion {
+    index: u32,
+    offset: u64,
+    len: usize,
+    size: u64,
 }
 
 impl pci::VfioOps for VfioDma {
@@ -173,7 +186,7 @@ impl pci::VfioOps for VfioDma {
 
     fn set_irq_eventfds(&self, index: u32, fds: &[RawFd]) -> Result<(), VfioOpsError> {
         if fds.is_empty() {
-            return self.device.disable_irq(index).map_err(VfioOpsError);
+            return self.device.disable_irq(index);
         }
         // SAFETY: the fds are eventfds owned by the caller's MSI vectors,
         // alive for this call; ManuallyDrop keeps these views from closing
@@ -183,7 +196,7 @@ impl pci::VfioOps for VfioDma {
             .map(|&fd| ManuallyDrop::new(unsafe { EventFd::from_raw_fd(fd) }))
             .collect();
         let refs: Vec<&EventFd> = views.iter().map(|v| &**v).collect();
-        self.device.enable_irq(index, refs).map_err(VfioOpsError)
+        self.device.enable_irq(index, refs)
     }
 
     fn reset(&self) -> Result<(), VfioOpsError> {
@@ -230,12 +243,14 @@ fn mappable_areas(flags: u32, size: u64, caps: &[VfioRegionInfoCap]) -> Vec<(u64
         .unwrap_or_else(|| vec![(0, size)])
 }
 
+/// The kernel's refusals: a type1 container or an IOAS has no connection
+/// that could break, so every failure is a refusal.
 impl ExternalDmaMapping for VfioDma {
-    fn map(&self, iova: u64, gpa: u64, size: u64) -> std::io::Result<()> {
+    fn map(&self, iova: u64, gpa: u64, size: u64) -> Result<(), DmaError> {
         let host = self
             .ram
             .host_address(gpa, size)
-            .map_err(std::io::Error::other)?;
+            .map_err(DmaError::refused)?;
         // SAFETY: `host..host+size` is guest RAM mapped for the life of the
         // VM, which outlives this mapping; the VMM never holds Rust
         // references into guest RAM (it goes through vm-memory's volatile
@@ -244,13 +259,13 @@ impl ExternalDmaMapping for VfioDma {
             self.iommu
                 .vfio_dma_map(iova, size as usize, host as *mut u8)
         }
-        .map_err(std::io::Error::other)
+        .map_err(DmaError::refused)
     }
 
-    fn unmap(&self, iova: u64, size: u64) -> std::io::Result<()> {
+    fn unmap(&self, iova: u64, size: u64) -> Result<(), DmaError> {
         self.iommu
             .vfio_dma_unmap(iova, size as usize)
-            .map_err(std::io::Error::other)
+            .map_err(DmaError::refused)
     }
 }
 
@@ -391,7 +406,7 @@ mod tests {
         // the caller.
         let three = [fds[0], fds[1], fds[0]];
         let e = dma.set_irq_eventfds(2, &three).unwrap_err();
-        assert!(e.0.contains("3 vectors"), "{e}");
+        assert!(e.to_string().contains("3 vectors"), "{e}");
         // None: disabled.
         dma.set_irq_eventfds(2, &[]).unwrap();
         assert!(!device.fire(2, 0));
@@ -493,7 +508,10 @@ mod tests {
         assert!(check_region_access(0, 0x100, 0, 0x100).is_ok());
         assert!(check_region_access(0, 0x100, 0xfc, 4).is_ok());
         let e = check_region_access(2, 0x100, 0xfd, 4).unwrap_err();
-        assert_eq!(e.0, "region 2: 0xfd+0x4 is outside its 0x100 bytes");
+        assert_eq!(
+            e.to_string(),
+            "region 2: 0xfd+0x4 is outside its 0x100 bytes"
+        );
         assert!(check_region_access(0, 0x100, u64::MAX - 1, 4).is_err());
         assert!(check_region_access(0, 0, 0, 1).is_err());
     }

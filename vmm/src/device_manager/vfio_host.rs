@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use iommufd_ioctls::IommuFd;
 use log::info;
+use pci::VfioOpsError;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioIommufd, VfioOps};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -45,8 +46,7 @@ pub fn open(
             if !Path::new(IOMMUFD).exists() {
                 return Err(VfioAttachError::NoIommufd);
             }
-            let iommufd =
-                IommuFd::new().map_err(|e| VfioAttachError::Iommufd(std::io::Error::other(e)))?;
+            let iommufd = IommuFd::new().map_err(VfioAttachError::Iommufd)?;
             Arc::new(
                 VfioIommufd::new(Arc::new(iommufd), None, Some(kvm_vfio))
                     .map_err(VfioAttachError::Ioas)?,
@@ -88,12 +88,12 @@ impl VfioDeviceAccess for VfioDevice {
         self.get_irq_info(index).map_or(0, |irq| irq.count)
     }
 
-    fn enable_irq(&self, index: u32, fds: Vec<&EventFd>) -> Result<(), String> {
-        VfioDevice::enable_irq(self, index, fds).map_err(|e| e.to_string())
+    fn enable_irq(&self, index: u32, fds: Vec<&EventFd>) -> Result<(), VfioOpsError> {
+        VfioDevice::enable_irq(self, index, fds).map_err(VfioOpsError::new)
     }
 
-    fn disable_irq(&self, index: u32) -> Result<(), String> {
-        VfioDevice::disable_irq(self, index).map_err(|e| e.to_string())
+    fn disable_irq(&self, index: u32) -> Result<(), VfioOpsError> {
+        VfioDevice::disable_irq(self, index).map_err(VfioOpsError::new)
     }
 
     fn reset(&self) {

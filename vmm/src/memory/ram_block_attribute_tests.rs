@@ -47,7 +47,7 @@ impl RamDiscardListener for Recorder {
         if let Some(bad) = *self.refuse_page.lock().unwrap()
             && (s.gpa..s.end()).contains(&bad)
         {
-            return Err(ListenerError(format!("refusing {bad:#x}")));
+            return Err(ListenerError::Other(format!("refusing {bad:#x}").into()));
         }
         let mut mapped = self.mapped.lock().unwrap();
         for p in (s.gpa..s.end()).step_by(PAGE as usize) {
@@ -629,7 +629,7 @@ impl RamDiscardListener for InFlight {
         Started::InFlight(Box::new(move || {
             self.note("mapped");
             if self.refuse {
-                return Err((sections[0], ListenerError("refused".into())));
+                return Err((sections[0], ListenerError::Other("refused".into())));
             }
             let mut mapped = self.mapped.lock().unwrap();
             for s in &sections {

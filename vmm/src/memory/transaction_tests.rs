@@ -68,7 +68,7 @@ impl RamDiscardListener for Device {
             .unwrap()
             .is_some_and(|p| s.gpa <= p && p < s.end())
         {
-            return Err(ListenerError("refused by the test".into()));
+            return Err(ListenerError::Other("refused by the test".into()));
         }
         let mut mapped = self.mapped.lock().unwrap();
         for page in (s.gpa..s.end()).step_by(PAGE as usize) {
