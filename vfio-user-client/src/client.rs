@@ -7,6 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::batch::DmaRequest;
 use crate::dma::DmaMemory;
 use crate::error::{DmaRequestError, VfioUserError, with_sources};
 use crate::transport::Transport;
@@ -111,52 +112,31 @@ impl VfioUserClient {
         size: u64,
         backing: Option<(RawFd, u64)>,
     ) -> Result<(), DmaRequestError> {
-        let (fds, offset) = match &backing {
-            Some((fd, offset)) => (std::slice::from_ref(fd), *offset),
-            None => (&[][..], 0),
-        };
-        let mut payload = [0u8; 32];
-        payload[0..4].copy_from_slice(&32u32.to_le_bytes()); // argsz
-        payload[4..8].copy_from_slice(&DMA_READ_WRITE.to_le_bytes());
-        payload[8..16].copy_from_slice(&offset.to_le_bytes());
-        payload[16..24].copy_from_slice(&iova.to_le_bytes());
-        payload[24..32].copy_from_slice(&size.to_le_bytes());
-        self.request(CMD_DMA_MAP, &payload, fds)
-            .map_err(|e| self.dma_failure(e))?;
-        self.mapped.insert(iova, size);
-        Ok(())
-    }
-
-    /// A failed DMA request as its caller must see it: whether the
-    /// connection went with it (`request` closes it on anything but a
-    /// clean error reply).
-    fn dma_failure(&self, e: VfioUserError) -> DmaRequestError {
-        match self.transport.closed_reason() {
-            Some(reason) => DmaRequestError::Closed {
-                reason: reason.to_string(),
-                source: e,
-            },
-            None => DmaRequestError::Refused(e),
-        }
+        self.one(DmaRequest::Map {
+            iova,
+            size,
+            backing,
+        })
     }
 
     /// Unmaps exactly an earlier mapping. Any failure, a refusal included,
     /// closes the connection: the range could otherwise stay reachable.
     pub fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), DmaRequestError> {
-        let mut payload = [0u8; 24];
-        payload[0..4].copy_from_slice(&24u32.to_le_bytes()); // argsz
-        payload[8..16].copy_from_slice(&iova.to_le_bytes());
-        payload[16..24].copy_from_slice(&size.to_le_bytes());
-        match self.request(CMD_DMA_UNMAP, &payload, &[]) {
-            Ok(_) => {
-                self.mapped.remove(&iova);
-                Ok(())
-            }
-            Err(e) => {
-                self.close(&format!("DMA_UNMAP of {iova:#x}+{size:#x} failed: {e}"));
-                Err(self.dma_failure(e))
-            }
+        self.one(DmaRequest::Unmap { iova, size })
+    }
+
+    /// A batch of one request: the same rules, one code path.
+    fn one(&mut self, request: DmaRequest) -> Result<(), DmaRequestError> {
+        if let Err(e) = self.transport.check_open() {
+            return Err(DmaRequestError::Closed {
+                reason: self.closed_reason().unwrap_or_default().to_string(),
+                source: e,
+            });
         }
+        let batch = self.start_batch(vec![request]);
+        self.finish_batch(batch)
+            .pop()
+            .expect("one result per request")
     }
 
     /// DEVICE_GET_INFO: the device's kind and how many regions and irq

@@ -17,8 +17,10 @@
 //!
 //! Modules follow the protocol's layers: `wire` (headers, commands,
 //! layouts), `transport` (the socket, deadlines, fd passing, closing),
-//! `client` (typed requests), `dma` (serving server-initiated DMA).
+//! `client` (typed requests), `batch` (pipelined DMA_MAP / DMA_UNMAP),
+//! `dma` (serving server-initiated DMA).
 
+mod batch;
 mod client;
 mod dma;
 mod error;
@@ -27,6 +29,7 @@ mod test_support;
 mod transport;
 mod wire;
 
+pub use batch::{BATCH_WINDOW, DmaBatchState, DmaRequest};
 pub use client::VfioUserClient;
 pub use dma::{DmaMemory, DmaMemoryError};
 pub use error::{DmaRequestError, VfioUserError};

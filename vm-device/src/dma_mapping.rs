@@ -54,11 +54,60 @@ pub enum CutOff {
     MappingsLeft,
 }
 
+/// One request of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmaOp {
+    Map {
+        iova: u64,
+        gpa: u64,
+        size: u64,
+    },
+    /// Unmaps exactly one earlier mapping.
+    Unmap {
+        iova: u64,
+        size: u64,
+    },
+}
+
+/// A batch of requests, settled or in flight at the device.
+pub enum DmaBatch<'a> {
+    Done(Vec<Result<(), DmaError>>),
+    /// `finish` waits for the device's answers.
+    InFlight(Box<dyn FnOnce() -> Vec<Result<(), DmaError>> + 'a>),
+}
+
+impl DmaBatch<'_> {
+    /// One result per request, in the order they were given.
+    pub fn finish(self) -> Vec<Result<(), DmaError>> {
+        match self {
+            DmaBatch::Done(results) => results,
+            DmaBatch::InFlight(wait) => wait(),
+        }
+    }
+}
+
 /// Maps guest memory for device DMA. Implemented by VFIO containers and
 /// vfio-user clients; `gpa` is resolved to host memory by the implementation.
 pub trait ExternalDmaMapping: Send + Sync {
     fn map(&self, iova: u64, gpa: u64, size: u64) -> Result<(), DmaError>;
     fn unmap(&self, iova: u64, size: u64) -> Result<(), DmaError>;
+
+    /// Starts every one of `ops`, in order, and returns what finishing
+    /// waits for. A device may have them all in flight at once (vfio-user
+    /// matches replies to requests by message id); after it breaks, every
+    /// request not yet answered reports `Broken`. The default runs them one
+    /// by one in the call.
+    fn start_batch(&self, ops: &[DmaOp]) -> DmaBatch<'_> {
+        DmaBatch::Done(ops.iter().map(|&op| self.apply(op)).collect())
+    }
+
+    /// Runs one request now.
+    fn apply(&self, op: DmaOp) -> Result<(), DmaError> {
+        match op {
+            DmaOp::Map { iova, gpa, size } => self.map(iova, gpa, size),
+            DmaOp::Unmap { iova, size } => self.unmap(iova, size),
+        }
+    }
 
     /// Cuts the device off from guest memory for good, at once (a live
     /// connection is closed, so no late reply can map anything). Called

@@ -16,5 +16,5 @@ mod interrupt;
 pub use bus::{Bus, BusDevice, BusError};
 pub use discard_listener::{ListenerError, MapError, RamDiscardListener, Section, Started};
 pub use dma_listener::{DmaMappingListener, DmaStats, FailureHook, MappingPolicy};
-pub use dma_mapping::{BoxError, CutOff, DmaError, ExternalDmaMapping};
+pub use dma_mapping::{BoxError, CutOff, DmaBatch, DmaError, DmaOp, ExternalDmaMapping};
 pub use interrupt::{InterruptError, MsiMessage, MsiVectors};
