@@ -8,8 +8,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pci::{VfioOps, VfioOpsError};
-use vfio_user_client::{DmaRequestError, VfioUserClient, VfioUserError};
-use vm_device::{CutOff, DmaError, ExternalDmaMapping};
+use vfio_user_client::{DmaRequest, DmaRequestError, VfioUserClient, VfioUserError};
+use vm_device::{CutOff, DmaBatch, DmaError, DmaOp, ExternalDmaMapping};
 
 use super::{DeviceError, GuestRam, bar_maps};
 use crate::config::DmaMode;
@@ -194,28 +194,81 @@ fn dma_error(e: DmaRequestError) -> DmaError {
     }
 }
 
+impl VfioUserDma {
+    /// `op` as the client's request: a map names the guest memory's fd (or
+    /// none, for DMA by messages, where the server's DMA_READ / DMA_WRITE
+    /// name IOVAs the client takes as GPAs).
+    fn request(&self, op: DmaOp) -> Result<DmaRequest, DmaError> {
+        Ok(match op {
+            DmaOp::Map { iova, gpa, size } => DmaRequest::Map {
+                iova,
+                size,
+                backing: match self.mode {
+                    DmaMode::Fd => {
+                        Some(self.ram.file_offset(gpa, size).map_err(DmaError::refused)?)
+                    }
+                    DmaMode::Messages if iova == gpa => None,
+                    DmaMode::Messages => {
+                        return Err(DmaError::refused(VfioUserDmaError::IovaNotGpa {
+                            iova,
+                            gpa,
+                        }));
+                    }
+                },
+            },
+            DmaOp::Unmap { iova, size } => DmaRequest::Unmap { iova, size },
+        })
+    }
+}
+
 impl ExternalDmaMapping for VfioUserDma {
     fn map(&self, iova: u64, gpa: u64, size: u64) -> Result<(), DmaError> {
-        match self.mode {
-            DmaMode::Fd => {
-                let (fd, offset) = self.ram.file_offset(gpa, size).map_err(DmaError::refused)?;
-                self.client().dma_map(iova, size, fd, offset)
-            }
-            // The server's DMA_READ / DMA_WRITE name IOVAs that the client
-            // turns into guest addresses as IOVA = GPA.
-            DmaMode::Messages if iova == gpa => self.client().dma_map_for_messages(iova, size),
-            DmaMode::Messages => {
-                return Err(DmaError::refused(VfioUserDmaError::IovaNotGpa {
-                    iova,
-                    gpa,
-                }));
-            }
-        }
-        .map_err(dma_error)
+        self.start_batch(&[DmaOp::Map { iova, gpa, size }])
+            .finish()
+            .pop()
+            .expect("one result per request")
     }
 
     fn unmap(&self, iova: u64, size: u64) -> Result<(), DmaError> {
         self.client().dma_unmap(iova, size).map_err(dma_error)
+    }
+
+    /// Every request in flight on the connection at once (up to the
+    /// client's window); the client is held until the batch is finished,
+    /// so no other request interleaves with it.
+    fn start_batch(&self, ops: &[DmaOp]) -> DmaBatch<'_> {
+        // A request that cannot be made (no fd for the range) is refused
+        // here and not sent; the rest go out.
+        let mut refused: Vec<(usize, DmaError)> = Vec::new();
+        let mut sent: Vec<usize> = Vec::with_capacity(ops.len());
+        let mut requests = Vec::with_capacity(ops.len());
+        for (index, &op) in ops.iter().enumerate() {
+            match self.request(op) {
+                Ok(request) => {
+                    sent.push(index);
+                    requests.push(request);
+                }
+                Err(e) => refused.push((index, e)),
+            }
+        }
+        let mut client = self.client();
+        let batch = client.start_batch(requests);
+        let count = ops.len();
+        DmaBatch::InFlight(Box::new(move || {
+            let answered = client.finish_batch(batch);
+            drop(client);
+            let mut results: Vec<Option<Result<(), DmaError>>> = (0..count).map(|_| None).collect();
+            for (index, result) in sent.into_iter().zip(answered) {
+                results[index] = Some(result.map_err(dma_error));
+            }
+            for (index, e) in refused {
+                results[index] = Some(Err(e));
+            }
+            results
+                .into_iter()
+                .map(|r| r.expect("every request answered or refused"))
+                .collect()
+        }))
     }
 
     /// Closes the connection: the server must drop every mapping then, and
