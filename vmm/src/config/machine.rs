@@ -332,6 +332,19 @@ impl Default for PlatformConfig {
     }
 }
 
+/// What a platform is made of, before it is checked.
+pub(super) struct PlatformParts {
+    pub(super) tdx: bool,
+    pub(super) sev_snp: bool,
+    pub(super) sw_protected: bool,
+    pub(super) iommufd: bool,
+    pub(super) num_pci_segments: Option<u64>,
+    pub(super) snp_policy: u64,
+    pub(super) snp_guest_features: u64,
+    /// `snp_policy` or `snp_guest_features` was given.
+    pub(super) snp_keys: bool,
+}
+
 impl PlatformConfig {
     pub const SYNTAX: &'static str = "[tdx=on|sev_snp=on|sw_protected=on][,iommufd=on|off][,num_pci_segments=1][,snp_policy=0x30000][,snp_guest_features=0x1]";
 
@@ -358,27 +371,62 @@ impl PlatformConfig {
             .map_err(|_| p.invalid(key, "expected a number (0x for hex)")),
         };
         let defaults = PlatformConfig::default();
-        let config = PlatformConfig {
-            iommufd: p.toggle("iommufd", false)?,
-            tdx: p.toggle("tdx", false)?,
-            sev_snp: p.toggle("sev_snp", false)?,
-            sw_protected: p.toggle("sw_protected", false)?,
-            num_pci_segments: match p.get("num_pci_segments") {
-                None => 1,
-                Some("1") => 1,
-                Some(_) => return Err(p.invalid("num_pci_segments", "only 1 PCI segment exists")),
-            },
-            snp_policy: number("snp_policy", defaults.snp_policy)?,
-            snp_guest_features: number("snp_guest_features", defaults.snp_guest_features)?,
+        // Read in this order, so the first bad key is the one named.
+        let iommufd = p.toggle("iommufd", false)?;
+        let tdx = p.toggle("tdx", false)?;
+        let sev_snp = p.toggle("sev_snp", false)?;
+        let sw_protected = p.toggle("sw_protected", false)?;
+        let num_pci_segments = match p.get("num_pci_segments") {
+            None => None,
+            Some("1") => Some(1),
+            Some(_) => return Err(p.invalid("num_pci_segments", "only 1 PCI segment exists")),
         };
-        let snp_keys = p.get("snp_policy").is_some() || p.get("snp_guest_features").is_some();
-        if snp_keys && !config.sev_snp {
+        Self::from_parts(
+            PlatformParts {
+                tdx,
+                sev_snp,
+                sw_protected,
+                iommufd,
+                num_pci_segments,
+                snp_policy: number("snp_policy", defaults.snp_policy)?,
+                snp_guest_features: number("snp_guest_features", defaults.snp_guest_features)?,
+                snp_keys: p.get("snp_policy").is_some() || p.get("snp_guest_features").is_some(),
+            },
+            text,
+        )
+    }
+
+    /// The platform from its typed parts (the CLI's option or the JSON's
+    /// object), checked; `shown` is what an error quotes as the value.
+    pub(super) fn from_parts(parts: PlatformParts, shown: &str) -> Result<Self, ConfigError> {
+        let invalid = |key: &'static str, why: &'static str| ConfigError::Invalid {
+            option: "--platform",
+            key,
+            value: shown.to_string(),
+            why,
+        };
+        if let Some(n) = parts.num_pci_segments.filter(|n| *n != 1) {
             return Err(ConfigError::Invalid {
                 option: "--platform",
-                key: "snp_policy",
-                value: text.to_string(),
-                why: "snp_policy and snp_guest_features need sev_snp=on",
+                key: "num_pci_segments",
+                value: n.to_string(),
+                why: "only 1 PCI segment exists",
             });
+        }
+        let config = PlatformConfig {
+            iommufd: parts.iommufd,
+            tdx: parts.tdx,
+            sev_snp: parts.sev_snp,
+            sw_protected: parts.sw_protected,
+            num_pci_segments: 1,
+            snp_policy: parts.snp_policy,
+            snp_guest_features: parts.snp_guest_features,
+        };
+        if parts.snp_keys && !config.sev_snp {
+            return Err(invalid(
+                "snp_policy",
+                "snp_policy and snp_guest_features need sev_snp=on",
+            ));
         }
         if [config.tdx, config.sev_snp, config.sw_protected]
             .iter()
@@ -386,12 +434,10 @@ impl PlatformConfig {
             .count()
             > 1
         {
-            return Err(ConfigError::Invalid {
-                option: "--platform",
-                key: "tdx",
-                value: text.to_string(),
-                why: "choose one of tdx, sev_snp and sw_protected",
-            });
+            return Err(invalid(
+                "tdx",
+                "choose one of tdx, sev_snp and sw_protected",
+            ));
         }
         Ok(config)
     }
