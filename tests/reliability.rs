@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const MIB: u64 = 1 << 20;
-const PAGE: u64 = 4096;
+use arch::layout::PAGE_SIZE as PAGE;
 /// The window every vCPU converts at random.
 const WINDOW: u64 = 16 * MIB;
 const VCPUS: u64 = 8;

@@ -24,7 +24,7 @@ use crate::{
     SnpVcpuState, UserMemoryRegion, Vcpu, Vm, VmType,
 };
 
-const PAGE: u64 = 4096;
+use ::arch::layout::PAGE_SIZE as PAGE;
 
 #[derive(Default)]
 struct Attributes {

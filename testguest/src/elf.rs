@@ -1,10 +1,10 @@
 //! Wraps a flat image linked at `LOAD_ADDR` into a minimal ELF64 executable
 //! (one PT_LOAD segment), the format `cloud-hypervisor --kernel` loads.
 
-pub const LOAD_ADDR: u64 = 0x10_0000;
+pub const LOAD_ADDR: u64 = arch::layout::test_guest::IMAGE_START;
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
-const SEGMENT_OFFSET: usize = 0x1000;
+const SEGMENT_OFFSET: usize = arch::layout::PAGE_BYTES;
 
 pub fn wrap_flat_image(image: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; SEGMENT_OFFSET];

@@ -50,7 +50,7 @@ impl RamDiscardListener for NullListener {
 
 const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
-const PAGE: u64 = 4096;
+use arch::layout::PAGE_SIZE as PAGE;
 
 fn region<S: PageStates>(size: u64, listeners: usize) -> RamBlockAttribute<S> {
     let rba = RamBlockAttribute::<S>::with_store(0, size);

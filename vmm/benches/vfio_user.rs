@@ -34,7 +34,7 @@ use vmm::memory::RamBlockAttribute;
 
 const RAM: u64 = 64 << 20;
 const BASE: u64 = 1 << 32;
-const PAGE: u64 = 4096;
+use arch::layout::PAGE_SIZE as PAGE;
 
 struct Device {
     socket: PathBuf,

@@ -89,7 +89,10 @@ impl Hypervisor for KvmHypervisor {
         .map_err(|e| HypervisorError::CreateVm(vm_type, io_err(e)))?;
         // The VM fd answers per VM type (guest_memfd flags, memory attributes).
         let caps = Capabilities::probe(|cap| fd.check_extension_raw(cap.into()));
-        if let Err(e) = fd.set_tss_address(0xfffb_d000) {
+        let tss = usize::try_from(::arch::layout::KVM_TSS_START)
+            .map_err(|e| e.to_string())
+            .and_then(|tss| fd.set_tss_address(tss).map_err(|e| e.to_string()));
+        if let Err(e) = tss {
             debug!("KVM_SET_TSS_ADDR not accepted: {e}");
         }
         if caps.map_gpa_range_exit() {

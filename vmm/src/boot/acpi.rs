@@ -22,12 +22,21 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// Where the tables go: the BIOS area, which the kernel also scans for the
-/// RSDP when the boot protocol does not name it.
-pub const TABLES_START: u64 = 0xe_0000;
-pub const TABLES_END: u64 = 0x10_0000;
-pub const LAPIC_ADDRESS: u32 = 0xfee0_0000;
-pub const IOAPIC_ADDRESS: u32 = 0xfec0_0000;
+/// Where the tables go (arch::layout::linux).
+pub use arch::layout::linux::{ACPI_TABLES_END as TABLES_END, ACPI_TABLES_START as TABLES_START};
+/// The MADT's 32-bit fields take the LAPIC and IOAPIC addresses, both
+/// below 4 GiB.
+pub const LAPIC_ADDRESS: u32 = below_4g(arch::layout::LAPIC_START);
+pub const IOAPIC_ADDRESS: u32 = below_4g(arch::layout::IOAPIC_START);
+
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "checked to fit 32 bits first (at compile time, in a constant)"
+)]
+const fn below_4g(address: u64) -> u32 {
+    assert!(address <= u32::MAX as u64);
+    address as u32
+}
 const OEM_ID: [u8; 6] = *b"CLOUDH";
 const OEM_TABLE_ID: [u8; 8] = *b"CHSHARED";
 const OEM_REVISION: u32 = 1;

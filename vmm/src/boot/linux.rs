@@ -20,24 +20,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::segment;
 
-/// Where the boot structures go: low conventional memory, which the kernel
-/// reads them from before it reuses it (it reserves what it keeps).
-pub const PVH_INFO: u64 = 0x6000;
-pub const PVH_MODLIST: u64 = 0x6040;
-pub const PVH_MEMMAP: u64 = 0x6080;
-pub const ZERO_PAGE: u64 = 0x7000;
-pub const BOOT_STACK: u64 = 0x8ff0;
-pub const PML4: u64 = 0x9000;
-pub const PDPT: u64 = 0xa000;
-pub const PD: u64 = 0xb000;
-pub const GDT: u64 = 0x500;
-pub const CMDLINE: u64 = 0x2_0000;
-/// The 640 KiB of conventional memory end where the EBDA would start.
-pub const EBDA_START: u64 = 0x9_fc00;
-pub const HIGH_RAM_START: u64 = 0x10_0000;
-/// Longest command line this layout has room for (the kernel's own limit,
-/// `cmdline_size` in its header, is usually smaller).
-pub const CMDLINE_ROOM: usize = 0x1_0000;
+/// Where the boot structures go (arch::layout::linux).
+pub use arch::layout::linux::{
+    BOOT_STACK, CMDLINE, CMDLINE_ROOM, EBDA_START, GDT, HIGH_RAM_START, PD, PDPT, PML4, PVH_INFO,
+    PVH_MEMMAP, PVH_MODLIST, ZERO_PAGE,
+};
 const BOOT_CODE_SELECTOR: u16 = 0x10;
 const BOOT_DATA_SELECTOR: u16 = 0x18;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -286,7 +273,7 @@ pub fn plan_initramfs(size: u64, kernel_end: u64, limit: u64) -> Result<u64, Lin
     limit
         .checked_sub(size)
         .map(|a| a & !0xfff)
-        .filter(|&a| a >= kernel_end.next_multiple_of(0x1000))
+        .filter(|&a| a >= kernel_end.next_multiple_of(arch::layout::PAGE_SIZE))
         .ok_or(LinuxBootError::InitramfsTooLarge { size, limit })
 }
 

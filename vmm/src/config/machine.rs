@@ -77,7 +77,7 @@ impl MemoryConfig {
         if size == 0 {
             return Err(invalid("size", size.to_string(), "must not be zero"));
         }
-        if !size.is_multiple_of(4096) {
+        if !size.is_multiple_of(arch::layout::PAGE_SIZE) {
             return Err(invalid(
                 "size",
                 size.to_string(),

@@ -15,7 +15,7 @@ use vm_device::{DmaMappingListener, Section};
 use crate::memory::RamBlockAttribute;
 
 const PAGES: u64 = 128;
-const PAGE: u64 = 4096;
+use arch::layout::PAGE_SIZE as PAGE;
 const BASE: u64 = 0x10_0000_0000;
 
 fn pages_of(sections: &[Section]) -> BTreeSet<u64> {

@@ -11,13 +11,7 @@ use pci::configuration::BarKind;
 use pci::{GuestMemoryWindows, PciBus, PciConfigIo, PciConfigMmio, VfioPciDevice};
 use vm_device::{Bus, BusError, MsiVectors};
 
-/// ECAM window for bus 0 (1 MiB), at the top of the 32-bit BAR window.
-pub const ECAM_BASE: u64 = 0xe000_0000;
-/// 32-bit BARs go here, in the MMIO hole below 4 GiB.
-pub const MMIO32_START: u64 = 0xc000_0000;
-pub const MMIO32_END: u64 = ECAM_BASE;
-/// 64-bit BARs go above RAM and 4 GiB, in a window of this size.
-pub const MMIO64_SIZE: u64 = 64 << 30;
+pub use arch::layout::{ECAM_BASE, MMIO32_END, MMIO32_START, MMIO64_SIZE};
 
 mod kvm_slots;
 mod msi;

@@ -12,7 +12,7 @@
 use sha2::{Digest, Sha384};
 
 pub const DIGEST_LEN: usize = 48;
-const PAGE: usize = 4096;
+use arch::layout::PAGE_BYTES as PAGE;
 
 /// Page types as PAGE_INFO records them (KVM's numbers, plus the VMSA).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,10 +22,14 @@ const BYTES_AFTER_TABLE: usize = 32;
 /// A 16-bit length and a 16-byte GUID close every entry.
 const ENTRY_TRAILER: usize = 2 + 16;
 /// Images are placed so that they end at 4 GiB.
-pub const FIRMWARE_END: u64 = 1 << 32;
+pub use arch::layout::FIRMWARE_WINDOW_END as FIRMWARE_END;
 /// Largest image accepted: the flash window QEMU leaves below 4 GiB.
-pub const MAX_FIRMWARE_SIZE: usize = 16 << 20;
-const PAGE: u64 = 4096;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "16 MiB fits every usize this VMM builds for"
+)]
+pub const MAX_FIRMWARE_SIZE: usize = arch::layout::FIRMWARE_WINDOW_SIZE as usize;
+use arch::layout::PAGE_SIZE as PAGE;
 
 /// A GUID as OVMF stores it (mixed-endian, as `EFI_GUID` is laid out).
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -91,7 +91,7 @@ impl Ioapic {
         let level = e & TRIGGER_LEVEL != 0;
         MsiRoute {
             gsi: pin as u32,
-            address: 0xfee0_0000 | destination << 12 | logical << 2,
+            address: arch::layout::LAPIC_START | destination << 12 | logical << 2,
             // Bit 15 is the trigger mode; KVM takes every MSI as asserted.
             data: (e & (VECTOR | DELIVERY_MODE)) as u32 | u32::from(level) << 15,
         }

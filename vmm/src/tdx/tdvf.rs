@@ -25,7 +25,7 @@ const HEADER: usize = 16;
 const SECTION: usize = 32;
 /// More sections than this cannot be a real descriptor (TDVF has six).
 const MAX_SECTIONS: u32 = 256;
-const PAGE: u64 = 4096;
+use arch::layout::PAGE_SIZE as PAGE;
 
 /// Section attribute bit 0: the TDX module measures the contents
 /// (TDH.MR.EXTEND per 256 bytes) when the pages are added.

@@ -20,7 +20,7 @@ use crate::memory::{MemoryLayout, MemoryManager};
 use crate::test_util::{conversion, kvm};
 
 const MIB: u64 = 1 << 20;
-const PAGE: u64 = 4096;
+use arch::layout::PAGE_SIZE as PAGE;
 const RAM: u64 = 64 * MIB;
 
 struct Rig {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{MMIO32_END, MMIO32_START, MMIO64_SIZE};
+use super::{MMIO32_END, MMIO32_START};
 
 /// First-fit placement of naturally aligned BARs in one window.
 pub(super) struct Window {
@@ -44,6 +44,8 @@ impl Window {
 /// `ram_end`: the 64-bit one starts at the first GiB boundary above RAM
 /// and 4 GiB (what the ACPI host bridge's _CRS reports too).
 pub fn bar_windows(ram_end: u64) -> (std::ops::Range<u64>, std::ops::Range<u64>) {
-    let high = ram_end.max(1 << 32).next_multiple_of(1 << 30);
-    (MMIO32_START..MMIO32_END, high..high + MMIO64_SIZE)
+    (
+        MMIO32_START..MMIO32_END,
+        arch::layout::mmio64_window(ram_end),
+    )
 }
