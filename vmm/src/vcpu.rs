@@ -196,8 +196,10 @@ fn run(index: u8, mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext) {
                 }
             }
             VmExit::Hlt => {
-                // Nothing can wake a halted vCPU (no interrupt controller), so
-                // it waits for the VM to stop; a pause finds it at the gate.
+                // HLT exits to us only when the vCPU has no in-kernel irqchip
+                // (with one, KVM waits in KVM_RUN for the interrupt that wakes
+                // it). Without it nothing here can send one, so the vCPU
+                // waits for the VM to stop; a pause finds it at the gate.
                 while !stopped() {
                     ctx.pause.pass(&ctx.stop);
                     std::thread::park();
