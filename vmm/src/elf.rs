@@ -39,22 +39,53 @@ pub enum ElfError {
 }
 
 fn read<const N: usize>(image: &[u8], at: usize) -> Result<[u8; N], ElfError> {
-    image
-        .get(at..at + N)
+    at.checked_add(N)
+        .and_then(|end| image.get(at..end))
         .and_then(|s| s.try_into().ok())
-        .ok_or(ElfError::Truncated(at + N))
+        .ok_or(ElfError::Truncated(at.saturating_add(N)))
 }
 
-fn u16_at(image: &[u8], at: usize) -> Result<u16, ElfError> {
+pub(crate) fn u16_at(image: &[u8], at: usize) -> Result<u16, ElfError> {
     Ok(u16::from_le_bytes(read(image, at)?))
 }
 
-fn u32_at(image: &[u8], at: usize) -> Result<u32, ElfError> {
+pub(crate) fn u32_at(image: &[u8], at: usize) -> Result<u32, ElfError> {
     Ok(u32::from_le_bytes(read(image, at)?))
 }
 
-fn u64_at(image: &[u8], at: usize) -> Result<u64, ElfError> {
+pub(crate) fn u64_at(image: &[u8], at: usize) -> Result<u64, ElfError> {
     Ok(u64::from_le_bytes(read(image, at)?))
+}
+
+/// What the loaders need of one ELF program header.
+pub(crate) struct ProgramHeader {
+    pub(crate) kind: u32,
+    pub(crate) offset: u64,
+    pub(crate) paddr: u64,
+    pub(crate) filesz: u64,
+    pub(crate) memsz: u64,
+}
+
+/// The program headers of an ELF64 little-endian image (its identification
+/// is the caller's to check).
+pub(crate) fn program_headers(image: &[u8]) -> Result<Vec<ProgramHeader>, ElfError> {
+    let phoff = usize::try_from(u64_at(image, 32)?).map_err(|_| ElfError::Truncated(usize::MAX))?;
+    let phentsize = usize::from(u16_at(image, 54)?);
+    let phnum = usize::from(u16_at(image, 56)?);
+    (0..phnum)
+        .map(|i| {
+            let ph = phoff
+                .checked_add(i * phentsize)
+                .ok_or(ElfError::Truncated(usize::MAX))?;
+            Ok(ProgramHeader {
+                kind: u32_at(image, ph)?,
+                offset: u64_at(image, ph + 8)?,
+                paddr: u64_at(image, ph + 24)?,
+                filesz: u64_at(image, ph + 32)?,
+                memsz: u64_at(image, ph + 40)?,
+            })
+        })
+        .collect()
 }
 
 /// One PT_LOAD segment: where it goes and which file bytes fill it.
@@ -75,21 +106,18 @@ pub fn parse(image: &[u8], window: Range<u64>) -> Result<(u64, Vec<Segment>), El
         return Err(ElfError::WrongKind);
     }
     let entry = u64_at(image, 24)?;
-    let phoff = usize::try_from(u64_at(image, 32)?).map_err(|_| ElfError::Truncated(usize::MAX))?;
-    let phentsize = usize::from(u16_at(image, 54)?);
-    let phnum = usize::from(u16_at(image, 56)?);
     let mut segments = Vec::new();
-    for i in 0..phnum {
-        let ph = phoff
-            .checked_add(i * phentsize)
-            .ok_or(ElfError::Truncated(usize::MAX))?;
-        if u32_at(image, ph)? != PT_LOAD {
+    for ph in program_headers(image)? {
+        if ph.kind != PT_LOAD {
             continue;
         }
-        let offset = u64_at(image, ph + 8)?;
-        let paddr = u64_at(image, ph + 24)?;
-        let filesz = u64_at(image, ph + 32)?;
-        let memsz = u64_at(image, ph + 40)?;
+        let ProgramHeader {
+            offset,
+            paddr,
+            filesz,
+            memsz,
+            ..
+        } = ph;
         let end = paddr.checked_add(memsz);
         if filesz > memsz || end.is_none_or(|e| paddr < window.start || e > window.end) {
             return Err(ElfError::OutsideWindow {
@@ -100,12 +128,12 @@ pub fn parse(image: &[u8], window: Range<u64>) -> Result<(u64, Vec<Segment>), El
         }
         let file_end = offset
             .checked_add(filesz)
-            .filter(|e| *e <= image.len() as u64)
+            .filter(|e| usize::try_from(*e).is_ok_and(|e| e <= image.len()))
             .ok_or(ElfError::Truncated(image.len() + 1))?;
         segments.push(Segment {
             paddr,
             memsz,
-            file: offset as usize..file_end as usize,
+            file: to_usize(offset)?..to_usize(file_end)?,
         });
     }
     if segments.is_empty() {
@@ -118,6 +146,11 @@ pub fn parse(image: &[u8], window: Range<u64>) -> Result<(u64, Vec<Segment>), El
         return Err(ElfError::BadEntry(entry));
     }
     Ok((entry, segments))
+}
+
+/// A file offset already checked to lie inside the image.
+fn to_usize(offset: u64) -> Result<usize, ElfError> {
+    usize::try_from(offset).map_err(|_| ElfError::Truncated(usize::MAX))
 }
 
 /// Checks `image` (`parse`), loads its segments and returns its entry point.

@@ -143,47 +143,20 @@ pub fn has_pvh_note(image: &[u8]) -> bool {
     pvh_entry(image).is_some()
 }
 
-fn u16_in(image: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(image.get(at..at + 2)?.try_into().ok()?))
-}
-
 fn u32_in(image: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(image.get(at..at + 4)?.try_into().ok()?))
+    crate::elf::u32_at(image, at).ok()
 }
 
 fn u64_in(image: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(image.get(at..at + 8)?.try_into().ok()?))
-}
-
-/// What the loader needs of one ELF program header.
-struct ProgramHeader {
-    kind: u32,
-    offset: u64,
-    paddr: u64,
-    filesz: u64,
-    memsz: u64,
+    crate::elf::u64_at(image, at).ok()
 }
 
 /// The program headers of an ELF64 little-endian image.
-fn program_headers(image: &[u8]) -> Option<Vec<ProgramHeader>> {
+fn program_headers(image: &[u8]) -> Option<Vec<crate::elf::ProgramHeader>> {
     if image.get(4..6) != Some(&[2, 1]) {
         return None;
     }
-    let phoff = usize::try_from(u64_in(image, 0x20)?).ok()?;
-    let phentsize = usize::from(u16_in(image, 0x36)?);
-    let phnum = usize::from(u16_in(image, 0x38)?);
-    (0..phnum)
-        .map(|i| {
-            let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
-            Some(ProgramHeader {
-                kind: u32_in(image, ph)?,
-                offset: u64_in(image, ph + 8)?,
-                paddr: u64_in(image, ph + 24)?,
-                filesz: u64_in(image, ph + 32)?,
-                memsz: u64_in(image, ph + 40)?,
-            })
-        })
-        .collect()
+    crate::elf::program_headers(image).ok()
 }
 
 /// Where an ELF kernel's loaded segments end (physical addresses).
