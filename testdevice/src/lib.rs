@@ -83,8 +83,8 @@ impl DeviceState {
                 .ok_or_else(|| format!("{at:#x} is not mapped"))?;
             let n = (start + m.size).min(end) - at;
             chunks.push(match m.host {
-                Some(host) => Chunk::Host(host + (at - start) as usize, n as usize),
-                None => Chunk::Message(at, n as usize),
+                Some(host) => Chunk::Host(host + arch::usize_from(at - start), arch::usize_from(n)),
+                None => Chunk::Message(at, arch::usize_from(n)),
             });
             at += n;
         }
@@ -172,7 +172,7 @@ impl DeviceState {
 
     /// Reads `len` bytes at `iova` by DMA.
     pub fn dma_read(&self, iova: u64, len: u64) -> Result<Vec<u8>, String> {
-        let mut bytes = Vec::with_capacity(len as usize);
+        let mut bytes = Vec::with_capacity(arch::usize_from(len));
         for chunk in self.dma_chunks(iova, len)? {
             match chunk {
                 Chunk::Host(host, n) => bytes.extend(
@@ -209,7 +209,7 @@ impl Mapping {
     fn release(self) {
         if let Some(host) = self.host {
             // SAFETY: `host` came from our own mmap of exactly `size` bytes.
-            unsafe { libc::munmap(host as *mut libc::c_void, self.size as usize) };
+            unsafe { libc::munmap(host as *mut libc::c_void, arch::usize_from(self.size)) };
         }
     }
 }
@@ -292,11 +292,11 @@ impl ServerBackend for Backend {
         let host = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                size as usize,
+                arch::usize_from(size),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
-                offset as libc::off_t,
+                offset.cast_signed(),
             )
         };
         if host == libc::MAP_FAILED {
@@ -514,7 +514,7 @@ fn answer(state: &SharedState, line: &str) -> String {
         ["raw-read", iova, len] => (|| {
             let (iova, len) = (number(iova)?, number(len)?);
             let port = lock(state).port.clone().ok_or("no client connected")?;
-            let mut bytes = vec![0u8; len as usize];
+            let mut bytes = vec![0u8; arch::usize_from(len)];
             port.read(iova, &mut bytes)?;
             Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
         })(),
@@ -544,10 +544,10 @@ fn answer(state: &SharedState, line: &str) -> String {
         ["stream", iova, len, byte] => (|| {
             let (iova, len, byte) = (number(iova)?, number(len)?, number(byte)?);
             for (offset, value) in [
-                (0x0, iova as u32),
-                (0x4, (iova >> 32) as u32),
-                (0x8, len as u32),
-                (0xc, byte as u32),
+                (0x0, arch::low32(iova)),
+                (0x4, arch::high32(iova)),
+                (0x8, arch::low32(len)),
+                (0xc, arch::low32(byte)),
             ] {
                 pci::bar0_write(state, offset, &value.to_le_bytes());
             }

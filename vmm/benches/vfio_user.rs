@@ -56,7 +56,8 @@ fn start_device() -> Device {
     // SAFETY: fd was just returned to us and is owned by nobody else.
     let ram = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: ftruncate on our own fd.
-    assert_eq!(unsafe { libc::ftruncate(ram.as_raw_fd(), RAM as i64) }, 0);
+    let sized = unsafe { libc::ftruncate(ram.as_raw_fd(), RAM.cast_signed()) };
+    assert_eq!(sized, 0);
     Device { socket, dir, ram }
 }
 

@@ -407,7 +407,7 @@ mod tests {
             let t = &line["timestamp"];
             Duration::new(
                 t["secs"].as_u64().unwrap(),
-                t["nanos"].as_u64().unwrap() as u32,
+                u32::try_from(t["nanos"].as_u64().unwrap()).unwrap(),
             )
         };
         // Time since the monitor started, in emission order.

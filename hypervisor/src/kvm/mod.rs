@@ -207,7 +207,7 @@ impl Vm for KvmVm {
                     memory_size: region.size,
                     userspace_addr: region.userspace_addr,
                     guest_memfd_offset: offset,
-                    guest_memfd: fd as u32,
+                    guest_memfd: fd.cast_unsigned(),
                     ..Default::default()
                 };
                 // SAFETY: the caller guarantees the host mapping outlives the slot.
@@ -360,8 +360,8 @@ impl Vm for KvmVm {
                 ..Default::default()
             };
             entry.u.msi = kvm_irq_routing_msi {
-                address_lo: route.address as u32,
-                address_hi: (route.address >> 32) as u32,
+                address_lo: ::arch::low32(route.address),
+                address_hi: ::arch::high32(route.address),
                 data: route.data,
                 ..Default::default()
             };
@@ -494,14 +494,14 @@ impl Vcpu for KvmVcpu {
         for (offset, mode) in [(LVT_LINT0, EXTINT), (LVT_LINT1, NMI)] {
             let mut bytes = [0u8; 4];
             for (b, r) in bytes.iter_mut().zip(&lapic.regs[offset..offset + 4]) {
-                *b = *r as u8;
+                *b = (*r).cast_unsigned();
             }
             let value = (u32::from_le_bytes(bytes) & !DELIVERY_MODE) | mode;
             for (r, b) in lapic.regs[offset..offset + 4]
                 .iter_mut()
                 .zip(value.to_le_bytes())
             {
-                *r = b as std::os::raw::c_char;
+                *r = b.cast_signed();
             }
         }
         self.fd

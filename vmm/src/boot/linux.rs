@@ -265,7 +265,7 @@ fn read_initramfs(
     size: u64,
 ) -> Result<(), LinuxBootError> {
     let mut at = addr;
-    let mut left = size as usize;
+    let mut left = ::arch::usize_from(size);
     while left > 0 {
         let n = mem
             .read_volatile_from(GuestAddress(at), file, left)
@@ -371,12 +371,14 @@ fn load_bzimage(
     hdr.type_of_loader = KERNEL_LOADER_OTHER;
     hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     hdr.header = KERNEL_HDR_MAGIC;
-    hdr.cmd_line_ptr = CMDLINE as u32;
-    hdr.cmdline_size = spec.cmdline.len() as u32;
+    hdr.cmd_line_ptr = const { ::arch::fit_u32(CMDLINE) };
+    // At most CMDLINE_ROOM (write_cmdline checked).
+    hdr.cmdline_size = u32::try_from(spec.cmdline.len()).unwrap_or(u32::MAX);
     if let Some((file, addr, size)) = initramfs {
         read_initramfs(mem, file, addr, size)?;
-        hdr.ramdisk_image = addr as u32;
-        hdr.ramdisk_size = size as u32;
+        // Placed below 4 GiB.
+        hdr.ramdisk_image = u32::try_from(addr).unwrap_or(u32::MAX);
+        hdr.ramdisk_size = u32::try_from(size).unwrap_or(u32::MAX);
     }
     let mut params = boot_params {
         hdr,
@@ -390,7 +392,7 @@ fn load_bzimage(
             r#type: entry.kind,
         };
     }
-    params.e820_entries = e820.len().min(params.e820_table.len()) as u8;
+    params.e820_entries = u8::try_from(e820.len().min(params.e820_table.len())).unwrap_or(u8::MAX);
     linux_loader::configurator::linux::LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
         mem,
@@ -441,7 +443,7 @@ fn load_pvh(
         cmdline_paddr: CMDLINE,
         rsdp_paddr: spec.rsdp,
         memmap_paddr: PVH_MEMMAP,
-        memmap_entries: e820.len() as u32,
+        memmap_entries: u32::try_from(e820.len()).unwrap_or(u32::MAX),
         ..Default::default()
     };
     let memmap: Vec<hvm_memmap_table_entry> = e820

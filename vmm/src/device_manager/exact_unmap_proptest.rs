@@ -21,7 +21,7 @@ const BASE: u64 = 0x10_0000_0000;
 fn pages_of(sections: &[Section]) -> BTreeSet<u64> {
     sections
         .iter()
-        .flat_map(|s| (s.gpa..s.end()).step_by(PAGE as usize))
+        .flat_map(|s| (s.gpa..s.end()).step_by(::arch::usize_from(PAGE)))
         .collect()
 }
 

@@ -184,11 +184,11 @@ fn vfio_user_client_syscalls() -> [c_long; 7] {
 
 fn vcpu_rules() -> Result<Rules, seccompiler::BackendError> {
     let ioctls = [
-        u64::from(KVM_RUN() as u32),
-        u64::from(KVM_SET_MEMORY_ATTRIBUTES() as u32),
-        u64::from(KVM_SET_GSI_ROUTING() as u32),
-        u64::from(KVM_IRQFD() as u32),
-        u64::from(KVM_SET_USER_MEMORY_REGION() as u32),
+        u64::from(::arch::low32(KVM_RUN())),
+        u64::from(::arch::low32(KVM_SET_MEMORY_ATTRIBUTES())),
+        u64::from(::arch::low32(KVM_SET_GSI_ROUTING())),
+        u64::from(::arch::low32(KVM_IRQFD())),
+        u64::from(::arch::low32(KVM_SET_USER_MEMORY_REGION())),
         vfio_ioctl(VFIO_IOMMU_MAP_DMA),
         vfio_ioctl(VFIO_IOMMU_UNMAP_DMA),
         iommufd_ioctl(IOMMU_IOAS_MAP),
@@ -245,11 +245,11 @@ fn vmm_rules() -> Result<Rules, seccompiler::BackendError> {
         .map(iommufd_ioctl),
     )
     .chain([
-        u64::from(KVM_CREATE_DEVICE() as u32),
-        u64::from(KVM_SET_DEVICE_ATTR() as u32),
-        u64::from(KVM_SET_GSI_ROUTING() as u32),
-        u64::from(KVM_IRQFD() as u32),
-        u64::from(KVM_SET_USER_MEMORY_REGION() as u32),
+        u64::from(::arch::low32(KVM_CREATE_DEVICE())),
+        u64::from(::arch::low32(KVM_SET_DEVICE_ATTR())),
+        u64::from(::arch::low32(KVM_SET_GSI_ROUTING())),
+        u64::from(::arch::low32(KVM_IRQFD())),
+        u64::from(::arch::low32(KVM_SET_USER_MEMORY_REGION())),
     ])
     .collect();
     let mut rules = vec![

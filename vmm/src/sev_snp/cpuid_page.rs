@@ -32,7 +32,12 @@ pub fn build(entries: &[CpuidEntry]) -> Result<Box<[u8; PAGE_BYTES]>, CpuidPageE
         return Err(CpuidPageError::TooMany(entries.len()));
     }
     let mut page = Box::new([0u8; PAGE_BYTES]);
-    page[..4].copy_from_slice(&(entries.len() as u32).to_le_bytes());
+    // At most MAX_CPUID_FUNCTIONS (checked above).
+    page[..4].copy_from_slice(
+        &u32::try_from(entries.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
     for (i, e) in entries.iter().enumerate() {
         let at = HEADER + i * FUNCTION;
         let index = if e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0 {

@@ -48,7 +48,7 @@ fn read_kernel(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
             ),
         ));
     }
-    let mut image = Vec::with_capacity(meta.len() as usize);
+    let mut image = Vec::with_capacity(::arch::usize_from(meta.len()));
     file.take(MAX_KERNEL_FILE + 1).read_to_end(&mut image)?;
     if image.len() as u64 > MAX_KERNEL_FILE {
         return Err(std::io::Error::new(
@@ -273,7 +273,7 @@ fn io_bus(
     io_bus
         .insert(
             Arc::new(ConversionDoorbell::new(
-                DOORBELL_BANKS as usize,
+                ::arch::usize_from(DOORBELL_BANKS),
                 Arc::new(DoorbellHandler(conversions.clone())),
             )),
             DOORBELL_BASE,
@@ -282,6 +282,12 @@ fn io_bus(
         .map_err(VmError::Bus)?;
     Ok(io_bus)
 }
+
+/// The vCPUs of a boot, and the launch measurement of a firmware boot.
+type CreatedVcpus = (
+    Vec<Box<dyn hypervisor::Vcpu>>,
+    Option<crate::sev_snp::Measurement>,
+);
 
 /// The vCPUs, set up to start the guest: launched with the firmware
 /// (SEV-SNP, which also yields the launch measurement) or each at the
@@ -292,13 +298,7 @@ fn create_vcpus(
     hv_vm: &Arc<dyn hypervisor::Vm>,
     memory: &MemoryManager,
     boot: &Booting,
-) -> Result<
-    (
-        Vec<Box<dyn hypervisor::Vcpu>>,
-        Option<crate::sev_snp::Measurement>,
-    ),
-    VmError,
-> {
+) -> Result<CreatedVcpus, VmError> {
     let count = config.cpus.boot;
     let supported_cpuid = hv_vm.supported_cpuid();
     match boot {

@@ -334,10 +334,8 @@ fn a_signal_does_not_cut_a_wait_short() {
         std::thread::sleep(Duration::from_millis(50));
         // SAFETY: signals a live thread of this process (it waits up
         // to 400 ms); the handler is installed above.
-        assert_eq!(
-            unsafe { libc::pthread_kill(waiter.as_pthread_t(), kick) },
-            0
-        );
+        let sent = unsafe { libc::pthread_kill(waiter.as_pthread_t(), kick) };
+        assert_eq!(sent, 0);
         std::thread::sleep(Duration::from_millis(50));
         if data {
             theirs.write_all(b"x").unwrap();

@@ -119,7 +119,8 @@ impl KvmMsiVectors {
 
 impl MsiVectors for KvmMsiVectors {
     fn count(&self) -> u16 {
-        self.gsis.len() as u16
+        // As many as were asked for, in a u16.
+        u16::try_from(self.gsis.len()).unwrap_or(u16::MAX)
     }
 
     fn notifier(&self, vector: u16) -> Option<RawFd> {

@@ -180,7 +180,7 @@ fn msi_vectors_get_their_own_gsis_routes_and_irqfds_and_give_them_back() {
     assert_eq!(gsis, [26, 28, 29], "freed GSIs are reused");
     // More vectors than GSIs left: none at all.
     assert!(
-        seg.msi_vectors((GSI_LIMIT - FIRST_MSI_GSI) as u16)
+        seg.msi_vectors(u16::try_from(GSI_LIMIT - FIRST_MSI_GSI).unwrap())
             .is_none()
     );
 }
@@ -329,7 +329,12 @@ fn bars_decode_only_inside_the_segments_windows() {
     };
     write(1, 2);
     assert_eq!(bus.mapped_windows(f.slot).len(), 2);
-    for outside in [0x1000_0000, ECAM_BASE as u32, 0xfec0_0000, 0xfee0_0000] {
+    for outside in [
+        0x1000_0000,
+        u32::try_from(ECAM_BASE).unwrap(),
+        0xfec0_0000,
+        0xfee0_0000,
+    ] {
         write(4, outside);
         let mapped = bus.mapped_windows(f.slot);
         assert_eq!(mapped.len(), 1, "{outside:#x}");
@@ -339,9 +344,9 @@ fn bars_decode_only_inside_the_segments_windows() {
     write(6, 0);
     write(7, 1);
     assert_eq!(bus.mapped_windows(f.slot).len(), 0);
-    write(4, (MMIO32_END - 0x1000) as u32);
+    write(4, u32::try_from(MMIO32_END - 0x1000).unwrap());
     let end = ram_end + MMIO64_SIZE - 0x10_0000;
-    write(6, end as u32);
+    write(6, ::arch::low32(end));
     write(7, (end >> 32) as u32);
     let mapped = bus.mapped_windows(f.slot);
     assert_eq!(

@@ -23,7 +23,11 @@ pub fn debian_ovmf() -> Option<Vec<u8>> {
 /// Builds a GUIDed table entry: data, then its length and GUID.
 pub fn entry(guid: Guid, data: &[u8]) -> Vec<u8> {
     let mut out = data.to_vec();
-    out.extend_from_slice(&((data.len() + ENTRY_TRAILER) as u16).to_le_bytes());
+    out.extend_from_slice(
+        &u16::try_from(data.len() + ENTRY_TRAILER)
+            .unwrap()
+            .to_le_bytes(),
+    );
     out.extend_from_slice(&guid.bytes());
     out
 }
@@ -38,7 +42,11 @@ pub fn synthetic_image(
 ) -> Vec<u8> {
     let mut image = vec![0xf4u8; size];
     let mut table: Vec<u8> = entries.concat();
-    table.extend_from_slice(&((table.len() + ENTRY_TRAILER) as u16).to_le_bytes());
+    table.extend_from_slice(
+        &u16::try_from(table.len() + ENTRY_TRAILER)
+            .unwrap()
+            .to_le_bytes(),
+    );
     table.extend_from_slice(&TABLE_FOOTER_GUID.bytes());
     let end = size - BYTES_AFTER_TABLE;
     image[end - table.len()..end].copy_from_slice(&table);
@@ -52,9 +60,9 @@ pub fn synthetic_image(
 pub fn metadata(version: u32, sections: &[(u32, u32, u32)]) -> Vec<u8> {
     let mut out = METADATA_SIGNATURE.to_vec();
     let length = METADATA_HEADER + sections.len() * METADATA_DESCRIPTOR;
-    out.extend_from_slice(&(length as u32).to_le_bytes());
+    out.extend_from_slice(&u32::try_from(length).unwrap().to_le_bytes());
     out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&(sections.len() as u32).to_le_bytes());
+    out.extend_from_slice(&u32::try_from(sections.len()).unwrap().to_le_bytes());
     for (gpa, size, kind) in sections {
         for value in [gpa, size, kind] {
             out.extend_from_slice(&value.to_le_bytes());
