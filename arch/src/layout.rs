@@ -76,8 +76,11 @@ pub const BOOT_AREA_END: u64 = 16 << 20;
 
 /// Where our test guests' boot state goes (`vmm/src/boot`, docs/test-guest.md).
 pub mod test_guest {
+    /// The GDT every vCPU starts with.
     pub const GDT_ADDR: u64 = 0x500;
+    /// The identity map's top-level table...
     pub const PML4_ADDR: u64 = 0x1000;
+    /// ...and its one page-directory-pointer table.
     pub const PDPT_ADDR: u64 = 0x2000;
     /// Page directories, one per identity-mapped GiB (up to 512: 2 MiB of tables).
     pub const PD_ADDR: u64 = 0x40_0000;
@@ -93,22 +96,28 @@ pub mod test_guest {
 /// Where the Linux boot structures go: low conventional memory, which the
 /// kernel reads them from before it reuses it (it reserves what it keeps).
 pub mod linux {
+    /// The GDT of the 64-bit and PVH entries.
     pub const GDT: u64 = 0x500;
+    /// PVH's `hvm_start_info`, its module list and its memory map.
     pub const PVH_INFO: u64 = 0x6000;
     pub const PVH_MODLIST: u64 = 0x6040;
     pub const PVH_MEMMAP: u64 = 0x6080;
     /// The boot protocol's `boot_params`.
     pub const ZERO_PAGE: u64 = 0x7000;
+    /// The boot vCPU's stack, below the page tables.
     pub const BOOT_STACK: u64 = 0x8ff0;
+    /// The 64-bit entry's identity map: PML4, PDPT and one page directory.
     pub const PML4: u64 = 0x9000;
     pub const PDPT: u64 = 0xa000;
     pub const PD: u64 = 0xb000;
+    /// The kernel command line...
     pub const CMDLINE: u64 = 0x2_0000;
-    /// Longest command line this layout has room for (the kernel's own
+    /// ...and the longest this layout has room for (the kernel's own
     /// limit, `cmdline_size` in its header, is usually smaller).
     pub const CMDLINE_ROOM: usize = 0x1_0000;
     /// The 640 KiB of conventional memory end where the EBDA would start.
     pub const EBDA_START: u64 = 0x9_fc00;
+    /// Where the kernel itself is loaded from.
     pub const HIGH_RAM_START: u64 = 0x10_0000;
     /// The ACPI tables: the BIOS area, which the kernel also scans for the
     /// RSDP when the boot protocol does not name it.

@@ -25,6 +25,7 @@ use crate::config::VmConfig;
 use crate::device_manager::{self, DeviceError};
 use crate::event_monitor::EventMonitor;
 use crate::seccomp_filters::{SeccompError, spawn_filtered};
+use crate::vm::device_ops::{add_device, add_user_device};
 use crate::vm::{self, Vm, VmError};
 use crate::{GuestEvent, GuestEvents, VmmEvent};
 
@@ -285,29 +286,9 @@ impl Vmm {
                 .booted()
                 .and_then(|vm| vm.resume().map_err(ApiError::Vm))
                 .map(|()| None),
-            VmAddDevice(config) => {
-                let plugged = config.clone();
-                return self.device_request(
-                    respond,
-                    |c| {
-                        c.devices.push(config);
-                        Ok(())
-                    },
-                    move |devices, monitor| vm::device_ops::add_device(devices, monitor, &plugged),
-                );
-            }
+            VmAddDevice(config) => return self.plug(respond, config, devices, add_device),
             VmAddUserDevice(config) => {
-                let plugged = config.clone();
-                return self.device_request(
-                    respond,
-                    |c| {
-                        c.user_devices.push(config);
-                        Ok(())
-                    },
-                    move |devices, monitor| {
-                        vm::device_ops::add_user_device(devices, monitor, &plugged)
-                    },
-                );
+                return self.plug(respond, config, user_devices, add_user_device);
             }
             VmRemoveDevice(id) => {
                 let unplugged = id.clone();
@@ -353,16 +334,30 @@ impl Vmm {
 
     /// A device request: before boot it changes the configuration, on a
     /// booted VM it hot-plugs.
+    /// Adds a device: to the configuration before boot, to the VM after.
+    fn plug<C: Clone + Send + 'static>(
+        &mut self,
+        respond: Sender<ApiResponse>,
+        config: C,
+        list: fn(&mut VmConfig) -> &mut Vec<C>,
+        add: fn(&device_manager::DeviceManager, &EventMonitor, &C) -> DeviceAnswer,
+    ) -> Option<Exit> {
+        let plugged = config.clone();
+        self.device_request(
+            respond,
+            move |c| {
+                list(c).push(config);
+                Ok(())
+            },
+            move |devices, monitor| add(devices, monitor, &plugged),
+        )
+    }
+
     fn device_request(
         &mut self,
         respond: Sender<ApiResponse>,
         cold: impl FnOnce(&mut VmConfig) -> Result<(), DeviceError>,
-        hot: impl FnOnce(
-            &device_manager::DeviceManager,
-            &EventMonitor,
-        ) -> Result<device_manager::DeviceInfo, DeviceError>
-        + Send
-        + 'static,
+        hot: impl DeviceJob,
     ) -> Option<Exit> {
         if self.vm.is_none() {
             self.cold_plug(respond, cold)
@@ -396,16 +391,7 @@ impl Vmm {
     }
 
     /// Runs a hot-plug operation on its own thread; it answers `respond`.
-    fn hotplug(
-        &mut self,
-        respond: Sender<ApiResponse>,
-        job: impl FnOnce(
-            &device_manager::DeviceManager,
-            &EventMonitor,
-        ) -> Result<device_manager::DeviceInfo, DeviceError>
-        + Send
-        + 'static,
-    ) -> Option<Exit> {
+    fn hotplug(&mut self, respond: Sender<ApiResponse>, job: impl DeviceJob) -> Option<Exit> {
         let Some(vm) = self.vm.as_mut() else {
             let _ = respond.send(Err(ApiError::Lifecycle(LifecycleError::NotBooted)));
             return None;
@@ -449,6 +435,31 @@ fn unique_ids(config: &VmConfig) -> Result<(), DeviceError> {
         }
     }
     Ok(())
+}
+
+/// What a device operation answers: the device, or why not.
+type DeviceAnswer = Result<device_manager::DeviceInfo, DeviceError>;
+
+/// A device operation on the booted VM (`vm::device_ops`), run on its own
+/// thread.
+trait DeviceJob:
+    FnOnce(&device_manager::DeviceManager, &EventMonitor) -> DeviceAnswer + Send + 'static
+{
+}
+
+impl<F> DeviceJob for F where
+    F: FnOnce(&device_manager::DeviceManager, &EventMonitor) -> DeviceAnswer + Send + 'static
+{
+}
+
+/// Where a configuration lists its VFIO devices.
+fn devices(config: &mut VmConfig) -> &mut Vec<crate::config::DeviceConfig> {
+    &mut config.devices
+}
+
+/// Where a configuration lists its vfio-user devices.
+fn user_devices(config: &mut VmConfig) -> &mut Vec<crate::config::UserDeviceConfig> {
+    &mut config.user_devices
 }
 
 #[cfg(test)]

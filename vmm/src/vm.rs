@@ -252,14 +252,23 @@ impl Vm {
 pub mod device_ops {
     use super::*;
 
+    /// Announces what `done` did to a device as event `event`.
+    fn announced(
+        monitor: &EventMonitor,
+        event: &'static str,
+        done: Result<DeviceInfo, DeviceError>,
+    ) -> Result<DeviceInfo, DeviceError> {
+        let info = done?;
+        monitor.emit("device", event, json!(info));
+        Ok(info)
+    }
+
     pub fn add_device(
         devices: &DeviceManager,
         monitor: &EventMonitor,
         config: &DeviceConfig,
     ) -> Result<DeviceInfo, DeviceError> {
-        let info = devices.add_vfio(config)?;
-        monitor.emit("device", "added", json!(info));
-        Ok(info)
+        announced(monitor, "added", devices.add_vfio(config))
     }
 
     pub fn add_user_device(
@@ -267,9 +276,7 @@ pub mod device_ops {
         monitor: &EventMonitor,
         config: &UserDeviceConfig,
     ) -> Result<DeviceInfo, DeviceError> {
-        let info = devices.add_vfio_user(config)?;
-        monitor.emit("device", "added", json!(info));
-        Ok(info)
+        announced(monitor, "added", devices.add_vfio_user(config))
     }
 
     pub fn remove_device(
@@ -277,9 +284,7 @@ pub mod device_ops {
         monitor: &EventMonitor,
         id: &str,
     ) -> Result<DeviceInfo, DeviceError> {
-        let info = devices.remove(id)?;
-        monitor.emit("device", "removed", json!(info));
-        Ok(info)
+        announced(monitor, "removed", devices.remove(id))
     }
 }
 

@@ -119,6 +119,20 @@ pub fn e820_map(ram: &[(u64, u64)], reserved: &[(u64, u64)]) -> Vec<E820Entry> {
     map
 }
 
+/// Loads `image` with linux-loader's `L` at the addresses it asks for,
+/// none below `HIGH_RAM_START`.
+fn load_high<L: KernelLoader>(
+    mem: &GuestMemoryMmap,
+    image: &[u8],
+) -> linux_loader::loader::Result<linux_loader::loader::KernelLoaderResult> {
+    L::load(
+        mem,
+        None,
+        &mut Cursor::new(image),
+        Some(GuestAddress(HIGH_RAM_START)),
+    )
+}
+
 /// What a kernel is, from its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelFormat {
@@ -357,13 +371,7 @@ fn load_bzimage(
             ram_end: low_end,
         });
     }
-    let loaded = BzImage::load(
-        mem,
-        None,
-        &mut Cursor::new(image),
-        Some(GuestAddress(HIGH_RAM_START)),
-    )
-    .map_err(LinuxBootError::BzImage)?;
+    let loaded = load_high::<BzImage>(mem, image).map_err(LinuxBootError::BzImage)?;
     let mut hdr = loaded
         .setup_header
         .ok_or(LinuxBootError::Protocol(version))?;
@@ -424,13 +432,7 @@ fn load_pvh(
         }
         None => None,
     };
-    let loaded = Elf::load(
-        mem,
-        None,
-        &mut Cursor::new(image),
-        Some(GuestAddress(HIGH_RAM_START)),
-    )
-    .map_err(LinuxBootError::Elf)?;
+    let loaded = load_high::<Elf>(mem, image).map_err(LinuxBootError::Elf)?;
     let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
         return Err(LinuxBootError::Elf(linux_loader::loader::Error::Elf(
             linux_loader::loader::elf::Error::InvalidPvhNote,

@@ -129,6 +129,34 @@ pub(super) fn parse_pci_common(p: &OptionParser) -> Result<(bool, u16), ConfigEr
     Ok((iommu, pci_segment))
 }
 
+/// What both device options give the same way: the path (`path_key`),
+/// the id, the device number and the mapping policy.
+struct Placement {
+    path: PathBuf,
+    id: Option<String>,
+    pci_device_id: Option<u8>,
+    mapping: MappingPolicy,
+}
+
+fn parse_placement(
+    p: &OptionParser,
+    option: &'static str,
+    path_key: &'static str,
+) -> Result<Placement, ConfigError> {
+    Ok(Placement {
+        path: p
+            .get(path_key)
+            .map(PathBuf::from)
+            .ok_or(ConfigError::Missing {
+                option,
+                key: path_key,
+            })?,
+        id: p.get("id").map(str::to_string),
+        pci_device_id: parse_device_number(p)?,
+        mapping: parse_mapping(p)?,
+    })
+}
+
 /// `--device path=/sys/bus/pci/devices/BDF/[,id=ID][,iommu=off][,pci_segment=0]`:
 /// a VFIO device. The body of `vm.add-device` takes the same fields and
 /// the rest of what Cloud Hypervisor's clients send.
@@ -182,20 +210,15 @@ impl DeviceConfig {
             Some(_) => Some(p.toggle("iommufd", false)?),
             None => None,
         };
+        let placed = parse_placement(&p, "--device", "path")?;
         let config = DeviceConfig {
             iommufd,
-            path: p
-                .get("path")
-                .map(PathBuf::from)
-                .ok_or(ConfigError::Missing {
-                    option: "--device",
-                    key: "path",
-                })?,
-            id: p.get("id").map(str::to_string),
+            path: placed.path,
+            id: placed.id,
             iommu,
             pci_segment,
-            pci_device_id: parse_device_number(&p)?,
-            mapping: parse_mapping(&p)?,
+            pci_device_id: placed.pci_device_id,
+            mapping: placed.mapping,
             ..Default::default()
         };
         config.validate()?;
@@ -318,20 +341,15 @@ impl UserDeviceConfig {
                     .map_err(|_| p.invalid("timeout_ms", "expected milliseconds"))
             })
             .transpose()?;
+        let placed = parse_placement(&p, "--user-device", "socket")?;
         let config = UserDeviceConfig {
-            socket: p
-                .get("socket")
-                .map(PathBuf::from)
-                .ok_or(ConfigError::Missing {
-                    option: "--user-device",
-                    key: "socket",
-                })?,
-            id: p.get("id").map(str::to_string),
+            socket: placed.path,
+            id: placed.id,
             timeout_ms,
             iommu,
             pci_segment,
-            pci_device_id: parse_device_number(&p)?,
-            mapping: parse_mapping(&p)?,
+            pci_device_id: placed.pci_device_id,
+            mapping: placed.mapping,
             dma,
         };
         config.validate()?;

@@ -59,8 +59,10 @@ const VFIO_IOMMU_MAP_DMA: u32 = 13;
 const VFIO_IOMMU_UNMAP_DMA: u32 = 14;
 const VFIO_DEVICE_FEATURE: u32 = 17;
 
-fn vfio_ioctl(request: u32) -> u64 {
-    u64::from((VFIO_TYPE << 8) | (VFIO_BASE + request))
+/// A request of VFIO's ioctl type: `_IO(';', base + request)`, where VFIO's
+/// own requests start at `VFIO_BASE` and iommufd's at `IOMMUFD_BASE`.
+fn vfio_ioctl(base: u32, request: u32) -> u64 {
+    u64::from((VFIO_TYPE << 8) | (base + request))
 }
 
 // A VFIO device's cdev joins an iommufd and its IOAS.
@@ -74,10 +76,6 @@ const IOMMU_DESTROY: u32 = 0;
 const IOMMU_IOAS_ALLOC: u32 = 1;
 const IOMMU_IOAS_MAP: u32 = 5;
 const IOMMU_IOAS_UNMAP: u32 = 6;
-
-fn iommufd_ioctl(request: u32) -> u64 {
-    u64::from((VFIO_TYPE << 8) | (IOMMUFD_BASE + request))
-}
 
 // The VM's KVM-VFIO device: created with the first VFIO device, which
 // then adds its group or cdev to it.
@@ -189,12 +187,12 @@ fn vcpu_rules() -> Result<Rules, seccompiler::BackendError> {
         u64::from(::arch::low32(KVM_SET_GSI_ROUTING())),
         u64::from(::arch::low32(KVM_IRQFD())),
         u64::from(::arch::low32(KVM_SET_USER_MEMORY_REGION())),
-        vfio_ioctl(VFIO_IOMMU_MAP_DMA),
-        vfio_ioctl(VFIO_IOMMU_UNMAP_DMA),
-        iommufd_ioctl(IOMMU_IOAS_MAP),
-        iommufd_ioctl(IOMMU_IOAS_UNMAP),
+        vfio_ioctl(VFIO_BASE, VFIO_IOMMU_MAP_DMA),
+        vfio_ioctl(VFIO_BASE, VFIO_IOMMU_UNMAP_DMA),
+        vfio_ioctl(IOMMUFD_BASE, IOMMU_IOAS_MAP),
+        vfio_ioctl(IOMMUFD_BASE, IOMMU_IOAS_UNMAP),
         // A guest enabling or disabling a VFIO function's MSI-X.
-        vfio_ioctl(VFIO_DEVICE_SET_IRQS),
+        vfio_ioctl(VFIO_BASE, VFIO_DEVICE_SET_IRQS),
     ];
     let mut rules = vec![(libc::SYS_ioctl, any_of(1, &ioctls)?)];
     // A VFIO function's configuration space and trapped BARs are file
@@ -234,7 +232,7 @@ fn vmm_rules() -> Result<Rules, seccompiler::BackendError> {
         VFIO_DEVICE_DETACH_IOMMUFD_PT,
     ]
     .into_iter()
-    .map(vfio_ioctl)
+    .map(|request| vfio_ioctl(VFIO_BASE, request))
     .chain(
         [
             IOMMU_DESTROY,
@@ -242,7 +240,7 @@ fn vmm_rules() -> Result<Rules, seccompiler::BackendError> {
             IOMMU_IOAS_MAP,
             IOMMU_IOAS_UNMAP,
         ]
-        .map(iommufd_ioctl),
+        .map(|request| vfio_ioctl(IOMMUFD_BASE, request)),
     )
     .chain([
         u64::from(::arch::low32(KVM_CREATE_DEVICE())),
