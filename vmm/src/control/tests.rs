@@ -190,15 +190,20 @@ fn cold_plug_keeps_ids_unique_and_removes_only_what_exists() {
         });
         assert_eq!(rx.recv().unwrap().is_ok(), ok, "{id}");
     }
-    let ids: Vec<_> = vmm
-        .config
-        .as_ref()
-        .unwrap()
-        .user_devices
-        .iter()
-        .map(|d| d.id.clone().unwrap())
-        .collect();
-    assert_eq!(ids, ["a", "b"], "the refused duplicate changed nothing");
+    let user_ids = |vmm: &Vmm| -> Vec<String> {
+        vmm.config
+            .as_ref()
+            .unwrap()
+            .user_devices
+            .iter()
+            .map(|d| d.id.clone().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        user_ids(&vmm),
+        ["a", "b"],
+        "the refused duplicate changed nothing"
+    );
     // Removal before boot: an unknown id is 404, a known one goes.
     for (id, status) in [("zzz", Some(404)), ("a", None)] {
         vmm.handle_api(api::ApiMessage {
@@ -207,15 +212,7 @@ fn cold_plug_keeps_ids_unique_and_removes_only_what_exists() {
         });
         assert_eq!(rx.recv().unwrap().err().map(|e| e.http_status()), status);
     }
-    let ids: Vec<_> = vmm
-        .config
-        .as_ref()
-        .unwrap()
-        .user_devices
-        .iter()
-        .map(|d| d.id.clone().unwrap())
-        .collect();
-    assert_eq!(ids, ["b"]);
+    assert_eq!(user_ids(&vmm), ["b"]);
     // VFIO devices too, by the same ids.
     vmm.cold_plug(tx.clone(), |c| {
         c.devices.push(crate::config::DeviceConfig {
