@@ -1,4 +1,13 @@
 use super::*;
+
+/// The bytes `encode_response` writes for an answer, as text.
+fn encoded(status: u16, body: impl Into<String>, close: bool) -> String {
+    let response = HttpResponse {
+        status,
+        body: body.into(),
+    };
+    String::from_utf8(encode_response(&response, close)).unwrap()
+}
 use std::io::Read;
 
 fn read(raw: &[u8]) -> Result<HttpRequest, ReadError> {
@@ -175,26 +184,12 @@ fn heads_within_the_rules_are_read() {
 
 #[test]
 fn answers_are_framed_as_cloud_hypervisor_frames_them() {
-    let bytes = encode_response(
-        &HttpResponse {
-            status: 200,
-            body: "{}".into(),
-        },
-        false,
-    );
-    let text = String::from_utf8(bytes).unwrap();
+    let text = encoded(200, "{}", false);
     assert!(text.starts_with("HTTP/1.1 200 \r\n"), "{text}");
     assert!(text.contains("\r\nServer: Cloud Hypervisor API\r\n"));
     assert!(text.contains("\r\nContent-Length: 2\r\n"));
     assert!(text.ends_with("\r\n\r\n{}"));
-    let empty = String::from_utf8(encode_response(
-        &HttpResponse {
-            status: 204,
-            body: String::new(),
-        },
-        true,
-    ))
-    .unwrap();
+    let empty = encoded(204, "", true);
     assert!(empty.contains("Content-Length: 0\r\n"), "{empty}");
     assert!(empty.contains("Connection: close\r\n"));
 }
@@ -292,23 +287,9 @@ fn expect_continue_is_answered_before_the_body_is_sent() {
 
 #[test]
 fn only_answers_with_a_body_say_it_is_json() {
-    let with = String::from_utf8(encode_response(
-        &HttpResponse {
-            status: 200,
-            body: "{}".into(),
-        },
-        false,
-    ))
-    .unwrap();
+    let with = encoded(200, "{}", false);
     assert!(with.contains("Content-Type: application/json\r\n"));
-    let without = String::from_utf8(encode_response(
-        &HttpResponse {
-            status: 204,
-            body: String::new(),
-        },
-        false,
-    ))
-    .unwrap();
+    let without = encoded(204, "", false);
     assert!(!without.contains("Content-Type"), "{without}");
     assert!(without.contains("Connection: keep-alive\r\n"));
 }
