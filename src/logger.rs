@@ -7,24 +7,15 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
-use vmm::event_monitor::flush_queue;
+use vmm::lossy_writer::LossyWriter;
 use vmm::seccomp_filters::{self, SeccompMode, Thread};
 
 const QUEUE_DEPTH: usize = 1024;
 
-enum Message {
-    Line(String),
-    /// Answered once every earlier line is written.
-    Flush(SyncSender<()>),
-}
-
 struct Logger {
-    queue: SyncSender<Message>,
-    dropped: AtomicU64,
+    writer: LossyWriter<String>,
     started: Instant,
     level: log::LevelFilter,
 }
@@ -48,42 +39,32 @@ impl log::Log for Logger {
             record.target(),
             record.args()
         );
-        if self.queue.try_send(Message::Line(line)).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        self.writer.send(line);
     }
 
     /// Waits (at most a second) until every line logged so far is written.
     fn flush(&self) {
-        let (done, written) = sync_channel(1);
-        flush_queue(
-            &self.queue,
-            Message::Flush(done),
-            &written,
-            Duration::from_secs(1),
-        );
+        self.writer.flush(Duration::from_secs(1));
     }
 }
 
-fn write_lines(mut out: Box<dyn Write + Send>, lines: Receiver<Message>, dropped: &AtomicU64) {
-    for message in lines {
-        match message {
-            Message::Line(line) => {
-                let lost = dropped.swap(0, Ordering::Relaxed);
-                if lost > 0 {
-                    let _ = writeln!(
-                        out,
-                        "cloud-hypervisor: {lost} log lines dropped (slow log sink)"
-                    );
-                }
-                let _ = writeln!(out, "{line}");
-            }
-            Message::Flush(done) => {
-                let _ = out.flush();
-                let _ = done.send(());
-            }
-        }
+/// Writes `line`, after how many lines were lost since the last one
+/// written, if any (`dropped` counts every line lost so far).
+fn write_line(
+    out: &mut Box<dyn Write + Send>,
+    line: &str,
+    dropped: u64,
+    reported: &mut u64,
+) -> std::io::Result<()> {
+    let lost = dropped - *reported;
+    if lost > 0 {
+        *reported = dropped;
+        let _ = writeln!(
+            out,
+            "cloud-hypervisor: {lost} log lines dropped (slow log sink)"
+        );
     }
+    writeln!(out, "{line}")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,20 +86,25 @@ pub fn init(verbosity: u8, file: Option<&Path>, seccomp: SeccompMode) -> Result<
         Some(path) => Box::new(File::create(path).map_err(LoggerError::Open)?),
         None => Box::new(std::io::stderr()),
     };
-    let (queue, lines) = sync_channel(QUEUE_DEPTH);
+    let filter =
+        seccomp_filters::filter(seccomp, Thread::LogWriter).map_err(LoggerError::Writer)?;
+    let mut reported = 0;
+    let writer = LossyWriter::spawn(
+        "log-writer",
+        QUEUE_DEPTH,
+        filter,
+        out,
+        Box::new(move |out, line: String, dropped| write_line(out, &line, dropped, &mut reported)),
+        // Nowhere to report it: the log is what failed.
+        Box::new(|_| {}),
+    )
+    .map_err(LoggerError::Writer)?;
     // Leaked on purpose: the logger lives as long as the process.
     let logger: &'static Logger = Box::leak(Box::new(Logger {
-        queue,
-        dropped: AtomicU64::new(0),
+        writer,
         started: Instant::now(),
         level,
     }));
-    let filter =
-        seccomp_filters::filter(seccomp, Thread::LogWriter).map_err(LoggerError::Writer)?;
-    seccomp_filters::spawn_filtered("log-writer".into(), filter, move || {
-        write_lines(out, lines, &logger.dropped)
-    })
-    .map_err(LoggerError::Writer)?;
     // Only fails if a logger is already set, which main never does twice.
     let _ = log::set_logger(logger);
     log::set_max_level(level);

@@ -79,7 +79,7 @@ fn run(script: &str, dir: &TempDir, timeout: Duration) -> (bool, String, String)
         std::thread::sleep(Duration::from_millis(20));
     };
     // SAFETY: signals the process group this test created.
-    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    unsafe { libc::kill(-child.id().cast_signed(), libc::SIGKILL) };
     let _ = child.wait();
     let read = |p| std::fs::read_to_string(p).unwrap_or_default();
     let (out, err) = (read(&stdout), read(&stderr));

@@ -51,7 +51,7 @@ fn vmlinux_of(bzimage: &[u8]) -> Vec<u8> {
     while at + 4 <= end {
         let size = word(at) as usize;
         at += 4;
-        if size as u32 == LEGACY_LZ4 {
+        if u32::try_from(size).unwrap() == LEGACY_LZ4 {
             continue;
         }
         let start = out.len();

@@ -282,7 +282,7 @@ fn size_probing_bars_reads_their_size_and_restoring_keeps_the_device_working() {
     let (mut vmm, api) = attack(&dir, &[&device], &ops);
     assert_statuses(&vmm, &["ok"; 19]);
     let size_mask = field(&op_lines(&vmm)[4], "value=");
-    assert_eq!(!(size_mask as u32 & !0xf) + 1, 0x2000);
+    assert_eq!(!(u32::try_from(size_mask).unwrap() & !0xf) + 1, 0x2000);
     assert_eq!(device.command("scratch 0x0"), "fe");
     assert_vmm_sound(&mut vmm, &api, &[&device]);
 }

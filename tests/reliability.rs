@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const MIB: u64 = 1 << 20;
-const PAGE: u64 = 4096;
+use arch::layout::PAGE_SIZE as PAGE;
 /// The window every vCPU converts at random.
 const WINDOW: u64 = 16 * MIB;
 const VCPUS: u64 = 8;
@@ -178,7 +178,7 @@ fn eight_vcpus_convert_overlapping_ranges_while_the_api_is_queried_and_a_device_
     eprintln!("stress seed {seed:#x} (set CH_STRESS_SEED to replay)");
     const RANDOM_OPS: usize = 300;
     // Every vCPU's random ops, its 2 fixed conversions, and GO.
-    let conversions = VCPUS as usize * (RANDOM_OPS + 2) + 1;
+    let conversions = arch::usize_from(VCPUS) * (RANDOM_OPS + 2) + 1;
     let dir = TempDir::new("stress");
     let cold = TestDevice::spawn(&dir, "cold");
     let hot = TestDevice::spawn(&dir, "hot");

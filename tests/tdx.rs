@@ -56,7 +56,7 @@ fn independent_mrtd(image: &[u8]) -> String {
     for index in 0..count {
         let s = descriptor + 16 + index * 32;
         let (data_offset, raw) = (le32(image, s) as usize, le32(image, s + 4) as usize);
-        let (gpa, size) = (le64(image, s + 8), le64(image, s + 16) as usize);
+        let (gpa, size) = (le64(image, s + 8), arch::usize_from(le64(image, s + 16)));
         let attributes = le32(image, s + 28);
         if attributes & 2 != 0 {
             continue; // PAGE.AUG: not added at launch.

@@ -125,10 +125,10 @@ impl BusDevice for ConversionDoorbell {
             Some((bank, reg)) => {
                 let b = self.bank(bank);
                 match reg {
-                    REG_GPA_LO => b.gpa as u32,
-                    REG_GPA_HI => (b.gpa >> 32) as u32,
-                    REG_SIZE_LO => b.size as u32,
-                    REG_SIZE_HI => (b.size >> 32) as u32,
+                    REG_GPA_LO => arch::low32(b.gpa),
+                    REG_GPA_HI => arch::high32(b.gpa),
+                    REG_SIZE_LO => arch::low32(b.size),
+                    REG_SIZE_HI => arch::high32(b.size),
                     REG_STATUS => b.status as u32,
                     _ => 0,
                 }
@@ -159,7 +159,10 @@ impl BusDevice for ConversionDoorbell {
             REG_SIZE_HI => set_half(&mut b.size, true, value),
             REG_COMMAND => {
                 b.status = match Self::decode_command(b.gpa, b.size, value) {
-                    Some(conversion) => self.handler.convert(conversion, bank as u8),
+                    // A bank per vCPU: fewer than 256.
+                    Some(conversion) => self
+                        .handler
+                        .convert(conversion, u8::try_from(bank).unwrap_or(u8::MAX)),
                     None if value == COMMAND_NOP => DoorbellStatus::Ok,
                     None => DoorbellStatus::BadCommand,
                 };
@@ -199,10 +202,10 @@ mod tests {
 
     fn request(d: &ConversionDoorbell, bank: u64, gpa: u64, size: u64, cmd: u32) -> u32 {
         let base = bank * DOORBELL_BANK_SIZE;
-        write32(d, base + REG_GPA_LO, gpa as u32);
-        write32(d, base + REG_GPA_HI, (gpa >> 32) as u32);
-        write32(d, base + REG_SIZE_LO, size as u32);
-        write32(d, base + REG_SIZE_HI, (size >> 32) as u32);
+        write32(d, base + REG_GPA_LO, arch::low32(gpa));
+        write32(d, base + REG_GPA_HI, arch::high32(gpa));
+        write32(d, base + REG_SIZE_LO, arch::low32(size));
+        write32(d, base + REG_SIZE_HI, arch::high32(size));
         write32(d, base + REG_COMMAND, cmd);
         read32(d, base + REG_STATUS)
     }

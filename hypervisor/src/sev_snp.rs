@@ -39,7 +39,7 @@ pub const SNP_POLICY_DEFAULT: u64 = SNP_POLICY_SMT | SNP_POLICY_RESERVED_MBO;
 /// digest: an all-ones GPA, page aligned, cut to 52 bits.
 pub const VMSA_GPA: u64 = 0x0000_ffff_ffff_f000;
 
-pub const PAGE_SIZE: u64 = 4096;
+pub use ::arch::layout::PAGE_SIZE;
 
 /// Page types of `SNP_LAUNCH_UPDATE`, numbered as KVM and the firmware
 /// ABI number them. VMSA pages (2) are launched by KVM itself.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::{CpuidEntry, Vcpu, Vm};
 
-pub const PAGE_SIZE: u64 = 4096;
+pub use ::arch::layout::PAGE_SIZE;
 /// TDH.MR.EXTEND measures 256 bytes at a time.
 pub const MR_EXTEND_CHUNK: usize = 256;
 

@@ -10,7 +10,7 @@ pub struct HypercallReply<'a> {
 }
 
 /// `-KVM_EINVAL`, what the guest sees when a conversion is refused.
-pub const HYPERCALL_EINVAL: u64 = (-22i64) as u64;
+pub const HYPERCALL_EINVAL: u64 = (-22i64).cast_unsigned();
 
 impl<'a> HypercallReply<'a> {
     pub fn new(ret: &'a mut u64) -> Self {

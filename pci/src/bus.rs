@@ -498,7 +498,7 @@ pub struct PciConfigMmio {
     bus: Weak<PciBus>,
 }
 
-pub const ECAM_SIZE: u64 = 1 << 20;
+pub use arch::layout::ECAM_SIZE;
 
 impl PciConfigMmio {
     pub fn new(bus: &Arc<PciBus>) -> Self {

@@ -23,7 +23,7 @@ use crate::msix::{CAPABILITY_ID as MSIX_CAPABILITY_ID, MsixLayout, MsixTable};
 /// Region indices of a PCI device (VFIO's numbering, vfio-user's too).
 pub const CONFIG_REGION: u32 = 7;
 pub const MSIX_IRQ_INDEX: u32 = 2;
-const PAGE: u64 = 4096;
+use arch::layout::PAGE_SIZE as PAGE;
 const MAX_CAPABILITIES: usize = 48;
 
 /// A VFIO or vfio-user device's failure to do what the model asked; shows

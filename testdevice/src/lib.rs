@@ -27,7 +27,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -35,8 +34,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion};
 
+mod control;
 pub mod message_dma;
 pub mod pci;
+
+pub use control::{ask, control};
 
 struct Mapping {
     size: u64,
@@ -83,8 +85,8 @@ impl DeviceState {
                 .ok_or_else(|| format!("{at:#x} is not mapped"))?;
             let n = (start + m.size).min(end) - at;
             chunks.push(match m.host {
-                Some(host) => Chunk::Host(host + (at - start) as usize, n as usize),
-                None => Chunk::Message(at, n as usize),
+                Some(host) => Chunk::Host(host + arch::usize_from(at - start), arch::usize_from(n)),
+                None => Chunk::Message(at, arch::usize_from(n)),
             });
             at += n;
         }
@@ -172,7 +174,7 @@ impl DeviceState {
 
     /// Reads `len` bytes at `iova` by DMA.
     pub fn dma_read(&self, iova: u64, len: u64) -> Result<Vec<u8>, String> {
-        let mut bytes = Vec::with_capacity(len as usize);
+        let mut bytes = Vec::with_capacity(arch::usize_from(len));
         for chunk in self.dma_chunks(iova, len)? {
             match chunk {
                 Chunk::Host(host, n) => bytes.extend(
@@ -209,7 +211,7 @@ impl Mapping {
     fn release(self) {
         if let Some(host) = self.host {
             // SAFETY: `host` came from our own mmap of exactly `size` bytes.
-            unsafe { libc::munmap(host as *mut libc::c_void, self.size as usize) };
+            unsafe { libc::munmap(host as *mut libc::c_void, arch::usize_from(self.size)) };
         }
     }
 }
@@ -292,11 +294,11 @@ impl ServerBackend for Backend {
         let host = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                size as usize,
+                arch::usize_from(size),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
-                offset as libc::off_t,
+                offset.cast_signed(),
             )
         };
         if host == libc::MAP_FAILED {
@@ -489,138 +491,6 @@ fn run_sessions(
                     eprintln!("ch-test-device: bridge failed: {e}");
                 }
                 lock(&state).port = None;
-            }
-        })
-        .map_err(|e| e.to_string())
-}
-
-fn answer(state: &SharedState, line: &str) -> String {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let number = |w: &str| {
-        let parsed = match w.strip_prefix("0x") {
-            Some(hex) => u64::from_str_radix(hex, 16),
-            None => w.parse(),
-        };
-        parsed.map_err(|_| format!("bad number {w:?}"))
-    };
-    let result = match words.as_slice() {
-        ["maps"] => {
-            let s = lock(state);
-            let maps: Vec<[u64; 2]> = s.maps.iter().map(|(&a, m)| [a, m.size]).collect();
-            Ok(serde_json::to_string(&maps).expect("plain numbers"))
-        }
-        // A DMA_READ sent whatever the device's own mappings say: what a
-        // lying device would try; the client must refuse what it did not map.
-        ["raw-read", iova, len] => (|| {
-            let (iova, len) = (number(iova)?, number(len)?);
-            let port = lock(state).port.clone().ok_or("no client connected")?;
-            let mut bytes = vec![0u8; len as usize];
-            port.read(iova, &mut bytes)?;
-            Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-        })(),
-        // How many mappings came with an fd (the device could mmap them).
-        ["fd-maps"] => {
-            let s = lock(state);
-            Ok(s.maps
-                .values()
-                .filter(|m| m.host.is_some())
-                .count()
-                .to_string())
-        }
-        ["log"] => Ok(serde_json::to_string(&lock(state).log).expect("strings")),
-        ["engine"] => {
-            let s = lock(state);
-            let e = &s.engine;
-            Ok(serde_json::json!({
-                "faults": e.faults,
-                "completions": e.completions,
-                "stream_passes": e.stream_passes,
-                "interrupts_sent": e.interrupts_sent,
-                "scratch_messages": e.scratch_messages,
-                "msix_fds": e.msix.iter().filter(|f| f.is_some()).count(),
-            })
-            .to_string())
-        }
-        ["stream", iova, len, byte] => (|| {
-            let (iova, len, byte) = (number(iova)?, number(len)?, number(byte)?);
-            for (offset, value) in [
-                (0x0, iova as u32),
-                (0x4, (iova >> 32) as u32),
-                (0x8, len as u32),
-                (0xc, byte as u32),
-            ] {
-                pci::bar0_write(state, offset, &value.to_le_bytes());
-            }
-            pci::bar0_write(state, 0x10, &pci::COMMAND_STREAM_START.to_le_bytes());
-            Ok("ok".to_string())
-        })(),
-        ["scratch", offset] => number(offset).and_then(|at| {
-            let s = lock(state);
-            let scratch = s.scratch.as_ref().ok_or("no BAR0 memory")?;
-            Ok(format!("{:02x}", scratch.read(at)))
-        }),
-        ["stop"] => {
-            pci::bar0_write(state, 0x10, &pci::COMMAND_STREAM_STOP.to_le_bytes());
-            Ok("ok".to_string())
-        }
-        ["refuse", n] => number(n).map(|n| {
-            lock(state).refuse_maps = n;
-            "ok".to_string()
-        }),
-        ["read", iova, len] => (|| {
-            let (iova, len) = (number(iova)?, number(len)?);
-            let bytes = lock(state).dma_read(iova, len)?;
-            Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-        })(),
-        ["write", iova, byte] => (|| {
-            let (iova, byte) = (number(iova)?, number(byte)?);
-            let byte = u8::try_from(byte).map_err(|_| "byte out of range".to_string())?;
-            lock(state).dma_write(iova, &[byte])?;
-            Ok("ok".to_string())
-        })(),
-        _ => Err(format!("unknown command {line:?}")),
-    };
-    result.unwrap_or_else(|e| format!("error: {e}"))
-}
-
-fn control_session(stream: UnixStream, state: &SharedState) {
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
-    for line in BufReader::new(stream).lines() {
-        let Ok(line) = line else { return };
-        if writeln!(writer, "{}", answer(state, &line)).is_err() {
-            return;
-        }
-    }
-}
-
-/// Sends one control command to a running device and returns its answer
-/// (the client side of `control`, for `ch-test-device --ask`).
-pub fn ask(path: &Path, command: &str) -> Result<String, String> {
-    let stream = UnixStream::connect(path)
-        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
-    writeln!(&stream, "{command}").map_err(|e| format!("cannot send the command: {e}"))?;
-    let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(|e| format!("cannot read the answer: {e}"))?;
-    if answer.is_empty() {
-        return Err("the device closed the connection without answering".into());
-    }
-    Ok(answer.trim_end().to_string())
-}
-
-/// Answers control commands, one connection after another.
-pub fn control(path: &Path, state: SharedState) -> Result<std::thread::JoinHandle<()>, String> {
-    let listener = UnixListener::bind(path)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                control_session(stream, &state);
             }
         })
         .map_err(|e| e.to_string())

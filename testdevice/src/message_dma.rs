@@ -138,7 +138,11 @@ impl MessagePort {
         let mut bytes = Vec::with_capacity(HEADER_SIZE + body.len());
         bytes.extend_from_slice(&id.to_le_bytes());
         bytes.extend_from_slice(&command.to_le_bytes());
-        bytes.extend_from_slice(&((HEADER_SIZE + body.len()) as u32).to_le_bytes());
+        bytes.extend_from_slice(
+            &u32::try_from(HEADER_SIZE + body.len())
+                .unwrap_or(u32::MAX)
+                .to_le_bytes(),
+        );
         bytes.extend_from_slice(&[0; 8]);
         bytes.extend_from_slice(body);
         (&*lock(&self.to_client))

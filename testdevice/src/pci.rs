@@ -97,7 +97,7 @@ impl Default for Engine {
 /// The configuration space the device reports (the VMM emulates BARs and
 /// the MSI-X enable bits itself; only the command register is stored).
 pub fn config_read(state: &DeviceState, offset: u64, data: &mut [u8]) {
-    let mut space = [0u8; CONFIG_SIZE as usize];
+    let mut space = [0u8; arch::usize_from(CONFIG_SIZE)];
     let put = |space: &mut [u8], at: usize, bytes: &[u8]| {
         space[at..at + bytes.len()].copy_from_slice(bytes)
     };
@@ -108,12 +108,16 @@ pub fn config_read(state: &DeviceState, offset: u64, data: &mut [u8]) {
     put(&mut space, 8, &0xff00_0001u32.to_le_bytes()); // class ff, revision 1
     put(&mut space, 0x2c, &VENDOR_ID.to_le_bytes());
     put(&mut space, 0x2e, &DEVICE_ID.to_le_bytes());
-    put(&mut space, 0x34, &[MSIX_CAPABILITY as u8]);
+    put(
+        &mut space,
+        0x34,
+        &[const { arch::fit_u8(MSIX_CAPABILITY as u64) }],
+    );
     put(&mut space, MSIX_CAPABILITY, &[0x11, 0]);
     put(
         &mut space,
         MSIX_CAPABILITY + 2,
-        &((MSIX_VECTORS - 1) as u16).to_le_bytes(),
+        &const { arch::fit_u16(MSIX_VECTORS as u64 - 1) }.to_le_bytes(),
     );
     put(
         &mut space,
@@ -126,14 +130,17 @@ pub fn config_read(state: &DeviceState, offset: u64, data: &mut [u8]) {
         &MSIX_PBA_OFFSET.to_le_bytes(),
     );
     for (i, b) in data.iter_mut().enumerate() {
-        *b = space.get(offset as usize + i).copied().unwrap_or(0xff);
+        *b = space
+            .get(arch::usize_from(offset) + i)
+            .copied()
+            .unwrap_or(0xff);
     }
 }
 
 pub fn config_write(state: &mut DeviceState, offset: u64, data: &[u8]) {
     let mut command = state.engine.command_register.to_le_bytes();
     for (i, b) in data.iter().enumerate() {
-        if let Some(slot) = (offset as usize + i)
+        if let Some(slot) = (arch::usize_from(offset) + i)
             .checked_sub(4)
             .and_then(|at| command.get_mut(at))
         {
@@ -165,11 +172,11 @@ impl Scratch {
         let host = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                SCRATCH_SIZE as usize,
+                arch::usize_from(SCRATCH_SIZE),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 std::os::fd::AsRawFd::as_raw_fd(&file),
-                SCRATCH_OFFSET as libc::off_t,
+                SCRATCH_OFFSET.cast_signed(),
             )
         };
         if host == libc::MAP_FAILED {
@@ -188,13 +195,15 @@ impl Scratch {
         }
         // SAFETY: inside our own mapping; volatile because the guest may
         // write the same page through its memory slot.
-        unsafe { std::ptr::read_volatile((self.host + offset as usize) as *const u8) }
+        unsafe { std::ptr::read_volatile((self.host + arch::usize_from(offset)) as *const u8) }
     }
 
     pub fn write(&self, offset: u64, byte: u8) {
         if offset < SCRATCH_SIZE {
             // SAFETY: as for read.
-            unsafe { std::ptr::write_volatile((self.host + offset as usize) as *mut u8, byte) }
+            unsafe {
+                std::ptr::write_volatile((self.host + arch::usize_from(offset)) as *mut u8, byte)
+            }
         }
     }
 }
@@ -202,7 +211,12 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         // SAFETY: our own mapping of SCRATCH_SIZE bytes.
-        unsafe { libc::munmap(self.host as *mut libc::c_void, SCRATCH_SIZE as usize) };
+        unsafe {
+            libc::munmap(
+                self.host as *mut libc::c_void,
+                arch::usize_from(SCRATCH_SIZE),
+            )
+        };
     }
 }
 
@@ -218,13 +232,13 @@ pub fn bar0_read(state: &mut DeviceState, offset: u64, data: &mut [u8]) {
     }
     let e = &state.engine;
     let value: u32 = match offset & !3 {
-        0x00 => e.iova as u32,
-        0x04 => (e.iova >> 32) as u32,
+        0x00 => arch::low32(e.iova),
+        0x04 => arch::high32(e.iova),
         0x08 => e.length,
         0x0c => u32::from(e.value),
         0x14 => e.status,
-        0x18 => e.faults as u32,
-        0x1c => e.completions as u32,
+        0x18 => arch::low32(e.faults),
+        0x1c => arch::low32(e.completions),
         _ => 0,
     };
     let bytes = value.to_le_bytes();
@@ -255,7 +269,7 @@ pub fn bar0_write(shared: &SharedState, offset: u64, data: &[u8]) {
         0x00 => s.engine.iova = (s.engine.iova & !0xffff_ffff) | u64::from(value),
         0x04 => s.engine.iova = (s.engine.iova & 0xffff_ffff) | (u64::from(value) << 32),
         0x08 => s.engine.length = value,
-        0x0c => s.engine.value = value as u8,
+        0x0c => s.engine.value = value.to_le_bytes()[0],
         0x10 => run_command(shared, &mut s, value),
         _ => {}
     }

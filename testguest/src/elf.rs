@@ -1,10 +1,10 @@
 //! Wraps a flat image linked at `LOAD_ADDR` into a minimal ELF64 executable
 //! (one PT_LOAD segment), the format `cloud-hypervisor --kernel` loads.
 
-pub const LOAD_ADDR: u64 = 0x10_0000;
+pub const LOAD_ADDR: u64 = arch::layout::test_guest::IMAGE_START;
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
-const SEGMENT_OFFSET: usize = 0x1000;
+const SEGMENT_OFFSET: usize = arch::layout::PAGE_BYTES;
 
 pub fn wrap_flat_image(image: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; SEGMENT_OFFSET];
@@ -18,8 +18,8 @@ pub fn wrap_flat_image(image: &[u8]) -> Vec<u8> {
     ehdr.extend_from_slice(&(EHDR_SIZE as u64).to_le_bytes()); // e_phoff
     ehdr.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
     ehdr.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    ehdr.extend_from_slice(&(EHDR_SIZE as u16).to_le_bytes());
-    ehdr.extend_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
+    ehdr.extend_from_slice(&const { arch::fit_u16(EHDR_SIZE as u64) }.to_le_bytes());
+    ehdr.extend_from_slice(&const { arch::fit_u16(PHDR_SIZE as u64) }.to_le_bytes());
     ehdr.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
     ehdr.extend_from_slice(&[0; 6]); // shentsize, shnum, shstrndx
     out[..EHDR_SIZE].copy_from_slice(&ehdr);

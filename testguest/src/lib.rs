@@ -80,8 +80,8 @@ mod tests {
         assert_eq!(&table[..8], TABLE_MAGIC);
         assert_eq!(word(1), FLAG_POWEROFF | FLAG_QUIET);
         assert_eq!(word(2), 2);
-        let (first, first_count) = (word(3) as usize, word(4));
-        let (second, second_count) = (word(5) as usize, word(6));
+        let (first, first_count) = (arch::usize_from(word(3)), word(4));
+        let (second, second_count) = (arch::usize_from(word(5)), word(6));
         assert_eq!(first_count, 1);
         assert_eq!(second_count, 2);
         assert_eq!(second - first, OP_BYTES);

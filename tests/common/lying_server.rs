@@ -44,7 +44,7 @@ pub fn message(id: u16, command: u16, flags: u32, body: &[u8]) -> Vec<u8> {
     let mut m = Vec::with_capacity(16 + body.len());
     m.extend_from_slice(&id.to_le_bytes());
     m.extend_from_slice(&command.to_le_bytes());
-    m.extend_from_slice(&((16 + body.len()) as u32).to_le_bytes());
+    m.extend_from_slice(&u32::try_from(16 + body.len()).unwrap().to_le_bytes());
     m.extend_from_slice(&flags.to_le_bytes());
     m.extend_from_slice(&0u32.to_le_bytes());
     m.extend_from_slice(body);
@@ -219,7 +219,7 @@ fn serve(mut s: UnixStream, lies: &Lies, log: &Mutex<Vec<String>>, stop: &Atomic
                 let mut reply = [0u8; 16];
                 reply[0..4].copy_from_slice(&16u32.to_le_bytes());
                 reply[4..8].copy_from_slice(&0b11u32.to_le_bytes()); // reset, PCI
-                reply[8..12].copy_from_slice(&(REGIONS as u32).to_le_bytes());
+                reply[8..12].copy_from_slice(&u32::try_from(REGIONS).unwrap().to_le_bytes());
                 reply[12..16].copy_from_slice(&5u32.to_le_bytes());
                 message(id, command, FLAG_REPLY, &reply)
             }
@@ -249,7 +249,7 @@ fn serve(mut s: UnixStream, lies: &Lies, log: &Mutex<Vec<String>>, stop: &Atomic
             CMD_REGION_READ => {
                 let (offset, index, count) = (u64_at(0), u32_at(8), u32_at(12) as usize);
                 let mut reply = body[..16].to_vec();
-                let start = offset as usize;
+                let start = arch::usize_from(offset);
                 for at in start..start + count {
                     let byte = match index as usize {
                         CONFIG_REGION => lies.config.get(at).copied().unwrap_or(0),

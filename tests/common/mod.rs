@@ -211,7 +211,7 @@ impl GuestVmm {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.child.id().cast_signed()
     }
 
     pub fn signal(&self, signal: i32) {
@@ -506,7 +506,7 @@ impl TestDevice {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.child.id().cast_signed()
     }
 
     pub fn signal(&self, signal: i32) {

@@ -164,8 +164,8 @@ impl VfioUserClient {
 
     fn send_dma(&mut self, id: u16, request: &DmaRequest) -> Result<(), VfioUserError> {
         let mut payload = [0u8; 32];
-        let (len, fds) = match request {
-            &DmaRequest::Map {
+        let (len, fds) = match *request {
+            DmaRequest::Map {
                 iova,
                 size,
                 ref backing,
@@ -181,7 +181,7 @@ impl VfioUserClient {
                 payload[24..32].copy_from_slice(&size.to_le_bytes());
                 (32, fds)
             }
-            &DmaRequest::Unmap { iova, size } => {
+            DmaRequest::Unmap { iova, size } => {
                 payload[0..4].copy_from_slice(&24u32.to_le_bytes()); // argsz
                 payload[8..16].copy_from_slice(&iova.to_le_bytes());
                 payload[16..24].copy_from_slice(&size.to_le_bytes());

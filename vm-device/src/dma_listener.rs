@@ -51,7 +51,7 @@ pub enum MappingPolicy {
     Pages,
 }
 
-const PAGE_SIZE: u64 = 4096;
+use arch::layout::PAGE_SIZE;
 
 /// Called once, with the reason, when the device is failed and cut off.
 pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;

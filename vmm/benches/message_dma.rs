@@ -50,10 +50,10 @@ impl Ram {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: ftruncate and a fresh shared mapping of our own fd.
         let host = unsafe {
-            assert_eq!(libc::ftruncate(fd.as_raw_fd(), RAM as i64), 0);
+            assert_eq!(libc::ftruncate(fd.as_raw_fd(), RAM.cast_signed()), 0);
             libc::mmap(
                 std::ptr::null_mut(),
-                RAM as usize,
+                ::arch::usize_from(RAM),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
@@ -76,7 +76,7 @@ impl Ram {
 
     fn byte(&self, gpa: u64) -> u8 {
         // SAFETY: inside the mapping.
-        unsafe { std::ptr::read_volatile(self.host.add(gpa as usize)) }
+        unsafe { std::ptr::read_volatile(self.host.add(::arch::usize_from(gpa))) }
     }
 }
 
@@ -85,7 +85,11 @@ impl DmaMemory for Ram {
         self.check(gpa, buf.len())?;
         // SAFETY: inside the mapping (checked).
         unsafe {
-            std::ptr::copy_nonoverlapping(self.host.add(gpa as usize), buf.as_mut_ptr(), buf.len())
+            std::ptr::copy_nonoverlapping(
+                self.host.add(::arch::usize_from(gpa)),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
         };
         Ok(())
     }
@@ -94,7 +98,11 @@ impl DmaMemory for Ram {
         self.check(gpa, data.len())?;
         // SAFETY: inside the mapping (checked).
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.add(gpa as usize), data.len())
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.host.add(::arch::usize_from(gpa)),
+                data.len(),
+            )
         };
         Ok(())
     }
@@ -142,7 +150,7 @@ impl Filler {
         self.next_value = self.next_value.wrapping_add(1).max(1);
         self.register(0x00, 0);
         self.register(0x04, 0);
-        self.register(0x08, FILL as u32);
+        self.register(0x08, u32::try_from(FILL).unwrap());
         self.register(0x0c, u32::from(value));
         self.register(0x10, 1);
         value

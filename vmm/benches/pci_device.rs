@@ -111,7 +111,14 @@ impl Bench {
 
     fn dma_fills(&self, fills: u64) -> Duration {
         let mut ops = vec![op(OpKind::Shared, DMA_GPA, DMA_SIZE, 0)];
-        ops.extend((0..fills).map(|i| op(OpKind::DmaWrite, DMA_GPA, DMA_SIZE, i as u8)));
+        ops.extend((0..fills).map(|i| {
+            op(
+                OpKind::DmaWrite,
+                DMA_GPA,
+                DMA_SIZE,
+                u8::try_from(i & 0xff).unwrap(),
+            )
+        }));
         let (elapsed, output) = self.run(ops, &self.mapped);
         assert!(
             output.contains(&format!("memconv: done {} ok 0 failed", fills + 1)),
@@ -152,8 +159,8 @@ fn pci_device(c: &mut Criterion) {
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(10));
-    let source = vec![0x5au8; DMA_SIZE as usize];
-    let mut target = vec![0u8; DMA_SIZE as usize];
+    let source = vec![0x5au8; ::arch::usize_from(DMA_SIZE)];
+    let mut target = vec![0u8; ::arch::usize_from(DMA_SIZE)];
     group.bench_function("memcpy_4m", |b| {
         b.iter(|| {
             target.copy_from_slice(std::hint::black_box(&source));

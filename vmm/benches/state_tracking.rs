@@ -53,7 +53,7 @@ impl RamDiscardListener for NullListener {
 
 const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
-const PAGE: u64 = 4096;
+use arch::layout::PAGE_SIZE as PAGE;
 
 /// One region run through the production conversion path with a
 /// hypervisor that keeps no attributes, so the bookkeeping is measured.

@@ -35,7 +35,7 @@ use vmm::memory::ConvertibleRam;
 
 const RAM: u64 = 64 << 20;
 const BASE: u64 = 1 << 32;
-const PAGE: u64 = 4096;
+use arch::layout::PAGE_SIZE as PAGE;
 
 struct Device {
     socket: PathBuf,
@@ -57,7 +57,8 @@ fn start_device() -> Device {
     // SAFETY: fd was just returned to us and is owned by nobody else.
     let ram = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: ftruncate on our own fd.
-    assert_eq!(unsafe { libc::ftruncate(ram.as_raw_fd(), RAM as i64) }, 0);
+    let sized = unsafe { libc::ftruncate(ram.as_raw_fd(), RAM.cast_signed()) };
+    assert_eq!(sized, 0);
     Device { socket, dir, ram }
 }
 

@@ -1,8 +1,13 @@
-//! A small ELF64 loader for guest images: copies PT_LOAD segments to their
-//! physical addresses and returns the entry point.
+//! Loading our test guests' ELF64 images. What a test guest may be is
+//! checked here first, before guest memory is touched (x86_64, every
+//! PT_LOAD segment inside the image window, the entry inside a loaded
+//! segment); linux-loader's `Elf::load` then copies the segments to their
+//! physical addresses.
 
+use std::io::Cursor;
 use std::ops::Range;
 
+use linux_loader::loader::{Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const PT_LOAD: u32 = 1;
@@ -25,29 +30,62 @@ pub enum ElfError {
     },
     #[error("entry point {0:#x} is not inside a loaded segment")]
     BadEntry(u64),
-    #[error("cannot copy a segment into guest memory")]
+    #[error("cannot load the image's segments into guest memory")]
+    Load(#[source] linux_loader::loader::Error),
+    #[error("cannot clear a segment's uninitialised part in guest memory")]
     Copy(#[source] vm_memory::GuestMemoryError),
     #[error("an initramfs needs a Linux kernel (a bzImage or an ELF with a PVH note)")]
     NotLinux,
 }
 
 fn read<const N: usize>(image: &[u8], at: usize) -> Result<[u8; N], ElfError> {
-    image
-        .get(at..at + N)
+    at.checked_add(N)
+        .and_then(|end| image.get(at..end))
         .and_then(|s| s.try_into().ok())
-        .ok_or(ElfError::Truncated(at + N))
+        .ok_or(ElfError::Truncated(at.saturating_add(N)))
 }
 
-fn u16_at(image: &[u8], at: usize) -> Result<u16, ElfError> {
+pub(crate) fn u16_at(image: &[u8], at: usize) -> Result<u16, ElfError> {
     Ok(u16::from_le_bytes(read(image, at)?))
 }
 
-fn u32_at(image: &[u8], at: usize) -> Result<u32, ElfError> {
+pub(crate) fn u32_at(image: &[u8], at: usize) -> Result<u32, ElfError> {
     Ok(u32::from_le_bytes(read(image, at)?))
 }
 
-fn u64_at(image: &[u8], at: usize) -> Result<u64, ElfError> {
+pub(crate) fn u64_at(image: &[u8], at: usize) -> Result<u64, ElfError> {
     Ok(u64::from_le_bytes(read(image, at)?))
+}
+
+/// What the loaders need of one ELF program header.
+pub(crate) struct ProgramHeader {
+    pub(crate) kind: u32,
+    pub(crate) offset: u64,
+    pub(crate) paddr: u64,
+    pub(crate) filesz: u64,
+    pub(crate) memsz: u64,
+}
+
+/// The program headers of an ELF64 little-endian image (its identification
+/// is the caller's to check).
+pub(crate) fn program_headers(image: &[u8]) -> Result<Vec<ProgramHeader>, ElfError> {
+    let phoff = usize::try_from(u64_at(image, 32)?).map_err(|_| ElfError::Truncated(usize::MAX))?;
+    let phentsize = usize::from(u16_at(image, 54)?);
+    let phnum = usize::from(u16_at(image, 56)?);
+    (0..phnum)
+        .map(|i| {
+            let ph = phoff
+                .checked_add(i * phentsize)
+                .ok_or(ElfError::Truncated(usize::MAX))?;
+            Ok(ProgramHeader {
+                kind: u32_at(image, ph)?,
+                offset: u64_at(image, ph + 8)?,
+                paddr: u64_at(image, ph + 24)?,
+                filesz: u64_at(image, ph + 32)?,
+                memsz: u64_at(image, ph + 40)?,
+            })
+        })
+        .collect()
 }
 
 /// One PT_LOAD segment: where it goes and which file bytes fill it.
@@ -68,21 +106,18 @@ pub fn parse(image: &[u8], window: Range<u64>) -> Result<(u64, Vec<Segment>), El
         return Err(ElfError::WrongKind);
     }
     let entry = u64_at(image, 24)?;
-    let phoff = usize::try_from(u64_at(image, 32)?).map_err(|_| ElfError::Truncated(usize::MAX))?;
-    let phentsize = usize::from(u16_at(image, 54)?);
-    let phnum = usize::from(u16_at(image, 56)?);
     let mut segments = Vec::new();
-    for i in 0..phnum {
-        let ph = phoff
-            .checked_add(i * phentsize)
-            .ok_or(ElfError::Truncated(usize::MAX))?;
-        if u32_at(image, ph)? != PT_LOAD {
+    for ph in program_headers(image)? {
+        if ph.kind != PT_LOAD {
             continue;
         }
-        let offset = u64_at(image, ph + 8)?;
-        let paddr = u64_at(image, ph + 24)?;
-        let filesz = u64_at(image, ph + 32)?;
-        let memsz = u64_at(image, ph + 40)?;
+        let ProgramHeader {
+            offset,
+            paddr,
+            filesz,
+            memsz,
+            ..
+        } = ph;
         let end = paddr.checked_add(memsz);
         if filesz > memsz || end.is_none_or(|e| paddr < window.start || e > window.end) {
             return Err(ElfError::OutsideWindow {
@@ -93,12 +128,12 @@ pub fn parse(image: &[u8], window: Range<u64>) -> Result<(u64, Vec<Segment>), El
         }
         let file_end = offset
             .checked_add(filesz)
-            .filter(|e| *e <= image.len() as u64)
+            .filter(|e| usize::try_from(*e).is_ok_and(|e| e <= image.len()))
             .ok_or(ElfError::Truncated(image.len() + 1))?;
         segments.push(Segment {
             paddr,
             memsz,
-            file: offset as usize..file_end as usize,
+            file: to_usize(offset)?..to_usize(file_end)?,
         });
     }
     if segments.is_empty() {
@@ -113,14 +148,34 @@ pub fn parse(image: &[u8], window: Range<u64>) -> Result<(u64, Vec<Segment>), El
     Ok((entry, segments))
 }
 
+/// A file offset already checked to lie inside the image.
+fn to_usize(offset: u64) -> Result<usize, ElfError> {
+    usize::try_from(offset).map_err(|_| ElfError::Truncated(usize::MAX))
+}
+
+/// Checks `image` (`parse`), loads its segments and returns its entry point.
 pub fn load(mem: &GuestMemoryMmap, image: &[u8], window: Range<u64>) -> Result<u64, ElfError> {
-    let (entry, segments) = parse(image, window)?;
+    let (entry, segments) = parse(image, window.clone())?;
+    Elf::load(
+        mem,
+        None,
+        &mut Cursor::new(image),
+        Some(GuestAddress(window.start)),
+    )
+    .map_err(ElfError::Load)?;
+    // What a segment takes in memory past its file bytes (.bss) reads as
+    // zeros; linux-loader copies the file bytes only.
     for s in segments {
-        let data = &image[s.file.clone()];
-        mem.write_slice(data, GuestAddress(s.paddr))
-            .map_err(ElfError::Copy)?;
-        let zeros = vec![0u8; (s.memsz as usize) - data.len()];
-        mem.write_slice(&zeros, GuestAddress(s.paddr + data.len() as u64))
+        let filesz = s.file.len() as u64;
+        let zeros = vec![
+            0u8;
+            usize::try_from(s.memsz - filesz).map_err(|_| ElfError::OutsideWindow {
+                start: s.paddr,
+                size: s.memsz,
+                window: window.clone(),
+            })?
+        ];
+        mem.write_slice(&zeros, GuestAddress(s.paddr + filesz))
             .map_err(ElfError::Copy)?;
     }
     Ok(entry)

@@ -7,15 +7,15 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
 use hypervisor::MemoryConversion;
 use log::warn;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::config::EventMonitorConfig;
+use crate::lossy_writer::LossyWriter;
 use crate::memory::{ConversionFailure, ConversionOutcome};
 
 /// Events waiting for the writer; past this, new events are dropped (and
@@ -23,79 +23,74 @@ use crate::memory::{ConversionFailure, ConversionOutcome};
 pub const QUEUE_DEPTH: usize = 4096;
 
 enum Message {
-    Line(String),
-    /// A conversion, formatted by the writer: the vCPU that converted only
+    Line(EventLine<Value>),
+    /// A conversion, serialized by the writer: the vCPU that converted only
     /// copies these fields (no allocation when it succeeded).
-    Conversion(ConversionRecord),
-    /// Answered once every earlier line is written.
-    Flush(SyncSender<()>),
+    Conversion(Duration, ConversionProperties),
 }
 
 /// Time since the VMM started, as Cloud Hypervisor writes it (serde's
 /// `Duration`: whole seconds and the nanoseconds past them).
-fn timestamp(elapsed: Duration) -> Value {
-    json!({ "secs": elapsed.as_secs(), "nanos": elapsed.subsec_nanos() })
+#[derive(Serialize)]
+struct Timestamp {
+    secs: u64,
+    nanos: u32,
 }
 
-struct ConversionRecord {
-    elapsed: Duration,
+impl From<Duration> for Timestamp {
+    fn from(elapsed: Duration) -> Self {
+        Timestamp {
+            secs: elapsed.as_secs(),
+            nanos: elapsed.subsec_nanos(),
+        }
+    }
+}
+
+/// One line of the stream, in Cloud Hypervisor's field order.
+#[derive(Serialize)]
+struct EventLine<P> {
+    timestamp: Timestamp,
+    source: &'static str,
+    event: &'static str,
+    properties: P,
+}
+
+/// The properties of a `memory` / `conversion` event.
+#[derive(Serialize)]
+struct ConversionProperties {
     gpa: u64,
     size: u64,
     direction: &'static str,
+    result: &'static str,
+    error: Option<String>,
     changed_pages: u64,
     duration_us: u64,
-    error: Option<String>,
 }
 
-impl ConversionRecord {
-    /// Writes the event line. Written field by field rather than through a
-    /// JSON value: the writer thread formats every conversion, and on a
-    /// small host its CPU time is taken from the vCPUs.
-    fn write_line(&self, out: &mut impl Write) -> std::io::Result<()> {
-        let error = match &self.error {
-            Some(e) => serde_json::to_string(e).expect("a string serializes"),
-            None => "null".to_string(),
-        };
-        writeln!(
-            out,
-            r#"{{"timestamp":{{"secs":{},"nanos":{}}},"source":"memory","event":"conversion","properties":{{"gpa":{},"size":{},"direction":"{}","result":"{}","error":{},"changed_pages":{},"duration_us":{}}}}}"#,
-            self.elapsed.as_secs(),
-            self.elapsed.subsec_nanos(),
-            self.gpa,
-            self.size,
-            self.direction,
-            if self.error.is_some() { "error" } else { "ok" },
-            error,
-            self.changed_pages,
-            self.duration_us,
-        )
+/// Writes one event line (a JSON object and a newline).
+fn write_event(out: &mut impl Write, message: Message) -> std::io::Result<()> {
+    match message {
+        Message::Line(line) => serde_json::to_writer(&mut *out, &line),
+        Message::Conversion(elapsed, properties) => serde_json::to_writer(
+            &mut *out,
+            &EventLine {
+                timestamp: elapsed.into(),
+                source: "memory",
+                event: "conversion",
+                properties,
+            },
+        ),
     }
+    .map_err(std::io::Error::from)?;
+    out.write_all(b"\n")
 }
 
-/// Queues `flush`, a marker its writer answers on `written` once every
-/// earlier message is out, and waits for that answer; all within
-/// `timeout`, so a stalled writer delays shutdown by no more.
-pub fn flush_queue<M>(queue: &SyncSender<M>, flush: M, written: &Receiver<()>, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    let mut message = flush;
-    loop {
-        match queue.try_send(message) {
-            Ok(()) => break,
-            Err(TrySendError::Full(m)) if Instant::now() < deadline => {
-                message = m;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(_) => return,
-        }
-    }
-    let _ = written.recv_timeout(deadline.saturating_duration_since(Instant::now()));
-}
+pub use crate::lossy_writer::flush_queue;
 
 /// Where events go. Emitting never blocks: lines are queued for the
 /// `event-monitor` thread, which does the writing.
 pub struct EventMonitor {
-    queue: Option<SyncSender<Message>>,
-    dropped: AtomicU64,
+    writer: Option<LossyWriter<Message>>,
     started: Instant,
 }
 
@@ -174,63 +169,10 @@ fn open_sink(config: &EventMonitorConfig) -> Result<File, EventMonitorError> {
     Ok(file)
 }
 
-/// How often the writer drains the queue. It polls rather than blocking on
-/// the queue, so emitting never has to wake it: a vCPU that converts costs
-/// no system call for its event, whatever the event rate.
-const WRITER_POLL: Duration = Duration::from_millis(5);
-
-fn write_lines(sink: File, queue: Receiver<Message>) {
-    let mut sink = std::io::BufWriter::new(sink);
-    let mut failed = false;
-    loop {
-        let mut flushes = Vec::new();
-        let mut gone = false;
-        loop {
-            let message = match queue.try_recv() {
-                Ok(message) => message,
-                Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    gone = true;
-                    break;
-                }
-            };
-            let written = match message {
-                Message::Line(line) => writeln!(sink, "{line}"),
-                Message::Conversion(record) => record.write_line(&mut sink),
-                Message::Flush(done) => {
-                    flushes.push(done);
-                    continue;
-                }
-            };
-            if let Err(e) = written
-                && !failed
-            {
-                // Once is enough: a reader that went away stays away.
-                warn!("event monitor write failed: {e}");
-                failed = true;
-            }
-        }
-        if let Err(e) = sink.flush()
-            && !failed
-        {
-            warn!("event monitor write failed: {e}");
-            failed = true;
-        }
-        for done in flushes {
-            let _ = done.send(());
-        }
-        if gone {
-            return;
-        }
-        std::thread::sleep(WRITER_POLL);
-    }
-}
-
 impl EventMonitor {
     pub fn disabled() -> Self {
         EventMonitor {
-            queue: None,
-            dropped: AtomicU64::new(0),
+            writer: None,
             started: Instant::now(),
         }
     }
@@ -241,54 +183,44 @@ impl EventMonitor {
         config: &EventMonitorConfig,
         filter: Option<seccompiler::BpfProgram>,
     ) -> Result<Self, EventMonitorError> {
-        let sink = open_sink(config)?;
-        let (queue, lines) = sync_channel(QUEUE_DEPTH);
-        crate::seccomp_filters::spawn_filtered("event-monitor".into(), filter, move || {
-            write_lines(sink, lines)
-        })
+        let sink = std::io::BufWriter::new(open_sink(config)?);
+        let writer = LossyWriter::spawn(
+            "event-monitor",
+            QUEUE_DEPTH,
+            filter,
+            sink,
+            Box::new(|sink, message, _dropped| write_event(sink, message)),
+            Box::new(|e| warn!("event monitor write failed: {e}")),
+        )
         .map_err(EventMonitorError::Thread)?;
         Ok(EventMonitor {
-            queue: Some(queue),
-            dropped: AtomicU64::new(0),
+            writer: Some(writer),
             started: Instant::now(),
         })
     }
 
     /// Events lost because the writer could not keep up.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.writer.as_ref().map_or(0, LossyWriter::dropped)
     }
 
-    pub fn emit(&self, source: &str, event: &str, properties: Value) {
-        if self.queue.is_none() {
-            return;
-        }
-        let line = json!({
-            "timestamp": timestamp(self.started.elapsed()),
-            "source": source,
-            "event": event,
-            "properties": properties,
-        });
-        self.send(Message::Line(line.to_string()));
-    }
-
-    fn send(&self, message: Message) {
-        let Some(queue) = &self.queue else {
-            return;
-        };
-        match queue.try_send(message) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+    /// Emits an event (`source` and `event` are names from this VMM's
+    /// fixed set).
+    pub fn emit(&self, source: &'static str, event: &'static str, properties: Value) {
+        if let Some(writer) = &self.writer {
+            writer.send(Message::Line(EventLine {
+                timestamp: self.started.elapsed().into(),
+                source,
+                event,
+                properties,
+            }));
         }
     }
 
     /// Waits (at most `timeout`) until every event emitted so far is written.
     pub fn flush(&self, timeout: Duration) {
-        if let Some(queue) = &self.queue {
-            let (done, written) = sync_channel(1);
-            flush_queue(queue, Message::Flush(done), &written, timeout);
+        if let Some(writer) = &self.writer {
+            writer.flush(timeout);
         }
     }
 
@@ -298,44 +230,66 @@ impl EventMonitor {
         result: &Result<ConversionOutcome, ConversionFailure>,
         elapsed: Duration,
     ) {
-        if self.queue.is_none() {
+        let Some(writer) = &self.writer else {
             return;
-        }
+        };
         let (changed_pages, error) = match result {
             Ok(o) => (o.changed_pages, None),
             Err(e) => (0, Some(crate::error_chain(e))),
         };
-        self.send(Message::Conversion(ConversionRecord {
-            elapsed: self.started.elapsed(),
-            gpa: request.gpa,
-            size: request.size,
-            direction: request.direction.name(),
-            changed_pages,
-            duration_us: elapsed.as_micros() as u64,
-            error,
-        }));
+        writer.send(Message::Conversion(
+            self.started.elapsed(),
+            ConversionProperties {
+                gpa: request.gpa,
+                size: request.size,
+                direction: request.direction.name(),
+                result: if error.is_some() { "error" } else { "ok" },
+                error,
+                changed_pages,
+                duration_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            },
+        ));
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::mpsc::sync_channel;
+
+    use serde_json::json;
+
     use super::*;
 
     #[test]
     fn conversion_lines_are_json_with_cloud_hypervisors_fields() {
         for error in [None, Some("a \"quoted\" reason\n".to_string())] {
-            let record = ConversionRecord {
-                elapsed: Duration::new(3, 25),
-                gpa: 0x100_0000,
-                size: 0x2000,
-                direction: "private",
-                changed_pages: 2,
-                duration_us: 7,
-                error: error.clone(),
-            };
+            let record = Message::Conversion(
+                Duration::new(3, 25),
+                ConversionProperties {
+                    gpa: 0x100_0000,
+                    size: 0x2000,
+                    direction: "private",
+                    result: if error.is_some() { "error" } else { "ok" },
+                    changed_pages: 2,
+                    duration_us: 7,
+                    error: error.clone(),
+                },
+            );
             let mut out = Vec::new();
-            record.write_line(&mut out).unwrap();
+            write_event(&mut out, record).unwrap();
             assert!(out.ends_with(b"\n"));
+            if error.is_none() {
+                // Cloud Hypervisor's field order, byte for byte.
+                assert_eq!(
+                    String::from_utf8_lossy(&out),
+                    concat!(
+                        r#"{"timestamp":{"secs":3,"nanos":25},"source":"memory","event":"conversion","#,
+                        r#""properties":{"gpa":16777216,"size":8192,"direction":"private","result":"ok","#,
+                        r#""error":null,"changed_pages":2,"duration_us":7}}"#,
+                        "\n"
+                    )
+                );
+            }
             let v: Value = serde_json::from_slice(&out).unwrap();
             assert_eq!(v["timestamp"], json!({ "secs": 3, "nanos": 25 }));
             assert_eq!(
@@ -432,7 +386,8 @@ mod tests {
             size: 0x3000,
         });
         monitor.conversion(&request, &refused, Duration::from_micros(5));
-        // The writer polls: without the flush the lines are not there yet.
+        // The writer runs on its own thread: without the flush the lines may
+        // not be there yet.
         monitor.flush(Duration::from_secs(5));
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<Value> = text
@@ -452,7 +407,7 @@ mod tests {
             let t = &line["timestamp"];
             Duration::new(
                 t["secs"].as_u64().unwrap(),
-                t["nanos"].as_u64().unwrap() as u32,
+                u32::try_from(t["nanos"].as_u64().unwrap()).unwrap(),
             )
         };
         // Time since the monitor started, in emission order.

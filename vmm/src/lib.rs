@@ -14,6 +14,7 @@ mod elf;
 pub mod event_monitor;
 #[cfg(test)]
 mod fuzz_config;
+pub mod lossy_writer;
 pub mod memory;
 pub mod seccomp_filters;
 pub mod serial_output;

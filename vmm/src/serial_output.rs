@@ -209,7 +209,7 @@ impl Write for NoSignalSend<'_> {
         if n < 0 {
             Err(std::io::Error::last_os_error())
         } else {
-            Ok(n as usize)
+            Ok(n.cast_unsigned())
         }
     }
 

@@ -89,7 +89,10 @@ impl Hypervisor for KvmHypervisor {
         .map_err(|e| HypervisorError::CreateVm(vm_type, io_err(e)))?;
         // The VM fd answers per VM type (guest_memfd flags, memory attributes).
         let caps = Capabilities::probe(|cap| fd.check_extension_raw(cap.into()));
-        if let Err(e) = fd.set_tss_address(0xfffb_d000) {
+        let tss = usize::try_from(::arch::layout::KVM_TSS_START)
+            .map_err(|e| e.to_string())
+            .and_then(|tss| fd.set_tss_address(tss).map_err(|e| e.to_string()));
+        if let Err(e) = tss {
             debug!("KVM_SET_TSS_ADDR not accepted: {e}");
         }
         if caps.map_gpa_range_exit() {
@@ -204,7 +207,7 @@ impl Vm for KvmVm {
                     memory_size: region.size,
                     userspace_addr: region.userspace_addr,
                     guest_memfd_offset: offset,
-                    guest_memfd: fd as u32,
+                    guest_memfd: fd.cast_unsigned(),
                     ..Default::default()
                 };
                 // SAFETY: the caller guarantees the host mapping outlives the slot.
@@ -358,8 +361,8 @@ impl Vm for KvmVm {
                 ..Default::default()
             };
             entry.u.msi = kvm_irq_routing_msi {
-                address_lo: route.address as u32,
-                address_hi: (route.address >> 32) as u32,
+                address_lo: ::arch::low32(route.address),
+                address_hi: ::arch::high32(route.address),
                 data: route.data,
                 ..Default::default()
             };
@@ -492,14 +495,14 @@ impl Vcpu for KvmVcpu {
         for (offset, mode) in [(LVT_LINT0, EXTINT), (LVT_LINT1, NMI)] {
             let mut bytes = [0u8; 4];
             for (b, r) in bytes.iter_mut().zip(&lapic.regs[offset..offset + 4]) {
-                *b = *r as u8;
+                *b = (*r).cast_unsigned();
             }
             let value = (u32::from_le_bytes(bytes) & !DELIVERY_MODE) | mode;
             for (r, b) in lapic.regs[offset..offset + 4]
                 .iter_mut()
                 .zip(value.to_le_bytes())
             {
-                *r = b as std::os::raw::c_char;
+                *r = b.cast_signed();
             }
         }
         self.fd

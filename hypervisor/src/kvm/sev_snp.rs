@@ -48,11 +48,17 @@ pub(super) fn supported_vmsa_features(kvm: &Kvm) -> SnpResult<u64> {
 /// them page aligned.
 #[repr(C, align(4096))]
 #[derive(Clone, Copy)]
-pub(super) struct Page(pub(super) [u8; PAGE_SIZE as usize]);
+pub(super) struct Page(pub(super) [u8; ::arch::usize_from(PAGE_SIZE)]);
 
 pub(super) fn aligned_copy(source: &[u8]) -> Vec<Page> {
-    let mut pages = vec![Page([0; PAGE_SIZE as usize]); source.len().div_ceil(PAGE_SIZE as usize)];
-    for (page, chunk) in pages.iter_mut().zip(source.chunks(PAGE_SIZE as usize)) {
+    let mut pages = vec![
+        Page([0; ::arch::usize_from(PAGE_SIZE)]);
+        source.len().div_ceil(::arch::usize_from(PAGE_SIZE))
+    ];
+    for (page, chunk) in pages
+        .iter_mut()
+        .zip(source.chunks(::arch::usize_from(PAGE_SIZE)))
+    {
         page.0[..chunk.len()].copy_from_slice(chunk);
     }
     pages
@@ -63,7 +69,7 @@ fn issue<T>(vm: &VmFd, sev: &File, name: &'static str, id: u32, data: &mut T) ->
     let mut cmd = kvm_sev_cmd {
         id,
         data: data as *mut T as u64,
-        sev_fd: sev.as_raw_fd() as u32,
+        sev_fd: sev.as_raw_fd().cast_unsigned(),
         ..Default::default()
     };
     vm.encrypt_op_sev(&mut cmd)

@@ -152,7 +152,7 @@ pub(super) fn capabilities(vm: &impl AsRawFd) -> TdxResult<TdxCapabilities> {
         user_tdvmcallinfo_1_r12: 0,
         reserved: [0; 250],
         cpuid: KvmCpuid2Header {
-            nent: CPUID_ENTRIES as u32,
+            nent: const { ::arch::fit_u32(CPUID_ENTRIES as u64) },
             padding: 0,
         },
     });
@@ -190,7 +190,7 @@ pub(super) fn init_vm(vm: &impl AsRawFd, params: &TdxInitVm) -> TdxResult<()> {
         mrownerconfig: [0; 6],
         reserved: [0; 12],
         cpuid: KvmCpuid2Header {
-            nent: params.cpuid.len() as u32,
+            nent: u32::try_from(params.cpuid.len()).unwrap_or(u32::MAX),
             padding: 0,
         },
     });

@@ -27,14 +27,14 @@ struct Mapping {
 impl Mapping {
     fn new(len: u64, fd: Option<(i32, u64)>) -> Self {
         let (flags, fd, offset) = match fd {
-            Some((fd, offset)) => (libc::MAP_SHARED, fd, offset as libc::off_t),
+            Some((fd, offset)) => (libc::MAP_SHARED, fd, offset.cast_signed()),
             None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0),
         };
         // SAFETY: a fresh mapping at a place the kernel picks.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len as usize,
+                ::arch::usize_from(len),
                 libc::PROT_READ | libc::PROT_WRITE,
                 flags,
                 fd,
@@ -49,7 +49,7 @@ impl Mapping {
         );
         Mapping {
             addr: addr.cast(),
-            len: len as usize,
+            len: ::arch::usize_from(len),
         }
     }
 
@@ -162,7 +162,7 @@ fn a_guest_in_anonymous_memory_exits_for_port_and_mmio_accesses() {
     let Some(hv) = kvm() else { return };
     let vm = hv.create_vm(VmType::Default).unwrap();
     let ram = Mapping::new(SLOT_SIZE, None);
-    ram.write(CODE as usize, &guest_code());
+    ram.write(::arch::usize_from(CODE), &guest_code());
     bind(vm.as_ref(), &ram);
     run_guest(vm.as_ref());
 }
@@ -180,8 +180,8 @@ fn a_guest_in_a_guest_memfd_slot_runs_from_the_slots_file_offset() {
     // The slot is the file's second half; the first half holds a guest
     // that would exit differently, so running the wrong half fails.
     let file = Mapping::new(2 * SLOT_SIZE, Some((gmem.as_raw_fd(), 0)));
-    file.write(CODE as usize, &[HLT]);
-    file.write((SLOT_SIZE + CODE) as usize, &guest_code());
+    file.write(::arch::usize_from(CODE), &[HLT]);
+    file.write(::arch::usize_from(SLOT_SIZE + CODE), &guest_code());
     let view = Mapping::new(SLOT_SIZE, Some((gmem.as_raw_fd(), SLOT_SIZE)));
     let region = UserMemoryRegion {
         slot: 1,
@@ -228,7 +228,7 @@ fn a_signal_takes_a_vcpu_out_of_a_guest_that_never_exits() {
     let vm = hv.create_vm(VmType::Default).unwrap();
     let ram = Mapping::new(SLOT_SIZE, None);
     // jmp $
-    ram.write(CODE as usize, &[0xeb, 0xfe]);
+    ram.write(::arch::usize_from(CODE), &[0xeb, 0xfe]);
     bind(vm.as_ref(), &ram);
     let vcpu = real_mode_vcpu(vm.as_ref(), 0);
     // The loop never exits by itself: only the kick ends the run.
@@ -389,7 +389,7 @@ fn an_irqfd_delivers_its_routed_msi_to_the_guest() {
     // Enable the local APIC (a 32-bit write of SVR at DS:0xf0, DS at its
     // page), tell the VMM, take interrupts, wait for one.
     ram.write(
-        CODE as usize,
+        ::arch::usize_from(CODE),
         &[
             0x66, 0xc7, 0x06, 0xf0, 0x00, 0xff, 0x01, 0x00, 0x00, 0xe6, 0x10, 0xfb, HLT, 0xe6, 0x12,
         ],
@@ -488,8 +488,11 @@ fn linux_boot_state_reaches_the_vcpu() {
     // LINT0 ExtINT, LINT1 NMI.
     vcpu.set_lapic_lints().unwrap();
     let lapic = kvm_vcpu.fd.get_lapic().unwrap();
-    let lvt =
-        |offset: usize| u32::from_le_bytes(std::array::from_fn(|i| lapic.regs[offset + i] as u8));
+    let lvt = |offset: usize| {
+        u32::from_le_bytes(std::array::from_fn(|i| {
+            lapic.regs[offset + i].cast_unsigned()
+        }))
+    };
     assert_eq!(lvt(0x350) & 0x700, 0x700);
     assert_eq!(lvt(0x360) & 0x700, 0x400);
 
@@ -539,7 +542,7 @@ fn an_application_processor_starts_on_init_and_sipi_from_the_bsp() {
     bsp_code.extend(mov_dword(0x300, 0x4500)); // INIT, level assert
     bsp_code.extend(mov_dword(0x300, 0x4608)); // SIPI, vector 8
     bsp_code.extend([0xe6, 0x10, HLT]); // out 0x10,al
-    ram.write(CODE as usize, &bsp_code);
+    ram.write(::arch::usize_from(CODE), &bsp_code);
     ram.write(0x8000, &[0xb0, 0x42, 0xe6, 0x99, HLT]); // mov al,0x42; out 0x99,al
     bind(vm.as_ref(), &ram);
     let mut bsp = real_mode_vcpu(vm.as_ref(), 0xfee0_0000);

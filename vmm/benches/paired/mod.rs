@@ -62,7 +62,8 @@ pub fn compare(
         baseline_times.push(b);
         candidate_times.push(c);
     }
-    let per_iteration = |times: &mut Vec<Duration>| median(times) / iterations as u32;
+    let per_iteration =
+        |times: &mut Vec<Duration>| median(times) / u32::try_from(iterations).unwrap();
     Paired {
         iterations,
         rounds,

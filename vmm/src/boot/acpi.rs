@@ -22,12 +22,21 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// Where the tables go: the BIOS area, which the kernel also scans for the
-/// RSDP when the boot protocol does not name it.
-pub const TABLES_START: u64 = 0xe_0000;
-pub const TABLES_END: u64 = 0x10_0000;
-pub const LAPIC_ADDRESS: u32 = 0xfee0_0000;
-pub const IOAPIC_ADDRESS: u32 = 0xfec0_0000;
+/// Where the tables go (arch::layout::linux).
+pub use arch::layout::linux::{ACPI_TABLES_END as TABLES_END, ACPI_TABLES_START as TABLES_START};
+/// The MADT's 32-bit fields take the LAPIC and IOAPIC addresses, both
+/// below 4 GiB.
+pub const LAPIC_ADDRESS: u32 = below_4g(arch::layout::LAPIC_START);
+pub const IOAPIC_ADDRESS: u32 = below_4g(arch::layout::IOAPIC_START);
+
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "checked to fit 32 bits first (at compile time, in a constant)"
+)]
+const fn below_4g(address: u64) -> u32 {
+    assert!(address <= u32::MAX as u64);
+    address as u32
+}
 const OEM_ID: [u8; 6] = *b"CLOUDH";
 const OEM_TABLE_ID: [u8; 8] = *b"CHSHARED";
 const OEM_REVISION: u32 = 1;
@@ -90,7 +99,7 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
 /// Appends `extra` to a finished table and fixes its length and checksum.
 fn extend_table(table: &mut Vec<u8>, extra: &[u8]) {
     table.extend_from_slice(extra);
-    let len = table.len() as u32;
+    let len = u32::try_from(table.len()).unwrap_or(u32::MAX);
     table[4..8].copy_from_slice(&len.to_le_bytes());
     table[9] = 0;
     let sum = table.iter().fold(0u8, |s, b| s.wrapping_add(*b));
@@ -117,8 +126,9 @@ fn dsdt(platform: &Platform) -> Vec<u8> {
     let window32 = AddressSpace::new_memory(
         AddressSpaceCacheable::NotCacheable,
         true,
-        platform.mmio32.start as u32,
-        (platform.mmio32.end - 1) as u32,
+        // The 32-bit window is below 4 GiB.
+        u32::try_from(platform.mmio32.start).unwrap_or(u32::MAX),
+        u32::try_from(platform.mmio32.end - 1).unwrap_or(u32::MAX),
         None,
     );
     let window64 = AddressSpace::new_memory(
@@ -160,7 +170,11 @@ fn dsdt(platform: &Platform) -> Vec<u8> {
 
     // The ECAM window among the motherboard's resources, where Linux looks
     // before it trusts an MCFG entry.
-    let ecam = Memory32Fixed::new(true, platform.ecam_base as u32, platform.ecam_size as u32);
+    let ecam = Memory32Fixed::new(
+        true,
+        u32::try_from(platform.ecam_base).unwrap_or(u32::MAX),
+        u32::try_from(platform.ecam_size).unwrap_or(u32::MAX),
+    );
     let crs_ecam = ResourceTemplate::new(vec![&ecam]);
     let board = EISAName::new("PNP0C02");
     let board_names = [
@@ -239,7 +253,7 @@ pub fn build(platform: &Platform) -> Result<Tables, AcpiError> {
     let xsdt_addr = place(bytes_of(&xsdt), &mut placed);
     placed.insert(0, (rsdp_addr, bytes_of(&Rsdp::new(OEM_ID, xsdt_addr))));
     if at > TABLES_END {
-        return Err(AcpiError::TooLarge((at - TABLES_START) as usize));
+        return Err(AcpiError::TooLarge(::arch::usize_from(at - TABLES_START)));
     }
     Ok(Tables {
         rsdp: rsdp_addr,

@@ -20,24 +20,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::segment;
 
-/// Where the boot structures go: low conventional memory, which the kernel
-/// reads them from before it reuses it (it reserves what it keeps).
-pub const PVH_INFO: u64 = 0x6000;
-pub const PVH_MODLIST: u64 = 0x6040;
-pub const PVH_MEMMAP: u64 = 0x6080;
-pub const ZERO_PAGE: u64 = 0x7000;
-pub const BOOT_STACK: u64 = 0x8ff0;
-pub const PML4: u64 = 0x9000;
-pub const PDPT: u64 = 0xa000;
-pub const PD: u64 = 0xb000;
-pub const GDT: u64 = 0x500;
-pub const CMDLINE: u64 = 0x2_0000;
-/// The 640 KiB of conventional memory end where the EBDA would start.
-pub const EBDA_START: u64 = 0x9_fc00;
-pub const HIGH_RAM_START: u64 = 0x10_0000;
-/// Longest command line this layout has room for (the kernel's own limit,
-/// `cmdline_size` in its header, is usually smaller).
-pub const CMDLINE_ROOM: usize = 0x1_0000;
+/// Where the boot structures go (arch::layout::linux).
+pub use arch::layout::linux::{
+    BOOT_STACK, CMDLINE, CMDLINE_ROOM, EBDA_START, GDT, HIGH_RAM_START, PD, PDPT, PML4, PVH_INFO,
+    PVH_MEMMAP, PVH_MODLIST, ZERO_PAGE,
+};
 const BOOT_CODE_SELECTOR: u16 = 0x10;
 const BOOT_DATA_SELECTOR: u16 = 0x18;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -132,6 +119,20 @@ pub fn e820_map(ram: &[(u64, u64)], reserved: &[(u64, u64)]) -> Vec<E820Entry> {
     map
 }
 
+/// Loads `image` with linux-loader's `L` at the addresses it asks for,
+/// none below `HIGH_RAM_START`.
+fn load_high<L: KernelLoader>(
+    mem: &GuestMemoryMmap,
+    image: &[u8],
+) -> linux_loader::loader::Result<linux_loader::loader::KernelLoaderResult> {
+    L::load(
+        mem,
+        None,
+        &mut Cursor::new(image),
+        Some(GuestAddress(HIGH_RAM_START)),
+    )
+}
+
 /// What a kernel is, from its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelFormat {
@@ -156,47 +157,20 @@ pub fn has_pvh_note(image: &[u8]) -> bool {
     pvh_entry(image).is_some()
 }
 
-fn u16_in(image: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(image.get(at..at + 2)?.try_into().ok()?))
-}
-
 fn u32_in(image: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(image.get(at..at + 4)?.try_into().ok()?))
+    crate::elf::u32_at(image, at).ok()
 }
 
 fn u64_in(image: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(image.get(at..at + 8)?.try_into().ok()?))
-}
-
-/// What the loader needs of one ELF program header.
-struct ProgramHeader {
-    kind: u32,
-    offset: u64,
-    paddr: u64,
-    filesz: u64,
-    memsz: u64,
+    crate::elf::u64_at(image, at).ok()
 }
 
 /// The program headers of an ELF64 little-endian image.
-fn program_headers(image: &[u8]) -> Option<Vec<ProgramHeader>> {
+fn program_headers(image: &[u8]) -> Option<Vec<crate::elf::ProgramHeader>> {
     if image.get(4..6) != Some(&[2, 1]) {
         return None;
     }
-    let phoff = usize::try_from(u64_in(image, 0x20)?).ok()?;
-    let phentsize = usize::from(u16_in(image, 0x36)?);
-    let phnum = usize::from(u16_in(image, 0x38)?);
-    (0..phnum)
-        .map(|i| {
-            let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
-            Some(ProgramHeader {
-                kind: u32_in(image, ph)?,
-                offset: u64_in(image, ph + 8)?,
-                paddr: u64_in(image, ph + 24)?,
-                filesz: u64_in(image, ph + 32)?,
-                memsz: u64_in(image, ph + 40)?,
-            })
-        })
-        .collect()
+    crate::elf::program_headers(image).ok()
 }
 
 /// Where an ELF kernel's loaded segments end (physical addresses).
@@ -286,7 +260,7 @@ pub fn plan_initramfs(size: u64, kernel_end: u64, limit: u64) -> Result<u64, Lin
     limit
         .checked_sub(size)
         .map(|a| a & !0xfff)
-        .filter(|&a| a >= kernel_end.next_multiple_of(0x1000))
+        .filter(|&a| a >= kernel_end.next_multiple_of(arch::layout::PAGE_SIZE))
         .ok_or(LinuxBootError::InitramfsTooLarge { size, limit })
 }
 
@@ -305,7 +279,7 @@ fn read_initramfs(
     size: u64,
 ) -> Result<(), LinuxBootError> {
     let mut at = addr;
-    let mut left = size as usize;
+    let mut left = ::arch::usize_from(size);
     while left > 0 {
         let n = mem
             .read_volatile_from(GuestAddress(at), file, left)
@@ -397,13 +371,7 @@ fn load_bzimage(
             ram_end: low_end,
         });
     }
-    let loaded = BzImage::load(
-        mem,
-        None,
-        &mut Cursor::new(image),
-        Some(GuestAddress(HIGH_RAM_START)),
-    )
-    .map_err(LinuxBootError::BzImage)?;
+    let loaded = load_high::<BzImage>(mem, image).map_err(LinuxBootError::BzImage)?;
     let mut hdr = loaded
         .setup_header
         .ok_or(LinuxBootError::Protocol(version))?;
@@ -411,12 +379,14 @@ fn load_bzimage(
     hdr.type_of_loader = KERNEL_LOADER_OTHER;
     hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     hdr.header = KERNEL_HDR_MAGIC;
-    hdr.cmd_line_ptr = CMDLINE as u32;
-    hdr.cmdline_size = spec.cmdline.len() as u32;
+    hdr.cmd_line_ptr = const { ::arch::fit_u32(CMDLINE) };
+    // At most CMDLINE_ROOM (write_cmdline checked).
+    hdr.cmdline_size = u32::try_from(spec.cmdline.len()).unwrap_or(u32::MAX);
     if let Some((file, addr, size)) = initramfs {
         read_initramfs(mem, file, addr, size)?;
-        hdr.ramdisk_image = addr as u32;
-        hdr.ramdisk_size = size as u32;
+        // Placed below 4 GiB.
+        hdr.ramdisk_image = u32::try_from(addr).unwrap_or(u32::MAX);
+        hdr.ramdisk_size = u32::try_from(size).unwrap_or(u32::MAX);
     }
     let mut params = boot_params {
         hdr,
@@ -430,7 +400,7 @@ fn load_bzimage(
             r#type: entry.kind,
         };
     }
-    params.e820_entries = e820.len().min(params.e820_table.len()) as u8;
+    params.e820_entries = u8::try_from(e820.len().min(params.e820_table.len())).unwrap_or(u8::MAX);
     linux_loader::configurator::linux::LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
         mem,
@@ -462,13 +432,7 @@ fn load_pvh(
         }
         None => None,
     };
-    let loaded = Elf::load(
-        mem,
-        None,
-        &mut Cursor::new(image),
-        Some(GuestAddress(HIGH_RAM_START)),
-    )
-    .map_err(LinuxBootError::Elf)?;
+    let loaded = load_high::<Elf>(mem, image).map_err(LinuxBootError::Elf)?;
     let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
         return Err(LinuxBootError::Elf(linux_loader::loader::Error::Elf(
             linux_loader::loader::elf::Error::InvalidPvhNote,
@@ -481,7 +445,7 @@ fn load_pvh(
         cmdline_paddr: CMDLINE,
         rsdp_paddr: spec.rsdp,
         memmap_paddr: PVH_MEMMAP,
-        memmap_entries: e820.len() as u32,
+        memmap_entries: u32::try_from(e820.len()).unwrap_or(u32::MAX),
         ..Default::default()
     };
     let memmap: Vec<hvm_memmap_table_entry> = e820

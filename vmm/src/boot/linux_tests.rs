@@ -10,7 +10,7 @@ use super::*;
 const MIB: u64 = 1 << 20;
 
 fn ram(size: u64) -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap()
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), ::arch::usize_from(size))]).unwrap()
 }
 
 /// A bzImage: one setup sector after the boot sector, `payload` bytes of
@@ -19,7 +19,8 @@ fn bzimage(version: u16, payload: usize, kernel_64: bool) -> Vec<u8> {
     let setup_sects = 1u8;
     let mut image = vec![0u8; (usize::from(setup_sects) + 1) * 512];
     image[0x1f1] = setup_sects;
-    image[0x1f4..0x1f8].copy_from_slice(&((payload as u32).div_ceil(16)).to_le_bytes());
+    image[0x1f4..0x1f8]
+        .copy_from_slice(&(u32::try_from(payload).unwrap().div_ceil(16)).to_le_bytes());
     image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
     image[0x202..0x206].copy_from_slice(b"HdrS");
     image[0x206..0x208].copy_from_slice(&version.to_le_bytes());
@@ -28,8 +29,8 @@ fn bzimage(version: u16, payload: usize, kernel_64: bool) -> Vec<u8> {
     image[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
     image[0x236..0x238].copy_from_slice(&u16::from(kernel_64).to_le_bytes()); // xloadflags
     image[0x238..0x23c].copy_from_slice(&2048u32.to_le_bytes()); // cmdline_size
-    image[0x260..0x264].copy_from_slice(&(4 * MIB as u32).to_le_bytes()); // init_size
-    image.extend((0..payload.div_ceil(16) * 16).map(|i| (i % 251) as u8));
+    image[0x260..0x264].copy_from_slice(&(4 * u32::try_from(MIB).unwrap()).to_le_bytes()); // init_size
+    image.extend((0..payload.div_ceil(16) * 16).map(|i| u8::try_from(i % 251).unwrap()));
     image
 }
 
@@ -96,7 +97,7 @@ fn a_bzimage_gets_its_zero_page_command_line_and_initramfs() {
     let params = zero_page(&mem);
     let hdr = params.hdr;
     assert_eq!({ hdr.type_of_loader }, 0xff);
-    assert_eq!({ hdr.cmd_line_ptr }, CMDLINE as u32);
+    assert_eq!({ hdr.cmd_line_ptr }, u32::try_from(CMDLINE).unwrap());
     assert_eq!(
         { hdr.cmdline_size } as usize,
         "console=ttyS0 root=/dev/ram0".len()
@@ -106,7 +107,7 @@ fn a_bzimage_gets_its_zero_page_command_line_and_initramfs() {
     assert_eq!(&line, b"console=ttyS0 root=/dev/ram0\0");
     assert_eq!({ params.acpi_rsdp_addr }, 0xe_0000);
     // The initramfs: page-aligned, at the top of RAM, and all there.
-    let (at, size) = ({ hdr.ramdisk_image } as u64, { hdr.ramdisk_size } as u64);
+    let (at, size) = (u64::from(hdr.ramdisk_image), u64::from(hdr.ramdisk_size));
     assert_eq!(size, 10_000);
     assert_eq!(at % 4096, 0);
     assert!(at + size <= 64 * MIB && at + size > 64 * MIB - 4096);
@@ -152,7 +153,7 @@ fn refused(image: &[u8], cmdline: &str, rd: Option<&[u8]>, ram_size: u64) -> Lin
         },
     )
     .unwrap_err();
-    let mut first = vec![0u8; 2 * MIB as usize];
+    let mut first = vec![0u8; 2 * ::arch::usize_from(MIB)];
     mem.read_slice(&mut first, GuestAddress(0)).unwrap();
     assert!(
         first.iter().all(|&b| b == 0),
@@ -195,7 +196,12 @@ fn refused_kernels_leave_guest_memory_untouched() {
     ));
     // 8 MiB of RAM: the kernel needs 1 MiB + 4 MiB (init_size); a 4 MiB
     // initramfs cannot go anywhere above it.
-    let err = refused(&good, "", Some(&vec![1u8; 4 * MIB as usize]), 8 * MIB);
+    let err = refused(
+        &good,
+        "",
+        Some(&vec![1u8; 4 * ::arch::usize_from(MIB)]),
+        8 * MIB,
+    );
     assert!(
         matches!(err, LinuxBootError::InitramfsTooLarge { .. }),
         "{err}"

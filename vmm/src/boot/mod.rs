@@ -12,25 +12,20 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::elf::{self, ElfError};
 
-pub const GDT_ADDR: u64 = 0x500;
-pub const PML4_ADDR: u64 = 0x1000;
-pub const PDPT_ADDR: u64 = 0x2000;
-/// Page directories, one per identity-mapped GiB (up to 512: 2 MiB of tables).
-pub const PD_ADDR: u64 = 0x40_0000;
-pub const MAX_IDENTITY_GIB: u64 = 512;
-/// Guest images must be linked inside this window.
-pub const IMAGE_START: u64 = 0x10_0000;
-pub const IMAGE_END: u64 = 0x40_0000;
-/// vCPU n's stack grows down from STACK_TOP - n * STACK_SIZE.
-pub const STACK_TOP: u64 = 0xf0_0000;
-pub const STACK_SIZE: u64 = 0x1_0000;
+pub use arch::layout::test_guest::{
+    GDT_ADDR, IMAGE_END, IMAGE_START, MAX_IDENTITY_GIB, PD_ADDR, PDPT_ADDR, PML4_ADDR, STACK_SIZE,
+    STACK_TOP,
+};
 pub const MAX_VCPUS: u8 = 32;
 
 // Everything the VMM writes stays below 16 MiB, where test guests' ops begin.
 const _: () = {
     assert!(IMAGE_END <= PD_ADDR);
-    assert!(PD_ADDR + MAX_IDENTITY_GIB * 0x1000 <= STACK_TOP - MAX_VCPUS as u64 * STACK_SIZE);
-    assert!(STACK_TOP <= 16 << 20);
+    assert!(
+        PD_ADDR + MAX_IDENTITY_GIB * arch::layout::PAGE_SIZE
+            <= STACK_TOP - MAX_VCPUS as u64 * STACK_SIZE
+    );
+    assert!(STACK_TOP <= arch::layout::BOOT_AREA_END);
 };
 
 const PTE_PRESENT_RW: u64 = 0x3;
@@ -106,7 +101,7 @@ fn write_page_tables(mem: &GuestMemoryMmap, ram_end: u64) -> Result<(), BootErro
     };
     w(PDPT_ADDR | PTE_PRESENT_RW, PML4_ADDR)?;
     for g in 0..gib {
-        let pd = PD_ADDR + g * 0x1000;
+        let pd = PD_ADDR + g * arch::layout::PAGE_SIZE;
         w(pd | PTE_PRESENT_RW, PDPT_ADDR + g * 8)?;
         let entries: Vec<u8> = (0..512u64)
             .flat_map(|i| (((g << 30) + (i << 21)) | PTE_PRESENT_RW | PDE_HUGE).to_le_bytes())

@@ -51,7 +51,7 @@ impl BarMaps {
             let host = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
-                    size as usize,
+                    ::arch::usize_from(size),
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_SHARED,
                     fd,
@@ -77,7 +77,7 @@ impl BarMaps {
             self.maps
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push((host as usize, size as usize));
+                .push((host as usize, ::arch::usize_from(size)));
             mapped.push(area);
         }
         Ok(mapped)
@@ -88,7 +88,12 @@ impl BarMaps {
         maps.retain(|&(host, _)| host as u64 != area.host);
         // SAFETY: our own mapping of exactly `size` bytes, never handed to
         // the guest (the caller failed before returning it).
-        unsafe { libc::munmap(area.host as *mut libc::c_void, area.size as usize) };
+        unsafe {
+            libc::munmap(
+                area.host as *mut libc::c_void,
+                ::arch::usize_from(area.size),
+            )
+        };
     }
 }
 
@@ -123,7 +128,10 @@ mod tests {
             maps.map(file.as_raw_fd(), 0, &[(0, 4096), (u64::MAX, 4096)])
                 .is_err()
         );
-        assert_eq!(*maps.maps.lock().unwrap(), [(areas[0].host as usize, 4096)]);
+        assert_eq!(
+            *maps.maps.lock().unwrap(),
+            [(::arch::usize_from(areas[0].host), 4096)]
+        );
         assert_eq!(mappings_of_the_file(), 1);
         // Dropped with its device: every mapping goes.
         drop(maps);

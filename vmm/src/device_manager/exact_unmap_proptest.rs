@@ -16,13 +16,13 @@ use crate::memory::RamBlockAttribute;
 use crate::test_util::OneRegion;
 
 const PAGES: u64 = 128;
-const PAGE: u64 = 4096;
+use arch::layout::PAGE_SIZE as PAGE;
 const BASE: u64 = 0x10_0000_0000;
 
 fn pages_of(sections: &[Section]) -> BTreeSet<u64> {
     sections
         .iter()
-        .flat_map(|s| (s.gpa..s.end()).step_by(PAGE as usize))
+        .flat_map(|s| (s.gpa..s.end()).step_by(::arch::usize_from(PAGE)))
         .collect()
 }
 

@@ -32,7 +32,7 @@ pub const REGION_WRITE: u32 = 1 << 1;
 pub const REGION_MMAP: u32 = 1 << 2;
 /// Region `n` starts at `n * REGION_STRIDE` in the device fd.
 pub const REGION_STRIDE: u64 = 1 << 24;
-const PAGE: u64 = 4096;
+use arch::layout::PAGE_SIZE as PAGE;
 
 #[derive(Default)]
 struct DeviceState {

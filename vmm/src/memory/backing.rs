@@ -208,7 +208,7 @@ mod tests {
 
     use super::*;
 
-    const PAGE: u64 = 4096;
+    use arch::layout::PAGE_SIZE as PAGE;
 
     #[test]
     fn auto_is_in_place_where_the_host_can_mmap_guest_memfd() {

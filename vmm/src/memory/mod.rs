@@ -30,13 +30,12 @@ pub use ram_block_attribute::{
 };
 
 /// Start of the 32-bit MMIO hole; RAM above it continues at 4 GiB.
-pub const MMIO_HOLE_START: u64 = 0xc000_0000;
-pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+pub use arch::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 /// Largest KVM memory slot this manager creates (KVM's limit is 2^31 - 1
 /// pages).
 pub const MAX_SLOT_BYTES: u64 = 4 << 40;
 /// Guests need their boot area (page tables, image, stacks) below this.
-pub const MIN_RAM: u64 = 16 << 20;
+pub const MIN_RAM: u64 = arch::layout::BOOT_AREA_END;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -68,7 +67,7 @@ pub enum MemoryError {
 
 /// The flash window: firmware ends at 4 GiB, in the top of the MMIO hole,
 /// above the PCI windows, ECAM, the IOAPIC and the LAPIC.
-pub const FIRMWARE_WINDOW_START: u64 = MMIO_HOLE_END - (16 << 20);
+pub use arch::layout::FIRMWARE_WINDOW_START;
 
 /// The firmware's region: guest_memfd memory an SEV-SNP launch measures
 /// the image into. Not RAM: it is in no `regions()` and the guest cannot

@@ -18,7 +18,7 @@ pub use vm_device::{ListenerError, RamDiscardListener, Section, Started};
 use super::page_states::PageStates;
 use super::shared_bitmap::SharedBitmap;
 
-pub const GRANULARITY: u64 = 4096;
+pub const GRANULARITY: u64 = arch::layout::PAGE_SIZE;
 const PAGE_SHIFT: u32 = 12;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

@@ -5,11 +5,13 @@
 use hypervisor::CpuidEntry;
 
 /// The firmware ABI's limit.
+use arch::layout::PAGE_BYTES;
+
 pub const MAX_CPUID_FUNCTIONS: usize = 64;
 const HEADER: usize = 16;
 const FUNCTION: usize = 48;
 pub const TABLE_SIZE: usize = HEADER + MAX_CPUID_FUNCTIONS * FUNCTION;
-const _: () = assert!(TABLE_SIZE <= 4096);
+const _: () = assert!(TABLE_SIZE <= PAGE_BYTES);
 
 const KVM_CPUID_FLAG_SIGNIFCANT_INDEX: u32 = 1;
 /// The XSAVE area of XCR0 = x87 | SSE: its legacy region and header.
@@ -25,12 +27,17 @@ pub enum CpuidPageError {
 /// index matters; XSAVE leaves 0xD.0 and 0xD.1 describe the initial XCR0
 /// (x87 only), the state the guest starts in, so the processor checks
 /// them against that.
-pub fn build(entries: &[CpuidEntry]) -> Result<Box<[u8; 4096]>, CpuidPageError> {
+pub fn build(entries: &[CpuidEntry]) -> Result<Box<[u8; PAGE_BYTES]>, CpuidPageError> {
     if entries.len() > MAX_CPUID_FUNCTIONS {
         return Err(CpuidPageError::TooMany(entries.len()));
     }
-    let mut page = Box::new([0u8; 4096]);
-    page[..4].copy_from_slice(&(entries.len() as u32).to_le_bytes());
+    let mut page = Box::new([0u8; PAGE_BYTES]);
+    // At most MAX_CPUID_FUNCTIONS (checked above).
+    page[..4].copy_from_slice(
+        &u32::try_from(entries.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
     for (i, e) in entries.iter().enumerate() {
         let at = HEADER + i * FUNCTION;
         let index = if e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0 {

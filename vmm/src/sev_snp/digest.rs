@@ -12,7 +12,7 @@
 use sha2::{Digest, Sha384};
 
 pub const DIGEST_LEN: usize = 48;
-const PAGE: usize = 4096;
+use arch::layout::PAGE_BYTES as PAGE;
 
 /// Page types as PAGE_INFO records them (KVM's numbers, plus the VMSA).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +114,7 @@ impl LaunchDigest {
         let info = PageInfo {
             digest_cur: self.0,
             contents: contents_digest,
-            length: PAGE_INFO_LEN as u16,
+            length: const { ::arch::fit_u16(PAGE_INFO_LEN as u64) },
             page_type: page_type as u8,
             imi_page: 0,
             vmpl3_perms: 0,
@@ -140,7 +140,7 @@ impl LaunchDigest {
         for index in 0..len / PAGE as u64 {
             let page_gpa = gpa + index * PAGE as u64;
             let contents = data.map(|data| {
-                let start = (index as usize) * PAGE;
+                let start = ::arch::usize_from(index) * PAGE;
                 let chunk = data.get(start..).unwrap_or(&[]);
                 let take = chunk.len().min(PAGE);
                 page[..take].copy_from_slice(&chunk[..take]);
@@ -194,7 +194,9 @@ mod tests {
 
     #[test]
     fn a_range_is_its_pages_in_order() {
-        let data: Vec<u8> = (0..3 * PAGE).map(|i| (i / PAGE) as u8).collect();
+        let data: Vec<u8> = (0..3 * PAGE)
+            .map(|i| u8::try_from(i / PAGE).unwrap())
+            .collect();
         let mut range = LaunchDigest::default();
         range.extend_range(
             0x10000,

@@ -119,7 +119,7 @@ pub fn launch(
             SnpPageType::Normal,
         )
         .map_err(step)?;
-    let secrets = [0u8; 4096];
+    let secrets = [0u8; arch::layout::PAGE_BYTES];
     for section in firmware.metadata_sections() {
         let (page_type, source): (SnpPageType, Option<&[u8]>) = match section.kind {
             // No kernel hashes are given (there is no -kernel with
@@ -129,11 +129,11 @@ pub fn launch(
             | SectionKind::SvsmCallingArea => (SnpPageType::Zero, None),
             SectionKind::Secrets => (
                 SnpPageType::Secrets,
-                Some(&secrets[..section.size.min(4096) as usize]),
+                Some(&secrets[..page_prefix(section.size)]),
             ),
             SectionKind::Cpuid => (
                 SnpPageType::Cpuid,
-                Some(&cpuid_page[..section.size.min(4096) as usize]),
+                Some(&cpuid_page[..page_prefix(section.size)]),
             ),
         };
         backend
@@ -178,6 +178,14 @@ pub fn measure(
         vcpu_signature,
         guest_features: psp.sev_features(),
         policy: psp.policy(),
+    })
+}
+
+/// How much of a one-page source a metadata section of `size` bytes takes:
+/// all of it, or the section's size when it is smaller.
+fn page_prefix(size: u64) -> usize {
+    usize::try_from(size).map_or(arch::layout::PAGE_BYTES, |size| {
+        size.min(arch::layout::PAGE_BYTES)
     })
 }
 

@@ -71,7 +71,7 @@ pub fn read_firmware(path: &Path) -> Result<ovmf::OvmfImage, FirmwareError> {
     if meta.len() > ovmf::MAX_FIRMWARE_SIZE as u64 {
         return Err(FirmwareError::Parse {
             path: shown,
-            source: ovmf::OvmfError::TooLarge(meta.len() as usize),
+            source: ovmf::OvmfError::TooLarge(::arch::usize_from(meta.len())),
         });
     }
     let data = std::fs::read(path).map_err(read_error)?;

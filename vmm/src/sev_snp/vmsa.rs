@@ -14,7 +14,7 @@ use hypervisor::arch::{SegmentRegister, SpecialRegisters, StandardRegisters};
 
 use super::ovmf::SevEsResetBlock;
 
-pub const VMSA_SIZE: usize = 4096;
+pub const VMSA_SIZE: usize = arch::layout::PAGE_BYTES;
 
 /// Byte offsets in `struct sev_es_save_area`.
 mod offset {

@@ -116,7 +116,7 @@ pub fn resources(metadata: &TdvfMetadata, ram_size: u64, firmware: &OvmfImage) -
 
 fn header(out: &mut Vec<u8>, kind: u16, length: usize) {
     out.extend_from_slice(&kind.to_le_bytes());
-    out.extend_from_slice(&(length as u16).to_le_bytes());
+    out.extend_from_slice(&u16::try_from(length).unwrap_or(u16::MAX).to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
 }
 
@@ -127,7 +127,7 @@ pub fn build(gpa: u64, size: u64, resources: &[Resource]) -> Result<Vec<u8>, Hob
     if needed as u64 > size {
         return Err(HobError::TooLarge { needed, size });
     }
-    let mut out = Vec::with_capacity(size as usize);
+    let mut out = Vec::with_capacity(::arch::usize_from(size));
     header(&mut out, HOB_TYPE_HANDOFF, HANDOFF_LEN);
     out.extend_from_slice(&HANDOFF_VERSION.to_le_bytes());
     // BOOT_WITH_FULL_CONFIGURATION.
@@ -150,7 +150,7 @@ pub fn build(gpa: u64, size: u64, resources: &[Resource]) -> Result<Vec<u8>, Hob
     }
     header(&mut out, HOB_TYPE_END_OF_HOB_LIST, END_LEN);
     debug_assert_eq!(out.len(), needed);
-    out.resize(size as usize, 0);
+    out.resize(::arch::usize_from(size), 0);
     Ok(out)
 }
 

@@ -17,6 +17,7 @@
 use hypervisor::MsiRoute;
 
 pub const IOAPIC_PINS: usize = 24;
+const PINS: u32 = ::arch::fit_u32(IOAPIC_PINS as u64);
 pub const IOREGSEL: u64 = 0x00;
 pub const IOWIN: u64 = 0x10;
 const VERSION: u32 = 0x11;
@@ -90,8 +91,8 @@ impl Ioapic {
         let logical = u64::from(e & DEST_LOGICAL != 0);
         let level = e & TRIGGER_LEVEL != 0;
         MsiRoute {
-            gsi: pin as u32,
-            address: 0xfee0_0000 | destination << 12 | logical << 2,
+            gsi: u32::try_from(pin).unwrap_or(u32::MAX),
+            address: arch::layout::LAPIC_START | destination << 12 | logical << 2,
             // Bit 15 is the trigger mode; KVM takes every MSI as asserted.
             data: (e & (VECTOR | DELIVERY_MODE)) as u32 | u32::from(level) << 15,
         }
@@ -180,14 +181,14 @@ impl Ioapic {
     fn read_register(&self, register: u32) -> u32 {
         match register {
             REG_ID => self.id << 24,
-            REG_VERSION => ((IOAPIC_PINS as u32 - 1) << 16) | VERSION,
+            REG_VERSION => ((PINS - 1) << 16) | VERSION,
             REG_ARBITRATION => self.id << 24,
-            r if (REG_REDIRECTION..REG_REDIRECTION + 2 * IOAPIC_PINS as u32).contains(&r) => {
+            r if (REG_REDIRECTION..REG_REDIRECTION + 2 * PINS).contains(&r) => {
                 let e = self.entries[((r - REG_REDIRECTION) / 2) as usize];
                 if r % 2 == 0 {
-                    e as u32
+                    ::arch::low32(e)
                 } else {
-                    (e >> 32) as u32
+                    ::arch::high32(e)
                 }
             }
             _ => 0,
@@ -200,7 +201,7 @@ impl Ioapic {
                 self.id = (value >> 24) & 0xf;
                 None
             }
-            r if (REG_REDIRECTION..REG_REDIRECTION + 2 * IOAPIC_PINS as u32).contains(&r) => {
+            r if (REG_REDIRECTION..REG_REDIRECTION + 2 * PINS).contains(&r) => {
                 let pin = ((r - REG_REDIRECTION) / 2) as usize;
                 let old = self.entries[pin];
                 let written = if r % 2 == 0 {
@@ -240,15 +241,15 @@ mod tests {
     use super::*;
 
     fn program(ioapic: &mut Ioapic, pin: usize, entry: u64) {
-        let low = REG_REDIRECTION + 2 * pin as u32;
+        let low = REG_REDIRECTION + 2 * u32::try_from(pin).unwrap();
         ioapic.write(IOREGSEL, low + 1);
         ioapic.write(IOWIN, (entry >> 32) as u32);
         ioapic.write(IOREGSEL, low);
-        ioapic.write(IOWIN, entry as u32);
+        ioapic.write(IOWIN, ::arch::low32(entry));
     }
 
     fn read_entry(ioapic: &mut Ioapic, pin: usize) -> u64 {
-        let low = REG_REDIRECTION + 2 * pin as u32;
+        let low = REG_REDIRECTION + 2 * u32::try_from(pin).unwrap();
         ioapic.write(IOREGSEL, low);
         let lo = ioapic.read(IOWIN);
         ioapic.write(IOREGSEL, low + 1);
@@ -338,7 +339,10 @@ mod tests {
         assert_eq!(ioapic.entry(9) & REMOTE_IRR, 0);
         // Remote IRR is not writable by the guest.
         ioapic.write(IOREGSEL, REG_REDIRECTION + 18);
-        ioapic.write(IOWIN, (TRIGGER_LEVEL | REMOTE_IRR | 0x59) as u32);
+        ioapic.write(
+            IOWIN,
+            u32::try_from(TRIGGER_LEVEL | REMOTE_IRR | 0x59).unwrap(),
+        );
         assert_eq!(ioapic.entry(9) & REMOTE_IRR, 0);
     }
 
@@ -348,11 +352,13 @@ mod tests {
         program(&mut ioapic, 11, MASKED | TRIGGER_LEVEL | 0x3b);
         assert_eq!(ioapic.set_irq(11, true), None);
         ioapic.write(IOREGSEL, REG_REDIRECTION + 22);
-        let d = ioapic.write(IOWIN, (TRIGGER_LEVEL | 0x3b) as u32).unwrap();
+        let d = ioapic
+            .write(IOWIN, u32::try_from(TRIGGER_LEVEL | 0x3b).unwrap())
+            .unwrap();
         assert_eq!((d.gsi, d.data & 0xff), (11, 0x3b));
         // Masked again while awaiting its EOI: the EOI clears Remote IRR
         // and delivers nothing.
-        ioapic.write(IOWIN, (MASKED | TRIGGER_LEVEL | 0x3b) as u32);
+        ioapic.write(IOWIN, u32::try_from(MASKED | TRIGGER_LEVEL | 0x3b).unwrap());
         assert!(ioapic.end_of_interrupt(0x3b).is_empty());
         assert_eq!(ioapic.entry(11) & REMOTE_IRR, 0);
         // Switching a pin to edge clears a pending Remote IRR.

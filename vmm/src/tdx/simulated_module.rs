@@ -271,7 +271,10 @@ impl TdxLauncher for SimulatedTdxModule {
         }
         // KVM adds the pages in ascending order, each measured as soon as
         // it is added.
-        for (index, page) in source.chunks_exact(PAGE_SIZE as usize).enumerate() {
+        for (index, page) in source
+            .chunks_exact(::arch::usize_from(PAGE_SIZE))
+            .enumerate()
+        {
             let page_gpa = gpa + index as u64 * PAGE_SIZE;
             self.mrtd.page_add(page_gpa);
             if measure {

@@ -25,7 +25,7 @@ const HEADER: usize = 16;
 const SECTION: usize = 32;
 /// More sections than this cannot be a real descriptor (TDVF has six).
 const MAX_SECTIONS: u32 = 256;
-const PAGE: u64 = 4096;
+use arch::layout::PAGE_SIZE as PAGE;
 
 /// Section attribute bit 0: the TDX module measures the contents
 /// (TDH.MR.EXTEND per 256 bytes) when the pages are added.
@@ -310,7 +310,7 @@ impl TdvfMetadata {
     /// The contents the launch gives a section's memory: the image's bytes
     /// zero padded to the section's size (zeros for memory-only sections).
     pub fn initial_contents(section: &TdvfSection, image: &[u8]) -> Vec<u8> {
-        let mut out = vec![0u8; section.memory_size as usize];
+        let mut out = vec![0u8; ::arch::usize_from(section.memory_size)];
         let start = section.data_offset as usize;
         let raw = section.raw_data_size as usize;
         out[..raw].copy_from_slice(&image[start..start + raw]);
@@ -332,9 +332,9 @@ pub(crate) mod tests {
     pub fn descriptor(version: u32, sections: &[RawSection]) -> Vec<u8> {
         let mut out = SIGNATURE.to_vec();
         let length = HEADER + sections.len() * SECTION;
-        out.extend_from_slice(&(length as u32).to_le_bytes());
+        out.extend_from_slice(&u32::try_from(length).unwrap().to_le_bytes());
         out.extend_from_slice(&version.to_le_bytes());
-        out.extend_from_slice(&(sections.len() as u32).to_le_bytes());
+        out.extend_from_slice(&u32::try_from(sections.len()).unwrap().to_le_bytes());
         for (offset, raw, gpa, size, kind, attributes) in sections {
             out.extend_from_slice(&offset.to_le_bytes());
             out.extend_from_slice(&raw.to_le_bytes());

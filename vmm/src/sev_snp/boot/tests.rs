@@ -537,7 +537,7 @@ fn an_snp_guests_conversions_reach_the_memory_manager_and_a_device() {
     use crate::test_util::conversion;
     use crate::vcpu::{self, VcpuContext};
 
-    const PAGE: u64 = 4096;
+    use arch::layout::PAGE_SIZE as PAGE;
     const MIB: u64 = 1 << 20;
     let Some(rig) = Rig::new("snp-convert.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
         return;

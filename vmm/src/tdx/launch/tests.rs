@@ -84,7 +84,7 @@ fn the_launch_follows_kvms_order_section_by_section() {
         let gpa = SYNTHETIC_GPA + 0x4000 + page * 4096;
         expected.page_add(gpa);
         for i in 0..16u64 {
-            let at = (0x4000 + page * 4096 + i * 256) as usize;
+            let at = ::arch::usize_from(0x4000 + page * 4096 + i * 256);
             let chunk: &[u8; 256] = image.data()[at..at + 256].try_into().unwrap();
             expected.mr_extend(gpa + i * 256, chunk);
         }

@@ -1,0 +1,294 @@
+use super::*;
+
+/// The image Debian's `ovmf` package installs (`.ci/run` installs it).
+pub const DEBIAN_OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+/// Debian's OVMF.fd, or `None` with a loud skip (a failure in CI,
+/// where `.ci/run` installs it).
+pub fn debian_ovmf() -> Option<Vec<u8>> {
+    match std::fs::read(DEBIAN_OVMF) {
+        Ok(data) => Some(data),
+        Err(e) => {
+            assert_ne!(
+                std::env::var("CH_REQUIRE_KVM").as_deref(),
+                Ok("1"),
+                "{DEBIAN_OVMF} is required in CI (apt-get install ovmf): {e}"
+            );
+            eprintln!("*** SKIPPED: {DEBIAN_OVMF}: {e} (apt-get install ovmf) ***");
+            None
+        }
+    }
+}
+
+/// Builds a GUIDed table entry: data, then its length and GUID.
+pub fn entry(guid: Guid, data: &[u8]) -> Vec<u8> {
+    let mut out = data.to_vec();
+    out.extend_from_slice(
+        &u16::try_from(data.len() + ENTRY_TRAILER)
+            .unwrap()
+            .to_le_bytes(),
+    );
+    out.extend_from_slice(&guid.bytes());
+    out
+}
+
+/// A synthetic image of `size` bytes whose table holds `entries`
+/// (listed from the lowest address up), and `metadata` placed
+/// `metadata_offset` bytes before the end.
+pub fn synthetic_image(
+    size: usize,
+    entries: &[Vec<u8>],
+    metadata: Option<(u32, Vec<u8>)>,
+) -> Vec<u8> {
+    let mut image = vec![0xf4u8; size];
+    let mut table: Vec<u8> = entries.concat();
+    table.extend_from_slice(
+        &u16::try_from(table.len() + ENTRY_TRAILER)
+            .unwrap()
+            .to_le_bytes(),
+    );
+    table.extend_from_slice(&TABLE_FOOTER_GUID.bytes());
+    let end = size - BYTES_AFTER_TABLE;
+    image[end - table.len()..end].copy_from_slice(&table);
+    if let Some((offset, bytes)) = metadata {
+        let start = size - offset as usize;
+        image[start..start + bytes.len()].copy_from_slice(&bytes);
+    }
+    image
+}
+
+pub fn metadata(version: u32, sections: &[(u32, u32, u32)]) -> Vec<u8> {
+    let mut out = METADATA_SIGNATURE.to_vec();
+    let length = METADATA_HEADER + sections.len() * METADATA_DESCRIPTOR;
+    out.extend_from_slice(&u32::try_from(length).unwrap().to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(sections.len()).unwrap().to_le_bytes());
+    for (gpa, size, kind) in sections {
+        for value in [gpa, size, kind] {
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+    }
+    out
+}
+
+const OTHER_GUID: Guid = Guid::new(0x12345678, 0x9abc, 0xdef0, [1, 2, 3, 4, 5, 6, 7, 8]);
+
+fn well_formed() -> Vec<u8> {
+    synthetic_image(
+        64 << 10,
+        &[
+            entry(SEV_METADATA_GUID, &0x800u32.to_le_bytes()),
+            entry(OTHER_GUID, &[9; 8]),
+            entry(SEV_ES_RESET_BLOCK_GUID, &0x0080_b004u32.to_le_bytes()),
+        ],
+        Some((
+            0x800,
+            metadata(
+                1,
+                &[
+                    (0x80_0000, 0x9000, 1),
+                    (0x80_d000, 0x1000, 2),
+                    (0x80_e000, 0x1000, 3),
+                ],
+            ),
+        )),
+    )
+}
+
+#[test]
+fn a_synthetic_table_gives_its_reset_block_and_sections() {
+    let image = OvmfImage::parse(well_formed()).unwrap();
+    assert_eq!(image.gpa(), FIRMWARE_END - (64 << 10));
+    let reset = image.reset_block().unwrap();
+    assert_eq!((reset.cs_base(), reset.ip()), (0x80_0000, 0xb004));
+    assert_eq!(
+        image.metadata_sections(),
+        &[
+            MetadataSection {
+                gpa: 0x80_0000,
+                size: 0x9000,
+                kind: SectionKind::PrevalidatedZero
+            },
+            MetadataSection {
+                gpa: 0x80_d000,
+                size: 0x1000,
+                kind: SectionKind::Secrets
+            },
+            MetadataSection {
+                gpa: 0x80_e000,
+                size: 0x1000,
+                kind: SectionKind::Cpuid
+            },
+        ]
+    );
+    // Read from the footer down; unknown entries are kept, not refused.
+    assert_eq!(
+        image.table_guids(),
+        &[SEV_ES_RESET_BLOCK_GUID, OTHER_GUID, SEV_METADATA_GUID]
+    );
+    assert_eq!(image.table_entry(OTHER_GUID), Some(&[9u8; 8][..]));
+    assert_eq!(
+        image.table_entry(SEV_METADATA_GUID),
+        Some(&0x800u32.to_le_bytes()[..])
+    );
+    let absent = Guid::new(1, 2, 3, [4; 8]);
+    assert_eq!(image.table_entry(absent), None);
+}
+
+#[test]
+fn an_image_without_sev_entries_parses_empty() {
+    let image = OvmfImage::parse(synthetic_image(8192, &[], None)).unwrap();
+    assert!(image.reset_block().is_none());
+    assert!(image.metadata_sections().is_empty());
+}
+
+#[test]
+fn malformed_images_are_refused_with_the_reason() {
+    let refused = |data: Vec<u8>| OvmfImage::parse(data).unwrap_err();
+    assert_eq!(refused(vec![0; 4097]), OvmfError::Unaligned(4097));
+    assert_eq!(refused(Vec::new()), OvmfError::Unaligned(0));
+    assert_eq!(
+        refused(vec![0; MAX_FIRMWARE_SIZE + 4096]),
+        OvmfError::TooLarge(MAX_FIRMWARE_SIZE + 4096)
+    );
+    assert_eq!(refused(vec![0; 8192]), OvmfError::NoTable);
+
+    // A table longer than the image.
+    let mut image = synthetic_image(8192, &[], None);
+    let footer = 8192 - BYTES_AFTER_TABLE - ENTRY_TRAILER;
+    image[footer..footer + 2].copy_from_slice(&9000u16.to_le_bytes());
+    assert_eq!(refused(image), OvmfError::TableLength(9000));
+
+    // An entry claiming more than the table holds, or less than its trailer.
+    for bad in [200u16, 3] {
+        let mut image = synthetic_image(8192, &[entry(OTHER_GUID, &[0; 4])], None);
+        let at = footer - ENTRY_TRAILER;
+        image[at..at + 2].copy_from_slice(&bad.to_le_bytes());
+        assert_eq!(
+            refused(image),
+            OvmfError::EntryLength {
+                index: 0,
+                length: bad.into()
+            }
+        );
+    }
+
+    // A reset block of the wrong size.
+    let image = synthetic_image(8192, &[entry(SEV_ES_RESET_BLOCK_GUID, &[0; 8])], None);
+    assert!(matches!(
+        refused(image),
+        OvmfError::EntrySize {
+            length: 26,
+            expected: 22,
+            ..
+        }
+    ));
+
+    let with_metadata = |offset: u32, bytes: Vec<u8>| {
+        synthetic_image(
+            16384,
+            &[entry(SEV_METADATA_GUID, &offset.to_le_bytes())],
+            Some((offset.min(16384), bytes)),
+        )
+    };
+    assert_eq!(
+        refused(synthetic_image(
+            16384,
+            &[entry(SEV_METADATA_GUID, &8u32.to_le_bytes())],
+            None
+        )),
+        OvmfError::MetadataOffset(8)
+    );
+    assert_eq!(
+        refused(synthetic_image(
+            16384,
+            &[entry(SEV_METADATA_GUID, &0x10_0000u32.to_le_bytes())],
+            None
+        )),
+        OvmfError::MetadataOffset(0x10_0000)
+    );
+    let mut wrong_signature = metadata(1, &[]);
+    wrong_signature[0] = b'B';
+    assert_eq!(
+        refused(with_metadata(0x800, wrong_signature)),
+        OvmfError::MetadataSignature(*b"BSEV")
+    );
+    assert_eq!(
+        refused(with_metadata(0x800, metadata(2, &[]))),
+        OvmfError::MetadataVersion(2)
+    );
+    let mut short = metadata(1, &[(0x1000, 0x1000, 1)]);
+    short[4..8].copy_from_slice(&16u32.to_le_bytes());
+    assert_eq!(
+        refused(with_metadata(0x800, short)),
+        OvmfError::MetadataLength {
+            sections: 1,
+            length: 16
+        }
+    );
+    assert_eq!(
+        refused(with_metadata(0x800, metadata(1, &[(0x1000, 0x1000, 7)]))),
+        OvmfError::SectionType { index: 0, kind: 7 }
+    );
+    assert!(matches!(
+        refused(with_metadata(0x800, metadata(1, &[(0x1800, 0x1000, 1)]))),
+        OvmfError::SectionUnaligned { index: 0, .. }
+    ));
+    assert!(matches!(
+        refused(with_metadata(0x800, metadata(1, &[(0x1000, 0, 1)]))),
+        OvmfError::SectionUnaligned { index: 0, .. }
+    ));
+    assert!(matches!(
+        refused(with_metadata(
+            0x800,
+            metadata(1, &[(0x1000, 0x2000, 1), (0x2000, 0x1000, 3)])
+        )),
+        OvmfError::SectionOverlap { index: 1, .. }
+    ));
+    assert!(matches!(
+        refused(with_metadata(
+            0x800,
+            metadata(1, &[(0xffff_f000, 0x1000, 1)])
+        )),
+        OvmfError::SectionOverlap { index: 0, .. }
+    ));
+}
+
+#[test]
+fn guids_print_in_their_textual_form() {
+    assert_eq!(
+        format!("{SEV_ES_RESET_BLOCK_GUID:?}"),
+        "00f771de-1a7e-4fcb-890e-68c77e2fb44e"
+    );
+    assert_eq!(
+        format!("{TABLE_FOOTER_GUID:?}"),
+        "96b582de-1fb2-45f7-baea-a366c55a082d"
+    );
+}
+
+/// What edk2 2022.11 as Debian builds it carries (read with a hex
+/// dump of the image's last page).
+#[test]
+fn debian_ovmf_fd_has_the_sev_entries() {
+    let Some(data) = debian_ovmf() else { return };
+    let image = OvmfImage::parse(data).unwrap();
+    assert_eq!(image.gpa(), FIRMWARE_END - (2 << 20));
+    assert_eq!(image.reset_block().unwrap().ap_reset_address, 0x0080_b004);
+    let sections: Vec<(u64, u64, SectionKind)> = image
+        .metadata_sections()
+        .iter()
+        .map(|s| (s.gpa, s.size, s.kind))
+        .collect();
+    use SectionKind::*;
+    assert_eq!(
+        sections,
+        [
+            (0x80_0000, 0x9000, PrevalidatedZero),
+            (0x80_a000, 0x3000, PrevalidatedZero),
+            (0x80_d000, 0x1000, Secrets),
+            (0x80_e000, 0x1000, Cpuid),
+            (0x80_f000, 0x11000, PrevalidatedZero),
+        ]
+    );
+    assert!(!sections.iter().any(|s| s.2 == KernelHashes));
+}
