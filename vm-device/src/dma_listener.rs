@@ -16,8 +16,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use log::error;
 use serde::Serialize;
 
-use crate::discard_listener::{ListenerError, MapError, RamDiscardListener, Section};
-use crate::dma_mapping::{CutOff, DmaError, ExternalDmaMapping};
+use crate::discard_listener::{ListenerError, MapError, RamDiscardListener, Section, Started};
+use crate::dma_mapping::{CutOff, DmaError, DmaOp, ExternalDmaMapping};
+
+mod batch;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct DmaStats {
@@ -195,11 +197,8 @@ impl DmaMappingListener {
     pub fn unmap_all(&self) -> usize {
         let mut m = self.lock();
         let held: Vec<(u64, u64)> = m.by_iova.iter().map(|(&a, &s)| (a, s)).collect();
-        for &(iova, size) in &held {
-            if m.failure.is_some() {
-                break;
-            }
-            self.unmap_exact(&mut m, iova, size);
+        if m.failure.is_none() {
+            self.unmap_batch(&mut m, &held);
         }
         self.publish(&m);
         held.len()
@@ -232,171 +231,29 @@ impl DmaMappingListener {
             hook(&reason);
         }
     }
-
-    fn map(&self, m: &mut Mappings, iova: u64, size: u64) -> Result<(), MapError> {
-        if let Some(limit) = self.entry_limit
-            && m.stats.entries + m.reserved >= limit
-        {
-            return Err(MapError::EntryLimit { limit });
-        }
-        self.dma.map(iova, iova, size)?;
-        m.by_iova.insert(iova, size);
-        m.stats.entries += 1;
-        m.stats.mapped_bytes += size;
-        m.stats.maps += 1;
-        Ok(())
-    }
-
-    fn unmap_exact(&self, m: &mut Mappings, iova: u64, size: u64) -> bool {
-        if let Err(e) = self.dma.unmap(iova, size) {
-            m.stats.unmap_failures += 1;
-            let reason = match e {
-                DmaError::Broken(why) => why.to_string(),
-                // The device keeps a page it must not: it cannot stay live.
-                DmaError::Refused(e) => format!(
-                    "DMA unmap of {iova:#x}+{size:#x} failed, the range may stay reachable: {e}"
-                ),
-            };
-            self.fail(m, reason);
-            return false;
-        }
-        m.by_iova.remove(&iova);
-        m.stats.entries -= 1;
-        m.stats.mapped_bytes -= size;
-        m.stats.unmaps += 1;
-        true
-    }
-
-    /// Maps `section` as the policy says. Page by page, a refusal part-way
-    /// unmaps the pages this call mapped, so a refused populate leaves
-    /// nothing behind; the entry limit is checked for the whole section
-    /// first.
-    fn populate(
-        &self,
-        m: &mut Mappings,
-        section: Section,
-        policy: MappingPolicy,
-    ) -> Result<(), MapError> {
-        if policy == MappingPolicy::Runs || section.size <= PAGE_SIZE {
-            return self.map(m, section.gpa, section.size);
-        }
-        let pages = section.size.div_ceil(PAGE_SIZE);
-        if let Some(limit) = self.entry_limit
-            && m.stats.entries + m.reserved + pages > limit
-        {
-            return Err(MapError::PagesPastLimit { limit, pages });
-        }
-        // Sections are page-aligned (the RamBlockAttribute's granularity).
-        let mut at = section.gpa;
-        while at < section.end() {
-            if let Err(e) = self.map(m, at, PAGE_SIZE) {
-                if !is_broken(&e) {
-                    let mut undo = section.gpa;
-                    while undo < at {
-                        if !self.unmap_exact(m, undo, PAGE_SIZE) {
-                            break;
-                        }
-                        undo += PAGE_SIZE;
-                    }
-                }
-                return Err(e);
-            }
-            at += PAGE_SIZE;
-        }
-        Ok(())
-    }
-
-    fn discard(&self, m: &mut Mappings, section: Section) {
-        m.release(section);
-        let overlapping: Vec<(u64, u64)> = m
-            .by_iova
-            .range(..section.end())
-            .rev()
-            .take_while(|&(&iova, &size)| iova + size > section.gpa)
-            .map(|(&iova, &size)| (iova, size))
-            .collect();
-        for (iova, size) in overlapping {
-            if !self.unmap_exact(m, iova, size) {
-                // The device was failed: it follows nothing any more.
-                return;
-            }
-            let mapping = Section { gpa: iova, size };
-            let survivors = [
-                Section {
-                    gpa: iova,
-                    size: section.gpa.saturating_sub(iova),
-                },
-                Section {
-                    gpa: section.end(),
-                    size: mapping.end().saturating_sub(section.end()),
-                },
-            ];
-            let mut split = false;
-            for part in survivors.into_iter().filter(|s| s.size > 0) {
-                split = true;
-                if let Err(e) = self.map(m, part.gpa, part.size) {
-                    m.stats.lost_remaps += 1;
-                    // The part is still shared: a live device without it
-                    // would break the guest's view, so the device goes.
-                    self.fail(
-                        m,
-                        format!(
-                            "cannot map back {:#x}+{:#x} after a split: {e}",
-                            part.gpa, part.size
-                        ),
-                    );
-                    return;
-                }
-            }
-            if split {
-                m.stats.splits += 1;
-            }
-        }
-    }
-}
-
-fn is_broken(e: &MapError) -> bool {
-    matches!(e, MapError::Device(e) if e.is_broken())
 }
 
 impl DmaMappingListener {
     /// Maps RAM that is never converted (no guest_memfd) as one mapping,
     /// whatever the policy: nothing will ever be discarded inside it.
     pub fn populate_unconverted(&self, section: Section) -> Result<(), ListenerError> {
-        self.populate_as(section, MappingPolicy::Runs)
-    }
-
-    fn populate_as(&self, section: Section, policy: MappingPolicy) -> Result<(), ListenerError> {
-        let mut m = self.lock();
-        if m.failure.is_some() {
-            return Ok(());
-        }
-        let result = match self.populate(&mut m, section, policy) {
-            Ok(()) => Ok(()),
-            // A failed device no longer takes part; the conversion goes on.
-            Err(MapError::Device(DmaError::Broken(why))) => {
-                self.fail(&mut m, why.to_string());
-                Ok(())
-            }
-            // Taking back the pages of a refused populate failed it.
-            Err(_) if m.failure.is_some() => Ok(()),
-            Err(source) => {
-                m.stats.refused += 1;
-                Err(ListenerError::Map {
-                    gpa: section.gpa,
-                    size: section.size,
-                    source,
-                })
-            }
-        };
-        self.publish(&m);
-        result
+        self.start_populate_as(&[section], MappingPolicy::Runs)
+            .finish()
+            .map_err(|(_, e)| e)
     }
 }
 
 impl RamDiscardListener for DmaMappingListener {
     fn notify_populate(&self, section: Section) -> Result<(), ListenerError> {
-        self.populate_as(section, self.policy)
+        self.start_populate(&[section]).finish().map_err(|(_, e)| e)
+    }
+
+    fn start_populate(&self, sections: &[Section]) -> Started<'_> {
+        self.start_populate_as(sections, self.policy)
+    }
+
+    fn start_discard(&self, sections: &[Section]) -> Started<'_> {
+        self.start_discard_batch(sections)
     }
 
     fn prepare_discard(&self, section: Section) -> Result<(), ListenerError> {
@@ -426,11 +283,7 @@ impl RamDiscardListener for DmaMappingListener {
     }
 
     fn notify_discard(&self, section: Section) {
-        let mut m = self.lock();
-        if m.failure.is_none() {
-            self.discard(&mut m, section);
-        }
-        self.publish(&m);
+        let _ = self.start_discard(&[section]).finish();
     }
 }
 
