@@ -67,6 +67,12 @@ pub enum OnMap {
     HangAt(usize),
     /// Closes the connection on map `n`.
     HangUpAt(usize),
+    /// Refuses map `n` and every later one with ENOMEM (a clean error
+    /// reply: the connection stays).
+    RefuseFrom(usize),
+    /// Answers every DMA_MAP and DMA_UNMAP after sleeping this many
+    /// milliseconds (a slow device).
+    Delay(u64),
     /// Answers every DMA_MAP and DMA_UNMAP, but holds the replies while
     /// more requests keep arriving (within 20 ms) and then sends them last
     /// first: replies out of order wherever the client pipelines.
@@ -206,6 +212,13 @@ fn serve(mut s: UnixStream, lies: &Lies, log: &Mutex<Vec<String>>, stop: &Atomic
                         note("hang-up".into());
                         break;
                     }
+                    OnMap::RefuseFrom(n) if maps >= n => {
+                        note(format!("refuse {:#x}+{:#x}", u64_at(16), u64_at(24)));
+                        if s.write_all(&error_reply(id, command, 12)).is_err() {
+                            break;
+                        }
+                        continue;
+                    }
                     _ => {}
                 }
                 note(format!("map {:#x}+{:#x}", u64_at(16), u64_at(24)));
@@ -263,6 +276,11 @@ fn serve(mut s: UnixStream, lies: &Lies, log: &Mutex<Vec<String>>, stop: &Atomic
             // Reset, SET_IRQS and the rest: accepted, nothing to do.
             _ => message(id, command, FLAG_REPLY, &[]),
         };
+        if let OnMap::Delay(ms) = lies.on_map
+            && matches!(command, CMD_DMA_MAP | CMD_DMA_UNMAP)
+        {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         if lies.on_map == OnMap::Reversed && matches!(command, CMD_DMA_MAP | CMD_DMA_UNMAP) {
             held.push(reply);
             if more_waiting(&s, Duration::from_millis(20)) {
