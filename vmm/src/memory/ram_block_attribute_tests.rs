@@ -729,3 +729,106 @@ fn a_refusal_while_all_are_in_flight_unmaps_every_listener_that_mapped() {
     assert!(shared_pages(&rba).is_empty());
     assert_eq!(rba.counters().failed, 1);
 }
+
+/// Reserves per run, refusing the reservation of one run, and records
+/// every reservation and cancellation.
+#[derive(Default)]
+struct Reserver {
+    refuse_at: Option<u64>,
+    log: Mutex<Vec<String>>,
+}
+
+impl RamDiscardListener for Reserver {
+    fn notify_populate(&self, _: Section) -> Result<(), ListenerError> {
+        Ok(())
+    }
+
+    fn prepare_discard(&self, s: Section) -> Result<(), ListenerError> {
+        if self.refuse_at == Some(s.gpa) {
+            return Err(ListenerError::Other("no entry left".into()));
+        }
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("reserve {:#x}", s.gpa));
+        Ok(())
+    }
+
+    fn cancel_discard(&self, s: Section) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("cancel {:#x}", s.gpa));
+    }
+
+    fn notify_discard(&self, s: Section) {
+        self.log.lock().unwrap().push(format!("unmap {:#x}", s.gpa));
+    }
+}
+
+#[test]
+fn a_reservation_refused_part_way_cancels_exactly_the_runs_before_it() {
+    let rba = OneRegion::new(BASE, 32 * PAGE);
+    // Three shared runs: 0-1, 4-5, 8-9.
+    for first in [0, 4, 8] {
+        rba.convert(first * PAGE, 2 * PAGE, true).unwrap();
+    }
+    let whole = Section {
+        gpa: BASE,
+        size: 32 * PAGE,
+    };
+    let reserver = Arc::new(Reserver {
+        refuse_at: Some(BASE + 8 * PAGE),
+        ..Default::default()
+    });
+    rba.register_listener(reserver.clone(), whole).unwrap();
+    assert!(rba.convert(0, 16 * PAGE, false).is_err());
+    assert_eq!(
+        *reserver.log.lock().unwrap(),
+        [
+            format!("reserve {BASE:#x}"),
+            format!("reserve {:#x}", BASE + 4 * PAGE),
+            format!("cancel {BASE:#x}"),
+            format!("cancel {:#x}", BASE + 4 * PAGE),
+        ]
+    );
+    assert_eq!(shared_pages(&rba).len(), 6, "nothing converted");
+}
+
+#[test]
+fn a_detached_listener_hears_nothing_more_and_the_others_still_do() {
+    let rba = OneRegion::new(BASE, 32 * PAGE);
+    let whole = Section {
+        gpa: BASE,
+        size: 32 * PAGE,
+    };
+    let (kept, detached) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+    let kept_id = rba.register_listener(kept.clone(), whole).unwrap();
+    let detached_id = rba.register_listener(detached.clone(), whole).unwrap();
+    assert_eq!(rba.lock().unwrap().listener_count(), 2);
+    rba.detach_listener(detached_id).unwrap();
+    assert_eq!(rba.lock().unwrap().listener_count(), 1);
+    rba.convert(0, 2 * PAGE, true).unwrap();
+    assert_eq!(kept.mapped().len(), 2);
+    assert!(detached.mapped().is_empty(), "detached, yet notified");
+    assert!(matches!(
+        rba.detach_listener(detached_id),
+        Err(AttributeError::UnknownListener(_))
+    ));
+    rba.detach_listener(kept_id).unwrap();
+    assert_eq!(rba.lock().unwrap().listener_count(), 0);
+}
+
+#[test]
+fn reads_of_unaligned_ranges_are_refused() {
+    let rba = OneRegion::new(BASE, 32 * PAGE);
+    assert!(matches!(
+        rba.is_populated(1, PAGE),
+        Err(AttributeError::Unaligned { .. })
+    ));
+    assert!(matches!(
+        rba.is_populated(0, PAGE + 1),
+        Err(AttributeError::Unaligned { .. })
+    ));
+    assert!(rba.is_populated(0, PAGE).is_ok());
+}
