@@ -249,6 +249,9 @@ impl DmaMappingListener {
         if cut.is_empty() {
             return Started::Done(Ok(()));
         }
+        // Ascending, so back-to-back mappings can go as one unmap where the
+        // device allows it.
+        cut.sort_unstable();
         let ops: Vec<DmaOp> = cut
             .iter()
             .map(|&(iova, size)| DmaOp::Unmap { iova, size })

@@ -230,6 +230,8 @@ impl VfioDeviceAccess for Arc<FakeVfioDevice> {
 pub struct FakeContainer {
     pub iommu: FakeIommu,
     host_by_iova: Mutex<BTreeMap<u64, u64>>,
+    /// Unmap ioctls made.
+    pub unmap_calls: std::sync::atomic::AtomicU64,
 }
 
 impl FakeContainer {
@@ -237,6 +239,7 @@ impl FakeContainer {
         Arc::new(FakeContainer {
             iommu: FakeIommu::keeping_mappings_on_cut_off(limit),
             host_by_iova: Mutex::default(),
+            unmap_calls: Default::default(),
         })
     }
 
@@ -274,6 +277,8 @@ impl VfioOps for FakeContainer {
     }
 
     fn vfio_dma_unmap(&self, iova: u64, size: usize) -> vfio_ioctls::Result<()> {
+        self.unmap_calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.iommu
             .unmap(iova, size as u64)
             .map_err(|e| VfioError::IommuDmaUnmap(refused(e)))?;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use pci::VfioOpsError;
 use serde::Serialize;
 use vfio_ioctls::{VfioOps, VfioRegionInfoCap};
-use vm_device::{DmaError, ExternalDmaMapping};
+use vm_device::{DmaBatch, DmaError, DmaOp, ExternalDmaMapping};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::guest_ram::GuestRam;
@@ -267,6 +267,38 @@ impl ExternalDmaMapping for VfioDma {
             .vfio_dma_unmap(iova, size as usize)
             .map_err(DmaError::refused)
     }
+
+    /// Maps one by one (a map ioctl takes one range, type1's and iommufd's
+    /// alike), but unmaps of back-to-back mappings go as one ioctl: both
+    /// kernel interfaces unmap every mapping wholly inside the range given.
+    /// Should that call fail, its unmaps are retried one by one, so each
+    /// gets its own result.
+    fn start_batch(&self, ops: &[DmaOp]) -> DmaBatch<'_> {
+        let mut results = Vec::with_capacity(ops.len());
+        let mut at = 0;
+        while at < ops.len() {
+            let DmaOp::Unmap { iova, size } = ops[at] else {
+                results.push(self.apply(ops[at]));
+                at += 1;
+                continue;
+            };
+            let mut end = iova + size;
+            let mut run = 1;
+            while let Some(&DmaOp::Unmap { iova: next, size }) = ops.get(at + run)
+                && next == end
+            {
+                end += size;
+                run += 1;
+            }
+            if run > 1 && self.unmap(iova, end - iova).is_ok() {
+                results.extend((0..run).map(|_| Ok(())));
+            } else {
+                results.extend(ops[at..at + run].iter().map(|&op| self.apply(op)));
+            }
+            at += run;
+        }
+        DmaBatch::Done(results)
+    }
 }
 
 #[cfg(test)]
@@ -302,6 +334,51 @@ mod tests {
             ram,
             _memory: memory,
         })
+    }
+
+    #[test]
+    fn unmaps_of_back_to_back_mappings_go_as_one_ioctl() {
+        use std::sync::atomic::Ordering;
+        let device = FakeVfioDevice::pci_function();
+        let Some(Setup { dma, container, .. }) = vfio_dma(&device, None) else {
+            return;
+        };
+        let page = |i: u64| 0x20_0000 + i * 0x1000;
+        // Pages 0-7 and 10-11, each its own mapping (`mapping=pages`).
+        for i in (0..8).chain(10..12) {
+            dma.map(page(i), page(i), 0x1000).unwrap();
+        }
+        let unmaps: Vec<DmaOp> = (0..8)
+            .chain(10..12)
+            .map(|i| DmaOp::Unmap {
+                iova: page(i),
+                size: 0x1000,
+            })
+            .collect();
+        let results = dma.start_batch(&unmaps).finish();
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(results.len(), 10);
+        assert!(container.mappings().is_empty());
+        assert_eq!(
+            container.unmap_calls.load(Ordering::Relaxed),
+            2,
+            "one ioctl per back-to-back run"
+        );
+        // Maps in a batch stay one ioctl each, with a result each.
+        let ops = [
+            DmaOp::Map {
+                iova: page(0),
+                gpa: page(0),
+                size: 0x1000,
+            },
+            DmaOp::Map {
+                iova: 64 << 20,
+                gpa: 64 << 20,
+                size: 0x1000,
+            },
+        ];
+        let results = dma.start_batch(&ops).finish();
+        assert!(results[0].is_ok() && results[1].is_err(), "{results:?}");
     }
 
     #[test]
