@@ -212,12 +212,13 @@ impl<S: PageStates> ConvertibleRam<S> {
                 return Err(e);
             }
         };
-        let changed_pages = Transaction::begin(self, gpa, size, to_shared, spans)
-            .inspect_err(|_| self.record_rejected())?
-            .reserve()?
-            .set_attributes()?
-            .notify()?
-            .commit();
+        let mut transaction = Transaction::begin(self, gpa, size, to_shared, spans)
+            .inspect_err(|_| self.record_rejected())?;
+        // Each failure drops the transaction, which undoes what it did.
+        transaction.reserve()?;
+        transaction.set_attributes()?;
+        transaction.notify()?;
+        let changed_pages = transaction.commit();
         debug!(
             "converted {gpa:#x}+{size:#x} to {}: {changed_pages} pages changed",
             direction.name()

@@ -430,6 +430,26 @@ impl<S: PageStates> AttributeState<S> {
     /// again (a refusing listener holds none of its part), and the first
     /// refusal in listener order is returned.
     pub(super) fn notify_populate(&self, runs: &[Section]) -> Result<(), AttributeError> {
+        // Nothing to overlap with one listener or none: no lists to keep.
+        match &self.listeners[..] {
+            [] => return Ok(()),
+            [only] => {
+                let part: Runs = runs
+                    .iter()
+                    .filter_map(|r| r.intersect(&only.section))
+                    .collect();
+                return only
+                    .listener
+                    .start_populate(&part)
+                    .finish()
+                    .map_err(|(failed, source)| AttributeError::ListenerFailed {
+                        gpa: failed.gpa,
+                        size: failed.size,
+                        source,
+                    });
+            }
+            _ => {}
+        }
         let seen = self.seen_by_each(runs);
         let started: SmallVec<[Started<'_>; FAN_OUT]> = self
             .listeners
@@ -465,6 +485,18 @@ impl<S: PageStates> AttributeState<S> {
 
     /// Every listener unmaps its part of `runs`, all at once.
     fn discard_everywhere(&self, runs: &[Section]) {
+        match &self.listeners[..] {
+            [] => return,
+            [only] => {
+                let part: Runs = runs
+                    .iter()
+                    .filter_map(|r| r.intersect(&only.section))
+                    .collect();
+                let _ = only.listener.start_discard(&part).finish();
+                return;
+            }
+            _ => {}
+        }
         let seen = self.seen_by_each(runs);
         let started: SmallVec<[Started<'_>; FAN_OUT]> = self
             .listeners

@@ -219,10 +219,11 @@ fn a_to_shared_dropped_after_populating_unmaps_and_restores_the_attributes() {
     let f = fixture(1);
     f.convert(4, 2, true).unwrap();
     let before = f.shared();
-    let tx = f.begin(0, 8, true).reserve().unwrap();
-    let tx = tx.set_attributes().unwrap();
+    let mut tx = f.begin(0, 8, true);
+    tx.reserve().unwrap();
+    tx.set_attributes().unwrap();
     assert!(f.attributes.private_pages().is_disjoint(&pages(0, 8)));
-    let tx = tx.notify().unwrap();
+    tx.notify().unwrap();
     assert_eq!(f.mapped(), pages(0, 8));
     drop(tx);
     f.assert_in_step(&before);
@@ -231,12 +232,9 @@ fn a_to_shared_dropped_after_populating_unmaps_and_restores_the_attributes() {
 #[test]
 fn a_to_shared_dropped_after_its_attributes_restores_them() {
     let f = fixture(1);
-    let tx = f
-        .begin(0, 8, true)
-        .reserve()
-        .unwrap()
-        .set_attributes()
-        .unwrap();
+    let mut tx = f.begin(0, 8, true);
+    tx.reserve().unwrap();
+    tx.set_attributes().unwrap();
     drop(tx);
     f.assert_in_step(&BTreeSet::new());
 }
@@ -246,7 +244,8 @@ fn a_to_private_dropped_while_reserved_cancels_every_reservation() {
     let f = fixture(2);
     f.convert(PAGES - 4, 8, true).unwrap();
     let before = f.shared();
-    let tx = f.begin(PAGES - 4, 8, false).reserve().unwrap();
+    let mut tx = f.begin(PAGES - 4, 8, false);
+    tx.reserve().unwrap();
     assert_eq!(f.reservations(), 2, "one shared run in each region");
     drop(tx);
     f.assert_in_step(&before);
@@ -257,26 +256,28 @@ fn a_to_private_dropped_after_its_attributes_restores_them_and_cancels() {
     let f = fixture(1);
     f.convert(0, 8, true).unwrap();
     let before = f.shared();
-    let tx = f
-        .begin(2, 4, false)
-        .reserve()
-        .unwrap()
-        .set_attributes()
-        .unwrap();
+    let mut tx = f.begin(2, 4, false);
+    tx.reserve().unwrap();
+    tx.set_attributes().unwrap();
     assert!(f.attributes.private_pages().is_superset(&pages(2, 4)));
     drop(tx);
     f.assert_in_step(&before);
 }
 
+fn run_to_commit(mut tx: Transaction<'_, SharedBitmap>) -> u64 {
+    tx.reserve().unwrap();
+    tx.set_attributes().unwrap();
+    tx.notify().unwrap();
+    tx.commit()
+}
+
 #[test]
 fn a_committed_transaction_undoes_nothing() {
     let f = fixture(2);
-    let tx = f.begin(PAGES - 2, 4, true).reserve().unwrap();
-    let changed = tx.set_attributes().unwrap().notify().unwrap().commit();
+    let changed = run_to_commit(f.begin(PAGES - 2, 4, true));
     assert_eq!(changed, 4);
     f.assert_in_step(&pages(PAGES - 2, 4));
-    let tx = f.begin(PAGES - 1, 2, false).reserve().unwrap();
-    assert_eq!(tx.set_attributes().unwrap().notify().unwrap().commit(), 2);
+    assert_eq!(run_to_commit(f.begin(PAGES - 1, 2, false)), 2);
     let mut left = pages(PAGES - 2, 4);
     left.retain(|p| !pages(PAGES - 1, 2).contains(p));
     f.assert_in_step(&left);
