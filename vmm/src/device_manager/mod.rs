@@ -13,6 +13,7 @@
 //! `DmaMappingListener`) is shown as failed until `remove` clears it.
 
 mod bar_maps;
+mod device_list;
 #[cfg(test)]
 mod fake_vfio;
 mod guest_ram;
@@ -21,18 +22,18 @@ pub mod vfio;
 mod vfio_host;
 mod vfio_user;
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use log::{info, warn};
-use serde::Serialize;
-use vm_device::{DmaMappingListener, DmaStats, ExternalDmaMapping, MappingPolicy, Section};
+use vm_device::{DmaMappingListener, ExternalDmaMapping, MappingPolicy, Section};
 
+use device_list::{AttachedDevice, DeviceList};
+pub use device_list::{DeviceInfo, DeviceKind, DeviceState};
 pub use guest_ram::{GuestRam, GuestRamError};
 use pci::VfioPciDevice;
-use pci_segment::{PciSegment, PluggedFunction};
+use pci_segment::PciSegment;
 pub use vfio_user::VfioUserDma;
 use vfio_user_client::VfioUserError;
 
@@ -72,103 +73,6 @@ pub enum DeviceError {
     Pci(#[source] pci_segment::PciSegmentError),
     #[error("the device failed while it was being given the shared pages: {0}")]
     FailedDuringAttach(String),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeviceKind {
-    Vfio,
-    VfioUser,
-}
-
-impl DeviceKind {
-    fn id_prefix(self) -> &'static str {
-        match self {
-            DeviceKind::Vfio => "_vfio",
-            DeviceKind::VfioUser => "_vfio_user",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeviceState {
-    /// Following every conversion.
-    Attached,
-    /// Cut off from guest memory after a fault; `remove-device` clears it.
-    Failed,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct DeviceInfo {
-    pub id: String,
-    pub kind: DeviceKind,
-    /// The sysfs path (VFIO) or the server socket (vfio-user).
-    pub path: PathBuf,
-    pub state: DeviceState,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub failure: Option<String>,
-    /// Where the guest finds it: segment:bus:device.function.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bdf: Option<String>,
-    /// Most mappings the device accepts at once.
-    pub max_dma_maps: Option<u64>,
-    pub mapping: MappingPolicy,
-    /// How a vfio-user server reaches guest memory.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dma_mode: Option<DmaMode>,
-    pub dma: DmaStats,
-}
-
-struct AttachedDevice {
-    id: String,
-    kind: DeviceKind,
-    path: PathBuf,
-    listener: Arc<DmaMappingListener>,
-    max_dma_maps: Option<u64>,
-    dma_mode: Option<DmaMode>,
-    /// (region index, listener id) for every guest_memfd region.
-    registrations: Vec<(usize, ListenerId)>,
-    /// Its PCI function, when the guest can see it.
-    pci: Option<PluggedFunction>,
-}
-
-impl AttachedDevice {
-    fn info(&self) -> DeviceInfo {
-        let failure = self.listener.failure();
-        DeviceInfo {
-            id: self.id.clone(),
-            kind: self.kind,
-            path: self.path.clone(),
-            state: if failure.is_some() {
-                DeviceState::Failed
-            } else {
-                DeviceState::Attached
-            },
-            failure,
-            bdf: self.pci.as_ref().map(|p| pci::bdf(p.slot)),
-            max_dma_maps: self.max_dma_maps,
-            mapping: self.listener.policy(),
-            dma_mode: self.dma_mode,
-            dma: self.listener.stats(),
-        }
-    }
-}
-
-#[derive(Default)]
-struct DeviceList {
-    devices: Vec<AttachedDevice>,
-    /// Ids of devices being attached: taken, but not listed yet.
-    attaching: BTreeSet<String>,
-    next_index: u64,
-    /// Set at shutdown: nothing attaches any more.
-    closed: bool,
-}
-
-impl DeviceList {
-    fn taken(&self, id: &str) -> bool {
-        self.attaching.contains(id) || self.devices.iter().any(|d| d.id == id)
-    }
 }
 
 /// What attaching a device needs besides its DMA mapping.
