@@ -155,6 +155,12 @@ impl Bench {
             ConsoleOutput::File(console.clone()),
             devices,
         );
+        self.time_guest(config, &console, ops, setup.name)
+    }
+
+    /// Boots `config` and times it to power-off, checking that all `ops`
+    /// of the guest went `ok`.
+    fn time_guest(&self, config: VmConfig, console: &Path, ops: u64, what: &str) -> Duration {
         let elapsed = common::time_to_poweroff(
             &self.hypervisor,
             config,
@@ -162,11 +168,10 @@ impl Bench {
             None,
             Duration::from_secs(300),
         );
-        let output = std::fs::read_to_string(&console).expect("read the console");
+        let output = std::fs::read_to_string(console).expect("read the console");
         assert!(
             output.contains(&format!("memconv: done {ops} ok 0 failed")),
-            "{}: {output}",
-            setup.name
+            "{what}: {output}"
         );
         elapsed
     }
@@ -205,20 +210,7 @@ impl Bench {
             ConsoleOutput::File(console.clone()),
             devices,
         );
-        let elapsed = common::time_to_poweroff(
-            &self.hypervisor,
-            config,
-            Arc::new(EventMonitor::disabled()),
-            None,
-            Duration::from_secs(300),
-        );
-        let output = std::fs::read_to_string(&console).expect("read the console");
-        let all = vcpus * ops;
-        assert!(
-            output.contains(&format!("memconv: done {all} ok 0 failed")),
-            "{vcpus} vCPUs: {output}"
-        );
-        elapsed
+        self.time_guest(config, &console, vcpus * ops, &format!("{vcpus} vCPUs"))
     }
 
     /// Time per conversion on `vcpus` vCPUs, boot and teardown taken out.

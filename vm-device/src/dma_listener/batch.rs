@@ -22,6 +22,15 @@ fn unmap_failure(iova: u64, size: u64, e: DmaError) -> String {
 /// The maps a populate makes, each with the index of its section.
 type Plan = Vec<(usize, DmaOp)>;
 
+impl Mappings {
+    fn record_map(&mut self, iova: u64, size: u64) {
+        self.by_iova.insert(iova, size);
+        self.stats.entries += 1;
+        self.stats.mapped_bytes += size;
+        self.stats.maps += 1;
+    }
+}
+
 impl DmaMappingListener {
     /// The maps a populate of `sections` makes under `policy` (per page:
     /// one per 4 KiB page of a section larger than a page), or the first
@@ -127,10 +136,7 @@ impl DmaMappingListener {
             };
             match result {
                 Ok(()) => {
-                    m.by_iova.insert(iova, size);
-                    m.stats.entries += 1;
-                    m.stats.mapped_bytes += size;
-                    m.stats.maps += 1;
+                    m.record_map(iova, size);
                     made.push((iova, size));
                 }
                 Err(e) if e.is_broken() => {
@@ -277,17 +283,7 @@ impl DmaMappingListener {
         if let Some(limit) = self.entry_limit
             && m.stats.entries + m.reserved + survivors.len() as u64 > limit
         {
-            let part = survivors[0];
-            m.stats.lost_remaps += 1;
-            self.fail(
-                m,
-                format!(
-                    "cannot map back {:#x}+{:#x} after a split: {}",
-                    part.gpa,
-                    part.size,
-                    MapError::EntryLimit { limit }
-                ),
-            );
+            self.lose_remap(m, survivors[0], MapError::EntryLimit { limit });
             return false;
         }
         let ops: Vec<DmaOp> = survivors
@@ -302,12 +298,7 @@ impl DmaMappingListener {
         let mut lost = None;
         for (part, result) in survivors.iter().zip(results) {
             match result {
-                Ok(()) => {
-                    m.by_iova.insert(part.gpa, part.size);
-                    m.stats.entries += 1;
-                    m.stats.mapped_bytes += part.size;
-                    m.stats.maps += 1;
-                }
+                Ok(()) => m.record_map(part.gpa, part.size),
                 Err(e) if lost.is_none() => lost = Some((*part, e)),
                 Err(_) => {}
             }
@@ -315,16 +306,20 @@ impl DmaMappingListener {
         let Some((part, e)) = lost else {
             return true;
         };
+        self.lose_remap(m, part, MapError::Device(e));
+        false
+    }
+
+    /// A surviving part of a split that could not be mapped back fails the
+    /// device.
+    fn lose_remap(&self, m: &mut Mappings, part: Section, cause: MapError) {
         m.stats.lost_remaps += 1;
         self.fail(
             m,
             format!(
-                "cannot map back {:#x}+{:#x} after a split: {}",
-                part.gpa,
-                part.size,
-                MapError::Device(e)
+                "cannot map back {:#x}+{:#x} after a split: {cause}",
+                part.gpa, part.size
             ),
         );
-        false
     }
 }

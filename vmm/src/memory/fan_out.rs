@@ -10,20 +10,21 @@ use super::*;
 /// the heap): a GPU, a NIC, an NVMe drive and one more.
 const FAN_OUT: usize = 4;
 
-impl<S: PageStates> AttributeState<S> {
-    /// The part of `runs` each listener sees (clipped to its section), in
-    /// listener order.
-    fn seen_by_each(&self, runs: &[Section]) -> SmallVec<[Runs; FAN_OUT]> {
-        self.listeners
-            .iter()
-            .map(|reg| {
-                runs.iter()
-                    .filter_map(|r| r.intersect(&reg.section))
-                    .collect()
-            })
-            .collect()
-    }
+/// The part of `runs` inside `section`.
+fn part_seen(runs: &[Section], section: &Section) -> Runs {
+    runs.iter().filter_map(|r| r.intersect(section)).collect()
+}
 
+/// A listener's refusal as the conversion reports it.
+fn refusal((failed, source): (Section, ListenerError)) -> AttributeError {
+    AttributeError::ListenerFailed {
+        gpa: failed.gpa,
+        size: failed.size,
+        source,
+    }
+}
+
+impl<S: PageStates> AttributeState<S> {
     /// To-shared: every listener maps `runs` (the private runs of the
     /// change), all of them at once: each is started, then each is waited
     /// for. If any refuses, every listener that took its part unmaps it
@@ -33,81 +34,45 @@ impl<S: PageStates> AttributeState<S> {
         &self,
         runs: &[Section],
     ) -> Result<(), AttributeError> {
-        // Nothing to overlap with one listener or none: no lists to keep.
-        match &self.listeners[..] {
-            [] => return Ok(()),
-            [only] => {
-                let part: Runs = runs
-                    .iter()
-                    .filter_map(|r| r.intersect(&only.section))
-                    .collect();
-                return only
-                    .listener
-                    .start_populate(&part)
-                    .finish()
-                    .map_err(|(failed, source)| AttributeError::ListenerFailed {
-                        gpa: failed.gpa,
-                        size: failed.size,
-                        source,
-                    });
-            }
-            _ => {}
+        // One listener has nothing to overlap with: no lists to keep.
+        if let [only] = &self.listeners[..] {
+            return only
+                .listener
+                .start_populate(&part_seen(runs, &only.section))
+                .finish()
+                .map_err(refusal);
         }
         let seen = self.seen_by_each(runs);
-        let started: SmallVec<[Started<'_>; FAN_OUT]> = self
-            .listeners
-            .iter()
-            .zip(&seen)
-            .map(|(reg, part)| reg.listener.start_populate(part))
-            .collect();
-        let results: SmallVec<[_; FAN_OUT]> = started.into_iter().map(Started::finish).collect();
-        let Some(index) = results.iter().position(Result::is_err) else {
+        let started = self.start_each(&seen, |_| true, |l, part| l.start_populate(part));
+        let mut mapped: SmallVec<[bool; FAN_OUT]> = SmallVec::new();
+        let mut first_refusal = None;
+        for pending in started {
+            let result = pending.finish();
+            mapped.push(result.is_ok());
+            if let Err(e) = result {
+                first_refusal.get_or_insert(e);
+            }
+        }
+        let Some(refused) = first_refusal else {
             return Ok(());
         };
-        let undo: SmallVec<[Started<'_>; FAN_OUT]> = self
-            .listeners
-            .iter()
-            .zip(&seen)
-            .zip(&results)
-            .filter(|(_, result)| result.is_ok())
-            .map(|((reg, part), _)| reg.listener.start_discard(part))
-            .collect();
-        for pending in undo {
+        for pending in self.start_each(&seen, |i| mapped[i], |l, part| l.start_discard(part)) {
             let _ = pending.finish();
         }
-        let mut results = results;
-        let Err((failed, source)) = results.swap_remove(index) else {
-            unreachable!("the position of an error")
-        };
-        Err(AttributeError::ListenerFailed {
-            gpa: failed.gpa,
-            size: failed.size,
-            source,
-        })
+        Err(refusal(refused))
     }
 
     /// Every listener unmaps its part of `runs`, all at once.
     pub(super) fn discard_everywhere(&self, runs: &[Section]) {
-        match &self.listeners[..] {
-            [] => return,
-            [only] => {
-                let part: Runs = runs
-                    .iter()
-                    .filter_map(|r| r.intersect(&only.section))
-                    .collect();
-                let _ = only.listener.start_discard(&part).finish();
-                return;
-            }
-            _ => {}
+        if let [only] = &self.listeners[..] {
+            let _ = only
+                .listener
+                .start_discard(&part_seen(runs, &only.section))
+                .finish();
+            return;
         }
         let seen = self.seen_by_each(runs);
-        let started: SmallVec<[Started<'_>; FAN_OUT]> = self
-            .listeners
-            .iter()
-            .zip(&seen)
-            .map(|(reg, part)| reg.listener.start_discard(part))
-            .collect();
-        for pending in started {
+        for pending in self.start_each(&seen, |_| true, |l, part| l.start_discard(part)) {
             let _ = pending.finish();
         }
     }
@@ -115,5 +80,30 @@ impl<S: PageStates> AttributeState<S> {
     /// Undoes a successful `notify_populate` of `runs` (bitmap unchanged since).
     pub(in crate::memory) fn undo_populate(&self, runs: &[Section]) {
         self.discard_everywhere(runs);
+    }
+
+    /// The part of `runs` each listener sees (clipped to its section), in
+    /// listener order.
+    fn seen_by_each(&self, runs: &[Section]) -> SmallVec<[Runs; FAN_OUT]> {
+        self.listeners
+            .iter()
+            .map(|reg| part_seen(runs, &reg.section))
+            .collect()
+    }
+
+    /// `start` at every listener `chosen` by its index, with its part.
+    fn start_each<'a>(
+        &'a self,
+        seen: &[Runs],
+        chosen: impl Fn(usize) -> bool,
+        start: impl Fn(&'a dyn RamDiscardListener, &[Section]) -> Started<'a>,
+    ) -> SmallVec<[Started<'a>; FAN_OUT]> {
+        self.listeners
+            .iter()
+            .zip(seen)
+            .enumerate()
+            .filter(|&(index, _)| chosen(index))
+            .map(|(_, (reg, part))| start(reg.listener.as_ref(), part))
+            .collect()
     }
 }
