@@ -221,7 +221,10 @@ impl PciBus {
                 removed: false,
             }));
             slots[index] = Some(slot.clone());
-            (index as u8, slot)
+            (
+                u8::try_from(index).expect("a bus has SLOTS (32) slots"),
+                slot,
+            )
         };
         self.sync_windows(&slot.1);
         Ok(slot.0)
@@ -450,7 +453,7 @@ impl PciConfigIo {
     fn target(&self) -> Option<(u8, usize, u8, usize)> {
         let a = *self.address.lock().unwrap_or_else(|e| e.into_inner());
         (a & CONFIG_ENABLE != 0).then_some((
-            (a >> 16) as u8,
+            ((a >> 16) & 0xff) as u8,
             ((a >> 11) & 0x1f) as usize,
             ((a >> 8) & 0x7) as u8,
             ((a >> 2) & 0x3f) as usize,
@@ -463,13 +466,13 @@ impl BusDevice for PciConfigIo {
         match offset {
             0..4 => {
                 let value = *self.address.lock().unwrap_or_else(|e| e.into_inner());
-                extract_read(value, offset as usize, data);
+                extract_read(value, arch::usize_from(offset), data);
             }
             _ => {
                 let value = self
                     .target()
                     .map_or(u32::MAX, |(b, d, f, r)| self.bus.config_read(b, d, f, r));
-                extract_read(value, (offset - 4) as usize, data);
+                extract_read(value, arch::usize_from(offset - 4), data);
             }
         }
     }
@@ -478,12 +481,12 @@ impl BusDevice for PciConfigIo {
         match offset {
             0..4 => {
                 let mut a = self.address.lock().unwrap_or_else(|e| e.into_inner());
-                *a = merge_write(*a, offset as usize, data) & !0x3;
+                *a = merge_write(*a, arch::usize_from(offset), data) & !0x3;
             }
             _ => {
                 if let Some((b, d, f, r)) = self.target() {
                     self.bus
-                        .config_write(b, d, f, r, (offset - 4) as usize, data);
+                        .config_write(b, d, f, r, arch::usize_from(offset - 4), data);
                 }
             }
         }
@@ -509,10 +512,10 @@ impl PciConfigMmio {
 
     fn decode(offset: u64) -> (u8, usize, u8, usize, usize) {
         (
-            (offset >> 20) as u8,
+            ((offset >> 20) & 0xff) as u8,
             ((offset >> 15) & 0x1f) as usize,
             ((offset >> 12) & 0x7) as u8,
-            ((offset as usize) & (CONFIG_SIZE - 1)) >> 2,
+            (arch::usize_from(offset) & (CONFIG_SIZE - 1)) >> 2,
             (offset & 3) as usize,
         )
     }

@@ -86,7 +86,7 @@ impl BarRegisters {
                 if bar.prefetchable {
                     flags |= BAR_PREFETCHABLE;
                 }
-                (bar.address as u32 & !0xf) | flags
+                (arch::low32(bar.address) & !0xf) | flags
             }
         }
     }

@@ -137,7 +137,7 @@ impl MsixTable {
 
     pub fn read_table(&self, offset: u64, data: &mut [u8]) {
         let value = self.table_dword(offset);
-        crate::configuration::extract_read(value as u32, (offset & 3) as usize, data);
+        crate::configuration::extract_read(arch::low32(value), (offset & 3) as usize, data);
         if data.len() == 8 {
             let high = self.table_dword(offset + 4);
             data[4..].copy_from_slice(&high.to_le_bytes()[..4]);
@@ -149,7 +149,7 @@ impl MsixTable {
             return u64::from(u32::MAX);
         };
         u64::from(match (offset % ENTRY_SIZE) / 4 {
-            0 => entry.address as u32,
+            0 => arch::low32(entry.address),
             1 => (entry.address >> 32) as u32,
             2 => entry.data,
             _ => entry.control,
@@ -163,7 +163,7 @@ impl MsixTable {
             return;
         }
         let index = (offset / ENTRY_SIZE) as usize;
-        let old = self.table_dword(offset) as u32;
+        let old = arch::low32(self.table_dword(offset));
         let value = crate::configuration::merge_write(old, (offset & 3) as usize, data);
         let Some(entry) = self.entries.get_mut(index) else {
             return;
@@ -201,7 +201,10 @@ impl MsixTable {
                 continue;
             }
             if let Some(vectors) = &self.vectors
-                && let Err(e) = vectors.route(index as u16, wanted)
+                && let Err(e) = vectors.route(
+                    u16::try_from(index).expect("the table has layout.vectors (a u16) entries"),
+                    wanted,
+                )
             {
                 warn!("MSI-X vector {index}: {e}");
                 continue;
@@ -248,7 +251,7 @@ mod tests {
     }
 
     fn program(t: &mut MsixTable, vector: u64, address: u64, data: u32) {
-        t.write_table(vector * 16, &(address as u32).to_le_bytes());
+        t.write_table(vector * 16, &arch::low32(address).to_le_bytes());
         t.write_table(vector * 16 + 4, &((address >> 32) as u32).to_le_bytes());
         t.write_table(vector * 16 + 8, &data.to_le_bytes());
     }

@@ -58,14 +58,18 @@ impl FakeFunction {
         config[0x34] = 0x50;
         // A vendor capability first, then MSI-X.
         config[0x50] = 0x09;
-        config[0x51] = if capability_loop { 0x50 } else { msix as u8 };
+        config[0x51] = if capability_loop {
+            0x50
+        } else {
+            u8::try_from(msix).unwrap()
+        };
         config[msix] = 0x11;
         config[msix + 2..msix + 4].copy_from_slice(&3u16.to_le_bytes());
         config[msix + 4..msix + 8].copy_from_slice(&0x800u32.to_le_bytes());
         config[msix + 8..msix + 12].copy_from_slice(&0xc00u32.to_le_bytes());
         Arc::new(FakeFunction(Mutex::new(FakeState {
             config,
-            bar0: vec![0; BAR0_SIZE as usize],
+            bar0: vec![0; arch::usize_from(BAR0_SIZE)],
             ..Default::default()
         })))
     }
@@ -100,7 +104,7 @@ impl VfioOps for FakeFunction {
             0 => &s.bar0,
             _ => return Err(out_of_range()),
         };
-        let at = offset as usize;
+        let at = arch::usize_from(offset);
         let bytes = region.get(at..at + data.len()).ok_or_else(out_of_range)?;
         data.copy_from_slice(bytes);
         Ok(())
@@ -108,7 +112,7 @@ impl VfioOps for FakeFunction {
 
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioOpsError> {
         let mut s = self.state();
-        let at = offset as usize;
+        let at = arch::usize_from(offset);
         match index {
             7 => {
                 s.config_writes.push((offset, data.to_vec()));
@@ -340,7 +344,10 @@ fn bars_are_sized_by_the_guest_and_decoded_only_with_memory_enabled() {
     let r = rig();
     assert_eq!(r.config_read(4), 0xc000_0000);
     r.config_write(4, 0, &u32::MAX.to_le_bytes());
-    assert_eq!(!(r.config_read(4) & !0xf) + 1, BAR0_SIZE as u32);
+    assert_eq!(
+        !(r.config_read(4) & !0xf) + 1,
+        const { arch::fit_u32(BAR0_SIZE) }
+    );
     r.config_write(4, 0, &0xc000_0000u32.to_le_bytes());
     assert_eq!((r.config_read(6), r.config_read(7)), (0b100, 1));
     assert!(r.bus.mapped_windows(r.slot).is_empty());
@@ -668,7 +675,7 @@ fn msix_structures_outside_the_devices_bars_are_refused() {
             Ok(_) => panic!("a bad {structure} was accepted"),
         };
     // BAR0 is BAR0_SIZE bytes: 64 vectors (1 KiB) at 0xc00 run past it.
-    let past = (BAR0_SIZE - 0x100) as u32;
+    let past = const { arch::fit_u32(BAR0_SIZE - 0x100) };
     refused(with(past, 0xc00, 64), "table", "past the end");
     refused(with(0x800, past + 0xf8 + 8, 4), "PBA", "past the end");
     // Indicators 6 and 7 name no BAR.
@@ -678,7 +685,7 @@ fn msix_structures_outside_the_devices_bars_are_refused() {
     refused(with(0x800 | 1, 0xc00, 4), "table", "does not have");
     refused(with(0x800, 0xc00 | 3, 4), "PBA", "does not have");
     // Exactly filling the BAR is fine, as is a table in the 64-bit BAR.
-    let fits = (BAR0_SIZE - 4 * 16) as u32;
+    let fits = const { arch::fit_u32(BAR0_SIZE - 4 * 16) };
     assert!(with(fits, 0xc00, 4).is_ok());
     assert!(with(0x2, 0xc00, 4).is_ok());
 }

@@ -209,16 +209,21 @@ impl VfioPciDevice {
             Ok(u32::from_le_bytes(b))
         };
         let vendor_device = read(0)?;
-        if matches!(vendor_device as u16, 0 | 0xffff) {
-            return Err(VfioPciError::NoFunction(vendor_device as u16));
+        if matches!((vendor_device & 0xffff) as u16, 0 | 0xffff) {
+            return Err(VfioPciError::NoFunction((vendor_device & 0xffff) as u16));
         }
         let mut bars = BarRegisters::default();
         let mut regions = [0u64; NUM_BARS];
         let mut index = 0;
         while index < NUM_BARS {
             let size = ops
-                .region_size(index as u32)
-                .map_err(|e| VfioPciError::Region(index as u32, e))?;
+                .region_size(u32::try_from(index).expect("a BAR index is below NUM_BARS"))
+                .map_err(|e| {
+                    VfioPciError::Region(
+                        u32::try_from(index).expect("a BAR index is below NUM_BARS"),
+                        e,
+                    )
+                })?;
             let raw = read(BAR0_REG + index)?;
             let is_io = raw & 1 != 0;
             let kind = if raw & 0b110 == 0b100 {
@@ -265,10 +270,12 @@ impl VfioPciDevice {
         };
         let mut direct = Vec::new();
         for (index, _) in bars.iter().filter(|(i, _)| !trapped.contains(i)) {
-            let areas = ops.map_region_areas(index as u32).unwrap_or_else(|e| {
-                warn!("BAR {index} stays trapped: {}", Chain(&e));
-                Vec::new()
-            });
+            let areas = ops
+                .map_region_areas(u32::try_from(index).expect("a BAR index is below NUM_BARS"))
+                .unwrap_or_else(|e| {
+                    warn!("BAR {index} stays trapped: {}", Chain(&e));
+                    Vec::new()
+                });
             let trapped = |area: &DirectArea| {
                 msix.is_some_and(|l| {
                     let pages = |bar: usize, at: u64, len: u64| {
@@ -325,7 +332,7 @@ impl VfioPciDevice {
                 return Ok(None);
             }
             let header = read(next / 4)?;
-            if header as u8 == MSIX_CAPABILITY_ID {
+            if (header & 0xff) as u8 == MSIX_CAPABILITY_ID {
                 return Ok(Some(MsixLayout::decode(
                     next,
                     (header >> 16) as u16,
@@ -343,7 +350,7 @@ impl VfioPciDevice {
     }
 
     pub fn vendor_id(&self) -> u16 {
-        self.vendor_device as u16
+        (self.vendor_device & 0xffff) as u16
     }
 
     pub fn device_id(&self) -> u16 {
@@ -462,7 +469,7 @@ impl PciDevice for VfioPciDevice {
                 {
                     let mut s = self.state();
                     let merged = merge_write(u32::from(s.command), offset, data);
-                    s.command = merged as u16;
+                    s.command = (merged & 0xffff) as u16;
                 }
                 self.device_write(reg, offset, data);
             }
@@ -525,7 +532,11 @@ impl PciDevice for VfioPciDevice {
                 return;
             }
         }
-        if let Err(e) = self.ops.region_read(bar as u32, offset, data) {
+        if let Err(e) = self.ops.region_read(
+            u32::try_from(bar).expect("a BAR index is below NUM_BARS"),
+            offset,
+            data,
+        ) {
             debug!("BAR {bar} read at {offset:#x} failed: {}", Chain(&e));
             data.fill(0xff);
         }
@@ -543,7 +554,11 @@ impl PciDevice for VfioPciDevice {
                 return;
             }
         }
-        if let Err(e) = self.ops.region_write(bar as u32, offset, data) {
+        if let Err(e) = self.ops.region_write(
+            u32::try_from(bar).expect("a BAR index is below NUM_BARS"),
+            offset,
+            data,
+        ) {
             debug!("BAR {bar} write at {offset:#x} failed: {}", Chain(&e));
         }
     }

@@ -191,7 +191,7 @@ impl VfioUserClient {
         let header = Header {
             id,
             command: request.command(),
-            size: (HEADER_SIZE + len) as u32,
+            size: u32::try_from(HEADER_SIZE + len).expect("a DMA request is at most 32 bytes"),
             flags: 0,
             error: 0,
         };

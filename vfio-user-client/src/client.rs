@@ -279,7 +279,8 @@ impl VfioUserClient {
         payload[0..4].copy_from_slice(&20u32.to_le_bytes()); // argsz
         payload[4..8].copy_from_slice(&flags.to_le_bytes());
         payload[8..12].copy_from_slice(&index.to_le_bytes());
-        payload[16..20].copy_from_slice(&(fds.len() as u32).to_le_bytes());
+        payload[16..20]
+            .copy_from_slice(&u32::try_from(fds.len()).unwrap_or(u32::MAX).to_le_bytes());
         self.request(CMD_DEVICE_SET_IRQS, &payload, fds)?;
         Ok(())
     }
@@ -339,7 +340,8 @@ impl VfioUserClient {
         let header = Header {
             id,
             command,
-            size: (HEADER_SIZE + payload.len()) as u32,
+            size: u32::try_from(HEADER_SIZE + payload.len())
+                .expect("a request is at most MAX_MESSAGE bytes"),
             flags: 0,
             error: 0,
         };

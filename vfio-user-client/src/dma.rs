@@ -75,7 +75,8 @@ impl VfioUserClient {
         let reply = Header {
             id: request.id,
             command: request.command,
-            size: (HEADER_SIZE + payload.len()) as u32,
+            size: u32::try_from(HEADER_SIZE + payload.len())
+                .expect("a DMA reply is at most MAX_MESSAGE bytes"),
             flags,
             error,
         };

@@ -48,7 +48,7 @@ pub(crate) fn reply_to(request: Header, flags: u32, error: u32, body: &[u8]) -> 
     let mut out = Header {
         id: request.id,
         command: request.command,
-        size: (HEADER_SIZE + body.len()) as u32,
+        size: u32::try_from(HEADER_SIZE + body.len()).unwrap(),
         flags,
         error,
     }
@@ -80,7 +80,7 @@ pub(crate) fn region_reply(index: u32, flags: u32, size: u64, caps: &[Capability
         let mut cap = vec![0u8; 16];
         cap[0..4].copy_from_slice(&u32::from(*id).to_le_bytes());
         cap[4..8].copy_from_slice(&next.to_le_bytes());
-        cap[8..12].copy_from_slice(&(areas.len() as u32).to_le_bytes());
+        cap[8..12].copy_from_slice(&u32::try_from(areas.len()).unwrap().to_le_bytes());
         for (offset, len) in areas {
             cap.extend_from_slice(&offset.to_le_bytes());
             cap.extend_from_slice(&len.to_le_bytes());
@@ -97,12 +97,12 @@ pub(crate) struct Ram(pub(crate) std::sync::Mutex<Vec<u8>>);
 impl DmaMemory for Ram {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DmaMemoryError> {
         let ram = self.0.lock().unwrap();
-        buf.copy_from_slice(&ram[gpa as usize..gpa as usize + buf.len()]);
+        buf.copy_from_slice(&ram[usize::try_from(gpa).unwrap()..][..buf.len()]);
         Ok(())
     }
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), DmaMemoryError> {
         let mut ram = self.0.lock().unwrap();
-        ram[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
+        ram[usize::try_from(gpa).unwrap()..][..data.len()].copy_from_slice(data);
         Ok(())
     }
 }
@@ -149,7 +149,7 @@ pub(crate) fn dma_read_request(id: u16, addr: u64, count: u64) -> Vec<u8> {
     let mut out = Header {
         id,
         command: CMD_DMA_READ,
-        size: (HEADER_SIZE + body.len()) as u32,
+        size: u32::try_from(HEADER_SIZE + body.len()).unwrap(),
         flags: FLAG_COMMAND,
         error: 0,
     }

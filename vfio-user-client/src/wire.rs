@@ -107,7 +107,11 @@ pub(crate) fn region_access(
     let mut head = [0u8; 16];
     head[0..8].copy_from_slice(&offset.to_le_bytes());
     head[8..12].copy_from_slice(&index.to_le_bytes());
-    head[12..16].copy_from_slice(&(len as u32).to_le_bytes());
+    head[12..16].copy_from_slice(
+        &u32::try_from(len)
+            .expect("len is at most MAX_REGION_ACCESS (checked above)")
+            .to_le_bytes(),
+    );
     Ok(head)
 }
 
@@ -187,7 +191,7 @@ pub(crate) fn sparse_mmap_areas(reply: &[u8], size: u64) -> Option<Vec<(u64, u64
         }
         let header = u32_at(next)?;
         let following = u32_at(next + 4)? as usize;
-        if header as u16 == REGION_INFO_CAP_SPARSE_MMAP {
+        if (header & 0xffff) as u16 == REGION_INFO_CAP_SPARSE_MMAP {
             let count = u32_at(next + 8)? as usize;
             for i in 0..count.min(reply.len() / 16) {
                 let at = next + 16 + i * 16;

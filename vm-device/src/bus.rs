@@ -95,7 +95,7 @@ mod tests {
 
     impl BusDevice for Scratch {
         fn read(&self, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill((offset & 0xff) as u8);
         }
         fn write(&self, offset: u64, data: &[u8]) {
             *self.last_write.lock().unwrap() = Some((offset, data.to_vec()));

@@ -56,7 +56,7 @@ fn region_and_irq_requests_carry_their_fields_and_check_the_replies() {
         CMD_REGION_READ => {
             let count = u32::from_le_bytes(body[12..16].try_into().unwrap());
             let mut reply = body[..16].to_vec();
-            reply.extend((0..count).map(|i| i as u8 + body[0]));
+            reply.extend((0..count).map(|i| (i & 0xff) as u8 + body[0]));
             reply_to(h, FLAG_REPLY, 0, &reply)
         }
         CMD_REGION_WRITE if body[16..] == [9, 9] => reply_to(h, FLAG_REPLY, 0, &body[..16]),

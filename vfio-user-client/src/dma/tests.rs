@@ -90,7 +90,7 @@ fn server_requests_before_the_reply_are_answered_in_line() {
             let ask = Header {
                 id,
                 command: CMD_DMA_READ,
-                size: (HEADER_SIZE + body.len()) as u32,
+                size: u32::try_from(HEADER_SIZE + body.len()).unwrap(),
                 flags: FLAG_COMMAND,
                 error: 0,
             };
@@ -159,19 +159,19 @@ fn a_waiting_message_out_of_step_closes_the_connection() {
     let oversize = Header {
         id: 1,
         command: CMD_DMA_READ,
-        size: (MAX_MESSAGE + 1) as u32,
+        size: u32::try_from(MAX_MESSAGE + 1).unwrap(),
         flags: FLAG_COMMAND,
         error: 0,
     };
     let reply = Header {
         id: 2,
         command: CMD_DMA_READ,
-        size: HEADER_SIZE as u32,
+        size: u32::try_from(HEADER_SIZE).unwrap(),
         flags: FLAG_REPLY,
         error: 0,
     };
     let undersize = Header {
-        size: (HEADER_SIZE - 1) as u32,
+        size: u32::try_from(HEADER_SIZE - 1).unwrap(),
         ..oversize
     };
     for (what, header) in [

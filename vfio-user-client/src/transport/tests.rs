@@ -46,7 +46,7 @@ fn a_signal_during_the_fd_send_is_retried() {
     let header = Header::decode(request[..HEADER_SIZE].try_into().unwrap());
     assert_eq!((header.id, header.command), (7, CMD_DMA_MAP));
     let reply = Header {
-        size: HEADER_SIZE as u32,
+        size: u32::try_from(HEADER_SIZE).unwrap(),
         flags: FLAG_REPLY,
         ..header
     };
@@ -76,7 +76,7 @@ fn malformed_replies_close_the_connection() {
         ("no reply flag", |h| reply_to(h, 2, 0, &[])),
         ("oversize", |h| {
             Header {
-                size: (MAX_MESSAGE + 1) as u32,
+                size: u32::try_from(MAX_MESSAGE + 1).unwrap(),
                 flags: FLAG_REPLY,
                 ..h
             }
@@ -152,7 +152,7 @@ fn a_message_past_the_largest_transfer_is_refused() {
     assert_eq!(MAX_MESSAGE, largest);
     let (mut client, server) = scripted(move |h, _| {
         Header {
-            size: (largest + 1) as u32,
+            size: u32::try_from(largest + 1).unwrap(),
             flags: FLAG_REPLY,
             ..h
         }

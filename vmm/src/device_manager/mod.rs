@@ -213,7 +213,7 @@ impl DeviceManager {
                 let trapped: Vec<usize> = config
                     .x_exclude_mmap_bars
                     .iter()
-                    .map(|&bar| bar as usize)
+                    .map(|&bar| arch::usize_from(bar))
                     .collect();
                 let function = match &self.pci {
                     Some(segment) => Some(Arc::new(

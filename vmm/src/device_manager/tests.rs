@@ -813,9 +813,9 @@ fn a_message_dma_server_is_answered_between_requests_and_let_go_on_drop() {
     let kick = vmm_sys_util::signal::SIGRTMIN() + 1;
     vmm_sys_util::signal::register_signal_handler(kick, ignore_signal).unwrap();
     let thread = dma.server_requests.as_ref().unwrap();
-    // SAFETY: signals a live thread of this process; the handler is
-    // installed above.
     assert_eq!(
+        // SAFETY: signals a live thread of this process; the handler is
+        // installed above.
         unsafe { libc::pthread_kill(thread.as_pthread_t(), kick) },
         0
     );

@@ -257,14 +257,14 @@ impl ExternalDmaMapping for VfioDma {
         // accessors), and the range is unmapped before the RAM goes away.
         unsafe {
             self.iommu
-                .vfio_dma_map(iova, size as usize, host as *mut u8)
+                .vfio_dma_map(iova, arch::usize_from(size), host as *mut u8)
         }
         .map_err(DmaError::refused)
     }
 
     fn unmap(&self, iova: u64, size: u64) -> Result<(), DmaError> {
         self.iommu
-            .vfio_dma_unmap(iova, size as usize)
+            .vfio_dma_unmap(iova, arch::usize_from(size))
             .map_err(DmaError::refused)
     }
 

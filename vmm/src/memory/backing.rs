@@ -54,8 +54,8 @@ fn punch_hole(file: &File, offset: u64, size: u64) -> std::io::Result<()> {
         libc::fallocate(
             file.as_raw_fd(),
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            size as libc::off_t,
+            offset.cast_signed(),
+            size.cast_signed(),
         )
     };
     if ret == 0 {
@@ -151,13 +151,13 @@ impl Backing {
         match self.shared_file() {
             Some(file) => MmapRegion::build(
                 Some(FileOffset::from_arc(file.clone(), 0)),
-                size as usize,
+                arch::usize_from(size),
                 prot,
                 libc::MAP_SHARED | libc::MAP_NORESERVE,
             ),
             None => MmapRegion::build(
                 None,
-                size as usize,
+                arch::usize_from(size),
                 prot,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             ),
@@ -268,7 +268,7 @@ mod tests {
             // SAFETY: `view` maps 16 pages; page * PAGE is inside it. Raw
             // volatile accesses, no reference into the mapping.
             unsafe {
-                let byte = base.add(page * PAGE as usize);
+                let byte = base.add(page * arch::usize_from(PAGE));
                 if let Some(fill) = fill {
                     byte.write_volatile(fill[page]);
                 }

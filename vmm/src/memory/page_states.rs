@@ -109,7 +109,7 @@ impl PageStates for FlatBitmap {
     fn with_pages(pages: u64) -> Self {
         FlatBitmap {
             pages,
-            words: vec![0; pages.div_ceil(WORD_BITS) as usize],
+            words: vec![0; arch::usize_from(pages.div_ceil(WORD_BITS))],
             shared_pages: 0,
         }
     }

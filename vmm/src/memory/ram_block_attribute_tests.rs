@@ -50,7 +50,7 @@ impl RamDiscardListener for Recorder {
             return Err(ListenerError::Other(format!("refusing {bad:#x}").into()));
         }
         let mut mapped = self.mapped.lock().unwrap();
-        for p in (s.gpa..s.end()).step_by(PAGE as usize) {
+        for p in (s.gpa..s.end()).step_by(arch::usize_from(PAGE)) {
             assert!(mapped.insert(p), "page {p:#x} mapped twice");
         }
         self.populates.lock().unwrap().push(s);
@@ -59,7 +59,7 @@ impl RamDiscardListener for Recorder {
 
     fn notify_discard(&self, s: Section) {
         let mut mapped = self.mapped.lock().unwrap();
-        for p in (s.gpa..s.end()).step_by(PAGE as usize) {
+        for p in (s.gpa..s.end()).step_by(arch::usize_from(PAGE)) {
             assert!(mapped.remove(&p), "page {p:#x} unmapped but not mapped");
         }
         self.discards.lock().unwrap().push(s);
@@ -69,7 +69,7 @@ impl RamDiscardListener for Recorder {
 fn shared_pages(rba: &RamBlockAttribute) -> BTreeSet<u64> {
     let mut set = BTreeSet::new();
     rba.replay_populated::<()>(0, rba.size(), |s| {
-        set.extend((s.gpa..s.end()).step_by(PAGE as usize));
+        set.extend((s.gpa..s.end()).step_by(arch::usize_from(PAGE)));
         Ok(())
     })
     .unwrap();
@@ -442,7 +442,7 @@ proptest! {
     #[test]
     fn matches_the_reference_model(steps in proptest::collection::vec(step(), 1..60)) {
         let rba = OneRegion::new(BASE, MODEL_PAGES * PAGE);
-        let mut model = vec![false; MODEL_PAGES as usize];
+        let mut model = vec![false; arch::usize_from(MODEL_PAGES)];
         let listeners: Vec<Arc<Recorder>> = (0..LISTENERS).map(|_| Arc::new(Recorder::default())).collect();
         let mut registered: Vec<Option<(ListenerId, u64, u64)>> = vec![None; LISTENERS];
         for step in steps {
@@ -465,7 +465,7 @@ proptest! {
                     prop_assert_eq!(result.is_ok(), (in_range && !refused) || unbacked, "{:?}", result);
                     if in_range && result.is_ok() {
                         for p in first..first + count {
-                            model[p as usize] = to_shared;
+                            model[arch::usize_from(p)] = to_shared;
                         }
                     }
                 }
@@ -488,7 +488,7 @@ proptest! {
                 }
             }
             let expected: BTreeSet<u64> = (0..MODEL_PAGES)
-                .filter(|p| model[*p as usize])
+                .filter(|p| model[arch::usize_from(*p)])
                 .map(|p| BASE + p * PAGE)
                 .collect();
             prop_assert_eq!(&shared_pages(&rba), &expected);
@@ -633,7 +633,7 @@ impl RamDiscardListener for InFlight {
             }
             let mut mapped = self.mapped.lock().unwrap();
             for s in &sections {
-                mapped.extend((s.gpa..s.end()).step_by(PAGE as usize));
+                mapped.extend((s.gpa..s.end()).step_by(arch::usize_from(PAGE)));
             }
             Ok(())
         }))
@@ -646,7 +646,7 @@ impl RamDiscardListener for InFlight {
             self.note("unmapped");
             let mut mapped = self.mapped.lock().unwrap();
             for s in &sections {
-                for page in (s.gpa..s.end()).step_by(PAGE as usize) {
+                for page in (s.gpa..s.end()).step_by(arch::usize_from(PAGE)) {
                     assert!(mapped.remove(&page), "{page:#x} unmapped but not mapped");
                 }
             }

@@ -351,7 +351,7 @@ impl SharedBitmap {
                 set_bits(&mut words[..], from, from + count, shared)
             };
             // At most CHUNK_PAGES: the count of a chunk fits its u32.
-            let delta32 = delta as u32;
+            let delta32 = u32::try_from(delta).expect("a chunk changes at most CHUNK_PAGES pages");
             *n = if shared { *n + delta32 } else { *n - delta32 };
             let after = u64::from(*n);
             if shared {
@@ -415,7 +415,7 @@ impl SharedBitmap {
                 } else {
                     u64::from(*n) - delta
                 };
-                *n = after as u32;
+                *n = u32::try_from(after).expect("a chunk has at most CHUNK_PAGES pages");
                 self.linger_if_uniform(index, after, len);
                 delta
             }
@@ -426,7 +426,10 @@ impl SharedBitmap {
                 let mut words = if shared { self.zeros() } else { self.ones(len) };
                 let delta = set_bits(&mut *words, from, to, shared);
                 let after = if shared { delta } else { len - delta };
-                self.chunks[index] = Chunk::Mixed(words, after as u32);
+                self.chunks[index] = Chunk::Mixed(
+                    words,
+                    u32::try_from(after).expect("a chunk has at most CHUNK_PAGES pages"),
+                );
                 delta
             }
         }
@@ -770,7 +773,7 @@ mod tests {
         b.set_range(CHUNK_PAGES + 3, 2, true);
         assert_eq!(
             b.heap_bytes(),
-            uniform + CHUNK_PAGES as usize / 8,
+            uniform + arch::usize_from(CHUNK_PAGES) / 8,
             "one mixed chunk holds its bits"
         );
         for page in [
@@ -796,11 +799,11 @@ mod tests {
         assert_eq!(runs(&b, 0, b.pages(), true), vec![(7, 1)]);
     }
 
-    const BLOCK: usize = CHUNK_PAGES as usize / 8;
+    const BLOCK: usize = arch::usize_from(CHUNK_PAGES) / 8;
 
     /// The flat bitmap of `pages` pages: one bit each.
     fn flat_bytes(pages: u64) -> usize {
-        pages.div_ceil(8) as usize
+        arch::usize_from(pages.div_ceil(8))
     }
 
     #[test]
@@ -841,7 +844,7 @@ mod tests {
             b.set_range(page, 1, true);
             page += 2;
         }
-        let chunks = pages.div_ceil(CHUNK_PAGES) as usize;
+        let chunks = arch::usize_from(pages.div_ceil(CHUNK_PAGES));
         assert_eq!(b.shared_pages(), pages / 2);
         assert!(b.heap_bytes() <= flat_bytes(pages) + BLOCK + chunks * 16 + 2 * BLOCK);
         assert!(b.heap_bytes() <= flat_bytes(pages) * 257 / 256 + 3 * BLOCK);
@@ -852,7 +855,7 @@ mod tests {
         // A model check: random changes against a plain Vec<bool>.
         let pages = 3 * CHUNK_PAGES + 77;
         let mut b = SharedBitmap::new(pages);
-        let mut model = vec![false; pages as usize];
+        let mut model = vec![false; arch::usize_from(pages)];
         let mut model_shared = 0u64;
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let mut next = |n: u64| {
@@ -871,12 +874,12 @@ mod tests {
             }
             .min(pages - start);
             let shared = next(2) == 0;
-            let expected = model[start as usize..(start + count) as usize]
+            let expected = model[arch::usize_from(start)..arch::usize_from(start + count)]
                 .iter()
                 .filter(|&&m| m != shared)
                 .count() as u64;
             assert_eq!(b.set_range(start, count, shared), expected);
-            model[start as usize..(start + count) as usize].fill(shared);
+            model[arch::usize_from(start)..arch::usize_from(start + count)].fill(shared);
             if shared {
                 model_shared += expected;
             } else {

@@ -41,7 +41,7 @@ impl PrivateAttributes for SharedAttributes {
             return Err(HypervisorError::MemoryAttributesUnsupported);
         }
         let mut pages = self.0.private.lock().unwrap();
-        for page in (gpa..gpa + size).step_by(PAGE as usize) {
+        for page in (gpa..gpa + size).step_by(arch::usize_from(PAGE)) {
             if private {
                 pages.insert(page);
             } else {
@@ -71,7 +71,7 @@ impl RamDiscardListener for Device {
             return Err(ListenerError::Other("refused by the test".into()));
         }
         let mut mapped = self.mapped.lock().unwrap();
-        for page in (s.gpa..s.end()).step_by(PAGE as usize) {
+        for page in (s.gpa..s.end()).step_by(arch::usize_from(PAGE)) {
             assert!(mapped.insert(page), "{page:#x} mapped twice");
         }
         Ok(())
@@ -94,7 +94,7 @@ impl RamDiscardListener for Device {
             reserved.remove(at);
         }
         let mut mapped = self.mapped.lock().unwrap();
-        for page in (s.gpa..s.end()).step_by(PAGE as usize) {
+        for page in (s.gpa..s.end()).step_by(arch::usize_from(PAGE)) {
             assert!(mapped.remove(&page), "{page:#x} unmapped but not mapped");
         }
     }
@@ -177,7 +177,7 @@ impl Fixture {
                 .as_ref()
                 .unwrap()
                 .replay_populated::<()>(0, region.size, |s| {
-                    shared.extend((s.gpa..s.end()).step_by(PAGE as usize));
+                    shared.extend((s.gpa..s.end()).step_by(arch::usize_from(PAGE)));
                     Ok(())
                 })
                 .unwrap();
@@ -208,7 +208,7 @@ impl Fixture {
         assert!(shared.is_disjoint(&private), "a shared page is private");
         assert_eq!(
             private.len() + shared.len(),
-            (self.ram.regions().len() as u64 * PAGES) as usize
+            arch::usize_from(self.ram.regions().len() as u64 * PAGES)
         );
         assert_eq!(self.reservations(), 0, "reservations left");
     }
