@@ -82,50 +82,33 @@ impl VfioUserClient {
     /// the window, and answering the server's own requests meanwhile.
     /// Returns one result per request, in order.
     pub fn finish_batch(&mut self, mut batch: DmaBatchState) -> Vec<Result<(), DmaRequestError>> {
-        // The oldest unanswered request takes the error that closed the
-        // connection as its cause; the others name the reason.
-        let mut failure: Option<(usize, VfioUserError)> = None;
+        // The first unanswered request takes the error that closed the
+        // connection as its cause (requests go out in order, so it is the
+        // oldest in flight); the others name the reason.
+        let mut cause: Option<VfioUserError> = None;
         while !batch.done() && self.transport.check_open().is_ok() {
-            let oldest = batch
-                .in_flight
-                .iter()
-                .min_by_key(|sent| sent.deadline)
-                .map(|sent| sent.index);
             if let Err(e) = self.receive_one(&mut batch) {
                 let reason = match e {
                     VfioUserError::Timeout { .. } | VfioUserError::Protocol(_) => with_sources(&e),
                     _ => format!("DMA request failed: {}", with_sources(&e)),
                 };
                 self.close(&reason);
-                failure = oldest.map(|index| (index, e));
+                cause = Some(e);
                 break;
             }
             self.fill_window(&mut batch);
         }
         let reason = self.closed_reason().unwrap_or("closed").to_string();
-        let (mut failed_at, mut cause) = match failure {
-            Some((index, e)) => (Some(index), Some(e)),
-            None => (None, None),
-        };
         batch
             .results
             .into_iter()
-            .enumerate()
-            .map(|(index, result)| {
+            .map(|result| {
                 result.unwrap_or_else(|| {
-                    let source = match (failed_at, cause.take()) {
-                        (Some(at), Some(e)) if at == index => {
-                            failed_at = None;
-                            e
-                        }
-                        (_, taken) => {
-                            cause = taken;
-                            VfioUserError::Closed(reason.clone())
-                        }
-                    };
                     Err(DmaRequestError::Closed {
                         reason: reason.clone(),
-                        source,
+                        source: cause
+                            .take()
+                            .unwrap_or_else(|| VfioUserError::Closed(reason.clone())),
                     })
                 })
             })
@@ -149,7 +132,6 @@ impl VfioUserClient {
                     with_sources(&e)
                 );
                 self.close(&reason);
-                batch.next += 1;
                 batch.results[index] = Some(Err(DmaRequestError::Closed { reason, source: e }));
                 return;
             }
