@@ -323,3 +323,6 @@ impl DmaMappingListener {
         );
     }
 }
+
+#[cfg(test)]
+mod tests;
