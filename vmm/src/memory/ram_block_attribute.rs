@@ -260,6 +260,11 @@ fn validate(pages: u64, offset: u64, size: u64) -> Result<PageRange, AttributeEr
     })
 }
 
+/// Where a listener sits in every region's list: the same order in all.
+fn lock_order(listener: &Arc<dyn RamDiscardListener>) -> usize {
+    Arc::as_ptr(listener).cast::<()>().addr()
+}
+
 fn section_of(gpa: u64, first: u64, count: u64) -> Section {
     Section {
         gpa: gpa + (first << PAGE_SHIFT),
@@ -502,11 +507,21 @@ impl<S: PageStates> AttributeState<S> {
         }
         let id = ListenerId(self.next_id);
         self.next_id += 1;
-        self.listeners.push(Registered {
-            id,
-            listener,
-            section,
-        });
+        // A conversion holds every listener's lock of its region at once
+        // (fan_out.rs); kept in one order for every region (by address),
+        // two conversions of two regions never wait for each other.
+        let key = lock_order(&listener);
+        let at = self
+            .listeners
+            .partition_point(|r| lock_order(&r.listener) < key);
+        self.listeners.insert(
+            at,
+            Registered {
+                id,
+                listener,
+                section,
+            },
+        );
         Ok(id)
     }
 
