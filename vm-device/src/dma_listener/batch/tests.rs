@@ -117,3 +117,36 @@ fn a_device_is_failed_for_the_first_unmap_it_refused() {
     assert!(why.contains("0x10000+0x1000"), "{why}");
     assert_eq!(l.stats().unmap_failures, 1);
 }
+
+#[test]
+fn survivors_past_the_entry_limit_fail_the_device() {
+    // Unprepared (as a rollback's unmap is): nothing reserved the entry a
+    // split needs, and the limit leaves room for one survivor, not two.
+    let (iommu, l) = listener(MappingPolicy::Runs, Some(1));
+    l.notify_populate(section(0x10000, 4 * PAGE)).unwrap();
+    l.notify_discard(section(0x11000, PAGE));
+    let why = l.failure().expect("the device is failed");
+    assert!(
+        why.contains("cannot map back 0x10000+0x1000 after a split"),
+        "{why}"
+    );
+    assert!(why.contains("DMA entry limit of 1"), "{why}");
+    assert!(iommu.mappings().is_empty());
+    assert_eq!(l.stats().lost_remaps, 1);
+}
+
+#[test]
+fn a_device_is_failed_for_the_first_survivor_it_would_not_take_back() {
+    let (iommu, l) = listener(MappingPolicy::Runs, None);
+    l.notify_populate(section(0x10000, 4 * PAGE)).unwrap();
+    l.prepare_discard(section(0x11000, PAGE)).unwrap();
+    // Both survivors (0x10000 and 0x12000) are refused.
+    iommu.fail_next_maps(2);
+    l.notify_discard(section(0x11000, PAGE));
+    let why = l.failure().expect("the device is failed");
+    assert!(
+        why.contains("cannot map back 0x10000+0x1000 after a split"),
+        "{why}"
+    );
+    assert_eq!(l.stats().lost_remaps, 1);
+}
