@@ -150,3 +150,17 @@ fn a_device_is_failed_for_the_first_survivor_it_would_not_take_back() {
     );
     assert_eq!(l.stats().lost_remaps, 1);
 }
+
+#[test]
+fn survivors_count_against_what_is_held_and_reserved() {
+    // Two mappings held, one entry reserved for a prepared split of the
+    // second: an unprepared split of the first needs two more entries, and
+    // the limit of 3 has room for one.
+    let (_, l) = listener(MappingPolicy::Runs, Some(3));
+    l.notify_populate(section(0x10000, 4 * PAGE)).unwrap();
+    l.notify_populate(section(0x30000, 4 * PAGE)).unwrap();
+    l.prepare_discard(section(0x31000, PAGE)).unwrap();
+    l.notify_discard(section(0x11000, PAGE));
+    let why = l.failure().expect("the device is failed");
+    assert!(why.contains("DMA entry limit of 3"), "{why}");
+}
