@@ -88,9 +88,12 @@ impl VfioUserClient {
         let mut cause: Option<VfioUserError> = None;
         while !batch.done() && self.transport.check_open().is_ok() {
             if let Err(e) = self.receive_one(&mut batch) {
+                let waiting = batch.results.iter().position(Option::is_none);
+                let name =
+                    waiting.map_or("DMA request", |i| command_name(batch.requests[i].command()));
                 let reason = match e {
                     VfioUserError::Timeout { .. } | VfioUserError::Protocol(_) => with_sources(&e),
-                    _ => format!("DMA request failed: {}", with_sources(&e)),
+                    _ => format!("{name} failed: {}", with_sources(&e)),
                 };
                 self.close(&reason);
                 cause = Some(e);
