@@ -19,8 +19,22 @@ fn unmap_failure(iova: u64, size: u64, e: DmaError) -> String {
     }
 }
 
-/// The maps a populate makes, each with the index of its section.
-type Plan = Vec<(usize, DmaOp)>;
+/// The maps a populate makes, and the section each is for.
+struct Plan {
+    maps: Vec<DmaOp>,
+    sections: Vec<Section>,
+}
+
+impl Plan {
+    fn push(&mut self, section: Section, iova: u64, size: u64) {
+        self.maps.push(DmaOp::Map {
+            iova,
+            gpa: iova,
+            size,
+        });
+        self.sections.push(section);
+    }
+}
 
 impl Mappings {
     fn record_map(&mut self, iova: u64, size: u64) {
@@ -41,9 +55,12 @@ impl DmaMappingListener {
         sections: &[Section],
         policy: MappingPolicy,
     ) -> Result<Plan, (Section, MapError)> {
-        let mut plan = Vec::with_capacity(sections.len());
+        let mut plan = Plan {
+            maps: Vec::with_capacity(sections.len()),
+            sections: Vec::with_capacity(sections.len()),
+        };
         let mut used = m.stats.entries + m.reserved;
-        for (index, &section) in sections.iter().enumerate() {
+        for &section in sections {
             if policy == MappingPolicy::Pages && section.size > PAGE_SIZE {
                 // Sections are page-aligned (the RamBlockAttribute's granularity).
                 let pages = section.size.div_ceil(PAGE_SIZE);
@@ -52,17 +69,9 @@ impl DmaMappingListener {
                 {
                     return Err((section, MapError::PagesPastLimit { limit, pages }));
                 }
-                plan.extend((0..pages).map(|page| {
-                    let iova = section.gpa + page * PAGE_SIZE;
-                    (
-                        index,
-                        DmaOp::Map {
-                            iova,
-                            gpa: iova,
-                            size: PAGE_SIZE,
-                        },
-                    )
-                }));
+                for page in 0..pages {
+                    plan.push(section, section.gpa + page * PAGE_SIZE, PAGE_SIZE);
+                }
                 used += pages;
             } else {
                 if let Some(limit) = self.entry_limit
@@ -70,14 +79,7 @@ impl DmaMappingListener {
                 {
                     return Err((section, MapError::EntryLimit { limit }));
                 }
-                plan.push((
-                    index,
-                    DmaOp::Map {
-                        iova: section.gpa,
-                        gpa: section.gpa,
-                        size: section.size,
-                    },
-                ));
+                plan.push(section, section.gpa, section.size);
                 used += 1;
             }
         }
@@ -109,12 +111,10 @@ impl DmaMappingListener {
                 )));
             }
         };
-        let ops: Vec<DmaOp> = plan.iter().map(|&(_, op)| op).collect();
-        let batch = self.dma.start_batch(&ops);
-        let sections = sections.to_vec();
+        let batch = self.dma.start_batch(&plan.maps);
         Started::InFlight(Box::new(move || {
             let results = batch.finish();
-            let outcome = self.settle_populate(&mut m, &sections, &plan, results);
+            let outcome = self.settle_populate(&mut m, &plan, results);
             self.publish(&m);
             outcome
         }))
@@ -123,14 +123,13 @@ impl DmaMappingListener {
     fn settle_populate(
         &self,
         m: &mut Mappings,
-        sections: &[Section],
         plan: &Plan,
         results: Vec<Result<(), DmaError>>,
     ) -> Result<(), (Section, ListenerError)> {
         let mut made = Vec::new();
-        let mut refused: Option<(usize, DmaError)> = None;
+        let mut refused: Option<(Section, DmaError)> = None;
         let mut broken: Option<DmaError> = None;
-        for (&(index, op), result) in plan.iter().zip(results) {
+        for ((&op, &section), result) in plan.maps.iter().zip(&plan.sections).zip(results) {
             let DmaOp::Map { iova, size, .. } = op else {
                 continue;
             };
@@ -143,7 +142,7 @@ impl DmaMappingListener {
                     broken.get_or_insert(e);
                 }
                 Err(e) => {
-                    refused.get_or_insert((index, e));
+                    refused.get_or_insert((section, e));
                 }
             }
         }
@@ -152,7 +151,7 @@ impl DmaMappingListener {
             self.fail(m, why.to_string());
             return Ok(());
         }
-        let Some((index, e)) = refused else {
+        let Some((section, e)) = refused else {
             return Ok(());
         };
         // Taking back what was mapped; if that fails, the device is failed
@@ -161,7 +160,6 @@ impl DmaMappingListener {
             return Ok(());
         }
         m.stats.refused += 1;
-        let section = sections[index];
         Err((
             section,
             ListenerError::Map {

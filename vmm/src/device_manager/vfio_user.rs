@@ -239,34 +239,27 @@ impl ExternalDmaMapping for VfioUserDma {
     fn start_batch(&self, ops: &[DmaOp]) -> DmaBatch<'_> {
         // A request that cannot be made (no fd for the range) is refused
         // here and not sent; the rest go out.
-        let mut refused: Vec<(usize, DmaError)> = Vec::new();
-        let mut sent: Vec<usize> = Vec::with_capacity(ops.len());
-        let mut requests = Vec::with_capacity(ops.len());
-        for (index, &op) in ops.iter().enumerate() {
-            match self.request(op) {
-                Ok(request) => {
-                    sent.push(index);
-                    requests.push(request);
-                }
-                Err(e) => refused.push((index, e)),
-            }
-        }
+        let prepared: Vec<Result<DmaRequest, DmaError>> =
+            ops.iter().map(|&op| self.request(op)).collect();
+        let requests = prepared
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
         let mut client = self.client();
         let batch = client.start_batch(requests);
-        let count = ops.len();
         DmaBatch::InFlight(Box::new(move || {
-            let answered = client.finish_batch(batch);
+            let mut answered = client.finish_batch(batch).into_iter();
             drop(client);
-            let mut results: Vec<Option<Result<(), DmaError>>> = (0..count).map(|_| None).collect();
-            for (index, result) in sent.into_iter().zip(answered) {
-                results[index] = Some(result.map_err(dma_error));
-            }
-            for (index, e) in refused {
-                results[index] = Some(Err(e));
-            }
-            results
+            prepared
                 .into_iter()
-                .map(|r| r.expect("every request answered or refused"))
+                .map(|prepared| {
+                    prepared?;
+                    // The client answers every request it was given.
+                    answered.next().map_or_else(
+                        || Err(DmaError::broken("no answer from the connection")),
+                        |answer| answer.map_err(dma_error),
+                    )
+                })
                 .collect()
         }))
     }
