@@ -12,6 +12,7 @@ use super::launch::{Measurement, launch};
 use super::ovmf::OvmfImage;
 use super::simulated_psp::{Mirrored, PrivateMemory, SimulatedPsp};
 use super::{FirmwareError, SnpParams, cpuid_page};
+use crate::boot::cpuid::CpuFeature;
 use crate::memory::MemoryManager;
 
 /// A launched SEV-SNP guest: its vCPUs (in index order) and what the
@@ -22,7 +23,8 @@ pub struct Launched {
 }
 
 /// Launches `firmware` into `vm`, whose memory `memory` has set up
-/// (RAM and the firmware region). `path` names the image in errors.
+/// (RAM and the firmware region). `path` names the image in errors. The
+/// CPUID page holds the CPUID the vCPUs get: KVM's, without `hidden`.
 pub fn launch_vm(
     hypervisor: &dyn Hypervisor,
     vm: Arc<dyn Vm>,
@@ -30,6 +32,7 @@ pub fn launch_vm(
     firmware: &OvmfImage,
     path: &str,
     params: SnpParams,
+    hidden: &[CpuFeature],
 ) -> Result<Launched, FirmwareError> {
     if vm.vm_type() != VmType::SevSnp {
         return Err(FirmwareError::WrongVmType(vm.vm_type().name()));
@@ -44,20 +47,20 @@ pub fn launch_vm(
         .map_err(FirmwareError::VmsaFeatures)?;
     // The simulation checks against the memory this VM really has, not
     // against what `--measure` assumes it has.
+    let cpuid = cpuid_page::for_launch(&vm.supported_cpuid(), params.vcpus, hidden);
     let simulated = SimulatedPsp::new(PrivateMemory(memory.guest_memfd_ranges()))
         .with_supported_vmsa_features(features);
     let mut backend = Mirrored {
         simulated,
         real: KvmSevSnpLauncher::new(vm),
     };
-    // The CPUID page holds what `--measure` puts there, so the launch
-    // digest is the one it predicts.
+    // The CPUID page's contents are not measured and leaf 1 (the vCPU
+    // signature) is the host's, so the digest is the one `--measure`
+    // predicts from the host's leaves alone.
     let (vcpus, vcpu_signature) =
-        launch(&mut backend, firmware, &cpuid_page::host_minimal(), params).map_err(|source| {
-            FirmwareError::Launch {
-                path: path.to_string(),
-                source,
-            }
+        launch(&mut backend, firmware, &cpuid, params).map_err(|source| FirmwareError::Launch {
+            path: path.to_string(),
+            source,
         })?;
     let simulated = &backend.simulated;
     Ok(Launched {

@@ -68,6 +68,8 @@ pub struct SimulatedPsp {
     /// Page frame numbers already launched.
     launched: BTreeSet<u64>,
     vcpus: Vec<(u8, SnpVcpuState)>,
+    /// The CPUID table of the accepted CPUID page.
+    cpuid: Option<Vec<cpuid_page::CpuidFunction>>,
     /// Every accepted command, for tests: (command, detail).
     log: Vec<String>,
 }
@@ -83,6 +85,7 @@ impl SimulatedPsp {
             digest: LaunchDigest::default(),
             launched: BTreeSet::new(),
             vcpus: Vec::new(),
+            cpuid: None,
             log: Vec::new(),
         }
     }
@@ -108,6 +111,11 @@ impl SimulatedPsp {
 
     pub fn policy(&self) -> u64 {
         self.policy
+    }
+
+    /// The CPUID the guest was launched with (its CPUID page's table).
+    pub fn cpuid(&self) -> Option<&[cpuid_page::CpuidFunction]> {
+        self.cpuid.as_deref()
     }
 
     pub fn log(&self) -> &[String] {
@@ -208,6 +216,7 @@ impl SevSnpLauncher for SimulatedPsp {
                 format!("page {:#x} was launched already", pfn * PAGE_SIZE),
             );
         }
+        let mut cpuid = None;
         match (page_type, source) {
             (SnpPageType::Zero, Some(_)) => {
                 return Self::refuse(CMD, "zero pages take no source");
@@ -223,8 +232,9 @@ impl SevSnpLauncher for SimulatedPsp {
                 if len != PAGE_SIZE {
                     return Self::refuse(CMD, "a CPUID update is one page");
                 }
-                if let Err(why) = cpuid_page::validate(data) {
-                    return Self::refuse(CMD, why);
+                match cpuid_page::validate(data) {
+                    Ok(table) => cpuid = Some(table),
+                    Err(why) => return Self::refuse(CMD, why.to_string()),
                 }
             }
             (SnpPageType::Secrets, _) if len != PAGE_SIZE => {
@@ -234,6 +244,9 @@ impl SevSnpLauncher for SimulatedPsp {
         }
         self.digest.extend_range(gpa, len, page_type.into(), source);
         self.launched.extend(pages);
+        if cpuid.is_some() {
+            self.cpuid = cpuid;
+        }
         self.log
             .push(format!("update {} {range}", page_type.name()));
         Ok(())

@@ -310,6 +310,7 @@ fn create_vcpus(
                 image,
                 path,
                 crate::sev_snp::params(&config.platform, count),
+                &config.cpus.hidden,
             )
             .map_err(VmError::Firmware)?;
             // CPUID is not launch state: KVM takes it until a vCPU first

@@ -604,6 +604,48 @@ fn an_snp_guests_conversions_reach_the_memory_manager_and_a_device() {
     vm.shutdown();
 }
 
+/// The CPUID page the processor checked is what the vCPUs are given:
+/// every leaf of KVM's supported CPUID as vCPU 0 sees it (the package's
+/// size, the hypervisor bit), the hidden features gone.
+#[test]
+fn the_cpuid_page_holds_what_the_vcpus_are_given() {
+    let Some(rig) = Rig::new("snp-cpuid.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+        return;
+    };
+    let mut config = rig.config(2, "sev_snp=on");
+    config.cpus = CpusConfig::parse("boot=2,hide=cx16").unwrap();
+    let vm = rig.boot(config.normalized()).unwrap();
+    let table = rig
+        .psp
+        .inner
+        .lock()
+        .unwrap()
+        .cpuid()
+        .expect("a CPUID page")
+        .to_vec();
+    let supported = rig.fake_vm().supported_cpuid();
+    assert_eq!(table.len(), supported.len());
+    for e in &supported {
+        let ecx_in = if e.flags & 1 != 0 { e.index } else { 0 };
+        assert!(
+            table
+                .iter()
+                .any(|f| (f.eax_in, f.ecx_in) == (e.function, ecx_in)),
+            "leaf {:#x}.{ecx_in} missing",
+            e.function
+        );
+    }
+    let leaf1 = table.iter().find(|f| f.eax_in == 1).unwrap();
+    let kvm1 = supported.iter().find(|e| e.function == 1).unwrap();
+    let (cx16, hypervisor) = (1 << 13, 1 << 31);
+    assert_eq!(leaf1.ecx & cx16, 0, "cx16 hidden");
+    assert_eq!(leaf1.ecx & !hypervisor, kvm1.ecx & !(cx16 | hypervisor));
+    assert_ne!(leaf1.ecx & hypervisor, 0);
+    assert_eq!((leaf1.ebx >> 16) & 0xff, 2, "two logical processors");
+    assert_eq!(leaf1.eax, kvm1.eax, "the signature");
+    drop(vm);
+}
+
 /// `launch_vm` launches only into an `sev-snp` VM whose firmware region is
 /// where the image goes.
 #[test]
@@ -628,6 +670,7 @@ fn the_launch_needs_an_snp_vm_with_the_firmware_region() {
         &image,
         "x",
         SnpParams::default(),
+        &[],
     );
     assert!(matches!(result, Err(FirmwareError::WrongVmType("default"))));
 
@@ -647,6 +690,7 @@ fn the_launch_needs_an_snp_vm_with_the_firmware_region() {
             &image,
             "x",
             SnpParams::default(),
+            &[],
         )
     };
     for firmware in [None, Some((0xffff_f000, 0x1000))] {
