@@ -127,6 +127,46 @@ mod tests {
         );
     }
 
+    /// What KVM makes of an SNP guest's page-state changes: the GHCB MSR
+    /// protocol converts one 4 KiB page (page-size attribute 0); a GHCB
+    /// page-state-change entry for a 2 MiB page is 512 pages with the
+    /// 2 MiB attribute (1), and TDX's MapGPA and a 1 GiB request carry the
+    /// 1 GiB one (2). The count is always of 4 KiB pages; the size bits
+    /// are a hint that changes nothing.
+    #[test]
+    fn page_state_changes_of_every_page_size_decode_to_their_bytes() {
+        for (pages, attrs, size, direction) in [
+            (
+                1,
+                MAP_GPA_RANGE_ENCRYPTED,
+                0x1000,
+                ConversionDirection::ToPrivate,
+            ),
+            (1, 0, 0x1000, ConversionDirection::ToShared),
+            (
+                512,
+                MAP_GPA_RANGE_ENCRYPTED | 1,
+                2 << 20,
+                ConversionDirection::ToPrivate,
+            ),
+            (512, 1, 2 << 20, ConversionDirection::ToShared),
+            (1 << 18, 2, 1 << 30, ConversionDirection::ToShared),
+            (
+                1 << 18,
+                MAP_GPA_RANGE_ENCRYPTED | 2,
+                1 << 30,
+                ConversionDirection::ToPrivate,
+            ),
+        ] {
+            let c = decode_map_gpa_range(&[0x4000_0000, pages, attrs, 0, 0, 0]).unwrap();
+            assert_eq!(
+                (c.gpa, c.size, c.direction),
+                (0x4000_0000, size, direction),
+                "{pages} pages, attributes {attrs:#x}"
+            );
+        }
+    }
+
     #[test]
     fn memory_fault_direction_follows_private_flag() {
         let p = decode_memory_fault(

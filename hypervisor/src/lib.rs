@@ -13,6 +13,7 @@ pub mod kvm;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod scripted_vcpu;
 pub mod sev_snp;
+pub mod tdvmcall;
 pub mod tdx;
 mod vcpu_exit;
 mod vfio_device;
@@ -29,6 +30,7 @@ pub use kvm::KvmHypervisor;
 pub use sev_snp::{
     KvmSevSnpLauncher, SevSnpCommand, SevSnpLauncher, SnpLaunchError, SnpPageType, SnpVcpuState,
 };
+pub use tdvmcall::{TdVmCall, TdVmCallAnswer, TdVmCallReply};
 pub use tdx::{KvmTdxLauncher, TdxCapabilities, TdxInitVm, TdxLaunchError, TdxLauncher, TdxResult};
 pub use vcpu_exit::{HYPERCALL_EINVAL, HypercallReply, VmExit};
 pub use vfio_device::KvmVfioDevice;

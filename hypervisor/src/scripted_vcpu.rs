@@ -1,12 +1,14 @@
 //! A vCPU that plays a script of exits, for driving the VMM's real vCPU loop
 //! through exits this machine's KVM cannot produce (`KVM_EXIT_HYPERCALL`
-//! with `KVM_HC_MAP_GPA_RANGE`, `KVM_EXIT_MEMORY_FAULT`). It keeps KVM's
-//! contract for hypercalls: the VMM writes the result into the exit's
-//! return slot, and it lands in the guest's RAX when the vCPU re-enters.
+//! with `KVM_HC_MAP_GPA_RANGE`, `KVM_EXIT_MEMORY_FAULT`, `KVM_EXIT_TDX`).
+//! It keeps KVM's contract for hypercalls: the VMM writes the result into
+//! the exit's return slot, and it lands in the guest's RAX when the vCPU
+//! re-enters; a TDVMCALL's answer is read back from the exit the same way.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use crate::tdvmcall::{TDX_EXIT_BYTES, TdVmCall, TdVmCallReply, completion};
 use crate::vcpu_exit::HypercallReply;
 use crate::{MemoryConversion, Result, Vcpu, VmExit, arch};
 
@@ -17,7 +19,11 @@ pub const UNANSWERED: u64 = 0x5c21_7ed0_dead_beef;
 pub enum ScriptedExit {
     MapGpaRange(MemoryConversion),
     MemoryFault(MemoryConversion),
+    TdVmCall(TdVmCall),
 }
+
+/// What a TD got back from a TDVMCALL: R10 (the status) and R11..R14.
+pub type TdVmCallAnswers = Arc<Mutex<Vec<(u64, [u64; 4])>>>;
 
 pub struct ScriptedVcpu {
     script: VecDeque<ScriptedExit>,
@@ -26,6 +32,9 @@ pub struct ScriptedVcpu {
     hypercall_pending: bool,
     /// The guest's RAX after each MAP_GPA_RANGE, in order.
     results: Arc<Mutex<Vec<u64>>>,
+    tdx_exit: [u8; TDX_EXIT_BYTES],
+    tdvmcall_pending: bool,
+    tdvmcall_answers: TdVmCallAnswers,
 }
 
 impl ScriptedVcpu {
@@ -38,8 +47,16 @@ impl ScriptedVcpu {
             rax: 0,
             hypercall_pending: false,
             results: results.clone(),
+            tdx_exit: [0; TDX_EXIT_BYTES],
+            tdvmcall_pending: false,
+            tdvmcall_answers: Arc::default(),
         };
         (vcpu, results)
+    }
+
+    /// What the guest got back from each TDVMCALL, in order.
+    pub fn tdvmcall_answers(&self) -> TdVmCallAnswers {
+        self.tdvmcall_answers.clone()
     }
 }
 
@@ -90,6 +107,11 @@ impl Vcpu for ScriptedVcpu {
             self.rax = self.ret;
             self.results.lock().unwrap().push(self.rax);
         }
+        // KVM reads a TDVMCALL's answer from the exit on re-entry.
+        if std::mem::take(&mut self.tdvmcall_pending) {
+            let answer = completion(&self.tdx_exit);
+            self.tdvmcall_answers.lock().unwrap().push(answer);
+        }
         Ok(match self.script.pop_front() {
             Some(ScriptedExit::MapGpaRange(conversion)) => {
                 self.ret = UNANSWERED;
@@ -100,6 +122,14 @@ impl Vcpu for ScriptedVcpu {
                 }
             }
             Some(ScriptedExit::MemoryFault(conversion)) => VmExit::MemoryFault(conversion),
+            Some(ScriptedExit::TdVmCall(call)) => {
+                self.tdx_exit = call.encode();
+                self.tdvmcall_pending = true;
+                VmExit::TdVmCall {
+                    call,
+                    reply: TdVmCallReply::new(&mut self.tdx_exit),
+                }
+            }
             None => VmExit::Shutdown,
         })
     }
@@ -142,6 +172,36 @@ mod tests {
         assert_eq!(
             *results.lock().unwrap(),
             [crate::vcpu_exit::HYPERCALL_EINVAL, 0]
+        );
+    }
+
+    /// An answered TDVMCALL is what the guest gets on re-entry; one left
+    /// unanswered gets KVM's default, "unsupported".
+    #[test]
+    fn a_tdvmcalls_answer_is_read_back_on_reentry() {
+        use crate::tdvmcall::{TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED, TdVmCallAnswer};
+        let info = TdVmCall::GetTdVmCallInfo { leaf: 1 };
+        let (mut vcpu, _) = ScriptedVcpu::new([
+            ScriptedExit::TdVmCall(info),
+            ScriptedExit::TdVmCall(TdVmCall::Unknown { nr: 5, flags: 0 }),
+        ]);
+        let answers = vcpu.tdvmcall_answers();
+        match vcpu.run().unwrap() {
+            VmExit::TdVmCall { call, reply } => {
+                assert_eq!(call, info);
+                reply.complete(TdVmCallAnswer::Info([1, 2, 3, 4]));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(answers.lock().unwrap().is_empty(), "not before re-entry");
+        assert!(matches!(vcpu.run().unwrap(), VmExit::TdVmCall { .. }));
+        assert!(matches!(vcpu.run().unwrap(), VmExit::Shutdown));
+        assert_eq!(
+            *answers.lock().unwrap(),
+            [
+                (0, [1, 2, 3, 4]),
+                (TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED, [0; 4])
+            ]
         );
     }
 }

@@ -1,6 +1,7 @@
 //! Typed vCPU exits, so the VMM never touches `kvm_run`.
 
 use crate::MemoryConversion;
+use crate::tdvmcall::{TdVmCall, TdVmCallReply};
 
 /// Where the result of a `KVM_HC_MAP_GPA_RANGE` goes: KVM copies it into the
 /// guest's RAX when the vCPU re-enters.
@@ -51,6 +52,13 @@ pub enum VmExit<'a> {
     /// got an error in its return register.
     BadHypercall {
         nr: u64,
+    },
+    /// `KVM_EXIT_TDX`: a TDVMCALL KVM leaves to userspace; `reply` must be
+    /// completed before re-entry (else the guest gets KVM's default,
+    /// "unsupported").
+    TdVmCall {
+        call: TdVmCall,
+        reply: TdVmCallReply<'a>,
     },
     /// `KVM_EXIT_MEMORY_FAULT`: an implicit conversion request.
     MemoryFault(MemoryConversion),

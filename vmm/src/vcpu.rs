@@ -209,6 +209,11 @@ fn run(index: u8, mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext) {
                 reply.complete(ctx.conversions.convert(conversion, index).is_ok());
             }
             VmExit::BadHypercall { nr } => warn!("vCPU {index}: refused hypercall {nr}"),
+            VmExit::TdVmCall { call, reply } => {
+                let answer = guest_calls::answer(call);
+                debug!("vCPU {index}: {call:?} answered {answer:?}");
+                reply.complete(answer);
+            }
             VmExit::MemoryFault(conversion) => {
                 // Re-entering without converting would fault again forever.
                 if let Err(e) = ctx.conversions.convert(conversion, index) {
@@ -239,6 +244,8 @@ fn run(index: u8, mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext) {
         }
     }
 }
+
+mod guest_calls;
 
 #[cfg(test)]
 mod tests;

@@ -15,6 +15,7 @@ use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::conversion::{KVM_HC_MAP_GPA_RANGE, decode_map_gpa_range, decode_memory_fault};
+use crate::tdvmcall::{self, KVM_EXIT_TDX};
 use crate::vcpu_exit::{HYPERCALL_EINVAL, HypercallReply};
 use crate::{
     Capabilities, Hypervisor, HypervisorError, MsiRoute, Result, UserMemoryRegion, Vcpu, Vm,
@@ -539,6 +540,8 @@ impl Vcpu for KvmVcpu {
     }
 
     fn run(&mut self) -> Result<VmExit<'_>> {
+        // The run structure, for the exits kvm-ioctls does not decode.
+        let run_page: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -579,6 +582,10 @@ impl Vcpu for KvmVcpu {
                 }
             }
             VcpuExit::SystemEvent(kind, _) => VmExit::SystemEvent(kind),
+            // SAFETY: `run_page` is this vCPU's mapped run structure, alive
+            // as long as `self.fd` (borrowed by the returned exit); this
+            // exit holds no other reference into it.
+            VcpuExit::Unsupported(KVM_EXIT_TDX) => tdvmcall::exit_in(unsafe { &mut *run_page }),
             other => VmExit::Unhandled(format!("{other:?}")),
         })
     }

@@ -405,3 +405,56 @@ fn stop_returns_once_the_vcpu_thread_has_ended() {
         );
     }));
 }
+
+/// What a TD sends to userspace after launch goes through the real loop:
+/// every TDVMCALL gets its answer on re-entry (none left at KVM's default
+/// by accident, none stopping the vCPU), and a MapGPA between them still
+/// converts.
+#[test]
+fn a_tds_tdvmcalls_are_answered_by_the_real_loop() {
+    use hypervisor::TdVmCall;
+    let Some(rig) = rig(None) else { return };
+    let base = 16 * MIB;
+    let (vcpu, results) = ScriptedVcpu::new([
+        ScriptedExit::TdVmCall(TdVmCall::GetTdVmCallInfo { leaf: 1 }),
+        ScriptedExit::TdVmCall(TdVmCall::GetTdVmCallInfo { leaf: 3 }),
+        ScriptedExit::TdVmCall(TdVmCall::GetQuote {
+            gpa: base,
+            size: 2 * PAGE,
+        }),
+        ScriptedExit::TdVmCall(TdVmCall::GetQuote {
+            gpa: base + 8,
+            size: PAGE,
+        }),
+        ScriptedExit::MapGpaRange(conversion(base, PAGE, true)),
+        ScriptedExit::TdVmCall(TdVmCall::SetupEventNotifyInterrupt { vector: 0x40 }),
+        ScriptedExit::TdVmCall(TdVmCall::Unknown {
+            nr: 0x1_0042,
+            flags: 0,
+        }),
+    ]);
+    let answers = vcpu.tdvmcall_answers();
+    // KVM's default before the VMM answers: the info answer must change it.
+    let (unsupported, invalid, align) = (
+        0x8000_0000_0000_0003,
+        0x8000_0000_0000_0000,
+        0x8000_0000_0000_0002,
+    );
+    run(0, Box::new(vcpu), &rig.ctx);
+    let statuses: Vec<u64> = answers.lock().unwrap().iter().map(|a| a.0).collect();
+    assert_eq!(
+        statuses,
+        [0, invalid, unsupported, align, unsupported, unsupported],
+        "R10 after each TDVMCALL"
+    );
+    assert_eq!(answers.lock().unwrap()[0].1, [0; 4], "no optional TDVMCALL");
+    assert_eq!(*results.lock().unwrap(), [0], "the MapGPA converted");
+    assert_eq!(shared_runs(&rig.memory), [(base, PAGE)]);
+    assert!(matches!(
+        rig.events.try_recv(),
+        Ok(VmmEvent::Guest {
+            vm: 1,
+            event: GuestEvent::Shutdown(0)
+        })
+    ));
+}
