@@ -22,6 +22,7 @@
 //! A refused command changes nothing.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 
 use hypervisor::sev_snp::{
     PAGE_SIZE, SEV_FEATURE_SNP_ACTIVE, SNP_POLICY_RESERVED_MBO, SNP_POLICY_SINGLE_SOCKET,
@@ -58,15 +59,59 @@ impl PrivateMemory {
     }
 }
 
+/// The pages a simulated launch has placed, inside the private memory it
+/// may place them in: the page rules the SEV-SNP and TDX launches share
+/// (whole 4 KiB pages at an aligned GPA, not wrapping, all in private
+/// guest_memfd memory, each page once).
+#[derive(Debug, Clone, Default)]
+pub struct LaunchedPages {
+    memory: PrivateMemory,
+    /// Page frame numbers placed.
+    pages: BTreeSet<u64>,
+}
+
+impl LaunchedPages {
+    pub fn new(memory: PrivateMemory) -> Self {
+        LaunchedPages {
+            memory,
+            pages: BTreeSet::new(),
+        }
+    }
+
+    /// The page frames of `gpa..gpa+len` if the rules let it be placed;
+    /// else why not, with `verb` naming the placing ("launched", "added").
+    pub fn check(&self, gpa: u64, len: u64, verb: &str) -> Result<Range<u64>, String> {
+        let range = format!("{gpa:#x}+{len:#x}");
+        if !gpa.is_multiple_of(PAGE_SIZE) || len == 0 || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(format!("{range} is not whole 4 KiB pages"));
+        }
+        if gpa.checked_add(len).is_none() {
+            return Err(format!("{range} wraps"));
+        }
+        if !self.memory.contains(gpa, len) {
+            return Err(format!("{range} is not private guest_memfd memory"));
+        }
+        let first = gpa / PAGE_SIZE;
+        let pages = first..first + len / PAGE_SIZE;
+        if let Some(pfn) = self.pages.range(pages.clone()).next() {
+            return Err(format!("page {:#x} was {verb} already", pfn * PAGE_SIZE));
+        }
+        Ok(pages)
+    }
+
+    /// Records `pages` (from `check`) as placed.
+    pub fn place(&mut self, pages: Range<u64>) {
+        self.pages.extend(pages);
+    }
+}
+
 pub struct SimulatedPsp {
     state: LaunchState,
-    memory: PrivateMemory,
     supported_vmsa_features: u64,
     sev_features: u64,
     policy: u64,
     digest: LaunchDigest,
-    /// Page frame numbers already launched.
-    launched: BTreeSet<u64>,
+    launched: LaunchedPages,
     vcpus: Vec<(u8, SnpVcpuState)>,
     /// The CPUID table of the accepted CPUID page.
     cpuid: Option<Vec<cpuid_page::CpuidFunction>>,
@@ -78,12 +123,11 @@ impl SimulatedPsp {
     pub fn new(memory: PrivateMemory) -> Self {
         SimulatedPsp {
             state: LaunchState::Created,
-            memory,
             supported_vmsa_features: DEFAULT_SUPPORTED_VMSA_FEATURES,
             sev_features: 0,
             policy: 0,
             digest: LaunchDigest::default(),
-            launched: BTreeSet::new(),
+            launched: LaunchedPages::new(memory),
             vcpus: Vec::new(),
             cpuid: None,
             log: Vec::new(),
@@ -199,23 +243,10 @@ impl SevSnpLauncher for SimulatedPsp {
         const CMD: &str = "SNP_LAUNCH_UPDATE";
         self.expect_state(CMD, &[LaunchState::Started])?;
         let range = format!("{gpa:#x}+{len:#x}");
-        if !gpa.is_multiple_of(PAGE_SIZE) || len == 0 || !len.is_multiple_of(PAGE_SIZE) {
-            return Self::refuse(CMD, format!("{range} is not whole pages"));
-        }
-        let Some(_) = gpa.checked_add(len) else {
-            return Self::refuse(CMD, format!("{range} wraps"));
+        let pages = match self.launched.check(gpa, len, "launched") {
+            Ok(pages) => pages,
+            Err(why) => return Self::refuse(CMD, why),
         };
-        if !self.memory.contains(gpa, len) {
-            return Self::refuse(CMD, format!("{range} is not private guest_memfd memory"));
-        }
-        let first = gpa / PAGE_SIZE;
-        let pages = first..first + len / PAGE_SIZE;
-        if let Some(pfn) = self.launched.range(pages.clone()).next() {
-            return Self::refuse(
-                CMD,
-                format!("page {:#x} was launched already", pfn * PAGE_SIZE),
-            );
-        }
         let mut cpuid = None;
         match (page_type, source) {
             (SnpPageType::Zero, Some(_)) => {
@@ -243,7 +274,7 @@ impl SevSnpLauncher for SimulatedPsp {
             _ => {}
         }
         self.digest.extend_range(gpa, len, page_type.into(), source);
-        self.launched.extend(pages);
+        self.launched.place(pages);
         if cpuid.is_some() {
             self.cpuid = cpuid;
         }

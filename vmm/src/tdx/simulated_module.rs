@@ -33,6 +33,7 @@ use hypervisor::{
 
 use super::mrtd::Mrtd;
 pub use crate::sev_snp::simulated_psp::PrivateMemory;
+use crate::sev_snp::simulated_psp::LaunchedPages;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LaunchState {
@@ -77,14 +78,12 @@ pub fn default_capabilities() -> TdxCapabilities {
 
 pub struct SimulatedTdxModule {
     state: LaunchState,
-    memory: PrivateMemory,
     capabilities: TdxCapabilities,
     init: Option<TdxInitVm>,
     /// vCPU index to its first RCX.
     vcpus: BTreeMap<u8, u64>,
     mrtd: Mrtd,
-    /// Page frame numbers already added.
-    added: BTreeSet<u64>,
+    added: LaunchedPages,
     /// Every accepted command, for tests.
     log: Vec<String>,
 }
@@ -93,12 +92,11 @@ impl SimulatedTdxModule {
     pub fn new(memory: PrivateMemory) -> Self {
         SimulatedTdxModule {
             state: LaunchState::Created,
-            memory,
             capabilities: default_capabilities(),
             init: None,
             vcpus: BTreeMap::new(),
             mrtd: Mrtd::default(),
-            added: BTreeSet::new(),
+            added: LaunchedPages::new(memory),
             log: Vec::new(),
         }
     }
@@ -252,23 +250,10 @@ impl TdxLauncher for SimulatedTdxModule {
         }
         let len = source.len() as u64;
         let range = format!("{gpa:#x}+{len:#x}");
-        if !gpa.is_multiple_of(PAGE_SIZE) || len == 0 || !len.is_multiple_of(PAGE_SIZE) {
-            return Self::refuse(CMD, format!("{range} is not whole 4 KiB pages"));
-        }
-        if gpa.checked_add(len).is_none() {
-            return Self::refuse(CMD, format!("{range} wraps"));
-        }
-        if !self.memory.contains(gpa, len) {
-            return Self::refuse(CMD, format!("{range} is not private guest_memfd memory"));
-        }
-        let first = gpa / PAGE_SIZE;
-        let pages = first..first + len / PAGE_SIZE;
-        if let Some(pfn) = self.added.range(pages.clone()).next() {
-            return Self::refuse(
-                CMD,
-                format!("page {:#x} was added already", pfn * PAGE_SIZE),
-            );
-        }
+        let pages = match self.added.check(gpa, len, "added") {
+            Ok(pages) => pages,
+            Err(why) => return Self::refuse(CMD, why),
+        };
         // KVM adds the pages in ascending order, each measured as soon as
         // it is added.
         for (index, page) in source
@@ -285,7 +270,7 @@ impl TdxLauncher for SimulatedTdxModule {
                 }
             }
         }
-        self.added.extend(pages);
+        self.added.place(pages);
         self.state = LaunchState::AddingMemory;
         self.log.push(format!(
             "init_mem_region {range}{}",

@@ -325,17 +325,17 @@ fn malformed_steps_are_refused_and_change_nothing() {
     refused(
         p.launch_update(0x80_0800, 4096, Some(&page), SnpPageType::Normal),
         up,
-        "whole pages",
+        "not whole 4 KiB pages",
     );
     refused(
         p.launch_update(0x80_0000, 100, Some(&page[..100]), SnpPageType::Normal),
         up,
-        "whole pages",
+        "not whole 4 KiB pages",
     );
     refused(
         p.launch_update(0x80_0000, 0, None, SnpPageType::Zero),
         up,
-        "whole pages",
+        "not whole 4 KiB pages",
     );
     refused(
         p.launch_update(!0xfff, 8192, None, SnpPageType::Zero),
