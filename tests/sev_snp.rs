@@ -58,16 +58,9 @@ fn measure_prints_what_sev_snp_measure_computes() {
 
 #[test]
 fn firmware_options_are_checked() {
-    let refused = |args: &[&str], expected: &str| {
-        let out = run(args);
-        assert!(!out.status.success(), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(expected), "{args:?}: {stderr}");
-        assert!(out.stdout.is_empty(), "{args:?}");
-    };
-    refused(&["--measure"], "give --firmware");
-    refused(&["--firmware", "/x.fd"], "give --platform sev_snp=on");
-    refused(
+    assert_refused(&["--measure"], "give --firmware");
+    assert_refused(&["--firmware", "/x.fd"], "give --platform sev_snp=on");
+    assert_refused(
         &[
             "--firmware",
             "/x.fd",
@@ -78,7 +71,7 @@ fn firmware_options_are_checked() {
         ],
         "not both",
     );
-    refused(
+    assert_refused(
         &[
             "--firmware",
             "/nonexistent.fd",
@@ -88,7 +81,7 @@ fn firmware_options_are_checked() {
         ],
         "cannot read firmware /nonexistent.fd",
     );
-    refused(
+    assert_refused(
         &[
             "--firmware",
             OVMF,

@@ -123,15 +123,8 @@ fn measure_prints_the_mrtd_computed_from_the_image_alone() {
 
 #[test]
 fn tdx_firmware_options_are_checked() {
-    let refused = |args: &[&str], expected: &str| {
-        let out = run(args);
-        assert!(!out.status.success(), "{args:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(expected), "{args:?}: {stderr}");
-        assert!(out.stdout.is_empty(), "{args:?}");
-    };
-    refused(&["--firmware", "/x.fd"], "sev_snp=on or tdx=on");
-    refused(
+    assert_refused(&["--firmware", "/x.fd"], "sev_snp=on or tdx=on");
+    assert_refused(
         &[
             "--firmware",
             "/nonexistent.fd",
@@ -143,7 +136,7 @@ fn tdx_firmware_options_are_checked() {
     );
     let not_tdvf = std::env::temp_dir().join(format!("ch-tdx-not-tdvf-{}.fd", std::process::id()));
     std::fs::write(&not_tdvf, vec![0u8; 8192]).unwrap();
-    refused(
+    assert_refused(
         &[
             "--firmware",
             not_tdvf.to_str().unwrap(),

@@ -260,6 +260,15 @@ pub fn run_vmm(args: &[&str]) -> (ExitStatus, String, String) {
     )
 }
 
+/// Runs the VMM with `args` and checks it refuses them before anything
+/// starts: a failure, `expected` in its stderr, nothing on stdout.
+pub fn assert_refused(args: &[&str], expected: &str) {
+    let (status, stdout, stderr) = run_vmm(args);
+    assert!(!status.success(), "{args:?}");
+    assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    assert!(stdout.is_empty(), "{args:?}");
+}
+
 /// Runs `ch-remote --api-socket SOCKET ARGS...`: (success, stdout, stderr).
 pub fn ch_remote(socket: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(CH_REMOTE)

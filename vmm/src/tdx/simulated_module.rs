@@ -32,8 +32,8 @@ use hypervisor::{
 };
 
 use super::mrtd::Mrtd;
-pub use crate::sev_snp::simulated_psp::PrivateMemory;
 use crate::sev_snp::simulated_psp::LaunchedPages;
+pub use crate::sev_snp::simulated_psp::PrivateMemory;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LaunchState {
