@@ -174,14 +174,28 @@ impl SimulatedPsp {
     }
 
     fn expect_state(&self, command: &'static str, allowed: &[LaunchState]) -> SnpResult<()> {
-        if allowed.contains(&self.state) {
-            return Ok(());
+        let end = (LaunchState::Finished, "the launch is finished");
+        match out_of_state(self.state, allowed, end) {
+            Some(why) => Self::refuse(command, why),
+            None => Ok(()),
         }
-        let why = match self.state {
-            LaunchState::Finished => "the launch is finished".to_string(),
-            state => format!("out of order (the launch is {state:?})"),
-        };
-        Self::refuse(command, why)
+    }
+}
+
+/// Why a command only `allowed` states admit is refused in `state` (none
+/// when it is admitted): the launch is over in `end`'s state, said as
+/// `end`'s text, and out of order in any other.
+pub fn out_of_state<S: PartialEq + Copy + std::fmt::Debug>(
+    state: S,
+    allowed: &[S],
+    end: (S, &str),
+) -> Option<String> {
+    if allowed.contains(&state) {
+        None
+    } else if state == end.0 {
+        Some(end.1.to_string())
+    } else {
+        Some(format!("out of order (the launch is {state:?})"))
     }
 }
 

@@ -32,8 +32,8 @@ use hypervisor::{
 };
 
 use super::mrtd::Mrtd;
-use crate::sev_snp::simulated_psp::LaunchedPages;
 pub use crate::sev_snp::simulated_psp::PrivateMemory;
+use crate::sev_snp::simulated_psp::{LaunchedPages, out_of_state};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LaunchState {
@@ -137,14 +137,11 @@ impl SimulatedTdxModule {
     }
 
     fn expect_state(&self, command: &'static str, allowed: &[LaunchState]) -> TdxResult<()> {
-        if allowed.contains(&self.state) {
-            return Ok(());
+        let end = (LaunchState::Finalized, "the TD is finalized");
+        match out_of_state(self.state, allowed, end) {
+            Some(why) => Self::refuse(command, why),
+            None => Ok(()),
         }
-        let why = match self.state {
-            LaunchState::Finalized => "the TD is finalized".to_string(),
-            state => format!("out of order (the launch is {state:?})"),
-        };
-        Self::refuse(command, why)
     }
 
     fn check_cpuid(&self, entries: &[CpuidEntry]) -> Result<(), String> {
