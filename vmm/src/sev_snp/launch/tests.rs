@@ -386,6 +386,7 @@ fn malformed_steps_are_refused_and_change_nothing() {
         "claims 100 functions",
     );
     assert_eq!(p.digest(), &before, "refusals change nothing");
+    assert_eq!(p.cpuid(), None, "a refused CPUID page is not the guest's");
     // Each page once.
     p.launch_update(0x80_0000, 8192, None, SnpPageType::Zero)
         .unwrap();
@@ -396,6 +397,14 @@ fn malformed_steps_are_refused_and_change_nothing() {
     );
     p.launch_update(0x80_2000, 4096, Some(&cpuid[..]), SnpPageType::Cpuid)
         .unwrap();
+    // The accepted table is kept through the updates after it.
+    p.launch_update(0x80_3000, 4096, None, SnpPageType::Zero)
+        .unwrap();
+    let table = p.cpuid().expect("the accepted CPUID page");
+    assert_eq!(
+        table.iter().map(|f| (f.eax_in, f.eax)).collect::<Vec<_>>(),
+        [(0, 0x10), (1, MILAN)]
+    );
 }
 
 /// A backend that refuses one step, so the launch's own handling shows.
