@@ -360,14 +360,9 @@ impl Vm for AttributeTrackingVm {
         match command {
             SevSnpCommand::Init2 { vmsa_features } => firmware.init(vmsa_features),
             SevSnpCommand::LaunchStart { policy } => firmware.launch_start(policy),
-            SevSnpCommand::LaunchUpdate {
-                gpa,
-                len,
-                source,
-                page_type,
-            } => {
-                self.check_update(snp, gpa, len)?;
-                firmware.launch_update(gpa, len, source, page_type)
+            SevSnpCommand::LaunchUpdate(update) => {
+                self.check_update(snp, update.gpa, update.len)?;
+                firmware.launch_update(update)
             }
             SevSnpCommand::LaunchFinish => {
                 // KVM makes each vCPU's VMSA from its registers, in vCPU

@@ -28,7 +28,8 @@ pub use conversion::{
 };
 pub use kvm::KvmHypervisor;
 pub use sev_snp::{
-    KvmSevSnpLauncher, SevSnpCommand, SevSnpLauncher, SnpLaunchError, SnpPageType, SnpVcpuState,
+    KvmSevSnpLauncher, SevSnpCommand, SevSnpLauncher, SnpLaunchError, SnpPageType, SnpUpdate,
+    SnpVcpuState,
 };
 pub use tdvmcall::{TdVmCall, TdVmCallAnswer, TdVmCallReply};
 pub use tdx::{KvmTdxLauncher, TdxCapabilities, TdxInitVm, TdxLaunchError, TdxLauncher, TdxResult};

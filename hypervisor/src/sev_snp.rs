@@ -100,22 +100,33 @@ pub enum SnpLaunchError {
 
 pub type SnpResult<T> = std::result::Result<T, SnpLaunchError>;
 
+/// One `SNP_LAUNCH_UPDATE`: `len` bytes at `gpa`, all of one page type.
+#[derive(Debug, Clone, Copy)]
+pub struct SnpUpdate<'a> {
+    pub gpa: u64,
+    pub len: u64,
+    /// Host memory to copy into the guest; `None` for zero pages.
+    pub source: Option<&'a [u8]>,
+    pub page_type: SnpPageType,
+}
+
+impl<'a> SnpUpdate<'a> {
+    pub fn new(gpa: u64, len: u64, source: Option<&'a [u8]>, page_type: SnpPageType) -> Self {
+        SnpUpdate {
+            gpa,
+            len,
+            source,
+            page_type,
+        }
+    }
+}
+
 /// One KVM SEV command, as `Vm::sev_snp_command` sends it.
 #[derive(Debug)]
 pub enum SevSnpCommand<'a> {
-    Init2 {
-        vmsa_features: u64,
-    },
-    LaunchStart {
-        policy: u64,
-    },
-    LaunchUpdate {
-        gpa: u64,
-        len: u64,
-        /// Host memory to copy into the guest; `None` for zero pages.
-        source: Option<&'a [u8]>,
-        page_type: SnpPageType,
-    },
+    Init2 { vmsa_features: u64 },
+    LaunchStart { policy: u64 },
+    LaunchUpdate(SnpUpdate<'a>),
     LaunchFinish,
 }
 
@@ -124,7 +135,7 @@ impl SevSnpCommand<'_> {
         match self {
             SevSnpCommand::Init2 { .. } => "KVM_SEV_INIT2",
             SevSnpCommand::LaunchStart { .. } => "SNP_LAUNCH_START",
-            SevSnpCommand::LaunchUpdate { .. } => "SNP_LAUNCH_UPDATE",
+            SevSnpCommand::LaunchUpdate(_) => "SNP_LAUNCH_UPDATE",
             SevSnpCommand::LaunchFinish => "SNP_LAUNCH_FINISH",
         }
     }
@@ -139,14 +150,8 @@ pub trait SevSnpLauncher {
     fn init(&mut self, vmsa_features: u64) -> SnpResult<()>;
     /// `SNP_LAUNCH_START` with the guest policy.
     fn launch_start(&mut self, policy: u64) -> SnpResult<()>;
-    /// `SNP_LAUNCH_UPDATE` of `len` bytes at `gpa` with one page type.
-    fn launch_update(
-        &mut self,
-        gpa: u64,
-        len: u64,
-        source: Option<&[u8]>,
-        page_type: SnpPageType,
-    ) -> SnpResult<()>;
+    /// `SNP_LAUNCH_UPDATE` of `update.len` bytes at `update.gpa`.
+    fn launch_update(&mut self, update: SnpUpdate<'_>) -> SnpResult<()>;
     /// Creates vCPU `index` with its first state (its VMSA at the finish).
     /// Returns the vCPU to run where there is one.
     fn add_vcpu(&mut self, index: u8, state: &SnpVcpuState) -> SnpResult<Option<Box<dyn Vcpu>>>;
@@ -177,19 +182,8 @@ impl SevSnpLauncher for KvmSevSnpLauncher {
             .sev_snp_command(SevSnpCommand::LaunchStart { policy })
     }
 
-    fn launch_update(
-        &mut self,
-        gpa: u64,
-        len: u64,
-        source: Option<&[u8]>,
-        page_type: SnpPageType,
-    ) -> SnpResult<()> {
-        self.vm.sev_snp_command(SevSnpCommand::LaunchUpdate {
-            gpa,
-            len,
-            source,
-            page_type,
-        })
+    fn launch_update(&mut self, update: SnpUpdate<'_>) -> SnpResult<()> {
+        self.vm.sev_snp_command(SevSnpCommand::LaunchUpdate(update))
     }
 
     fn add_vcpu(&mut self, index: u8, state: &SnpVcpuState) -> SnpResult<Option<Box<dyn Vcpu>>> {

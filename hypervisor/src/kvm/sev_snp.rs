@@ -15,7 +15,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
-use crate::sev_snp::{PAGE_SIZE, SevSnpCommand, SnpLaunchError, SnpPageType, SnpResult};
+use crate::sev_snp::{PAGE_SIZE, SevSnpCommand, SnpLaunchError, SnpPageType, SnpResult, SnpUpdate};
 
 ioctl_iow_nr!(
     KVM_GET_DEVICE_ATTR,
@@ -105,12 +105,12 @@ pub(super) fn command(vm: &VmFd, sev: &File, command: SevSnpCommand<'_>) -> SnpR
                 &mut start,
             )
         }
-        SevSnpCommand::LaunchUpdate {
+        SevSnpCommand::LaunchUpdate(SnpUpdate {
             gpa,
             len,
             source,
             page_type,
-        } => {
+        }) => {
             let pages = source.map(aligned_copy);
             let uaddr = match (&pages, page_type) {
                 // KVM ignores the source of zero pages.

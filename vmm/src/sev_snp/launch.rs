@@ -8,7 +8,7 @@
 //! VMSAs in vCPU order.
 
 use hypervisor::sev_snp::{SEV_FEATURE_SNP_ACTIVE, SNP_POLICY_DEFAULT};
-use hypervisor::{CpuidEntry, SevSnpLauncher, SnpLaunchError, SnpPageType, Vcpu};
+use hypervisor::{CpuidEntry, SevSnpLauncher, SnpLaunchError, SnpPageType, SnpUpdate, Vcpu};
 
 use super::cpuid_page::{self, CpuidPageError};
 use super::ovmf::{OvmfImage, SectionKind};
@@ -111,14 +111,13 @@ pub fn launch(
         .map_err(step)?;
     backend.launch_start(params.policy).map_err(step)?;
     let image = firmware.data();
-    backend
-        .launch_update(
-            firmware.gpa(),
-            image.len() as u64,
-            Some(image),
-            SnpPageType::Normal,
-        )
-        .map_err(step)?;
+    let image = SnpUpdate::new(
+        firmware.gpa(),
+        image.len() as u64,
+        Some(image),
+        SnpPageType::Normal,
+    );
+    backend.launch_update(image).map_err(step)?;
     let secrets = [0u8; arch::layout::PAGE_BYTES];
     for section in firmware.metadata_sections() {
         let (page_type, source): (SnpPageType, Option<&[u8]>) = match section.kind {
@@ -137,7 +136,7 @@ pub fn launch(
             ),
         };
         backend
-            .launch_update(section.gpa, section.size, source, page_type)
+            .launch_update(SnpUpdate::new(section.gpa, section.size, source, page_type))
             .map_err(step)?;
     }
     let mut vcpus = Vec::new();

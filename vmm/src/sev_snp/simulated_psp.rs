@@ -28,7 +28,7 @@ use hypervisor::sev_snp::{
     PAGE_SIZE, SEV_FEATURE_SNP_ACTIVE, SNP_POLICY_RESERVED_MBO, SNP_POLICY_SINGLE_SOCKET,
     SNP_POLICY_VALID, SnpResult, VMSA_GPA,
 };
-use hypervisor::{SevSnpLauncher, SnpLaunchError, SnpPageType, SnpVcpuState, Vcpu};
+use hypervisor::{SevSnpLauncher, SnpLaunchError, SnpPageType, SnpUpdate, SnpVcpuState, Vcpu};
 
 use super::digest::{LaunchDigest, MeasuredPageType};
 use super::{cpuid_page, vmsa};
@@ -247,14 +247,14 @@ impl SevSnpLauncher for SimulatedPsp {
         Ok(())
     }
 
-    fn launch_update(
-        &mut self,
-        gpa: u64,
-        len: u64,
-        source: Option<&[u8]>,
-        page_type: SnpPageType,
-    ) -> SnpResult<()> {
+    fn launch_update(&mut self, update: SnpUpdate<'_>) -> SnpResult<()> {
         const CMD: &str = "SNP_LAUNCH_UPDATE";
+        let SnpUpdate {
+            gpa,
+            len,
+            source,
+            page_type,
+        } = update;
         self.expect_state(CMD, &[LaunchState::Started])?;
         let range = format!("{gpa:#x}+{len:#x}");
         let pages = match self.launched.check(gpa, len, "launched") {
@@ -347,15 +347,9 @@ impl<L: SevSnpLauncher> SevSnpLauncher for Mirrored<L> {
         self.real.launch_start(policy)
     }
 
-    fn launch_update(
-        &mut self,
-        gpa: u64,
-        len: u64,
-        source: Option<&[u8]>,
-        page_type: SnpPageType,
-    ) -> SnpResult<()> {
-        self.simulated.launch_update(gpa, len, source, page_type)?;
-        self.real.launch_update(gpa, len, source, page_type)
+    fn launch_update(&mut self, update: SnpUpdate<'_>) -> SnpResult<()> {
+        self.simulated.launch_update(update)?;
+        self.real.launch_update(update)
     }
 
     fn add_vcpu(&mut self, index: u8, state: &SnpVcpuState) -> SnpResult<Option<Box<dyn Vcpu>>> {

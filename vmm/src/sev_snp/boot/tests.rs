@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use hypervisor::attribute_tracking::{AttributeTrackingVm, SevSnpTestHypervisor, SnpFirmware};
 use hypervisor::sev_snp::SnpResult;
 use hypervisor::{
-    Hypervisor, SevSnpCommand, SevSnpLauncher, SnpLaunchError, SnpPageType, SnpVcpuState, Vcpu,
-    Vm as _,
+    Hypervisor, SevSnpCommand, SevSnpLauncher, SnpLaunchError, SnpPageType, SnpUpdate,
+    SnpVcpuState, Vcpu, Vm as _,
 };
 
 use crate::GuestEvents;
@@ -77,18 +77,9 @@ impl SevSnpLauncher for Psp {
         self.next("SNP_LAUNCH_START")?;
         self.inner.lock().unwrap().launch_start(policy)
     }
-    fn launch_update(
-        &mut self,
-        gpa: u64,
-        len: u64,
-        source: Option<&[u8]>,
-        page_type: SnpPageType,
-    ) -> SnpResult<()> {
+    fn launch_update(&mut self, update: SnpUpdate<'_>) -> SnpResult<()> {
         self.next("SNP_LAUNCH_UPDATE")?;
-        self.inner
-            .lock()
-            .unwrap()
-            .launch_update(gpa, len, source, page_type)
+        self.inner.lock().unwrap().launch_update(update)
     }
     fn add_vcpu(&mut self, index: u8, state: &SnpVcpuState) -> SnpResult<Option<Box<dyn Vcpu>>> {
         self.next("SNP_LAUNCH_UPDATE (VMSA)")?;
@@ -265,12 +256,7 @@ fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         for command in [
             SevSnpCommand::Init2 { vmsa_features: 0 },
             SevSnpCommand::LaunchStart { policy: 0x30000 },
-            SevSnpCommand::LaunchUpdate {
-                gpa: 0,
-                len: 4096,
-                source: None,
-                page_type: SnpPageType::Zero,
-            },
+            SevSnpCommand::LaunchUpdate(SnpUpdate::new(0, 4096, None, SnpPageType::Zero)),
             SevSnpCommand::LaunchFinish,
         ] {
             let name = command.name();

@@ -219,12 +219,12 @@ fn launched_until(step: &str) -> SimulatedPsp {
     if step == "update" {
         return psp;
     }
-    psp.launch_update(
+    psp.launch_update(SnpUpdate::new(
         fw.gpa(),
         fw.data().len() as u64,
         Some(fw.data()),
         SnpPageType::Normal,
-    )
+    ))
     .unwrap();
     psp.add_vcpu(0, &vmsa::bsp_state(MILAN)).unwrap();
     if step == "finish" {
@@ -246,7 +246,7 @@ fn every_out_of_order_step_is_refused() {
         "out of order",
     );
     refused(
-        p.launch_update(0, 4096, Some(&page), SnpPageType::Normal),
+        p.launch_update(SnpUpdate::new(0, 4096, Some(&page), SnpPageType::Normal)),
         "SNP_LAUNCH_UPDATE",
         "out of order",
     );
@@ -256,7 +256,7 @@ fn every_out_of_order_step_is_refused() {
     let mut p = launched_until("start");
     refused(p.init(0), "KVM_SEV_INIT2", "out of order");
     refused(
-        p.launch_update(0, 4096, Some(&page), SnpPageType::Normal),
+        p.launch_update(SnpUpdate::new(0, 4096, Some(&page), SnpPageType::Normal)),
         "SNP_LAUNCH_UPDATE",
         "out of order",
     );
@@ -287,7 +287,7 @@ fn every_out_of_order_step_is_refused() {
         "finished",
     );
     refused(
-        p.launch_update(0, 4096, Some(&page), SnpPageType::Normal),
+        p.launch_update(SnpUpdate::new(0, 4096, Some(&page), SnpPageType::Normal)),
         "SNP_LAUNCH_UPDATE",
         "finished",
     );
@@ -323,82 +323,122 @@ fn malformed_steps_are_refused_and_change_nothing() {
     let cpuid = cpuid_page::build(&cpuid(MILAN)).unwrap();
     let up = "SNP_LAUNCH_UPDATE";
     refused(
-        p.launch_update(0x80_0800, 4096, Some(&page), SnpPageType::Normal),
+        p.launch_update(SnpUpdate::new(
+            0x80_0800,
+            4096,
+            Some(&page),
+            SnpPageType::Normal,
+        )),
         up,
         "not whole 4 KiB pages",
     );
     refused(
-        p.launch_update(0x80_0000, 100, Some(&page[..100]), SnpPageType::Normal),
+        p.launch_update(SnpUpdate::new(
+            0x80_0000,
+            100,
+            Some(&page[..100]),
+            SnpPageType::Normal,
+        )),
         up,
         "not whole 4 KiB pages",
     );
     refused(
-        p.launch_update(0x80_0000, 0, None, SnpPageType::Zero),
+        p.launch_update(SnpUpdate::new(0x80_0000, 0, None, SnpPageType::Zero)),
         up,
         "not whole 4 KiB pages",
     );
     refused(
-        p.launch_update(!0xfff, 8192, None, SnpPageType::Zero),
+        p.launch_update(SnpUpdate::new(!0xfff, 8192, None, SnpPageType::Zero)),
         up,
         "wraps",
     );
     // The MMIO hole below the firmware is not private memory.
     refused(
-        p.launch_update(0xc000_0000, 4096, None, SnpPageType::Zero),
+        p.launch_update(SnpUpdate::new(0xc000_0000, 4096, None, SnpPageType::Zero)),
         up,
         "not private guest_memfd",
     );
     refused(
-        p.launch_update(64 << 20, 4096, None, SnpPageType::Zero),
+        p.launch_update(SnpUpdate::new(64 << 20, 4096, None, SnpPageType::Zero)),
         up,
         "not private guest_memfd",
     );
     refused(
-        p.launch_update(0x80_0000, 4096, Some(&page), SnpPageType::Zero),
+        p.launch_update(SnpUpdate::new(
+            0x80_0000,
+            4096,
+            Some(&page),
+            SnpPageType::Zero,
+        )),
         up,
         "no source",
     );
     refused(
-        p.launch_update(0x80_0000, 4096, None, SnpPageType::Normal),
+        p.launch_update(SnpUpdate::new(0x80_0000, 4096, None, SnpPageType::Normal)),
         up,
         "need a source",
     );
     refused(
-        p.launch_update(0x80_0000, 8192, Some(&page), SnpPageType::Normal),
+        p.launch_update(SnpUpdate::new(
+            0x80_0000,
+            8192,
+            Some(&page),
+            SnpPageType::Normal,
+        )),
         up,
         "4096 source bytes",
     );
     refused(
-        p.launch_update(0x80_0000, 8192, Some(&two), SnpPageType::Cpuid),
+        p.launch_update(SnpUpdate::new(
+            0x80_0000,
+            8192,
+            Some(&two),
+            SnpPageType::Cpuid,
+        )),
         up,
         "one page",
     );
     refused(
-        p.launch_update(0x80_0000, 8192, Some(&two), SnpPageType::Secrets),
+        p.launch_update(SnpUpdate::new(
+            0x80_0000,
+            8192,
+            Some(&two),
+            SnpPageType::Secrets,
+        )),
         up,
         "one page",
     );
     let mut bad_cpuid = *cpuid;
     bad_cpuid[0] = 100;
     refused(
-        p.launch_update(0x80_0000, 4096, Some(&bad_cpuid[..]), SnpPageType::Cpuid),
+        p.launch_update(SnpUpdate::new(
+            0x80_0000,
+            4096,
+            Some(&bad_cpuid[..]),
+            SnpPageType::Cpuid,
+        )),
         up,
         "claims 100 functions",
     );
     assert_eq!(p.digest(), &before, "refusals change nothing");
     assert_eq!(p.cpuid(), None, "a refused CPUID page is not the guest's");
     // Each page once.
-    p.launch_update(0x80_0000, 8192, None, SnpPageType::Zero)
+    p.launch_update(SnpUpdate::new(0x80_0000, 8192, None, SnpPageType::Zero))
         .unwrap();
     refused(
-        p.launch_update(0x80_1000, 4096, None, SnpPageType::Zero),
+        p.launch_update(SnpUpdate::new(0x80_1000, 4096, None, SnpPageType::Zero)),
         up,
         "launched already",
     );
-    p.launch_update(0x80_2000, 4096, Some(&cpuid[..]), SnpPageType::Cpuid)
-        .unwrap();
+    p.launch_update(SnpUpdate::new(
+        0x80_2000,
+        4096,
+        Some(&cpuid[..]),
+        SnpPageType::Cpuid,
+    ))
+    .unwrap();
     // The accepted table is kept through the updates after it.
-    p.launch_update(0x80_3000, 4096, None, SnpPageType::Zero)
+    p.launch_update(SnpUpdate::new(0x80_3000, 4096, None, SnpPageType::Zero))
         .unwrap();
     let table = p.cpuid().expect("the accepted CPUID page");
     assert_eq!(
