@@ -257,7 +257,9 @@ mod tests {
             .iter()
             .filter(|r| r.kind != RESOURCE_MEMORY_MAPPED_IO)
             .collect();
-        assert!(ram.iter().all(|r| r.attributes == ATTR_RAM));
+        // PI: PRESENT | INITIALIZED | TESTED, by number (not the constant
+        // under test).
+        assert!(ram.iter().all(|r| r.attributes == 0x7), "{ram:?}");
         assert_eq!(ram.iter().map(|r| r.length).sum::<u64>(), ram_size);
         for pair in resources.windows(2) {
             assert!(pair[0].start + pair[0].length <= pair[1].start, "{pair:?}");
@@ -297,7 +299,8 @@ mod tests {
         let mmio: Vec<(u64, u64)> = resources
             .iter()
             .filter(|r| r.kind == RESOURCE_MEMORY_MAPPED_IO)
-            .inspect(|r| assert_eq!(r.attributes, ATTR_MMIO))
+            // PRESENT | INITIALIZED | UNCACHEABLE.
+            .inspect(|r| assert_eq!(r.attributes, 0x403))
             .map(|r| (r.start, r.start + r.length))
             .collect();
         assert_eq!(
