@@ -321,6 +321,28 @@ mod tests {
         );
     }
 
+    /// A section the launch adds only partly inside RAM is not RAM the
+    /// HOB may call accepted: with RAM ending inside TEMP_MEM
+    /// (0x800000+0x2000), all of RAM is unaccepted and nothing past it is
+    /// described.
+    #[test]
+    fn a_section_reaching_past_ram_is_not_accepted_ram() {
+        let image = synthetic_tdvf(&synthetic_sections());
+        let metadata = TdvfMetadata::parse(&image).unwrap();
+        let ram = 0x80_1000;
+        let resources = resources(&metadata, ram, &image);
+        check_ram(&resources, ram, &[]);
+        assert_eq!(
+            resources[0],
+            Resource {
+                kind: RESOURCE_MEMORY_UNACCEPTED,
+                attributes: 0x7,
+                start: 0,
+                length: ram
+            }
+        );
+    }
+
     #[test]
     fn ram_above_4g_and_page_aug_sections_stay_unaccepted() {
         let mut sections = synthetic_sections();
