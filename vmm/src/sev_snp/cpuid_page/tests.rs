@@ -190,3 +190,33 @@ fn kvms_cpuid_fills_the_page_as_the_vcpus_get_it() {
     }
     assert_eq!(signature(&entries), signature(&host_minimal()));
 }
+
+/// `--measure`'s leaves are this processor's: leaf 0 names a known x86
+/// vendor (EBX, EDX, ECX), leaf 1 has the FPU, SSE and SSE2 every x86_64
+/// processor has.
+#[test]
+fn the_minimal_leaves_are_the_hosts() {
+    let leaves = host_minimal();
+    assert_eq!(
+        leaves.iter().map(|e| e.function).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    let mut vendor = Vec::new();
+    for reg in [leaves[0].ebx, leaves[0].edx, leaves[0].ecx] {
+        vendor.extend_from_slice(&reg.to_le_bytes());
+    }
+    let vendor = String::from_utf8(vendor).unwrap();
+    assert!(
+        [
+            "AuthenticAMD",
+            "GenuineIntel",
+            "HygonGenuine",
+            "CentaurHauls"
+        ]
+        .contains(&vendor.as_str()),
+        "{vendor}"
+    );
+    let (fpu, sse, sse2) = (1, 1 << 25, 1 << 26);
+    assert_eq!(leaves[1].edx & (fpu | sse | sse2), fpu | sse | sse2);
+    assert!(leaves[0].eax >= 1, "leaf 1 exists");
+}
