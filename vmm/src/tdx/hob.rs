@@ -261,6 +261,8 @@ mod tests {
         // under test).
         assert!(ram.iter().all(|r| r.attributes == 0x7), "{ram:?}");
         assert_eq!(ram.iter().map(|r| r.length).sum::<u64>(), ram_size);
+        // No empty descriptor (between adjacent added sections, say).
+        assert!(resources.iter().all(|r| r.length > 0), "{resources:?}");
         for pair in resources.windows(2) {
             assert!(pair[0].start + pair[0].length <= pair[1].start, "{pair:?}");
         }
