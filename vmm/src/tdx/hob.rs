@@ -392,6 +392,10 @@ mod tests {
             })
         );
         assert!(build(0x1000, 0x2000, &resources).is_ok());
+        // A section exactly the list's size holds it, with no padding.
+        let exact = 56 + 100 * 48 + 8;
+        assert_eq!(build(0x1000, exact, &resources).unwrap().len(), 4864);
+        assert!(build(0x1000, exact - 1, &resources).is_err());
     }
 
     #[test]
