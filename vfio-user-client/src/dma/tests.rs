@@ -122,6 +122,39 @@ fn server_requests_before_the_reply_are_answered_in_line() {
     assert!(client.mapped.is_empty(), "the unmap went through");
 }
 
+/// A device request waits for its reply the same way: what the server
+/// asks first is served, then the reply is read.
+#[test]
+fn server_requests_before_a_device_reply_are_answered() {
+    let (mut client, mut server_end) = over_ram(0x5d, Duration::from_secs(5));
+    client.mapped.insert(0x2000, 0x1000);
+    let server = std::thread::spawn(move || {
+        let request = read_request(&mut server_end);
+        server_end
+            .write_all(&dma_read_request(91, 0x2000, 2))
+            .unwrap();
+        let answer = read_request_bytes(&mut server_end);
+        server_end
+            .write_all(&reply_to(
+                request,
+                FLAG_REPLY,
+                0,
+                &[16, 0, 0, 0, 2, 0, 0, 0, 9, 0, 0, 0, 1, 0, 0, 0],
+            ))
+            .unwrap();
+        answer
+    });
+    let info = client.device_info().unwrap();
+    let (answer, data) = server.join().unwrap();
+    assert_eq!((info.flags, info.regions, info.irqs), (2, 9, 1));
+    assert_eq!(
+        (answer.id, answer.command, answer.flags, answer.error),
+        (91, CMD_DMA_READ, FLAG_REPLY, 0)
+    );
+    assert_eq!(data.get(16..), Some(&[0x5d, 0x5d][..]));
+    assert!(client.closed_reason().is_none());
+}
+
 #[test]
 fn serve_pending_answers_a_waiting_dma_request_between_requests() {
     let (mut client, mut server_end) = over_ram(0x5d, Duration::from_secs(2));

@@ -279,9 +279,7 @@ pub fn serve(
         for ended in connections.extract_if(.., |c| c.thread.is_finished()) {
             let _ = ended.thread.join();
         }
-        if connections.len() >= MAX_CONNECTIONS
-            && !evict_longest_waiting(&mut connections)
-        {
+        if connections.len() >= MAX_CONNECTIONS && !evict_longest_waiting(&mut connections) {
             let busy = HttpResponse {
                 status: 503,
                 body: super::http::error_body(&format!(
