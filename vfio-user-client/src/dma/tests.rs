@@ -277,3 +277,30 @@ fn a_map_for_messages_sends_no_fd_and_lets_dma_in() {
     past.extend_from_slice(&17u64.to_le_bytes());
     assert_eq!(client.dma_access(CMD_DMA_READ, &past), Err(EFAULT));
 }
+
+/// Guest memory that is mapped but out of reach (a hole the memory
+/// manager refuses): the server is answered EFAULT, read or write.
+#[test]
+fn memory_that_refuses_an_access_answers_efault() {
+    struct Unreachable;
+    impl DmaMemory for Unreachable {
+        fn read(&self, _: u64, _: &mut [u8]) -> Result<(), DmaMemoryError> {
+            Err("no memory here".into())
+        }
+        fn write(&self, _: u64, _: &[u8]) -> Result<(), DmaMemoryError> {
+            Err("no memory here".into())
+        }
+    }
+    let (client_end, _server_end) = UnixStream::pair().unwrap();
+    let mut client = VfioUserClient::over(
+        client_end,
+        Duration::from_secs(1),
+        Some(std::sync::Arc::new(Unreachable)),
+    );
+    client.mapped.insert(0x4000, 0x1000);
+    let mut access = 0x4000u64.to_le_bytes().to_vec();
+    access.extend_from_slice(&4u64.to_le_bytes());
+    assert_eq!(client.dma_access(CMD_DMA_READ, &access), Err(EFAULT));
+    access.extend_from_slice(&[1, 2, 3, 4]);
+    assert_eq!(client.dma_access(CMD_DMA_WRITE, &access), Err(EFAULT));
+}
