@@ -253,28 +253,39 @@ fn short_and_mismatched_replies_to_device_requests_close_the_connection() {
         drop(client);
         server.join().unwrap();
     }
-    // A reply to another request closes it, and says so by name.
-    let (mut client, server) = scripted(|h, body| {
-        reply_to(
-            Header {
-                id: h.id.wrapping_add(1),
-                ..h
-            },
-            FLAG_REPLY,
-            0,
-            body,
-        )
-    });
-    assert!(matches!(
-        client.device_info(),
-        Err(VfioUserError::Protocol("DEVICE_GET_INFO"))
-    ));
-    assert_eq!(
-        client.closed_reason(),
-        Some("malformed reply to DEVICE_GET_INFO")
-    );
-    drop(client);
-    server.join().unwrap();
+    // A reply to another request (its id, or its command) closes it, and
+    // says so by name.
+    let other_id: Mangle = |h, body| {
+        let other = Header {
+            id: h.id.wrapping_add(1),
+            ..h
+        };
+        reply_to(other, FLAG_REPLY, 0, body)
+    };
+    let other_command: Mangle = |h, body| {
+        let other = Header {
+            command: CMD_DEVICE_GET_IRQ_INFO,
+            ..h
+        };
+        reply_to(other, FLAG_REPLY, 0, body)
+    };
+    for (what, mangle) in [("other id", other_id), ("other command", other_command)] {
+        let (mut client, server) = scripted(mangle);
+        assert!(
+            matches!(
+                client.device_info(),
+                Err(VfioUserError::Protocol("DEVICE_GET_INFO"))
+            ),
+            "{what}"
+        );
+        assert_eq!(
+            client.closed_reason(),
+            Some("malformed reply to DEVICE_GET_INFO"),
+            "{what}"
+        );
+        drop(client);
+        server.join().unwrap();
+    }
     // A reply for another irq index is refused too.
     let (mut client, server) = scripted(|h, body| {
         let mut info = body.to_vec();
