@@ -15,11 +15,15 @@ use crate::test_util::{convert, kvm};
 
 const MIB: u64 = 1 << 20;
 
-fn memory() -> Option<Arc<MemoryManager>> {
+/// A VM (no vCPUs) and a manager of 64 MiB of its RAM; None without KVM.
+fn vm_and_memory() -> Option<(Arc<dyn hypervisor::Vm>, Arc<MemoryManager>)> {
     let vm = kvm()?.create_vm(VmType::Default).unwrap();
-    Some(Arc::new(
-        MemoryManager::new(vm, 64 * MIB, MemoryLayout::Auto).unwrap(),
-    ))
+    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
+    Some((vm, memory))
+}
+
+fn memory() -> Option<Arc<MemoryManager>> {
+    vm_and_memory().map(|(_, memory)| memory)
 }
 
 fn listener_count(memory: &MemoryManager) -> usize {
@@ -371,9 +375,9 @@ fn conversions_at_the_first_page_of_each_region() {
 
 #[test]
 fn vfio_devices_get_the_backend_they_ask_for_and_one_shared_kvm_vfio_device() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
-    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
+    let Some((vm, memory)) = vm_and_memory() else {
+        return;
+    };
     let device = |iommufd: Option<bool>| DeviceConfig {
         path: PathBuf::from("/sys/bus/pci/devices/0000:01:00.0/"),
         iommufd,
@@ -505,9 +509,9 @@ fn vfio_manager(
 #[test]
 fn a_vfio_device_is_a_pci_function_whose_dma_follows_the_shared_pages() {
     use super::fake_vfio::{FakeContainer, FakeVfioDevice};
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
-    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
+    let Some((vm, memory)) = vm_and_memory() else {
+        return;
+    };
     let ram = GuestRam::new(&memory);
     convert(&memory, 16 * MIB, 64 << 10, true).unwrap();
     let device = FakeVfioDevice::pci_function();
@@ -568,9 +572,9 @@ fn a_vfio_device_is_a_pci_function_whose_dma_follows_the_shared_pages() {
 #[test]
 fn a_vfio_device_without_a_pci_function_is_refused_with_nothing_mapped() {
     use super::fake_vfio::{FakeContainer, FakeVfioDevice};
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
-    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
+    let Some((vm, memory)) = vm_and_memory() else {
+        return;
+    };
     convert(&memory, 16 * MIB, 4096, true).unwrap();
     let device = FakeVfioDevice::pci_function();
     device.poke(7, 0, &[0xff; 4]);
@@ -623,22 +627,44 @@ fn device_maps(ctl: &std::path::Path) -> Vec<Section> {
         .collect()
 }
 
-#[test]
-fn a_vfio_user_server_is_a_pci_function_whose_dma_follows_the_shared_pages() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
-    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
-    convert(&memory, 16 * MIB, 64 << 10, true).unwrap();
-    let (socket, ctl) = in_process_test_device("pci", false);
+/// A manager with PCI segment 0, `shared` bytes at 16 MiB made shared, and
+/// an in-process server (`in_process_test_device(tag, dma_only)`) added as
+/// `config` says (its socket filled in): the memory, the manager, the
+/// segment, the added device and the server's control socket.
+fn with_vfio_user_server(
+    tag: &str,
+    dma_only: bool,
+    shared: u64,
+    config: UserDeviceConfig,
+) -> Option<(
+    Arc<MemoryManager>,
+    DeviceManager,
+    Arc<PciSegment>,
+    DeviceInfo,
+    PathBuf,
+)> {
+    let (vm, memory) = vm_and_memory()?;
+    convert(&memory, 16 * MIB, shared, true).unwrap();
+    let (socket, ctl) = in_process_test_device(tag, dma_only);
     let (dm, segment) = pci_manager(&memory, vm);
     let info = dm
-        .add_vfio_user(&UserDeviceConfig {
-            socket,
-            id: Some("nic0".into()),
-            pci_device_id: Some(4),
-            ..Default::default()
-        })
+        .add_vfio_user(&UserDeviceConfig { socket, ..config })
         .unwrap();
+    Some((memory, dm, segment, info, ctl))
+}
+
+#[test]
+fn a_vfio_user_server_is_a_pci_function_whose_dma_follows_the_shared_pages() {
+    let config = UserDeviceConfig {
+        id: Some("nic0".into()),
+        pci_device_id: Some(4),
+        ..Default::default()
+    };
+    let Some((memory, dm, segment, info, ctl)) =
+        with_vfio_user_server("pci", false, 64 << 10, config)
+    else {
+        return;
+    };
     assert_eq!(info.bdf.as_deref(), Some("0000:00:04.0"));
     // The configuration space read over the connection.
     assert_eq!(
@@ -698,18 +724,11 @@ fn a_cut_off_vfio_user_connection_reports_why_and_maps_nothing_more() {
 
 #[test]
 fn a_vfio_user_server_that_is_no_pci_function_is_a_dma_target_only() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
-    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
-    convert(&memory, 16 * MIB, 8 << 10, true).unwrap();
-    let (socket, ctl) = in_process_test_device("dma", true);
-    let (dm, segment) = pci_manager(&memory, vm);
-    let info = dm
-        .add_vfio_user(&UserDeviceConfig {
-            socket,
-            ..Default::default()
-        })
-        .unwrap();
+    let Some((memory, dm, segment, info, ctl)) =
+        with_vfio_user_server("dma", true, 8 << 10, UserDeviceConfig::default())
+    else {
+        return;
+    };
     assert_eq!(info.bdf, None, "nothing for the guest to find");
     assert_eq!(segment.function(1), 0xffff_ffff);
     assert_eq!(device_maps(&ctl), shared_runs(&memory));
