@@ -627,22 +627,26 @@ fn device_maps(ctl: &std::path::Path) -> Vec<Section> {
         .collect()
 }
 
+/// What `with_vfio_user_server` sets up.
+struct UserDeviceFixture {
+    memory: Arc<MemoryManager>,
+    dm: DeviceManager,
+    segment: Arc<PciSegment>,
+    /// The added device.
+    info: DeviceInfo,
+    /// The server's control socket.
+    ctl: PathBuf,
+}
+
 /// A manager with PCI segment 0, `shared` bytes at 16 MiB made shared, and
 /// an in-process server (`in_process_test_device(tag, dma_only)`) added as
-/// `config` says (its socket filled in): the memory, the manager, the
-/// segment, the added device and the server's control socket.
+/// `config` says (its socket filled in); None without KVM.
 fn with_vfio_user_server(
     tag: &str,
     dma_only: bool,
     shared: u64,
     config: UserDeviceConfig,
-) -> Option<(
-    Arc<MemoryManager>,
-    DeviceManager,
-    Arc<PciSegment>,
-    DeviceInfo,
-    PathBuf,
-)> {
+) -> Option<UserDeviceFixture> {
     let (vm, memory) = vm_and_memory()?;
     convert(&memory, 16 * MIB, shared, true).unwrap();
     let (socket, ctl) = in_process_test_device(tag, dma_only);
@@ -650,7 +654,13 @@ fn with_vfio_user_server(
     let info = dm
         .add_vfio_user(&UserDeviceConfig { socket, ..config })
         .unwrap();
-    Some((memory, dm, segment, info, ctl))
+    Some(UserDeviceFixture {
+        memory,
+        dm,
+        segment,
+        info,
+        ctl,
+    })
 }
 
 #[test]
@@ -660,8 +670,13 @@ fn a_vfio_user_server_is_a_pci_function_whose_dma_follows_the_shared_pages() {
         pci_device_id: Some(4),
         ..Default::default()
     };
-    let Some((memory, dm, segment, info, ctl)) =
-        with_vfio_user_server("pci", false, 64 << 10, config)
+    let Some(UserDeviceFixture {
+        memory,
+        dm,
+        segment,
+        info,
+        ctl,
+    }) = with_vfio_user_server("pci", false, 64 << 10, config)
     else {
         return;
     };
@@ -724,8 +739,13 @@ fn a_cut_off_vfio_user_connection_reports_why_and_maps_nothing_more() {
 
 #[test]
 fn a_vfio_user_server_that_is_no_pci_function_is_a_dma_target_only() {
-    let Some((memory, dm, segment, info, ctl)) =
-        with_vfio_user_server("dma", true, 8 << 10, UserDeviceConfig::default())
+    let Some(UserDeviceFixture {
+        memory,
+        dm,
+        segment,
+        info,
+        ctl,
+    }) = with_vfio_user_server("dma", true, 8 << 10, UserDeviceConfig::default())
     else {
         return;
     };
