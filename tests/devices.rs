@@ -25,10 +25,7 @@ fn wait_for_shared(api: &std::path::Path, expected: &[(u64, u64)]) {
 
 #[test]
 fn vfio_user_device_follows_every_conversion() {
-    if !kvm_available("vfio_user_device_follows_every_conversion") {
-        return;
-    }
-    let dir = TempDir::new("devfollow");
+    let dir = kvm_test!("devfollow");
     let device = TestDevice::spawn(&dir, "dev0");
     let ops = [
         format!("shared@{A:#x}+64K"),
@@ -84,10 +81,7 @@ fn vfio_user_device_follows_every_conversion() {
 
 #[test]
 fn hot_added_device_gets_the_shared_runs_and_removal_unmaps_them() {
-    if !kvm_available("hot_added_device_gets_the_shared_runs_and_removal_unmaps_them") {
-        return;
-    }
-    let dir = TempDir::new("devhotplug");
+    let dir = kvm_test!("devhotplug");
     let ops = format!(
         "shared@{A:#x}+64K,private@{:#x}+4K,shared@{:#x}+2M,write@{:#x}+4K=0x3c",
         A + 0x2000,
@@ -153,10 +147,7 @@ fn hot_added_device_gets_the_shared_runs_and_removal_unmaps_them() {
 
 #[test]
 fn a_device_that_refuses_a_map_fails_the_conversion_and_the_vm_runs_on() {
-    if !kvm_available("a_device_that_refuses_a_map_fails_the_conversion_and_the_vm_runs_on") {
-        return;
-    }
-    let dir = TempDir::new("devrefuse");
+    let dir = kvm_test!("devrefuse");
     let device = TestDevice::spawn(&dir, "picky");
     assert_eq!(device.command("refuse 1"), "ok");
     let ops = format!("shared@{A:#x}+8K,shared@{A:#x}+8K,shared@{B:#x}+4K");
@@ -186,10 +177,7 @@ fn a_device_that_refuses_a_map_fails_the_conversion_and_the_vm_runs_on() {
 
 #[test]
 fn a_killed_device_is_failed_and_detached_and_conversions_go_on() {
-    if !kvm_available("a_killed_device_is_failed_and_detached_and_conversions_go_on") {
-        return;
-    }
-    let dir = TempDir::new("devkilled");
+    let dir = kvm_test!("devkilled");
     let mut victim = TestDevice::spawn(&dir, "victim");
     let releaser = TestDevice::spawn(&dir, "releaser");
     // The releaser's DMA write lets the guest go on after the victim died.

@@ -93,10 +93,7 @@ fn bin_dir() -> &'static Path {
 
 #[test]
 fn the_readme_runs_as_written() {
-    if !kvm_available("the_readme_runs_as_written") {
-        return;
-    }
-    let dir = TempDir::new("doc-readme");
+    let dir = kvm_test!("doc-readme");
     let tmp = dir.path("tmp");
     std::fs::create_dir(&tmp).unwrap();
     let text = script(include_str!("../README.md"), bin_dir(), &tmp);
@@ -115,10 +112,7 @@ fn the_readme_runs_as_written() {
 
 #[test]
 fn the_user_guide_runs_as_written() {
-    if !kvm_available("the_user_guide_runs_as_written") {
-        return;
-    }
-    let dir = TempDir::new("doc-guide");
+    let dir = kvm_test!("doc-guide");
     let tmp = dir.path("tmp");
     std::fs::create_dir(&tmp).unwrap();
     let text = script(include_str!("../docs/user-guide.md"), bin_dir(), &tmp);

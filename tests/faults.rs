@@ -54,10 +54,7 @@ fn device_info(api: &Path) -> serde_json::Value {
 
 #[test]
 fn a_stopped_device_is_cut_off_and_never_keeps_a_page_the_guest_made_private() {
-    if !kvm_available("a_stopped_device_is_cut_off") {
-        return;
-    }
-    let dir = TempDir::new("stopped");
+    let dir = kvm_test!("stopped");
     let victim = TestDevice::spawn(&dir, "victim");
     let releaser = TestDevice::spawn(&dir, "releaser");
     let ops = format!(
@@ -122,9 +119,7 @@ fn a_stopped_device_is_cut_off_and_never_keeps_a_page_the_guest_made_private() {
 
 #[test]
 fn sigterm_under_api_load_completes() {
-    if !kvm_available("sigterm_under_api_load_completes") {
-        return;
-    }
+    kvm_test!();
     for (round, signal) in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP]
         .into_iter()
         .enumerate()
@@ -187,10 +182,7 @@ fn sigterm_under_api_load_completes() {
 
 #[test]
 fn shutdown_with_a_stopped_device_takes_one_timeout() {
-    if !kvm_available("shutdown_with_a_stopped_device_takes_one_timeout") {
-        return;
-    }
-    let dir = TempDir::new("stopshut");
+    let dir = kvm_test!("stopshut");
     let stuck = TestDevice::spawn(&dir, "stuck");
     let also_stuck = TestDevice::spawn(&dir, "stuck2");
     let ops = format!("shared@{A:#x}+64K,wait@{FLAG:#x}+1=1");
@@ -238,10 +230,7 @@ fn shutdown_with_a_stopped_device_takes_one_timeout() {
 
 #[test]
 fn usr1_is_ignored_and_sighup_shuts_down_cleanly() {
-    if !kvm_available("usr1_is_ignored_and_sighup_shuts_down_cleanly") {
-        return;
-    }
-    let dir = TempDir::new("usr1");
+    let dir = kvm_test!("usr1");
     let device = TestDevice::spawn(&dir, "dev0");
     let ops = format!("shared@{A:#x}+8K,wait@{FLAG:#x}+1=1");
     let guest = memconv_guest(&dir, &[&ops], false);
@@ -351,10 +340,7 @@ impl ScriptedServer {
 
 #[test]
 fn server_dma_read_and_write_reach_only_mapped_pages_and_keep_the_connection() {
-    if !kvm_available("server_dma_read_and_write") {
-        return;
-    }
-    let dir = TempDir::new("dmarw");
+    let dir = kvm_test!("dmarw");
     let socket = dir.path("scripted.sock");
     let server = ScriptedServer::start(&socket);
     let ops = format!("shared@{A:#x}+4K,write@{A:#x}+16=0x5a,shared@{B:#x}+4K,private@{A:#x}+4K");
@@ -388,10 +374,7 @@ fn server_dma_read_and_write_reach_only_mapped_pages_and_keep_the_connection() {
 
 #[test]
 fn attaching_to_a_hung_server_blocks_no_other_request() {
-    if !kvm_available("attaching_to_a_hung_server_blocks_no_other_request") {
-        return;
-    }
-    let dir = TempDir::new("hungadd");
+    let dir = kvm_test!("hungadd");
     let hung = dir.path("hung.sock");
     // Accepts, then never answers.
     let listener = UnixListener::bind(&hung).unwrap();
@@ -437,10 +420,7 @@ fn attaching_to_a_hung_server_blocks_no_other_request() {
 
 #[test]
 fn bad_targets_on_the_command_line_fail_at_start_and_touch_nothing() {
-    if !kvm_available("bad_targets_on_the_command_line") {
-        return;
-    }
-    let dir = TempDir::new("badtargets");
+    let dir = kvm_test!("badtargets");
     let guest = memconv_guest(&dir, &["nop@0x1000000+4K"], true);
     let guest = guest.to_str().unwrap();
     // An API socket path naming a regular file keeps the file.
@@ -526,10 +506,7 @@ fn flood_header(api: &Path, bytes: usize) -> String {
 
 #[test]
 fn header_and_connection_floods_are_bounded() {
-    if !kvm_available("header_and_connection_floods_are_bounded") {
-        return;
-    }
-    let dir = TempDir::new("flood");
+    let dir = kvm_test!("flood");
     let guest = memconv_guest(&dir, &[&format!("wait@{FLAG:#x}+1=1")], false);
     let (vmm, api) = spawn_with_api(&dir, &guest, &[]);
     wait_for_socket(&api);
@@ -665,10 +642,7 @@ fn ch_api_client_request(
 
 #[test]
 fn cloud_hypervisors_api_client_drives_every_shared_endpoint() {
-    if !kvm_available("cloud_hypervisors_api_client_drives_every_shared_endpoint") {
-        return;
-    }
-    let dir = TempDir::new("chclient");
+    let dir = kvm_test!("chclient");
     let device = TestDevice::spawn(&dir, "dev0");
     // Every other page of 320 MiB shared: 40 000 ranges, an answer of more
     // than 1 MiB (quiet: a console line per op would take half a minute).
@@ -785,10 +759,7 @@ fn cloud_hypervisors_api_client_drives_every_shared_endpoint() {
 
 #[test]
 fn a_log_sink_that_stops_draining_never_stalls_the_guest() {
-    if !kvm_available("a_log_sink_that_stops_draining_never_stalls_the_guest") {
-        return;
-    }
-    let dir = TempDir::new("logsink");
+    let dir = kvm_test!("logsink");
     let mut ops = Vec::new();
     for i in 0..600u64 {
         let page = A + (i % 16) * 0x1000;
@@ -836,10 +807,7 @@ fn a_log_sink_that_stops_draining_never_stalls_the_guest() {
 
 #[test]
 fn an_event_reader_that_stops_reading_never_stalls_the_guest() {
-    if !kvm_available("an_event_reader_that_stops_reading_never_stalls_the_guest") {
-        return;
-    }
-    let dir = TempDir::new("eventfifo");
+    let dir = kvm_test!("eventfifo");
     let fifo = dir.path("events.fifo");
     let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path.

@@ -107,9 +107,7 @@ fn each_hot_plug_is_refused(tag: &str, cases: Vec<(&str, Lies, &str)>) {
 
 #[test]
 fn bar_sizes_no_bar_can_have_are_refused_at_hot_plug() {
-    if !kvm_available("bar_sizes_no_bar_can_have_are_refused_at_hot_plug") {
-        return;
-    }
+    kvm_test!();
     let mut huge32 = Lies::honest();
     huge32.region_sizes[0] = (1 << 63) | 0x1000;
     let mut huge64 = Lies::honest().bar64(2);
@@ -128,10 +126,7 @@ fn bar_sizes_no_bar_can_have_are_refused_at_hot_plug() {
 
 #[test]
 fn a_bar_size_no_bar_can_have_stops_a_cold_boot_with_an_error() {
-    if !kvm_available("a_bar_size_no_bar_can_have_stops_a_cold_boot_with_an_error") {
-        return;
-    }
-    let dir = TempDir::new("hugebar-cold");
+    let dir = kvm_test!("hugebar-cold");
     let mut lies = Lies::honest().bar64(0);
     lies.region_sizes[0] = (1 << 63) + (1 << 62);
     let server = LyingServer::start(&dir.path("huge.sock"), lies);
@@ -154,9 +149,7 @@ fn a_bar_size_no_bar_can_have_stops_a_cold_boot_with_an_error() {
 
 #[test]
 fn msix_structures_outside_the_devices_bars_are_refused_at_hot_plug() {
-    if !kvm_available("msix_structures_outside_the_devices_bars_are_refused_at_hot_plug") {
-        return;
-    }
+    kvm_test!();
     let past_bar = "runs past the end of its BAR";
     each_hot_plug_is_refused(
         "badmsix",
@@ -189,9 +182,7 @@ fn msix_structures_outside_the_devices_bars_are_refused_at_hot_plug() {
 
 #[test]
 fn a_server_that_fails_while_given_the_shared_pages_is_refused_and_leaves_nothing() {
-    if !kvm_available("a_server_that_fails_while_given_the_shared_pages") {
-        return;
-    }
+    kvm_test!();
     let hang_up = Lies {
         on_map: OnMap::HangUpAt(2),
         ..Lies::honest()

@@ -46,9 +46,7 @@ fn wait_runs(vmm: &GuestVmm, n: usize) {
 
 #[test]
 fn an_empty_vmm_creates_boots_shuts_down_boots_again_reboots_and_deletes() {
-    if !kvm_available("an_empty_vmm_creates_boots_shuts_down_boots_again_reboots_and_deletes") {
-        return;
-    }
+    kvm_test!();
     let spec = Spec::load();
     let dir = TempDir::new("lifecycle");
     let device = TestDevice::spawn(&dir, "dev0");
@@ -240,10 +238,7 @@ fn an_empty_vmm_creates_boots_shuts_down_boots_again_reboots_and_deletes() {
 
 #[test]
 fn cold_plugged_devices_change_the_created_configuration() {
-    if !kvm_available("cold_plugged_devices_change_the_created_configuration") {
-        return;
-    }
-    let dir = TempDir::new("coldplug");
+    let dir = kvm_test!("coldplug");
     let device = TestDevice::spawn(&dir, "dev0");
     let guest = memconv_guest(&dir, &[&format!("shared@{A:#x}+8K")], false);
     let api = dir.path("api.sock");
@@ -300,10 +295,7 @@ fn an_empty_vmm_needs_an_api_socket_and_refuses_half_a_vm() {
 
 #[test]
 fn twenty_lifecycles_give_back_every_vm_fd_thread_and_page() {
-    if !kvm_available("twenty_lifecycles_give_back_every_vm_fd_thread_and_page") {
-        return;
-    }
-    let dir = TempDir::new("lifecycle-leaks");
+    let dir = kvm_test!("lifecycle-leaks");
     let device = TestDevice::spawn(&dir, "dev0");
     let guest = memconv_guest(
         &dir,

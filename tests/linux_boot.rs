@@ -245,10 +245,7 @@ fn debians_bzimage_starts_from_our_64_bit_entry_and_reads_our_command_line() {
 
 #[test]
 fn a_linux_kernel_that_cannot_be_booted_is_a_clear_error() {
-    if !kvm_available("a_linux_kernel_that_cannot_be_booted_is_a_clear_error") {
-        return;
-    }
-    let dir = TempDir::new("linux-bad");
+    let dir = kvm_test!("linux-bad");
     // A bzImage header promising more than the file holds.
     let mut truncated = vec![0u8; 4096];
     truncated[0x1f1] = 1;

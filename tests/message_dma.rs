@@ -19,10 +19,7 @@ fn device_info(api: &std::path::Path) -> serde_json::Value {
 
 #[test]
 fn a_device_in_messages_mode_gets_no_fd_and_reaches_only_its_mappings() {
-    if !kvm_available("a_device_in_messages_mode_gets_no_fd_and_reaches_only_its_mappings") {
-        return;
-    }
-    let dir = TempDir::new("msgdma");
+    let dir = kvm_test!("msgdma");
     let device = TestDevice::spawn(&dir, "dev0");
     let (page1, page2) = (A + 0x1000, A + 0x2000);
     let ops = [
@@ -81,10 +78,7 @@ fn a_device_in_messages_mode_gets_no_fd_and_reaches_only_its_mappings() {
 
 #[test]
 fn fd_mode_says_what_it_exposes_on_a_host_without_private_memory() {
-    if !kvm_available("fd_mode_says_what_it_exposes_on_a_host_without_private_memory") {
-        return;
-    }
-    let dir = TempDir::new("fdwarn");
+    let dir = kvm_test!("fdwarn");
     let fd_device = TestDevice::spawn(&dir, "fd0");
     let message_device = TestDevice::spawn(&dir, "msg0");
     let guest = memconv_guest(&dir, &[&format!("shared@{A:#x}+8K")], false);
@@ -195,10 +189,7 @@ fn flooding_server(socket: &std::path::Path, stop: std::sync::Arc<std::sync::ato
 
 #[test]
 fn a_server_flooding_dma_requests_cannot_stall_the_guests_conversions() {
-    if !kvm_available("a_server_flooding_dma_requests_cannot_stall_the_guests_conversions") {
-        return;
-    }
-    let dir = TempDir::new("msgflood");
+    let dir = kvm_test!("msgflood");
     let socket = dir.path("flood.sock");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     flooding_server(&socket, stop.clone());

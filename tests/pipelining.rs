@@ -53,10 +53,7 @@ fn user_device(socket: &std::path::Path, options: &str) -> String {
 
 #[test]
 fn a_per_page_conversion_is_pipelined_and_replies_out_of_order_are_matched() {
-    if !kvm_available("a_per_page_conversion_is_pipelined") {
-        return;
-    }
-    let dir = TempDir::new("pipelined");
+    let dir = kvm_test!("pipelined");
     let reversed = LyingServer::start(
         &dir.path("reversed.sock"),
         Lies {
@@ -108,10 +105,7 @@ fn a_per_page_conversion_is_pipelined_and_replies_out_of_order_are_matched() {
 
 #[test]
 fn a_server_that_stops_half_way_through_a_batch_is_cut_off_within_its_timeout() {
-    if !kvm_available("a_server_that_stops_half_way_through_a_batch") {
-        return;
-    }
-    let dir = TempDir::new("halfway");
+    let dir = kvm_test!("halfway");
     let stopping = LyingServer::start(
         &dir.path("stopping.sock"),
         Lies {
@@ -159,10 +153,7 @@ fn a_server_that_stops_half_way_through_a_batch_is_cut_off_within_its_timeout() 
 
 #[test]
 fn every_device_is_asked_at_once() {
-    if !kvm_available("every_device_is_asked_at_once") {
-        return;
-    }
-    let dir = TempDir::new("fanout");
+    let dir = kvm_test!("fanout");
     let slow = |name: &str| {
         LyingServer::start(
             &dir.path(&format!("{name}.sock")),
@@ -204,10 +195,7 @@ fn every_device_is_asked_at_once() {
 
 #[test]
 fn a_refusal_at_one_device_rolls_every_device_back() {
-    if !kvm_available("a_refusal_at_one_device_rolls_every_device_back") {
-        return;
-    }
-    let dir = TempDir::new("refusal");
+    let dir = kvm_test!("refusal");
     let refusing = LyingServer::start(
         &dir.path("refusing.sock"),
         Lies {

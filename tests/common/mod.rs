@@ -53,6 +53,26 @@ pub fn kvm_available(test: &str) -> bool {
     ok
 }
 
+/// Begins a KVM test: where /dev/kvm cannot be opened, returns from the
+/// test (skipped loudly, as `kvm_available` says, naming the test);
+/// `kvm_test!("tag")` then gives the test's scratch directory.
+#[allow(unused_macros, reason = "sev_snp and tdx check their hosts themselves")]
+macro_rules! kvm_test {
+    () => {{
+        fn here() {}
+        let test = std::any::type_name_of_val(&here).trim_end_matches("::here");
+        if !$crate::common::kvm_available(test) {
+            return;
+        }
+    }};
+    ($tag:expr) => {{
+        $crate::common::kvm_test!();
+        $crate::common::TempDir::new($tag)
+    }};
+}
+#[allow(unused_imports, reason = "as for the macro")]
+pub(crate) use kvm_test;
+
 /// A scratch directory removed on drop.
 pub struct TempDir(PathBuf);
 
