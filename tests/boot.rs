@@ -368,9 +368,9 @@ fn the_serial_console_on_a_pty_and_on_a_socket() {
         let socket = dir.path("console.sock");
         let serial = match kind {
             "pty" => "pty".to_string(),
-            _ => format!("socket={}", socket.display()),
+            _ => user_device(&socket, ""),
         };
-        let user_device = format!("socket={},id=dev0", device.socket.display());
+        let user_device = user_device(&device.socket, ",id=dev0");
         let (vmm, api) = spawn_with_api(
             &dir,
             &guest,

@@ -38,7 +38,7 @@ fn vfio_user_device_follows_every_conversion() {
         format!("private@{B:#x}+8K"),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let user_device = format!("socket={},id=dev0", device.socket.display());
+    let user_device = user_device(&device.socket, ",id=dev0");
     let (vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
     wait_for_socket(&api);
 
@@ -106,7 +106,7 @@ fn hot_added_device_gets_the_shared_runs_and_removal_unmaps_them() {
     );
 
     let device = TestDevice::spawn(&dir, "late");
-    let config = format!("socket={},id=late", device.socket.display());
+    let config = user_device(&device.socket, ",id=late");
     let (ok, out, err) = ch_remote(&api, &["add-user-device", &config]);
     assert!(ok, "add-user-device failed: {err}");
     let added: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -155,10 +155,7 @@ fn a_device_that_refuses_a_map_fails_the_conversion_and_the_vm_runs_on() {
     let (vmm, api) = spawn_with_api(
         &dir,
         &guest,
-        &[
-            "--user-device",
-            &format!("socket={}", device.socket.display()),
-        ],
+        &["--user-device", &user_device(&device.socket, "")],
     );
     assert_eq!(
         vmm.wait_for_line("memconv: done"),
@@ -189,9 +186,9 @@ fn a_killed_device_is_failed_and_detached_and_conversions_go_on() {
         &guest,
         &[
             "--user-device",
-            &format!("socket={},id=victim", victim.socket.display()),
+            &user_device(&victim.socket, ",id=victim"),
             "--user-device",
-            &format!("socket={},id=releaser", releaser.socket.display()),
+            &user_device(&releaser.socket, ",id=releaser"),
             "--event-monitor",
             &format!("path={}", events.display()),
         ],

@@ -68,12 +68,9 @@ fn a_stopped_device_is_cut_off_and_never_keeps_a_page_the_guest_made_private() {
             "--memory",
             "size=256M,guest_memfd=on",
             "--user-device",
-            &format!(
-                "socket={},id=victim,timeout_ms=1500",
-                victim.socket.display()
-            ),
+            &user_device(&victim.socket, ",id=victim,timeout_ms=1500"),
             "--user-device",
-            &format!("socket={},id=releaser", releaser.socket.display()),
+            &user_device(&releaser.socket, ",id=releaser"),
             "--api-socket",
             api.to_str().unwrap(),
         ],
@@ -132,10 +129,7 @@ fn sigterm_under_api_load_completes() {
         let (mut vmm, api) = spawn_with_api(
             &dir,
             &guest,
-            &[
-                "--user-device",
-                &format!("socket={},id=dev0", device.socket.display()),
-            ],
+            &["--user-device", &user_device(&device.socket, ",id=dev0")],
         );
         wait_for_socket(&api);
         assert!(wait_until(|| device.mapped() == [(A, 0x10000)]));
@@ -194,12 +188,9 @@ fn shutdown_with_a_stopped_device_takes_one_timeout() {
             "--memory",
             "size=256M,guest_memfd=on",
             "--user-device",
-            &format!("socket={},id=a,timeout_ms=1000", stuck.socket.display()),
+            &user_device(&stuck.socket, ",id=a,timeout_ms=1000"),
             "--user-device",
-            &format!(
-                "socket={},id=b,timeout_ms=1000",
-                also_stuck.socket.display()
-            ),
+            &user_device(&also_stuck.socket, ",id=b,timeout_ms=1000"),
             "--api-socket",
             api.to_str().unwrap(),
         ],
@@ -237,10 +228,7 @@ fn usr1_is_ignored_and_sighup_shuts_down_cleanly() {
     let (mut vmm, api) = spawn_with_api(
         &dir,
         &guest,
-        &[
-            "--user-device",
-            &format!("socket={},id=dev0", device.socket.display()),
-        ],
+        &["--user-device", &user_device(&device.socket, ",id=dev0")],
     );
     wait_for_socket(&api);
     assert!(wait_until(|| device.mapped() == [(A, 0x2000)]));
@@ -348,10 +336,7 @@ fn server_dma_read_and_write_reach_only_mapped_pages_and_keep_the_connection() {
     let (vmm, api) = spawn_with_api(
         &dir,
         &guest,
-        &[
-            "--user-device",
-            &format!("socket={},id=scripted", socket.display()),
-        ],
+        &["--user-device", &user_device(&socket, ",id=scripted")],
     );
     vmm.wait_for_line("memconv: done 4 ok 0 failed");
     let log = server.log();
@@ -400,7 +385,7 @@ fn attaching_to_a_hung_server_blocks_no_other_request() {
                 &api,
                 &[
                     "add-user-device",
-                    &format!("socket={},id=hung,timeout_ms=1500", hung.display()),
+                    &user_device(&hung, ",id=hung,timeout_ms=1500"),
                 ],
             );
             (out, started.elapsed())

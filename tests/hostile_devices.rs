@@ -52,10 +52,7 @@ fn each_hot_plug_is_refused(tag: &str, cases: Vec<(&str, Lies, &str)>) {
     let warm_up = LyingServer::start(&dir.path("warm.sock"), cases[0].1.clone());
     let (ok, _, err) = ch_remote(
         &api,
-        &[
-            "add-user-device",
-            &format!("socket={}", warm_up.socket.display()),
-        ],
+        &["add-user-device", &user_device(&warm_up.socket, "")],
     );
     assert!(!ok, "the first lying server was accepted");
     assert!(err.contains(cases[0].2), "{err}");
@@ -66,10 +63,7 @@ fn each_hot_plug_is_refused(tag: &str, cases: Vec<(&str, Lies, &str)>) {
             &api,
             &[
                 "add-user-device",
-                &format!(
-                    "socket={},id={name},timeout_ms=500",
-                    server.socket.display()
-                ),
+                &user_device(&server.socket, &format!(",id={name},timeout_ms=500")),
             ],
         );
         assert!(!ok, "{name}: a lying server was accepted: {out}");
@@ -85,7 +79,7 @@ fn each_hot_plug_is_refused(tag: &str, cases: Vec<(&str, Lies, &str)>) {
         &api,
         &[
             "add-user-device",
-            &format!("socket={},id=honest", honest.socket.display()),
+            &user_device(&honest.socket, ",id=honest"),
         ],
     );
     assert!(ok, "{err}");
@@ -137,7 +131,7 @@ fn a_bar_size_no_bar_can_have_stops_a_cold_boot_with_an_error() {
         "--memory",
         "size=256M,guest_memfd=on",
         "--user-device",
-        &format!("socket={}", server.socket.display()),
+        &user_device(&server.socket, ""),
     ]);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(

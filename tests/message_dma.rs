@@ -41,7 +41,7 @@ fn a_device_in_messages_mode_gets_no_fd_and_reaches_only_its_mappings() {
         &guest,
         &[
             "--user-device",
-            &format!("socket={},id=dev0,dma=messages", device.socket.display()),
+            &user_device(&device.socket, ",id=dev0,dma=messages"),
         ],
     );
     vmm.wait_for_line("memconv: done 7 ok 1 failed");
@@ -87,12 +87,9 @@ fn fd_mode_says_what_it_exposes_on_a_host_without_private_memory() {
         &guest,
         &[
             "--user-device",
-            &format!("socket={},id=fd0", fd_device.socket.display()),
+            &user_device(&fd_device.socket, ",id=fd0"),
             "--user-device",
-            &format!(
-                "socket={},id=msg0,dma=messages",
-                message_device.socket.display()
-            ),
+            &user_device(&message_device.socket, ",id=msg0,dma=messages"),
         ],
     );
     vmm.wait_for_line("memconv: done 1 ok 0 failed");
@@ -207,7 +204,7 @@ fn a_server_flooding_dma_requests_cannot_stall_the_guests_conversions() {
         &guest,
         &[
             "--user-device",
-            &format!("socket={},id=flood,dma=messages", socket.display()),
+            &user_device(&socket, ",id=flood,dma=messages"),
         ],
     );
     vmm.wait_for_line("memconv: done");

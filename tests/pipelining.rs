@@ -47,10 +47,6 @@ fn conversion_durations(events: &std::path::Path) -> Vec<u64> {
         .collect()
 }
 
-fn user_device(socket: &std::path::Path, options: &str) -> String {
-    format!("socket={}{options}", socket.display())
-}
-
 #[test]
 fn a_per_page_conversion_is_pipelined_and_replies_out_of_order_are_matched() {
     let dir = kvm_test!("pipelined");

@@ -266,6 +266,12 @@ pub fn spawn_with_api(dir: &TempDir, guest: &Path, extra: &[&str]) -> (GuestVmm,
     (GuestVmm::spawn(guest, &args), api)
 }
 
+/// A `--user-device` value: the server at `socket`, then `options` as
+/// given (",id=dev0,timeout_ms=300"; "" for none).
+pub fn user_device(socket: &Path, options: &str) -> String {
+    format!("socket={}{options}", socket.display())
+}
+
 /// Runs the VMM binary to completion (for CLI error cases).
 pub fn run_vmm(args: &[&str]) -> (ExitStatus, String, String) {
     let out = Command::new(CLOUD_HYPERVISOR)
