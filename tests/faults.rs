@@ -61,18 +61,14 @@ fn a_stopped_device_is_cut_off_and_never_keeps_a_page_the_guest_made_private() {
         "shared@{A:#x}+64K,wait@{FLAG:#x}+1=1,shared@{B:#x}+16K,private@{B:#x}+8K,private@{A:#x}+4K,wait@{FLAG:#x}+1=2"
     );
     let guest = memconv_guest(&dir, &[&ops], false);
-    let api = dir.path("api.sock");
-    let vmm = GuestVmm::spawn(
+    let (vmm, api) = spawn_with_api(
+        &dir,
         &guest,
         &[
-            "--memory",
-            "size=256M,guest_memfd=on",
             "--user-device",
             &user_device(&victim.socket, ",id=victim,timeout_ms=1500"),
             "--user-device",
             &user_device(&releaser.socket, ",id=releaser"),
-            "--api-socket",
-            api.to_str().unwrap(),
         ],
     );
     wait_for_socket(&api);
@@ -181,18 +177,14 @@ fn shutdown_with_a_stopped_device_takes_one_timeout() {
     let also_stuck = TestDevice::spawn(&dir, "stuck2");
     let ops = format!("shared@{A:#x}+64K,wait@{FLAG:#x}+1=1");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let api = dir.path("api.sock");
-    let mut vmm = GuestVmm::spawn(
+    let (mut vmm, api) = spawn_with_api(
+        &dir,
         &guest,
         &[
-            "--memory",
-            "size=256M,guest_memfd=on",
             "--user-device",
             &user_device(&stuck.socket, ",id=a,timeout_ms=1000"),
             "--user-device",
             &user_device(&also_stuck.socket, ",id=b,timeout_ms=1000"),
-            "--api-socket",
-            api.to_str().unwrap(),
         ],
     );
     wait_for_socket(&api);
@@ -366,16 +358,7 @@ fn attaching_to_a_hung_server_blocks_no_other_request() {
     let holder = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
     let ops = format!("wait@{FLAG:#x}+1=1");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let api = dir.path("api.sock");
-    let _vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let (_vmm, api) = spawn_with_api(&dir, &guest, &[]);
     wait_for_socket(&api);
     let adder = {
         let (api, hung) = (api.clone(), hung.clone());
