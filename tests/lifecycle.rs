@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::path::PathBuf;
+
 use common::openapi::Spec;
 use common::*;
 use serde_json::{Value, json};
@@ -44,18 +46,21 @@ fn wait_runs(vmm: &GuestVmm, n: usize) {
     );
 }
 
+/// The guest the lifecycle tests boot: shares 16 KiB, makes 4 KiB of it
+/// private again, and halts when done (no power-off: the VM stays booted
+/// until told).
+fn halting_guest(dir: &TempDir) -> PathBuf {
+    let ops = format!("shared@{A:#x}+16K,private@{A:#x}+4K");
+    memconv_guest(dir, &[&ops], false)
+}
+
 #[test]
 fn an_empty_vmm_creates_boots_shuts_down_boots_again_reboots_and_deletes() {
     kvm_test!();
     let spec = Spec::load();
     let dir = TempDir::new("lifecycle");
     let device = TestDevice::spawn(&dir, "dev0");
-    // Halts when done (no power-off): the VM stays booted until told.
-    let guest = memconv_guest(
-        &dir,
-        &[&format!("shared@{A:#x}+16K,private@{A:#x}+4K")],
-        false,
-    );
+    let guest = halting_guest(&dir);
     let api = dir.path("api.sock");
     let events = dir.path("events.jsonl");
     let monitor = format!("path={}", events.display());
@@ -297,11 +302,7 @@ fn an_empty_vmm_needs_an_api_socket_and_refuses_half_a_vm() {
 fn twenty_lifecycles_give_back_every_vm_fd_thread_and_page() {
     let dir = kvm_test!("lifecycle-leaks");
     let device = TestDevice::spawn(&dir, "dev0");
-    let guest = memconv_guest(
-        &dir,
-        &[&format!("shared@{A:#x}+16K,private@{A:#x}+4K")],
-        false,
-    );
+    let guest = halting_guest(&dir);
     let api = dir.path("api.sock");
     let vmm = GuestVmm::spawn_args(&["--api-socket", &format!("path={}", api.display())]);
     wait_for_socket(&api);
