@@ -9,7 +9,7 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +21,31 @@ const MIB: u64 = 1 << 20;
 const A: u64 = 16 * MIB;
 const B: u64 = 17 * MIB;
 const FLAG: u64 = A + 0xf000;
+
+/// A device `dev0` and the VMM (256 MiB, API socket) with a guest running
+/// `ops` (no power-off) and that device; the API socket is up.
+fn with_one_device(dir: &TempDir, ops: &str) -> (TestDevice, GuestVmm, PathBuf) {
+    let device = TestDevice::spawn(dir, "dev0");
+    let guest = memconv_guest(dir, &[ops], false);
+    let (vmm, api) = spawn_with_api(
+        dir,
+        &guest,
+        &["--user-device", &user_device(&device.socket, ",id=dev0")],
+    );
+    wait_for_socket(&api);
+    (device, vmm, api)
+}
+
+/// 1200 conversions: 600 times a page to shared and back, over 16 pages.
+fn churn() -> String {
+    let mut ops = Vec::new();
+    for i in 0..600u64 {
+        let page = A + (i % 16) * 0x1000;
+        ops.push(format!("shared@{page:#x}+4K"));
+        ops.push(format!("private@{page:#x}+4K"));
+    }
+    ops.join(",")
+}
 
 /// Wall time of one GET, with its status.
 fn timed_get(api: &Path, path: &str) -> (u16, Duration) {
@@ -118,16 +143,9 @@ fn sigterm_under_api_load_completes() {
         .enumerate()
     {
         let dir = TempDir::new("sigload");
-        let device = TestDevice::spawn(&dir, "dev0");
         // The guest shares a page, then spins until the VMM goes.
         let ops = format!("shared@{A:#x}+64K,wait@{FLAG:#x}+1=1");
-        let guest = memconv_guest(&dir, &[&ops], false);
-        let (mut vmm, api) = spawn_with_api(
-            &dir,
-            &guest,
-            &["--user-device", &user_device(&device.socket, ",id=dev0")],
-        );
-        wait_for_socket(&api);
+        let (device, mut vmm, api) = with_one_device(&dir, &ops);
         assert!(wait_until(|| device.mapped() == [(A, 0x10000)]));
         let stop = Arc::new(AtomicBool::new(false));
         let answered = Arc::new(AtomicUsize::new(0));
@@ -214,15 +232,8 @@ fn shutdown_with_a_stopped_device_takes_one_timeout() {
 #[test]
 fn usr1_is_ignored_and_sighup_shuts_down_cleanly() {
     let dir = kvm_test!("usr1");
-    let device = TestDevice::spawn(&dir, "dev0");
     let ops = format!("shared@{A:#x}+8K,wait@{FLAG:#x}+1=1");
-    let guest = memconv_guest(&dir, &[&ops], false);
-    let (mut vmm, api) = spawn_with_api(
-        &dir,
-        &guest,
-        &["--user-device", &user_device(&device.socket, ",id=dev0")],
-    );
-    wait_for_socket(&api);
+    let (device, mut vmm, api) = with_one_device(&dir, &ops);
     assert!(wait_until(|| device.mapped() == [(A, 0x2000)]));
     vmm.signal(libc::SIGUSR1);
     vmm.signal(libc::SIGUSR2);
@@ -728,13 +739,8 @@ fn cloud_hypervisors_api_client_drives_every_shared_endpoint() {
 #[test]
 fn a_log_sink_that_stops_draining_never_stalls_the_guest() {
     let dir = kvm_test!("logsink");
-    let mut ops = Vec::new();
-    for i in 0..600u64 {
-        let page = A + (i % 16) * 0x1000;
-        ops.push(format!("shared@{page:#x}+4K"));
-        ops.push(format!("private@{page:#x}+4K"));
-    }
-    let guest = memconv_guest(&dir, &[&ops.join(",")], true);
+    let ops = churn();
+    let guest = memconv_guest(&dir, &[&ops], true);
     // stderr is a pipe nobody reads: it fills after a few hundred lines of
     // -vv logging (several lines per conversion).
     let mut child = std::process::Command::new(CLOUD_HYPERVISOR)
@@ -798,13 +804,8 @@ fn an_event_reader_that_stops_reading_never_stalls_the_guest() {
         .custom_flags(libc::O_NONBLOCK)
         .open(&fifo)
         .unwrap();
-    let mut ops = Vec::new();
-    for i in 0..600u64 {
-        let page = A + (i % 16) * 0x1000;
-        ops.push(format!("shared@{page:#x}+4K"));
-        ops.push(format!("private@{page:#x}+4K"));
-    }
-    let guest = memconv_guest(&dir, &[&ops.join(",")], false);
+    let ops = churn();
+    let guest = memconv_guest(&dir, &[&ops], false);
     let (vmm, api) = spawn_with_api(&dir, &guest, &["--event-monitor", &target]);
     vmm.wait_for_line("memconv: done 1200 ok 0 failed");
     wait_for_socket(&api);
