@@ -152,11 +152,7 @@ fn a_device_that_refuses_a_map_fails_the_conversion_and_the_vm_runs_on() {
     assert_eq!(device.command("refuse 1"), "ok");
     let ops = format!("shared@{A:#x}+8K,shared@{A:#x}+8K,shared@{B:#x}+4K");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let (vmm, api) = spawn_with_api(
-        &dir,
-        &guest,
-        &["--user-device", &user_device(&device.socket, "")],
-    );
+    let (vmm, api) = spawn_with_devices(&dir, &guest, &[(&device.socket, "")], &[]);
     assert_eq!(
         vmm.wait_for_line("memconv: done"),
         "memconv: done 2 ok 1 failed"
@@ -181,17 +177,14 @@ fn a_killed_device_is_failed_and_detached_and_conversions_go_on() {
     let ops = format!("shared@{A:#x}+64K,wait@{FLAG:#x}+1=1,shared@{B:#x}+4K,private@{A:#x}+4K");
     let guest = memconv_guest(&dir, &[&ops], false);
     let events = dir.path("events.jsonl");
-    let (vmm, api) = spawn_with_api(
+    let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
         &[
-            "--user-device",
-            &user_device(&victim.socket, ",id=victim"),
-            "--user-device",
-            &user_device(&releaser.socket, ",id=releaser"),
-            "--event-monitor",
-            &format!("path={}", events.display()),
+            (&victim.socket, ",id=victim"),
+            (&releaser.socket, ",id=releaser"),
         ],
+        &["--event-monitor", &format!("path={}", events.display())],
     );
     wait_for_socket(&api);
     wait_for_shared(&api, &[(A, 0x10000)]);

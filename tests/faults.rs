@@ -27,11 +27,7 @@ const FLAG: u64 = A + 0xf000;
 fn with_one_device(dir: &TempDir, ops: &str) -> (TestDevice, GuestVmm, PathBuf) {
     let device = TestDevice::spawn(dir, "dev0");
     let guest = memconv_guest(dir, &[ops], false);
-    let (vmm, api) = spawn_with_api(
-        dir,
-        &guest,
-        &["--user-device", &user_device(&device.socket, ",id=dev0")],
-    );
+    let (vmm, api) = spawn_with_devices(dir, &guest, &[(&device.socket, ",id=dev0")], &[]);
     wait_for_socket(&api);
     (device, vmm, api)
 }
@@ -86,15 +82,14 @@ fn a_stopped_device_is_cut_off_and_never_keeps_a_page_the_guest_made_private() {
         "shared@{A:#x}+64K,wait@{FLAG:#x}+1=1,shared@{B:#x}+16K,private@{B:#x}+8K,private@{A:#x}+4K,wait@{FLAG:#x}+1=2"
     );
     let guest = memconv_guest(&dir, &[&ops], false);
-    let (vmm, api) = spawn_with_api(
+    let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
         &[
-            "--user-device",
-            &user_device(&victim.socket, ",id=victim,timeout_ms=1500"),
-            "--user-device",
-            &user_device(&releaser.socket, ",id=releaser"),
+            (&victim.socket, ",id=victim,timeout_ms=1500"),
+            (&releaser.socket, ",id=releaser"),
         ],
+        &[],
     );
     wait_for_socket(&api);
     assert!(wait_until(|| vmm_shared_ranges(&api) == [(A, 0x10000)]));
@@ -195,15 +190,14 @@ fn shutdown_with_a_stopped_device_takes_one_timeout() {
     let also_stuck = TestDevice::spawn(&dir, "stuck2");
     let ops = format!("shared@{A:#x}+64K,wait@{FLAG:#x}+1=1");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let (mut vmm, api) = spawn_with_api(
+    let (mut vmm, api) = spawn_with_devices(
         &dir,
         &guest,
         &[
-            "--user-device",
-            &user_device(&stuck.socket, ",id=a,timeout_ms=1000"),
-            "--user-device",
-            &user_device(&also_stuck.socket, ",id=b,timeout_ms=1000"),
+            (&stuck.socket, ",id=a,timeout_ms=1000"),
+            (&also_stuck.socket, ",id=b,timeout_ms=1000"),
         ],
+        &[],
     );
     wait_for_socket(&api);
     assert!(wait_until(|| stuck.mapped() == [(A, 0x10000)]));
@@ -336,11 +330,7 @@ fn server_dma_read_and_write_reach_only_mapped_pages_and_keep_the_connection() {
     let server = ScriptedServer::start(&socket);
     let ops = format!("shared@{A:#x}+4K,write@{A:#x}+16=0x5a,shared@{B:#x}+4K,private@{A:#x}+4K");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let (vmm, api) = spawn_with_api(
-        &dir,
-        &guest,
-        &["--user-device", &user_device(&socket, ",id=scripted")],
-    );
+    let (vmm, api) = spawn_with_devices(&dir, &guest, &[(&socket, ",id=scripted")], &[]);
     vmm.wait_for_line("memconv: done 4 ok 0 failed");
     let log = server.log();
     assert_eq!(log[0], format!("map {A:#x}+0x1000"));

@@ -36,13 +36,11 @@ fn a_device_in_messages_mode_gets_no_fd_and_reaches_only_its_mappings() {
     ]
     .join(",");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let (vmm, api) = spawn_with_api(
+    let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
-        &[
-            "--user-device",
-            &user_device(&device.socket, ",id=dev0,dma=messages"),
-        ],
+        &[(&device.socket, ",id=dev0,dma=messages")],
+        &[],
     );
     vmm.wait_for_line("memconv: done 7 ok 1 failed");
     assert_eq!(
@@ -82,15 +80,14 @@ fn fd_mode_says_what_it_exposes_on_a_host_without_private_memory() {
     let fd_device = TestDevice::spawn(&dir, "fd0");
     let message_device = TestDevice::spawn(&dir, "msg0");
     let guest = memconv_guest(&dir, &[&format!("shared@{A:#x}+8K")], false);
-    let (vmm, api) = spawn_with_api(
+    let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
         &[
-            "--user-device",
-            &user_device(&fd_device.socket, ",id=fd0"),
-            "--user-device",
-            &user_device(&message_device.socket, ",id=msg0,dma=messages"),
+            (&fd_device.socket, ",id=fd0"),
+            (&message_device.socket, ",id=msg0,dma=messages"),
         ],
+        &[],
     );
     vmm.wait_for_line("memconv: done 1 ok 0 failed");
     wait_for_socket(&api);
@@ -199,14 +196,7 @@ fn a_server_flooding_dma_requests_cannot_stall_the_guests_conversions() {
     }
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
     let started = std::time::Instant::now();
-    let (vmm, api) = spawn_with_api(
-        &dir,
-        &guest,
-        &[
-            "--user-device",
-            &user_device(&socket, ",id=flood,dma=messages"),
-        ],
-    );
+    let (vmm, api) = spawn_with_devices(&dir, &guest, &[(&socket, ",id=flood,dma=messages")], &[]);
     vmm.wait_for_line("memconv: done");
     let took = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Release);

@@ -272,6 +272,26 @@ pub fn user_device(socket: &Path, options: &str) -> String {
     format!("socket={}{options}", socket.display())
 }
 
+/// As `spawn_with_api`, with a `--user-device` for each `(socket,
+/// options)` (as `user_device` writes it), then `extra`.
+pub fn spawn_with_devices(
+    dir: &TempDir,
+    guest: &Path,
+    devices: &[(&Path, &str)],
+    extra: &[&str],
+) -> (GuestVmm, PathBuf) {
+    let values: Vec<String> = devices
+        .iter()
+        .map(|&(socket, options)| user_device(socket, options))
+        .collect();
+    let mut args: Vec<&str> = values
+        .iter()
+        .flat_map(|v| ["--user-device", v.as_str()])
+        .collect();
+    args.extend_from_slice(extra);
+    spawn_with_api(dir, guest, &args)
+}
+
 /// Runs the VMM binary to completion (for CLI error cases).
 pub fn run_vmm(args: &[&str]) -> (ExitStatus, String, String) {
     let out = Command::new(CLOUD_HYPERVISOR)
