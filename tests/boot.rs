@@ -120,40 +120,24 @@ fn serial_to_file_and_off() {
     let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], true);
     let console = dir.path("console.txt");
     let serial = format!("file={}", console.display());
-    let (status, stdout, _) = run_vmm(&[
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--memory",
-        "size=32M,guest_memfd=on",
-        "--serial",
-        &serial,
-    ]);
+    // The guest run to the end with this memory and serial console.
+    let run_with = |memory: &str, serial: &str| {
+        let guest = guest.to_str().unwrap();
+        run_vmm(&["--kernel", guest, "--memory", memory, "--serial", serial])
+    };
+    let (status, stdout, _) = run_with("size=32M,guest_memfd=on", &serial);
     assert!(status.success());
     assert!(stdout.is_empty());
     let text = std::fs::read_to_string(&console).unwrap();
     assert!(text.contains("memconv: done 1 ok 0 failed"), "{text}");
     // A kernel pseudo-file is refused before the VM runs, under seccomp.
-    let (status, _, stderr) = run_vmm(&[
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--memory",
-        "size=32M,guest_memfd=on",
-        "--serial",
-        "file=/proc/self/comm",
-    ]);
+    let (status, _, stderr) = run_with("size=32M,guest_memfd=on", "file=/proc/self/comm");
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("a procfs or sysfs file takes no console output"),
         "{stderr}"
     );
-    let (status, stdout, _) = run_vmm(&[
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--memory",
-        "size=32M",
-        "--serial",
-        "off",
-    ]);
+    let (status, stdout, _) = run_with("size=32M", "off");
     assert!(status.success());
     assert!(stdout.is_empty());
 }
