@@ -332,16 +332,7 @@ fn ram_above_the_mmio_hole_and_hole_spanning_requests() {
         &["shared@0xbfffe000+4K,shared@0xbffff000+8K,shared@0x100000000+8K"],
         false,
     );
-    let socket = dir.path("api.sock");
-    let vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=4G,guest_memfd=on",
-            "--api-socket",
-            socket.to_str().unwrap(),
-        ],
-    );
+    let (vmm, socket) = spawn_sized_with_api(&dir, &guest, "size=4G,guest_memfd=on", &[]);
     wait_for_socket(&socket);
     assert_eq!(
         vmm.wait_for_line("memconv: done"),

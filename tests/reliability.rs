@@ -436,16 +436,7 @@ fn ten_thousand_concurrent_api_requests_all_answer_without_growing_the_vmm() {
     let dir = kvm_test!("apiload");
     let ops = format!("shared@{WINDOW:#x}+64K,private@{:#x}+4K", WINDOW + 0x4000);
     let guest = memconv_guest(&dir, &[&ops], false);
-    let api = dir.path("api.sock");
-    let vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=64M,guest_memfd=on",
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let (vmm, api) = spawn_sized_with_api(&dir, &guest, "size=64M,guest_memfd=on", &[]);
     vmm.wait_for_line("memconv: done");
     wait_for_socket(&api);
     let pid = vmm.pid();

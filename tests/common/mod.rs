@@ -255,13 +255,18 @@ impl Drop for GuestVmm {
 /// socket in `dir` and `extra` arguments (devices, ...). Returns it and the
 /// socket's path; callers wait for the socket where the guest outlives it.
 pub fn spawn_with_api(dir: &TempDir, guest: &Path, extra: &[&str]) -> (GuestVmm, PathBuf) {
+    spawn_sized_with_api(dir, guest, "size=256M,guest_memfd=on", extra)
+}
+
+/// As `spawn_with_api`, with `--memory memory`.
+pub fn spawn_sized_with_api(
+    dir: &TempDir,
+    guest: &Path,
+    memory: &str,
+    extra: &[&str],
+) -> (GuestVmm, PathBuf) {
     let api = dir.path("api.sock");
-    let mut args = vec![
-        "--memory",
-        "size=256M,guest_memfd=on",
-        "--api-socket",
-        api.to_str().unwrap(),
-    ];
+    let mut args = vec!["--memory", memory, "--api-socket", api.to_str().unwrap()];
     args.extend_from_slice(extra);
     (GuestVmm::spawn(guest, &args), api)
 }
