@@ -177,18 +177,9 @@ fn msix_structures_outside_the_devices_bars_are_refused_at_hot_plug() {
 #[test]
 fn a_server_that_fails_while_given_the_shared_pages_is_refused_and_leaves_nothing() {
     kvm_test!();
-    let hang_up = Lies {
-        on_map: OnMap::HangUpAt(2),
-        ..Lies::honest()
-    };
-    let hang = Lies {
-        on_map: OnMap::HangAt(2),
-        ..Lies::honest()
-    };
-    let first = Lies {
-        on_map: OnMap::HangUpAt(1),
-        ..Lies::honest()
-    };
+    let hang_up = Lies::on_map(OnMap::HangUpAt(2));
+    let hang = Lies::on_map(OnMap::HangAt(2));
+    let first = Lies::on_map(OnMap::HangUpAt(1));
     each_hot_plug_is_refused(
         "replayfail",
         vec![

@@ -50,13 +50,7 @@ fn conversion_durations(events: &std::path::Path) -> Vec<u64> {
 #[test]
 fn a_per_page_conversion_is_pipelined_and_replies_out_of_order_are_matched() {
     let dir = kvm_test!("pipelined");
-    let reversed = LyingServer::start(
-        &dir.path("reversed.sock"),
-        Lies {
-            on_map: OnMap::Reversed,
-            ..Lies::honest()
-        },
-    );
+    let reversed = LyingServer::start(&dir.path("reversed.sock"), Lies::on_map(OnMap::Reversed));
     let real = TestDevice::spawn(&dir, "real");
     let ops = [(A, 2 * MIB, true), (A, MIB, false), (A, 512 << 10, true)];
     let text = format!("shared@{A:#x}+2M,private@{A:#x}+1M,shared@{A:#x}+512K");
@@ -101,13 +95,7 @@ fn a_per_page_conversion_is_pipelined_and_replies_out_of_order_are_matched() {
 #[test]
 fn a_server_that_stops_half_way_through_a_batch_is_cut_off_within_its_timeout() {
     let dir = kvm_test!("halfway");
-    let stopping = LyingServer::start(
-        &dir.path("stopping.sock"),
-        Lies {
-            on_map: OnMap::HangAt(200),
-            ..Lies::honest()
-        },
-    );
+    let stopping = LyingServer::start(&dir.path("stopping.sock"), Lies::on_map(OnMap::HangAt(200)));
     let real = TestDevice::spawn(&dir, "real");
     let guest = memconv_guest(&dir, &[&format!("shared@{A:#x}+2M")], false);
     let events = dir.path("events.json");
@@ -149,10 +137,7 @@ fn every_device_is_asked_at_once() {
     let slow = |name: &str| {
         LyingServer::start(
             &dir.path(&format!("{name}.sock")),
-            Lies {
-                on_map: OnMap::Delay(300),
-                ..Lies::honest()
-            },
+            Lies::on_map(OnMap::Delay(300)),
         )
     };
     let (first, second) = (slow("first"), slow("second"));
@@ -184,10 +169,7 @@ fn a_refusal_at_one_device_rolls_every_device_back() {
     let dir = kvm_test!("refusal");
     let refusing = LyingServer::start(
         &dir.path("refusing.sock"),
-        Lies {
-            on_map: OnMap::RefuseFrom(2),
-            ..Lies::honest()
-        },
+        Lies::on_map(OnMap::RefuseFrom(2)),
     );
     let real = TestDevice::spawn(&dir, "real");
     let text = format!("shared@{A:#x}+8K,shared@{B:#x}+64K");
