@@ -18,6 +18,11 @@ fn kvm() -> Option<KvmHypervisor> {
     KvmHypervisor::for_tests()
 }
 
+/// A default VM (no vCPUs, no memory) on `/dev/kvm`; None without it.
+fn default_vm() -> Option<Arc<dyn Vm>> {
+    Some(kvm()?.create_vm(VmType::Default).unwrap())
+}
+
 /// An anonymous or shared mapping of `len` bytes, unmapped on drop.
 struct Mapping {
     addr: *mut u8,
@@ -159,8 +164,7 @@ fn guest_code() -> Vec<u8> {
 
 #[test]
 fn a_guest_in_anonymous_memory_exits_for_port_and_mmio_accesses() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let ram = Mapping::new(SLOT_SIZE, None);
     ram.write(::arch::usize_from(CODE), &guest_code());
     bind(vm.as_ref(), &ram);
@@ -169,8 +173,7 @@ fn a_guest_in_anonymous_memory_exits_for_port_and_mmio_accesses() {
 
 #[test]
 fn a_guest_in_a_guest_memfd_slot_runs_from_the_slots_file_offset() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     if !vm.capabilities().guest_memfd_in_place() {
         eprintln!("*** SKIPPED: this host cannot mmap guest_memfd ***");
         return;
@@ -197,8 +200,7 @@ fn a_guest_in_a_guest_memfd_slot_runs_from_the_slots_file_offset() {
 
 #[test]
 fn a_slot_the_kernel_refuses_names_itself() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let region = UserMemoryRegion {
         slot: 3,
         guest_phys_addr: 0x1000,
@@ -224,8 +226,7 @@ fn a_slot_the_kernel_refuses_names_itself() {
 
 #[test]
 fn a_signal_takes_a_vcpu_out_of_a_guest_that_never_exits() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let ram = Mapping::new(SLOT_SIZE, None);
     // jmp $
     ram.write(::arch::usize_from(CODE), &[0xeb, 0xfe]);
@@ -257,8 +258,7 @@ fn only_the_vm_types_the_host_reports_are_created() {
 
 #[test]
 fn guest_memfd_gets_the_size_and_flags_asked_for() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     assert!(
         vm.capabilities().guest_memfd,
         "this machine has guest_memfd"
@@ -277,8 +277,7 @@ fn guest_memfd_gets_the_size_and_flags_asked_for() {
 
 #[test]
 fn memory_attributes_are_set_or_refused_by_capability() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let supported = vm.capabilities().private_memory_attribute();
     assert_eq!(vm.supports_memory_attributes(), supported);
     let result = vm.set_memory_attributes(0, SLOT_SIZE, true);
@@ -301,8 +300,7 @@ fn memory_attributes_are_set_or_refused_by_capability() {
 
 #[test]
 fn a_vcpu_id_is_taken_once() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     vm.create_vcpu(0).unwrap();
     vm.create_vcpu(1).unwrap();
     let e = vm.create_vcpu(0).err().unwrap();
@@ -311,8 +309,7 @@ fn a_vcpu_id_is_taken_once() {
 
 #[test]
 fn msi_routes_and_irqfds_reach_the_in_kernel_irqchip() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     assert!(vm.has_irqchip());
     // The split irqchip is TDX's only: a default VM keeps the kernel's
     // IOAPIC, and with it the PIT.
@@ -377,8 +374,7 @@ fn first_exit_within(mut vcpu: Box<dyn Vcpu>, limit: std::time::Duration) -> Str
 
 #[test]
 fn an_irqfd_delivers_its_routed_msi_to_the_guest() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let ram = Mapping::new(SLOT_SIZE, None);
     // Real-mode interrupt vectors 0x40 and 0x41: handlers that report
     // which one ran.
@@ -426,8 +422,7 @@ fn an_irqfd_delivers_its_routed_msi_to_the_guest() {
 
 #[test]
 fn a_guest_whose_memory_is_gone_stops_with_an_error_not_a_retry() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let ram = Mapping::new(SLOT_SIZE, None);
     bind(vm.as_ref(), &ram);
     drop(ram);
@@ -444,8 +439,7 @@ fn a_guest_whose_memory_is_gone_stops_with_an_error_not_a_retry() {
 
 #[test]
 fn the_kvm_vfio_device_exists_once_per_vm() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let device = vm.create_vfio_device().unwrap();
     assert!(device.as_raw_fd() >= 0);
     // KVM refuses a second one (EBUSY): the device manager creates it with
@@ -467,8 +461,7 @@ fn raw(vcpu: &dyn Vcpu) -> &KvmVcpu {
 
 #[test]
 fn linux_boot_state_reaches_the_vcpu() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let vcpu = vm.create_vcpu(0).unwrap();
     let kvm_vcpu = raw(vcpu.as_ref());
 
@@ -527,8 +520,7 @@ fn linux_boot_state_reaches_the_vcpu() {
 /// the port write of the code at 0x8000; without the IPIs it never leaves.
 #[test]
 fn an_application_processor_starts_on_init_and_sipi_from_the_bsp() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let ram = Mapping::new(SLOT_SIZE, None);
     let mov_dword = |offset: u16, value: u32| {
         let mut insn = vec![0x66, 0xc7, 0x06];
