@@ -94,7 +94,6 @@ fn count_bits(bits: u64) -> u64 {
     u64::from(bits.count_ones())
 }
 
-/// Bits `from..to` (0..=64) of a word set.
 /// First bit in `from..end` of `words` that is set (`shared`) or clear,
 /// a word at a time. Serves both stores (`page_states::FlatBitmap` too).
 #[inline]
@@ -113,6 +112,7 @@ pub(super) fn next_bit(words: &[u64], from: u64, end: u64, shared: bool) -> Opti
     None
 }
 
+/// Bits `from..to` (0..=64) of a word set.
 fn word_mask(from: u64, to: u64) -> u64 {
     let high = if to >= WORD_BITS {
         u64::MAX
