@@ -213,27 +213,24 @@ fn firmware_launch(cli: &Cli) -> Result<Option<VmConfig>, String> {
         .clone()
         .unwrap_or_else(|| MemoryConfig::parse("size=512M").expect("valid default"));
     let cpus = cli.cpus.clone().unwrap_or_default();
-    if platform.tdx {
-        if cli.measure {
-            let measured = vmm::tdx::measure_firmware(firmware, memory.size, cpus.boot)
-                .map_err(|e| error_chain(&e))?;
-            println!("{}", measured.to_json());
-            return Ok(None);
-        }
-        let hypervisor = hypervisor::KvmHypervisor::new().map_err(|e| error_chain(&e))?;
-        return vmm::tdx::boot_firmware(&hypervisor, firmware, memory.size, cpus.boot)
-            .map(|()| None)
-            .map_err(|e| error_chain(&e));
-    }
     if cli.measure {
         if cli.api_socket.is_some() {
             return Err(CliError::NotWithFirmware("--api-socket").to_string());
         }
-        let measured = vmm::sev_snp::measure_firmware(firmware, memory.size, &platform, cpus.boot)
-            .map_err(|e| error_chain(&e))?;
-        println!("{}", measured.to_json());
+        let json = if platform.tdx {
+            vmm::tdx::measure_firmware(firmware, memory.size, cpus.boot)
+                .map_err(|e| error_chain(&e))?
+                .to_json()
+        } else {
+            vmm::sev_snp::measure_firmware(firmware, memory.size, &platform, cpus.boot)
+                .map_err(|e| error_chain(&e))?
+                .to_json()
+        };
+        println!("{json}");
         return Ok(None);
     }
+    // Either platform boots through the VM build, which launches the
+    // firmware (or says why this host cannot).
     Ok(Some(
         VmConfig {
             kernel: PathBuf::new(),
