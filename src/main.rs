@@ -198,9 +198,10 @@ fn firmware_launch(cli: &Cli) -> Result<Option<VmConfig>, String> {
     if cli.kernel.is_some() {
         return Err(CliError::KernelAndFirmware.to_string());
     }
+    // Devices are cold-plugged as for a kernel boot: the PCI segment, its
+    // BAR windows (which the TD HOB describes as MMIO) and the devices'
+    // DMA listeners do not depend on what the vCPUs start.
     for (option, given) in [
-        ("--device", !cli.device.is_empty()),
-        ("--user-device", !cli.user_device.is_empty()),
         ("--initramfs", cli.initramfs.is_some()),
         ("--cmdline", cli.cmdline.is_some()),
     ] {
@@ -241,8 +242,8 @@ fn firmware_launch(cli: &Cli) -> Result<Option<VmConfig>, String> {
             platform,
             cpus,
             serial: cli.serial.clone().unwrap_or(ConsoleOutput::Tty),
-            devices: Vec::new(),
-            user_devices: Vec::new(),
+            devices: cli.device.clone(),
+            user_devices: cli.user_device.clone(),
         }
         .normalized(),
     ))

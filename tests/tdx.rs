@@ -154,6 +154,34 @@ fn tdx_firmware_options_are_checked() {
         "no OVMF GUIDed table",
     );
     let _ = std::fs::remove_file(&not_tdvf);
+    refused(
+        &[
+            "--firmware",
+            "/x.fd",
+            "--platform",
+            "tdx=on",
+            "--cmdline",
+            "x",
+        ],
+        "--cmdline does not apply to a firmware launch",
+    );
+    // Devices are taken with firmware (cold-plugged once the TD is
+    // launched): here the boot stops at the host, not at the option.
+    if have_ovmf() && kvm_available("tdx_firmware_with_a_device") {
+        refused(
+            &[
+                "--firmware",
+                OVMF,
+                "--platform",
+                "tdx=on",
+                "--serial",
+                "off",
+                "--user-device",
+                "socket=/nonexistent.sock",
+            ],
+            "no TDX here",
+        );
+    }
 }
 
 /// This host has no TDX: the firmware boot goes through the VM build (API

@@ -443,23 +443,12 @@ pub fn from_json(body: &[u8]) -> Result<VmConfig, VmConfigJsonError> {
         Some(_) => return Err(field_error(".iommu", "expected true or false")),
     }
     let platform = platform(&top)?;
-    if firmware.is_some() {
-        // As on the command line: firmware is launched as a confidential
-        // guest, without devices (docs/confidential-vms.md says why).
-        if !platform.sev_snp && !platform.tdx {
-            return Err(field_error(
-                "payload.firmware",
-                "boots a confidential guest: set platform.sev_snp or platform.tdx",
-            ));
-        }
-        for (key, given) in [
-            ("devices", !devices.is_empty()),
-            ("user_devices", !user_devices.is_empty()),
-        ] {
-            if given {
-                return Err(field_error(key, "not with a firmware launch"));
-            }
-        }
+    // As on the command line: firmware is launched as a confidential guest.
+    if firmware.is_some() && !platform.sev_snp && !platform.tdx {
+        return Err(field_error(
+            "payload.firmware",
+            "boots a confidential guest: set platform.sev_snp or platform.tdx",
+        ));
     }
     let config = VmConfig {
         kernel,

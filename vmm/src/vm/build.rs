@@ -266,7 +266,7 @@ fn io_bus(
 
 /// The userspace IOAPIC of a split irqchip (a TD's), on the MMIO bus at
 /// the IOAPIC's address; none for VMs with KVM's whole irqchip.
-fn split_irqchip_ioapic(
+pub(super) fn split_irqchip_ioapic(
     hv_vm: &Arc<dyn hypervisor::Vm>,
     mmio_bus: &Bus,
     pci: &PciSegment,

@@ -490,3 +490,43 @@ fn the_tsc_is_the_vms_and_set_before_the_first_vcpu() {
         Err(e) => assert!(e.to_string().contains("TSC frequency"), "{e}"),
     }
 }
+
+/// A firmware boot cold-plugs devices as a kernel boot does: a vfio-user
+/// server (in this process) becomes a PCI function of the TD, told of no
+/// page at boot (every page of a TD starts private), and is detached with
+/// the VM.
+#[test]
+fn a_td_cold_plugs_a_vfio_user_device_that_maps_no_private_page() {
+    use crate::config::UserDeviceConfig;
+    let Some(rig) = Rig::new("tdx-device.fd", None) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("ch-tdx-dev-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (socket, ctl) = (dir.join("dev.sock"), dir.join("dev.ctl"));
+    let state = test_device::SharedState::default();
+    test_device::control(&ctl, state.clone()).unwrap();
+    test_device::serve(&socket, state, true).unwrap();
+    let mut config = rig.config(1);
+    config.user_devices = vec![UserDeviceConfig {
+        socket,
+        id: Some("dev0".into()),
+        ..Default::default()
+    }];
+    let mut vm = rig.boot(config).unwrap();
+    assert!(rig.fake_vm().launch_finished());
+    let info = vm.info();
+    let devices = info["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 1, "{info}");
+    assert_eq!(devices[0]["id"], "dev0");
+    assert_eq!(devices[0]["state"], "attached", "{info}");
+    assert!(devices[0]["bdf"].is_string(), "a PCI function: {info}");
+    let maps = test_device::ask(&ctl, "maps").unwrap();
+    assert_eq!(maps, "[]", "a TD's pages start private");
+    vm.shutdown();
+    assert!(vm.devices().info().is_empty(), "detached with the VM");
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&dir);
+    rig.assert_nothing_left();
+}
