@@ -17,6 +17,8 @@ use crate::tdx::ioapic::{DEST_LOGICAL, MASKED, REMOTE_IRR, TRIGGER_LEVEL};
 const BASE: u64 = ::arch::layout::IOAPIC_START;
 const IOREGSEL: u64 = BASE;
 const IOWIN: u64 = BASE + 0x10;
+/// Remote IRR in an entry's low dword.
+const IRR: u32 = ::arch::low32(REMOTE_IRR);
 
 /// An IOAPIC on an MMIO bus at the IOAPIC's address, recording its MSIs.
 fn recording() -> (Arc<SplitIoapic>, Arc<Bus>, Arc<Mutex<Vec<MsiRoute>>>) {
@@ -122,7 +124,7 @@ fn a_masked_entry_delivers_nothing() {
         "{:?}",
         sent.lock().unwrap()
     );
-    assert_eq!(low_dword(&bus, 7) & REMOTE_IRR as u32, 0);
+    assert_eq!(low_dword(&bus, 7) & IRR, 0);
     // Unmasking the asserted level pin delivers it once.
     program(&bus, 7, TRIGGER_LEVEL | 0x37);
     assert_eq!(sent.lock().unwrap().len(), 1);
@@ -138,7 +140,7 @@ fn the_eoi_exit_clears_remote_irr_of_a_level_interrupt() {
     program(&bus, 10, TRIGGER_LEVEL | 0x5a);
     ioapic.set_irq(10, true).unwrap();
     assert_eq!(sent.lock().unwrap().len(), 1);
-    assert_ne!(low_dword(&bus, 10) & REMOTE_IRR as u32, 0, "Remote IRR set");
+    assert_ne!(low_dword(&bus, 10) & IRR, 0, "Remote IRR set");
     ioapic.set_irq(10, true).unwrap();
     assert_eq!(sent.lock().unwrap().len(), 1, "nothing more before the EOI");
 
@@ -176,10 +178,10 @@ fn the_eoi_exit_clears_remote_irr_of_a_level_interrupt() {
     // Another vector's EOI changes nothing; this one's re-delivers.
     run_eois(&[0x5b, 0x5a]);
     assert_eq!(sent.lock().unwrap().len(), 2, "delivered again at the EOI");
-    assert_ne!(low_dword(&bus, 10) & REMOTE_IRR as u32, 0);
+    assert_ne!(low_dword(&bus, 10) & IRR, 0);
     ioapic.set_irq(10, false).unwrap();
     run_eois(&[0x5a]);
-    assert_eq!(low_dword(&bus, 10) & REMOTE_IRR as u32, 0, "cleared");
+    assert_eq!(low_dword(&bus, 10) & IRR, 0, "cleared");
     assert_eq!(sent.lock().unwrap().len(), 2);
 }
 
