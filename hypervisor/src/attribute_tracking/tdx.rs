@@ -68,13 +68,14 @@ impl TdModel {
         }
     }
 
-    /// KVM takes the VM's frequency only while no vCPU exists; a TD reads
-    /// it at `KVM_TDX_INIT_VM`, so a later one would not take effect (the
-    /// model refuses it rather than ignore it).
+    /// KVM takes the VM's frequency only while no vCPU exists (EINVAL
+    /// after, measured on Linux 6.18); a TD reads it at `KVM_TDX_INIT_VM`,
+    /// so a later one would not take effect (the model refuses it too
+    /// rather than ignore it).
     pub(super) fn set_tsc_khz(&self, khz: u32) -> Result<()> {
         if self.created_vcpus.load(Ordering::SeqCst) > 0 || self.initialized.load(Ordering::SeqCst)
         {
-            return Err(HypervisorError::SetTscKhz(khz, errno(libc::EBUSY)));
+            return Err(HypervisorError::SetTscKhz(khz, errno(libc::EINVAL)));
         }
         if khz == 0 {
             return Err(HypervisorError::SetTscKhz(khz, errno(libc::EINVAL)));

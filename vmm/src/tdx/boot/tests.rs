@@ -17,7 +17,9 @@ use crate::GuestEvents;
 use crate::config::{ConsoleOutput, CpusConfig, MemoryConfig, PlatformConfig, VmConfig};
 use crate::event_monitor::EventMonitor;
 use crate::sev_snp::ovmf;
-use crate::tdx::simulated_module::{LaunchState, PrivateMemory, SimulatedTdxModule};
+use crate::tdx::simulated_module::{
+    LaunchState, PrivateMemory, SimulatedTdxModule, default_capabilities,
+};
 use crate::tdx::{FirmwareError, TdxParams, measure_firmware};
 use crate::vm::{LaunchMeasurement, Vm, VmError, VmState};
 
@@ -35,13 +37,16 @@ struct Module {
 
 impl Module {
     fn new(refuse_at: Option<usize>) -> Self {
+        Self::with_capabilities(refuse_at, default_capabilities())
+    }
+
+    fn with_capabilities(refuse_at: Option<usize>, capabilities: TdxCapabilities) -> Self {
         // The fake checks KVM's memory rules itself; the module accepts
         // any private page.
+        let module = SimulatedTdxModule::new(PrivateMemory(vec![(0, 1 << 52)]))
+            .with_capabilities(capabilities);
         Module {
-            inner: Arc::new(Mutex::new(SimulatedTdxModule::new(PrivateMemory(vec![(
-                0,
-                1 << 52,
-            )])))),
+            inner: Arc::new(Mutex::new(module)),
             commands: Arc::default(),
             refuse_at,
         }
@@ -107,11 +112,14 @@ struct Rig {
 
 impl Rig {
     fn new(tag: &str, refuse_at: Option<usize>) -> Option<Rig> {
+        Self::with_module(tag, Module::new(refuse_at))
+    }
+
+    fn with_module(tag: &str, module: Module) -> Option<Rig> {
         let data = ovmf::tests::debian_ovmf()?;
         let kvm = crate::test_util::kvm()?;
         let firmware = crate::test_util::scratch_path(tag);
         std::fs::write(&firmware, data).unwrap();
-        let module = Module::new(refuse_at);
         let made = module.clone();
         let hypervisor =
             TdxTestHypervisor::new(Arc::new(kvm), move || Box::new(made.clone()) as TdxModule);
@@ -315,6 +323,34 @@ fn every_refused_tdx_launch_step_stops_the_build_and_leaves_nothing() {
     }
 }
 
+/// A step the VMM's simulation refuses (here: a host whose capabilities
+/// list a CPUID leaf twice, so INIT_VM would configure it twice) stops the
+/// build before KVM sees the command: KVM got only CAPABILITIES.
+#[test]
+fn a_step_the_rules_refuse_never_reaches_kvm() {
+    let mut capabilities = default_capabilities();
+    let leaf = capabilities.configurable_cpuid[0];
+    capabilities.configurable_cpuid.push(leaf);
+    let Some(rig) = Rig::with_module(
+        "tdx-rules.fd",
+        Module::with_capabilities(None, capabilities),
+    ) else {
+        return;
+    };
+    let Err(err) = rig.boot(rig.config(1)) else {
+        panic!("booted with a leaf configured twice");
+    };
+    let chain = crate::error_chain(&err);
+    assert!(
+        chain.contains("KVM_TDX_INIT_VM refused: CPUID 0x1.0x0 is given twice"),
+        "{chain}"
+    );
+    assert_eq!(*rig.module.commands.lock().unwrap(), 1, "KVM saw INIT_VM");
+    assert_eq!(rig.module.state(), LaunchState::Created);
+    assert!(!rig.fake_vm().launch_finished());
+    rig.assert_nothing_left();
+}
+
 /// This host has no TDX: the real hypervisor's boot stops before creating
 /// a VM, saying so.
 #[test]
@@ -486,6 +522,14 @@ fn the_tsc_is_the_vms_and_set_before_the_first_vcpu() {
             assert!(khz > 0);
             real.set_tsc_khz(khz).unwrap();
             assert_eq!(real.tsc_khz().unwrap(), khz);
+            // KVM takes the VM's frequency only while no vCPU exists.
+            let _vcpu = real.create_vcpu(0).unwrap();
+            // This host's KVM (6.18) answers EINVAL then, as the fake does.
+            let err = real.set_tsc_khz(khz).unwrap_err();
+            let hypervisor::HypervisorError::SetTscKhz(k, source) = err else {
+                panic!("{err}");
+            };
+            assert_eq!((k, source.raw_os_error()), (khz, Some(libc::EINVAL)));
         }
         Err(e) => assert!(e.to_string().contains("TSC frequency"), "{e}"),
     }
