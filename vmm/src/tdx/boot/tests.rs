@@ -537,10 +537,13 @@ fn the_tsc_is_the_vms_and_set_before_the_first_vcpu() {
 
 /// A firmware boot cold-plugs devices as a kernel boot does: a vfio-user
 /// server (in this process) becomes a PCI function of the TD, told of no
-/// page at boot (every page of a TD starts private), and is detached with
-/// the VM.
+/// page at boot (every page of a TD starts private); the TD's MapGPA
+/// (KVM's `KVM_HC_MAP_GPA_RANGE` exit, from `ScriptedVcpu` through the real
+/// vCPU loop) maps exactly the pages made shared, into the device and in
+/// KVM's attributes, and unmaps them when made private again; the device
+/// is detached with the VM.
 #[test]
-fn a_td_cold_plugs_a_vfio_user_device_that_maps_no_private_page() {
+fn a_td_cold_plugs_a_vfio_user_device_that_follows_its_conversions() {
     use crate::config::UserDeviceConfig;
     let Some(rig) = Rig::new("tdx-device.fd", None) else {
         return;
@@ -568,6 +571,53 @@ fn a_td_cold_plugs_a_vfio_user_device_that_maps_no_private_page() {
     assert!(devices[0]["bdf"].is_string(), "a PCI function: {info}");
     let maps = test_device::ask(&ctl, "maps").unwrap();
     assert_eq!(maps, "[]", "a TD's pages start private");
+
+    use arch::layout::PAGE_SIZE as PAGE;
+    use hypervisor::scripted_vcpu::{ScriptedExit, ScriptedVcpu};
+
+    use crate::test_util::conversion;
+    let base = 16 * MIB;
+    let (script, results) = ScriptedVcpu::new([
+        ScriptedExit::MapGpaRange(conversion(base, 4 * PAGE, true)),
+        ScriptedExit::MapGpaRange(conversion(base, PAGE, false)),
+    ]);
+    let (tx, events) = channel();
+    let ctx = Arc::new(crate::vcpu::VcpuContext {
+        io_bus: Arc::new(vm_device::Bus::new()),
+        mmio_bus: Arc::new(vm_device::Bus::new()),
+        conversions: Arc::new(crate::conversion_path::ConversionPath::new(
+            vm.memory().clone(),
+            Arc::new(EventMonitor::disabled()),
+        )),
+        events: GuestEvents { vm: 1, tx },
+        stop: Arc::default(),
+        pause: Arc::default(),
+        ioapic: None,
+    });
+    let mut handle = crate::vcpu::start(0, Box::new(script), ctx, None).unwrap();
+    // The script ends with a shutdown exit.
+    events
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    handle.stop();
+    assert_eq!(*results.lock().unwrap(), [0, 0], "the guest's RAX");
+    let shared = (base + PAGE, 3 * PAGE);
+    let maps: Vec<[u64; 2]> =
+        serde_json::from_str(&test_device::ask(&ctl, "maps").unwrap()).unwrap();
+    assert_eq!(
+        maps,
+        [[shared.0, shared.1]],
+        "the device maps the shared pages"
+    );
+    assert_eq!(
+        rig.fake_vm().private_ranges(),
+        [
+            (0, shared.0),
+            (shared.0 + shared.1, 64 * MIB - shared.0 - shared.1),
+            (0xffe0_0000, 0x20_0000),
+        ],
+        "KVM's attributes"
+    );
     vm.shutdown();
     assert!(vm.devices().info().is_empty(), "detached with the VM");
     drop(vm);
