@@ -33,11 +33,12 @@ pub struct Launched {
 /// The frequency a TD of a host running at `host_khz` gets: the host's,
 /// rounded to the module's 25 MHz steps, if within its range.
 pub fn td_tsc_khz(host_khz: u32) -> Result<u32, FirmwareError> {
-    let rounded = (host_khz + TSC_KHZ_STEP / 2) / TSC_KHZ_STEP * TSC_KHZ_STEP;
-    if !(TSC_KHZ_MIN..=TSC_KHZ_MAX).contains(&rounded) {
-        return Err(FirmwareError::TscOutOfRange(host_khz));
+    let step = u64::from(TSC_KHZ_STEP);
+    let rounded = (u64::from(host_khz) + step / 2) / step * step;
+    match u32::try_from(rounded) {
+        Ok(khz) if (TSC_KHZ_MIN..=TSC_KHZ_MAX).contains(&khz) => Ok(khz),
+        _ => Err(FirmwareError::TscOutOfRange(host_khz)),
     }
-    Ok(rounded)
 }
 
 /// Launches `firmware` into `vm`, whose memory `memory` has set up (RAM

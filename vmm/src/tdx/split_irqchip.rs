@@ -56,11 +56,6 @@ impl SplitIoapic {
         self.ioapic.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A redirection entry as the guest last wrote it (with Remote IRR).
-    pub fn entry(&self, pin: usize) -> Option<u64> {
-        (pin < IOAPIC_PINS).then(|| self.model().entry(pin))
-    }
-
     fn deliver(&self, deliveries: impl IntoIterator<Item = MsiRoute>) {
         for msi in deliveries {
             debug!(

@@ -477,7 +477,7 @@ fn the_td_tsc_frequency_is_the_hosts_in_the_modules_steps() {
     assert_eq!(td_tsc_khz(2_087_500).unwrap(), 2_100_000);
     assert_eq!(td_tsc_khz(TSC_KHZ_MIN).unwrap(), TSC_KHZ_MIN);
     assert_eq!(td_tsc_khz(TSC_KHZ_MAX).unwrap(), TSC_KHZ_MAX);
-    for bad in [0, 87_499, TSC_KHZ_MAX + 12_500, u32::MAX - 20_000] {
+    for bad in [0, 87_499, TSC_KHZ_MAX + 12_500, u32::MAX - 20_000, u32::MAX] {
         let err = td_tsc_khz(bad).unwrap_err();
         assert!(
             matches!(err, FirmwareError::TscOutOfRange(k) if k == bad),
