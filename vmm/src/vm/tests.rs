@@ -67,3 +67,24 @@ fn only_a_split_irqchip_gets_the_userspace_ioapic_on_the_mmio_bus() {
         }
     }
 }
+
+/// What the boot log names a firmware boot by: the platform and the image,
+/// started at the reset vector.
+#[test]
+fn a_firmware_boot_is_named_by_its_platform_and_image() {
+    use super::firmware::{Firmware, FirmwarePlatform};
+    assert_eq!(FirmwarePlatform::SevSnp.to_string(), "SEV-SNP");
+    assert_eq!(FirmwarePlatform::Tdx.to_string(), "TDX");
+    let Some(data) = crate::sev_snp::ovmf::tests::debian_ovmf() else {
+        return;
+    };
+    let firmware = Firmware {
+        platform: FirmwarePlatform::Tdx,
+        image: crate::sev_snp::ovmf::OvmfImage::parse(data).unwrap(),
+        path: "/fw/OVMF.fd".into(),
+    };
+    assert_eq!(
+        firmware.to_string(),
+        "TDX firmware /fw/OVMF.fd at 0xfffffff0"
+    );
+}
