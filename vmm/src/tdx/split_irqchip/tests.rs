@@ -231,3 +231,146 @@ fn the_pins_routes_reach_kvm_and_interrupts_go_out_as_msis() {
     );
     assert!(router.routes().is_empty());
 }
+
+/// Port `port` of the test guest: runs `f` on the vCPU thread.
+struct Port(Box<dyn Fn() + Send + Sync>);
+
+impl BusDevice for Port {
+    fn read(&self, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&self, _: u64, _: &[u8]) {
+        (self.0)()
+    }
+}
+
+/// The whole split irqchip on real KVM: a real-mode guest programs pin 5
+/// of the userspace IOAPIC through the MMIO bus (level-triggered, vector
+/// 0x40), a device asserts the pin, the IOAPIC's MSI reaches the guest
+/// through KVM's LAPIC, the guest's handler lowers the line (through a
+/// port) and EOIs, and KVM's `KVM_EXIT_IOAPIC_EOI` through the real vCPU
+/// loop clears Remote IRR.
+#[test]
+fn a_real_guest_programs_the_ioapic_takes_its_interrupt_and_eois_it() {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use crate::memory::{MemoryLayout, MemoryManager};
+
+    let Some(kvm) = crate::test_util::kvm() else {
+        return;
+    };
+    let vm = kvm.create_split_irqchip_vm().unwrap();
+    let memory =
+        Arc::new(MemoryManager::new(vm.clone(), 16 << 20, MemoryLayout::Anonymous).unwrap());
+    let ram = memory.guest_memory();
+    // Vector 0x40: the handler at 0x2000.
+    ram.write_slice(&[0x00, 0x20, 0x00, 0x00], GuestAddress(0x40 * 4))
+        .unwrap();
+    // out 0x40 (the device lowers the line), EOI (a 32-bit write of 0 to
+    // ES:0xb0, ES at the LAPIC), hlt.
+    ram.write_slice(
+        &[
+            0xe6, 0x40, 0x26, 0x66, 0xc7, 0x06, 0xb0, 0x00, 0x00, 0x00, 0x00, 0x00, 0xf4,
+        ],
+        GuestAddress(0x2000),
+    )
+    .unwrap();
+    // Enable the LAPIC (SVR at ES:0xf0); pin 5's entry through IOREGSEL
+    // (DS:0x00) and IOWIN (DS:0x10), DS at the IOAPIC: the high half
+    // (destination APIC 0), then the low (level, vector 0x40); out 0x10
+    // (the device raises the line); sti; hlt.
+    let mov_ds = |offset: u8, value: u32| {
+        let mut op = vec![0x66, 0xc7, 0x06, offset, 0x00];
+        op.extend_from_slice(&value.to_le_bytes());
+        op
+    };
+    let mut code = vec![0x26];
+    code.extend(mov_ds(0xf0, 0x1ff));
+    code.extend(mov_ds(0x00, 0x10 + 2 * 5 + 1));
+    code.extend(mov_ds(0x10, 0));
+    code.extend(mov_ds(0x00, 0x10 + 2 * 5));
+    code.extend(mov_ds(0x10, 0x8040));
+    code.extend([0xe6, 0x10, 0xfb, 0xf4]);
+    ram.write_slice(&code, GuestAddress(0x1000)).unwrap();
+
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    for segment in [&mut sregs.cs, &mut sregs.ss] {
+        segment.base = 0;
+        segment.selector = 0;
+    }
+    sregs.ds.base = BASE;
+    sregs.es.base = 0xfee0_0000;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = 0x1000;
+    regs.rsp = 0x8000;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+
+    let ioapic = Arc::new(SplitIoapic::for_vm(
+        vm.clone(),
+        Some(Arc::new(
+            crate::device_manager::pci_segment::MsiRouter::new(vm.clone()),
+        )),
+    ));
+    let mmio_bus = Arc::new(Bus::new());
+    mmio_bus
+        .insert(ioapic.clone(), BASE, ::arch::layout::PAGE_SIZE)
+        .unwrap();
+    let io_bus = Arc::new(Bus::new());
+    let raise = ioapic.clone();
+    io_bus
+        .insert(
+            Arc::new(Port(Box::new(move || raise.set_irq(5, true).unwrap()))),
+            0x10,
+            1,
+        )
+        .unwrap();
+    let (handled_tx, handled) = channel();
+    let handled_tx = Mutex::new(handled_tx);
+    let lower = ioapic.clone();
+    let bus = mmio_bus.clone();
+    io_bus
+        .insert(
+            Arc::new(Port(Box::new(move || {
+                // In the handler, before its EOI: Remote IRR is set.
+                let irr = low_dword(&bus, 5) & IRR;
+                lower.set_irq(5, false).unwrap();
+                let _ = handled_tx.lock().unwrap().send(irr);
+            }))),
+            0x40,
+            1,
+        )
+        .unwrap();
+    let (tx, _events) = channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ctx = Arc::new(crate::vcpu::VcpuContext {
+        io_bus,
+        mmio_bus: mmio_bus.clone(),
+        conversions: Arc::new(crate::conversion_path::ConversionPath::new(
+            memory.clone(),
+            Arc::new(crate::event_monitor::EventMonitor::disabled()),
+        )),
+        events: GuestEvents { vm: 1, tx },
+        stop: stop.clone(),
+        pause: Arc::default(),
+        ioapic: Some(ioapic.clone()),
+    });
+    let mut handle = crate::vcpu::start(0, vcpu, ctx, None).unwrap();
+    let irr = handled.recv_timeout(std::time::Duration::from_secs(10));
+    let cleared = irr.is_ok()
+        && (0..1000).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            low_dword(&mmio_bus, 5) & IRR == 0
+        });
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    handle.stop();
+    assert_eq!(irr, Ok(IRR), "the guest took the interrupt, Remote IRR set");
+    assert!(cleared, "the EOI exit cleared Remote IRR");
+    assert_eq!(
+        low_dword(&mmio_bus, 5),
+        0x8040,
+        "the guest's entry, unmasked"
+    );
+}
