@@ -17,6 +17,8 @@ pub const UNANSWERED: u64 = 0x5c21_7ed0_dead_beef;
 pub enum ScriptedExit {
     MapGpaRange(MemoryConversion),
     MemoryFault(MemoryConversion),
+    /// `KVM_EXIT_IOAPIC_EOI` of this vector.
+    IoapicEoi(u8),
 }
 
 pub struct ScriptedVcpu {
@@ -100,6 +102,7 @@ impl Vcpu for ScriptedVcpu {
                 }
             }
             Some(ScriptedExit::MemoryFault(conversion)) => VmExit::MemoryFault(conversion),
+            Some(ScriptedExit::IoapicEoi(vector)) => VmExit::IoapicEoi(vector),
             None => VmExit::Shutdown,
         })
     }
