@@ -715,6 +715,53 @@ fn a_cut_off_vfio_user_connection_reports_why_and_maps_nothing_more() {
     assert!(device_maps(&ctl).is_empty());
 }
 
+/// The PCI model's calls reach the server through the adapter: a trapped
+/// region write reads back, the mmappable scratch page is mapped, and a
+/// reset takes back the interrupts the server was given.
+#[test]
+fn the_adapter_passes_region_writes_mmap_areas_and_reset_to_the_server() {
+    use pci::VfioOps;
+    use std::os::fd::AsRawFd;
+    let Some(memory) = memory() else { return };
+    let (socket, ctl) = in_process_test_device("ops", false);
+    let ram = Arc::new(GuestRam::new(&memory));
+    let dma = VfioUserDma::connect(&socket, ram, Duration::from_secs(5), DmaMode::Fd).unwrap();
+    let (bar0, msix) = (0, 2);
+    let at = test_device::pci::SCRATCH_OFFSET + 8;
+    dma.region_write(bar0, at, &[1, 2, 3, 4]).unwrap();
+    let mut back = [0u8; 4];
+    dma.region_read(bar0, at, &mut back).unwrap();
+    assert_eq!(back, [1, 2, 3, 4]);
+
+    let areas = dma.map_region_areas(bar0).unwrap();
+    let offered: Vec<(u64, u64)> = areas.iter().map(|a| (a.offset, a.size)).collect();
+    assert_eq!(
+        offered,
+        [(
+            test_device::pci::SCRATCH_OFFSET,
+            test_device::pci::SCRATCH_SIZE
+        )]
+    );
+    // SAFETY: the area is the server's scratch page, mapped read-write for
+    // as long as `dma` lives; a 4-byte read at an offset inside it.
+    let mapped = unsafe { std::ptr::read_volatile((areas[0].host + 8) as *const [u8; 4]) };
+    assert_eq!(mapped, [1, 2, 3, 4], "the mapping is the server's page");
+
+    let vectors: Vec<vmm_sys_util::eventfd::EventFd> = (0..test_device::pci::MSIX_VECTORS)
+        .map(|_| vmm_sys_util::eventfd::EventFd::new(0).unwrap())
+        .collect();
+    let fds: Vec<_> = vectors.iter().map(|e| e.as_raw_fd()).collect();
+    dma.set_irq_eventfds(msix, &fds).unwrap();
+    let msix_fds = || -> serde_json::Value {
+        let engine: serde_json::Value =
+            serde_json::from_str(&test_device::ask(&ctl, "engine").unwrap()).unwrap();
+        engine["msix_fds"].clone()
+    };
+    assert_eq!(msix_fds(), test_device::pci::MSIX_VECTORS);
+    dma.reset().unwrap();
+    assert_eq!(msix_fds(), 0, "a reset takes the interrupts back");
+}
+
 #[test]
 fn a_vfio_user_server_that_is_no_pci_function_is_a_dma_target_only() {
     let Some(f) = with_vfio_user_server("dma", true, 8 << 10, UserDeviceConfig::default()) else {
