@@ -27,7 +27,9 @@ if [ ${#files[@]} -eq 0 ]; then
         vmm/src/memory/ram_block_attribute.rs
         vmm/src/memory/shared_bitmap.rs
         vmm/src/memory/conversion.rs
-        vmm/src/device_manager/vfio_user_client.rs
+        vmm/src/memory/transaction.rs
+        vm-device/src/dma_listener/batch.rs
+        vfio-user-client/src/batch.rs
     )
 fi
 

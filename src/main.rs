@@ -198,9 +198,10 @@ fn firmware_launch(cli: &Cli) -> Result<Option<VmConfig>, String> {
     if cli.kernel.is_some() {
         return Err(CliError::KernelAndFirmware.to_string());
     }
+    // Devices are cold-plugged as for a kernel boot: the PCI segment, its
+    // BAR windows (which the TD HOB describes as MMIO) and the devices'
+    // DMA listeners do not depend on what the vCPUs start.
     for (option, given) in [
-        ("--device", !cli.device.is_empty()),
-        ("--user-device", !cli.user_device.is_empty()),
         ("--initramfs", cli.initramfs.is_some()),
         ("--cmdline", cli.cmdline.is_some()),
     ] {
@@ -213,27 +214,24 @@ fn firmware_launch(cli: &Cli) -> Result<Option<VmConfig>, String> {
         .clone()
         .unwrap_or_else(|| MemoryConfig::parse("size=512M").expect("valid default"));
     let cpus = cli.cpus.clone().unwrap_or_default();
-    if platform.tdx {
-        if cli.measure {
-            let measured = vmm::tdx::measure_firmware(firmware, memory.size, cpus.boot)
-                .map_err(|e| error_chain(&e))?;
-            println!("{}", measured.to_json());
-            return Ok(None);
-        }
-        let hypervisor = hypervisor::KvmHypervisor::new().map_err(|e| error_chain(&e))?;
-        return vmm::tdx::boot_firmware(&hypervisor, firmware, memory.size, cpus.boot)
-            .map(|()| None)
-            .map_err(|e| error_chain(&e));
-    }
     if cli.measure {
         if cli.api_socket.is_some() {
             return Err(CliError::NotWithFirmware("--api-socket").to_string());
         }
-        let measured = vmm::sev_snp::measure_firmware(firmware, memory.size, &platform, cpus.boot)
-            .map_err(|e| error_chain(&e))?;
-        println!("{}", measured.to_json());
+        let json = if platform.tdx {
+            vmm::tdx::measure_firmware(firmware, memory.size, cpus.boot)
+                .map_err(|e| error_chain(&e))?
+                .to_json()
+        } else {
+            vmm::sev_snp::measure_firmware(firmware, memory.size, &platform, cpus.boot)
+                .map_err(|e| error_chain(&e))?
+                .to_json()
+        };
+        println!("{json}");
         return Ok(None);
     }
+    // Either platform boots through the VM build, which launches the
+    // firmware (or says why this host cannot).
     Ok(Some(
         VmConfig {
             kernel: PathBuf::new(),
@@ -244,8 +242,8 @@ fn firmware_launch(cli: &Cli) -> Result<Option<VmConfig>, String> {
             platform,
             cpus,
             serial: cli.serial.clone().unwrap_or(ConsoleOutput::Tty),
-            devices: Vec::new(),
-            user_devices: Vec::new(),
+            devices: cli.device.clone(),
+            user_devices: cli.user_device.clone(),
         }
         .normalized(),
     ))

@@ -35,10 +35,7 @@ fn boot(dir: &TempDir, lists: &[&str], extra: &[&str]) -> (GuestVmm, std::path::
 
 #[test]
 fn shared_ranges_match_the_guests_ops() {
-    if !kvm_available("shared_ranges_match_the_guests_ops") {
-        return;
-    }
-    let dir = TempDir::new("api-ranges");
+    let dir = kvm_test!("api-ranges");
     let (mut vmm, socket) = boot(&dir, &[OPS], &[]);
     assert_eq!(
         vmm.wait_for_line("memconv: done"),
@@ -134,10 +131,7 @@ fn shared_ranges_match_the_guests_ops() {
 
 #[test]
 fn four_vcpus_convert_concurrently() {
-    if !kvm_available("four_vcpus_convert_concurrently") {
-        return;
-    }
-    let dir = TempDir::new("api-smp");
+    let dir = kvm_test!("api-smp");
     let lists = [
         "shared@0x1000000+1M,private@0x1010000+64K",
         "shared@0x2000000+1M,private@0x2000000+4K",
@@ -174,10 +168,7 @@ fn four_vcpus_convert_concurrently() {
 
 #[test]
 fn bad_requests_get_json_errors_and_leave_state_alone() {
-    if !kvm_available("bad_requests_get_json_errors_and_leave_state_alone") {
-        return;
-    }
-    let dir = TempDir::new("api-bad");
+    let dir = kvm_test!("api-bad");
     let (mut vmm, socket) = boot(&dir, &[OPS], &[]);
     vmm.wait_for_line("memconv: done");
     let (_, before) = get(&socket, "vm.memory-attributes");
@@ -276,10 +267,7 @@ fn bad_requests_get_json_errors_and_leave_state_alone() {
 
 #[test]
 fn event_monitor_streams_boot_conversions_and_shutdown() {
-    if !kvm_available("event_monitor_streams_boot_conversions_and_shutdown") {
-        return;
-    }
-    let dir = TempDir::new("events");
+    let dir = kvm_test!("events");
     let events = dir.path("events.jsonl");
     let monitor = format!("path={}", events.display());
     let guest = memconv_guest(
@@ -338,25 +326,13 @@ fn event_monitor_streams_boot_conversions_and_shutdown() {
 
 #[test]
 fn ram_above_the_mmio_hole_and_hole_spanning_requests() {
-    if !kvm_available("ram_above_the_mmio_hole_and_hole_spanning_requests") {
-        return;
-    }
-    let dir = TempDir::new("api-hole");
+    let dir = kvm_test!("api-hole");
     let guest = memconv_guest(
         &dir,
         &["shared@0xbfffe000+4K,shared@0xbffff000+8K,shared@0x100000000+8K"],
         false,
     );
-    let socket = dir.path("api.sock");
-    let vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=4G,guest_memfd=on",
-            "--api-socket",
-            socket.to_str().unwrap(),
-        ],
-    );
+    let (vmm, socket) = spawn_sized_with_api(&dir, &guest, "size=4G,guest_memfd=on", &[]);
     wait_for_socket(&socket);
     assert_eq!(
         vmm.wait_for_line("memconv: done"),

@@ -6,10 +6,7 @@ use common::*;
 
 #[test]
 fn memconv_guest_reports_every_op_on_guest_memfd() {
-    if !kvm_available("memconv_guest_reports_every_op_on_guest_memfd") {
-        return;
-    }
-    let dir = TempDir::new("boot");
+    let dir = kvm_test!("boot");
     let guest = memconv_guest(
         &dir,
         &["shared@0x1000000+16K,private@0x1001000+4K,write@0x1000000+64=0x5a,nop@0+0"],
@@ -43,10 +40,7 @@ fn memconv_guest_reports_every_op_on_guest_memfd() {
 
 #[test]
 fn bad_conversions_get_an_error_status_and_the_vmm_keeps_running() {
-    if !kvm_available("bad_conversions_get_an_error_status_and_the_vmm_keeps_running") {
-        return;
-    }
-    let dir = TempDir::new("badconv");
+    let dir = kvm_test!("badconv");
     let ops = [
         "shared@0x1000001+4K",          // unaligned GPA
         "shared@0x1000000+0",           // zero size
@@ -90,10 +84,7 @@ fn bad_conversions_get_an_error_status_and_the_vmm_keeps_running() {
 
 #[test]
 fn anonymous_memory_refuses_conversions() {
-    if !kvm_available("anonymous_memory_refuses_conversions") {
-        return;
-    }
-    let dir = TempDir::new("anon");
+    let dir = kvm_test!("anon");
     let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], true);
     let mut vmm = GuestVmm::spawn(&guest, &["--memory", "size=64M"]);
     assert_eq!(
@@ -109,10 +100,7 @@ fn anonymous_memory_refuses_conversions() {
 
 #[test]
 fn split_layout_boots_and_converts() {
-    if !kvm_available("split_layout_boots_and_converts") {
-        return;
-    }
-    let dir = TempDir::new("split");
+    let dir = kvm_test!("split");
     let guest = memconv_guest(&dir, &["shared@0x1000000+64K,private@0x1000000+64K"], true);
     let mut vmm = GuestVmm::spawn(
         &guest,
@@ -128,47 +116,28 @@ fn split_layout_boots_and_converts() {
 
 #[test]
 fn serial_to_file_and_off() {
-    if !kvm_available("serial_to_file_and_off") {
-        return;
-    }
-    let dir = TempDir::new("serial");
+    let dir = kvm_test!("serial");
     let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], true);
     let console = dir.path("console.txt");
     let serial = format!("file={}", console.display());
-    let (status, stdout, _) = run_vmm(&[
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--memory",
-        "size=32M,guest_memfd=on",
-        "--serial",
-        &serial,
-    ]);
+    // The guest run to the end with this memory and serial console.
+    let run_with = |memory: &str, serial: &str| {
+        let guest = guest.to_str().unwrap();
+        run_vmm(&["--kernel", guest, "--memory", memory, "--serial", serial])
+    };
+    let (status, stdout, _) = run_with("size=32M,guest_memfd=on", &serial);
     assert!(status.success());
     assert!(stdout.is_empty());
     let text = std::fs::read_to_string(&console).unwrap();
     assert!(text.contains("memconv: done 1 ok 0 failed"), "{text}");
     // A kernel pseudo-file is refused before the VM runs, under seccomp.
-    let (status, _, stderr) = run_vmm(&[
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--memory",
-        "size=32M,guest_memfd=on",
-        "--serial",
-        "file=/proc/self/comm",
-    ]);
+    let (status, _, stderr) = run_with("size=32M,guest_memfd=on", "file=/proc/self/comm");
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("a procfs or sysfs file takes no console output"),
         "{stderr}"
     );
-    let (status, stdout, _) = run_vmm(&[
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--memory",
-        "size=32M",
-        "--serial",
-        "off",
-    ]);
+    let (status, stdout, _) = run_with("size=32M", "off");
     assert!(status.success());
     assert!(stdout.is_empty());
 }
@@ -233,10 +202,7 @@ fn bad_command_lines_fail_with_clear_errors() {
 /// default type, whose VMs track no memory attributes).
 #[test]
 fn platform_selects_the_vm_type_or_says_what_the_host_offers() {
-    if !kvm_available("platform_selects_the_vm_type_or_says_what_the_host_offers") {
-        return;
-    }
-    let dir = TempDir::new("platform");
+    let dir = kvm_test!("platform");
     let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], true);
     let g = guest.to_str().unwrap();
     let (status, caps, _) = run_vmm(&["--capabilities"]);
@@ -292,10 +258,7 @@ fn platform_selects_the_vm_type_or_says_what_the_host_offers() {
 /// hot-plug, with the VMM still serving after the hot-plug refusal.
 #[test]
 fn vfio_devices_name_the_kernel_interface_this_host_lacks() {
-    if !kvm_available("vfio_devices_name_the_kernel_interface_this_host_lacks") {
-        return;
-    }
-    let dir = TempDir::new("vfio");
+    let dir = kvm_test!("vfio");
     let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], true);
     let g = guest.to_str().unwrap();
     let path = "path=/sys/bus/pci/devices/0000:00:01.0/";
@@ -346,10 +309,7 @@ fn vfio_devices_name_the_kernel_interface_this_host_lacks() {
 /// effect here, boots as written.
 #[test]
 fn a_cloud_hypervisor_command_line_boots_as_written() {
-    if !kvm_available("a_cloud_hypervisor_command_line_boots_as_written") {
-        return;
-    }
-    let dir = TempDir::new("chcli");
+    let dir = kvm_test!("chcli");
     let guest = memconv_guest(&dir, &["shared@0x1000000+4K"], true);
     let (status, stdout, stderr) = run_vmm(&[
         "--cpus",
@@ -379,9 +339,7 @@ fn a_cloud_hypervisor_command_line_boots_as_written() {
 /// the guest never waits for a reader. Seccomp filters are on.
 #[test]
 fn the_serial_console_on_a_pty_and_on_a_socket() {
-    if !kvm_available("the_serial_console_on_a_pty_and_on_a_socket") {
-        return;
-    }
+    kvm_test!();
     use std::io::{BufRead, BufReader};
     const A: u64 = 16 << 20;
     let flag = A + 0x8000;
@@ -394,9 +352,9 @@ fn the_serial_console_on_a_pty_and_on_a_socket() {
         let socket = dir.path("console.sock");
         let serial = match kind {
             "pty" => "pty".to_string(),
-            _ => format!("socket={}", socket.display()),
+            _ => user_device(&socket, ""),
         };
-        let user_device = format!("socket={},id=dev0", device.socket.display());
+        let user_device = user_device(&device.socket, ",id=dev0");
         let (vmm, api) = spawn_with_api(
             &dir,
             &guest,

@@ -25,10 +25,7 @@ fn wait_for_shared(api: &std::path::Path, expected: &[(u64, u64)]) {
 
 #[test]
 fn vfio_user_device_follows_every_conversion() {
-    if !kvm_available("vfio_user_device_follows_every_conversion") {
-        return;
-    }
-    let dir = TempDir::new("devfollow");
+    let dir = kvm_test!("devfollow");
     let device = TestDevice::spawn(&dir, "dev0");
     let ops = [
         format!("shared@{A:#x}+64K"),
@@ -41,7 +38,7 @@ fn vfio_user_device_follows_every_conversion() {
         format!("private@{B:#x}+8K"),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let user_device = format!("socket={},id=dev0", device.socket.display());
+    let user_device = user_device(&device.socket, ",id=dev0");
     let (vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
     wait_for_socket(&api);
 
@@ -84,10 +81,7 @@ fn vfio_user_device_follows_every_conversion() {
 
 #[test]
 fn hot_added_device_gets_the_shared_runs_and_removal_unmaps_them() {
-    if !kvm_available("hot_added_device_gets_the_shared_runs_and_removal_unmaps_them") {
-        return;
-    }
-    let dir = TempDir::new("devhotplug");
+    let dir = kvm_test!("devhotplug");
     let ops = format!(
         "shared@{A:#x}+64K,private@{:#x}+4K,shared@{:#x}+2M,write@{:#x}+4K=0x3c",
         A + 0x2000,
@@ -112,7 +106,7 @@ fn hot_added_device_gets_the_shared_runs_and_removal_unmaps_them() {
     );
 
     let device = TestDevice::spawn(&dir, "late");
-    let config = format!("socket={},id=late", device.socket.display());
+    let config = user_device(&device.socket, ",id=late");
     let (ok, out, err) = ch_remote(&api, &["add-user-device", &config]);
     assert!(ok, "add-user-device failed: {err}");
     let added: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -153,22 +147,12 @@ fn hot_added_device_gets_the_shared_runs_and_removal_unmaps_them() {
 
 #[test]
 fn a_device_that_refuses_a_map_fails_the_conversion_and_the_vm_runs_on() {
-    if !kvm_available("a_device_that_refuses_a_map_fails_the_conversion_and_the_vm_runs_on") {
-        return;
-    }
-    let dir = TempDir::new("devrefuse");
+    let dir = kvm_test!("devrefuse");
     let device = TestDevice::spawn(&dir, "picky");
     assert_eq!(device.command("refuse 1"), "ok");
     let ops = format!("shared@{A:#x}+8K,shared@{A:#x}+8K,shared@{B:#x}+4K");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let (vmm, api) = spawn_with_api(
-        &dir,
-        &guest,
-        &[
-            "--user-device",
-            &format!("socket={}", device.socket.display()),
-        ],
-    );
+    let (vmm, api) = spawn_with_devices(&dir, &guest, &[(&device.socket, "")], &[]);
     assert_eq!(
         vmm.wait_for_line("memconv: done"),
         "memconv: done 2 ok 1 failed"
@@ -186,27 +170,21 @@ fn a_device_that_refuses_a_map_fails_the_conversion_and_the_vm_runs_on() {
 
 #[test]
 fn a_killed_device_is_failed_and_detached_and_conversions_go_on() {
-    if !kvm_available("a_killed_device_is_failed_and_detached_and_conversions_go_on") {
-        return;
-    }
-    let dir = TempDir::new("devkilled");
+    let dir = kvm_test!("devkilled");
     let mut victim = TestDevice::spawn(&dir, "victim");
     let releaser = TestDevice::spawn(&dir, "releaser");
     // The releaser's DMA write lets the guest go on after the victim died.
     let ops = format!("shared@{A:#x}+64K,wait@{FLAG:#x}+1=1,shared@{B:#x}+4K,private@{A:#x}+4K");
     let guest = memconv_guest(&dir, &[&ops], false);
     let events = dir.path("events.jsonl");
-    let (vmm, api) = spawn_with_api(
+    let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
         &[
-            "--user-device",
-            &format!("socket={},id=victim", victim.socket.display()),
-            "--user-device",
-            &format!("socket={},id=releaser", releaser.socket.display()),
-            "--event-monitor",
-            &format!("path={}", events.display()),
+            (&victim.socket, ",id=victim"),
+            (&releaser.socket, ",id=releaser"),
         ],
+        &["--event-monitor", &format!("path={}", events.display())],
     );
     wait_for_socket(&api);
     wait_for_shared(&api, &[(A, 0x10000)]);

@@ -91,17 +91,22 @@ fn bin_dir() -> &'static Path {
     Path::new(CLOUD_HYPERVISOR).parent().unwrap()
 }
 
-#[test]
-fn the_readme_runs_as_written() {
-    if !kvm_available("the_readme_runs_as_written") {
-        return;
-    }
-    let dir = TempDir::new("doc-readme");
+/// Runs the shell blocks of the document `name` (its Markdown `doc`) in
+/// `dir`, within `timeout`; fails with the script and its output unless
+/// it succeeds, else returns its stdout and stderr.
+fn runs_as_written(name: &str, doc: &str, dir: &TempDir, timeout: Duration) -> (String, String) {
     let tmp = dir.path("tmp");
     std::fs::create_dir(&tmp).unwrap();
-    let text = script(include_str!("../README.md"), bin_dir(), &tmp);
-    let (ok, out, err) = run(&text, &dir, TIMEOUT * 2);
-    assert!(ok, "README failed:\n{text}\nstdout:\n{out}\nstderr:\n{err}");
+    let text = script(doc, bin_dir(), &tmp);
+    let (ok, out, err) = run(&text, dir, timeout);
+    assert!(ok, "{name} failed:\n{text}\nstdout:\n{out}\nstderr:\n{err}");
+    (out, err)
+}
+
+#[test]
+fn the_readme_runs_as_written() {
+    let dir = kvm_test!("doc-readme");
+    let (out, _) = runs_as_written("README", include_str!("../README.md"), &dir, TIMEOUT * 2);
     // The first block's guest powered off after its ops; the second's
     // device was given exactly the guest's shared pages.
     assert!(out.contains("memconv: done 3 ok 1 failed"), "{out}");
@@ -115,18 +120,9 @@ fn the_readme_runs_as_written() {
 
 #[test]
 fn the_user_guide_runs_as_written() {
-    if !kvm_available("the_user_guide_runs_as_written") {
-        return;
-    }
-    let dir = TempDir::new("doc-guide");
-    let tmp = dir.path("tmp");
-    std::fs::create_dir(&tmp).unwrap();
-    let text = script(include_str!("../docs/user-guide.md"), bin_dir(), &tmp);
-    let (ok, out, err) = run(&text, &dir, TIMEOUT * 3);
-    assert!(
-        ok,
-        "user guide failed:\n{text}\nstdout:\n{out}\nstderr:\n{err}"
-    );
+    let dir = kvm_test!("doc-guide");
+    let guide = include_str!("../docs/user-guide.md");
+    let (out, err) = runs_as_written("user guide", guide, &dir, TIMEOUT * 3);
     // Section 1's guest, section 2's device maps, the DMA guest, section
     // 4's events, section 8's lifecycle states.
     for expected in [

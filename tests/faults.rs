@@ -9,7 +9,7 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +21,27 @@ const MIB: u64 = 1 << 20;
 const A: u64 = 16 * MIB;
 const B: u64 = 17 * MIB;
 const FLAG: u64 = A + 0xf000;
+
+/// A device `dev0` and the VMM (256 MiB, API socket) with a guest running
+/// `ops` (no power-off) and that device; the API socket is up.
+fn with_one_device(dir: &TempDir, ops: &str) -> (TestDevice, GuestVmm, PathBuf) {
+    let device = TestDevice::spawn(dir, "dev0");
+    let guest = memconv_guest(dir, &[ops], false);
+    let (vmm, api) = spawn_with_devices(dir, &guest, &[(&device.socket, ",id=dev0")], &[]);
+    wait_for_socket(&api);
+    (device, vmm, api)
+}
+
+/// 1200 conversions: 600 times a page to shared and back, over 16 pages.
+fn churn() -> String {
+    let mut ops = Vec::new();
+    for i in 0..600u64 {
+        let page = A + (i % 16) * 0x1000;
+        ops.push(format!("shared@{page:#x}+4K"));
+        ops.push(format!("private@{page:#x}+4K"));
+    }
+    ops.join(",")
+}
 
 /// Wall time of one GET, with its status.
 fn timed_get(api: &Path, path: &str) -> (u16, Duration) {
@@ -54,32 +75,21 @@ fn device_info(api: &Path) -> serde_json::Value {
 
 #[test]
 fn a_stopped_device_is_cut_off_and_never_keeps_a_page_the_guest_made_private() {
-    if !kvm_available("a_stopped_device_is_cut_off") {
-        return;
-    }
-    let dir = TempDir::new("stopped");
+    let dir = kvm_test!("stopped");
     let victim = TestDevice::spawn(&dir, "victim");
     let releaser = TestDevice::spawn(&dir, "releaser");
     let ops = format!(
         "shared@{A:#x}+64K,wait@{FLAG:#x}+1=1,shared@{B:#x}+16K,private@{B:#x}+8K,private@{A:#x}+4K,wait@{FLAG:#x}+1=2"
     );
     let guest = memconv_guest(&dir, &[&ops], false);
-    let api = dir.path("api.sock");
-    let vmm = GuestVmm::spawn(
+    let (vmm, api) = spawn_with_devices(
+        &dir,
         &guest,
         &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--user-device",
-            &format!(
-                "socket={},id=victim,timeout_ms=1500",
-                victim.socket.display()
-            ),
-            "--user-device",
-            &format!("socket={},id=releaser", releaser.socket.display()),
-            "--api-socket",
-            api.to_str().unwrap(),
+            (&victim.socket, ",id=victim,timeout_ms=1500"),
+            (&releaser.socket, ",id=releaser"),
         ],
+        &[],
     );
     wait_for_socket(&api);
     assert!(wait_until(|| vmm_shared_ranges(&api) == [(A, 0x10000)]));
@@ -122,27 +132,15 @@ fn a_stopped_device_is_cut_off_and_never_keeps_a_page_the_guest_made_private() {
 
 #[test]
 fn sigterm_under_api_load_completes() {
-    if !kvm_available("sigterm_under_api_load_completes") {
-        return;
-    }
+    kvm_test!();
     for (round, signal) in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP]
         .into_iter()
         .enumerate()
     {
         let dir = TempDir::new("sigload");
-        let device = TestDevice::spawn(&dir, "dev0");
         // The guest shares a page, then spins until the VMM goes.
         let ops = format!("shared@{A:#x}+64K,wait@{FLAG:#x}+1=1");
-        let guest = memconv_guest(&dir, &[&ops], false);
-        let (mut vmm, api) = spawn_with_api(
-            &dir,
-            &guest,
-            &[
-                "--user-device",
-                &format!("socket={},id=dev0", device.socket.display()),
-            ],
-        );
-        wait_for_socket(&api);
+        let (device, mut vmm, api) = with_one_device(&dir, &ops);
         assert!(wait_until(|| device.mapped() == [(A, 0x10000)]));
         let stop = Arc::new(AtomicBool::new(false));
         let answered = Arc::new(AtomicUsize::new(0));
@@ -187,30 +185,19 @@ fn sigterm_under_api_load_completes() {
 
 #[test]
 fn shutdown_with_a_stopped_device_takes_one_timeout() {
-    if !kvm_available("shutdown_with_a_stopped_device_takes_one_timeout") {
-        return;
-    }
-    let dir = TempDir::new("stopshut");
+    let dir = kvm_test!("stopshut");
     let stuck = TestDevice::spawn(&dir, "stuck");
     let also_stuck = TestDevice::spawn(&dir, "stuck2");
     let ops = format!("shared@{A:#x}+64K,wait@{FLAG:#x}+1=1");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let api = dir.path("api.sock");
-    let mut vmm = GuestVmm::spawn(
+    let (mut vmm, api) = spawn_with_devices(
+        &dir,
         &guest,
         &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--user-device",
-            &format!("socket={},id=a,timeout_ms=1000", stuck.socket.display()),
-            "--user-device",
-            &format!(
-                "socket={},id=b,timeout_ms=1000",
-                also_stuck.socket.display()
-            ),
-            "--api-socket",
-            api.to_str().unwrap(),
+            (&stuck.socket, ",id=a,timeout_ms=1000"),
+            (&also_stuck.socket, ",id=b,timeout_ms=1000"),
         ],
+        &[],
     );
     wait_for_socket(&api);
     assert!(wait_until(|| stuck.mapped() == [(A, 0x10000)]));
@@ -238,22 +225,9 @@ fn shutdown_with_a_stopped_device_takes_one_timeout() {
 
 #[test]
 fn usr1_is_ignored_and_sighup_shuts_down_cleanly() {
-    if !kvm_available("usr1_is_ignored_and_sighup_shuts_down_cleanly") {
-        return;
-    }
-    let dir = TempDir::new("usr1");
-    let device = TestDevice::spawn(&dir, "dev0");
+    let dir = kvm_test!("usr1");
     let ops = format!("shared@{A:#x}+8K,wait@{FLAG:#x}+1=1");
-    let guest = memconv_guest(&dir, &[&ops], false);
-    let (mut vmm, api) = spawn_with_api(
-        &dir,
-        &guest,
-        &[
-            "--user-device",
-            &format!("socket={},id=dev0", device.socket.display()),
-        ],
-    );
-    wait_for_socket(&api);
+    let (device, mut vmm, api) = with_one_device(&dir, &ops);
     assert!(wait_until(|| device.mapped() == [(A, 0x2000)]));
     vmm.signal(libc::SIGUSR1);
     vmm.signal(libc::SIGUSR2);
@@ -351,22 +325,12 @@ impl ScriptedServer {
 
 #[test]
 fn server_dma_read_and_write_reach_only_mapped_pages_and_keep_the_connection() {
-    if !kvm_available("server_dma_read_and_write") {
-        return;
-    }
-    let dir = TempDir::new("dmarw");
+    let dir = kvm_test!("dmarw");
     let socket = dir.path("scripted.sock");
     let server = ScriptedServer::start(&socket);
     let ops = format!("shared@{A:#x}+4K,write@{A:#x}+16=0x5a,shared@{B:#x}+4K,private@{A:#x}+4K");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let (vmm, api) = spawn_with_api(
-        &dir,
-        &guest,
-        &[
-            "--user-device",
-            &format!("socket={},id=scripted", socket.display()),
-        ],
-    );
+    let (vmm, api) = spawn_with_devices(&dir, &guest, &[(&socket, ",id=scripted")], &[]);
     vmm.wait_for_line("memconv: done 4 ok 0 failed");
     let log = server.log();
     assert_eq!(log[0], format!("map {A:#x}+0x1000"));
@@ -388,26 +352,14 @@ fn server_dma_read_and_write_reach_only_mapped_pages_and_keep_the_connection() {
 
 #[test]
 fn attaching_to_a_hung_server_blocks_no_other_request() {
-    if !kvm_available("attaching_to_a_hung_server_blocks_no_other_request") {
-        return;
-    }
-    let dir = TempDir::new("hungadd");
+    let dir = kvm_test!("hungadd");
     let hung = dir.path("hung.sock");
     // Accepts, then never answers.
     let listener = UnixListener::bind(&hung).unwrap();
     let holder = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
     let ops = format!("wait@{FLAG:#x}+1=1");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let api = dir.path("api.sock");
-    let _vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=256M,guest_memfd=on",
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let (_vmm, api) = spawn_with_api(&dir, &guest, &[]);
     wait_for_socket(&api);
     let adder = {
         let (api, hung) = (api.clone(), hung.clone());
@@ -417,7 +369,7 @@ fn attaching_to_a_hung_server_blocks_no_other_request() {
                 &api,
                 &[
                     "add-user-device",
-                    &format!("socket={},id=hung,timeout_ms=1500", hung.display()),
+                    &user_device(&hung, ",id=hung,timeout_ms=1500"),
                 ],
             );
             (out, started.elapsed())
@@ -437,10 +389,7 @@ fn attaching_to_a_hung_server_blocks_no_other_request() {
 
 #[test]
 fn bad_targets_on_the_command_line_fail_at_start_and_touch_nothing() {
-    if !kvm_available("bad_targets_on_the_command_line") {
-        return;
-    }
-    let dir = TempDir::new("badtargets");
+    let dir = kvm_test!("badtargets");
     let guest = memconv_guest(&dir, &["nop@0x1000000+4K"], true);
     let guest = guest.to_str().unwrap();
     // An API socket path naming a regular file keeps the file.
@@ -526,10 +475,7 @@ fn flood_header(api: &Path, bytes: usize) -> String {
 
 #[test]
 fn header_and_connection_floods_are_bounded() {
-    if !kvm_available("header_and_connection_floods_are_bounded") {
-        return;
-    }
-    let dir = TempDir::new("flood");
+    let dir = kvm_test!("flood");
     let guest = memconv_guest(&dir, &[&format!("wait@{FLAG:#x}+1=1")], false);
     let (vmm, api) = spawn_with_api(&dir, &guest, &[]);
     wait_for_socket(&api);
@@ -665,10 +611,7 @@ fn ch_api_client_request(
 
 #[test]
 fn cloud_hypervisors_api_client_drives_every_shared_endpoint() {
-    if !kvm_available("cloud_hypervisors_api_client_drives_every_shared_endpoint") {
-        return;
-    }
-    let dir = TempDir::new("chclient");
+    let dir = kvm_test!("chclient");
     let device = TestDevice::spawn(&dir, "dev0");
     // Every other page of 320 MiB shared: 40 000 ranges, an answer of more
     // than 1 MiB (quiet: a console line per op would take half a minute).
@@ -785,17 +728,9 @@ fn cloud_hypervisors_api_client_drives_every_shared_endpoint() {
 
 #[test]
 fn a_log_sink_that_stops_draining_never_stalls_the_guest() {
-    if !kvm_available("a_log_sink_that_stops_draining_never_stalls_the_guest") {
-        return;
-    }
-    let dir = TempDir::new("logsink");
-    let mut ops = Vec::new();
-    for i in 0..600u64 {
-        let page = A + (i % 16) * 0x1000;
-        ops.push(format!("shared@{page:#x}+4K"));
-        ops.push(format!("private@{page:#x}+4K"));
-    }
-    let guest = memconv_guest(&dir, &[&ops.join(",")], true);
+    let dir = kvm_test!("logsink");
+    let ops = churn();
+    let guest = memconv_guest(&dir, &[&ops], true);
     // stderr is a pipe nobody reads: it fills after a few hundred lines of
     // -vv logging (several lines per conversion).
     let mut child = std::process::Command::new(CLOUD_HYPERVISOR)
@@ -836,10 +771,7 @@ fn a_log_sink_that_stops_draining_never_stalls_the_guest() {
 
 #[test]
 fn an_event_reader_that_stops_reading_never_stalls_the_guest() {
-    if !kvm_available("an_event_reader_that_stops_reading_never_stalls_the_guest") {
-        return;
-    }
-    let dir = TempDir::new("eventfifo");
+    let dir = kvm_test!("eventfifo");
     let fifo = dir.path("events.fifo");
     let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path.
@@ -862,13 +794,8 @@ fn an_event_reader_that_stops_reading_never_stalls_the_guest() {
         .custom_flags(libc::O_NONBLOCK)
         .open(&fifo)
         .unwrap();
-    let mut ops = Vec::new();
-    for i in 0..600u64 {
-        let page = A + (i % 16) * 0x1000;
-        ops.push(format!("shared@{page:#x}+4K"));
-        ops.push(format!("private@{page:#x}+4K"));
-    }
-    let guest = memconv_guest(&dir, &[&ops.join(",")], false);
+    let ops = churn();
+    let guest = memconv_guest(&dir, &[&ops], false);
     let (vmm, api) = spawn_with_api(&dir, &guest, &["--event-monitor", &target]);
     vmm.wait_for_line("memconv: done 1200 ok 0 failed");
     wait_for_socket(&api);

@@ -52,10 +52,7 @@ fn each_hot_plug_is_refused(tag: &str, cases: Vec<(&str, Lies, &str)>) {
     let warm_up = LyingServer::start(&dir.path("warm.sock"), cases[0].1.clone());
     let (ok, _, err) = ch_remote(
         &api,
-        &[
-            "add-user-device",
-            &format!("socket={}", warm_up.socket.display()),
-        ],
+        &["add-user-device", &user_device(&warm_up.socket, "")],
     );
     assert!(!ok, "the first lying server was accepted");
     assert!(err.contains(cases[0].2), "{err}");
@@ -66,10 +63,7 @@ fn each_hot_plug_is_refused(tag: &str, cases: Vec<(&str, Lies, &str)>) {
             &api,
             &[
                 "add-user-device",
-                &format!(
-                    "socket={},id={name},timeout_ms=500",
-                    server.socket.display()
-                ),
+                &user_device(&server.socket, &format!(",id={name},timeout_ms=500")),
             ],
         );
         assert!(!ok, "{name}: a lying server was accepted: {out}");
@@ -85,7 +79,7 @@ fn each_hot_plug_is_refused(tag: &str, cases: Vec<(&str, Lies, &str)>) {
         &api,
         &[
             "add-user-device",
-            &format!("socket={},id=honest", honest.socket.display()),
+            &user_device(&honest.socket, ",id=honest"),
         ],
     );
     assert!(ok, "{err}");
@@ -107,9 +101,7 @@ fn each_hot_plug_is_refused(tag: &str, cases: Vec<(&str, Lies, &str)>) {
 
 #[test]
 fn bar_sizes_no_bar_can_have_are_refused_at_hot_plug() {
-    if !kvm_available("bar_sizes_no_bar_can_have_are_refused_at_hot_plug") {
-        return;
-    }
+    kvm_test!();
     let mut huge32 = Lies::honest();
     huge32.region_sizes[0] = (1 << 63) | 0x1000;
     let mut huge64 = Lies::honest().bar64(2);
@@ -128,10 +120,7 @@ fn bar_sizes_no_bar_can_have_are_refused_at_hot_plug() {
 
 #[test]
 fn a_bar_size_no_bar_can_have_stops_a_cold_boot_with_an_error() {
-    if !kvm_available("a_bar_size_no_bar_can_have_stops_a_cold_boot_with_an_error") {
-        return;
-    }
-    let dir = TempDir::new("hugebar-cold");
+    let dir = kvm_test!("hugebar-cold");
     let mut lies = Lies::honest().bar64(0);
     lies.region_sizes[0] = (1 << 63) + (1 << 62);
     let server = LyingServer::start(&dir.path("huge.sock"), lies);
@@ -142,7 +131,7 @@ fn a_bar_size_no_bar_can_have_stops_a_cold_boot_with_an_error() {
         "--memory",
         "size=256M,guest_memfd=on",
         "--user-device",
-        &format!("socket={}", server.socket.display()),
+        &user_device(&server.socket, ""),
     ]);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
@@ -154,9 +143,7 @@ fn a_bar_size_no_bar_can_have_stops_a_cold_boot_with_an_error() {
 
 #[test]
 fn msix_structures_outside_the_devices_bars_are_refused_at_hot_plug() {
-    if !kvm_available("msix_structures_outside_the_devices_bars_are_refused_at_hot_plug") {
-        return;
-    }
+    kvm_test!();
     let past_bar = "runs past the end of its BAR";
     each_hot_plug_is_refused(
         "badmsix",
@@ -189,21 +176,10 @@ fn msix_structures_outside_the_devices_bars_are_refused_at_hot_plug() {
 
 #[test]
 fn a_server_that_fails_while_given_the_shared_pages_is_refused_and_leaves_nothing() {
-    if !kvm_available("a_server_that_fails_while_given_the_shared_pages") {
-        return;
-    }
-    let hang_up = Lies {
-        on_map: OnMap::HangUpAt(2),
-        ..Lies::honest()
-    };
-    let hang = Lies {
-        on_map: OnMap::HangAt(2),
-        ..Lies::honest()
-    };
-    let first = Lies {
-        on_map: OnMap::HangUpAt(1),
-        ..Lies::honest()
-    };
+    kvm_test!();
+    let hang_up = Lies::on_map(OnMap::HangUpAt(2));
+    let hang = Lies::on_map(OnMap::HangAt(2));
+    let first = Lies::on_map(OnMap::HangUpAt(1));
     each_hot_plug_is_refused(
         "replayfail",
         vec![

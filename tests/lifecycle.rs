@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::path::PathBuf;
+
 use common::openapi::Spec;
 use common::*;
 use serde_json::{Value, json};
@@ -44,20 +46,21 @@ fn wait_runs(vmm: &GuestVmm, n: usize) {
     );
 }
 
+/// The guest the lifecycle tests boot: shares 16 KiB, makes 4 KiB of it
+/// private again, and halts when done (no power-off: the VM stays booted
+/// until told).
+fn halting_guest(dir: &TempDir) -> PathBuf {
+    let ops = format!("shared@{A:#x}+16K,private@{A:#x}+4K");
+    memconv_guest(dir, &[&ops], false)
+}
+
 #[test]
 fn an_empty_vmm_creates_boots_shuts_down_boots_again_reboots_and_deletes() {
-    if !kvm_available("an_empty_vmm_creates_boots_shuts_down_boots_again_reboots_and_deletes") {
-        return;
-    }
+    kvm_test!();
     let spec = Spec::load();
     let dir = TempDir::new("lifecycle");
     let device = TestDevice::spawn(&dir, "dev0");
-    // Halts when done (no power-off): the VM stays booted until told.
-    let guest = memconv_guest(
-        &dir,
-        &[&format!("shared@{A:#x}+16K,private@{A:#x}+4K")],
-        false,
-    );
+    let guest = halting_guest(&dir);
     let api = dir.path("api.sock");
     let events = dir.path("events.jsonl");
     let monitor = format!("path={}", events.display());
@@ -240,10 +243,7 @@ fn an_empty_vmm_creates_boots_shuts_down_boots_again_reboots_and_deletes() {
 
 #[test]
 fn cold_plugged_devices_change_the_created_configuration() {
-    if !kvm_available("cold_plugged_devices_change_the_created_configuration") {
-        return;
-    }
-    let dir = TempDir::new("coldplug");
+    let dir = kvm_test!("coldplug");
     let device = TestDevice::spawn(&dir, "dev0");
     let guest = memconv_guest(&dir, &[&format!("shared@{A:#x}+8K")], false);
     let api = dir.path("api.sock");
@@ -257,7 +257,7 @@ fn cold_plugged_devices_change_the_created_configuration() {
     assert_eq!(put(&api, "vm.create", &config.to_string()).0, 204);
     // Before boot, add and remove change the configuration (204, as in
     // Cloud Hypervisor); nothing connects to the device yet.
-    let user_device = format!("socket={},id=dev0", device.socket.display());
+    let user_device = user_device(&device.socket, ",id=dev0");
     let (ok, out, err) = ch_remote(&api, &["add-user-device", &user_device]);
     assert!(ok && out.is_empty(), "{out} {err}");
     let (ok, _, err) = ch_remote(&api, &["add-user-device", &user_device]);
@@ -300,16 +300,9 @@ fn an_empty_vmm_needs_an_api_socket_and_refuses_half_a_vm() {
 
 #[test]
 fn twenty_lifecycles_give_back_every_vm_fd_thread_and_page() {
-    if !kvm_available("twenty_lifecycles_give_back_every_vm_fd_thread_and_page") {
-        return;
-    }
-    let dir = TempDir::new("lifecycle-leaks");
+    let dir = kvm_test!("lifecycle-leaks");
     let device = TestDevice::spawn(&dir, "dev0");
-    let guest = memconv_guest(
-        &dir,
-        &[&format!("shared@{A:#x}+16K,private@{A:#x}+4K")],
-        false,
-    );
+    let guest = halting_guest(&dir);
     let api = dir.path("api.sock");
     let vmm = GuestVmm::spawn_args(&["--api-socket", &format!("path={}", api.display())]);
     wait_for_socket(&api);

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -245,10 +245,7 @@ fn debians_bzimage_starts_from_our_64_bit_entry_and_reads_our_command_line() {
 
 #[test]
 fn a_linux_kernel_that_cannot_be_booted_is_a_clear_error() {
-    if !kvm_available("a_linux_kernel_that_cannot_be_booted_is_a_clear_error") {
-        return;
-    }
-    let dir = TempDir::new("linux-bad");
+    let dir = kvm_test!("linux-bad");
     // A bzImage header promising more than the file holds.
     let mut truncated = vec![0u8; 4096];
     truncated[0x1f1] = 1;
@@ -258,32 +255,20 @@ fn a_linux_kernel_that_cannot_be_booted_is_a_clear_error() {
     truncated[0x236] = 1;
     let kernel = dir.path("bzImage");
     std::fs::write(&kernel, &truncated).unwrap();
-    let (status, _, stderr) = run_vmm(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--memory",
-        "size=64M,guest_memfd=on",
-    ]);
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("the bzImage is 4096 bytes, its header says"),
-        "{stderr}"
-    );
+    // The VMM exits with 1 and says `why` for `kernel` (and `extra`).
+    let refused = |kernel: &Path, extra: &[&str], why: &str| {
+        let mut args = vec!["--kernel", kernel.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--memory", "size=64M,guest_memfd=on"]);
+        let (status, _, stderr) = run_vmm(&args);
+        assert_eq!(status.code(), Some(1), "{why:?}: {stderr}");
+        assert!(stderr.contains(why), "{why:?}: {stderr}");
+    };
+    refused(&kernel, &[], "the bzImage is 4096 bytes, its header says");
     // An initramfs for one of our test guests is refused too.
     let guest = memconv_guest(&dir, &["nop@0+4K"], true);
     let rd = dir.path("initrd");
     std::fs::write(&rd, b"x").unwrap();
-    let (status, _, stderr) = run_vmm(&[
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--initramfs",
-        rd.to_str().unwrap(),
-        "--memory",
-        "size=64M,guest_memfd=on",
-    ]);
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("an initramfs needs a Linux kernel"),
-        "{stderr}"
-    );
+    let initramfs = ["--initramfs", rd.to_str().unwrap()];
+    refused(&guest, &initramfs, "an initramfs needs a Linux kernel");
 }

@@ -19,10 +19,7 @@ fn device_info(api: &std::path::Path) -> serde_json::Value {
 
 #[test]
 fn a_device_in_messages_mode_gets_no_fd_and_reaches_only_its_mappings() {
-    if !kvm_available("a_device_in_messages_mode_gets_no_fd_and_reaches_only_its_mappings") {
-        return;
-    }
-    let dir = TempDir::new("msgdma");
+    let dir = kvm_test!("msgdma");
     let device = TestDevice::spawn(&dir, "dev0");
     let (page1, page2) = (A + 0x1000, A + 0x2000);
     let ops = [
@@ -39,13 +36,11 @@ fn a_device_in_messages_mode_gets_no_fd_and_reaches_only_its_mappings() {
     ]
     .join(",");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let (vmm, api) = spawn_with_api(
+    let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
-        &[
-            "--user-device",
-            &format!("socket={},id=dev0,dma=messages", device.socket.display()),
-        ],
+        &[(&device.socket, ",id=dev0,dma=messages")],
+        &[],
     );
     vmm.wait_for_line("memconv: done 7 ok 1 failed");
     assert_eq!(
@@ -81,25 +76,18 @@ fn a_device_in_messages_mode_gets_no_fd_and_reaches_only_its_mappings() {
 
 #[test]
 fn fd_mode_says_what_it_exposes_on_a_host_without_private_memory() {
-    if !kvm_available("fd_mode_says_what_it_exposes_on_a_host_without_private_memory") {
-        return;
-    }
-    let dir = TempDir::new("fdwarn");
+    let dir = kvm_test!("fdwarn");
     let fd_device = TestDevice::spawn(&dir, "fd0");
     let message_device = TestDevice::spawn(&dir, "msg0");
     let guest = memconv_guest(&dir, &[&format!("shared@{A:#x}+8K")], false);
-    let (vmm, api) = spawn_with_api(
+    let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
         &[
-            "--user-device",
-            &format!("socket={},id=fd0", fd_device.socket.display()),
-            "--user-device",
-            &format!(
-                "socket={},id=msg0,dma=messages",
-                message_device.socket.display()
-            ),
+            (&fd_device.socket, ",id=fd0"),
+            (&message_device.socket, ",id=msg0,dma=messages"),
         ],
+        &[],
     );
     vmm.wait_for_line("memconv: done 1 ok 0 failed");
     wait_for_socket(&api);
@@ -195,10 +183,7 @@ fn flooding_server(socket: &std::path::Path, stop: std::sync::Arc<std::sync::ato
 
 #[test]
 fn a_server_flooding_dma_requests_cannot_stall_the_guests_conversions() {
-    if !kvm_available("a_server_flooding_dma_requests_cannot_stall_the_guests_conversions") {
-        return;
-    }
-    let dir = TempDir::new("msgflood");
+    let dir = kvm_test!("msgflood");
     let socket = dir.path("flood.sock");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     flooding_server(&socket, stop.clone());
@@ -211,14 +196,7 @@ fn a_server_flooding_dma_requests_cannot_stall_the_guests_conversions() {
     }
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
     let started = std::time::Instant::now();
-    let (vmm, api) = spawn_with_api(
-        &dir,
-        &guest,
-        &[
-            "--user-device",
-            &format!("socket={},id=flood,dma=messages", socket.display()),
-        ],
-    );
+    let (vmm, api) = spawn_with_devices(&dir, &guest, &[(&socket, ",id=flood,dma=messages")], &[]);
     vmm.wait_for_line("memconv: done");
     let took = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Release);

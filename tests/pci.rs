@@ -23,10 +23,7 @@ fn info(api: &std::path::Path) -> serde_json::Value {
 
 #[test]
 fn the_guest_drives_dma_into_shared_pages_and_faults_on_private_ones() {
-    if !kvm_available("the_guest_drives_dma_into_shared_pages_and_faults_on_private_ones") {
-        return;
-    }
-    let dir = TempDir::new("pcidma");
+    let dir = kvm_test!("pcidma");
     let device = TestDevice::spawn(&dir, "dev0");
     let ops = [
         format!("shared@{A:#x}+16K"),
@@ -47,7 +44,7 @@ fn the_guest_drives_dma_into_shared_pages_and_faults_on_private_ones() {
         format!("dma-write@{:#x}+4K=1", 1u64 << 40),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], true);
-    let user_device = format!("socket={},id=dev0", device.socket.display());
+    let user_device = user_device(&device.socket, ",id=dev0");
     let (mut vmm, _api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
     let done = vmm.wait_for_line("memconv: done");
     assert_eq!(
@@ -81,10 +78,7 @@ fn the_guest_drives_dma_into_shared_pages_and_faults_on_private_ones() {
 
 #[test]
 fn the_device_has_a_bdf_and_follows_conversions_while_the_guest_drives_it() {
-    if !kvm_available("the_device_has_a_bdf_and_follows_conversions_while_the_guest_drives_it") {
-        return;
-    }
-    let dir = TempDir::new("pcibdf");
+    let dir = kvm_test!("pcibdf");
     let device = TestDevice::spawn(&dir, "dev0");
     let flag = A + 0x8000;
     let ops = [
@@ -94,7 +88,7 @@ fn the_device_has_a_bdf_and_follows_conversions_while_the_guest_drives_it() {
         format!("private@{:#x}+4K", A + 0x1000),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let user_device = format!("socket={},id=dev0", device.socket.display());
+    let user_device = user_device(&device.socket, ",id=dev0");
     let (vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
     wait_for_socket(&api);
     let info = info(&api);
@@ -129,10 +123,7 @@ fn the_device_has_a_bdf_and_follows_conversions_while_the_guest_drives_it() {
 
 #[test]
 fn a_hot_added_device_is_found_by_the_guest_and_a_removed_one_is_gone() {
-    if !kvm_available("a_hot_added_device_is_found_by_the_guest_and_a_removed_one_is_gone") {
-        return;
-    }
-    let dir = TempDir::new("pcihot");
+    let dir = kvm_test!("pcihot");
     let first = TestDevice::spawn(&dir, "dev0");
     let second = TestDevice::spawn(&dir, "dev1");
     let (flag1, flag2) = (A + 0x8000, A + 0x9000);
@@ -158,7 +149,7 @@ fn a_hot_added_device_is_found_by_the_guest_and_a_removed_one_is_gone() {
     vmm.wait_for_line("op 1 dma-write");
     assert_eq!(vmm.op_statuses(), ["ok", "no-device"]);
 
-    let socket = format!("socket={},id=dev0", first.socket.display());
+    let socket = user_device(&first.socket, ",id=dev0");
     let (ok, out, err) = ch_remote(&api, &["add-user-device", &socket]);
     assert!(ok, "{err}");
     let added: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -168,7 +159,7 @@ fn a_hot_added_device_is_found_by_the_guest_and_a_removed_one_is_gone() {
     first.write(flag1, 1);
     vmm.wait_for_line("op 5 dma-write");
 
-    let socket = format!("socket={},id=dev1", second.socket.display());
+    let socket = user_device(&second.socket, ",id=dev1");
     let (ok, out, err) = ch_remote(&api, &["add-user-device", &socket]);
     assert!(ok, "{err}");
     let added: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -205,10 +196,7 @@ fn a_hot_added_device_is_found_by_the_guest_and_a_removed_one_is_gone() {
 
 #[test]
 fn a_stopped_device_does_not_stop_the_guest_driving_another() {
-    if !kvm_available("a_stopped_device_does_not_stop_the_guest_driving_another") {
-        return;
-    }
-    let dir = TempDir::new("pcistop");
+    let dir = kvm_test!("pcistop");
     let working = TestDevice::spawn(&dir, "dev0");
     let stopped = TestDevice::spawn(&dir, "dev1");
     let flag = A + 0x8000;
@@ -222,8 +210,8 @@ fn a_stopped_device_does_not_stop_the_guest_driving_another() {
         format!("check@{:#x}+64K=0x3c", A + 0x10000),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let dev0 = format!("socket={},id=dev0", working.socket.display());
-    let dev1 = format!("socket={},id=dev1,timeout_ms=300", stopped.socket.display());
+    let dev0 = user_device(&working.socket, ",id=dev0");
+    let dev1 = user_device(&stopped.socket, ",id=dev1,timeout_ms=300");
     let (vmm, api) = spawn_with_api(
         &dir,
         &guest,
@@ -262,10 +250,7 @@ fn stream_while_neighbours_convert(policy: &str) -> (u64, u64, u64) {
         ops.push(format!("shared@{gpa:#x}+4K"));
     }
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let user_device = format!(
-        "socket={},id=dev0,mapping={policy}",
-        device.socket.display()
-    );
+    let user_device = user_device(&device.socket, &format!(",id=dev0,mapping={policy}"));
     let (vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
     wait_for_socket(&api);
     vmm.wait_for_line("op 1 shared");
@@ -295,9 +280,7 @@ fn stream_while_neighbours_convert(policy: &str) -> (u64, u64, u64) {
 
 #[test]
 fn per_page_mapping_never_disturbs_dma_to_a_page_that_stays_shared() {
-    if !kvm_available("per_page_mapping_never_disturbs_dma_to_a_page_that_stays_shared") {
-        return;
-    }
+    kvm_test!();
     let (faults, splits, passes) = stream_while_neighbours_convert("pages");
     eprintln!("pages: {faults} stream faults, {splits} splits, {passes} passes");
     assert_eq!((faults, splits), (0, 0));
@@ -314,9 +297,7 @@ fn per_page_mapping_never_disturbs_dma_to_a_page_that_stays_shared() {
 /// guest and the device see the same bytes either way.
 #[test]
 fn bar_memory_works_mapped_into_the_guest_and_trapped() {
-    if !kvm_available("bar_memory_works_mapped_into_the_guest_and_trapped") {
-        return;
-    }
+    kvm_test!();
     for (args, messages) in [(&[][..], 0), (&["--no-mmap"][..], 16 + 16 + 17 + 4)] {
         let dir = TempDir::new("pcibar");
         let device = TestDevice::spawn_with(&dir, "dev0", args);
@@ -328,7 +309,7 @@ fn bar_memory_works_mapped_into_the_guest_and_trapped() {
             "bar-write@0x1ff0+0x20=1",
         ];
         let guest = memconv_guest(&dir, &[&ops.join(",")], true);
-        let user_device = format!("socket={},id=dev0", device.socket.display());
+        let user_device = user_device(&device.socket, ",id=dev0");
         let mut vmm = GuestVmm::spawn(
             &guest,
             &[
@@ -358,10 +339,7 @@ fn bar_memory_works_mapped_into_the_guest_and_trapped() {
 /// a second pause, and `vm.resume` lets the guest go on where it was.
 #[test]
 fn pause_freezes_the_guest_and_resume_lets_it_go_on() {
-    if !kvm_available("pause_freezes_the_guest_and_resume_lets_it_go_on") {
-        return;
-    }
-    let dir = TempDir::new("pcipause");
+    let dir = kvm_test!("pcipause");
     let device = TestDevice::spawn(&dir, "dev0");
     let flag = A + 0x8000;
     let ops = [
@@ -370,7 +348,7 @@ fn pause_freezes_the_guest_and_resume_lets_it_go_on() {
         format!("private@{A:#x}+4K"),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let user_device = format!("socket={},id=dev0", device.socket.display());
+    let user_device = user_device(&device.socket, ",id=dev0");
     let (vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
     wait_for_socket(&api);
     vmm.wait_for_line("op 0 shared");
@@ -410,9 +388,7 @@ fn pause_freezes_the_guest_and_resume_lets_it_go_on() {
 
 #[test]
 fn page_contents_after_conversions_follow_the_memory_layout() {
-    if !kvm_available("page_contents_after_conversions_follow_the_memory_layout") {
-        return;
-    }
+    kvm_test!();
     // docs/design.md, "Backing layouts": in-place keeps a page's contents
     // across a round trip; split punches the shared side on to-private, so
     // a page that comes back to shared reads zeros, for the device (through
@@ -436,7 +412,7 @@ fn page_contents_after_conversions_follow_the_memory_layout() {
         ];
         let guest = memconv_guest(&dir, &[&ops.join(",")], true);
         let memory = format!("size=256M,guest_memfd=on,layout={layout}");
-        let user_device = format!("socket={},id=dev0", device.socket.display());
+        let user_device = user_device(&device.socket, ",id=dev0");
         let mut vmm = GuestVmm::spawn(
             &guest,
             &["--memory", &memory, "--user-device", &user_device, "-v"],

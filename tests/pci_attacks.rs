@@ -56,7 +56,7 @@ fn attack(
     let specs: Vec<String> = devices
         .iter()
         .enumerate()
-        .map(|(i, d)| format!("socket={},id=dev{i}", d.socket.display()))
+        .map(|(i, d)| user_device(&d.socket, &format!(",id=dev{i}")))
         .collect();
     let mut args = Vec::new();
     for spec in &specs {
@@ -102,10 +102,7 @@ fn assert_statuses(vmm: &GuestVmm, expected: &[&str]) {
 /// old place decodes nothing, and moved back the device works again.
 #[test]
 fn bar0_moved_onto_ram_leaves_ram_ram() {
-    if !kvm_available("bar0_moved_onto_ram_leaves_ram_ram") {
-        return;
-    }
-    let dir = TempDir::new("pciatkram");
+    let dir = kvm_test!("pciatkram");
     let device = TestDevice::spawn(&dir, "dev0");
     let ram = 32 * MIB;
     let ops = [
@@ -148,10 +145,7 @@ fn bar0_moved_onto_ram_leaves_ram_ram() {
 /// place is free, without the guest touching slot 1 again.
 #[test]
 fn bar0_moved_onto_another_devices_bar0_never_decodes_twice() {
-    if !kvm_available("bar0_moved_onto_another_devices_bar0_never_decodes_twice") {
-        return;
-    }
-    let dir = TempDir::new("pciatkdev");
+    let dir = kvm_test!("pciatkdev");
     let first = TestDevice::spawn(&dir, "dev0");
     let second = TestDevice::spawn(&dir, "dev1");
     let ops = [
@@ -198,10 +192,7 @@ fn bar0_moved_onto_another_devices_bar0_never_decodes_twice() {
 /// works and its MSI-X interrupts arrive.
 #[test]
 fn bar0_moved_onto_ecam_the_lapic_and_the_doorbell_ports_decodes_nothing() {
-    if !kvm_available("bar0_moved_onto_ecam_the_lapic_and_the_doorbell_ports_decodes_nothing") {
-        return;
-    }
-    let dir = TempDir::new("pciatkwin");
+    let dir = kvm_test!("pciatkwin");
     let device = TestDevice::spawn(&dir, "dev0");
     let ops = [
         format!("shared@{A:#x}+64K"),
@@ -251,10 +242,7 @@ fn bar0_moved_onto_ecam_the_lapic_and_the_doorbell_ports_decodes_nothing() {
 /// device works with its scratch page intact.
 #[test]
 fn size_probing_bars_reads_their_size_and_restoring_keeps_the_device_working() {
-    if !kvm_available("size_probing_bars_reads_their_size_and_restoring_keeps_the_device_working") {
-        return;
-    }
-    let dir = TempDir::new("pciatksize");
+    let dir = kvm_test!("pciatksize");
     let device = TestDevice::spawn(&dir, "dev0");
     let ops = [
         format!("shared@{A:#x}+64K"),
@@ -293,10 +281,7 @@ fn size_probing_bars_reads_their_size_and_restoring_keeps_the_device_working() {
 /// and 1; the device's interrupts still arrive, one per command.
 #[test]
 fn msix_entries_past_the_vector_count_change_nothing() {
-    if !kvm_available("msix_entries_past_the_vector_count_change_nothing") {
-        return;
-    }
-    let dir = TempDir::new("pciatkmsix");
+    let dir = kvm_test!("pciatkmsix");
     let device = TestDevice::spawn(&dir, "dev0");
     let table = BAR0 + 0x800;
     let mut ops = vec![
@@ -354,10 +339,7 @@ fn msix_entries_past_the_vector_count_change_nothing() {
 /// stops it.
 #[test]
 fn clearing_memory_decoding_mid_dma_stops_the_bar_cleanly() {
-    if !kvm_available("clearing_memory_decoding_mid_dma_stops_the_bar_cleanly") {
-        return;
-    }
-    let dir = TempDir::new("pciatkcmd");
+    let dir = kvm_test!("pciatkcmd");
     let device = TestDevice::spawn(&dir, "dev0");
     let page = A + 0x1000;
     let ops = [
@@ -407,10 +389,7 @@ fn clearing_memory_decoding_mid_dma_stops_the_bar_cleanly() {
 /// decodes at once. Removing it afterwards leaves slot 1 working.
 #[test]
 fn a_hot_added_device_placed_on_a_moved_bar_waits_for_its_place() {
-    if !kvm_available("a_hot_added_device_placed_on_a_moved_bar_waits_for_its_place") {
-        return;
-    }
-    let dir = TempDir::new("pciatkhot");
+    let dir = kvm_test!("pciatkhot");
     let first = TestDevice::spawn(&dir, "dev0");
     let second = TestDevice::spawn(&dir, "dev1");
     let flag = A + 0x8000;
@@ -435,11 +414,11 @@ fn a_hot_added_device_placed_on_a_moved_bar_waits_for_its_place() {
         format!("check@{A:#x}+4K=0x66"),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let dev0 = format!("socket={},id=dev0", first.socket.display());
+    let dev0 = user_device(&first.socket, ",id=dev0");
     let (mut vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &dev0]);
     wait_for_socket(&api);
     vmm.wait_for_line("op 3 mmio-write");
-    let dev1 = format!("socket={},id=dev1", second.socket.display());
+    let dev1 = user_device(&second.socket, ",id=dev1");
     let (ok, out, err) = ch_remote(&api, &["add-user-device", &dev1]);
     assert!(ok, "{err}");
     let added: serde_json::Value = serde_json::from_str(&out).unwrap();

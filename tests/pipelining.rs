@@ -47,36 +47,22 @@ fn conversion_durations(events: &std::path::Path) -> Vec<u64> {
         .collect()
 }
 
-fn user_device(socket: &std::path::Path, options: &str) -> String {
-    format!("socket={}{options}", socket.display())
-}
-
 #[test]
 fn a_per_page_conversion_is_pipelined_and_replies_out_of_order_are_matched() {
-    if !kvm_available("a_per_page_conversion_is_pipelined") {
-        return;
-    }
-    let dir = TempDir::new("pipelined");
-    let reversed = LyingServer::start(
-        &dir.path("reversed.sock"),
-        Lies {
-            on_map: OnMap::Reversed,
-            ..Lies::honest()
-        },
-    );
+    let dir = kvm_test!("pipelined");
+    let reversed = LyingServer::start(&dir.path("reversed.sock"), Lies::on_map(OnMap::Reversed));
     let real = TestDevice::spawn(&dir, "real");
     let ops = [(A, 2 * MIB, true), (A, MIB, false), (A, 512 << 10, true)];
     let text = format!("shared@{A:#x}+2M,private@{A:#x}+1M,shared@{A:#x}+512K");
     let guest = memconv_guest(&dir, &[&text], false);
-    let (vmm, api) = spawn_with_api(
+    let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
         &[
-            "--user-device",
-            &user_device(&reversed.socket, ",id=reversed,mapping=pages"),
-            "--user-device",
-            &user_device(&real.socket, ",id=real,mapping=pages"),
+            (&reversed.socket, ",id=reversed,mapping=pages"),
+            (&real.socket, ",id=real,mapping=pages"),
         ],
+        &[],
     );
     vmm.wait_for_line("memconv: done 3 ok 0 failed");
     let model = model_shared_ranges(&ops);
@@ -108,34 +94,22 @@ fn a_per_page_conversion_is_pipelined_and_replies_out_of_order_are_matched() {
 
 #[test]
 fn a_server_that_stops_half_way_through_a_batch_is_cut_off_within_its_timeout() {
-    if !kvm_available("a_server_that_stops_half_way_through_a_batch") {
-        return;
-    }
-    let dir = TempDir::new("halfway");
-    let stopping = LyingServer::start(
-        &dir.path("stopping.sock"),
-        Lies {
-            on_map: OnMap::HangAt(200),
-            ..Lies::honest()
-        },
-    );
+    let dir = kvm_test!("halfway");
+    let stopping = LyingServer::start(&dir.path("stopping.sock"), Lies::on_map(OnMap::HangAt(200)));
     let real = TestDevice::spawn(&dir, "real");
     let guest = memconv_guest(&dir, &[&format!("shared@{A:#x}+2M")], false);
     let events = dir.path("events.json");
-    let (vmm, api) = spawn_with_api(
+    let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
         &[
-            "--user-device",
-            &user_device(
+            (
                 &stopping.socket,
                 ",id=stopping,mapping=pages,timeout_ms=1000",
             ),
-            "--user-device",
-            &user_device(&real.socket, ",id=real,mapping=pages"),
-            "--event-monitor",
-            &format!("path={}", events.display()),
+            (&real.socket, ",id=real,mapping=pages"),
         ],
+        &["--event-monitor", &format!("path={}", events.display())],
     );
     vmm.wait_for_line("memconv: done 1 ok 0 failed");
     let info = devices(&api);
@@ -159,34 +133,22 @@ fn a_server_that_stops_half_way_through_a_batch_is_cut_off_within_its_timeout() 
 
 #[test]
 fn every_device_is_asked_at_once() {
-    if !kvm_available("every_device_is_asked_at_once") {
-        return;
-    }
-    let dir = TempDir::new("fanout");
+    let dir = kvm_test!("fanout");
     let slow = |name: &str| {
         LyingServer::start(
             &dir.path(&format!("{name}.sock")),
-            Lies {
-                on_map: OnMap::Delay(300),
-                ..Lies::honest()
-            },
+            Lies::on_map(OnMap::Delay(300)),
         )
     };
     let (first, second) = (slow("first"), slow("second"));
     let text = format!("shared@{A:#x}+4K,private@{A:#x}+4K,shared@{A:#x}+4K,private@{A:#x}+4K");
     let guest = memconv_guest(&dir, &[&text], false);
     let events = dir.path("events.json");
-    let (vmm, api) = spawn_with_api(
+    let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
-        &[
-            "--user-device",
-            &user_device(&first.socket, ",id=first"),
-            "--user-device",
-            &user_device(&second.socket, ",id=second"),
-            "--event-monitor",
-            &format!("path={}", events.display()),
-        ],
+        &[(&first.socket, ",id=first"), (&second.socket, ",id=second")],
+        &["--event-monitor", &format!("path={}", events.display())],
     );
     vmm.wait_for_line("memconv: done 4 ok 0 failed");
     assert!(wait_until(|| conversion_durations(&events).len() == 4));
@@ -204,29 +166,22 @@ fn every_device_is_asked_at_once() {
 
 #[test]
 fn a_refusal_at_one_device_rolls_every_device_back() {
-    if !kvm_available("a_refusal_at_one_device_rolls_every_device_back") {
-        return;
-    }
-    let dir = TempDir::new("refusal");
+    let dir = kvm_test!("refusal");
     let refusing = LyingServer::start(
         &dir.path("refusing.sock"),
-        Lies {
-            on_map: OnMap::RefuseFrom(2),
-            ..Lies::honest()
-        },
+        Lies::on_map(OnMap::RefuseFrom(2)),
     );
     let real = TestDevice::spawn(&dir, "real");
     let text = format!("shared@{A:#x}+8K,shared@{B:#x}+64K");
     let guest = memconv_guest(&dir, &[&text], false);
-    let (vmm, api) = spawn_with_api(
+    let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
         &[
-            "--user-device",
-            &user_device(&real.socket, ",id=real"),
-            "--user-device",
-            &user_device(&refusing.socket, ",id=refusing"),
+            (&real.socket, ",id=real"),
+            (&refusing.socket, ",id=refusing"),
         ],
+        &[],
     );
     vmm.wait_for_line("memconv: done 1 ok 1 failed");
     assert_eq!(vmm.op_statuses()[0], "ok");

@@ -144,7 +144,7 @@ fn start_storm(
     .to_vec();
     for (i, device) in devices.iter().enumerate() {
         args.push("--user-device".into());
-        args.push(format!("socket={},id=dev{i}", device.socket.display()));
+        args.push(user_device(&device.socket, &format!(",id=dev{i}")));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let vmm = GuestVmm::spawn(&guest, &args);
@@ -168,9 +168,7 @@ fn conversions_counted(api: &Path) -> u64 {
 
 #[test]
 fn eight_vcpus_convert_overlapping_ranges_while_the_api_is_queried_and_a_device_comes_and_goes() {
-    if !kvm_available("eight_vcpus_convert_overlapping_ranges") {
-        return;
-    }
+    kvm_test!();
     let seed = std::env::var("CH_STRESS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -193,7 +191,7 @@ fn eight_vcpus_convert_overlapping_ranges_while_the_api_is_queried_and_a_device_
         .collect();
 
     // Hot-plug cycles for as long as the guest converts.
-    let hot_config = format!("socket={},id=hot", hot.socket.display());
+    let hot_config = user_device(&hot.socket, ",id=hot");
     let mut cycles = 0;
     let mut replayed_runs = 0;
     let deadline = Instant::now() + TIMEOUT;
@@ -246,10 +244,7 @@ fn eight_vcpus_convert_overlapping_ranges_while_the_api_is_queried_and_a_device_
 
 #[test]
 fn sigterm_stops_vcpus_unmaps_devices_and_removes_the_api_socket() {
-    if !kvm_available("sigterm_stops_vcpus_unmaps_devices_and_removes_the_api_socket") {
-        return;
-    }
-    let dir = TempDir::new("sigterm");
+    let dir = kvm_test!("sigterm");
     let device = TestDevice::spawn(&dir, "dev");
     // vCPU 0 converts, then both spin until the end: SIGTERM finds them
     // running guest code, not halted.
@@ -266,7 +261,7 @@ fn sigterm_stops_vcpus_unmaps_devices_and_removes_the_api_socket() {
             "--cpus",
             "boot=2",
             "--user-device",
-            &format!("socket={},id=dev", device.socket.display()),
+            &user_device(&device.socket, ",id=dev"),
             "--api-socket",
             api.to_str().unwrap(),
             "--event-monitor",
@@ -307,12 +302,9 @@ fn sigterm_stops_vcpus_unmaps_devices_and_removes_the_api_socket() {
 
 #[test]
 fn sigterm_in_the_middle_of_a_conversion_storm_leaves_no_mapping_behind() {
-    if !kvm_available("sigterm_in_the_middle_of_a_conversion_storm_leaves_no_mapping_behind") {
-        return;
-    }
     // Far more ops than can run before the signal: vCPUs are converting
     // (some inside a DMA_MAP / DMA_UNMAP round trip) when it arrives.
-    let dir = TempDir::new("sigstorm");
+    let dir = kvm_test!("sigstorm");
     let device = TestDevice::spawn(&dir, "dev");
     let (mut vmm, api, _) = start_storm(&dir, 0x51_6e_7e_a1, 2000, &[&device]);
     assert!(
@@ -344,10 +336,7 @@ fn sigterm_in_the_middle_of_a_conversion_storm_leaves_no_mapping_behind() {
 
 #[test]
 fn a_device_killed_in_the_middle_of_a_conversion_storm_is_detached_and_the_storm_goes_on() {
-    if !kvm_available("a_device_killed_in_the_middle_of_a_conversion_storm") {
-        return;
-    }
-    let dir = TempDir::new("killstorm");
+    let dir = kvm_test!("killstorm");
     let survivor = TestDevice::spawn(&dir, "survivor");
     let mut victim = TestDevice::spawn(&dir, "victim");
     let (vmm, api, total_ops) = start_storm(&dir, 0xdead_d0e5, 300, &[&survivor, &victim]);
@@ -444,22 +433,10 @@ const API_LOAD_RSS_BOUND_KIB: u64 = 2048;
 
 #[test]
 fn ten_thousand_concurrent_api_requests_all_answer_without_growing_the_vmm() {
-    if !kvm_available("ten_thousand_concurrent_api_requests") {
-        return;
-    }
-    let dir = TempDir::new("apiload");
+    let dir = kvm_test!("apiload");
     let ops = format!("shared@{WINDOW:#x}+64K,private@{:#x}+4K", WINDOW + 0x4000);
     let guest = memconv_guest(&dir, &[&ops], false);
-    let api = dir.path("api.sock");
-    let vmm = GuestVmm::spawn(
-        &guest,
-        &[
-            "--memory",
-            "size=64M,guest_memfd=on",
-            "--api-socket",
-            api.to_str().unwrap(),
-        ],
-    );
+    let (vmm, api) = spawn_sized_with_api(&dir, &guest, "size=64M,guest_memfd=on", &[]);
     vmm.wait_for_line("memconv: done");
     wait_for_socket(&api);
     let pid = vmm.pid();
@@ -512,10 +489,7 @@ fn seccomp_modes(pid: i32) -> Vec<(String, String)> {
 
 #[test]
 fn every_vmm_thread_runs_under_a_seccomp_filter_unless_disabled() {
-    if !kvm_available("every_vmm_thread_runs_under_a_seccomp_filter_unless_disabled") {
-        return;
-    }
-    let dir = TempDir::new("seccomp");
+    let dir = kvm_test!("seccomp");
     let device = TestDevice::spawn(&dir, "dev");
     let ops = format!("shared@{WINDOW:#x}+8K");
     let guest = memconv_guest(&dir, &[&ops, "nop@0+0"], false);
@@ -538,7 +512,7 @@ fn every_vmm_thread_runs_under_a_seccomp_filter_unless_disabled() {
         wait_for_socket(&api);
         // Touch every thread's job: API, hot-plug (VMM thread), a request
         // served by an http-conn thread.
-        let config = format!("socket={},id=dev", device.socket.display());
+        let config = user_device(&device.socket, ",id=dev");
         let (ok, _, err) = ch_remote(&api, &["add-user-device", &config]);
         assert!(ok, "{err}");
         assert_eq!(device.mapped(), [(WINDOW, 0x2000)]);

@@ -147,29 +147,131 @@ fn tdx_firmware_options_are_checked() {
         "no OVMF GUIDed table",
     );
     let _ = std::fs::remove_file(&not_tdvf);
+    assert_refused(
+        &[
+            "--firmware",
+            "/x.fd",
+            "--platform",
+            "tdx=on",
+            "--cmdline",
+            "x",
+        ],
+        "--cmdline does not apply to a firmware launch",
+    );
+    // Devices are taken with firmware (cold-plugged once the TD is
+    // launched): here the boot stops at the host, not at the option.
+    if have_ovmf() && kvm_available("tdx_firmware_with_a_device") {
+        assert_refused(
+            &[
+                "--firmware",
+                OVMF,
+                "--platform",
+                "tdx=on",
+                "--serial",
+                "off",
+                "--user-device",
+                "socket=/nonexistent.sock",
+            ],
+            "no TDX here",
+        );
+    }
 }
 
-/// This host has no TDX: the firmware boot stops before creating a VM,
-/// saying so.
+/// This host has no TDX: the firmware boot goes through the VM build (API
+/// socket, event monitor) and stops before creating a VM, saying so, with
+/// exit status 1 and nothing left: no socket, no process.
 #[test]
 fn tdx_without_measure_stops_clearly_here() {
     if !have_ovmf() || !kvm_available("tdx_boot") {
         return;
     }
-    let out = run(&[
-        "--platform",
-        "tdx=on",
-        "--firmware",
-        OVMF,
-        "--cpus",
-        "boot=2",
-    ]);
-    assert!(!out.status.success());
+    let dir = TempDir::new("tdx-boot");
+    let socket = dir.path("api.sock");
+    let events = dir.path("events.json");
+    let mut child = Command::new(CLOUD_HYPERVISOR)
+        .args(["--platform", "tdx=on", "--firmware", OVMF])
+        .args(["--cpus", "boot=2", "--serial", "off"])
+        .args(["--api-socket", socket.to_str().unwrap()])
+        .args(["--event-monitor", &format!("path={}", events.display())])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < TIMEOUT, "the VMM kept running");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("VM type tdx is not available on this host")
+        stderr.contains("cannot boot the firmware")
+            && stderr.contains("VM type tdx is not available on this host")
             && stderr.contains("no TDX here"),
         "{stderr}"
     );
     assert!(out.stdout.is_empty());
+    assert!(!socket.exists(), "the API socket was left behind");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the VMM process is still there"
+    );
+}
+
+fn put(api: &std::path::Path, path: &str, body: &str) -> (u16, String) {
+    raw_http(
+        api,
+        &format!(
+            "PUT /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+/// `vm.create` takes Cloud Hypervisor's `payload.firmware` for a TD (and
+/// refuses it without a confidential platform); on this host its boot
+/// fails with the reason and the VMM keeps serving, with no VM running.
+#[test]
+fn vm_create_takes_a_tdx_firmware_and_its_boot_stops_clearly_here() {
+    if !have_ovmf() || !kvm_available("tdx_vm_create") {
+        return;
+    }
+    let dir = TempDir::new("tdx-create");
+    let api = dir.path("api.sock");
+    let mut vmm = GuestVmm::spawn_args(&["--api-socket", &format!("path={}", api.display())]);
+    wait_for_socket(&api);
+    let config = |platform: serde_json::Value| {
+        serde_json::json!({
+            "payload": {"firmware": OVMF},
+            "memory": {"size": 512u64 << 20},
+            "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+            "platform": platform,
+        })
+        .to_string()
+    };
+    let (status, body) = put(&api, "vm.create", &config(serde_json::json!({})));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("platform.sev_snp or platform.tdx"), "{body}");
+    let (status, body) = put(&api, "vm.create", &config(serde_json::json!({"tdx": true})));
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = put(&api, "vm.boot", "");
+    assert!(status >= 400, "{status} {body}");
+    assert!(
+        body.contains("VM type tdx is not available on this host") && body.contains("no TDX here"),
+        "{body}"
+    );
+    let (status, info) = get(&api, "vm.info");
+    if status == 200 {
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_ne!(info["state"], "Running", "{info}");
+        assert!(info.get("launch").is_none(), "{info}");
+    }
+    let (status, _) = get(&api, "vmm.ping");
+    assert_eq!(status, 200, "the VMM keeps serving");
+    assert!(vmm.is_running());
 }

@@ -97,23 +97,27 @@ mod tests {
         }
     }
 
+    /// A console on `out` whose guest wrote `bytes` to the transmit
+    /// register, one at a time.
+    fn typed(out: Box<dyn Write + Send>, bytes: &[u8]) -> SerialConsole {
+        let console = SerialConsole::new(out);
+        for b in bytes {
+            console.write(0, &[*b]);
+        }
+        console
+    }
+
     #[test]
     fn a_prompt_without_a_newline_is_shown_at_once() {
         let out = Buffered::default();
-        let console = SerialConsole::new(Box::new(out.clone()));
-        for b in b"login: " {
-            console.write(0, &[*b]);
-        }
+        let _console = typed(Box::new(out.clone()), b"login: ");
         assert_eq!(out.shown.lock().unwrap().as_slice(), b"login: ");
     }
 
     #[test]
     fn transmit_register_reaches_the_writer() {
         let sink = Sink::default();
-        let console = SerialConsole::new(Box::new(sink.clone()));
-        for b in b"hi\n" {
-            console.write(0, &[*b]);
-        }
+        let console = typed(Box::new(sink.clone()), b"hi\n");
         assert_eq!(sink.0.lock().unwrap().as_slice(), b"hi\n");
         let mut lsr = [0u8];
         console.read(5, &mut lsr);

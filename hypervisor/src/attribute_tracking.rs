@@ -12,6 +12,9 @@
 //! in front (updates only into private guest_memfd memory, the vCPUs'
 //! registers turned into VMSAs at the finish, no register writes after
 //! it). `SevSnpTestHypervisor` creates such VMs over a real KVM.
+//! `with_tdx` makes it a TD the same way (`tdx.rs`), and
+//! `TdxTestHypervisor` creates those, each over a real VM with a split
+//! irqchip.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -36,6 +39,14 @@ struct Attributes {
 }
 
 impl Attributes {
+    /// Whether every page of `gpa..gpa+size` is private.
+    fn covers(&self, gpa: u64, size: u64) -> bool {
+        self.private
+            .range(..=gpa)
+            .next_back()
+            .is_some_and(|(_, &e)| e >= gpa.saturating_add(size))
+    }
+
     fn set(&mut self, start: u64, end: u64, private: bool) {
         // Take out every range touching start..end, then put back what
         // lies outside it, plus the range itself when private.
@@ -85,16 +96,19 @@ struct SnpModel {
 
 pub struct AttributeTrackingVm {
     inner: Arc<dyn Vm>,
-    attributes: Mutex<Attributes>,
+    attributes: Arc<Mutex<Attributes>>,
     snp: Option<SnpModel>,
+    /// KVM's side of a TD (`with_tdx`), and the capabilities it reports.
+    tdx: Option<(Arc<tdx::TdModel>, Capabilities)>,
 }
 
 impl AttributeTrackingVm {
     pub fn new(inner: Arc<dyn Vm>) -> Self {
         AttributeTrackingVm {
             inner,
-            attributes: Mutex::new(Attributes::default()),
+            attributes: Arc::default(),
             snp: None,
+            tdx: None,
         }
     }
 
@@ -116,15 +130,21 @@ impl AttributeTrackingVm {
         self
     }
 
-    /// vCPUs of this SEV-SNP VM that exist (created, not dropped).
+    /// vCPUs of this SEV-SNP VM or TD that exist (created, not dropped).
     pub fn live_vcpus(&self) -> usize {
+        if let Some((td, _)) = &self.tdx {
+            return td.live_vcpus();
+        }
         self.snp
             .as_ref()
             .map_or(0, |s| s.live_vcpus.load(Ordering::SeqCst))
     }
 
-    /// Whether `SNP_LAUNCH_FINISH` went through.
+    /// Whether `SNP_LAUNCH_FINISH` (or `KVM_TDX_FINALIZE_VM`) went through.
     pub fn launch_finished(&self) -> bool {
+        if let Some((td, _)) = &self.tdx {
+            return td.finalized();
+        }
         self.snp
             .as_ref()
             .is_some_and(|s| s.finished.load(Ordering::SeqCst))
@@ -160,11 +180,7 @@ impl AttributeTrackingVm {
 
     /// Whether every page of `gpa..gpa+size` is private.
     pub fn is_private(&self, gpa: u64, size: u64) -> bool {
-        let a = self.attributes.lock().unwrap();
-        a.private
-            .range(..=gpa)
-            .next_back()
-            .is_some_and(|(_, &e)| e >= gpa + size)
+        self.attributes.lock().unwrap().covers(gpa, size)
     }
 
     /// The next `count` calls fail as KVM would on an allocation failure.
@@ -243,16 +259,18 @@ impl Vcpu for SnpVcpu {
 
 impl Vm for AttributeTrackingVm {
     fn vm_type(&self) -> VmType {
-        match self.snp {
-            Some(_) => VmType::SevSnp,
-            None => self.inner.vm_type(),
+        match (&self.snp, &self.tdx) {
+            (Some(_), _) => VmType::SevSnp,
+            (None, Some(_)) => VmType::Tdx,
+            (None, None) => self.inner.vm_type(),
         }
     }
 
     fn capabilities(&self) -> &Capabilities {
-        match &self.snp {
-            Some(snp) => &snp.capabilities,
-            None => self.inner.capabilities(),
+        match (&self.snp, &self.tdx) {
+            (Some(snp), _) => &snp.capabilities,
+            (None, Some((_, capabilities))) => capabilities,
+            (None, None) => self.inner.capabilities(),
         }
     }
 
@@ -269,6 +287,9 @@ impl Vm for AttributeTrackingVm {
             if region.size != 0 {
                 slots.push((region.guest_phys_addr, region.size));
             }
+        }
+        if let (Some((td, _)), Some(_)) = (&self.tdx, region.guest_memfd) {
+            td.bind_slot(region.guest_phys_addr, region.size);
         }
         Ok(())
     }
@@ -321,7 +342,49 @@ impl Vm for AttributeTrackingVm {
         self.inner.unregister_irqfd(fd, gsi)
     }
 
+    fn tsc_khz(&self) -> Result<u32> {
+        match &self.tdx {
+            Some((td, _)) => td.tsc_khz(self.inner.as_ref()),
+            None => self.inner.tsc_khz(),
+        }
+    }
+
+    fn set_tsc_khz(&self, khz: u32) -> Result<()> {
+        match &self.tdx {
+            Some((td, _)) => td.set_tsc_khz(khz),
+            None => self.inner.set_tsc_khz(khz),
+        }
+    }
+
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
+        self.inner.signal_msi(address, data)
+    }
+
+    fn tdx_capabilities(&self) -> crate::TdxResult<crate::TdxCapabilities> {
+        match &self.tdx {
+            Some((td, _)) => td.capabilities(),
+            None => self.inner.tdx_capabilities(),
+        }
+    }
+
+    fn tdx_init_vm(&self, params: &crate::TdxInitVm) -> crate::TdxResult<()> {
+        match &self.tdx {
+            Some((td, _)) => td.init_vm(params),
+            None => self.inner.tdx_init_vm(params),
+        }
+    }
+
+    fn tdx_finalize_vm(&self) -> crate::TdxResult<()> {
+        match &self.tdx {
+            Some((td, _)) => td.finalize(),
+            None => self.inner.tdx_finalize_vm(),
+        }
+    }
+
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>> {
+        if let Some((td, _)) = &self.tdx {
+            return td.create_vcpu(self.inner.as_ref(), id);
+        }
         let vcpu = self.inner.create_vcpu(id)?;
         let Some(snp) = &self.snp else {
             return Ok(vcpu);
@@ -433,6 +496,9 @@ impl Hypervisor for SevSnpTestHypervisor {
         Ok(self.vmsa_features)
     }
 }
+
+mod tdx;
+pub use tdx::{TdxModule, TdxTestHypervisor};
 
 #[cfg(test)]
 mod tests;

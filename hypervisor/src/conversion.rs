@@ -53,16 +53,21 @@ pub fn decode_map_gpa_range(args: &[u64; 6]) -> Result<MemoryConversion, Convers
     let size = pages
         .checked_mul(1 << PAGE_SHIFT)
         .ok_or(ConversionError::PageCountOverflow(pages))?;
-    let direction = if attrs & MAP_GPA_RANGE_ENCRYPTED != 0 {
+    Ok(conversion(gpa, size, attrs & MAP_GPA_RANGE_ENCRYPTED != 0))
+}
+
+/// What a decoded request asks: `gpa..gpa+size` to private or to shared.
+fn conversion(gpa: u64, size: u64, to_private: bool) -> MemoryConversion {
+    let direction = if to_private {
         ConversionDirection::ToPrivate
     } else {
         ConversionDirection::ToShared
     };
-    Ok(MemoryConversion {
+    MemoryConversion {
         gpa,
         size,
         direction,
-    })
+    }
 }
 
 /// Decodes a `KVM_EXIT_MEMORY_FAULT`: the guest touched memory whose
@@ -78,16 +83,7 @@ pub fn decode_memory_fault(
     if flags & !private != 0 {
         return Err(ConversionError::UnknownFaultFlags(flags));
     }
-    let direction = if flags & private != 0 {
-        ConversionDirection::ToPrivate
-    } else {
-        ConversionDirection::ToShared
-    };
-    Ok(MemoryConversion {
-        gpa,
-        size,
-        direction,
-    })
+    Ok(conversion(gpa, size, flags & private != 0))
 }
 
 #[cfg(test)]

@@ -110,6 +110,17 @@ pub enum HypervisorError {
     SetMpState(#[source] std::io::Error),
     #[error("a TD vCPU's state belongs to the TDX module: it cannot be set")]
     ProtectedState,
+    #[error("cannot read the VM's TSC frequency")]
+    GetTscKhz(#[source] std::io::Error),
+    #[error("cannot set the VM's TSC frequency to {0} kHz")]
+    SetTscKhz(u32, #[source] std::io::Error),
+    #[error("cannot signal the MSI {data:#x} to {address:#x}")]
+    SignalMsi {
+        address: u64,
+        data: u32,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot {action} irqfd for GSI {gsi}")]
     Irqfd {
         action: &'static str,
@@ -203,6 +214,29 @@ pub trait Vm: Send + Sync {
     /// IOAPIC, PIC and PIT the VMM's. Every other VM has the full one.
     fn has_split_irqchip(&self) -> bool {
         false
+    }
+    /// The TSC frequency vCPUs created from now on get, in kHz (the VM's
+    /// `KVM_GET_TSC_KHZ`).
+    fn tsc_khz(&self) -> Result<u32> {
+        Err(HypervisorError::GetTscKhz(std::io::Error::from(
+            std::io::ErrorKind::Unsupported,
+        )))
+    }
+    /// Sets the TSC frequency of every vCPU created from now on (the VM's
+    /// `KVM_SET_TSC_KHZ`, `KVM_CAP_VM_TSC_CONTROL`): TDX takes it at
+    /// `KVM_TDX_INIT_VM`, for the whole TD. KVM refuses it once a vCPU
+    /// exists.
+    fn set_tsc_khz(&self, khz: u32) -> Result<()> {
+        Err(HypervisorError::SetTscKhz(
+            khz,
+            std::io::Error::from(std::io::ErrorKind::Unsupported),
+        ))
+    }
+    /// Injects one MSI (`KVM_SIGNAL_MSI`): how the userspace IOAPIC of a
+    /// split irqchip delivers an interrupt to the in-kernel LAPICs.
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
+        let _ = (address, data);
+        Err(HypervisorError::NoIrqchip)
     }
     /// Adds KVM's in-kernel 8254 timer (what Linux calibrates its clocks
     /// against and takes its first timer interrupts from).

@@ -20,6 +20,8 @@ pub enum ScriptedExit {
     MapGpaRange(MemoryConversion),
     MemoryFault(MemoryConversion),
     TdVmCall(TdVmCall),
+    /// `KVM_EXIT_IOAPIC_EOI` of this vector.
+    IoapicEoi(u8),
 }
 
 /// What a TD got back from a TDVMCALL: R10 (the status) and R11..R14.
@@ -130,6 +132,7 @@ impl Vcpu for ScriptedVcpu {
                     reply: TdVmCallReply::new(&mut self.tdx_exit),
                 }
             }
+            Some(ScriptedExit::IoapicEoi(vector)) => VmExit::IoapicEoi(vector),
             None => VmExit::Shutdown,
         })
     }

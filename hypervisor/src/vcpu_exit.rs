@@ -63,6 +63,9 @@ pub enum VmExit<'a> {
     /// `KVM_EXIT_MEMORY_FAULT`: an implicit conversion request.
     MemoryFault(MemoryConversion),
     SystemEvent(u32),
+    /// `KVM_EXIT_IOAPIC_EOI` (split irqchip only): the guest's EOI of a
+    /// level-triggered vector the userspace IOAPIC routes.
+    IoapicEoi(u8),
     /// The run was cut short by a signal (a kick).
     Interrupted,
     /// Anything the VMM cannot handle; carries KVM's description.

@@ -60,6 +60,24 @@ impl MsixLayout {
             && (self.pba_offset..self.pba_offset + self.pba_len()).contains(&offset))
         .then(|| offset - self.pba_offset)
     }
+
+    /// Which MSI-X structure, if any, an access at `bar`/`offset` lands in
+    /// (the table first, where a device overlaps them).
+    pub fn locate(&self, bar: usize, offset: u64) -> Option<MsixPart> {
+        if let Some(at) = self.in_table(bar, offset) {
+            return Some(MsixPart::Table(at));
+        }
+        self.in_pba(bar, offset).map(|_| MsixPart::Pba)
+    }
+}
+
+/// Where a BAR access lands among the MSI-X structures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsixPart {
+    /// The vector table, at this offset into it.
+    Table(u64),
+    /// The pending-bit array.
+    Pba,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -267,6 +285,13 @@ mod tests {
         assert_eq!(l.in_table(0, 0x2000), None);
         assert_eq!(l.in_pba(2, 0x3007), Some(7));
         assert_eq!(l.in_pba(2, 0x3008), None);
+        assert_eq!(l.locate(1, 0x2000 + 63), Some(MsixPart::Table(63)));
+        assert_eq!(l.locate(2, 0x3007), Some(MsixPart::Pba));
+        assert_eq!(l.locate(2, 0x3008), None);
+        // Where a device puts both in one BAR over each other, the table
+        // answers.
+        let both = MsixLayout::decode(0x40, 0x0003, 0x0000_2001, 0x0000_2001);
+        assert_eq!(both.locate(1, 0x2000), Some(MsixPart::Table(0)));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::configuration::{
     BAR0_REG, Bar, BarKind, BarRegisters, CAPABILITY_POINTER_REG, COMMAND_MEMORY, COMMAND_REG,
     NUM_BARS, ROM_REG, STATUS_CAPABILITIES, merge_write,
 };
-use crate::msix::{CAPABILITY_ID as MSIX_CAPABILITY_ID, MsixLayout, MsixTable};
+use crate::msix::{CAPABILITY_ID as MSIX_CAPABILITY_ID, MsixLayout, MsixPart, MsixTable};
 
 /// Region indices of a PCI device (VFIO's numbering, vfio-user's too).
 pub const CONFIG_REGION: u32 = 7;
@@ -217,13 +217,8 @@ impl VfioPciDevice {
         let mut index = 0;
         while index < NUM_BARS {
             let size = ops
-                .region_size(u32::try_from(index).expect("a BAR index is below NUM_BARS"))
-                .map_err(|e| {
-                    VfioPciError::Region(
-                        u32::try_from(index).expect("a BAR index is below NUM_BARS"),
-                        e,
-                    )
-                })?;
+                .region_size(region_index(index))
+                .map_err(|e| VfioPciError::Region(region_index(index), e))?;
             let raw = read(BAR0_REG + index)?;
             let is_io = raw & 1 != 0;
             let kind = if raw & 0b110 == 0b100 {
@@ -271,7 +266,7 @@ impl VfioPciDevice {
         let mut direct = Vec::new();
         for (index, _) in bars.iter().filter(|(i, _)| !trapped.contains(i)) {
             let areas = ops
-                .map_region_areas(u32::try_from(index).expect("a BAR index is below NUM_BARS"))
+                .map_region_areas(region_index(index))
                 .unwrap_or_else(|e| {
                     warn!("BAR {index} stays trapped: {}", Chain(&e));
                     Vec::new()
@@ -518,48 +513,47 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn bar_read(&self, bar: usize, offset: u64, data: &mut [u8]) {
-        if let Some(layout) = self.msix_layout {
-            if let Some(at) = layout.in_table(bar, offset) {
+        match self.msix_layout.and_then(|l| l.locate(bar, offset)) {
+            Some(MsixPart::Table(at)) => {
                 if let Some(t) = self.state().msix.as_ref() {
                     t.read_table(at, data);
                 }
                 return;
             }
-            if layout.in_pba(bar, offset).is_some() {
+            Some(MsixPart::Pba) => {
                 if let Some(t) = self.state().msix.as_ref() {
                     t.read_pba(data);
                 }
                 return;
             }
+            None => {}
         }
-        if let Err(e) = self.ops.region_read(
-            u32::try_from(bar).expect("a BAR index is below NUM_BARS"),
-            offset,
-            data,
-        ) {
+        if let Err(e) = self.ops.region_read(region_index(bar), offset, data) {
             debug!("BAR {bar} read at {offset:#x} failed: {}", Chain(&e));
             data.fill(0xff);
         }
     }
 
     fn bar_write(&self, bar: usize, offset: u64, data: &[u8]) {
-        if let Some(layout) = self.msix_layout {
-            if let Some(at) = layout.in_table(bar, offset) {
+        match self.msix_layout.and_then(|l| l.locate(bar, offset)) {
+            Some(MsixPart::Table(at)) => {
                 if let Some(t) = self.state().msix.as_mut() {
                     t.write_table(at, data);
                 }
                 return;
             }
-            if layout.in_pba(bar, offset).is_some() {
-                return;
-            }
+            // The pending bits are read-only.
+            Some(MsixPart::Pba) => return,
+            None => {}
         }
-        if let Err(e) = self.ops.region_write(
-            u32::try_from(bar).expect("a BAR index is below NUM_BARS"),
-            offset,
-            data,
-        ) {
+        if let Err(e) = self.ops.region_write(region_index(bar), offset, data) {
             debug!("BAR {bar} write at {offset:#x} failed: {}", Chain(&e));
         }
     }
+}
+
+/// The vfio region index of BAR `bar` (VFIO numbers the BARs' regions as
+/// the BARs).
+fn region_index(bar: usize) -> u32 {
+    u32::try_from(bar).expect("a BAR index is below NUM_BARS")
 }

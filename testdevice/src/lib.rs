@@ -218,6 +218,28 @@ impl Mapping {
 
 pub type SharedState = Arc<Mutex<DeviceState>>;
 
+/// Maps `size` bytes of `fd` from `offset`, shared and read-write, at an
+/// address the kernel picks; returns that address. The caller owns the
+/// mapping (and unmaps it).
+pub(crate) fn map_shared(fd: &impl AsRawFd, offset: u64, size: u64) -> std::io::Result<usize> {
+    // SAFETY: a fresh shared mapping of `fd`; nothing else lives at the
+    // address the kernel picks.
+    let host = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            arch::usize_from(size),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            offset.cast_signed(),
+        )
+    };
+    if host == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(host as usize)
+}
+
 pub(crate) fn lock(state: &SharedState) -> MutexGuard<'_, DeviceState> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -289,26 +311,12 @@ impl ServerBackend for Backend {
             s.maps.insert(iova, Mapping { size, host: None });
             return Ok(());
         };
-        // SAFETY: a fresh shared mapping of the client's fd; nothing else
-        // lives at the address the kernel picks.
-        let host = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                arch::usize_from(size),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                offset.cast_signed(),
-            )
-        };
-        if host == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
+        let host = map_shared(&fd, offset, size)?;
         s.maps.insert(
             iova,
             Mapping {
                 size,
-                host: Some(host as usize),
+                host: Some(host),
             },
         );
         Ok(())

@@ -168,24 +168,8 @@ impl Scratch {
         let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         // The area sits at SCRATCH_OFFSET of the region, as in the fd.
         file.set_len(BAR0_SIZE)?;
-        // SAFETY: a fresh shared mapping of our own memfd.
-        let host = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                arch::usize_from(SCRATCH_SIZE),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                SCRATCH_OFFSET.cast_signed(),
-            )
-        };
-        if host == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Scratch {
-            file,
-            host: host as usize,
-        })
+        let host = crate::map_shared(&file, SCRATCH_OFFSET, SCRATCH_SIZE)?;
+        Ok(Scratch { file, host })
     }
 
     /// The byte at `offset` of the scratch page (0 past its end).

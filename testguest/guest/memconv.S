@@ -60,6 +60,67 @@
     .set LAPIC_SVR, 0xfee000f0
     .set SPIN_FOR_IRQS, 200000
 
+/* Repeated sequences, written once. */
+
+/* rsi = a range's start, rcx = its size, eax = STATUS_OUT_OF_RANGE: to
+ * op_result unless the range ends at or below `limit`. Leaves rsi at the
+ * range's end. */
+.macro END_WITHIN limit
+    add rsi, rcx
+    jc op_result
+    cmp rsi, \limit
+    ja op_result
+.endm
+
+/* rdi = the op's GPA, rcx = its size; to op_result with eax =
+ * STATUS_OUT_OF_RANGE unless the range lies in guest RAM above
+ * GUEST_FLOOR. Clobbers rsi. */
+.macro GUEST_RAM_RANGE
+    mov rdi, [rbx + 8]
+    mov rcx, [rbx + 16]
+    mov eax, STATUS_OUT_OF_RANGE
+    cmp rdi, GUEST_FLOOR
+    jb op_result
+    mov rsi, rdi
+    END_WITHIN r15
+.endm
+
+/* Selects dword `reg` of bus 0 device r8d in the PCI address register;
+ * the data port is next. Clobbers eax, dx. */
+.macro PCI_SELECT reg
+    mov eax, r8d
+    shl eax, 11
+    or eax, 0x80000000 | \reg
+    mov dx, PCI_ADDRESS_PORT
+    out dx, eax
+.endm
+
+/* Prints the string at `label`, then rax loaded from `value` with
+ * `print` (put_dec or put_hex). */
+.macro PUT_FIELD label, value, print=put_dec
+    lea rsi, [rip + \label]
+    call puts
+    mov rax, \value
+    call \print
+.endm
+
+/* A spin lock on the dword at `flag`: `lock` takes it, `unlock` frees it. */
+.macro SPIN_LOCK flag
+    mov eax, 1
+1:  xchg eax, [rip + \flag]
+    test eax, eax
+    jz 2f
+    pause
+    mov eax, 1
+    jmp 1b
+2:  ret
+.endm
+
+.macro SPIN_UNLOCK flag
+    mov dword ptr [rip + \flag], 0
+    ret
+.endm
+
     .section .text
     .globl _start
 _start:
@@ -146,16 +207,7 @@ next_op:
     jmp op_result
 
 do_write:
-    mov rdi, [rbx + 8]
-    mov rcx, [rbx + 16]
-    mov eax, STATUS_OUT_OF_RANGE
-    cmp rdi, GUEST_FLOOR
-    jb op_result
-    mov rsi, rdi
-    add rsi, rcx
-    jc op_result
-    cmp rsi, r15
-    ja op_result
+    GUEST_RAM_RANGE
     movzx eax, byte ptr [rbx + 24]
     movabs rdx, 0x0101010101010101
     imul rax, rdx
@@ -171,16 +223,7 @@ do_write:
 
 /* The guest compares its own memory with the op's byte. */
 do_check:
-    mov rdi, [rbx + 8]
-    mov rcx, [rbx + 16]
-    mov eax, STATUS_OUT_OF_RANGE
-    cmp rdi, GUEST_FLOOR
-    jb op_result
-    mov rsi, rdi
-    add rsi, rcx
-    jc op_result
-    cmp rsi, r15
-    ja op_result
+    GUEST_RAM_RANGE
     xor edx, edx
     test rcx, rcx
     jz 1f
@@ -241,10 +284,7 @@ do_bar:
     mov rcx, [rbx + 16]
     mov rsi, [rbx + 8]
     mov eax, STATUS_OUT_OF_RANGE
-    add rsi, rcx
-    jc op_result
-    cmp rsi, BAR0_SIZE
-    ja op_result
+    END_WITHIN BAR0_SIZE
     call device_lock
     call find_device
     mov edx, STATUS_NO_DEVICE
@@ -369,14 +409,8 @@ op_result:
     jnz op_next
     push rax
     call console_lock
-    lea rsi, [rip + s_cpu]
-    call puts
-    mov rax, rbp
-    call put_dec
-    lea rsi, [rip + s_op]
-    call puts
-    mov rax, r10
-    call put_dec
+    PUT_FIELD s_cpu, rbp
+    PUT_FIELD s_op, r10
     mov al, ' '
     call putc
     mov rax, [rbx]
@@ -393,14 +427,8 @@ op_result:
     ja 7f
     call put_dword_op
     jmp 4f
-7:  lea rsi, [rip + s_gpa]
-    call puts
-    mov rax, [rbx + 8]
-    call put_hex
-    lea rsi, [rip + s_size]
-    call puts
-    mov rax, [rbx + 16]
-    call put_hex
+7:  PUT_FIELD s_gpa, "[rbx + 8]", put_hex
+    PUT_FIELD s_size, "[rbx + 16]", put_hex
     cmp qword ptr [rbx], OP_WRITE       /* write and every kind after it */
     jb 4f
     lea rsi, [rip + s_value]
@@ -441,14 +469,8 @@ cpu_done:
     jne idle
     call report_interrupts
     call console_lock
-    lea rsi, [rip + s_done]
-    call puts
-    mov rax, [rip + total_ok]
-    call put_dec
-    lea rsi, [rip + s_ok]
-    call puts
-    mov rax, [rip + total_failed]
-    call put_dec
+    PUT_FIELD s_done, "[rip + total_ok]"
+    PUT_FIELD s_ok, "[rip + total_failed]"
     lea rsi, [rip + s_failed]
     call puts
     call console_unlock
@@ -476,19 +498,10 @@ bad_table:
 put_dword_op:
     cmp qword ptr [rbx], OP_MMIO_READ
     jae 1f
-    lea rsi, [rip + s_dev]
-    call puts
-    mov rax, [rbx + 8]
-    call put_dec
-    lea rsi, [rip + s_reg]
-    call puts
-    mov rax, [rbx + 16]
-    call put_hex
+    PUT_FIELD s_dev, "[rbx + 8]"
+    PUT_FIELD s_reg, "[rbx + 16]", put_hex
     jmp 2f
-1:  lea rsi, [rip + s_gpa]
-    call puts
-    mov rax, [rbx + 8]
-    call put_hex
+1:  PUT_FIELD s_gpa, "[rbx + 8]", put_hex
 2:  lea rsi, [rip + s_value]
     call puts
     mov rax, [rbx]
@@ -522,11 +535,7 @@ find_device:
     test rax, rax
     jnz 9f
     xor r8d, r8d
-1:  mov eax, r8d
-    shl eax, 11
-    or eax, 0x80000000
-    mov dx, PCI_ADDRESS_PORT
-    out dx, eax
+1:  PCI_SELECT 0
     mov dx, PCI_DATA_PORT
     in eax, dx
     cmp eax, TEST_DEVICE_IDS
@@ -536,20 +545,12 @@ find_device:
     jb 1b
     xor eax, eax
     ret
-2:  mov eax, r8d                        /* BAR0 */
-    shl eax, 11
-    or eax, 0x80000010
-    mov dx, PCI_ADDRESS_PORT
-    out dx, eax
+2:  PCI_SELECT 0x10                     /* BAR0 */
     mov dx, PCI_DATA_PORT
     in eax, dx
     and eax, 0xfffffff0
     mov r9, rax
-    mov eax, r8d                        /* command: memory + bus master */
-    shl eax, 11
-    or eax, 0x80000004
-    mov dx, PCI_ADDRESS_PORT
-    out dx, eax
+    PCI_SELECT 0x04                     /* command: memory + bus master */
     mov dx, PCI_DATA_PORT
     mov ax, 6
     out dx, ax
@@ -557,11 +558,7 @@ find_device:
     mov dword ptr [r9 + MSIX_TABLE], 0xfee00000
     mov dword ptr [r9 + MSIX_TABLE + 4], 0
     mov dword ptr [r9 + MSIX_TABLE + 8], MSIX_VECTOR
-    mov eax, r8d                        /* MSI-X message control: enable */
-    shl eax, 11
-    or eax, 0x80000000 | TEST_DEVICE_MSIX_CAP
-    mov dx, PCI_ADDRESS_PORT
-    out dx, eax
+    PCI_SELECT TEST_DEVICE_MSIX_CAP     /* MSI-X message control: enable */
     mov dx, PCI_DATA_PORT + 2
     mov ax, 0x8000
     out dx, ax
@@ -572,18 +569,10 @@ find_device:
 9:  ret
 
 device_lock:
-    mov eax, 1
-1:  xchg eax, [rip + device_busy]
-    test eax, eax
-    jz 2f
-    pause
-    mov eax, 1
-    jmp 1b
-2:  ret
+    SPIN_LOCK device_busy
 
 device_unlock:
-    mov dword ptr [rip + device_busy], 0
-    ret
+    SPIN_UNLOCK device_busy
 
 /* vCPU 0: an IDT whose vectors 0x20.. acknowledge the LAPIC and return
  * (MSIX_VECTOR also counts), the LAPIC software-enabled, interrupts on. */
@@ -637,14 +626,8 @@ report_interrupts:
     dec ecx
     jnz 1b
 2:  call console_lock
-    lea rsi, [rip + s_dma_ops]
-    call puts
-    mov rax, [rip + dma_ops]
-    call put_dec
-    lea rsi, [rip + s_msix]
-    call puts
-    mov rax, [rip + msix_irqs]
-    call put_dec
+    PUT_FIELD s_dma_ops, "[rip + dma_ops]"
+    PUT_FIELD s_msix, "[rip + msix_irqs]"
     mov al, '\n'
     call putc
     call console_unlock
@@ -712,18 +695,10 @@ put_dec:
 
 /* One console line at a time across vCPUs. */
 console_lock:
-    mov eax, 1
-1:  xchg eax, [rip + console_busy]
-    test eax, eax
-    jz 2f
-    pause
-    mov eax, 1
-    jmp 1b
-2:  ret
+    SPIN_LOCK console_busy
 
 console_unlock:
-    mov dword ptr [rip + console_busy], 0
-    ret
+    SPIN_UNLOCK console_busy
 
 hex_digits:   .ascii "0123456789abcdef"
 s_cpu:        .asciz "memconv: cpu"

@@ -112,6 +112,14 @@ impl Lies {
         }
     }
 
+    /// The honest function, answering DMA_MAP as `on_map` says.
+    pub fn on_map(on_map: OnMap) -> Self {
+        Lies {
+            on_map,
+            ..Lies::honest()
+        }
+    }
+
     /// Sets BAR `index`'s register to a 64-bit memory BAR.
     pub fn bar64(mut self, index: usize) -> Self {
         self.config[0x10 + 4 * index] = 0b100;

@@ -53,6 +53,26 @@ pub fn kvm_available(test: &str) -> bool {
     ok
 }
 
+/// Begins a KVM test: where /dev/kvm cannot be opened, returns from the
+/// test (skipped loudly, as `kvm_available` says, naming the test);
+/// `kvm_test!("tag")` then gives the test's scratch directory.
+#[allow(unused_macros, reason = "sev_snp and tdx check their hosts themselves")]
+macro_rules! kvm_test {
+    () => {{
+        fn here() {}
+        let test = std::any::type_name_of_val(&here).trim_end_matches("::here");
+        if !$crate::common::kvm_available(test) {
+            return;
+        }
+    }};
+    ($tag:expr) => {{
+        $crate::common::kvm_test!();
+        $crate::common::TempDir::new($tag)
+    }};
+}
+#[allow(unused_imports, reason = "as for the macro")]
+pub(crate) use kvm_test;
+
 /// A scratch directory removed on drop.
 pub struct TempDir(PathBuf);
 
@@ -235,15 +255,46 @@ impl Drop for GuestVmm {
 /// socket in `dir` and `extra` arguments (devices, ...). Returns it and the
 /// socket's path; callers wait for the socket where the guest outlives it.
 pub fn spawn_with_api(dir: &TempDir, guest: &Path, extra: &[&str]) -> (GuestVmm, PathBuf) {
+    spawn_sized_with_api(dir, guest, "size=256M,guest_memfd=on", extra)
+}
+
+/// As `spawn_with_api`, with `--memory memory`.
+pub fn spawn_sized_with_api(
+    dir: &TempDir,
+    guest: &Path,
+    memory: &str,
+    extra: &[&str],
+) -> (GuestVmm, PathBuf) {
     let api = dir.path("api.sock");
-    let mut args = vec![
-        "--memory",
-        "size=256M,guest_memfd=on",
-        "--api-socket",
-        api.to_str().unwrap(),
-    ];
+    let mut args = vec!["--memory", memory, "--api-socket", api.to_str().unwrap()];
     args.extend_from_slice(extra);
     (GuestVmm::spawn(guest, &args), api)
+}
+
+/// A `--user-device` value: the server at `socket`, then `options` as
+/// given (",id=dev0,timeout_ms=300"; "" for none).
+pub fn user_device(socket: &Path, options: &str) -> String {
+    format!("socket={}{options}", socket.display())
+}
+
+/// As `spawn_with_api`, with a `--user-device` for each `(socket,
+/// options)` (as `user_device` writes it), then `extra`.
+pub fn spawn_with_devices(
+    dir: &TempDir,
+    guest: &Path,
+    devices: &[(&Path, &str)],
+    extra: &[&str],
+) -> (GuestVmm, PathBuf) {
+    let values: Vec<String> = devices
+        .iter()
+        .map(|&(socket, options)| user_device(socket, options))
+        .collect();
+    let mut args: Vec<&str> = values
+        .iter()
+        .flat_map(|v| ["--user-device", v.as_str()])
+        .collect();
+    args.extend_from_slice(extra);
+    spawn_with_api(dir, guest, &args)
 }
 
 /// Runs the VMM binary to completion (for CLI error cases).

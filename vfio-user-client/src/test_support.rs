@@ -134,12 +134,17 @@ pub(crate) fn connect_to(reply: Vec<u8>) -> Result<VfioUserClient, VfioUserError
 }
 
 pub(crate) fn read_request(s: &mut UnixStream) -> Header {
+    read_request_bytes(s).0
+}
+
+/// One whole message from the client: its header and its body.
+pub(crate) fn read_request_bytes(s: &mut UnixStream) -> (Header, Vec<u8>) {
     let mut raw = [0u8; HEADER_SIZE];
     s.read_exact(&mut raw).unwrap();
     let h = Header::decode(&raw);
     let mut body = vec![0u8; h.size as usize - HEADER_SIZE];
     s.read_exact(&mut body).unwrap();
-    h
+    (h, body)
 }
 
 /// A DMA_READ of `count` bytes at `addr` as the server sends it.

@@ -184,8 +184,9 @@ pub(crate) fn sparse_mmap_areas(reply: &[u8], size: u64) -> Option<Vec<(u64, u64
     };
     let mut next = u32_at(12)? as usize;
     let mut areas = Vec::new();
-    // A chain that loops ends here: each header is at least 8 bytes on.
-    for _ in 0..(reply.len() / 8) {
+    // The chain must move forward and every read is bounded by the reply,
+    // so a looping chain or an inflated count ends as a protocol error.
+    loop {
         if next == 0 {
             return Some(areas);
         }
@@ -193,7 +194,7 @@ pub(crate) fn sparse_mmap_areas(reply: &[u8], size: u64) -> Option<Vec<(u64, u64
         let following = u32_at(next + 4)? as usize;
         if (header & 0xffff) as u16 == REGION_INFO_CAP_SPARSE_MMAP {
             let count = u32_at(next + 8)? as usize;
-            for i in 0..count.min(reply.len() / 16) {
+            for i in 0..count {
                 let at = next + 16 + i * 16;
                 let (offset, len) = (u64_at(at)?, u64_at(at + 8)?);
                 let aligned = offset.is_multiple_of(4096) && len.is_multiple_of(4096) && len > 0;
@@ -207,7 +208,6 @@ pub(crate) fn sparse_mmap_areas(reply: &[u8], size: u64) -> Option<Vec<(u64, u64
         }
         next = following;
     }
-    None
 }
 
 #[cfg(test)]

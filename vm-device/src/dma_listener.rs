@@ -301,6 +301,22 @@ mod tests {
         (iommu.clone(), DmaMappingListener::new(iommu, None))
     }
 
+    /// A listener holding at most `limit` entries on a fake without a
+    /// limit of its own.
+    fn entry_limited(limit: u64) -> (Arc<FakeIommu>, DmaMappingListener) {
+        let iommu = Arc::new(FakeIommu::new(None));
+        (iommu.clone(), DmaMappingListener::new(iommu, Some(limit)))
+    }
+
+    /// Notifies `l` of each `(gpa, size)` becoming shared, in order; each
+    /// must be accepted.
+    fn populate(l: &DmaMappingListener, runs: &[(u64, u64)]) {
+        for &(gpa, size) in runs {
+            l.notify_populate(section(gpa, size))
+                .unwrap_or_else(|e| panic!("populate {gpa:#x}+{size:#x}: {e}"));
+        }
+    }
+
     fn page_listener(
         iommu_limit: Option<u64>,
         entry_limit: Option<u64>,
@@ -449,9 +465,10 @@ mod tests {
     #[test]
     fn a_discard_across_mappings_unmaps_each_whole() {
         let (iommu, l) = listener(None);
-        l.notify_populate(section(0x10000, 0x2000)).unwrap();
-        l.notify_populate(section(0x12000, 0x2000)).unwrap();
-        l.notify_populate(section(0x20000, 0x1000)).unwrap();
+        populate(
+            &l,
+            &[(0x10000, 0x2000), (0x12000, 0x2000), (0x20000, 0x1000)],
+        );
         l.notify_discard(section(0x11000, 0x2000));
         assert_eq!(
             iommu.mappings(),
@@ -466,10 +483,8 @@ mod tests {
 
     #[test]
     fn the_entry_limit_refuses_a_populate_and_maps_nothing() {
-        let iommu = Arc::new(FakeIommu::new(None));
-        let l = DmaMappingListener::new(iommu.clone(), Some(2));
-        l.notify_populate(section(0x1000, 0x1000)).unwrap();
-        l.notify_populate(section(0x3000, 0x1000)).unwrap();
+        let (iommu, l) = entry_limited(2);
+        populate(&l, &[(0x1000, 0x1000), (0x3000, 0x1000)]);
         let err = l.notify_populate(section(0x5000, 0x1000)).unwrap_err();
         assert!(
             matches!(
@@ -507,10 +522,8 @@ mod tests {
 
     #[test]
     fn a_split_at_the_entry_limit_is_refused_before_anything_changes() {
-        let iommu = Arc::new(FakeIommu::new(None));
-        let l = DmaMappingListener::new(iommu.clone(), Some(2));
-        l.notify_populate(section(0x10000, 0x4000)).unwrap();
-        l.notify_populate(section(0x20000, 0x1000)).unwrap();
+        let (iommu, l) = entry_limited(2);
+        populate(&l, &[(0x10000, 0x4000), (0x20000, 0x1000)]);
         let middle = section(0x11000, 0x1000);
         let err = l.prepare_discard(middle).unwrap_err();
         assert!(err.to_string().contains("would split"), "{err}");
@@ -524,8 +537,7 @@ mod tests {
         );
         // With room, a prepared split holds its entry against populates.
         let roomy = DmaMappingListener::new(iommu.clone(), Some(3));
-        roomy.notify_populate(section(0x40000, 0x3000)).unwrap();
-        roomy.notify_populate(section(0x50000, 0x1000)).unwrap();
+        populate(&roomy, &[(0x40000, 0x3000), (0x50000, 0x1000)]);
         roomy.prepare_discard(section(0x41000, 0x1000)).unwrap();
         assert!(roomy.notify_populate(section(0x60000, 0x1000)).is_err());
         roomy.notify_discard(section(0x41000, 0x1000));
@@ -536,8 +548,7 @@ mod tests {
     #[test]
     fn unmap_all_leaves_the_device_empty() {
         let (iommu, l) = listener(None);
-        l.notify_populate(section(0x1000, 0x1000)).unwrap();
-        l.notify_populate(section(0x9000, 0x3000)).unwrap();
+        populate(&l, &[(0x1000, 0x1000), (0x9000, 0x3000)]);
         assert_eq!(l.unmap_all(), 2);
         assert!(iommu.mappings().is_empty());
         assert_eq!(l.stats().entries, 0);
@@ -583,8 +594,7 @@ mod tests {
     fn a_connection_lost_during_an_unmap_leaves_nothing_mapped() {
         let iommu = Arc::new(FakeIommu::new(None));
         let (l, seen) = failing_listener(&iommu);
-        l.notify_populate(section(0x1000, 0x1000)).unwrap();
-        l.notify_populate(section(0x5000, 0x2000)).unwrap();
+        populate(&l, &[(0x1000, 0x1000), (0x5000, 0x2000)]);
         iommu.break_on_next_call();
         l.notify_discard(section(0x1000, 0x1000));
         assert!(iommu.is_cut_off());
@@ -603,8 +613,7 @@ mod tests {
                 FakeIommu::new(None)
             });
             let (l, seen) = failing_listener(&iommu);
-            l.notify_populate(section(0x10000, 0x4000)).unwrap();
-            l.notify_populate(section(0x20000, 0x1000)).unwrap();
+            populate(&l, &[(0x10000, 0x4000), (0x20000, 0x1000)]);
             l.prepare_discard(section(0x11000, 0x1000)).unwrap();
             iommu.fail_next_maps(1);
             l.notify_discard(section(0x11000, 0x1000));
@@ -622,8 +631,7 @@ mod tests {
 
     #[test]
     fn a_cancelled_discard_gives_its_reserved_entry_back() {
-        let iommu = Arc::new(FakeIommu::new(None));
-        let l = DmaMappingListener::new(iommu.clone(), Some(2));
+        let (_, l) = entry_limited(2);
         l.notify_populate(section(0x10000, 0x4000)).unwrap();
         let middle = section(0x11000, 0x1000);
         l.prepare_discard(middle).unwrap();
@@ -641,8 +649,7 @@ mod tests {
     fn extra_entries_follow_the_split_shape() {
         let iommu = Arc::new(FakeIommu::new(None));
         let l = DmaMappingListener::new(iommu.clone(), None);
-        l.notify_populate(section(0x10000, 0x4000)).unwrap();
-        l.notify_populate(section(0x20000, 0x1000)).unwrap();
+        populate(&l, &[(0x10000, 0x4000), (0x20000, 0x1000)]);
         let m = l.lock();
         // Head cut, tail cut, the whole mapping, and a range that starts
         // where a mapping ends: no extra entry.
@@ -705,8 +712,7 @@ mod tests {
     fn an_unmap_the_device_refuses_fails_the_device() {
         let iommu = Arc::new(FakeIommu::keeping_mappings_on_cut_off(None));
         let (l, seen) = failing_listener(&iommu);
-        l.notify_populate(section(0x1000, 0x1000)).unwrap();
-        l.notify_populate(section(0x5000, 0x1000)).unwrap();
+        populate(&l, &[(0x1000, 0x1000), (0x5000, 0x1000)]);
         // Refused twice: at the discard, and again when the failed device
         // is emptied.
         iommu.fail_next_unmaps(2);
@@ -728,8 +734,7 @@ mod tests {
     #[test]
     fn counters_follow_every_map_unmap_and_split() {
         let (iommu, l) = listener(None);
-        l.notify_populate(section(0x10000, 0x4000)).unwrap();
-        l.notify_populate(section(0x20000, 0x2000)).unwrap();
+        populate(&l, &[(0x10000, 0x4000), (0x20000, 0x2000)]);
         assert_eq!(counts(&l), (2, 0x6000, 2, 0, 0));
         // Starts exactly where the first mapping ends: touches nothing.
         l.notify_discard(section(0x14000, 0x1000));
@@ -750,10 +755,8 @@ mod tests {
 
     #[test]
     fn two_prepared_splits_share_the_room_left() {
-        let iommu = Arc::new(FakeIommu::new(None));
-        let l = DmaMappingListener::new(iommu.clone(), Some(3));
-        l.notify_populate(section(0x10000, 0x4000)).unwrap();
-        l.notify_populate(section(0x20000, 0x4000)).unwrap();
+        let (iommu, l) = entry_limited(3);
+        populate(&l, &[(0x10000, 0x4000), (0x20000, 0x4000)]);
         l.prepare_discard(section(0x11000, 0x1000)).unwrap();
         // One entry is left and the first split holds it.
         assert!(l.prepare_discard(section(0x21000, 0x1000)).is_err());

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Error, ErrorKind};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use crate::discard_listener::Section;
 use crate::dma_mapping::{CutOff, DmaError, ExternalDmaMapping};
@@ -41,8 +41,13 @@ pub struct FakeIommu {
 }
 
 fn refuse(domain: &mut Domain, errno: i32) -> Result<(), DmaError> {
+    Err(violation(domain, errno))
+}
+
+/// A broken rule: counted, and answered with `errno`.
+fn violation(domain: &mut Domain, errno: i32) -> DmaError {
     domain.violations += 1;
-    Err(DmaError::refused(Error::from_raw_os_error(errno)))
+    DmaError::refused(Error::from_raw_os_error(errno))
 }
 
 impl FakeIommu {
@@ -99,20 +104,36 @@ impl FakeIommu {
     }
 }
 
-impl ExternalDmaMapping for FakeIommu {
-    fn map(&self, iova: u64, _gpa: u64, size: u64) -> Result<(), DmaError> {
+impl FakeIommu {
+    /// What map and unmap check first, in this order: the connection, an
+    /// injected failure (`pending` says how many are left; answered as
+    /// `injected` says), and a range that is empty or overflows. Returns
+    /// the locked domain and the range's end.
+    fn admit(
+        &self,
+        iova: u64,
+        size: u64,
+        pending: fn(&mut Domain) -> &mut u64,
+        injected: (ErrorKind, &'static str),
+    ) -> Result<(MutexGuard<'_, Domain>, u64), DmaError> {
         let mut d = self.domain.lock().unwrap();
         check_connection(&mut d)?;
-        if d.fail_next_maps > 0 {
-            d.fail_next_maps -= 1;
-            return Err(DmaError::refused(Error::new(
-                ErrorKind::OutOfMemory,
-                "injected map failure",
-            )));
+        let left = pending(&mut d);
+        if *left > 0 {
+            *left -= 1;
+            return Err(DmaError::refused(Error::new(injected.0, injected.1)));
         }
         let Some(end) = iova.checked_add(size).filter(|_| size > 0) else {
-            return refuse(&mut d, libc_errno::EINVAL);
+            return Err(violation(&mut d, libc_errno::EINVAL));
         };
+        Ok((d, end))
+    }
+}
+
+impl ExternalDmaMapping for FakeIommu {
+    fn map(&self, iova: u64, _gpa: u64, size: u64) -> Result<(), DmaError> {
+        let injected = (ErrorKind::OutOfMemory, "injected map failure");
+        let (mut d, end) = self.admit(iova, size, |d| &mut d.fail_next_maps, injected)?;
         let overlaps = d
             .by_iova
             .range(..end)
@@ -129,18 +150,8 @@ impl ExternalDmaMapping for FakeIommu {
     }
 
     fn unmap(&self, iova: u64, size: u64) -> Result<(), DmaError> {
-        let mut d = self.domain.lock().unwrap();
-        check_connection(&mut d)?;
-        if d.fail_next_unmaps > 0 {
-            d.fail_next_unmaps -= 1;
-            return Err(DmaError::refused(Error::new(
-                ErrorKind::PermissionDenied,
-                "injected unmap failure",
-            )));
-        }
-        let Some(end) = iova.checked_add(size).filter(|_| size > 0) else {
-            return refuse(&mut d, libc_errno::EINVAL);
-        };
+        let injected = (ErrorKind::PermissionDenied, "injected unmap failure");
+        let (mut d, end) = self.admit(iova, size, |d| &mut d.fail_next_unmaps, injected)?;
         let inside: Vec<(u64, u64)> = d
             .by_iova
             .range(..end)
@@ -196,27 +207,13 @@ mod tests {
 
     #[test]
     fn enforces_the_kernel_rules() {
+        let errno = |r: Result<(), DmaError>| r.unwrap_err().raw_os_error();
         let iommu = FakeIommu::new(Some(2));
         iommu.map(0x1000, 0x1000, 0x2000).unwrap();
-        assert_eq!(
-            iommu
-                .map(0x2000, 0x2000, 0x1000)
-                .unwrap_err()
-                .raw_os_error(),
-            Some(17)
-        );
-        assert_eq!(
-            iommu.unmap(0x1000, 0x1000).unwrap_err().raw_os_error(),
-            Some(22)
-        );
+        assert_eq!(errno(iommu.map(0x2000, 0x2000, 0x1000)), Some(17));
+        assert_eq!(errno(iommu.unmap(0x1000, 0x1000)), Some(22));
         iommu.map(0x8000, 0x8000, 0x1000).unwrap();
-        assert_eq!(
-            iommu
-                .map(0xa000, 0xa000, 0x1000)
-                .unwrap_err()
-                .raw_os_error(),
-            Some(28)
-        );
+        assert_eq!(errno(iommu.map(0xa000, 0xa000, 0x1000)), Some(28));
         assert_eq!(iommu.violations(), 3);
         // One unmap may cover several whole mappings.
         iommu.unmap(0, 0x10000).unwrap();

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group, criterion_main};
 use hypervisor::KvmHypervisor;
 use test_guest::{Op, OpKind};
 use vmm::config::{ConsoleOutput, EventMonitorConfig};
@@ -123,10 +123,7 @@ impl Bench {
         let log = self.dir.join(format!("{name}.log"));
         self.run(ops(kind_of, 100), ConsoleOutput::File(log.clone()), seccomp);
         let output = std::fs::read_to_string(&log).expect("read serial log");
-        assert!(
-            output.contains("memconv: done 100 ok 0 failed"),
-            "{name} guest failed: {output}"
-        );
+        common::assert_all_ok(&output, 100, &format!("{name} guest failed"));
     }
 }
 
@@ -159,12 +156,7 @@ fn doorbell_round_trip(c: &mut Criterion) {
     bench.check(conversion, "conversion", false);
     bench.check(conversion, "conversion-seccomp", true);
 
-    let mut group = c.benchmark_group("doorbell_round_trip");
-    group
-        .sampling_mode(SamplingMode::Linear)
-        .sample_size(20)
-        .warm_up_time(Duration::from_secs(2))
-        .measurement_time(Duration::from_secs(10));
+    let mut group = common::linear_group(c, "doorbell_round_trip", 20, 2, 10);
     group.bench_function("nop", |b| {
         b.iter_custom(|iters| bench.run_ops(nop, iters, false))
     });

@@ -31,14 +31,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use hypervisor::KvmHypervisor;
 use test_guest::{MemconvOptions, Op, OpKind, memconv_elf};
 use vm_device::MappingPolicy;
 use vmm::config::{ConsoleOutput, UserDeviceConfig, VmConfig};
-use vmm::event_monitor::EventMonitor;
 
 const CONVERTED_GPA: u64 = 16 << 20;
 const PAGE: u64 = 4096;
@@ -161,18 +159,8 @@ impl Bench {
     /// Boots `config` and times it to power-off, checking that all `ops`
     /// of the guest went `ok`.
     fn time_guest(&self, config: VmConfig, console: &Path, ops: u64, what: &str) -> Duration {
-        let elapsed = common::time_to_poweroff(
-            &self.hypervisor,
-            config,
-            Arc::new(EventMonitor::disabled()),
-            None,
-            Duration::from_secs(300),
-        );
-        let output = std::fs::read_to_string(console).expect("read the console");
-        assert!(
-            output.contains(&format!("memconv: done {ops} ok 0 failed")),
-            "{what}: {output}"
-        );
+        let (elapsed, output) = common::time_with_console(&self.hypervisor, config, console);
+        common::assert_all_ok(&output, ops, what);
         elapsed
     }
 

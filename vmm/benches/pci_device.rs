@@ -17,14 +17,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group, criterion_main};
 use hypervisor::KvmHypervisor;
 use test_guest::{Op, OpKind};
 use vmm::config::{ConsoleOutput, UserDeviceConfig};
-use vmm::event_monitor::EventMonitor;
 
 const SCRATCH: u64 = 0x1000;
 const SCRATCH_SIZE: u64 = 0x1000;
@@ -80,15 +78,7 @@ impl Bench {
             ConsoleOutput::File(console.clone()),
             vec![device],
         );
-        let elapsed = common::time_to_poweroff(
-            &self.hypervisor,
-            config,
-            Arc::new(EventMonitor::disabled()),
-            None,
-            Duration::from_secs(300),
-        );
-        let output = std::fs::read_to_string(&console).expect("read the console");
-        (elapsed, output)
+        common::time_with_console(&self.hypervisor, config, &console)
     }
 
     /// `bytes` one-byte reads of the scratch page, in ops of one page.
@@ -102,10 +92,7 @@ impl Bench {
         }
         let count = ops.len();
         let (elapsed, output) = self.run(ops, socket);
-        assert!(
-            output.contains(&format!("memconv: done {count} ok 0 failed")),
-            "{output}"
-        );
+        common::assert_all_ok(&output, count, "bar reads");
         elapsed
     }
 
@@ -120,10 +107,7 @@ impl Bench {
             )
         }));
         let (elapsed, output) = self.run(ops, &self.mapped);
-        assert!(
-            output.contains(&format!("memconv: done {} ok 0 failed", fills + 1)),
-            "{output}"
-        );
+        common::assert_all_ok(&output, fills + 1, "DMA fills");
         elapsed
     }
 }
@@ -139,12 +123,7 @@ fn pci_device(c: &mut Criterion) {
     bench.bar_reads(64, &bench.trapped);
     bench.dma_fills(2);
 
-    let mut group = c.benchmark_group("pci_bar");
-    group
-        .sampling_mode(SamplingMode::Linear)
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(10));
+    let mut group = common::linear_group(c, "pci_bar", 10, 1, 10);
     group.bench_function("trapped_read", |b| {
         b.iter_custom(|iters| bench.bar_reads(iters, &bench.trapped))
     });
@@ -153,12 +132,7 @@ fn pci_device(c: &mut Criterion) {
     });
     group.finish();
 
-    let mut group = c.benchmark_group("pci_dma");
-    group
-        .sampling_mode(SamplingMode::Linear)
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(10));
+    let mut group = common::linear_group(c, "pci_dma", 10, 1, 10);
     let source = vec![0x5au8; ::arch::usize_from(DMA_SIZE)];
     let mut target = vec![0u8; ::arch::usize_from(DMA_SIZE)];
     group.bench_function("memcpy_4m", |b| {

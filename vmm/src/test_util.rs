@@ -42,6 +42,23 @@ pub fn scratch_path(tag: &str) -> std::path::PathBuf {
     path
 }
 
+/// An unlinked, readable and writable scratch file (named by `tag` while
+/// it is created) holding `bytes`, its offset at their end.
+pub fn scratch_file(tag: &str, bytes: &[u8]) -> std::fs::File {
+    use std::io::Write;
+    let path = scratch_path(tag);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(bytes).unwrap();
+    let _ = std::fs::remove_file(&path);
+    f
+}
+
 /// Runs `f` and returns what it logged on this thread at `warn` or above
 /// (a logger for the test process is installed on first use; other
 /// threads' records are dropped).

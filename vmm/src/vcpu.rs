@@ -39,6 +39,8 @@ pub struct VcpuContext {
     pub events: GuestEvents,
     pub stop: Arc<AtomicBool>,
     pub pause: Arc<PauseGate>,
+    /// The userspace IOAPIC of a split irqchip (TDX), which EOI exits feed.
+    pub ioapic: Option<Arc<crate::tdx::split_irqchip::SplitIoapic>>,
 }
 
 /// Where vCPUs wait while the VM is paused (`vm.pause`): between two
@@ -233,6 +235,10 @@ fn run(index: u8, mut vcpu: Box<dyn Vcpu>, ctx: &VcpuContext) {
                 ctx.events.send(GuestEvent::Shutdown(index));
                 return;
             }
+            VmExit::IoapicEoi(vector) => match &ctx.ioapic {
+                Some(ioapic) => ioapic.end_of_interrupt(vector),
+                None => debug!("vCPU {index}: EOI of vector {vector} without a userspace IOAPIC"),
+            },
             VmExit::Interrupted => {}
             VmExit::Unhandled(what) => {
                 ctx.events.send(GuestEvent::VcpuError(

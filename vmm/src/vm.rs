@@ -17,6 +17,7 @@ use crate::memory::{MemoryError, MemoryManager};
 use crate::vcpu::{PauseGate, VcpuHandle};
 
 mod build;
+mod firmware;
 mod info;
 mod serial;
 #[cfg(test)]
@@ -97,6 +98,37 @@ pub enum VmError {
     PauseTimeout(u128),
     #[error("cannot boot the firmware")]
     Firmware(#[source] crate::sev_snp::FirmwareError),
+    #[error("cannot boot the firmware")]
+    TdxFirmware(#[source] crate::tdx::FirmwareError),
+    #[error("firmware boots an SEV-SNP or TDX guest: the platform needs sev_snp=on or tdx=on")]
+    FirmwareNeedsPlatform,
+}
+
+pub use firmware::FirmwarePlatform;
+
+/// What the launch of a firmware boot measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LaunchMeasurement {
+    SevSnp(crate::sev_snp::Measurement),
+    Tdx(crate::tdx::Measurement),
+}
+
+impl LaunchMeasurement {
+    pub fn platform(&self) -> FirmwarePlatform {
+        match self {
+            LaunchMeasurement::SevSnp(_) => FirmwarePlatform::SevSnp,
+            LaunchMeasurement::Tdx(_) => FirmwarePlatform::Tdx,
+        }
+    }
+
+    /// `vm.info`'s `launch`: what `--measure` prints, and the launch's
+    /// other inputs.
+    pub fn info(&self) -> serde_json::Value {
+        match self {
+            LaunchMeasurement::SevSnp(m) => m.info(),
+            LaunchMeasurement::Tdx(m) => m.info(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -124,8 +156,8 @@ pub struct Vm {
     /// Hot-plug operations in flight, each on its own thread.
     hotplug: Vec<JoinHandle<()>>,
     state: VmState,
-    /// What an SEV-SNP launch measured.
-    launch: Option<crate::sev_snp::Measurement>,
+    /// What the launch of a firmware boot measured.
+    launch: Option<LaunchMeasurement>,
 }
 
 /// How long `pause` waits for every vCPU to stop (one may be in the middle
@@ -238,8 +270,16 @@ impl Vm {
         &self.config
     }
 
-    /// What the SEV-SNP launch measured (firmware boots only).
+    /// What the SEV-SNP launch measured (SEV-SNP firmware boots only).
     pub fn launch_measurement(&self) -> Option<&crate::sev_snp::Measurement> {
+        match &self.launch {
+            Some(LaunchMeasurement::SevSnp(m)) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// What the launch of a firmware boot measured, on either platform.
+    pub fn launch(&self) -> Option<&LaunchMeasurement> {
         self.launch.as_ref()
     }
 

@@ -1,14 +1,12 @@
 //! KVM implementation of the hypervisor traits (kvm-ioctls / kvm-bindings).
 
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    CpuId, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_MEM_GUEST_MEMFD,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MP_STATE_RUNNABLE, KvmIrqRouting, kvm_create_device,
-    kvm_create_guest_memfd, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_enable_cap,
-    kvm_irq_routing_entry, kvm_irq_routing_msi, kvm_memory_attributes, kvm_mp_state,
-    kvm_userspace_memory_region, kvm_userspace_memory_region2,
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_GUEST_MEMFD, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MP_STATE_RUNNABLE, kvm_create_guest_memfd, kvm_enable_cap, kvm_memory_attributes,
+    kvm_mp_state, kvm_userspace_memory_region, kvm_userspace_memory_region2,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use log::{debug, warn};
@@ -80,6 +78,20 @@ impl Hypervisor for KvmHypervisor {
     }
 
     fn create_vm(&self, vm_type: VmType) -> Result<Arc<dyn Vm>> {
+        self.create(vm_type, vm_type == VmType::Tdx)
+    }
+}
+
+impl KvmHypervisor {
+    /// A default VM with the split irqchip TDs have (LAPICs in the kernel,
+    /// the IOAPIC the VMM's): what tests of the userspace IOAPIC and of a
+    /// fake TD run on, on hosts without TDX.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn create_split_irqchip_vm(&self) -> Result<Arc<dyn Vm>> {
+        self.create(VmType::Default, true)
+    }
+
+    fn create(&self, vm_type: VmType, split: bool) -> Result<Arc<dyn Vm>> {
         if !self.caps.supports_vm_type(vm_type) {
             return Err(HypervisorError::VmTypeUnsupported(vm_type));
         }
@@ -109,7 +121,7 @@ impl Hypervisor for KvmHypervisor {
         // KVM runs a TD only with a split irqchip: LAPICs in the kernel,
         // the IOAPIC (and PIC) in userspace. Only TDs get one; every other
         // VM keeps the full in-kernel irqchip.
-        if vm_type == VmType::Tdx {
+        if split {
             let cap = kvm_enable_cap {
                 cap: kvm_bindings::KVM_CAP_SPLIT_IRQCHIP,
                 args: [u64::from(IOAPIC_PINS), 0, 0, 0],
@@ -331,72 +343,31 @@ impl Vm for KvmVm {
     }
 
     fn create_vfio_device(&self) -> Result<crate::KvmVfioDevice> {
-        let mut request = kvm_create_device {
-            type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
-            fd: 0,
-            flags: 0,
-        };
-        let device = self
-            .fd
-            .create_device(&mut request)
-            .map_err(|e| HypervisorError::CreateVfioDevice(io_err(e)))?;
-        // SAFETY: the fd belongs to `device`, which is alive for this call;
-        // the clone is a new descriptor of our own.
-        unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) }
-            .try_clone_to_owned()
-            .map(crate::KvmVfioDevice::new)
-            .map_err(HypervisorError::CreateVfioDevice)
+        self.vfio_device()
     }
 
     fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {
-        if !self.irqchip {
-            return Err(HypervisorError::NoIrqchip);
-        }
-        let mut table = KvmIrqRouting::new(0).map_err(|_| {
-            HypervisorError::GsiRouting(routes.len(), std::io::Error::other("too many"))
-        })?;
-        for route in routes {
-            let mut entry = kvm_irq_routing_entry {
-                gsi: route.gsi,
-                type_: KVM_IRQ_ROUTING_MSI,
-                ..Default::default()
-            };
-            entry.u.msi = kvm_irq_routing_msi {
-                address_lo: ::arch::low32(route.address),
-                address_hi: ::arch::high32(route.address),
-                data: route.data,
-                ..Default::default()
-            };
-            table.push(entry).map_err(|_| {
-                HypervisorError::GsiRouting(routes.len(), std::io::Error::other("too many routes"))
-            })?;
-        }
-        self.fd
-            .set_gsi_routing(&table)
-            .map_err(|e| HypervisorError::GsiRouting(routes.len(), io_err(e)))
+        self.msi_routes(routes)
     }
 
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
-        if !self.irqchip {
-            return Err(HypervisorError::NoIrqchip);
-        }
-        self.fd
-            .register_irqfd(fd, gsi)
-            .map_err(|e| HypervisorError::Irqfd {
-                action: "register",
-                gsi,
-                source: io_err(e),
-            })
+        self.irqfd(fd, gsi, true)
     }
 
     fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
-        self.fd
-            .unregister_irqfd(fd, gsi)
-            .map_err(|e| HypervisorError::Irqfd {
-                action: "unregister",
-                gsi,
-                source: io_err(e),
-            })
+        self.irqfd(fd, gsi, false)
+    }
+
+    fn tsc_khz(&self) -> Result<u32> {
+        interrupts::tsc_khz(&self.fd)
+    }
+
+    fn set_tsc_khz(&self, khz: u32) -> Result<()> {
+        interrupts::set_tsc_khz(&self.fd, khz)
+    }
+
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
+        self.msi(address, data)
     }
 }
 
@@ -586,11 +557,13 @@ impl Vcpu for KvmVcpu {
             // as long as `self.fd` (borrowed by the returned exit); this
             // exit holds no other reference into it.
             VcpuExit::Unsupported(KVM_EXIT_TDX) => tdvmcall::exit_in(unsafe { &mut *run_page }),
+            VcpuExit::IoapicEoi(vector) => VmExit::IoapicEoi(vector),
             other => VmExit::Unhandled(format!("{other:?}")),
         })
     }
 }
 
+mod interrupts;
 mod sev_snp;
 mod tdx;
 

@@ -18,6 +18,11 @@ fn kvm() -> Option<KvmHypervisor> {
     KvmHypervisor::for_tests()
 }
 
+/// A default VM (no vCPUs, no memory) on `/dev/kvm`; None without it.
+fn default_vm() -> Option<Arc<dyn Vm>> {
+    Some(kvm()?.create_vm(VmType::Default).unwrap())
+}
+
 /// An anonymous or shared mapping of `len` bytes, unmapped on drop.
 struct Mapping {
     addr: *mut u8,
@@ -159,8 +164,7 @@ fn guest_code() -> Vec<u8> {
 
 #[test]
 fn a_guest_in_anonymous_memory_exits_for_port_and_mmio_accesses() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let ram = Mapping::new(SLOT_SIZE, None);
     ram.write(::arch::usize_from(CODE), &guest_code());
     bind(vm.as_ref(), &ram);
@@ -169,8 +173,7 @@ fn a_guest_in_anonymous_memory_exits_for_port_and_mmio_accesses() {
 
 #[test]
 fn a_guest_in_a_guest_memfd_slot_runs_from_the_slots_file_offset() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     if !vm.capabilities().guest_memfd_in_place() {
         eprintln!("*** SKIPPED: this host cannot mmap guest_memfd ***");
         return;
@@ -197,8 +200,7 @@ fn a_guest_in_a_guest_memfd_slot_runs_from_the_slots_file_offset() {
 
 #[test]
 fn a_slot_the_kernel_refuses_names_itself() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let region = UserMemoryRegion {
         slot: 3,
         guest_phys_addr: 0x1000,
@@ -224,8 +226,7 @@ fn a_slot_the_kernel_refuses_names_itself() {
 
 #[test]
 fn a_signal_takes_a_vcpu_out_of_a_guest_that_never_exits() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let ram = Mapping::new(SLOT_SIZE, None);
     // jmp $
     ram.write(::arch::usize_from(CODE), &[0xeb, 0xfe]);
@@ -257,8 +258,7 @@ fn only_the_vm_types_the_host_reports_are_created() {
 
 #[test]
 fn guest_memfd_gets_the_size_and_flags_asked_for() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     assert!(
         vm.capabilities().guest_memfd,
         "this machine has guest_memfd"
@@ -277,8 +277,7 @@ fn guest_memfd_gets_the_size_and_flags_asked_for() {
 
 #[test]
 fn memory_attributes_are_set_or_refused_by_capability() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let supported = vm.capabilities().private_memory_attribute();
     assert_eq!(vm.supports_memory_attributes(), supported);
     let result = vm.set_memory_attributes(0, SLOT_SIZE, true);
@@ -301,8 +300,7 @@ fn memory_attributes_are_set_or_refused_by_capability() {
 
 #[test]
 fn a_vcpu_id_is_taken_once() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     vm.create_vcpu(0).unwrap();
     vm.create_vcpu(1).unwrap();
     let e = vm.create_vcpu(0).err().unwrap();
@@ -311,8 +309,7 @@ fn a_vcpu_id_is_taken_once() {
 
 #[test]
 fn msi_routes_and_irqfds_reach_the_in_kernel_irqchip() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     assert!(vm.has_irqchip());
     // The split irqchip is TDX's only: a default VM keeps the kernel's
     // IOAPIC, and with it the PIT.
@@ -375,10 +372,37 @@ fn first_exit_within(mut vcpu: Box<dyn Vcpu>, limit: std::time::Duration) -> Str
     thread.join().unwrap()
 }
 
+/// As `first_exit_within`, handing the vCPU back.
+fn exit_and_vcpu_within(
+    mut vcpu: Box<dyn Vcpu>,
+    limit: std::time::Duration,
+) -> (String, Box<dyn Vcpu>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+    extern "C" fn ignore(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    let kick = SIGRTMIN() + 2;
+    register_signal_handler(kick, ignore).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let finished = done.clone();
+    let thread = std::thread::spawn(move || {
+        let exit = format!("{:?}", vcpu.run().unwrap());
+        finished.store(true, Ordering::Release);
+        (exit, vcpu)
+    });
+    let deadline = std::time::Instant::now() + limit;
+    while !done.load(Ordering::Acquire) {
+        if std::time::Instant::now() > deadline {
+            thread.kill(kick).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    thread.join().unwrap()
+}
+
 #[test]
 fn an_irqfd_delivers_its_routed_msi_to_the_guest() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let ram = Mapping::new(SLOT_SIZE, None);
     // Real-mode interrupt vectors 0x40 and 0x41: handlers that report
     // which one ran.
@@ -424,10 +448,72 @@ fn an_irqfd_delivers_its_routed_msi_to_the_guest() {
     );
 }
 
+/// On a split irqchip (a TD's) the guest's EOI of a level-triggered vector
+/// that an IOAPIC pin's route carries leaves KVM as `KVM_EXIT_IOAPIC_EOI`
+/// (`VmExit::IoapicEoi`), for the VMM's IOAPIC to clear Remote IRR: a real
+/// guest takes an MSI sent with `KVM_SIGNAL_MSI` and EOIs it in its LAPIC.
+#[test]
+fn a_split_irqchip_reports_the_guests_eoi_of_a_level_vector() {
+    let Some(hv) = kvm() else { return };
+    let vm = hv.create_split_irqchip_vm().unwrap();
+    assert!(vm.has_split_irqchip() && vm.has_irqchip());
+    assert_eq!(vm.vm_type(), VmType::Default);
+    let ram = Mapping::new(SLOT_SIZE, None);
+    // Vector 0x40's handler: EOI (a 32-bit write of 0 to the LAPIC's EOI
+    // register at DS:0xb0), then tell the VMM.
+    ram.write(0x40 * 4, &[0x00, 0x20, 0x00, 0x00]);
+    ram.write(
+        0x2000,
+        &[
+            0x66, 0xc7, 0x06, 0xb0, 0x00, 0x00, 0x00, 0x00, 0x00, 0xe6, 0x40, HLT,
+        ],
+    );
+    // Enable the LAPIC (SVR), tell the VMM, take interrupts, wait.
+    ram.write(
+        ::arch::usize_from(CODE),
+        &[
+            0x66, 0xc7, 0x06, 0xf0, 0x00, 0xff, 0x01, 0x00, 0x00, 0xe6, 0x10, 0xfb, HLT, 0xe6, 0x12,
+        ],
+    );
+    bind(vm.as_ref(), &ram);
+    let mut vcpu = real_mode_vcpu(vm.as_ref(), 0xfee0_0000);
+    assert!(matches!(
+        vcpu.run().unwrap(),
+        VmExit::IoOut { port: 0x10, .. }
+    ));
+    // IOAPIC pin 5's route: vector 0x40, level-triggered (data bit 15),
+    // to APIC 0. KVM scans such routes for the vectors whose EOIs it
+    // reports.
+    let level = 1 << 15;
+    vm.set_msi_routes(&[MsiRoute {
+        gsi: 5,
+        address: 0xfee0_0000,
+        data: 0x40 | level,
+    }])
+    .unwrap();
+    vm.signal_msi(0xfee0_0000, 0x40 | level).unwrap();
+    // The handler's EOI, then its port write; KVM reports the EOI at the
+    // next entry (here, where guest code is emulated, that can be after
+    // the port write the same run reached).
+    let mut exits = Vec::new();
+    let mut vcpu = Some(vcpu);
+    for _ in 0..2 {
+        let (exit, v) =
+            exit_and_vcpu_within(vcpu.take().unwrap(), std::time::Duration::from_secs(5));
+        exits.push(exit);
+        vcpu = Some(v);
+    }
+    // Measured here (PVM, Linux 6.18): the port write, then the EOI exit.
+    assert!(exits.contains(&"IoapicEoi(64)".to_string()), "{exits:?}");
+    assert!(
+        exits.contains(&"IoOut { port: 64, data: [0] }".to_string()),
+        "{exits:?}"
+    );
+}
+
 #[test]
 fn a_guest_whose_memory_is_gone_stops_with_an_error_not_a_retry() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let ram = Mapping::new(SLOT_SIZE, None);
     bind(vm.as_ref(), &ram);
     drop(ram);
@@ -444,8 +530,7 @@ fn a_guest_whose_memory_is_gone_stops_with_an_error_not_a_retry() {
 
 #[test]
 fn the_kvm_vfio_device_exists_once_per_vm() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let device = vm.create_vfio_device().unwrap();
     assert!(device.as_raw_fd() >= 0);
     // KVM refuses a second one (EBUSY): the device manager creates it with
@@ -467,8 +552,7 @@ fn raw(vcpu: &dyn Vcpu) -> &KvmVcpu {
 
 #[test]
 fn linux_boot_state_reaches_the_vcpu() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let vcpu = vm.create_vcpu(0).unwrap();
     let kvm_vcpu = raw(vcpu.as_ref());
 
@@ -527,8 +611,7 @@ fn linux_boot_state_reaches_the_vcpu() {
 /// the port write of the code at 0x8000; without the IPIs it never leaves.
 #[test]
 fn an_application_processor_starts_on_init_and_sipi_from_the_bsp() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
+    let Some(vm) = default_vm() else { return };
     let ram = Mapping::new(SLOT_SIZE, None);
     let mov_dword = |offset: u16, value: u32| {
         let mut insn = vec![0x66, 0xc7, 0x06];

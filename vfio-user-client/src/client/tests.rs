@@ -68,7 +68,13 @@ fn region_and_irq_requests_carry_their_fields_and_check_the_replies() {
         CMD_DEVICE_SET_IRQS => {
             let flags = u32::from_le_bytes(body[4..8].try_into().unwrap());
             let count = u32::from_le_bytes(body[16..20].try_into().unwrap());
-            let ok = (flags, count) == (IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_NONE, 0);
+            let index = u32::from_le_bytes(body[8..12].try_into().unwrap());
+            let ok = index == 2
+                && [
+                    (IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_NONE, 0),
+                    (IRQ_SET_ACTION_TRIGGER | IRQ_SET_DATA_EVENTFD, 1),
+                ]
+                .contains(&(flags, count));
             reply_to(
                 h,
                 if ok {
@@ -92,6 +98,13 @@ fn region_and_irq_requests_carry_their_fields_and_check_the_replies() {
     client.region_write(0, 0x20, &[9, 9]).unwrap();
     assert_eq!(client.irq_count(2).unwrap(), 3);
     client.set_irq_eventfds(2, &[]).unwrap();
+    let trigger = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    client.set_irq_eventfds(2, &[trigger.as_raw_fd()]).unwrap();
+    // The server's refusal reaches the caller.
+    assert!(matches!(
+        client.set_irq_eventfds(4, &[]),
+        Err(VfioUserError::Refused { errno: 22, .. })
+    ));
     // A refused reset is an answer, not a broken connection.
     assert!(matches!(
         client.reset(),
@@ -237,6 +250,39 @@ fn short_and_mismatched_replies_to_device_requests_close_the_connection() {
         let err = ask(&mut client).unwrap_err();
         assert!(matches!(err, VfioUserError::Protocol(_)), "{what}: {err}");
         assert!(client.closed_reason().is_some(), "{what}");
+        drop(client);
+        server.join().unwrap();
+    }
+    // A reply to another request (its id, or its command) closes it, and
+    // says so by name.
+    let other_id: Mangle = |h, body| {
+        let other = Header {
+            id: h.id.wrapping_add(1),
+            ..h
+        };
+        reply_to(other, FLAG_REPLY, 0, body)
+    };
+    let other_command: Mangle = |h, body| {
+        let other = Header {
+            command: CMD_DEVICE_GET_IRQ_INFO,
+            ..h
+        };
+        reply_to(other, FLAG_REPLY, 0, body)
+    };
+    for (what, mangle) in [("other id", other_id), ("other command", other_command)] {
+        let (mut client, server) = scripted(mangle);
+        assert!(
+            matches!(
+                client.device_info(),
+                Err(VfioUserError::Protocol("DEVICE_GET_INFO"))
+            ),
+            "{what}"
+        );
+        assert_eq!(
+            client.closed_reason(),
+            Some("malformed reply to DEVICE_GET_INFO"),
+            "{what}"
+        );
         drop(client);
         server.join().unwrap();
     }

@@ -122,6 +122,39 @@ fn server_requests_before_the_reply_are_answered_in_line() {
     assert!(client.mapped.is_empty(), "the unmap went through");
 }
 
+/// A device request waits for its reply the same way: what the server
+/// asks first is served, then the reply is read.
+#[test]
+fn server_requests_before_a_device_reply_are_answered() {
+    let (mut client, mut server_end) = over_ram(0x5d, Duration::from_secs(5));
+    client.mapped.insert(0x2000, 0x1000);
+    let server = std::thread::spawn(move || {
+        let request = read_request(&mut server_end);
+        server_end
+            .write_all(&dma_read_request(91, 0x2000, 2))
+            .unwrap();
+        let answer = read_request_bytes(&mut server_end);
+        server_end
+            .write_all(&reply_to(
+                request,
+                FLAG_REPLY,
+                0,
+                &[16, 0, 0, 0, 2, 0, 0, 0, 9, 0, 0, 0, 1, 0, 0, 0],
+            ))
+            .unwrap();
+        answer
+    });
+    let info = client.device_info().unwrap();
+    let (answer, data) = server.join().unwrap();
+    assert_eq!((info.flags, info.regions, info.irqs), (2, 9, 1));
+    assert_eq!(
+        (answer.id, answer.command, answer.flags, answer.error),
+        (91, CMD_DMA_READ, FLAG_REPLY, 0)
+    );
+    assert_eq!(data.get(16..), Some(&[0x5d, 0x5d][..]));
+    assert!(client.closed_reason().is_none());
+}
+
 #[test]
 fn serve_pending_answers_a_waiting_dma_request_between_requests() {
     let (mut client, mut server_end) = over_ram(0x5d, Duration::from_secs(2));
@@ -243,4 +276,31 @@ fn a_map_for_messages_sends_no_fd_and_lets_dma_in() {
     let mut past = 0x2ff0u64.to_le_bytes().to_vec();
     past.extend_from_slice(&17u64.to_le_bytes());
     assert_eq!(client.dma_access(CMD_DMA_READ, &past), Err(EFAULT));
+}
+
+/// Guest memory that is mapped but out of reach (a hole the memory
+/// manager refuses): the server is answered EFAULT, read or write.
+#[test]
+fn memory_that_refuses_an_access_answers_efault() {
+    struct Unreachable;
+    impl DmaMemory for Unreachable {
+        fn read(&self, _: u64, _: &mut [u8]) -> Result<(), DmaMemoryError> {
+            Err("no memory here".into())
+        }
+        fn write(&self, _: u64, _: &[u8]) -> Result<(), DmaMemoryError> {
+            Err("no memory here".into())
+        }
+    }
+    let (client_end, _server_end) = UnixStream::pair().unwrap();
+    let mut client = VfioUserClient::over(
+        client_end,
+        Duration::from_secs(1),
+        Some(std::sync::Arc::new(Unreachable)),
+    );
+    client.mapped.insert(0x4000, 0x1000);
+    let mut access = 0x4000u64.to_le_bytes().to_vec();
+    access.extend_from_slice(&4u64.to_le_bytes());
+    assert_eq!(client.dma_access(CMD_DMA_READ, &access), Err(EFAULT));
+    access.extend_from_slice(&[1, 2, 3, 4]);
+    assert_eq!(client.dma_access(CMD_DMA_WRITE, &access), Err(EFAULT));
 }

@@ -255,3 +255,93 @@ fn a_signal_while_waiting_for_the_reply_is_retried() {
         .unwrap();
     assert_eq!(waiter.join().unwrap(), (Ok(()), None));
 }
+
+/// A DEVICE_GET_INFO reply cut short after its header and `sent` bytes of
+/// its 16-byte body: the cases below differ in what the server does next.
+fn info_reply_head(request: Header, sent: usize) -> (Vec<u8>, Vec<u8>) {
+    let mut body = vec![0u8; 16];
+    body[0..4].copy_from_slice(&16u32.to_le_bytes());
+    body[4..8].copy_from_slice(&DeviceInfo::FLAG_PCI.to_le_bytes());
+    body[8..12].copy_from_slice(&9u32.to_le_bytes());
+    let whole = reply_to(request, FLAG_REPLY, 0, &body);
+    let (head, rest) = whole.split_at(HEADER_SIZE + sent);
+    (head.to_vec(), rest.to_vec())
+}
+
+/// A kick while the body of a reply is still on its way is retried too.
+#[test]
+fn a_signal_inside_a_reply_body_is_retried() {
+    let kick = vmm_sys_util::signal::SIGRTMIN() + 1;
+    vmm_sys_util::signal::register_signal_handler(kick, ignore_signal).unwrap();
+    let (client_end, mut server_end) = UnixStream::pair().unwrap();
+    let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), None);
+    let waiter = std::thread::spawn(move || {
+        let info = client.device_info().map_err(|e| e.to_string());
+        (
+            info.map(|i| (i.flags, i.regions)),
+            client.closed_reason().map(str::to_string),
+        )
+    });
+    let request = read_request(&mut server_end);
+    let (head, rest) = info_reply_head(request, 4);
+    server_end.write_all(&head).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    // SAFETY: signals a live thread of this process; the handler is
+    // installed above.
+    let rc = unsafe { libc::pthread_kill(waiter.as_pthread_t(), kick) };
+    assert_eq!(rc, 0);
+    std::thread::sleep(Duration::from_millis(50));
+    server_end.write_all(&rest).unwrap();
+    assert_eq!(
+        waiter.join().unwrap(),
+        (Ok((DeviceInfo::FLAG_PCI, 9)), None)
+    );
+}
+
+/// A server that stops inside a reply body is a timeout, not an I/O error.
+#[test]
+fn a_server_silent_inside_a_reply_body_times_out() {
+    let (client_end, mut server_end) = UnixStream::pair().unwrap();
+    let mut client = VfioUserClient::over(client_end, Duration::from_millis(200), None);
+    let server = std::thread::spawn(move || {
+        let request = read_request(&mut server_end);
+        server_end
+            .write_all(&info_reply_head(request, 4).0)
+            .unwrap();
+        // Held open, silent, until the client gives up.
+        let _ = server_end.read(&mut [0u8; 1]);
+    });
+    let started = std::time::Instant::now();
+    let err = client.device_info().unwrap_err();
+    assert!(matches!(err, VfioUserError::Timeout { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{err}");
+    assert_eq!(
+        client.closed_reason(),
+        Some("no reply to DEVICE_GET_INFO within 200 ms")
+    );
+    drop(client);
+    server.join().unwrap();
+}
+
+/// A server that goes away inside a reply body is an I/O error, not a
+/// timeout or a clean end.
+#[test]
+fn a_reset_inside_a_reply_body_is_an_io_error() {
+    let (client_end, mut server_end) = UnixStream::pair().unwrap();
+    let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), None);
+    let server = std::thread::spawn(move || {
+        // The request's body stays unread, so closing resets the client.
+        let mut raw = [0u8; HEADER_SIZE];
+        server_end.read_exact(&mut raw).unwrap();
+        let request = Header::decode(&raw);
+        server_end
+            .write_all(&info_reply_head(request, 4).0)
+            .unwrap();
+        drop(server_end);
+    });
+    let started = std::time::Instant::now();
+    let err = client.device_info().unwrap_err();
+    server.join().unwrap();
+    assert!(matches!(err, VfioUserError::Io(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{err}");
+}

@@ -88,6 +88,56 @@ fn sparse_mmap_areas_keep_only_whole_pages_inside_the_region() {
     );
     truncated.truncate(truncated.len() - 8);
     assert_eq!(sparse_mmap_areas(&truncated, size), None);
+    // So is a count no reply could hold: refused, not walked.
+    let mut inflated = region_reply(
+        0,
+        0,
+        size,
+        &[(REGION_INFO_CAP_SPARSE_MMAP, 0, vec![(0, 0x1000)])],
+    );
+    let count_at = inflated.len() - 16 - 8;
+    inflated[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(sparse_mmap_areas(&inflated, size), None);
+}
+
+/// vfio-user takes its flag values from VFIO's uapi: checked against the
+/// kernel's bindings, not against our own copy.
+#[test]
+fn flags_are_vfio_uapi_values() {
+    use vfio_bindings::bindings::vfio as uapi;
+    assert_eq!(IRQ_SET_DATA_NONE, uapi::VFIO_IRQ_SET_DATA_NONE);
+    assert_eq!(IRQ_SET_DATA_EVENTFD, uapi::VFIO_IRQ_SET_DATA_EVENTFD);
+    assert_eq!(IRQ_SET_ACTION_TRIGGER, uapi::VFIO_IRQ_SET_ACTION_TRIGGER);
+    assert_eq!(DeviceInfo::FLAG_RESET, uapi::VFIO_DEVICE_FLAGS_RESET);
+    assert_eq!(DeviceInfo::FLAG_PCI, uapi::VFIO_DEVICE_FLAGS_PCI);
+    assert_eq!(REGION_INFO_FLAG_MMAP, uapi::VFIO_REGION_INFO_FLAG_MMAP);
+    assert_eq!(REGION_INFO_FLAG_CAPS, uapi::VFIO_REGION_INFO_FLAG_CAPS);
+    assert_eq!(
+        u32::from(REGION_INFO_CAP_SPARSE_MMAP),
+        uapi::VFIO_REGION_INFO_CAP_SPARSE_MMAP
+    );
+}
+
+/// Errors name the request they were about, so every command has its own
+/// name and only an unknown one is a plain "request".
+#[test]
+fn every_command_has_its_own_name() {
+    let commands = [
+        (CMD_VERSION, "VERSION"),
+        (CMD_DMA_MAP, "DMA_MAP"),
+        (CMD_DMA_UNMAP, "DMA_UNMAP"),
+        (CMD_DEVICE_GET_INFO, "DEVICE_GET_INFO"),
+        (CMD_DEVICE_GET_REGION_INFO, "DEVICE_GET_REGION_INFO"),
+        (CMD_DEVICE_GET_IRQ_INFO, "DEVICE_GET_IRQ_INFO"),
+        (CMD_DEVICE_SET_IRQS, "DEVICE_SET_IRQS"),
+        (CMD_REGION_READ, "REGION_READ"),
+        (CMD_REGION_WRITE, "REGION_WRITE"),
+        (CMD_DEVICE_RESET, "DEVICE_RESET"),
+    ];
+    for (command, name) in commands {
+        assert_eq!(command_name(command), name, "command {command}");
+    }
+    assert_eq!(command_name(0xffff), "request");
 }
 
 #[test]

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, SamplingMode};
 use hypervisor::KvmHypervisor;
 use test_guest::{MemconvOptions, Op, memconv_elf};
 use vmm::config::{ConsoleOutput, CpusConfig, MemoryConfig, UserDeviceConfig, VmConfig};
@@ -74,4 +76,53 @@ pub fn time_to_poweroff(
     let elapsed = started.elapsed();
     vm.shutdown();
     elapsed
+}
+
+/// Boots `config` with no event monitor and no vCPU filter and returns the
+/// time until the guest powers off (patience: 300 s), with what it wrote
+/// to `console`.
+#[allow(dead_code, reason = "doorbell times with its own monitor and filter")]
+pub fn time_with_console(
+    hypervisor: &KvmHypervisor,
+    config: VmConfig,
+    console: &Path,
+) -> (Duration, String) {
+    let elapsed = time_to_poweroff(
+        hypervisor,
+        config,
+        Arc::new(EventMonitor::disabled()),
+        None,
+        Duration::from_secs(300),
+    );
+    let output = std::fs::read_to_string(console).expect("read the console");
+    (elapsed, output)
+}
+
+/// Panics with `what` and the console `output` unless the guest's summary
+/// line says all its `ops` went ok.
+pub fn assert_all_ok(output: &str, ops: impl std::fmt::Display, what: &str) {
+    assert!(
+        output.contains(&format!("memconv: done {ops} ok 0 failed")),
+        "{what}: {output}"
+    );
+}
+
+/// A criterion group for whole guest runs: linear sampling (iteration
+/// counts that grow by steps), `samples` samples after a warm-up of
+/// `warm_up_secs`, measured over `measurement_secs`.
+#[allow(dead_code, reason = "fan_out reports without criterion")]
+pub fn linear_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    samples: usize,
+    warm_up_secs: u64,
+    measurement_secs: u64,
+) -> BenchmarkGroup<'a, WallTime> {
+    let mut group = c.benchmark_group(name);
+    group
+        .sampling_mode(SamplingMode::Linear)
+        .sample_size(samples)
+        .warm_up_time(Duration::from_secs(warm_up_secs))
+        .measurement_time(Duration::from_secs(measurement_secs));
+    group
 }

@@ -32,7 +32,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -262,7 +262,6 @@ pub fn serve(
     deadlines: Deadlines,
 ) {
     let stop_flag: Arc<AtomicBool> = Arc::new(AtomicBool::new(false));
-    let active = Arc::new(AtomicUsize::new(0));
     let mut connections: Vec<Connection> = Vec::new();
     while !stop.load(Ordering::Acquire) {
         if !wait_readable(listener.as_raw_fd(), Duration::from_millis(50)) {
@@ -275,10 +274,12 @@ pub fn serve(
                 continue;
             }
         };
-        connections.retain(|c| !c.thread.is_finished());
-        if active.load(Ordering::Acquire) >= MAX_CONNECTIONS
-            && !evict_longest_waiting(&mut connections)
-        {
+        // Joined, not just dropped: a thread whose work is done may not
+        // have exited yet, and the bound is on threads, not on work.
+        for ended in connections.extract_if(.., |c| c.thread.is_finished()) {
+            let _ = ended.thread.join();
+        }
+        if connections.len() >= MAX_CONNECTIONS && !evict_longest_waiting(&mut connections) {
             let busy = HttpResponse {
                 status: 503,
                 body: super::http::error_body(&format!(
@@ -289,26 +290,21 @@ pub fn serve(
             let _ = stream.write_all(&encode_response(&busy, true));
             continue;
         }
-        active.fetch_add(1, Ordering::AcqRel);
         let slot: SharedSlot = Arc::new(std::sync::Mutex::new(Slot {
             phase: Phase::Waiting(Instant::now()),
             wake: stream.try_clone().ok(),
         }));
-        let (count, conn_stop, handler) = (active.clone(), stop_flag.clone(), handler.clone());
+        let (conn_stop, handler) = (stop_flag.clone(), handler.clone());
         let own_slot = slot.clone();
         let spawned = std::thread::Builder::new()
             .name("http-conn".into())
             .spawn(move || {
                 serve_connection(stream, &conn_stop, handler.as_ref(), deadlines, &own_slot);
                 lock_slot(&own_slot).wake.take();
-                count.fetch_sub(1, Ordering::AcqRel);
             });
         match spawned {
             Ok(thread) => connections.push(Connection { thread, slot }),
-            Err(e) => {
-                active.fetch_sub(1, Ordering::AcqRel);
-                warn!("cannot start an API connection thread: {e}");
-            }
+            Err(e) => warn!("cannot start an API connection thread: {e}"),
         }
     }
     stop_flag.store(true, Ordering::Release);

@@ -149,24 +149,13 @@ fn dsdt(platform: &Platform) -> Vec<u8> {
         Name::new("_BBN".into(), &ZERO),
         Name::new("_CRS".into(), &crs_pci),
     ];
-    let pci = Device::new(
-        "PCI0".into(),
-        pci_names.iter().map(|n| n as &dyn Aml).collect(),
-    );
+    let pci = device("PCI0", &pci_names);
 
     let com1_ports = IO::new(COM1_PORT, COM1_PORT, 1, 8);
     let com1_irq = Interrupt::new(true, true, false, false, COM1_IRQ);
     let crs_com1 = ResourceTemplate::new(vec![&com1_ports, &com1_irq]);
-    let uart = EISAName::new("PNP0501");
-    let com1_names = [
-        Name::new("_HID".into(), &uart),
-        Name::new("_UID".into(), &ZERO),
-        Name::new("_CRS".into(), &crs_com1),
-    ];
-    let com1 = Device::new(
-        "COM1".into(),
-        com1_names.iter().map(|n| n as &dyn Aml).collect(),
-    );
+    let com1_names = identified("PNP0501", &crs_com1);
+    let com1 = device("COM1", &com1_names);
 
     // The ECAM window among the motherboard's resources, where Linux looks
     // before it trusts an MCFG entry.
@@ -176,16 +165,8 @@ fn dsdt(platform: &Platform) -> Vec<u8> {
         u32::try_from(platform.ecam_size).unwrap_or(u32::MAX),
     );
     let crs_ecam = ResourceTemplate::new(vec![&ecam]);
-    let board = EISAName::new("PNP0C02");
-    let board_names = [
-        Name::new("_HID".into(), &board),
-        Name::new("_UID".into(), &ZERO),
-        Name::new("_CRS".into(), &crs_ecam),
-    ];
-    let motherboard = Device::new(
-        "MRES".into(),
-        board_names.iter().map(|n| n as &dyn Aml).collect(),
-    );
+    let board_names = identified("PNP0C02", &crs_ecam);
+    let motherboard = device("MRES", &board_names);
     let sb = Scope::new(Path::new("\\_SB_"), vec![&pci, &com1, &motherboard]);
     let mut table = bytes_of(&Sdt::new(
         *b"DSDT",
@@ -197,6 +178,21 @@ fn dsdt(platform: &Platform) -> Vec<u8> {
     ));
     extend_table(&mut table, &bytes_of(&sb));
     table
+}
+
+/// The device `name` with these named objects.
+fn device<'a>(name: &str, names: &'a [Name]) -> Device<'a> {
+    Device::new(name.into(), names.iter().map(|n| n as &dyn Aml).collect())
+}
+
+/// What a device with one identity and its resources names: `_HID`, `_UID`
+/// 0 and `_CRS`.
+fn identified(hid: &str, crs: &ResourceTemplate) -> [Name; 3] {
+    [
+        Name::new("_HID".into(), &EISAName::new(hid)),
+        Name::new("_UID".into(), &ZERO),
+        Name::new("_CRS".into(), crs),
+    ]
 }
 
 fn madt(platform: &Platform) -> Vec<u8> {

@@ -1,8 +1,6 @@
 //! The Linux loader against synthetic kernels: a bzImage header with a
 //! small payload, an ELF with and without a PVH note.
 
-use std::io::Write;
-
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
@@ -45,17 +43,7 @@ fn spec<'a>(cmdline: &'a str, ram: &'a [(u64, u64)]) -> LinuxBootSpec<'a> {
 }
 
 fn initramfs(bytes: &[u8]) -> std::fs::File {
-    let path = crate::test_util::scratch_path("initramfs");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    f.write_all(bytes).unwrap();
-    let _ = std::fs::remove_file(&path);
-    f
+    crate::test_util::scratch_file("initramfs", bytes)
 }
 
 fn zero_page(mem: &GuestMemoryMmap) -> boot_params {

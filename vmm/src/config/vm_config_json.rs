@@ -217,28 +217,28 @@ fn memory(top: &Map<String, Value>) -> Result<MemoryConfig, VmConfigJsonError> {
     Ok(MemoryConfig::new("memory", size, guest_memfd, layout)?)
 }
 
-/// Cloud Hypervisor's `PayloadConfig`: a kernel here.
+/// Cloud Hypervisor's `PayloadConfig`: a kernel, or a firmware (an OVMF
+/// image for a confidential guest).
 #[derive(Deserialize)]
 struct PayloadJson {
     kernel: Option<String>,
+    firmware: Option<String>,
     cmdline: Option<String>,
     initramfs: Option<String>,
 }
 
-const ONLY_KERNELS: &str =
-    "only a kernel is loaded here (Linux bzImage or vmlinux, or an ELF test guest)";
+const NO_IGVM: &str =
+    "a kernel (Linux bzImage or vmlinux, or an ELF test guest) or an OVMF firmware is loaded here";
 
 const PAYLOAD_POLICY: Policy = Policy {
     hints: &[],
-    refused: &[
-        ("firmware", ONLY_KERNELS),
-        ("igvm", ONLY_KERNELS),
-        ("host_data", ONLY_KERNELS),
-    ],
+    refused: &[("igvm", NO_IGVM), ("host_data", NO_IGVM)],
 };
 
 struct Payload {
+    /// Empty for a firmware boot.
     kernel: PathBuf,
+    firmware: Option<PathBuf>,
     cmdline: Option<String>,
     initramfs: Option<PathBuf>,
 }
@@ -246,14 +246,39 @@ struct Payload {
 fn payload(top: &Map<String, Value>) -> Result<Payload, VmConfigJsonError> {
     let o = section::<PayloadJson>(top, "payload", &PAYLOAD_POLICY)?
         .ok_or_else(|| field_error("payload", "required"))?;
-    let kernel = o
-        .kernel
-        .filter(|k| !k.is_empty())
-        .ok_or_else(|| field_error("payload.kernel", "required (an ELF kernel)"))?;
+    let kernel = o.kernel.filter(|k| !k.is_empty());
+    let firmware = o.firmware.filter(|f| !f.is_empty());
+    let initramfs = o.initramfs.filter(|i| !i.is_empty()).map(PathBuf::from);
+    let Some(firmware) = firmware else {
+        let kernel = kernel.ok_or_else(|| {
+            field_error(
+                "payload.kernel",
+                "required (an ELF kernel, or payload.firmware for a confidential guest)",
+            )
+        })?;
+        return Ok(Payload {
+            kernel: PathBuf::from(kernel),
+            firmware: None,
+            cmdline: o.cmdline,
+            initramfs,
+        });
+    };
+    if kernel.is_some() {
+        return Err(field_error("payload", "give kernel or firmware, not both"));
+    }
+    for (key, given) in [
+        ("payload.cmdline", o.cmdline.is_some()),
+        ("payload.initramfs", initramfs.is_some()),
+    ] {
+        if given {
+            return Err(field_error(key, "does not apply to a firmware launch"));
+        }
+    }
     Ok(Payload {
-        kernel: PathBuf::from(kernel),
-        cmdline: o.cmdline,
-        initramfs: o.initramfs.filter(|i| !i.is_empty()).map(PathBuf::from),
+        kernel: PathBuf::new(),
+        firmware: Some(PathBuf::from(firmware)),
+        cmdline: None,
+        initramfs: None,
     })
 }
 
@@ -386,6 +411,7 @@ pub fn from_json(body: &[u8]) -> Result<VmConfig, VmConfigJsonError> {
     };
     let Payload {
         kernel,
+        firmware,
         cmdline,
         initramfs,
     } = payload(&top)?;
@@ -416,13 +442,21 @@ pub fn from_json(body: &[u8]) -> Result<VmConfig, VmConfigJsonError> {
         }
         Some(_) => return Err(field_error(".iommu", "expected true or false")),
     }
+    let platform = platform(&top)?;
+    // As on the command line: firmware is launched as a confidential guest.
+    if firmware.is_some() && !platform.sev_snp && !platform.tdx {
+        return Err(field_error(
+            "payload.firmware",
+            "boots a confidential guest: set platform.sev_snp or platform.tdx",
+        ));
+    }
     let config = VmConfig {
         kernel,
-        firmware: None,
+        firmware,
         cmdline,
         initramfs,
         memory: memory(&top)?,
-        platform: platform(&top)?,
+        platform,
         cpus: cpus(&top)?,
         serial: console(&top, "serial")?.unwrap_or(ConsoleOutput::Off),
         devices,

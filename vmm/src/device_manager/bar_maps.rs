@@ -116,7 +116,7 @@ mod tests {
 
     #[test]
     fn areas_map_the_file_at_their_offsets_and_a_bad_one_maps_nothing() {
-        let file = tempfile_with(&[0xab; 8192]);
+        let file = crate::test_util::scratch_file("bar-maps", &[0xab; 8192]);
         let maps = BarMaps::default();
         let areas = maps.map(file.as_raw_fd(), 4096, &[(0, 4096)]).unwrap();
         assert_eq!(areas.len(), 1);
@@ -146,20 +146,5 @@ mod tests {
             .lines()
             .filter(|l| l.contains(&name))
             .count()
-    }
-
-    fn tempfile_with(bytes: &[u8]) -> std::fs::File {
-        use std::io::Write;
-        let path = std::env::temp_dir().join(format!("ch-bar-maps-{}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        f.write_all(bytes).unwrap();
-        let _ = std::fs::remove_file(&path);
-        f
     }
 }

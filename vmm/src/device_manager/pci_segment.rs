@@ -49,6 +49,11 @@ pub struct PciSegment {
 }
 
 impl PciSegment {
+    /// The VM's MSI routing table, where the VM has an irqchip.
+    pub fn msi_router(&self) -> Option<&Arc<MsiRouter>> {
+        self.router.as_ref()
+    }
+
     /// Builds segment 0 and claims its configuration access windows.
     pub fn new(
         io_bus: &Bus,

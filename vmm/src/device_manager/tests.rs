@@ -15,11 +15,26 @@ use crate::test_util::{convert, kvm};
 
 const MIB: u64 = 1 << 20;
 
-fn memory() -> Option<Arc<MemoryManager>> {
+/// A VM (no vCPUs) and a manager of 64 MiB of its RAM; None without KVM.
+fn vm_and_memory() -> Option<(Arc<dyn hypervisor::Vm>, Arc<MemoryManager>)> {
     let vm = kvm()?.create_vm(VmType::Default).unwrap();
-    Some(Arc::new(
-        MemoryManager::new(vm, 64 * MIB, MemoryLayout::Auto).unwrap(),
-    ))
+    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
+    Some((vm, memory))
+}
+
+fn memory() -> Option<Arc<MemoryManager>> {
+    vm_and_memory().map(|(_, memory)| memory)
+}
+
+fn section(gpa: u64, size: u64) -> Section {
+    Section { gpa, size }
+}
+
+/// `memory()` and a manager over it without PCI.
+fn memory_and_manager() -> Option<(Arc<MemoryManager>, DeviceManager)> {
+    let memory = memory()?;
+    let dm = manager(&memory);
+    Some((memory, dm))
 }
 
 fn listener_count(memory: &MemoryManager) -> usize {
@@ -95,8 +110,9 @@ fn attach_replays_and_conversions_follow() {
 
 #[test]
 fn a_refusing_device_fails_the_conversion_and_changes_nothing() {
-    let Some(memory) = memory() else { return };
-    let dm = manager(&memory);
+    let Some((memory, dm)) = memory_and_manager() else {
+        return;
+    };
     let healthy = Arc::new(FakeIommu::new(None));
     let full = Arc::new(FakeIommu::new(None));
     attach_fake(&dm, "healthy", &healthy, None).unwrap();
@@ -136,8 +152,9 @@ fn a_failed_attach_leaves_no_listener_and_no_mapping() {
 
 #[test]
 fn ids_are_unique_and_generated_when_absent() {
-    let Some(memory) = memory() else { return };
-    let dm = manager(&memory);
+    let Some((_memory, dm)) = memory_and_manager() else {
+        return;
+    };
     let iommu = Arc::new(FakeIommu::new(None));
     let first = dm.claim_id(None, DeviceKind::VfioUser).unwrap();
     // The next generated id while the first is still being attached.
@@ -209,16 +226,7 @@ fn conversions_above_the_mmio_hole_reach_devices_at_the_right_address() {
     convert(&memory, high + 16 * MIB, 8192, true).unwrap();
     assert_eq!(
         iommu.mappings(),
-        vec![
-            Section {
-                gpa: 16 * MIB,
-                size: 4096
-            },
-            Section {
-                gpa: high + 16 * MIB,
-                size: 8192
-            }
-        ]
+        vec![section(16 * MIB, 4096), section(high + 16 * MIB, 8192)]
     );
     let upper = memory.regions()[1].attributes.as_ref().unwrap();
     assert!(upper.is_populated(16 * MIB, 8192).unwrap());
@@ -249,13 +257,7 @@ fn conversions_above_the_mmio_hole_reach_devices_at_the_right_address() {
 
     // Back to private in the upper region: unmapped there only.
     convert(&memory, high + 16 * MIB, 8192, false).unwrap();
-    assert_eq!(
-        iommu.mappings(),
-        vec![Section {
-            gpa: 16 * MIB,
-            size: 4096
-        }]
-    );
+    assert_eq!(iommu.mappings(), vec![section(16 * MIB, 4096)]);
     assert_eq!(iommu.violations(), 0);
     dm.remove("dev0").unwrap();
     assert!(iommu.mappings().is_empty());
@@ -263,8 +265,9 @@ fn conversions_above_the_mmio_hole_reach_devices_at_the_right_address() {
 
 #[test]
 fn a_device_lost_mid_conversion_is_detached_and_the_conversion_goes_on() {
-    let Some(memory) = memory() else { return };
-    let dm = manager(&memory);
+    let Some((memory, dm)) = memory_and_manager() else {
+        return;
+    };
     let healthy = Arc::new(FakeIommu::new(None));
     let flaky = Arc::new(FakeIommu::new(None));
     attach_fake(&dm, "healthy", &healthy, None).unwrap();
@@ -274,10 +277,7 @@ fn a_device_lost_mid_conversion_is_detached_and_the_conversion_goes_on() {
     // To-private: the flaky device's unmap fails, so it is cut off; the
     // conversion is done and the healthy device follows it.
     convert(&memory, 16 * MIB, 4096, false).unwrap();
-    let expected = vec![Section {
-        gpa: 16 * MIB + 4096,
-        size: 12288,
-    }];
+    let expected = vec![section(16 * MIB + 4096, 12288)];
     assert_eq!(shared_runs(&memory), expected);
     assert_eq!(healthy.mappings(), expected);
     assert!(flaky.is_cut_off());
@@ -316,8 +316,9 @@ fn attaching_after_shutdown_is_refused_and_leaves_nothing() {
 
 #[test]
 fn a_to_private_split_past_the_entry_limit_is_refused_before_anything_changes() {
-    let Some(memory) = memory() else { return };
-    let dm = manager(&memory);
+    let Some((memory, dm)) = memory_and_manager() else {
+        return;
+    };
     let iommu = Arc::new(FakeIommu::new(None));
     attach_fake(&dm, "one-entry", &iommu, Some(1)).unwrap();
     convert(&memory, 16 * MIB, 4 * 4096, true).unwrap();
@@ -356,13 +357,7 @@ fn conversions_at_the_first_page_of_each_region() {
     convert(&memory, high + 4096, 2 * 4096, false).unwrap();
     assert_eq!(
         iommu.mappings(),
-        vec![
-            Section { gpa: 0, size: 4096 },
-            Section {
-                gpa: high,
-                size: 4096
-            }
-        ]
+        vec![section(0, 4096), section(high, 4096)]
     );
     convert(&memory, high, 4096, false).unwrap();
     convert(&memory, 0, 4096, false).unwrap();
@@ -371,9 +366,9 @@ fn conversions_at_the_first_page_of_each_region() {
 
 #[test]
 fn vfio_devices_get_the_backend_they_ask_for_and_one_shared_kvm_vfio_device() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
-    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
+    let Some((vm, memory)) = vm_and_memory() else {
+        return;
+    };
     let device = |iommufd: Option<bool>| DeviceConfig {
         path: PathBuf::from("/sys/bus/pci/devices/0000:01:00.0/"),
         iommufd,
@@ -505,9 +500,9 @@ fn vfio_manager(
 #[test]
 fn a_vfio_device_is_a_pci_function_whose_dma_follows_the_shared_pages() {
     use super::fake_vfio::{FakeContainer, FakeVfioDevice};
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
-    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
+    let Some((vm, memory)) = vm_and_memory() else {
+        return;
+    };
     let ram = GuestRam::new(&memory);
     convert(&memory, 16 * MIB, 64 << 10, true).unwrap();
     let device = FakeVfioDevice::pci_function();
@@ -568,9 +563,9 @@ fn a_vfio_device_is_a_pci_function_whose_dma_follows_the_shared_pages() {
 #[test]
 fn a_vfio_device_without_a_pci_function_is_refused_with_nothing_mapped() {
     use super::fake_vfio::{FakeContainer, FakeVfioDevice};
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
-    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
+    let Some((vm, memory)) = vm_and_memory() else {
+        return;
+    };
     convert(&memory, 16 * MIB, 4096, true).unwrap();
     let device = FakeVfioDevice::pci_function();
     device.poke(7, 0, &[0xff; 4]);
@@ -623,49 +618,79 @@ fn device_maps(ctl: &std::path::Path) -> Vec<Section> {
         .collect()
 }
 
-#[test]
-fn a_vfio_user_server_is_a_pci_function_whose_dma_follows_the_shared_pages() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
-    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
-    convert(&memory, 16 * MIB, 64 << 10, true).unwrap();
-    let (socket, ctl) = in_process_test_device("pci", false);
+/// What `with_vfio_user_server` sets up.
+struct UserDeviceFixture {
+    memory: Arc<MemoryManager>,
+    dm: DeviceManager,
+    segment: Arc<PciSegment>,
+    /// The added device.
+    info: DeviceInfo,
+    /// The server's control socket.
+    ctl: PathBuf,
+}
+
+/// A manager with PCI segment 0, `shared` bytes at 16 MiB made shared, and
+/// an in-process server (`in_process_test_device(tag, dma_only)`) added as
+/// `config` says (its socket filled in); None without KVM.
+fn with_vfio_user_server(
+    tag: &str,
+    dma_only: bool,
+    shared: u64,
+    config: UserDeviceConfig,
+) -> Option<UserDeviceFixture> {
+    let (vm, memory) = vm_and_memory()?;
+    convert(&memory, 16 * MIB, shared, true).unwrap();
+    let (socket, ctl) = in_process_test_device(tag, dma_only);
     let (dm, segment) = pci_manager(&memory, vm);
     let info = dm
-        .add_vfio_user(&UserDeviceConfig {
-            socket,
-            id: Some("nic0".into()),
-            pci_device_id: Some(4),
-            ..Default::default()
-        })
+        .add_vfio_user(&UserDeviceConfig { socket, ..config })
         .unwrap();
-    assert_eq!(info.bdf.as_deref(), Some("0000:00:04.0"));
+    Some(UserDeviceFixture {
+        memory,
+        dm,
+        segment,
+        info,
+        ctl,
+    })
+}
+
+#[test]
+fn a_vfio_user_server_is_a_pci_function_whose_dma_follows_the_shared_pages() {
+    let config = UserDeviceConfig {
+        id: Some("nic0".into()),
+        pci_device_id: Some(4),
+        ..Default::default()
+    };
+    let Some(f) = with_vfio_user_server("pci", false, 64 << 10, config) else {
+        return;
+    };
+    assert_eq!(f.info.bdf.as_deref(), Some("0000:00:04.0"));
     // The configuration space read over the connection.
     assert_eq!(
-        segment.function(4),
+        f.segment.function(4),
         u32::from(test_device::pci::DEVICE_ID) << 16 | u32::from(test_device::pci::VENDOR_ID)
     );
     // BAR0 sized from the server's region and placed in the 32-bit hole.
-    let bar0 = segment.bus().config_read(0, 4, 0, 4) & !0xf;
+    let bar0 = f.segment.bus().config_read(0, 4, 0, 4) & !0xf;
     assert!(
         (pci_segment::MMIO32_START..pci_segment::MMIO32_END).contains(&u64::from(bar0)),
         "{bar0:#x}"
     );
     // The guest enables MSI-X: the server gets an eventfd per vector.
-    segment.bus().config_write(0, 4, 0, 0x40 / 4, 3, &[0x80]);
+    f.segment.bus().config_write(0, 4, 0, 0x40 / 4, 3, &[0x80]);
     let engine: serde_json::Value =
-        serde_json::from_str(&test_device::ask(&ctl, "engine").unwrap()).unwrap();
+        serde_json::from_str(&test_device::ask(&f.ctl, "engine").unwrap()).unwrap();
     assert_eq!(engine["msix_fds"], test_device::pci::MSIX_VECTORS);
 
-    assert_eq!(device_maps(&ctl), shared_runs(&memory));
-    convert(&memory, 20 * MIB, 8 << 10, true).unwrap();
-    convert(&memory, 16 * MIB + (16 << 10), 4 << 10, false).unwrap();
-    assert_eq!(device_maps(&ctl), shared_runs(&memory));
-    assert_eq!(device_maps(&ctl).len(), 3);
+    assert_eq!(device_maps(&f.ctl), shared_runs(&f.memory));
+    convert(&f.memory, 20 * MIB, 8 << 10, true).unwrap();
+    convert(&f.memory, 16 * MIB + (16 << 10), 4 << 10, false).unwrap();
+    assert_eq!(device_maps(&f.ctl), shared_runs(&f.memory));
+    assert_eq!(device_maps(&f.ctl).len(), 3);
 
-    dm.remove("nic0").unwrap();
-    assert_eq!(segment.function(4), 0xffff_ffff);
-    assert!(device_maps(&ctl).is_empty());
+    f.dm.remove("nic0").unwrap();
+    assert_eq!(f.segment.function(4), 0xffff_ffff);
+    assert!(device_maps(&f.ctl).is_empty());
 }
 
 #[test]
@@ -677,13 +702,7 @@ fn a_cut_off_vfio_user_connection_reports_why_and_maps_nothing_more() {
     assert!(dma.offers_pci_function().unwrap());
     assert_eq!(dma.client().closed_reason(), None);
     dma.map(0x20_0000, 0x20_0000, 0x2000).unwrap();
-    assert_eq!(
-        device_maps(&ctl),
-        [Section {
-            gpa: 0x20_0000,
-            size: 0x2000
-        }]
-    );
+    assert_eq!(device_maps(&ctl), [section(0x20_0000, 0x2000)]);
     dma.unmap(0x20_0000, 0x2000).unwrap();
     assert!(device_maps(&ctl).is_empty());
     // Cut off: the reason is kept, and nothing reaches the server any more
@@ -696,27 +715,65 @@ fn a_cut_off_vfio_user_connection_reports_why_and_maps_nothing_more() {
     assert!(device_maps(&ctl).is_empty());
 }
 
+/// The PCI model's calls reach the server through the adapter: a trapped
+/// region write reads back, the mmappable scratch page is mapped, and a
+/// reset takes back the interrupts the server was given.
+#[test]
+fn the_adapter_passes_region_writes_mmap_areas_and_reset_to_the_server() {
+    use pci::VfioOps;
+    use std::os::fd::AsRawFd;
+    let Some(memory) = memory() else { return };
+    let (socket, ctl) = in_process_test_device("ops", false);
+    let ram = Arc::new(GuestRam::new(&memory));
+    let dma = VfioUserDma::connect(&socket, ram, Duration::from_secs(5), DmaMode::Fd).unwrap();
+    let (bar0, msix) = (0, 2);
+    let at = test_device::pci::SCRATCH_OFFSET + 8;
+    dma.region_write(bar0, at, &[1, 2, 3, 4]).unwrap();
+    let mut back = [0u8; 4];
+    dma.region_read(bar0, at, &mut back).unwrap();
+    assert_eq!(back, [1, 2, 3, 4]);
+
+    let areas = dma.map_region_areas(bar0).unwrap();
+    let offered: Vec<(u64, u64)> = areas.iter().map(|a| (a.offset, a.size)).collect();
+    assert_eq!(
+        offered,
+        [(
+            test_device::pci::SCRATCH_OFFSET,
+            test_device::pci::SCRATCH_SIZE
+        )]
+    );
+    // SAFETY: the area is the server's scratch page, mapped read-write for
+    // as long as `dma` lives; a 4-byte read at an offset inside it.
+    let mapped = unsafe { std::ptr::read_volatile((areas[0].host + 8) as *const [u8; 4]) };
+    assert_eq!(mapped, [1, 2, 3, 4], "the mapping is the server's page");
+
+    let vectors: Vec<vmm_sys_util::eventfd::EventFd> = (0..test_device::pci::MSIX_VECTORS)
+        .map(|_| vmm_sys_util::eventfd::EventFd::new(0).unwrap())
+        .collect();
+    let fds: Vec<_> = vectors.iter().map(|e| e.as_raw_fd()).collect();
+    dma.set_irq_eventfds(msix, &fds).unwrap();
+    let msix_fds = || -> serde_json::Value {
+        let engine: serde_json::Value =
+            serde_json::from_str(&test_device::ask(&ctl, "engine").unwrap()).unwrap();
+        engine["msix_fds"].clone()
+    };
+    assert_eq!(msix_fds(), test_device::pci::MSIX_VECTORS);
+    dma.reset().unwrap();
+    assert_eq!(msix_fds(), 0, "a reset takes the interrupts back");
+}
+
 #[test]
 fn a_vfio_user_server_that_is_no_pci_function_is_a_dma_target_only() {
-    let Some(hv) = kvm() else { return };
-    let vm = hv.create_vm(VmType::Default).unwrap();
-    let memory = Arc::new(MemoryManager::new(vm.clone(), 64 * MIB, MemoryLayout::Auto).unwrap());
-    convert(&memory, 16 * MIB, 8 << 10, true).unwrap();
-    let (socket, ctl) = in_process_test_device("dma", true);
-    let (dm, segment) = pci_manager(&memory, vm);
-    let info = dm
-        .add_vfio_user(&UserDeviceConfig {
-            socket,
-            ..Default::default()
-        })
-        .unwrap();
-    assert_eq!(info.bdf, None, "nothing for the guest to find");
-    assert_eq!(segment.function(1), 0xffff_ffff);
-    assert_eq!(device_maps(&ctl), shared_runs(&memory));
-    convert(&memory, 20 * MIB, 4 << 10, true).unwrap();
-    assert_eq!(device_maps(&ctl), shared_runs(&memory));
-    dm.remove(&info.id).unwrap();
-    assert!(device_maps(&ctl).is_empty());
+    let Some(f) = with_vfio_user_server("dma", true, 8 << 10, UserDeviceConfig::default()) else {
+        return;
+    };
+    assert_eq!(f.info.bdf, None, "nothing for the guest to find");
+    assert_eq!(f.segment.function(1), 0xffff_ffff);
+    assert_eq!(device_maps(&f.ctl), shared_runs(&f.memory));
+    convert(&f.memory, 20 * MIB, 4 << 10, true).unwrap();
+    assert_eq!(device_maps(&f.ctl), shared_runs(&f.memory));
+    f.dm.remove(&f.info.id).unwrap();
+    assert!(device_maps(&f.ctl).is_empty());
 }
 
 /// This process's server-request threads (their task ids).
@@ -801,13 +858,7 @@ fn a_message_dma_server_is_answered_between_requests_and_let_go_on_drop() {
     );
     assert!(device_maps(&ctl).is_empty());
     dma.map(0x20_0000, 0x20_0000, 0x2000).unwrap();
-    assert_eq!(
-        device_maps(&ctl),
-        [Section {
-            gpa: 0x20_0000,
-            size: 0x2000
-        }]
-    );
+    assert_eq!(device_maps(&ctl), [section(0x20_0000, 0x2000)]);
     // A signal (a vCPU kick has no SA_RESTART) does not end the thread
     // that answers the server.
     let kick = vmm_sys_util::signal::SIGRTMIN() + 1;

@@ -86,22 +86,7 @@ impl FlatBitmap {
 
     /// First page in `from..end` in state `shared`.
     fn next_in_state(&self, from: u64, end: u64, shared: bool) -> Option<u64> {
-        let mut page = from;
-        while page < end {
-            let w = (page / WORD_BITS) as usize;
-            let raw = if shared {
-                self.words[w]
-            } else {
-                !self.words[w]
-            };
-            let hits = raw & (u64::MAX << (page % WORD_BITS));
-            if hits != 0 {
-                let found = w as u64 * WORD_BITS + u64::from(hits.trailing_zeros());
-                return (found < end).then_some(found);
-            }
-            page = (w as u64 + 1) * WORD_BITS;
-        }
-        None
+        super::shared_bitmap::next_bit(&self.words, from, end, shared)
     }
 }
 
@@ -170,29 +155,51 @@ impl PageStates for FlatBitmap {
     }
 }
 
+/// What the stores' walks report, collected, for the tests of both stores.
+#[cfg(test)]
+pub(super) mod test_util {
+    use super::PageStates;
+
+    /// A walk's callback that appends every `(start, count)` to `out`.
+    fn push_to(out: &mut Vec<(u64, u64)>) -> impl FnMut(u64, u64) -> Result<(), ()> + '_ {
+        |a, n| {
+            out.push((a, n));
+            Ok(())
+        }
+    }
+
+    /// The pieces `for_each_change` notifies.
+    pub fn changes<S: PageStates>(s: &S, start: u64, count: u64, shared: bool) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        s.for_each_change(start, count, shared, push_to(&mut out))
+            .unwrap();
+        out
+    }
+
+    /// A xorshift64 generator from `seed`: each call gives a number below
+    /// its argument, the same sequence every run.
+    pub fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        }
+    }
+
+    /// The runs `for_each_run` reports.
+    pub fn runs<S: PageStates>(s: &S, start: u64, count: u64, shared: bool) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        s.for_each_run(start, count, shared, push_to(&mut out))
+            .unwrap();
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_util::{changes, runs};
     use super::*;
-
-    fn changes<S: PageStates>(s: &S, start: u64, count: u64, shared: bool) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        s.for_each_change::<()>(start, count, shared, |a, n| {
-            out.push((a, n));
-            Ok(())
-        })
-        .unwrap();
-        out
-    }
-
-    fn runs<S: PageStates>(s: &S, start: u64, count: u64, shared: bool) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        s.for_each_run::<()>(start, count, shared, |a, n| {
-            out.push((a, n));
-            Ok(())
-        })
-        .unwrap();
-        out
-    }
 
     #[test]
     fn both_stores_agree_and_the_flat_one_notifies_mixed_ranges_page_by_page() {
@@ -246,13 +253,7 @@ mod tests {
         let pages = 2 * CHUNK_PAGES + 300;
         let mut flat = FlatBitmap::with_pages(pages);
         let mut ours = SharedBitmap::with_pages(pages);
-        let mut x = 0x1234_5678_9abc_def1u64;
-        let mut next = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = test_util::xorshift(0x1234_5678_9abc_def1);
         for round in 0..300 {
             let start = next(pages);
             let count =

@@ -66,6 +66,30 @@ impl RamDiscardListener for Recorder {
     }
 }
 
+/// Pages `first..first+count` of the region at BASE, as a section.
+fn pages(first: u64, count: u64) -> Section {
+    Section {
+        gpa: BASE + first * PAGE,
+        size: count * PAGE,
+    }
+}
+
+/// A new `Recorder` registered on `rba` for `section`.
+fn recorder_on(rba: &RamBlockAttribute, section: Section) -> Arc<Recorder> {
+    let recorder = Arc::new(Recorder::default());
+    rba.register_listener(recorder.clone(), section).unwrap();
+    recorder
+}
+
+/// Converts each `(offset, size, to_shared)` of `rba` in order; each must
+/// succeed.
+fn convert_each(rba: &OneRegion, conversions: &[(u64, u64, bool)]) {
+    for &(offset, size, shared) in conversions {
+        rba.convert(offset, size, shared)
+            .unwrap_or_else(|e| panic!("{offset:#x}+{size:#x} to shared={shared}: {e:?}"));
+    }
+}
+
 fn shared_pages(rba: &RamBlockAttribute) -> BTreeSet<u64> {
     let mut set = BTreeSet::new();
     rba.replay_populated::<()>(0, rba.size(), |s| {
@@ -125,18 +149,12 @@ fn bad_ranges_are_typed_errors_and_change_nothing() {
 #[test]
 fn mixed_range_notifies_one_run_per_change() {
     let rba = OneRegion::new(BASE, 64 * PAGE);
-    let l = Arc::new(Recorder::default());
-    rba.register_listener(
-        l.clone(),
-        Section {
-            gpa: BASE,
-            size: 64 * PAGE,
-        },
-    )
-    .unwrap();
+    let l = recorder_on(&rba, pages(0, 64));
     // Shared: pages 2..4 and 10..12; then the whole 0..16 to shared.
-    rba.convert(2 * PAGE, 2 * PAGE, true).unwrap();
-    rba.convert(10 * PAGE, 2 * PAGE, true).unwrap();
+    convert_each(
+        &rba,
+        &[(2 * PAGE, 2 * PAGE, true), (10 * PAGE, 2 * PAGE, true)],
+    );
     assert_eq!(l.counts(), (2, 0));
     let changed = rba.convert(0, 16 * PAGE, true).unwrap();
     assert_eq!(changed, 12);
@@ -144,20 +162,7 @@ fn mixed_range_notifies_one_run_per_change() {
     assert_eq!(l.counts(), (5, 0));
     assert_eq!(
         l.populates.lock().unwrap()[2..],
-        [
-            Section {
-                gpa: BASE,
-                size: 2 * PAGE
-            },
-            Section {
-                gpa: BASE + 4 * PAGE,
-                size: 6 * PAGE
-            },
-            Section {
-                gpa: BASE + 12 * PAGE,
-                size: 4 * PAGE
-            },
-        ]
+        [pages(0, 2), pages(4, 6), pages(12, 4),]
     );
     // Already shared: no notification at all.
     assert_eq!(rba.convert(0, 16 * PAGE, true).unwrap(), 0);
@@ -171,10 +176,7 @@ fn mixed_range_notifies_one_run_per_change() {
 #[test]
 fn refused_populate_rolls_back_every_listener() {
     let rba = OneRegion::new(BASE, 32 * PAGE);
-    let section = Section {
-        gpa: BASE,
-        size: 32 * PAGE,
-    };
+    let section = pages(0, 32);
     let first = Arc::new(Recorder::default());
     let second = Recorder::refusing(BASE + 9 * PAGE);
     rba.register_listener(first.clone(), section).unwrap();
@@ -201,15 +203,7 @@ fn refused_populate_rolls_back_every_listener() {
 #[test]
 fn listener_sections_clip_notifications() {
     let rba = OneRegion::new(BASE, 32 * PAGE);
-    let l = Arc::new(Recorder::default());
-    rba.register_listener(
-        l.clone(),
-        Section {
-            gpa: BASE + 8 * PAGE,
-            size: 8 * PAGE,
-        },
-    )
-    .unwrap();
+    let l = recorder_on(&rba, pages(8, 8));
     rba.convert(0, 32 * PAGE, true).unwrap();
     assert_eq!(l.mapped(), (8..16).map(|p| BASE + p * PAGE).collect());
     assert_eq!(l.counts(), (1, 0));
@@ -218,13 +212,15 @@ fn listener_sections_clip_notifications() {
 #[test]
 fn register_replays_and_failed_register_leaves_nothing() {
     let rba = OneRegion::new(BASE, 32 * PAGE);
-    rba.convert(0, 4 * PAGE, true).unwrap();
-    rba.convert(8 * PAGE, 4 * PAGE, true).unwrap();
-    rba.convert(20 * PAGE, 4 * PAGE, true).unwrap();
-    let section = Section {
-        gpa: BASE,
-        size: 32 * PAGE,
-    };
+    convert_each(
+        &rba,
+        &[
+            (0, 4 * PAGE, true),
+            (8 * PAGE, 4 * PAGE, true),
+            (20 * PAGE, 4 * PAGE, true),
+        ],
+    );
+    let section = pages(0, 32);
 
     let bad = Recorder::refusing(BASE + 21 * PAGE);
     assert!(rba.register_listener(bad.clone(), section).is_err());
@@ -258,27 +254,14 @@ fn register_replays_and_failed_register_leaves_nothing() {
 #[test]
 fn replay_is_clipped_and_stops_at_first_error() {
     let rba = OneRegion::new(BASE, 32 * PAGE);
-    rba.convert(0, 8 * PAGE, true).unwrap();
-    rba.convert(16 * PAGE, 8 * PAGE, true).unwrap();
+    convert_each(&rba, &[(0, 8 * PAGE, true), (16 * PAGE, 8 * PAGE, true)]);
     let mut seen = Vec::new();
     rba.replay_populated::<()>(4 * PAGE, 16 * PAGE, |s| {
         seen.push(s);
         Ok(())
     })
     .unwrap();
-    assert_eq!(
-        seen,
-        [
-            Section {
-                gpa: BASE + 4 * PAGE,
-                size: 4 * PAGE
-            },
-            Section {
-                gpa: BASE + 16 * PAGE,
-                size: 4 * PAGE
-            },
-        ]
-    );
+    assert_eq!(seen, [pages(4, 4), pages(16, 4),]);
     let mut calls = 0;
     let r = rba.replay_discarded(0, 32 * PAGE, |_| {
         calls += 1;
@@ -292,17 +275,17 @@ fn replay_is_clipped_and_stops_at_first_error() {
 fn sixteen_tib_region() {
     let size = 16u64 << 40;
     let rba = OneRegion::new(0x1_0000_0000, size);
-    let l = Arc::new(Recorder::default());
-    rba.register_listener(
-        l.clone(),
+    let l = recorder_on(
+        &rba,
         Section {
             gpa: 0x1_0000_0000,
             size,
         },
-    )
-    .unwrap();
-    rba.convert(size - 2 * PAGE, 2 * PAGE, true).unwrap();
-    rba.convert(size / 2, 1 << 30, true).unwrap();
+    );
+    convert_each(
+        &rba,
+        &[(size - 2 * PAGE, 2 * PAGE, true), (size / 2, 1 << 30, true)],
+    );
     assert_eq!(rba.shared_bytes(), (1 << 30) + 2 * PAGE);
     assert!(rba.is_populated(size - 2 * PAGE, 2 * PAGE).unwrap());
     assert_eq!(l.counts(), (2, 0));
@@ -373,15 +356,13 @@ fn one_tib_fragmented_state_stays_within_a_bitmap() {
 #[test]
 fn concurrent_conversions_are_atomic() {
     let rba = Arc::new(OneRegion::new(0, 1024 * PAGE));
-    let l = Arc::new(Recorder::default());
-    rba.register_listener(
-        l.clone(),
+    let l = recorder_on(
+        &rba,
         Section {
             gpa: 0,
             size: 1024 * PAGE,
         },
-    )
-    .unwrap();
+    );
     let threads: Vec<_> = (0..4u64)
         .map(|t| {
             let rba = rba.clone();
@@ -515,10 +496,7 @@ fn a_listener_section_outside_the_region_is_refused_with_the_region_size() {
             gpa: BASE - PAGE,
             size: 2 * PAGE,
         },
-        Section {
-            gpa: BASE + 31 * PAGE,
-            size: 2 * PAGE,
-        },
+        pages(31, 2),
     ] {
         let err = rba
             .register_listener(Arc::new(Recorder::default()), section)
@@ -543,15 +521,13 @@ fn a_listener_section_outside_the_region_is_refused_with_the_region_size() {
 fn undo_populate_withdraws_exactly_what_was_offered() {
     let rba = OneRegion::new(BASE, 32 * PAGE);
     rba.convert(2 * PAGE, PAGE, true).unwrap();
-    let recorder = Arc::new(Recorder::default());
-    rba.register_listener(
-        recorder.clone(),
+    let recorder = recorder_on(
+        &rba,
         Section {
             gpa: BASE,
             size: 32 * PAGE,
         },
-    )
-    .unwrap();
+    );
     let state = rba.lock().unwrap();
     let range = state.validate(0, 8 * PAGE).unwrap();
     let runs = state.changes(range, false);
@@ -568,8 +544,10 @@ fn every_counter_follows_the_conversions() {
     let rba = OneRegion::new(BASE, 64 * PAGE);
     rba.convert(0, 8 * PAGE, true).unwrap();
     // Half of it already shared: only 4 pages change.
-    rba.convert(4 * PAGE, 8 * PAGE, true).unwrap();
-    rba.convert(2 * PAGE, 3 * PAGE, false).unwrap();
+    convert_each(
+        &rba,
+        &[(4 * PAGE, 8 * PAGE, true), (2 * PAGE, 3 * PAGE, false)],
+    );
     // Already private: counted as a conversion, no page changes.
     rba.convert(40 * PAGE, PAGE, false).unwrap();
     assert!(rba.convert(PAGE + 1, PAGE, true).is_err());
@@ -672,10 +650,7 @@ fn sorted_halves(mut log: Vec<String>) -> [[String; 2]; 2] {
 fn every_listener_is_started_before_any_is_waited_for() {
     let rba = OneRegion::new(BASE, 32 * PAGE);
     let log = Arc::new(Mutex::new(Vec::new()));
-    let whole = Section {
-        gpa: BASE,
-        size: 32 * PAGE,
-    };
+    let whole = pages(0, 32);
     let (a, b) = (
         InFlight::new("a", &log, false),
         InFlight::new("b", &log, false),
@@ -699,10 +674,7 @@ fn every_listener_is_started_before_any_is_waited_for() {
 fn a_refusal_while_all_are_in_flight_unmaps_every_listener_that_mapped() {
     let rba = OneRegion::new(BASE, 32 * PAGE);
     let log = Arc::new(Mutex::new(Vec::new()));
-    let whole = Section {
-        gpa: BASE,
-        size: 32 * PAGE,
-    };
+    let whole = pages(0, 32);
     let listeners = [
         InFlight::new("a", &log, false),
         InFlight::new("b", &log, true),
@@ -784,10 +756,7 @@ fn a_reservation_refused_part_way_cancels_exactly_the_runs_before_it() {
     for first in [0, 4, 8] {
         rba.convert(first * PAGE, 2 * PAGE, true).unwrap();
     }
-    let whole = Section {
-        gpa: BASE,
-        size: 32 * PAGE,
-    };
+    let whole = pages(0, 32);
     let reserver = Arc::new(Reserver {
         refuse_at: Some(BASE + 8 * PAGE),
         ..Default::default()
@@ -809,10 +778,7 @@ fn a_reservation_refused_part_way_cancels_exactly_the_runs_before_it() {
 #[test]
 fn a_detached_listener_hears_nothing_more_and_the_others_still_do() {
     let rba = OneRegion::new(BASE, 32 * PAGE);
-    let whole = Section {
-        gpa: BASE,
-        size: 32 * PAGE,
-    };
+    let whole = pages(0, 32);
     let (kept, detached) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
     let kept_id = rba.register_listener(kept.clone(), whole).unwrap();
     let detached_id = rba.register_listener(detached.clone(), whole).unwrap();
@@ -855,15 +821,7 @@ fn every_region_keeps_its_listeners_in_one_order() {
     );
     let devices: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::new(Recorder::default())).collect();
     for d in &devices {
-        first
-            .register_listener(
-                d.clone(),
-                Section {
-                    gpa: BASE,
-                    size: PAGE,
-                },
-            )
-            .unwrap();
+        first.register_listener(d.clone(), pages(0, 1)).unwrap();
     }
     for d in devices.iter().rev() {
         second

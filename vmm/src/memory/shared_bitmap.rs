@@ -94,6 +94,24 @@ fn count_bits(bits: u64) -> u64 {
     u64::from(bits.count_ones())
 }
 
+/// First bit in `from..end` of `words` that is set (`shared`) or clear,
+/// a word at a time. Serves both stores (`page_states::FlatBitmap` too).
+#[inline]
+pub(super) fn next_bit(words: &[u64], from: u64, end: u64, shared: bool) -> Option<u64> {
+    let mut bit = from;
+    while bit < end {
+        let w = (bit / WORD_BITS) as usize;
+        let raw = if shared { words[w] } else { !words[w] };
+        let hits = raw & word_mask(bit % WORD_BITS, WORD_BITS);
+        if hits != 0 {
+            let found = w as u64 * WORD_BITS + u64::from(hits.trailing_zeros());
+            return (found < end).then_some(found);
+        }
+        bit = (w as u64 + 1) * WORD_BITS;
+    }
+    None
+}
+
 /// Bits `from..to` (0..=64) of a word set.
 fn word_mask(from: u64, to: u64) -> u64 {
     let high = if to >= WORD_BITS {
@@ -170,17 +188,14 @@ impl SharedBitmap {
                 Chunk::Shared if shared => return Some(page),
                 Chunk::Private | Chunk::Shared => {}
                 Chunk::Mixed(words, _) => {
-                    let mut bit = page - chunk_start;
-                    let last = chunk_end - chunk_start;
-                    while bit < last {
-                        let w = (bit / WORD_BITS) as usize;
-                        let raw = if shared { words[w] } else { !words[w] };
-                        let hits = raw & word_mask(bit % WORD_BITS, WORD_BITS);
-                        if hits != 0 {
-                            let found = w as u64 * WORD_BITS + u64::from(hits.trailing_zeros());
-                            return (found < last).then_some(chunk_start + found);
-                        }
-                        bit = (w as u64 + 1) * WORD_BITS;
+                    let found = next_bit(
+                        &words[..],
+                        page - chunk_start,
+                        chunk_end - chunk_start,
+                        shared,
+                    );
+                    if let Some(found) = found {
+                        return Some(chunk_start + found);
                     }
                 }
             }
@@ -505,6 +520,7 @@ impl SharedBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::page_states::test_util::{runs, xorshift};
 
     #[test]
     fn set_bits_sets_exactly_its_range_and_counts_what_flipped() {
@@ -535,16 +551,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    fn runs(b: &SharedBitmap, start: u64, count: u64, shared: bool) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        b.for_each_run::<()>(start, count, shared, |s, n| {
-            out.push((s, n));
-            Ok(())
-        })
-        .unwrap();
-        out
     }
 
     #[test]
@@ -857,13 +863,7 @@ mod tests {
         let mut b = SharedBitmap::new(pages);
         let mut model = vec![false; arch::usize_from(pages)];
         let mut model_shared = 0u64;
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..2000 {
             let start = next(pages);
             let count = match next(4) {

@@ -19,7 +19,7 @@ use log::warn;
 
 use super::conversion::{ConversionFailure, ConvertibleRam, RamRegion};
 use super::page_states::PageStates;
-use super::ram_block_attribute::{AttributeState, PageRange, Runs};
+use super::ram_block_attribute::{AttributeError, AttributeState, PageRange, Runs, Section};
 
 /// A conversion touches one region, unless a layout puts two RAM regions
 /// back to back: room for two without allocating.
@@ -127,15 +127,10 @@ impl<'a, S: PageStates> Transaction<'a, S> {
         if self.to_shared {
             return Ok(());
         }
-        for index in 0..self.spans.len() {
-            let span = &self.spans[index];
-            if let Err(e) = span.state.prepare_discard(&span.runs) {
-                span.state.record_failure();
-                return Err(ConversionFailure::ListenerFailed(e));
-            }
-            self.phase = Phase::Reserved { spans: index + 1 };
-        }
-        Ok(())
+        self.offer_each_span(
+            |state, runs| state.prepare_discard(runs),
+            |spans| Phase::Reserved { spans },
+        )
     }
 
     /// Tells the hypervisor the new state of the whole range, where it
@@ -164,13 +159,29 @@ impl<'a, S: PageStates> Transaction<'a, S> {
             return Ok(());
         }
         self.phase = Phase::Populated { spans: 0 };
+        self.offer_each_span(
+            |state, runs| state.notify_populate(runs),
+            |spans| Phase::Populated { spans },
+        )
+    }
+
+    /// Offers every span's runs to its listeners with `offer`, span by
+    /// span; after each span the phase says how many have taken it
+    /// (`phase(done)`), so that a drop undoes exactly those. The first
+    /// refusal is recorded on its region and returned.
+    #[inline]
+    fn offer_each_span(
+        &mut self,
+        offer: impl Fn(&AttributeState<S>, &[Section]) -> Result<(), AttributeError>,
+        phase: impl Fn(usize) -> Phase,
+    ) -> Result<(), ConversionFailure> {
         for index in 0..self.spans.len() {
             let span = &self.spans[index];
-            if let Err(e) = span.state.notify_populate(&span.runs) {
+            if let Err(e) = offer(&span.state, &span.runs) {
                 span.state.record_failure();
                 return Err(ConversionFailure::ListenerFailed(e));
             }
-            self.phase = Phase::Populated { spans: index + 1 };
+            self.phase = phase(index + 1);
         }
         Ok(())
     }

@@ -152,11 +152,33 @@ fn fixture(regions: u64) -> Fixture {
     }
 }
 
+/// `fixture(regions)` with pages `first..first+count` converted to shared,
+/// and its shared pages then.
+fn fixture_sharing(regions: u64, first: u64, count: u64) -> (Fixture, BTreeSet<u64>) {
+    let f = fixture(regions);
+    f.convert(first, count, true).unwrap();
+    let before = f.shared();
+    (f, before)
+}
+
 impl Fixture {
     fn begin(&self, first: u64, count: u64, to_shared: bool) -> Transaction<'_, SharedBitmap> {
         let (gpa, size) = (BASE + first * PAGE, count * PAGE);
         let spans = self.ram.route(gpa, size).unwrap();
         Transaction::begin(&self.ram, gpa, size, to_shared, spans).unwrap()
+    }
+
+    /// A transaction taken through reserve and set_attributes.
+    fn attributes_set(
+        &self,
+        first: u64,
+        count: u64,
+        to_shared: bool,
+    ) -> Transaction<'_, SharedBitmap> {
+        let mut tx = self.begin(first, count, to_shared);
+        tx.reserve().unwrap();
+        tx.set_attributes().unwrap();
+        tx
     }
 
     fn convert(&self, first: u64, count: u64, to_shared: bool) -> Result<u64, ConversionFailure> {
@@ -216,12 +238,8 @@ impl Fixture {
 
 #[test]
 fn a_to_shared_dropped_after_populating_unmaps_and_restores_the_attributes() {
-    let f = fixture(1);
-    f.convert(4, 2, true).unwrap();
-    let before = f.shared();
-    let mut tx = f.begin(0, 8, true);
-    tx.reserve().unwrap();
-    tx.set_attributes().unwrap();
+    let (f, before) = fixture_sharing(1, 4, 2);
+    let mut tx = f.attributes_set(0, 8, true);
     assert!(f.attributes.private_pages().is_disjoint(&pages(0, 8)));
     tx.notify().unwrap();
     assert_eq!(f.mapped(), pages(0, 8));
@@ -232,18 +250,14 @@ fn a_to_shared_dropped_after_populating_unmaps_and_restores_the_attributes() {
 #[test]
 fn a_to_shared_dropped_after_its_attributes_restores_them() {
     let f = fixture(1);
-    let mut tx = f.begin(0, 8, true);
-    tx.reserve().unwrap();
-    tx.set_attributes().unwrap();
+    let tx = f.attributes_set(0, 8, true);
     drop(tx);
     f.assert_in_step(&BTreeSet::new());
 }
 
 #[test]
 fn a_to_private_dropped_while_reserved_cancels_every_reservation() {
-    let f = fixture(2);
-    f.convert(PAGES - 4, 8, true).unwrap();
-    let before = f.shared();
+    let (f, before) = fixture_sharing(2, PAGES - 4, 8);
     let mut tx = f.begin(PAGES - 4, 8, false);
     tx.reserve().unwrap();
     assert_eq!(f.reservations(), 2, "one shared run in each region");
@@ -253,12 +267,8 @@ fn a_to_private_dropped_while_reserved_cancels_every_reservation() {
 
 #[test]
 fn a_to_private_dropped_after_its_attributes_restores_them_and_cancels() {
-    let f = fixture(1);
-    f.convert(0, 8, true).unwrap();
-    let before = f.shared();
-    let mut tx = f.begin(2, 4, false);
-    tx.reserve().unwrap();
-    tx.set_attributes().unwrap();
+    let (f, before) = fixture_sharing(1, 0, 8);
+    let tx = f.attributes_set(2, 4, false);
     assert!(f.attributes.private_pages().is_superset(&pages(2, 4)));
     drop(tx);
     f.assert_in_step(&before);
@@ -301,9 +311,7 @@ fn a_refusal_in_the_second_region_rolls_back_the_first() {
 
 #[test]
 fn a_hypervisor_refusal_cancels_the_reservations_and_counts_once() {
-    let f = fixture(2);
-    f.convert(PAGES - 4, 8, true).unwrap();
-    let before = f.shared();
+    let (f, before) = fixture_sharing(2, PAGES - 4, 8);
     *f.attributes.refuse.lock().unwrap() = true;
     let err = f.convert(PAGES - 4, 8, false).unwrap_err();
     assert!(matches!(err, ConversionFailure::Hypervisor(_)), "{err}");

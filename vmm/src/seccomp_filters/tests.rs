@@ -217,16 +217,42 @@ fn the_vmm_thread_may_create_the_kvm_vfio_device() {
     assert_eq!(create_under(Thread::Vcpu), libc::EPERM);
 }
 
+/// Whether this process is the child test `var` asks for (see `run_child`);
+/// if so, forbidden syscalls are reported as the VMM reports them.
+fn in_child(var: &str) -> bool {
+    if std::env::var_os(var).is_none() {
+        return false;
+    }
+    install_violation_reporter().unwrap();
+    true
+}
+
+/// Runs `seccomp_filters::tests::<test>` in a child test process, with
+/// `var=1` (and `env`) set; returns its exit status and stderr.
+fn run_child(test: &str, var: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            &format!("seccomp_filters::tests::{test}"),
+            "--nocapture",
+        ])
+        .env(var, "1")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status, stderr)
+}
+
 const VIOLATION_CHILD: &str = "CH_SECCOMP_VIOLATION_CHILD";
 
 /// Runs in a child test process (see below): makes a forbidden syscall
 /// from a filtered vCPU-like thread.
 #[test]
 fn violation_child() {
-    if std::env::var_os(VIOLATION_CHILD).is_none() {
+    if !in_child(VIOLATION_CHILD) {
         return;
     }
-    install_violation_reporter().unwrap();
     let program = filter(SeccompMode::Enforce, Thread::Vcpu).unwrap();
     let thread = spawn_filtered("vcpu7".into(), program, || {
         // SAFETY: the filter traps this before the kernel runs it.
@@ -239,21 +265,8 @@ fn violation_child() {
 
 #[test]
 fn a_forbidden_syscall_is_reported_with_its_thread_and_number() {
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "seccomp_filters::tests::violation_child",
-            "--nocapture",
-        ])
-        .env(VIOLATION_CHILD, "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(
-        output.status.code(),
-        Some(SECCOMP_VIOLATION_EXIT),
-        "{stderr}"
-    );
+    let (status, stderr) = run_child("violation_child", VIOLATION_CHILD, &[]);
+    assert_eq!(status.code(), Some(SECCOMP_VIOLATION_EXIT), "{stderr}");
     let expected = format!("thread 'vcpu7' made forbidden syscall {}", libc::SYS_socket);
     assert!(stderr.contains(&expected), "{stderr}");
 }
@@ -264,10 +277,9 @@ const PANIC_CHILD: &str = "CH_SECCOMP_PANIC_CHILD";
 /// filter panics; the panic must stay an ordinary panic.
 #[test]
 fn panic_child() {
-    if std::env::var_os(PANIC_CHILD).is_none() {
+    if !in_child(PANIC_CHILD) {
         return;
     }
-    install_violation_reporter().unwrap();
     for thread in Thread::ALL {
         let program = filter(SeccompMode::Enforce, thread).unwrap();
         let handle = spawn_filtered(format!("{thread:?}"), program, move || {
@@ -285,24 +297,14 @@ fn panic_child() {
 #[test]
 fn a_panic_under_any_filter_is_not_turned_into_a_seccomp_kill() {
     for backtrace in ["0", "1", "full"] {
-        let output = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "seccomp_filters::tests::panic_child",
-                "--nocapture",
-            ])
-            .env(PANIC_CHILD, "1")
-            .env("RUST_BACKTRACE", backtrace)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let env = [("RUST_BACKTRACE", backtrace)];
+        let (status, stderr) = run_child("panic_child", PANIC_CHILD, &env);
         assert!(
-            output.status.success()
+            status.success()
                 && stderr.contains("every filtered thread panicked and the process lives")
                 && stderr.contains("thread 'Vmm' panicked at vmm/src/seccomp_filters/tests.rs:")
                 && stderr.contains("a deliberate panic under the Vmm filter"),
-            "RUST_BACKTRACE={backtrace}: {:?}\n{stderr}",
-            output.status
+            "RUST_BACKTRACE={backtrace}: {status:?}\n{stderr}"
         );
     }
 }

@@ -63,6 +63,17 @@ pub struct Measurement {
 }
 
 impl Measurement {
+    /// `vm.info`'s `launch` of a TD: what `--measure` prints, and the TD
+    /// attributes and XFAM `KVM_TDX_INIT_VM` fixed (both in the TD report).
+    pub fn info(&self) -> serde_json::Value {
+        serde_json::json!({
+            "platform": "tdx",
+            "measurement": self.mrtd,
+            "attributes": format!("{:#x}", self.attributes),
+            "xfam": format!("{:#x}", self.xfam),
+        })
+    }
+
     /// The object `--measure` prints, on one line, keys in this order.
     pub fn to_json(&self) -> String {
         format!(

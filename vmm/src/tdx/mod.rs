@@ -2,18 +2,18 @@
 //! HOB, the launch sequence against KVM or a simulated TDX module, and the
 //! userspace IOAPIC of the split irqchip a TD needs. One job per file.
 
+pub mod boot;
 pub mod hob;
 pub mod ioapic;
 pub mod launch;
 pub mod mrtd;
 pub mod simulated_module;
+pub mod split_irqchip;
 pub mod tdvf;
 
 pub use launch::{LaunchError, Measurement, TdxParams, launch, measure};
 
 use std::path::Path;
-
-use hypervisor::Hypervisor;
 
 use crate::sev_snp::{FirmwareError as ImageError, read_firmware};
 
@@ -27,12 +27,24 @@ pub enum FirmwareError {
         #[source]
         source: LaunchError,
     },
+    #[error("firmware boots a TDX guest: the platform needs tdx=on")]
+    NotTdx,
     #[error("VM type tdx is not available on this host (it offers: {0}): no TDX here")]
     NoTdx(String),
-    #[error(
-        "this host has TDX, but booting TDVF needs what OVMF's QEMU build expects of the platform (fw_cfg, the q35 host bridge, the PM timer), which this VMM does not have yet (docs/confidential-vms.md)"
-    )]
-    PlatformMissing,
+    #[error("the VM is of type {0}, not tdx")]
+    WrongVmType(&'static str),
+    #[error("the firmware region is not where the image goes ({gpa:#x}+{size:#x})")]
+    NoFirmwareRegion { gpa: u64, size: u64 },
+    #[error("cannot set the TD's TSC frequency")]
+    Tsc(#[source] hypervisor::HypervisorError),
+    #[error("the host's TSC runs at {0} kHz, outside what a TD can have (100 MHz to 10 GHz)")]
+    TscOutOfRange(u32),
+    #[error("the TDX launch of {path} failed")]
+    Launch {
+        path: String,
+        #[source]
+        source: LaunchError,
+    },
 }
 
 /// `--measure`: MRTD of `firmware` for this VM, computed by the real
@@ -50,24 +62,6 @@ pub fn measure_firmware(
             source,
         }
     })
-}
-
-/// A firmware boot without `--measure`: checked against the host before
-/// anything is created.
-pub fn boot_firmware(
-    hypervisor: &dyn Hypervisor,
-    firmware: &Path,
-    memory_size: u64,
-    vcpus: u8,
-) -> Result<(), FirmwareError> {
-    // The image and the launch plan are checked first: a bad image fails
-    // the same way on every host.
-    measure_firmware(firmware, memory_size, vcpus)?;
-    let caps = hypervisor.capabilities();
-    if !caps.supports_vm_type(hypervisor::VmType::Tdx) {
-        return Err(FirmwareError::NoTdx(caps.supported_vm_types().join(", ")));
-    }
-    Err(FirmwareError::PlatformMissing)
 }
 
 #[cfg(test)]
@@ -90,26 +84,5 @@ mod tests {
             crate::error_chain(&err).contains("not a TDX build of OVMF"),
             "{err}"
         );
-    }
-
-    /// This host has no TDX: a firmware boot stops before creating
-    /// anything, naming the VM types the host has.
-    #[test]
-    fn without_tdx_a_firmware_boot_stops_clearly() {
-        let Some(data) = crate::sev_snp::ovmf::tests::debian_ovmf() else {
-            return;
-        };
-        let Some(kvm) = crate::test_util::kvm() else {
-            return;
-        };
-        let path = crate::test_util::scratch_path("tdx-boot-ovmf.fd");
-        std::fs::write(&path, data).unwrap();
-        let err = boot_firmware(&kvm, &path, 512 << 20, 2).unwrap_err();
-        let _ = std::fs::remove_file(&path);
-        if kvm.capabilities().supports_vm_type(hypervisor::VmType::Tdx) {
-            assert!(matches!(err, FirmwareError::PlatformMissing));
-        } else {
-            assert!(err.to_string().contains("no TDX here"), "{err}");
-        }
     }
 }

@@ -56,6 +56,7 @@ fn rig(entry_limit: Option<u64>) -> Option<Rig> {
         events: GuestEvents { vm: 1, tx },
         stop: Arc::new(AtomicBool::new(false)),
         pause: Arc::default(),
+        ioapic: None,
     };
     Some(Rig {
         vm,

@@ -11,8 +11,9 @@ use hypervisor::Hypervisor;
 use log::info;
 use vm_device::Bus;
 
+use super::firmware::{self, Firmware};
 use super::serial::serial_output;
-use super::{MAX_KERNEL_FILE, Vm, VmError, VmState};
+use super::{LaunchMeasurement, MAX_KERNEL_FILE, Vm, VmError, VmState};
 use crate::boot::{self, BootError};
 use crate::config::VmConfig;
 use crate::conversion_path::{ConversionPath, DoorbellHandler};
@@ -20,6 +21,7 @@ use crate::device_manager::DeviceManager;
 use crate::device_manager::pci_segment::PciSegment;
 use crate::event_monitor::EventMonitor;
 use crate::memory::MemoryManager;
+use crate::tdx::split_irqchip::SplitIoapic;
 use crate::vcpu::{self, PauseGate, VcpuContext};
 use crate::{GuestEvent, GuestEvents};
 
@@ -70,22 +72,21 @@ enum Guest {
 /// What the configuration boots, read before anything is created.
 enum Payload {
     Kernel(Vec<u8>),
-    /// OVMF launched as an SEV-SNP guest (from the reset vector), and the
-    /// file it came from.
-    Firmware(crate::sev_snp::ovmf::OvmfImage, String),
+    /// OVMF launched as a confidential guest (from the reset vector).
+    Firmware(Firmware),
 }
 
 /// What the vCPUs will start, once loaded.
 enum Booting {
     Kernel(Guest),
-    Firmware(crate::sev_snp::ovmf::OvmfImage, String),
+    Firmware(Firmware),
 }
 
 impl std::fmt::Display for Booting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Booting::Kernel(guest) => write!(f, "{guest}"),
-            Booting::Firmware(_, path) => write!(f, "SEV-SNP firmware {path} at 0xfffffff0"),
+            Booting::Firmware(firmware) => write!(f, "{firmware}"),
         }
     }
 }
@@ -175,25 +176,7 @@ fn setup_linux_vcpu(
 /// are checked first: a bad image fails the same way on every host.
 fn read_payload(config: &VmConfig) -> Result<Payload, VmError> {
     match &config.firmware {
-        Some(path) => {
-            let image = crate::sev_snp::read_firmware(path).map_err(VmError::Firmware)?;
-            if !config.platform.sev_snp {
-                return Err(VmError::Firmware(crate::sev_snp::FirmwareError::NotSevSnp));
-            }
-            crate::sev_snp::measure(
-                &image,
-                config.memory.size,
-                &crate::sev_snp::cpuid_page::host_minimal(),
-                crate::sev_snp::params(&config.platform, config.cpus.boot),
-            )
-            .map_err(|source| {
-                VmError::Firmware(crate::sev_snp::FirmwareError::Measure {
-                    path: path.display().to_string(),
-                    source,
-                })
-            })?;
-            Ok(Payload::Firmware(image, path.display().to_string()))
-        }
+        Some(path) => Ok(Payload::Firmware(firmware::read(config, path)?)),
         None => Ok(Payload::Kernel(read_kernel(&config.kernel).map_err(
             |source| VmError::ReadKernel {
                 path: config.kernel.display().to_string(),
@@ -216,10 +199,8 @@ fn check_host(
     let vm_type = config.platform.vm_type();
     if !hypervisor.capabilities().supports_vm_type(vm_type) {
         let offered = hypervisor.capabilities().supported_vm_types().join(", ");
-        if matches!(payload, Payload::Firmware(..)) {
-            return Err(VmError::Firmware(crate::sev_snp::FirmwareError::NoSevSnp(
-                offered,
-            )));
+        if let Payload::Firmware(firmware) = payload {
+            return Err(firmware::unavailable(firmware.platform, offered));
         }
         return Err(VmError::VmTypeUnavailable {
             wanted: vm_type.name(),
@@ -237,7 +218,7 @@ fn create_memory(
 ) -> Result<Arc<MemoryManager>, VmError> {
     let mut memory = MemoryManager::new(hv_vm.clone(), config.memory.size, config.memory.layout)
         .map_err(VmError::Memory)?;
-    if let Payload::Firmware(image, _) = payload {
+    if let Payload::Firmware(Firmware { image, .. }) = payload {
         memory = memory
             .with_firmware(image.gpa(), image.data().len() as u64, config.memory.layout)
             .map_err(VmError::Memory)?;
@@ -283,15 +264,36 @@ fn io_bus(
     Ok(io_bus)
 }
 
+/// The userspace IOAPIC of a split irqchip (a TD's), on the MMIO bus at
+/// the IOAPIC's address; none for VMs with KVM's whole irqchip.
+pub(super) fn split_irqchip_ioapic(
+    hv_vm: &Arc<dyn hypervisor::Vm>,
+    mmio_bus: &Bus,
+    pci: &PciSegment,
+) -> Result<Option<Arc<SplitIoapic>>, VmError> {
+    if !hv_vm.has_split_irqchip() {
+        return Ok(None);
+    }
+    let ioapic = Arc::new(SplitIoapic::for_vm(
+        hv_vm.clone(),
+        pci.msi_router().cloned(),
+    ));
+    mmio_bus
+        .insert(
+            ioapic.clone(),
+            ::arch::layout::IOAPIC_START,
+            ::arch::layout::PAGE_SIZE,
+        )
+        .map_err(VmError::Bus)?;
+    Ok(Some(ioapic))
+}
+
 /// The vCPUs of a boot, and the launch measurement of a firmware boot.
-type CreatedVcpus = (
-    Vec<Box<dyn hypervisor::Vcpu>>,
-    Option<crate::sev_snp::Measurement>,
-);
+type CreatedVcpus = (Vec<Box<dyn hypervisor::Vcpu>>, Option<LaunchMeasurement>);
 
 /// The vCPUs, set up to start the guest: launched with the firmware
-/// (SEV-SNP, which also yields the launch measurement) or each at the
-/// kernel's entry.
+/// (SEV-SNP or TDX, which also yields the launch measurement) or each at
+/// the kernel's entry.
 fn create_vcpus(
     config: &VmConfig,
     hypervisor: &dyn Hypervisor,
@@ -300,34 +302,13 @@ fn create_vcpus(
     boot: &Booting,
 ) -> Result<CreatedVcpus, VmError> {
     let count = config.cpus.boot;
-    let supported_cpuid = hv_vm.supported_cpuid();
     match boot {
-        Booting::Firmware(image, path) => {
-            let launched = crate::sev_snp::boot::launch_vm(
-                hypervisor,
-                hv_vm.clone(),
-                memory,
-                image,
-                path,
-                crate::sev_snp::params(&config.platform, count),
-                &config.cpus.hidden,
-            )
-            .map_err(VmError::Firmware)?;
-            // CPUID is not launch state: KVM takes it until a vCPU first
-            // runs.
-            for (index, vcpu) in (0..).zip(&launched.vcpus) {
-                let cpuid =
-                    boot::cpuid::for_vcpu(&supported_cpuid, index, count, &config.cpus.hidden);
-                vcpu.set_cpuid(&cpuid)
-                    .map_err(|e| VmError::Cpuid(index, e))?;
-            }
-            info!(
-                "SEV-SNP launch finished: measurement {}",
-                launched.measurement.measurement
-            );
-            Ok((launched.vcpus, Some(launched.measurement)))
+        Booting::Firmware(fw) => {
+            let (vcpus, measurement) = firmware::launch(config, hypervisor, hv_vm, memory, fw)?;
+            Ok((vcpus, Some(measurement)))
         }
         Booting::Kernel(entry) => {
+            let supported_cpuid = hv_vm.supported_cpuid();
             let mut created = Vec::with_capacity(count.into());
             for index in 0..count {
                 created.push(Vm::kernel_vcpu(
@@ -369,7 +350,7 @@ impl Vm {
                 hv_vm.as_ref(),
                 &kernel,
             )?),
-            Payload::Firmware(image, path) => Booting::Firmware(image, path),
+            Payload::Firmware(firmware) => Booting::Firmware(firmware),
         };
 
         let conversions = Arc::new(ConversionPath::new(memory.clone(), monitor.clone()));
@@ -380,6 +361,7 @@ impl Vm {
             PciSegment::new(&io_bus, mmio_bus.clone(), memory.ram_end(), hv_vm.clone())
                 .map_err(VmError::Pci)?,
         );
+        let ioapic = split_irqchip_ioapic(&hv_vm, &mmio_bus, &pci)?;
         let stop = Arc::new(AtomicBool::new(false));
         let pause = Arc::new(PauseGate::default());
         let ctx = Arc::new(VcpuContext {
@@ -389,6 +371,7 @@ impl Vm {
             events,
             stop: stop.clone(),
             pause: pause.clone(),
+            ioapic,
         });
         let (created, launch) = create_vcpus(&config, hypervisor, &hv_vm, &memory, &boot)?;
         let devices = Arc::new(

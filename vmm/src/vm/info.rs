@@ -95,3 +95,92 @@ impl Vm {
         info
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::vm::LaunchMeasurement;
+
+    /// The spec declares `vm.info`'s `launch` with every field the VMM
+    /// writes there, for both platforms: the fields every launch has are
+    /// required, the others belong to one platform each.
+    #[test]
+    fn the_openapi_spec_declares_the_launch_measurement_of_both_platforms() {
+        use yaml_rust2::YamlLoader;
+        let spec = &YamlLoader::load_from_str(include_str!("../../openapi/cloud-hypervisor.yaml"))
+            .unwrap()[0];
+        let schemas = &spec["components"]["schemas"];
+        assert_eq!(
+            schemas["VmInfo"]["properties"]["launch"]["$ref"].as_str(),
+            Some("#/components/schemas/LaunchMeasurement")
+        );
+        let schema = &schemas["LaunchMeasurement"];
+        let declared = &schema["properties"];
+        let required: Vec<&str> = schema["required"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap())
+            .collect();
+        assert_eq!(required, ["platform", "measurement"]);
+        let platforms: Vec<&str> = declared["platform"]["enum"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap())
+            .collect();
+        let snp = LaunchMeasurement::SevSnp(crate::sev_snp::Measurement {
+            measurement: "00".repeat(48),
+            vcpu_signature: 0xa00f11,
+            guest_features: 1,
+            policy: 0x30000,
+        });
+        let tdx = LaunchMeasurement::Tdx(crate::tdx::Measurement {
+            mrtd: "11".repeat(48),
+            attributes: 1 << 28,
+            xfam: 0xe7,
+        });
+        let mut every_key = std::collections::BTreeSet::new();
+        for (launch, platform, own) in [
+            (
+                &snp,
+                "sev-snp",
+                &["vcpu_signature", "guest_features", "policy"][..],
+            ),
+            (&tdx, "tdx", &["attributes", "xfam"][..]),
+        ] {
+            let info = launch.info();
+            let keys: Vec<&str> = info
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            for key in &keys {
+                let property = &declared[*key];
+                assert!(!property.is_badvalue(), "{platform}: {key} not in the spec");
+                assert_eq!(property["type"].as_str(), Some("string"), "{key}");
+                every_key.insert(key.to_string());
+            }
+            for key in required.iter().chain(own) {
+                assert!(keys.contains(key), "{platform}: {key} missing");
+            }
+            assert_eq!(
+                keys.len(),
+                required.len() + own.len(),
+                "{platform}: {keys:?}"
+            );
+            assert_eq!(info["platform"], platform);
+            assert!(platforms.contains(&platform), "{platform} not in the enum");
+        }
+        // Nothing declared that no platform writes.
+        assert_eq!(every_key.len(), declared.as_hash().unwrap().len());
+        let info = snp.info();
+        assert_eq!(info["vcpu_signature"], "0xa00f11");
+        assert_eq!(info["guest_features"], "0x1");
+        assert_eq!(info["policy"], "0x30000");
+        let info = tdx.info();
+        assert_eq!(info["measurement"], "11".repeat(48));
+        assert_eq!(info["attributes"], "0x10000000");
+        assert_eq!(info["xfam"], "0xe7");
+    }
+}

@@ -27,7 +27,7 @@ pub(super) struct RouterTable {
 }
 
 impl MsiRouter {
-    pub(super) fn new(vm: Arc<dyn Vm>) -> Self {
+    pub(crate) fn new(vm: Arc<dyn Vm>) -> Self {
         MsiRouter {
             vm,
             table: Mutex::new(RouterTable::default()),
@@ -60,6 +60,31 @@ impl MsiRouter {
         if let Err(e) = self.vm.set_msi_routes(&routes) {
             warn!("cannot drop MSI routes: {e}");
         }
+    }
+
+    /// Replaces the routes of the IOAPIC's pins (GSIs below
+    /// `FIRST_MSI_GSI`, which MSI-X never takes): on a split irqchip KVM
+    /// scans them for the level-triggered vectors whose EOIs it reports
+    /// (`KVM_EXIT_IOAPIC_EOI`). The table is unchanged on failure.
+    pub fn set_ioapic_routes(
+        &self,
+        routes: &[MsiRoute],
+    ) -> Result<(), hypervisor::HypervisorError> {
+        let mut t = self.table();
+        let mut next = t.routes.clone();
+        next.retain(|gsi, _| *gsi >= FIRST_MSI_GSI);
+        for route in routes.iter().filter(|r| r.gsi < FIRST_MSI_GSI) {
+            next.insert(route.gsi, *route);
+        }
+        let all: Vec<MsiRoute> = next.values().copied().collect();
+        self.vm.set_msi_routes(&all)?;
+        t.routes = next;
+        Ok(())
+    }
+
+    /// The routes KVM has now, by GSI.
+    pub fn routes(&self) -> Vec<MsiRoute> {
+        self.table().routes.values().copied().collect()
     }
 
     /// Sets or clears one GSI's route; the table is unchanged on failure.

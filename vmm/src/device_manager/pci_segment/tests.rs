@@ -111,6 +111,10 @@ fn recording_vm() -> Option<Arc<RecordingVm>> {
     }))
 }
 
+/// Where RAM ends for the BAR window tests: above the 4 GiB hole, so the
+/// 64-bit window starts there.
+const HIGH_RAM_END: u64 = 6 << 30;
+
 fn segment(vm: &Arc<RecordingVm>, ram_end: u64) -> PciSegment {
     PciSegment::new(&Bus::new(), Arc::new(Bus::new()), ram_end, vm.clone()).unwrap()
 }
@@ -277,14 +281,16 @@ fn function() -> Arc<VfioPciDevice> {
 #[test]
 fn functions_get_bars_in_their_windows_a_slot_and_give_both_back() {
     let Some(vm) = recording_vm() else { return };
-    let ram_end = 6u64 << 30;
-    let seg = segment(&vm, ram_end);
+    let seg = segment(&vm, HIGH_RAM_END);
     let a = seg.plug(function(), None).unwrap();
     assert_eq!(a.slot, 1);
     assert_eq!(seg.function(1), 0xd3a0_c0de);
     assert_eq!(
         a.bars,
-        [(BarKind::Mem32, MMIO32_START), (BarKind::Mem64, ram_end)],
+        [
+            (BarKind::Mem32, MMIO32_START),
+            (BarKind::Mem64, HIGH_RAM_END)
+        ],
         "32-bit in the hole, 64-bit above RAM"
     );
     let b = seg.plug(function(), Some(5)).unwrap();
@@ -293,7 +299,7 @@ fn functions_get_bars_in_their_windows_a_slot_and_give_both_back() {
         b.bars,
         [
             (BarKind::Mem32, MMIO32_START + 0x1000),
-            (BarKind::Mem64, ram_end + 0x10_0000)
+            (BarKind::Mem64, HIGH_RAM_END + 0x10_0000)
         ]
     );
     // A taken slot: refused, and its BARs were given back.
@@ -320,8 +326,7 @@ fn functions_get_bars_in_their_windows_a_slot_and_give_both_back() {
 #[test]
 fn bars_decode_only_inside_the_segments_windows() {
     let Some(vm) = recording_vm() else { return };
-    let ram_end = 6u64 << 30;
-    let seg = segment(&vm, ram_end);
+    let seg = segment(&vm, HIGH_RAM_END);
     let f = seg.plug(function(), None).unwrap();
     let bus = seg.bus();
     let write = |reg: usize, value: u32| {
@@ -345,7 +350,7 @@ fn bars_decode_only_inside_the_segments_windows() {
     write(7, 1);
     assert_eq!(bus.mapped_windows(f.slot).len(), 0);
     write(4, u32::try_from(MMIO32_END - 0x1000).unwrap());
-    let end = ram_end + MMIO64_SIZE - 0x10_0000;
+    let end = HIGH_RAM_END + MMIO64_SIZE - 0x10_0000;
     write(6, ::arch::low32(end));
     write(7, (end >> 32) as u32);
     let mapped = bus.mapped_windows(f.slot);
