@@ -101,41 +101,14 @@ fn sev_snp_without_measure_stops_clearly_here() {
     if !installed(OVMF, std::path::Path::new(OVMF).exists()) || !kvm_available("sev_snp_boot") {
         return;
     }
-    let dir = TempDir::new("sev-snp-boot");
-    let socket = dir.path("api.sock");
-    let events = dir.path("events.json");
-    let mut child = Command::new(CLOUD_HYPERVISOR)
-        .args(["--platform", "sev_snp=on", "--firmware", OVMF])
-        .args(["--cpus", "boot=2", "--serial", "off"])
-        .args(["--api-socket", socket.to_str().unwrap()])
-        .args(["--event-monitor", &format!("path={}", events.display())])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(started.elapsed() < TIMEOUT, "the VMM kept running");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("cannot boot the firmware")
-            && stderr.contains("VM type sev-snp is not available on this host")
-            && stderr.contains("no SEV-SNP here"),
-        "{stderr}"
+    let names = assert_firmware_boot_stops(
+        "sev-snp-boot",
+        "sev_snp=on",
+        &[
+            "cannot boot the firmware",
+            "VM type sev-snp is not available on this host",
+            "no SEV-SNP here",
+        ],
     );
-    assert!(!socket.exists(), "the API socket was left behind");
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "the VMM process is still there"
-    );
-    let names = event_names(&read_events(&events));
     assert!(!names.iter().any(|n| n == "vm/booted"), "{names:?}");
 }

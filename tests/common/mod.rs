@@ -320,6 +320,46 @@ pub fn assert_refused(args: &[&str], expected: &str) {
     assert!(stdout.is_empty(), "{args:?}");
 }
 
+/// Boots `OVMF` with `--platform PLATFORM` on a host that lacks it: the
+/// VMM goes through the VM build (API socket, event monitor) and must stop
+/// before creating a VM with exit status 1, its stderr naming every one of
+/// `reasons`, nothing on stdout, and nothing left: no socket, no process.
+/// Returns the names of the events it wrote.
+pub fn assert_firmware_boot_stops(tag: &str, platform: &str, reasons: &[&str]) -> Vec<String> {
+    let dir = TempDir::new(tag);
+    let socket = dir.path("api.sock");
+    let events = dir.path("events.json");
+    let mut child = Command::new(CLOUD_HYPERVISOR)
+        .args(["--platform", platform, "--firmware", OVMF])
+        .args(["--cpus", "boot=2", "--serial", "off"])
+        .args(["--api-socket", socket.to_str().unwrap()])
+        .args(["--event-monitor", &format!("path={}", events.display())])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < TIMEOUT, "the VMM kept running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(reasons.iter().all(|r| stderr.contains(r)), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(!socket.exists(), "the API socket was left behind");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the VMM process is still there"
+    );
+    event_names(&read_events(&events))
+}
+
 /// Runs `ch-remote --api-socket SOCKET ARGS...`: (success, stdout, stderr).
 pub fn ch_remote(socket: &Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(CH_REMOTE)
