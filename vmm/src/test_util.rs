@@ -4,6 +4,8 @@ use hypervisor::{ConversionDirection, KvmHypervisor, MemoryConversion};
 
 use crate::memory::{ConversionFailure, MemoryManager};
 
+pub mod firmware_rig;
+
 /// `/dev/kvm`, or `None` with a loud note where it is missing, unless CI
 /// requires it (`CH_REQUIRE_KVM=1`), where that fails the test.
 pub fn kvm() -> Option<KvmHypervisor> {

@@ -15,23 +15,21 @@ use hypervisor::{
 };
 
 use crate::GuestEvents;
-use crate::config::{ConsoleOutput, CpusConfig, MemoryConfig, PlatformConfig, VmConfig};
+use crate::config::{CpusConfig, MemoryConfig, PlatformConfig};
 use crate::event_monitor::EventMonitor;
 use crate::sev_snp::simulated_psp::{
     DEFAULT_SUPPORTED_VMSA_FEATURES, LaunchState, PrivateMemory, SimulatedPsp,
 };
 use crate::sev_snp::{measure_firmware, ovmf};
-use crate::vm::{Vm, VmError, VmState};
+use crate::test_util::firmware_rig::{CommandCount, FirmwareRig, RAM};
+use crate::vm::{Vm, VmState};
 
-const RAM: &str = "size=64M";
-
-/// The fake's processor, shared with the test so it can look inside;
-/// `refuse_at` refuses that command (0 = the first) as the hardware might.
+/// The fake's processor, shared with the test so it can look inside; the
+/// test may refuse one command as the hardware might.
 #[derive(Clone)]
 struct Psp {
     inner: Arc<Mutex<SimulatedPsp>>,
-    commands: Arc<Mutex<usize>>,
-    refuse_at: Option<usize>,
+    commands: CommandCount,
 }
 
 impl Psp {
@@ -41,16 +39,12 @@ impl Psp {
         let memory = PrivateMemory(vec![(0, 1 << 52)]);
         Psp {
             inner: Arc::new(Mutex::new(SimulatedPsp::new(memory))),
-            commands: Arc::default(),
-            refuse_at,
+            commands: CommandCount::new(refuse_at),
         }
     }
 
     fn next(&self, command: &'static str) -> SnpResult<()> {
-        let mut count = self.commands.lock().unwrap();
-        let this = *count;
-        *count += 1;
-        if self.refuse_at == Some(this) {
+        if self.commands.refuses_next() {
             return Err(SnpLaunchError::Refused {
                 command,
                 why: "injected by the test".into(),
@@ -91,77 +85,21 @@ impl SevSnpLauncher for Psp {
     }
 }
 
-struct Rig {
-    hypervisor: SevSnpTestHypervisor,
-    psp: Psp,
-    firmware: std::path::PathBuf,
-}
+type Rig = FirmwareRig<SevSnpTestHypervisor, Psp>;
 
-impl Rig {
-    fn new(tag: &str, refuse_at: Option<usize>, vmsa_features: u64) -> Option<Rig> {
-        let data = ovmf::tests::debian_ovmf()?;
-        let kvm = crate::test_util::kvm()?;
-        let firmware = crate::test_util::scratch_path(tag);
-        std::fs::write(&firmware, data).unwrap();
-        let psp = Psp::new(refuse_at);
-        let made = psp.clone();
-        let hypervisor = SevSnpTestHypervisor::new(Arc::new(kvm), vmsa_features, move || {
-            Box::new(made.clone()) as SnpFirmware
-        });
-        Some(Rig {
-            hypervisor,
-            psp,
-            firmware,
-        })
-    }
-
-    fn config(&self, vcpus: u8, platform: &str) -> VmConfig {
-        VmConfig {
-            kernel: Default::default(),
-            firmware: Some(self.firmware.clone()),
-            cmdline: None,
-            initramfs: None,
-            memory: MemoryConfig::parse(RAM).unwrap(),
-            platform: PlatformConfig::parse(platform).unwrap(),
-            cpus: CpusConfig::parse(&format!("boot={vcpus}")).unwrap(),
-            serial: ConsoleOutput::Off,
-            devices: Vec::new(),
-            user_devices: Vec::new(),
-        }
-        .normalized()
-    }
-
-    fn boot(&self, config: VmConfig) -> Result<Vm, VmError> {
-        let (tx, _events) = channel();
-        Vm::boot(
-            config,
-            &self.hypervisor,
-            GuestEvents { vm: 1, tx },
-            Arc::new(EventMonitor::disabled()),
-            None,
-        )
-    }
-
-    fn fake_vm(&self) -> Arc<AttributeTrackingVm> {
-        let created = self.hypervisor.created();
-        assert_eq!(created.len(), 1, "one VM created");
-        created[0].clone()
-    }
-
-    /// Nothing of a VM is left: no vCPU exists and nothing but the test
-    /// hypervisor's list and this check holds the VM (so its memory
-    /// manager, slots and mappings are gone).
-    fn assert_nothing_left(&self) {
-        let vm = self.fake_vm();
-        assert_eq!(vm.live_vcpus(), 0, "vCPUs left");
-        assert_eq!(Arc::strong_count(&vm), 2, "something still holds the VM");
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.firmware);
-    }
+/// A fake SEV-SNP host reporting `vmsa_features`, its processor refusing
+/// command `refuse_at`; None without KVM or Debian's OVMF.fd.
+fn new_rig(tag: &str, refuse_at: Option<usize>, vmsa_features: u64) -> Option<Rig> {
+    FirmwareRig::new(
+        tag,
+        Psp::new(refuse_at),
+        |kvm, psp| {
+            SevSnpTestHypervisor::new(kvm, vmsa_features, move || {
+                Box::new(psp.clone()) as SnpFirmware
+            })
+        },
+        SevSnpTestHypervisor::created,
+    )
 }
 
 fn json_path(path: &std::path::Path) -> serde_json::Value {
@@ -191,7 +129,7 @@ fn measured(rig: &Rig, vcpus: u8, platform: &str) -> String {
 #[test]
 fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
     for (vcpus, platform) in [(1, "sev_snp=on"), (3, "sev_snp=on,snp_guest_features=0x21")] {
-        let Some(rig) = Rig::new("snp-boot.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+        let Some(rig) = new_rig("snp-boot.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
             return;
         };
         let mut vm = rig.boot(rig.config(vcpus, platform)).unwrap();
@@ -199,12 +137,12 @@ fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         assert_eq!(vm.state(), VmState::Running);
         assert!(fake.launch_finished());
         assert_eq!(fake.live_vcpus(), usize::from(vcpus));
-        assert_eq!(rig.psp.state(), LaunchState::Finished);
+        assert_eq!(rig.launcher.state(), LaunchState::Finished);
 
         let predicted = measured(&rig, vcpus, platform);
         let launched = vm.launch_measurement().expect("a launch").clone();
         assert_eq!(launched.measurement, predicted, "{vcpus} vCPUs");
-        let hardware = rig.psp.inner.lock().unwrap().digest().hex();
+        let hardware = rig.launcher.inner.lock().unwrap().digest().hex();
         assert_eq!(hardware, predicted, "the processor's own digest");
         let features = PlatformConfig::parse(platform).unwrap().snp_guest_features;
         assert_eq!(launched.guest_features, features);
@@ -233,7 +171,7 @@ fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
 
         // The order a verifier reproduces: the image, its sections, then
         // one VMSA per vCPU.
-        let log = rig.psp.log();
+        let log = rig.launcher.log();
         assert_eq!(log[0], format!("init vmsa_features={:#x}", features & !1));
         assert_eq!(log[1], "start policy=0x30000");
         assert_eq!(log[2], "update normal 0xffe00000+0x200000");
@@ -266,7 +204,7 @@ fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         let vcpu = fake.create_vcpu(vcpus).unwrap();
         assert!(vcpu.set_regs(&Default::default()).is_err());
         drop(vcpu);
-        assert_eq!(rig.psp.inner.lock().unwrap().digest().hex(), predicted);
+        assert_eq!(rig.launcher.inner.lock().unwrap().digest().hex(), predicted);
 
         vm.shutdown();
         drop(vm);
@@ -280,17 +218,17 @@ fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
 /// the command and the reason, and nothing of the VM is left.
 #[test]
 fn every_refused_launch_step_stops_the_build_and_leaves_nothing() {
-    let Some(rig) = Rig::new("snp-count.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+    let Some(rig) = new_rig("snp-count.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
         return;
     };
     let vm = rig.boot(rig.config(2, "sev_snp=on")).unwrap();
     drop(vm);
-    let steps = *rig.psp.commands.lock().unwrap();
+    let steps = rig.launcher.commands.sent();
     // INIT2, START, the image, at least one section, two VMSAs, FINISH.
     assert!(steps >= 7, "{steps}");
     drop(rig);
     for step in 0..steps {
-        let Some(rig) = Rig::new("snp-refuse.fd", Some(step), DEFAULT_SUPPORTED_VMSA_FEATURES)
+        let Some(rig) = new_rig("snp-refuse.fd", Some(step), DEFAULT_SUPPORTED_VMSA_FEATURES)
         else {
             return;
         };
@@ -304,7 +242,7 @@ fn every_refused_launch_step_stops_the_build_and_leaves_nothing() {
             "step {step}: {chain}"
         );
         assert!(!rig.fake_vm().launch_finished(), "step {step}");
-        assert_ne!(rig.psp.state(), LaunchState::Finished, "step {step}");
+        assert_ne!(rig.launcher.state(), LaunchState::Finished, "step {step}");
         rig.assert_nothing_left();
     }
 }
@@ -313,7 +251,7 @@ fn every_refused_launch_step_stops_the_build_and_leaves_nothing() {
 /// report) stops the build before KVM sees anything.
 #[test]
 fn a_step_the_rules_refuse_never_reaches_kvm() {
-    let Some(rig) = Rig::new("snp-features.fd", None, 0) else {
+    let Some(rig) = new_rig("snp-features.fd", None, 0) else {
         return;
     };
     let Err(err) = rig.boot(rig.config(1, "sev_snp=on,snp_guest_features=0x21")) else {
@@ -324,8 +262,8 @@ fn a_step_the_rules_refuse_never_reaches_kvm() {
         chain.contains("KVM_SEV_INIT2 refused: VMSA features 0x20 are not supported"),
         "{chain}"
     );
-    assert_eq!(*rig.psp.commands.lock().unwrap(), 0, "KVM saw a command");
-    assert_eq!(rig.psp.state(), LaunchState::Created);
+    assert_eq!(rig.launcher.commands.sent(), 0, "KVM saw a command");
+    assert_eq!(rig.launcher.state(), LaunchState::Created);
     rig.assert_nothing_left();
 }
 
@@ -333,7 +271,7 @@ fn a_step_the_rules_refuse_never_reaches_kvm() {
 /// creating a VM, saying so.
 #[test]
 fn without_sev_snp_a_firmware_boot_stops_before_creating_anything() {
-    let Some(rig) = Rig::new("snp-nohost.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+    let Some(rig) = new_rig("snp-nohost.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
         return;
     };
     let Some(kvm) = crate::test_util::kvm() else {
@@ -367,7 +305,7 @@ fn without_sev_snp_a_firmware_boot_stops_before_creating_anything() {
 /// without SNP-active fails alike everywhere, before any VM exists.
 #[test]
 fn a_bad_launch_plan_fails_before_any_vm_exists() {
-    let Some(rig) = Rig::new("snp-plan.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+    let Some(rig) = new_rig("snp-plan.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
         return;
     };
     let Err(err) = rig.boot(rig.config(1, "sev_snp=on,snp_guest_features=0")) else {
@@ -482,7 +420,7 @@ fn an_snp_guests_conversions_reach_the_memory_manager_and_a_device() {
 
     use arch::layout::PAGE_SIZE as PAGE;
     const MIB: u64 = 1 << 20;
-    let Some(rig) = Rig::new("snp-convert.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+    let Some(rig) = new_rig("snp-convert.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
         return;
     };
     let mut vm = rig.boot(rig.config(1, "sev_snp=on")).unwrap();
@@ -553,14 +491,14 @@ fn an_snp_guests_conversions_reach_the_memory_manager_and_a_device() {
 /// size, the hypervisor bit), the hidden features gone.
 #[test]
 fn the_cpuid_page_holds_what_the_vcpus_are_given() {
-    let Some(rig) = Rig::new("snp-cpuid.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+    let Some(rig) = new_rig("snp-cpuid.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
         return;
     };
     let mut config = rig.config(2, "sev_snp=on");
     config.cpus = CpusConfig::parse("boot=2,hide=cx16").unwrap();
     let vm = rig.boot(config.normalized()).unwrap();
     let table = rig
-        .psp
+        .launcher
         .inner
         .lock()
         .unwrap()
@@ -597,7 +535,7 @@ fn the_launch_needs_an_snp_vm_with_the_firmware_region() {
     use crate::memory::{MemoryLayout, MemoryManager};
     use crate::sev_snp::boot::launch_vm;
     use crate::sev_snp::{FirmwareError, SnpParams};
-    let Some(rig) = Rig::new("snp-direct.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+    let Some(rig) = new_rig("snp-direct.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
         return;
     };
     let image = crate::sev_snp::read_firmware(&rig.firmware).unwrap();

@@ -7,32 +7,31 @@
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 
-use hypervisor::attribute_tracking::{AttributeTrackingVm, TdxModule, TdxTestHypervisor};
+use hypervisor::attribute_tracking::{TdxModule, TdxTestHypervisor};
 use hypervisor::{
     Hypervisor, TdxCapabilities, TdxInitVm, TdxLaunchError, TdxLauncher, TdxResult, Vcpu, Vm as _,
 };
 
 use super::{TSC_KHZ_MAX, TSC_KHZ_MIN, launch_vm, td_tsc_khz};
 use crate::GuestEvents;
-use crate::config::{ConsoleOutput, CpusConfig, MemoryConfig, PlatformConfig, VmConfig};
+use crate::config::{MemoryConfig, PlatformConfig, VmConfig};
 use crate::event_monitor::EventMonitor;
 use crate::sev_snp::ovmf;
 use crate::tdx::simulated_module::{
     LaunchState, PrivateMemory, SimulatedTdxModule, default_capabilities,
 };
 use crate::tdx::{FirmwareError, TdxParams, measure_firmware};
-use crate::vm::{LaunchMeasurement, Vm, VmError, VmState};
+use crate::test_util::firmware_rig::{CommandCount, FirmwareRig, RAM};
+use crate::vm::{LaunchMeasurement, Vm, VmState};
 
-const RAM: &str = "size=64M";
 const MIB: u64 = 1 << 20;
 
-/// The fake's TDX module, shared with the test so it can look inside;
-/// `refuse_at` refuses that command (0 = the first) as the module might.
+/// The fake's TDX module, shared with the test so it can look inside; the
+/// test may refuse one command as the module might.
 #[derive(Clone)]
 struct Module {
     inner: Arc<Mutex<SimulatedTdxModule>>,
-    commands: Arc<Mutex<usize>>,
-    refuse_at: Option<usize>,
+    commands: CommandCount,
 }
 
 impl Module {
@@ -47,16 +46,12 @@ impl Module {
             .with_capabilities(capabilities);
         Module {
             inner: Arc::new(Mutex::new(module)),
-            commands: Arc::default(),
-            refuse_at,
+            commands: CommandCount::new(refuse_at),
         }
     }
 
     fn next(&self, command: &'static str) -> TdxResult<()> {
-        let mut count = self.commands.lock().unwrap();
-        let this = *count;
-        *count += 1;
-        if self.refuse_at == Some(this) {
+        if self.commands.refuses_next() {
             return Err(TdxLaunchError::Refused {
                 command,
                 why: "injected by the test".into(),
@@ -104,83 +99,32 @@ impl TdxLauncher for Module {
     }
 }
 
-struct Rig {
-    hypervisor: TdxTestHypervisor,
-    module: Module,
-    firmware: std::path::PathBuf,
+type Rig = FirmwareRig<TdxTestHypervisor, Module>;
+
+/// A fake TDX host whose module refuses command `refuse_at`; None without
+/// KVM or Debian's OVMF.fd.
+fn new_rig(tag: &str, refuse_at: Option<usize>) -> Option<Rig> {
+    rig_with(tag, Module::new(refuse_at))
 }
 
-impl Rig {
-    fn new(tag: &str, refuse_at: Option<usize>) -> Option<Rig> {
-        Self::with_module(tag, Module::new(refuse_at))
-    }
-
-    fn with_module(tag: &str, module: Module) -> Option<Rig> {
-        let data = ovmf::tests::debian_ovmf()?;
-        let kvm = crate::test_util::kvm()?;
-        let firmware = crate::test_util::scratch_path(tag);
-        std::fs::write(&firmware, data).unwrap();
-        let made = module.clone();
-        let hypervisor =
-            TdxTestHypervisor::new(Arc::new(kvm), move || Box::new(made.clone()) as TdxModule);
-        Some(Rig {
-            hypervisor,
-            module,
-            firmware,
-        })
-    }
-
-    fn config(&self, vcpus: u8) -> VmConfig {
-        VmConfig {
-            kernel: Default::default(),
-            firmware: Some(self.firmware.clone()),
-            cmdline: None,
-            initramfs: None,
-            memory: MemoryConfig::parse(RAM).unwrap(),
-            platform: PlatformConfig::parse("tdx=on").unwrap(),
-            cpus: CpusConfig::parse(&format!("boot={vcpus}")).unwrap(),
-            serial: ConsoleOutput::Off,
-            devices: Vec::new(),
-            user_devices: Vec::new(),
-        }
-        .normalized()
-    }
-
-    fn boot(&self, config: VmConfig) -> Result<Vm, VmError> {
-        let (tx, _events) = channel();
-        Vm::boot(
-            config,
-            &self.hypervisor,
-            GuestEvents { vm: 1, tx },
-            Arc::new(EventMonitor::disabled()),
-            None,
-        )
-    }
-
-    fn fake_vm(&self) -> Arc<AttributeTrackingVm> {
-        let created = self.hypervisor.created();
-        assert_eq!(created.len(), 1, "one TD created");
-        created[0].clone()
-    }
-
-    /// Nothing of a TD is left: no vCPU exists and nothing but the test
-    /// hypervisor's list and this check holds the VM.
-    fn assert_nothing_left(&self) {
-        let vm = self.fake_vm();
-        assert_eq!(vm.live_vcpus(), 0, "vCPUs left");
-        assert_eq!(Arc::strong_count(&vm), 2, "something still holds the VM");
-    }
-
-    fn predicted(&self, vcpus: u8) -> crate::tdx::Measurement {
-        let memory = MemoryConfig::parse(RAM).unwrap().size;
-        measure_firmware(&self.firmware, memory, vcpus).unwrap()
-    }
+fn rig_with(tag: &str, module: Module) -> Option<Rig> {
+    FirmwareRig::new(
+        tag,
+        module,
+        |kvm, module| TdxTestHypervisor::new(kvm, move || Box::new(module.clone()) as TdxModule),
+        TdxTestHypervisor::created,
+    )
 }
 
-impl Drop for Rig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.firmware);
-    }
+/// A TD of `vcpus` booting the rig's firmware.
+fn td(rig: &Rig, vcpus: u8) -> VmConfig {
+    rig.config(vcpus, "tdx=on")
+}
+
+/// What `--measure` prints for the rig's firmware and `vcpus`.
+fn predicted(rig: &Rig, vcpus: u8) -> crate::tdx::Measurement {
+    let memory = MemoryConfig::parse(RAM).unwrap().size;
+    measure_firmware(&rig.firmware, memory, vcpus).unwrap()
 }
 
 /// The whole path: the VM build creates a `tdx` VM (split irqchip), its
@@ -191,23 +135,23 @@ impl Drop for Rig {
 #[test]
 fn a_tdx_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
     for vcpus in [1, 3] {
-        let Some(rig) = Rig::new("tdx-boot.fd", None) else {
+        let Some(rig) = new_rig("tdx-boot.fd", None) else {
             return;
         };
-        let mut vm = rig.boot(rig.config(vcpus)).unwrap();
+        let mut vm = rig.boot(td(&rig, vcpus)).unwrap();
         let fake = rig.fake_vm();
         assert_eq!(vm.state(), VmState::Running);
         assert!(fake.launch_finished(), "finalized");
         assert!(fake.has_split_irqchip(), "a TD has a split irqchip");
         assert_eq!(fake.live_vcpus(), usize::from(vcpus));
-        assert_eq!(rig.module.state(), LaunchState::Finalized);
+        assert_eq!(rig.launcher.state(), LaunchState::Finalized);
 
-        let predicted = rig.predicted(vcpus);
+        let predicted = predicted(&rig, vcpus);
         let Some(LaunchMeasurement::Tdx(launched)) = vm.launch().cloned() else {
             panic!("no TDX launch measurement");
         };
         assert_eq!(launched.mrtd, predicted.mrtd, "{vcpus} vCPUs");
-        assert_eq!(rig.module.mrtd(), predicted.mrtd, "the module's own MRTD");
+        assert_eq!(rig.launcher.mrtd(), predicted.mrtd, "the module's own MRTD");
         assert!(vm.launch_measurement().is_none(), "not an SEV-SNP launch");
 
         // vm.info shows it as --measure prints it, plus what INIT_VM fixed.
@@ -217,7 +161,7 @@ fn a_tdx_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
             assert_eq!(info["launch"][key], ours[key], "{key}");
         }
         let init = rig
-            .module
+            .launcher
             .inner
             .lock()
             .unwrap()
@@ -252,7 +196,7 @@ fn a_tdx_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
 
         // The order a verifier reproduces: INIT_VM, every vCPU (RCX = the
         // TD HOB), the sections, FINALIZE.
-        let log = rig.module.log();
+        let log = rig.launcher.log();
         assert!(log[0].starts_with("init_vm "), "{log:?}");
         for index in 0..vcpus {
             let line = &log[1 + usize::from(index)];
@@ -280,7 +224,7 @@ fn a_tdx_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         let vcpu = fake.create_vcpu(vcpus).unwrap();
         assert!(vcpu.set_regs(&Default::default()).is_err());
         drop(vcpu);
-        assert_eq!(rig.module.mrtd(), predicted.mrtd);
+        assert_eq!(rig.launcher.mrtd(), predicted.mrtd);
 
         vm.shutdown();
         drop(vm);
@@ -294,20 +238,20 @@ fn a_tdx_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
 /// command and the reason, never finalized, and nothing of the VM is left.
 #[test]
 fn every_refused_tdx_launch_step_stops_the_build_and_leaves_nothing() {
-    let Some(rig) = Rig::new("tdx-count.fd", None) else {
+    let Some(rig) = new_rig("tdx-count.fd", None) else {
         return;
     };
-    let vm = rig.boot(rig.config(2)).unwrap();
+    let vm = rig.boot(td(&rig, 2)).unwrap();
     drop(vm);
-    let steps = *rig.module.commands.lock().unwrap();
+    let steps = rig.launcher.commands.sent();
     // CAPABILITIES, INIT_VM, two vCPUs, at least two sections, FINALIZE.
     assert!(steps >= 7, "{steps}");
     drop(rig);
     for step in 0..steps {
-        let Some(rig) = Rig::new("tdx-refuse.fd", Some(step)) else {
+        let Some(rig) = new_rig("tdx-refuse.fd", Some(step)) else {
             return;
         };
-        let Err(err) = rig.boot(rig.config(2)) else {
+        let Err(err) = rig.boot(td(&rig, 2)) else {
             panic!("step {step} refused, yet the TD booted");
         };
         let chain = crate::error_chain(&err);
@@ -318,7 +262,7 @@ fn every_refused_tdx_launch_step_stops_the_build_and_leaves_nothing() {
             "step {step}: {chain}"
         );
         assert!(!rig.fake_vm().launch_finished(), "step {step}");
-        assert_ne!(rig.module.state(), LaunchState::Finalized, "step {step}");
+        assert_ne!(rig.launcher.state(), LaunchState::Finalized, "step {step}");
         rig.assert_nothing_left();
     }
 }
@@ -331,13 +275,13 @@ fn a_step_the_rules_refuse_never_reaches_kvm() {
     let mut capabilities = default_capabilities();
     let leaf = capabilities.configurable_cpuid[0];
     capabilities.configurable_cpuid.push(leaf);
-    let Some(rig) = Rig::with_module(
+    let Some(rig) = rig_with(
         "tdx-rules.fd",
         Module::with_capabilities(None, capabilities),
     ) else {
         return;
     };
-    let Err(err) = rig.boot(rig.config(1)) else {
+    let Err(err) = rig.boot(td(&rig, 1)) else {
         panic!("booted with a leaf configured twice");
     };
     let chain = crate::error_chain(&err);
@@ -345,8 +289,8 @@ fn a_step_the_rules_refuse_never_reaches_kvm() {
         chain.contains("KVM_TDX_INIT_VM refused: CPUID 0x1.0x0 is given twice"),
         "{chain}"
     );
-    assert_eq!(*rig.module.commands.lock().unwrap(), 1, "KVM saw INIT_VM");
-    assert_eq!(rig.module.state(), LaunchState::Created);
+    assert_eq!(rig.launcher.commands.sent(), 1, "KVM saw INIT_VM");
+    assert_eq!(rig.launcher.state(), LaunchState::Created);
     assert!(!rig.fake_vm().launch_finished());
     rig.assert_nothing_left();
 }
@@ -355,13 +299,13 @@ fn a_step_the_rules_refuse_never_reaches_kvm() {
 /// a VM, saying so.
 #[test]
 fn without_tdx_a_firmware_boot_stops_before_creating_anything() {
-    let Some(rig) = Rig::new("tdx-nohost.fd", None) else {
+    let Some(rig) = new_rig("tdx-nohost.fd", None) else {
         return;
     };
     let kvm = crate::test_util::kvm().unwrap();
     let (tx, _events) = channel();
     let result = Vm::boot(
-        rig.config(2),
+        td(&rig, 2),
         &kvm,
         GuestEvents { vm: 1, tx },
         Arc::new(EventMonitor::disabled()),
@@ -386,12 +330,12 @@ fn without_tdx_a_firmware_boot_stops_before_creating_anything() {
 /// does a firmware without a confidential platform.
 #[test]
 fn a_bad_tdx_image_fails_before_any_vm_exists() {
-    let Some(rig) = Rig::new("tdx-plan.fd", None) else {
+    let Some(rig) = new_rig("tdx-plan.fd", None) else {
         return;
     };
     let not_tdvf = crate::test_util::scratch_path("tdx-plan-not-tdvf.fd");
     std::fs::write(&not_tdvf, ovmf::tests::synthetic_image(8192, &[], None)).unwrap();
-    let mut config = rig.config(1);
+    let mut config = td(&rig, 1);
     config.firmware = Some(not_tdvf.clone());
     let result = rig.boot(config);
     let _ = std::fs::remove_file(&not_tdvf);
@@ -403,7 +347,7 @@ fn a_bad_tdx_image_fails_before_any_vm_exists() {
         "{}",
         crate::error_chain(&err)
     );
-    let mut config = rig.config(1);
+    let mut config = td(&rig, 1);
     config.platform = PlatformConfig::default();
     let Err(err) = rig.boot(config) else {
         panic!("booted firmware on a default VM");
@@ -417,7 +361,7 @@ fn a_bad_tdx_image_fails_before_any_vm_exists() {
 #[test]
 fn the_launch_needs_a_td_with_the_firmware_region() {
     use crate::memory::{MemoryLayout, MemoryManager};
-    let Some(rig) = Rig::new("tdx-direct.fd", None) else {
+    let Some(rig) = new_rig("tdx-direct.fd", None) else {
         return;
     };
     let image = crate::sev_snp::read_firmware(&rig.firmware).unwrap();
@@ -491,7 +435,7 @@ fn the_td_tsc_frequency_is_the_hosts_in_the_modules_steps() {
 /// before any vCPU; the VM's frequency on this host's KVM reads back.
 #[test]
 fn the_tsc_is_the_vms_and_set_before_the_first_vcpu() {
-    let Some(rig) = Rig::new("tdx-tsc.fd", None) else {
+    let Some(rig) = new_rig("tdx-tsc.fd", None) else {
         return;
     };
     let vm = rig.hypervisor.create_vm(hypervisor::VmType::Tdx).unwrap();
@@ -545,7 +489,7 @@ fn the_tsc_is_the_vms_and_set_before_the_first_vcpu() {
 #[test]
 fn a_td_cold_plugs_a_vfio_user_device_that_follows_its_conversions() {
     use crate::config::UserDeviceConfig;
-    let Some(rig) = Rig::new("tdx-device.fd", None) else {
+    let Some(rig) = new_rig("tdx-device.fd", None) else {
         return;
     };
     let dir = std::env::temp_dir().join(format!("ch-tdx-dev-{}", std::process::id()));
@@ -555,7 +499,7 @@ fn a_td_cold_plugs_a_vfio_user_device_that_follows_its_conversions() {
     let state = test_device::SharedState::default();
     test_device::control(&ctl, state.clone()).unwrap();
     test_device::serve(&socket, state, true).unwrap();
-    let mut config = rig.config(1);
+    let mut config = td(&rig, 1);
     config.user_devices = vec![UserDeviceConfig {
         socket,
         id: Some("dev0".into()),
