@@ -344,8 +344,9 @@ mod tests {
             return;
         };
         let page = |i: u64| 0x20_0000 + i * 0x1000;
-        // Pages 0-7 and 10-11, each its own mapping (`mapping=pages`).
-        for i in (0..8).chain(10..12) {
+        // Pages 0-7 and 10-11, each its own mapping (`mapping=pages`),
+        // and page 20, which the batch leaves alone.
+        for i in (0..8).chain(10..12).chain([20]) {
             dma.map(page(i), page(i), 0x1000).unwrap();
         }
         let unmaps: Vec<DmaOp> = (0..8)
@@ -358,12 +359,24 @@ mod tests {
         let results = dma.start_batch(&unmaps).finish();
         assert!(results.iter().all(Result::is_ok), "{results:?}");
         assert_eq!(results.len(), 10);
-        assert!(container.mappings().is_empty());
+        assert_eq!(
+            container.mappings().len(),
+            1,
+            "only what the batch named is unmapped"
+        );
         assert_eq!(
             container.unmap_calls.load(Ordering::Relaxed),
             2,
             "one ioctl per back-to-back run"
         );
+        // A lone unmap is one ioctl, even refused: never tried twice.
+        let lone = [DmaOp::Unmap {
+            iova: page(20),
+            size: 0x800,
+        }];
+        let results = dma.start_batch(&lone).finish();
+        assert!(results[0].is_err(), "an unaligned unmap is refused");
+        assert_eq!(container.unmap_calls.load(Ordering::Relaxed), 3);
         // Maps in a batch stay one ioctl each, with a result each.
         let ops = [
             DmaOp::Map {
