@@ -372,6 +372,25 @@ fn first_exit_within(mut vcpu: Box<dyn Vcpu>, limit: std::time::Duration) -> Str
     thread.join().unwrap()
 }
 
+/// A vCPU whose guest has enabled its local APIC (a 32-bit write of SVR at
+/// DS:0xf0, DS at the APIC's page), told the VMM (port 0x10), taken
+/// interrupts and halted to wait for one; `ram` holds its handlers.
+fn waiting_for_an_interrupt(vm: &dyn Vm, ram: &Mapping) -> Box<dyn Vcpu> {
+    ram.write(
+        ::arch::usize_from(CODE),
+        &[
+            0x66, 0xc7, 0x06, 0xf0, 0x00, 0xff, 0x01, 0x00, 0x00, 0xe6, 0x10, 0xfb, HLT, 0xe6, 0x12,
+        ],
+    );
+    bind(vm, ram);
+    let mut vcpu = real_mode_vcpu(vm, 0xfee0_0000);
+    assert!(matches!(
+        vcpu.run().unwrap(),
+        VmExit::IoOut { port: 0x10, .. }
+    ));
+    vcpu
+}
+
 /// As `first_exit_within`, handing the vCPU back.
 fn exit_and_vcpu_within(
     mut vcpu: Box<dyn Vcpu>,
@@ -410,20 +429,7 @@ fn an_irqfd_delivers_its_routed_msi_to_the_guest() {
     ram.write(0x41 * 4, &[0x00, 0x21, 0x00, 0x00]);
     ram.write(0x2000, &[0xe6, 0x40, HLT]); // out 0x40,al
     ram.write(0x2100, &[0xe6, 0x41, HLT]); // out 0x41,al
-    // Enable the local APIC (a 32-bit write of SVR at DS:0xf0, DS at its
-    // page), tell the VMM, take interrupts, wait for one.
-    ram.write(
-        ::arch::usize_from(CODE),
-        &[
-            0x66, 0xc7, 0x06, 0xf0, 0x00, 0xff, 0x01, 0x00, 0x00, 0xe6, 0x10, 0xfb, HLT, 0xe6, 0x12,
-        ],
-    );
-    bind(vm.as_ref(), &ram);
-    let mut vcpu = real_mode_vcpu(vm.as_ref(), 0xfee0_0000);
-    assert!(matches!(
-        vcpu.run().unwrap(),
-        VmExit::IoOut { port: 0x10, .. }
-    ));
+    let vcpu = waiting_for_an_interrupt(vm.as_ref(), &ram);
 
     // GSI 24 carries vector 0x40 to APIC 0 (this vCPU); GSI 25 carries
     // vector 0x41 to APIC 1, which does not exist. Both fire: only 0x40
@@ -468,19 +474,7 @@ fn a_split_irqchip_reports_the_guests_eoi_of_a_level_vector() {
             0x66, 0xc7, 0x06, 0xb0, 0x00, 0x00, 0x00, 0x00, 0x00, 0xe6, 0x40, HLT,
         ],
     );
-    // Enable the LAPIC (SVR), tell the VMM, take interrupts, wait.
-    ram.write(
-        ::arch::usize_from(CODE),
-        &[
-            0x66, 0xc7, 0x06, 0xf0, 0x00, 0xff, 0x01, 0x00, 0x00, 0xe6, 0x10, 0xfb, HLT, 0xe6, 0x12,
-        ],
-    );
-    bind(vm.as_ref(), &ram);
-    let mut vcpu = real_mode_vcpu(vm.as_ref(), 0xfee0_0000);
-    assert!(matches!(
-        vcpu.run().unwrap(),
-        VmExit::IoOut { port: 0x10, .. }
-    ));
+    let mut vcpu = waiting_for_an_interrupt(vm.as_ref(), &ram);
     // IOAPIC pin 5's route: vector 0x40, level-triggered (data bit 15),
     // to APIC 0. KVM scans such routes for the vectors whose EOIs it
     // reports.
