@@ -474,7 +474,7 @@ fn a_split_irqchip_reports_the_guests_eoi_of_a_level_vector() {
             0x66, 0xc7, 0x06, 0xb0, 0x00, 0x00, 0x00, 0x00, 0x00, 0xe6, 0x40, HLT,
         ],
     );
-    let mut vcpu = waiting_for_an_interrupt(vm.as_ref(), &ram);
+    let vcpu = waiting_for_an_interrupt(vm.as_ref(), &ram);
     // IOAPIC pin 5's route: vector 0x40, level-triggered (data bit 15),
     // to APIC 0. KVM scans such routes for the vectors whose EOIs it
     // reports.
