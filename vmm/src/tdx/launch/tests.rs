@@ -292,3 +292,30 @@ fn the_kvm_backend_fails_cleanly_without_tdx() {
     assert_eq!(backend.simulated.state(), LaunchState::Created);
     assert!(backend.real.into_vcpus().is_empty());
 }
+
+/// XFAM is what leaf 0xd enumerates: the user states of sub-leaf 0
+/// (EDX:EAX) and the supervisor states of sub-leaf 1 (EDX:ECX), both
+/// halves, plus x87 and SSE, which a TD always has.
+#[test]
+fn xfam_takes_both_halves_of_both_sub_leaves() {
+    let leaf = |index, eax, ecx, edx| CpuidEntry {
+        function: 0xd,
+        index,
+        flags: 0,
+        eax,
+        ebx: 0,
+        ecx,
+        edx,
+    };
+    // User: x87 | SSE | AVX and bits 32-33; supervisor: PT (bit 8) and
+    // bits 32 and 34. Bit 32 is in both.
+    let cpuid = [leaf(0, 0b111, 0, 0b011), leaf(1, 0, 1 << 8, 0b101)];
+    assert_eq!(cpuid_xfam(&cpuid), 0b111 << 32 | 1 << 8 | 0b111);
+    // x87 and SSE even where CPUID leaves them out (or names one of them
+    // in the wrong sub-leaf); nothing else.
+    let odd = [leaf(0, 0b100, 0, 0), leaf(1, 0, 0b01, 0)];
+    assert_eq!(cpuid_xfam(&odd), 0b111);
+    let bare = [leaf(0, 0, 0, 0)];
+    assert_eq!(cpuid_xfam(&bare), 0b11);
+    assert_eq!(cpuid_xfam(&[]), 0b11);
+}
