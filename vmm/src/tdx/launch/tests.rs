@@ -242,6 +242,62 @@ fn init_vm_asks_for_what_the_host_offers_and_never_debug() {
     let init = init_vm_params(&caps, &cpuid()).unwrap();
     assert_eq!(init.cpuid[0].ecx, 0x03);
     assert_eq!(init.cpuid[0].eax, 0x806f8);
+    // Every register is masked, EBX and EDX too.
+    let mut leaves = cpuid();
+    (leaves[0].ebx, leaves[0].edx) = (0x1234_5678, 0xffff_0000);
+    caps.configurable_cpuid[0].ebx = 0x0000_ff00;
+    caps.configurable_cpuid[0].edx = 0x00ff_ff00;
+    let init = init_vm_params(&caps, &leaves).unwrap();
+    assert_eq!(
+        (init.cpuid[0].ebx, init.cpuid[0].edx),
+        (0x5600, 0x00ff_0000)
+    );
+}
+
+/// The TD_HOB section is loaded with the HOB the launch built, not with
+/// the image's (empty) contents for it.
+#[test]
+fn the_td_hob_section_gets_the_hob() {
+    struct Recording(SimulatedTdxModule, Vec<(u64, Vec<u8>)>);
+    impl TdxLauncher for Recording {
+        fn capabilities(&mut self) -> hypervisor::TdxResult<TdxCapabilities> {
+            self.0.capabilities()
+        }
+        fn init_vm(&mut self, params: &TdxInitVm) -> hypervisor::TdxResult<()> {
+            self.0.init_vm(params)
+        }
+        fn init_vcpu(
+            &mut self,
+            index: u8,
+            rcx: u64,
+        ) -> hypervisor::TdxResult<Option<Box<dyn Vcpu>>> {
+            self.0.init_vcpu(index, rcx)
+        }
+        fn init_mem_region(
+            &mut self,
+            gpa: u64,
+            source: &[u8],
+            measure: bool,
+        ) -> hypervisor::TdxResult<()> {
+            self.1.push((gpa, source.to_vec()));
+            self.0.init_mem_region(gpa, source, measure)
+        }
+        fn finalize(&mut self) -> hypervisor::TdxResult<()> {
+            self.0.finalize()
+        }
+    }
+    let image = synthetic_tdvf(&synthetic_sections());
+    let ram = 64 << 20;
+    let mut recording = Recording(SimulatedTdxModule::new(private_memory(ram, &image)), vec![]);
+    launch(&mut recording, &image, ram, &cpuid(), params(1)).unwrap();
+    let metadata = TdvfMetadata::parse(&image).unwrap();
+    let hob_gpa = metadata.td_hob().unwrap().memory_address;
+    let expected = crate::tdx::hob::for_launch(&metadata, ram, &image)
+        .unwrap()
+        .unwrap();
+    let loaded = recording.1.iter().find(|(gpa, _)| *gpa == hob_gpa).unwrap();
+    assert_eq!(loaded.1, expected);
+    assert!(loaded.1.iter().any(|&b| b != 0), "a HOB, not zeros");
 }
 
 /// The MRTD of Debian's OVMF.fd (edk2 2022.11), which
