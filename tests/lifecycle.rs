@@ -19,16 +19,6 @@ fn info(api: &std::path::Path) -> (u16, Value) {
     (status, serde_json::from_str(&body).unwrap())
 }
 
-fn put(api: &std::path::Path, path: &str, body: &str) -> (u16, String) {
-    raw_http(
-        api,
-        &format!(
-            "PUT /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        ),
-    )
-}
-
 /// The number of times the guest has run to its end.
 fn runs(vmm: &GuestVmm) -> usize {
     vmm.console()

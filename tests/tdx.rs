@@ -197,16 +197,6 @@ fn tdx_without_measure_stops_clearly_here() {
     assert!(!names.iter().any(|n| n == "vm/booted"), "{names:?}");
 }
 
-fn put(api: &std::path::Path, path: &str, body: &str) -> (u16, String) {
-    raw_http(
-        api,
-        &format!(
-            "PUT /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        ),
-    )
-}
-
 /// `vm.create` takes Cloud Hypervisor's `payload.firmware` for a TD (and
 /// refuses it without a confidential platform); on this host its boot
 /// fails with the reason and the VMM keeps serving, with no VM running.

@@ -403,6 +403,17 @@ pub fn get(socket: &Path, path: &str) -> (u16, String) {
     )
 }
 
+/// A PUT of a JSON `body` to the API, on its own connection.
+pub fn put(socket: &Path, path: &str, body: &str) -> (u16, String) {
+    raw_http(
+        socket,
+        &format!(
+            "PUT /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
 /// "source/event" of each event in an event-monitor file, in order.
 pub fn event_names(events: &[serde_json::Value]) -> Vec<String> {
     events

@@ -347,29 +347,8 @@ fn msi_routes_and_irqfds_reach_the_in_kernel_irqchip() {
 
 /// Runs `vcpu` on a thread until its first exit, as text; a vCPU that
 /// has not left the guest after `limit` is kicked out ("Interrupted").
-fn first_exit_within(mut vcpu: Box<dyn Vcpu>, limit: std::time::Duration) -> String {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
-
-    extern "C" fn ignore(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-    let kick = SIGRTMIN() + 2;
-    register_signal_handler(kick, ignore).unwrap();
-    let done = Arc::new(AtomicBool::new(false));
-    let finished = done.clone();
-    let thread = std::thread::spawn(move || {
-        let exit = format!("{:?}", vcpu.run().unwrap());
-        finished.store(true, Ordering::Release);
-        exit
-    });
-    let deadline = std::time::Instant::now() + limit;
-    while !done.load(Ordering::Acquire) {
-        if std::time::Instant::now() > deadline {
-            // A signal landing before KVM_RUN is entered is lost: resend.
-            thread.kill(kick).unwrap();
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    thread.join().unwrap()
+fn first_exit_within(vcpu: Box<dyn Vcpu>, limit: std::time::Duration) -> String {
+    exit_and_vcpu_within(vcpu, limit).0
 }
 
 /// A vCPU whose guest has enabled its local APIC (a 32-bit write of SVR at
@@ -412,6 +391,7 @@ fn exit_and_vcpu_within(
     let deadline = std::time::Instant::now() + limit;
     while !done.load(Ordering::Acquire) {
         if std::time::Instant::now() > deadline {
+            // A signal landing before KVM_RUN is entered is lost: resend.
             thread.kill(kick).unwrap();
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
