@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::mpsc::channel;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use hypervisor::attribute_tracking::AttributeTrackingVm;
 use hypervisor::{Hypervisor, KvmHypervisor};
@@ -13,6 +13,7 @@ use hypervisor::{Hypervisor, KvmHypervisor};
 use crate::GuestEvents;
 use crate::config::{ConsoleOutput, CpusConfig, MemoryConfig, PlatformConfig, VmConfig};
 use crate::event_monitor::EventMonitor;
+use crate::memory::{MemoryLayout, MemoryManager};
 use crate::sev_snp::ovmf;
 use crate::vm::{Vm, VmError};
 
@@ -102,29 +103,145 @@ impl<H, L> Drop for FirmwareRig<H, L> {
     }
 }
 
-/// The launch commands a fake backend was sent, counted across its
-/// clones; the test refuses the `refuse_at`-th (0 = the first) as the
-/// hardware might.
-#[derive(Clone)]
-pub(crate) struct CommandCount {
+/// Every launch command the backend can refuse, in turn (`rig(Some(n))`
+/// builds a rig refusing the n-th, `rig(None)` one refusing none): the
+/// build of `config` stops naming the firmware boot, `launch` and the
+/// reason; the VM's launch and the backend never `finished`, and nothing
+/// of the VM is left. Returns how many commands a whole launch sends (at
+/// least one), or None without KVM or the firmware.
+pub(crate) fn assert_every_refused_step_stops<H: Hypervisor, T>(
+    rig: impl Fn(Option<usize>) -> Option<FirmwareRig<H, Counted<T>>>,
+    config: impl Fn(&FirmwareRig<H, Counted<T>>) -> VmConfig,
+    launch: &str,
+    finished: impl Fn(&T) -> bool,
+) -> Option<usize> {
+    let whole = rig(None)?;
+    drop(whole.boot(config(&whole)).unwrap());
+    let steps = whole.launcher.sent();
+    assert!(steps > 0);
+    drop(whole);
+    for step in 0..steps {
+        let rig = rig(Some(step))?;
+        let Err(err) = rig.boot(config(&rig)) else {
+            panic!("step {step} refused, yet the VM booted");
+        };
+        let chain = crate::error_chain(&err);
+        assert!(
+            chain.contains("cannot boot the firmware")
+                && chain.contains(launch)
+                && chain.contains("refused: injected by the test"),
+            "step {step}: {chain}"
+        );
+        assert!(!rig.fake_vm().launch_finished(), "step {step}");
+        assert!(!finished(&rig.launcher.backend()), "step {step}");
+        rig.assert_nothing_left();
+    }
+    Some(steps)
+}
+
+/// Boots `config` on this host's own KVM: None where the host has
+/// `vm_type` and launches it (another test's job), else the error chain.
+pub(crate) fn boot_on_this_host(config: VmConfig, vm_type: hypervisor::VmType) -> Option<String> {
+    let kvm = crate::test_util::kvm()?;
+    let (tx, _events) = channel();
+    let result = Vm::boot(
+        config,
+        &kvm,
+        GuestEvents { vm: 1, tx },
+        Arc::new(EventMonitor::disabled()),
+        None,
+    );
+    match result {
+        Ok(_) => {
+            assert!(kvm.capabilities().supports_vm_type(vm_type));
+            None
+        }
+        Err(err) => Some(crate::error_chain(&err)),
+    }
+}
+
+/// Where Debian's OVMF.fd goes: the 2 MiB below 4 GiB.
+pub(crate) const OVMF_REGION: (u64, u64) = (0xffe0_0000, 0x20_0000);
+
+/// A 16 MiB memory manager for `vm`, with the firmware region `firmware`
+/// (address, size) when given.
+pub(crate) fn memory_with_firmware(
+    vm: Arc<dyn hypervisor::Vm>,
+    firmware: Option<(u64, u64)>,
+) -> MemoryManager {
+    let memory = MemoryManager::new(vm, 16 << 20, MemoryLayout::Auto).unwrap();
+    match firmware {
+        Some((gpa, size)) => memory.with_firmware(gpa, size, MemoryLayout::Auto).unwrap(),
+        None => memory,
+    }
+}
+
+/// `launch` into a VM without a firmware region and into one whose
+/// region is elsewhere fails, naming the region the image needs
+/// (`needs` reads it from the error); into OVMF's region it succeeds.
+pub(crate) fn assert_launch_needs_the_firmware_region<T, E: std::fmt::Debug>(
+    launch: impl Fn(Option<(u64, u64)>) -> Result<T, E>,
+    needs: impl Fn(&E) -> Option<(u64, u64)>,
+) -> T {
+    for firmware in [None, Some((0xffff_f000, 0x1000))] {
+        let err = launch(firmware)
+            .err()
+            .expect("launched without OVMF's region");
+        assert_eq!(needs(&err), Some(OVMF_REGION), "{firmware:x?}: {err:?}");
+    }
+    launch(Some(OVMF_REGION)).unwrap()
+}
+
+/// A simulated launch backend `T` (the processor or the module) that a
+/// fake hypervisor and the test share, behind a count of the commands
+/// sent across its clones; the test refuses the `refuse_at`-th (0 = the
+/// first) as the hardware might.
+pub(crate) struct Counted<T> {
+    backend: Arc<Mutex<T>>,
     sent: Arc<Mutex<usize>>,
     refuse_at: Option<usize>,
 }
 
-impl CommandCount {
-    pub fn new(refuse_at: Option<usize>) -> Self {
-        CommandCount {
+impl<T> Clone for Counted<T> {
+    fn clone(&self) -> Self {
+        Counted {
+            backend: self.backend.clone(),
+            sent: self.sent.clone(),
+            refuse_at: self.refuse_at,
+        }
+    }
+}
+
+impl<T> Counted<T> {
+    pub fn new(backend: T, refuse_at: Option<usize>) -> Self {
+        Counted {
+            backend: Arc::new(Mutex::new(backend)),
             sent: Arc::default(),
             refuse_at,
         }
     }
 
-    /// Counts one more command; true if the test refuses this one.
-    pub fn refuses_next(&self) -> bool {
-        let mut sent = self.sent.lock().unwrap();
-        let this = *sent;
-        *sent += 1;
-        self.refuse_at == Some(this)
+    /// Counts `command`; the backend to run it, or the refusal `refused`
+    /// builds if the test refuses this one.
+    pub fn next<E>(
+        &self,
+        command: &'static str,
+        refused: fn(&'static str, String) -> E,
+    ) -> Result<MutexGuard<'_, T>, E> {
+        let this = {
+            let mut sent = self.sent.lock().unwrap();
+            *sent += 1;
+            *sent - 1
+        };
+        if self.refuse_at == Some(this) {
+            return Err(refused(command, "injected by the test".into()));
+        }
+        Ok(self.backend())
+    }
+
+    /// The backend, to look inside.
+    pub fn backend(&self) -> MutexGuard<'_, T> {
+        self.backend.lock().unwrap()
     }
 
     /// How many commands were sent.

@@ -4,8 +4,8 @@
 //! second simulated one, independent of the VMM's own. Everything up to
 //! `SNP_LAUNCH_FINISH` runs as on a real host; then the vCPUs start.
 
+use std::sync::Arc;
 use std::sync::mpsc::channel;
-use std::sync::{Arc, Mutex};
 
 use hypervisor::attribute_tracking::{AttributeTrackingVm, SevSnpTestHypervisor, SnpFirmware};
 use hypervisor::sev_snp::SnpResult;
@@ -21,67 +21,46 @@ use crate::sev_snp::simulated_psp::{
     DEFAULT_SUPPORTED_VMSA_FEATURES, LaunchState, PrivateMemory, SimulatedPsp,
 };
 use crate::sev_snp::{measure_firmware, ovmf};
-use crate::test_util::firmware_rig::{CommandCount, FirmwareRig, RAM};
-use crate::vm::{Vm, VmState};
+use crate::test_util::firmware_rig::{
+    Counted, FirmwareRig, OVMF_REGION, RAM, assert_every_refused_step_stops,
+    assert_launch_needs_the_firmware_region, boot_on_this_host, memory_with_firmware,
+};
+use crate::vm::VmState;
 
 /// The fake's processor, shared with the test so it can look inside; the
 /// test may refuse one command as the hardware might.
-#[derive(Clone)]
-struct Psp {
-    inner: Arc<Mutex<SimulatedPsp>>,
-    commands: CommandCount,
+type Psp = Counted<SimulatedPsp>;
+
+fn refused(command: &'static str, why: String) -> SnpLaunchError {
+    SnpLaunchError::Refused { command, why }
 }
 
-impl Psp {
-    fn new(refuse_at: Option<usize>) -> Self {
-        // The fake checks KVM's memory rules itself; the processor
-        // accepts any private page.
-        let memory = PrivateMemory(vec![(0, 1 << 52)]);
-        Psp {
-            inner: Arc::new(Mutex::new(SimulatedPsp::new(memory))),
-            commands: CommandCount::new(refuse_at),
-        }
-    }
-
-    fn next(&self, command: &'static str) -> SnpResult<()> {
-        if self.commands.refuses_next() {
-            return Err(SnpLaunchError::Refused {
-                command,
-                why: "injected by the test".into(),
-            });
-        }
-        Ok(())
-    }
-
-    fn state(&self) -> LaunchState {
-        self.inner.lock().unwrap().state()
-    }
-
-    fn log(&self) -> Vec<String> {
-        self.inner.lock().unwrap().log().to_vec()
-    }
+fn new_psp(refuse_at: Option<usize>) -> Psp {
+    // The fake checks KVM's memory rules itself; the processor accepts
+    // any private page.
+    Counted::new(
+        SimulatedPsp::new(PrivateMemory(vec![(0, 1 << 52)])),
+        refuse_at,
+    )
 }
 
 impl SevSnpLauncher for Psp {
     fn init(&mut self, vmsa_features: u64) -> SnpResult<()> {
-        self.next("KVM_SEV_INIT2")?;
-        self.inner.lock().unwrap().init(vmsa_features)
+        self.next("KVM_SEV_INIT2", refused)?.init(vmsa_features)
     }
     fn launch_start(&mut self, policy: u64) -> SnpResult<()> {
-        self.next("SNP_LAUNCH_START")?;
-        self.inner.lock().unwrap().launch_start(policy)
+        self.next("SNP_LAUNCH_START", refused)?.launch_start(policy)
     }
     fn launch_update(&mut self, update: SnpUpdate<'_>) -> SnpResult<()> {
-        self.next("SNP_LAUNCH_UPDATE")?;
-        self.inner.lock().unwrap().launch_update(update)
+        self.next("SNP_LAUNCH_UPDATE", refused)?
+            .launch_update(update)
     }
     fn add_vcpu(&mut self, index: u8, state: &SnpVcpuState) -> SnpResult<Option<Box<dyn Vcpu>>> {
-        self.next("SNP_LAUNCH_UPDATE (VMSA)")?;
-        self.inner.lock().unwrap().add_vcpu(index, state)
+        self.next("SNP_LAUNCH_UPDATE (VMSA)", refused)?
+            .add_vcpu(index, state)
     }
     fn launch_finish(&mut self) -> SnpResult<()> {
-        self.next("SNP_LAUNCH_FINISH")?;
-        self.inner.lock().unwrap().launch_finish()
+        self.next("SNP_LAUNCH_FINISH", refused)?.launch_finish()
     }
 }
 
@@ -92,7 +71,7 @@ type Rig = FirmwareRig<SevSnpTestHypervisor, Psp>;
 fn new_rig(tag: &str, refuse_at: Option<usize>, vmsa_features: u64) -> Option<Rig> {
     FirmwareRig::new(
         tag,
-        Psp::new(refuse_at),
+        new_psp(refuse_at),
         |kvm, psp| {
             SevSnpTestHypervisor::new(kvm, vmsa_features, move || {
                 Box::new(psp.clone()) as SnpFirmware
@@ -137,12 +116,12 @@ fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         assert_eq!(vm.state(), VmState::Running);
         assert!(fake.launch_finished());
         assert_eq!(fake.live_vcpus(), usize::from(vcpus));
-        assert_eq!(rig.launcher.state(), LaunchState::Finished);
+        assert_eq!(rig.launcher.backend().state(), LaunchState::Finished);
 
         let predicted = measured(&rig, vcpus, platform);
         let launched = vm.launch_measurement().expect("a launch").clone();
         assert_eq!(launched.measurement, predicted, "{vcpus} vCPUs");
-        let hardware = rig.launcher.inner.lock().unwrap().digest().hex();
+        let hardware = rig.launcher.backend().digest().hex();
         assert_eq!(hardware, predicted, "the processor's own digest");
         let features = PlatformConfig::parse(platform).unwrap().snp_guest_features;
         assert_eq!(launched.guest_features, features);
@@ -171,7 +150,7 @@ fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
 
         // The order a verifier reproduces: the image, its sections, then
         // one VMSA per vCPU.
-        let log = rig.launcher.log();
+        let log = rig.launcher.backend().log().to_vec();
         assert_eq!(log[0], format!("init vmsa_features={:#x}", features & !1));
         assert_eq!(log[1], "start policy=0x30000");
         assert_eq!(log[2], "update normal 0xffe00000+0x200000");
@@ -204,7 +183,7 @@ fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         let vcpu = fake.create_vcpu(vcpus).unwrap();
         assert!(vcpu.set_regs(&Default::default()).is_err());
         drop(vcpu);
-        assert_eq!(rig.launcher.inner.lock().unwrap().digest().hex(), predicted);
+        assert_eq!(rig.launcher.backend().digest().hex(), predicted);
 
         vm.shutdown();
         drop(vm);
@@ -218,33 +197,16 @@ fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
 /// the command and the reason, and nothing of the VM is left.
 #[test]
 fn every_refused_launch_step_stops_the_build_and_leaves_nothing() {
-    let Some(rig) = new_rig("snp-count.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
+    let Some(steps) = assert_every_refused_step_stops(
+        |refuse_at| new_rig("snp-refuse.fd", refuse_at, DEFAULT_SUPPORTED_VMSA_FEATURES),
+        |rig| rig.config(2, "sev_snp=on"),
+        "the SEV-SNP launch of",
+        |psp| psp.state() == LaunchState::Finished,
+    ) else {
         return;
     };
-    let vm = rig.boot(rig.config(2, "sev_snp=on")).unwrap();
-    drop(vm);
-    let steps = rig.launcher.commands.sent();
     // INIT2, START, the image, at least one section, two VMSAs, FINISH.
     assert!(steps >= 7, "{steps}");
-    drop(rig);
-    for step in 0..steps {
-        let Some(rig) = new_rig("snp-refuse.fd", Some(step), DEFAULT_SUPPORTED_VMSA_FEATURES)
-        else {
-            return;
-        };
-        let Err(err) = rig.boot(rig.config(2, "sev_snp=on")) else {
-            panic!("step {step} refused, yet the VM booted");
-        };
-        let chain = crate::error_chain(&err);
-        assert!(
-            chain.contains("the SEV-SNP launch of")
-                && chain.contains("refused: injected by the test"),
-            "step {step}: {chain}"
-        );
-        assert!(!rig.fake_vm().launch_finished(), "step {step}");
-        assert_ne!(rig.launcher.state(), LaunchState::Finished, "step {step}");
-        rig.assert_nothing_left();
-    }
 }
 
 /// A step the VMM's simulation refuses (features this host's KVM does not
@@ -262,8 +224,8 @@ fn a_step_the_rules_refuse_never_reaches_kvm() {
         chain.contains("KVM_SEV_INIT2 refused: VMSA features 0x20 are not supported"),
         "{chain}"
     );
-    assert_eq!(rig.launcher.commands.sent(), 0, "KVM saw a command");
-    assert_eq!(rig.launcher.state(), LaunchState::Created);
+    assert_eq!(rig.launcher.sent(), 0, "KVM saw a command");
+    assert_eq!(rig.launcher.backend().state(), LaunchState::Created);
     rig.assert_nothing_left();
 }
 
@@ -274,28 +236,13 @@ fn without_sev_snp_a_firmware_boot_stops_before_creating_anything() {
     let Some(rig) = new_rig("snp-nohost.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
         return;
     };
-    let Some(kvm) = crate::test_util::kvm() else {
+    let Some(chain) = boot_on_this_host(rig.config(2, "sev_snp=on"), hypervisor::VmType::SevSnp)
+    else {
         return;
     };
-    let (tx, _events) = channel();
-    let result = Vm::boot(
-        rig.config(2, "sev_snp=on"),
-        &kvm,
-        GuestEvents { vm: 1, tx },
-        Arc::new(EventMonitor::disabled()),
-        None,
-    );
-    let Err(err) = result else {
-        // A real SEV-SNP host launches (and that is another test's job).
-        assert!(
-            kvm.capabilities()
-                .supports_vm_type(hypervisor::VmType::SevSnp)
-        );
-        return;
-    };
-    let chain = crate::error_chain(&err);
     assert!(
-        chain.contains("VM type sev-snp is not available on this host")
+        chain.contains("cannot boot the firmware")
+            && chain.contains("VM type sev-snp is not available on this host")
             && chain.contains("no SEV-SNP here"),
         "{chain}"
     );
@@ -499,9 +446,7 @@ fn the_cpuid_page_holds_what_the_vcpus_are_given() {
     let vm = rig.boot(config.normalized()).unwrap();
     let table = rig
         .launcher
-        .inner
-        .lock()
-        .unwrap()
+        .backend()
         .cpuid()
         .expect("a CPUID page")
         .to_vec();
@@ -532,39 +477,14 @@ fn the_cpuid_page_holds_what_the_vcpus_are_given() {
 /// where the image goes.
 #[test]
 fn the_launch_needs_an_snp_vm_with_the_firmware_region() {
-    use crate::memory::{MemoryLayout, MemoryManager};
     use crate::sev_snp::boot::launch_vm;
     use crate::sev_snp::{FirmwareError, SnpParams};
     let Some(rig) = new_rig("snp-direct.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
         return;
     };
     let image = crate::sev_snp::read_firmware(&rig.firmware).unwrap();
-    let kvm = crate::test_util::kvm().unwrap();
-    let default_vm = kvm.create_vm(hypervisor::VmType::Default).unwrap();
-    let memory = MemoryManager::new(default_vm.clone(), 16 << 20, MemoryLayout::Auto)
-        .unwrap()
-        .with_firmware(image.gpa(), image.data().len() as u64, MemoryLayout::Auto)
-        .unwrap();
-    let result = launch_vm(
-        &rig.hypervisor,
-        default_vm,
-        &memory,
-        &image,
-        "x",
-        SnpParams::default(),
-        &[],
-    );
-    assert!(matches!(result, Err(FirmwareError::WrongVmType("default"))));
-
-    let launch = |firmware: Option<(u64, u64)>| {
-        let vm = rig
-            .hypervisor
-            .create_vm(hypervisor::VmType::SevSnp)
-            .unwrap();
-        let mut memory = MemoryManager::new(vm.clone(), 16 << 20, MemoryLayout::Auto).unwrap();
-        if let Some((gpa, size)) = firmware {
-            memory = memory.with_firmware(gpa, size, MemoryLayout::Auto).unwrap();
-        }
+    let launch = |vm: Arc<dyn hypervisor::Vm>, firmware| {
+        let memory = memory_with_firmware(vm.clone(), firmware);
         launch_vm(
             &rig.hypervisor,
             vm,
@@ -575,19 +495,26 @@ fn the_launch_needs_an_snp_vm_with_the_firmware_region() {
             &[],
         )
     };
-    for firmware in [None, Some((0xffff_f000, 0x1000))] {
-        assert!(
-            matches!(
-                launch(firmware),
-                Err(FirmwareError::NoFirmwareRegion {
-                    gpa: 0xffe0_0000,
-                    size: 0x20_0000
-                })
-            ),
-            "{firmware:x?}"
-        );
-    }
-    let launched = launch(Some((0xffe0_0000, 0x20_0000))).unwrap();
+    let default_vm = crate::test_util::kvm()
+        .unwrap()
+        .create_vm(hypervisor::VmType::Default);
+    let result = launch(default_vm.unwrap(), Some(OVMF_REGION));
+    assert!(matches!(result, Err(FirmwareError::WrongVmType("default"))));
+
+    let launched = assert_launch_needs_the_firmware_region(
+        |firmware| {
+            launch(
+                rig.hypervisor
+                    .create_vm(hypervisor::VmType::SevSnp)
+                    .unwrap(),
+                firmware,
+            )
+        },
+        |err| match err {
+            FirmwareError::NoFirmwareRegion { gpa, size } => Some((*gpa, *size)),
+            _ => None,
+        },
+    );
     assert_eq!(launched.vcpus.len(), 1);
     assert_eq!(launched.measurement.policy, 0x30000);
     assert_eq!(launched.measurement.guest_features, 1);

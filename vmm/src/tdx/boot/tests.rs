@@ -4,8 +4,8 @@
 //! simulated TDX module, independent of the VMM's own). Everything up to
 //! `KVM_TDX_FINALIZE_VM` runs as on a real host; then the vCPUs start.
 
+use std::sync::Arc;
 use std::sync::mpsc::channel;
-use std::sync::{Arc, Mutex};
 
 use hypervisor::attribute_tracking::{TdxModule, TdxTestHypervisor};
 use hypervisor::{
@@ -21,81 +21,51 @@ use crate::tdx::simulated_module::{
     LaunchState, PrivateMemory, SimulatedTdxModule, default_capabilities,
 };
 use crate::tdx::{FirmwareError, TdxParams, measure_firmware};
-use crate::test_util::firmware_rig::{CommandCount, FirmwareRig, RAM};
-use crate::vm::{LaunchMeasurement, Vm, VmState};
+use crate::test_util::firmware_rig::{
+    Counted, FirmwareRig, OVMF_REGION, RAM, assert_every_refused_step_stops,
+    assert_launch_needs_the_firmware_region, boot_on_this_host, memory_with_firmware,
+};
+use crate::vm::{LaunchMeasurement, VmState};
 
 const MIB: u64 = 1 << 20;
 
 /// The fake's TDX module, shared with the test so it can look inside; the
 /// test may refuse one command as the module might.
-#[derive(Clone)]
-struct Module {
-    inner: Arc<Mutex<SimulatedTdxModule>>,
-    commands: CommandCount,
+type Module = Counted<SimulatedTdxModule>;
+
+fn refused(command: &'static str, why: String) -> TdxLaunchError {
+    TdxLaunchError::Refused { command, why }
 }
 
-impl Module {
-    fn new(refuse_at: Option<usize>) -> Self {
-        Self::with_capabilities(refuse_at, default_capabilities())
-    }
+fn new_module(refuse_at: Option<usize>) -> Module {
+    module_with(refuse_at, default_capabilities())
+}
 
-    fn with_capabilities(refuse_at: Option<usize>, capabilities: TdxCapabilities) -> Self {
-        // The fake checks KVM's memory rules itself; the module accepts
-        // any private page.
-        let module = SimulatedTdxModule::new(PrivateMemory(vec![(0, 1 << 52)]))
-            .with_capabilities(capabilities);
-        Module {
-            inner: Arc::new(Mutex::new(module)),
-            commands: CommandCount::new(refuse_at),
-        }
-    }
-
-    fn next(&self, command: &'static str) -> TdxResult<()> {
-        if self.commands.refuses_next() {
-            return Err(TdxLaunchError::Refused {
-                command,
-                why: "injected by the test".into(),
-            });
-        }
-        Ok(())
-    }
-
-    fn state(&self) -> LaunchState {
-        self.inner.lock().unwrap().state()
-    }
-
-    fn log(&self) -> Vec<String> {
-        self.inner.lock().unwrap().log().to_vec()
-    }
-
-    fn mrtd(&self) -> String {
-        self.inner.lock().unwrap().mrtd().hex()
-    }
+fn module_with(refuse_at: Option<usize>, capabilities: TdxCapabilities) -> Module {
+    // The fake checks KVM's memory rules itself; the module accepts any
+    // private page.
+    let module =
+        SimulatedTdxModule::new(PrivateMemory(vec![(0, 1 << 52)])).with_capabilities(capabilities);
+    Counted::new(module, refuse_at)
 }
 
 impl TdxLauncher for Module {
     fn capabilities(&mut self) -> TdxResult<TdxCapabilities> {
-        self.next("KVM_TDX_CAPABILITIES")?;
-        self.inner.lock().unwrap().capabilities()
+        self.next("KVM_TDX_CAPABILITIES", refused)?.capabilities()
     }
     fn init_vm(&mut self, params: &TdxInitVm) -> TdxResult<()> {
-        self.next("KVM_TDX_INIT_VM")?;
-        self.inner.lock().unwrap().init_vm(params)
+        self.next("KVM_TDX_INIT_VM", refused)?.init_vm(params)
     }
     fn init_vcpu(&mut self, index: u8, rcx: u64) -> TdxResult<Option<Box<dyn Vcpu>>> {
-        self.next("KVM_TDX_INIT_VCPU")?;
-        self.inner.lock().unwrap().init_vcpu(index, rcx)
+        self.next("KVM_TDX_INIT_VCPU", refused)?
+            .init_vcpu(index, rcx)
     }
     fn init_mem_region(&mut self, gpa: u64, source: &[u8], measure: bool) -> TdxResult<()> {
-        self.next("KVM_TDX_INIT_MEM_REGION")?;
-        self.inner
-            .lock()
-            .unwrap()
+        self.next("KVM_TDX_INIT_MEM_REGION", refused)?
             .init_mem_region(gpa, source, measure)
     }
     fn finalize(&mut self) -> TdxResult<()> {
-        self.next("KVM_TDX_FINALIZE_VM")?;
-        self.inner.lock().unwrap().finalize()
+        self.next("KVM_TDX_FINALIZE_VM", refused)?.finalize()
     }
 }
 
@@ -104,7 +74,7 @@ type Rig = FirmwareRig<TdxTestHypervisor, Module>;
 /// A fake TDX host whose module refuses command `refuse_at`; None without
 /// KVM or Debian's OVMF.fd.
 fn new_rig(tag: &str, refuse_at: Option<usize>) -> Option<Rig> {
-    rig_with(tag, Module::new(refuse_at))
+    rig_with(tag, new_module(refuse_at))
 }
 
 fn rig_with(tag: &str, module: Module) -> Option<Rig> {
@@ -144,14 +114,18 @@ fn a_tdx_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         assert!(fake.launch_finished(), "finalized");
         assert!(fake.has_split_irqchip(), "a TD has a split irqchip");
         assert_eq!(fake.live_vcpus(), usize::from(vcpus));
-        assert_eq!(rig.launcher.state(), LaunchState::Finalized);
+        assert_eq!(rig.launcher.backend().state(), LaunchState::Finalized);
 
         let predicted = predicted(&rig, vcpus);
         let Some(LaunchMeasurement::Tdx(launched)) = vm.launch().cloned() else {
             panic!("no TDX launch measurement");
         };
         assert_eq!(launched.mrtd, predicted.mrtd, "{vcpus} vCPUs");
-        assert_eq!(rig.launcher.mrtd(), predicted.mrtd, "the module's own MRTD");
+        assert_eq!(
+            rig.launcher.backend().mrtd().hex(),
+            predicted.mrtd,
+            "the module's own MRTD"
+        );
         assert!(vm.launch_measurement().is_none(), "not an SEV-SNP launch");
 
         // vm.info shows it as --measure prints it, plus what INIT_VM fixed.
@@ -160,14 +134,7 @@ fn a_tdx_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         for key in ["platform", "measurement"] {
             assert_eq!(info["launch"][key], ours[key], "{key}");
         }
-        let init = rig
-            .launcher
-            .inner
-            .lock()
-            .unwrap()
-            .init_params()
-            .cloned()
-            .unwrap();
+        let init = rig.launcher.backend().init_params().cloned().unwrap();
         assert_eq!(
             info["launch"]["attributes"],
             format!("{:#x}", init.attributes)
@@ -196,7 +163,7 @@ fn a_tdx_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
 
         // The order a verifier reproduces: INIT_VM, every vCPU (RCX = the
         // TD HOB), the sections, FINALIZE.
-        let log = rig.launcher.log();
+        let log = rig.launcher.backend().log().to_vec();
         assert!(log[0].starts_with("init_vm "), "{log:?}");
         for index in 0..vcpus {
             let line = &log[1 + usize::from(index)];
@@ -224,7 +191,7 @@ fn a_tdx_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         let vcpu = fake.create_vcpu(vcpus).unwrap();
         assert!(vcpu.set_regs(&Default::default()).is_err());
         drop(vcpu);
-        assert_eq!(rig.launcher.mrtd(), predicted.mrtd);
+        assert_eq!(rig.launcher.backend().mrtd().hex(), predicted.mrtd);
 
         vm.shutdown();
         drop(vm);
@@ -238,33 +205,16 @@ fn a_tdx_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
 /// command and the reason, never finalized, and nothing of the VM is left.
 #[test]
 fn every_refused_tdx_launch_step_stops_the_build_and_leaves_nothing() {
-    let Some(rig) = new_rig("tdx-count.fd", None) else {
+    let Some(steps) = assert_every_refused_step_stops(
+        |refuse_at| new_rig("tdx-refuse.fd", refuse_at),
+        |rig| td(rig, 2),
+        "the TDX launch of",
+        |module| module.state() == LaunchState::Finalized,
+    ) else {
         return;
     };
-    let vm = rig.boot(td(&rig, 2)).unwrap();
-    drop(vm);
-    let steps = rig.launcher.commands.sent();
     // CAPABILITIES, INIT_VM, two vCPUs, at least two sections, FINALIZE.
     assert!(steps >= 7, "{steps}");
-    drop(rig);
-    for step in 0..steps {
-        let Some(rig) = new_rig("tdx-refuse.fd", Some(step)) else {
-            return;
-        };
-        let Err(err) = rig.boot(td(&rig, 2)) else {
-            panic!("step {step} refused, yet the TD booted");
-        };
-        let chain = crate::error_chain(&err);
-        assert!(
-            chain.contains("cannot boot the firmware")
-                && chain.contains("the TDX launch of")
-                && chain.contains("refused: injected by the test"),
-            "step {step}: {chain}"
-        );
-        assert!(!rig.fake_vm().launch_finished(), "step {step}");
-        assert_ne!(rig.launcher.state(), LaunchState::Finalized, "step {step}");
-        rig.assert_nothing_left();
-    }
 }
 
 /// A step the VMM's simulation refuses (here: a host whose capabilities
@@ -275,10 +225,7 @@ fn a_step_the_rules_refuse_never_reaches_kvm() {
     let mut capabilities = default_capabilities();
     let leaf = capabilities.configurable_cpuid[0];
     capabilities.configurable_cpuid.push(leaf);
-    let Some(rig) = rig_with(
-        "tdx-rules.fd",
-        Module::with_capabilities(None, capabilities),
-    ) else {
+    let Some(rig) = rig_with("tdx-rules.fd", module_with(None, capabilities)) else {
         return;
     };
     let Err(err) = rig.boot(td(&rig, 1)) else {
@@ -289,8 +236,8 @@ fn a_step_the_rules_refuse_never_reaches_kvm() {
         chain.contains("KVM_TDX_INIT_VM refused: CPUID 0x1.0x0 is given twice"),
         "{chain}"
     );
-    assert_eq!(rig.launcher.commands.sent(), 1, "KVM saw INIT_VM");
-    assert_eq!(rig.launcher.state(), LaunchState::Created);
+    assert_eq!(rig.launcher.sent(), 1, "KVM saw INIT_VM");
+    assert_eq!(rig.launcher.backend().state(), LaunchState::Created);
     assert!(!rig.fake_vm().launch_finished());
     rig.assert_nothing_left();
 }
@@ -302,21 +249,9 @@ fn without_tdx_a_firmware_boot_stops_before_creating_anything() {
     let Some(rig) = new_rig("tdx-nohost.fd", None) else {
         return;
     };
-    let kvm = crate::test_util::kvm().unwrap();
-    let (tx, _events) = channel();
-    let result = Vm::boot(
-        td(&rig, 2),
-        &kvm,
-        GuestEvents { vm: 1, tx },
-        Arc::new(EventMonitor::disabled()),
-        None,
-    );
-    let Err(err) = result else {
-        // A real TDX host launches (and that is another test's job).
-        assert!(kvm.capabilities().supports_vm_type(hypervisor::VmType::Tdx));
+    let Some(chain) = boot_on_this_host(td(&rig, 2), hypervisor::VmType::Tdx) else {
         return;
     };
-    let chain = crate::error_chain(&err);
     assert!(
         chain.contains("cannot boot the firmware")
             && chain.contains("VM type tdx is not available on this host")
@@ -360,49 +295,33 @@ fn a_bad_tdx_image_fails_before_any_vm_exists() {
 /// the image goes, and sets the TSC before the first vCPU.
 #[test]
 fn the_launch_needs_a_td_with_the_firmware_region() {
-    use crate::memory::{MemoryLayout, MemoryManager};
     let Some(rig) = new_rig("tdx-direct.fd", None) else {
         return;
     };
     let image = crate::sev_snp::read_firmware(&rig.firmware).unwrap();
     let cpuid = crate::sev_snp::cpuid_page::host_minimal();
-    let kvm = crate::test_util::kvm().unwrap();
-    let default_vm = kvm.create_vm(hypervisor::VmType::Default).unwrap();
-    let memory = MemoryManager::new(default_vm.clone(), 16 * MIB, MemoryLayout::Auto)
-        .unwrap()
-        .with_firmware(image.gpa(), image.data().len() as u64, MemoryLayout::Auto)
-        .unwrap();
-    let result = launch_vm(
-        default_vm,
-        &memory,
-        &image,
-        "x",
-        &cpuid,
-        TdxParams::default(),
-    );
-    assert!(matches!(result, Err(FirmwareError::WrongVmType("default"))));
-
-    let launch = |firmware: Option<(u64, u64)>| {
-        let vm = rig.hypervisor.create_vm(hypervisor::VmType::Tdx).unwrap();
-        let mut memory = MemoryManager::new(vm.clone(), 16 * MIB, MemoryLayout::Auto).unwrap();
-        if let Some((gpa, size)) = firmware {
-            memory = memory.with_firmware(gpa, size, MemoryLayout::Auto).unwrap();
-        }
+    let launch = |vm: Arc<dyn hypervisor::Vm>, firmware| {
+        let memory = memory_with_firmware(vm.clone(), firmware);
         launch_vm(vm, &memory, &image, "x", &cpuid, TdxParams::default())
     };
-    for firmware in [None, Some((0xffff_f000, 0x1000))] {
-        assert!(
-            matches!(
-                launch(firmware),
-                Err(FirmwareError::NoFirmwareRegion {
-                    gpa: 0xffe0_0000,
-                    size: 0x20_0000
-                })
-            ),
-            "{firmware:x?}"
-        );
-    }
-    let launched = launch(Some((0xffe0_0000, 0x20_0000))).unwrap();
+    let default_vm = crate::test_util::kvm()
+        .unwrap()
+        .create_vm(hypervisor::VmType::Default);
+    let result = launch(default_vm.unwrap(), Some(OVMF_REGION));
+    assert!(matches!(result, Err(FirmwareError::WrongVmType("default"))));
+
+    let launched = assert_launch_needs_the_firmware_region(
+        |firmware| {
+            launch(
+                rig.hypervisor.create_vm(hypervisor::VmType::Tdx).unwrap(),
+                firmware,
+            )
+        },
+        |err| match err {
+            FirmwareError::NoFirmwareRegion { gpa, size } => Some((*gpa, *size)),
+            _ => None,
+        },
+    );
     assert_eq!(launched.vcpus.len(), 1);
     assert_eq!(launched.tsc_khz % 25_000, 0);
     let created = rig.hypervisor.created();
