@@ -135,6 +135,68 @@ fn a_synthetic_table_gives_its_reset_block_and_sections() {
     assert_eq!(image.table_entry(absent), None);
 }
 
+/// Every section type the SEV metadata defines reads as its kind, at its
+/// place and size; a type it does not define is refused by number.
+#[test]
+fn every_metadata_section_type_reads_as_its_kind() {
+    let kinds = [
+        (1, SectionKind::PrevalidatedZero),
+        (2, SectionKind::Secrets),
+        (3, SectionKind::Cpuid),
+        (4, SectionKind::SvsmCallingArea),
+        (0x10, SectionKind::KernelHashes),
+    ];
+    let image_with = |raw: &[(u32, u32, u32)]| {
+        OvmfImage::parse(synthetic_image(
+            64 << 10,
+            &[entry(SEV_METADATA_GUID, &0x800u32.to_le_bytes())],
+            Some((0x800, metadata(1, raw))),
+        ))
+    };
+    let raw: Vec<(u32, u32, u32)> = (0u32..)
+        .zip(kinds)
+        .map(|(i, (kind, _))| (0x80_0000 + i * 0x1000, 0x1000, kind))
+        .collect();
+    let image = image_with(&raw).unwrap();
+    let read: Vec<(u64, u64, SectionKind)> = image
+        .metadata_sections()
+        .iter()
+        .map(|s| (s.gpa, s.size, s.kind))
+        .collect();
+    let expected: Vec<(u64, u64, SectionKind)> = raw
+        .iter()
+        .zip(kinds)
+        .map(|((gpa, size, _), (_, kind))| (u64::from(*gpa), u64::from(*size), kind))
+        .collect();
+    assert_eq!(read, expected);
+    for unknown in [0, 5, 0xf, 0x11] {
+        let err = image_with(&[(0x80_0000, 0x1000, unknown)]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("unknown type {unknown:#x}")),
+            "{unknown}: {err}"
+        );
+    }
+}
+
+/// An image prints as its size and what its table says, not its bytes.
+#[test]
+fn an_image_prints_its_table_not_its_bytes() {
+    let image = OvmfImage::parse(well_formed()).unwrap();
+    let printed = format!("{image:?}");
+    for part in [
+        "OvmfImage",
+        "size: 65536",
+        "reset_block: Some(",
+        "PrevalidatedZero",
+        "Secrets",
+        "Cpuid",
+    ] {
+        assert!(printed.contains(part), "{part} in {printed}");
+    }
+    assert!(printed.len() < 2048, "{printed}");
+}
+
 #[test]
 fn an_image_without_sev_entries_parses_empty() {
     let image = OvmfImage::parse(synthetic_image(8192, &[], None)).unwrap();
