@@ -235,6 +235,23 @@ fn malformed_images_are_refused_with_the_reason() {
         );
     }
 
+    // A fragment shorter than an entry's trailer below the entries: its
+    // size is the error, whatever bytes lie under it.
+    for fragment in [1usize, ENTRY_TRAILER - 1] {
+        let entries = [vec![0xff; fragment], entry(OTHER_GUID, &[0; 4])];
+        assert_eq!(
+            refused(synthetic_image(8192, &entries, None)),
+            OvmfError::EntryLength {
+                index: 1,
+                length: fragment
+            },
+            "{fragment}"
+        );
+    }
+    // An entry with no data is whole: exactly its trailer.
+    let image = OvmfImage::parse(synthetic_image(8192, &[entry(OTHER_GUID, &[])], None)).unwrap();
+    assert_eq!(image.table_entry(OTHER_GUID), Some(&[][..]));
+
     // A reset block of the wrong size.
     let image = synthetic_image(8192, &[entry(SEV_ES_RESET_BLOCK_GUID, &[0; 8])], None);
     assert!(matches!(
