@@ -333,6 +333,89 @@ fn malformed_images_are_refused_with_the_reason() {
     ));
 }
 
+/// The edges of the metadata's bounds: what ends exactly at a limit is
+/// accepted, what passes it by one is refused.
+#[test]
+fn metadata_bounds_hold_to_the_byte() {
+    let image = |size: usize, offset: u32, bytes: Vec<u8>| {
+        OvmfImage::parse(synthetic_image(
+            size,
+            &[entry(SEV_METADATA_GUID, &offset.to_le_bytes())],
+            Some((offset, bytes)),
+        ))
+    };
+    // The descriptors may end at the image's last byte, not past it (one
+    // descriptor fits in the bytes after the table).
+    let one = metadata(1, &[(0x1000, 0x1000, 1)]);
+    let fits = u32::try_from(one.len()).unwrap();
+    assert!(one.len() <= BYTES_AFTER_TABLE);
+    assert_eq!(
+        image(16384, fits, one.clone())
+            .unwrap()
+            .metadata_sections()
+            .len(),
+        1
+    );
+    let mut past = one;
+    past[12..16].copy_from_slice(&2u32.to_le_bytes());
+    past[4..8].copy_from_slice(&(fits + 12).to_le_bytes());
+    assert_eq!(
+        image(16384, fits, past).unwrap_err(),
+        OvmfError::MetadataLength {
+            sections: 2,
+            length: fits + 12
+        }
+    );
+
+    // At most MAX_METADATA_SECTIONS sections.
+    let pages = |count: u32| -> Vec<(u32, u32, u32)> {
+        (0..count)
+            .map(|i| (0x10_0000 + i * 0x1000, 0x1000, 1))
+            .collect()
+    };
+    let most = metadata(1, &pages(MAX_METADATA_SECTIONS));
+    let parsed = image(64 << 10, 0x8000, most).unwrap();
+    assert_eq!(
+        parsed.metadata_sections().len(),
+        MAX_METADATA_SECTIONS as usize
+    );
+    let too_many = metadata(1, &pages(MAX_METADATA_SECTIONS + 1));
+    let length = u32::try_from(too_many.len()).unwrap();
+    assert_eq!(
+        image(64 << 10, 0x8000, too_many).unwrap_err(),
+        OvmfError::MetadataLength {
+            sections: MAX_METADATA_SECTIONS + 1,
+            length
+        }
+    );
+
+    // A section may end where the image begins, and where another starts.
+    let size = 16384usize;
+    let below_image = u32::try_from(FIRMWARE_END - size as u64 - 0x1000).unwrap();
+    let edges = metadata(
+        1,
+        &[
+            (below_image, 0x1000, 1),
+            (0x1000, 0x1000, 1),
+            (0x2000, 0x1000, 3),
+            (0x0000, 0x1000, 2),
+        ],
+    );
+    let kinds: Vec<SectionKind> = image(size, 0x2000, edges)
+        .unwrap()
+        .metadata_sections()
+        .iter()
+        .map(|s| s.kind)
+        .collect();
+    use SectionKind::*;
+    assert_eq!(kinds, [PrevalidatedZero, PrevalidatedZero, Cpuid, Secrets]);
+    let over = metadata(1, &[(below_image + 0x1000, 0x1000, 1)]);
+    assert!(matches!(
+        image(size, 0x2000, over).unwrap_err(),
+        OvmfError::SectionOverlap { index: 0, .. }
+    ));
+}
+
 #[test]
 fn guids_print_in_their_textual_form() {
     assert_eq!(
