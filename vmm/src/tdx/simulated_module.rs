@@ -456,6 +456,14 @@ mod tests {
             p
         };
         assert!(refused(with(&|p| p.attributes |= 1 << 29)).contains("attributes 0x20000000"));
+        // Key Locker is not offered; the four attributes a TDX module
+        // offers KVM's TDs are, alone and together.
+        assert!(refused(with(&|p| p.attributes |= 1 << 31)).contains("attributes 0x80000000"));
+        for attributes in [1, 1 << 28, 1 << 30, 1 << 63, 0x8000_0000_5000_0001] {
+            let mut m = module();
+            m.init_vm(&with(&|p| p.attributes = attributes)).unwrap();
+            assert_eq!(m.state(), LaunchState::VmInitialized, "{attributes:#x}");
+        }
         assert!(refused(with(&|p| p.xfam = 0x5)).contains("lacks x87 and SSE"));
         assert!(refused(with(&|p| p.xfam |= 1 << 17)).contains("XFAM bits 0x20000"));
         assert!(

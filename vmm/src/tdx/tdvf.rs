@@ -376,6 +376,74 @@ pub(crate) mod tests {
         OvmfImage::parse(image).unwrap()
     }
 
+    /// The edges of the descriptor's bounds: what ends exactly at a limit
+    /// is read on, what passes it by one is refused.
+    #[test]
+    fn descriptor_bounds_hold_to_the_byte() {
+        let at = |size: usize, offset: u32, bytes: Vec<u8>| {
+            TdvfMetadata::parse(
+                &OvmfImage::parse(synthetic_image(
+                    size,
+                    &[entry(TDX_METADATA_OFFSET_GUID, &offset.to_le_bytes())],
+                    Some((offset, bytes)),
+                ))
+                .unwrap(),
+            )
+        };
+        // The length must cover every section, to the byte.
+        let four = descriptor(1, &synthetic_sections());
+        let exact = u32::try_from(four.len()).unwrap();
+        let mut short = four.clone();
+        short[4..8].copy_from_slice(&(exact - 1).to_le_bytes());
+        assert_eq!(
+            at(SYNTHETIC_SIZE, 0x800, short),
+            Err(TdvfError::Length {
+                sections: 4,
+                length: exact - 1
+            })
+        );
+        assert_eq!(at(SYNTHETIC_SIZE, 0x800, four).unwrap().sections.len(), 4);
+
+        // A header may end at the image's last byte (then it has no
+        // sections, so no BFV); one section more would pass the end.
+        let empty = descriptor(1, &[]);
+        let end = u32::try_from(empty.len()).unwrap();
+        assert_eq!(at(16384, end, empty.clone()), Err(TdvfError::NoBfv));
+        let mut past = empty;
+        past[12..16].copy_from_slice(&1u32.to_le_bytes());
+        past[4..8].copy_from_slice(&(end + 32).to_le_bytes());
+        assert_eq!(
+            at(16384, end, past),
+            Err(TdvfError::Length {
+                sections: 1,
+                length: end + 32
+            })
+        );
+
+        // At most MAX_SECTIONS sections: the BFV and one-page temporary
+        // memory for the rest.
+        let sections = |count: u32| -> Vec<RawSection> {
+            let mut out = vec![synthetic_sections()[0]];
+            out.extend((1..u64::from(count)).map(|i| (0, 0, 0x80_0000 + i * 0x1000, 0x1000, 3, 0)));
+            out
+        };
+        let most = at(
+            SYNTHETIC_SIZE,
+            0x8000,
+            descriptor(1, &sections(MAX_SECTIONS)),
+        );
+        assert_eq!(most.unwrap().sections.len(), MAX_SECTIONS as usize);
+        let too_many = descriptor(1, &sections(MAX_SECTIONS + 1));
+        let length = u32::try_from(too_many.len()).unwrap();
+        assert_eq!(
+            at(SYNTHETIC_SIZE, 0x8000, too_many),
+            Err(TdvfError::Length {
+                sections: MAX_SECTIONS + 1,
+                length
+            })
+        );
+    }
+
     #[test]
     fn a_synthetic_descriptor_gives_its_sections_in_order() {
         let image = synthetic_tdvf(&synthetic_sections());

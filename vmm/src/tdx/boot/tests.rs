@@ -174,6 +174,17 @@ fn a_tdx_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         }
         assert!(log[1 + usize::from(vcpus)].starts_with("init_mem_region 0x"));
         assert_eq!(log.last().unwrap(), "finalize");
+        let image = crate::sev_snp::read_firmware(&rig.firmware).unwrap();
+        let metadata = crate::tdx::tdvf::TdvfMetadata::parse(&image).unwrap();
+        let hob = metadata.td_hob().unwrap().memory_address;
+        let rcx: Vec<(u8, u64)> = rig
+            .launcher
+            .backend()
+            .vcpu_rcx()
+            .clone()
+            .into_iter()
+            .collect();
+        assert_eq!(rcx, (0..vcpus).map(|i| (i, hob)).collect::<Vec<_>>());
 
         // RAM and the image are private guest_memfd memory.
         let memory = vm.memory().clone();
