@@ -406,7 +406,7 @@ mod tests {
         assert!(why(m.init_vm(&init())).contains("out of order"));
         assert!(why(m.init_mem_region(0x1000, &page, false)).contains("no initialized vCPU"));
         assert!(why(m.finalize()).contains("no vCPU"));
-        let vcpu = m.init_vcpu(0, 0x80_9000).unwrap().unwrap();
+        let mut vcpu = m.init_vcpu(0, 0x80_9000).unwrap().unwrap();
         assert!(why(m.init_vcpu(0, 0)).contains("initialized already"));
         m.init_vcpu(1, 0x80_9000).unwrap();
         m.init_mem_region(0x1000, &page, true).unwrap();
@@ -435,11 +435,18 @@ mod tests {
             vcpu.set_regs(&regs),
             Err(HypervisorError::ProtectedState)
         ));
-        assert!(matches!(
-            vcpu.set_sregs(&Default::default()),
-            Err(HypervisorError::ProtectedState)
-        ));
-        assert!(vcpu.get_regs().is_err());
+        let protected = |result: hypervisor::Result<()>| {
+            assert!(matches!(result, Err(HypervisorError::ProtectedState)));
+        };
+        protected(vcpu.set_sregs(&Default::default()));
+        protected(vcpu.get_regs().map(drop));
+        protected(vcpu.get_sregs().map(drop));
+        protected(vcpu.set_cpuid(&[]));
+        protected(vcpu.set_fpu(&Default::default()));
+        protected(vcpu.set_msrs(&[]));
+        protected(vcpu.set_lapic_lints());
+        protected(vcpu.wait_for_startup_ipi());
+        assert!(matches!(vcpu.run(), Err(HypervisorError::Run(_))));
     }
 
     #[test]
