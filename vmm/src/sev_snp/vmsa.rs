@@ -273,4 +273,80 @@ mod tests {
         assert_eq!(&vmsa[offset::TR + 2..offset::TR + 4], &[0x8b, 0]);
         assert_eq!(&vmsa[offset::LDTR + 2..offset::LDTR + 4], &[0x82, 0]);
     }
+
+    /// The VMCB attribute word packs each descriptor field at its own bit
+    /// (the reset state sets only type, S and P, so each is tried here),
+    /// and only the field's width of it.
+    #[test]
+    fn segment_attributes_pack_every_field_at_its_bit() {
+        let field = |f: &dyn Fn(&mut SegmentRegister)| {
+            let mut s = SegmentRegister::default();
+            f(&mut s);
+            attributes(&s)
+        };
+        assert_eq!(field(&|s| s.type_ = 0xb), 0x00b);
+        assert_eq!(field(&|s| s.type_ = 0x1b), 0x00b);
+        assert_eq!(field(&|s| s.s = 1), 0x010);
+        assert_eq!(field(&|s| s.s = 2), 0x000);
+        assert_eq!(field(&|s| s.dpl = 3), 0x060);
+        assert_eq!(field(&|s| s.dpl = 6), 0x040);
+        assert_eq!(field(&|s| s.present = 1), 0x080);
+        assert_eq!(field(&|s| s.present = 2), 0x000);
+        assert_eq!(field(&|s| s.avl = 1), 0x100);
+        assert_eq!(field(&|s| s.avl = 2), 0x000);
+        assert_eq!(field(&|s| s.l = 1), 0x200);
+        assert_eq!(field(&|s| s.l = 2), 0x000);
+        assert_eq!(field(&|s| s.db = 1), 0x400);
+        assert_eq!(field(&|s| s.db = 2), 0x000);
+        assert_eq!(field(&|s| s.g = 1), 0x800);
+        assert_eq!(field(&|s| s.g = 2), 0x000);
+        // A ring-3 64-bit code segment, and a 4 GiB flat data segment.
+        let code = field(&|s| {
+            (s.type_, s.s, s.dpl, s.present, s.avl, s.l, s.g) = (0xb, 1, 3, 1, 1, 1, 1);
+        });
+        assert_eq!(code, 0xbfb);
+        let data = field(&|s| (s.type_, s.s, s.present, s.db, s.g) = (0x3, 1, 1, 1, 1));
+        assert_eq!(data, 0xc93);
+        assert_eq!(
+            field(&|s| (s.type_, s.present, s.unusable) = (0x3, 1, 1)),
+            0
+        );
+    }
+
+    /// The state KVM is given at reset is the architecture's (with CR4.MCE,
+    /// which KVM keeps set for an SEV-ES guest), and every register of a
+    /// state lands at its own offset.
+    #[test]
+    fn reset_registers_and_every_gpr_reach_their_offsets() {
+        let reset = bsp_state(0xa00f11);
+        assert_eq!((reset.sregs.cr0, reset.sregs.cr4), (0x10, 0x40));
+        assert_eq!(reset.regs.rflags, 0x2);
+
+        let mut state = bsp_state(1);
+        let r = &mut state.regs;
+        (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp) = (1, 2, 3, 4, 5, 6, 7, 8);
+        (r.r8, r.r9, r.r10, r.r11) = (0x108, 0x109, 0x10a, 0x10b);
+        (r.r12, r.r13, r.r14, r.r15) = (0x10c, 0x10d, 0x10e, 0x10f);
+        // A long-mode EFER (LME, LMA) that already has SVME keeps it.
+        state.sregs.efer = 0x1500;
+        let vmsa = build_vmsa(&state, 1);
+        let at = |offset| u64_at(&vmsa[..], offset);
+        let named = [
+            (offset::RAX, 1),
+            (offset::RBX, 2),
+            (offset::RCX, 3),
+            (offset::RDX, 4),
+            (offset::RSI, 5),
+            (offset::RDI, 6),
+            (offset::RBP, 7),
+            (offset::RSP, 8),
+        ];
+        for (offset, value) in named {
+            assert_eq!(at(offset), value, "{offset:#x}");
+        }
+        for i in 0..8 {
+            assert_eq!(at(offset::R8 + 8 * i), 0x108 + i as u64, "r{}", 8 + i);
+        }
+        assert_eq!(at(offset::EFER), 0x1500);
+    }
 }
