@@ -272,16 +272,18 @@ mod tests {
         for pin in 0..IOAPIC_PINS {
             assert_eq!(read_entry(&mut ioapic, pin), MASKED);
         }
-        let entry = 0x0300_0000_0000_0000 | TRIGGER_LEVEL | POLARITY_LOW | DEST_LOGICAL | 0x31;
+        // Level, active low, logical destination 3, vector 0x31: the
+        // guest's bits, by the 82093AA's numbers.
+        let entry = 0x0300_0000_0000_a831;
+        assert_eq!(
+            entry,
+            0x0300_0000_0000_0000 | TRIGGER_LEVEL | POLARITY_LOW | DEST_LOGICAL | 0x31
+        );
         program(&mut ioapic, 23, entry);
         assert_eq!(read_entry(&mut ioapic, 23), entry);
         assert_eq!(ioapic.entry(23), entry);
         // Reserved and read-only bits do not stick.
-        program(
-            &mut ioapic,
-            5,
-            0x00ff_ffff_fffe_0000 | REMOTE_IRR | DELIVERY_STATUS | 0x40,
-        );
+        program(&mut ioapic, 5, 0x00ff_ffff_fffe_0000 | 0x5000 | 0x40);
         assert_eq!(read_entry(&mut ioapic, 5), 0x40);
         // Past the last entry, and other offsets, read zero.
         ioapic.write(IOREGSEL, REG_REDIRECTION + 48);
@@ -324,6 +326,10 @@ mod tests {
         assert_eq!(d.address, 0xfee0_0004, "logical destination 0");
         assert_eq!(d.data, 0x59 | 1 << 15, "level triggered");
         assert_ne!(ioapic.entry(9) & REMOTE_IRR, 0);
+        // The guest rewriting the entry while it awaits its EOI keeps
+        // Remote IRR (read-only to it).
+        program(&mut ioapic, 9, TRIGGER_LEVEL | DEST_LOGICAL | 0x59);
+        assert_eq!(ioapic.entry(9), 0xc859);
         // Still asserted, but awaiting its EOI: nothing more.
         assert_eq!(ioapic.set_irq(9, true), None);
         // Another vector's EOI changes nothing.
