@@ -176,20 +176,32 @@ pub(crate) fn memory_with_firmware(
     }
 }
 
-/// `launch` into a VM without a firmware region and into one whose
-/// region is elsewhere fails, naming the region the image needs
-/// (`needs` reads it from the error); into OVMF's region it succeeds.
-pub(crate) fn assert_launch_needs_the_firmware_region<T, E: std::fmt::Debug>(
-    launch: impl Fn(Option<(u64, u64)>) -> Result<T, E>,
-    needs: impl Fn(&E) -> Option<(u64, u64)>,
+/// `launch` (into a VM, with a firmware region) refuses a default VM, a
+/// VM of `confidential()` without a firmware region and one whose region
+/// is elsewhere, saying the VM's type and the region the image needs;
+/// into OVMF's region of a `confidential()` VM it succeeds.
+pub(crate) fn assert_launch_needs_its_vm_and_the_firmware_region<T, E: std::fmt::Display>(
+    confidential: impl Fn() -> Arc<dyn hypervisor::Vm>,
+    launch: impl Fn(Arc<dyn hypervisor::Vm>, Option<(u64, u64)>) -> Result<T, E>,
 ) -> T {
+    let refusal = |vm, firmware| match launch(vm, firmware) {
+        Ok(_) => panic!("launched into a VM it needs not ({firmware:x?})"),
+        Err(err) => err.to_string(),
+    };
+    let kvm = crate::test_util::kvm().expect("KVM");
+    let default_vm = kvm.create_vm(hypervisor::VmType::Default).unwrap();
+    let why = refusal(default_vm, Some(OVMF_REGION));
+    assert!(why.starts_with("the VM is of type default, not "), "{why}");
     for firmware in [None, Some((0xffff_f000, 0x1000))] {
-        let err = launch(firmware)
-            .err()
-            .expect("launched without OVMF's region");
-        assert_eq!(needs(&err), Some(OVMF_REGION), "{firmware:x?}: {err:?}");
+        let why = refusal(confidential(), firmware);
+        assert_eq!(
+            why, "the firmware region is not where the image goes (0xffe00000+0x200000)",
+            "{firmware:x?}"
+        );
     }
-    launch(Some(OVMF_REGION)).unwrap()
+    launch(confidential(), Some(OVMF_REGION))
+        .map_err(|err| err.to_string())
+        .unwrap()
 }
 
 /// A simulated launch backend `T` (the processor or the module) that a

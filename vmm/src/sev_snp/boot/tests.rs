@@ -22,8 +22,8 @@ use crate::sev_snp::simulated_psp::{
 };
 use crate::sev_snp::{measure_firmware, ovmf};
 use crate::test_util::firmware_rig::{
-    Counted, FirmwareRig, OVMF_REGION, RAM, assert_every_refused_step_stops,
-    assert_launch_needs_the_firmware_region, boot_on_this_host, memory_with_firmware,
+    Counted, FirmwareRig, RAM, assert_every_refused_step_stops,
+    assert_launch_needs_its_vm_and_the_firmware_region, boot_on_this_host, memory_with_firmware,
 };
 use crate::vm::VmState;
 
@@ -478,7 +478,7 @@ fn the_cpuid_page_holds_what_the_vcpus_are_given() {
 #[test]
 fn the_launch_needs_an_snp_vm_with_the_firmware_region() {
     use crate::sev_snp::boot::launch_vm;
-    use crate::sev_snp::{FirmwareError, SnpParams};
+    use crate::sev_snp::SnpParams;
     let Some(rig) = new_rig("snp-direct.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
         return;
     };
@@ -495,25 +495,13 @@ fn the_launch_needs_an_snp_vm_with_the_firmware_region() {
             &[],
         )
     };
-    let default_vm = crate::test_util::kvm()
-        .unwrap()
-        .create_vm(hypervisor::VmType::Default);
-    let result = launch(default_vm.unwrap(), Some(OVMF_REGION));
-    assert!(matches!(result, Err(FirmwareError::WrongVmType("default"))));
-
-    let launched = assert_launch_needs_the_firmware_region(
-        |firmware| {
-            launch(
-                rig.hypervisor
-                    .create_vm(hypervisor::VmType::SevSnp)
-                    .unwrap(),
-                firmware,
-            )
+    let launched = assert_launch_needs_its_vm_and_the_firmware_region(
+        || {
+            rig.hypervisor
+                .create_vm(hypervisor::VmType::SevSnp)
+                .unwrap()
         },
-        |err| match err {
-            FirmwareError::NoFirmwareRegion { gpa, size } => Some((*gpa, *size)),
-            _ => None,
-        },
+        launch,
     );
     assert_eq!(launched.vcpus.len(), 1);
     assert_eq!(launched.measurement.policy, 0x30000);

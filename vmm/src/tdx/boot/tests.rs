@@ -22,8 +22,8 @@ use crate::tdx::simulated_module::{
 };
 use crate::tdx::{FirmwareError, TdxParams, measure_firmware};
 use crate::test_util::firmware_rig::{
-    Counted, FirmwareRig, OVMF_REGION, RAM, assert_every_refused_step_stops,
-    assert_launch_needs_the_firmware_region, boot_on_this_host, memory_with_firmware,
+    Counted, FirmwareRig, RAM, assert_every_refused_step_stops,
+    assert_launch_needs_its_vm_and_the_firmware_region, boot_on_this_host, memory_with_firmware,
 };
 use crate::vm::{LaunchMeasurement, VmState};
 
@@ -315,23 +315,9 @@ fn the_launch_needs_a_td_with_the_firmware_region() {
         let memory = memory_with_firmware(vm.clone(), firmware);
         launch_vm(vm, &memory, &image, "x", &cpuid, TdxParams::default())
     };
-    let default_vm = crate::test_util::kvm()
-        .unwrap()
-        .create_vm(hypervisor::VmType::Default);
-    let result = launch(default_vm.unwrap(), Some(OVMF_REGION));
-    assert!(matches!(result, Err(FirmwareError::WrongVmType("default"))));
-
-    let launched = assert_launch_needs_the_firmware_region(
-        |firmware| {
-            launch(
-                rig.hypervisor.create_vm(hypervisor::VmType::Tdx).unwrap(),
-                firmware,
-            )
-        },
-        |err| match err {
-            FirmwareError::NoFirmwareRegion { gpa, size } => Some((*gpa, *size)),
-            _ => None,
-        },
+    let launched = assert_launch_needs_its_vm_and_the_firmware_region(
+        || rig.hypervisor.create_vm(hypervisor::VmType::Tdx).unwrap(),
+        launch,
     );
     assert_eq!(launched.vcpus.len(), 1);
     assert_eq!(launched.tsc_khz % 25_000, 0);
