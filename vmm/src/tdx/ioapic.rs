@@ -142,7 +142,9 @@ impl Ioapic {
         let mut out = Vec::new();
         for pin in 0..IOAPIC_PINS {
             let e = self.entries[pin];
-            if e & TRIGGER_LEVEL == 0 || e & REMOTE_IRR == 0 || (e & VECTOR) as u8 != vector {
+            // Only level entries carry Remote IRR (a write making an entry
+            // edge clears it).
+            if e & REMOTE_IRR == 0 || (e & VECTOR) as u8 != vector {
                 continue;
             }
             self.entries[pin] &= !REMOTE_IRR;
@@ -215,8 +217,10 @@ impl Ioapic {
                     new &= !REMOTE_IRR;
                 }
                 self.entries[pin] = new;
-                let unmasked = old & MASKED != 0 && new & MASKED == 0;
-                if unmasked && new & TRIGGER_LEVEL != 0 && self.lines & (1 << pin) != 0 {
+                // As KVM's IOAPIC does: a level entry written while its
+                // line is asserted is delivered if it can be (unmasked, no
+                // interrupt awaiting its EOI), whatever it was before.
+                if new & TRIGGER_LEVEL != 0 && self.lines & (1 << pin) != 0 {
                     return self.try_deliver(pin);
                 }
                 None
@@ -350,6 +354,26 @@ mod tests {
             u32::try_from(TRIGGER_LEVEL | REMOTE_IRR | 0x59).unwrap(),
         );
         assert_eq!(ioapic.entry(9) & REMOTE_IRR, 0);
+    }
+
+    /// An edge pin's line held asserted, its entry then made level: it is
+    /// delivered at the write (KVM's rule), once until its EOI.
+    #[test]
+    fn an_entry_made_level_while_its_line_is_asserted_is_delivered() {
+        let mut ioapic = Ioapic::new();
+        program(&mut ioapic, 7, 0x37);
+        assert!(ioapic.set_irq(7, true).is_some(), "the rising edge");
+        assert!(ioapic.end_of_interrupt(0x37).is_empty(), "an edge pin");
+        ioapic.write(IOREGSEL, REG_REDIRECTION + 14);
+        let d = ioapic.write(IOWIN, 0x8037).expect("delivered at the write");
+        assert_eq!((d.gsi, d.data), (7, 0x8037));
+        assert_eq!(ioapic.entry(7), 0xc037, "Remote IRR set");
+        assert_eq!(ioapic.write(IOWIN, 0x8037), None, "awaiting its EOI");
+        assert_eq!(ioapic.end_of_interrupt(0x37), vec![d]);
+        // Made edge again, Remote IRR goes, and the EOI delivers nothing.
+        assert_eq!(ioapic.write(IOWIN, 0x37), None);
+        assert_eq!(ioapic.entry(7), 0x37);
+        assert!(ioapic.end_of_interrupt(0x37).is_empty());
     }
 
     #[test]

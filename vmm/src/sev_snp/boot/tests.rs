@@ -477,8 +477,8 @@ fn the_cpuid_page_holds_what_the_vcpus_are_given() {
 /// where the image goes.
 #[test]
 fn the_launch_needs_an_snp_vm_with_the_firmware_region() {
-    use crate::sev_snp::boot::launch_vm;
     use crate::sev_snp::SnpParams;
+    use crate::sev_snp::boot::launch_vm;
     let Some(rig) = new_rig("snp-direct.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
         return;
     };
