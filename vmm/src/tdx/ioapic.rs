@@ -272,6 +272,11 @@ mod tests {
         ioapic.write(IOREGSEL, REG_ID);
         ioapic.write(IOWIN, 0x0500_0000);
         assert_eq!(ioapic.read(IOWIN), 0x0500_0000);
+        // The arbitration ID follows the ID, and is read-only.
+        ioapic.write(IOREGSEL, REG_ARBITRATION);
+        assert_eq!(ioapic.read(IOWIN), 0x0500_0000);
+        ioapic.write(IOWIN, 0x0700_0000);
+        assert_eq!(ioapic.read(IOWIN), 0x0500_0000);
         // Every pin starts masked.
         for pin in 0..IOAPIC_PINS {
             assert_eq!(read_entry(&mut ioapic, pin), MASKED);
