@@ -297,6 +297,15 @@ mod tests {
         // Past the last entry, and other offsets, read zero.
         ioapic.write(IOREGSEL, REG_REDIRECTION + 48);
         assert_eq!(ioapic.read(IOWIN), 0);
+        // And a write there changes nothing.
+        let before: Vec<u64> = (0..IOAPIC_PINS).map(|pin| ioapic.entry(pin)).collect();
+        for register in [REG_REDIRECTION + 48, REG_REDIRECTION + 49, 0x40, 0xff] {
+            ioapic.write(IOREGSEL, register);
+            assert_eq!(ioapic.write(IOWIN, 0x31), None);
+            assert_eq!(ioapic.read(IOWIN), 0);
+        }
+        let after: Vec<u64> = (0..IOAPIC_PINS).map(|pin| ioapic.entry(pin)).collect();
+        assert_eq!(before, after);
         assert_eq!(ioapic.read(0x20), 0);
     }
 
