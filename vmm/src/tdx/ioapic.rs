@@ -291,6 +291,13 @@ mod tests {
         program(&mut ioapic, 23, entry);
         assert_eq!(read_entry(&mut ioapic, 23), entry);
         assert_eq!(ioapic.entry(23), entry);
+        // Each half is written alone: a new destination keeps the rest.
+        ioapic.write(IOREGSEL, REG_REDIRECTION + 47);
+        ioapic.write(IOWIN, 0x0900_0000);
+        assert_eq!(ioapic.entry(23), 0x0900_0000_0000_a831);
+        ioapic.write(IOREGSEL, REG_REDIRECTION + 46);
+        ioapic.write(IOWIN, 0x0001_0031);
+        assert_eq!(ioapic.entry(23), 0x0900_0000_0001_0031);
         // Reserved and read-only bits do not stick.
         program(&mut ioapic, 5, 0x00ff_ffff_fffe_0000 | 0x5000 | 0x40);
         assert_eq!(read_entry(&mut ioapic, 5), 0x40);
