@@ -409,6 +409,13 @@ fn metadata_bounds_hold_to_the_byte() {
         .collect();
     use SectionKind::*;
     assert_eq!(kinds, [PrevalidatedZero, PrevalidatedZero, Cpuid, Secrets]);
+    // A later section reaching over an earlier one from below is refused
+    // (from address 0 too).
+    let under = metadata(1, &[(0x1000, 0x1000, 1), (0, 0x2000, 2)]);
+    assert!(matches!(
+        image(size, 0x2000, under).unwrap_err(),
+        OvmfError::SectionOverlap { index: 1, .. }
+    ));
     let over = metadata(1, &[(below_image + 0x1000, 0x1000, 1)]);
     assert!(matches!(
         image(size, 0x2000, over).unwrap_err(),
