@@ -203,6 +203,12 @@ impl SevSnpLauncher for SimulatedPsp {
     fn init(&mut self, vmsa_features: u64) -> SnpResult<()> {
         const CMD: &str = "KVM_SEV_INIT2";
         self.expect_state(CMD, &[LaunchState::Created])?;
+        if vmsa_features & SEV_FEATURE_SNP_ACTIVE != 0 {
+            return Self::refuse(
+                CMD,
+                "VMSA feature SNP-active (0x1) is not supported: KVM sets it itself",
+            );
+        }
         let unsupported = vmsa_features & !self.supported_vmsa_features;
         if unsupported != 0 {
             return Self::refuse(

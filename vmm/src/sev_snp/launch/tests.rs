@@ -498,6 +498,11 @@ fn the_launch_stops_at_the_first_refusal_with_its_reason() {
         let err = failed(launch(&mut psp(), &firmware, &cpuid(MILAN), bad));
         assert!(crate::error_chain(&err).contains(expected), "{err}");
     }
+    // SNP-active is KVM's to set, even from a host that listed it.
+    let mut listing = psp().with_supported_vmsa_features(u64::MAX);
+    refused(listing.init(1), "KVM_SEV_INIT2", "SNP-active");
+    listing.init(1 << 5).unwrap();
+
     let err = failed(launch(&mut psp(), &firmware, &[], params(1)));
     assert!(matches!(err, LaunchError::NoSignature));
     let no_reset = OvmfImage::parse(synthetic_image(
