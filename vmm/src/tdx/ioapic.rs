@@ -11,8 +11,9 @@
 //! triggered so it reports their EOIs: `KVM_EXIT_IOAPIC_EOI`).
 //! Level-triggered pins keep Remote IRR set from delivery until the EOI of
 //! their vector; a line still asserted at the EOI is delivered again.
-//! Masked pins deliver nothing; a level pin unmasked while asserted is
-//! delivered then.
+//! Masked pins deliver nothing; a level entry unmasked or rewritten while
+//! its line is asserted is delivered at that write, as KVM's IOAPIC does;
+//! an entry made edge loses its Remote IRR.
 
 use hypervisor::MsiRoute;
 

@@ -185,7 +185,7 @@ pub(crate) fn assert_launch_needs_its_vm_and_the_firmware_region<T, E: std::fmt:
     launch: impl Fn(Arc<dyn hypervisor::Vm>, Option<(u64, u64)>) -> Result<T, E>,
 ) -> T {
     let refusal = |vm, firmware| match launch(vm, firmware) {
-        Ok(_) => panic!("launched into a VM it needs not ({firmware:x?})"),
+        Ok(_) => panic!("launched into a VM it should refuse ({firmware:x?})"),
         Err(err) => err.to_string(),
     };
     let kvm = crate::test_util::kvm().expect("KVM");
