@@ -5,17 +5,11 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use sha2::{Digest, Sha384};
 
 fn have_ovmf() -> bool {
     installed(OVMF, std::path::Path::new(OVMF).exists())
-}
-
-fn run(args: &[&str]) -> std::process::Output {
-    Command::new(CLOUD_HYPERVISOR).args(args).output().unwrap()
 }
 
 fn le32(d: &[u8], at: usize) -> u32 {
@@ -81,18 +75,6 @@ fn independent_mrtd(image: &[u8]) -> String {
         }
     }
     hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn measured(args: &[&str]) -> serde_json::Value {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(text.lines().count(), 1, "one JSON object: {text}");
-    serde_json::from_str(&text).unwrap()
 }
 
 #[test]

@@ -311,6 +311,15 @@ pub fn run_vmm(args: &[&str]) -> (ExitStatus, String, String) {
     )
 }
 
+/// Runs the VMM with `args` to completion and returns the one JSON object
+/// it prints (`--measure`); a failure or any other output fails the test.
+pub fn measured(args: &[&str]) -> serde_json::Value {
+    let (status, stdout, stderr) = run_vmm(args);
+    assert!(status.success(), "{args:?}: {stderr}");
+    assert_eq!(stdout.lines().count(), 1, "one JSON object: {stdout}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
 /// Runs the VMM with `args` and checks it refuses them before anything
 /// starts: a failure, `expected` in its stderr, nothing on stdout.
 pub fn assert_refused(args: &[&str], expected: &str) {
