@@ -33,6 +33,16 @@ const RET: usize = 16;
 /// The call's values after `ret`: five words.
 const DATA: usize = 24;
 
+/// The little-endian word at `at` of an exit.
+fn word(exit: &[u8; TDX_EXIT_BYTES], at: usize) -> u64 {
+    u64::from_le_bytes(exit[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Writes `value` as the little-endian word at `at` of an exit.
+fn put(exit: &mut [u8; TDX_EXIT_BYTES], at: usize, value: u64) {
+    exit[at..at + 8].copy_from_slice(&value.to_le_bytes());
+}
+
 /// What a TD asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TdVmCall {
@@ -49,9 +59,8 @@ pub enum TdVmCall {
 impl TdVmCall {
     /// Reads the exit KVM wrote.
     pub fn decode(exit: &[u8; TDX_EXIT_BYTES]) -> Self {
-        let word = |at: usize| u64::from_le_bytes(exit[at..at + 8].try_into().expect("8 bytes"));
-        let (flags, nr) = (word(FLAGS), word(NR));
-        let data = |i: usize| word(DATA + 8 * i);
+        let (flags, nr) = (word(exit, FLAGS), word(exit, NR));
+        let data = |i: usize| word(exit, DATA + 8 * i);
         match (flags, nr) {
             (0, TDVMCALL_GET_QUOTE) => TdVmCall::GetQuote {
                 gpa: data(0),
@@ -77,13 +86,11 @@ impl TdVmCall {
             TdVmCall::Unknown { nr, flags } => (flags, nr, [0, 0]),
         };
         let mut exit = [0u8; TDX_EXIT_BYTES];
-        let mut put =
-            |at: usize, value: u64| exit[at..at + 8].copy_from_slice(&value.to_le_bytes());
-        put(FLAGS, flags);
-        put(NR, nr);
-        put(RET, TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED);
-        put(DATA, data[0]);
-        put(DATA + 8, data[1]);
+        put(&mut exit, FLAGS, flags);
+        put(&mut exit, NR, nr);
+        put(&mut exit, RET, TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED);
+        put(&mut exit, DATA, data[0]);
+        put(&mut exit, DATA + 8, data[1]);
         exit
     }
 }
@@ -123,11 +130,10 @@ impl<'a> TdVmCallReply<'a> {
     /// Writes `answer`: the status, and for an info answer R11..R14 (the
     /// words after GetTdVmCallInfo's leaf).
     pub fn complete(self, answer: TdVmCallAnswer) {
-        self.exit[RET..RET + 8].copy_from_slice(&answer.status().to_le_bytes());
+        put(self.exit, RET, answer.status());
         if let TdVmCallAnswer::Info(regs) = answer {
-            for (i, value) in regs.iter().enumerate() {
-                let at = DATA + 8 + 8 * i;
-                self.exit[at..at + 8].copy_from_slice(&value.to_le_bytes());
+            for (i, value) in regs.into_iter().enumerate() {
+                put(self.exit, DATA + 8 + 8 * i, value);
             }
         }
     }
@@ -149,26 +155,26 @@ pub(crate) fn exit_in(run: &mut kvm_bindings::kvm_run) -> crate::VmExit<'_> {
 /// What the guest gets back from a completed exit: its status (R10) and
 /// GetTdVmCallInfo's R11..R14, as KVM reads them from the exit.
 pub fn completion(exit: &[u8; TDX_EXIT_BYTES]) -> (u64, [u64; 4]) {
-    let word = |at: usize| u64::from_le_bytes(exit[at..at + 8].try_into().expect("8 bytes"));
-    (word(RET), [0, 1, 2, 3].map(|i| word(DATA + 8 + 8 * i)))
+    (
+        word(exit, RET),
+        [0, 1, 2, 3].map(|i| word(exit, DATA + 8 + 8 * i)),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn word(exit: &[u8; TDX_EXIT_BYTES], at: usize) -> u64 {
-        u64::from_le_bytes(exit[at..at + 8].try_into().unwrap())
-    }
-
     /// The offsets of the uapi's `tdx` member: flags 0, nr 8, then the
     /// union: ret 16, gpa/leaf/vector 24, size/r11 32, r12..r14 40..64.
     #[test]
     fn exits_decode_from_the_uapi_layout() {
         let mut exit = [0u8; TDX_EXIT_BYTES];
-        exit[8..16].copy_from_slice(&0x10002u64.to_le_bytes());
-        exit[24..32].copy_from_slice(&0x7f00_0000u64.to_le_bytes());
-        exit[32..40].copy_from_slice(&0x2000u64.to_le_bytes());
+        // Little-endian words, as KVM writes them on x86.
+        exit[8..10].copy_from_slice(&[0x02, 0x00]);
+        exit[10] = 0x01;
+        put(&mut exit, 24, 0x7f00_0000);
+        put(&mut exit, 32, 0x2000);
         assert_eq!(
             TdVmCall::decode(&exit),
             TdVmCall::GetQuote {
@@ -176,34 +182,37 @@ mod tests {
                 size: 0x2000
             }
         );
-        exit[8..16].copy_from_slice(&0x10000u64.to_le_bytes());
-        assert_eq!(
-            TdVmCall::decode(&exit),
-            TdVmCall::GetTdVmCallInfo { leaf: 0x7f00_0000 }
-        );
-        exit[8..16].copy_from_slice(&0x10004u64.to_le_bytes());
-        exit[24..32].copy_from_slice(&0x40u64.to_le_bytes());
+        for (nr, flags, expected) in [
+            (0x10000, 0, TdVmCall::GetTdVmCallInfo { leaf: 0x7f00_0000 }),
+            (
+                0x10003,
+                0,
+                TdVmCall::Unknown {
+                    nr: 0x10003,
+                    flags: 0,
+                },
+            ),
+            // A known call with flags this code does not know is not
+            // guessed at.
+            (
+                0x10002,
+                1,
+                TdVmCall::Unknown {
+                    nr: 0x10002,
+                    flags: 1,
+                },
+            ),
+        ] {
+            put(&mut exit, 0, flags);
+            put(&mut exit, 8, nr);
+            assert_eq!(TdVmCall::decode(&exit), expected, "{nr:#x} {flags}");
+        }
+        exit = [0; TDX_EXIT_BYTES];
+        put(&mut exit, 8, 0x10004);
+        put(&mut exit, 24, 0x40);
         assert_eq!(
             TdVmCall::decode(&exit),
             TdVmCall::SetupEventNotifyInterrupt { vector: 0x40 }
-        );
-        exit[8..16].copy_from_slice(&0x10003u64.to_le_bytes());
-        assert_eq!(
-            TdVmCall::decode(&exit),
-            TdVmCall::Unknown {
-                nr: 0x10003,
-                flags: 0
-            }
-        );
-        // A known call with flags this code does not know is not guessed at.
-        exit[8..16].copy_from_slice(&0x10002u64.to_le_bytes());
-        exit[0] = 1;
-        assert_eq!(
-            TdVmCall::decode(&exit),
-            TdVmCall::Unknown {
-                nr: 0x10002,
-                flags: 1
-            }
         );
     }
 
