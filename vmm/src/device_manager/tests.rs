@@ -594,6 +594,18 @@ fn a_vfio_device_without_a_pci_function_is_refused_with_nothing_mapped() {
 
 /// A `ch-test-device` server on its own threads in this process, with its
 /// control socket: a PCI function, or a DMA target only.
+/// The guest memory a client reaches, the client (memory passed as fds)
+/// of an in-process test device whose files `tag` names, and the device's
+/// control socket; None without KVM. Bind the memory first, so that it
+/// outlives the client (`GuestRam` holds its host addresses).
+fn connected_test_device(tag: &str) -> Option<(Arc<MemoryManager>, VfioUserDma, PathBuf)> {
+    let memory = memory()?;
+    let (socket, ctl) = in_process_test_device(tag, false);
+    let ram = Arc::new(GuestRam::new(&memory));
+    let dma = VfioUserDma::connect(&socket, ram, Duration::from_secs(5), DmaMode::Fd).unwrap();
+    Some((memory, dma, ctl))
+}
+
 fn in_process_test_device(tag: &str, dma_only: bool) -> (PathBuf, PathBuf) {
     let dir = std::env::temp_dir().join(format!("ch-dm-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -695,10 +707,9 @@ fn a_vfio_user_server_is_a_pci_function_whose_dma_follows_the_shared_pages() {
 
 #[test]
 fn a_cut_off_vfio_user_connection_reports_why_and_maps_nothing_more() {
-    let Some(memory) = memory() else { return };
-    let (socket, ctl) = in_process_test_device("sever", false);
-    let ram = Arc::new(GuestRam::new(&memory));
-    let dma = VfioUserDma::connect(&socket, ram, Duration::from_secs(5), DmaMode::Fd).unwrap();
+    let Some((_memory, dma, ctl)) = connected_test_device("sever") else {
+        return;
+    };
     assert!(dma.offers_pci_function().unwrap());
     assert_eq!(dma.client().closed_reason(), None);
     dma.map(0x20_0000, 0x20_0000, 0x2000).unwrap();
@@ -722,10 +733,9 @@ fn a_cut_off_vfio_user_connection_reports_why_and_maps_nothing_more() {
 fn the_adapter_passes_region_writes_mmap_areas_and_reset_to_the_server() {
     use pci::VfioOps;
     use std::os::fd::AsRawFd;
-    let Some(memory) = memory() else { return };
-    let (socket, ctl) = in_process_test_device("ops", false);
-    let ram = Arc::new(GuestRam::new(&memory));
-    let dma = VfioUserDma::connect(&socket, ram, Duration::from_secs(5), DmaMode::Fd).unwrap();
+    let Some((_memory, dma, ctl)) = connected_test_device("ops") else {
+        return;
+    };
     let (bar0, msix) = (0, 2);
     let at = test_device::pci::SCRATCH_OFFSET + 8;
     dma.region_write(bar0, at, &[1, 2, 3, 4]).unwrap();
