@@ -125,9 +125,7 @@ fn fd_mode_says_what_it_exposes_on_a_host_without_private_memory() {
 /// request the VMM sends it. One writer thread takes both in turn, so the
 /// flood never holds back the server's own replies.
 fn flooding_server(socket: &std::path::Path, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    use common::lying_server::{
-        CMD_DMA_MAP, CMD_DMA_UNMAP, CMD_VERSION, error_reply, message, read_message,
-    };
+    use common::lying_server::{Command, error_reply, message, read_message};
     use std::io::Write;
     use std::sync::atomic::Ordering;
     let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
@@ -148,20 +146,21 @@ fn flooding_server(socket: &std::path::Path, stop: std::sync::Arc<std::sync::ato
             if flags & 0xf == 1 {
                 continue; // a reply to one of our reads
             }
-            let reply = match command {
-                CMD_VERSION => {
+            let command_kind = Command::n(command);
+            let reply = match command_kind {
+                Some(Command::Version) => {
                     let mut v = vec![0, 0, 1, 0];
                     v.extend_from_slice(b"{}\0");
                     message(id, command, 1, &v)
                 }
-                CMD_DMA_MAP | CMD_DMA_UNMAP => message(id, command, 1, &[]),
+                Some(Command::DmaMap | Command::DmaUnmap) => message(id, command, 1, &[]),
                 // Not a PCI function: a DMA target only (ENOSYS).
                 _ => error_reply(id, command, 38),
             };
             if out.send(reply).is_err() {
                 return;
             }
-            if command == CMD_DMA_MAP && !flooding {
+            if matches!(command_kind, Some(Command::DmaMap)) && !flooding {
                 flooding = true;
                 let iova = u64::from_le_bytes(body[16..24].try_into().unwrap());
                 let (out, stop) = (out.clone(), stop.clone());
@@ -171,7 +170,10 @@ fn flooding_server(socket: &std::path::Path, stop: std::sync::Arc<std::sync::ato
                     read.extend_from_slice(&4096u64.to_le_bytes());
                     while !stop.load(Ordering::Acquire) {
                         n = n.wrapping_add(1);
-                        if out.send(message(n, 11, 0, &read)).is_err() {
+                        if out
+                            .send(message(n, Command::DmaRead as u16, 0, &read))
+                            .is_err()
+                        {
                             return;
                         }
                     }

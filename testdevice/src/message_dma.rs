@@ -16,11 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use vfio_user::Command;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const HEADER_SIZE: usize = 16;
-const CMD_DMA_READ: u16 = 11;
-const CMD_DMA_WRITE: u16 = 12;
 const FLAG_TYPE_MASK: u32 = 0xf;
 const FLAG_REPLY: u32 = 1;
 const FLAG_ERROR: u32 = 1 << 5;
@@ -133,11 +132,11 @@ impl MessagePort {
     }
 
     /// Sends one DMA request and waits for its reply's body.
-    fn request(&self, command: u16, body: &[u8]) -> Result<Vec<u8>, String> {
+    fn request(&self, command: Command, body: &[u8]) -> Result<Vec<u8>, String> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut bytes = Vec::with_capacity(HEADER_SIZE + body.len());
         bytes.extend_from_slice(&id.to_le_bytes());
-        bytes.extend_from_slice(&command.to_le_bytes());
+        bytes.extend_from_slice(&(command as u16).to_le_bytes());
         bytes.extend_from_slice(
             &u32::try_from(HEADER_SIZE + body.len())
                 .unwrap_or(u32::MAX)
@@ -180,7 +179,7 @@ impl MessagePort {
         for chunk in buf.chunks_mut(MAX_TRANSFER) {
             let mut body = at.to_le_bytes().to_vec();
             body.extend_from_slice(&(chunk.len() as u64).to_le_bytes());
-            let reply = self.request(CMD_DMA_READ, &body)?;
+            let reply = self.request(Command::DmaRead, &body)?;
             let data = reply
                 .get(16..16 + chunk.len())
                 .ok_or("a short DMA_READ reply")?;
@@ -197,7 +196,7 @@ impl MessagePort {
             let mut body = at.to_le_bytes().to_vec();
             body.extend_from_slice(&(chunk.len() as u64).to_le_bytes());
             body.extend_from_slice(chunk);
-            self.request(CMD_DMA_WRITE, &body)?;
+            self.request(Command::DmaWrite, &body)?;
             at += chunk.len() as u64;
         }
         Ok(())
@@ -229,7 +228,12 @@ pub fn bridge(
         })?;
     while let Some(message) = read_message(&client) {
         let is_reply = message.flags() & FLAG_TYPE_MASK == FLAG_REPLY;
-        if is_reply && matches!(message.command(), CMD_DMA_READ | CMD_DMA_WRITE) {
+        if is_reply
+            && matches!(
+                Command::n(message.command()),
+                Some(Command::DmaRead | Command::DmaWrite)
+            )
+        {
             port.deliver(message.id(), message.bytes);
         } else if send_message(&server, &message).is_err() {
             break;

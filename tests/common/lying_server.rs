@@ -11,19 +11,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub const CMD_VERSION: u16 = 1;
-pub const CMD_DMA_MAP: u16 = 2;
-pub const CMD_DMA_UNMAP: u16 = 3;
-const CMD_DEVICE_GET_INFO: u16 = 4;
-const CMD_DEVICE_GET_REGION_INFO: u16 = 5;
-const CMD_DEVICE_GET_IRQ_INFO: u16 = 7;
-const CMD_REGION_READ: u16 = 9;
-const CMD_REGION_WRITE: u16 = 10;
+// The command numbers are the third-party server crate's, so the VMM's
+// client is checked against numbers it does not share.
+pub use vfio_user::Command;
+
 const FLAG_REPLY: u32 = 1;
 const FLAG_ERROR: u32 = 1 << 5;
 const CONFIG_REGION: usize = 7;
 const REGIONS: usize = 9;
 const MSIX_IRQ_INDEX: u32 = 2;
+
+fn is_dma_map_or_unmap(command: u16) -> bool {
+    matches!(
+        Command::n(command),
+        Some(Command::DmaMap | Command::DmaUnmap)
+    )
+}
 
 /// One message off the wire: (id, command, flags, error, body).
 pub type Message = (u16, u16, u32, u32, Vec<u8>);
@@ -199,14 +202,14 @@ fn serve(mut s: UnixStream, lies: &Lies, log: &Mutex<Vec<String>>, stop: &Atomic
     while let Some((id, command, _, _, body)) = read_message(&mut s) {
         let u32_at = |at: usize| u32::from_le_bytes(body[at..at + 4].try_into().unwrap());
         let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().unwrap());
-        let reply = match command {
-            CMD_VERSION => {
+        let reply = match Command::n(command) {
+            Some(Command::Version) => {
                 let mut reply = vec![0, 0, 1, 0];
                 reply.extend_from_slice(br#"{"capabilities":{"max_msg_fds":1}}"#);
                 reply.push(0);
                 message(id, command, FLAG_REPLY, &reply)
             }
-            CMD_DMA_MAP => {
+            Some(Command::DmaMap) => {
                 maps += 1;
                 match lies.on_map {
                     OnMap::HangAt(n) if maps >= n => {
@@ -232,11 +235,11 @@ fn serve(mut s: UnixStream, lies: &Lies, log: &Mutex<Vec<String>>, stop: &Atomic
                 note(format!("map {:#x}+{:#x}", u64_at(16), u64_at(24)));
                 message(id, command, FLAG_REPLY, &[])
             }
-            CMD_DMA_UNMAP => {
+            Some(Command::DmaUnmap) => {
                 note(format!("unmap {:#x}", u64_at(8)));
                 message(id, command, FLAG_REPLY, &[])
             }
-            CMD_DEVICE_GET_INFO => {
+            Some(Command::DeviceGetInfo) => {
                 let mut reply = [0u8; 16];
                 reply[0..4].copy_from_slice(&16u32.to_le_bytes());
                 reply[4..8].copy_from_slice(&0b11u32.to_le_bytes()); // reset, PCI
@@ -244,7 +247,7 @@ fn serve(mut s: UnixStream, lies: &Lies, log: &Mutex<Vec<String>>, stop: &Atomic
                 reply[12..16].copy_from_slice(&5u32.to_le_bytes());
                 message(id, command, FLAG_REPLY, &reply)
             }
-            CMD_DEVICE_GET_REGION_INFO => {
+            Some(Command::DeviceGetRegionInfo) => {
                 let index = u32_at(8);
                 let mut reply = [0u8; 32];
                 reply[0..4].copy_from_slice(&32u32.to_le_bytes());
@@ -254,7 +257,7 @@ fn serve(mut s: UnixStream, lies: &Lies, log: &Mutex<Vec<String>>, stop: &Atomic
                 reply[16..24].copy_from_slice(&size.to_le_bytes());
                 message(id, command, FLAG_REPLY, &reply)
             }
-            CMD_DEVICE_GET_IRQ_INFO => {
+            Some(Command::GetIrqInfo) => {
                 let index = u32_at(8);
                 let mut reply = [0u8; 16];
                 reply[0..4].copy_from_slice(&16u32.to_le_bytes());
@@ -267,7 +270,7 @@ fn serve(mut s: UnixStream, lies: &Lies, log: &Mutex<Vec<String>>, stop: &Atomic
                 reply[12..16].copy_from_slice(&count.to_le_bytes());
                 message(id, command, FLAG_REPLY, &reply)
             }
-            CMD_REGION_READ => {
+            Some(Command::RegionRead) => {
                 let (offset, index, count) = (u64_at(0), u32_at(8), u32_at(12) as usize);
                 let mut reply = body[..16].to_vec();
                 let start = arch::usize_from(offset);
@@ -280,16 +283,16 @@ fn serve(mut s: UnixStream, lies: &Lies, log: &Mutex<Vec<String>>, stop: &Atomic
                 }
                 message(id, command, FLAG_REPLY, &reply)
             }
-            CMD_REGION_WRITE => message(id, command, FLAG_REPLY, &body[..16]),
+            Some(Command::RegionWrite) => message(id, command, FLAG_REPLY, &body[..16]),
             // Reset, SET_IRQS and the rest: accepted, nothing to do.
             _ => message(id, command, FLAG_REPLY, &[]),
         };
         if let OnMap::Delay(ms) = lies.on_map
-            && matches!(command, CMD_DMA_MAP | CMD_DMA_UNMAP)
+            && is_dma_map_or_unmap(command)
         {
             std::thread::sleep(Duration::from_millis(ms));
         }
-        if lies.on_map == OnMap::Reversed && matches!(command, CMD_DMA_MAP | CMD_DMA_UNMAP) {
+        if lies.on_map == OnMap::Reversed && is_dma_map_or_unmap(command) {
             held.push(reply);
             if more_waiting(&s, Duration::from_millis(20)) {
                 continue;
