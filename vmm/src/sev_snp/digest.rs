@@ -9,40 +9,44 @@
 //! it is after `SNP_LAUNCH_FINISH` is the MEASUREMENT of the guest's
 //! attestation reports.
 
+use hypervisor::SnpPageType;
 use sha2::{Digest, Sha384};
 
 pub const DIGEST_LEN: usize = 48;
 use arch::layout::PAGE_BYTES as PAGE;
 
-/// Page types as PAGE_INFO records them (KVM's numbers, plus the VMSA).
+/// A page as PAGE_INFO records it: one the VMM launched, or a vCPU's
+/// VMSA, which KVM launches itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum MeasuredPageType {
-    Normal = 1,
-    Vmsa = 2,
-    Zero = 3,
-    Unmeasured = 4,
-    Secrets = 5,
-    Cpuid = 6,
+    Launched(SnpPageType),
+    Vmsa,
 }
 
-impl From<hypervisor::SnpPageType> for MeasuredPageType {
-    fn from(page_type: hypervisor::SnpPageType) -> Self {
-        use hypervisor::SnpPageType as T;
-        match page_type {
-            T::Normal => MeasuredPageType::Normal,
-            T::Zero => MeasuredPageType::Zero,
-            T::Unmeasured => MeasuredPageType::Unmeasured,
-            T::Secrets => MeasuredPageType::Secrets,
-            T::Cpuid => MeasuredPageType::Cpuid,
-        }
+/// PAGE_INFO's type number for a VMSA page; launched pages keep their
+/// `SNP_LAUNCH_UPDATE` numbers.
+const PAGE_TYPE_VMSA: u8 = 2;
+
+impl From<SnpPageType> for MeasuredPageType {
+    fn from(page_type: SnpPageType) -> Self {
+        MeasuredPageType::Launched(page_type)
     }
 }
 
 impl MeasuredPageType {
+    fn number(self) -> u8 {
+        match self {
+            MeasuredPageType::Launched(page_type) => page_type as u8,
+            MeasuredPageType::Vmsa => PAGE_TYPE_VMSA,
+        }
+    }
+
     /// Only normal and VMSA pages have their contents hashed into PAGE_INFO.
     fn measures_contents(self) -> bool {
-        matches!(self, MeasuredPageType::Normal | MeasuredPageType::Vmsa)
+        matches!(
+            self,
+            MeasuredPageType::Launched(SnpPageType::Normal) | MeasuredPageType::Vmsa
+        )
     }
 }
 
@@ -115,7 +119,7 @@ impl LaunchDigest {
             digest_cur: self.0,
             contents: contents_digest,
             length: const { ::arch::fit_u16(PAGE_INFO_LEN as u64) },
-            page_type: page_type as u8,
+            page_type: page_type.number(),
             imi_page: 0,
             vmpl3_perms: 0,
             vmpl2_perms: 0,
@@ -166,7 +170,7 @@ mod tests {
     fn one_page_hashes_its_page_info() {
         let page = [0xabu8; PAGE];
         let mut digest = LaunchDigest::default();
-        digest.extend_page(0xffe0_0000, MeasuredPageType::Normal, Some(&page));
+        digest.extend_page(0xffe0_0000, SnpPageType::Normal.into(), Some(&page));
         let mut info = vec![0u8; 0x30];
         info.extend_from_slice(&sha384(&page));
         info.extend_from_slice(&[0x70, 0x00, 1, 0, 0, 0, 0, 0]);
@@ -178,14 +182,14 @@ mod tests {
     #[test]
     fn unmeasured_types_hash_zero_contents_and_chain() {
         let mut a = LaunchDigest::default();
-        a.extend_page(0x1000, MeasuredPageType::Zero, None);
+        a.extend_page(0x1000, SnpPageType::Zero.into(), None);
         let mut info = vec![0u8; 0x60];
         info.extend_from_slice(&[0x70, 0x00, 3, 0, 0, 0, 0, 0]);
         info.extend_from_slice(&0x1000u64.to_le_bytes());
         let first = sha384(&info);
         assert_eq!(a.bytes(), &first);
         // The next page starts from the previous digest.
-        a.extend_page(0x2000, MeasuredPageType::Cpuid, None);
+        a.extend_page(0x2000, SnpPageType::Cpuid.into(), None);
         info[..0x30].copy_from_slice(&first);
         info[0x62] = 6;
         info[0x68..].copy_from_slice(&0x2000u64.to_le_bytes());
@@ -201,14 +205,14 @@ mod tests {
         range.extend_range(
             0x10000,
             3 * PAGE as u64,
-            MeasuredPageType::Normal,
+            SnpPageType::Normal.into(),
             Some(&data),
         );
         let mut pages = LaunchDigest::default();
         for (i, chunk) in data.chunks(PAGE).enumerate() {
             pages.extend_page(
                 0x10000 + (i * PAGE) as u64,
-                MeasuredPageType::Normal,
+                SnpPageType::Normal.into(),
                 Some(chunk),
             );
         }
