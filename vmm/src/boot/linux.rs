@@ -310,173 +310,180 @@ pub fn load(
     image: &[u8],
     spec: LinuxBootSpec<'_>,
 ) -> Result<LinuxEntry, LinuxBootError> {
-    let low_end = low_ram_end(spec.ram);
     let e820 = e820_map(spec.ram, spec.reserved);
+    let loader = Loader {
+        mem,
+        low_end: low_ram_end(spec.ram),
+        e820: &e820,
+        spec,
+    };
     match format_of(image) {
-        Some(KernelFormat::BzImage) => load_bzimage(mem, image, spec, low_end, &e820),
-        _ => load_pvh(mem, image, spec, low_end, &e820),
+        Some(KernelFormat::BzImage) => loader.bzimage(image),
+        _ => loader.pvh(image),
     }
 }
 
-fn load_bzimage(
-    mem: &GuestMemoryMmap,
-    image: &[u8],
-    spec: LinuxBootSpec<'_>,
+/// One load in progress: what both kernel formats are loaded against.
+struct Loader<'a> {
+    mem: &'a GuestMemoryMmap,
+    spec: LinuxBootSpec<'a>,
+    /// Where RAM below the MMIO hole ends: the kernel and the initramfs
+    /// stay under it.
     low_end: u64,
-    e820: &[E820Entry],
-) -> Result<LinuxEntry, LinuxBootError> {
-    // The header's fields are checked before anything is loaded.
-    let version = image
-        .get(0x206..0x208)
-        .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
-    let xloadflags = image
-        .get(0x236..0x238)
-        .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
-    if version < MIN_BOOT_PROTOCOL || xloadflags & XLF_KERNEL_64 == 0 {
-        return Err(LinuxBootError::Protocol(version));
-    }
-    let cmdline_max = u32_in(image, 0x238)
-        .map_or(0, |n| n as usize)
-        .min(CMDLINE_ROOM - 1);
-    check_cmdline(spec.cmdline, cmdline_max)?;
-    // The setup sectors, then `syssize` 16-byte paragraphs of kernel.
-    let setup_sects = match image.get(0x1f1).copied().unwrap_or(0) {
-        0 => 4,
-        n => u64::from(n),
-    };
-    let payload = u64::from(u32_in(image, 0x1f4).unwrap_or(0)) * 16;
-    let need = (setup_sects + 1) * 512 + payload;
-    if (image.len() as u64) < need {
-        return Err(LinuxBootError::Truncated {
-            have: image.len() as u64,
-            need,
-        });
-    }
-    // The kernel decompresses in place: it needs `init_size` from its
-    // load address, which the initramfs must stay clear of.
-    let init_size = u64::from(u32_in(image, 0x260).unwrap_or(0));
-    let kernel_end = HIGH_RAM_START + payload.max(init_size);
-    let initrd_max = u64::from(u32_in(image, 0x22c).unwrap_or(0x37ff_ffff)) + 1;
-    let initramfs = match spec.initramfs {
-        Some(file) => {
-            let size = file_size(file)?;
-            let addr = plan_initramfs(size, kernel_end, low_end.min(initrd_max))?;
-            Some((file, addr, size))
+    e820: &'a [E820Entry],
+}
+
+impl Loader<'_> {
+    fn bzimage(self, image: &[u8]) -> Result<LinuxEntry, LinuxBootError> {
+        // The header's fields are checked before anything is loaded.
+        let version = image
+            .get(0x206..0x208)
+            .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+        let xloadflags = image
+            .get(0x236..0x238)
+            .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+        if version < MIN_BOOT_PROTOCOL || xloadflags & XLF_KERNEL_64 == 0 {
+            return Err(LinuxBootError::Protocol(version));
         }
-        None => None,
-    };
-    if kernel_end > low_end {
-        return Err(LinuxBootError::KernelTooLarge {
-            end: kernel_end,
-            ram_end: low_end,
-        });
-    }
-    let loaded = load_high::<BzImage>(mem, image).map_err(LinuxBootError::BzImage)?;
-    let mut hdr = loaded
-        .setup_header
-        .ok_or(LinuxBootError::Protocol(version))?;
-    write_cmdline(mem, spec.cmdline)?;
-    hdr.type_of_loader = KERNEL_LOADER_OTHER;
-    hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
-    hdr.header = KERNEL_HDR_MAGIC;
-    hdr.cmd_line_ptr = const { ::arch::fit_u32(CMDLINE) };
-    // At most CMDLINE_ROOM (write_cmdline checked).
-    hdr.cmdline_size = u32::try_from(spec.cmdline.len()).unwrap_or(u32::MAX);
-    if let Some((file, addr, size)) = initramfs {
-        read_initramfs(mem, file, addr, size)?;
-        // Placed below 4 GiB.
-        hdr.ramdisk_image = u32::try_from(addr).unwrap_or(u32::MAX);
-        hdr.ramdisk_size = u32::try_from(size).unwrap_or(u32::MAX);
-    }
-    let mut params = boot_params {
-        hdr,
-        acpi_rsdp_addr: spec.rsdp,
-        ..Default::default()
-    };
-    for (slot, entry) in params.e820_table.iter_mut().zip(e820) {
-        *slot = boot_e820_entry {
-            addr: entry.addr,
-            size: entry.size,
-            r#type: entry.kind,
+        let cmdline_max = u32_in(image, 0x238)
+            .map_or(0, |n| n as usize)
+            .min(CMDLINE_ROOM - 1);
+        check_cmdline(self.spec.cmdline, cmdline_max)?;
+        // The setup sectors, then `syssize` 16-byte paragraphs of kernel.
+        let setup_sects = match image.get(0x1f1).copied().unwrap_or(0) {
+            0 => 4,
+            n => u64::from(n),
         };
-    }
-    params.e820_entries = u8::try_from(e820.len().min(params.e820_table.len())).unwrap_or(u8::MAX);
-    linux_loader::configurator::linux::LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+        let payload = u64::from(u32_in(image, 0x1f4).unwrap_or(0)) * 16;
+        let need = (setup_sects + 1) * 512 + payload;
+        if (image.len() as u64) < need {
+            return Err(LinuxBootError::Truncated {
+                have: image.len() as u64,
+                need,
+            });
+        }
+        // The kernel decompresses in place: it needs `init_size` from its
+        // load address, which the initramfs must stay clear of.
+        let init_size = u64::from(u32_in(image, 0x260).unwrap_or(0));
+        let kernel_end = HIGH_RAM_START + payload.max(init_size);
+        let initrd_max = u64::from(u32_in(image, 0x22c).unwrap_or(0x37ff_ffff)) + 1;
+        let initramfs = match self.spec.initramfs {
+            Some(file) => {
+                let size = file_size(file)?;
+                let addr = plan_initramfs(size, kernel_end, self.low_end.min(initrd_max))?;
+                Some((file, addr, size))
+            }
+            None => None,
+        };
+        if kernel_end > self.low_end {
+            return Err(LinuxBootError::KernelTooLarge {
+                end: kernel_end,
+                ram_end: self.low_end,
+            });
+        }
+        let loaded = load_high::<BzImage>(self.mem, image).map_err(LinuxBootError::BzImage)?;
+        let mut hdr = loaded
+            .setup_header
+            .ok_or(LinuxBootError::Protocol(version))?;
+        write_cmdline(self.mem, self.spec.cmdline)?;
+        hdr.type_of_loader = KERNEL_LOADER_OTHER;
+        hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+        hdr.header = KERNEL_HDR_MAGIC;
+        hdr.cmd_line_ptr = const { ::arch::fit_u32(CMDLINE) };
+        // At most CMDLINE_ROOM (write_cmdline checked).
+        hdr.cmdline_size = u32::try_from(self.spec.cmdline.len()).unwrap_or(u32::MAX);
+        if let Some((file, addr, size)) = initramfs {
+            read_initramfs(self.mem, file, addr, size)?;
+            // Placed below 4 GiB.
+            hdr.ramdisk_image = u32::try_from(addr).unwrap_or(u32::MAX);
+            hdr.ramdisk_size = u32::try_from(size).unwrap_or(u32::MAX);
+        }
+        let mut params = boot_params {
+            hdr,
+            acpi_rsdp_addr: self.spec.rsdp,
+            ..Default::default()
+        };
+        for (slot, entry) in params.e820_table.iter_mut().zip(self.e820) {
+            *slot = boot_e820_entry {
+                addr: entry.addr,
+                size: entry.size,
+                r#type: entry.kind,
+            };
+        }
+        params.e820_entries =
+            u8::try_from(self.e820.len().min(params.e820_table.len())).unwrap_or(u8::MAX);
+        linux_loader::configurator::linux::LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
-        mem,
+        self.mem,
     )
     .map_err(LinuxBootError::BootParams)?;
-    write_gdt(mem)?;
-    write_page_tables(mem)?;
-    // The 64-bit entry is 0x200 past the protected-mode kernel's start.
-    Ok(LinuxEntry::Long64 {
-        entry: loaded.kernel_load.0 + 0x200,
-    })
-}
-
-fn load_pvh(
-    mem: &GuestMemoryMmap,
-    image: &[u8],
-    spec: LinuxBootSpec<'_>,
-    low_end: u64,
-    e820: &[E820Entry],
-) -> Result<LinuxEntry, LinuxBootError> {
-    check_cmdline(spec.cmdline, CMDLINE_ROOM - 1)?;
-    let kernel_end = elf_load_end(image).ok_or(LinuxBootError::Elf(
-        linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::ReadProgramHeader),
-    ))?;
-    let initramfs = match spec.initramfs {
-        Some(file) => {
-            let size = file_size(file)?;
-            Some((file, plan_initramfs(size, kernel_end, low_end)?, size))
-        }
-        None => None,
-    };
-    let loaded = load_high::<Elf>(mem, image).map_err(LinuxBootError::Elf)?;
-    let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
-        return Err(LinuxBootError::Elf(linux_loader::loader::Error::Elf(
-            linux_loader::loader::elf::Error::InvalidPvhNote,
-        )));
-    };
-    write_cmdline(mem, spec.cmdline)?;
-    let mut start = hvm_start_info {
-        magic: PVH_MAGIC,
-        version: 1,
-        cmdline_paddr: CMDLINE,
-        rsdp_paddr: spec.rsdp,
-        memmap_paddr: PVH_MEMMAP,
-        memmap_entries: u32::try_from(e820.len()).unwrap_or(u32::MAX),
-        ..Default::default()
-    };
-    let memmap: Vec<hvm_memmap_table_entry> = e820
-        .iter()
-        .map(|e| hvm_memmap_table_entry {
-            addr: e.addr,
-            size: e.size,
-            type_: e.kind,
-            reserved: 0,
+        write_gdt(self.mem)?;
+        write_page_tables(self.mem)?;
+        // The 64-bit entry is 0x200 past the protected-mode kernel's start.
+        Ok(LinuxEntry::Long64 {
+            entry: loaded.kernel_load.0 + 0x200,
         })
-        .collect();
-    let mut modules = Vec::new();
-    if let Some((file, addr, size)) = initramfs {
-        read_initramfs(mem, file, addr, size)?;
-        modules.push(hvm_modlist_entry {
-            paddr: addr,
-            size,
+    }
+
+    fn pvh(self, image: &[u8]) -> Result<LinuxEntry, LinuxBootError> {
+        check_cmdline(self.spec.cmdline, CMDLINE_ROOM - 1)?;
+        let kernel_end = elf_load_end(image).ok_or(LinuxBootError::Elf(
+            linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::ReadProgramHeader),
+        ))?;
+        let initramfs = match self.spec.initramfs {
+            Some(file) => {
+                let size = file_size(file)?;
+                Some((file, plan_initramfs(size, kernel_end, self.low_end)?, size))
+            }
+            None => None,
+        };
+        let loaded = load_high::<Elf>(self.mem, image).map_err(LinuxBootError::Elf)?;
+        let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
+            return Err(LinuxBootError::Elf(linux_loader::loader::Error::Elf(
+                linux_loader::loader::elf::Error::InvalidPvhNote,
+            )));
+        };
+        write_cmdline(self.mem, self.spec.cmdline)?;
+        let mut start = hvm_start_info {
+            magic: PVH_MAGIC,
+            version: 1,
+            cmdline_paddr: CMDLINE,
+            rsdp_paddr: self.spec.rsdp,
+            memmap_paddr: PVH_MEMMAP,
+            memmap_entries: u32::try_from(self.e820.len()).unwrap_or(u32::MAX),
             ..Default::default()
-        });
-        start.nr_modules = 1;
-        start.modlist_paddr = PVH_MODLIST;
+        };
+        let memmap: Vec<hvm_memmap_table_entry> = self
+            .e820
+            .iter()
+            .map(|e| hvm_memmap_table_entry {
+                addr: e.addr,
+                size: e.size,
+                type_: e.kind,
+                reserved: 0,
+            })
+            .collect();
+        let mut modules = Vec::new();
+        if let Some((file, addr, size)) = initramfs {
+            read_initramfs(self.mem, file, addr, size)?;
+            modules.push(hvm_modlist_entry {
+                paddr: addr,
+                size,
+                ..Default::default()
+            });
+            start.nr_modules = 1;
+            start.modlist_paddr = PVH_MODLIST;
+        }
+        let mut params = BootParams::new(&start, GuestAddress(PVH_INFO));
+        params.set_sections(&memmap, GuestAddress(PVH_MEMMAP));
+        if !modules.is_empty() {
+            params.set_modules(&modules, GuestAddress(PVH_MODLIST));
+        }
+        PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, self.mem)
+            .map_err(LinuxBootError::BootParams)?;
+        write_gdt(self.mem)?;
+        Ok(LinuxEntry::Pvh { entry: entry.0 })
     }
-    let mut params = BootParams::new(&start, GuestAddress(PVH_INFO));
-    params.set_sections(&memmap, GuestAddress(PVH_MEMMAP));
-    if !modules.is_empty() {
-        params.set_modules(&modules, GuestAddress(PVH_MODLIST));
-    }
-    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
-        .map_err(LinuxBootError::BootParams)?;
-    write_gdt(mem)?;
-    Ok(LinuxEntry::Pvh { entry: entry.0 })
 }
 
 /// The boot GDT Linux expects: code at 0x10, data at 0x18.
