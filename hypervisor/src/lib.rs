@@ -31,7 +31,7 @@ pub use sev_snp::{
     KvmSevSnpLauncher, SevSnpCommand, SevSnpLauncher, SnpLaunchError, SnpPageType, SnpUpdate,
     SnpVcpuState,
 };
-pub use tdvmcall::{TdVmCall, TdVmCallAnswer, TdVmCallReply};
+pub use tdvmcall::{TdVmCall, TdVmCallAnswer, TdVmCallReply, TdVmCallStatus};
 pub use tdx::{KvmTdxLauncher, TdxCapabilities, TdxInitVm, TdxLaunchError, TdxLauncher, TdxResult};
 pub use vcpu_exit::{HYPERCALL_EINVAL, HypercallReply, VmExit};
 pub use vfio_device::KvmVfioDevice;

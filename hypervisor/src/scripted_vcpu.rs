@@ -182,7 +182,7 @@ mod tests {
     /// unanswered gets KVM's default, "unsupported".
     #[test]
     fn a_tdvmcalls_answer_is_read_back_on_reentry() {
-        use crate::tdvmcall::{TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED, TdVmCallAnswer};
+        use crate::tdvmcall::{TdVmCallAnswer, TdVmCallStatus};
         let info = TdVmCall::GetTdVmCallInfo { leaf: 1 };
         let (mut vcpu, _) = ScriptedVcpu::new([
             ScriptedExit::TdVmCall(info),
@@ -203,7 +203,7 @@ mod tests {
             *answers.lock().unwrap(),
             [
                 (0, [1, 2, 3, 4]),
-                (TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED, [0; 4])
+                (TdVmCallStatus::SubfuncUnsupported as u64, [0; 4])
             ]
         );
     }

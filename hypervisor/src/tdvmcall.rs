@@ -22,10 +22,15 @@ pub const TDVMCALL_GET_QUOTE: u64 = 0x10002;
 pub const TDVMCALL_SETUP_EVENT_NOTIFY_INTERRUPT: u64 = 0x10004;
 
 /// TDVMCALL completion statuses (GHCI), what the guest reads in R10.
-pub const TDVMCALL_STATUS_SUCCESS: u64 = 0;
-pub const TDVMCALL_STATUS_INVALID_OPERAND: u64 = 0x8000_0000_0000_0000;
-pub const TDVMCALL_STATUS_ALIGN_ERROR: u64 = 0x8000_0000_0000_0002;
-pub const TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED: u64 = 0x8000_0000_0000_0003;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum TdVmCallStatus {
+    Success = 0,
+    InvalidOperand = 0x8000_0000_0000_0000,
+    AlignError = 0x8000_0000_0000_0002,
+    /// Also what KVM pre-sets: a call nobody answers gets it.
+    SubfuncUnsupported = 0x8000_0000_0000_0003,
+}
 
 const FLAGS: usize = 0;
 const NR: usize = 8;
@@ -88,7 +93,7 @@ impl TdVmCall {
         let mut exit = [0u8; TDX_EXIT_BYTES];
         put(&mut exit, FLAGS, flags);
         put(&mut exit, NR, nr);
-        put(&mut exit, RET, TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED);
+        put(&mut exit, RET, TdVmCallStatus::SubfuncUnsupported as u64);
         put(&mut exit, DATA, data[0]);
         put(&mut exit, DATA + 8, data[1]);
         exit
@@ -99,7 +104,7 @@ impl TdVmCall {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TdVmCallAnswer {
     /// Only a status.
-    Status(u64),
+    Status(TdVmCallStatus),
     /// GetTdVmCallInfo's success: R11..R14 as the GHCI defines them for
     /// the leaf asked.
     Info([u64; 4]),
@@ -109,8 +114,8 @@ impl TdVmCallAnswer {
     /// The status the guest reads in R10.
     pub fn status(&self) -> u64 {
         match self {
-            TdVmCallAnswer::Status(status) => *status,
-            TdVmCallAnswer::Info(_) => TDVMCALL_STATUS_SUCCESS,
+            TdVmCallAnswer::Status(status) => *status as u64,
+            TdVmCallAnswer::Info(_) => TdVmCallStatus::Success as u64,
         }
     }
 }
@@ -274,7 +279,7 @@ mod tests {
     fn answers_land_where_kvm_reads_them() {
         let call = TdVmCall::GetQuote { gpa: 5, size: 6 };
         let mut exit = call.encode();
-        TdVmCallReply::new(&mut exit).complete(TdVmCallAnswer::Status(TDVMCALL_STATUS_ALIGN_ERROR));
+        TdVmCallReply::new(&mut exit).complete(TdVmCallAnswer::Status(TdVmCallStatus::AlignError));
         assert_eq!(word(&exit, 16), 0x8000_0000_0000_0002);
         assert_eq!(TdVmCall::decode(&exit), call);
         assert_eq!(completion(&exit), (0x8000_0000_0000_0002, [6, 0, 0, 0]));
@@ -288,7 +293,19 @@ mod tests {
             [0xa, 0xb, 0xc, 0xd]
         );
         assert_eq!(completion(&exit), (0, [0xa, 0xb, 0xc, 0xd]));
-        assert_eq!(TdVmCallAnswer::Status(7).status(), 7);
         assert_eq!(TdVmCallAnswer::Info([1; 4]).status(), 0);
+    }
+
+    /// The GHCI's numbers, which the guest reads in R10.
+    #[test]
+    fn statuses_are_the_ghcis_numbers() {
+        for (status, number) in [
+            (TdVmCallStatus::Success, 0),
+            (TdVmCallStatus::InvalidOperand, 0x8000_0000_0000_0000),
+            (TdVmCallStatus::AlignError, 0x8000_0000_0000_0002),
+            (TdVmCallStatus::SubfuncUnsupported, 0x8000_0000_0000_0003),
+        ] {
+            assert_eq!(TdVmCallAnswer::Status(status).status(), number);
+        }
     }
 }

@@ -8,10 +8,7 @@
 
 use hypervisor::TdVmCall;
 use hypervisor::TdVmCallAnswer::{self, Info, Status};
-use hypervisor::tdvmcall::{
-    TDVMCALL_STATUS_ALIGN_ERROR, TDVMCALL_STATUS_INVALID_OPERAND,
-    TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED,
-};
+use hypervisor::tdvmcall::TdVmCallStatus::{AlignError, InvalidOperand, SubfuncUnsupported};
 
 /// The GetTdVmCallInfo leaf that lists the optional TDVMCALLs served
 /// (leaf 0 is KVM's: it answers it without exiting).
@@ -27,19 +24,19 @@ pub fn answer(call: TdVmCall) -> TdVmCallAnswer {
         TdVmCall::GetTdVmCallInfo {
             leaf: INFO_LEAF_OPTIONAL_CALLS,
         } => Info([0; 4]),
-        TdVmCall::GetTdVmCallInfo { .. } => Status(TDVMCALL_STATUS_INVALID_OPERAND),
+        TdVmCall::GetTdVmCallInfo { .. } => Status(InvalidOperand),
         TdVmCall::GetQuote { gpa, size } => {
             if !gpa.is_multiple_of(QUOTE_ALIGN) || !size.is_multiple_of(QUOTE_ALIGN) {
-                Status(TDVMCALL_STATUS_ALIGN_ERROR)
+                Status(AlignError)
             } else if size == 0 || gpa.checked_add(size).is_none() {
-                Status(TDVMCALL_STATUS_INVALID_OPERAND)
+                Status(InvalidOperand)
             } else {
                 // No quoting service on this host.
-                Status(TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED)
+                Status(SubfuncUnsupported)
             }
         }
         TdVmCall::SetupEventNotifyInterrupt { .. } | TdVmCall::Unknown { .. } => {
-            Status(TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED)
+            Status(SubfuncUnsupported)
         }
     }
 }
@@ -57,8 +54,8 @@ mod tests {
         assert_eq!(answer(TdVmCall::GetTdVmCallInfo { leaf: 1 }), Info([0; 4]));
         for leaf in [0, 2, u64::MAX] {
             assert_eq!(
-                answer(TdVmCall::GetTdVmCallInfo { leaf }),
-                Status(INVALID_OPERAND),
+                answer(TdVmCall::GetTdVmCallInfo { leaf }).status(),
+                INVALID_OPERAND,
                 "leaf {leaf}"
             );
         }
@@ -68,24 +65,27 @@ mod tests {
     /// well-formed one learns there is no quoting service.
     #[test]
     fn get_quote_is_checked_then_unsupported() {
-        let quote = |gpa, size| answer(TdVmCall::GetQuote { gpa, size });
-        assert_eq!(quote(0x10_0000, 0x2000), Status(UNSUPPORTED));
-        assert_eq!(quote(0x10_0800, 0x1000), Status(ALIGN_ERROR));
-        assert_eq!(quote(0x10_0000, 0x1800), Status(ALIGN_ERROR));
-        assert_eq!(quote(0x10_0000, 0), Status(INVALID_OPERAND));
-        assert_eq!(quote(u64::MAX - 0xfff, 0x2000), Status(INVALID_OPERAND));
+        let quote = |gpa, size| answer(TdVmCall::GetQuote { gpa, size }).status();
+        assert_eq!(quote(0x10_0000, 0x2000), UNSUPPORTED);
+        assert_eq!(quote(0x10_0800, 0x1000), ALIGN_ERROR);
+        assert_eq!(quote(0x10_0000, 0x1800), ALIGN_ERROR);
+        assert_eq!(quote(0x10_0000, 0), INVALID_OPERAND);
+        assert_eq!(quote(u64::MAX - 0xfff, 0x2000), INVALID_OPERAND);
         // Up to the last page of the address space.
-        assert_eq!(quote(u64::MAX - 0x1fff, 0x1000), Status(UNSUPPORTED));
+        assert_eq!(quote(u64::MAX - 0x1fff, 0x1000), UNSUPPORTED);
     }
 
     #[test]
     fn calls_not_served_are_unsupported() {
         assert_eq!(
-            answer(TdVmCall::SetupEventNotifyInterrupt { vector: 0x40 }),
-            Status(UNSUPPORTED)
+            answer(TdVmCall::SetupEventNotifyInterrupt { vector: 0x40 }).status(),
+            UNSUPPORTED
         );
         for (nr, flags) in [(0x10003, 0), (0x10002, 1), (u64::MAX, 0)] {
-            assert_eq!(answer(TdVmCall::Unknown { nr, flags }), Status(UNSUPPORTED));
+            assert_eq!(
+                answer(TdVmCall::Unknown { nr, flags }).status(),
+                UNSUPPORTED
+            );
         }
     }
 }
