@@ -9,10 +9,18 @@
 //! boot, the summary line and teardown, which every sample pays once, drop
 //! out of the per-round-trip figure.
 //!
+//! Then the conversion against the no-op in alternating batches
+//! (`doorbell_paired/convert_4k`, see `paired/mod.rs`): the ratio one
+//! criterion run cannot resolve on a shared host. Each batch's time is a
+//! guest of 2n ops less a guest of n, so boot and teardown drop out as
+//! they do from criterion's slope. `PAIRED_CONTROL=1` pits the no-op
+//! against itself.
+//!
 //! Run: `cargo bench -p vmm --bench doorbell` (needs /dev/kvm; without it the
 //! bench says so and measures nothing).
 
 mod common;
+mod paired;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -173,5 +181,34 @@ fn doorbell_round_trip(c: &mut Criterion) {
     remove(&bench.dir);
 }
 
-criterion_group!(benches, doorbell_round_trip);
+fn doorbell_paired(_: &mut Criterion) {
+    const ID: &str = "doorbell_paired/convert_4k";
+    if !ID.contains(&paired::filter_argument()) {
+        return;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("{ID} SKIPPED: /dev/kvm is missing, nothing measured");
+        return;
+    }
+    let control = std::env::var_os("PAIRED_CONTROL").is_some_and(|v| v == "1");
+    let bench = Bench {
+        hypervisor: KvmHypervisor::new().expect("open /dev/kvm"),
+        dir: temp_dir(),
+    };
+    let marginal = |kind_of: fn(u64) -> OpKind, n: u64| {
+        let long = bench.run_ops(kind_of, 2 * n, false);
+        long.saturating_sub(bench.run_ops(kind_of, n, false))
+    };
+    let candidate = if control { nop } else { conversion };
+    let result = paired::compare(
+        &mut |n| marginal(nop, n),
+        &mut |n| marginal(candidate, n),
+        Duration::from_millis(400),
+        21,
+    );
+    println!("{ID}: {result}");
+    remove(&bench.dir);
+}
+
+criterion_group!(benches, doorbell_round_trip, doorbell_paired);
 criterion_main!(benches);

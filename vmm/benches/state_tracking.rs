@@ -230,14 +230,6 @@ fn store_name(flat: bool) -> &'static str {
     }
 }
 
-/// Criterion's filter argument (a substring of the ids to run), or "".
-fn filter_argument() -> String {
-    std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-') && a.parse::<f64>().is_err())
-        .unwrap_or_default()
-}
-
 fn state_tracking(c: &mut Criterion) {
     let mut group = c.benchmark_group("state_tracking");
     group
@@ -246,7 +238,7 @@ fn state_tracking(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3));
     // Setting a workload up can take a second (the 1 TiB replay): skip
     // what the filter leaves out.
-    let filter = filter_argument();
+    let filter = paired::filter_argument();
     for (name, setup) in workloads() {
         if ["flat_bitmap", "ram_block_attribute"]
             .iter()
@@ -262,7 +254,7 @@ fn state_tracking(c: &mut Criterion) {
 /// (`paired/mod.rs`): the ratio a single criterion run cannot resolve on a
 /// shared machine. Printed, one line per workload.
 fn paired_ratios(_: &mut Criterion) {
-    let filter = filter_argument();
+    let filter = paired::filter_argument();
     // PAIRED_CONTROL=1 pits the flat bitmap against itself: the ratios
     // then show what the harness alone reads (1.0 within its quartiles).
     let control = std::env::var_os("PAIRED_CONTROL").is_some_and(|v| v == "1");

@@ -7,6 +7,16 @@
 
 use std::time::Duration;
 
+/// The bench's name filter (`cargo bench ... -- NAME`): the first
+/// argument that is neither a flag nor a number, or "" for every bench.
+#[allow(dead_code, reason = "message_dma runs its pair unfiltered")]
+pub fn filter_argument() -> String {
+    std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-') && a.parse::<f64>().is_err())
+        .unwrap_or_default()
+}
+
 /// Runs a workload `n` times and returns the wall time it took.
 pub type Batch<'a> = &'a mut dyn FnMut(u64) -> Duration;
 

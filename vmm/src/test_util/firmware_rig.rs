@@ -97,6 +97,23 @@ impl<H: Hypervisor, L: Clone> FirmwareRig<H, L> {
     }
 }
 
+impl<H: Hypervisor, T> FirmwareRig<H, Counted<T>> {
+    /// The build of `config` stops with `refusal` in its error chain after
+    /// KVM saw `sent` launch commands (the simulation's rules refused the
+    /// next before KVM could), the launch never finished, and nothing of
+    /// the VM is left.
+    pub fn assert_the_rules_refuse(&self, config: VmConfig, refusal: &str, sent: usize) {
+        let Err(err) = self.boot(config) else {
+            panic!("booted where {refusal:?} was due");
+        };
+        let chain = crate::error_chain(&err);
+        assert!(chain.contains(refusal), "{chain}");
+        assert_eq!(self.launcher.sent(), sent, "the commands KVM saw");
+        assert!(!self.fake_vm().launch_finished());
+        self.assert_nothing_left();
+    }
+}
+
 impl<H, L> Drop for FirmwareRig<H, L> {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.firmware);
@@ -139,10 +156,17 @@ pub(crate) fn assert_every_refused_step_stops<H: Hypervisor, T>(
     Some(steps)
 }
 
-/// Boots `config` on this host's own KVM: None where the host has
-/// `vm_type` and launches it (another test's job), else the error chain.
-pub(crate) fn boot_on_this_host(config: VmConfig, vm_type: hypervisor::VmType) -> Option<String> {
-    let kvm = crate::test_util::kvm()?;
+/// Boots `config` on this host's real KVM: a host with `vm_type` boots
+/// it; one without stops before creating anything, saying which type is
+/// missing and `absent` ("no TDX here").
+pub(crate) fn assert_this_host_boots_or_says_why(
+    config: VmConfig,
+    vm_type: hypervisor::VmType,
+    absent: &str,
+) {
+    let Some(kvm) = crate::test_util::kvm() else {
+        return;
+    };
     let (tx, _events) = channel();
     let result = Vm::boot(
         config,
@@ -151,12 +175,14 @@ pub(crate) fn boot_on_this_host(config: VmConfig, vm_type: hypervisor::VmType) -
         Arc::new(EventMonitor::disabled()),
         None,
     );
-    match result {
-        Ok(_) => {
-            assert!(kvm.capabilities().supports_vm_type(vm_type));
-            None
-        }
-        Err(err) => Some(crate::error_chain(&err)),
+    let Err(err) = result else {
+        assert!(kvm.capabilities().supports_vm_type(vm_type));
+        return;
+    };
+    let chain = crate::error_chain(&err);
+    let unavailable = format!("VM type {} is not available on this host", vm_type.name());
+    for part in ["cannot boot the firmware", &unavailable, absent] {
+        assert!(chain.contains(part), "{part:?} is not in: {chain}");
     }
 }
 
