@@ -11,10 +11,9 @@
 //! the test (the VMM's simulated one), with KVM's own part of the launch
 //! in front (updates only into private guest_memfd memory, the vCPUs'
 //! registers turned into VMSAs at the finish, no register writes after
-//! it). `SevSnpTestHypervisor` creates such VMs over a real KVM.
-//! `with_tdx` makes it a TD the same way (`tdx.rs`), and
-//! `TdxTestHypervisor` creates those, each over a real VM with a split
-//! irqchip.
+//! it). `with_tdx` makes it a TD the same way (`tdx.rs`).
+//! `ConfidentialTestHypervisor` creates either over a real KVM (a TD over
+//! a real VM with a split irqchip).
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -23,8 +22,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::sev_snp::{SevSnpCommand, SnpResult};
 use crate::{
-    Capabilities, Hypervisor, HypervisorError, Result, SevSnpLauncher, SnpLaunchError,
-    SnpVcpuState, UserMemoryRegion, Vcpu, Vm, VmType,
+    Capabilities, HypervisorError, Result, SevSnpLauncher, SnpLaunchError, SnpVcpuState,
+    UserMemoryRegion, Vcpu, Vm, VmType,
 };
 
 use ::arch::layout::PAGE_SIZE as PAGE;
@@ -441,64 +440,10 @@ impl Vm for AttributeTrackingVm {
     }
 }
 
-/// A hypervisor offering `sev-snp` VMs (over a real KVM's default VMs),
-/// each an `AttributeTrackingVm::with_sev_snp` answered by a processor
-/// `firmware` makes. Other VM types are the real hypervisor's.
-pub struct SevSnpTestHypervisor {
-    inner: Arc<dyn Hypervisor>,
-    capabilities: Capabilities,
-    firmware: Box<dyn Fn() -> SnpFirmware + Send + Sync>,
-    vmsa_features: u64,
-    created: Mutex<Vec<Arc<AttributeTrackingVm>>>,
-}
-
-impl SevSnpTestHypervisor {
-    pub fn new(
-        inner: Arc<dyn Hypervisor>,
-        vmsa_features: u64,
-        firmware: impl Fn() -> SnpFirmware + Send + Sync + 'static,
-    ) -> Self {
-        let mut capabilities = inner.capabilities().clone();
-        capabilities.vm_types |= 1 << VmType::SevSnp.kvm_value();
-        SevSnpTestHypervisor {
-            inner,
-            capabilities,
-            firmware: Box::new(firmware),
-            vmsa_features,
-            created: Mutex::default(),
-        }
-    }
-
-    /// The SEV-SNP VMs created so far, oldest first.
-    pub fn created(&self) -> Vec<Arc<AttributeTrackingVm>> {
-        self.created.lock().unwrap().clone()
-    }
-}
-
-impl Hypervisor for SevSnpTestHypervisor {
-    fn capabilities(&self) -> &Capabilities {
-        &self.capabilities
-    }
-
-    fn create_vm(&self, vm_type: VmType) -> Result<Arc<dyn Vm>> {
-        if vm_type != VmType::SevSnp {
-            return self.inner.create_vm(vm_type);
-        }
-        let vm = Arc::new(
-            AttributeTrackingVm::new(self.inner.create_vm(VmType::Default)?)
-                .with_sev_snp((self.firmware)()),
-        );
-        self.created.lock().unwrap().push(vm.clone());
-        Ok(vm)
-    }
-
-    fn sev_snp_vmsa_features(&self) -> SnpResult<u64> {
-        Ok(self.vmsa_features)
-    }
-}
-
 mod tdx;
-pub use tdx::{TdxModule, TdxTestHypervisor};
+pub use tdx::TdxModule;
+mod test_hypervisor;
+pub use test_hypervisor::ConfidentialTestHypervisor;
 
 #[cfg(test)]
 mod tests;

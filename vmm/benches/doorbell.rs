@@ -204,7 +204,7 @@ fn doorbell_paired(_: &mut Criterion) {
         &mut |n| marginal(nop, n),
         &mut |n| marginal(candidate, n),
         Duration::from_millis(400),
-        21,
+        41,
     );
     println!("{ID}: {result}");
     remove(&bench.dir);

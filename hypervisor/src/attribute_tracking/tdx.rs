@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{AttributeTrackingVm, Attributes};
 use crate::tdx::{TdxCapabilities, TdxInitVm, TdxLaunchError, TdxLauncher, TdxResult};
-use crate::{Capabilities, Hypervisor, HypervisorError, KvmHypervisor, Result, Vcpu, Vm, VmType};
+use crate::{HypervisorError, Result, Vcpu, Vm};
 
 /// The TDX module behind a fake TD.
 pub type TdxModule = Box<dyn TdxLauncher + Send>;
@@ -247,54 +247,5 @@ impl AttributeTrackingVm {
         self.tdx
             .as_ref()
             .and_then(|(td, _)| *td.tsc_at_init.lock().unwrap())
-    }
-}
-
-/// A hypervisor offering `tdx` VMs, each an `AttributeTrackingVm::with_tdx`
-/// over a real default VM with a split irqchip, answered by a module
-/// `module` makes. Other VM types are the real hypervisor's.
-pub struct TdxTestHypervisor {
-    inner: Arc<KvmHypervisor>,
-    capabilities: Capabilities,
-    module: Box<dyn Fn() -> TdxModule + Send + Sync>,
-    created: Mutex<Vec<Arc<AttributeTrackingVm>>>,
-}
-
-impl TdxTestHypervisor {
-    pub fn new(
-        inner: Arc<KvmHypervisor>,
-        module: impl Fn() -> TdxModule + Send + Sync + 'static,
-    ) -> Self {
-        let mut capabilities = inner.capabilities().clone();
-        capabilities.vm_types |= 1 << VmType::Tdx.kvm_value();
-        TdxTestHypervisor {
-            inner,
-            capabilities,
-            module: Box::new(module),
-            created: Mutex::default(),
-        }
-    }
-
-    /// The TDs created so far, oldest first.
-    pub fn created(&self) -> Vec<Arc<AttributeTrackingVm>> {
-        self.created.lock().unwrap().clone()
-    }
-}
-
-impl Hypervisor for TdxTestHypervisor {
-    fn capabilities(&self) -> &Capabilities {
-        &self.capabilities
-    }
-
-    fn create_vm(&self, vm_type: VmType) -> Result<Arc<dyn Vm>> {
-        if vm_type != VmType::Tdx {
-            return self.inner.create_vm(vm_type);
-        }
-        let vm = Arc::new(
-            AttributeTrackingVm::new(self.inner.create_split_irqchip_vm()?)
-                .with_tdx((self.module)()),
-        );
-        self.created.lock().unwrap().push(vm.clone());
-        Ok(vm)
     }
 }

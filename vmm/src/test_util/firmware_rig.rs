@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use hypervisor::attribute_tracking::AttributeTrackingVm;
+use hypervisor::attribute_tracking::{AttributeTrackingVm, ConfidentialTestHypervisor};
 use hypervisor::{Hypervisor, KvmHypervisor};
 
 use crate::GuestEvents;
@@ -20,25 +20,23 @@ use crate::vm::{Vm, VmError};
 /// The guest RAM every firmware-boot test gives.
 pub(crate) const RAM: &str = "size=64M";
 
-/// A fake confidential hypervisor `H` whose launch backend `L` (the
-/// processor or the module) the test keeps a handle on, and the firmware
-/// file it boots.
-pub(crate) struct FirmwareRig<H, L> {
-    pub hypervisor: H,
+/// A fake confidential hypervisor whose launch backend `L` (the processor
+/// or the module) the test keeps a handle on, and the firmware file it
+/// boots.
+pub(crate) struct FirmwareRig<L> {
+    pub hypervisor: ConfidentialTestHypervisor,
     pub launcher: L,
     pub firmware: PathBuf,
-    created: fn(&H) -> Vec<Arc<AttributeTrackingVm>>,
 }
 
-impl<H: Hypervisor, L: Clone> FirmwareRig<H, L> {
+impl<L: Clone> FirmwareRig<L> {
     /// The rig, or None without KVM or Debian's OVMF.fd. `hypervisor`
     /// builds the fake over this host's KVM with a clone of `launcher`;
     /// `created` lists the VMs it made.
     pub fn new(
         tag: &str,
         launcher: L,
-        hypervisor: impl FnOnce(Arc<KvmHypervisor>, L) -> H,
-        created: fn(&H) -> Vec<Arc<AttributeTrackingVm>>,
+        hypervisor: impl FnOnce(Arc<KvmHypervisor>, L) -> ConfidentialTestHypervisor,
     ) -> Option<Self> {
         let data = ovmf::tests::debian_ovmf()?;
         let kvm = crate::test_util::kvm()?;
@@ -48,7 +46,6 @@ impl<H: Hypervisor, L: Clone> FirmwareRig<H, L> {
             hypervisor: hypervisor(Arc::new(kvm), launcher.clone()),
             launcher,
             firmware,
-            created,
         })
     }
 
@@ -82,7 +79,7 @@ impl<H: Hypervisor, L: Clone> FirmwareRig<H, L> {
 
     /// The one VM the fake created.
     pub fn fake_vm(&self) -> Arc<AttributeTrackingVm> {
-        let created = (self.created)(&self.hypervisor);
+        let created = self.hypervisor.created();
         assert_eq!(created.len(), 1, "one VM created");
         created[0].clone()
     }
@@ -97,7 +94,7 @@ impl<H: Hypervisor, L: Clone> FirmwareRig<H, L> {
     }
 }
 
-impl<H: Hypervisor, T> FirmwareRig<H, Counted<T>> {
+impl<T> FirmwareRig<Counted<T>> {
     /// The build of `config` stops with `refusal` in its error chain after
     /// KVM saw `sent` launch commands (the simulation's rules refused the
     /// next before KVM could), the launch never finished, and nothing of
@@ -114,7 +111,7 @@ impl<H: Hypervisor, T> FirmwareRig<H, Counted<T>> {
     }
 }
 
-impl<H, L> Drop for FirmwareRig<H, L> {
+impl<L> Drop for FirmwareRig<L> {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.firmware);
     }
@@ -126,9 +123,9 @@ impl<H, L> Drop for FirmwareRig<H, L> {
 /// reason; the VM's launch and the backend never `finished`, and nothing
 /// of the VM is left. Returns how many commands a whole launch sends (at
 /// least one), or None without KVM or the firmware.
-pub(crate) fn assert_every_refused_step_stops<H: Hypervisor, T>(
-    rig: impl Fn(Option<usize>) -> Option<FirmwareRig<H, Counted<T>>>,
-    config: impl Fn(&FirmwareRig<H, Counted<T>>) -> VmConfig,
+pub(crate) fn assert_every_refused_step_stops<T>(
+    rig: impl Fn(Option<usize>) -> Option<FirmwareRig<Counted<T>>>,
+    config: impl Fn(&FirmwareRig<Counted<T>>) -> VmConfig,
     launch: &str,
     finished: impl Fn(&T) -> bool,
 ) -> Option<usize> {

@@ -1,5 +1,5 @@
 //! The firmware boot through the real VM build (`Vm::boot`), on a fake
-//! SEV-SNP VM over this host's KVM (`SevSnpTestHypervisor`): KVM's part
+//! SEV-SNP VM over this host's KVM (`ConfidentialTestHypervisor`): KVM's part
 //! of the launch is modelled by the fake, the security processor is a
 //! second simulated one, independent of the VMM's own. Everything up to
 //! `SNP_LAUNCH_FINISH` runs as on a real host; then the vCPUs start.
@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::sync::mpsc::channel;
 
-use hypervisor::attribute_tracking::{AttributeTrackingVm, SevSnpTestHypervisor, SnpFirmware};
+use hypervisor::attribute_tracking::{
+    AttributeTrackingVm, ConfidentialTestHypervisor, SnpFirmware,
+};
 use hypervisor::sev_snp::SnpResult;
 use hypervisor::{
     Hypervisor, SevSnpCommand, SevSnpLauncher, SnpLaunchError, SnpPageType, SnpUpdate,
@@ -65,21 +67,16 @@ impl SevSnpLauncher for Psp {
     }
 }
 
-type Rig = FirmwareRig<SevSnpTestHypervisor, Psp>;
+type Rig = FirmwareRig<Psp>;
 
 /// A fake SEV-SNP host reporting `vmsa_features`, its processor refusing
 /// command `refuse_at`; None without KVM or Debian's OVMF.fd.
 fn new_rig(tag: &str, refuse_at: Option<usize>, vmsa_features: u64) -> Option<Rig> {
-    FirmwareRig::new(
-        tag,
-        new_psp(refuse_at),
-        |kvm, psp| {
-            SevSnpTestHypervisor::new(kvm, vmsa_features, move || {
-                Box::new(psp.clone()) as SnpFirmware
-            })
-        },
-        SevSnpTestHypervisor::created,
-    )
+    FirmwareRig::new(tag, new_psp(refuse_at), |kvm, psp| {
+        ConfidentialTestHypervisor::sev_snp(kvm, vmsa_features, move || {
+            Box::new(psp.clone()) as SnpFirmware
+        })
+    })
 }
 
 fn json_path(path: &std::path::Path) -> serde_json::Value {

@@ -1,5 +1,5 @@
 //! The TDX firmware boot through the real VM build (`Vm::boot`), on a fake
-//! TD over this host's KVM (`TdxTestHypervisor`: a real default VM with a
+//! TD over this host's KVM (`ConfidentialTestHypervisor::tdx`: a real default VM with a
 //! split irqchip, KVM's part of the launch modelled in front of a second
 //! simulated TDX module, independent of the VMM's own). Everything up to
 //! `KVM_TDX_FINALIZE_VM` runs as on a real host; then the vCPUs start.
@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::sync::mpsc::channel;
 
-use hypervisor::attribute_tracking::{TdxModule, TdxTestHypervisor};
+use hypervisor::attribute_tracking::{ConfidentialTestHypervisor, TdxModule};
 use hypervisor::{
     Hypervisor, TdxCapabilities, TdxInitVm, TdxLaunchError, TdxLauncher, TdxResult, Vcpu, Vm as _,
 };
@@ -70,7 +70,7 @@ impl TdxLauncher for Module {
     }
 }
 
-type Rig = FirmwareRig<TdxTestHypervisor, Module>;
+type Rig = FirmwareRig<Module>;
 
 /// A fake TDX host whose module refuses command `refuse_at`; None without
 /// KVM or Debian's OVMF.fd.
@@ -79,12 +79,9 @@ fn new_rig(tag: &str, refuse_at: Option<usize>) -> Option<Rig> {
 }
 
 fn rig_with(tag: &str, module: Module) -> Option<Rig> {
-    FirmwareRig::new(
-        tag,
-        module,
-        |kvm, module| TdxTestHypervisor::new(kvm, move || Box::new(module.clone()) as TdxModule),
-        TdxTestHypervisor::created,
-    )
+    FirmwareRig::new(tag, module, |kvm, module| {
+        ConfidentialTestHypervisor::tdx(kvm, move || Box::new(module.clone()) as TdxModule)
+    })
 }
 
 /// A TD of `vcpus` booting the rig's firmware.
