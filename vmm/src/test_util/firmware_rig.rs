@@ -31,8 +31,7 @@ pub(crate) struct FirmwareRig<L> {
 
 impl<L: Clone> FirmwareRig<L> {
     /// The rig, or None without KVM or Debian's OVMF.fd. `hypervisor`
-    /// builds the fake over this host's KVM with a clone of `launcher`;
-    /// `created` lists the VMs it made.
+    /// builds the fake over this host's KVM with a clone of `launcher`.
     pub fn new(
         tag: &str,
         launcher: L,

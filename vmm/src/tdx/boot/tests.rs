@@ -1,7 +1,7 @@
 //! The TDX firmware boot through the real VM build (`Vm::boot`), on a fake
-//! TD over this host's KVM (`ConfidentialTestHypervisor::tdx`: a real default VM with a
-//! split irqchip, KVM's part of the launch modelled in front of a second
-//! simulated TDX module, independent of the VMM's own). Everything up to
+//! TD over this host's KVM (`ConfidentialTestHypervisor::tdx`: a real
+//! default VM with a split irqchip, KVM's part of the launch modelled in
+//! front of a second simulated TDX module, independent of the VMM's own). Everything up to
 //! `KVM_TDX_FINALIZE_VM` runs as on a real host; then the vCPUs start.
 
 use std::sync::Arc;
