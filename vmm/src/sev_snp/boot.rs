@@ -34,14 +34,7 @@ pub fn launch_vm(
     params: SnpParams,
     hidden: &[CpuFeature],
 ) -> Result<Launched, FirmwareError> {
-    if vm.vm_type() != VmType::SevSnp {
-        return Err(FirmwareError::WrongVmType(vm.vm_type().name()));
-    }
-    let (gpa, size) = (firmware.gpa(), firmware.data().len() as u64);
-    // `MemoryManager::with_firmware` makes the region guest_memfd.
-    if memory.firmware().map(|f| (f.gpa, f.size)) != Some((gpa, size)) {
-        return Err(FirmwareError::NoFirmwareRegion { gpa, size });
-    }
+    super::check_launch_target(&*vm, VmType::SevSnp, memory, firmware)?;
     let features = hypervisor
         .sev_snp_vmsa_features()
         .map_err(FirmwareError::VmsaFeatures)?;

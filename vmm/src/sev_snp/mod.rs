@@ -14,7 +14,10 @@ pub use launch::{LaunchError, Measurement, SnpParams, launch, measure};
 
 use std::path::Path;
 
+use hypervisor::{Vm, VmType};
+
 use crate::config::PlatformConfig;
+use crate::memory::MemoryManager;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FirmwareError {
@@ -40,10 +43,8 @@ pub enum FirmwareError {
     NotSevSnp,
     #[error("VM type sev-snp is not available on this host (it offers: {0}): no SEV-SNP here")]
     NoSevSnp(String),
-    #[error("the VM is of type {0}, not sev-snp")]
-    WrongVmType(&'static str),
-    #[error("the firmware region is not where the image goes ({gpa:#x}+{size:#x})")]
-    NoFirmwareRegion { gpa: u64, size: u64 },
+    #[error(transparent)]
+    Target(#[from] LaunchTargetError),
     #[error("cannot read the VMSA features this host supports")]
     VmsaFeatures(#[source] hypervisor::SnpLaunchError),
     #[error("the SEV-SNP launch of {path} failed")]
@@ -52,6 +53,40 @@ pub enum FirmwareError {
         #[source]
         source: LaunchError,
     },
+}
+
+/// Why a VM cannot take a firmware launch (SEV-SNP's or TDX's).
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchTargetError {
+    #[error("the VM is of type {actual}, not {expected}")]
+    WrongVmType {
+        actual: &'static str,
+        expected: &'static str,
+    },
+    #[error("the firmware region is not where the image goes ({gpa:#x}+{size:#x})")]
+    NoFirmwareRegion { gpa: u64, size: u64 },
+}
+
+/// Checks that `vm` is of type `vm_type` and that `memory` has its
+/// firmware region (guest_memfd, made by `MemoryManager::with_firmware`)
+/// exactly where `firmware` goes.
+pub fn check_launch_target(
+    vm: &dyn Vm,
+    vm_type: VmType,
+    memory: &MemoryManager,
+    firmware: &ovmf::OvmfImage,
+) -> Result<(), LaunchTargetError> {
+    if vm.vm_type() != vm_type {
+        return Err(LaunchTargetError::WrongVmType {
+            actual: vm.vm_type().name(),
+            expected: vm_type.name(),
+        });
+    }
+    let (gpa, size) = (firmware.gpa(), firmware.data().len() as u64);
+    if memory.firmware().map(|f| (f.gpa, f.size)) != Some((gpa, size)) {
+        return Err(LaunchTargetError::NoFirmwareRegion { gpa, size });
+    }
+    Ok(())
 }
 
 /// Reads and parses an OVMF image (a regular file within the flash window).

@@ -53,13 +53,7 @@ pub fn launch_vm(
     cpuid: &[CpuidEntry],
     params: TdxParams,
 ) -> Result<Launched, FirmwareError> {
-    if vm.vm_type() != VmType::Tdx {
-        return Err(FirmwareError::WrongVmType(vm.vm_type().name()));
-    }
-    let (gpa, size) = (firmware.gpa(), firmware.data().len() as u64);
-    if memory.firmware().map(|f| (f.gpa, f.size)) != Some((gpa, size)) {
-        return Err(FirmwareError::NoFirmwareRegion { gpa, size });
-    }
+    crate::sev_snp::check_launch_target(&*vm, VmType::Tdx, memory, firmware)?;
     // TDX fixes the TSC frequency for the whole TD at KVM_TDX_INIT_VM: it
     // is the VM's, set before any vCPU exists.
     let host_khz = vm.tsc_khz().map_err(FirmwareError::Tsc)?;

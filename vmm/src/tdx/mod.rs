@@ -15,7 +15,7 @@ pub use launch::{LaunchError, Measurement, TdxParams, launch, measure};
 
 use std::path::Path;
 
-use crate::sev_snp::{FirmwareError as ImageError, read_firmware};
+use crate::sev_snp::{FirmwareError as ImageError, LaunchTargetError, read_firmware};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FirmwareError {
@@ -31,10 +31,8 @@ pub enum FirmwareError {
     NotTdx,
     #[error("VM type tdx is not available on this host (it offers: {0}): no TDX here")]
     NoTdx(String),
-    #[error("the VM is of type {0}, not tdx")]
-    WrongVmType(&'static str),
-    #[error("the firmware region is not where the image goes ({gpa:#x}+{size:#x})")]
-    NoFirmwareRegion { gpa: u64, size: u64 },
+    #[error(transparent)]
+    Target(#[from] LaunchTargetError),
     #[error("cannot set the TD's TSC frequency")]
     Tsc(#[source] hypervisor::HypervisorError),
     #[error("the host's TSC runs at {0} kHz, outside what a TD can have (100 MHz to 10 GHz)")]
