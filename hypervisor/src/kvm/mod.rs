@@ -381,6 +381,10 @@ impl KvmVm {
     }
 }
 
+fn registers_error(e: kvm_ioctls::Error) -> HypervisorError {
+    HypervisorError::Registers(io_err(e))
+}
+
 pub struct KvmVcpu {
     fd: VcpuFd,
     /// A TD's vCPU: TDX sub-commands go through it.
@@ -389,27 +393,19 @@ pub struct KvmVcpu {
 
 impl Vcpu for KvmVcpu {
     fn get_regs(&self) -> Result<arch::StandardRegisters> {
-        self.fd
-            .get_regs()
-            .map_err(|e| HypervisorError::Registers(io_err(e)))
+        self.fd.get_regs().map_err(registers_error)
     }
 
     fn set_regs(&self, regs: &arch::StandardRegisters) -> Result<()> {
-        self.fd
-            .set_regs(regs)
-            .map_err(|e| HypervisorError::Registers(io_err(e)))
+        self.fd.set_regs(regs).map_err(registers_error)
     }
 
     fn get_sregs(&self) -> Result<arch::SpecialRegisters> {
-        self.fd
-            .get_sregs()
-            .map_err(|e| HypervisorError::Registers(io_err(e)))
+        self.fd.get_sregs().map_err(registers_error)
     }
 
     fn set_sregs(&self, sregs: &arch::SpecialRegisters) -> Result<()> {
-        self.fd
-            .set_sregs(sregs)
-            .map_err(|e| HypervisorError::Registers(io_err(e)))
+        self.fd.set_sregs(sregs).map_err(registers_error)
     }
 
     fn set_cpuid(&self, entries: &[arch::CpuidEntry]) -> Result<()> {
