@@ -11,8 +11,8 @@ use std::process::ExitCode;
 use clap::{ArgAction, Parser};
 use vmm::api::http::ApiSocket;
 use vmm::config::{
-    ConsoleOutput, CpusConfig, DeviceConfig, EventMonitorConfig, MemoryConfig, PlatformConfig,
-    UserDeviceConfig, VmConfig, parse_api_socket,
+    API_SOCKET_SYNTAX, ConsoleOutput, CpusConfig, DeviceConfig, EventMonitorConfig, MemoryConfig,
+    PlatformConfig, UserDeviceConfig, VmConfig, parse_api_socket,
 };
 use vmm::seccomp_filters::SeccompMode;
 use vmm::{VmmOptions, error_chain};
@@ -31,7 +31,7 @@ struct Cli {
     /// Serve the REST API: a socket path (`PATH` or `path=PATH`) or an
     /// inherited listening socket (`fd=N`). Without --kernel the VMM starts
     /// empty and waits for vm.create.
-    #[arg(long, value_name = "PATH|path=PATH|fd=N", value_parser = parse_api_socket)]
+    #[arg(long, value_name = API_SOCKET_SYNTAX, value_parser = parse_api_socket)]
     api_socket: Option<ApiSocket>,
     /// Print what this host's KVM supports as JSON and exit.
     #[arg(long)]

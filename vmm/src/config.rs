@@ -16,7 +16,8 @@ pub use devices::{
     DeviceConfig, DmaMode, MAX_DEVICE_TIMEOUT_MS, RESERVED_ID_PREFIX, UserDeviceConfig,
 };
 pub use machine::{
-    ConsoleOutput, CpusConfig, EventMonitorConfig, MemoryConfig, PlatformConfig, parse_api_socket,
+    API_SOCKET_SYNTAX, ConsoleOutput, CpusConfig, EventMonitorConfig, MemoryConfig, PlatformConfig,
+    parse_api_socket,
 };
 pub use parser::parse_size;
 pub use vm_config_json::VmConfigJsonError;

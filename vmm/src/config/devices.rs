@@ -192,19 +192,7 @@ impl DeviceConfig {
     pub const SYNTAX: &'static str = "path=/sys/bus/pci/devices/BDF/[,id=ID][,mapping=runs|pages][,iommufd=on|off][,iommu=off][,pci_segment=0][,pci_device_id=N]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse(
-            "--device",
-            text,
-            &[
-                "path",
-                "id",
-                "mapping",
-                "iommufd",
-                "iommu",
-                "pci_segment",
-                "pci_device_id",
-            ],
-        )?;
+        let p = OptionParser::parse("--device", text, Self::SYNTAX)?;
         let (iommu, pci_segment) = parse_pci_common(&p)?;
         let iommufd = match p.get("iommufd") {
             Some(_) => Some(p.toggle("iommufd", false)?),
@@ -314,20 +302,7 @@ impl UserDeviceConfig {
     pub const SYNTAX: &'static str = "socket=PATH[,id=ID][,timeout_ms=MS][,mapping=runs|pages][,dma=fd|messages][,iommu=off][,pci_segment=0][,pci_device_id=N]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse(
-            "--user-device",
-            text,
-            &[
-                "socket",
-                "id",
-                "timeout_ms",
-                "mapping",
-                "dma",
-                "iommu",
-                "pci_segment",
-                "pci_device_id",
-            ],
-        )?;
+        let p = OptionParser::parse("--user-device", text, Self::SYNTAX)?;
         let (iommu, pci_segment) = parse_pci_common(&p)?;
         let dma = match p.get("dma") {
             None | Some("fd") => DmaMode::Fd,

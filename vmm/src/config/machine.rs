@@ -20,20 +20,7 @@ impl MemoryConfig {
     pub const SYNTAX: &'static str = "size=SIZE[,guest_memfd=on|off][,layout=auto|in-place|split][,shared=on|off][,hugepages=off][,mergeable=on|off][,prefault=on|off][,thp=on|off]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse(
-            "--memory",
-            text,
-            &[
-                "size",
-                "guest_memfd",
-                "layout",
-                "shared",
-                "hugepages",
-                "mergeable",
-                "prefault",
-                "thp",
-            ],
-        )?;
+        let p = OptionParser::parse("--memory", text, Self::SYNTAX)?;
         // Cloud Hypervisor's backing hints: RAM here is always a shared
         // mapping of a memfd or guest_memfd (or anonymous), so they change
         // nothing; hugepages cannot be honoured and are refused.
@@ -158,7 +145,7 @@ impl CpusConfig {
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("--cpus", text, &["boot", "max", "kvm_hyperv", "hide"])?;
+        let p = OptionParser::parse("--cpus", text, Self::SYNTAX)?;
         if p.toggle("kvm_hyperv", false)? {
             return Err(p.invalid("kvm_hyperv", "Hyper-V enlightenments are not supported"));
         }
@@ -216,7 +203,7 @@ impl ConsoleOutput {
             "off" | "null" => Ok(ConsoleOutput::Off),
             "pty" => Ok(ConsoleOutput::Pty),
             _ => {
-                let p = OptionParser::parse("--serial", text, &["file", "socket"])?;
+                let p = OptionParser::parse("--serial", text, Self::SYNTAX)?;
                 match (p.get("file"), p.get("socket")) {
                     (Some(""), _) => Err(p.invalid("file", "empty path")),
                     (_, Some("")) => Err(p.invalid("socket", "empty path")),
@@ -235,7 +222,10 @@ impl ConsoleOutput {
     }
 }
 
-/// `--api-socket PATH`, `path=PATH` or `fd=N` (Cloud Hypervisor's forms).
+/// `--api-socket`'s forms (Cloud Hypervisor's).
+pub const API_SOCKET_SYNTAX: &str = "PATH|path=PATH|fd=N";
+
+/// `--api-socket PATH`, `path=PATH` or `fd=N`.
 pub fn parse_api_socket(text: &str) -> Result<crate::api::http::ApiSocket, ConfigError> {
     use crate::api::http::ApiSocket;
     if !text.contains('=') {
@@ -247,7 +237,7 @@ pub fn parse_api_socket(text: &str) -> Result<crate::api::http::ApiSocket, Confi
             path => Ok(ApiSocket::Path(path.into())),
         };
     }
-    let p = OptionParser::parse("--api-socket", text, &["path", "fd"])?;
+    let p = OptionParser::parse("--api-socket", text, API_SOCKET_SYNTAX)?;
     match (p.get("path"), p.get("fd")) {
         (Some(path), None) if !path.is_empty() => Ok(ApiSocket::Path(path.into())),
         (None, Some(fd)) => fd
@@ -274,7 +264,7 @@ impl EventMonitorConfig {
     pub const SYNTAX: &'static str = "path=FILE|fd=N";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("--event-monitor", text, &["path", "fd"])?;
+        let p = OptionParser::parse("--event-monitor", text, Self::SYNTAX)?;
         match (p.get("path"), p.get("fd")) {
             (Some(path), None) if !path.is_empty() => Ok(EventMonitorConfig::Path(path.into())),
             (None, Some(fd)) => fd
@@ -349,19 +339,7 @@ impl PlatformConfig {
     pub const SYNTAX: &'static str = "[tdx=on|sev_snp=on|sw_protected=on][,iommufd=on|off][,num_pci_segments=1][,snp_policy=0x30000][,snp_guest_features=0x1]";
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse(
-            "--platform",
-            text,
-            &[
-                "tdx",
-                "sev_snp",
-                "sw_protected",
-                "iommufd",
-                "num_pci_segments",
-                "snp_policy",
-                "snp_guest_features",
-            ],
-        )?;
+        let p = OptionParser::parse("--platform", text, Self::SYNTAX)?;
         let number = |key: &'static str, default: u64| match p.get(key) {
             None => Ok(default),
             Some(text) => match text.strip_prefix("0x") {
