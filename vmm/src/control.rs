@@ -25,8 +25,8 @@ use crate::config::VmConfig;
 use crate::device_manager::{self, DeviceError};
 use crate::event_monitor::EventMonitor;
 use crate::seccomp_filters::{SeccompError, spawn_filtered};
-use crate::vm::device_ops::{add_device, add_user_device};
-use crate::vm::{self, Vm, VmError};
+use crate::vm::device_ops::{self, Pluggable};
+use crate::vm::{Vm, VmError};
 use crate::{GuestEvent, GuestEvents, VmmEvent};
 
 type BootRequest = (VmConfig, Sender<Result<Vm, VmError>>);
@@ -286,10 +286,8 @@ impl Vmm {
                 .booted()
                 .and_then(|vm| vm.resume().map_err(ApiError::Vm))
                 .map(|()| None),
-            VmAddDevice(config) => return self.plug(respond, config, devices, add_device),
-            VmAddUserDevice(config) => {
-                return self.plug(respond, config, user_devices, add_user_device);
-            }
+            VmAddDevice(config) => return self.plug(respond, config),
+            VmAddUserDevice(config) => return self.plug(respond, config),
             VmRemoveDevice(id) => {
                 let unplugged = id.clone();
                 return self.device_request(
@@ -304,9 +302,7 @@ impl Vmm {
                         }
                         Ok(())
                     },
-                    move |devices, monitor| {
-                        vm::device_ops::remove_device(devices, monitor, &unplugged)
-                    },
+                    move |devices, monitor| device_ops::remove(devices, monitor, &unplugged),
                 );
             }
         };
@@ -335,21 +331,15 @@ impl Vmm {
     /// A device request: before boot it changes the configuration, on a
     /// booted VM it hot-plugs.
     /// Adds a device: to the configuration before boot, to the VM after.
-    fn plug<C: Clone + Send + 'static>(
-        &mut self,
-        respond: Sender<ApiResponse>,
-        config: C,
-        list: fn(&mut VmConfig) -> &mut Vec<C>,
-        add: fn(&device_manager::DeviceManager, &EventMonitor, &C) -> DeviceAnswer,
-    ) -> Option<Exit> {
+    fn plug<C: Pluggable>(&mut self, respond: Sender<ApiResponse>, config: C) -> Option<Exit> {
         let plugged = config.clone();
         self.device_request(
             respond,
             move |c| {
-                list(c).push(config);
+                C::configured(c).push(config);
                 Ok(())
             },
-            move |devices, monitor| add(devices, monitor, &plugged),
+            move |devices, monitor| device_ops::add(devices, monitor, &plugged),
         )
     }
 
@@ -450,16 +440,6 @@ trait DeviceJob:
 impl<F> DeviceJob for F where
     F: FnOnce(&device_manager::DeviceManager, &EventMonitor) -> DeviceAnswer + Send + 'static
 {
-}
-
-/// Where a configuration lists its VFIO devices.
-fn devices(config: &mut VmConfig) -> &mut Vec<crate::config::DeviceConfig> {
-    &mut config.devices
-}
-
-/// Where a configuration lists its vfio-user devices.
-fn user_devices(config: &mut VmConfig) -> &mut Vec<crate::config::UserDeviceConfig> {
-    &mut config.user_devices
 }
 
 #[cfg(test)]

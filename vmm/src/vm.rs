@@ -227,15 +227,15 @@ impl Vm {
     }
 
     pub fn add_device(&self, config: &DeviceConfig) -> Result<DeviceInfo, DeviceError> {
-        device_ops::add_device(&self.devices, &self.monitor, config)
+        device_ops::add(&self.devices, &self.monitor, config)
     }
 
     pub fn add_user_device(&self, config: &UserDeviceConfig) -> Result<DeviceInfo, DeviceError> {
-        device_ops::add_user_device(&self.devices, &self.monitor, config)
+        device_ops::add(&self.devices, &self.monitor, config)
     }
 
     pub fn remove_device(&self, id: &str) -> Result<DeviceInfo, DeviceError> {
-        device_ops::remove_device(&self.devices, &self.monitor, id)
+        device_ops::remove(&self.devices, &self.monitor, id)
     }
 
     /// Runs `job` (a hot-plug operation, which may wait for a device) on its
@@ -303,23 +303,40 @@ pub mod device_ops {
         Ok(info)
     }
 
-    pub fn add_device(
-        devices: &DeviceManager,
-        monitor: &EventMonitor,
-        config: &DeviceConfig,
-    ) -> Result<DeviceInfo, DeviceError> {
-        announced(monitor, "added", devices.add_vfio(config))
+    /// A device configuration the device manager plugs in.
+    pub trait Pluggable: Clone + Send + 'static {
+        /// The list of such devices in a VM's configuration.
+        fn configured(config: &mut VmConfig) -> &mut Vec<Self>;
+        fn plug_into(&self, devices: &DeviceManager) -> Result<DeviceInfo, DeviceError>;
     }
 
-    pub fn add_user_device(
-        devices: &DeviceManager,
-        monitor: &EventMonitor,
-        config: &UserDeviceConfig,
-    ) -> Result<DeviceInfo, DeviceError> {
-        announced(monitor, "added", devices.add_vfio_user(config))
+    impl Pluggable for DeviceConfig {
+        fn configured(config: &mut VmConfig) -> &mut Vec<Self> {
+            &mut config.devices
+        }
+        fn plug_into(&self, devices: &DeviceManager) -> Result<DeviceInfo, DeviceError> {
+            devices.add_vfio(self)
+        }
     }
 
-    pub fn remove_device(
+    impl Pluggable for UserDeviceConfig {
+        fn configured(config: &mut VmConfig) -> &mut Vec<Self> {
+            &mut config.user_devices
+        }
+        fn plug_into(&self, devices: &DeviceManager) -> Result<DeviceInfo, DeviceError> {
+            devices.add_vfio_user(self)
+        }
+    }
+
+    pub fn add<C: Pluggable>(
+        devices: &DeviceManager,
+        monitor: &EventMonitor,
+        config: &C,
+    ) -> Result<DeviceInfo, DeviceError> {
+        announced(monitor, "added", config.plug_into(devices))
+    }
+
+    pub fn remove(
         devices: &DeviceManager,
         monitor: &EventMonitor,
         id: &str,
