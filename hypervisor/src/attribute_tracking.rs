@@ -153,10 +153,10 @@ impl AttributeTrackingVm {
     /// whose attributes say private (`kvm_gmem_populate`).
     fn check_update(&self, snp: &SnpModel, gpa: u64, len: u64) -> SnpResult<()> {
         let refuse = |why: &str| {
-            Err(SnpLaunchError::Refused {
-                command: "SNP_LAUNCH_UPDATE",
-                why: format!("{gpa:#x}+{len:#x} {why}"),
-            })
+            Err(SnpLaunchError::refused(
+                "SNP_LAUNCH_UPDATE",
+                format!("{gpa:#x}+{len:#x} {why}"),
+            ))
         };
         let Some(end) = gpa.checked_add(len) else {
             return refuse("wraps");

@@ -261,10 +261,10 @@ pub trait Vm: Send + Sync {
     /// One SEV-SNP launch command (`KVM_MEMORY_ENCRYPT_OP`); refused by
     /// VMs that are not of type `sev-snp`.
     fn sev_snp_command(&self, command: SevSnpCommand<'_>) -> sev_snp::SnpResult<()> {
-        Err(SnpLaunchError::Refused {
-            command: command.name(),
-            why: format!("a {} VM has no SEV-SNP launch", self.vm_type().name()),
-        })
+        Err(SnpLaunchError::refused(
+            command.name(),
+            format!("a {} VM has no SEV-SNP launch", self.vm_type().name()),
+        ))
     }
     /// `KVM_TDX_CAPABILITIES`; refused by VMs that are not of type `tdx`.
     fn tdx_capabilities(&self) -> TdxResult<TdxCapabilities> {
@@ -304,17 +304,17 @@ pub trait Vcpu: Send {
     /// VMs that are not TDs.
     fn tdx_init_vcpu(&self, rcx: u64) -> TdxResult<()> {
         let _ = rcx;
-        Err(tdx::TdxLaunchError::Refused {
-            command: "KVM_TDX_INIT_VCPU",
-            why: "not a TD vCPU".into(),
-        })
+        Err(tdx::TdxLaunchError::refused(
+            "KVM_TDX_INIT_VCPU",
+            "not a TD vCPU",
+        ))
     }
     /// `KVM_TDX_INIT_MEM_REGION` of `source` (whole pages) at `gpa`.
     fn tdx_init_mem_region(&self, gpa: u64, source: &[u8], measure: bool) -> TdxResult<()> {
         let _ = (gpa, source, measure);
-        Err(tdx::TdxLaunchError::Refused {
-            command: "KVM_TDX_INIT_MEM_REGION",
-            why: "not a TD vCPU".into(),
-        })
+        Err(tdx::TdxLaunchError::refused(
+            "KVM_TDX_INIT_MEM_REGION",
+            "not a TD vCPU",
+        ))
     }
 }

@@ -98,6 +98,16 @@ pub enum SnpLaunchError {
     Vcpu(u8, #[source] crate::HypervisorError),
 }
 
+impl SnpLaunchError {
+    /// `command` refused by a rule of KVM or the firmware ABI, saying `why`.
+    pub fn refused(command: &'static str, why: impl Into<String>) -> Self {
+        SnpLaunchError::Refused {
+            command,
+            why: why.into(),
+        }
+    }
+}
+
 pub type SnpResult<T> = std::result::Result<T, SnpLaunchError>;
 
 /// One `SNP_LAUNCH_UPDATE`: `len` bytes at `gpa`, all of one page type.

@@ -66,14 +66,24 @@ pub enum TdxLaunchError {
     Vcpu(u8, #[source] crate::HypervisorError),
 }
 
+impl TdxLaunchError {
+    /// `command` refused by a rule of KVM or the TDX module, saying `why`.
+    pub fn refused(command: &'static str, why: impl Into<String>) -> Self {
+        TdxLaunchError::Refused {
+            command,
+            why: why.into(),
+        }
+    }
+}
+
 pub type TdxResult<T> = std::result::Result<T, TdxLaunchError>;
 
 /// Refusal by a VM or vCPU that is not a TD.
 pub(crate) fn not_a_td(command: &'static str, vm_type: crate::VmType) -> TdxLaunchError {
-    TdxLaunchError::Refused {
+    TdxLaunchError::refused(
         command,
-        why: format!("a {} VM has no TDX launch", vm_type.name()),
-    }
+        format!("a {} VM has no TDX launch", vm_type.name()),
+    )
 }
 
 /// The launch sequence, in the order a launch calls it: `capabilities`
@@ -145,10 +155,10 @@ impl TdxLauncher for KvmTdxLauncher {
 
     fn init_mem_region(&mut self, gpa: u64, source: &[u8], measure: bool) -> TdxResult<()> {
         let Some(vcpu) = self.vcpus.first() else {
-            return Err(TdxLaunchError::Refused {
-                command: "KVM_TDX_INIT_MEM_REGION",
-                why: "no initialized vCPU to issue it on".into(),
-            });
+            return Err(TdxLaunchError::refused(
+                "KVM_TDX_INIT_MEM_REGION",
+                "no initialized vCPU to issue it on",
+            ));
         };
         vcpu.tdx_init_mem_region(gpa, source, measure)
     }

@@ -17,13 +17,6 @@ use crate::{HypervisorError, Result, Vcpu, Vm};
 /// The TDX module behind a fake TD.
 pub type TdxModule = Box<dyn TdxLauncher + Send>;
 
-fn refused<T>(command: &'static str, why: impl Into<String>) -> TdxResult<T> {
-    Err(TdxLaunchError::Refused {
-        command,
-        why: why.into(),
-    })
-}
-
 fn errno(e: i32) -> std::io::Error {
     std::io::Error::from_raw_os_error(e)
 }
@@ -90,7 +83,10 @@ impl TdModel {
 
     pub(super) fn init_vm(&self, params: &TdxInitVm) -> TdxResult<()> {
         if self.created_vcpus.load(Ordering::SeqCst) > 0 {
-            return refused("KVM_TDX_INIT_VM", "vCPUs exist already");
+            return Err(TdxLaunchError::refused(
+                "KVM_TDX_INIT_VM",
+                "vCPUs exist already",
+            ));
         }
         self.module.lock().unwrap().init_vm(params)?;
         *self.tsc_at_init.lock().unwrap() = *self.tsc_khz.lock().unwrap();
@@ -125,17 +121,23 @@ impl TdModel {
     fn check_region(&self, gpa: u64, len: u64) -> TdxResult<()> {
         const CMD: &str = "KVM_TDX_INIT_MEM_REGION";
         let Some(end) = gpa.checked_add(len) else {
-            return refused(CMD, format!("{gpa:#x}+{len:#x} wraps"));
+            return Err(TdxLaunchError::refused(
+                CMD,
+                format!("{gpa:#x}+{len:#x} wraps"),
+            ));
         };
         let slots = self.gmem_slots.lock().unwrap();
         if !slots.iter().any(|&(s, size)| gpa >= s && end <= s + size) {
-            return refused(
+            return Err(TdxLaunchError::refused(
                 CMD,
                 format!("{gpa:#x}+{len:#x} is not in one guest_memfd slot"),
-            );
+            ));
         }
         if !self.attributes.lock().unwrap().covers(gpa, len) {
-            return refused(CMD, format!("{gpa:#x}+{len:#x} is not private"));
+            return Err(TdxLaunchError::refused(
+                CMD,
+                format!("{gpa:#x}+{len:#x} is not private"),
+            ));
         }
         Ok(())
     }
@@ -197,10 +199,10 @@ impl Vcpu for TdVcpu {
     }
     fn tdx_init_vcpu(&self, rcx: u64) -> TdxResult<()> {
         if self.initialized.load(Ordering::SeqCst) {
-            return refused(
+            return Err(TdxLaunchError::refused(
                 "KVM_TDX_INIT_VCPU",
                 format!("vCPU {} is initialized already", self.index),
-            );
+            ));
         }
         // The module's stand-in vCPU is not the one that runs: this is.
         self.td.module.lock().unwrap().init_vcpu(self.index, rcx)?;
@@ -209,7 +211,10 @@ impl Vcpu for TdVcpu {
     }
     fn tdx_init_mem_region(&self, gpa: u64, source: &[u8], measure: bool) -> TdxResult<()> {
         if !self.initialized.load(Ordering::SeqCst) {
-            return refused("KVM_TDX_INIT_MEM_REGION", "the vCPU is not initialized");
+            return Err(TdxLaunchError::refused(
+                "KVM_TDX_INIT_MEM_REGION",
+                "the vCPU is not initialized",
+            ));
         }
         self.td.check_region(gpa, source.len() as u64)?;
         self.td

@@ -315,10 +315,10 @@ impl Vm for KvmVm {
 
     fn sev_snp_command(&self, command: crate::SevSnpCommand<'_>) -> crate::sev_snp::SnpResult<()> {
         if self.vm_type != VmType::SevSnp {
-            return Err(crate::SnpLaunchError::Refused {
-                command: command.name(),
-                why: format!("a {} VM has no SEV-SNP launch", self.vm_type.name()),
-            });
+            return Err(crate::SnpLaunchError::refused(
+                command.name(),
+                format!("a {} VM has no SEV-SNP launch", self.vm_type.name()),
+            ));
         }
         let mut sev = self.sev.lock().unwrap_or_else(|p| p.into_inner());
         if sev.is_none() {
@@ -488,20 +488,20 @@ impl Vcpu for KvmVcpu {
 
     fn tdx_init_vcpu(&self, rcx: u64) -> crate::TdxResult<()> {
         if !self.td {
-            return Err(crate::TdxLaunchError::Refused {
-                command: "KVM_TDX_INIT_VCPU",
-                why: "not a TD vCPU".into(),
-            });
+            return Err(crate::TdxLaunchError::refused(
+                "KVM_TDX_INIT_VCPU",
+                "not a TD vCPU",
+            ));
         }
         tdx::init_vcpu(&self.fd, rcx)
     }
 
     fn tdx_init_mem_region(&self, gpa: u64, source: &[u8], measure: bool) -> crate::TdxResult<()> {
         if !self.td {
-            return Err(crate::TdxLaunchError::Refused {
-                command: "KVM_TDX_INIT_MEM_REGION",
-                why: "not a TD vCPU".into(),
-            });
+            return Err(crate::TdxLaunchError::refused(
+                "KVM_TDX_INIT_MEM_REGION",
+                "not a TD vCPU",
+            ));
         }
         tdx::init_mem_region(&self.fd, gpa, source, measure)
     }

@@ -174,13 +174,13 @@ pub(super) fn capabilities(vm: &impl AsRawFd) -> TdxResult<TdxCapabilities> {
 pub(super) fn init_vm(vm: &impl AsRawFd, params: &TdxInitVm) -> TdxResult<()> {
     const NAME: &str = "KVM_TDX_INIT_VM";
     if params.cpuid.len() > CPUID_ENTRIES {
-        return Err(TdxLaunchError::Refused {
-            command: NAME,
-            why: format!(
+        return Err(TdxLaunchError::refused(
+            NAME,
+            format!(
                 "{} CPUID entries, at most {CPUID_ENTRIES}",
                 params.cpuid.len()
             ),
-        });
+        ));
     }
     let mut init = WithCpuid::new(KvmTdxInitVm {
         attributes: params.attributes,
@@ -227,10 +227,10 @@ pub(super) fn init_mem_region(
 ) -> TdxResult<()> {
     const NAME: &str = "KVM_TDX_INIT_MEM_REGION";
     if source.is_empty() || !(source.len() as u64).is_multiple_of(PAGE_SIZE) {
-        return Err(TdxLaunchError::Refused {
-            command: NAME,
-            why: format!("{} bytes are not whole pages", source.len()),
-        });
+        return Err(TdxLaunchError::refused(
+            NAME,
+            format!("{} bytes are not whole pages", source.len()),
+        ));
     }
     // KVM wants a page-aligned source.
     let pages = aligned_copy(source);

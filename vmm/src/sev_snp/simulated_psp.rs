@@ -166,36 +166,42 @@ impl SimulatedPsp {
         &self.log
     }
 
-    fn refuse<T>(command: &'static str, why: impl Into<String>) -> SnpResult<T> {
-        Err(SnpLaunchError::Refused {
-            command,
-            why: why.into(),
-        })
-    }
-
     fn expect_state(&self, command: &'static str, allowed: &[LaunchState]) -> SnpResult<()> {
         let end = (LaunchState::Finished, "the launch is finished");
-        match out_of_state(self.state, allowed, end) {
-            Some(why) => Self::refuse(command, why),
-            None => Ok(()),
-        }
+        expect_state(command, self.state, allowed, end, SnpLaunchError::refused)
     }
 }
 
-/// Why a command only `allowed` states admit is refused in `state` (none
-/// when it is admitted): the launch is over in `end`'s state, said as
-/// `end`'s text, and out of order in any other.
-pub fn out_of_state<S: PartialEq + Copy + std::fmt::Debug>(
+/// Refuses `command` (as `refused` builds the error) unless `state` is
+/// one of `allowed`: the launch is over in `end`'s state, said as `end`'s
+/// text, and out of order in any other.
+pub fn expect_state<S: PartialEq + Copy + std::fmt::Debug, E>(
+    command: &'static str,
     state: S,
     allowed: &[S],
     end: (S, &str),
-) -> Option<String> {
+    refused: fn(&'static str, String) -> E,
+) -> Result<(), E> {
     if allowed.contains(&state) {
-        None
+        Ok(())
     } else if state == end.0 {
-        Some(end.1.to_string())
+        Err(refused(command, end.1.to_string()))
     } else {
-        Some(format!("out of order (the launch is {state:?})"))
+        Err(refused(
+            command,
+            format!("out of order (the launch is {state:?})"),
+        ))
+    }
+}
+
+/// Refuses the bits of `asked` outside `supported`, naming them as
+/// `what` ("VMSA features") and what is supported.
+pub fn within_supported(what: &str, asked: u64, supported: u64) -> Result<(), String> {
+    match asked & !supported {
+        0 => Ok(()),
+        bits => Err(format!(
+            "{what} {bits:#x} are not supported (supported: {supported:#x})"
+        )),
     }
 }
 
@@ -204,21 +210,13 @@ impl SevSnpLauncher for SimulatedPsp {
         const CMD: &str = "KVM_SEV_INIT2";
         self.expect_state(CMD, &[LaunchState::Created])?;
         if vmsa_features & SEV_FEATURE_SNP_ACTIVE != 0 {
-            return Self::refuse(
+            return Err(SnpLaunchError::refused(
                 CMD,
                 "VMSA feature SNP-active (0x1) is not supported: KVM sets it itself",
-            );
+            ));
         }
-        let unsupported = vmsa_features & !self.supported_vmsa_features;
-        if unsupported != 0 {
-            return Self::refuse(
-                CMD,
-                format!(
-                    "VMSA features {unsupported:#x} are not supported (supported: {:#x})",
-                    self.supported_vmsa_features
-                ),
-            );
-        }
+        within_supported("VMSA features", vmsa_features, self.supported_vmsa_features)
+            .map_err(|why| SnpLaunchError::refused(CMD, why))?;
         self.sev_features = vmsa_features | SEV_FEATURE_SNP_ACTIVE;
         self.state = LaunchState::Initialized;
         self.log
@@ -230,22 +228,25 @@ impl SevSnpLauncher for SimulatedPsp {
         const CMD: &str = "SNP_LAUNCH_START";
         self.expect_state(CMD, &[LaunchState::Initialized])?;
         if policy & SNP_POLICY_RESERVED_MBO == 0 {
-            return Self::refuse(
+            return Err(SnpLaunchError::refused(
                 CMD,
                 format!("policy {policy:#x} lacks the must-be-one bit 17"),
-            );
+            ));
         }
         if policy & !SNP_POLICY_VALID != 0 {
-            return Self::refuse(
+            return Err(SnpLaunchError::refused(
                 CMD,
                 format!(
                     "policy {policy:#x} has reserved bits {:#x}",
                     policy & !SNP_POLICY_VALID
                 ),
-            );
+            ));
         }
         if policy & SNP_POLICY_SINGLE_SOCKET != 0 {
-            return Self::refuse(CMD, "KVM cannot honour a single-socket policy");
+            return Err(SnpLaunchError::refused(
+                CMD,
+                "KVM cannot honour a single-socket policy",
+            ));
         }
         self.policy = policy;
         self.state = LaunchState::Started;
@@ -265,31 +266,37 @@ impl SevSnpLauncher for SimulatedPsp {
         let range = format!("{gpa:#x}+{len:#x}");
         let pages = match self.launched.check(gpa, len, "launched") {
             Ok(pages) => pages,
-            Err(why) => return Self::refuse(CMD, why),
+            Err(why) => return Err(SnpLaunchError::refused(CMD, why)),
         };
         let mut cpuid = None;
         match (page_type, source) {
             (SnpPageType::Zero, Some(_)) => {
-                return Self::refuse(CMD, "zero pages take no source");
+                return Err(SnpLaunchError::refused(CMD, "zero pages take no source"));
             }
             (SnpPageType::Zero, None) => {}
             (_, None) => {
-                return Self::refuse(CMD, format!("{} pages need a source", page_type.name()));
+                return Err(SnpLaunchError::refused(
+                    CMD,
+                    format!("{} pages need a source", page_type.name()),
+                ));
             }
             (_, Some(data)) if data.len() as u64 != len => {
-                return Self::refuse(CMD, format!("{} source bytes for {range}", data.len()));
+                return Err(SnpLaunchError::refused(
+                    CMD,
+                    format!("{} source bytes for {range}", data.len()),
+                ));
             }
             (SnpPageType::Cpuid, Some(data)) => {
                 if len != PAGE_SIZE {
-                    return Self::refuse(CMD, "a CPUID update is one page");
+                    return Err(SnpLaunchError::refused(CMD, "a CPUID update is one page"));
                 }
                 match cpuid_page::validate(data) {
                     Ok(table) => cpuid = Some(table),
-                    Err(why) => return Self::refuse(CMD, why.to_string()),
+                    Err(why) => return Err(SnpLaunchError::refused(CMD, why.to_string())),
                 }
             }
             (SnpPageType::Secrets, _) if len != PAGE_SIZE => {
-                return Self::refuse(CMD, "a secrets update is one page");
+                return Err(SnpLaunchError::refused(CMD, "a secrets update is one page"));
             }
             _ => {}
         }
@@ -307,7 +314,10 @@ impl SevSnpLauncher for SimulatedPsp {
         const CMD: &str = "KVM_CREATE_VCPU";
         self.expect_state(CMD, &[LaunchState::Initialized, LaunchState::Started])?;
         if self.vcpus.iter().any(|(i, _)| *i == index) {
-            return Self::refuse(CMD, format!("vCPU {index} already has a VMSA"));
+            return Err(SnpLaunchError::refused(
+                CMD,
+                format!("vCPU {index} already has a VMSA"),
+            ));
         }
         self.vcpus.push((index, *state));
         self.log.push(format!("vcpu {index}"));
@@ -318,7 +328,7 @@ impl SevSnpLauncher for SimulatedPsp {
         const CMD: &str = "SNP_LAUNCH_FINISH";
         self.expect_state(CMD, &[LaunchState::Started])?;
         if self.vcpus.is_empty() {
-            return Self::refuse(CMD, "no vCPU to launch");
+            return Err(SnpLaunchError::refused(CMD, "no vCPU to launch"));
         }
         // KVM launches the VMSAs in vCPU order, each at the same GPA.
         let mut vcpus = self.vcpus.clone();

@@ -33,7 +33,7 @@ use hypervisor::{
 
 use super::mrtd::Mrtd;
 pub use crate::sev_snp::simulated_psp::PrivateMemory;
-use crate::sev_snp::simulated_psp::{LaunchedPages, out_of_state};
+use crate::sev_snp::simulated_psp::{LaunchedPages, expect_state, within_supported};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LaunchState {
@@ -129,19 +129,9 @@ impl SimulatedTdxModule {
         &self.log
     }
 
-    fn refuse<T>(command: &'static str, why: impl Into<String>) -> TdxResult<T> {
-        Err(TdxLaunchError::Refused {
-            command,
-            why: why.into(),
-        })
-    }
-
     fn expect_state(&self, command: &'static str, allowed: &[LaunchState]) -> TdxResult<()> {
         let end = (LaunchState::Finalized, "the TD is finalized");
-        match out_of_state(self.state, allowed, end) {
-            Some(why) => Self::refuse(command, why),
-            None => Ok(()),
-        }
+        expect_state(command, self.state, allowed, end, TdxLaunchError::refused)
     }
 
     fn check_cpuid(&self, entries: &[CpuidEntry]) -> Result<(), String> {
@@ -186,34 +176,18 @@ impl TdxLauncher for SimulatedTdxModule {
         const CMD: &str = "KVM_TDX_INIT_VM";
         self.expect_state(CMD, &[LaunchState::Created])?;
         let caps = &self.capabilities;
-        let attributes = params.attributes & !caps.supported_attributes;
-        if attributes != 0 {
-            return Self::refuse(
-                CMD,
-                format!(
-                    "attributes {attributes:#x} are not supported (supported: {:#x})",
-                    caps.supported_attributes
-                ),
-            );
-        }
+        within_supported("attributes", params.attributes, caps.supported_attributes)
+            .map_err(|why| TdxLaunchError::refused(CMD, why))?;
         if params.xfam & XFAM_FIXED1 != XFAM_FIXED1 {
-            return Self::refuse(
+            return Err(TdxLaunchError::refused(
                 CMD,
                 format!("XFAM {:#x} lacks x87 and SSE (bits 0, 1)", params.xfam),
-            );
+            ));
         }
-        let xfam = params.xfam & !caps.supported_xfam;
-        if xfam != 0 {
-            return Self::refuse(
-                CMD,
-                format!(
-                    "XFAM bits {xfam:#x} are not supported (supported: {:#x})",
-                    caps.supported_xfam
-                ),
-            );
-        }
+        within_supported("XFAM bits", params.xfam, caps.supported_xfam)
+            .map_err(|why| TdxLaunchError::refused(CMD, why))?;
         self.check_cpuid(&params.cpuid)
-            .or_else(|why| Self::refuse(CMD, why))?;
+            .map_err(|why| TdxLaunchError::refused(CMD, why))?;
         self.init = Some(params.clone());
         self.state = LaunchState::VmInitialized;
         self.log.push(format!(
@@ -229,7 +203,10 @@ impl TdxLauncher for SimulatedTdxModule {
         const CMD: &str = "KVM_TDX_INIT_VCPU";
         self.expect_state(CMD, &[LaunchState::VmInitialized])?;
         if self.vcpus.contains_key(&index) {
-            return Self::refuse(CMD, format!("vCPU {index} is initialized already"));
+            return Err(TdxLaunchError::refused(
+                CMD,
+                format!("vCPU {index} is initialized already"),
+            ));
         }
         self.vcpus.insert(index, rcx);
         self.log.push(format!("init_vcpu {index} rcx={rcx:#x}"));
@@ -243,13 +220,16 @@ impl TdxLauncher for SimulatedTdxModule {
             &[LaunchState::VmInitialized, LaunchState::AddingMemory],
         )?;
         if self.vcpus.is_empty() {
-            return Self::refuse(CMD, "no initialized vCPU to issue it on");
+            return Err(TdxLaunchError::refused(
+                CMD,
+                "no initialized vCPU to issue it on",
+            ));
         }
         let len = source.len() as u64;
         let range = format!("{gpa:#x}+{len:#x}");
         let pages = match self.added.check(gpa, len, "added") {
             Ok(pages) => pages,
-            Err(why) => return Self::refuse(CMD, why),
+            Err(why) => return Err(TdxLaunchError::refused(CMD, why)),
         };
         // KVM adds the pages in ascending order, each measured as soon as
         // it is added.
@@ -283,7 +263,7 @@ impl TdxLauncher for SimulatedTdxModule {
             &[LaunchState::VmInitialized, LaunchState::AddingMemory],
         )?;
         if self.vcpus.is_empty() {
-            return Self::refuse(CMD, "no vCPU was initialized");
+            return Err(TdxLaunchError::refused(CMD, "no vCPU was initialized"));
         }
         self.state = LaunchState::Finalized;
         self.log.push("finalize".into());

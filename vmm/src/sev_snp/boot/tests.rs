@@ -34,10 +34,6 @@ use crate::vm::VmState;
 /// test may refuse one command as the hardware might.
 type Psp = Counted<SimulatedPsp>;
 
-fn refused(command: &'static str, why: String) -> SnpLaunchError {
-    SnpLaunchError::Refused { command, why }
-}
-
 fn new_psp(refuse_at: Option<usize>) -> Psp {
     // The fake checks KVM's memory rules itself; the processor accepts
     // any private page.
@@ -49,21 +45,24 @@ fn new_psp(refuse_at: Option<usize>) -> Psp {
 
 impl SevSnpLauncher for Psp {
     fn init(&mut self, vmsa_features: u64) -> SnpResult<()> {
-        self.next("KVM_SEV_INIT2", refused)?.init(vmsa_features)
+        self.next("KVM_SEV_INIT2", SnpLaunchError::refused)?
+            .init(vmsa_features)
     }
     fn launch_start(&mut self, policy: u64) -> SnpResult<()> {
-        self.next("SNP_LAUNCH_START", refused)?.launch_start(policy)
+        self.next("SNP_LAUNCH_START", SnpLaunchError::refused)?
+            .launch_start(policy)
     }
     fn launch_update(&mut self, update: SnpUpdate<'_>) -> SnpResult<()> {
-        self.next("SNP_LAUNCH_UPDATE", refused)?
+        self.next("SNP_LAUNCH_UPDATE", SnpLaunchError::refused)?
             .launch_update(update)
     }
     fn add_vcpu(&mut self, index: u8, state: &SnpVcpuState) -> SnpResult<Option<Box<dyn Vcpu>>> {
-        self.next("SNP_LAUNCH_UPDATE (VMSA)", refused)?
+        self.next("SNP_LAUNCH_UPDATE (VMSA)", SnpLaunchError::refused)?
             .add_vcpu(index, state)
     }
     fn launch_finish(&mut self) -> SnpResult<()> {
-        self.next("SNP_LAUNCH_FINISH", refused)?.launch_finish()
+        self.next("SNP_LAUNCH_FINISH", SnpLaunchError::refused)?
+            .launch_finish()
     }
 }
 

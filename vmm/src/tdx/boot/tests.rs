@@ -34,10 +34,6 @@ const MIB: u64 = 1 << 20;
 /// test may refuse one command as the module might.
 type Module = Counted<SimulatedTdxModule>;
 
-fn refused(command: &'static str, why: String) -> TdxLaunchError {
-    TdxLaunchError::Refused { command, why }
-}
-
 fn new_module(refuse_at: Option<usize>) -> Module {
     module_with(refuse_at, default_capabilities())
 }
@@ -52,21 +48,24 @@ fn module_with(refuse_at: Option<usize>, capabilities: TdxCapabilities) -> Modul
 
 impl TdxLauncher for Module {
     fn capabilities(&mut self) -> TdxResult<TdxCapabilities> {
-        self.next("KVM_TDX_CAPABILITIES", refused)?.capabilities()
+        self.next("KVM_TDX_CAPABILITIES", TdxLaunchError::refused)?
+            .capabilities()
     }
     fn init_vm(&mut self, params: &TdxInitVm) -> TdxResult<()> {
-        self.next("KVM_TDX_INIT_VM", refused)?.init_vm(params)
+        self.next("KVM_TDX_INIT_VM", TdxLaunchError::refused)?
+            .init_vm(params)
     }
     fn init_vcpu(&mut self, index: u8, rcx: u64) -> TdxResult<Option<Box<dyn Vcpu>>> {
-        self.next("KVM_TDX_INIT_VCPU", refused)?
+        self.next("KVM_TDX_INIT_VCPU", TdxLaunchError::refused)?
             .init_vcpu(index, rcx)
     }
     fn init_mem_region(&mut self, gpa: u64, source: &[u8], measure: bool) -> TdxResult<()> {
-        self.next("KVM_TDX_INIT_MEM_REGION", refused)?
+        self.next("KVM_TDX_INIT_MEM_REGION", TdxLaunchError::refused)?
             .init_mem_region(gpa, source, measure)
     }
     fn finalize(&mut self) -> TdxResult<()> {
-        self.next("KVM_TDX_FINALIZE_VM", refused)?.finalize()
+        self.next("KVM_TDX_FINALIZE_VM", TdxLaunchError::refused)?
+            .finalize()
     }
 }
 
