@@ -328,8 +328,6 @@ impl Vmm {
         })))
     }
 
-    /// A device request: before boot it changes the configuration, on a
-    /// booted VM it hot-plugs.
     /// Adds a device: to the configuration before boot, to the VM after.
     fn plug<C: Pluggable>(&mut self, respond: Sender<ApiResponse>, config: C) -> Option<Exit> {
         let plugged = config.clone();
@@ -343,6 +341,8 @@ impl Vmm {
         )
     }
 
+    /// A device request: before boot it changes the configuration, on a
+    /// booted VM it hot-plugs.
     fn device_request(
         &mut self,
         respond: Sender<ApiResponse>,
