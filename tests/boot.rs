@@ -354,12 +354,8 @@ fn the_serial_console_on_a_pty_and_on_a_socket() {
             "pty" => "pty".to_string(),
             _ => user_device(&socket, ""),
         };
-        let user_device = user_device(&device.socket, ",id=dev0");
-        let (vmm, api) = spawn_with_api(
-            &dir,
-            &guest,
-            &["--serial", &serial, "--user-device", &user_device],
-        );
+        let (vmm, api) =
+            spawn_with_devices(&dir, &guest, &[device.plug("")], &["--serial", &serial]);
         wait_for_socket(&api);
         let (ok, info, err) = ch_remote(&api, &["info"]);
         assert!(ok, "{err}");

@@ -38,8 +38,7 @@ fn vfio_user_device_follows_every_conversion() {
         format!("private@{B:#x}+8K"),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let user_device = user_device(&device.socket, ",id=dev0");
-    let (vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
+    let (vmm, api) = spawn_with_devices(&dir, &guest, &[device.plug("")], &[]);
     wait_for_socket(&api);
 
     // Step 1: two shared runs, the first filled by the guest.
@@ -106,7 +105,7 @@ fn hot_added_device_gets_the_shared_runs_and_removal_unmaps_them() {
     );
 
     let device = TestDevice::spawn(&dir, "late");
-    let config = user_device(&device.socket, ",id=late");
+    let config = device.plug("");
     let (ok, out, err) = ch_remote(&api, &["add-user-device", &config]);
     assert!(ok, "add-user-device failed: {err}");
     let added: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -152,7 +151,7 @@ fn a_device_that_refuses_a_map_fails_the_conversion_and_the_vm_runs_on() {
     assert_eq!(device.command("refuse 1"), "ok");
     let ops = format!("shared@{A:#x}+8K,shared@{A:#x}+8K,shared@{B:#x}+4K");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let (vmm, api) = spawn_with_devices(&dir, &guest, &[(&device.socket, "")], &[]);
+    let (vmm, api) = spawn_with_devices(&dir, &guest, &[user_device(&device.socket, "")], &[]);
     assert_eq!(
         vmm.wait_for_line("memconv: done"),
         "memconv: done 2 ok 1 failed"
@@ -180,10 +179,7 @@ fn a_killed_device_is_failed_and_detached_and_conversions_go_on() {
     let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
-        &[
-            (&victim.socket, ",id=victim"),
-            (&releaser.socket, ",id=releaser"),
-        ],
+        &[victim.plug(""), releaser.plug("")],
         &["--event-monitor", &format!("path={}", events.display())],
     );
     wait_for_socket(&api);

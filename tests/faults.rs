@@ -27,7 +27,7 @@ const FLAG: u64 = A + 0xf000;
 fn with_one_device(dir: &TempDir, ops: &str) -> (TestDevice, GuestVmm, PathBuf) {
     let device = TestDevice::spawn(dir, "dev0");
     let guest = memconv_guest(dir, &[ops], false);
-    let (vmm, api) = spawn_with_devices(dir, &guest, &[(&device.socket, ",id=dev0")], &[]);
+    let (vmm, api) = spawn_with_devices(dir, &guest, &[device.plug("")], &[]);
     wait_for_socket(&api);
     (device, vmm, api)
 }
@@ -85,10 +85,7 @@ fn a_stopped_device_is_cut_off_and_never_keeps_a_page_the_guest_made_private() {
     let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
-        &[
-            (&victim.socket, ",id=victim,timeout_ms=1500"),
-            (&releaser.socket, ",id=releaser"),
-        ],
+        &[victim.plug(",timeout_ms=1500"), releaser.plug("")],
         &[],
     );
     wait_for_socket(&api);
@@ -194,8 +191,8 @@ fn shutdown_with_a_stopped_device_takes_one_timeout() {
         &dir,
         &guest,
         &[
-            (&stuck.socket, ",id=a,timeout_ms=1000"),
-            (&also_stuck.socket, ",id=b,timeout_ms=1000"),
+            user_device(&stuck.socket, ",id=a,timeout_ms=1000"),
+            user_device(&also_stuck.socket, ",id=b,timeout_ms=1000"),
         ],
         &[],
     );
@@ -330,7 +327,7 @@ fn server_dma_read_and_write_reach_only_mapped_pages_and_keep_the_connection() {
     let server = ScriptedServer::start(&socket);
     let ops = format!("shared@{A:#x}+4K,write@{A:#x}+16=0x5a,shared@{B:#x}+4K,private@{A:#x}+4K");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let (vmm, api) = spawn_with_devices(&dir, &guest, &[(&socket, ",id=scripted")], &[]);
+    let (vmm, api) = spawn_with_devices(&dir, &guest, &[user_device(&socket, ",id=scripted")], &[]);
     vmm.wait_for_line("memconv: done 4 ok 0 failed");
     let log = server.log();
     assert_eq!(log[0], format!("map {A:#x}+0x1000"));

@@ -247,7 +247,7 @@ fn cold_plugged_devices_change_the_created_configuration() {
     assert_eq!(put(&api, "vm.create", &config.to_string()).0, 204);
     // Before boot, add and remove change the configuration (204, as in
     // Cloud Hypervisor); nothing connects to the device yet.
-    let user_device = user_device(&device.socket, ",id=dev0");
+    let user_device = device.plug("");
     let (ok, out, err) = ch_remote(&api, &["add-user-device", &user_device]);
     assert!(ok && out.is_empty(), "{out} {err}");
     let (ok, _, err) = ch_remote(&api, &["add-user-device", &user_device]);

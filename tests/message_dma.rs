@@ -36,12 +36,7 @@ fn a_device_in_messages_mode_gets_no_fd_and_reaches_only_its_mappings() {
     ]
     .join(",");
     let guest = memconv_guest(&dir, &[&ops], false);
-    let (vmm, api) = spawn_with_devices(
-        &dir,
-        &guest,
-        &[(&device.socket, ",id=dev0,dma=messages")],
-        &[],
-    );
+    let (vmm, api) = spawn_with_devices(&dir, &guest, &[device.plug(",dma=messages")], &[]);
     vmm.wait_for_line("memconv: done 7 ok 1 failed");
     assert_eq!(
         vmm.op_statuses(),
@@ -83,10 +78,7 @@ fn fd_mode_says_what_it_exposes_on_a_host_without_private_memory() {
     let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
-        &[
-            (&fd_device.socket, ",id=fd0"),
-            (&message_device.socket, ",id=msg0,dma=messages"),
-        ],
+        &[fd_device.plug(""), message_device.plug(",dma=messages")],
         &[],
     );
     vmm.wait_for_line("memconv: done 1 ok 0 failed");
@@ -198,7 +190,12 @@ fn a_server_flooding_dma_requests_cannot_stall_the_guests_conversions() {
     }
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
     let started = std::time::Instant::now();
-    let (vmm, api) = spawn_with_devices(&dir, &guest, &[(&socket, ",id=flood,dma=messages")], &[]);
+    let (vmm, api) = spawn_with_devices(
+        &dir,
+        &guest,
+        &[user_device(&socket, ",id=flood,dma=messages")],
+        &[],
+    );
     vmm.wait_for_line("memconv: done");
     let took = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Release);

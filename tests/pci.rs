@@ -44,8 +44,7 @@ fn the_guest_drives_dma_into_shared_pages_and_faults_on_private_ones() {
         format!("dma-write@{:#x}+4K=1", 1u64 << 40),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], true);
-    let user_device = user_device(&device.socket, ",id=dev0");
-    let (mut vmm, _api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
+    let (mut vmm, _api) = spawn_with_devices(&dir, &guest, &[device.plug("")], &[]);
     let done = vmm.wait_for_line("memconv: done");
     assert_eq!(
         vmm.op_statuses(),
@@ -88,8 +87,7 @@ fn the_device_has_a_bdf_and_follows_conversions_while_the_guest_drives_it() {
         format!("private@{:#x}+4K", A + 0x1000),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let user_device = user_device(&device.socket, ",id=dev0");
-    let (vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
+    let (vmm, api) = spawn_with_devices(&dir, &guest, &[device.plug("")], &[]);
     wait_for_socket(&api);
     let info = info(&api);
     assert_eq!(info["devices"][0]["bdf"], "0000:00:01.0");
@@ -149,7 +147,7 @@ fn a_hot_added_device_is_found_by_the_guest_and_a_removed_one_is_gone() {
     vmm.wait_for_line("op 1 dma-write");
     assert_eq!(vmm.op_statuses(), ["ok", "no-device"]);
 
-    let socket = user_device(&first.socket, ",id=dev0");
+    let socket = first.plug("");
     let (ok, out, err) = ch_remote(&api, &["add-user-device", &socket]);
     assert!(ok, "{err}");
     let added: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -159,7 +157,7 @@ fn a_hot_added_device_is_found_by_the_guest_and_a_removed_one_is_gone() {
     first.write(flag1, 1);
     vmm.wait_for_line("op 5 dma-write");
 
-    let socket = user_device(&second.socket, ",id=dev1");
+    let socket = second.plug("");
     let (ok, out, err) = ch_remote(&api, &["add-user-device", &socket]);
     assert!(ok, "{err}");
     let added: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -210,13 +208,8 @@ fn a_stopped_device_does_not_stop_the_guest_driving_another() {
         format!("check@{:#x}+64K=0x3c", A + 0x10000),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let dev0 = user_device(&working.socket, ",id=dev0");
-    let dev1 = user_device(&stopped.socket, ",id=dev1,timeout_ms=300");
-    let (vmm, api) = spawn_with_api(
-        &dir,
-        &guest,
-        &["--user-device", &dev0, "--user-device", &dev1],
-    );
+    let devices = [working.plug(""), stopped.plug(",timeout_ms=300")];
+    let (vmm, api) = spawn_with_devices(&dir, &guest, &devices, &[]);
     wait_for_socket(&api);
     vmm.wait_for_line("op 0 shared");
     stopped.stop();
@@ -250,8 +243,8 @@ fn stream_while_neighbours_convert(policy: &str) -> (u64, u64, u64) {
         ops.push(format!("shared@{gpa:#x}+4K"));
     }
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let user_device = user_device(&device.socket, &format!(",id=dev0,mapping={policy}"));
-    let (vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
+    let device_config = device.plug(&format!(",mapping={policy}"));
+    let (vmm, api) = spawn_with_devices(&dir, &guest, &[device_config], &[]);
     wait_for_socket(&api);
     vmm.wait_for_line("op 1 shared");
     assert_eq!(
@@ -309,7 +302,7 @@ fn bar_memory_works_mapped_into_the_guest_and_trapped() {
             "bar-write@0x1ff0+0x20=1",
         ];
         let guest = memconv_guest(&dir, &[&ops.join(",")], true);
-        let user_device = user_device(&device.socket, ",id=dev0");
+        let user_device = device.plug("");
         let mut vmm = GuestVmm::spawn(
             &guest,
             &[
@@ -348,8 +341,7 @@ fn pause_freezes_the_guest_and_resume_lets_it_go_on() {
         format!("private@{A:#x}+4K"),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let user_device = user_device(&device.socket, ",id=dev0");
-    let (vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &user_device]);
+    let (vmm, api) = spawn_with_devices(&dir, &guest, &[device.plug("")], &[]);
     wait_for_socket(&api);
     vmm.wait_for_line("op 0 shared");
     let (ok, _, err) = ch_remote(&api, &["pause"]);
@@ -412,7 +404,7 @@ fn page_contents_after_conversions_follow_the_memory_layout() {
         ];
         let guest = memconv_guest(&dir, &[&ops.join(",")], true);
         let memory = format!("size=256M,guest_memfd=on,layout={layout}");
-        let user_device = user_device(&device.socket, ",id=dev0");
+        let user_device = device.plug("");
         let mut vmm = GuestVmm::spawn(
             &guest,
             &["--memory", &memory, "--user-device", &user_device, "-v"],

@@ -414,11 +414,11 @@ fn a_hot_added_device_placed_on_a_moved_bar_waits_for_its_place() {
         format!("check@{A:#x}+4K=0x66"),
     ];
     let guest = memconv_guest(&dir, &[&ops.join(",")], false);
-    let dev0 = user_device(&first.socket, ",id=dev0");
+    let dev0 = first.plug("");
     let (mut vmm, api) = spawn_with_api(&dir, &guest, &["--user-device", &dev0]);
     wait_for_socket(&api);
     vmm.wait_for_line("op 3 mmio-write");
-    let dev1 = user_device(&second.socket, ",id=dev1");
+    let dev1 = second.plug("");
     let (ok, out, err) = ch_remote(&api, &["add-user-device", &dev1]);
     assert!(ok, "{err}");
     let added: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -59,8 +59,8 @@ fn a_per_page_conversion_is_pipelined_and_replies_out_of_order_are_matched() {
         &dir,
         &guest,
         &[
-            (&reversed.socket, ",id=reversed,mapping=pages"),
-            (&real.socket, ",id=real,mapping=pages"),
+            user_device(&reversed.socket, ",id=reversed,mapping=pages"),
+            real.plug(",mapping=pages"),
         ],
         &[],
     );
@@ -103,11 +103,11 @@ fn a_server_that_stops_half_way_through_a_batch_is_cut_off_within_its_timeout() 
         &dir,
         &guest,
         &[
-            (
+            user_device(
                 &stopping.socket,
                 ",id=stopping,mapping=pages,timeout_ms=1000",
             ),
-            (&real.socket, ",id=real,mapping=pages"),
+            real.plug(",mapping=pages"),
         ],
         &["--event-monitor", &format!("path={}", events.display())],
     );
@@ -147,7 +147,10 @@ fn every_device_is_asked_at_once() {
     let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
-        &[(&first.socket, ",id=first"), (&second.socket, ",id=second")],
+        &[
+            user_device(&first.socket, ",id=first"),
+            user_device(&second.socket, ",id=second"),
+        ],
         &["--event-monitor", &format!("path={}", events.display())],
     );
     vmm.wait_for_line("memconv: done 4 ok 0 failed");
@@ -177,10 +180,7 @@ fn a_refusal_at_one_device_rolls_every_device_back() {
     let (vmm, api) = spawn_with_devices(
         &dir,
         &guest,
-        &[
-            (&real.socket, ",id=real"),
-            (&refusing.socket, ",id=refusing"),
-        ],
+        &[real.plug(""), user_device(&refusing.socket, ",id=refusing")],
         &[],
     );
     vmm.wait_for_line("memconv: done 1 ok 1 failed");

@@ -191,7 +191,7 @@ fn eight_vcpus_convert_overlapping_ranges_while_the_api_is_queried_and_a_device_
         .collect();
 
     // Hot-plug cycles for as long as the guest converts.
-    let hot_config = user_device(&hot.socket, ",id=hot");
+    let hot_config = hot.plug("");
     let mut cycles = 0;
     let mut replayed_runs = 0;
     let deadline = Instant::now() + TIMEOUT;
@@ -261,7 +261,7 @@ fn sigterm_stops_vcpus_unmaps_devices_and_removes_the_api_socket() {
             "--cpus",
             "boot=2",
             "--user-device",
-            &user_device(&device.socket, ",id=dev"),
+            &device.plug(""),
             "--api-socket",
             api.to_str().unwrap(),
             "--event-monitor",
@@ -512,7 +512,7 @@ fn every_vmm_thread_runs_under_a_seccomp_filter_unless_disabled() {
         wait_for_socket(&api);
         // Touch every thread's job: API, hot-plug (VMM thread), a request
         // served by an http-conn thread.
-        let config = user_device(&device.socket, ",id=dev");
+        let config = device.plug("");
         let (ok, _, err) = ch_remote(&api, &["add-user-device", &config]);
         assert!(ok, "{err}");
         assert_eq!(device.mapped(), [(WINDOW, 0x2000)]);

@@ -277,19 +277,15 @@ pub fn user_device(socket: &Path, options: &str) -> String {
     format!("socket={}{options}", socket.display())
 }
 
-/// As `spawn_with_api`, with a `--user-device` for each `(socket,
-/// options)` (as `user_device` writes it), then `extra`.
+/// As `spawn_with_api`, with a `--user-device` for each of `devices` (as
+/// `user_device` or `TestDevice::plug` write them), then `extra`.
 pub fn spawn_with_devices(
     dir: &TempDir,
     guest: &Path,
-    devices: &[(&Path, &str)],
+    devices: &[String],
     extra: &[&str],
 ) -> (GuestVmm, PathBuf) {
-    let values: Vec<String> = devices
-        .iter()
-        .map(|&(socket, options)| user_device(socket, options))
-        .collect();
-    let mut args: Vec<&str> = values
+    let mut args: Vec<&str> = devices
         .iter()
         .flat_map(|v| ["--user-device", v.as_str()])
         .collect();
@@ -527,6 +523,8 @@ pub fn wait_until(mut f: impl FnMut() -> bool) -> bool {
 /// A `ch-test-device` process (vfio-user server) killed on drop.
 pub struct TestDevice {
     child: Child,
+    /// What it was spawned as: its socket's name and the id `plug` gives it.
+    name: String,
     pub socket: PathBuf,
     control: PathBuf,
 }
@@ -568,9 +566,16 @@ impl TestDevice {
         assert_eq!(ready.trim(), "ch-test-device: ready");
         TestDevice {
             child,
+            name: name.to_string(),
             socket,
             control,
         }
+    }
+
+    /// Its `--user-device` value: its socket, `id=` its name, then
+    /// `options` (",timeout_ms=300"; "" for none).
+    pub fn plug(&self, options: &str) -> String {
+        user_device(&self.socket, &format!(",id={}{options}", self.name))
     }
 
     /// `ch-test-device --control ... --ask COMMAND`, as a user would run it:
