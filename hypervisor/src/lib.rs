@@ -21,6 +21,9 @@ mod vfio_device;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+/// One CPUID leaf, as KVM reports and takes it; also what an SNP CPUID
+/// page and `KVM_TDX_INIT_VM` are built from.
+pub use arch::CpuidEntry;
 pub use caps::{Capabilities, VmType};
 pub use conversion::{
     ConversionDirection, ConversionError, MAP_GPA_RANGE_ENCRYPTED, MemoryConversion,
@@ -153,33 +156,6 @@ pub struct UserMemoryRegion {
     pub guest_memfd: Option<(i32, u64)>,
 }
 
-/// One CPUID leaf as KVM reports it (`KVM_GET_SUPPORTED_CPUID`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CpuidEntry {
-    pub function: u32,
-    pub index: u32,
-    /// `KVM_CPUID_FLAG_SIGNIFCANT_INDEX` when `index` selects a sub-leaf.
-    pub flags: u32,
-    pub eax: u32,
-    pub ebx: u32,
-    pub ecx: u32,
-    pub edx: u32,
-}
-
-impl From<&arch::CpuidEntry> for CpuidEntry {
-    fn from(e: &arch::CpuidEntry) -> Self {
-        CpuidEntry {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        }
-    }
-}
-
 pub trait Hypervisor: Send + Sync {
     fn capabilities(&self) -> &Capabilities;
     fn create_vm(&self, vm_type: VmType) -> Result<Arc<dyn Vm>>;
@@ -250,14 +226,6 @@ pub trait Vm: Send + Sync {
     /// cdevs added to it let KVM see that a device can do non-coherent DMA
     /// (no-snoop) and must then honour the guest's cache flushes.
     fn create_vfio_device(&self) -> Result<KvmVfioDevice>;
-    /// The CPUID every vCPU is given (and an SNP guest's CPUID page holds),
-    /// in the SNP ABI's own terms.
-    fn guest_cpuid(&self) -> Vec<CpuidEntry> {
-        self.supported_cpuid()
-            .iter()
-            .map(CpuidEntry::from)
-            .collect()
-    }
     /// One SEV-SNP launch command (`KVM_MEMORY_ENCRYPT_OP`); refused by
     /// VMs that are not of type `sev-snp`.
     fn sev_snp_command(&self, command: SevSnpCommand<'_>) -> sev_snp::SnpResult<()> {

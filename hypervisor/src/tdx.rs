@@ -27,7 +27,7 @@ pub const TD_ATTR_PERFMON: u64 = 1 << 63;
 pub const XFAM_FIXED1: u64 = 0b11;
 
 /// What the host's TDX module and KVM let a TD have.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TdxCapabilities {
     /// TD attributes KVM accepts in `KVM_TDX_INIT_VM`.
     pub supported_attributes: u64,
@@ -41,7 +41,7 @@ pub struct TdxCapabilities {
 /// The parameters of `KVM_TDX_INIT_VM`. MRCONFIGID, MROWNER and
 /// MROWNERCONFIG are left zero: there is no attestation service here to
 /// give them a meaning.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TdxInitVm {
     pub attributes: u64,
     pub xfam: u64,

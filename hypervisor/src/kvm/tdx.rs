@@ -11,7 +11,6 @@ use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
 use super::sev_snp::aligned_copy;
-use crate::CpuidEntry;
 use crate::tdx::{PAGE_SIZE, TdxCapabilities, TdxInitVm, TdxLaunchError, TdxResult};
 
 ioctl_iowr_nr!(KVM_MEMORY_ENCRYPT_OP, KVMIO, 0xba, std::os::raw::c_ulong);
@@ -167,7 +166,7 @@ pub(super) fn capabilities(vm: &impl AsRawFd) -> TdxResult<TdxCapabilities> {
     Ok(TdxCapabilities {
         supported_attributes: caps.header.supported_attrs,
         supported_xfam: caps.header.supported_xfam,
-        configurable_cpuid: caps.entries[..n].iter().map(CpuidEntry::from).collect(),
+        configurable_cpuid: caps.entries[..n].to_vec(),
     })
 }
 
@@ -194,18 +193,7 @@ pub(super) fn init_vm(vm: &impl AsRawFd, params: &TdxInitVm) -> TdxResult<()> {
             padding: 0,
         },
     });
-    for (slot, e) in init.entries.iter_mut().zip(&params.cpuid) {
-        *slot = kvm_cpuid_entry2 {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-            ..Default::default()
-        };
-    }
+    init.entries[..params.cpuid.len()].copy_from_slice(&params.cpuid);
     issue(
         vm,
         NAME,

@@ -169,15 +169,8 @@ pub fn validate(page: &[u8]) -> Result<Vec<CpuidFunction>, CpuidPageError> {
 /// The CPUID a launch of `vcpus` vCPUs puts in the page: what vCPU 0 is
 /// given (`boot::cpuid::for_vcpu`) from KVM's `supported` CPUID, with the
 /// `hidden` features taken away as from every vCPU.
-pub fn for_launch(
-    supported: &[hypervisor::arch::CpuidEntry],
-    vcpus: u8,
-    hidden: &[CpuFeature],
-) -> Vec<CpuidEntry> {
+pub fn for_launch(supported: &[CpuidEntry], vcpus: u8, hidden: &[CpuFeature]) -> Vec<CpuidEntry> {
     for_vcpu(supported, 0, vcpus, hidden)
-        .iter()
-        .map(CpuidEntry::from)
-        .collect()
 }
 
 /// The leaves of this host's processor that a CPUID page needs at the

@@ -118,6 +118,7 @@ pub fn init_vm_params(
                 ebx: e.ebx & mask.ebx,
                 ecx: e.ecx & mask.ecx,
                 edx: e.edx & mask.edx,
+                ..Default::default()
             })
         })
         .collect();

@@ -57,6 +57,7 @@ pub fn default_capabilities() -> TdxCapabilities {
         ebx: u32::MAX,
         ecx: u32::MAX,
         edx: u32::MAX,
+        ..Default::default()
     };
     TdxCapabilities {
         supported_attributes: TD_ATTR_DEBUG

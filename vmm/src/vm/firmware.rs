@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use hypervisor::{CpuidEntry, Hypervisor};
+use hypervisor::Hypervisor;
 use log::info;
 
 use super::{LaunchMeasurement, VmError};
@@ -150,11 +150,7 @@ pub(super) fn launch(
             // A TD's CPUID is fixed at KVM_TDX_INIT_VM, for every vCPU
             // (the module virtualizes the topology leaves itself); a TD
             // vCPU's CPUID cannot be set afterwards.
-            let cpuid: Vec<CpuidEntry> =
-                boot::cpuid::for_vcpu(&supported_cpuid, 0, count, &config.cpus.hidden)
-                    .iter()
-                    .map(CpuidEntry::from)
-                    .collect();
+            let cpuid = boot::cpuid::for_vcpu(&supported_cpuid, 0, count, &config.cpus.hidden);
             let launched = crate::tdx::boot::launch_vm(
                 hv_vm.clone(),
                 memory,

@@ -11,6 +11,7 @@ fn entry(function: u32, index: u32, flags: u32, regs: [u32; 4]) -> CpuidEntry {
         ebx: regs[1],
         ecx: regs[2],
         edx: regs[3],
+        ..Default::default()
     }
 }
 

@@ -362,6 +362,7 @@ fn xfam_takes_both_halves_of_both_sub_leaves() {
         ebx: 0,
         ecx,
         edx,
+        ..Default::default()
     };
     // User: x87 | SSE | AVX and bits 32-33; supervisor: PT (bit 8) and
     // bits 32 and 34. Bit 32 is in both.
