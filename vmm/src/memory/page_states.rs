@@ -4,8 +4,6 @@
 //! algorithm: the baseline of `benches/state_tracking.rs`, so the two are
 //! compared behind the same lock, validation and listener calls).
 
-use super::shared_bitmap::SharedBitmap;
-
 pub trait PageStates: Send + Sync + 'static {
     /// `pages` pages, all private.
     fn with_pages(pages: u64) -> Self;
@@ -36,36 +34,6 @@ pub trait PageStates: Send + Sync + 'static {
     }
     /// Sets `start..start+count` to `shared`; returns how many pages changed.
     fn set_range(&mut self, start: u64, count: u64, shared: bool) -> u64;
-}
-
-impl PageStates for SharedBitmap {
-    fn with_pages(pages: u64) -> Self {
-        SharedBitmap::new(pages)
-    }
-    fn pages(&self) -> u64 {
-        SharedBitmap::pages(self)
-    }
-    fn shared_pages(&self) -> u64 {
-        SharedBitmap::shared_pages(self)
-    }
-    fn heap_bytes(&self) -> usize {
-        SharedBitmap::heap_bytes(self)
-    }
-    fn all_in_state(&self, start: u64, count: u64, shared: bool) -> bool {
-        SharedBitmap::all_in_state(self, start, count, shared)
-    }
-    fn for_each_run<E>(
-        &self,
-        start: u64,
-        count: u64,
-        shared: bool,
-        f: impl FnMut(u64, u64) -> Result<(), E>,
-    ) -> Result<(), E> {
-        SharedBitmap::for_each_run(self, start, count, shared, f)
-    }
-    fn set_range(&mut self, start: u64, count: u64, shared: bool) -> u64 {
-        SharedBitmap::set_range(self, start, count, shared)
-    }
 }
 
 const WORD_BITS: u64 = 64;
@@ -200,6 +168,7 @@ pub(super) mod test_util {
 mod tests {
     use super::test_util::{changes, runs};
     use super::*;
+    use crate::memory::shared_bitmap::SharedBitmap;
 
     #[test]
     fn both_stores_agree_and_the_flat_one_notifies_mixed_ranges_page_by_page() {

@@ -15,6 +15,8 @@
 //! that needs one takes it without allocating or filling: converting a page
 //! and back, the commonest thing guests do, never allocates.
 
+use super::page_states::PageStates;
+
 const WORD_BITS: u64 = 64;
 pub const CHUNK_PAGES: u64 = 32 * 1024;
 const CHUNK_WORDS: usize = (CHUNK_PAGES / WORD_BITS) as usize;
@@ -122,9 +124,9 @@ fn word_mask(from: u64, to: u64) -> u64 {
     high & !((1u64 << from) - 1)
 }
 
-impl SharedBitmap {
+impl PageStates for SharedBitmap {
     /// All pages private.
-    pub fn new(pages: u64) -> Self {
+    fn with_pages(pages: u64) -> Self {
         let chunks = pages.div_ceil(CHUNK_PAGES);
         SharedBitmap {
             pages,
@@ -137,16 +139,16 @@ impl SharedBitmap {
         }
     }
 
-    pub fn pages(&self) -> u64 {
+    fn pages(&self) -> u64 {
         self.pages
     }
 
-    pub fn shared_pages(&self) -> u64 {
+    fn shared_pages(&self) -> u64 {
         self.shared_pages
     }
 
     /// Bytes of heap this bitmap holds (for tests and docs).
-    pub fn heap_bytes(&self) -> usize {
+    fn heap_bytes(&self) -> usize {
         let blocks = self
             .chunks
             .iter()
@@ -158,6 +160,94 @@ impl SharedBitmap {
             + blocks * std::mem::size_of::<[u64; CHUNK_WORDS]>()
     }
 
+    /// Calls `f(first_page, page_count)` for each maximal run of pages in
+    /// state `shared` inside `start..start+count`, in ascending order,
+    /// stopping at the first error. One pass: uniform chunks cost O(1), a
+    /// mixed chunk a word at a time, and a run may span chunks.
+    #[inline]
+    fn for_each_run<E>(
+        &self,
+        start: u64,
+        count: u64,
+        shared: bool,
+        mut f: impl FnMut(u64, u64) -> Result<(), E>,
+    ) -> Result<(), E> {
+        // The commonest question, one page: answer it without the walk.
+        if count == 1 && start < self.pages {
+            return if self.is_shared(start) == shared {
+                f(start, 1)
+            } else {
+                Ok(())
+            };
+        }
+        let (last_start, last_end, last_shared) = self.last_set;
+        if count > 0 && start >= last_start && start.saturating_add(count) <= last_end {
+            return if last_shared == shared {
+                f(start, count)
+            } else {
+                Ok(())
+            };
+        }
+        self.walk_runs(start, count, shared, f)
+    }
+
+    /// True iff every page of `start..start+count` is in state `shared`.
+    fn all_in_state(&self, start: u64, count: u64, shared: bool) -> bool {
+        self.next_in_state(start, start + count, !shared).is_none()
+    }
+
+    /// Sets `start..start+count` to `shared`; returns how many pages changed.
+    #[inline]
+    fn set_range(&mut self, start: u64, count: u64, shared: bool) -> u64 {
+        debug_assert!(start + count <= self.pages);
+        self.last_set = (start, start + count, shared);
+        // The commonest changes stay inside one mixed (or lingering) chunk
+        // without covering it: a few pages of one word (no loop), or a
+        // larger range of its words. The chunk stays mixed; whether it
+        // became uniform is its count. (A whole chunk drops its bits instead,
+        // in `set_in_chunk`; the partial last chunk changed whole keeps them,
+        // lingering like any chunk made uniform by a change.)
+        let from = start % CHUNK_PAGES;
+        if count > 0
+            && count < CHUNK_PAGES
+            && from + count <= CHUNK_PAGES
+            && let index = (start / CHUNK_PAGES) as usize
+            && let Chunk::Mixed(words, n) = &mut self.chunks[index]
+        {
+            let bit = from % WORD_BITS;
+            let word = &mut words[(from / WORD_BITS) as usize];
+            let delta = if count == 1 {
+                // One page changed or not: no bit count.
+                let old = *word;
+                *word = if shared {
+                    old | 1 << bit
+                } else {
+                    old & !(1 << bit)
+                };
+                u64::from(*word != old)
+            } else if count <= WORD_BITS - bit {
+                let mask = (u64::MAX >> (WORD_BITS - count)) << bit;
+                set_word(word, mask, shared)
+            } else {
+                set_bits(&mut words[..], from, from + count, shared)
+            };
+            // At most CHUNK_PAGES: the count of a chunk fits its u32.
+            let delta32 = u32::try_from(delta).expect("a chunk changes at most CHUNK_PAGES pages");
+            *n = if shared { *n + delta32 } else { *n - delta32 };
+            let after = u64::from(*n);
+            if shared {
+                self.shared_pages += delta;
+            } else {
+                self.shared_pages -= delta;
+            }
+            self.linger_if_uniform(index, after, self.chunk_len(index as u64));
+            return delta;
+        }
+        self.set_chunks(start, count, shared)
+    }
+}
+
+impl SharedBitmap {
     fn chunk_len(&self, index: u64) -> u64 {
         (self.pages - index * CHUNK_PAGES).min(CHUNK_PAGES)
     }
@@ -202,37 +292,6 @@ impl SharedBitmap {
             page = chunk_end;
         }
         None
-    }
-
-    /// Calls `f(first_page, page_count)` for each maximal run of pages in
-    /// state `shared` inside `start..start+count`, in ascending order,
-    /// stopping at the first error. One pass: uniform chunks cost O(1), a
-    /// mixed chunk a word at a time, and a run may span chunks.
-    #[inline]
-    pub fn for_each_run<E>(
-        &self,
-        start: u64,
-        count: u64,
-        shared: bool,
-        mut f: impl FnMut(u64, u64) -> Result<(), E>,
-    ) -> Result<(), E> {
-        // The commonest question, one page: answer it without the walk.
-        if count == 1 && start < self.pages {
-            return if self.is_shared(start) == shared {
-                f(start, 1)
-            } else {
-                Ok(())
-            };
-        }
-        let (last_start, last_end, last_shared) = self.last_set;
-        if count > 0 && start >= last_start && start.saturating_add(count) <= last_end {
-            return if last_shared == shared {
-                f(start, count)
-            } else {
-                Ok(())
-            };
-        }
-        self.walk_runs(start, count, shared, f)
     }
 
     fn walk_runs<E>(
@@ -323,61 +382,6 @@ impl SharedBitmap {
         } else {
             Ok(())
         }
-    }
-
-    /// True iff every page of `start..start+count` is in state `shared`.
-    pub fn all_in_state(&self, start: u64, count: u64, shared: bool) -> bool {
-        self.next_in_state(start, start + count, !shared).is_none()
-    }
-
-    /// Sets `start..start+count` to `shared`; returns how many pages changed.
-    #[inline]
-    pub fn set_range(&mut self, start: u64, count: u64, shared: bool) -> u64 {
-        debug_assert!(start + count <= self.pages);
-        self.last_set = (start, start + count, shared);
-        // The commonest changes stay inside one mixed (or lingering) chunk
-        // without covering it: a few pages of one word (no loop), or a
-        // larger range of its words. The chunk stays mixed; whether it
-        // became uniform is its count. (A whole chunk drops its bits instead,
-        // in `set_in_chunk`; the partial last chunk changed whole keeps them,
-        // lingering like any chunk made uniform by a change.)
-        let from = start % CHUNK_PAGES;
-        if count > 0
-            && count < CHUNK_PAGES
-            && from + count <= CHUNK_PAGES
-            && let index = (start / CHUNK_PAGES) as usize
-            && let Chunk::Mixed(words, n) = &mut self.chunks[index]
-        {
-            let bit = from % WORD_BITS;
-            let word = &mut words[(from / WORD_BITS) as usize];
-            let delta = if count == 1 {
-                // One page changed or not: no bit count.
-                let old = *word;
-                *word = if shared {
-                    old | 1 << bit
-                } else {
-                    old & !(1 << bit)
-                };
-                u64::from(*word != old)
-            } else if count <= WORD_BITS - bit {
-                let mask = (u64::MAX >> (WORD_BITS - count)) << bit;
-                set_word(word, mask, shared)
-            } else {
-                set_bits(&mut words[..], from, from + count, shared)
-            };
-            // At most CHUNK_PAGES: the count of a chunk fits its u32.
-            let delta32 = u32::try_from(delta).expect("a chunk changes at most CHUNK_PAGES pages");
-            *n = if shared { *n + delta32 } else { *n - delta32 };
-            let after = u64::from(*n);
-            if shared {
-                self.shared_pages += delta;
-            } else {
-                self.shared_pages -= delta;
-            }
-            self.linger_if_uniform(index, after, self.chunk_len(index as u64));
-            return delta;
-        }
-        self.set_chunks(start, count, shared)
     }
 
     fn set_chunks(&mut self, start: u64, count: u64, shared: bool) -> u64 {
@@ -555,7 +559,7 @@ mod tests {
 
     #[test]
     fn an_empty_change_changes_nothing_in_any_kind_of_chunk() {
-        let mut b = SharedBitmap::new(2 * CHUNK_PAGES);
+        let mut b = SharedBitmap::with_pages(2 * CHUNK_PAGES);
         b.set_range(10, 3, true);
         for start in [0, 11, 64, CHUNK_PAGES, CHUNK_PAGES + 5] {
             for shared in [true, false] {
@@ -568,7 +572,7 @@ mod tests {
 
     #[test]
     fn the_last_range_set_answers_walks_inside_it_and_only_inside_it() {
-        let mut b = SharedBitmap::new(1000);
+        let mut b = SharedBitmap::with_pages(1000);
         assert_eq!(runs(&b, 0, 1000, false), vec![(0, 1000)]);
         assert_eq!(runs(&b, 10, 20, true), vec![]);
         b.set_range(100, 200, true);
@@ -597,7 +601,7 @@ mod tests {
 
     #[test]
     fn starts_private() {
-        let b = SharedBitmap::new(100);
+        let b = SharedBitmap::with_pages(100);
         assert_eq!(runs(&b, 0, 100, true), vec![]);
         assert_eq!(runs(&b, 0, 100, false), vec![(0, 100)]);
         assert_eq!(b.shared_pages(), 0);
@@ -605,7 +609,7 @@ mod tests {
 
     #[test]
     fn runs_merge_across_words_and_chunks() {
-        let mut b = SharedBitmap::new(3 * CHUNK_PAGES + 7);
+        let mut b = SharedBitmap::with_pages(3 * CHUNK_PAGES + 7);
         assert_eq!(b.set_range(CHUNK_PAGES - 70, 200, true), 200);
         assert_eq!(runs(&b, 0, b.pages(), true), vec![(CHUNK_PAGES - 70, 200)]);
         assert_eq!(b.set_range(CHUNK_PAGES - 70, 200, true), 0, "no-op");
@@ -625,7 +629,7 @@ mod tests {
     #[test]
     fn whole_and_partial_last_chunk() {
         let pages = 2 * CHUNK_PAGES + 5;
-        let mut b = SharedBitmap::new(pages);
+        let mut b = SharedBitmap::with_pages(pages);
         b.set_range(0, pages, true);
         assert!(b.all_in_state(0, pages, true));
         assert_eq!(b.heap_bytes(), 3 * 16, "uniform chunks hold no words");
@@ -644,11 +648,20 @@ mod tests {
     #[test]
     fn sixteen_tib_without_overflow() {
         let pages = (16u64 << 40) / 4096;
-        let mut b = SharedBitmap::new(pages);
+        let mut b = SharedBitmap::with_pages(pages);
         b.set_range(pages - 3, 3, true);
         b.set_range(1, 1, true);
         assert_eq!(runs(&b, 0, pages, true), vec![(1, 1), (pages - 3, 3)]);
         assert!(b.heap_bytes() < 3 << 20);
+    }
+
+    /// How many 4 KiB blocks `b` holds beyond the directory of a bitmap of
+    /// its size with none.
+    fn blocks_held(b: &SharedBitmap) -> usize {
+        let block = std::mem::size_of::<[u64; CHUNK_WORDS]>();
+        let beyond = b.heap_bytes() - SharedBitmap::with_pages(b.pages()).heap_bytes();
+        assert_eq!(beyond % block, 0, "{beyond} bytes beyond the directory");
+        beyond / block
     }
 
     /// Chunks that become uniform through changes of many pages linger
@@ -656,10 +669,8 @@ mod tests {
     /// way hold two blocks, never three (all private) or more (all shared).
     #[test]
     fn chunks_made_uniform_by_large_changes_give_their_blocks_back() {
-        let block = std::mem::size_of::<[u64; CHUNK_WORDS]>();
         for shared_end in [false, true] {
-            let mut b = SharedBitmap::new(3 * CHUNK_PAGES);
-            let base = b.heap_bytes();
+            let mut b = SharedBitmap::with_pages(3 * CHUNK_PAGES);
             for chunk in 0..3 {
                 let start = chunk * CHUNK_PAGES;
                 if shared_end {
@@ -670,11 +681,7 @@ mod tests {
                     b.set_range(start, 200, false);
                 }
             }
-            assert!(
-                b.heap_bytes() <= base + 2 * block,
-                "shared {shared_end}: {} bytes",
-                b.heap_bytes() - base
-            );
+            assert!(blocks_held(&b) <= 2, "shared {shared_end}");
             let expected = if shared_end { 3 * CHUNK_PAGES } else { 0 };
             assert_eq!(b.shared_pages(), expected);
         }
@@ -685,7 +692,7 @@ mod tests {
     #[test]
     fn a_partial_chunks_block_never_becomes_a_full_chunks_ones() {
         let half = CHUNK_PAGES / 2;
-        let mut b = SharedBitmap::new(CHUNK_PAGES + half);
+        let mut b = SharedBitmap::with_pages(CHUNK_PAGES + half);
         // The partial chunk 1 becomes all shared in two steps, then settles
         // (chunk 0 lingering next makes it give its block back).
         b.set_range(CHUNK_PAGES, 10, true);
@@ -710,7 +717,7 @@ mod tests {
 
     #[test]
     fn a_whole_chunk_change_drops_a_mixed_chunks_block() {
-        let mut b = SharedBitmap::new(2 * CHUNK_PAGES);
+        let mut b = SharedBitmap::with_pages(2 * CHUNK_PAGES);
         let uniform = b.heap_bytes();
         for shared in [true, false] {
             b.set_range(5, 3, true);
@@ -725,23 +732,21 @@ mod tests {
 
     #[test]
     fn a_full_chunk_that_needs_ones_takes_the_spare_ones() {
-        let block = std::mem::size_of::<[u64; CHUNK_WORDS]>();
-        let mut b = SharedBitmap::new(3 * CHUNK_PAGES);
-        let base = b.heap_bytes();
+        let mut b = SharedBitmap::with_pages(3 * CHUNK_PAGES);
         // Chunk 0 becomes all shared by parts and lingers; chunk 1 taking a
         // block settles it, and its block becomes the spare ones.
         b.set_range(0, 1, true);
         b.set_range(1, CHUNK_PAGES - 1, true);
         b.set_range(CHUNK_PAGES, 1, true);
         b.set_range(CHUNK_PAGES, 1, false);
-        assert_eq!(b.heap_bytes(), base + 2 * block);
+        assert_eq!(blocks_held(&b), 2);
         // Chunk 2, all shared, loses a page: the spare ones serve it, and
         // chunk 1 keeps lingering with its block.
         b.set_range(2 * CHUNK_PAGES, CHUNK_PAGES, true);
         b.set_range(2 * CHUNK_PAGES + 7, 1, false);
-        assert_eq!(b.heap_bytes(), base + 2 * block);
+        assert_eq!(blocks_held(&b), 2);
         b.set_range(CHUNK_PAGES + 3, 1, true);
-        assert_eq!(b.heap_bytes(), base + 2 * block);
+        assert_eq!(blocks_held(&b), 2);
         assert_eq!(
             runs(&b, 0, 3 * CHUNK_PAGES, true),
             [
@@ -755,26 +760,24 @@ mod tests {
 
     #[test]
     fn a_whole_chunk_change_does_not_strand_the_lingering_chunks_block() {
-        let block = std::mem::size_of::<[u64; CHUNK_WORDS]>();
-        let mut b = SharedBitmap::new(3 * CHUNK_PAGES);
-        let base = b.heap_bytes();
+        let mut b = SharedBitmap::with_pages(3 * CHUNK_PAGES);
         // Chunk 0: a page shared and back; it lingers with its block.
         b.set_range(0, 1, true);
         b.set_range(0, 1, false);
-        assert_eq!(b.heap_bytes(), base + block);
+        assert_eq!(blocks_held(&b), 1);
         // Chunk 1 changes whole: no block, and chunk 0 still lingers.
         b.set_range(CHUNK_PAGES, CHUNK_PAGES, true);
-        assert_eq!(b.heap_bytes(), base + block);
+        assert_eq!(blocks_held(&b), 1);
         // Chunk 2 needs a block: it takes chunk 0's, not a new one.
         b.set_range(2 * CHUNK_PAGES, 1, true);
         b.set_range(2 * CHUNK_PAGES, 1, false);
-        assert_eq!(b.heap_bytes(), base + block);
+        assert_eq!(blocks_held(&b), 1);
         assert_eq!(b.shared_pages(), CHUNK_PAGES);
     }
 
     #[test]
     fn a_chunk_cleared_back_to_private_gives_its_words_back() {
-        let mut b = SharedBitmap::new(2 * CHUNK_PAGES);
+        let mut b = SharedBitmap::with_pages(2 * CHUNK_PAGES);
         let uniform = b.heap_bytes();
         b.set_range(CHUNK_PAGES + 3, 2, true);
         assert_eq!(
@@ -815,7 +818,7 @@ mod tests {
     #[test]
     fn uniform_state_costs_at_most_a_hundredth_of_a_flat_bitmap() {
         let pages = (1u64 << 40) / 4096;
-        let mut b = SharedBitmap::new(pages);
+        let mut b = SharedBitmap::with_pages(pages);
         assert!(
             b.heap_bytes() * 100 <= flat_bytes(pages),
             "{}",
@@ -844,7 +847,7 @@ mod tests {
         // Every chunk mixed: one block each, plus 16 bytes a chunk (1/256)
         // and at most two spares.
         let pages = 64 * CHUNK_PAGES + 100;
-        let mut b = SharedBitmap::new(pages);
+        let mut b = SharedBitmap::with_pages(pages);
         let mut page = 0;
         while page < pages {
             b.set_range(page, 1, true);
@@ -860,7 +863,7 @@ mod tests {
     fn counts_follow_every_kind_of_change_and_spares_never_leak_bits() {
         // A model check: random changes against a plain Vec<bool>.
         let pages = 3 * CHUNK_PAGES + 77;
-        let mut b = SharedBitmap::new(pages);
+        let mut b = SharedBitmap::with_pages(pages);
         let mut model = vec![false; arch::usize_from(pages)];
         let mut model_shared = 0u64;
         let mut next = xorshift(0x2545_f491_4f6c_dd1d);
