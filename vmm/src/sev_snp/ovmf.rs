@@ -16,6 +16,11 @@
 
 use std::fmt;
 
+mod descriptor_table;
+
+pub(crate) use descriptor_table::u32_at;
+pub use descriptor_table::{DescriptorTable, TableError};
+
 /// Bytes after the table footer: the AP entry point (16) and the reset
 /// vector (16) at the very end of the image.
 const BYTES_AFTER_TABLE: usize = 32;
@@ -90,13 +95,13 @@ pub const SEV_METADATA_GUID: Guid = Guid::new(
     [0xa7, 0x5e, 0x55, 0x85, 0xa7, 0xbf, 0x67, 0xcc],
 );
 
-/// "ASEV", the metadata's signature.
-const METADATA_SIGNATURE: [u8; 4] = *b"ASEV";
-const METADATA_HEADER: usize = 16;
-const METADATA_DESCRIPTOR: usize = 12;
-/// More descriptors than pages in 4 GiB cannot be a real table.
-const MAX_METADATA_SECTIONS: u32 = 1024;
-
+/// SEV's metadata: descriptors of a guest range (GPA, size) and its type.
+pub(crate) const SEV_METADATA: DescriptorTable = DescriptorTable {
+    signature: *b"ASEV",
+    descriptor_size: 12,
+    // More descriptors than pages in 4 GiB cannot be a real table.
+    max_descriptors: 1024,
+};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OvmfError {
     #[error("the image is {0} bytes: not a whole number of 4 KiB pages")]
@@ -115,14 +120,8 @@ pub enum OvmfError {
         length: usize,
         expected: usize,
     },
-    #[error("the SEV metadata offset {0:#x} is outside the image")]
-    MetadataOffset(u32),
-    #[error("the SEV metadata signature is {0:?}, not \"ASEV\"")]
-    MetadataSignature([u8; 4]),
-    #[error("SEV metadata version {0} is not supported (only 1)")]
-    MetadataVersion(u32),
-    #[error("the SEV metadata claims {sections} sections in {length} bytes")]
-    MetadataLength { sections: u32, length: u32 },
+    #[error("the SEV metadata is refused")]
+    Metadata(#[source] TableError),
     #[error("SEV metadata section {index} has unknown type {kind:#x}")]
     SectionType { index: usize, kind: u32 },
     #[error("SEV metadata section {index} ({gpa:#x}+{size:#x}) is not whole pages")]
@@ -216,10 +215,6 @@ fn u16_at(data: &[u8], offset: usize) -> u16 {
     u16::from_le_bytes(data[offset..offset + 2].try_into().expect("2 bytes"))
 }
 
-fn u32_at(data: &[u8], offset: usize) -> u32 {
-    u32::from_le_bytes(data[offset..offset + 4].try_into().expect("4 bytes"))
-}
-
 fn guid_at(data: &[u8], offset: usize) -> Guid {
     Guid(data[offset..offset + 16].try_into().expect("16 bytes"))
 }
@@ -309,38 +304,15 @@ impl OvmfImage {
 
     /// The metadata lies `offset` bytes before the end of the image.
     fn parse_metadata(&self, offset: u32) -> Result<Vec<MetadataSection>, OvmfError> {
-        let len = self.data.len();
-        let Some(start) = len
-            .checked_sub(offset as usize)
-            .filter(|start| start + METADATA_HEADER <= len)
-        else {
-            return Err(OvmfError::MetadataOffset(offset));
-        };
-        let header = &self.data[start..];
-        let signature: [u8; 4] = header[..4].try_into().expect("4 bytes");
-        if signature != METADATA_SIGNATURE {
-            return Err(OvmfError::MetadataSignature(signature));
-        }
-        let length = u32_at(header, 4);
-        let version = u32_at(header, 8);
-        let sections = u32_at(header, 12);
-        if version != 1 {
-            return Err(OvmfError::MetadataVersion(version));
-        }
-        let needed = METADATA_HEADER as u64 + u64::from(sections) * METADATA_DESCRIPTOR as u64;
-        if sections > MAX_METADATA_SECTIONS
-            || u64::from(length) < needed
-            || start as u64 + needed > len as u64
-        {
-            return Err(OvmfError::MetadataLength { sections, length });
-        }
+        let descriptors = SEV_METADATA
+            .descriptors(&self.data, offset)
+            .map_err(OvmfError::Metadata)?;
         let firmware_gpa = self.gpa();
-        let mut parsed: Vec<MetadataSection> = Vec::with_capacity(sections as usize);
-        for index in 0..sections as usize {
-            let at = METADATA_HEADER + index * METADATA_DESCRIPTOR;
-            let gpa = u32_at(header, at);
-            let size = u32_at(header, at + 4);
-            let raw_kind = u32_at(header, at + 8);
+        let mut parsed: Vec<MetadataSection> = Vec::with_capacity(descriptors.len());
+        for (index, descriptor) in descriptors.enumerate() {
+            let gpa = u32_at(descriptor, 0);
+            let size = u32_at(descriptor, 4);
+            let raw_kind = u32_at(descriptor, 8);
             let kind = SectionKind::from_raw(raw_kind).ok_or(OvmfError::SectionType {
                 index,
                 kind: raw_kind,

@@ -10,7 +10,7 @@
 //! into MRTD; PAGE.AUG: it is not added at launch, the guest accepts it
 //! later).
 
-use crate::sev_snp::ovmf::{Guid, OvmfImage};
+use crate::sev_snp::ovmf::{DescriptorTable, Guid, OvmfImage, TableError, u32_at};
 
 /// The GUIDed table entry that points at the TDVF descriptor.
 pub const TDX_METADATA_OFFSET_GUID: Guid = Guid::new(
@@ -20,11 +20,13 @@ pub const TDX_METADATA_OFFSET_GUID: Guid = Guid::new(
     [0x86, 0x5e, 0x46, 0x85, 0xa7, 0xbf, 0x8e, 0xc2],
 );
 
-const SIGNATURE: [u8; 4] = *b"TDVF";
-const HEADER: usize = 16;
-const SECTION: usize = 32;
-/// More sections than this cannot be a real descriptor (TDVF has six).
-const MAX_SECTIONS: u32 = 256;
+/// The TDVF descriptor: sections of 32 bytes.
+const TDVF_DESCRIPTOR: DescriptorTable = DescriptorTable {
+    signature: *b"TDVF",
+    descriptor_size: 32,
+    // More sections than this cannot be a real descriptor (TDVF has six).
+    max_descriptors: 256,
+};
 use arch::layout::PAGE_SIZE as PAGE;
 
 /// Section attribute bit 0: the TDX module measures the contents
@@ -42,14 +44,8 @@ pub enum TdvfError {
     NoMetadata,
     #[error("the TDX metadata offset entry is {0} bytes, 4 expected")]
     EntrySize(usize),
-    #[error("the TDVF descriptor offset {0:#x} is outside the image")]
-    Offset(u32),
-    #[error("the TDVF descriptor signature is {0:?}, not \"TDVF\"")]
-    Signature([u8; 4]),
-    #[error("TDVF descriptor version {0} is not supported (only 1)")]
-    Version(u32),
-    #[error("the TDVF descriptor claims {sections} sections in {length} bytes")]
-    Length { sections: u32, length: u32 },
+    #[error("the TDVF descriptor is refused")]
+    Descriptor(#[source] TableError),
     #[error("TDVF section {index} has unknown type {kind:#x}")]
     Type { index: usize, kind: u32 },
     #[error("TDVF section {index} has unknown attributes {attributes:#x}")]
@@ -158,10 +154,6 @@ pub struct TdvfMetadata {
     pub sections: Vec<TdvfSection>,
 }
 
-fn u32_at(data: &[u8], offset: usize) -> u32 {
-    u32::from_le_bytes(data[offset..offset + 4].try_into().expect("4 bytes"))
-}
-
 fn u64_at(data: &[u8], offset: usize) -> u64 {
     u64::from_le_bytes(data[offset..offset + 8].try_into().expect("8 bytes"))
 }
@@ -178,48 +170,25 @@ impl TdvfMetadata {
         let offset = u32_at(entry, 0);
         let data = image.data();
         let len = data.len();
-        let Some(start) = len
-            .checked_sub(offset as usize)
-            .filter(|start| start + HEADER <= len)
-        else {
-            return Err(TdvfError::Offset(offset));
-        };
-        let header = &data[start..];
-        let signature: [u8; 4] = header[..4].try_into().expect("4 bytes");
-        if signature != SIGNATURE {
-            return Err(TdvfError::Signature(signature));
-        }
-        let length = u32_at(header, 4);
-        let version = u32_at(header, 8);
-        let count = u32_at(header, 12);
-        if version != 1 {
-            return Err(TdvfError::Version(version));
-        }
-        let needed = HEADER as u64 + u64::from(count) * SECTION as u64;
-        if count > MAX_SECTIONS || u64::from(length) < needed || start as u64 + needed > len as u64
-        {
-            return Err(TdvfError::Length {
-                sections: count,
-                length,
-            });
-        }
-        let mut sections: Vec<TdvfSection> = Vec::with_capacity(count as usize);
-        for index in 0..count as usize {
-            let at = HEADER + index * SECTION;
-            let raw_kind = u32_at(header, at + 24);
+        let descriptors = TDVF_DESCRIPTOR
+            .descriptors(data, offset)
+            .map_err(TdvfError::Descriptor)?;
+        let mut sections: Vec<TdvfSection> = Vec::with_capacity(descriptors.len());
+        for (index, descriptor) in descriptors.enumerate() {
+            let raw_kind = u32_at(descriptor, 24);
             let kind = SectionType::from_raw(raw_kind).ok_or(TdvfError::Type {
                 index,
                 kind: raw_kind,
             })?;
-            let attributes = u32_at(header, at + 28);
+            let attributes = u32_at(descriptor, 28);
             if attributes & !KNOWN_ATTRIBUTES != 0 {
                 return Err(TdvfError::Attributes { index, attributes });
             }
             let section = TdvfSection {
-                data_offset: u32_at(header, at),
-                raw_data_size: u32_at(header, at + 4),
-                memory_address: u64_at(header, at + 8),
-                memory_size: u64_at(header, at + 16),
+                data_offset: u32_at(descriptor, 0),
+                raw_data_size: u32_at(descriptor, 4),
+                memory_address: u64_at(descriptor, 8),
+                memory_size: u64_at(descriptor, 16),
                 kind,
                 attributes,
             };
@@ -330,20 +299,16 @@ pub(crate) mod tests {
     /// A TDVF descriptor with `sections` as (data_offset, raw_size, gpa,
     /// memory size, type, attributes).
     pub fn descriptor(version: u32, sections: &[RawSection]) -> Vec<u8> {
-        let mut out = SIGNATURE.to_vec();
-        let length = HEADER + sections.len() * SECTION;
-        out.extend_from_slice(&u32::try_from(length).unwrap().to_le_bytes());
-        out.extend_from_slice(&version.to_le_bytes());
-        out.extend_from_slice(&u32::try_from(sections.len()).unwrap().to_le_bytes());
-        for (offset, raw, gpa, size, kind, attributes) in sections {
-            out.extend_from_slice(&offset.to_le_bytes());
-            out.extend_from_slice(&raw.to_le_bytes());
-            out.extend_from_slice(&gpa.to_le_bytes());
-            out.extend_from_slice(&size.to_le_bytes());
-            out.extend_from_slice(&kind.to_le_bytes());
-            out.extend_from_slice(&attributes.to_le_bytes());
-        }
-        out
+        let descriptors: Vec<Vec<u8>> = sections
+            .iter()
+            .map(|&(offset, raw, gpa, size, kind, attributes)| {
+                let mut out = [offset, raw].map(u32::to_le_bytes).concat();
+                out.extend_from_slice(&[gpa, size].map(u64::to_le_bytes).concat());
+                out.extend_from_slice(&[kind, attributes].map(u32::to_le_bytes).concat());
+                out
+            })
+            .collect();
+        TDVF_DESCRIPTOR.build(version, &descriptors)
     }
 
     /// A 64 KiB image: the first 16 KiB are the CFV, the rest the BFV;
@@ -397,10 +362,10 @@ pub(crate) mod tests {
         short[4..8].copy_from_slice(&(exact - 1).to_le_bytes());
         assert_eq!(
             at(SYNTHETIC_SIZE, 0x800, short),
-            Err(TdvfError::Length {
+            Err(TdvfError::Descriptor(TableError::Length {
                 sections: 4,
                 length: exact - 1
-            })
+            }))
         );
         assert_eq!(at(SYNTHETIC_SIZE, 0x800, four).unwrap().sections.len(), 4);
 
@@ -414,13 +379,13 @@ pub(crate) mod tests {
         past[4..8].copy_from_slice(&(end + 32).to_le_bytes());
         assert_eq!(
             at(16384, end, past),
-            Err(TdvfError::Length {
+            Err(TdvfError::Descriptor(TableError::Length {
                 sections: 1,
                 length: end + 32
-            })
+            }))
         );
 
-        // At most MAX_SECTIONS sections: the BFV and one-page temporary
+        // At most TDVF_DESCRIPTOR.max_descriptors sections: the BFV and one-page temporary
         // memory for the rest.
         let sections = |count: u32| -> Vec<RawSection> {
             let mut out = vec![synthetic_sections()[0]];
@@ -430,17 +395,20 @@ pub(crate) mod tests {
         let most = at(
             SYNTHETIC_SIZE,
             0x8000,
-            descriptor(1, &sections(MAX_SECTIONS)),
+            descriptor(1, &sections(TDVF_DESCRIPTOR.max_descriptors)),
         );
-        assert_eq!(most.unwrap().sections.len(), MAX_SECTIONS as usize);
-        let too_many = descriptor(1, &sections(MAX_SECTIONS + 1));
+        assert_eq!(
+            most.unwrap().sections.len(),
+            TDVF_DESCRIPTOR.max_descriptors as usize
+        );
+        let too_many = descriptor(1, &sections(TDVF_DESCRIPTOR.max_descriptors + 1));
         let length = u32::try_from(too_many.len()).unwrap();
         assert_eq!(
             at(SYNTHETIC_SIZE, 0x8000, too_many),
-            Err(TdvfError::Length {
-                sections: MAX_SECTIONS + 1,
+            Err(TdvfError::Descriptor(TableError::Length {
+                sections: TDVF_DESCRIPTOR.max_descriptors + 1,
                 length
-            })
+            }))
         );
     }
 
@@ -500,7 +468,7 @@ pub(crate) mod tests {
                     &[entry(TDX_METADATA_OFFSET_GUID, &offset.to_le_bytes())],
                     None
                 )),
-                Err(TdvfError::Offset(offset))
+                Err(TdvfError::Descriptor(TableError::Offset(offset)))
             );
         }
         let with = |bytes: Vec<u8>| {
@@ -512,23 +480,32 @@ pub(crate) mod tests {
         };
         let mut bad = descriptor(1, &synthetic_sections());
         bad[0] = b'X';
-        assert_eq!(with(bad), Err(TdvfError::Signature(*b"XDVF")));
+        assert_eq!(
+            with(bad),
+            Err(TdvfError::Descriptor(TableError::Signature {
+                found: *b"XDVF",
+                expected: *b"TDVF"
+            }))
+        );
         assert_eq!(
             with(descriptor(2, &synthetic_sections())),
-            Err(TdvfError::Version(2))
+            Err(TdvfError::Descriptor(TableError::Version(2)))
         );
         let mut short = descriptor(1, &synthetic_sections());
         short[4..8].copy_from_slice(&48u32.to_le_bytes());
         assert_eq!(
             with(short),
-            Err(TdvfError::Length {
+            Err(TdvfError::Descriptor(TableError::Length {
                 sections: 4,
                 length: 48
-            })
+            }))
         );
         let mut many = descriptor(1, &[]);
         many[12..16].copy_from_slice(&1000u32.to_le_bytes());
-        assert!(matches!(with(many), Err(TdvfError::Length { .. })));
+        assert!(matches!(
+            with(many),
+            Err(TdvfError::Descriptor(TableError::Length { .. }))
+        ));
 
         let changed = |index: usize, f: &dyn Fn(&mut RawSection)| {
             let mut sections = synthetic_sections();

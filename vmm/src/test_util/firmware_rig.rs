@@ -83,6 +83,26 @@ impl<L: Clone> FirmwareRig<L> {
         created[0].clone()
     }
 
+    /// The VM's guest_memfd memory is its RAM (`RAM`, from 0) and the
+    /// firmware's 2 MiB ending at 4 GiB, and the fake holds both private.
+    pub fn assert_ram_and_image_private(&self, vm: &Vm) {
+        let ram = MemoryConfig::parse(RAM).unwrap().size;
+        let (gpa, size) = OVMF_REGION;
+        let fake = self.fake_vm();
+        assert!(fake.is_private(gpa, size), "the image");
+        assert!(fake.is_private(0, ram), "RAM");
+        assert_eq!(vm.memory().guest_memfd_ranges(), [(0, ram), OVMF_REGION]);
+    }
+
+    /// Shuts `vm` down and drops it with the test's `fake` handle on it:
+    /// then nothing of it is left.
+    pub fn shut_down(&self, mut vm: Vm, fake: Arc<AttributeTrackingVm>) {
+        vm.shutdown();
+        drop(vm);
+        drop(fake);
+        self.assert_nothing_left();
+    }
+
     /// Nothing of a VM is left: no vCPU exists and nothing but the fake's
     /// list and this check holds the VM (so its memory manager, slots and
     /// mappings are gone).

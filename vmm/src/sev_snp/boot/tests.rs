@@ -108,7 +108,7 @@ fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         let Some(rig) = new_rig("snp-boot.fd", None, DEFAULT_SUPPORTED_VMSA_FEATURES) else {
             return;
         };
-        let mut vm = rig.boot(rig.config(vcpus, platform)).unwrap();
+        let vm = rig.boot(rig.config(vcpus, platform)).unwrap();
         let fake = rig.fake_vm();
         assert_eq!(vm.state(), VmState::Running);
         assert!(fake.launch_finished());
@@ -156,15 +156,9 @@ fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         assert_eq!(log.last().unwrap(), "finish");
 
         // RAM and the image are private guest_memfd memory.
-        let memory = vm.memory().clone();
-        let firmware = memory.firmware().expect("a firmware region");
+        let firmware = vm.memory().firmware().expect("a firmware region");
         assert_eq!((firmware.gpa, firmware.size), (0xffe0_0000, 0x20_0000));
-        assert!(fake.is_private(firmware.gpa, firmware.size));
-        assert!(fake.is_private(0, 64 << 20));
-        assert_eq!(
-            memory.guest_memfd_ranges(),
-            [(0, 64 << 20), (0xffe0_0000, 0x20_0000)]
-        );
+        rig.assert_ram_and_image_private(&vm);
 
         // Nothing after the finish: no launch command, no register write.
         for command in [
@@ -182,11 +176,7 @@ fn a_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         drop(vcpu);
         assert_eq!(rig.launcher.backend().digest().hex(), predicted);
 
-        vm.shutdown();
-        drop(vm);
-        drop(memory);
-        drop(fake);
-        rig.assert_nothing_left();
+        rig.shut_down(vm, fake);
     }
 }
 

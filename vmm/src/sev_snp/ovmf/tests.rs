@@ -58,17 +58,11 @@ pub fn synthetic_image(
 }
 
 pub fn metadata(version: u32, sections: &[(u32, u32, u32)]) -> Vec<u8> {
-    let mut out = METADATA_SIGNATURE.to_vec();
-    let length = METADATA_HEADER + sections.len() * METADATA_DESCRIPTOR;
-    out.extend_from_slice(&u32::try_from(length).unwrap().to_le_bytes());
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&u32::try_from(sections.len()).unwrap().to_le_bytes());
-    for (gpa, size, kind) in sections {
-        for value in [gpa, size, kind] {
-            out.extend_from_slice(&value.to_le_bytes());
-        }
-    }
-    out
+    let descriptors: Vec<Vec<u8>> = sections
+        .iter()
+        .map(|&(gpa, size, kind)| [gpa, size, kind].map(u32::to_le_bytes).concat())
+        .collect();
+    SEV_METADATA.build(version, &descriptors)
 }
 
 const OTHER_GUID: Guid = Guid::new(0x12345678, 0x9abc, 0xdef0, [1, 2, 3, 4, 5, 6, 7, 8]);
@@ -276,7 +270,7 @@ fn malformed_images_are_refused_with_the_reason() {
             &[entry(SEV_METADATA_GUID, &8u32.to_le_bytes())],
             None
         )),
-        OvmfError::MetadataOffset(8)
+        OvmfError::Metadata(TableError::Offset(8))
     );
     assert_eq!(
         refused(synthetic_image(
@@ -284,26 +278,29 @@ fn malformed_images_are_refused_with_the_reason() {
             &[entry(SEV_METADATA_GUID, &0x10_0000u32.to_le_bytes())],
             None
         )),
-        OvmfError::MetadataOffset(0x10_0000)
+        OvmfError::Metadata(TableError::Offset(0x10_0000))
     );
     let mut wrong_signature = metadata(1, &[]);
     wrong_signature[0] = b'B';
     assert_eq!(
         refused(with_metadata(0x800, wrong_signature)),
-        OvmfError::MetadataSignature(*b"BSEV")
+        OvmfError::Metadata(TableError::Signature {
+            found: *b"BSEV",
+            expected: *b"ASEV"
+        })
     );
     assert_eq!(
         refused(with_metadata(0x800, metadata(2, &[]))),
-        OvmfError::MetadataVersion(2)
+        OvmfError::Metadata(TableError::Version(2))
     );
     let mut short = metadata(1, &[(0x1000, 0x1000, 1)]);
     short[4..8].copy_from_slice(&16u32.to_le_bytes());
     assert_eq!(
         refused(with_metadata(0x800, short)),
-        OvmfError::MetadataLength {
+        OvmfError::Metadata(TableError::Length {
             sections: 1,
             length: 16
-        }
+        })
     );
     assert_eq!(
         refused(with_metadata(0x800, metadata(1, &[(0x1000, 0x1000, 7)]))),
@@ -361,32 +358,32 @@ fn metadata_bounds_hold_to_the_byte() {
     past[4..8].copy_from_slice(&(fits + 12).to_le_bytes());
     assert_eq!(
         image(16384, fits, past).unwrap_err(),
-        OvmfError::MetadataLength {
+        OvmfError::Metadata(TableError::Length {
             sections: 2,
             length: fits + 12
-        }
+        })
     );
 
-    // At most MAX_METADATA_SECTIONS sections.
+    // At most SEV_METADATA.max_descriptors sections.
     let pages = |count: u32| -> Vec<(u32, u32, u32)> {
         (0..count)
             .map(|i| (0x10_0000 + i * 0x1000, 0x1000, 1))
             .collect()
     };
-    let most = metadata(1, &pages(MAX_METADATA_SECTIONS));
+    let most = metadata(1, &pages(SEV_METADATA.max_descriptors));
     let parsed = image(64 << 10, 0x8000, most).unwrap();
     assert_eq!(
         parsed.metadata_sections().len(),
-        MAX_METADATA_SECTIONS as usize
+        SEV_METADATA.max_descriptors as usize
     );
-    let too_many = metadata(1, &pages(MAX_METADATA_SECTIONS + 1));
+    let too_many = metadata(1, &pages(SEV_METADATA.max_descriptors + 1));
     let length = u32::try_from(too_many.len()).unwrap();
     assert_eq!(
         image(64 << 10, 0x8000, too_many).unwrap_err(),
-        OvmfError::MetadataLength {
-            sections: MAX_METADATA_SECTIONS + 1,
+        OvmfError::Metadata(TableError::Length {
+            sections: SEV_METADATA.max_descriptors + 1,
             length
-        }
+        })
     );
 
     // A section may end where the image begins, and where another starts.

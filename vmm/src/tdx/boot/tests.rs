@@ -105,7 +105,7 @@ fn a_tdx_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         let Some(rig) = new_rig("tdx-boot.fd", None) else {
             return;
         };
-        let mut vm = rig.boot(td(&rig, vcpus)).unwrap();
+        let vm = rig.boot(td(&rig, vcpus)).unwrap();
         let fake = rig.fake_vm();
         assert_eq!(vm.state(), VmState::Running);
         assert!(fake.launch_finished(), "finalized");
@@ -184,13 +184,7 @@ fn a_tdx_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         assert_eq!(rcx, (0..vcpus).map(|i| (i, hob)).collect::<Vec<_>>());
 
         // RAM and the image are private guest_memfd memory.
-        let memory = vm.memory().clone();
-        assert!(fake.is_private(0xffe0_0000, 0x20_0000));
-        assert!(fake.is_private(0, 64 * MIB));
-        assert_eq!(
-            memory.guest_memfd_ranges(),
-            [(0, 64 * MIB), (0xffe0_0000, 0x20_0000)]
-        );
+        rig.assert_ram_and_image_private(&vm);
 
         // Nothing after the finalize, and a TD vCPU's state is not ours.
         assert!(fake.tdx_init_vm(&TdxInitVm::default()).is_err());
@@ -201,11 +195,7 @@ fn a_tdx_firmware_boot_launches_through_the_vm_build_as_measure_predicts() {
         drop(vcpu);
         assert_eq!(rig.launcher.backend().mrtd().hex(), predicted.mrtd);
 
-        vm.shutdown();
-        drop(vm);
-        drop(memory);
-        drop(fake);
-        rig.assert_nothing_left();
+        rig.shut_down(vm, fake);
     }
 }
 
