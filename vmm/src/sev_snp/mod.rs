@@ -39,10 +39,6 @@ pub enum FirmwareError {
         #[source]
         source: LaunchError,
     },
-    #[error("firmware boots an SEV-SNP guest: the platform needs sev_snp=on")]
-    NotSevSnp,
-    #[error("VM type sev-snp is not available on this host (it offers: {0}): no SEV-SNP here")]
-    NoSevSnp(String),
     #[error(transparent)]
     Target(#[from] LaunchTargetError),
     #[error("cannot read the VMSA features this host supports")]
@@ -58,6 +54,14 @@ pub enum FirmwareError {
 /// Why a VM cannot take a firmware launch (SEV-SNP's or TDX's).
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchTargetError {
+    /// This host's KVM cannot create VMs of the launch's type.
+    #[error("VM type {} is not available on this host (it offers: {offered}): no {platform} here", .vm_type.name())]
+    Unavailable {
+        vm_type: VmType,
+        offered: String,
+        /// The launch's platform, as users know it ("SEV-SNP").
+        platform: &'static str,
+    },
     #[error("the VM is of type {actual}, not {expected}")]
     WrongVmType {
         actual: &'static str,

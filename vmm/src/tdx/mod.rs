@@ -27,10 +27,6 @@ pub enum FirmwareError {
         #[source]
         source: LaunchError,
     },
-    #[error("firmware boots a TDX guest: the platform needs tdx=on")]
-    NotTdx,
-    #[error("VM type tdx is not available on this host (it offers: {0}): no TDX here")]
-    NoTdx(String),
     #[error(transparent)]
     Target(#[from] LaunchTargetError),
     #[error("cannot set the TD's TSC frequency")]

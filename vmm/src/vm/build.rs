@@ -200,7 +200,7 @@ fn check_host(
     if !hypervisor.capabilities().supports_vm_type(vm_type) {
         let offered = hypervisor.capabilities().supported_vm_types().join(", ");
         if let Payload::Firmware(firmware) = payload {
-            return Err(firmware::unavailable(firmware.platform, offered));
+            return Err(firmware::unavailable(firmware.platform, vm_type, offered));
         }
         return Err(VmError::VmTypeUnavailable {
             wanted: vm_type.name(),

@@ -21,12 +21,19 @@ pub enum FirmwarePlatform {
     Tdx,
 }
 
-impl std::fmt::Display for FirmwarePlatform {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl FirmwarePlatform {
+    /// As users know it.
+    pub fn name(self) -> &'static str {
+        match self {
             FirmwarePlatform::SevSnp => "SEV-SNP",
             FirmwarePlatform::Tdx => "TDX",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for FirmwarePlatform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -97,12 +104,19 @@ pub(super) fn read(config: &VmConfig, path: &std::path::Path) -> Result<Firmware
 }
 
 /// The error of a firmware boot on a host without its VM type.
-pub(super) fn unavailable(platform: FirmwarePlatform, offered: String) -> VmError {
+pub(super) fn unavailable(
+    platform: FirmwarePlatform,
+    vm_type: hypervisor::VmType,
+    offered: String,
+) -> VmError {
+    let why = crate::sev_snp::LaunchTargetError::Unavailable {
+        vm_type,
+        offered,
+        platform: platform.name(),
+    };
     match platform {
-        FirmwarePlatform::SevSnp => {
-            VmError::Firmware(crate::sev_snp::FirmwareError::NoSevSnp(offered))
-        }
-        FirmwarePlatform::Tdx => VmError::TdxFirmware(crate::tdx::FirmwareError::NoTdx(offered)),
+        FirmwarePlatform::SevSnp => VmError::Firmware(why.into()),
+        FirmwarePlatform::Tdx => VmError::TdxFirmware(why.into()),
     }
 }
 
