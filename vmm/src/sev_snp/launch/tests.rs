@@ -3,8 +3,8 @@ use std::process::Command;
 use hypervisor::sev_snp::SNP_POLICY_DEFAULT;
 
 use super::*;
-use crate::sev_snp::ovmf::tests::{debian_ovmf, entry, metadata, synthetic_image};
-use crate::sev_snp::ovmf::{SEV_ES_RESET_BLOCK_GUID, SEV_METADATA_GUID};
+use crate::sev_snp::ovmf::SEV_METADATA_GUID;
+use crate::sev_snp::ovmf::tests::{debian_ovmf, entry, metadata, sev_image, synthetic_image};
 use crate::sev_snp::simulated_psp::LaunchState;
 
 /// An EPYC Milan signature (family 0x19, model 1, stepping 1).
@@ -168,25 +168,12 @@ fn vmsa_pages_equal_the_ones_sev_snp_measure_dumps() {
 
 /// A small firmware: one reset block, a zero section, secrets and CPUID.
 fn small_firmware() -> OvmfImage {
-    OvmfImage::parse(synthetic_image(
-        16 << 10,
-        &[
-            entry(SEV_METADATA_GUID, &0x800u32.to_le_bytes()),
-            entry(SEV_ES_RESET_BLOCK_GUID, &0x0080_b004u32.to_le_bytes()),
-        ],
-        Some((
-            0x800,
-            metadata(
-                1,
-                &[
-                    (0x80_0000, 0x2000, 1),
-                    (0x80_2000, 0x1000, 2),
-                    (0x80_3000, 0x1000, 3),
-                ],
-            ),
-        )),
-    ))
-    .unwrap()
+    let sections = [
+        (0x80_0000, 0x2000, 1),
+        (0x80_2000, 0x1000, 2),
+        (0x80_3000, 0x1000, 3),
+    ];
+    OvmfImage::parse(sev_image(16 << 10, &[], &sections)).unwrap()
 }
 
 fn psp() -> SimulatedPsp {

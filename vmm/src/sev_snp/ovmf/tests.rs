@@ -67,26 +67,26 @@ pub fn metadata(version: u32, sections: &[(u32, u32, u32)]) -> Vec<u8> {
 
 const OTHER_GUID: Guid = Guid::new(0x12345678, 0x9abc, 0xdef0, [1, 2, 3, 4, 5, 6, 7, 8]);
 
+/// An image of `size` bytes whose GUIDed table holds the SEV metadata
+/// (0x800 bytes before the end, version 1, `sections`), the entries
+/// `also`, and the reset block (APs start at 0x80_0000:0xb004).
+pub fn sev_image(size: usize, also: &[Vec<u8>], sections: &[(u32, u32, u32)]) -> Vec<u8> {
+    let mut entries = vec![entry(SEV_METADATA_GUID, &0x800u32.to_le_bytes())];
+    entries.extend_from_slice(also);
+    entries.push(entry(
+        SEV_ES_RESET_BLOCK_GUID,
+        &0x0080_b004u32.to_le_bytes(),
+    ));
+    synthetic_image(size, &entries, Some((0x800, metadata(1, sections))))
+}
+
 fn well_formed() -> Vec<u8> {
-    synthetic_image(
-        64 << 10,
-        &[
-            entry(SEV_METADATA_GUID, &0x800u32.to_le_bytes()),
-            entry(OTHER_GUID, &[9; 8]),
-            entry(SEV_ES_RESET_BLOCK_GUID, &0x0080_b004u32.to_le_bytes()),
-        ],
-        Some((
-            0x800,
-            metadata(
-                1,
-                &[
-                    (0x80_0000, 0x9000, 1),
-                    (0x80_d000, 0x1000, 2),
-                    (0x80_e000, 0x1000, 3),
-                ],
-            ),
-        )),
-    )
+    let sections = [
+        (0x80_0000, 0x9000, 1),
+        (0x80_d000, 0x1000, 2),
+        (0x80_e000, 0x1000, 3),
+    ];
+    sev_image(64 << 10, &[entry(OTHER_GUID, &[9; 8])], &sections)
 }
 
 #[test]
