@@ -758,6 +758,31 @@ mod tests {
         );
     }
 
+    /// A lingering private chunk that settles when another chunk starts
+    /// lingering keeps its block as the spare zeros, and the heap counts
+    /// it: two blocks, the lingering one and the spare.
+    #[test]
+    fn a_settled_chunks_block_stays_as_the_spare_zeros_and_is_counted() {
+        let mut b = SharedBitmap::with_pages(3 * CHUNK_PAGES);
+        b.set_range(0, 1, true);
+        b.set_range(CHUNK_PAGES, 1, true);
+        assert_eq!(blocks_held(&b), 2, "two mixed chunks");
+        b.set_range(0, 1, false);
+        assert_eq!(blocks_held(&b), 2, "chunk 0 lingers with its block");
+        b.set_range(CHUNK_PAGES, 1, false);
+        assert_eq!(
+            blocks_held(&b),
+            2,
+            "chunk 1 lingers; chunk 0's block is the spare"
+        );
+        assert!(b.spare_zeros.is_some());
+        // The next chunk to need bits takes the spare: no third block.
+        b.set_range(2 * CHUNK_PAGES, 1, true);
+        assert_eq!(blocks_held(&b), 2);
+        assert!(b.spare_zeros.is_none());
+        assert_eq!(b.shared_pages(), 1);
+    }
+
     #[test]
     fn a_whole_chunk_change_does_not_strand_the_lingering_chunks_block() {
         let mut b = SharedBitmap::with_pages(3 * CHUNK_PAGES);

@@ -102,6 +102,7 @@ pub(crate) const SEV_METADATA: DescriptorTable = DescriptorTable {
     // More descriptors than pages in 4 GiB cannot be a real table.
     max_descriptors: 1024,
 };
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OvmfError {
     #[error("the image is {0} bytes: not a whole number of 4 KiB pages")]

@@ -385,8 +385,8 @@ pub(crate) mod tests {
             }))
         );
 
-        // At most TDVF_DESCRIPTOR.max_descriptors sections: the BFV and one-page temporary
-        // memory for the rest.
+        // At most `max_descriptors` sections: the BFV and one-page
+        // temporary memory for the rest.
         let sections = |count: u32| -> Vec<RawSection> {
             let mut out = vec![synthetic_sections()[0]];
             out.extend((1..u64::from(count)).map(|i| (0, 0, 0x80_0000 + i * 0x1000, 0x1000, 3, 0)));

@@ -364,7 +364,7 @@ fn metadata_bounds_hold_to_the_byte() {
         })
     );
 
-    // At most SEV_METADATA.max_descriptors sections.
+    // At most `max_descriptors` sections.
     let pages = |count: u32| -> Vec<(u32, u32, u32)> {
         (0..count)
             .map(|i| (0x10_0000 + i * 0x1000, 0x1000, 1))
