@@ -364,24 +364,6 @@ mod tests {
 
     use super::*;
 
-    /// Piped into a file or a pager, help is laid out at 100 columns; the
-    /// option syntaxes are wider, and descriptions must not end up one
-    /// word per line in a column past them.
-    #[test]
-    fn help_stays_readable_when_not_on_a_terminal() {
-        // What `--help` prints, as the binary renders it.
-        let help = Cli::try_parse_from(["cloud-hypervisor", "--help"])
-            .unwrap_err()
-            .render()
-            .to_string();
-        let deep: Vec<&str> = help
-            .lines()
-            .filter(|l| l.len() - l.trim_start().len() > 20)
-            .collect();
-        assert!(deep.is_empty(), "{deep:?}");
-        assert!(help.contains("Serve the REST API: a socket path"), "{help}");
-    }
-
     #[test]
     fn cloud_hypervisor_options_without_use_here_are_screened() {
         let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();

@@ -2,7 +2,35 @@
 
 mod common;
 
+use std::process::{Command, Stdio};
+
 use common::*;
+
+/// Piped into a file or a pager, help is laid out at 100 columns; the
+/// option syntaxes are wider, and descriptions must not end up one word
+/// per line in a column past them. Both binaries, as users run them.
+#[test]
+fn help_stays_readable_when_piped() {
+    for (binary, says) in [
+        (CLOUD_HYPERVISOR, "Serve the REST API: a socket path"),
+        (CH_REMOTE, "Connect a vfio-user device"),
+    ] {
+        let out = Command::new(binary)
+            .arg("--help")
+            .env_remove("COLUMNS")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{binary} --help");
+        let help = String::from_utf8(out.stdout).unwrap();
+        let deep: Vec<&str> = help
+            .lines()
+            .filter(|l| l.len() - l.trim_start().len() > 20)
+            .collect();
+        assert!(deep.is_empty(), "{binary}: {deep:?}");
+        assert!(help.contains(says), "{binary}: {help}");
+    }
+}
 
 #[test]
 fn memconv_guest_reports_every_op_on_guest_memfd() {

@@ -275,24 +275,6 @@ mod tests {
 
     use super::*;
 
-    /// Piped into a file or a pager, help is laid out at 100 columns; the
-    /// option syntaxes are wider, and descriptions must not end up one
-    /// word per line in a column past them.
-    #[test]
-    fn help_stays_readable_when_not_on_a_terminal() {
-        // What `--help` prints, as the binary renders it.
-        let Err(asked) = Cli::try_parse_from(["ch-remote", "--help"]) else {
-            panic!("--help parsed as a command");
-        };
-        let help = asked.render().to_string();
-        let deep: Vec<&str> = help
-            .lines()
-            .filter(|l| l.len() - l.trim_start().len() > 20)
-            .collect();
-        assert!(deep.is_empty(), "{deep:?}");
-        assert!(help.contains("Connect a vfio-user device"), "{help}");
-    }
-
     #[test]
     fn subcommands_are_sorted_by_name() {
         let names: Vec<String> = Cli::command()
