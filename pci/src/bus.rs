@@ -548,46 +548,6 @@ const _: () = assert!(0x3f * 4 < LEGACY_CONFIG_SIZE);
 mod tests {
     use super::*;
 
-    /// A function decoding one 4 KiB window at 0xc000_0000.
-    struct OneWindow;
-
-    impl PciDevice for OneWindow {
-        fn config_read(&self, _: usize) -> u32 {
-            0
-        }
-        fn config_write(&self, _: usize, _: usize, _: &[u8]) {}
-        fn bar_windows(&self) -> Vec<BarWindow> {
-            vec![BarWindow {
-                bar: 0,
-                address: 0xc000_0000,
-                size: 0x1000,
-            }]
-        }
-        fn bar_read(&self, _: usize, _: u64, data: &mut [u8]) {
-            data.fill(0x11);
-        }
-        fn bar_write(&self, _: usize, _: u64, _: &[u8]) {}
-    }
-
-    /// A vCPU's config write (or another removal's retry) that took hold
-    /// of the slot just before it was removed syncs it after the removal:
-    /// the removed function's window must stay off the bus.
-    #[test]
-    fn a_sync_after_removal_puts_nothing_back() {
-        let mmio = Arc::new(Bus::new());
-        let bus = PciBus::new(mmio.clone());
-        let slot = bus.add(Arc::new(OneWindow)).unwrap();
-        let mut b = [0u8; 1];
-        assert!(mmio.read(0xc000_0000, &mut b));
-        let held = bus.slot(usize::from(slot)).unwrap();
-        bus.remove(slot).unwrap();
-        assert!(!bus.sync_windows(&held));
-        assert!(!mmio.read(0xc000_0000, &mut b), "the window came back");
-        // Its place is free for the next function.
-        let next = bus.add(Arc::new(OneWindow)).unwrap();
-        assert_eq!(bus.mapped_windows(next).len(), 1);
-    }
-
     /// A function whose windows are whatever the test sets, without a
     /// config write (as when another vCPU reprograms it meanwhile).
     struct Movable(Mutex<Vec<BarWindow>>);
@@ -617,6 +577,25 @@ mod tests {
             data.fill(0x22);
         }
         fn bar_write(&self, _: usize, _: u64, _: &[u8]) {}
+    }
+
+    /// A vCPU's config write (or another removal's retry) that took hold
+    /// of the slot just before it was removed syncs it after the removal:
+    /// the removed function's window must stay off the bus.
+    #[test]
+    fn a_sync_after_removal_puts_nothing_back() {
+        let mmio = Arc::new(Bus::new());
+        let bus = PciBus::new(mmio.clone());
+        let slot = bus.add(Movable::at(0xc000_0000)).unwrap();
+        let mut b = [0u8; 1];
+        assert!(mmio.read(0xc000_0000, &mut b));
+        let held = bus.slot(usize::from(slot)).unwrap();
+        bus.remove(slot).unwrap();
+        assert!(!bus.sync_windows(&held));
+        assert!(!mmio.read(0xc000_0000, &mut b), "the window came back");
+        // Its place is free for the next function.
+        let next = bus.add(Movable::at(0xc000_0000)).unwrap();
+        assert_eq!(bus.mapped_windows(next).len(), 1);
     }
 
     /// Only the command register and the BARs change what is decoded: a
