@@ -67,6 +67,16 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// Takes every access to the memory away while keeping the range
+    /// reserved, so no other mapping of this process can take its place.
+    fn revoke(&self) {
+        // SAFETY: the mapping made in `new`; no Rust reference covers it.
+        let rc = unsafe { libc::mprotect(self.addr.cast(), self.len, libc::PROT_NONE) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, unmapped once.
@@ -490,7 +500,9 @@ fn a_guest_whose_memory_is_gone_stops_with_an_error_not_a_retry() {
     let Some(vm) = default_vm() else { return };
     let ram = Mapping::new(SLOT_SIZE, None);
     bind(vm.as_ref(), &ram);
-    drop(ram);
+    // Not unmapped: another test thread's mapping could land in the freed
+    // range and give the guest memory again.
+    ram.revoke();
     let mut vcpu = real_mode_vcpu(vm.as_ref(), 0);
     // Depending on the host, KVM_RUN fails (EFAULT) or reports an exit
     // the VMM cannot handle (PVM: an emulation failure); either ends the
