@@ -260,6 +260,7 @@ pub fn build(platform: &Platform) -> Result<Tables, AcpiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::le_bytes::{u32_at, u64_at};
 
     fn platform(vcpus: u8) -> Platform {
         Platform {
@@ -273,14 +274,6 @@ mod tests {
 
     fn sum(bytes: &[u8]) -> u8 {
         bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b))
-    }
-
-    fn u32_at(b: &[u8], at: usize) -> u32 {
-        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-    }
-
-    fn u64_at(b: &[u8], at: usize) -> u64 {
-        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
     }
 
     #[test]

@@ -18,7 +18,10 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::segment;
+use super::x86::{
+    self, CR0_ET, CR0_PE, CR0_PG, GDT_CODE32, GDT_CODE64, GDT_DATA, MXCSR_RESET, RFLAGS_FIXED,
+    X87_FCW_RESET, enter_long_mode, gdt_entry, load_data_segments, segment,
+};
 
 /// Where the boot structures go (arch::layout::linux).
 pub use arch::layout::linux::{
@@ -486,35 +489,23 @@ impl Loader<'_> {
     }
 }
 
-/// The boot GDT Linux expects: code at 0x10, data at 0x18.
+/// The boot GDT Linux expects: code at 0x10, data at 0x18; PVH's 32-bit
+/// code at 0x20.
 fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), LinuxBootError> {
     let table = [
-        0u64,
         0,
-        super::gdt_entry(0xa09b, 0, 0xfffff), // 64-bit code
-        super::gdt_entry(0xc093, 0, 0xfffff), // data
-        super::gdt_entry(0xc09b, 0, 0xfffff), // 32-bit code, for PVH
+        0,
+        gdt_entry(GDT_CODE64, 0, 0xfffff),
+        gdt_entry(GDT_DATA, 0, 0xfffff),
+        gdt_entry(GDT_CODE32, 0, 0xfffff),
     ];
-    for (i, entry) in table.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(GDT + 8 * i as u64))
-            .map_err(LinuxBootError::GuestMemory)?;
-    }
-    Ok(())
+    x86::write_gdt(mem, GDT, &table).map_err(LinuxBootError::GuestMemory)
 }
 
 /// Identity-maps the first GiB with 2 MiB pages: enough for the kernel's
 /// own early page tables to take over.
 fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), LinuxBootError> {
-    let w = |value: u64, addr: u64| {
-        mem.write_obj(value, GuestAddress(addr))
-            .map_err(LinuxBootError::GuestMemory)
-    };
-    w(PDPT | 0x3, PML4)?;
-    w(PD | 0x3, PDPT)?;
-    for i in 0..512u64 {
-        w((i << 21) | 0x83, PD + i * 8)?;
-    }
-    Ok(())
+    x86::write_identity_map(mem, PML4, PDPT, PD, 1).map_err(LinuxBootError::GuestMemory)
 }
 
 /// The boot vCPU's registers for `entry`; application processors wait
@@ -533,7 +524,7 @@ pub fn setup_boot_vcpu(vcpu: &dyn Vcpu, entry: LinuxEntry) -> Result<(), LinuxBo
                 rsp: BOOT_STACK,
                 rbp: BOOT_STACK,
                 rsi: ZERO_PAGE,
-                rflags: 0x2,
+                rflags: RFLAGS_FIXED,
                 ..Default::default()
             },
             true,
@@ -542,26 +533,18 @@ pub fn setup_boot_vcpu(vcpu: &dyn Vcpu, entry: LinuxEntry) -> Result<(), LinuxBo
             StandardRegisters {
                 rip: entry,
                 rbx: PVH_INFO,
-                rflags: 0x2,
+                rflags: RFLAGS_FIXED,
                 ..Default::default()
             },
             false,
         ),
     };
     sregs.cs = segment(if long { BOOT_CODE_SELECTOR } else { 0x20 }, 0xb, long);
-    let data = segment(BOOT_DATA_SELECTOR, 0x3, false);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    load_data_segments(&mut sregs, segment(BOOT_DATA_SELECTOR, 0x3, false));
     if long {
-        sregs.cr3 = PML4;
-        sregs.cr4 = 0x20; // PAE
-        sregs.cr0 = 0x8000_0011; // PG | ET | PE
-        sregs.efer = 0x500; // LMA | LME
+        enter_long_mode(&mut sregs, PML4, CR0_PG | CR0_ET | CR0_PE);
     } else {
-        sregs.cr0 = 0x11; // ET | PE
+        sregs.cr0 = CR0_ET | CR0_PE;
         sregs.cr4 = 0;
         sregs.efer = 0;
     }
@@ -573,8 +556,8 @@ pub fn setup_boot_vcpu(vcpu: &dyn Vcpu, entry: LinuxEntry) -> Result<(), LinuxBo
 pub fn setup_common_vcpu_state(vcpu: &dyn Vcpu, index: u8) -> Result<(), LinuxBootError> {
     let err = |e| LinuxBootError::Vcpu(index, e);
     vcpu.set_fpu(&FpuState {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
+        fcw: X87_FCW_RESET,
+        mxcsr: MXCSR_RESET,
         ..Default::default()
     })
     .map_err(err)?;

@@ -5,10 +5,16 @@
 pub mod acpi;
 pub mod cpuid;
 pub mod linux;
+pub mod x86;
 
 use hypervisor::Vcpu;
-use hypervisor::arch::{SegmentRegister, SpecialRegisters, StandardRegisters};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use hypervisor::arch::{SpecialRegisters, StandardRegisters};
+use vm_memory::GuestMemoryMmap;
+
+use self::x86::{
+    CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, GDT_CODE64, GDT_DATA, RFLAGS_FIXED, enter_long_mode,
+    gdt_entry, load_data_segments, segment,
+};
 
 use crate::elf::{self, ElfError};
 
@@ -28,8 +34,6 @@ const _: () = {
     assert!(STACK_TOP <= arch::layout::BOOT_AREA_END);
 };
 
-const PTE_PRESENT_RW: u64 = 0x3;
-const PDE_HUGE: u64 = 0x80;
 const CODE_SELECTOR: u16 = 0x8;
 const DATA_SELECTOR: u16 = 0x10;
 
@@ -67,25 +71,13 @@ pub fn load(mem: &GuestMemoryMmap, ram_end: u64, kernel: &[u8]) -> Result<u64, B
     Ok(entry)
 }
 
-fn gdt_entry(flags: u64, base: u64, limit: u64) -> u64 {
-    ((base & 0xff00_0000) << 32)
-        | ((base & 0x00ff_ffff) << 16)
-        | (limit & 0xffff)
-        | ((limit & 0xf_0000) << 32)
-        | ((flags & 0xf0ff) << 40)
-}
-
 fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     let table = [
-        0u64,
-        gdt_entry(0xa09b, 0, 0xfffff), // 64-bit code
-        gdt_entry(0xc093, 0, 0xfffff), // data
+        0,
+        gdt_entry(GDT_CODE64, 0, 0xfffff),
+        gdt_entry(GDT_DATA, 0, 0xfffff),
     ];
-    for (i, entry) in table.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * i as u64))
-            .map_err(BootError::GuestMemory)?;
-    }
-    Ok(())
+    x86::write_gdt(mem, GDT_ADDR, &table).map_err(BootError::GuestMemory)
 }
 
 /// Identity-maps [0, max(ram_end, 4 GiB) rounded up to 1 GiB) with 2 MiB
@@ -95,39 +87,7 @@ fn write_page_tables(mem: &GuestMemoryMmap, ram_end: u64) -> Result<(), BootErro
         .max(4 << 30)
         .div_ceil(1 << 30)
         .clamp(1, MAX_IDENTITY_GIB);
-    let w = |value: u64, addr: u64| {
-        mem.write_obj(value, GuestAddress(addr))
-            .map_err(BootError::GuestMemory)
-    };
-    w(PDPT_ADDR | PTE_PRESENT_RW, PML4_ADDR)?;
-    for g in 0..gib {
-        let pd = PD_ADDR + g * arch::layout::PAGE_SIZE;
-        w(pd | PTE_PRESENT_RW, PDPT_ADDR + g * 8)?;
-        let entries: Vec<u8> = (0..512u64)
-            .flat_map(|i| (((g << 30) + (i << 21)) | PTE_PRESENT_RW | PDE_HUGE).to_le_bytes())
-            .collect();
-        mem.write_slice(&entries, GuestAddress(pd))
-            .map_err(BootError::GuestMemory)?;
-    }
-    Ok(())
-}
-
-fn segment(selector: u16, type_: u8, long: bool) -> SegmentRegister {
-    SegmentRegister {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: u8::from(!long),
-        s: 1,
-        l: u8::from(long),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
+    x86::write_identity_map(mem, PML4_ADDR, PDPT_ADDR, PD_ADDR, gib).map_err(BootError::GuestMemory)
 }
 
 /// Entry registers: rdi = low RAM size, rsi = vCPU index, rdx = vCPU count.
@@ -141,25 +101,18 @@ pub fn setup_vcpu(
     let err = |e| BootError::Registers(index, e);
     let mut sregs: SpecialRegisters = vcpu.get_sregs().map_err(err)?;
     sregs.cs = segment(CODE_SELECTOR, 0xb, true);
-    let data = segment(DATA_SELECTOR, 0x3, false);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    load_data_segments(&mut sregs, segment(DATA_SELECTOR, 0x3, false));
     sregs.gdt.base = GDT_ADDR;
     sregs.gdt.limit = 3 * 8 - 1;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
-    sregs.cr3 = PML4_ADDR;
-    sregs.cr4 = 0x20; // PAE
-    sregs.cr0 = 0x8000_0033; // PG | NE | ET | MP | PE
-    sregs.efer = 0x500; // LMA | LME
+    let cr0 = CR0_PG | CR0_NE | CR0_ET | CR0_MP | CR0_PE;
+    enter_long_mode(&mut sregs, PML4_ADDR, cr0);
     vcpu.set_sregs(&sregs).map_err(err)?;
     let regs = StandardRegisters {
         rip: entry,
         rsp: STACK_TOP - u64::from(index) * STACK_SIZE,
-        rflags: 0x2,
+        rflags: RFLAGS_FIXED,
         rdi: low_ram,
         rsi: u64::from(index),
         rdx: u64::from(count),
@@ -170,6 +123,8 @@ pub fn setup_vcpu(
 
 #[cfg(test)]
 mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
     use super::*;
 
     #[test]
@@ -191,11 +146,5 @@ mod tests {
             load(&mem, MAX_IDENTITY_GIB << 30, &[]),
             Err(BootError::Elf(_))
         ));
-    }
-
-    #[test]
-    fn gdt_entries_match_the_architecture() {
-        assert_eq!(gdt_entry(0xa09b, 0, 0xfffff), 0x00af_9b00_0000_ffff);
-        assert_eq!(gdt_entry(0xc093, 0, 0xfffff), 0x00cf_9300_0000_ffff);
     }
 }

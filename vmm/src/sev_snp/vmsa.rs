@@ -13,6 +13,7 @@ use hypervisor::SnpVcpuState;
 use hypervisor::arch::{SegmentRegister, SpecialRegisters, StandardRegisters};
 
 use super::ovmf::SevEsResetBlock;
+use crate::boot::x86::{CR0_CD, CR0_ET, CR0_NW, CR4_MCE, EFER_SVME, MXCSR_RESET, X87_FCW_RESET};
 
 pub const VMSA_SIZE: usize = arch::layout::PAGE_BYTES;
 
@@ -64,12 +65,6 @@ const RESET_DR6: u64 = 0xffff_0ff0;
 const RESET_PAT: u64 = 0x0007_0406_0007_0406;
 /// XCR0 with only x87 enabled.
 const RESET_XCR0: u64 = 1;
-const RESET_MXCSR: u32 = 0x1f80;
-const RESET_X87_FCW: u16 = 0x37f;
-/// EFER.SVME: KVM keeps it set in every VMCB it runs.
-const EFER_SVME: u64 = 1 << 12;
-const CR0_ET: u64 = 1 << 4;
-const CR4_MCE: u64 = 1 << 6;
 
 /// The BSP starts at the reset vector, 16 bytes below 4 GiB.
 const BSP_CS_BASE: u64 = 0xffff_0000;
@@ -187,7 +182,7 @@ pub fn build_vmsa(state: &SnpVcpuState, sev_features: u64) -> Box<[u8; VMSA_SIZE
     page.u64(offset::EFER, s.efer | EFER_SVME);
     page.u64(offset::XSS, 0);
     // With nested paging KVM's VMCB CR0 is the guest's, less CD and NW.
-    page.u64(offset::CR0, s.cr0 & !((1 << 30) | (1 << 29)));
+    page.u64(offset::CR0, s.cr0 & !(CR0_CD | CR0_NW));
     page.u64(offset::CR3, s.cr3);
     page.u64(offset::CR4, s.cr4 | CR4_MCE);
     page.u64(offset::CR2, s.cr2);
@@ -213,18 +208,15 @@ pub fn build_vmsa(state: &SnpVcpuState, sev_features: u64) -> Box<[u8; VMSA_SIZE
     }
     page.u64(offset::SEV_FEATURES, sev_features);
     page.u64(offset::XCR0, RESET_XCR0);
-    page.u32(offset::MXCSR, RESET_MXCSR);
-    page.u16(offset::X87_FCW, RESET_X87_FCW);
+    page.u32(offset::MXCSR, MXCSR_RESET);
+    page.u16(offset::X87_FCW, X87_FCW_RESET);
     page.0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn u64_at(page: &[u8], at: usize) -> u64 {
-        u64::from_le_bytes(page[at..at + 8].try_into().unwrap())
-    }
+    use crate::le_bytes::u64_at;
 
     #[test]
     fn the_bsp_starts_at_the_reset_vector_and_aps_at_the_reset_block() {
