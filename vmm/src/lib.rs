@@ -14,6 +14,7 @@ mod elf;
 pub mod event_monitor;
 #[cfg(test)]
 mod fuzz_config;
+mod le_bytes;
 pub mod lossy_writer;
 pub mod memory;
 pub mod seccomp_filters;

@@ -16,9 +16,10 @@
 
 use std::fmt;
 
+use crate::le_bytes::{u16_at, u32_at};
+
 mod descriptor_table;
 
-pub(crate) use descriptor_table::u32_at;
 pub use descriptor_table::{DescriptorTable, TableError};
 
 /// Bytes after the table footer: the AP entry point (16) and the reset
@@ -210,10 +211,6 @@ impl fmt::Debug for OvmfImage {
             .field("entries", &self.entries)
             .finish()
     }
-}
-
-fn u16_at(data: &[u8], offset: usize) -> u16 {
-    u16::from_le_bytes(data[offset..offset + 2].try_into().expect("2 bytes"))
 }
 
 fn guid_at(data: &[u8], offset: usize) -> Guid {

@@ -170,6 +170,7 @@ pub fn for_launch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::le_bytes::{u16_at, u32_at, u64_at};
     use crate::memory::MMIO_HOLE_END;
     use crate::sev_snp::ovmf::tests::debian_ovmf;
     use crate::tdx::tdvf::tests::{synthetic_sections, synthetic_tdvf};
@@ -184,16 +185,6 @@ mod tests {
         },
         Resource(Resource),
         End,
-    }
-
-    fn u16_at(d: &[u8], o: usize) -> u16 {
-        u16::from_le_bytes(d[o..o + 2].try_into().unwrap())
-    }
-    fn u32_at(d: &[u8], o: usize) -> u32 {
-        u32::from_le_bytes(d[o..o + 4].try_into().unwrap())
-    }
-    fn u64_at(d: &[u8], o: usize) -> u64 {
-        u64::from_le_bytes(d[o..o + 8].try_into().unwrap())
     }
 
     /// Walks the list by each HOB's length up to the end-of-list HOB,

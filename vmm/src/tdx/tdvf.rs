@@ -10,7 +10,8 @@
 //! into MRTD; PAGE.AUG: it is not added at launch, the guest accepts it
 //! later).
 
-use crate::sev_snp::ovmf::{DescriptorTable, Guid, OvmfImage, TableError, u32_at};
+use crate::le_bytes::{u32_at, u64_at};
+use crate::sev_snp::ovmf::{DescriptorTable, Guid, OvmfImage, TableError};
 
 /// The GUIDed table entry that points at the TDVF descriptor.
 pub const TDX_METADATA_OFFSET_GUID: Guid = Guid::new(
@@ -152,10 +153,6 @@ impl TdvfSection {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TdvfMetadata {
     pub sections: Vec<TdvfSection>,
-}
-
-fn u64_at(data: &[u8], offset: usize) -> u64 {
-    u64::from_le_bytes(data[offset..offset + 8].try_into().expect("8 bytes"))
 }
 
 impl TdvfMetadata {

@@ -1,6 +1,7 @@
 use hypervisor::{Hypervisor, VmType};
 
 use super::*;
+use crate::le_bytes::{u32_at, u64_at};
 
 fn entry(function: u32, index: u32, flags: u32, regs: [u32; 4]) -> CpuidEntry {
     CpuidEntry {
@@ -13,14 +14,6 @@ fn entry(function: u32, index: u32, flags: u32, regs: [u32; 4]) -> CpuidEntry {
         edx: regs[3],
         ..Default::default()
     }
-}
-
-fn u32_at(page: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(page[at..at + 4].try_into().unwrap())
-}
-
-fn u64_at(page: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(page[at..at + 8].try_into().unwrap())
 }
 
 /// Every field at the ABI's offset: the count at 0, function i at

@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use crate::le_bytes::u32_at;
+
 const HEADER: usize = 16;
 
 /// One kind of table: its signature, the size of its descriptors, and the
@@ -40,10 +42,6 @@ impl fmt::Display for Signature<'_> {
             _ => write!(f, "{:?}", self.0),
         }
     }
-}
-
-pub(crate) fn u32_at(data: &[u8], offset: usize) -> u32 {
-    u32::from_le_bytes(data[offset..offset + 4].try_into().expect("4 bytes"))
 }
 
 impl DescriptorTable {
