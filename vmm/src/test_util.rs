@@ -1,5 +1,7 @@
 //! Helpers shared by this crate's KVM-backed unit tests.
 
+use std::path::PathBuf;
+
 use hypervisor::{ConversionDirection, KvmHypervisor, MemoryConversion};
 
 use crate::memory::{ConversionFailure, MemoryManager};
@@ -34,6 +36,24 @@ pub fn convert(
     memory
         .convert(conversion(gpa, size, to_shared))
         .map(|o| o.changed_pages)
+}
+
+/// A test device served by threads of this process, in a fresh scratch
+/// directory named by `tag`: its socket and its control socket. With
+/// `dma_only` it is only a DMA target (no PCI function).
+pub fn in_process_test_device(tag: &str, dma_only: bool) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("ch-dev-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (socket, ctl) = (dir.join("dev.sock"), dir.join("dev.ctl"));
+    let state = test_device::SharedState::default();
+    test_device::control(&ctl, state.clone()).unwrap();
+    if dma_only {
+        test_device::serve_dma_target(&socket, state).unwrap();
+    } else {
+        test_device::serve(&socket, state, true).unwrap();
+    }
+    (socket, ctl)
 }
 
 /// A path in the temporary directory for this test process, named by

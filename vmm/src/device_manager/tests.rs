@@ -11,7 +11,7 @@ use vm_device::{CutOff, DmaError, Section};
 use super::vfio_user::VfioUserDmaError;
 use super::*;
 use crate::memory::{ConversionFailure, MemoryLayout};
-use crate::test_util::{convert, kvm};
+use crate::test_util::{convert, in_process_test_device, kvm};
 
 const MIB: u64 = 1 << 20;
 
@@ -604,21 +604,6 @@ fn connected_test_device(tag: &str) -> Option<(Arc<MemoryManager>, VfioUserDma, 
     let ram = Arc::new(GuestRam::new(&memory));
     let dma = VfioUserDma::connect(&socket, ram, Duration::from_secs(5), DmaMode::Fd).unwrap();
     Some((memory, dma, ctl))
-}
-
-fn in_process_test_device(tag: &str, dma_only: bool) -> (PathBuf, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("ch-dm-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (socket, ctl) = (dir.join("dev.sock"), dir.join("dev.ctl"));
-    let state = test_device::SharedState::default();
-    test_device::control(&ctl, state.clone()).unwrap();
-    if dma_only {
-        test_device::serve_dma_target(&socket, state).unwrap();
-    } else {
-        test_device::serve(&socket, state, true).unwrap();
-    }
-    (socket, ctl)
 }
 
 /// The device's mappings, as it reports them.

@@ -135,6 +135,22 @@ impl SimulatedTdxModule {
         expect_state(command, self.state, allowed, end, TdxLaunchError::refused)
     }
 
+    /// What the commands after the vCPUs need: the VM initialized (memory
+    /// may have been added since) and a vCPU, which KVM issues them on.
+    fn expect_vcpus_initialized(&self, command: &'static str) -> TdxResult<()> {
+        self.expect_state(
+            command,
+            &[LaunchState::VmInitialized, LaunchState::AddingMemory],
+        )?;
+        if self.vcpus.is_empty() {
+            return Err(TdxLaunchError::refused(
+                command,
+                "no initialized vCPU to issue it on",
+            ));
+        }
+        Ok(())
+    }
+
     fn check_cpuid(&self, entries: &[CpuidEntry]) -> Result<(), String> {
         let mut seen = BTreeSet::new();
         for e in entries {
@@ -216,16 +232,7 @@ impl TdxLauncher for SimulatedTdxModule {
 
     fn init_mem_region(&mut self, gpa: u64, source: &[u8], measure: bool) -> TdxResult<()> {
         const CMD: &str = "KVM_TDX_INIT_MEM_REGION";
-        self.expect_state(
-            CMD,
-            &[LaunchState::VmInitialized, LaunchState::AddingMemory],
-        )?;
-        if self.vcpus.is_empty() {
-            return Err(TdxLaunchError::refused(
-                CMD,
-                "no initialized vCPU to issue it on",
-            ));
-        }
+        self.expect_vcpus_initialized(CMD)?;
         let len = source.len() as u64;
         let range = format!("{gpa:#x}+{len:#x}");
         let pages = match self.added.check(gpa, len, "added") {
@@ -258,14 +265,7 @@ impl TdxLauncher for SimulatedTdxModule {
     }
 
     fn finalize(&mut self) -> TdxResult<()> {
-        const CMD: &str = "KVM_TDX_FINALIZE_VM";
-        self.expect_state(
-            CMD,
-            &[LaunchState::VmInitialized, LaunchState::AddingMemory],
-        )?;
-        if self.vcpus.is_empty() {
-            return Err(TdxLaunchError::refused(CMD, "no vCPU was initialized"));
-        }
+        self.expect_vcpus_initialized("KVM_TDX_FINALIZE_VM")?;
         self.state = LaunchState::Finalized;
         self.log.push("finalize".into());
         Ok(())
@@ -386,7 +386,7 @@ mod tests {
         m.init_vm(&init()).unwrap();
         assert!(why(m.init_vm(&init())).contains("out of order"));
         assert!(why(m.init_mem_region(0x1000, &page, false)).contains("no initialized vCPU"));
-        assert!(why(m.finalize()).contains("no vCPU"));
+        assert!(why(m.finalize()).contains("no initialized vCPU"));
         let mut vcpu = m.init_vcpu(0, 0x80_9000).unwrap().unwrap();
         assert!(why(m.init_vcpu(0, 0)).contains("initialized already"));
         m.init_vcpu(1, 0x80_9000).unwrap();

@@ -221,66 +221,64 @@ fn launched_until(step: &str) -> SimulatedPsp {
     psp
 }
 
+/// One launch command, for tables of refused ones.
+#[derive(Clone, Copy)]
+enum Step {
+    Init,
+    Start,
+    Update,
+    Vcpu(u8),
+    Finish,
+}
+
+/// Sends `step` to `p`: its result and the command's name.
+fn attempt(p: &mut SimulatedPsp, step: Step) -> (hypervisor::sev_snp::SnpResult<()>, &'static str) {
+    let page = [0u8; 4096];
+    match step {
+        Step::Init => (p.init(0), "KVM_SEV_INIT2"),
+        Step::Start => (p.launch_start(SNP_POLICY_DEFAULT), "SNP_LAUNCH_START"),
+        Step::Update => (
+            p.launch_update(SnpUpdate::new(0, 4096, Some(&page), SnpPageType::Normal)),
+            "SNP_LAUNCH_UPDATE",
+        ),
+        Step::Vcpu(index) => (
+            p.add_vcpu(index, &vmsa::bsp_state(MILAN)).map(drop),
+            "KVM_CREATE_VCPU",
+        ),
+        Step::Finish => (p.launch_finish(), "SNP_LAUNCH_FINISH"),
+    }
+}
+
 #[test]
 fn every_out_of_order_step_is_refused() {
-    let page = [0u8; 4096];
-    let state = vmsa::bsp_state(MILAN);
-    // Before KVM_SEV_INIT2: nothing else.
-    let mut p = launched_until("init");
-    refused(
-        p.launch_start(SNP_POLICY_DEFAULT),
-        "SNP_LAUNCH_START",
-        "out of order",
-    );
-    refused(
-        p.launch_update(SnpUpdate::new(0, 4096, Some(&page), SnpPageType::Normal)),
-        "SNP_LAUNCH_UPDATE",
-        "out of order",
-    );
-    refused(p.add_vcpu(0, &state), "KVM_CREATE_VCPU", "out of order");
-    refused(p.launch_finish(), "SNP_LAUNCH_FINISH", "out of order");
-    // Initialized: no second init, no update or finish before the start.
-    let mut p = launched_until("start");
-    refused(p.init(0), "KVM_SEV_INIT2", "out of order");
-    refused(
-        p.launch_update(SnpUpdate::new(0, 4096, Some(&page), SnpPageType::Normal)),
-        "SNP_LAUNCH_UPDATE",
-        "out of order",
-    );
-    refused(p.launch_finish(), "SNP_LAUNCH_FINISH", "out of order");
-    // Started: no second start; no finish without a vCPU.
-    let mut p = launched_until("update");
-    refused(
-        p.launch_start(SNP_POLICY_DEFAULT),
-        "SNP_LAUNCH_START",
-        "out of order",
-    );
-    refused(p.launch_finish(), "SNP_LAUNCH_FINISH", "no vCPU");
-    // One VMSA per vCPU.
-    let mut p = launched_until("finish");
-    refused(
-        p.add_vcpu(0, &state),
-        "KVM_CREATE_VCPU",
-        "already has a VMSA",
-    );
-    // Nothing after the finish.
-    let mut p = launched_until("done");
-    assert_eq!(p.state(), LaunchState::Finished);
-    let digest = p.digest().clone();
-    refused(p.init(0), "KVM_SEV_INIT2", "finished");
-    refused(
-        p.launch_start(SNP_POLICY_DEFAULT),
-        "SNP_LAUNCH_START",
-        "finished",
-    );
-    refused(
-        p.launch_update(SnpUpdate::new(0, 4096, Some(&page), SnpPageType::Normal)),
-        "SNP_LAUNCH_UPDATE",
-        "finished",
-    );
-    refused(p.add_vcpu(1, &state), "KVM_CREATE_VCPU", "finished");
-    refused(p.launch_finish(), "SNP_LAUNCH_FINISH", "finished");
-    assert_eq!(p.digest(), &digest, "refusals change nothing");
+    use Step::*;
+    for (stage, steps, why) in [
+        // Before KVM_SEV_INIT2: nothing else.
+        (
+            "init",
+            &[Start, Update, Vcpu(0), Finish][..],
+            "out of order",
+        ),
+        // Initialized: no second init, no update or finish before the start.
+        ("start", &[Init, Update, Finish], "out of order"),
+        // Started: no second start; no finish without a vCPU.
+        ("update", &[Start], "out of order"),
+        ("update", &[Finish], "no vCPU"),
+        // One VMSA per vCPU.
+        ("finish", &[Vcpu(0)], "already has a VMSA"),
+        // Nothing after the finish.
+        ("done", &[Init, Start, Update, Vcpu(1), Finish], "finished"),
+    ] {
+        let mut p = launched_until(stage);
+        let (state, digest) = (p.state(), p.digest().clone());
+        for &step in steps {
+            let (result, command) = attempt(&mut p, step);
+            refused(result, command, why);
+        }
+        assert_eq!(p.state(), state, "{stage}: refusals change nothing");
+        assert_eq!(p.digest(), &digest, "{stage}: refusals change nothing");
+    }
+    assert_eq!(launched_until("done").state(), LaunchState::Finished);
 }
 
 #[test]

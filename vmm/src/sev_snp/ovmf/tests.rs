@@ -264,22 +264,17 @@ fn malformed_images_are_refused_with_the_reason() {
             Some((offset.min(16384), bytes)),
         )
     };
-    assert_eq!(
-        refused(synthetic_image(
-            16384,
-            &[entry(SEV_METADATA_GUID, &8u32.to_le_bytes())],
-            None
-        )),
-        OvmfError::Metadata(TableError::Offset(8))
-    );
-    assert_eq!(
-        refused(synthetic_image(
-            16384,
-            &[entry(SEV_METADATA_GUID, &0x10_0000u32.to_le_bytes())],
-            None
-        )),
-        OvmfError::Metadata(TableError::Offset(0x10_0000))
-    );
+    // Too close to the end for a header, and before the image's start.
+    for offset in [8u32, 0x10_0000] {
+        assert_eq!(
+            refused(synthetic_image(
+                16384,
+                &[entry(SEV_METADATA_GUID, &offset.to_le_bytes())],
+                None
+            )),
+            OvmfError::Metadata(TableError::Offset(offset))
+        );
+    }
     let mut wrong_signature = metadata(1, &[]);
     wrong_signature[0] = b'B';
     assert_eq!(

@@ -381,13 +381,8 @@ fn a_td_cold_plugs_a_vfio_user_device_that_follows_its_conversions() {
     let Some(rig) = new_rig("tdx-device.fd", None) else {
         return;
     };
-    let dir = std::env::temp_dir().join(format!("ch-tdx-dev-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (socket, ctl) = (dir.join("dev.sock"), dir.join("dev.ctl"));
-    let state = test_device::SharedState::default();
-    test_device::control(&ctl, state.clone()).unwrap();
-    test_device::serve(&socket, state, true).unwrap();
+    let (socket, ctl) = crate::test_util::in_process_test_device("tdx", false);
+    let dir = socket.parent().unwrap().to_path_buf();
     let mut config = td(&rig, 1);
     config.user_devices = vec![UserDeviceConfig {
         socket,
