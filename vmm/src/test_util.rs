@@ -1,10 +1,18 @@
 //! Helpers shared by this crate's KVM-backed unit tests.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::Sender;
 
 use hypervisor::{ConversionDirection, KvmHypervisor, MemoryConversion};
+use vm_device::fake_iommu::FakeIommu;
+use vm_device::{Bus, DmaMappingListener, Section};
 
+use crate::conversion_path::ConversionPath;
+use crate::event_monitor::EventMonitor;
 use crate::memory::{ConversionFailure, MemoryManager};
+use crate::vcpu::VcpuContext;
+use crate::{GuestEvents, VmmEvent};
 
 pub mod firmware_rig;
 
@@ -36,6 +44,42 @@ pub fn convert(
     memory
         .convert(conversion(gpa, size, to_shared))
         .map(|o| o.changed_pages)
+}
+
+/// A device's DMA listener over a fake IOMMU that takes at most
+/// `entry_limit` mappings, registered on the first `size` bytes of
+/// `memory`'s first region: the IOMMU, to see what the device has mapped.
+pub fn fake_device_on_ram(
+    memory: &MemoryManager,
+    size: u64,
+    entry_limit: Option<u64>,
+) -> Arc<FakeIommu> {
+    let iommu = Arc::new(FakeIommu::new(None));
+    let listener = Arc::new(DmaMappingListener::new(iommu.clone(), entry_limit));
+    memory.regions()[0]
+        .attributes
+        .as_ref()
+        .expect("guest_memfd RAM")
+        .register_listener(listener, Section { gpa: 0, size })
+        .unwrap();
+    iommu
+}
+
+/// A vCPU's context without devices: conversions go through `memory`'s
+/// real path, events to `tx`; not stopped or paused, no IOAPIC.
+pub fn vcpu_context(memory: Arc<MemoryManager>, tx: Sender<VmmEvent>) -> VcpuContext {
+    VcpuContext {
+        io_bus: Arc::new(Bus::new()),
+        mmio_bus: Arc::new(Bus::new()),
+        conversions: Arc::new(ConversionPath::new(
+            memory,
+            Arc::new(EventMonitor::disabled()),
+        )),
+        events: GuestEvents { vm: 1, tx },
+        stop: Arc::default(),
+        pause: Arc::default(),
+        ioapic: None,
+    }
 }
 
 /// A test device served by threads of this process, in a fresh scratch

@@ -11,13 +11,11 @@ use hypervisor::attribute_tracking::AttributeTrackingVm;
 use hypervisor::scripted_vcpu::{ScriptedExit, ScriptedVcpu};
 use hypervisor::{HYPERCALL_EINVAL, Hypervisor, VmType};
 use vm_device::fake_iommu::FakeIommu;
-use vm_device::{DmaMappingListener, Section};
 
 use super::*;
 use crate::VmmEvent;
-use crate::event_monitor::EventMonitor;
 use crate::memory::{MemoryLayout, MemoryManager};
-use crate::test_util::{conversion, kvm};
+use crate::test_util::{conversion, fake_device_on_ram, kvm, vcpu_context};
 
 const MIB: u64 = 1 << 20;
 use arch::layout::PAGE_SIZE as PAGE;
@@ -37,27 +35,9 @@ fn rig(entry_limit: Option<u64>) -> Option<Rig> {
         kvm()?.create_vm(VmType::Default).unwrap(),
     ));
     let memory = Arc::new(MemoryManager::new(vm.clone(), RAM, MemoryLayout::Auto).unwrap());
-    let iommu = Arc::new(FakeIommu::new(None));
-    let listener = Arc::new(DmaMappingListener::new(iommu.clone(), entry_limit));
-    memory.regions()[0]
-        .attributes
-        .as_ref()
-        .unwrap()
-        .register_listener(listener, Section { gpa: 0, size: RAM })
-        .unwrap();
+    let iommu = fake_device_on_ram(&memory, RAM, entry_limit);
     let (tx, events) = channel();
-    let ctx = VcpuContext {
-        io_bus: Arc::new(Bus::new()),
-        mmio_bus: Arc::new(Bus::new()),
-        conversions: Arc::new(ConversionPath::new(
-            memory.clone(),
-            Arc::new(EventMonitor::disabled()),
-        )),
-        events: GuestEvents { vm: 1, tx },
-        stop: Arc::new(AtomicBool::new(false)),
-        pause: Arc::default(),
-        ioapic: None,
-    };
+    let ctx = vcpu_context(memory.clone(), tx);
     Some(Rig {
         vm,
         memory,

@@ -16,9 +16,7 @@ use hypervisor::{
     SnpVcpuState, Vcpu, Vm as _,
 };
 
-use crate::GuestEvents;
 use crate::config::{CpusConfig, MemoryConfig, PlatformConfig};
-use crate::event_monitor::EventMonitor;
 use crate::sev_snp::simulated_psp::{
     DEFAULT_SUPPORTED_VMSA_FEATURES, LaunchState, PrivateMemory, SimulatedPsp,
 };
@@ -335,12 +333,9 @@ fn the_firmware_region_is_placed_only_in_the_flash_window() {
 #[test]
 fn an_snp_guests_conversions_reach_the_memory_manager_and_a_device() {
     use hypervisor::scripted_vcpu::{ScriptedExit, ScriptedVcpu};
-    use vm_device::fake_iommu::FakeIommu;
-    use vm_device::{DmaMappingListener, Section};
 
-    use crate::conversion_path::ConversionPath;
-    use crate::test_util::conversion;
-    use crate::vcpu::{self, VcpuContext};
+    use crate::test_util::{conversion, fake_device_on_ram, vcpu_context};
+    use crate::vcpu;
 
     use arch::layout::PAGE_SIZE as PAGE;
     const MIB: u64 = 1 << 20;
@@ -351,20 +346,7 @@ fn an_snp_guests_conversions_reach_the_memory_manager_and_a_device() {
     let fake = rig.fake_vm();
     let memory = vm.memory().clone();
     assert!(memory.tracks_attributes());
-    let iommu = Arc::new(FakeIommu::new(None));
-    let listener = Arc::new(DmaMappingListener::new(iommu.clone(), None));
-    memory.regions()[0]
-        .attributes
-        .as_ref()
-        .unwrap()
-        .register_listener(
-            listener,
-            Section {
-                gpa: 0,
-                size: 64 * MIB,
-            },
-        )
-        .unwrap();
+    let iommu = fake_device_on_ram(&memory, 64 * MIB, None);
     let base = 16 * MIB;
     let (script, results) = ScriptedVcpu::new([
         ScriptedExit::MapGpaRange(conversion(base, 4 * PAGE, true)),
@@ -373,18 +355,7 @@ fn an_snp_guests_conversions_reach_the_memory_manager_and_a_device() {
         ScriptedExit::MapGpaRange(conversion(base, PAGE, false)),
     ]);
     let (tx, events) = channel();
-    let ctx = Arc::new(VcpuContext {
-        io_bus: Arc::new(vm_device::Bus::new()),
-        mmio_bus: Arc::new(vm_device::Bus::new()),
-        conversions: Arc::new(ConversionPath::new(
-            memory.clone(),
-            Arc::new(EventMonitor::disabled()),
-        )),
-        events: GuestEvents { vm: 1, tx },
-        stop: Arc::default(),
-        pause: Arc::default(),
-        ioapic: None,
-    });
+    let ctx = Arc::new(vcpu_context(memory.clone(), tx));
     let mut handle = vcpu::start(0, Box::new(script), ctx, None).unwrap();
     // The script ends with a shutdown exit.
     events

@@ -13,9 +13,7 @@ use hypervisor::{
 };
 
 use super::{TSC_KHZ_MAX, TSC_KHZ_MIN, launch_vm, td_tsc_khz};
-use crate::GuestEvents;
 use crate::config::{MemoryConfig, PlatformConfig, VmConfig};
-use crate::event_monitor::EventMonitor;
 use crate::sev_snp::ovmf;
 use crate::tdx::simulated_module::{
     LaunchState, PrivateMemory, SimulatedTdxModule, default_capabilities,
@@ -410,18 +408,7 @@ fn a_td_cold_plugs_a_vfio_user_device_that_follows_its_conversions() {
         ScriptedExit::MapGpaRange(conversion(base, PAGE, false)),
     ]);
     let (tx, events) = channel();
-    let ctx = Arc::new(crate::vcpu::VcpuContext {
-        io_bus: Arc::new(vm_device::Bus::new()),
-        mmio_bus: Arc::new(vm_device::Bus::new()),
-        conversions: Arc::new(crate::conversion_path::ConversionPath::new(
-            vm.memory().clone(),
-            Arc::new(EventMonitor::disabled()),
-        )),
-        events: GuestEvents { vm: 1, tx },
-        stop: Arc::default(),
-        pause: Arc::default(),
-        ioapic: None,
-    });
+    let ctx = Arc::new(crate::test_util::vcpu_context(vm.memory().clone(), tx));
     let mut handle = crate::vcpu::start(0, Box::new(script), ctx, None).unwrap();
     // The script ends with a shutdown exit.
     events
