@@ -108,6 +108,13 @@ impl DmaMemory for Ram {
 }
 
 /// Connects to a one-shot server whose VERSION reply body is `reply`.
+/// A client over one end of a socket pair, giving up on a reply after
+/// `timeout`, and the other end: the server's.
+pub(crate) fn client_and_server(timeout: Duration) -> (VfioUserClient, UnixStream) {
+    let (client_end, server_end) = UnixStream::pair().unwrap();
+    (VfioUserClient::over(client_end, timeout, None), server_end)
+}
+
 pub(crate) fn connect_to(reply: Vec<u8>) -> Result<VfioUserClient, VfioUserError> {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -133,8 +133,7 @@ fn a_silent_server_times_out_within_the_deadline_and_is_closed() {
     assert!(client.closed_reason().is_some());
     server.join().unwrap();
 
-    let (client_end, _held_open) = UnixStream::pair().unwrap();
-    let mut client = VfioUserClient::over(client_end, Duration::from_millis(200), None);
+    let (mut client, _held_open) = client_and_server(Duration::from_millis(200));
     let started = std::time::Instant::now();
     let err = client.dma_map(0x1000, 0x1000, 0, 0).unwrap_err();
     assert_eq!(err.to_string(), "no reply to DMA_MAP within 200 ms");
@@ -212,8 +211,7 @@ fn a_peer_that_went_away_fails_the_fd_send_at_once() {
 
 #[test]
 fn a_reset_connection_is_an_io_error_not_a_timeout() {
-    let (client_end, mut server_end) = UnixStream::pair().unwrap();
-    let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), None);
+    let (mut client, mut server_end) = client_and_server(Duration::from_secs(5));
     let server = std::thread::spawn(move || {
         // Read only the header, then go away with the body unread: the
         // client's read sees ECONNRESET.
@@ -234,8 +232,7 @@ fn a_reset_connection_is_an_io_error_not_a_timeout() {
 fn a_signal_while_waiting_for_the_reply_is_retried() {
     let kick = vmm_sys_util::signal::SIGRTMIN() + 1;
     vmm_sys_util::signal::register_signal_handler(kick, ignore_signal).unwrap();
-    let (client_end, mut server_end) = UnixStream::pair().unwrap();
-    let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), None);
+    let (mut client, mut server_end) = client_and_server(Duration::from_secs(5));
     let waiter = std::thread::spawn(move || {
         let result = client.dma_unmap(0x1000, 0x1000);
         (
@@ -273,8 +270,7 @@ fn info_reply_head(request: Header, sent: usize) -> (Vec<u8>, Vec<u8>) {
 fn a_signal_inside_a_reply_body_is_retried() {
     let kick = vmm_sys_util::signal::SIGRTMIN() + 1;
     vmm_sys_util::signal::register_signal_handler(kick, ignore_signal).unwrap();
-    let (client_end, mut server_end) = UnixStream::pair().unwrap();
-    let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), None);
+    let (mut client, mut server_end) = client_and_server(Duration::from_secs(5));
     let waiter = std::thread::spawn(move || {
         let info = client.device_info().map_err(|e| e.to_string());
         (
@@ -301,8 +297,7 @@ fn a_signal_inside_a_reply_body_is_retried() {
 /// A server that stops inside a reply body is a timeout, not an I/O error.
 #[test]
 fn a_server_silent_inside_a_reply_body_times_out() {
-    let (client_end, mut server_end) = UnixStream::pair().unwrap();
-    let mut client = VfioUserClient::over(client_end, Duration::from_millis(200), None);
+    let (mut client, mut server_end) = client_and_server(Duration::from_millis(200));
     let server = std::thread::spawn(move || {
         let request = read_request(&mut server_end);
         server_end
@@ -327,8 +322,7 @@ fn a_server_silent_inside_a_reply_body_times_out() {
 /// timeout or a clean end.
 #[test]
 fn a_reset_inside_a_reply_body_is_an_io_error() {
-    let (client_end, mut server_end) = UnixStream::pair().unwrap();
-    let mut client = VfioUserClient::over(client_end, Duration::from_secs(5), None);
+    let (mut client, mut server_end) = client_and_server(Duration::from_secs(5));
     let server = std::thread::spawn(move || {
         // The request's body stays unread, so closing resets the client.
         let mut raw = [0u8; HEADER_SIZE];
