@@ -104,7 +104,8 @@ pub(super) fn next_bit(words: &[u64], from: u64, end: u64, shared: bool) -> Opti
     while bit < end {
         let w = (bit / WORD_BITS) as usize;
         let raw = if shared { words[w] } else { !words[w] };
-        let hits = raw & word_mask(bit % WORD_BITS, WORD_BITS);
+        // The bits of this word from `bit` on.
+        let hits = raw & (u64::MAX << (bit % WORD_BITS));
         if hits != 0 {
             let found = w as u64 * WORD_BITS + u64::from(hits.trailing_zeros());
             return (found < end).then_some(found);
@@ -114,15 +115,6 @@ pub(super) fn next_bit(words: &[u64], from: u64, end: u64, shared: bool) -> Opti
     None
 }
 
-/// Bits `from..to` (0..=64) of a word set.
-fn word_mask(from: u64, to: u64) -> u64 {
-    let high = if to >= WORD_BITS {
-        u64::MAX
-    } else {
-        (1u64 << to) - 1
-    };
-    high & !((1u64 << from) - 1)
-}
 
 impl PageStates for SharedBitmap {
     /// All pages private.
