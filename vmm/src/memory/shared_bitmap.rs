@@ -115,7 +115,6 @@ pub(super) fn next_bit(words: &[u64], from: u64, end: u64, shared: bool) -> Opti
     None
 }
 
-
 impl PageStates for SharedBitmap {
     /// All pages private.
     fn with_pages(pages: u64) -> Self {
